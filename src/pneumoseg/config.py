@@ -1,0 +1,122 @@
+"""Experiment configs: a YAML file that may extend a base, plus ``key=value`` overrides.
+
+An experiment is a small YAML file naming its ``base`` (a path relative to itself) and the keys it changes;
+bases chain. Overrides use dotted keys (``train.epochs=3``, ``model.params.encoder_name=resnet18``) and YAML
+values (``null``, ``[1, 2]``). Overriding a key that no config defines is an error, which catches typos;
+prefix it with ``+`` to add a new key on purpose (``+model.params.decoder_attention_type=scse``).
+
+Every stage saves the resolved config (bases merged, overrides applied, interpolations resolved) beside
+its outputs, so a result can always be traced to the exact settings that made it.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from .errors import ConfigError
+from .io import write_text
+
+BASE_KEY = "base"
+DEFAULT_CONFIG = Path("configs/demo.yaml")
+
+
+def load_config(path: str | os.PathLike = DEFAULT_CONFIG, overrides: Sequence[str] = ()) -> DictConfig:
+    """Load ``path`` with its chain of bases, apply ``overrides`` and resolve interpolations.
+
+    Args:
+        path: the experiment's YAML file.
+        overrides: ``key=value`` strings; ``+key=value`` adds a key no config defines.
+
+    Returns:
+        A resolved, read-only DictConfig.
+
+    Raises:
+        ConfigError: a missing or malformed file, a cycle of bases, an unknown key, or an interpolation
+            that does not resolve.
+    """
+    cfg = _load_chain(Path(path), chain=())
+    cfg = apply_overrides(cfg, overrides)
+    try:
+        OmegaConf.resolve(cfg)
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"config {path}: {exc}") from None
+    OmegaConf.set_readonly(cfg, True)
+    return cfg
+
+
+def _load_chain(path: Path, chain: tuple[Path, ...]) -> DictConfig:
+    resolved = path.resolve()
+    if resolved in chain:
+        names = " -> ".join(str(p) for p in (*chain, resolved))
+        raise ConfigError(f"config bases form a cycle: {names}")
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path} (run from the project root, or give the full path)")
+    try:
+        cfg = OmegaConf.load(path)
+    except Exception as exc:  # YAML syntax errors come in several exception types
+        raise ConfigError(f"config {path} is not valid YAML: {exc}") from None
+    if not isinstance(cfg, DictConfig):
+        raise ConfigError(f"config {path} must be a mapping of keys to values at the top level")
+    base = cfg.pop(BASE_KEY, None)
+    if base is None:
+        return cfg
+    parent = _load_chain(path.parent / str(base), (*chain, resolved))
+    try:
+        return OmegaConf.merge(parent, cfg)
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"config {path} does not fit its base {base}: {exc}") from None
+
+
+def apply_overrides(cfg: DictConfig, overrides: Iterable[str]) -> DictConfig:
+    """Return ``cfg`` with each ``key=value`` override applied; see the module docstring for the rules."""
+    cfg = cfg.copy()
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key.lstrip("+"):
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        adding = key.startswith("+")
+        key = key.lstrip("+")
+        if not adding and OmegaConf.select(cfg, key, default=_MISSING) is _MISSING:
+            raise ConfigError(
+                f"override {item!r}: no config key {key!r}. Check the spelling against the resolved config, "
+                f"or write +{key}={value} to add a new key on purpose."
+            )
+        parsed = OmegaConf.from_dotlist([f"{key}={value}"])
+        cfg = OmegaConf.merge(cfg, parsed)
+    return cfg
+
+
+_MISSING = object()
+
+
+def save_config(cfg: DictConfig, folder: str | os.PathLike) -> Path:
+    """Write the resolved config to ``folder/config.yaml`` (atomically) and return its path."""
+    path = Path(folder) / "config.yaml"
+    write_text(path, OmegaConf.to_yaml(cfg, resolve=True))
+    return path
+
+
+def fingerprint(cfg: DictConfig, sections: Iterable[str], extra: dict | None = None) -> str:
+    """A short hash of the named config sections (and ``extra`` facts such as input file hashes).
+
+    A stage is complete for a config when its stored fingerprint equals this one, so only the sections a
+    stage actually reads should be named: changing the learning rate must not redo the DICOM conversion.
+    """
+    content = {name: OmegaConf.to_container(cfg, resolve=True).get(name) for name in sorted(sections)}
+    if extra:
+        content["_extra"] = extra
+    blob = json.dumps(content, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def to_dict(node) -> dict:
+    """A plain, resolved dict copy of a config node (for ``**params`` calls)."""
+    if node is None:
+        return {}
+    return OmegaConf.to_container(node, resolve=True)

@@ -1,0 +1,4 @@
+"""Pipeline stages: each turns the outputs of earlier stages into its own, recorded in a stage folder.
+
+Numbered scripts in ``scripts/`` are thin wrappers over the ``run`` function of these modules.
+"""
