@@ -1,0 +1,76 @@
+import pytest
+from omegaconf import OmegaConf
+
+from pneumoseg.config import fingerprint, load_config, save_config
+from pneumoseg.errors import ConfigError
+
+
+def write(path, text):
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture
+def chain(tmp_path):
+    write(tmp_path / "base.yaml", "experiment: base\ntrain:\n  lr: 0.1\n  epochs: 10\nname: ${experiment}-run\n")
+    write(tmp_path / "mid.yaml", "base: base.yaml\ntrain:\n  epochs: 5\n")
+    return write(tmp_path / "top.yaml", "base: mid.yaml\nexperiment: top\n")
+
+
+def test_bases_chain_and_interpolations_resolve(chain):
+    cfg = load_config(chain)
+    assert cfg.train.lr == 0.1 and cfg.train.epochs == 5
+    assert cfg.name == "top-run"
+    assert "base" not in cfg
+
+
+@pytest.mark.parametrize("override, key, value", [
+    ("train.lr=0.5", "train.lr", 0.5),
+    ("train.epochs=null", "train.epochs", None),
+    ("+train.extra=[1, 2]", "train.extra", [1, 2]),
+    ("experiment=other", "name", "other-run"),
+])
+def test_overrides(chain, override, key, value):
+    cfg = load_config(chain, [override])
+    assert OmegaConf.select(cfg, key) == value
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.lrr=0.5", "no config key 'train.lrr'"),
+    ("train.lr", "not of the form key=value"),
+])
+def test_bad_overrides_are_clear(chain, override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(chain, [override])
+
+
+def test_missing_file_and_cycle(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    write(tmp_path / "a.yaml", "base: b.yaml\n")
+    write(tmp_path / "b.yaml", "base: a.yaml\n")
+    with pytest.raises(ConfigError, match="cycle"):
+        load_config(tmp_path / "a.yaml")
+
+
+def test_resolved_config_is_saved_and_reloads_identically(chain, tmp_path):
+    cfg = load_config(chain, ["train.lr=0.3"])
+    path = save_config(cfg, tmp_path / "out")
+    assert load_config(path) == cfg
+
+
+def test_fingerprint_depends_only_on_named_sections(chain):
+    cfg = load_config(chain)
+    same = load_config(chain, ["experiment=elsewhere"])
+    changed = load_config(chain, ["train.lr=0.2"])
+    assert fingerprint(cfg, ["train"]) == fingerprint(same, ["train"])
+    assert fingerprint(cfg, ["train"]) != fingerprint(changed, ["train"])
+    assert fingerprint(cfg, ["train"], {"n": 1}) != fingerprint(cfg, ["train"], {"n": 2})
+
+
+@pytest.mark.parametrize("name", ["demo.yaml", "tiny.yaml", "siim_unet_r34_512.yaml", "base.yaml"])
+def test_shipped_configs_load(name):
+    from conftest import ROOT
+
+    cfg = load_config(ROOT / "configs" / name)
+    assert cfg.paths.experiment_dir.endswith(cfg.experiment)
