@@ -67,10 +67,36 @@ def _load_chain(path: Path, chain: tuple[Path, ...]) -> DictConfig:
     if base is None:
         return cfg
     parent = _load_chain(path.parent / str(base), (*chain, resolved))
+    _drop_params_of_renamed_blocks(parent, cfg)
     try:
         return OmegaConf.merge(parent, cfg)
     except OmegaConfBaseException as exc:
         raise ConfigError(f"config {path} does not fit its base {base}: {exc}") from None
+
+
+def _drop_params_of_renamed_blocks(parent: DictConfig, child: DictConfig) -> None:
+    """Delete from ``parent`` the ``params`` of every ``{name, params}`` block whose ``name`` ``child`` changes.
+
+    A merge would otherwise hand the parameters of the base's component to the child's other component (a
+    ``plateau`` scheduler's ``patience`` to a ``cosine`` one); a renamed block takes its params from the child.
+    """
+    def renamed(base: dict, new: dict, path: tuple) -> list[tuple]:
+        found = []
+        for key, value in new.items():
+            old = base.get(key)
+            if not isinstance(value, dict) or not isinstance(old, dict):
+                continue
+            if "name" in value and "params" in old and value["name"] != old.get("name"):
+                found.append((*path, key))
+            found += renamed(old, value, (*path, key))
+        return found
+
+    for path in renamed(OmegaConf.to_container(parent, resolve=False), OmegaConf.to_container(child, resolve=False),
+                        ()):
+        node = parent
+        for key in path:
+            node = node[key]
+        del node["params"]
 
 
 def apply_overrides(cfg: DictConfig, overrides: Iterable[str]) -> DictConfig:

@@ -1,23 +1,39 @@
 """DICOM input and output.
 
+Reading: :func:`read_dicom` turns one DICOM into an 8-bit grey image (0 is black) and the tags competitors
+used; :func:`read_dicom_header` gives the same tags without touching the pixels; :func:`find_dicoms` lists
+the DICOMs of a challenge folder in either layout. A file that cannot become an image raises a subclass of
+:class:`DicomError` that names the file and the reason, so a caller converting thousands of files can
+record it and carry on.
+
 Writing: :func:`write_jpeg_dicom` stores an 8-bit image the way the challenge's files are stored
 (Secondary Capture, MONOCHROME2, JPEG Baseline encapsulated). pydicom cannot encode JPEG itself, so Pillow
 compresses and ``pydicom.encaps.encapsulate`` wraps the bytes.
 """
 from __future__ import annotations
 
+import contextlib
 import io
+import logging
 import os
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Iterator
 
 import numpy as np
+import pydicom
 from PIL import Image
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.encaps import encapsulate
-from pydicom.uid import JPEGBaseline8Bit, SecondaryCaptureImageStorage
+from pydicom.encaps import encapsulate, generate_frames
+from pydicom.errors import InvalidDicomError
+from pydicom.multival import MultiValue
+from pydicom.pixels import get_decoder
+from pydicom.uid import UID, JPEGBaseline8Bit, SecondaryCaptureImageStorage
 
+from .errors import DataError
 from .io import atomic_path
 
 # The challenge's UIDs all share this root; study, series and instance differ in the digit after it.
@@ -100,3 +116,325 @@ def write_jpeg_dicom(path: str | os.PathLike, pixels: np.ndarray, tags: DicomTag
 
     with atomic_path(Path(path)) as tmp:
         ds.save_as(tmp, enforce_file_format=True)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reading
+
+METADATA_KEYS = ("ImageId", "source_path", "rows", "cols", "sex", "age", "view", "pixel_spacing",
+                 "photometric", "transfer_syntax")
+"""The keys of the metadata dict of :func:`read_dicom`, in order (stage 01's metadata.csv columns)."""
+
+MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
+_UNDEFINED_LENGTH = 0xFFFFFFFF
+_AGE = re.compile(r"^\s*(\d+)\s*([DWMY]?)\s*$", re.IGNORECASE)
+_UNITS_PER_YEAR = {"": 1, "Y": 1, "M": 12, "W": 52, "D": 365}
+
+
+class DicomError(DataError):
+    """A DICOM file that cannot become an image; subclasses say why.
+
+    Args:
+        path: the file.
+        reason: what is wrong with it, in a few words (stage 01 stores it in errors.csv).
+    """
+
+    def __init__(self, path: str | os.PathLike, reason: str) -> None:
+        # Both go to Exception's args, so the error pickles back from a worker process.
+        super().__init__(str(path), reason)
+        self.path = str(path)
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return f"cannot read DICOM {self.path}: {self.reason}"
+
+
+class UnreadableDicomError(DicomError):
+    """The file cannot be opened: it is missing, a folder, or not readable by this user."""
+
+
+class NotDicomError(DicomError):
+    """Not a DICOM file: no 'DICM' marker after the 128-byte preamble, or a header pydicom cannot parse."""
+
+
+class TruncatedDicomError(DicomError):
+    """The file ends before its data does (an interrupted download or copy)."""
+
+
+class NoPixelDataError(DicomError):
+    """A complete DICOM file without a Pixel Data element (a report or presentation state, say)."""
+
+
+class UnsupportedDicomError(DicomError):
+    """Pixel data in a form pneumoseg does not read: a transfer syntax with no decoder installed, colour,
+    or several frames."""
+
+
+class CorruptPixelDataError(DicomError):
+    """Pixel data that does not decode to the image the header declares."""
+
+
+def find_dicoms(root: str | os.PathLike) -> dict[str, Path]:
+    """Every DICOM file under ``root``, keyed by ImageId (the file's stem) and sorted by it.
+
+    Both challenge layouts are found, as is any other nesting: stage 1's
+    ``dicom-images-train/<Study>/<Series>/<SOP>.dcm`` and ``dicom-images-test/...``, and stage 2's flat
+    ``stage_2_images/ID_<hex>.dcm``. The ``.dcm`` suffix is matched in any case. Hidden files are skipped:
+    they are the temporary files of an interrupted atomic write.
+
+    Raises:
+        DataError: ``root`` is not a folder, or two files share a stem (their ImageIds would clash).
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"DICOM folder {root} does not exist")
+    found: dict[str, Path] = {}
+    for folder, subfolders, names in os.walk(root):
+        subfolders.sort()  # a deterministic walk names the same two files in a clash on every run
+        for name in sorted(names):
+            if name.startswith(".") or not name.lower().endswith(".dcm"):
+                continue
+            path = Path(folder) / name
+            if path.stem in found:
+                raise DataError(f"two DICOM files have the ImageId {path.stem!r}: {found[path.stem]} and {path}. "
+                                f"ImageIds must be unique; remove the duplicate.")
+            found[path.stem] = path
+    return dict(sorted(found.items()))
+
+
+def read_dicom(path: str | os.PathLike) -> tuple[np.ndarray, dict]:
+    """Read one DICOM as an 8-bit grey image (0 is black) and its metadata.
+
+    Args:
+        path: a ``.dcm`` file; its stem is the ImageId.
+
+    Returns:
+        ``(pixels, metadata)``: an HxW uint8 array, and a dict with the keys of :data:`METADATA_KEYS`:
+        ImageId, source_path, rows, cols, sex ("M"/"F", "" when absent), age (whole years, None when absent),
+        view ("PA"/"AP", "" when absent), pixel_spacing (mm, the first value of PixelSpacing, else of
+        ImagerPixelSpacing; None when absent), photometric, transfer_syntax (the UID).
+
+    Pixels: JPEG Baseline (the challenge's encoding) is decoded by Pillow straight from the encapsulated
+    frame, which skips pydicom's pixel pipeline; other transfer syntaxes go through pydicom's
+    ``pixel_array``. MONOCHROME1 is inverted. Unsigned data of at most 8 bits stored is kept as it is;
+    anything else (more bits stored, or signed values) is mapped linearly from the image's own minimum and
+    maximum onto 0..255. The actual range is used rather than the declared bit depth because scanners often
+    declare 16 bits stored for 12-bit data, which a fixed shift would leave nearly black; the challenge's own
+    8-bit images span the full 0..255 too. A modality rescale (slope, intercept) is not applied: being linear
+    with a positive slope, it would not change the result.
+
+    Raises:
+        DicomError: one of its subclasses (UnreadableDicomError, NotDicomError, TruncatedDicomError,
+            NoPixelDataError, UnsupportedDicomError, CorruptPixelDataError), naming the file and the reason.
+    """
+    path = Path(path)
+    try:
+        # One read of the whole file: its length is needed for the truncation check, and pydicom parses
+        # a buffer faster than a file.
+        data = path.read_bytes()
+    except OSError as exc:
+        raise UnreadableDicomError(path, exc.strerror or str(exc)) from None
+    with _quiet_pydicom():
+        ds = _parse(io.BytesIO(data), path)
+        _check_complete(ds, len(data), path, whole_file=True)
+        metadata = _metadata(ds, path)
+        pixels = _pixels(ds, metadata, path)
+    return pixels, metadata
+
+
+def read_dicom_header(path: str | os.PathLike) -> dict:
+    """The metadata dict of :func:`read_dicom` without reading the pixel data from disk (a fraction of a ms).
+
+    Only problems in the header are found: UnreadableDicomError, NotDicomError, or TruncatedDicomError for a
+    file cut inside its header.
+    """
+    path = Path(path)
+    with _quiet_pydicom():
+        ds = _parse(path, path, stop_before_pixels=True)
+        _check_complete(ds, path.stat().st_size, path, whole_file=False)
+        return _metadata(ds, path)
+
+
+@contextlib.contextmanager
+def _quiet_pydicom() -> Iterator[None]:
+    """Keep pydicom's warnings and log lines about the file being read from reaching the user.
+
+    pydicom both warns and logs every oddity it meets (a value in a non-standard form, a file that ends
+    early); over 12,000 files that buries the log. The oddities that matter become DicomErrors, the rest is
+    noise. (pydicom 3.0 checks the challenge's bare-number ages, such as ``50``, when they are written, not
+    when they are read; the tests check that reading them stays silent.)
+    """
+    pydicom_log = logging.getLogger("pydicom")
+    level = pydicom_log.level
+    pydicom_log.setLevel(logging.CRITICAL)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        pydicom_log.setLevel(level)
+
+
+def _parse(source: Path | io.BytesIO, path: Path, **kwargs) -> Dataset:
+    """``pydicom.dcmread(source, **kwargs)`` with its failures, and its warning about a file that ends
+    early, turned into DicomErrors about ``path``."""
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ds = pydicom.dcmread(source, **kwargs)
+    except InvalidDicomError:
+        raise NotDicomError(path, "no DICOM header (the 'DICM' marker after the 128-byte preamble is missing)") \
+            from None
+    except OSError as exc:
+        raise UnreadableDicomError(path, exc.strerror or str(exc)) from None
+    except Exception as exc:  # pydicom's parser raises many exception types on a malformed header
+        raise NotDicomError(path, f"malformed DICOM header ({type(exc).__name__}: {exc})") from None
+    for warning in caught:
+        message = str(warning.message)
+        if "end of file" in message.lower():
+            raise TruncatedDicomError(path, f"the file ends early ({message.split(' in file ')[0]})")
+    return ds
+
+
+def _check_complete(ds: Dataset, size: int, path: Path, whole_file: bool) -> None:
+    """Raise TruncatedDicomError when the last element parsed does not fit the file's ``size`` bytes.
+
+    pydicom reads a file cut inside its header without complaint: the value it was reading comes out
+    short, or the bytes of a half element header are dropped. The last element parsed must not end beyond
+    the file; when ``ds`` is the ``whole_file`` (not read with ``stop_before_pixels``), its last element of
+    defined length must end exactly where the file does. (Encapsulated pixel data has undefined length and
+    ends with a delimiter instead; a missing one is the warning that _parse turns into an error.)
+    """
+    group = ds if len(ds) else ds.file_meta
+    if not len(group):
+        raise TruncatedDicomError(path, "the file ends right after its 'DICM' marker")
+    last = group.get_item(max(group.keys()))
+    if isinstance(last, RawDataElement) and last.length != _UNDEFINED_LENGTH:
+        end = last.value_tell + last.length
+        if end > size or (whole_file and end != size):
+            raise TruncatedDicomError(path, f"the file is cut off: it has {size} bytes, but its data element "
+                                            f"{last.tag} ends at byte {end}")
+
+
+def _metadata(ds: Dataset, path: Path) -> dict:
+    """The metadata dict of :func:`read_dicom`, keys in the order of :data:`METADATA_KEYS`."""
+    spacing = ds.get("PixelSpacing") or ds.get("ImagerPixelSpacing")
+    return {
+        "ImageId": path.stem,
+        "source_path": str(path),
+        "rows": _int_or_none(ds.get("Rows")),
+        "cols": _int_or_none(ds.get("Columns")),
+        "sex": _text(ds.get("PatientSex")),
+        "age": _age_years(ds.get("PatientAge")),
+        "view": _text(ds.get("ViewPosition")),
+        "pixel_spacing": _first_float(spacing),
+        "photometric": _text(ds.get("PhotometricInterpretation")),
+        "transfer_syntax": _text(ds.file_meta.get("TransferSyntaxUID")),
+    }
+
+
+def _text(value) -> str:
+    return str(value).strip() if value is not None else ""
+
+
+def _int_or_none(value) -> int | None:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _first_float(value) -> float | None:
+    """The first number of a (possibly multi-valued) decimal string; None when absent or not a number."""
+    if isinstance(value, MultiValue):
+        value = value[0] if len(value) else None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _age_years(value) -> int | None:
+    """Whole years from PatientAge: the standard ``038Y`` / ``006M`` / ``010W`` / ``200D`` forms or the
+    challenge's bare ``38``; None when absent or unreadable."""
+    match = _AGE.match(_text(value))
+    if match is None:
+        return None
+    number, unit = match.groups()
+    return int(number) // _UNITS_PER_YEAR[unit.upper()]
+
+
+def _pixels(ds: Dataset, metadata: dict, path: Path) -> np.ndarray:
+    """Decode, check and convert the pixel data to 8-bit MONOCHROME2 (see :func:`read_dicom`)."""
+    if "PixelData" not in ds:
+        raise NoPixelDataError(path, "the file has no Pixel Data element")
+    _check_supported(ds, metadata, path)
+    decode = _DECODERS.get(metadata["transfer_syntax"], _decode_with_pydicom)
+    pixels = decode(ds, path)
+    declared = (metadata["rows"], metadata["cols"])
+    if pixels.shape != declared:
+        raise CorruptPixelDataError(path, f"the pixel data decodes to shape {pixels.shape}, but the header "
+                                          f"declares {declared[0]}x{declared[1]}")
+    if int(ds.get("BitsStored") or 8) > 8 or int(ds.get("PixelRepresentation") or 0) == 1:
+        pixels = _stretch_to_8_bits(pixels)
+    else:
+        pixels = pixels.astype(np.uint8, copy=False)
+    if metadata["photometric"] == "MONOCHROME1":  # 0 is white: flip so that 0 is black
+        pixels = np.subtract(255, pixels, dtype=np.uint8)
+    return pixels
+
+
+def _check_supported(ds: Dataset, metadata: dict, path: Path) -> None:
+    if metadata["photometric"] not in MONOCHROME:
+        raise UnsupportedDicomError(path, f"photometric interpretation {metadata['photometric']!r}; only grey "
+                                          f"images ({' or '.join(MONOCHROME)}) are read")
+    samples = _int_or_none(ds.get("SamplesPerPixel")) or 1
+    frames = _int_or_none(ds.get("NumberOfFrames")) or 1
+    if samples != 1 or frames != 1:
+        raise UnsupportedDicomError(path, f"{samples} samples per pixel and {frames} frames; only single-frame "
+                                          f"grey images are read")
+    if metadata["rows"] is None or metadata["cols"] is None:
+        raise CorruptPixelDataError(path, "the header has no Rows or Columns, so the pixel data has no shape")
+    syntax = metadata["transfer_syntax"]
+    try:
+        available = get_decoder(syntax).is_available
+    except (NotImplementedError, ValueError):  # no decoder exists for this UID (or it is no UID at all)
+        available = False
+    if not available:
+        name = UID(syntax).name if syntax else "missing from the file meta information"
+        raise UnsupportedDicomError(path, f"no decoder is installed for transfer syntax {syntax} ({name})")
+
+
+def _decode_jpeg_baseline(ds: Dataset, path: Path) -> np.ndarray:
+    """JPEG Baseline through Pillow directly: the one encapsulated frame is a complete JPEG file."""
+    try:
+        frame = next(generate_frames(ds.PixelData, number_of_frames=1))
+        with Image.open(io.BytesIO(frame)) as image:
+            mode = image.mode
+            pixels = np.asarray(image)
+    except (ValueError, OSError, StopIteration) as exc:
+        raise CorruptPixelDataError(path, f"the JPEG Baseline pixel data does not decode ({exc})") from None
+    if mode != "L":
+        raise CorruptPixelDataError(path, f"the JPEG holds a {mode} image, but the header declares a grey one")
+    return pixels
+
+
+def _decode_with_pydicom(ds: Dataset, path: Path) -> np.ndarray:
+    try:
+        return ds.pixel_array
+    except Exception as exc:  # pydicom's decoders raise many exception types on bad data
+        raise CorruptPixelDataError(path, f"the pixel data does not decode ({type(exc).__name__}: {exc})") \
+            from None
+
+
+def _stretch_to_8_bits(pixels: np.ndarray) -> np.ndarray:
+    """Map the image's minimum..maximum linearly onto 0..255 (a constant image becomes 0)."""
+    low, high = float(pixels.min()), float(pixels.max())
+    if high == low:
+        return np.zeros(pixels.shape, np.uint8)
+    scaled = (pixels.astype(np.float32) - low) * np.float32(255.0 / (high - low))
+    return np.rint(scaled).astype(np.uint8)
+
+
+# Transfer syntax UID -> decoder; any other syntax goes through pydicom's pixel_array.
+_DECODERS: dict[str, Callable[[Dataset, Path], np.ndarray]] = {JPEGBaseline8Bit: _decode_jpeg_baseline}

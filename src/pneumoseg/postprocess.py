@@ -1,0 +1,178 @@
+"""Probability map -> binary mask: the post-processing strategies, shared by the threshold search, inference and
+the server.
+
+A strategy is a small frozen dataclass behind one interface (:class:`PostProcessor`), chosen by name from
+:data:`POSTPROCESSORS` with a ``{name, params}`` block, and turned back into such a block by
+:meth:`PostProcessor.to_block` (stage 04 writes the chosen one to ``thresholds.json``).
+
+* ``threshold``: pixels with p > ``threshold``, then connected components smaller than ``min_area`` are dropped.
+* ``triplet`` (the 1st-place solution's): an image with fewer than ``min_area`` pixels above ``top`` is declared
+  empty; otherwise the mask is p > ``bottom`` (``bottom`` <= ``top``), with components smaller than
+  ``min_component_area`` dropped.
+
+Areas are always given in pixels of the original 1024 x 1024 image and scaled to the resolution a strategy is
+applied at (:func:`scale_area`), so one set of parameters serves 256 px OOF maps and 1024 px submissions alike.
+
+Maps may be float probabilities or the uint8 levels of :mod:`pneumoseg.probstore` (p = level / 255). For levels,
+p > t is decided by :func:`level_cut`, which gives exactly the answer of comparing ``level / 255`` with ``t`` in
+float64, so the histogram-based search, which only knows levels, agrees with these classes to the pixel.
+"""
+from __future__ import annotations
+
+import json
+import os
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Mapping
+
+import cv2
+import numpy as np
+
+from .errors import ConfigError, DataError
+from .probstore import LEVELS
+from .registry import Registry
+
+ORIGINAL_SIZE = 1024
+# 8-connectivity: a lesion outline touching only diagonally is still one lesion.
+CONNECTIVITY = 8
+
+_LEVEL_PROBS = np.arange(LEVELS + 1, dtype=np.float64) / LEVELS
+
+
+def level_cut(threshold: float) -> int:
+    """The largest uint8 level whose probability is <= ``threshold`` (-1 when there is none).
+
+    A pixel of level ``v`` has p > ``threshold`` exactly when ``v > level_cut(threshold)``.
+    """
+    return int(np.searchsorted(_LEVEL_PROBS, float(threshold), side="right")) - 1
+
+
+def above(probs: np.ndarray, threshold: float) -> np.ndarray:
+    """Boolean map of p > ``threshold``, for float probabilities or uint8 levels (see the module docstring)."""
+    if probs.dtype == np.uint8:
+        return probs > level_cut(threshold)
+    return probs > threshold
+
+
+def scale_area(area: float | np.ndarray, shape: tuple[int, ...]) -> float | np.ndarray:
+    """An area in pixels of the original 1024 x 1024 image, expressed in pixels of a map of ``shape`` (H, W)."""
+    height, width = shape[-2:]
+    return np.asarray(area, dtype=np.float64) * (height * width / ORIGINAL_SIZE ** 2)
+
+
+def components(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Label the connected components of a boolean mask.
+
+    Returns:
+        ``(labels, areas)``: an int32 label image (0 = background, components 1..n) and the pixel area of each
+        component (``areas[k - 1]`` is the area of label ``k``).
+    """
+    image = np.ascontiguousarray(mask).view(np.uint8)
+    _, labels, stats, _ = cv2.connectedComponentsWithStats(image, connectivity=CONNECTIVITY)
+    return labels, stats[1:, cv2.CC_STAT_AREA]
+
+
+def remove_small_components(mask: np.ndarray, min_pixels: float) -> np.ndarray:
+    """``mask`` without its connected components of fewer than ``min_pixels`` pixels (at the mask's resolution)."""
+    if min_pixels <= 0 or not mask.any():
+        return mask
+    labels, areas = components(mask)
+    keep = np.concatenate([[False], areas >= min_pixels])
+    return keep[labels]
+
+
+class PostProcessor(ABC):
+    """Turns one probability map (H x W, float in [0, 1] or uint8 levels) into a boolean mask of the same size."""
+
+    name: ClassVar[str]
+
+    @abstractmethod
+    def __call__(self, probs: np.ndarray) -> np.ndarray:
+        """The boolean H x W mask of ``probs``."""
+
+    def to_block(self) -> dict[str, Any]:
+        """The ``{name, params}`` block that :func:`build_postprocessor` turns back into this strategy."""
+        return {"name": self.name, "params": asdict(self)}
+
+
+POSTPROCESSORS: Registry[PostProcessor] = Registry("post-processing strategy")
+
+
+def _check_probability(owner: str, **values: float) -> None:
+    for key, value in values.items():
+        if not 0.0 <= value <= 1.0:
+            raise ConfigError(f"{owner}: {key} must be a probability in [0, 1], got {value}")
+
+
+def _check_area(owner: str, **values: float) -> None:
+    for key, value in values.items():
+        if value < 0:
+            raise ConfigError(f"{owner}: {key} must be >= 0 pixels (of the 1024 px image), got {value}")
+
+
+@POSTPROCESSORS.register("threshold")
+@dataclass(frozen=True)
+class Threshold(PostProcessor):
+    """Pixels with p > ``threshold``; components under ``min_area`` (pixels of the 1024 px image) are dropped."""
+
+    name: ClassVar[str] = "threshold"
+    threshold: float = 0.5
+    min_area: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check_probability(self.name, threshold=self.threshold)
+        _check_area(self.name, min_area=self.min_area)
+
+    def __call__(self, probs: np.ndarray) -> np.ndarray:
+        return remove_small_components(above(probs, self.threshold), scale_area(self.min_area, probs.shape))
+
+
+@POSTPROCESSORS.register("triplet")
+@dataclass(frozen=True)
+class Triplet(PostProcessor):
+    """The 1st-place rule: empty unless at least ``min_area`` pixels have p > ``top``; then p > ``bottom``.
+
+    Args:
+        top: the confident threshold that decides whether the image has a lesion at all.
+        min_area: pixels (of the 1024 px image) above ``top`` needed to predict anything.
+        bottom: the threshold that draws the mask of an image kept by the ``top`` test; <= ``top``.
+        min_component_area: components under this many pixels (of the 1024 px image) are dropped.
+    """
+
+    name: ClassVar[str] = "triplet"
+    top: float
+    min_area: float
+    bottom: float
+    min_component_area: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check_probability(self.name, top=self.top, bottom=self.bottom)
+        _check_area(self.name, min_area=self.min_area, min_component_area=self.min_component_area)
+        if self.bottom > self.top:
+            raise ConfigError(f"triplet: bottom ({self.bottom}) must not exceed top ({self.top})")
+
+    def __call__(self, probs: np.ndarray) -> np.ndarray:
+        if above(probs, self.top).sum() < scale_area(self.min_area, probs.shape):
+            return np.zeros(probs.shape, dtype=bool)
+        mask = above(probs, self.bottom)
+        return remove_small_components(mask, scale_area(self.min_component_area, probs.shape))
+
+
+def build_postprocessor(block: Mapping[str, Any]) -> PostProcessor:
+    """The strategy a ``{name, params}`` block names (extra keys, such as a stored score, are ignored)."""
+    return POSTPROCESSORS.build(block)
+
+
+def load_postprocessor(path: str | os.PathLike) -> PostProcessor:
+    """The strategy stored in a JSON file holding a ``{name, params}`` block (stage 04's ``thresholds.json``)."""
+    path = Path(path)
+    try:
+        block = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DataError(f"post-processing file {path} not found; run scripts/04_search_thresholds.py first, "
+                        f"or configure the strategy in the config") from None
+    except ValueError as exc:
+        raise DataError(f"post-processing file {path} is not valid JSON ({exc}); rerun "
+                        f"scripts/04_search_thresholds.py --force") from None
+    return build_postprocessor(block)

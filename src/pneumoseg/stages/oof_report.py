@@ -1,0 +1,340 @@
+"""The OOF report of stage 04: its numbers (``oof_report.json``), a readable page (``oof_report.md``) with plots in
+``plots/``, and the summary table the script prints.
+
+Plots: the search surface (Dice against ``top`` and ``min_area`` at the best ``bottom``, and against the threshold),
+the per-fold scores, every fold's training curves from its ``log.csv``, and a gallery of the worst false positives,
+the worst misses on positive images and a few good cases, each an X-ray with the truth and the prediction outlined.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import cv2
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+from ..io import atomic_path, write_json, write_text
+from ..postprocess import ORIGINAL_SIZE, build_postprocessor
+from ..search import SearchResult
+
+log = logging.getLogger(__name__)
+
+PLOTS = "plots"
+TRUTH_COLOUR = (40, 220, 40)        # RGB: green outline
+PREDICTION_COLOUR = (255, 40, 40)   # RGB: red outline
+
+CaseLoader = Callable[[str], tuple[np.ndarray, np.ndarray, np.ndarray]]
+"""ImageId -> (X-ray uint8 H x W, truth mask, predicted mask); the masks at any one resolution."""
+
+
+def report_numbers(result: SearchResult, per_image: pd.DataFrame, chosen: dict, default: dict, oof_size: int,
+                   seconds: float) -> dict[str, Any]:
+    """The content of ``oof_report.json``.
+
+    Args:
+        result: the search's candidates and per-fold sums.
+        per_image: one row per OOF image, in the search's order: ``fold, true_area, pred_area, dice,
+            default_dice`` (areas at the OOF size) for the chosen and the default strategy.
+        chosen, default: the two strategies' ``{name, params}`` blocks.
+        oof_size: side of the OOF maps in pixels.
+        seconds: time the search took.
+    """
+    positive = per_image["true_area"] > 0
+    predicted = per_image["pred_area"] > 0
+    nested = result.nested()
+    per_fold = []
+    for k, (fold, rows) in enumerate(per_image.groupby("fold", sort=True)):
+        entry = {"fold": int(fold), "n_images": len(rows), "n_positive": int((rows["true_area"] > 0).sum()),
+                 "score": float(rows["dice"].mean()), "default_score": float(rows["default_dice"].mean()),
+                 "empty_baseline": float((rows["true_area"] == 0).mean())}
+        if nested is not None:
+            entry.update(nested_score=float(nested.scores[k]), nested_choice=result.block(int(nested.choices[k])))
+        per_fold.append(entry)
+    candidates = result.candidates
+    best_per_strategy = {}
+    for strategy, count in candidates["strategy"].value_counts(sort=False).items():
+        row = result.best_of(strategy)
+        best_per_strategy[strategy] = {"score": float(candidates["dice"].iloc[row]), "block": result.block(row),
+                                       "n_candidates": int(count)}
+    return {
+        "n_images": len(per_image),
+        "n_positive": int(positive.sum()),
+        "n_folds": len(per_fold),
+        "oof_size": int(oof_size),
+        "oof_score": float(per_image["dice"].mean()),
+        "chosen": chosen,
+        "nested_score": None if nested is None else nested.score,
+        "default_score": float(per_image["default_dice"].mean()),
+        "default": default,
+        "empty_baseline": float((~positive).mean()),
+        "positive_dice": _mean(per_image.loc[positive, "dice"]),
+        "false_positive_rate": _mean(predicted[~positive]),
+        "false_negative_rate": _mean(~predicted[positive]),
+        "per_fold": per_fold,
+        "best_per_strategy": best_per_strategy,
+        "n_candidates": len(candidates),
+        "search_seconds": round(seconds, 2),
+    }
+
+
+def _mean(values: pd.Series) -> float | None:
+    """The mean, or None for no values (no positive or no empty images)."""
+    return float(values.mean()) if len(values) else None
+
+
+def write_report(folder: Path, numbers: dict, result: SearchResult, per_image: pd.DataFrame,
+                 logs: Mapping[int, Path], case: CaseLoader, n_cases: int, thumbnail_size: int) -> None:
+    """Write ``oof_report.json``, the plots and ``oof_report.md`` into ``folder``.
+
+    Args:
+        folder: the stage's folder.
+        numbers: from :func:`report_numbers`.
+        result: the search result (for the search surface).
+        per_image: as for :func:`report_numbers`, with ``ImageId``.
+        logs: each fold's ``log.csv`` (a missing one is left out of the curves, with a warning).
+        case: loads an image for the gallery.
+        n_cases: images per gallery row.
+        thumbnail_size: side of each gallery image in pixels.
+    """
+    plots = {
+        "search": plot_search(result, numbers, folder / PLOTS / "search.png"),
+        "folds": plot_folds(numbers, folder / PLOTS / "folds.png"),
+        "training": plot_training_curves(logs, folder / PLOTS / "training_curves.png"),
+        "gallery": plot_gallery(gallery_cases(per_image, n_cases), case, thumbnail_size,
+                                folder / PLOTS / "gallery.png"),
+    }
+    write_json(folder / "oof_report.json", numbers)
+    write_text(folder / "oof_report.md", render_markdown(numbers, plots))
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110)
+    return path
+
+
+def plot_search(result: SearchResult, numbers: dict, path: Path) -> Path:
+    """Left (when the triplet was searched): its Dice over ``top`` x ``min_area`` at its best ``bottom``; right:
+    each strategy's best Dice at each mask threshold (``threshold``, or the triplet's ``bottom``)."""
+    heat = result.surfaces.get("triplet")
+    fig = Figure(figsize=(12 if heat else 6, 4.5), layout="constrained")
+    axes = fig.subplots(1, 2 if heat else 1, squeeze=False)[0]
+    curve_ax = axes[-1]
+    for strategy, (grid, scores) in result.surfaces.items():
+        profile = scores.reshape(-1, len(grid.bottoms))
+        valid = ~np.isnan(profile).all(0)
+        curve_ax.plot(grid.bottoms[valid], np.nanmax(profile[:, valid], axis=0), marker="o", ms=3, label=strategy)
+    curve_ax.axhline(numbers["empty_baseline"], color="grey", ls=":", label="all empty")
+    curve_ax.axhline(numbers["default_score"], color="black", ls="--", lw=0.8, label="default")
+    curve_ax.set(xlabel="mask threshold (threshold, or the triplet's bottom)", ylabel="OOF dice",
+                 title="Best dice at each mask threshold (no component filter)")
+    curve_ax.legend(fontsize=8)
+    if heat:
+        grid, scores = heat
+        top, area, bottom = np.unravel_index(np.nanargmax(scores), scores.shape)
+        image = axes[0].imshow(scores[:, :, bottom], origin="lower", aspect="auto", cmap="viridis")
+        axes[0].set_xticks(range(len(grid.min_areas)), [f"{a:g}" for a in grid.min_areas], rotation=90, fontsize=7)
+        axes[0].set_yticks(range(len(grid.tops)), [f"{t:g}" for t in grid.tops], fontsize=7)
+        axes[0].plot(area, top, marker="*", color="red", ms=12)
+        axes[0].set(xlabel="min_area (pixels of the 1024 px image)", ylabel="top",
+                    title=f"triplet: OOF dice at bottom={grid.bottoms[bottom]:g} (best {np.nanmax(scores):.4f})")
+        fig.colorbar(image, ax=axes[0], label="OOF dice")
+    return _save(fig, path)
+
+
+def plot_folds(numbers: dict, path: Path) -> Path:
+    """Bars per fold: the chosen strategy (in-sample), the nested estimate, the default and the all-empty score."""
+    folds = numbers["per_fold"]
+    series = {"chosen (in-sample)": "score", "nested": "nested_score", "default": "default_score",
+              "all empty": "empty_baseline"}
+    series = {label: key for label, key in series.items() if key in folds[0]}
+    fig = Figure(figsize=(max(5, 1.6 * len(folds) + 2), 4), layout="constrained")
+    ax = fig.subplots()
+    width = 0.8 / len(series)
+    x = np.arange(len(folds))
+    for k, (label, key) in enumerate(series.items()):
+        bars = ax.bar(x + (k - (len(series) - 1) / 2) * width, [f[key] for f in folds], width, label=label)
+        ax.bar_label(bars, fmt="%.3f", fontsize=6, rotation=90, padding=2)
+    ax.set_xticks(x, [f"fold {f['fold']}\n({f['n_images']} img)" for f in folds])
+    ax.set(ylabel="dice", ylim=(0, 1.25), yticks=np.linspace(0, 1, 6), title="Per-fold OOF dice")
+    ax.legend(fontsize=8, loc="upper center", ncols=len(series))
+    return _save(fig, path)
+
+
+def plot_training_curves(logs: Mapping[int, Path], path: Path) -> Path | None:
+    """Each fold's loss and validation metrics against the epoch; None when no fold has a log."""
+    frames = {}
+    for fold, log_path in logs.items():
+        if log_path.is_file():
+            frames[fold] = pd.read_csv(log_path)
+        else:
+            log.warning("fold %s has no training log at %s; its curves are left out of the report", fold, log_path)
+    if not frames:
+        return None
+    metrics = sorted({c for f in frames.values() for c in f.columns if c.startswith("val_") and c != "val_loss"})
+    columns = min(2, 1 + len(metrics))
+    rows = -(-(1 + len(metrics)) // columns)
+    fig = Figure(figsize=(6 * columns, 4 * rows), layout="constrained")
+    axes = fig.subplots(rows, columns, squeeze=False).ravel()
+    for ax in axes[1 + len(metrics):]:
+        ax.axis("off")
+    for k, (fold, frame) in enumerate(sorted(frames.items())):
+        # Markers keep a one-epoch run visible.
+        style = {"color": f"C{k % 10}", "marker": "o", "ms": 3}
+        for column, line in (("train_loss", "-"), ("val_loss", "--")):
+            if column in frame:
+                axes[0].plot(frame["epoch"], frame[column], ls=line, label=f"fold {fold} {column.split('_')[0]}",
+                             **style)
+        for ax, metric in zip(axes[1:], metrics):
+            if metric in frame:
+                ax.plot(frame["epoch"], frame[metric], label=f"fold {fold}", **style)
+    axes[0].set(ylabel="loss", title="loss (solid: train, dashed: validation)")
+    for ax, metric in zip(axes[1:], metrics):
+        ax.set(ylabel=metric, title=metric)
+    for ax in axes[:1 + len(metrics)]:
+        ax.set(xlabel="epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+        ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def gallery_cases(per_image: pd.DataFrame, n_cases: int) -> dict[str, pd.DataFrame]:
+    """The gallery's rows: the largest false positives on empty images, the positive images scored worst (missed
+    ones first, largest first), and the positive images scored best."""
+    positive = per_image[per_image["true_area"] > 0]
+    false_positive = per_image[(per_image["true_area"] == 0) & (per_image["pred_area"] > 0)]
+    rows = {
+        "worst false positives": false_positive.sort_values("pred_area", ascending=False, kind="stable"),
+        "worst misses": positive.sort_values(["dice", "true_area"], ascending=[True, False], kind="stable"),
+        "good cases": positive[positive["dice"] > 0].sort_values(["dice", "true_area"], ascending=False,
+                                                                 kind="stable"),
+    }
+    return {title: frame.head(n_cases) for title, frame in rows.items()}
+
+
+def outlined(xray: np.ndarray, truth: np.ndarray, prediction: np.ndarray, size: int) -> np.ndarray:
+    """An RGB ``size`` px thumbnail of ``xray`` with the truth and the prediction outlined in two colours."""
+    image = cv2.cvtColor(cv2.resize(xray, (size, size), interpolation=cv2.INTER_AREA), cv2.COLOR_GRAY2RGB)
+    # The truth is drawn thicker and first, so that a prediction on the same outline leaves it visible.
+    for mask, colour, thickness in ((truth, TRUTH_COLOUR, 2), (prediction, PREDICTION_COLOUR, 1)):
+        mask = cv2.resize(mask.astype(np.uint8), (size, size), interpolation=cv2.INTER_NEAREST)
+        contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+        cv2.drawContours(image, contours, -1, colour, thickness)
+    return image
+
+
+def plot_gallery(cases: Mapping[str, pd.DataFrame], case: CaseLoader, size: int, path: Path) -> Path | None:
+    """One row per gallery category; None when every category is empty."""
+    cases = {title: frame for title, frame in cases.items() if len(frame)}
+    if not cases:
+        return None
+    columns = max(len(frame) for frame in cases.values())
+    fig = Figure(figsize=(2.4 * columns, 2.7 * len(cases)), layout="constrained")
+    axes = fig.subplots(len(cases), columns, squeeze=False)
+    for row, (title, frame) in zip(axes, cases.items()):
+        for ax in row:
+            ax.axis("off")
+        for ax, item in zip(row, frame.itertuples()):
+            xray, truth, prediction = case(item.ImageId)
+            scale = ORIGINAL_SIZE ** 2 / truth.size
+            ax.imshow(outlined(xray, truth, prediction, size))
+            ax.set_title(f"{title}\n…{item.ImageId[-10:]} dice {item.dice:.2f}\n"
+                         f"true {item.true_area * scale:.0f} / pred {item.pred_area * scale:.0f} px", fontsize=7)
+    fig.suptitle("truth: green, prediction: red (areas in pixels of the 1024 px image)", fontsize=9)
+    return _save(fig, path)
+
+
+def _block_text(block: dict) -> str:
+    """``name`` (key=value, ...), the parameters in the strategy's own order (a stored block has them sorted)."""
+    strategy = build_postprocessor(block).to_block()
+    params = ", ".join(f"{key}={value:g}" for key, value in strategy["params"].items())
+    return f"`{strategy['name']}` ({params})"
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def render_markdown(numbers: dict, plots: Mapping[str, Path | None]) -> str:
+    """``oof_report.md``: the numbers as tables, with the plots embedded by relative path."""
+    lines = [
+        "# Out-of-fold report",
+        "",
+        f"{numbers['n_images']} OOF images ({numbers['n_positive']} with pneumothorax) from {numbers['n_folds']} "
+        f"folds, maps of {numbers['oof_size']} px; {numbers['n_candidates']} post-processing candidates searched "
+        f"in {numbers['search_seconds']} s.",
+        "",
+        f"Chosen: {_block_text(numbers['chosen'])}. Areas are pixels of the 1024 px image.",
+        "",
+        "| measure | value |",
+        "| --- | ---: |",
+        f"| OOF dice of the chosen strategy (in-sample best) | {_fmt(numbers['oof_score'])} |",
+        f"| nested estimate (chosen on the other folds, scored on each held-out fold) | "
+        f"{_fmt(numbers['nested_score'])} |",
+        f"| default {_block_text(numbers['default'])} | {_fmt(numbers['default_score'])} |",
+        f"| every image predicted empty | {_fmt(numbers['empty_baseline'])} |",
+        f"| dice on positive images | {_fmt(numbers['positive_dice'])} |",
+        f"| false-positive rate on empty images | {_fmt(numbers['false_positive_rate'])} |",
+        f"| false-negative rate on positive images (predicted empty) | {_fmt(numbers['false_negative_rate'])} |",
+        "",
+        "## Best candidate of each strategy",
+        "",
+        "| strategy | candidates | dice | parameters |",
+        "| --- | ---: | ---: | --- |",
+        *(f"| {name} | {best['n_candidates']} | {best['score']:.4f} | {_block_text(best['block'])} |"
+          for name, best in numbers["best_per_strategy"].items()),
+        "",
+        "## Folds",
+        "",
+        "| fold | images | positive | chosen | nested | chosen on the other folds | default | all empty |",
+        "| ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: |",
+        *(f"| {f['fold']} | {f['n_images']} | {f['n_positive']} | {f['score']:.4f} | "
+          f"{_fmt(f.get('nested_score'))} | {_block_text(f['nested_choice']) if 'nested_choice' in f else 'n/a'} | "
+          f"{f['default_score']:.4f} | {f['empty_baseline']:.4f} |" for f in numbers["per_fold"]),
+        "",
+        _image("per-fold scores", plots["folds"]),
+        "",
+        "## Search",
+        "",
+        _image("search surface", plots["search"]),
+        "",
+        "## Training curves",
+        "",
+        _image("training curves", plots["training"], "No fold has a training log (`log.csv`)."),
+        "",
+        "## Gallery",
+        "",
+        _image("gallery", plots["gallery"], "No false positive and no positive image to show."),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _image(alt: str, path: Path | None, missing: str = "") -> str:
+    return f"![{alt}]({PLOTS}/{path.name})" if path else missing
+
+
+def summary_table(numbers: dict) -> str:
+    """A short plain-text table of the headline numbers and the per-fold scores, for the terminal."""
+    rows = [
+        ("chosen", _block_text(numbers["chosen"]).replace("`", "")),
+        ("OOF dice (in-sample best)", _fmt(numbers["oof_score"])),
+        ("nested estimate", _fmt(numbers["nested_score"])),
+        ("default " + _block_text(numbers["default"]).replace("`", ""), _fmt(numbers["default_score"])),
+        ("all empty", _fmt(numbers["empty_baseline"])),
+        ("dice on positives", _fmt(numbers["positive_dice"])),
+        ("false-positive rate", _fmt(numbers["false_positive_rate"])),
+        ("false-negative rate", _fmt(numbers["false_negative_rate"])),
+    ]
+    width = max(len(name) for name, _ in rows)
+    lines = [f"OOF search: {numbers['n_images']} images ({numbers['n_positive']} positive), "
+             f"{numbers['n_candidates']} candidates, {numbers['search_seconds']} s"]
+    lines += [f"  {name:<{width}}  {value}" for name, value in rows]
+    lines.append(f"  {'fold':>6} {'images':>7} {'chosen':>8} {'nested':>8} {'default':>8}")
+    lines += [f"  {f['fold']:>6} {f['n_images']:>7} {f['score']:>8.4f} {_fmt(f.get('nested_score')):>8} "
+              f"{f['default_score']:>8.4f}" for f in numbers["per_fold"]]
+    return "\n".join(lines)

@@ -1,0 +1,236 @@
+"""Stage 01 (DICOM to PNG): outputs, bad files, skip, resume, reruns on new inputs or settings, the script."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+
+from pneumoseg.dicom import METADATA_KEYS, DicomTags, read_dicom, write_jpeg_dicom
+from pneumoseg.errors import ConfigError, DataError
+from pneumoseg.io import read_png
+from pneumoseg.stages import convert
+
+ROOT = Path(__file__).resolve().parents[1]
+SIZES = (32, 16)
+LAYOUTS = {
+    "stage1": lambda i: f"dicom-images-{'test' if i % 3 == 2 else 'train'}/1.2.{i}.1/1.2.{i}.2/1.2.276.{i}.dcm",
+    "stage2": lambda i: f"stage_2_images/ID_{i:09x}.dcm",
+}
+
+
+def write_inputs(input_dir: Path, count: int = 5, layout: str = "stage1", first: int = 0) -> dict[str, Path]:
+    """``count`` small JPEG DICOMs (40 x 36, so every size is a real resize) in a challenge layout."""
+    written = {}
+    for i in range(first, first + count):
+        path = input_dir / LAYOUTS[layout](i)
+        rows, cols = np.mgrid[0:40, 0:36]
+        pixels = (60 + 120 * rows / 40 + 60 * np.sin(cols / 3 + i)).astype(np.uint8)
+        write_jpeg_dicom(path, pixels, DicomTags(f"1.2.276.{i}", f"1.2.{i}.1", f"1.2.{i}.2", f"patient-{i}",
+                                                 sex="MF"[i % 2], view_position=("PA", "AP")[i % 2]))
+        written[path.stem] = path
+    return written
+
+
+def write_bad_file(input_dir: Path, name: str = "dicom-images-train/9/9/broken.dcm") -> Path:
+    path = input_dir / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"\0" * 128 + b"DICM" + b"\x02\x00")
+    return path
+
+
+@pytest.fixture
+def make_cfg(tiny_cfg):
+    """The tiny config, converting in this process at two sizes; extra ``key=value`` overrides."""
+    return lambda *overrides: tiny_cfg("prepare.n_jobs=1", f"prepare.sizes={list(SIZES)}", *overrides)
+
+
+def stage_files(cfg) -> dict[str, int]:
+    """Every file the stage wrote, with its modification time in ns."""
+    folder = convert.output_folder(cfg)
+    return {str(path.relative_to(folder)): path.stat().st_mtime_ns for path in folder.rglob("*") if path.is_file()}
+
+
+def pngs(cfg, size: int) -> list[str]:
+    return sorted(path.stem for path in convert.images_folder(cfg, size).glob("*.png"))
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_stage_writes_pngs_metadata_and_errors(make_cfg, layout):
+    cfg = make_cfg()
+    inputs = write_inputs(Path(cfg.paths.input_dir), layout=layout)
+    bad = write_bad_file(Path(cfg.paths.input_dir))
+
+    summary = convert.run(cfg)
+
+    assert summary == {"images": 5, "converted": 5, "reused": 0, "failed": 1, "sizes": list(SIZES)}
+    for size in SIZES:
+        assert pngs(cfg, size) == sorted(inputs)
+        for image_id, path in inputs.items():
+            expected = cv2.resize(read_dicom(path)[0], (size, size), interpolation=cv2.INTER_AREA)
+            assert (read_png(convert.images_folder(cfg, size) / f"{image_id}.png") == expected).all()
+    folder = convert.output_folder(cfg)
+    metadata = pd.read_csv(folder / "metadata.csv", dtype={"ImageId": str})
+    assert tuple(metadata.columns) == METADATA_KEYS
+    assert metadata.ImageId.tolist() == sorted(inputs)
+    assert metadata.source_path.tolist() == [str(inputs[image_id]) for image_id in sorted(inputs)]
+    assert set(metadata.sex) == {"M", "F"} and set(metadata.view) == {"PA", "AP"}
+    assert (metadata.age == 50).all() and (metadata.rows == 40).all() and (metadata.cols == 36).all()
+    errors = pd.read_csv(folder / "errors.csv")
+    assert errors.path.tolist() == [str(bad)]
+    assert "DICM" in errors.reason[0]
+    done = json.loads((folder / "done.json").read_text())
+    assert done["summary"] == summary
+    assert json.loads((convert.images_folder(cfg, 16) / "resize.json").read_text())["interpolation"] == "area"
+
+
+def test_a_complete_stage_is_skipped(make_cfg, monkeypatch):
+    cfg = make_cfg()
+    write_inputs(Path(cfg.paths.input_dir))
+    summary = convert.run(cfg)
+    before = stage_files(cfg)
+    monkeypatch.setattr(convert, "_convert_all", lambda *args, **kwargs: pytest.fail("converted again"))
+    assert convert.run(cfg) == summary
+    assert stage_files(cfg) == before
+
+
+def test_a_killed_run_resumes_without_redoing_finished_images(make_cfg):
+    cfg = make_cfg()
+    inputs = write_inputs(Path(cfg.paths.input_dir))
+    convert.run(cfg)
+    metadata = (convert.output_folder(cfg) / "metadata.csv").read_text()
+    # A kill before the end: no done.json, and some images have not all their PNGs yet.
+    (convert.output_folder(cfg) / "done.json").unlink()
+    lost = sorted(inputs)[:2]
+    (convert.images_folder(cfg, SIZES[0]) / f"{lost[0]}.png").unlink()
+    (convert.images_folder(cfg, SIZES[1]) / f"{lost[1]}.png").unlink()
+    kept = convert.images_folder(cfg, SIZES[0]) / f"{sorted(inputs)[3]}.png"
+    kept_mtime = kept.stat().st_mtime_ns
+
+    summary = convert.run(cfg)
+
+    assert (summary["converted"], summary["reused"], summary["images"]) == (2, 3, 5)
+    assert all(pngs(cfg, size) == sorted(inputs) for size in SIZES)
+    assert kept.stat().st_mtime_ns == kept_mtime
+    assert (convert.output_folder(cfg) / "done.json").is_file()
+    assert (convert.output_folder(cfg) / "metadata.csv").read_text() == metadata  # header-only rows are the same
+
+
+def test_added_dicoms_make_the_stage_run_again(make_cfg):
+    cfg = make_cfg()
+    inputs = write_inputs(Path(cfg.paths.input_dir))
+    convert.run(cfg)
+    inputs |= write_inputs(Path(cfg.paths.input_dir), count=1, first=5)
+
+    summary = convert.run(cfg)
+
+    assert (summary["converted"], summary["reused"]) == (1, 5)
+    assert pngs(cfg, SIZES[1]) == sorted(inputs)
+
+
+def test_new_resize_settings_rewrite_the_pngs(make_cfg):
+    cfg = make_cfg()
+    inputs = write_inputs(Path(cfg.paths.input_dir), count=2)
+    convert.run(cfg)
+    cfg = make_cfg("prepare.interpolation=nearest")
+
+    summary = convert.run(cfg)
+
+    assert summary["converted"] == 2
+    image_id, path = next(iter(inputs.items()))
+    expected = cv2.resize(read_dicom(path)[0], (16, 16), interpolation=cv2.INTER_NEAREST)
+    assert (read_png(convert.images_folder(cfg, 16) / f"{image_id}.png") == expected).all()
+    assert json.loads((convert.images_folder(cfg, 16) / "resize.json").read_text())["interpolation"] == "nearest"
+
+
+def test_a_png_folder_without_its_settings_file_is_not_trusted(make_cfg):
+    cfg = make_cfg()
+    write_inputs(Path(cfg.paths.input_dir), count=2)
+    convert.run(cfg)
+    (convert.images_folder(cfg, 16) / "resize.json").unlink()
+    (convert.output_folder(cfg) / "done.json").unlink()
+
+    summary = convert.run(cfg)
+
+    assert (summary["converted"], summary["reused"]) == (2, 0)
+    assert (convert.images_folder(cfg, 16) / "resize.json").is_file()
+
+
+def test_force_rewrites_every_png(make_cfg):
+    cfg = make_cfg()
+    write_inputs(Path(cfg.paths.input_dir), count=2)
+    convert.run(cfg)
+    assert convert.run(cfg, force=True)["converted"] == 2
+
+
+def test_parallel_run_gives_the_same_outputs(make_cfg):
+    serial, parallel = make_cfg(), make_cfg("prepare.n_jobs=2", "data.name=parallel")
+    write_inputs(Path(serial.paths.input_dir), count=6)
+    convert.run(serial)
+    assert convert.run(parallel)["converted"] == 6
+    for size in SIZES:
+        for image_id in pngs(serial, size):
+            assert (read_png(convert.images_folder(serial, size) / f"{image_id}.png")
+                    == read_png(convert.images_folder(parallel, size) / f"{image_id}.png")).all()
+    assert ((convert.output_folder(serial) / "metadata.csv").read_text()
+            == (convert.output_folder(parallel) / "metadata.csv").read_text())
+
+
+def test_missing_input_folder_says_where_to_put_the_files(make_cfg):
+    cfg = make_cfg()
+    with pytest.raises(DataError, match="does not exist.*stage_2_images.*00_make_demo_data"):
+        convert.run(cfg)
+
+
+def test_input_folder_without_dicoms(make_cfg):
+    cfg = make_cfg()
+    Path(cfg.paths.input_dir).mkdir(parents=True)
+    with pytest.raises(DataError, match="no .dcm files"):
+        convert.run(cfg)
+
+
+def test_nothing_readable_fails_the_stage_after_listing_the_reasons(make_cfg):
+    cfg = make_cfg()
+    bad = write_bad_file(Path(cfg.paths.input_dir))
+    with pytest.raises(DataError, match="none of the 1 DICOM files"):
+        convert.run(cfg)
+    folder = convert.output_folder(cfg)
+    assert pd.read_csv(folder / "errors.csv").path.tolist() == [str(bad)]
+    assert not (folder / "done.json").exists()
+
+
+def test_strict_fails_on_one_bad_file(make_cfg):
+    cfg = make_cfg("prepare.strict=true")
+    write_inputs(Path(cfg.paths.input_dir), count=2)
+    bad = write_bad_file(Path(cfg.paths.input_dir))
+    with pytest.raises(DataError, match=f"1 of 3 DICOM files could not be read.*{bad}"):
+        convert.run(cfg)
+    assert not (convert.output_folder(cfg) / "done.json").exists()
+
+
+@pytest.mark.parametrize("override, message", [
+    ("prepare.sizes=[]", "prepare.sizes"),
+    ("prepare.sizes=[0]", "prepare.sizes"),
+    ("prepare.sizes=64", "prepare.sizes"),
+    ("prepare.interpolation=bicubic", "area, linear, cubic"),
+    ("prepare.n_jobs=0", "prepare.n_jobs"),
+])
+def test_bad_prepare_settings(make_cfg, override, message):
+    cfg = make_cfg(override)
+    write_inputs(Path(cfg.paths.input_dir), count=1)
+    with pytest.raises(ConfigError, match=message):
+        convert.run(cfg)
+
+
+def test_script_reports_a_missing_input_folder_and_exits_1(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "01_convert_dicoms.py"), "--config", str(ROOT / "configs/tiny.yaml"),
+         f"paths.input_dir={tmp_path / 'nowhere'}", f"paths.output_root={tmp_path / 'output'}"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert result.returncode == 1
+    assert "does not exist" in result.stderr and "Traceback" not in result.stderr

@@ -1,0 +1,144 @@
+import json
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pneumoseg.errors import ConfigError, DataError
+from pneumoseg.postprocess import (POSTPROCESSORS, Threshold, Triplet, above, build_postprocessor, level_cut,
+                                   load_postprocessor, remove_small_components, scale_area)
+from pneumoseg.probstore import dequantize
+
+LEVELS = np.arange(256, dtype=np.uint8)
+
+
+@pytest.mark.parametrize("threshold", [0.0, 1.0, 0.5, 0.4, 0.7, 0.05, 102 / 255, 0.1 + 0.2, 1e-9, 1 - 1e-9])
+def test_level_cut_agrees_with_float64_comparison(threshold):
+    assert ((LEVELS > level_cut(threshold)) == (LEVELS / 255.0 > threshold)).all()
+
+
+def test_level_cut_at_the_ends():
+    assert level_cut(0.0) == 0          # p > 0: every level but 0
+    assert level_cut(1.0) == 255        # p > 1: nothing
+    assert level_cut(0.999) == 254
+
+
+def test_above_treats_levels_and_probabilities_alike():
+    probs = np.linspace(0, 1, 64, dtype=np.float64).reshape(8, 8)
+    levels = np.rint(probs * 255).astype(np.uint8)
+    for threshold in (0.1, 0.5, 0.73):
+        assert (above(levels, threshold) == (levels / 255.0 > threshold)).all()
+
+
+@pytest.mark.parametrize("area, shape, expected", [
+    (1024, (1024, 1024), 1024.0),
+    (1024, (256, 256), 64.0),
+    (1000, (512, 512), 250.0),
+    (100, (64, 64), 100 / 256),
+    (0, (256, 256), 0.0),
+])
+def test_scale_area(area, shape, expected):
+    assert scale_area(area, shape) == pytest.approx(expected)
+
+
+def _squares(size: int, *boxes: tuple[int, int, int]) -> np.ndarray:
+    """A boolean mask with filled squares (row, col, side)."""
+    mask = np.zeros((size, size), bool)
+    for row, col, side in boxes:
+        mask[row:row + side, col:col + side] = True
+    return mask
+
+
+@pytest.mark.parametrize("min_pixels, kept_sides", [(0, [2, 4, 6]), (4, [2, 4, 6]), (5, [4, 6]), (16, [4, 6]),
+                                                    (17, [6]), (37, [])])
+def test_remove_small_components(min_pixels, kept_sides):
+    boxes = {2: (0, 0, 2), 4: (10, 10, 4), 6: (20, 2, 6)}
+    result = remove_small_components(_squares(32, *boxes.values()), min_pixels)
+    assert (result == _squares(32, *(boxes[s] for s in kept_sides))).all()
+
+
+def test_diagonal_neighbours_form_one_component():
+    mask = np.eye(5, dtype=bool)           # 5 pixels touching only at corners
+    assert remove_small_components(mask, 5).sum() == 5
+
+
+@pytest.mark.parametrize("size", [256, 1024])
+def test_threshold_min_area_is_in_pixels_of_the_original_image(size):
+    scale = size // 256
+    # Squares of 16x16 and 8x8 pixels at 256 px are 4096 and 1024 pixels of the 1024 px image.
+    probs = _squares(size, (0, 0, 16 * scale), (100 * scale, 100 * scale, 8 * scale)).astype(np.float32) * 0.9
+    kept = Threshold(threshold=0.5, min_area=2000)(probs)
+    assert kept.sum() == (16 * scale) ** 2 and kept[0, 0] and not kept[100 * scale, 100 * scale]
+
+
+@pytest.mark.parametrize("peak, pixels_here, expected_pixels", [
+    (0.9, 16, 64),         # exactly min_area pixels above top: kept, and drawn at bottom
+    (0.9, 17, 0),          # one pixel short: declared empty
+    (0.6, 0, 64),          # nothing above top, but min_area 0 keeps every image
+    (0.6, 1, 0),           # nothing above top: empty
+])
+def test_triplet_gate_then_bottom(peak, pixels_here, expected_pixels):
+    probs = np.zeros((256, 256), np.float32)
+    probs[10:18, 10:18] = 0.5                 # 64 pixels above bottom
+    probs[12:16, 12:16] = peak                # 16 of them above top when peak is 0.9
+    # min_area is in pixels of the 1024 px image: 16 of them per pixel at 256 px.
+    mask = Triplet(top=0.8, min_area=pixels_here * 16, bottom=0.4)(probs)
+    assert mask.sum() == expected_pixels
+
+
+def test_triplet_drops_small_components_after_the_gate():
+    probs = (_squares(256, (0, 0, 16), (100, 100, 4)) * 0.95).astype(np.float32)
+    mask = Triplet(top=0.9, min_area=100, bottom=0.5, min_component_area=16 * 50)(probs)
+    assert mask.sum() == 256 and not mask[100, 100]
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2 ** 16), threshold=st.sampled_from([0.2, 0.5, 0.63]), area=st.sampled_from([0, 300, 5000]))
+def test_triplet_with_top_equal_bottom_is_the_threshold_strategy(seed, threshold, area):
+    levels = np.random.default_rng(seed).integers(0, 256, (32, 32), dtype=np.uint8)
+    triplet = Triplet(top=threshold, min_area=0, bottom=threshold, min_component_area=area)
+    assert (triplet(levels) == Threshold(threshold=threshold, min_area=area)(levels)).all()
+
+
+def test_levels_and_their_probabilities_give_the_same_mask():
+    levels = np.random.default_rng(3).integers(0, 256, (64, 64), dtype=np.uint8)
+    strategy = Triplet(top=0.8, min_area=2000, bottom=0.45, min_component_area=300)
+    assert (strategy(levels) == strategy(dequantize(levels).astype(np.float64))).all()
+
+
+@pytest.mark.parametrize("block", [
+    {"name": "threshold", "params": {"threshold": 0.35, "min_area": 500}},
+    {"name": "triplet", "params": {"top": 0.75, "min_area": 1000, "bottom": 0.4, "min_component_area": 0}},
+])
+def test_block_round_trip(block, tmp_path):
+    strategy = build_postprocessor(block)
+    assert strategy.to_block()["name"] == block["name"]
+    assert build_postprocessor(strategy.to_block()) == strategy
+    path = tmp_path / "thresholds.json"
+    path.write_text(json.dumps({**strategy.to_block(), "oof_score": 0.85}))
+    assert load_postprocessor(path) == strategy
+
+
+@pytest.mark.parametrize("block, message", [
+    ({"name": "nope"}, "unknown post-processing strategy 'nope'"),
+    ({"name": "threshold", "params": {"threshold": 1.5}}, "threshold must be a probability"),
+    ({"name": "threshold", "params": {"min_area": -1}}, "min_area must be >= 0"),
+    ({"name": "triplet", "params": {"top": 0.4, "min_area": 0, "bottom": 0.6}}, "bottom .* must not exceed top"),
+    ({"name": "triplet", "params": {"top": 0.4}}, "bad params"),
+])
+def test_bad_blocks_are_config_errors(block, message):
+    with pytest.raises(ConfigError, match=message):
+        build_postprocessor(block)
+
+
+def test_registry_lists_both_strategies():
+    assert POSTPROCESSORS.names() == ["threshold", "triplet"]
+
+
+def test_load_postprocessor_names_the_missing_or_broken_file(tmp_path):
+    with pytest.raises(DataError, match="04_search_thresholds.py"):
+        load_postprocessor(tmp_path / "missing.json")
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(DataError, match="not valid JSON"):
+        load_postprocessor(tmp_path / "bad.json")
