@@ -22,8 +22,6 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-import cv2
-import numpy as np
 import pandas as pd
 from joblib import Parallel, delayed, effective_n_jobs
 from omegaconf import DictConfig, OmegaConf
@@ -31,6 +29,7 @@ from tqdm import tqdm
 
 from ..dicom import METADATA_KEYS, DicomError, find_dicoms, read_dicom, read_dicom_header
 from ..errors import ConfigError, DataError
+from ..imaging import INTERPOLATIONS, resize_square
 from ..io import write_csv, write_json, write_png
 from .record import StageRecord
 
@@ -44,13 +43,6 @@ RESIZE_FILE = "resize.json"
 # Bump when read_dicom or the resizing changes the pixels they produce, so old PNGs are not reused.
 PNG_VERSION = 1
 
-INTERPOLATIONS = {
-    "area": cv2.INTER_AREA,
-    "linear": cv2.INTER_LINEAR,
-    "cubic": cv2.INTER_CUBIC,
-    "nearest": cv2.INTER_NEAREST,
-    "lanczos": cv2.INTER_LANCZOS4,
-}
 # Tasks of up to 32 images (a fraction of a second of work) make joblib's per-task cost of about a ms
 # negligible; many tasks per worker keep every worker busy until the end.
 MAX_BATCH = 32
@@ -213,8 +205,7 @@ def _convert_all(dicoms: dict[str, Path], outputs: list[tuple[int, Path]], setti
     items = list(dicoms.items())
     workers = effective_n_jobs(settings.n_jobs)
     batch = max(1, min(MAX_BATCH, math.ceil(len(items) / (workers * TASKS_PER_WORKER))))
-    flag = INTERPOLATIONS[settings.interpolation]
-    tasks = (delayed(_convert_batch)(items[start:start + batch], outputs, flag, overwrite)
+    tasks = (delayed(_convert_batch)(items[start:start + batch], outputs, settings.interpolation, overwrite)
              for start in range(0, len(items), batch))
     outcomes: list[tuple[str, dict]] = []
     with tqdm(total=len(items), desc=STAGE_NAME, unit="image") as progress:
@@ -224,7 +215,7 @@ def _convert_all(dicoms: dict[str, Path], outputs: list[tuple[int, Path]], setti
     return outcomes
 
 
-def _convert_batch(items: list[tuple[str, Path]], outputs: list[tuple[int, Path]], flag: int,
+def _convert_batch(items: list[tuple[str, Path]], outputs: list[tuple[int, Path]], interpolation: str,
                    overwrite: bool) -> list[tuple[str, dict]]:
     """Convert a batch of ``(ImageId, path)`` in one worker.
 
@@ -243,12 +234,7 @@ def _convert_batch(items: list[tuple[str, Path]], outputs: list[tuple[int, Path]
             results.append(("failed", {"path": exc.path, "reason": exc.reason}))
             continue
         for size, target in targets:
-            write_png(target, _resize_square(pixels, size, flag))
+            write_png(target, resize_square(pixels, size, interpolation))
         results.append(("converted", metadata))
     return results
 
-
-def _resize_square(pixels: np.ndarray, size: int, flag: int) -> np.ndarray:
-    if pixels.shape == (size, size):
-        return pixels
-    return cv2.resize(pixels, (size, size), interpolation=flag)
