@@ -1,0 +1,6 @@
+"""Stage 03: train a model per cross-validation fold (--fold K|all, --resume) and predict its held-out images."""
+from pneumoseg.cli import main
+from pneumoseg.stages import train
+
+if __name__ == "__main__":
+    main(train.DESCRIPTION, train.stage, train.parser())

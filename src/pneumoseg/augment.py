@@ -1,0 +1,81 @@
+"""Training augmentations: an albumentations 2.x pipeline built from the ``augment`` config section.
+
+The section lists ``{name, params}`` blocks, applied in order to the image and its mask. ``name`` is any
+albumentations transform (``HorizontalFlip``, ``Affine``, ``RandomBrightnessContrast``, ``ElasticTransform``, ...)
+or a composition (``OneOf``, ``SomeOf``, ``Sequential``) whose ``params.transforms`` is again a list of blocks::
+
+    augment:
+      transforms:
+        - {name: HorizontalFlip, params: {p: 0.5}}
+        - name: OneOf
+          params:
+            p: 0.3
+            transforms:
+              - {name: ElasticTransform, params: {alpha: 120, sigma: 6}}
+              - {name: GridDistortion}
+
+Parameters are those of albumentations 2.x; deprecated ones (``ShiftScaleRotate``, ``alpha_affine``,
+``value``/``mask_value``, ``var_limit``, ...) make albumentations warn, and the tests turn its warnings into errors.
+
+Randomness: each sample is augmented with its own seed (see :func:`augment`), so a sample's augmentation depends
+only on the run's seed, the epoch and its position in the epoch, not on DataLoader workers or on a resume.
+"""
+from __future__ import annotations
+
+import random
+from typing import Any, Mapping
+
+import albumentations as A
+import numpy as np
+from albumentations.core.composition import BaseCompose
+from albumentations.core.transforms_interface import BasicTransform
+from omegaconf import DictConfig, OmegaConf
+
+from .errors import ConfigError
+from .registry import Registry
+
+TRANSFORMS: Registry = Registry("augmentation")
+for _name, _cls in sorted(vars(A).items()):
+    if isinstance(_cls, type) and issubclass(_cls, (BasicTransform, BaseCompose)) and not _name.startswith("_"):
+        TRANSFORMS.add(_name, _cls)
+
+COMPOSITIONS = ("OneOf", "SomeOf", "Sequential", "SelectiveChannelTransform")
+
+
+def build_transform(block: Mapping[str, Any]) -> A.BasicTransform | BaseCompose:
+    """One transform from a ``{name, params}`` block; a composition's ``params.transforms`` is built recursively."""
+    if isinstance(block, DictConfig):
+        block = OmegaConf.to_container(block, resolve=True)
+    params = dict(block.get("params") or {})
+    if block.get("name") in COMPOSITIONS:
+        params["transforms"] = [build_transform(child) for child in params.get("transforms") or []]
+    elif "transforms" in params:
+        raise ConfigError(f"augmentation {block.get('name')!r} is not a composition; only {COMPOSITIONS} take "
+                          f"'transforms'")
+    try:
+        return TRANSFORMS.build({"name": block.get("name"), "params": params})
+    except ValueError as exc:  # albumentations validates parameters with pydantic (ValidationError is a ValueError)
+        raise ConfigError(f"augmentation {block.get('name')!r}: bad params {params}: {exc}") from None
+
+
+def build_augment(section: Mapping[str, Any] | DictConfig | None) -> A.Compose | None:
+    """The training pipeline of the ``augment`` section (``{transforms: [blocks]}``); None when it lists none."""
+    if isinstance(section, DictConfig):
+        section = OmegaConf.to_container(section, resolve=True)
+    blocks = (section or {}).get("transforms") or []
+    if not blocks:
+        return None
+    return A.Compose([build_transform(block) for block in blocks])
+
+
+def augment(pipeline: A.Compose | None, image: np.ndarray, mask: np.ndarray,
+            seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Apply ``pipeline`` to an 8-bit image and its mask with the random state of ``seed``.
+
+    A shared numpy Generator and Python Random are handed to every transform: far cheaper than reseeding each.
+    """
+    if pipeline is None:
+        return image, mask
+    pipeline.set_random_state(np.random.default_rng(seed), random.Random(seed))
+    out = pipeline(image=image, mask=mask)
+    return out["image"], out["mask"]

@@ -1,0 +1,295 @@
+"""Training data: the prepared PNGs of stages 01 and 02, a Dataset over them, and epoch samplers.
+
+Inputs (``prepared_dir`` = ``${paths.prepared_dir}``, ``S`` = the training size):
+
+* ``01_convert/images_<S>/<ImageId>.png``: 8-bit grey, S x S.
+* ``02_labels/masks_<S>/<ImageId>.png``: 0/255 masks of the training images.
+* ``02_labels/folds.csv``: ``ImageId, fold, has_mask, ...``.
+
+Samplers (``sampler: {name, params}``) decide which images an epoch draws and give each draw its own
+augmentation seed; they shard the epoch across distributed ranks like torch's DistributedSampler (``set_epoch``
+before each epoch, the same permutation on every rank, each rank a disjoint slice, padded to equal length):
+
+* ``natural``: every training image once per epoch, shuffled.
+* ``positive_share``: ``samples_per_epoch`` draws (default: the number of training images) of which a share
+  ``start`` of positive images in the first epoch moves linearly to ``end`` by epoch ``epochs`` (default: the
+  run's epochs), as the top 2019 solutions did to learn from the positives first and calibrate on empties later.
+  Each group is drawn without replacement until it is used up, then again in a new order.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import albumentations as A
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from .augment import augment
+from .errors import ConfigError, DataError
+from .io import read_png
+from .registry import Registry
+
+CONVERT_DIR = "01_convert"
+LABELS_DIR = "02_labels"
+FOLDS_FILE = "folds.csv"
+FOLD_COLUMNS = ("ImageId", "fold", "has_mask")
+
+
+def image_dir(prepared_dir: str | os.PathLike, size: int) -> Path:
+    return Path(prepared_dir) / CONVERT_DIR / f"images_{int(size)}"
+
+
+def mask_dir(prepared_dir: str | os.PathLike, size: int) -> Path:
+    return Path(prepared_dir) / LABELS_DIR / f"masks_{int(size)}"
+
+
+@dataclass(frozen=True)
+class Normalize:
+    """How 8-bit images become model inputs: ``(pixel / 255 - mean) / std``, repeated over ``channels``."""
+
+    mean: float = 0.449
+    std: float = 0.226
+    channels: int = 1
+
+    def __call__(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """uint8 images, H x W or N x H x W (numpy or torch) -> float32 tensor (C x H x W or N x C x H x W)."""
+        images = torch.as_tensor(images)
+        channel_dim = images.ndim - 2
+        scaled = (images.float() / 255.0 - self.mean) / self.std
+        scaled = scaled.unsqueeze(channel_dim)
+        return scaled.expand(*scaled.shape[:channel_dim], self.channels, *scaled.shape[channel_dim + 1:])
+
+
+def normalize_from_model(block) -> Normalize:
+    """The :class:`Normalize` of a ``model`` config block (its ``normalize`` and ``params.in_channels``)."""
+    settings = dict(block.get("normalize") or {})
+    channels = int((block.get("params") or {}).get("in_channels", 3))
+    return Normalize(mean=float(settings.get("mean", 0.449)), std=float(settings.get("std", 0.226)),
+                     channels=channels)
+
+
+@dataclass
+class PreparedData:
+    """The fold table and image/mask folders of one prepared dataset at one size.
+
+    Attributes:
+        folds: ``folds.csv`` (at least ImageId, fold, has_mask), ImageId as str.
+        image_dir: ``01_convert/images_<S>``.
+        mask_dir: ``02_labels/masks_<S>``.
+    """
+
+    folds: pd.DataFrame
+    image_dir: Path
+    mask_dir: Path
+
+    @classmethod
+    def load(cls, prepared_dir: str | os.PathLike, size: int) -> "PreparedData":
+        """Read ``folds.csv`` and check that every image and mask PNG of size ``size`` exists.
+
+        Raises:
+            DataError: a missing file or column, naming the stage to rerun.
+        """
+        prepared_dir = Path(prepared_dir)
+        folds_path = prepared_dir / LABELS_DIR / FOLDS_FILE
+        if not folds_path.is_file():
+            raise DataError(f"{folds_path} not found: run stage 02 (scripts/02_prepare_labels.py) with this config "
+                            f"first")
+        folds = pd.read_csv(folds_path, dtype={"ImageId": str})
+        missing_columns = [c for c in FOLD_COLUMNS if c not in folds.columns]
+        if missing_columns:
+            raise DataError(f"{folds_path} lacks columns {missing_columns}; rerun stage 02 with --force")
+        folds["has_mask"] = folds["has_mask"].astype(bool)
+        data = cls(folds, image_dir(prepared_dir, size), mask_dir(prepared_dir, size))
+        for folder, stage in ((data.image_dir, "01 (scripts/01_convert_dicoms.py)"),
+                              (data.mask_dir, "02 (scripts/02_prepare_labels.py)")):
+            missing = [i for i in folds["ImageId"] if not (folder / f"{i}.png").is_file()]
+            if missing:
+                raise DataError(
+                    f"{len(missing)} of {len(folds)} PNGs are missing in {folder} (e.g. {missing[0]}.png). The "
+                    f"training size is {size} px: it must be one of prepare.sizes; rerun stage {stage}."
+                )
+        return data
+
+    def fold_numbers(self) -> list[int]:
+        return sorted(int(f) for f in self.folds["fold"].unique())
+
+    def split(self, fold: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+        """(training rows, validation rows) of ``fold``: validation is the fold, training the rest."""
+        is_val = self.folds["fold"].to_numpy() == fold
+        if not is_val.any():
+            raise DataError(f"fold {fold} has no images; the folds are {self.fold_numbers()}")
+        return self.folds[~is_val].reset_index(drop=True), self.folds[is_val].reset_index(drop=True)
+
+    def dataset(self, rows: pd.DataFrame, normalize: Normalize,
+                transform: A.Compose | None = None) -> "SegmentationDataset":
+        ids = rows["ImageId"].tolist()
+        return SegmentationDataset([self.image_dir / f"{i}.png" for i in ids],
+                                   [self.mask_dir / f"{i}.png" for i in ids], normalize, transform)
+
+
+class SegmentationDataset(Dataset):
+    """Images and masks from PNG files, augmented and normalised.
+
+    Args:
+        image_paths: 8-bit grey PNGs, all the same size.
+        mask_paths: the matching 0/255 mask PNGs.
+        normalize: turns the 8-bit image into the model's input.
+        transform: the augmentation pipeline (training), or None.
+
+    An item is requested by index (validation) or by ``(index, seed)`` as the samplers of this module yield
+    them (training: the seed fixes the sample's augmentation). It is ``(image C x H x W float32, mask
+    1 x H x W float32 in {0, 1})``.
+    """
+
+    def __init__(self, image_paths: Sequence[Path], mask_paths: Sequence[Path], normalize: Normalize,
+                 transform: A.Compose | None = None) -> None:
+        if len(image_paths) != len(mask_paths):
+            raise ValueError(f"{len(image_paths)} images but {len(mask_paths)} masks")
+        self.image_paths = list(image_paths)
+        self.mask_paths = list(mask_paths)
+        self.normalize = normalize
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.image_paths)
+
+    def __getitem__(self, item: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        index, seed = item if isinstance(item, tuple) else (item, item)
+        image, mask = read_png(self.image_paths[index]), read_png(self.mask_paths[index])
+        image, mask = augment(self.transform, image, mask, seed)
+        return self.normalize(image), torch.from_numpy(mask > 127).float().unsqueeze(0)
+
+
+class ImageFiles(Dataset):
+    """8-bit grey PNGs as uint8 H x W tensors, for prediction (normalisation is the model's business)."""
+
+    def __init__(self, paths: Sequence[Path]) -> None:
+        self.paths = list(paths)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return torch.from_numpy(read_png(self.paths[index]))
+
+
+class EpochSampler(Sampler):
+    """Base of the samplers: ``draw(epoch)`` lists the epoch's indices; this class seeds, shards and pads them.
+
+    Args:
+        has_mask: per training image, whether it is positive.
+        seed: the run's seed; epoch ``e`` uses ``(seed, e)``.
+        num_replicas, rank: the distributed world (1, 0 without one).
+    """
+
+    def __init__(self, has_mask: Sequence[bool], seed: int, num_replicas: int = 1, rank: int = 0) -> None:
+        self.has_mask = np.asarray(has_mask, dtype=bool)
+        self.seed = int(seed)
+        self.num_replicas = int(num_replicas)
+        self.rank = int(rank)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def draw(self, rng: np.random.Generator) -> np.ndarray:
+        raise NotImplementedError
+
+    def epoch_size(self) -> int:
+        raise NotImplementedError
+
+    def _epoch_draws(self) -> tuple[np.ndarray, np.ndarray]:
+        rng = np.random.default_rng([self.seed, self.epoch])
+        indices = self.draw(rng)
+        seeds = rng.integers(0, 2**31 - 1, size=len(indices))
+        total = len(self) * self.num_replicas
+        padding = np.arange(total - len(indices)) % max(len(indices), 1)
+        indices, seeds = np.concatenate([indices, indices[padding]]), np.concatenate([seeds, seeds[padding]])
+        return indices[self.rank::self.num_replicas], seeds[self.rank::self.num_replicas]
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        indices, seeds = self._epoch_draws()
+        return iter(zip(indices.tolist(), seeds.tolist()))
+
+    def __len__(self) -> int:
+        return math.ceil(self.epoch_size() / self.num_replicas)
+
+
+SAMPLERS: Registry[EpochSampler] = Registry("sampler")
+
+
+@SAMPLERS.register("natural")
+class NaturalSampler(EpochSampler):
+    """Every image once per epoch, in a new order each epoch (keyword ``total_epochs`` is accepted and unused)."""
+
+    def __init__(self, has_mask, seed, num_replicas=1, rank=0, total_epochs: int | None = None) -> None:
+        super().__init__(has_mask, seed, num_replicas, rank)
+
+    def epoch_size(self) -> int:
+        return len(self.has_mask)
+
+    def draw(self, rng: np.random.Generator) -> np.ndarray:
+        return rng.permutation(len(self.has_mask))
+
+
+@SAMPLERS.register("positive_share")
+class PositiveShareSampler(EpochSampler):
+    """A share of positive draws that moves linearly from ``start`` to ``end`` (see the module docstring).
+
+    Args:
+        start, end: positive share of the first epoch and of epoch ``epochs`` onward, in [0, 1].
+        epochs: the epoch (1-based) by which ``end`` is reached; default ``total_epochs``.
+        samples_per_epoch: draws per epoch; default the number of training images.
+        total_epochs: the run's epochs (given by the trainer).
+    """
+
+    def __init__(self, has_mask, seed, num_replicas=1, rank=0, start: float = 0.8, end: float = 0.4,
+                 epochs: int | None = None, samples_per_epoch: int | None = None,
+                 total_epochs: int | None = None) -> None:
+        super().__init__(has_mask, seed, num_replicas, rank)
+        if not (0.0 <= start <= 1.0 and 0.0 <= end <= 1.0):
+            raise ConfigError(f"sampler positive_share: shares must be in [0, 1], got start={start}, end={end}")
+        self.start, self.end = float(start), float(end)
+        self.ramp_epochs = int(epochs or total_epochs or 1)
+        self.samples = int(samples_per_epoch or len(self.has_mask))
+        self.positives = np.flatnonzero(self.has_mask)
+        self.negatives = np.flatnonzero(~self.has_mask)
+
+    def epoch_size(self) -> int:
+        return self.samples
+
+    def share(self, epoch: int) -> float:
+        """The positive share of (0-based) ``epoch``."""
+        progress = min(epoch / max(self.ramp_epochs - 1, 1), 1.0)
+        return self.start + (self.end - self.start) * progress
+
+    def draw(self, rng: np.random.Generator) -> np.ndarray:
+        n_pos = round(self.share(self.epoch) * self.samples)
+        if not len(self.positives):
+            n_pos = 0
+        elif not len(self.negatives):
+            n_pos = self.samples
+        chosen = np.concatenate([_cycle(self.positives, n_pos, rng),
+                                 _cycle(self.negatives, self.samples - n_pos, rng)])
+        return rng.permutation(chosen)
+
+
+def _cycle(pool: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
+    """``count`` items of ``pool``: shuffled passes over it, so no item repeats before every item was drawn."""
+    if count <= 0:
+        return np.empty(0, dtype=np.int64)
+    passes = math.ceil(count / len(pool))
+    return np.concatenate([rng.permutation(pool) for _ in range(passes)])[:count]
+
+
+def build_sampler(block, has_mask: Sequence[bool], seed: int, total_epochs: int,
+                  num_replicas: int = 1, rank: int = 0) -> EpochSampler:
+    """The sampler of a ``sampler`` config block for the training images' ``has_mask`` flags."""
+    return SAMPLERS.build(block, has_mask=has_mask, seed=seed, num_replicas=num_replicas, rank=rank,
+                          total_epochs=total_epochs)

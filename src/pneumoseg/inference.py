@@ -1,0 +1,210 @@
+"""Prediction with trained fold models: loading checkpoints and test-time augmented probabilities.
+
+Used by training (out-of-fold predictions), stage 05 (the test set) and the server, so test-time augmentation
+(TTA) is implemented here once. A view of an image is a flip (none, horizontal, vertical) at a scale; the
+probabilities of every view of every model are averaged::
+
+    models = load_fold_models("output/demo/03_train", device="cpu")
+    probs = predict_probs(models, images, TTA(hflip=True))      # images: N x S x S uint8 -> N x S x S float32
+
+The ``tta`` config section (``{hflip, vflip, scales}``) builds a :class:`TTA` with :meth:`TTA.from_config`.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Mapping, Sequence
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from .checkpoints import best_files, load_checkpoint
+from .data import Normalize, normalize_from_model
+from .errors import DataError
+from .models import build_model
+
+# smp encoders downsample by up to 2**5; a rescaled view must keep its sides divisible by that.
+SIZE_MULTIPLE = 32
+FOLD_PREFIX = "fold"
+
+
+@dataclass
+class FoldModel:
+    """A trained network with what is needed to feed it.
+
+    Attributes:
+        net: the network, in eval mode on its device.
+        normalize: 8-bit image -> input tensor.
+        image_size: the square size it was trained at; predict at this size.
+        fold, epoch, score: where the checkpoint came from (None when unknown).
+        path: the checkpoint file.
+    """
+
+    net: nn.Module
+    normalize: Normalize
+    image_size: int
+    fold: int | None = None
+    epoch: int | None = None
+    score: float | None = None
+    path: Path | None = None
+
+
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> FoldModel:
+    """Rebuild the network of a ``best_<rank>.pt`` checkpoint and load its weights (no download).
+
+    Raises:
+        DataError: the file is missing or is not a pneumoseg model checkpoint.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"checkpoint {path} not found; train the fold first (scripts/03_train.py)")
+    checkpoint = load_checkpoint(path)
+    if "state_dict" not in checkpoint or "model" not in checkpoint:
+        raise DataError(f"{path} is not a pneumoseg model checkpoint (no 'state_dict' and 'model' entries)")
+    net = build_model(checkpoint["model"], pretrained=False)
+    net.load_state_dict(checkpoint["state_dict"])
+    device = torch.device(device)
+    net.to(device).eval()
+    if device.type == "cuda":
+        net.to(memory_format=torch.channels_last)
+    return FoldModel(net=net, normalize=normalize_from_model(checkpoint["model"]),
+                     image_size=int(checkpoint["image_size"]), fold=checkpoint.get("fold"),
+                     epoch=checkpoint.get("epoch"), score=checkpoint.get("score"), path=path)
+
+
+def fold_dirs(train_dir: str | os.PathLike) -> dict[int, Path]:
+    """The ``fold<k>`` folders of a training output folder, by fold number."""
+    found = {}
+    for path in Path(train_dir).glob(f"{FOLD_PREFIX}*"):
+        suffix = path.name[len(FOLD_PREFIX):]
+        if path.is_dir() and suffix.isdigit():
+            found[int(suffix)] = path
+    return dict(sorted(found.items()))
+
+
+def load_fold_models(train_dir: str | os.PathLike, folds: Iterable[int] | None = None, top: int = 1,
+                     device: str | torch.device = "cpu") -> list[FoldModel]:
+    """The ``top`` best checkpoints of each fold of a training folder (``03_train`` or a SageMaker model dir).
+
+    Args:
+        train_dir: holds ``fold<k>/best_<rank>.pt``.
+        folds: the folds to load; default every fold found.
+        top: checkpoints per fold (best first).
+        device: where to put the networks.
+
+    Raises:
+        DataError: no fold folder, or a requested fold without checkpoints.
+    """
+    found = fold_dirs(train_dir)
+    wanted = list(found) if folds is None else list(folds)
+    if not wanted:
+        raise DataError(f"no fold folders (fold<k>/) in {train_dir}; run scripts/03_train.py first")
+    models = []
+    for fold in wanted:
+        files = best_files(found[fold])[:top] if fold in found else []
+        if not files:
+            raise DataError(f"fold {fold} has no best_<rank>.pt checkpoint in {train_dir}; train it first "
+                            f"(scripts/03_train.py --fold {fold})")
+        models.extend(load_model(path, device) for path in files)
+    return models
+
+
+@dataclass(frozen=True)
+class TTA:
+    """Test-time augmentation: which flips, at which scales (1.0 = the model's size)."""
+
+    hflip: bool = True
+    vflip: bool = False
+    scales: tuple[float, ...] = field(default=(1.0,))
+
+    @classmethod
+    def from_config(cls, block: Mapping | DictConfig | None) -> "TTA":
+        """From a ``tta`` section ``{hflip, vflip, scales}``; None means no augmentation."""
+        if block is None:
+            return cls(hflip=False)
+        if isinstance(block, DictConfig):
+            block = OmegaConf.to_container(block, resolve=True)
+        return cls(hflip=bool(block.get("hflip", True)), vflip=bool(block.get("vflip", False)),
+                   scales=tuple(float(s) for s in block.get("scales") or (1.0,)))
+
+    def views(self) -> list[tuple[tuple[int, ...], float]]:
+        """``(flip dims, scale)`` of every view: each scale unflipped, plus each enabled flip."""
+        flips = [()] + [(-1,)] * self.hflip + [(-2,)] * self.vflip
+        return [(dims, scale) for scale in self.scales for dims in flips]
+
+
+def _view_probs(net: nn.Module, x: torch.Tensor, dims: tuple[int, ...], scale: float) -> torch.Tensor:
+    """Sigmoid probabilities (B x H x W, float32) of one view of ``x``, mapped back onto the original pixels."""
+    height, width = x.shape[-2:]
+    view = torch.flip(x, dims) if dims else x
+    if scale != 1.0:
+        size = [max(SIZE_MULTIPLE, round(side * scale / SIZE_MULTIPLE) * SIZE_MULTIPLE) for side in (height, width)]
+        view = F.interpolate(view, size=size, mode="bilinear", align_corners=False)
+    logits = net(view)[:, 0:1].float()
+    if scale != 1.0:
+        logits = F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=False)
+    if dims:
+        logits = torch.flip(logits, dims)
+    return torch.sigmoid(logits[:, 0])
+
+
+def autocast(device: torch.device, amp: str | None):
+    """The autocast context of ``amp`` (``fp16``, ``bf16``, ``auto`` = bf16 where supported, else fp16, or None)
+    on a GPU; a no-op on the CPU, where training and prediction run in fp32."""
+    if device.type != "cuda" or amp is None:
+        return contextlib.nullcontext()
+    if amp == "auto":
+        amp = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return torch.autocast("cuda", dtype={"fp16": torch.float16, "bf16": torch.bfloat16}[amp])
+
+
+def resize_maps(maps: np.ndarray, size: int) -> np.ndarray:
+    """Resize N x S x S probability maps to ``size`` x ``size`` (area averaging down, bilinear up)."""
+    if maps.shape[-1] == size and maps.shape[-2] == size:
+        return maps
+    interpolation = cv2.INTER_AREA if size < maps.shape[-1] else cv2.INTER_LINEAR
+    return np.stack([cv2.resize(m, (size, size), interpolation=interpolation) for m in maps])
+
+
+def predict_probs(models: Sequence[FoldModel], images: np.ndarray | torch.Tensor, tta: TTA | None = None,
+                  batch_size: int = 16, amp: str | None = "auto") -> np.ndarray:
+    """Average probability maps of ``models`` over the views of ``tta``.
+
+    Args:
+        models: loaded fold models, all on the same device and trained at the size of ``images``.
+        images: uint8 grey images, N x S x S (or one S x S image).
+        tta: the views to average; None predicts the plain image only.
+        batch_size: images per forward pass.
+        amp: autocast on a GPU (see :func:`autocast`); ignored on the CPU.
+
+    Returns:
+        float32 probabilities, N x S x S (or S x S for one image).
+    """
+    if not models:
+        raise ValueError("predict_probs needs at least one model")
+    if not isinstance(images, torch.Tensor):
+        images = torch.from_numpy(np.ascontiguousarray(images))
+    single = images.ndim == 2
+    if single:
+        images = images[None]
+    device = next(models[0].net.parameters()).device
+    views = (tta or TTA(hflip=False)).views()
+    out = np.empty(tuple(images.shape), dtype=np.float32)
+    with torch.inference_mode(), autocast(device, amp):
+        for start in range(0, len(images), batch_size):
+            batch = images[start:start + batch_size].to(device, non_blocking=True)
+            total = torch.zeros(batch.shape, dtype=torch.float32, device=device)
+            for model in models:
+                x = model.normalize(batch)
+                if device.type == "cuda":
+                    x = x.contiguous(memory_format=torch.channels_last)
+                for dims, scale in views:
+                    total += _view_probs(model.net, x, dims, scale)
+            out[start:start + len(batch)] = (total / (len(models) * len(views))).cpu().numpy()
+    return out[0] if single else out

@@ -1,0 +1,151 @@
+"""Segmentation losses on logits: pure functions, thin ``nn.Module`` wrappers, and a registry for configs.
+
+Every loss takes ``logits`` and a ``target`` of the same shape (B x 1 x H x W, target in {0, 1}) and returns a
+scalar. The Dice terms are "soft" (on sigmoid probabilities) with additive smoothing in the numerator and the
+denominator, so a batch whose masks are all empty still gives a gradient that pushes every probability down.
+smp's binary ``DiceLoss`` zeroes such batches instead, which leaves a model trained on mostly empty images with
+no Dice signal on most steps.
+
+Config blocks (``loss: {name, params}``):
+
+* ``mixed``: the 2019 kernel's ``alpha * focal - log(soft dice)``, alpha 10, gamma 2.
+* ``combo``: ``bce * BCE + dice * (1 - soft dice) + focal * focal``, weights in params.
+* ``bce``, ``dice``, ``log_dice``, ``focal``: a single term.
+"""
+from __future__ import annotations
+
+import inspect
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .registry import Registry
+
+LOSSES: Registry[nn.Module] = Registry("loss")
+
+
+def soft_dice_score(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1.0,
+                    per_image: bool = False) -> torch.Tensor:
+    """Soft Dice ``(2 * sum(p * t) + smooth) / (sum(p) + sum(t) + smooth)`` with ``p = sigmoid(logits)``.
+
+    Args:
+        logits: raw model outputs, B x ... .
+        target: {0, 1} masks of the same shape.
+        smooth: added to numerator and denominator; must be > 0 for a gradient on empty masks.
+        per_image: False sums over the whole batch (the 2019 kernel); True averages the Dice of each image.
+
+    Returns:
+        A scalar in (0, 1].
+    """
+    probs = torch.sigmoid(logits.float())
+    target = target.float()
+    dims = tuple(range(1, probs.ndim)) if per_image else tuple(range(probs.ndim))
+    intersection = (probs * target).sum(dims)
+    total = probs.sum(dims) + target.sum(dims)
+    return ((2.0 * intersection + smooth) / (total + smooth)).mean()
+
+
+def focal_loss(logits: torch.Tensor, target: torch.Tensor, gamma: float = 2.0) -> torch.Tensor:
+    """Binary focal loss ``(1 - p_t) ** gamma * BCE``, averaged over every pixel; ``gamma = 0`` is plain BCE."""
+    logits, target = logits.float(), target.float()
+    bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    # log(1 - p_t) = logsigmoid(-z) for z = logit * (+1 for a positive pixel, -1 for a negative one): stable for
+    # large logits, unlike computing 1 - exp(-bce).
+    log_one_minus_pt = F.logsigmoid(-logits * (2.0 * target - 1.0))
+    return (torch.exp(gamma * log_one_minus_pt) * bce).mean()
+
+
+def bce_loss(logits: torch.Tensor, target: torch.Tensor, pos_weight: float | None = None) -> torch.Tensor:
+    """Binary cross-entropy on logits, averaged over every pixel; ``pos_weight`` scales the positive pixels."""
+    weight = None if pos_weight is None else torch.tensor(pos_weight, device=logits.device)
+    return F.binary_cross_entropy_with_logits(logits.float(), target.float(), pos_weight=weight)
+
+
+def mixed_loss(logits: torch.Tensor, target: torch.Tensor, alpha: float = 10.0, gamma: float = 2.0,
+               smooth: float = 1.0) -> torch.Tensor:
+    """``alpha * focal - log(soft dice)``: the MixedLoss of the 2019 SIIM UNet-ResNet34 kernel."""
+    return alpha * focal_loss(logits, target, gamma) - torch.log(soft_dice_score(logits, target, smooth))
+
+
+def combo_loss(logits: torch.Tensor, target: torch.Tensor, bce: float = 1.0, dice: float = 1.0,
+               focal: float = 0.0, gamma: float = 2.0, smooth: float = 1.0,
+               pos_weight: float | None = None) -> torch.Tensor:
+    """``bce * BCE + dice * (1 - soft dice) + focal * focal``; a term with weight 0 is not computed."""
+    total = logits.new_zeros((), dtype=torch.float32)
+    if bce:
+        total = total + bce * bce_loss(logits, target, pos_weight)
+    if dice:
+        total = total + dice * (1.0 - soft_dice_score(logits, target, smooth))
+    if focal:
+        total = total + focal * focal_loss(logits, target, gamma)
+    return total
+
+
+class _FunctionalLoss(nn.Module):
+    """A module around one of the functions above with its keyword parameters fixed."""
+
+    function = staticmethod(bce_loss)
+
+    def __init__(self, **params) -> None:
+        super().__init__()
+        # Bind now so that a misspelt parameter fails when the config is read, not at the first batch.
+        inspect.signature(self.function).bind(None, None, **params)
+        self.params = params
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return self.function(logits, target, **self.params)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{key}={value}" for key, value in self.params.items())
+
+
+@LOSSES.register("mixed")
+class MixedLoss(_FunctionalLoss):
+    """``alpha * focal - log(soft dice)`` (params: alpha 10, gamma 2, smooth 1)."""
+
+    function = staticmethod(mixed_loss)
+
+
+@LOSSES.register("combo")
+class ComboLoss(_FunctionalLoss):
+    """Weighted BCE + (1 - soft dice) + focal (params: bce, dice, focal weights; gamma, smooth, pos_weight)."""
+
+    function = staticmethod(combo_loss)
+
+
+@LOSSES.register("bce")
+class BCELoss(_FunctionalLoss):
+    """Binary cross-entropy on logits (param: pos_weight)."""
+
+    function = staticmethod(bce_loss)
+
+
+@LOSSES.register("focal")
+class FocalLoss(_FunctionalLoss):
+    """Binary focal loss (param: gamma)."""
+
+    function = staticmethod(focal_loss)
+
+
+@LOSSES.register("dice")
+class DiceLoss(_FunctionalLoss):
+    """``1 - soft dice`` (params: smooth, per_image)."""
+
+    @staticmethod
+    def function(logits, target, smooth=1.0, per_image=False):
+        return 1.0 - soft_dice_score(logits, target, smooth, per_image)
+
+
+@LOSSES.register("log_dice")
+class LogDiceLoss(_FunctionalLoss):
+    """``-log(soft dice)`` (params: smooth, per_image)."""
+
+    @staticmethod
+    def function(logits, target, smooth=1.0, per_image=False):
+        return -torch.log(soft_dice_score(logits, target, smooth, per_image))
+
+
+def build_loss(block) -> nn.Module:
+    """The loss module of a ``{name, params}`` config block; see the module docstring for the names."""
+    return LOSSES.build(block)

@@ -1,0 +1,405 @@
+"""Training of one cross-validation fold: epochs of updates and validation, checkpoints, resume, OOF predictions.
+
+:func:`fit_fold` writes into the fold's folder:
+
+* ``log.csv``: one row per epoch: ``epoch, lr, train_loss, val_loss, dice@<t>`` for each threshold ``t`` of
+  ``train.val_thresholds``, ``val_dice`` (the best of those), ``val_threshold`` (where), ``val_dice_pos`` (mean
+  Dice of the positive images there), ``seconds``.
+* ``best_<rank>.pt`` and ``checkpoints.csv``: the ``train.keep_best`` best epochs by ``train.monitor``
+  (see :mod:`pneumoseg.checkpoints`); training stops early after ``train.early_stopping`` epochs without a
+  better value.
+* ``last.pt``: everything needed to continue after the last finished epoch: weights, optimiser, schedule, AMP
+  scaler, the epoch count (which fixes the sampler's draws and the augmentation seeds), the log so far and the
+  torch RNG state. It is rewritten atomically after every epoch, so a run killed at any moment resumes from the
+  last finished epoch and ends as the uninterrupted run would have.
+* ``oof/``: a :class:`~pneumoseg.probstore.ProbabilityWriter` store of the fold's validation images predicted
+  by its ``train.oof_checkpoints`` best checkpoints with the ``tta`` views, at ``train.oof_size`` pixels.
+
+The validation metric is the challenge's (mean per-image Dice, 1 when both masks are empty) of ``probs > t``.
+
+Gradient accumulation: each loss is divided by the number of batches in its accumulation group, and the
+optimiser steps after every ``train.accumulation_steps`` batches and after the last, possibly shorter, group of
+the epoch, so every update is the mean gradient of its group, as one larger batch would give (for a loss that
+is a mean over pixels, with BatchNorm aside).
+
+Under DistributedDataParallel the gradients are synchronised only on the last batch of a group, validation
+metrics are sums over every rank's share of the validation images, and after each epoch every rank takes rank
+0's BatchNorm statistics, so all ranks validate, checkpoint and finish with identical weights.
+
+AMP (``train.amp``: fp16 with a GradScaler, or bf16) and channels_last apply on a GPU only; the CPU trains in
+fp32, and with the same config and seed gives the same numbers on every run.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import cv2
+import numpy as np
+import pandas as pd
+import torch
+from omegaconf import DictConfig
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from .augment import build_augment
+from .checkpoints import CHECKPOINTS_FILE, LAST_FILE, BestCheckpoints, best_files, load_checkpoint, save_checkpoint
+from .config import to_dict
+from .data import ImageFiles, PreparedData, build_sampler, normalize_from_model
+from .distributed import DistContext
+from .errors import ConfigError
+from .inference import TTA, autocast, load_model, predict_probs, resize_maps
+from .io import write_csv
+from .losses import build_loss
+from .metrics import dice_from_counts
+from .models import build_model
+from .optim import LRSchedule, build_optimizer, build_scheduler, metric_mode
+from .probstore import ProbabilityWriter
+
+log = logging.getLogger(__name__)
+
+LOG_FILE = "log.csv"
+OOF_DIR = "oof"
+CHECKPOINT_FORMAT = 1
+
+
+class Trainer:
+    """A fold's network, loss, optimiser, schedule and AMP scaler, with one training epoch and one validation.
+
+    Args:
+        net: the network, already on ``ctx.device`` (and in channels_last if wanted).
+        loss_fn: ``loss_fn(logits, masks) -> scalar``.
+        optimizer: over ``net``'s parameters.
+        schedule: the learning-rate schedule.
+        ctx: the distributed context; with more than one process the network is wrapped in
+            DistributedDataParallel.
+        accumulation_steps: batches per optimiser step.
+        grad_clip: maximum gradient norm, or None.
+        amp: ``fp16``, ``bf16`` or None; only used on a GPU.
+        channels_last: feed inputs in channels_last memory format (GPU).
+    """
+
+    def __init__(self, net: nn.Module, loss_fn: nn.Module, optimizer: torch.optim.Optimizer, schedule: LRSchedule,
+                 ctx: DistContext = DistContext(), accumulation_steps: int = 1, grad_clip: float | None = None,
+                 amp: str | None = None, channels_last: bool = False) -> None:
+        if accumulation_steps < 1:
+            raise ConfigError(f"train.accumulation_steps must be at least 1, got {accumulation_steps}")
+        if amp not in (None, "fp16", "bf16"):
+            raise ConfigError(f"train.amp must be fp16, bf16 or null, not {amp!r}")
+        self.net = net
+        self.ctx = ctx
+        self.device = ctx.device
+        device_ids = [self.device.index] if self.device.type == "cuda" else None
+        self.model = DistributedDataParallel(net, device_ids=device_ids) if ctx.is_distributed else net
+        self.loss_fn = loss_fn
+        self.optimizer = optimizer
+        self.schedule = schedule
+        self.accumulation_steps = int(accumulation_steps)
+        self.grad_clip = grad_clip
+        self.amp = amp if self.device.type == "cuda" else None
+        self.channels_last = channels_last and self.device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp == "fp16")
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig, ctx: DistContext, updates_per_epoch: int, seed: int) -> "Trainer":
+        """Build every part from the ``model``, ``loss``, ``optimizer``, ``scheduler`` and ``train`` sections;
+        ``seed`` fixes the network's initial weights."""
+        train = cfg.train
+        torch.manual_seed(seed)
+        net = build_model(cfg.model).to(ctx.device)
+        channels_last = bool(train.channels_last) and ctx.device.type == "cuda"
+        if channels_last:
+            net = net.to(memory_format=torch.channels_last)
+        if train.sync_batchnorm and ctx.is_distributed:
+            net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
+        optimizer = build_optimizer(cfg.optimizer, net.parameters())
+        schedule = build_scheduler(cfg.scheduler, optimizer, updates_per_epoch, int(train.epochs))
+        return cls(net, build_loss(cfg.loss), optimizer, schedule, ctx, int(train.accumulation_steps),
+                   train.grad_clip, train.amp, channels_last)
+
+    def _inputs(self, images: torch.Tensor) -> torch.Tensor:
+        images = images.to(self.device, non_blocking=True)
+        return images.contiguous(memory_format=torch.channels_last) if self.channels_last else images
+
+    def train_epoch(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> float:
+        """One pass over ``batches`` (an iterable with a length: a DataLoader, a list) -> mean training loss.
+
+        The mean is over images and, in a distributed run, over every rank.
+        """
+        self.model.train()
+        total = len(batches)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        count = 0
+        self.optimizer.zero_grad(set_to_none=True)
+        for index, (images, masks) in enumerate(batches):
+            group_start = index - index % self.accumulation_steps
+            group_size = min(self.accumulation_steps, total - group_start)
+            update = index == group_start + group_size - 1
+            sync = contextlib.nullcontext() if update or not self.ctx.is_distributed else self.model.no_sync()
+            with sync:
+                with autocast(self.device, self.amp):
+                    loss = self.loss_fn(self.model(self._inputs(images)), masks.to(self.device, non_blocking=True))
+                self.scaler.scale(loss / group_size).backward()
+            if update:
+                self._update()
+            loss_sum += loss.detach().double() * len(images)
+            count += len(images)
+        self.ctx.broadcast_buffers(self.net)
+        loss_total, images_total = self.ctx.sum([loss_sum.item(), count])
+        return float(loss_total / max(images_total, 1))
+
+    def _update(self) -> None:
+        if self.grad_clip:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.net.parameters(), float(self.grad_clip))
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.schedule.after_update()
+
+    def validate(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+                 thresholds: Sequence[float]) -> dict[str, float]:
+        """Validation loss and the challenge metric at each threshold, over every rank's share of the images.
+
+        Returns:
+            ``val_loss``, ``dice@<t>`` per threshold, ``val_dice`` (the best of them), ``val_threshold``,
+            ``val_dice_pos`` (mean Dice of the positive images at that threshold; NaN without positives).
+        """
+        self.net.eval()
+        thresholds = [float(t) for t in thresholds]
+        levels = torch.tensor(thresholds, device=self.device).view(1, -1, 1, 1)
+        # Per rank: loss sum, image count, positive count, then per threshold the Dice sums (all, positives).
+        sums = np.zeros(3 + 2 * len(thresholds))
+        with torch.inference_mode(), autocast(self.device, self.amp):
+            for images, masks in batches:
+                masks = masks.to(self.device, non_blocking=True)
+                logits = self.net(self._inputs(images)).float()
+                loss = self.loss_fn(logits, masks)
+                pred = torch.sigmoid(logits) > levels          # B x T x H x W
+                truth = masks > 0.5                             # B x 1 x H x W
+                inter = (pred & truth).sum((2, 3)).cpu().numpy()
+                pred_area = pred.sum((2, 3)).cpu().numpy()
+                true_area = truth.sum((2, 3)).cpu().numpy()    # B x 1
+                dice = dice_from_counts(inter, pred_area, true_area)
+                positive = true_area[:, 0] > 0
+                sums[0] += float(loss) * len(images)
+                sums[1] += len(images)
+                sums[2] += positive.sum()
+                sums[3:3 + len(thresholds)] += dice.sum(0)
+                sums[3 + len(thresholds):] += dice[positive].sum(0)
+        sums = self.ctx.sum(sums)
+        n_images, n_positive = max(sums[1], 1.0), sums[2]
+        dice_all = sums[3:3 + len(thresholds)] / n_images
+        dice_pos = sums[3 + len(thresholds):] / n_positive if n_positive else np.full(len(thresholds), np.nan)
+        best = int(np.argmax(dice_all))
+        metrics = {"val_loss": float(sums[0] / n_images)}
+        metrics.update({f"dice@{t:g}": float(d) for t, d in zip(thresholds, dice_all)})
+        metrics.update(val_dice=float(dice_all[best]), val_threshold=thresholds[best],
+                       val_dice_pos=float(dice_pos[best]))
+        return metrics
+
+    @property
+    def lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": self.net.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.schedule.state_dict(), "scaler": self.scaler.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.net.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+
+
+def fold_seed(seed: int, fold: int) -> int:
+    """The seed of one fold: independent streams per fold, all fixed by the run's seed."""
+    return int(np.random.SeedSequence([int(seed), int(fold)]).generate_state(1)[0])
+
+
+def weights_digest(net: nn.Module) -> str:
+    """SHA-256 of a network's state dict (names and values): equal digests mean identical weights."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(net.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def epochs_since_best(history: Sequence[dict], monitor: str) -> int:
+    """How many epochs of ``history`` came after the best value of ``monitor``."""
+    if not history:
+        return 0
+    scores = np.array([row[monitor] for row in history], dtype=float)
+    if np.isnan(scores).all():
+        return len(scores)
+    best = np.nanargmin(scores) if metric_mode(monitor) == "min" else np.nanargmax(scores)
+    return len(scores) - 1 - int(best)
+
+
+def _worker_init(_: int) -> None:
+    # OpenCV would start a thread per core in every DataLoader worker; the workers are the parallelism.
+    cv2.setNumThreads(1)
+
+
+def _loader(dataset, batch_size: int, num_workers: int, ctx: DistContext, **kwargs) -> DataLoader:
+    return DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
+                      pin_memory=ctx.device.type == "cuda", persistent_workers=num_workers > 0,
+                      worker_init_fn=_worker_init if num_workers > 0 else None, **kwargs)
+
+
+def train_loader(cfg: DictConfig, data: PreparedData, rows: pd.DataFrame, ctx: DistContext, seed: int) -> DataLoader:
+    """The training DataLoader over ``rows`` of ``data``: augmented, drawn by the configured sampler (this
+    rank's share), ``train.batch_size`` images per batch. Call ``loader.sampler.set_epoch`` before each epoch."""
+    train = cfg.train
+    sampler = build_sampler(cfg.sampler, rows["has_mask"].to_numpy(), seed, int(train.epochs), ctx.world_size,
+                            ctx.rank)
+    dataset = data.dataset(rows, normalize_from_model(to_dict(cfg.model)), build_augment(cfg.augment))
+    return _loader(dataset, int(train.batch_size), int(train.num_workers), ctx, sampler=sampler)
+
+
+def _clear_outputs(folder: Path, fresh: bool) -> None:
+    """Remove the temporary files a killed run left behind and, for a ``fresh`` start, the fold's old outputs."""
+    stale = [p for p in folder.rglob(".*") if p.is_file()]  # pneumoseg.io and ProbabilityWriter temporaries
+    if fresh:
+        stale += [*folder.glob("best_*.pt"), folder / LAST_FILE, folder / LOG_FILE, folder / CHECKPOINTS_FILE]
+        shutil.rmtree(folder / OOF_DIR, ignore_errors=True)
+    for path in stale:
+        path.unlink(missing_ok=True)
+
+
+def fit_fold(cfg: DictConfig, data: PreparedData, fold: int, folder: str | Path, ctx: DistContext = DistContext(),
+             resume: bool = False, fingerprint: str = "") -> dict[str, Any]:
+    """Train fold ``fold`` of ``data`` into ``folder`` and predict its validation images (see the module docstring).
+
+    Args:
+        cfg: the resolved config (sections model, loss, optimizer, scheduler, sampler, augment, train, tta).
+        data: the prepared images, masks and folds at ``train.image_size``.
+        fold: the fold to hold out.
+        folder: the fold's output folder.
+        ctx: the distributed context; only its main rank writes files.
+        resume: continue from ``folder/last.pt`` when it exists (else start afresh, clearing old outputs).
+        fingerprint: identifies the config; ``last.pt`` of another config is refused.
+
+    Returns:
+        The fold's summary: epochs run, best epoch and its metrics, image counts, the all-empty baseline of the
+        validation images, and the SHA-256 of the final weights (identical on every rank).
+
+    Raises:
+        ConfigError: ``last.pt`` was written for another config.
+    """
+    started = time.time()
+    train = cfg.train
+    folder = Path(folder)
+    epochs, monitor = int(train.epochs), str(train.monitor)
+    train_rows, val_rows = data.split(fold)
+    seed = fold_seed(cfg.seed, fold)
+    loader = train_loader(cfg, data, train_rows, ctx, seed)
+    sampler = loader.sampler
+    val_rows_here = val_rows.iloc[ctx.rank::ctx.world_size]   # metrics are summed over the ranks' shares
+    val_loader = _loader(data.dataset(val_rows_here, normalize_from_model(to_dict(cfg.model))),
+                         int(train.val_batch_size), int(train.num_workers), ctx)
+    updates_per_epoch = math.ceil(len(loader) / int(train.accumulation_steps))
+    torch.backends.cudnn.benchmark = not train.deterministic
+    torch.use_deterministic_algorithms(bool(train.deterministic), warn_only=True)
+    trainer = Trainer.from_config(cfg, ctx, updates_per_epoch, seed)
+    best = BestCheckpoints(folder, int(train.keep_best), metric_mode(monitor), monitor)
+    history = _restore(trainer, best, folder, ctx, fingerprint) if resume else []
+    if ctx.is_main:
+        _clear_outputs(folder, fresh=not history)
+    ctx.barrier()
+
+    patience = train.early_stopping
+    thresholds = list(train.val_thresholds)
+    checkpoint_meta = {"model": to_dict(cfg.model), "image_size": int(train.image_size), "fold": int(fold),
+                       "monitor": monitor, "fingerprint": fingerprint}
+    for epoch in range(len(history), epochs):
+        if patience is not None and epochs_since_best(history, monitor) >= int(patience):
+            log.info("fold %d: no %s improvement for %d epochs; stopping early", fold, monitor, int(patience))
+            break
+        epoch_start, lr = time.time(), trainer.lr
+        sampler.set_epoch(epoch)
+        progress = tqdm(loader, desc=f"fold {fold} epoch {epoch + 1}/{epochs}", leave=False,
+                        disable=not ctx.is_main)
+        train_loss = trainer.train_epoch(progress)
+        metrics = trainer.validate(val_loader, thresholds)
+        trainer.schedule.after_validation(metrics)
+        row = {"epoch": epoch + 1, "lr": lr, "train_loss": train_loss, **metrics,
+               "seconds": round(time.time() - epoch_start, 2)}
+        history.append(row)
+        if ctx.is_main:
+            rank = best.offer(epoch + 1, metrics[monitor], lambda: {
+                **checkpoint_meta, "state_dict": trainer.net.state_dict(), "epoch": epoch + 1,
+                "score": float(metrics[monitor])})
+            write_csv(folder / LOG_FILE, pd.DataFrame(history))
+            save_checkpoint(folder / LAST_FILE, {
+                "format": CHECKPOINT_FORMAT, "fingerprint": fingerprint, "epoch": epoch + 1,
+                "trainer": trainer.state_dict(), "history": history, "rng": torch.get_rng_state()})
+            log.info("fold %d epoch %d/%d: lr %.2e train_loss %.4f val_loss %.4f val_dice %.4f @%.2f "
+                     "pos %.3f, %.1f s%s", fold, epoch + 1, epochs, lr, train_loss, metrics["val_loss"],
+                     metrics["val_dice"], metrics["val_threshold"], metrics["val_dice_pos"], row["seconds"],
+                     f"  (best #{rank})" if rank else "")
+        ctx.barrier()
+
+    if ctx.is_main:
+        write_oof(cfg, data, val_rows, folder, best_files(folder)[:int(train.oof_checkpoints)], ctx)
+    ctx.barrier()
+    best_row = max(history, key=lambda r: r[monitor] if metric_mode(monitor) == "max" else -r[monitor])
+    return {
+        "fold": int(fold),
+        "epochs": len(history),
+        "best_epoch": int(best_row["epoch"]),
+        "best": {k: v for k, v in best_row.items() if k.startswith("val_")},
+        "n_train": len(train_rows),
+        "n_val": len(val_rows),
+        "n_val_positive": int(val_rows["has_mask"].sum()),
+        "empty_baseline": float(1.0 - val_rows["has_mask"].mean()),
+        "weights_sha256": weights_digest(trainer.net),
+        "seconds": round(time.time() - started, 1),
+    }
+
+
+def _restore(trainer: Trainer, best: BestCheckpoints, folder: Path, ctx: DistContext,
+             fingerprint: str) -> list[dict]:
+    """Load ``last.pt`` into ``trainer`` (and re-rank the best files) -> the log so far; [] without ``last.pt``."""
+    path = folder / LAST_FILE
+    if not path.is_file():
+        log.info("%s: nothing to resume from; starting the fold afresh", path)
+        return []
+    state = load_checkpoint(path)
+    if state.get("fingerprint") != fingerprint:
+        raise ConfigError(f"{path} was written for a different config (or folds); rerun without --resume to "
+                          f"train this fold afresh")
+    trainer.load_state_dict(state["trainer"])
+    torch.set_rng_state(state["rng"])
+    if ctx.is_main:
+        best.rescan()
+    log.info("%s: resuming after epoch %d", path, state["epoch"])
+    return list(state["history"])
+
+
+def write_oof(cfg: DictConfig, data: PreparedData, val_rows: pd.DataFrame, folder: Path,
+              checkpoints: Sequence[Path], ctx: DistContext) -> None:
+    """Predict the fold's validation images with ``checkpoints`` into ``folder/oof`` at ``train.oof_size``."""
+    train = cfg.train
+    models = [load_model(path, ctx.device) for path in checkpoints]
+    ids = val_rows["ImageId"].tolist()
+    images = ImageFiles([data.image_dir / f"{i}.png" for i in ids])
+    loader = _loader(images, int(train.val_batch_size), int(train.num_workers), ctx)
+    size = int(train.oof_size)
+    tta = TTA.from_config(cfg.tta)
+    with ProbabilityWriter(folder / OOF_DIR, ids, size) as writer:
+        start = 0
+        for batch in tqdm(loader, desc=f"OOF {folder.name}", leave=False):
+            probs = predict_probs(models, batch, tta, batch_size=len(batch), amp=train.amp)
+            writer.write(start, resize_maps(probs, size))
+            start += len(batch)

@@ -1,0 +1,98 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pneumoseg.errors import ConfigError
+from pneumoseg.losses import LOSSES, build_loss, focal_loss, mixed_loss, soft_dice_score
+
+
+def _pair(seed=0, empty=False):
+    generator = torch.Generator().manual_seed(seed)
+    logits = torch.randn(3, 1, 8, 8, generator=generator)
+    target = torch.zeros(3, 1, 8, 8) if empty else (torch.rand(3, 1, 8, 8, generator=generator) > 0.7).float()
+    return logits, target
+
+
+@pytest.mark.parametrize("name", LOSSES.names())
+def test_every_loss_has_a_gradient_on_an_all_empty_batch(name):
+    logits, target = _pair(empty=True)
+    logits.requires_grad_(True)
+    loss = build_loss({"name": name})(logits, target)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert logits.grad.abs().sum() > 0
+    # On empty masks every pixel should be pushed towards background: the gradient on the logits is positive.
+    assert (logits.grad >= 0).all()
+
+
+def test_soft_dice_by_hand():
+    # p = sigmoid(0) = 0.5 everywhere, 4 pixels, 2 of them positive: (2 * 1 + 1) / (2 + 2 + 1) = 0.6
+    logits = torch.zeros(1, 1, 2, 2)
+    target = torch.tensor([[[[1.0, 1.0], [0.0, 0.0]]]])
+    assert soft_dice_score(logits, target, smooth=1.0).item() == pytest.approx(0.6)
+    assert soft_dice_score(logits, target, smooth=1.0, per_image=True).item() == pytest.approx(0.6)
+
+
+def test_per_image_dice_averages_images():
+    logits = torch.full((2, 1, 1, 2), 50.0)           # p ~ 1 everywhere
+    target = torch.tensor([[[[1.0, 1.0]]], [[[0.0, 0.0]]]])
+    # image 1: (2*2 + 1) / (2 + 2 + 1) = 1; image 2: 1 / (2 + 0 + 1) = 1/3; batch: (4 + 1) / (4 + 2 + 1) = 5/7
+    assert soft_dice_score(logits, target, per_image=True).item() == pytest.approx((1 + 1 / 3) / 2, rel=1e-4)
+    assert soft_dice_score(logits, target).item() == pytest.approx(5 / 7, rel=1e-4)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_focal_with_gamma_zero_is_bce(seed):
+    logits, target = _pair(seed)
+    assert focal_loss(logits, target, gamma=0.0).item() == pytest.approx(
+        F.binary_cross_entropy_with_logits(logits, target).item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("logit, target, gamma", [(2.0, 1.0, 2.0), (2.0, 0.0, 2.0), (-1.0, 0.0, 1.0), (0.0, 1.0, 3.0)])
+def test_focal_single_pixel_by_hand(logit, target, gamma):
+    p = 1 / (1 + math.exp(-logit))
+    p_t = p if target else 1 - p
+    expected = -((1 - p_t) ** gamma) * math.log(p_t)
+    value = focal_loss(torch.tensor([[[[logit]]]]), torch.tensor([[[[target]]]]), gamma)
+    assert value.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_focal_is_stable_for_large_logits():
+    logits = torch.tensor([[[[80.0, -80.0]]]], requires_grad=True)
+    loss = focal_loss(logits, torch.tensor([[[[0.0, 1.0]]]]))
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(logits.grad).all()
+
+
+def test_mixed_loss_is_alpha_focal_minus_log_dice():
+    logits, target = _pair(3)
+    expected = 10 * focal_loss(logits, target, 2.0) - torch.log(soft_dice_score(logits, target))
+    assert build_loss({"name": "mixed", "params": {"alpha": 10, "gamma": 2}})(logits, target).item() == \
+        pytest.approx(expected.item())
+    assert mixed_loss(logits, target).item() == pytest.approx(expected.item())
+
+
+@pytest.mark.parametrize("weights", [{"bce": 1, "dice": 0, "focal": 0}, {"bce": 0, "dice": 2, "focal": 0},
+                                     {"bce": 0.5, "dice": 1, "focal": 3}])
+def test_combo_is_the_weighted_sum(weights):
+    logits, target = _pair(4)
+    expected = (weights["bce"] * F.binary_cross_entropy_with_logits(logits, target)
+                + weights["dice"] * (1 - soft_dice_score(logits, target))
+                + weights["focal"] * focal_loss(logits, target))
+    value = build_loss({"name": "combo", "params": weights})(logits, target)
+    assert value.item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_perfect_prediction_has_a_small_loss():
+    target = _pair(5)[1]
+    logits = (target * 2 - 1) * 30
+    assert build_loss({"name": "mixed"})(logits, target).item() < 1e-3
+
+
+def test_bad_loss_params_fail_when_built():
+    with pytest.raises(ConfigError, match="mixed"):
+        build_loss({"name": "mixed", "params": {"alpah": 10}})
+    with pytest.raises(ConfigError, match="unknown loss"):
+        build_loss({"name": "dice_bce"})
