@@ -19,6 +19,7 @@ from pneumoseg.inference import load_fold_models
 from pneumoseg.losses import build_loss
 from pneumoseg.metrics import competition_dice, dice_per_image
 from pneumoseg.optim import build_optimizer, build_scheduler
+from pneumoseg.postprocess import Threshold, Triplet
 from pneumoseg.probstore import ProbabilityStore
 from pneumoseg.stages import train as train_stage
 from pneumoseg.training import Trainer, epochs_since_best
@@ -70,23 +71,25 @@ def test_the_last_partial_group_of_an_epoch_is_stepped_as_its_own_mean():
     torch.testing.assert_close(_params(accumulated), _params(reference), rtol=1e-5, atol=1e-6)
 
 
-def test_validate_reports_the_challenge_metric_at_each_threshold():
+def test_validate_reports_the_challenge_metric_after_each_postprocessing():
     trainer = _conv_trainer(1)
     batches = _batches(3, 4, seed=2)
     batches[0][1].zero_()                                               # some empty images too
-    thresholds = [0.3, 0.5, 0.7]
-    metrics = trainer.validate(batches, thresholds)
+    postprocessors = [Threshold(0.3), Threshold(0.5, min_area=4000), Triplet(top=0.7, min_area=2000, bottom=0.4)]
+    metrics = trainer.validate(batches, postprocessors)
     with torch.no_grad():
         probs = torch.cat([torch.sigmoid(trainer.net(x)) for x, _ in batches])[:, 0].numpy()
     truth = torch.cat([m for _, m in batches])[:, 0].numpy() > 0.5
-    scores = [competition_dice(probs > t, truth) for t in thresholds]
-    for t, score in zip(thresholds, scores):
-        assert metrics[f"dice@{t:g}"] == pytest.approx(score)
+    preds = [np.stack([post(p) for p in probs]) for post in postprocessors]
+    scores = [competition_dice(pred, truth) for pred in preds]
+    assert len(set(scores)) > 1                                          # the strategies really differ here
+    for post, score in zip(postprocessors, scores):
+        assert metrics[f"dice[{post.label()}]"] == pytest.approx(score)
     best = int(np.argmax(scores))
-    assert metrics["val_dice"] == pytest.approx(max(scores)) and metrics["val_threshold"] == thresholds[best]
+    assert metrics["val_dice"] == pytest.approx(max(scores))
+    assert metrics["val_postprocess"] == postprocessors[best].label()
     positive = truth.any((1, 2))
-    assert metrics["val_dice_pos"] == pytest.approx(
-        dice_per_image(probs[positive] > thresholds[best], truth[positive]).mean())
+    assert metrics["val_dice_pos"] == pytest.approx(dice_per_image(preds[best][positive], truth[positive]).mean())
     losses = [trainer.loss_fn(trainer.net(x), m).item() * len(x) for x, m in batches]
     assert metrics["val_loss"] == pytest.approx(sum(losses) / 12, rel=1e-5)
 
@@ -173,7 +176,7 @@ def test_resume_flag_takes_an_optional_boolean():
     assert parser.parse_args(["--resume"]).resume is True
     assert parser.parse_args(["--resume", "false"]).resume is False
     args = parser.parse_args(["--fold", "1", "--train.epochs", "2", "x=1"])
-    assert args.fold == "1" and args.overrides == ["x=1", "train.epochs=2"] and args.resume is False
+    assert args.fold == "1" and args.overrides == ["x=1", "train.epochs=2"] and args.resume == "auto"
 
 
 # --- the stage, end to end on a tiny synthetic dataset ------------------------------------------------------------
@@ -207,7 +210,8 @@ def test_stage_writes_every_output_and_skips_when_complete(stage_cfg, caplog):
         fold_dir = folder / f"fold{fold}"
         log = pd.read_csv(fold_dir / "log.csv")
         assert log["epoch"].tolist() == [1, 2]
-        assert {"lr", "train_loss", "val_loss", "dice@0.5", "val_dice", "val_dice_pos", "seconds"} <= set(log)
+        assert {"lr", "train_loss", "val_loss", "dice[threshold:0.5:0]", "val_dice", "val_postprocess", "val_dice_pos",
+                    "seconds"} <= set(log)
         table = pd.read_csv(fold_dir / "checkpoints.csv")
         assert table["rank"].tolist() == [1, 2] and set(table["epoch"]) == {1, 2}
         assert (fold_dir / "last.pt").is_file() and (fold_dir / "done.json").is_file()
@@ -215,7 +219,7 @@ def test_stage_writes_every_output_and_skips_when_complete(stage_cfg, caplog):
         assert store.ids == folds.loc[folds["fold"] == fold, "ImageId"].tolist() and store.size == 16
         best = load_checkpoint(fold_dir / "best_1.pt")
         assert set(best) >= {"state_dict", "model", "epoch", "score", "image_size"} and "optimizer" not in best
-        assert best["score"] == pytest.approx(log["val_loss"].min())
+        assert best["score"] == pytest.approx(log["val_dice"].max())           # train.monitor: val_dice
     assert len(load_fold_models(folder)) == 2
     with caplog.at_level("INFO"):
         again = train_stage.run(cfg)
@@ -270,7 +274,7 @@ def test_a_killed_training_process_resumes_with_no_clean_up(stage_cfg, tmp_path)
     process.wait()
     assert not (fold_dir / "done.json").exists()
 
-    summary = train_stage.run(cfg, folds=[0], resume=True)
+    summary = train_stage.run(cfg, folds=[0])                               # a plain rerun continues
     assert summary["folds"][0]["epochs"] == 4 and (fold_dir / "done.json").is_file()
     assert _log(cfg, 0)["epoch"].tolist() == [1, 2, 3, 4]
     assert len(ProbabilityStore(fold_dir / "oof")) == 8
@@ -278,12 +282,15 @@ def test_a_killed_training_process_resumes_with_no_clean_up(stage_cfg, tmp_path)
 
 
 @pytest.mark.slow
-def test_resume_refuses_the_state_of_another_config(stage_cfg):
+def test_resume_refuses_the_state_of_another_config_and_a_plain_run_starts_afresh(stage_cfg):
     cfg = stage_cfg("train.epochs=1")
     train_stage.run(cfg, folds=[0])
     (train_stage.train_folder(cfg) / "fold0" / "done.json").unlink()
     with pytest.raises(ConfigError, match="different config"):
         train_stage.run(stage_cfg("train.epochs=1", "optimizer.params.lr=0.01"), folds=[0], resume=True)
+    # Without --resume, a state of another config is set aside and the fold starts afresh.
+    summary = train_stage.run(stage_cfg("train.epochs=1", "optimizer.params.lr=0.01"), folds=[0])
+    assert summary["folds"][0]["epochs"] == 1
     with pytest.raises(ConfigError, match="give one of them"):
         train_stage.run(cfg, force=True, resume=True)
 

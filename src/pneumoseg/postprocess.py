@@ -91,6 +91,11 @@ class PostProcessor(ABC):
     def __call__(self, probs: np.ndarray) -> np.ndarray:
         """The boolean H x W mask of ``probs``."""
 
+    def label(self) -> str:
+        """A short name for logs and table columns: the strategy and its parameter values, e.g.
+        ``triplet:0.75:2000:0.4:0`` (in the order of the class's fields)."""
+        return ":".join([self.name, *(f"{value:g}" for value in asdict(self).values())])
+
     def to_block(self) -> dict[str, Any]:
         """The ``{name, params}`` block that :func:`build_postprocessor` turns back into this strategy."""
         return {"name": self.name, "params": asdict(self)}

@@ -2,9 +2,9 @@
 
 :func:`fit_fold` writes into the fold's folder:
 
-* ``log.csv``: one row per epoch: ``epoch, lr, train_loss, val_loss, dice@<t>`` for each threshold ``t`` of
-  ``train.val_thresholds``, ``val_dice`` (the best of those), ``val_threshold`` (where), ``val_dice_pos`` (mean
-  Dice of the positive images there), ``seconds``.
+* ``log.csv``: one row per epoch: ``epoch, lr, train_loss, val_loss, dice[<label>]`` for each post-processing
+  strategy of ``train.val_postprocess``, ``val_dice`` (the best of those), ``val_postprocess`` (which),
+  ``val_dice_pos`` (mean Dice of the positive images there), ``seconds``.
 * ``best_<rank>.pt`` and ``checkpoints.csv``: the ``train.keep_best`` best epochs by ``train.monitor``
   (see :mod:`pneumoseg.checkpoints`); training stops early after ``train.early_stopping`` epochs without a
   better value.
@@ -15,7 +15,8 @@
 * ``oof/``: a :class:`~pneumoseg.probstore.ProbabilityWriter` store of the fold's validation images predicted
   by its ``train.oof_checkpoints`` best checkpoints with the ``tta`` views, at ``train.oof_size`` pixels.
 
-The validation metric is the challenge's (mean per-image Dice, 1 when both masks are empty) of ``probs > t``.
+The validation metric is the challenge's (mean per-image Dice, 1 when both masks are empty) after each
+post-processing strategy of ``train.val_postprocess`` (the classes of :mod:`pneumoseg.postprocess`).
 
 Gradient accumulation: each loss is divided by the number of batches in its accumulation group, and the
 optimiser steps after every ``train.accumulation_steps`` batches and after the last, possibly shorter, group of
@@ -59,9 +60,10 @@ from .errors import ConfigError
 from .inference import TTA, autocast, load_model, predict_probs, resize_maps
 from .io import write_csv
 from .losses import build_loss
-from .metrics import dice_from_counts
+from .metrics import dice_per_image
 from .models import build_model
 from .optim import LRSchedule, build_optimizer, build_scheduler, metric_mode
+from .postprocess import PostProcessor, build_postprocessor
 from .probstore import ProbabilityWriter
 
 log = logging.getLogger(__name__)
@@ -166,43 +168,44 @@ class Trainer:
         self.schedule.after_update()
 
     def validate(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
-                 thresholds: Sequence[float]) -> dict[str, float]:
-        """Validation loss and the challenge metric at each threshold, over every rank's share of the images.
+                 postprocessors: Sequence[PostProcessor]) -> dict[str, float]:
+        """Validation loss and the challenge metric after each post-processing, over every rank's images.
+
+        The masks are drawn by the same :mod:`pneumoseg.postprocess` strategies that the threshold search and
+        the submission use: without their empty-image rules, plain thresholds favour the first epochs, which
+        predict nothing, over models that have started to find lesions.
 
         Returns:
-            ``val_loss``, ``dice@<t>`` per threshold, ``val_dice`` (the best of them), ``val_threshold``,
-            ``val_dice_pos`` (mean Dice of the positive images at that threshold; NaN without positives).
+            ``val_loss``; ``dice[<label>]`` per strategy (see :meth:`PostProcessor.label`); ``val_dice`` (the best
+            of them), ``val_postprocess`` (its label) and ``val_dice_pos`` (mean Dice of the positive images
+            there; NaN without positives).
         """
         self.net.eval()
-        thresholds = [float(t) for t in thresholds]
-        levels = torch.tensor(thresholds, device=self.device).view(1, -1, 1, 1)
-        # Per rank: loss sum, image count, positive count, then per threshold the Dice sums (all, positives).
-        sums = np.zeros(3 + 2 * len(thresholds))
+        n = len(postprocessors)
+        # Per rank: loss sum, image count, positive count, then per strategy the Dice sums (all, positives).
+        sums = np.zeros(3 + 2 * n)
         with torch.inference_mode(), autocast(self.device, self.amp):
             for images, masks in batches:
                 masks = masks.to(self.device, non_blocking=True)
                 logits = self.net(self._inputs(images)).float()
-                loss = self.loss_fn(logits, masks)
-                pred = torch.sigmoid(logits) > levels          # B x T x H x W
-                truth = masks > 0.5                             # B x 1 x H x W
-                inter = (pred & truth).sum((2, 3)).cpu().numpy()
-                pred_area = pred.sum((2, 3)).cpu().numpy()
-                true_area = truth.sum((2, 3)).cpu().numpy()    # B x 1
-                dice = dice_from_counts(inter, pred_area, true_area)
-                positive = true_area[:, 0] > 0
-                sums[0] += float(loss) * len(images)
+                sums[0] += float(self.loss_fn(logits, masks)) * len(images)
+                probs = torch.sigmoid(logits[:, 0]).cpu().numpy()
+                truth = masks[:, 0].cpu().numpy() > 0.5
+                positive = truth.any((1, 2))
+                for k, postprocess in enumerate(postprocessors):
+                    dice = dice_per_image(np.stack([postprocess(p) for p in probs]), truth)
+                    sums[3 + k] += dice.sum()
+                    sums[3 + n + k] += dice[positive].sum()
                 sums[1] += len(images)
                 sums[2] += positive.sum()
-                sums[3:3 + len(thresholds)] += dice.sum(0)
-                sums[3 + len(thresholds):] += dice[positive].sum(0)
         sums = self.ctx.sum(sums)
         n_images, n_positive = max(sums[1], 1.0), sums[2]
-        dice_all = sums[3:3 + len(thresholds)] / n_images
-        dice_pos = sums[3 + len(thresholds):] / n_positive if n_positive else np.full(len(thresholds), np.nan)
+        dice_all = sums[3:3 + n] / n_images
+        dice_pos = sums[3 + n:] / n_positive if n_positive else np.full(n, np.nan)
         best = int(np.argmax(dice_all))
-        metrics = {"val_loss": float(sums[0] / n_images)}
-        metrics.update({f"dice@{t:g}": float(d) for t, d in zip(thresholds, dice_all)})
-        metrics.update(val_dice=float(dice_all[best]), val_threshold=thresholds[best],
+        metrics: dict[str, Any] = {"val_loss": float(sums[0] / n_images)}
+        metrics.update({f"dice[{p.label()}]": float(d) for p, d in zip(postprocessors, dice_all)})
+        metrics.update(val_dice=float(dice_all[best]), val_postprocess=postprocessors[best].label(),
                        val_dice_pos=float(dice_pos[best]))
         return metrics
 
@@ -278,7 +281,7 @@ def _clear_outputs(folder: Path, fresh: bool) -> None:
 
 
 def fit_fold(cfg: DictConfig, data: PreparedData, fold: int, folder: str | Path, ctx: DistContext = DistContext(),
-             resume: bool = False, fingerprint: str = "") -> dict[str, Any]:
+             resume: bool | str = False, fingerprint: str = "") -> dict[str, Any]:
     """Train fold ``fold`` of ``data`` into ``folder`` and predict its validation images (see the module docstring).
 
     Args:
@@ -287,7 +290,9 @@ def fit_fold(cfg: DictConfig, data: PreparedData, fold: int, folder: str | Path,
         fold: the fold to hold out.
         folder: the fold's output folder.
         ctx: the distributed context; only its main rank writes files.
-        resume: continue from ``folder/last.pt`` when it exists (else start afresh, clearing old outputs).
+        resume: True: continue from ``folder/last.pt`` when it exists (else start afresh, clearing old outputs);
+            ``"auto"``: the same, but a ``last.pt`` of another config is set aside instead of being an error;
+            False: start afresh.
         fingerprint: identifies the config; ``last.pt`` of another config is refused.
 
     Returns:
@@ -313,13 +318,13 @@ def fit_fold(cfg: DictConfig, data: PreparedData, fold: int, folder: str | Path,
     torch.use_deterministic_algorithms(bool(train.deterministic), warn_only=True)
     trainer = Trainer.from_config(cfg, ctx, updates_per_epoch, seed)
     best = BestCheckpoints(folder, int(train.keep_best), metric_mode(monitor), monitor)
-    history = _restore(trainer, best, folder, ctx, fingerprint) if resume else []
+    history = _restore(trainer, best, folder, ctx, fingerprint, strict=resume is True) if resume else []
     if ctx.is_main:
         _clear_outputs(folder, fresh=not history)
     ctx.barrier()
 
     patience = train.early_stopping
-    thresholds = list(train.val_thresholds)
+    postprocessors = [build_postprocessor(block) for block in train.val_postprocess]
     checkpoint_meta = {"model": to_dict(cfg.model), "image_size": int(train.image_size), "fold": int(fold),
                        "monitor": monitor, "fingerprint": fingerprint}
     for epoch in range(len(history), epochs):
@@ -331,7 +336,7 @@ def fit_fold(cfg: DictConfig, data: PreparedData, fold: int, folder: str | Path,
         progress = tqdm(loader, desc=f"fold {fold} epoch {epoch + 1}/{epochs}", leave=False,
                         disable=not ctx.is_main)
         train_loss = trainer.train_epoch(progress)
-        metrics = trainer.validate(val_loader, thresholds)
+        metrics = trainer.validate(val_loader, postprocessors)
         trainer.schedule.after_validation(metrics)
         row = {"epoch": epoch + 1, "lr": lr, "train_loss": train_loss, **metrics,
                "seconds": round(time.time() - epoch_start, 2)}
@@ -344,9 +349,9 @@ def fit_fold(cfg: DictConfig, data: PreparedData, fold: int, folder: str | Path,
             save_checkpoint(folder / LAST_FILE, {
                 "format": CHECKPOINT_FORMAT, "fingerprint": fingerprint, "epoch": epoch + 1,
                 "trainer": trainer.state_dict(), "history": history, "rng": torch.get_rng_state()})
-            log.info("fold %d epoch %d/%d: lr %.2e train_loss %.4f val_loss %.4f val_dice %.4f @%.2f "
+            log.info("fold %d epoch %d/%d: lr %.2e train_loss %.4f val_loss %.4f val_dice %.4f (%s) "
                      "pos %.3f, %.1f s%s", fold, epoch + 1, epochs, lr, train_loss, metrics["val_loss"],
-                     metrics["val_dice"], metrics["val_threshold"], metrics["val_dice_pos"], row["seconds"],
+                     metrics["val_dice"], metrics["val_postprocess"], metrics["val_dice_pos"], row["seconds"],
                      f"  (best #{rank})" if rank else "")
         ctx.barrier()
 
@@ -369,14 +374,18 @@ def fit_fold(cfg: DictConfig, data: PreparedData, fold: int, folder: str | Path,
 
 
 def _restore(trainer: Trainer, best: BestCheckpoints, folder: Path, ctx: DistContext,
-             fingerprint: str) -> list[dict]:
-    """Load ``last.pt`` into ``trainer`` (and re-rank the best files) -> the log so far; [] without ``last.pt``."""
+             fingerprint: str, strict: bool) -> list[dict]:
+    """Load ``last.pt`` into ``trainer`` (and re-rank the best files) -> the log so far; [] without ``last.pt``
+    or, unless ``strict``, with a ``last.pt`` written for another config."""
     path = folder / LAST_FILE
     if not path.is_file():
         log.info("%s: nothing to resume from; starting the fold afresh", path)
         return []
     state = load_checkpoint(path)
     if state.get("fingerprint") != fingerprint:
+        if not strict:
+            log.info("%s was written for another config; starting the fold afresh", path)
+            return []
         raise ConfigError(f"{path} was written for a different config (or folds); rerun without --resume to "
                           f"train this fold afresh")
     trainer.load_state_dict(state["trainer"])

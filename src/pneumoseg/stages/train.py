@@ -12,8 +12,10 @@ Usage::
 
     python scripts/03_train.py --config CONFIG [--fold K|all] [--resume] [--force] [key=value ...]
 
-A complete fold (its ``done.json`` matches the config) is skipped; ``--force`` retrains it. A fold that was
-interrupted restarts from scratch, or with ``--resume`` continues after its last finished epoch.
+A complete fold (its ``done.json`` matches the config) is skipped; ``--force`` retrains it from scratch. A fold
+that was interrupted continues after its last finished epoch when its ``last.pt`` was written for the same
+config (so rerunning ``run_all.sh`` after a kill picks up where it stopped), and starts afresh otherwise;
+``--resume`` insists on continuing and fails if ``last.pt`` belongs to another config.
 
 Folds are independent: ``--fold K`` trains fold K alone, so folds can run at the same time on different GPUs
 (``CUDA_VISIBLE_DEVICES=1 python scripts/03_train.py --fold 1 ...``) or on machines sharing the output folder.
@@ -85,7 +87,7 @@ def train_folder(cfg: DictConfig) -> Path:
     return Path(cfg.paths.experiment_dir) / FOLDER_NAME
 
 
-def run(cfg: DictConfig, force: bool = False, folds: Sequence[int] | str | None = None, resume: bool = False,
+def run(cfg: DictConfig, force: bool = False, folds: Sequence[int] | str | None = None, resume: bool | str = "auto",
         model_dir: str | os.PathLike | None = None) -> dict[str, Any]:
     """Train the requested folds; see the module docstring.
 
@@ -93,14 +95,17 @@ def run(cfg: DictConfig, force: bool = False, folds: Sequence[int] | str | None 
         cfg: the resolved config.
         force: retrain folds that are already complete.
         folds: the folds this process trains: a list, ``"all"``, or None for ``train.folds``.
-        resume: continue interrupted folds from their ``last.pt``.
+        resume: ``"auto"``: continue interrupted folds from a ``last.pt`` of the same config; True: continue and
+            fail on a ``last.pt`` of another config; False: start afresh.
         model_dir: when given (SageMaker's ``SM_MODEL_DIR``), copy the fold models and config there at the end.
 
     Returns:
         ``{"folds": {fold: summary}, "complete": bool}``; ``complete`` when every fold of ``train.folds`` is done.
     """
-    if force and resume:
+    if force and resume is True:
         raise ConfigError("--force retrains from scratch and --resume continues: give one of them")
+    if force:
+        resume = False
     if int(cfg.train.epochs) < 1:
         raise ConfigError(f"train.epochs must be at least 1, got {cfg.train.epochs}")
     folder = train_folder(cfg)
@@ -129,7 +134,7 @@ def run(cfg: DictConfig, force: bool = False, folds: Sequence[int] | str | None 
 
 
 def _train_folds(cfg: DictConfig, data: PreparedData, folds: Sequence[int], record: StageRecord, inputs: dict,
-                 ctx: DistContext, force: bool, resume: bool) -> dict[int, dict]:
+                 ctx: DistContext, force: bool, resume: bool | str) -> dict[int, dict]:
     """Train each fold of ``folds`` that is not complete (or all with ``force``) -> the fold summaries."""
     if ctx.is_main:
         record.start()
@@ -245,12 +250,14 @@ class _TrainParser(argparse.ArgumentParser):
         return self.parse_intermixed_args(sagemaker_arguments(argv, set(self._option_string_actions)), namespace)
 
 
-def _flag(value: str) -> bool:
+def _flag(value: str) -> bool | str:
+    if value.lower() == "auto":
+        return "auto"
     if value.lower() in ("1", "true", "yes", "y"):
         return True
     if value.lower() in ("0", "false", "no", "n", ""):
         return False
-    raise argparse.ArgumentTypeError(f"expected true or false, not {value!r}")
+    raise argparse.ArgumentTypeError(f"expected true, false or auto, not {value!r}")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -260,8 +267,9 @@ def parser() -> argparse.ArgumentParser:
                                  "key=value; under torchrun every process trains its share of each fold.")
     result.add_argument("--fold", default=None,
                         help="fold(s) to train in this process: K, K,L or all (default: train.folds)")
-    result.add_argument("--resume", nargs="?", const=True, default=False, type=_flag,
-                        help="continue interrupted folds from their last.pt")
+    result.add_argument("--resume", nargs="?", const=True, default="auto", type=_flag,
+                        help="insist on continuing interrupted folds from their last.pt (by default they continue "
+                             "when last.pt was written for the same config, and start afresh otherwise)")
     return result
 
 
