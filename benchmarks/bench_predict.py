@@ -1,0 +1,138 @@
+"""Benchmark of the fold ensemble: a 5-fold x hflip prediction against the 10 bare forward passes it is made of.
+
+    python benchmarks/bench_predict.py [--config configs/demo.yaml] [--images 32] [--repeats 3] [key=value ...]
+    python benchmarks/bench_predict.py --device cuda [--images 256]
+
+Five models are built from the config's ``model`` block (random weights; the timing does not depend on them) and
+predict the same ``--images`` random images at the config's size, ``predict.batch_size`` at a time:
+
+* reference: per batch, each model's network called on the normalised batch and on its horizontal flip, prepared
+  beforehand: 10 forward passes and nothing else;
+* ensemble: :func:`pneumoseg.inference.predict_probs` with ``TTA(hflip=True)``, from uint8 images to averaged
+  float32 maps on the host (normalising, flipping back, sigmoids, averaging and copying included);
+* predictor (for information): :meth:`pneumoseg.predictor.Predictor.predict_prepared` plus run-length encoding, i.e.
+  the ensemble, then each map brought back to ``--original`` px and post-processed there, as stage 05 does.
+
+Each figure is the best of ``--repeats`` interleaved runs after a warm-up. Target: ensemble time per image at most
+1.1 x the reference's (the ensemble machinery adds at most 10%). Prints every figure and PASS/FAIL; exits 1 when
+the target fails on the CPU. On a GPU both run under the same autocast (``predict.amp``) and channels_last.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pneumoseg.config import load_config, to_dict
+from pneumoseg.data import normalize_from_model
+from pneumoseg.distributed import resolve_device
+from pneumoseg.inference import TTA, FoldModel, autocast, predict_probs
+from pneumoseg.models import build_model
+from pneumoseg.postprocess import Threshold
+from pneumoseg.predictor import Predictor
+
+ROOT = Path(__file__).resolve().parents[1]
+RATIO_TARGET = 1.1
+FOLDS = 5
+DEFAULT_CONFIGS = {"cpu": ROOT / "configs" / "demo.yaml", "cuda": ROOT / "configs" / "siim_unet_r34_512.yaml"}
+
+
+def fold_models(cfg, device: torch.device, count: int = FOLDS) -> list[FoldModel]:
+    """``count`` differently seeded, randomly initialised models of the config, as stage 05 holds them."""
+    block = to_dict(cfg.model)
+    models = []
+    for seed in range(count):
+        torch.manual_seed(seed)
+        net = build_model(block, pretrained=False).to(device).eval()
+        if device.type == "cuda":
+            net.to(memory_format=torch.channels_last)
+        models.append(FoldModel(net=net, normalize=normalize_from_model(block), image_size=int(cfg.data.image_size)))
+    return models
+
+
+def reference_seconds(models: list[FoldModel], inputs: list[tuple[torch.Tensor, torch.Tensor]], amp) -> float:
+    """Wall time of the bare forward passes: every model on every prepared batch and its flip."""
+    device = inputs[0][0].device
+    start = time.perf_counter()
+    with torch.inference_mode(), autocast(device, amp):
+        for x, flipped in inputs:
+            for model in models:
+                model.net(x)
+                model.net(flipped)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default=None, help="experiment YAML (default: demo on cpu, siim 512 on cuda)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--images", type=int, default=None, help="images predicted per run (default 32 cpu, 256 cuda)")
+    parser.add_argument("--original", type=int, default=1024, help="original image size for the predictor figure")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs of each; the best counts")
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    args = parser.parse_args()
+    config = args.config or DEFAULT_CONFIGS[args.device]
+    count = args.images or (256 if args.device == "cuda" else 32)
+    cfg = load_config(config, args.overrides)
+    device = resolve_device(args.device)
+    size, batch, amp = int(cfg.data.image_size), int(cfg.predict.batch_size), cfg.predict.amp
+    torch.backends.cudnn.benchmark = True
+
+    models = fold_models(cfg, device)
+    images = np.random.default_rng(0).integers(0, 256, (count, size, size), dtype=np.uint8)
+    memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    inputs = []
+    for start in range(0, count, batch):
+        x = models[0].normalize(torch.from_numpy(images[start:start + batch])).to(device)
+        inputs.append((x.contiguous(memory_format=memory_format),
+                       torch.flip(x, (-1,)).contiguous(memory_format=memory_format)))
+    tta = TTA(hflip=True)
+    predictor = Predictor(models, tta, Threshold(0.5, 0), batch_size=batch, amp=amp)
+    shapes = [(args.original, args.original)] * count
+
+    def ensemble():
+        predict_probs(models, images, tta, batch_size=batch, amp=amp)
+
+    def predict_and_encode():
+        for start in range(0, count, batch):
+            for prediction in predictor.predict_prepared(images[start:start + batch], shapes[start:start + batch]):
+                prediction.rle()
+
+    reference_seconds(models, inputs, amp)  # warm-up: allocator, kernel choice
+    ensemble()
+    reference_s, ensemble_s, predictor_s = [], [], []
+    # Interleaved, so that drifting machine load hits every measurement alike.
+    for _ in range(args.repeats):
+        reference_s.append(reference_seconds(models, inputs, amp))
+        ensemble_s.append(timed(ensemble))
+        predictor_s.append(timed(predict_and_encode))
+
+    per_image = {"reference (10 forward passes)": min(reference_s) / count,
+                 f"ensemble ({FOLDS} folds x hflip)": min(ensemble_s) / count,
+                 f"predictor + RLE at {args.original} px": min(predictor_s) / count}
+    ratio = min(ensemble_s) / min(reference_s)
+    print(f"config {config}: {cfg.model.name}-{cfg.model.params.encoder_name} at {size} px, {FOLDS} models x "
+          f"{len(tta.views())} views, batch {batch}, {count} images, device {device}"
+          + (f", amp {amp}" if device.type == "cuda" else f", {torch.get_num_threads()} torch threads"))
+    for name, seconds in per_image.items():
+        print(f"  {name:32s}: {1000 * seconds:8.2f} ms/image  {1 / seconds:8.1f} images/s")
+    print(f"  ratio ensemble / reference: {ratio:.3f} (target <= {RATIO_TARGET})")
+    passed = ratio <= RATIO_TARGET
+    print("PASS" if passed else "FAIL")
+    return 0 if passed or device.type == "cuda" else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,210 @@
+"""Images of any size -> pneumothorax masks at that size: the fold ensemble, its TTA and the post-processing in one
+object, shared by stage 05 (the test set) and the server.
+
+::
+
+    predictor = Predictor.from_experiment(cfg)              # 03_train's folds, the tta section, 04's thresholds
+    [prediction] = predictor.predict([pixels])               # pixels: uint8 H x W, e.g. from read_dicom
+    prediction.rle(), prediction.area, prediction.max_prob
+
+Each image is resized to the models' square size with :func:`pneumoseg.imaging.resize_square`, the function that
+made stage 01's PNGs, so :meth:`Predictor.predict` on a DICOM's pixels and :meth:`Predictor.predict_prepared` on
+its stage-01 PNG give the same masks. The averaged probabilities are brought back to the image's own size
+(bilinear up, area-averaged down) and post-processed there; the post-processing's areas are in pixels of the
+1024 px image and scale with the map (see :mod:`pneumoseg.postprocess`).
+
+Memory grows with the number of images passed in one call (a full-size probability map each): stream large sets
+through in batches.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import cv2
+import numpy as np
+import pandas as pd
+import torch
+from omegaconf import DictConfig
+
+from . import rle
+from .distributed import resolve_device
+from .errors import ConfigError, DataError
+from .imaging import resize_square
+from .data import FOLDS_FILE
+from .inference import TTA, FoldModel, load_fold_models, predict_probs
+from .postprocess import PostProcessor
+
+
+@dataclass
+class Prediction:
+    """The prediction for one image, at the image's original size.
+
+    Attributes:
+        probs: float32 H x W ensemble probabilities.
+        mask: bool H x W mask after post-processing; what is submitted.
+    """
+
+    probs: np.ndarray
+    mask: np.ndarray
+
+    def rle(self, fmt: str = "relative") -> str:
+        """The mask as a run-length string (``"-1"`` when empty); ``fmt`` as in :func:`pneumoseg.rle.encode`."""
+        return rle.encode(self.mask, fmt)
+
+    @property
+    def area(self) -> int:
+        """Pixels in the mask."""
+        return int(np.count_nonzero(self.mask))
+
+    @property
+    def max_prob(self) -> float:
+        """The highest probability anywhere in the image."""
+        return float(self.probs.max())
+
+    @property
+    def has_pneumothorax(self) -> bool:
+        return self.area > 0
+
+
+def restore_size(probs: np.ndarray, rows: int, cols: int) -> np.ndarray:
+    """A probability map resized to ``rows`` x ``cols``: bilinear where it grows, area averaging where it shrinks
+    (where one side grows and the other shrinks, bilinear)."""
+    height, width = probs.shape
+    if (height, width) == (rows, cols):
+        return probs
+    shrinks = rows <= height and cols <= width
+    return cv2.resize(probs, (cols, rows), interpolation=cv2.INTER_AREA if shrinks else cv2.INTER_LINEAR)
+
+
+class Predictor:
+    """A fold ensemble with its test-time augmentation and post-processing.
+
+    Args:
+        models: the fold models (all trained at one size, on one device); their probabilities are averaged.
+        tta: the views of each image averaged per model.
+        postprocessor: probabilities -> mask, applied at the image's original size.
+        interpolation: how images are resized to the models' size; must be stage 01's ``prepare.interpolation``
+            for :meth:`predict` to match :meth:`predict_prepared` on stage 01's PNGs.
+        batch_size: images per forward pass.
+        amp: autocast on a GPU (``auto``, ``fp16``, ``bf16`` or None); the CPU always runs fp32.
+
+    Raises:
+        ValueError: no models.
+        DataError: models trained at different sizes.
+    """
+
+    def __init__(self, models: list[FoldModel], tta: TTA, postprocessor: PostProcessor, interpolation: str = "area",
+                 batch_size: int = 16, amp: str | None = "auto") -> None:
+        if not models:
+            raise ValueError("a Predictor needs at least one model")
+        sizes = sorted({m.image_size for m in models})
+        if len(sizes) > 1:
+            found = ", ".join(f"{m.path} ({m.image_size} px)" for m in models)
+            raise DataError(f"the models were trained at different sizes {sizes}: {found}; an ensemble predicts "
+                            f"at one size, so retrain the folds at one train.image_size")
+        if batch_size < 1:
+            raise ConfigError(f"the prediction batch size must be at least 1, got {batch_size}")
+        self.models = list(models)
+        self.tta = tta
+        self.postprocessor = postprocessor
+        self.interpolation = interpolation
+        self.batch_size = int(batch_size)
+        self.amp = amp
+
+    @property
+    def image_size(self) -> int:
+        """The square size the models take, in pixels."""
+        return self.models[0].image_size
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.models[0].net.parameters()).device
+
+    @property
+    def n_views(self) -> int:
+        """Forward passes per image: models times TTA views."""
+        return len(self.models) * len(self.tta.views())
+
+    def predict(self, images: Sequence[np.ndarray]) -> list[Prediction]:
+        """Predict images of any size.
+
+        Args:
+            images: uint8 H x W grey images (0 is black), such as :func:`pneumoseg.dicom.read_dicom` returns.
+
+        Returns:
+            One :class:`Prediction` per image, at that image's size.
+
+        Raises:
+            DataError: an image that is not a non-empty 2-D uint8 array.
+        """
+        for index, image in enumerate(images):
+            if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 2 or not image.size:
+                described = f"{image.dtype} {image.shape}" if isinstance(image, np.ndarray) else type(image).__name__
+                raise DataError(f"image {index}: expected a non-empty 2-D uint8 grey image, got {described}")
+        if not images:
+            return []
+        prepared = np.stack([resize_square(image, self.image_size, self.interpolation) for image in images])
+        return self.predict_prepared(prepared, [image.shape for image in images])
+
+    def predict_prepared(self, images: np.ndarray | torch.Tensor,
+                         original_shapes: Sequence[tuple[int, int]]) -> list[Prediction]:
+        """Predict images already resized to :attr:`image_size` (stage 01's PNGs).
+
+        Args:
+            images: uint8 N x S x S, S = :attr:`image_size`.
+            original_shapes: ``(rows, cols)`` of each image's original; predictions come back at that size.
+
+        Raises:
+            DataError: images of another size, or a shape count that differs from the image count.
+        """
+        if tuple(images.shape[1:]) != (self.image_size, self.image_size):
+            raise DataError(f"prepared images must be N x {self.image_size} x {self.image_size} (the models' size), "
+                            f"got {tuple(images.shape)}; use the PNGs of 01_convert/images_{self.image_size}/")
+        if len(original_shapes) != len(images):
+            raise DataError(f"{len(images)} images but {len(original_shapes)} original shapes")
+        probs = predict_probs(self.models, images, self.tta, batch_size=self.batch_size, amp=self.amp)
+        predictions = []
+        for small, (rows, cols) in zip(probs, original_shapes):
+            full = restore_size(small, int(rows), int(cols))
+            predictions.append(Prediction(probs=full, mask=self.postprocessor(full)))
+        return predictions
+
+    @classmethod
+    def from_experiment(cls, cfg: DictConfig, device: str | torch.device | None = None) -> "Predictor":
+        """The predictor of an experiment's outputs.
+
+        Models: the ``predict.top_k`` best checkpoints of each fold of ``train.folds`` (``all``: every fold of
+        ``03_train/folds.csv``) in ``${paths.experiment_dir}/03_train``; TTA: the ``tta`` section; post-processing: ``postprocess.source``
+        (stage 04's ``thresholds.json`` or the config's block); resizing: ``prepare.interpolation``; batch size
+        and AMP: ``predict.batch_size`` and ``predict.amp``.
+
+        Args:
+            cfg: the resolved config.
+            device: ``auto``, ``cpu``, ``cuda`` or a torch device; default ``predict.device``.
+
+        Raises:
+            ConfigError: ``predict.top_k`` below 1 or above ``train.keep_best``, or a device that is not there.
+            DataError: missing checkpoints or thresholds.
+        """
+        # The experiment folder's layout is the stages' knowledge; imported at call time so that importing this
+        # core module never pulls in the stages (see the package docstring).
+        from .stages.search import configured_postprocessor, train_folder, trained_folds
+
+        predict = cfg.predict
+        top_k = int(predict.top_k)
+        if not 1 <= top_k <= int(cfg.train.keep_best):
+            raise ConfigError(f"predict.top_k={top_k} must be between 1 and train.keep_best={cfg.train.keep_best} "
+                              f"(the checkpoints stage 03 keeps per fold)")
+        if not isinstance(device, torch.device):
+            device = resolve_device(str(device or predict.device))
+        folder = train_folder(cfg)
+        folds_csv = folder / FOLDS_FILE
+        if not folds_csv.is_file():
+            raise DataError(f"{folds_csv} not found: no trained models in {folder}; run scripts/03_train.py first")
+        folds = trained_folds(cfg.train.folds, sorted(int(f) for f in pd.read_csv(folds_csv)["fold"].unique()),
+                              folds_csv)
+        models = load_fold_models(folder, folds, top=top_k, device=device)
+        return cls(models, TTA.from_config(cfg.get("tta")), configured_postprocessor(cfg),
+                   interpolation=str(cfg.prepare.interpolation),
+                   batch_size=int(predict.batch_size), amp=predict.amp)

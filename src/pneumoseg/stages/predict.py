@@ -1,0 +1,287 @@
+"""Stage 05: predict every test image with the fold ensemble and write the challenge submission.
+
+Inputs: stage 02's ``02_labels/test_images.csv`` (ImageId, rows, cols: the test set, in the sample submission's
+order when there is one), stage 01's PNGs of those images at the models' size, stage 03's fold checkpoints and
+stage 04's ``thresholds.json`` (see :meth:`pneumoseg.predictor.Predictor.from_experiment` for how the config
+chooses among them).
+
+Outputs in ``${paths.experiment_dir}/05_predict/``:
+
+* ``submission.csv``: ``ImageId,EncodedPixels``, one row per test image (``-1`` when empty), in ``predict.fmt``,
+  validated before it is written (see :mod:`pneumoseg.submission`);
+* ``test_score.json``, only when ``paths.input_dir`` holds the demo's held-out ``test_labels.csv``: the
+  submission's challenge score beside the out-of-fold score of ``04_search/oof_report.json``;
+* ``config.yaml`` and ``done.json``.
+
+Images stream through in batches of ``predict.batch_size``; only each image's run-length string is kept, so
+memory does not grow with the test set. The stage reruns when the config sections the predictions depend on
+change, or when a checkpoint, ``thresholds.json``, stage 01's record, the test list or the test labels do.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from omegaconf import DictConfig
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from .. import labels as lb
+from .. import rle
+from ..cli import setup_logging
+from ..config import load_config
+from ..data import ImageFiles
+from ..errors import ConfigError, DataError, PneumosegError
+from ..io import write_json
+from ..predictor import Predictor
+from ..submission import format_problems, score_submission, validate_submission, write_submission
+from . import convert, prepare_labels, search
+from .demo_data import TEST_LABELS
+from .record import DONE_FILE, StageRecord
+
+log = logging.getLogger(__name__)
+
+STAGE_NAME = "05_predict"
+FOLDER_NAME = "05_predict"
+SUBMISSION_FILE = "submission.csv"
+TEST_SCORE_FILE = "test_score.json"
+SECTIONS = ("data", "prepare", "model", "train", "tta", "postprocess", "predict")
+
+
+def output_folder(cfg: DictConfig) -> Path:
+    """The stage's folder, ``${paths.experiment_dir}/05_predict``."""
+    return Path(cfg.paths.experiment_dir) / FOLDER_NAME
+
+
+def submission_path(cfg: DictConfig) -> Path:
+    """Where the stage writes the submission."""
+    return output_folder(cfg) / SUBMISSION_FILE
+
+
+def test_labels_path(cfg: DictConfig) -> Path:
+    """Where the demo keeps its held-out test labels (absent for the real challenge data)."""
+    return Path(cfg.paths.input_dir) / TEST_LABELS
+
+
+def read_test_images(cfg: DictConfig, sample: Path | None) -> pd.DataFrame:
+    """Stage 02's test list: ImageId, rows, cols, in submission order.
+
+    Args:
+        cfg: the resolved config.
+        sample: the sample submission, whose every ImageId must be a test image; None without one.
+
+    Raises:
+        DataError: the list is missing, lacks a column, is empty, or lacks ImageIds of the sample submission
+            (their DICOMs were not found, or they have training labels).
+    """
+    path = prepare_labels.stage_folder(cfg) / "test_images.csv"
+    if not path.is_file():
+        raise DataError(f"{path} not found: run scripts/02_prepare_labels.py first")
+    test = pd.read_csv(path, dtype={lb.ID_COLUMN: str})
+    missing = [c for c in (lb.ID_COLUMN, "rows", "cols") if c not in test.columns]
+    if missing:
+        raise DataError(f"{path} lacks the column(s) {missing}: rerun scripts/02_prepare_labels.py --force")
+    if test.empty:
+        raise DataError(f"{path} lists no test image: give the test DICOMs (dicom-images-test/, or the images of a "
+                        f"sample submission) in {cfg.paths.input_dir} and rerun stages 01-02")
+    if sample is not None:
+        known = set(test[lb.ID_COLUMN])
+        absent = [i for i in lb.read_image_ids(sample) if i not in known]
+        if absent:
+            raise DataError(f"{len(absent)} ImageIds of the sample submission {sample} are not test images of "
+                            f"{path}, e.g. {absent[:3]}: their DICOMs are missing or they have training labels (see "
+                            f"{path.parent / 'unmatched.csv'}). Add the missing DICOMs and rerun stages 01-02.")
+    return test
+
+
+def test_set(cfg: DictConfig) -> tuple[pd.DataFrame, list[str]]:
+    """The test images (:func:`read_test_images`) and the ImageIds a submission must hold, in order: the sample
+    submission's when the config has one, else the test list's."""
+    sample = lb.locate_sample_submission(cfg.data.sample_submission, cfg.paths.input_dir)
+    test = read_test_images(cfg, sample)
+    return test, lb.read_image_ids(sample) if sample else test[lb.ID_COLUMN].tolist()
+
+
+def image_sizes(test: pd.DataFrame) -> dict[str, tuple[int, int]]:
+    """ImageId -> ``(rows, cols)`` of the original images of a test list."""
+    return {i: (int(r), int(c)) for i, r, c in test[[lb.ID_COLUMN, "rows", "cols"]].itertuples(index=False)}
+
+
+def _file_facts(paths: list[Path]) -> dict[str, list[int] | None]:
+    """Size and modification time of each file (None when absent): enough to see that one was rewritten."""
+    return {str(p): [p.stat().st_size, p.stat().st_mtime_ns] if p.is_file() else None for p in paths}
+
+
+def _input_facts(cfg: DictConfig, test_labels: Path) -> dict[str, Any]:
+    """What the predictions depend on besides the config: the files of stages 01-04 and the test labels.
+
+    Raises:
+        DataError: stage 03 has not finished (its ``done.json`` is missing).
+    """
+    train_dir = search.train_folder(cfg)
+    if not (train_dir / DONE_FILE).is_file():
+        raise DataError(f"stage 03 has not finished: {train_dir / DONE_FILE} is missing. Train every fold of "
+                        f"train.folds first (scripts/03_train.py).")
+    files = sorted(train_dir.glob("fold*/best_*.pt"))
+    files += [search.thresholds_path(cfg), convert.output_folder(cfg) / DONE_FILE,
+              prepare_labels.stage_folder(cfg) / "test_images.csv", test_labels]
+    return _file_facts(files)
+
+
+def run(cfg: DictConfig, force: bool = False) -> dict[str, Any]:
+    """Predict the test set and write the submission; see the module docstring.
+
+    Returns:
+        The summary: images, positive predictions, models and views per image, the post-processing, the
+        device, seconds per image, the submission's path, and the test and OOF scores when the test labels exist.
+
+    Raises:
+        DataError: a missing input of stages 01-04, or a submission that does not validate.
+        ConfigError: a bad ``predict`` section.
+    """
+    if cfg.predict.fmt not in rle.FORMATS:
+        raise ConfigError(f"predict.fmt must be one of {', '.join(rle.FORMATS)}, not {cfg.predict.fmt!r}")
+    folder = output_folder(cfg)
+    test, expected = test_set(cfg)
+    test_labels = test_labels_path(cfg)
+    record = StageRecord(STAGE_NAME, folder, cfg, SECTIONS, inputs=_input_facts(cfg, test_labels))
+    if record.skip_if_complete(force):
+        return json.loads(record.done_path.read_text())["summary"]
+    predictor = Predictor.from_experiment(cfg)
+    record.start()
+
+    ids = test[lb.ID_COLUMN].tolist()
+    sizes = image_sizes(test)
+    log.info("%s: %d test images, %d models x %d views on %s", STAGE_NAME, len(ids), len(predictor.models),
+             len(predictor.tta.views()), predictor.device)
+    started = time.time()
+    encoded, positive = predict_rles(predictor, convert.images_folder(cfg, predictor.image_size), ids, sizes,
+                                     cfg.predict)
+    seconds = time.time() - started
+    write_submission(submission_path(cfg), ids, encoded, expected, sizes, cfg.predict.fmt)
+    summary = {
+        "submission": str(submission_path(cfg)),
+        "images": len(ids),
+        "positive": positive,
+        "models": len(predictor.models),
+        "views_per_model": len(predictor.tta.views()),
+        "postprocess": predictor.postprocessor.to_block(),
+        "fmt": cfg.predict.fmt,
+        "device": str(predictor.device),
+        "seconds_per_image": round(seconds / len(ids), 4),
+    }
+    if test_labels.is_file():
+        summary.update(score_test_set(cfg, test_labels, sizes))
+    record.finish(summary)
+    return summary
+
+
+def predict_rles(predictor: Predictor, images_dir: Path, ids: list[str], sizes: dict[str, tuple[int, int]],
+                 settings: DictConfig) -> tuple[list[str], int]:
+    """The run-length string of each image of ``ids`` (in order) and the number of non-empty masks.
+
+    Args:
+        predictor: the ensemble.
+        images_dir: stage 01's PNGs at the predictor's size.
+        ids: the test ImageIds.
+        sizes: ``(rows, cols)`` of each original image.
+        settings: the ``predict`` section (``batch_size``, ``num_workers``, ``fmt``).
+
+    Raises:
+        DataError: a test image without its PNG.
+    """
+    paths = [images_dir / f"{i}.png" for i in ids]
+    absent = [p for p in paths if not p.is_file()]
+    if absent:
+        raise DataError(f"{len(absent)} test images have no PNG in {images_dir}, e.g. {absent[0]}; rerun "
+                        f"scripts/01_convert_dicoms.py (with data.image_size={predictor.image_size} among "
+                        f"prepare.sizes)")
+    loader = DataLoader(ImageFiles(paths), batch_size=int(settings.batch_size), num_workers=int(settings.num_workers),
+                        pin_memory=predictor.device.type == "cuda")
+    encoded, positive = [], 0
+    with tqdm(total=len(ids), desc="test images", unit="img") as progress:
+        for batch in loader:
+            batch_ids = ids[len(encoded):len(encoded) + len(batch)]
+            for prediction in predictor.predict_prepared(batch, [sizes[i] for i in batch_ids]):
+                encoded.append(prediction.rle(settings.fmt))
+                positive += prediction.has_pneumothorax
+            progress.update(len(batch))
+    return encoded, positive
+
+
+def score_test_set(cfg: DictConfig, test_labels: Path, sizes: dict[str, tuple[int, int]]) -> dict[str, Any]:
+    """Score the submission on the held-out labels, log it beside the OOF score and write ``test_score.json``."""
+    test_score = score_submission(submission_path(cfg), test_labels, sizes, cfg.predict.fmt)
+    report = search.output_folder(cfg) / "oof_report.json"
+    oof_score = json.loads(report.read_text())["oof_score"] if report.is_file() else None
+    scores = {"test_score": round(test_score, 4), "oof_score": None if oof_score is None else round(oof_score, 4),
+              "test_labels": str(test_labels), "labels_sha256": _sha256(test_labels)}
+    write_json(output_folder(cfg) / TEST_SCORE_FILE, scores)
+    if oof_score is None:
+        log.info("test score %.4f (no OOF report at %s to compare with)", test_score, report)
+    else:
+        log.info("test score %.4f, OOF score %.4f (difference %+.4f)", test_score, oof_score, test_score - oof_score)
+    return {"test_score": scores["test_score"], "oof_score": scores["oof_score"]}
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+def summary_text(summary: dict[str, Any]) -> str:
+    """The few lines the script prints when it is done."""
+    lines = [f"submission: {summary['submission']}",
+             f"  {summary['images']} test images, {summary['positive']} with pneumothorax predicted",
+             f"  {summary['models']} models x {summary['views_per_model']} views, post-processing "
+             f"{summary['postprocess']['name']} {summary['postprocess']['params']}, "
+             f"{summary['seconds_per_image']:.3f} s per image on {summary['device']}"]
+    if "test_score" in summary:
+        oof = "n/a" if summary["oof_score"] is None else f"{summary['oof_score']:.4f}"
+        lines.append(f"  test score {summary['test_score']:.4f} (held-out labels), OOF score {oof}")
+    return "\n".join(lines)
+
+
+def cli(cfg: DictConfig, args) -> None:
+    """The script's entry: run the stage and print its summary."""
+    print(summary_text(run(cfg, force=args.force)))
+
+
+def validate_cli(argv: list[str] | None = None) -> int:
+    """``scripts/validate_submission.py``: print every problem of a submission file; 1 when there is any.
+
+    The expected ImageIds come from ``--sample`` (sizes then default to the challenge's 1024 x 1024), or from a
+    config's sample submission or stage-02 test list (sizes from ``test_images.csv``, form from ``predict.fmt``).
+    """
+    parser = argparse.ArgumentParser(description="Check a submission file: header, one row per test image, every "
+                                                 "run-length string decoding within its image.")
+    parser.add_argument("submission", help="the submission CSV to check")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--sample", help="a sample submission: its ImageIds and order are expected")
+    source.add_argument("--config", help="an experiment config: its test set (stages 01-02 done) is expected")
+    parser.add_argument("--fmt", choices=rle.FORMATS, default=None,
+                        help="run-length form (default: predict.fmt with --config, else relative)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (with --config)")
+    args = parser.parse_intermixed_args(argv)
+    setup_logging()
+    try:
+        if args.config:
+            cfg = load_config(args.config, args.overrides)
+            test, expected = test_set(cfg)
+            sizes, fmt = image_sizes(test), args.fmt or cfg.predict.fmt
+        else:
+            expected, sizes, fmt = args.sample, None, args.fmt or "relative"
+        problems = validate_submission(args.submission, expected, sizes, fmt)
+    except PneumosegError as exc:
+        log.error("%s", exc)
+        return 1
+    if problems:
+        print(f"{args.submission}: {len(problems)} problem(s):\n{format_problems(problems, limit=None)}")
+        return 1
+    print(f"{args.submission}: valid ({fmt} run-length form)")
+    return 0
