@@ -1,10 +1,10 @@
 """DICOM input and output.
 
 Reading: :func:`read_dicom` turns one DICOM into an 8-bit grey image (0 is black) and the tags competitors
-used; :func:`read_dicom_header` gives the same tags without touching the pixels; :func:`find_dicoms` lists
-the DICOMs of a challenge folder in either layout. A file that cannot become an image raises a subclass of
-:class:`DicomError` that names the file and the reason, so a caller converting thousands of files can
-record it and carry on.
+used, :func:`read_dicom_bytes` does the same from bytes in memory; :func:`read_dicom_header` gives the same
+tags without touching the pixels; :func:`find_dicoms` lists the DICOMs of a challenge folder in either layout.
+A file that cannot become an image raises a subclass of :class:`DicomError` that names the file and the reason,
+so a caller converting thousands of files can record it and carry on.
 
 Writing: :func:`write_jpeg_dicom` stores an 8-bit image the way the challenge's files are stored
 (Secondary Capture, MONOCHROME2, JPEG Baseline encapsulated). pydicom cannot encode JPEG itself, so Pillow
@@ -234,12 +234,38 @@ def read_dicom(path: str | os.PathLike) -> tuple[np.ndarray, dict]:
         data = path.read_bytes()
     except OSError as exc:
         raise UnreadableDicomError(path, exc.strerror or str(exc)) from None
+    pixels, metadata, _ = _read_buffer(data, path)
+    return pixels, metadata
+
+
+def read_dicom_bytes(data: bytes, name: str = "request body") -> tuple[np.ndarray, dict]:
+    """:func:`read_dicom` of a whole DICOM file's bytes held in memory (the body of an HTTP request, say).
+
+    Args:
+        data: the file's bytes.
+        name: what error messages call the data, in place of a file name.
+
+    Returns:
+        ``(pixels, metadata)`` as :func:`read_dicom`, except that the ImageId is the SOPInstanceUID (the
+        challenge's ImageId, which its file names repeat; "" when absent) and source_path is "".
+
+    Raises:
+        DicomError: as :func:`read_dicom`, naming ``name``.
+    """
+    pixels, metadata, ds = _read_buffer(bytes(data), Path(name))
+    metadata.update(ImageId=_text(ds.get("SOPInstanceUID")), source_path="")
+    return pixels, metadata
+
+
+def _read_buffer(data: bytes, path: Path) -> tuple[np.ndarray, dict, Dataset]:
+    """Parse, check and decode the bytes of one DICOM file -> ``(pixels, metadata, dataset)``; ``path`` names
+    the file in the metadata and in errors."""
     with _quiet_pydicom():
         ds = _parse(io.BytesIO(data), path)
         _check_complete(ds, len(data), path, whole_file=True)
         metadata = _metadata(ds, path)
         pixels = _pixels(ds, metadata, path)
-    return pixels, metadata
+    return pixels, metadata, ds
 
 
 def read_dicom_header(path: str | os.PathLike) -> dict:

@@ -1,0 +1,204 @@
+"""Benchmark of the HTTP server: 1024 x 1024 DICOMs through ``python -m pneumoseg.serve`` against the same handler
+called in-process.
+
+    python benchmarks/bench_serve.py [--model output/demo/06_package/model.tar.gz] [--requests 60] [--clients 4]
+
+The model is ``--model`` (a package of stage 06), else a demo-like package built in a temporary folder: the demo
+config's architecture, folds, size and TTA with untrained weights, whose speed is the trained model's. The
+requests are the 10 real sample DICOMs of ``../shared/siim/sample_images`` when present, else synthetic 1024 px
+JPEG DICOMs, sent in turn. Three measurements, in one run on the same machine:
+
+* handler: ``input_fn`` -> ``predict_fn`` -> ``output_fn`` (JSON) called in this process, one request at a time,
+  in a worker thread as the server calls it (on the 2-core sandbox this was written on, PyTorch ran several times
+  slower in the first thread to use it than in threads started later, which would otherwise skew the comparison);
+* server, 1 client: the server in its own process (as deployed), one keep-alive client sending one request at a
+  time over loopback; its p50 latency against the handler's is the server's own overhead (HTTP, copies, logging);
+* server, ``--clients`` clients: concurrent keep-alive clients, for throughput (requests per second).
+
+The handler and the 1-client server take turns, one request each, so that a change in the machine's load affects
+both alike. Every request loop is bounded (``--requests`` per measurement, 120 s per request) and only talks to
+127.0.0.1. Target: the server's p50 latency at most 1.10 x the handler's. Prints every figure and PASS/FAIL; exits
+1 when the target fails.
+"""
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+from pneumoseg import serving  # noqa: E402
+from pneumoseg.config import load_config  # noqa: E402
+from pneumoseg.dicom import DicomTags, write_jpeg_dicom  # noqa: E402
+from pneumoseg.stages import package  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLES = ROOT.parent / "shared" / "siim" / "sample_images"
+HOST = "127.0.0.1"
+OVERHEAD_TARGET = 1.10
+REQUEST_TIMEOUT = 120
+# Between two timed requests: lets the other process's compute threads, which spin a while after their work, go idle.
+PAUSE = 0.3
+
+
+def demo_like_package(folder: Path) -> Path:
+    """A package of the demo config's model with untrained weights (the tests' stand-in for stages 03-04)."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from fake_experiment import write_fake_training
+
+    cfg = load_config(ROOT / "configs" / "demo.yaml", [f"paths.output_root={folder}", f"paths.input_dir={folder}"])
+    write_fake_training(cfg, folds=range(int(cfg.folds.n_splits)))
+    package.run(cfg)
+    return package.package_path(cfg)
+
+
+def dicom_bodies(folder: Path, count: int = 10) -> list[bytes]:
+    """The real sample DICOMs, or ``count`` synthetic 1024 px ones (smooth noise, JPEG Baseline like the real)."""
+    if SAMPLES.is_dir() and any(SAMPLES.glob("*.dcm")):
+        return [path.read_bytes() for path in sorted(SAMPLES.glob("*.dcm"))]
+    rng = np.random.default_rng(0)
+    bodies = []
+    for i in range(count):
+        small = rng.integers(0, 256, (32, 32), dtype=np.uint8).astype(np.float32)
+        image = cv2.resize(small, (1024, 1024), interpolation=cv2.INTER_CUBIC).clip(0, 255).astype(np.uint8)
+        uid = f"1.2.276.0.7230010.3.1.4.{i}"
+        path = folder / f"{uid}.dcm"
+        write_jpeg_dicom(path, image, DicomTags(uid, f"{uid}.2", f"{uid}.3", f"p{i}"))
+        bodies.append(path.read_bytes())
+    return bodies
+
+
+def start_server(model: Path, log: Path) -> tuple[subprocess.Popen, int]:
+    """``python -m pneumoseg.serve`` on a free loopback port; returns once ``/ping`` answers 200."""
+    out = open(log, "w")
+    process = subprocess.Popen([sys.executable, "-m", "pneumoseg.serve", "--model", str(model), "--port", "0",
+                                "--host", HOST], stdout=out, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 300
+    port = None
+    while time.monotonic() < deadline and process.poll() is None:
+        if port is None:
+            match = re.search(r"listening on http://[\d.]+:(\d+)", log.read_text())
+            port = int(match.group(1)) if match else None
+        elif _ping(port) == 200:
+            return process, port
+        time.sleep(0.2)
+    process.kill()
+    raise RuntimeError(f"the server did not start:\n{log.read_text()}")
+
+
+def _ping(port: int) -> int:
+    conn = http.client.HTTPConnection(HOST, port, timeout=10)
+    try:
+        conn.request("GET", "/ping")
+        return conn.getresponse().status
+    finally:
+        conn.close()
+
+
+def handler_latencies(model: serving.ServingModel, bodies: list[bytes], start: int, count: int) -> list[float]:
+    latencies = []
+    for i in range(start, start + count):
+        began = time.perf_counter()
+        data = serving.input_fn(bodies[i % len(bodies)], "application/dicom")
+        serving.output_fn(serving.predict_fn(data, model), "application/json")
+        latencies.append(time.perf_counter() - began)
+    return latencies
+
+
+def client_latencies(conn: http.client.HTTPConnection, bodies: list[bytes], start: int, count: int) -> list[float]:
+    """``count`` requests, one at a time, on a keep-alive connection; each must answer 200 with JSON."""
+    latencies = []
+    for i in range(start, start + count):
+        began = time.perf_counter()
+        conn.request("POST", "/invocations", body=bodies[i % len(bodies)], headers={"Content-Type": "application/dicom"})
+        response = conn.getresponse()
+        payload = response.read()
+        latencies.append(time.perf_counter() - began)
+        if response.status != 200:
+            raise RuntimeError(f"the server answered {response.status}: {payload[:300]!r}")
+        json.loads(payload)
+    return latencies
+
+
+def one_client(port: int, bodies: list[bytes], start: int, count: int) -> list[float]:
+    """:func:`client_latencies` on a connection of its own."""
+    conn = http.client.HTTPConnection(HOST, port, timeout=REQUEST_TIMEOUT)
+    try:
+        return client_latencies(conn, bodies, start, count)
+    finally:
+        conn.close()
+
+
+def summary(name: str, latencies: list[float], seconds: float) -> dict:
+    ms = np.array(latencies) * 1000
+    figures = {"name": name, "requests": len(ms), "p50_ms": float(np.percentile(ms, 50)),
+               "p99_ms": float(np.percentile(ms, 99)), "per_second": len(ms) / seconds}
+    print(f"{name:<22} {figures['requests']:>4} requests  p50 {figures['p50_ms']:7.1f} ms  "
+          f"p99 {figures['p99_ms']:7.1f} ms  {figures['per_second']:6.2f} requests/s")
+    return figures
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", help="model.tar.gz or folder (default: a demo-like untrained package)")
+    parser.add_argument("--requests", type=int, default=60, help="requests per measurement (default %(default)s)")
+    parser.add_argument("--clients", type=int, default=4, help="concurrent clients for throughput (default "
+                                                               "%(default)s)")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="bench-serve-") as scratch:
+        scratch = Path(scratch)
+        model_path = Path(args.model) if args.model else demo_like_package(scratch / "experiment")
+        bodies = dicom_bodies(scratch)
+        with serving.open_package(model_path) as model_dir:
+            model = serving.load_package(model_dir, device="cpu")
+        print(f"model {model.name} {model.version}: {len(model.predictor.models)} models x "
+              f"{len(model.predictor.tta.views())} views at {model.predictor.image_size} px; "
+              f"{len(bodies)} DICOMs of {np.mean([len(b) for b in bodies]) / 1e3:.0f} kB")
+        process, port = start_server(model_path, scratch / "server.log")
+        try:
+            worker = ThreadPoolExecutor(1, thread_name_prefix="handler")
+            worker.submit(handler_latencies, model, bodies, 0, 2).result()  # warm-ups
+            one_client(port, bodies, 0, 2)
+            conn = http.client.HTTPConnection(HOST, port, timeout=REQUEST_TIMEOUT)
+            handler, server = [], []
+            for i in range(args.requests):
+                time.sleep(PAUSE)
+                handler += worker.submit(handler_latencies, model, bodies, i, 1).result()
+                time.sleep(PAUSE)
+                server += client_latencies(conn, bodies, i, 1)
+            conn.close()
+            worker.shutdown()
+            handler = summary("handler, in-process", handler, sum(handler))
+            server = summary("server, 1 client", server, sum(server))
+            per_client = -(-args.requests // args.clients)
+            began = time.perf_counter()
+            with ThreadPoolExecutor(args.clients) as pool:
+                results = pool.map(lambda c: one_client(port, bodies, c, per_client), range(args.clients))
+                concurrent = [latency for result in results for latency in result]
+            summary(f"server, {args.clients} clients", concurrent, time.perf_counter() - began)
+        finally:
+            process.terminate()
+            process.wait(60)
+    ratio = server["p50_ms"] / handler["p50_ms"]
+    passed = ratio <= OVERHEAD_TARGET
+    print(f"server p50 / handler p50 = {ratio:.3f} (server overhead {100 * (ratio - 1):+.1f}%); target <= "
+          f"{OVERHEAD_TARGET:.2f}: {'PASS' if passed else 'FAIL'}")
+    return 0 if passed else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

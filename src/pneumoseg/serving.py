@@ -1,0 +1,441 @@
+"""The inference handler of a model package: the four functions the SageMaker PyTorch serving container calls,
+which the HTTP server (:mod:`pneumoseg.serve`) calls too::
+
+    model = model_fn("/opt/ml/model")                   # an extracted model.tar.gz
+    data = input_fn(body, "application/dicom")          # request bytes -> ImageInput
+    result = predict_fn(data, model)                    # -> Result: the stage-05 Predictor's Prediction
+    body, content_type = output_fn(result, "application/json")
+
+A model package (written by stage 06, :mod:`pneumoseg.stages.package`) is a folder, or its ``model.tar.gz``:
+
+* ``manifest.json``: name, version, the model files and how to predict (TTA, resizing, batch size, AMP);
+* ``thresholds.json``: the post-processing as a ``{name, params}`` block;
+* ``config.yaml``: the experiment's resolved config, for the record;
+* ``fold<k>/best_<rank>.pt``: the weights, in stage 03's checkpoint format (tensors and plain data only, loaded
+  with ``weights_only=True``: no pickled code, no download);
+* ``code/inference.py`` (imports the four functions from here), ``code/requirements.txt`` and ``code/pneumoseg/``
+  (this package's source), which SageMaker's container puts on its Python path.
+
+Request bodies, by content type: ``application/dicom`` (a DICOM file, read like stage 01 reads one),
+``image/png`` and ``image/jpeg`` (8-bit grey, or colour made grey with the ITU-R 601 luma weights),
+``application/x-npy`` (``numpy.save`` of an H x W, H x W x 1 or H x W x 3 array of integers in 0..255). Responses,
+by ``Accept``: ``application/json`` (the default) or ``image/png`` (the mask, 0 or 255, at the input's size). The
+JSON's ImageId is a DICOM's SOPInstanceUID: the challenge's ImageId for its stage-1 files, which are named by it
+(stage-2 files are named by another id, which the body does not carry); other bodies have none.
+
+A request the handler cannot serve raises a :class:`RequestError` that carries its HTTP status: 400
+(:class:`BadRequest`: an empty or unreadable body), 415 (:class:`UnsupportedMediaType`) or 406
+(:class:`NotAcceptable`). Inside SageMaker's container they are also the inference toolkit's own error type, so
+the endpoint answers with that status and message instead of a 500.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import tarfile
+import tempfile
+from dataclasses import dataclass
+from http import HTTPStatus
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Iterator
+
+import cv2
+import numpy as np
+from PIL import Image
+
+from .dicom import read_dicom_bytes
+from .distributed import resolve_device
+from .errors import DataError
+from .inference import TTA, load_model
+from .postprocess import load_postprocessor
+from .predictor import Prediction, Predictor
+from .registry import Registry
+
+MANIFEST_FILE = "manifest.json"
+THRESHOLDS_FILE = "thresholds.json"
+CONFIG_FILE = "config.yaml"
+CODE_DIR = "code"
+PACKAGE_FORMAT = 1
+"""The version of the package layout; :func:`load_package` refuses others."""
+
+JSON = "application/json"
+PNG = "image/png"
+MAX_PIXELS = 8192 * 8192
+"""Largest image accepted, in pixels: well above any radiograph, far below what would exhaust memory."""
+
+try:  # inside SageMaker's serving container
+    from sagemaker_inference.errors import BaseInferenceToolkitError as _ToolkitError
+except ImportError:
+    class _ToolkitError(Exception):  # type: ignore[no-redef]
+        """Stands in for the SageMaker inference toolkit's error type where the toolkit is not installed."""
+
+
+class RequestError(DataError, _ToolkitError):
+    """A request the handler cannot serve; ``status`` is the HTTP status to answer with.
+
+    Args:
+        message: what is wrong with the request and how to fix it (sent to the client).
+    """
+
+    status: ClassVar[int] = HTTPStatus.BAD_REQUEST
+
+    def __init__(self, message: str) -> None:
+        Exception.__init__(self, message)
+        # The attributes SageMaker's inference toolkit answers with (it reads no others).
+        self.status_code = int(self.status)
+        self.message = message
+        self.phrase = HTTPStatus(self.status).phrase
+
+
+class BadRequest(RequestError):
+    """An empty body, or one that is not a readable image of its content type."""
+
+
+class UnsupportedMediaType(RequestError):
+    """A content type the handler does not read."""
+
+    status = HTTPStatus.UNSUPPORTED_MEDIA_TYPE
+
+
+class NotAcceptable(RequestError):
+    """An ``Accept`` header that names no response type the handler writes."""
+
+    status = HTTPStatus.NOT_ACCEPTABLE
+
+
+@dataclass
+class ImageInput:
+    """A decoded request.
+
+    Attributes:
+        pixels: uint8 H x W grey image (0 is black).
+        image_id: the challenge's ImageId when the body carries one (a DICOM's SOPInstanceUID), else None.
+        media_type: the content type it was decoded from.
+    """
+
+    pixels: np.ndarray
+    image_id: str | None
+    media_type: str
+
+
+@dataclass
+class ServingModel:
+    """A loaded model package.
+
+    Attributes:
+        predictor: the fold ensemble with its TTA and post-processing (the one stage 05 uses).
+        name: the experiment the package was built from.
+        version: identifies the package's weights and post-processing (see the package stage).
+        fmt: the run-length form of its responses, the submission's (``relative`` or ``absolute``).
+        manifest: the package's ``manifest.json``.
+    """
+
+    predictor: Predictor
+    name: str
+    version: str
+    fmt: str
+    manifest: dict
+
+    @property
+    def postprocess(self) -> dict[str, Any]:
+        """The post-processing as a ``{name, params}`` block."""
+        return self.predictor.postprocessor.to_block()
+
+
+@dataclass
+class Result:
+    """What :func:`predict_fn` returns: the prediction for one request, and where it came from."""
+
+    prediction: Prediction
+    image_id: str | None
+    model: ServingModel
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON response: ImageId (None when unknown), the mask in the submission's run-length form
+        (``EncodedPixels``, ``"-1"`` when empty; the package's ``fmt``), the image's size, the mask's area in pixels, the highest
+        probability, the post-processing and the model."""
+        prediction = self.prediction
+        height, width = prediction.mask.shape
+        return {
+            "ImageId": self.image_id,
+            "EncodedPixels": prediction.rle(self.model.fmt),
+            "has_pneumothorax": prediction.has_pneumothorax,
+            "area": prediction.area,
+            "max_probability": prediction.max_prob,
+            "height": int(height),
+            "width": int(width),
+            "postprocess": self.model.postprocess,
+            "model": {"name": self.model.name, "version": self.model.version},
+        }
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Loading a package
+
+
+def read_manifest(model_dir: str | os.PathLike) -> dict:
+    """The ``manifest.json`` of an extracted package.
+
+    Raises:
+        DataError: no manifest (not a package), an unreadable one, or a layout version this code does not read.
+    """
+    path = Path(model_dir) / MANIFEST_FILE
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DataError(f"{model_dir} is not a pneumoseg model package: it has no {MANIFEST_FILE}. Build one with "
+                        f"scripts/06_package_model.py and give its model.tar.gz or the folder it extracts to") from None
+    except ValueError as exc:
+        raise DataError(f"{path} is not valid JSON ({exc}); rebuild the package (scripts/06_package_model.py "
+                        f"--force)") from None
+    if manifest.get("format") != PACKAGE_FORMAT:
+        raise DataError(f"{path}: package format {manifest.get('format')!r}, but this pneumoseg reads format "
+                        f"{PACKAGE_FORMAT}; rebuild the package with this version (scripts/06_package_model.py)")
+    return manifest
+
+
+def load_package(model_dir: str | os.PathLike, device: str = "auto") -> ServingModel:
+    """Load an extracted model package: its fold models, TTA, resizing and post-processing, then predict a blank
+    image once to warm it up. Needs no network and nothing outside ``model_dir``.
+
+    Args:
+        model_dir: the package folder (``model.tar.gz`` extracted; see :func:`open_package`).
+        device: ``auto`` (a GPU when there is one), ``cpu`` or ``cuda``.
+
+    Raises:
+        DataError: not a package, or a file of it missing or unreadable.
+        ConfigError: a device that is not there.
+    """
+    model_dir = Path(model_dir)
+    manifest = read_manifest(model_dir)
+    torch_device = resolve_device(device)
+    models = [load_model(model_dir / entry["file"], torch_device) for entry in manifest["models"]]
+    predictor = Predictor(models, TTA.from_config(manifest["tta"]), load_postprocessor(model_dir / THRESHOLDS_FILE),
+                          interpolation=manifest["interpolation"], batch_size=int(manifest["batch_size"]),
+                          amp=manifest["amp"])
+    # One blank prediction first: lazy initialisation (kernels, allocator) would otherwise slow the first request.
+    predictor.predict([np.zeros((predictor.image_size, predictor.image_size), np.uint8)])
+    return ServingModel(predictor=predictor, name=str(manifest["name"]), version=str(manifest["version"]),
+                        fmt=str(manifest["fmt"]), manifest=manifest)
+
+
+@contextlib.contextmanager
+def open_package(path: str | os.PathLike) -> Iterator[Path]:
+    """The folder of a model package: ``path`` itself when it is a folder; a ``model.tar.gz`` is extracted into a
+    temporary folder, removed when the block ends.
+
+    Raises:
+        DataError: ``path`` does not exist, or is not a readable tar archive.
+    """
+    path = Path(path)
+    if path.is_dir():
+        yield path
+        return
+    if not path.is_file():
+        raise DataError(f"model package {path} not found; build it with scripts/06_package_model.py")
+    with tempfile.TemporaryDirectory(prefix="pneumoseg-model-") as folder:
+        try:
+            with tarfile.open(path, "r:*") as archive:
+                # The "data" filter refuses absolute paths, links out of the folder and device files.
+                archive.extractall(folder, filter="data")
+        except (tarfile.TarError, OSError, EOFError) as exc:
+            raise DataError(f"cannot extract model package {path} ({type(exc).__name__}: {exc}); copy it again or "
+                            f"rebuild it with scripts/06_package_model.py --force") from None
+        yield Path(folder)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Request bodies
+
+Decoder = Callable[[bytes], ImageInput]
+DECODERS: Registry[Decoder] = Registry("request content type")
+
+
+def media_type(header: str | None) -> str:
+    """The bare, lower-case media type of a ``Content-Type`` header (``"image/png; charset=x"`` -> ``image/png``)."""
+    return (header or "").split(";", 1)[0].strip().lower()
+
+
+def _check_size(height: int, width: int) -> None:
+    if height < 1 or width < 1:
+        raise BadRequest(f"the image is empty ({height} x {width} pixels)")
+    if height * width > MAX_PIXELS:
+        raise BadRequest(f"the image has {height} x {width} pixels, more than the {MAX_PIXELS} accepted; "
+                         f"downscale it first")
+
+
+@DECODERS.register("application/dicom")
+def _decode_dicom(body: bytes) -> ImageInput:
+    pixels, metadata = read_dicom_bytes(body)
+    _check_size(*pixels.shape)
+    return ImageInput(pixels, metadata["ImageId"] or None, "application/dicom")
+
+
+# Pillow modes that are 8-bit grey or colour (with or without alpha, or a palette of such colours).
+_PICTURE_MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA")
+
+
+def _decode_picture(body: bytes, fmt: str, media: str) -> ImageInput:
+    """A PNG or JPEG, strictly of format ``fmt``; Pillow raises on a truncated file where OpenCV would pad it."""
+    with Image.open(io.BytesIO(body), formats=[fmt]) as image:
+        _check_size(image.height, image.width)
+        if image.mode not in _PICTURE_MODES:
+            raise BadRequest(f"the {fmt} image has mode {image.mode!r}; send 8-bit grey or RGB (or DICOM for "
+                             f"more bits)")
+        image.load()
+        grey = image if image.mode == "L" else image.convert("L")
+        return ImageInput(np.array(grey), None, media)
+
+
+DECODERS.add("image/png", lambda body: _decode_picture(body, "PNG", "image/png"))
+DECODERS.add("image/jpeg", lambda body: _decode_picture(body, "JPEG", "image/jpeg"))
+
+_NPY_HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+
+
+@DECODERS.register("application/x-npy")
+def _decode_npy(body: bytes) -> ImageInput:
+    """``numpy.save`` output, read without ``numpy.load``: that would allocate whatever shape the header claims
+    before finding the data missing, and would unpickle object arrays."""
+    stream = io.BytesIO(body)
+    version = np.lib.format.read_magic(stream)
+    if version not in _NPY_HEADER_READERS:
+        raise BadRequest(f".npy format version {version} is not read; save with numpy.save")
+    shape, fortran_order, dtype = _NPY_HEADER_READERS[version](stream)
+    if dtype.hasobject or dtype.kind not in "ui":
+        raise BadRequest(f"the array has dtype {dtype}; send uint8 (or integers in 0..255)")
+    if len(shape) not in (2, 3) or (len(shape) == 3 and shape[2] not in (1, 3)):
+        raise BadRequest(f"the array has shape {shape}; send H x W (grey), H x W x 1 or H x W x 3 (RGB)")
+    _check_size(shape[0], shape[1])
+    count = int(np.prod(shape))
+    offset = stream.tell()
+    if len(body) - offset != count * dtype.itemsize:
+        raise BadRequest(f"the array's data has {len(body) - offset} bytes, but its header declares {shape} "
+                         f"{dtype} ({count * dtype.itemsize} bytes): the body is truncated or padded")
+    array = np.frombuffer(body, dtype=dtype, count=count, offset=offset).reshape(shape, order="F" if fortran_order
+                                                                                 else "C")
+    if dtype != np.uint8:
+        if array.size and (array.min() < 0 or array.max() > 255):
+            raise BadRequest(f"the {dtype} array has values in {array.min()}..{array.max()}; send 8-bit values "
+                             f"(0..255)")
+        array = array.astype(np.uint8)
+    if array.ndim == 3:
+        array = array[..., 0] if array.shape[2] == 1 else np.array(Image.fromarray(np.ascontiguousarray(array))
+                                                                   .convert("L"))
+    return ImageInput(np.ascontiguousarray(array), None, "application/x-npy")
+
+
+def check_content_type(content_type: str | None) -> str:
+    """The media type of a ``Content-Type`` header that :func:`input_fn` reads.
+
+    Raises:
+        UnsupportedMediaType: a content type not in :data:`DECODERS` (or none).
+    """
+    media = media_type(content_type)
+    if media not in DECODERS.names():
+        raise UnsupportedMediaType(f"content type {content_type!r} is not read; send one of "
+                                   f"{', '.join(DECODERS.names())}")
+    return media
+
+
+def input_fn(request_body: bytes | bytearray | memoryview, request_content_type: str | None) -> ImageInput:
+    """Decode a request body (SageMaker's ``input_fn``).
+
+    Args:
+        request_body: the body's bytes.
+        request_content_type: its ``Content-Type`` (parameters such as ``charset`` are ignored).
+
+    Raises:
+        UnsupportedMediaType: a content type not in :data:`DECODERS`.
+        BadRequest: an empty body, or one that does not decode as its content type says.
+    """
+    media = check_content_type(request_content_type)
+    body = bytes(request_body)
+    if not body:
+        raise BadRequest(f"the request body is empty; send the image's bytes as {media}")
+    try:
+        return DECODERS.get(media)(body)
+    except RequestError:
+        raise
+    except DataError as exc:  # a DICOM that cannot become an image says why
+        raise BadRequest(str(exc)) from None
+    except Exception as exc:  # every library fails on bad bytes in its own way; all mean an unreadable body
+        raise BadRequest(f"the body is not a readable {media} ({type(exc).__name__}: {exc})") from None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Prediction and responses
+
+
+def model_fn(model_dir: str) -> ServingModel:
+    """Load the package extracted in ``model_dir`` (SageMaker's ``model_fn``), on a GPU when there is one."""
+    return load_package(model_dir)
+
+
+def predict_fn(input_data: ImageInput, model: ServingModel) -> Result:
+    """Predict one decoded request (SageMaker's ``predict_fn``): the fold ensemble, its TTA and the
+    post-processing, at the image's own size."""
+    [prediction] = model.predictor.predict([input_data.pixels])
+    return Result(prediction=prediction, image_id=input_data.image_id, model=model)
+
+
+def _encode_png(result: Result) -> bytes:
+    ok, encoded = cv2.imencode(".png", result.prediction.mask.astype(np.uint8) * 255)
+    if not ok:
+        raise RuntimeError(f"OpenCV could not encode a {result.prediction.mask.shape} mask as PNG")
+    return encoded.tobytes()
+
+
+def _encode_json(result: Result) -> bytes:
+    return json.dumps(result.to_json()).encode()
+
+
+ENCODERS: dict[str, Callable[[Result], bytes]] = {JSON: _encode_json, PNG: _encode_png}
+# Accept patterns -> the response type they get; "*/*" and no Accept header get JSON.
+_WILDCARDS = {"*/*": JSON, "application/*": JSON, "image/*": PNG}
+
+
+def negotiate(accept: str | None) -> str:
+    """The response type for an ``Accept`` header: the supported type of highest quality (``q``), earliest first
+    among equals; JSON when the header is missing or ``*/*``.
+
+    Raises:
+        NotAcceptable: every type the header names is unsupported (or has ``q=0``).
+    """
+    if not accept or not accept.strip():
+        return JSON
+    best, best_q = None, 0.0
+    for item in accept.split(","):
+        kind, *params = (part.strip() for part in item.split(";"))
+        kind = kind.lower()
+        quality = 1.0
+        for param in params:
+            key, _, value = param.partition("=")
+            if key.strip().lower() == "q":
+                try:
+                    quality = float(value)
+                except ValueError:
+                    quality = 0.0
+        chosen = kind if kind in ENCODERS else _WILDCARDS.get(kind)
+        if chosen is not None and quality > best_q:
+            best, best_q = chosen, quality
+    if best is None:
+        raise NotAcceptable(f"Accept {accept!r} names no response type this model writes; ask for one of "
+                            f"{', '.join(ENCODERS)}")
+    return best
+
+
+def output_fn(prediction: Result, accept: str | None) -> tuple[bytes, str]:
+    """Serialise a :class:`Result` (SageMaker's ``output_fn``) -> ``(body, content type)``.
+
+    Args:
+        prediction: what :func:`predict_fn` returned.
+        accept: the request's ``Accept`` header (see :func:`negotiate`).
+
+    Raises:
+        NotAcceptable: no supported type is acceptable.
+    """
+    content_type = negotiate(accept)
+    return ENCODERS[content_type](prediction), content_type
