@@ -36,6 +36,7 @@ STAGES=(
   "03 scripts/03_train.py"
   "04 scripts/04_search_thresholds.py"
   "05 scripts/05_predict.py"
+  "06 scripts/06_package_model.py"
 )
 
 started=$SECONDS
