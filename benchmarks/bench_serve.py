@@ -41,7 +41,7 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
-from pneumoseg import serving  # noqa: E402
+from pneumoseg import layout, serving  # noqa: E402
 from pneumoseg.config import load_config  # noqa: E402
 from pneumoseg.dicom import DicomTags, write_jpeg_dicom  # noqa: E402
 from pneumoseg.stages import package  # noqa: E402
@@ -63,7 +63,7 @@ def demo_like_package(folder: Path) -> Path:
     cfg = load_config(ROOT / "configs" / "demo.yaml", [f"paths.output_root={folder}", f"paths.input_dir={folder}"])
     write_fake_training(cfg, folds=range(int(cfg.folds.n_splits)))
     package.run(cfg)
-    return package.package_path(cfg)
+    return layout.package_path(cfg)
 
 
 def dicom_bodies(folder: Path, count: int = 10) -> list[bytes]:

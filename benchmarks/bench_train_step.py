@@ -35,8 +35,9 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
+from pneumoseg import layout  # noqa: E402
 from pneumoseg.config import load_config  # noqa: E402
-from pneumoseg.data import CONVERT_DIR, FOLDS_FILE, LABELS_DIR, PreparedData  # noqa: E402
+from pneumoseg.data import PreparedData  # noqa: E402
 from pneumoseg.distributed import DistContext, resolve_device  # noqa: E402
 from pneumoseg.io import write_csv, write_png  # noqa: E402
 from pneumoseg.training import Trainer, train_loader  # noqa: E402
@@ -56,9 +57,9 @@ def write_images(folder: Path, count: int, size: int, seed: int = 0) -> None:
         mask = np.zeros((size, size), np.uint8)
         if i % 3 == 0:
             cv2.circle(mask, tuple(int(c) for c in rng.integers(size // 4, 3 * size // 4, 2)), size // 8, 255, -1)
-        write_png(folder / CONVERT_DIR / f"images_{size}" / f"{image_id}.png", noise)
-        write_png(folder / LABELS_DIR / f"masks_{size}" / f"{image_id}.png", mask)
-    write_csv(folder / LABELS_DIR / FOLDS_FILE,
+        write_png(layout.images_dir(folder, size) / f"{image_id}.png", noise)
+        write_png(layout.masks_dir(folder, size) / f"{image_id}.png", mask)
+    write_csv(layout.folds_path(folder),
               pd.DataFrame({"ImageId": ids, "fold": 0, "has_mask": [i % 3 == 0 for i in range(count)]}))
 
 

@@ -13,14 +13,13 @@ import pandas as pd
 import torch
 from omegaconf import DictConfig
 
+from pneumoseg import layout
 from pneumoseg.checkpoints import best_name, save_checkpoint
 from pneumoseg.config import load_config, to_dict
-from pneumoseg.data import FOLDS_FILE
 from pneumoseg.io import write_csv, write_json
 from pneumoseg.models import build_model
 from pneumoseg.stages import package
 from pneumoseg.stages.record import StageRecord
-from pneumoseg.stages.search import thresholds_path, train_folder
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 THRESHOLDS = {"name": "threshold", "params": {"threshold": 0.5, "min_area": 0.0}}
@@ -30,19 +29,19 @@ def write_fake_training(cfg: DictConfig, folds: Sequence[int] = (0, 1), postproc
                         seed: int = 0) -> list[Path]:
     """Write ``03_train/fold<k>/best_1.pt`` (an untrained ``cfg.model``) for each fold, the stage's ``folds.csv``
     and ``done.json``, and ``04_search/thresholds.json`` holding ``postprocess``; return the checkpoint paths."""
-    folder = train_folder(cfg)
-    write_csv(folder / FOLDS_FILE, pd.DataFrame({"ImageId": [f"fake{fold}" for fold in folds], "fold": list(folds)}))
+    write_csv(layout.train_folds_path(cfg),
+              pd.DataFrame({"ImageId": [f"fake{fold}" for fold in folds], "fold": list(folds)}))
     paths = []
     for fold in folds:
         torch.manual_seed(seed + fold)
         net = build_model(cfg.model, pretrained=False).eval()
-        path = folder / f"fold{fold}" / best_name(1)
+        path = layout.fold_dir(cfg, fold) / best_name(1)
         save_checkpoint(path, {"state_dict": net.state_dict(), "model": to_dict(cfg.model),
                                "image_size": int(cfg.train.image_size), "fold": fold, "epoch": 1, "score": 0.5,
                                "monitor": "val_dice", "fingerprint": "fake"})
         paths.append(path)
-    StageRecord("03_train", folder, cfg, ()).finish({"fake": True})
-    write_json(thresholds_path(cfg), postprocess)
+    StageRecord("03_train", layout.train_dir(cfg), cfg, ()).finish({"fake": True})
+    write_json(layout.thresholds_path(cfg), postprocess)
     return paths
 
 
@@ -53,4 +52,4 @@ def make_package(root: Path, *overrides: str) -> tuple[DictConfig, Path]:
                       [f"paths.input_dir={root / 'input'}", f"paths.output_root={root / 'output'}", *overrides])
     write_fake_training(cfg)
     package.run(cfg)
-    return cfg, package.package_path(cfg)
+    return cfg, layout.package_path(cfg)

@@ -12,7 +12,7 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from pneumoseg.data import CONVERT_DIR, FOLDS_FILE, LABELS_DIR
+from pneumoseg import layout
 from pneumoseg.io import write_csv, write_png
 
 
@@ -48,20 +48,20 @@ def write_prepared(prepared_dir: str | Path, n_images: int = 24, sizes: Sequence
         areas.append(int((mask > 0).sum()))
         for size in sizes:
             small_image = cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
-            write_png(prepared_dir / CONVERT_DIR / f"images_{size}" / f"{image_id}.png", small_image)
+            write_png(layout.images_dir(prepared_dir, size) / f"{image_id}.png", small_image)
             if image_id in train_ids:
                 small_mask = cv2.resize(mask, (size, size), interpolation=cv2.INTER_NEAREST)
-                write_png(prepared_dir / LABELS_DIR / f"masks_{size}" / f"{image_id}.png", small_mask)
+                write_png(layout.masks_dir(prepared_dir, size) / f"{image_id}.png", small_mask)
     side = max(sizes)
-    write_csv(prepared_dir / CONVERT_DIR / "metadata.csv", pd.DataFrame({
+    write_csv(layout.metadata_path(prepared_dir), pd.DataFrame({
         "ImageId": train_ids + test_ids, "source_path": [f"{i}.dcm" for i in train_ids + test_ids],
         "rows": side, "cols": side, "sex": "M", "age": 50, "view": "PA"}))
     labels = pd.DataFrame({"ImageId": train_ids, "has_mask": has_mask, "n_instances": has_mask.astype(int),
                            "mask_area": areas[:n_images], "rows": side, "cols": side})
-    write_csv(prepared_dir / LABELS_DIR / "labels.csv", labels)
+    write_csv(layout.labels_path(prepared_dir), labels)
     folds = pd.DataFrame({"ImageId": train_ids, "fold": np.arange(n_images) % n_folds, "has_mask": has_mask,
                           "area_bin": has_mask.astype(int)})
-    write_csv(prepared_dir / LABELS_DIR / FOLDS_FILE, folds)
-    write_csv(prepared_dir / LABELS_DIR / "test_images.csv",
+    write_csv(layout.folds_path(prepared_dir), folds)
+    write_csv(layout.test_images_path(prepared_dir),
               pd.DataFrame({"ImageId": test_ids, "rows": side, "cols": side}))
     return folds

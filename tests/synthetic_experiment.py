@@ -9,9 +9,9 @@ import numpy as np
 import pandas as pd
 import torch
 
+from pneumoseg import layout
 from pneumoseg.checkpoints import best_name, save_checkpoint
 from pneumoseg.config import to_dict
-from pneumoseg.data import FOLDS_FILE
 from pneumoseg.io import write_csv, write_json, write_text
 from pneumoseg.models import build_model
 from pneumoseg.rle import EMPTY, encode
@@ -27,7 +27,7 @@ def write_fold_checkpoints(train_dir: str | Path, model_block: dict, image_size:
         for rank in range(1, per_fold + 1):
             torch.manual_seed(seed + 100 * fold + rank)
             net = build_model(model_block, pretrained=False)
-            path = Path(train_dir) / f"fold{fold}" / best_name(rank)
+            path = layout.fold_dir(train_dir, fold) / best_name(rank)
             save_checkpoint(path, {"state_dict": net.state_dict(), "model": model_block, "image_size": image_size,
                                    "fold": fold, "epoch": rank, "score": 0.5 / rank, "monitor": "val_dice"})
             written.append(path)
@@ -42,20 +42,19 @@ def write_experiment(cfg, n_test: int = 6, per_fold: int = 1, original_size: int
     Returns:
         The test list, ImageId, rows, cols.
     """
-    prepared, experiment = Path(cfg.paths.prepared_dir), Path(cfg.paths.experiment_dir)
     size, n_folds = int(cfg.train.image_size), int(cfg.folds.n_splits)
-    folds = write_prepared(prepared, n_images=2 * n_folds, sizes=(size,), n_folds=n_folds, n_test=n_test, seed=seed)
-    test = pd.read_csv(prepared / "02_labels" / "test_images.csv", dtype={"ImageId": str})
+    folds = write_prepared(cfg.paths.prepared_dir, n_images=2 * n_folds, sizes=(size,), n_folds=n_folds,
+                           n_test=n_test, seed=seed)
+    test = pd.read_csv(layout.test_images_path(cfg), dtype={"ImageId": str})
     test[["rows", "cols"]] = original_size
-    write_csv(prepared / "02_labels" / "test_images.csv", test)
+    write_csv(layout.test_images_path(cfg), test)
 
-    train_dir = experiment / "03_train"
-    write_csv(train_dir / FOLDS_FILE, folds)
-    write_fold_checkpoints(train_dir, to_dict(cfg.model), size, range(n_folds), per_fold, seed)
-    write_json(train_dir / DONE_FILE, {"stage": "03_train", "fingerprint": "synthetic"})
-    write_json(experiment / "04_search" / "thresholds.json",
+    write_csv(layout.train_folds_path(cfg), folds)
+    write_fold_checkpoints(layout.train_dir(cfg), to_dict(cfg.model), size, range(n_folds), per_fold, seed)
+    write_json(layout.train_dir(cfg) / DONE_FILE, {"stage": "03_train", "fingerprint": "synthetic"})
+    write_json(layout.thresholds_path(cfg),
                {"name": "threshold", "params": {"threshold": 0.5, "min_area": 0}, "oof_score": 0.75})
-    write_json(experiment / "04_search" / "oof_report.json", {"oof_score": 0.75})
+    write_json(layout.oof_report_path(cfg), {"oof_score": 0.75})
 
     rng = np.random.default_rng(seed + 1)
     lines = ["ImageId, EncodedPixels"]

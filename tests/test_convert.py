@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from pneumoseg import layout
 from pneumoseg.dicom import METADATA_KEYS, DicomTags, read_dicom, write_jpeg_dicom
 from pneumoseg.errors import ConfigError, DataError
 from pneumoseg.io import read_png
@@ -24,11 +25,11 @@ LAYOUTS = {
 }
 
 
-def write_inputs(input_dir: Path, count: int = 5, layout: str = "stage1", first: int = 0) -> dict[str, Path]:
+def write_inputs(input_dir: Path, count: int = 5, input_layout: str = "stage1", first: int = 0) -> dict[str, Path]:
     """``count`` small JPEG DICOMs (40 x 36, so every size is a real resize) in a challenge layout."""
     written = {}
     for i in range(first, first + count):
-        path = input_dir / LAYOUTS[layout](i)
+        path = input_dir / LAYOUTS[input_layout](i)
         rows, cols = np.mgrid[0:40, 0:36]
         pixels = (60 + 120 * rows / 40 + 60 * np.sin(cols / 3 + i)).astype(np.uint8)
         write_jpeg_dicom(path, pixels, DicomTags(f"1.2.276.{i}", f"1.2.{i}.1", f"1.2.{i}.2", f"patient-{i}",
@@ -52,18 +53,18 @@ def make_cfg(tiny_cfg):
 
 def stage_files(cfg) -> dict[str, int]:
     """Every file the stage wrote, with its modification time in ns."""
-    folder = convert.output_folder(cfg)
+    folder = layout.convert_dir(cfg)
     return {str(path.relative_to(folder)): path.stat().st_mtime_ns for path in folder.rglob("*") if path.is_file()}
 
 
 def pngs(cfg, size: int) -> list[str]:
-    return sorted(path.stem for path in convert.images_folder(cfg, size).glob("*.png"))
+    return sorted(path.stem for path in layout.images_dir(cfg, size).glob("*.png"))
 
 
-@pytest.mark.parametrize("layout", sorted(LAYOUTS))
-def test_stage_writes_pngs_metadata_and_errors(make_cfg, layout):
+@pytest.mark.parametrize("input_layout", sorted(LAYOUTS))
+def test_stage_writes_pngs_metadata_and_errors(make_cfg, input_layout):
     cfg = make_cfg()
-    inputs = write_inputs(Path(cfg.paths.input_dir), layout=layout)
+    inputs = write_inputs(Path(cfg.paths.input_dir), input_layout=input_layout)
     bad = write_bad_file(Path(cfg.paths.input_dir))
 
     summary = convert.run(cfg)
@@ -73,8 +74,8 @@ def test_stage_writes_pngs_metadata_and_errors(make_cfg, layout):
         assert pngs(cfg, size) == sorted(inputs)
         for image_id, path in inputs.items():
             expected = cv2.resize(read_dicom(path)[0], (size, size), interpolation=cv2.INTER_AREA)
-            assert (read_png(convert.images_folder(cfg, size) / f"{image_id}.png") == expected).all()
-    folder = convert.output_folder(cfg)
+            assert (read_png(layout.images_dir(cfg, size) / f"{image_id}.png") == expected).all()
+    folder = layout.convert_dir(cfg)
     metadata = pd.read_csv(folder / "metadata.csv", dtype={"ImageId": str})
     assert tuple(metadata.columns) == METADATA_KEYS
     assert metadata.ImageId.tolist() == sorted(inputs)
@@ -86,7 +87,7 @@ def test_stage_writes_pngs_metadata_and_errors(make_cfg, layout):
     assert "DICM" in errors.reason[0]
     done = json.loads((folder / "done.json").read_text())
     assert done["summary"] == summary
-    assert json.loads((convert.images_folder(cfg, 16) / "resize.json").read_text())["interpolation"] == "area"
+    assert json.loads((layout.images_dir(cfg, 16) / "resize.json").read_text())["interpolation"] == "area"
 
 
 def test_a_complete_stage_is_skipped(make_cfg, monkeypatch):
@@ -103,13 +104,13 @@ def test_a_killed_run_resumes_without_redoing_finished_images(make_cfg):
     cfg = make_cfg()
     inputs = write_inputs(Path(cfg.paths.input_dir))
     convert.run(cfg)
-    metadata = (convert.output_folder(cfg) / "metadata.csv").read_text()
+    metadata = (layout.convert_dir(cfg) / "metadata.csv").read_text()
     # A kill before the end: no done.json, and some images have not all their PNGs yet.
-    (convert.output_folder(cfg) / "done.json").unlink()
+    (layout.convert_dir(cfg) / "done.json").unlink()
     lost = sorted(inputs)[:2]
-    (convert.images_folder(cfg, SIZES[0]) / f"{lost[0]}.png").unlink()
-    (convert.images_folder(cfg, SIZES[1]) / f"{lost[1]}.png").unlink()
-    kept = convert.images_folder(cfg, SIZES[0]) / f"{sorted(inputs)[3]}.png"
+    (layout.images_dir(cfg, SIZES[0]) / f"{lost[0]}.png").unlink()
+    (layout.images_dir(cfg, SIZES[1]) / f"{lost[1]}.png").unlink()
+    kept = layout.images_dir(cfg, SIZES[0]) / f"{sorted(inputs)[3]}.png"
     kept_mtime = kept.stat().st_mtime_ns
 
     summary = convert.run(cfg)
@@ -117,8 +118,8 @@ def test_a_killed_run_resumes_without_redoing_finished_images(make_cfg):
     assert (summary["converted"], summary["reused"], summary["images"]) == (2, 3, 5)
     assert all(pngs(cfg, size) == sorted(inputs) for size in SIZES)
     assert kept.stat().st_mtime_ns == kept_mtime
-    assert (convert.output_folder(cfg) / "done.json").is_file()
-    assert (convert.output_folder(cfg) / "metadata.csv").read_text() == metadata  # header-only rows are the same
+    assert (layout.convert_dir(cfg) / "done.json").is_file()
+    assert (layout.convert_dir(cfg) / "metadata.csv").read_text() == metadata  # header-only rows are the same
 
 
 def test_added_dicoms_make_the_stage_run_again(make_cfg):
@@ -144,21 +145,21 @@ def test_new_resize_settings_rewrite_the_pngs(make_cfg):
     assert summary["converted"] == 2
     image_id, path = next(iter(inputs.items()))
     expected = cv2.resize(read_dicom(path)[0], (16, 16), interpolation=cv2.INTER_NEAREST)
-    assert (read_png(convert.images_folder(cfg, 16) / f"{image_id}.png") == expected).all()
-    assert json.loads((convert.images_folder(cfg, 16) / "resize.json").read_text())["interpolation"] == "nearest"
+    assert (read_png(layout.images_dir(cfg, 16) / f"{image_id}.png") == expected).all()
+    assert json.loads((layout.images_dir(cfg, 16) / "resize.json").read_text())["interpolation"] == "nearest"
 
 
 def test_a_png_folder_without_its_settings_file_is_not_trusted(make_cfg):
     cfg = make_cfg()
     write_inputs(Path(cfg.paths.input_dir), count=2)
     convert.run(cfg)
-    (convert.images_folder(cfg, 16) / "resize.json").unlink()
-    (convert.output_folder(cfg) / "done.json").unlink()
+    (layout.images_dir(cfg, 16) / "resize.json").unlink()
+    (layout.convert_dir(cfg) / "done.json").unlink()
 
     summary = convert.run(cfg)
 
     assert (summary["converted"], summary["reused"]) == (2, 0)
-    assert (convert.images_folder(cfg, 16) / "resize.json").is_file()
+    assert (layout.images_dir(cfg, 16) / "resize.json").is_file()
 
 
 def test_force_rewrites_every_png(make_cfg):
@@ -175,10 +176,10 @@ def test_parallel_run_gives_the_same_outputs(make_cfg):
     assert convert.run(parallel)["converted"] == 6
     for size in SIZES:
         for image_id in pngs(serial, size):
-            assert (read_png(convert.images_folder(serial, size) / f"{image_id}.png")
-                    == read_png(convert.images_folder(parallel, size) / f"{image_id}.png")).all()
-    assert ((convert.output_folder(serial) / "metadata.csv").read_text()
-            == (convert.output_folder(parallel) / "metadata.csv").read_text())
+            assert (read_png(layout.images_dir(serial, size) / f"{image_id}.png")
+                    == read_png(layout.images_dir(parallel, size) / f"{image_id}.png")).all()
+    assert ((layout.convert_dir(serial) / "metadata.csv").read_text()
+            == (layout.convert_dir(parallel) / "metadata.csv").read_text())
 
 
 def test_missing_input_folder_says_where_to_put_the_files(make_cfg):
@@ -199,7 +200,7 @@ def test_nothing_readable_fails_the_stage_after_listing_the_reasons(make_cfg):
     bad = write_bad_file(Path(cfg.paths.input_dir))
     with pytest.raises(DataError, match="none of the 1 DICOM files"):
         convert.run(cfg)
-    folder = convert.output_folder(cfg)
+    folder = layout.convert_dir(cfg)
     assert pd.read_csv(folder / "errors.csv").path.tolist() == [str(bad)]
     assert not (folder / "done.json").exists()
 
@@ -210,7 +211,7 @@ def test_strict_fails_on_one_bad_file(make_cfg):
     bad = write_bad_file(Path(cfg.paths.input_dir))
     with pytest.raises(DataError, match=f"1 of 3 DICOM files could not be read.*{bad}"):
         convert.run(cfg)
-    assert not (convert.output_folder(cfg) / "done.json").exists()
+    assert not (layout.convert_dir(cfg) / "done.json").exists()
 
 
 @pytest.mark.parametrize("override, message", [

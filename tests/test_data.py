@@ -2,9 +2,10 @@ import numpy as np
 import pytest
 import torch
 
+from pneumoseg import layout
 from pneumoseg.augment import build_augment
 from pneumoseg.data import (ImageFiles, Normalize, NaturalSampler, PositiveShareSampler, PreparedData,
-                            build_sampler, image_dir)
+                            build_sampler)
 from pneumoseg.errors import ConfigError, DataError
 
 from synthetic import write_prepared
@@ -89,7 +90,7 @@ def test_prepared_data_dataset_items(tmp_path):
     assert bool(mask.sum() > 0) == bool(val_rows["has_mask"].iloc[0])
     flips = {bool(torch.equal(dataset[(0, seed)][0], image)) for seed in range(8)}
     assert flips == {True, False}      # the seed decides the augmentation
-    files = ImageFiles([image_dir(tmp_path, 32) / f"{i}.png" for i in val_rows["ImageId"]])
+    files = ImageFiles([layout.images_dir(tmp_path, 32) / f"{i}.png" for i in val_rows["ImageId"]])
     assert files[0].dtype == torch.uint8 and files[0].shape == (32, 32)
 
 

@@ -1,5 +1,5 @@
-"""End to end: ``bash run_all.sh`` on the tiny config, stages 00 to 05, then again to see every stage skipped, then
-``--from 05 --force`` to see stage 05 alone redone."""
+"""End to end: ``bash run_all.sh`` on the tiny config, stages 00 to 06, then again to see every stage skipped, then
+``--from 05 --to 05 --force`` to see stage 05 alone redone."""
 import json
 import re
 import subprocess
@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from pneumoseg import layout
 from pneumoseg.config import load_config
 from pneumoseg.stages import predict
 from pneumoseg.submission import validate_submission
@@ -14,7 +15,7 @@ from pneumoseg.submission import validate_submission
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ["00", "01", "02", "03", "04", "05"]
+STAGES = ["00", "01", "02", "03", "04", "05", "06"]
 
 
 def _run_all(tmp_path: Path, *args: str) -> str:
@@ -41,10 +42,10 @@ def test_run_all_on_the_tiny_config(tmp_path):
     cfg = load_config(ROOT / "configs" / "tiny.yaml", [f"paths.input_dir={tmp_path / 'input'}",
                                                        f"paths.output_root={tmp_path / 'output'}"])
     test, expected = predict.test_set(cfg)
-    submission = predict.submission_path(cfg)
+    submission = layout.submission_path(cfg)
     assert validate_submission(submission, expected, predict.image_sizes(test)) == []
     assert len(expected) == int(cfg.demo.n_test)
-    scores = json.loads((predict.output_folder(cfg) / predict.TEST_SCORE_FILE).read_text())
+    scores = json.loads((layout.predict_dir(cfg) / predict.TEST_SCORE_FILE).read_text())
     assert 0.0 <= scores["test_score"] <= 1.0 and scores["oof_score"] is not None
 
     done = _done_files(tmp_path)
@@ -55,10 +56,10 @@ def test_run_all_on_the_tiny_config(tmp_path):
     assert _done_files(tmp_path) == done
 
     submission_time = submission.stat().st_mtime_ns
-    forced = _run_all(tmp_path, "--from", "05", "--force")
+    forced = _run_all(tmp_path, "--from", "05", "--to", "05", "--force")
     assert _stages_run(forced) == ["05"]
     after = _done_files(tmp_path)
     changed = [name for name in done if after[name] != done[name]]
-    assert changed == [str((predict.output_folder(cfg) / "done.json").relative_to(tmp_path))]
+    assert changed == [str((layout.predict_dir(cfg) / "done.json").relative_to(tmp_path))]
     assert submission.stat().st_mtime_ns != submission_time
     assert validate_submission(submission, expected, predict.image_sizes(test)) == []

@@ -5,12 +5,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from pneumoseg import layout
 from pneumoseg.errors import ConfigError, DataError
 from pneumoseg.io import read_png
 from pneumoseg.labels import read_labels
 from pneumoseg.predictor import Predictor
 from pneumoseg.rle import decode
-from pneumoseg.stages import convert
 from pneumoseg.stages import predict as stage
 from pneumoseg.submission import read_submission, validate_submission
 from synthetic_experiment import write_experiment
@@ -19,7 +19,7 @@ ORIGINAL = 96
 
 
 def _done(cfg):
-    return json.loads((stage.output_folder(cfg) / "done.json").read_text())
+    return json.loads((layout.predict_dir(cfg) / "done.json").read_text())
 
 
 @pytest.fixture
@@ -47,7 +47,7 @@ def test_writes_a_valid_submission_and_scores_it_on_the_held_out_labels(experime
     cfg = make(f"postprocess.params.threshold={threshold}")
     summary = stage.run(cfg)
 
-    path = stage.submission_path(cfg)
+    path = layout.submission_path(cfg)
     sizes = {i: (ORIGINAL, ORIGINAL) for i in test["ImageId"]}
     assert validate_submission(path, test["ImageId"].tolist(), sizes) == []
     rows, _ = read_submission(path)
@@ -59,9 +59,9 @@ def test_writes_a_valid_submission_and_scores_it_on_the_held_out_labels(experime
     assert summary["models"] == 2 * int(cfg.folds.n_splits) and summary["views_per_model"] == 2
     expected = _expected_dice(cfg, test, predicted_all)
     assert summary["test_score"] == pytest.approx(expected, abs=1e-4) and summary["oof_score"] == 0.75
-    scores = json.loads((stage.output_folder(cfg) / stage.TEST_SCORE_FILE).read_text())
+    scores = json.loads((layout.predict_dir(cfg) / stage.TEST_SCORE_FILE).read_text())
     assert scores["test_score"] == pytest.approx(expected, abs=1e-4)
-    assert (stage.output_folder(cfg) / "config.yaml").is_file() and _done(cfg)["summary"] == summary
+    assert (layout.predict_dir(cfg) / "config.yaml").is_file() and _done(cfg)["summary"] == summary
     assert "test score" in stage.summary_text(summary)
 
 
@@ -78,9 +78,9 @@ def test_predictions_match_the_predictor_and_stream_in_batches(experiment, monke
     monkeypatch.setattr(Predictor, "predict_prepared", spy)
     stage.run(cfg)
     assert seen == [4, 2]
-    rows, _ = read_submission(stage.submission_path(cfg))
+    rows, _ = read_submission(layout.submission_path(cfg))
     predictor = Predictor.from_experiment(cfg)
-    folder = convert.images_folder(cfg, predictor.image_size)
+    folder = layout.images_dir(cfg, predictor.image_size)
     images = np.stack([read_png(folder / f"{i}.png") for i in test["ImageId"]])
     direct = original(predictor, images, [(ORIGINAL, ORIGINAL)] * len(test))
     assert [r.encoded for r in rows] == [p.rle() for p in direct]
@@ -90,10 +90,10 @@ def test_absolute_form(experiment):
     make, test = experiment
     relative = make("postprocess.params.threshold=0.5")
     stage.run(relative)
-    masks = [decode(r.encoded, ORIGINAL, ORIGINAL) for r in read_submission(stage.submission_path(relative))[0]]
+    masks = [decode(r.encoded, ORIGINAL, ORIGINAL) for r in read_submission(layout.submission_path(relative))[0]]
     absolute = make("postprocess.params.threshold=0.5", "predict.fmt=absolute")
     stage.run(absolute)
-    rows, _ = read_submission(stage.submission_path(absolute))
+    rows, _ = read_submission(layout.submission_path(absolute))
     assert all(np.array_equal(decode(r.encoded, ORIGINAL, ORIGINAL, "absolute"), m) for r, m in zip(rows, masks))
     with pytest.raises(ConfigError, match="predict.fmt"):
         stage.run(make("predict.fmt=kaggle"))
@@ -103,14 +103,14 @@ def test_skipped_when_complete_and_rerun_when_an_input_changes(experiment):
     make, _ = experiment
     cfg = make()
     stage.run(cfg)
-    first = _done(cfg)["finished_at"], stage.submission_path(cfg).stat().st_mtime_ns
+    first = _done(cfg)["finished_at"], layout.submission_path(cfg).stat().st_mtime_ns
     stage.run(cfg)
-    assert (_done(cfg)["finished_at"], stage.submission_path(cfg).stat().st_mtime_ns) == first
+    assert (_done(cfg)["finished_at"], layout.submission_path(cfg).stat().st_mtime_ns) == first
 
-    checkpoint = next((stage.search.train_folder(cfg) / "fold0").glob("best_1.pt"))
+    checkpoint = next(layout.fold_dir(cfg, 0).glob("best_1.pt"))
     os.utime(checkpoint, ns=(checkpoint.stat().st_atime_ns, checkpoint.stat().st_mtime_ns + 10 ** 9))
     stage.run(cfg)
-    assert stage.submission_path(cfg).stat().st_mtime_ns != first[1]
+    assert layout.submission_path(cfg).stat().st_mtime_ns != first[1]
     changed_tta = make("tta.hflip=false")
     assert stage.run(changed_tta)["views_per_model"] == 1
 
@@ -118,7 +118,7 @@ def test_skipped_when_complete_and_rerun_when_an_input_changes(experiment):
 def test_missing_inputs_are_data_errors(experiment, tiny_cfg):
     make, test = experiment
     cfg = make()
-    (stage.search.train_folder(cfg) / "done.json").unlink()
+    (layout.train_dir(cfg) / "done.json").unlink()
     with pytest.raises(DataError, match="stage 03 has not finished"):
         stage.run(cfg)
     with pytest.raises(DataError, match="test_images.csv not found"):

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from pneumoseg import layout
 from pneumoseg.config import to_dict
 from pneumoseg.data import Normalize, normalize_from_model
 from pneumoseg.dicom import DicomTags, read_dicom, write_jpeg_dicom
@@ -166,7 +167,7 @@ def _check_both_paths_agree(cfg):
     assert dicoms
     for path in dicoms:
         pixels, _ = read_dicom(path)
-        png = read_png(convert.images_folder(cfg, predictor.image_size) / f"{path.stem}.png")
+        png = read_png(layout.images_dir(cfg, predictor.image_size) / f"{path.stem}.png")
         direct = predictor.predict([pixels])[0]
         staged = predictor.predict_prepared(png[None], [pixels.shape])[0]
         assert direct.probs.shape == pixels.shape

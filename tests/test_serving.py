@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from fake_experiment import make_package, write_fake_training
-from pneumoseg import rle, serving
+from pneumoseg import layout, rle, serving
 from pneumoseg.dicom import DicomTags, find_dicoms, read_dicom, write_jpeg_dicom
 from pneumoseg.errors import DataError
 from pneumoseg.stages import convert, demo_data, package, predict, prepare_labels
@@ -269,11 +269,11 @@ def test_handler_rle_equals_the_submission_row(tiny_cfg):
     write_fake_training(cfg)
     predict.run(cfg)
     package.run(cfg)
-    submission = pd.read_csv(predict.submission_path(cfg), dtype=str).set_index("ImageId")["EncodedPixels"]
-    test_ids = set(pd.read_csv(prepare_labels.stage_folder(cfg) / "test_images.csv", dtype=str)["ImageId"])
+    submission = pd.read_csv(layout.submission_path(cfg), dtype=str).set_index("ImageId")["EncodedPixels"]
+    test_ids = set(pd.read_csv(layout.test_images_path(cfg), dtype=str)["ImageId"])
     dicoms = {image_id: path for image_id, path in find_dicoms(cfg.paths.input_dir).items() if image_id in test_ids}
     assert len(dicoms) == len(submission) > 0
-    with serving.open_package(package.package_path(cfg)) as model_dir:
+    with serving.open_package(layout.package_path(cfg)) as model_dir:
         model = serving.model_fn(str(model_dir))
     positive = 0
     for image_id, path in dicoms.items():

@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch import nn
 
+from pneumoseg import layout
 from pneumoseg.checkpoints import BestCheckpoints, best_files, load_checkpoint
 from pneumoseg.cli import run_stage_script
 from pneumoseg.errors import ConfigError
@@ -196,14 +197,14 @@ def stage_cfg(tiny_cfg, tmp_path):
 
 
 def _log(cfg, fold):
-    return pd.read_csv(train_stage.train_folder(cfg) / f"fold{fold}" / "log.csv")
+    return pd.read_csv(layout.fold_log_path(layout.fold_dir(cfg, fold)))
 
 
 @pytest.mark.slow
 def test_stage_writes_every_output_and_skips_when_complete(stage_cfg, caplog):
     cfg = stage_cfg("train.oof_size=16")
     summary = train_stage.run(cfg)
-    folder = train_stage.train_folder(cfg)
+    folder = layout.train_dir(cfg)
     assert summary["complete"] and (folder / "done.json").is_file() and (folder / "config.yaml").is_file()
     folds = pd.read_csv(folder / "folds.csv", dtype={"ImageId": str})
     for fold in (0, 1):
@@ -231,7 +232,7 @@ def test_same_seed_same_metrics_and_a_crashed_fold_resumes_to_the_same_end(stage
     first = stage_cfg()
     reference = train_stage.run(first, folds=[0])
     assert not reference["complete"]                                      # fold 1 not trained: no stage done.json
-    assert not (train_stage.train_folder(first) / "done.json").exists()
+    assert not (layout.train_dir(first) / "done.json").exists()
 
     second = stage_cfg(f"paths.experiment_dir={tmp_path / 'again'}")
     calls = {"n": 0}
@@ -252,7 +253,7 @@ def test_same_seed_same_metrics_and_a_crashed_fold_resumes_to_the_same_end(stage
 
     pd.testing.assert_frame_equal(_log(first, 0).drop(columns="seconds"), _log(second, 0).drop(columns="seconds"))
     assert resumed["folds"][0]["weights_sha256"] == reference["folds"][0]["weights_sha256"]
-    oof = [ProbabilityStore(train_stage.train_folder(c) / "fold0" / "oof").maps for c in (first, second)]
+    oof = [ProbabilityStore(layout.oof_dir(layout.fold_dir(c, 0))).maps for c in (first, second)]
     assert np.array_equal(oof[0], oof[1])
 
 
@@ -261,7 +262,7 @@ def test_a_killed_training_process_resumes_with_no_clean_up(stage_cfg, tmp_path)
     overrides = [f"paths.input_dir={tmp_path / 'input'}", f"paths.output_root={tmp_path / 'output'}",
                  f"data.image_size={SIZE}", "train.epochs=4"]
     cfg = stage_cfg(*overrides[2:])
-    fold_dir = train_stage.train_folder(cfg) / "fold0"
+    fold_dir = layout.fold_dir(cfg, 0)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "NO_ALBUMENTATIONS_UPDATE": "1"}
     process = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "03_train.py"), "--config",
                                 str(ROOT / "configs" / "tiny.yaml"), "--fold", "0", *overrides], env=env,
@@ -285,7 +286,7 @@ def test_a_killed_training_process_resumes_with_no_clean_up(stage_cfg, tmp_path)
 def test_resume_refuses_the_state_of_another_config_and_a_plain_run_starts_afresh(stage_cfg):
     cfg = stage_cfg("train.epochs=1")
     train_stage.run(cfg, folds=[0])
-    (train_stage.train_folder(cfg) / "fold0" / "done.json").unlink()
+    (layout.fold_dir(cfg, 0) / "done.json").unlink()
     with pytest.raises(ConfigError, match="different config"):
         train_stage.run(stage_cfg("train.epochs=1", "optimizer.params.lr=0.01"), folds=[0], resume=True)
     # Without --resume, a state of another config is set aside and the fold starts afresh.

@@ -1,8 +1,8 @@
 """pneumoseg: the SIIM-ACR pneumothorax segmentation pipeline.
 
 Layers, data flowing one way: ``scripts/`` -> ``pneumoseg.stages`` (prepare, train, search,
-predict, serve) -> core modules (rle, dicom, labels, metrics, postprocess, models, losses, config, io).
-Core modules never import from ``pneumoseg.stages``.
+predict, serve) -> core modules (rle, dicom, labels, metrics, postprocess, models, losses, config, io, layout).
+Core modules never import from ``pneumoseg.stages``; where each stage writes is ``pneumoseg.layout``'s knowledge.
 """
 import os
 

@@ -30,23 +30,13 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from . import layout
 from .augment import augment
 from .errors import ConfigError, DataError
 from .io import read_png
 from .registry import Registry
 
-CONVERT_DIR = "01_convert"
-LABELS_DIR = "02_labels"
-FOLDS_FILE = "folds.csv"
 FOLD_COLUMNS = ("ImageId", "fold", "has_mask")
-
-
-def image_dir(prepared_dir: str | os.PathLike, size: int) -> Path:
-    return Path(prepared_dir) / CONVERT_DIR / f"images_{int(size)}"
-
-
-def mask_dir(prepared_dir: str | os.PathLike, size: int) -> Path:
-    return Path(prepared_dir) / LABELS_DIR / f"masks_{int(size)}"
 
 
 @dataclass(frozen=True)
@@ -95,8 +85,7 @@ class PreparedData:
         Raises:
             DataError: a missing file or column, naming the stage to rerun.
         """
-        prepared_dir = Path(prepared_dir)
-        folds_path = prepared_dir / LABELS_DIR / FOLDS_FILE
+        folds_path = layout.folds_path(prepared_dir)
         if not folds_path.is_file():
             raise DataError(f"{folds_path} not found: run stage 02 (scripts/02_prepare_labels.py) with this config "
                             f"first")
@@ -105,7 +94,7 @@ class PreparedData:
         if missing_columns:
             raise DataError(f"{folds_path} lacks columns {missing_columns}; rerun stage 02 with --force")
         folds["has_mask"] = folds["has_mask"].astype(bool)
-        data = cls(folds, image_dir(prepared_dir, size), mask_dir(prepared_dir, size))
+        data = cls(folds, layout.images_dir(prepared_dir, size), layout.masks_dir(prepared_dir, size))
         for folder, stage in ((data.image_dir, "01 (scripts/01_convert_dicoms.py)"),
                               (data.mask_dir, "02 (scripts/02_prepare_labels.py)")):
             missing = [i for i in folds["ImageId"] if not (folder / f"{i}.png").is_file()]

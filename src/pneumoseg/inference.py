@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from . import layout
 from .checkpoints import best_files, load_checkpoint
 from .data import Normalize, normalize_from_model
 from .errors import DataError
@@ -31,7 +32,6 @@ from .models import build_model
 
 # smp encoders downsample by up to 2**5; a rescaled view must keep its sides divisible by that.
 SIZE_MULTIPLE = 32
-FOLD_PREFIX = "fold"
 
 
 @dataclass
@@ -78,16 +78,6 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> F
                      epoch=checkpoint.get("epoch"), score=checkpoint.get("score"), path=path)
 
 
-def fold_dirs(train_dir: str | os.PathLike) -> dict[int, Path]:
-    """The ``fold<k>`` folders of a training output folder, by fold number."""
-    found = {}
-    for path in Path(train_dir).glob(f"{FOLD_PREFIX}*"):
-        suffix = path.name[len(FOLD_PREFIX):]
-        if path.is_dir() and suffix.isdigit():
-            found[int(suffix)] = path
-    return dict(sorted(found.items()))
-
-
 def load_fold_models(train_dir: str | os.PathLike, folds: Iterable[int] | None = None, top: int = 1,
                      device: str | torch.device = "cpu") -> list[FoldModel]:
     """The ``top`` best checkpoints of each fold of a training folder (``03_train`` or a SageMaker model dir).
@@ -101,7 +91,7 @@ def load_fold_models(train_dir: str | os.PathLike, folds: Iterable[int] | None =
     Raises:
         DataError: no fold folder, or a requested fold without checkpoints.
     """
-    found = fold_dirs(train_dir)
+    found = layout.fold_dirs(train_dir)
     wanted = list(found) if folds is None else list(folds)
     if not wanted:
         raise DataError(f"no fold folders (fold<k>/) in {train_dir}; run scripts/03_train.py first")

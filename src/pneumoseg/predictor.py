@@ -27,13 +27,12 @@ import pandas as pd
 import torch
 from omegaconf import DictConfig
 
-from . import rle
+from . import layout, rle
 from .distributed import resolve_device
 from .errors import ConfigError, DataError
 from .imaging import resize_square
-from .data import FOLDS_FILE
 from .inference import TTA, FoldModel, load_fold_models, predict_probs
-from .postprocess import PostProcessor
+from .postprocess import PostProcessor, configured_postprocessor
 
 
 @dataclass
@@ -175,8 +174,9 @@ class Predictor:
         """The predictor of an experiment's outputs.
 
         Models: the ``predict.top_k`` best checkpoints of each fold of ``train.folds`` (``all``: every fold of
-        ``03_train/folds.csv``) in ``${paths.experiment_dir}/03_train``; TTA: the ``tta`` section; post-processing: ``postprocess.source``
-        (stage 04's ``thresholds.json`` or the config's block); resizing: ``prepare.interpolation``; batch size
+        ``03_train/folds.csv``) in ``${paths.experiment_dir}/03_train``; TTA: the ``tta`` section;
+        post-processing: ``postprocess.source`` (stage 04's ``thresholds.json`` or the config's block, see
+        :func:`pneumoseg.postprocess.configured_postprocessor`); resizing: ``prepare.interpolation``; batch size
         and AMP: ``predict.batch_size`` and ``predict.amp``.
 
         Args:
@@ -184,13 +184,10 @@ class Predictor:
             device: ``auto``, ``cpu``, ``cuda`` or a torch device; default ``predict.device``.
 
         Raises:
-            ConfigError: ``predict.top_k`` below 1 or above ``train.keep_best``, or a device that is not there.
+            ConfigError: ``predict.top_k`` below 1 or above ``train.keep_best``, a device that is not there, or a
+                ``train.folds`` fold that ``03_train/folds.csv`` does not have.
             DataError: missing checkpoints or thresholds.
         """
-        # The experiment folder's layout is the stages' knowledge; imported at call time so that importing this
-        # core module never pulls in the stages (see the package docstring).
-        from .stages.search import configured_postprocessor, train_folder, trained_folds
-
         predict = cfg.predict
         top_k = int(predict.top_k)
         if not 1 <= top_k <= int(cfg.train.keep_best):
@@ -198,12 +195,12 @@ class Predictor:
                               f"(the checkpoints stage 03 keeps per fold)")
         if not isinstance(device, torch.device):
             device = resolve_device(str(device or predict.device))
-        folder = train_folder(cfg)
-        folds_csv = folder / FOLDS_FILE
+        folder = layout.train_dir(cfg)
+        folds_csv = layout.train_folds_path(cfg)
         if not folds_csv.is_file():
             raise DataError(f"{folds_csv} not found: no trained models in {folder}; run scripts/03_train.py first")
-        folds = trained_folds(cfg.train.folds, sorted(int(f) for f in pd.read_csv(folds_csv)["fold"].unique()),
-                              folds_csv)
+        folds = layout.select_folds(cfg.train.folds, pd.read_csv(folds_csv)["fold"].unique(), "train.folds",
+                                    folds_csv)
         models = load_fold_models(folder, folds, top=top_k, device=device)
         return cls(models, TTA.from_config(cfg.get("tta")), configured_postprocessor(cfg),
                    interpolation=str(cfg.prepare.interpolation),

@@ -51,6 +51,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from . import layout
 from .augment import build_augment
 from .checkpoints import CHECKPOINTS_FILE, LAST_FILE, BestCheckpoints, best_files, load_checkpoint, save_checkpoint
 from .config import to_dict
@@ -68,8 +69,6 @@ from .probstore import ProbabilityWriter
 
 log = logging.getLogger(__name__)
 
-LOG_FILE = "log.csv"
-OOF_DIR = "oof"
 CHECKPOINT_FORMAT = 1
 
 
@@ -274,8 +273,9 @@ def _clear_outputs(folder: Path, fresh: bool) -> None:
     """Remove the temporary files a killed run left behind and, for a ``fresh`` start, the fold's old outputs."""
     stale = [p for p in folder.rglob(".*") if p.is_file()]  # pneumoseg.io and ProbabilityWriter temporaries
     if fresh:
-        stale += [*folder.glob("best_*.pt"), folder / LAST_FILE, folder / LOG_FILE, folder / CHECKPOINTS_FILE]
-        shutil.rmtree(folder / OOF_DIR, ignore_errors=True)
+        stale += [*folder.glob("best_*.pt"), folder / LAST_FILE, folder / CHECKPOINTS_FILE,
+                  layout.fold_log_path(folder)]
+        shutil.rmtree(layout.oof_dir(folder), ignore_errors=True)
     for path in stale:
         path.unlink(missing_ok=True)
 
@@ -345,7 +345,7 @@ def fit_fold(cfg: DictConfig, data: PreparedData, fold: int, folder: str | Path,
             rank = best.offer(epoch + 1, metrics[monitor], lambda: {
                 **checkpoint_meta, "state_dict": trainer.net.state_dict(), "epoch": epoch + 1,
                 "score": float(metrics[monitor])})
-            write_csv(folder / LOG_FILE, pd.DataFrame(history))
+            write_csv(layout.fold_log_path(folder), pd.DataFrame(history))
             save_checkpoint(folder / LAST_FILE, {
                 "format": CHECKPOINT_FORMAT, "fingerprint": fingerprint, "epoch": epoch + 1,
                 "trainer": trainer.state_dict(), "history": history, "rng": torch.get_rng_state()})
@@ -406,7 +406,7 @@ def write_oof(cfg: DictConfig, data: PreparedData, val_rows: pd.DataFrame, folde
     loader = _loader(images, int(train.val_batch_size), int(train.num_workers), ctx)
     size = int(train.oof_size)
     tta = TTA.from_config(cfg.tta)
-    with ProbabilityWriter(folder / OOF_DIR, ids, size) as writer:
+    with ProbabilityWriter(layout.oof_dir(folder), ids, size) as writer:
         start = 0
         for batch in tqdm(loader, desc=f"OOF {folder.name}", leave=False):
             probs = predict_probs(models, batch, tta, batch_size=len(batch), amp=train.amp)

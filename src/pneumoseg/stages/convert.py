@@ -27,6 +27,7 @@ from joblib import Parallel, delayed, effective_n_jobs
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
+from .. import layout
 from ..dicom import METADATA_KEYS, DicomError, find_dicoms, read_dicom, read_dicom_header
 from ..errors import ConfigError, DataError
 from ..imaging import INTERPOLATIONS, resize_square
@@ -36,8 +37,6 @@ from .record import StageRecord
 log = logging.getLogger(__name__)
 
 STAGE_NAME = "01_convert_dicoms"
-FOLDER_NAME = "01_convert"
-METADATA_FILE = "metadata.csv"
 ERRORS_FILE = "errors.csv"
 RESIZE_FILE = "resize.json"
 # Bump when read_dicom or the resizing changes the pixels they produce, so old PNGs are not reused.
@@ -83,16 +82,6 @@ class ConvertSettings:
         return cls(tuple(dict.fromkeys(sizes)), prepare.interpolation, prepare.n_jobs, bool(prepare.strict))
 
 
-def output_folder(cfg: DictConfig) -> Path:
-    """The stage's folder, ``${paths.prepared_dir}/01_convert``."""
-    return Path(cfg.paths.prepared_dir) / FOLDER_NAME
-
-
-def images_folder(cfg: DictConfig, size: int) -> Path:
-    """Where the stage writes the ``size`` x ``size`` PNGs, one ``<ImageId>.png`` per image."""
-    return output_folder(cfg) / f"images_{size}"
-
-
 def run(cfg: DictConfig, force: bool = False) -> dict:
     """Convert every DICOM under ``paths.input_dir``; see the module docstring for the outputs.
 
@@ -112,32 +101,32 @@ def run(cfg: DictConfig, force: bool = False) -> dict:
     settings = ConvertSettings.from_config(cfg.prepare)
     input_dir = Path(cfg.paths.input_dir)
     dicoms = _list_dicoms(input_dir)
-    folder = output_folder(cfg)
+    folder = layout.convert_dir(cfg)
     record = StageRecord(STAGE_NAME, folder, cfg, ("prepare",), inputs=_listing_facts(input_dir, dicoms))
     if record.skip_if_complete(force):
         return json.loads(record.done_path.read_text())["summary"]
     record.start()
 
-    outputs = [(size, images_folder(cfg, size)) for size in settings.sizes]
+    outputs = [(size, layout.images_dir(cfg, size)) for size in settings.sizes]
     for size, images in outputs:
         _claim_images_folder(images, {"size": size, "interpolation": settings.interpolation,
                                       "png_version": PNG_VERSION})
     outcomes = _convert_all(dicoms, outputs, settings, overwrite=force)
-    summary, errors = _write_tables(folder, outcomes, settings.sizes)
+    summary, errors = _write_tables(cfg, outcomes, settings.sizes)
     _check_outcome(summary, errors, settings.strict, input_dir, folder / ERRORS_FILE)
     record.finish(summary)
     return summary
 
 
-def _write_tables(folder: Path, outcomes: list[tuple[str, dict]], sizes: tuple[int, ...]) -> tuple[dict, list]:
+def _write_tables(cfg: DictConfig, outcomes: list[tuple[str, dict]], sizes: tuple[int, ...]) -> tuple[dict, list]:
     """Write metadata.csv and errors.csv (sorted, so reruns give identical files); return the summary and
     the error rows."""
     counts = Counter(status for status, _ in outcomes)
     rows = sorted((row for status, row in outcomes if status != "failed"), key=lambda row: row["ImageId"])
     errors = sorted((row for status, row in outcomes if status == "failed"), key=lambda row: row["path"])
     metadata = pd.DataFrame(rows, columns=list(METADATA_KEYS))
-    write_csv(folder / METADATA_FILE, metadata.astype({"rows": "Int64", "cols": "Int64", "age": "Int64"}))
-    write_csv(folder / ERRORS_FILE, pd.DataFrame(errors, columns=["path", "reason"]))
+    write_csv(layout.metadata_path(cfg), metadata.astype({"rows": "Int64", "cols": "Int64", "age": "Int64"}))
+    write_csv(layout.convert_dir(cfg) / ERRORS_FILE, pd.DataFrame(errors, columns=["path", "reason"]))
     summary = {"images": len(rows), "converted": counts["converted"], "reused": counts["reused"],
                "failed": len(errors), "sizes": list(sizes)}
     log.info("%s: %d images ready (%d converted, %d already there), %d unreadable",

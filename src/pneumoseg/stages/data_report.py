@@ -18,8 +18,8 @@ from matplotlib import colormaps
 from matplotlib.figure import Figure
 
 from .. import labels as lb
+from .. import layout
 from ..io import atomic_path, read_png, write_png, write_text
-from .convert import METADATA_FILE
 
 log = logging.getLogger(__name__)
 
@@ -37,12 +37,11 @@ DEMOGRAPHICS = {"sex": "sex", "view": "view position"}
 AGE_RANGE = (0, 100)            # a few real files claim ages over 100 (typos); they are left out of the plot
 
 
-def write_report(folder: Path, convert_dir: Path, sizes: list[int], area_edges, seed: int) -> Path:
-    """Write ``folder/data_report.md`` and its figures from the stage's outputs.
+def write_report(prepared: layout.Where, sizes: list[int], area_edges, seed: int) -> Path:
+    """Write ``data_report.md`` and its figures into stage 02's folder, from the outputs of stages 01 and 02.
 
     Args:
-        folder: stage 02's folder, holding labels.csv, folds.csv, test_images.csv, unmatched.csv and masks.
-        convert_dir: stage 01's folder, holding metadata.csv and ``images_<size>/``.
+        prepared: the config or ``paths.prepared_dir``, holding both stages' folders (see :mod:`pneumoseg.layout`).
         sizes: the prepared sizes; the smallest gives the mean mask, the smallest of at least 256 the gallery.
         area_edges: ``folds.area_bins``.
         seed: picks the sampled images, so the report is the same on every run.
@@ -50,22 +49,24 @@ def write_report(folder: Path, convert_dir: Path, sizes: list[int], area_edges, 
     Returns:
         The report's path.
     """
+    folder = layout.labels_dir(prepared)
     figures = folder / FIGURE_FOLDER
     ids = {lb.ID_COLUMN: str}
-    table = pd.read_csv(folder / "labels.csv", dtype=ids)
-    folds = pd.read_csv(folder / "folds.csv", dtype=ids)
-    metadata = pd.read_csv(convert_dir / METADATA_FILE, dtype=ids)
+    table = pd.read_csv(layout.labels_path(prepared), dtype=ids)
+    folds = pd.read_csv(layout.folds_path(prepared), dtype=ids)
+    metadata = pd.read_csv(layout.metadata_path(prepared), dtype=ids)
     edges = lb.check_area_edges(area_edges)
     rng = np.random.default_rng(seed)
     sections = [
         "# Data report\n\nWritten by stage 02 (`scripts/02_prepare_labels.py`) from the files in this folder.",
-        _overview(table, len(pd.read_csv(folder / "test_images.csv")), pd.read_csv(folder / "unmatched.csv")),
+        _overview(table, len(pd.read_csv(layout.test_images_path(prepared))),
+                  pd.read_csv(layout.unmatched_path(prepared))),
         _positives_and_instances(table, figures),
         _area_histogram(table, edges, figures),
-        _mean_mask(table, folder, convert_dir, min(sizes), rng, figures),
+        _mean_mask(table, prepared, min(sizes), rng, figures),
         _fold_balance(folds, table, edges, figures),
         _demographics(table, metadata, figures),
-        _gallery(table, folder, convert_dir, _gallery_size(sizes), rng, figures),
+        _gallery(table, prepared, _gallery_size(sizes), rng, figures),
     ]
     path = folder / REPORT_FILE
     write_text(path, "\n\n".join(section for section in sections if section) + "\n")
@@ -126,14 +127,14 @@ def _area_histogram(table: pd.DataFrame, edges: list[int], figures: Path) -> str
             f"min {quartiles[0]}, quartiles {quartiles[1]} / {quartiles[2]} / {quartiles[3]}, max {quartiles[4]}.")
 
 
-def _mean_mask(table: pd.DataFrame, folder: Path, convert_dir: Path, size: int, rng: np.random.Generator,
+def _mean_mask(table: pd.DataFrame, prepared: layout.Where, size: int, rng: np.random.Generator,
                figures: Path) -> str:
     positive = table.loc[table["has_mask"], lb.ID_COLUMN].tolist()
     if not positive:
         return ""
-    heat = _mean(folder / f"masks_{size}", positive) / 255.0
+    heat = _mean(layout.masks_dir(prepared, size), positive) / 255.0
     sample = rng.choice(table[lb.ID_COLUMN].to_numpy(), size=min(MEAN_IMAGE_SAMPLE, len(table)), replace=False)
-    mean_image = _mean(convert_dir / f"images_{size}", sample)
+    mean_image = _mean(layout.images_dir(prepared, size), sample)
     fig = Figure(figsize=(9, 4.2), layout="constrained")
     image_ax, heat_ax = fig.subplots(1, 2)
     image_ax.imshow(mean_image, cmap="gray")
@@ -236,7 +237,7 @@ def _text(column: pd.Series) -> pd.Series:
     return column.astype("string").fillna("").str.strip()
 
 
-def _gallery(table: pd.DataFrame, folder: Path, convert_dir: Path, size: int, rng: np.random.Generator,
+def _gallery(table: pd.DataFrame, prepared: layout.Where, size: int, rng: np.random.Generator,
              figures: Path) -> str:
     positive = table[table["has_mask"]].sort_values("mask_area")
     negative = table[~table["has_mask"]]
@@ -246,7 +247,7 @@ def _gallery(table: pd.DataFrame, folder: Path, convert_dir: Path, size: int, rn
     chosen = pd.concat([positive.iloc[picks], negative.iloc[drawn]])
     if chosen.empty:
         return ""
-    tiles = [_outlined(row, number, folder, convert_dir, size)
+    tiles = [_outlined(row, number, prepared, size)
              for number, row in enumerate(chosen.itertuples(index=False), 1)]
     tiles += [np.zeros_like(tiles[0])] * (-len(tiles) % GALLERY_COLUMNS)
     rows = [np.hstack(tiles[start:start + GALLERY_COLUMNS]) for start in range(0, len(tiles), GALLERY_COLUMNS)]
@@ -259,10 +260,10 @@ def _gallery(table: pd.DataFrame, folder: Path, convert_dir: Path, size: int, rn
             + "\n".join(f"{number}. {caption}" for number, caption in enumerate(captions, 1)))
 
 
-def _outlined(row, number: int, folder: Path, convert_dir: Path, size: int) -> np.ndarray:
+def _outlined(row, number: int, prepared: layout.Where, size: int) -> np.ndarray:
     """One gallery tile: the image in RGB with its mask's outline and its number drawn on it."""
-    image = cv2.cvtColor(read_png(convert_dir / f"images_{size}" / f"{row.ImageId}.png"), cv2.COLOR_GRAY2RGB)
-    mask = read_png(folder / f"masks_{size}" / f"{row.ImageId}.png")
+    image = cv2.cvtColor(read_png(layout.images_dir(prepared, size) / f"{row.ImageId}.png"), cv2.COLOR_GRAY2RGB)
+    mask = read_png(layout.masks_dir(prepared, size) / f"{row.ImageId}.png")
     contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
     cv2.drawContours(image, contours, -1, OUTLINE_RGB, max(1, size // 256))
     # A one-pixel black frame keeps neighbouring tiles apart.

@@ -17,7 +17,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from ..io import atomic_path, write_json, write_text
+from ..io import atomic_path, write_text
 from ..postprocess import ORIGINAL_SIZE, build_postprocessor
 from ..search import SearchResult
 
@@ -88,7 +88,7 @@ def _mean(values: pd.Series) -> float | None:
 
 def write_report(folder: Path, numbers: dict, result: SearchResult, per_image: pd.DataFrame,
                  logs: Mapping[int, Path], case: CaseLoader, n_cases: int, thumbnail_size: int) -> None:
-    """Write ``oof_report.json``, the plots and ``oof_report.md`` into ``folder``.
+    """Write the plots and ``oof_report.md`` into ``folder`` (the stage writes ``numbers`` to ``oof_report.json``).
 
     Args:
         folder: the stage's folder.
@@ -107,7 +107,6 @@ def write_report(folder: Path, numbers: dict, result: SearchResult, per_image: p
         "gallery": plot_gallery(gallery_cases(per_image, n_cases), case, thumbnail_size,
                                 folder / PLOTS / "gallery.png"),
     }
-    write_json(folder / "oof_report.json", numbers)
     write_text(folder / "oof_report.md", render_markdown(numbers, plots))
 
 

@@ -39,20 +39,17 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from .. import __version__
+from .. import __version__, layout
 from ..errors import DataError
 from ..io import atomic_path, write_json
 from ..predictor import Predictor
 from ..serving import (CODE_DIR, CONFIG_FILE, MANIFEST_FILE, PACKAGE_FORMAT, THRESHOLDS_FILE, load_package,
                        open_package)
 from .record import DONE_FILE, StageRecord
-from .search import train_folder
 
 log = logging.getLogger(__name__)
 
 STAGE_NAME = "06_package_model"
-FOLDER_NAME = "06_package"
-PACKAGE_FILE = "model.tar.gz"
 
 # The distributions that pneumoseg.serving imports, pinned in code/requirements.txt at the versions installed here.
 # torch and torchvision are left out: SageMaker's PyTorch container has its own build (for its CUDA), which a
@@ -67,16 +64,6 @@ __all__ = ["model_fn", "input_fn", "predict_fn", "output_fn"]
 '''
 
 
-def output_folder(cfg: DictConfig) -> Path:
-    """The stage's folder, ``${paths.experiment_dir}/06_package``."""
-    return Path(cfg.paths.experiment_dir) / FOLDER_NAME
-
-
-def package_path(cfg: DictConfig) -> Path:
-    """Where the stage writes ``model.tar.gz``."""
-    return output_folder(cfg) / PACKAGE_FILE
-
-
 def run(cfg: DictConfig, force: bool = False) -> dict[str, Any]:
     """Build, check and write the model package; see the module docstring.
 
@@ -87,7 +74,7 @@ def run(cfg: DictConfig, force: bool = False) -> dict[str, Any]:
         DataError: stage 03 has not finished, or a checkpoint or ``thresholds.json`` is missing.
         ConfigError: a bad ``predict`` section.
     """
-    done = train_folder(cfg) / DONE_FILE
+    done = layout.train_dir(cfg) / DONE_FILE
     if not done.is_file():
         raise DataError(f"stage 03 has not finished: {done} is missing. Train every fold of train.folds first "
                         f"(scripts/03_train.py).")
@@ -99,16 +86,16 @@ def run(cfg: DictConfig, force: bool = False) -> dict[str, Any]:
     # rebuilds it, as a change to the weights or the post-processing does (they make the version).
     sections = [key for key in cfg if key != "paths"]
     code = hashlib.sha256(b"".join(path.read_bytes() for path in sources.values())).hexdigest()[:16]
-    record = StageRecord(STAGE_NAME, output_folder(cfg), cfg, sections, inputs={"version": manifest["version"],
-                                                                                "code": code})
+    record = StageRecord(STAGE_NAME, layout.package_dir(cfg), cfg, sections,
+                         inputs={"version": manifest["version"], "code": code})
     if record.skip_if_complete(force):
         return json.loads(record.done_path.read_text())["summary"]
     record.start()
-    path = package_path(cfg)
+    path = layout.package_path(cfg)
     with atomic_path(path) as tmp:
         write_package(tmp, cfg, manifest, {**files, **sources})
         verify_package(tmp, predictor)
-    write_json(output_folder(cfg) / MANIFEST_FILE, manifest)
+    write_json(layout.package_dir(cfg) / MANIFEST_FILE, manifest)
     summary = {"package": str(path), "bytes": path.stat().st_size, "name": manifest["name"],
                "version": manifest["version"], "models": [m["file"] for m in manifest["models"]],
                "postprocess": manifest["postprocess"]}

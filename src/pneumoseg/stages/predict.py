@@ -33,7 +33,8 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from .. import labels as lb
-from .. import rle
+from .. import layout, rle
+from ..checkpoints import best_files
 from ..cli import setup_logging
 from ..config import load_config
 from ..data import ImageFiles
@@ -41,27 +42,14 @@ from ..errors import ConfigError, DataError, PneumosegError
 from ..io import write_json
 from ..predictor import Predictor
 from ..submission import format_problems, score_submission, validate_submission, write_submission
-from . import convert, prepare_labels, search
 from .demo_data import TEST_LABELS
 from .record import DONE_FILE, StageRecord
 
 log = logging.getLogger(__name__)
 
 STAGE_NAME = "05_predict"
-FOLDER_NAME = "05_predict"
-SUBMISSION_FILE = "submission.csv"
 TEST_SCORE_FILE = "test_score.json"
 SECTIONS = ("data", "prepare", "model", "train", "tta", "postprocess", "predict")
-
-
-def output_folder(cfg: DictConfig) -> Path:
-    """The stage's folder, ``${paths.experiment_dir}/05_predict``."""
-    return Path(cfg.paths.experiment_dir) / FOLDER_NAME
-
-
-def submission_path(cfg: DictConfig) -> Path:
-    """Where the stage writes the submission."""
-    return output_folder(cfg) / SUBMISSION_FILE
 
 
 def test_labels_path(cfg: DictConfig) -> Path:
@@ -80,7 +68,7 @@ def read_test_images(cfg: DictConfig, sample: Path | None) -> pd.DataFrame:
         DataError: the list is missing, lacks a column, is empty, or lacks ImageIds of the sample submission
             (their DICOMs were not found, or they have training labels).
     """
-    path = prepare_labels.stage_folder(cfg) / "test_images.csv"
+    path = layout.test_images_path(cfg)
     if not path.is_file():
         raise DataError(f"{path} not found: run scripts/02_prepare_labels.py first")
     test = pd.read_csv(path, dtype={lb.ID_COLUMN: str})
@@ -96,7 +84,7 @@ def read_test_images(cfg: DictConfig, sample: Path | None) -> pd.DataFrame:
         if absent:
             raise DataError(f"{len(absent)} ImageIds of the sample submission {sample} are not test images of "
                             f"{path}, e.g. {absent[:3]}: their DICOMs are missing or they have training labels (see "
-                            f"{path.parent / 'unmatched.csv'}). Add the missing DICOMs and rerun stages 01-02.")
+                            f"{layout.unmatched_path(cfg)}). Add the missing DICOMs and rerun stages 01-02.")
     return test
 
 
@@ -124,13 +112,13 @@ def _input_facts(cfg: DictConfig, test_labels: Path) -> dict[str, Any]:
     Raises:
         DataError: stage 03 has not finished (its ``done.json`` is missing).
     """
-    train_dir = search.train_folder(cfg)
+    train_dir = layout.train_dir(cfg)
     if not (train_dir / DONE_FILE).is_file():
         raise DataError(f"stage 03 has not finished: {train_dir / DONE_FILE} is missing. Train every fold of "
                         f"train.folds first (scripts/03_train.py).")
-    files = sorted(train_dir.glob("fold*/best_*.pt"))
-    files += [search.thresholds_path(cfg), convert.output_folder(cfg) / DONE_FILE,
-              prepare_labels.stage_folder(cfg) / "test_images.csv", test_labels]
+    files = [path for folder in layout.fold_dirs(train_dir).values() for path in best_files(folder)]
+    files += [layout.thresholds_path(cfg), layout.convert_dir(cfg) / DONE_FILE, layout.test_images_path(cfg),
+              test_labels]
     return _file_facts(files)
 
 
@@ -147,7 +135,7 @@ def run(cfg: DictConfig, force: bool = False) -> dict[str, Any]:
     """
     if cfg.predict.fmt not in rle.FORMATS:
         raise ConfigError(f"predict.fmt must be one of {', '.join(rle.FORMATS)}, not {cfg.predict.fmt!r}")
-    folder = output_folder(cfg)
+    folder = layout.predict_dir(cfg)
     test, expected = test_set(cfg)
     test_labels = test_labels_path(cfg)
     record = StageRecord(STAGE_NAME, folder, cfg, SECTIONS, inputs=_input_facts(cfg, test_labels))
@@ -161,12 +149,12 @@ def run(cfg: DictConfig, force: bool = False) -> dict[str, Any]:
     log.info("%s: %d test images, %d models x %d views on %s", STAGE_NAME, len(ids), len(predictor.models),
              len(predictor.tta.views()), predictor.device)
     started = time.time()
-    encoded, positive = predict_rles(predictor, convert.images_folder(cfg, predictor.image_size), ids, sizes,
+    encoded, positive = predict_rles(predictor, layout.images_dir(cfg, predictor.image_size), ids, sizes,
                                      cfg.predict)
     seconds = time.time() - started
-    write_submission(submission_path(cfg), ids, encoded, expected, sizes, cfg.predict.fmt)
+    write_submission(layout.submission_path(cfg), ids, encoded, expected, sizes, cfg.predict.fmt)
     summary = {
-        "submission": str(submission_path(cfg)),
+        "submission": str(layout.submission_path(cfg)),
         "images": len(ids),
         "positive": positive,
         "models": len(predictor.models),
@@ -217,12 +205,12 @@ def predict_rles(predictor: Predictor, images_dir: Path, ids: list[str], sizes: 
 
 def score_test_set(cfg: DictConfig, test_labels: Path, sizes: dict[str, tuple[int, int]]) -> dict[str, Any]:
     """Score the submission on the held-out labels, log it beside the OOF score and write ``test_score.json``."""
-    test_score = score_submission(submission_path(cfg), test_labels, sizes, cfg.predict.fmt)
-    report = search.output_folder(cfg) / "oof_report.json"
+    test_score = score_submission(layout.submission_path(cfg), test_labels, sizes, cfg.predict.fmt)
+    report = layout.oof_report_path(cfg)
     oof_score = json.loads(report.read_text())["oof_score"] if report.is_file() else None
     scores = {"test_score": round(test_score, 4), "oof_score": None if oof_score is None else round(oof_score, 4),
               "test_labels": str(test_labels), "labels_sha256": _sha256(test_labels)}
-    write_json(output_folder(cfg) / TEST_SCORE_FILE, scores)
+    write_json(layout.predict_dir(cfg) / TEST_SCORE_FILE, scores)
     if oof_score is None:
         log.info("test score %.4f (no OOF report at %s to compare with)", test_score, report)
     else:

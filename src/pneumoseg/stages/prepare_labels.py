@@ -34,15 +34,15 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 from .. import labels as lb
+from .. import layout
 from ..errors import ConfigError, DataError
 from ..io import write_csv, write_png, write_text
-from . import convert, data_report
+from . import data_report
 from .record import StageRecord
 
 log = logging.getLogger(__name__)
 
 STAGE = "02_prepare_labels"
-FOLDER = "02_labels"
 MASKS_KEY_FILE = "masks.key"
 CHUNK = 256  # images per parallel task: enough work to outweigh the cost of sending it to a worker
 
@@ -66,11 +66,6 @@ class Split:
     unmatched: pd.DataFrame
 
 
-def stage_folder(cfg: DictConfig) -> Path:
-    """``${paths.prepared_dir}/02_labels``, where this stage writes and later stages read."""
-    return Path(cfg.paths.prepared_dir) / FOLDER
-
-
 def prepared_sizes(cfg: DictConfig) -> list[int]:
     """``prepare.sizes`` as distinct ints, in order."""
     return list(dict.fromkeys(int(size) for size in cfg.prepare.sizes))
@@ -88,9 +83,9 @@ def run(cfg: DictConfig, force: bool = False) -> dict:
             names the file, line and ImageId).
         ConfigError: a bad ``folds`` setting.
     """
-    folder = stage_folder(cfg)
+    folder = layout.labels_dir(cfg)
     input_dir = Path(cfg.paths.input_dir)
-    metadata_path = convert.output_folder(cfg) / convert.METADATA_FILE
+    metadata_path = layout.metadata_path(cfg)
     labels_path = lb.locate_train_labels(cfg.data.train_labels, input_dir)
     submission_path = lb.locate_sample_submission(cfg.data.sample_submission, input_dir)
     sizes = prepared_sizes(cfg)
@@ -113,14 +108,14 @@ def run(cfg: DictConfig, force: bool = False) -> dict:
     balance = lb.fold_balance(folds, table["mask_area"], cfg.folds.area_bins)
 
     mask_key = f"{digests['labels']} {digests['metadata']}"
-    written, kept = write_masks(folder, table, labels, sizes, int(cfg.prepare.n_jobs),
+    written, kept = write_masks(cfg, table, labels, sizes, int(cfg.prepare.n_jobs),
                                 overwrite=force or _read_key(folder) != mask_key, key=mask_key)
 
-    write_csv(folder / "labels.csv", table)
-    write_csv(folder / "test_images.csv", split.test)
-    write_csv(folder / "unmatched.csv", split.unmatched)
-    write_csv(folder / "folds.csv", folds)
-    data_report.write_report(folder, convert.output_folder(cfg), sizes, cfg.folds.area_bins, seed=int(cfg.folds.seed))
+    write_csv(layout.labels_path(cfg), table)
+    write_csv(layout.test_images_path(cfg), split.test)
+    write_csv(layout.unmatched_path(cfg), split.unmatched)
+    write_csv(layout.folds_path(cfg), folds)
+    data_report.write_report(cfg, sizes, cfg.folds.area_bins, seed=int(cfg.folds.seed))
 
     summary = {
         "label_file": str(labels_path),
@@ -241,12 +236,12 @@ def label_table(train: pd.DataFrame, labels: dict[str, lb.ImageLabels]) -> pd.Da
     return pd.DataFrame(records, columns=[lb.ID_COLUMN, "has_mask", "n_instances", "mask_area", "rows", "cols"])
 
 
-def write_masks(folder: Path, table: pd.DataFrame, labels: dict[str, lb.ImageLabels], sizes: list[int],
+def write_masks(prepared: layout.Where, table: pd.DataFrame, labels: dict[str, lb.ImageLabels], sizes: list[int],
                 n_jobs: int, overwrite: bool, key: str) -> tuple[int, int]:
     """Write ``masks_<size>/<ImageId>.png`` for every image of ``table`` (see :func:`label_table`).
 
     Args:
-        folder: the stage folder.
+        prepared: the config or ``paths.prepared_dir``.
         table: the training images.
         labels: their label rows.
         sizes: square sizes to write.
@@ -258,12 +253,11 @@ def write_masks(folder: Path, table: pd.DataFrame, labels: dict[str, lb.ImageLab
     Returns:
         ``(written, kept)``: images whose masks were written, and images whose masks were already there.
     """
-    folders = {size: folder / f"masks_{size}" for size in sizes}
+    folders = {size: layout.masks_dir(prepared, size) for size in sizes}
     if overwrite:
-        for old in folder.glob("masks_*"):
-            if old.is_dir():
-                shutil.rmtree(old)
-    write_text(folder / MASKS_KEY_FILE, key + "\n")
+        for old in layout.mask_dirs(prepared).values():
+            shutil.rmtree(old)
+    write_text(layout.labels_dir(prepared) / MASKS_KEY_FILE, key + "\n")
     finished = set.intersection(*(_png_stems(path) for path in folders.values()))
     todo = [(labels[image_id], int(rows), int(cols))
             for image_id, rows, cols in table[[lb.ID_COLUMN, "rows", "cols"]].itertuples(index=False)

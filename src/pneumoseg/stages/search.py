@@ -32,60 +32,23 @@ from joblib import Parallel, delayed
 from omegaconf import DictConfig
 from tqdm import tqdm
 
+from .. import layout
 from ..config import to_dict
 from ..errors import ConfigError, DataError
 from ..io import read_png, write_csv, write_json
 from ..metrics import dice_from_counts
-from ..postprocess import PostProcessor, build_postprocessor, load_postprocessor
+from ..postprocess import PostProcessor, build_postprocessor
 from ..probstore import IDS_FILE, PROBS_FILE, ProbabilityStore
 from ..search import GRIDS, Chunk, SearchResult, evaluate, run_search
 from . import oof_report
-from .convert import images_folder
 from .record import StageRecord
 
 log = logging.getLogger(__name__)
 
 STAGE_NAME = "04_search_thresholds"
-FOLDER_NAME = "04_search"
 SECTIONS = ("data", "search", "postprocess")
-THRESHOLDS_FILE = "thresholds.json"
 # The chosen strategy, re-applied image by image, must reproduce the search's score to this precision.
 AGREEMENT = 1e-9
-
-
-def output_folder(cfg: DictConfig) -> Path:
-    """The stage's folder, ``${paths.experiment_dir}/04_search``."""
-    return Path(cfg.paths.experiment_dir) / FOLDER_NAME
-
-
-def thresholds_path(cfg: DictConfig) -> Path:
-    """Where the chosen strategy is written (read by inference and the server)."""
-    return output_folder(cfg) / THRESHOLDS_FILE
-
-
-_SOURCES = {
-    "search": lambda cfg: load_postprocessor(thresholds_path(cfg)),
-    "config": lambda cfg: build_postprocessor(cfg.postprocess),
-}
-
-
-def configured_postprocessor(cfg: DictConfig) -> PostProcessor:
-    """The post-processing of inference: stage 04's choice (``postprocess.source: search``) or the config's own
-    ``postprocess`` block (``source: config``)."""
-    try:
-        source = _SOURCES[cfg.postprocess.source]
-    except KeyError:
-        raise ConfigError(f"postprocess.source must be one of {sorted(_SOURCES)}, "
-                          f"not {cfg.postprocess.source!r}") from None
-    return source(cfg)
-
-
-def train_folder(cfg: DictConfig) -> Path:
-    return Path(cfg.paths.experiment_dir) / "03_train"
-
-
-def labels_folder(cfg: DictConfig) -> Path:
-    return Path(cfg.paths.prepared_dir) / "02_labels"
 
 
 @dataclass
@@ -104,14 +67,14 @@ def open_folds(cfg: DictConfig) -> list[OofFold]:
             store's ImageIds differ from that fold's rows of ``folds.csv``, or are missing from ``labels.csv``;
             the stores' map sizes differ.
     """
-    folds_csv = train_folder(cfg) / "folds.csv"
+    folds_csv = layout.train_folds_path(cfg)
     folds = _read_csv(folds_csv, ("ImageId", "fold"), "run scripts/03_train.py first")
-    labels_csv = labels_folder(cfg) / "labels.csv"
+    labels_csv = layout.labels_path(cfg)
     labelled = set(_read_csv(labels_csv, ("ImageId",), "run scripts/02_prepare_labels.py first")["ImageId"])
-    trained = trained_folds(cfg.train.folds, sorted(folds["fold"].unique()), folds_csv)
+    trained = layout.select_folds(cfg.train.folds, folds["fold"].unique(), "train.folds", folds_csv)
     opened = []
     for fold, rows in folds[folds["fold"].isin(trained)].groupby("fold", sort=True):
-        folder = train_folder(cfg) / f"fold{fold}" / "oof"
+        folder = layout.oof_dir(layout.fold_dir(cfg, fold))
         if not (folder / PROBS_FILE).is_file() or not (folder / IDS_FILE).is_file():
             raise DataError(f"fold {fold} of {folds_csv} has no OOF predictions: {folder} lacks {PROBS_FILE} or "
                             f"{IDS_FILE}. Finish training fold {fold} (scripts/03_train.py), or drop it from folds.csv.")
@@ -127,25 +90,9 @@ def open_folds(cfg: DictConfig) -> list[OofFold]:
         opened.append(OofFold(int(fold), store))
     sizes = {f.store.size for f in opened}
     if len(sizes) != 1:
-        raise DataError(f"the OOF stores under {train_folder(cfg)} have different map sizes {sorted(sizes)}; "
+        raise DataError(f"the OOF stores under {layout.train_dir(cfg)} have different map sizes {sorted(sizes)}; "
                         f"rerun scripts/03_train.py --force so that every fold predicts at one size")
     return opened
-
-
-def trained_folds(setting, available: list[int], folds_csv: Path) -> list[int]:
-    """The folds of ``train.folds`` (``all``, one fold, or a list) among those of ``folds_csv``."""
-    if str(setting) == "all":
-        return [int(f) for f in available]
-    wanted = [setting] if isinstance(setting, (int, str)) else list(setting)
-    try:
-        wanted = sorted({int(f) for f in wanted})
-    except (TypeError, ValueError):
-        raise ConfigError(f"train.folds must be 'all' or fold numbers, not {setting!r}") from None
-    unknown = [f for f in wanted if f not in available]
-    if unknown:
-        raise DataError(f"train.folds names fold(s) {unknown}, which {folds_csv} does not have (it has "
-                        f"{[int(f) for f in available]}); rerun scripts/03_train.py or fix train.folds")
-    return wanted
 
 
 def _read_csv(path: Path, columns: tuple[str, ...], fix: str) -> pd.DataFrame:
@@ -238,7 +185,7 @@ def _read_mask(path: Path, size: int) -> np.ndarray:
 
 def _input_facts(cfg: DictConfig, folds: list[OofFold]) -> dict:
     """What the outputs depend on besides the config: the OOF stores and label files, by size and time."""
-    paths = [train_folder(cfg) / "folds.csv", labels_folder(cfg) / "labels.csv"]
+    paths = [layout.train_folds_path(cfg), layout.labels_path(cfg)]
     paths += [f.store.folder / name for f in folds for name in (PROBS_FILE, IDS_FILE)]
     return {"folds": [f.fold for f in folds], **{str(p): [p.stat().st_size, p.stat().st_mtime_ns] for p in paths}}
 
@@ -254,7 +201,7 @@ def build_grids(cfg: DictConfig) -> list:
 
 def run(cfg: DictConfig, force: bool = False) -> dict:
     """Search the post-processing on the OOF predictions and write the report; returns the report's numbers."""
-    folder = output_folder(cfg)
+    folder = layout.search_dir(cfg)
     folds = open_folds(cfg)
     record = StageRecord(STAGE_NAME, folder, cfg, SECTIONS, inputs=_input_facts(cfg, folds))
     if record.skip_if_complete(force):
@@ -263,7 +210,7 @@ def run(cfg: DictConfig, force: bool = False) -> dict:
     default = build_postprocessor(cfg.postprocess)
     record.start()
 
-    oof = OofSet(folds, labels_folder(cfg) / f"masks_{cfg.train.image_size}", cfg.search.n_jobs,
+    oof = OofSet(folds, layout.masks_dir(cfg, cfg.train.image_size), cfg.search.n_jobs,
                  cfg.search.chunk_size)
     log.info("searching %d OOF images of %d px from %d folds", len(oof), oof.size, len(folds))
     started = time.time()
@@ -275,16 +222,17 @@ def run(cfg: DictConfig, force: bool = False) -> dict:
     write_csv(folder / "candidates.csv", _candidates_table(result, folds))
     write_csv(folder / "per_image.csv", per_image)
     numbers = oof_report.report_numbers(result, per_image, chosen.to_block(), default.to_block(), oof.size, seconds)
-    write_json(folder / THRESHOLDS_FILE, {**chosen.to_block(), "oof_score": numbers["oof_score"],
-                                          "nested_score": numbers["nested_score"], "oof_size": oof.size,
-                                          "n_images": len(oof)})
-    logs = {f.fold: train_folder(cfg) / f"fold{f.fold}" / "log.csv" for f in folds}
-    xrays = images_folder(cfg, cfg.train.image_size)
+    write_json(layout.thresholds_path(cfg), {**chosen.to_block(), "oof_score": numbers["oof_score"],
+                                             "nested_score": numbers["nested_score"], "oof_size": oof.size,
+                                             "n_images": len(oof)})
+    logs = {f.fold: layout.fold_log_path(layout.fold_dir(cfg, f.fold)) for f in folds}
+    xrays = layout.images_dir(cfg, cfg.train.image_size)
 
     def gallery_case(image_id: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         levels, truth = oof.case(image_id)
         return read_png(xrays / f"{image_id}.png"), truth, chosen(levels)
 
+    write_json(layout.oof_report_path(cfg), numbers)
     oof_report.write_report(folder, numbers, result, per_image, logs, gallery_case, cfg.search.gallery_cases,
                             cfg.search.thumbnail_size)
     record.finish(numbers)

@@ -62,12 +62,12 @@ from typing import Any, Sequence
 
 from omegaconf import DictConfig
 
+from .. import layout
 from ..checkpoints import CHECKPOINTS_FILE, best_files
 from ..cli import stage_parser
-from ..data import FOLDS_FILE, LABELS_DIR, PreparedData
+from ..data import PreparedData
 from ..distributed import DistContext, distributed
 from ..errors import ConfigError
-from ..inference import FOLD_PREFIX
 from ..io import atomic_path, write_csv
 from ..training import fit_fold
 from .record import DONE_FILE, StageRecord
@@ -75,16 +75,11 @@ from .record import DONE_FILE, StageRecord
 log = logging.getLogger(__name__)
 
 STAGE_NAME = "03_train"
-FOLDER_NAME = "03_train"
 SECTIONS = ("seed", "model", "loss", "optimizer", "scheduler", "sampler", "augment", "train", "tta")
 DESCRIPTION = "Stage 03: train a model per cross-validation fold and predict each fold's held-out images."
 
 # SageMaker's environment -> config keys (the training job's input channel and output folder).
 SAGEMAKER_PATHS = {"SM_CHANNEL_TRAIN": "paths.prepared_dir", "SM_OUTPUT_DATA_DIR": "paths.experiment_dir"}
-
-
-def train_folder(cfg: DictConfig) -> Path:
-    return Path(cfg.paths.experiment_dir) / FOLDER_NAME
 
 
 def run(cfg: DictConfig, force: bool = False, folds: Sequence[int] | str | None = None, resume: bool | str = "auto",
@@ -108,11 +103,12 @@ def run(cfg: DictConfig, force: bool = False, folds: Sequence[int] | str | None 
         resume = False
     if int(cfg.train.epochs) < 1:
         raise ConfigError(f"train.epochs must be at least 1, got {cfg.train.epochs}")
-    folder = train_folder(cfg)
+    folder = layout.train_dir(cfg)
     data = PreparedData.load(cfg.paths.prepared_dir, int(cfg.train.image_size))
-    planned = _fold_list(cfg.train.folds, data, "train.folds")
-    requested = planned if folds is None else _fold_list(folds, data, "--fold")
-    inputs = {"folds_sha256": _sha256(Path(cfg.paths.prepared_dir) / LABELS_DIR / FOLDS_FILE)}
+    folds_csv = layout.folds_path(cfg)
+    planned = layout.select_folds(cfg.train.folds, data.fold_numbers(), "train.folds", folds_csv)
+    requested = planned if folds is None else layout.select_folds(folds, data.fold_numbers(), "--fold", folds_csv)
+    inputs = {"folds_sha256": _sha256(folds_csv)}
     record = StageRecord(STAGE_NAME, folder, cfg, SECTIONS, inputs)
 
     with distributed(str(cfg.train.device)) as ctx:
@@ -120,11 +116,11 @@ def run(cfg: DictConfig, force: bool = False, folds: Sequence[int] | str | None 
             summaries, complete = _stored_summaries(folder, requested), True
         else:
             summaries = _train_folds(cfg, data, requested, record, inputs, ctx, force, resume)
-            complete = all(_fold_record(cfg, folder, inputs, fold).is_complete() for fold in planned)
+            complete = all(_fold_record(cfg, inputs, fold).is_complete() for fold in planned)
             if ctx.is_main and complete:
                 record.finish({"folds": planned, "fold_summaries": _stored_summaries(folder, planned)})
             elif ctx.is_main:
-                done = [f for f in planned if _fold_record(cfg, folder, inputs, f).is_complete()]
+                done = [f for f in planned if _fold_record(cfg, inputs, f).is_complete()]
                 log.info("%s: folds %s are done; the stage completes when all of train.folds %s are",
                          STAGE_NAME, done, planned)
         if ctx.is_main and model_dir is not None:
@@ -138,11 +134,11 @@ def _train_folds(cfg: DictConfig, data: PreparedData, folds: Sequence[int], reco
     """Train each fold of ``folds`` that is not complete (or all with ``force``) -> the fold summaries."""
     if ctx.is_main:
         record.start()
-        write_csv(record.folder / FOLDS_FILE, data.folds)
+        write_csv(layout.train_folds_path(cfg), data.folds)
     ctx.barrier()
     summaries = {}
     for fold in folds:
-        fold_record = _fold_record(cfg, record.folder, inputs, fold)
+        fold_record = _fold_record(cfg, inputs, fold)
         if ctx.broadcast(fold_record.skip_if_complete(force)):
             summaries[fold] = _stored_summaries(record.folder, [fold])[fold]
             continue
@@ -158,27 +154,10 @@ def _train_folds(cfg: DictConfig, data: PreparedData, folds: Sequence[int], reco
     return summaries
 
 
-def _fold_record(cfg: DictConfig, folder: Path, inputs: dict, fold: int) -> StageRecord:
+def _fold_record(cfg: DictConfig, inputs: dict, fold: int) -> StageRecord:
     """The completion record of one fold: the stage's sections and inputs, plus the fold number."""
-    return StageRecord(f"{STAGE_NAME} fold {fold}", folder / f"{FOLD_PREFIX}{fold}", cfg, SECTIONS,
+    return StageRecord(f"{STAGE_NAME} fold {fold}", layout.fold_dir(cfg, fold), cfg, SECTIONS,
                        {**inputs, "fold": fold})
-
-
-def _fold_list(setting: Any, data: PreparedData, name: str) -> list[int]:
-    """``all``, one fold, or a list of folds -> the sorted fold numbers, checked against ``folds.csv``."""
-    available = data.fold_numbers()
-    if setting is None or str(setting) == "all":
-        return available
-    if isinstance(setting, (int, str)):
-        setting = [part for part in str(setting).split(",") if part.strip()]
-    try:
-        chosen = sorted({int(f) for f in setting})
-    except (TypeError, ValueError):
-        raise ConfigError(f"{name} must be 'all' or fold numbers, not {setting!r}") from None
-    unknown = [f for f in chosen if f not in available]
-    if unknown:
-        raise ConfigError(f"{name}: no fold {unknown} in folds.csv; its folds are {available}")
-    return chosen
 
 
 def _sha256(path: Path) -> str:
@@ -188,15 +167,15 @@ def _sha256(path: Path) -> str:
 def _stored_summaries(folder: Path, folds: Sequence[int]) -> dict[int, dict]:
     summaries = {}
     for fold in folds:
-        done = json.loads((folder / f"{FOLD_PREFIX}{fold}" / DONE_FILE).read_text())
+        done = json.loads((layout.fold_dir(folder, fold) / DONE_FILE).read_text())
         summaries[fold] = done.get("summary", {})
     return summaries
 
 
 def export_models(folder: Path, model_dir: Path) -> None:
     """Copy what inference needs (config, folds, each fold's best checkpoints and their table) to ``model_dir``."""
-    copies = [folder / name for name in ("config.yaml", FOLDS_FILE)]
-    for fold_folder in sorted(folder.glob(f"{FOLD_PREFIX}*")):
+    copies = [folder / "config.yaml", layout.train_folds_path(folder)]
+    for fold_folder in layout.fold_dirs(folder).values():
         files = best_files(fold_folder)
         copies += [*files, fold_folder / CHECKPOINTS_FILE] if files else []
     for path in copies:

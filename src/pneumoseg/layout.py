@@ -1,0 +1,234 @@
+"""Where the stages write: the names of every stage folder and of every file that another module reads.
+
+Each path is a function of the resolved config (``paths.prepared_dir``, ``paths.experiment_dir``). The paths in
+prepared data also take the prepared folder itself (``where`` = cfg or ``${paths.prepared_dir}``), and the paths in
+a training folder the training folder itself (``where`` = cfg or a folder laid out like ``03_train``, such as
+SageMaker's model folder); those inside one fold take the fold's folder::
+
+    ${paths.prepared_dir}/
+        01_convert/                       stage 01, pneumoseg.stages.convert
+            images_<S>/<ImageId>.png      images_dir: 8-bit grey, S x S, for every S of prepare.sizes
+            images_<S>/resize.json
+            metadata.csv                  metadata_path
+            errors.csv
+        02_labels/                        labels_dir: stage 02, pneumoseg.stages.prepare_labels
+            masks_<S>/<ImageId>.png       masks_dir: 0/255 masks of the training images
+            labels.csv                    labels_path
+            test_images.csv               test_images_path
+            unmatched.csv                 unmatched_path
+            folds.csv                     folds_path
+            masks.key, data_report.md, report/
+    ${paths.experiment_dir}/
+        03_train/                         train_dir: stage 03, pneumoseg.stages.train
+            folds.csv                     train_folds_path: the fold table trained on
+            fold<k>/                      fold_dir, fold_dirs: pneumoseg.training
+                log.csv                   fold_log_path
+                oof/                      oof_dir: pneumoseg.probstore
+                best_<rank>.pt, checkpoints.csv, last.pt (pneumoseg.checkpoints)
+        04_search/                        search_dir: stage 04, pneumoseg.stages.search
+            thresholds.json               thresholds_path
+            oof_report.json               oof_report_path
+            candidates.csv, per_image.csv, oof_report.md, plots/
+        05_predict/                       predict_dir: stage 05, pneumoseg.stages.predict
+            submission.csv                submission_path
+            test_score.json
+        06_package/                       package_dir: stage 06, pneumoseg.stages.package
+            model.tar.gz                  package_path
+            manifest.json
+
+Every stage folder (and every ``fold<k>/``) also holds ``config.yaml`` and ``done.json``
+(:mod:`pneumoseg.stages.record`). A file that only its own stage reads is named in that stage's module.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Iterable, Union
+
+from omegaconf import DictConfig
+
+from .errors import ConfigError
+
+Where = Union[DictConfig, str, os.PathLike]
+
+_CONVERT = "01_convert"
+_LABELS = "02_labels"
+_TRAIN = "03_train"
+_SEARCH = "04_search"
+_PREDICT = "05_predict"
+_PACKAGE = "06_package"
+_FOLDS = "folds.csv"
+_FOLD = "fold"
+_MASKS = "masks_"
+
+
+def _prepared(where: Where) -> Path:
+    return Path(where.paths.prepared_dir) if isinstance(where, DictConfig) else Path(where)
+
+
+def _training(where: Where) -> Path:
+    return train_dir(where) if isinstance(where, DictConfig) else Path(where)
+
+
+def _numbered(folder: Path, prefix: str) -> dict[int, Path]:
+    """The sub-folders ``<prefix><n>`` of ``folder``, by ``n`` in ascending order."""
+    found = {}
+    for path in folder.glob(f"{prefix}*"):
+        suffix = path.name[len(prefix):]
+        if path.is_dir() and suffix.isdigit():
+            found[int(suffix)] = path
+    return dict(sorted(found.items()))
+
+
+# Stage 01: ${paths.prepared_dir}/01_convert
+
+def convert_dir(where: Where) -> Path:
+    """Stage 01's folder."""
+    return _prepared(where) / _CONVERT
+
+
+def images_dir(where: Where, size: int) -> Path:
+    """Stage 01's ``size`` x ``size`` PNGs, one ``<ImageId>.png`` per image."""
+    return convert_dir(where) / f"images_{int(size)}"
+
+
+def metadata_path(where: Where) -> Path:
+    """Stage 01's ``metadata.csv``: the DICOM tags of every readable image."""
+    return convert_dir(where) / "metadata.csv"
+
+
+# Stage 02: ${paths.prepared_dir}/02_labels
+
+def labels_dir(where: Where) -> Path:
+    """Stage 02's folder."""
+    return _prepared(where) / _LABELS
+
+
+def masks_dir(where: Where, size: int) -> Path:
+    """Stage 02's ``size`` x ``size`` 0/255 masks, one ``<ImageId>.png`` per training image."""
+    return labels_dir(where) / f"{_MASKS}{int(size)}"
+
+
+def mask_dirs(where: Where) -> dict[int, Path]:
+    """The ``masks_<S>`` folders there are, by size."""
+    return _numbered(labels_dir(where), _MASKS)
+
+
+def labels_path(where: Where) -> Path:
+    """Stage 02's ``labels.csv``: one row per training image."""
+    return labels_dir(where) / "labels.csv"
+
+
+def test_images_path(where: Where) -> Path:
+    """Stage 02's ``test_images.csv``: the test images in submission order."""
+    return labels_dir(where) / "test_images.csv"
+
+
+def unmatched_path(where: Where) -> Path:
+    """Stage 02's ``unmatched.csv``: the images and label rows that are neither train nor test."""
+    return labels_dir(where) / "unmatched.csv"
+
+
+def folds_path(where: Where) -> Path:
+    """Stage 02's ``folds.csv``: the cross-validation fold of every training image."""
+    return labels_dir(where) / _FOLDS
+
+
+# Stage 03: ${paths.experiment_dir}/03_train
+
+def train_dir(cfg: DictConfig) -> Path:
+    """Stage 03's folder."""
+    return Path(cfg.paths.experiment_dir) / _TRAIN
+
+
+def train_folds_path(where: Where) -> Path:
+    """The ``folds.csv`` a training folder was trained on (stage 02's, copied when training starts)."""
+    return _training(where) / _FOLDS
+
+
+def fold_dir(where: Where, fold: int) -> Path:
+    """The folder of fold ``fold`` in a training folder."""
+    return _training(where) / f"{_FOLD}{int(fold)}"
+
+
+def fold_dirs(where: Where) -> dict[int, Path]:
+    """The ``fold<k>`` folders there are in a training folder, by fold number."""
+    return _numbered(_training(where), _FOLD)
+
+
+def fold_log_path(fold_folder: str | os.PathLike) -> Path:
+    """A fold's ``log.csv`` (one row per epoch), in the fold's folder."""
+    return Path(fold_folder) / "log.csv"
+
+
+def oof_dir(fold_folder: str | os.PathLike) -> Path:
+    """A fold's store of out-of-fold probabilities, in the fold's folder."""
+    return Path(fold_folder) / "oof"
+
+
+# Stage 04: ${paths.experiment_dir}/04_search
+
+def search_dir(cfg: DictConfig) -> Path:
+    """Stage 04's folder."""
+    return Path(cfg.paths.experiment_dir) / _SEARCH
+
+
+def thresholds_path(cfg: DictConfig) -> Path:
+    """Stage 04's chosen post-processing (read by inference and packaged for the server)."""
+    return search_dir(cfg) / "thresholds.json"
+
+
+def oof_report_path(cfg: DictConfig) -> Path:
+    """Stage 04's ``oof_report.json``: the out-of-fold scores."""
+    return search_dir(cfg) / "oof_report.json"
+
+
+# Stage 05: ${paths.experiment_dir}/05_predict
+
+def predict_dir(cfg: DictConfig) -> Path:
+    """Stage 05's folder."""
+    return Path(cfg.paths.experiment_dir) / _PREDICT
+
+
+def submission_path(cfg: DictConfig) -> Path:
+    """Stage 05's ``submission.csv``."""
+    return predict_dir(cfg) / "submission.csv"
+
+
+# Stage 06: ${paths.experiment_dir}/06_package
+
+def package_dir(cfg: DictConfig) -> Path:
+    """Stage 06's folder."""
+    return Path(cfg.paths.experiment_dir) / _PACKAGE
+
+
+def package_path(cfg: DictConfig) -> Path:
+    """Stage 06's ``model.tar.gz``."""
+    return package_dir(cfg) / "model.tar.gz"
+
+
+def select_folds(setting: Any, available: Iterable[int], name: str, source: str | os.PathLike) -> list[int]:
+    """The folds a setting chooses, sorted, each checked against the folds there are.
+
+    Args:
+        setting: ``all`` (or None) for every fold, one fold number, ``"K,L"``, or a list of fold numbers.
+        available: the folds there are (those of ``source``).
+        name: the setting's name for messages, e.g. ``train.folds`` or ``--fold``.
+        source: the fold table ``available`` comes from, for messages.
+
+    Raises:
+        ConfigError: a fold that is not a whole number, or that ``source`` does not have.
+    """
+    available = sorted({int(f) for f in available})
+    if setting is None or str(setting) == "all":
+        return available
+    parts = [p for p in str(setting).split(",") if p.strip()] if isinstance(setting, (int, str)) else setting
+    try:
+        chosen = sorted({int(f) for f in parts})
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name} must be 'all' or fold numbers, not {setting!r}") from None
+    unknown = [f for f in chosen if f not in available]
+    if unknown:
+        raise ConfigError(f"{name} names fold(s) {unknown}, which {source} does not have (it has {available}); "
+                          f"fix {name}, or rerun the stage that wrote {Path(source).name} if the folds changed")
+    return chosen
