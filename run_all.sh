@@ -58,4 +58,4 @@ echo "=== all stages done in $((SECONDS - started)) s (config: $CONFIG)"
 if [ ${#todo[@]} -gt 0 ]; then
   echo "=== not yet implemented in this version: stage(s) ${todo[*]}"
 fi
-"$PY" -m pneumoseg.summary --config "$CONFIG" "${OVERRIDES[@]}" || true
+"$PY" scripts/status.py --config "$CONFIG" "${OVERRIDES[@]}" || true
