@@ -1,0 +1,316 @@
+"""Stage 00: write the built-in demo dataset, a synthetic stand-in for the challenge's files.
+
+The images come from :mod:`pneumoseg.phantom`; this stage gives them the challenge's file form in
+``paths.input_dir``, so every later stage runs on them exactly as on the real data:
+
+* ``layout: stage1``: ``dicom-images-train/<StudyUID>/<SeriesUID>/<SOPUID>.dcm`` and ``dicom-images-test/...``,
+  with ``train-rle.csv`` (header ``ImageId, EncodedPixels``, every value after a space, ``-1`` for no
+  pneumothorax, one row per instance, the rows of one image not always adjacent).
+* ``layout: stage2``: ``stage_2_images/ID_<9 hex>.dcm`` (train and test together), ``stage_2_train.csv``
+  (``ImageId,EncodedPixels``, no spaces) and ``stage_2_sample_submission.csv`` (the test images, all ``-1``).
+
+Either way the test set's labels go to ``test_labels.csv`` in the train labels' format; the pipeline reads it
+only to score the final submission.
+
+The result depends on the ``demo`` config section alone and every image on ``(seed, split, index)`` alone, so
+parallel runs give the same bytes. ``demo_manifest.json`` lists every file the demo wrote: a changed config
+deletes exactly those first, and the stage refuses to overwrite a file it did not write (real data put in the
+same folder, say). A run killed midway, rerun with the same config, keeps the DICOMs it already wrote and
+recomputes only their labels, which come from the cheap geometry step of the phantom. Every file is written
+atomically, the label tables last.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from joblib import Parallel, delayed
+from omegaconf import DictConfig
+from tqdm import tqdm
+
+from .. import phantom
+from ..dicom import UID_ROOT, DicomTags, write_jpeg_dicom
+from ..errors import ConfigError, DataError
+from ..io import write_json, write_text
+from ..registry import Registry
+from ..rle import EMPTY, encode
+from .record import StageRecord
+
+log = logging.getLogger(__name__)
+
+STAGE = "00_demo_data"
+MANIFEST = "demo_manifest.json"
+SPLITS = ("train", "test")           # split codes 0 and 1 in the random streams
+TEST_LABELS = "test_labels.csv"
+MIN_IMAGE_SIZE = 64
+# The challenge's UIDs are <root>.1.<kind>.8323329.<counter>.<timestamp>.<random>, kind 4 for the SOP instance,
+# 2 for the study and 3 for the series, whose random parts are the instance's minus 1 and minus 2.
+_SOP, _STUDY, _SERIES = "1.4", "1.2", "1.3"
+_UID_COUNTER_START = 1000
+_UID_TIMESTAMP = 1517875165
+
+
+@dataclass(frozen=True)
+class DemoImage:
+    """One image of the demo set: where it goes and what it is called.
+
+    Attributes:
+        split: ``"train"`` or ``"test"``.
+        index: its number within the split.
+        image_id: the ImageId of the label tables (the DICOM file's stem).
+        path: the DICOM file, relative to the input folder.
+        sop_uid, study_uid, series_uid: the DICOM's identifiers.
+    """
+
+    split: str
+    index: int
+    image_id: str
+    path: str
+    sop_uid: str
+    study_uid: str
+    series_uid: str
+
+
+def _digest(*parts: object) -> int:
+    """A stable 64-bit number from the parts (Python's ``hash`` changes between runs)."""
+    text = "/".join(map(str, parts)).encode()
+    return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "little")
+
+
+def _uids(seed: int, split: int, index: int) -> tuple[str, str, str]:
+    """SOP instance, study and series UIDs in the challenge's scheme, unique within a demo set."""
+    counter = _UID_COUNTER_START + 2 * index + split
+    stamp = _UID_TIMESTAMP + counter // 180
+    random_part = 100002 + _digest(seed, split, index) % 899_990
+    return tuple(f"{UID_ROOT}.{kind}.8323329.{counter}.{stamp}.{random_part - k}"
+                 for k, kind in enumerate((_SOP, _STUDY, _SERIES)))
+
+
+class Layout:
+    """Where a release of the challenge put the images, and the label tables it came with.
+
+    Attributes:
+        train_labels: the training label table's file name.
+        sample_submission: the sample submission's file name, None when the release had none.
+        separator: what follows each comma of the label tables.
+    """
+
+    train_labels: str
+    sample_submission: str | None = None
+    separator: str = ","
+
+    def image_id(self, seed: int, split: int, index: int, sop_uid: str) -> str:
+        raise NotImplementedError
+
+    def image_path(self, split: int, image_id: str, study_uid: str, series_uid: str) -> str:
+        raise NotImplementedError
+
+    def table_names(self) -> list[str]:
+        return [self.train_labels, TEST_LABELS] + ([self.sample_submission] if self.sample_submission else [])
+
+    def tables(self, train_rows: Sequence[tuple[str, str]], test_rows: Sequence[tuple[str, str]],
+               test_ids: Sequence[str]) -> dict[str, str]:
+        """The text of every table, by file name; rows are ``(ImageId, EncodedPixels)``."""
+        texts = {self.train_labels: self._table(train_rows), TEST_LABELS: self._table(test_rows)}
+        if self.sample_submission:
+            texts[self.sample_submission] = self._table([(image_id, EMPTY) for image_id in test_ids])
+        return texts
+
+    def _table(self, rows: Sequence[tuple[str, str]]) -> str:
+        return "".join(f"{image_id}{self.separator}{rle}\n"
+                       for image_id, rle in [("ImageId", "EncodedPixels"), *rows])
+
+
+LAYOUTS: Registry[Layout] = Registry("demo layout")
+
+
+@LAYOUTS.register("stage1")
+class Stage1Layout(Layout):
+    """The first release: images nested by study and series, named by SOP instance UID; the label table
+    has a space after every comma, the header's too."""
+
+    train_labels = "train-rle.csv"
+    separator = ", "
+
+    def image_id(self, seed: int, split: int, index: int, sop_uid: str) -> str:
+        return sop_uid
+
+    def image_path(self, split: int, image_id: str, study_uid: str, series_uid: str) -> str:
+        return f"dicom-images-{SPLITS[split]}/{study_uid}/{series_uid}/{image_id}.dcm"
+
+
+@LAYOUTS.register("stage2")
+class Stage2Layout(Layout):
+    """The second release: one flat folder of ``ID_<9 hex>.dcm`` files, plain CSVs, a sample submission."""
+
+    train_labels = "stage_2_train.csv"
+    sample_submission = "stage_2_sample_submission.csv"
+
+    def image_id(self, seed: int, split: int, index: int, sop_uid: str) -> str:
+        # An odd multiplier makes k -> 9 hex digits a bijection, so the ids of one set never clash.
+        return f"ID_{(0x9E3779B97 * (2 * index + split) + _digest(seed)) % 16**9:09x}"
+
+    def image_path(self, split: int, image_id: str, study_uid: str, series_uid: str) -> str:
+        return f"stage_2_images/{image_id}.dcm"
+
+
+def demo_images(demo: DictConfig, layout: Layout) -> list[DemoImage]:
+    """Every image of the demo set described by the ``demo`` config section, train images first."""
+    images = []
+    for split, name in enumerate(SPLITS):
+        for index in range(int(demo[f"n_{name}"])):
+            sop, study, series = _uids(int(demo.seed), split, index)
+            image_id = layout.image_id(int(demo.seed), split, index, sop)
+            images.append(DemoImage(name, index, image_id, layout.image_path(split, image_id, study, series),
+                                    sop, study, series))
+    return images
+
+
+def _check(demo: DictConfig) -> None:
+    problems = []
+    for key in ("n_train", "n_test", "positive_rate", "image_size", "seed", "layout", "n_jobs"):
+        if demo.get(key) is None:
+            problems.append(f"demo.{key} is missing")
+    if problems:
+        raise ConfigError("; ".join(problems) + " (see configs/demo.yaml for every key)")
+    if int(demo.n_train) < 1 or int(demo.n_test) < 0:
+        problems.append(f"demo.n_train must be >= 1 and demo.n_test >= 0 (got {demo.n_train}, {demo.n_test})")
+    if not 0 <= float(demo.positive_rate) <= 1:
+        problems.append(f"demo.positive_rate must lie in [0, 1] (got {demo.positive_rate})")
+    if int(demo.image_size) < MIN_IMAGE_SIZE:
+        problems.append(f"demo.image_size must be >= {MIN_IMAGE_SIZE} (got {demo.image_size}; the challenge's is 1024)")
+    if problems:
+        raise ConfigError("; ".join(problems))
+    LAYOUTS.get(str(demo.layout))
+
+
+def _make_image(image: DemoImage, plan: phantom.CasePlan, seed: int, size: int, target: Path | None) -> list[str]:
+    """Synthesise one image, write its DICOM to ``target`` (None: it exists already), return its RLEs."""
+    geometry, pixels = phantom.case_streams(seed, SPLITS.index(image.split), image.index)
+    case = phantom.make_phantom(geometry, size, plan)
+    if target is not None:
+        patient = case.patient
+        tags = DicomTags(sop_instance_uid=image.sop_uid, study_instance_uid=image.study_uid,
+                         series_instance_uid=image.series_uid, patient_id=_patient_id(seed, image),
+                         sex=patient.sex, age=str(patient.age), view_position=patient.view_position,
+                         pixel_spacing=patient.pixel_spacing)
+        write_jpeg_dicom(target, phantom.render(case, pixels), tags)
+    return [encode(instance) for instance in case.instances] or [EMPTY]
+
+
+def _patient_id(seed: int, image: DemoImage) -> str:
+    """A random-looking UUID, as the challenge's anonymised PatientIDs are."""
+    digest = hashlib.blake2b(f"{seed}/{image.split}/{image.index}".encode(), digest_size=16).digest()
+    return str(uuid.UUID(bytes=digest, version=4))
+
+
+def _label_rows(image_ids: Sequence[str], rles: Sequence[list[str]], rng: np.random.Generator,
+                ) -> list[tuple[str, str]]:
+    """One row per instance, in image order, except that the later rows of every second multi-instance image
+    move a few rows down, as in the real file where the rows of one image are not always adjacent."""
+    rows, keys = [], []
+    multi = 0
+    for position, (image, image_rles) in enumerate(zip(image_ids, rles)):
+        for k, rle in enumerate(image_rles):
+            rows.append((image, rle))
+            keys.append(position + (rng.uniform(1.5, 4.5) if k and multi % 2 == 0 else 0.0))
+        multi += len(image_rles) > 1
+    return [rows[i] for i in np.argsort(keys, kind="stable")]
+
+
+def _read_manifest(folder: Path) -> dict:
+    path = folder / MANIFEST
+    if not path.is_file():
+        return {"fingerprint": None, "files": []}
+    try:
+        return json.loads(path.read_text())
+    except ValueError:
+        raise DataError(f"{path} is not valid JSON: delete the demo's files in {folder} and rerun") from None
+
+
+def _remove(folder: Path, relative: Sequence[str]) -> None:
+    """Delete the listed files and then every folder of theirs that became empty (never ``folder`` itself)."""
+    parents = set()
+    for name in relative:
+        path = folder / name
+        path.unlink(missing_ok=True)
+        parents.update(p for p in path.parents if folder in p.parents)
+    for parent in sorted(parents, key=lambda p: len(p.parts), reverse=True):
+        if parent.is_dir() and not any(parent.iterdir()):
+            parent.rmdir()
+
+
+def run(cfg: DictConfig, force: bool = False) -> dict:
+    """Write the demo dataset into ``paths.input_dir``; a config without a ``demo`` section does nothing.
+
+    Args:
+        cfg: the resolved config; reads ``paths.input_dir`` and the ``demo`` section: n_train, n_test,
+            positive_rate, image_size, seed, layout (stage1 | stage2), n_jobs.
+        force: rewrite every file even when the folder is complete for this config.
+
+    Returns:
+        A summary: counts of images, positive images and instances per split, DICOMs written and reused
+        (the stored one when the folder is already complete for this config).
+
+    Raises:
+        ConfigError: a bad ``demo`` section.
+        DataError: the folder holds a file the demo would overwrite that it did not write itself (real data,
+            say).
+    """
+    demo = cfg.get("demo")
+    if demo is None:
+        log.info("%s: the config has no 'demo' section (real data); nothing to do", STAGE)
+        return {"skipped": "no demo section"}
+    _check(demo)
+    folder = Path(cfg.paths.input_dir)
+    record = StageRecord(STAGE, folder, cfg, ("demo",))
+    if record.skip_if_complete(force):
+        return json.loads(record.done_path.read_text())["summary"]
+
+    layout = LAYOUTS.get(str(demo.layout))()
+    images = demo_images(demo, layout)
+    seed, size = int(demo.seed), int(demo.image_size)
+    targets = [image.path for image in images]
+    tables = layout.table_names()
+    manifest = _read_manifest(folder)
+    owned = set(manifest["files"])
+    foreign = [name for name in [*targets, *tables] if name not in owned and (folder / name).exists()]
+    if foreign:
+        raise DataError(f"{folder} already holds {foreign[0]} (and {len(foreign) - 1} more files) that the demo "
+                        f"did not write; it never overwrites them. Point paths.input_dir at another folder.")
+    same = manifest["fingerprint"] == record.key and not force
+    if owned and not same:
+        log.info("%s: the demo config changed; deleting the %d files of the previous demo", STAGE, len(owned))
+        _remove(folder, sorted(owned))
+    record.start()
+    write_json(folder / MANIFEST, {"fingerprint": record.key, "files": [*targets, *tables]})
+
+    streams = {name: phantom.split_stream(seed, split) for split, name in enumerate(SPLITS)}
+    plans = {name: phantom.plan_cases(int(demo[f"n_{name}"]), float(demo.positive_rate), streams[name])
+             for name in SPLITS}
+    reuse = [same and (folder / path).is_file() for path in targets]
+    jobs = (delayed(_make_image)(image, plans[image.split][image.index], seed, size,
+                                 None if reused else folder / image.path)
+            for image, reused in zip(images, reuse))
+    results = Parallel(n_jobs=int(demo.n_jobs), return_as="generator")(jobs)
+    rles = list(tqdm(results, total=len(images), desc="demo images", unit="img"))
+
+    summary: dict = {"layout": str(demo.layout), "written": len(images) - sum(reuse), "reused": sum(reuse)}
+    rows, ids = {}, {}
+    for name in SPLITS:
+        chosen = [k for k, image in enumerate(images) if image.split == name]
+        ids[name] = [images[k].image_id for k in chosen]
+        split_rles = [rles[k] for k in chosen]
+        rows[name] = _label_rows(ids[name], split_rles, streams[name])
+        summary[name] = {"images": len(chosen), "positive": sum(r != [EMPTY] for r in split_rles),
+                         "instances": sum(len(r) for r in split_rles if r != [EMPTY])}
+    for table, text in layout.tables(rows["train"], rows["test"], ids["test"]).items():
+        write_text(folder / table, text)
+    record.finish(summary)
+    return summary
