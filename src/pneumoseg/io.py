@@ -72,6 +72,25 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
+def read_json(path: str | os.PathLike, missing: str, invalid_fix: str) -> Any:
+    """Parse a JSON file that a stage wrote.
+
+    Args:
+        path: the file.
+        missing: the whole message when the file does not exist (what it is, and how to make it).
+        invalid_fix: how to remake the file, appended to the message when it is not valid JSON.
+
+    Raises:
+        DataError: the file is missing or is not valid JSON.
+    """
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise DataError(missing) from None
+    except ValueError as exc:
+        raise DataError(f"{path} is not valid JSON ({exc}); {invalid_fix}") from None
+
+
 def write_csv(path: str | os.PathLike, frame: pd.DataFrame) -> None:
     with atomic_open(path, "w", encoding="utf-8", newline="") as handle:
         frame.to_csv(handle, index=False)

@@ -20,18 +20,17 @@ float64, so the histogram-based search, which only knows levels, agrees with the
 """
 from __future__ import annotations
 
-import json
 import os
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any, ClassVar, Mapping
 
 import cv2
 import numpy as np
 from omegaconf import DictConfig
 
-from .errors import ConfigError, DataError
+from .errors import ConfigError
+from .io import read_json
 from .layout import thresholds_path
 from .probstore import LEVELS
 from .registry import Registry
@@ -174,15 +173,9 @@ def build_postprocessor(block: Mapping[str, Any]) -> PostProcessor:
 
 def load_postprocessor(path: str | os.PathLike) -> PostProcessor:
     """The strategy stored in a JSON file holding a ``{name, params}`` block (stage 04's ``thresholds.json``)."""
-    path = Path(path)
-    try:
-        block = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise DataError(f"post-processing file {path} not found; run scripts/04_search_thresholds.py first, "
-                        f"or configure the strategy in the config") from None
-    except ValueError as exc:
-        raise DataError(f"post-processing file {path} is not valid JSON ({exc}); rerun "
-                        f"scripts/04_search_thresholds.py --force") from None
+    block = read_json(path, missing=f"post-processing file {path} not found; run scripts/04_search_thresholds.py "
+                                    f"first, or configure the strategy in the config",
+                      invalid_fix="rerun scripts/04_search_thresholds.py --force")
     return build_postprocessor(block)
 
 

@@ -49,6 +49,7 @@ from .dicom import read_dicom_bytes
 from .distributed import resolve_device
 from .errors import DataError
 from .inference import TTA, load_model
+from .io import read_json
 from .postprocess import load_postprocessor
 from .predictor import Prediction, Predictor
 from .registry import Registry
@@ -182,14 +183,10 @@ def read_manifest(model_dir: str | os.PathLike) -> dict:
         DataError: no manifest (not a package), an unreadable one, or a layout version this code does not read.
     """
     path = Path(model_dir) / MANIFEST_FILE
-    try:
-        manifest = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise DataError(f"{model_dir} is not a pneumoseg model package: it has no {MANIFEST_FILE}. Build one with "
-                        f"scripts/06_package_model.py and give its model.tar.gz or the folder it extracts to") from None
-    except ValueError as exc:
-        raise DataError(f"{path} is not valid JSON ({exc}); rebuild the package (scripts/06_package_model.py "
-                        f"--force)") from None
+    manifest = read_json(path, missing=f"{model_dir} is not a pneumoseg model package: it has no {MANIFEST_FILE}. "
+                                       f"Build one with scripts/06_package_model.py and give its model.tar.gz or the "
+                                       f"folder it extracts to",
+                         invalid_fix="rebuild the package (scripts/06_package_model.py --force)")
     if manifest.get("format") != PACKAGE_FORMAT:
         raise DataError(f"{path}: package format {manifest.get('format')!r}, but this pneumoseg reads format "
                         f"{PACKAGE_FORMAT}; rebuild the package with this version (scripts/06_package_model.py)")
