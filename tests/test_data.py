@@ -1,3 +1,6 @@
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -102,3 +105,22 @@ def test_missing_pngs_or_folds_are_data_errors(tmp_path):
         PreparedData.load(tmp_path, 64)
     with pytest.raises(DataError, match="fold 7"):
         PreparedData.load(tmp_path, 32).split(7)
+
+
+def test_loader_workers_survive_a_parent_that_used_opencv_threads(tmp_path):
+    """A worker forked while the parent held an OpenCV thread pool used to hang in its first OpenCV call."""
+    script = tmp_path / "fork_check.py"
+    script.write_text(
+        "import cv2, numpy as np, torch\n"
+        "from pneumoseg.data import make_loader\n"
+        "class Resized(torch.utils.data.Dataset):\n"
+        "    def __len__(self): return 8\n"
+        "    def __getitem__(self, i): return cv2.resize(np.full((512, 512), i, np.uint8), (64, 64))\n"
+        "cv2.setNumThreads(4)\n"
+        "for _ in range(20): cv2.resize(np.zeros((2048, 2048), np.uint8), (1024, 1024))\n"
+        "loader = make_loader(Resized(), 4, 2, torch.device('cpu'))\n"
+        "for _ in range(2):\n"
+        "    assert sum(len(b) for b in loader) == 8\n"
+        "print('ok')\n")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr

@@ -25,10 +25,11 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 import albumentations as A
+import cv2
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from . import layout
 from .augment import augment
@@ -282,3 +283,22 @@ def build_sampler(block, has_mask: Sequence[bool], seed: int, total_epochs: int,
     """The sampler of a ``sampler`` config block for the training images' ``has_mask`` flags."""
     return SAMPLERS.build(block, has_mask=has_mask, seed=seed, num_replicas=num_replicas, rank=rank,
                           total_epochs=total_epochs)
+
+
+def make_loader(dataset: Dataset, batch_size: int, num_workers: int, device: torch.device, **kwargs) -> DataLoader:
+    """A DataLoader for training, validation and prediction, safe to fork worker processes from.
+
+    Args:
+        dataset: the images (and masks) to load.
+        batch_size: items per batch.
+        num_workers: worker processes (0 loads in this process). Workers are kept across epochs.
+        device: where the batches go; pinned memory on a GPU.
+        kwargs: passed to DataLoader (sampler, shuffle, ...).
+    """
+    if num_workers > 0:
+        # OpenCV's thread pool is not fork-safe: a worker forked while this process has a pool (from post-processing
+        # or resizing) can deadlock in its first OpenCV call. With one thread here there is no pool to inherit; the
+        # workers are the parallelism.
+        cv2.setNumThreads(1)
+    return DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, pin_memory=device.type == "cuda",
+                      persistent_workers=num_workers > 0, **kwargs)

@@ -41,7 +41,6 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-import cv2
 import numpy as np
 import pandas as pd
 import torch
@@ -55,7 +54,7 @@ from . import layout
 from .augment import build_augment
 from .checkpoints import CHECKPOINTS_FILE, LAST_FILE, BestCheckpoints, best_files, load_checkpoint, save_checkpoint
 from .config import to_dict
-from .data import ImageFiles, PreparedData, build_sampler, normalize_from_model
+from .data import ImageFiles, PreparedData, build_sampler, make_loader, normalize_from_model
 from .distributed import DistContext
 from .errors import ConfigError
 from .inference import TTA, autocast, load_model, predict_probs, resize_maps
@@ -248,15 +247,8 @@ def epochs_since_best(history: Sequence[dict], monitor: str) -> int:
     return len(scores) - 1 - int(best)
 
 
-def _worker_init(_: int) -> None:
-    # OpenCV would start a thread per core in every DataLoader worker; the workers are the parallelism.
-    cv2.setNumThreads(1)
-
-
 def _loader(dataset, batch_size: int, num_workers: int, ctx: DistContext, **kwargs) -> DataLoader:
-    return DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
-                      pin_memory=ctx.device.type == "cuda", persistent_workers=num_workers > 0,
-                      worker_init_fn=_worker_init if num_workers > 0 else None, **kwargs)
+    return make_loader(dataset, batch_size, num_workers, ctx.device, **kwargs)
 
 
 def train_loader(cfg: DictConfig, data: PreparedData, rows: pd.DataFrame, ctx: DistContext, seed: int) -> DataLoader:

@@ -29,7 +29,6 @@ from typing import Any
 
 import pandas as pd
 from omegaconf import DictConfig
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from .. import labels as lb
@@ -37,7 +36,7 @@ from .. import layout, rle
 from ..checkpoints import best_files
 from ..cli import setup_logging
 from ..config import load_config
-from ..data import ImageFiles
+from ..data import ImageFiles, make_loader
 from ..errors import ConfigError, DataError, PneumosegError
 from ..io import write_json
 from ..predictor import Predictor
@@ -190,8 +189,7 @@ def predict_rles(predictor: Predictor, images_dir: Path, ids: list[str], sizes: 
         raise DataError(f"{len(absent)} test images have no PNG in {images_dir}, e.g. {absent[0]}; rerun "
                         f"scripts/01_convert_dicoms.py (with data.image_size={predictor.image_size} among "
                         f"prepare.sizes)")
-    loader = DataLoader(ImageFiles(paths), batch_size=int(settings.batch_size), num_workers=int(settings.num_workers),
-                        pin_memory=predictor.device.type == "cuda")
+    loader = make_loader(ImageFiles(paths), int(settings.batch_size), int(settings.num_workers), predictor.device)
     encoded, positive = [], 0
     with tqdm(total=len(ids), desc="test images", unit="img") as progress:
         for batch in loader:
