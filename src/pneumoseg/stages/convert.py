@@ -104,7 +104,7 @@ def run(cfg: DictConfig, force: bool = False) -> dict:
     folder = layout.convert_dir(cfg)
     record = StageRecord(STAGE_NAME, folder, cfg, ("prepare",), inputs=_listing_facts(input_dir, dicoms))
     if record.skip_if_complete(force):
-        return json.loads(record.done_path.read_text())["summary"]
+        return record.stored_summary()
     record.start()
 
     outputs = [(size, layout.images_dir(cfg, size)) for size in settings.sizes]

@@ -271,7 +271,7 @@ def run(cfg: DictConfig, force: bool = False) -> dict:
     folder = Path(cfg.paths.input_dir)
     record = StageRecord(STAGE, folder, cfg, ("demo",))
     if record.skip_if_complete(force):
-        return json.loads(record.done_path.read_text())["summary"]
+        return record.stored_summary()
 
     layout = LAYOUTS.get(str(demo.layout))()
     images = demo_images(demo, layout)

@@ -89,7 +89,7 @@ def run(cfg: DictConfig, force: bool = False) -> dict[str, Any]:
     record = StageRecord(STAGE_NAME, layout.package_dir(cfg), cfg, sections,
                          inputs={"version": manifest["version"], "code": code})
     if record.skip_if_complete(force):
-        return json.loads(record.done_path.read_text())["summary"]
+        return record.stored_summary()
     record.start()
     path = layout.package_path(cfg)
     with atomic_path(path) as tmp:

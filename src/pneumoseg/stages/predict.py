@@ -139,7 +139,7 @@ def run(cfg: DictConfig, force: bool = False) -> dict[str, Any]:
     test_labels = test_labels_path(cfg)
     record = StageRecord(STAGE_NAME, folder, cfg, SECTIONS, inputs=_input_facts(cfg, test_labels))
     if record.skip_if_complete(force):
-        return json.loads(record.done_path.read_text())["summary"]
+        return record.stored_summary()
     predictor = Predictor.from_experiment(cfg)
     record.start()
 

@@ -21,7 +21,6 @@ Masks already written are kept when the stage is rerun after an interruption; th
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import shutil
@@ -94,7 +93,7 @@ def run(cfg: DictConfig, force: bool = False) -> dict:
                "sample_submission": _digest(submission_path) if submission_path else None}
     record = StageRecord(STAGE, folder, cfg, sections=("data", "folds"), inputs={"sizes": sizes, **digests})
     if record.skip_if_complete(force):
-        return json.loads(record.done_path.read_text())["summary"]
+        return record.stored_summary()
     record.start()
 
     labels = lb.read_labels(labels_path)

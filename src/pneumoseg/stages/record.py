@@ -24,6 +24,11 @@ log = logging.getLogger(__name__)
 DONE_FILE = "done.json"
 
 
+def stored_summary(folder: str | Path) -> dict[str, Any]:
+    """The summary a finished stage (or fold) left in ``folder/done.json``."""
+    return json.loads((Path(folder) / DONE_FILE).read_text()).get("summary", {})
+
+
 @dataclass
 class StageRecord:
     """The completion record of one stage in one folder.
@@ -81,6 +86,10 @@ class StageRecord:
             },
         )
         log.info("%s: done in %.1f s -> %s", self.name, time.time() - self._started, self.folder)
+
+    def stored_summary(self) -> dict[str, Any]:
+        """The summary of the completed run (see :func:`stored_summary`); what a skipped stage returns."""
+        return stored_summary(self.folder)
 
     def skip_if_complete(self, force: bool) -> bool:
         """True (and a log line) when the stage can be skipped; ``force`` always reruns."""

@@ -18,7 +18,6 @@ image, through :mod:`pneumoseg.postprocess`, and its score must agree with the s
 """
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -205,7 +204,7 @@ def run(cfg: DictConfig, force: bool = False) -> dict:
     folds = open_folds(cfg)
     record = StageRecord(STAGE_NAME, folder, cfg, SECTIONS, inputs=_input_facts(cfg, folds))
     if record.skip_if_complete(force):
-        return json.loads(record.done_path.read_text())["summary"]
+        return record.stored_summary()
     grids = build_grids(cfg)
     default = build_postprocessor(cfg.postprocess)
     record.start()

@@ -52,7 +52,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import logging
 import os
 import shutil
@@ -70,7 +69,7 @@ from ..distributed import DistContext, distributed
 from ..errors import ConfigError
 from ..io import atomic_path, write_csv
 from ..training import fit_fold
-from .record import DONE_FILE, StageRecord
+from .record import StageRecord, stored_summary
 
 log = logging.getLogger(__name__)
 
@@ -165,11 +164,7 @@ def _sha256(path: Path) -> str:
 
 
 def _stored_summaries(folder: Path, folds: Sequence[int]) -> dict[int, dict]:
-    summaries = {}
-    for fold in folds:
-        done = json.loads((layout.fold_dir(folder, fold) / DONE_FILE).read_text())
-        summaries[fold] = done.get("summary", {})
-    return summaries
+    return {fold: stored_summary(layout.fold_dir(folder, fold)) for fold in folds}
 
 
 def export_models(folder: Path, model_dir: Path) -> None:
