@@ -5,7 +5,7 @@ against predicting every image empty, on the demo's own training images.
 
 The images are the training split that stage 00 writes for the config (same seed, plans and pixels, made in
 memory), downscaled with INTER_AREA to ``--resolution`` (default: data.image_size, the size models train at),
-masks likewise (area > 0.5). The rule (see :func:`pneumoseg.phantom.intensity_rule_search`): smooth the image
+masks likewise (area > 0.5). The rule (see :func:`pneumoseg.demo.phantom.intensity_rule_search`): smooth the image
 (Gaussian sigma 0, 1, 2 or 4 px), keep the pixels darker or brighter than one global threshold (every 4th
 level), drop components smaller than a minimum area (0 and powers of two); tuned on the labels, scored with the
 challenge metric. It is tried on the images as they are and after a per-image contrast stretch (1st to 99th
@@ -24,7 +24,7 @@ import cv2
 import numpy as np
 from joblib import Parallel, delayed
 
-from pneumoseg import phantom
+from pneumoseg.demo import phantom
 from pneumoseg.config import load_config
 
 TARGET_MARGIN = 0.02

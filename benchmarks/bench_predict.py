@@ -8,9 +8,9 @@ predict the same ``--images`` random images at the config's size, ``predict.batc
 
 * reference: per batch, each model's network called on the normalised batch and on its horizontal flip, prepared
   beforehand: 10 forward passes and nothing else;
-* ensemble: :func:`pneumoseg.inference.predict_probs` with ``TTA(hflip=True)``, from uint8 images to averaged
+* ensemble: :func:`pneumoseg.inference.tta.predict_probs` with ``TTA(hflip=True)``, from uint8 images to averaged
   float32 maps on the host (normalising, flipping back, sigmoids, averaging and copying included);
-* predictor (for information): :meth:`pneumoseg.predictor.Predictor.predict_prepared` plus run-length encoding, i.e.
+* predictor (for information): :meth:`pneumoseg.inference.predictor.Predictor.predict_prepared` plus run-length encoding, i.e.
   the ensemble, then each map brought back to ``--original`` px and post-processed there, as stage 05 does.
 
 Each figure is the best of ``--repeats`` interleaved runs after a warm-up. Target: ensemble time per image at most
@@ -28,12 +28,12 @@ import numpy as np
 import torch
 
 from pneumoseg.config import load_config, to_dict
-from pneumoseg.data import normalize_from_model
-from pneumoseg.distributed import resolve_device
-from pneumoseg.inference import TTA, FoldModel, autocast, predict_probs
-from pneumoseg.models import build_model
-from pneumoseg.postprocess import Threshold
-from pneumoseg.predictor import Predictor
+from pneumoseg.data.dataset import normalize_from_model
+from pneumoseg.training.distributed import resolve_device
+from pneumoseg.inference.tta import TTA, FoldModel, autocast, predict_probs
+from pneumoseg.modeling.models import build_model
+from pneumoseg.postprocess.strategies import Threshold
+from pneumoseg.inference.predictor import Predictor
 
 ROOT = Path(__file__).resolve().parents[1]
 RATIO_TARGET = 1.1

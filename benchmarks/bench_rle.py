@@ -1,4 +1,4 @@
-"""Benchmark of pneumoseg.rle against the challenge's own per-pixel codec, measured in the same run.
+"""Benchmark of pneumoseg.data.rle against the challenge's own per-pixel codec, measured in the same run.
 
     python benchmarks/bench_rle.py [--siim-dir ../shared/siim] [--repeats 5]
 

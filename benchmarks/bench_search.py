@@ -34,10 +34,10 @@ import numpy as np
 
 from pneumoseg.config import load_config, to_dict
 from pneumoseg.errors import DataError
-from pneumoseg.metrics import dice_from_counts
-from pneumoseg.postprocess import build_postprocessor
-from pneumoseg.probstore import ProbabilityStore, ProbabilityWriter
-from pneumoseg.search import GRIDS, build_histograms, evaluate, run_search
+from pneumoseg.evaluation.metrics import dice_from_counts
+from pneumoseg.postprocess.strategies import build_postprocessor
+from pneumoseg.data.probstore import ProbabilityStore, ProbabilityWriter
+from pneumoseg.postprocess.search import GRIDS, build_histograms, evaluate, run_search
 
 ROOT = Path(__file__).resolve().parents[1]
 TRUTH_FILE = "truth_bits.npy"

@@ -43,7 +43,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 
 from pneumoseg import layout, serving  # noqa: E402
 from pneumoseg.config import load_config  # noqa: E402
-from pneumoseg.dicom import DicomTags, write_jpeg_dicom  # noqa: E402
+from pneumoseg.data.dicom import DicomTags, write_jpeg_dicom  # noqa: E402
 from pneumoseg.stages import package  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -85,7 +85,7 @@ def dicom_bodies(folder: Path, count: int = 10) -> list[bytes]:
 def start_server(model: Path, log: Path) -> tuple[subprocess.Popen, int]:
     """``python -m pneumoseg.serve`` on a free loopback port; returns once ``/ping`` answers 200."""
     out = open(log, "w")
-    process = subprocess.Popen([sys.executable, "-m", "pneumoseg.serve", "--model", str(model), "--port", "0",
+    process = subprocess.Popen([sys.executable, "-m", "pneumoseg.serve.server", "--model", str(model), "--port", "0",
                                 "--host", HOST], stdout=out, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 300
     port = None

@@ -4,9 +4,9 @@
     python benchmarks/bench_train_step.py --device cuda [--images 512] [train.num_workers=12 ...]
 
 Both measurements train the same model (built from the config, random weights) with the same
-:class:`pneumoseg.training.Trainer` in the same run; they differ only in where the batches come from:
+:class:`pneumoseg.training.trainer.Trainer` in the same run; they differ only in where the batches come from:
 
-* loader: the stage's training DataLoader (:func:`pneumoseg.training.train_loader`: PNG reading, the config's
+* loader: the stage's training DataLoader (:func:`pneumoseg.training.trainer.train_loader`: PNG reading, the config's
   augmentation pipeline and sampler, collation, worker processes), over ``--images`` synthetic PNGs written to a
   temporary folder at the training size;
 * memory: one epoch of those batches collected beforehand, stepped through from host memory.
@@ -37,10 +37,10 @@ import torch  # noqa: E402
 
 from pneumoseg import layout  # noqa: E402
 from pneumoseg.config import load_config  # noqa: E402
-from pneumoseg.data import PreparedData  # noqa: E402
-from pneumoseg.distributed import DistContext, resolve_device  # noqa: E402
+from pneumoseg.data.dataset import PreparedData  # noqa: E402
+from pneumoseg.training.distributed import DistContext, resolve_device  # noqa: E402
 from pneumoseg.io import write_csv, write_png  # noqa: E402
-from pneumoseg.training import Trainer, train_loader  # noqa: E402
+from pneumoseg.training.trainer import Trainer, train_loader  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RATIO_TARGET = 1.15

@@ -14,10 +14,10 @@ import torch
 from omegaconf import DictConfig
 
 from pneumoseg import layout
-from pneumoseg.checkpoints import best_name, save_checkpoint
+from pneumoseg.modeling.checkpoints import best_name, save_checkpoint
 from pneumoseg.config import load_config, to_dict
 from pneumoseg.io import write_csv, write_json
-from pneumoseg.models import build_model
+from pneumoseg.modeling.models import build_model
 from pneumoseg.stages import package
 from pneumoseg.stages.record import StageRecord
 

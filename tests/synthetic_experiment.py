@@ -10,11 +10,11 @@ import pandas as pd
 import torch
 
 from pneumoseg import layout
-from pneumoseg.checkpoints import best_name, save_checkpoint
+from pneumoseg.modeling.checkpoints import best_name, save_checkpoint
 from pneumoseg.config import to_dict
 from pneumoseg.io import write_csv, write_json, write_text
-from pneumoseg.models import build_model
-from pneumoseg.rle import EMPTY, encode
+from pneumoseg.modeling.models import build_model
+from pneumoseg.data.rle import EMPTY, encode
 from pneumoseg.stages.record import DONE_FILE
 from synthetic import make_case, write_prepared
 

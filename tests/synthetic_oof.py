@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 
 from pneumoseg.io import write_csv, write_png
-from pneumoseg.probstore import ProbabilityWriter
+from pneumoseg.data.probstore import ProbabilityWriter
 
 
 @dataclass

@@ -4,7 +4,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pneumoseg.augment import augment, build_augment, build_transform
+from pneumoseg.data.augment import augment, build_augment, build_transform
 from pneumoseg.config import load_config
 from pneumoseg.errors import ConfigError
 

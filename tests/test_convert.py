@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 from pneumoseg import layout
-from pneumoseg.dicom import METADATA_KEYS, DicomTags, read_dicom, write_jpeg_dicom
+from pneumoseg.data.dicom import METADATA_KEYS, DicomTags, read_dicom, write_jpeg_dicom
 from pneumoseg.errors import ConfigError, DataError
 from pneumoseg.io import read_png
 from pneumoseg.stages import convert

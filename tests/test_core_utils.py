@@ -3,8 +3,8 @@ import pytest
 
 from pneumoseg.errors import ConfigError, DataError
 from pneumoseg.io import atomic_open, read_png, write_png
-from pneumoseg.metrics import competition_dice, dice_per_image
-from pneumoseg.probstore import ProbabilityStore, ProbabilityWriter, dequantize, quantize
+from pneumoseg.evaluation.metrics import competition_dice, dice_per_image
+from pneumoseg.data.probstore import ProbabilityStore, ProbabilityWriter, dequantize, quantize
 from pneumoseg.registry import Registry
 from pneumoseg.stages.record import StageRecord
 

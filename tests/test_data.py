@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from pneumoseg import layout
-from pneumoseg.augment import build_augment
-from pneumoseg.data import (ImageFiles, Normalize, NaturalSampler, PositiveShareSampler, PreparedData,
+from pneumoseg.data.augment import build_augment
+from pneumoseg.data.dataset import (ImageFiles, Normalize, NaturalSampler, PositiveShareSampler, PreparedData,
                             build_sampler)
 from pneumoseg.errors import ConfigError, DataError
 
@@ -112,7 +112,7 @@ def test_loader_workers_survive_a_parent_that_used_opencv_threads(tmp_path):
     script = tmp_path / "fork_check.py"
     script.write_text(
         "import cv2, numpy as np, torch\n"
-        "from pneumoseg.data import make_loader\n"
+        "from pneumoseg.data.dataset import make_loader\n"
         "class Resized(torch.utils.data.Dataset):\n"
         "    def __len__(self): return 8\n"
         "    def __getitem__(self, i): return cv2.resize(np.full((512, 512), i, np.uint8), (64, 64))\n"

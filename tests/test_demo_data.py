@@ -13,9 +13,9 @@ import pytest
 from omegaconf import OmegaConf
 
 from pneumoseg import cli
-from pneumoseg.dicom import UID_ROOT, read_dicom
+from pneumoseg.data.dicom import UID_ROOT, read_dicom
 from pneumoseg.errors import ConfigError, DataError
-from pneumoseg.rle import decode, encode
+from pneumoseg.data.rle import decode, encode
 from pneumoseg.stages import demo_data
 
 # Small and fast: 16 images of 128 px, of which 7 are positive (3 with several instances).

@@ -1,4 +1,4 @@
-"""pneumoseg.dicom reading: the real challenge files, generated files of every kind, bad files, listings."""
+"""pneumoseg.data.dicom reading: the real challenge files, generated files of every kind, bad files, listings."""
 from __future__ import annotations
 
 import logging
@@ -13,7 +13,7 @@ from pydicom.encaps import encapsulate
 from pydicom.uid import (ExplicitVRLittleEndian, JPEGBaseline8Bit, JPEGLSLossless, SecondaryCaptureImageStorage,
                          generate_uid)
 
-from pneumoseg.dicom import (METADATA_KEYS, CorruptPixelDataError, DicomError, DicomTags, NoPixelDataError,
+from pneumoseg.data.dicom import (METADATA_KEYS, CorruptPixelDataError, DicomError, DicomTags, NoPixelDataError,
                              NotDicomError, TruncatedDicomError, UnreadableDicomError, UnsupportedDicomError,
                              find_dicoms, read_dicom, read_dicom_header, write_jpeg_dicom)
 from pneumoseg.errors import DataError

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from pneumoseg import labels as lb
-from pneumoseg import rle
+from pneumoseg.data import labels as lb
+from pneumoseg.data import rle
 from pneumoseg.errors import ConfigError, DataError
 
 # The README's 4x4 example, split into two instances that share pixel (2, 1).

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from pneumoseg.errors import ConfigError
-from pneumoseg.losses import LOSSES, build_loss, focal_loss, mixed_loss, soft_dice_score
+from pneumoseg.modeling.losses import LOSSES, build_loss, focal_loss, mixed_loss, soft_dice_score
 
 
 def _pair(seed=0, empty=False):

@@ -5,9 +5,9 @@ import torch
 import torchvision
 
 from pneumoseg.errors import ConfigError, DataError
-from pneumoseg.inference import TTA, FoldModel, load_fold_models, load_model, predict_probs, resize_maps
-from pneumoseg.data import Normalize
-from pneumoseg.models import MODELS, build_model
+from pneumoseg.inference.tta import TTA, FoldModel, load_fold_models, load_model, predict_probs, resize_maps
+from pneumoseg.data.dataset import Normalize
+from pneumoseg.modeling.models import MODELS, build_model
 
 TINY = {"encoder_name": "tu-resnet10t", "encoder_depth": 3, "decoder_channels": [16, 8, 4], "in_channels": 1}
 

@@ -20,10 +20,10 @@ import torch
 import yaml
 
 from fake_experiment import THRESHOLDS, make_package, write_fake_training
-from pneumoseg import serving
+from pneumoseg.serve import handler as serving
 from pneumoseg.config import to_dict
 from pneumoseg.errors import DataError
-from pneumoseg.predictor import Predictor
+from pneumoseg.inference.predictor import Predictor
 from pneumoseg.stages import package
 
 IMAGE = np.random.default_rng(3).integers(0, 256, (80, 60), dtype=np.uint8)
@@ -51,7 +51,7 @@ def test_package_layout(packaged):
     assert names == sorted(names)
     assert {"manifest.json", "thresholds.json", "config.yaml", "fold0/best_1.pt", "fold1/best_1.pt",
             "code/inference.py", "code/requirements.txt", "code/pneumoseg/__init__.py",
-            "code/pneumoseg/serving.py"} <= set(names)
+            "code/pneumoseg/serve/handler.py"} <= set(names)
     assert not [n for n in names if "__pycache__" in n or n.endswith(".pyc")]
     assert manifest["format"] == serving.PACKAGE_FORMAT and manifest["name"] == "tiny"
     assert manifest["version"].startswith("tiny-") and len(manifest["version"]) == len("tiny-") + 12
@@ -60,7 +60,7 @@ def test_package_layout(packaged):
     assert (manifest["image_size"], manifest["interpolation"], manifest["fmt"]) == (64, "area", "relative")
     assert thresholds == manifest["postprocess"] == THRESHOLDS
     assert config["experiment"] == "tiny" and config["model"] == to_dict(cfg.model)
-    assert "from pneumoseg.serving import input_fn, model_fn, output_fn, predict_fn" in entry_point
+    assert "from pneumoseg.serve.handler import input_fn, model_fn, output_fn, predict_fn" in entry_point
     pinned = {line.split("==")[0] for line in requirements.splitlines() if "==" in line}
     assert "segmentation-models-pytorch" in pinned and not {"torch", "torchvision"} & pinned
     assert json.loads((path.parent / "manifest.json").read_text()) == manifest

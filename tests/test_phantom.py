@@ -5,8 +5,8 @@ import cv2
 import numpy as np
 import pytest
 
-from pneumoseg import phantom
-from pneumoseg.phantom import CasePlan
+from pneumoseg.demo import phantom
+from pneumoseg.demo.phantom import CasePlan
 
 
 def _case(seed: int, index: int, size: int, plan: CasePlan, split: int = 0):

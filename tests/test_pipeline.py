@@ -10,7 +10,7 @@ import pytest
 from pneumoseg import layout
 from pneumoseg.config import load_config
 from pneumoseg.stages import predict
-from pneumoseg.submission import validate_submission
+from pneumoseg.evaluation.submission import validate_submission
 
 pytestmark = pytest.mark.slow
 

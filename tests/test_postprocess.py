@@ -6,9 +6,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pneumoseg.errors import ConfigError, DataError
-from pneumoseg.postprocess import (POSTPROCESSORS, Threshold, Triplet, above, build_postprocessor, level_cut,
+from pneumoseg.postprocess.strategies import (POSTPROCESSORS, Threshold, Triplet, above, build_postprocessor, level_cut,
                                    load_postprocessor, remove_small_components, scale_area)
-from pneumoseg.probstore import dequantize
+from pneumoseg.data.probstore import dequantize
 
 LEVELS = np.arange(256, dtype=np.uint8)
 

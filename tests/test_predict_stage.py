@@ -8,11 +8,11 @@ import pytest
 from pneumoseg import layout
 from pneumoseg.errors import ConfigError, DataError
 from pneumoseg.io import read_png
-from pneumoseg.labels import read_labels
-from pneumoseg.predictor import Predictor
-from pneumoseg.rle import decode
+from pneumoseg.data.labels import read_labels
+from pneumoseg.inference.predictor import Predictor
+from pneumoseg.data.rle import decode
 from pneumoseg.stages import predict as stage
-from pneumoseg.submission import read_submission, validate_submission
+from pneumoseg.evaluation.submission import read_submission, validate_submission
 from synthetic_experiment import write_experiment
 
 ORIGINAL = 96

@@ -8,16 +8,16 @@ import torch
 
 from pneumoseg import layout
 from pneumoseg.config import to_dict
-from pneumoseg.data import Normalize, normalize_from_model
-from pneumoseg.dicom import DicomTags, read_dicom, write_jpeg_dicom
+from pneumoseg.data.dataset import Normalize, normalize_from_model
+from pneumoseg.data.dicom import DicomTags, read_dicom, write_jpeg_dicom
 from pneumoseg.errors import ConfigError, DataError
-from pneumoseg.imaging import resize_square
-from pneumoseg.inference import TTA, FoldModel
+from pneumoseg.data.resize import resize_square
+from pneumoseg.inference.tta import TTA, FoldModel
 from pneumoseg.io import read_png
-from pneumoseg.models import build_model
-from pneumoseg.postprocess import Threshold, Triplet
-from pneumoseg.predictor import Prediction, Predictor, restore_size
-from pneumoseg.rle import decode
+from pneumoseg.modeling.models import build_model
+from pneumoseg.postprocess.strategies import Threshold, Triplet
+from pneumoseg.inference.predictor import Prediction, Predictor, restore_size
+from pneumoseg.data.rle import decode
 from pneumoseg.stages import convert
 from synthetic_experiment import write_experiment
 

@@ -9,10 +9,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pneumoseg import rle
+from pneumoseg.data import rle
 from pneumoseg.errors import ConfigError, DataError
 from pneumoseg.io import read_png, write_png
-from pneumoseg.labels import resize_mask
+from pneumoseg.data.labels import resize_mask
 from pneumoseg.stages import prepare_labels
 
 ORIGINAL = 128   # the fake DICOMs' size

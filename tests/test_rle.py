@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from pneumoseg import rle
+from pneumoseg.data import rle
 from pneumoseg.errors import DataError
 
 

@@ -7,10 +7,10 @@ import pytest
 
 from pneumoseg import layout
 from pneumoseg.errors import ConfigError, DataError
-from pneumoseg.metrics import dice_from_counts, dice_per_image
-from pneumoseg.postprocess import build_postprocessor, configured_postprocessor, load_postprocessor
-from pneumoseg.probstore import ProbabilityWriter
-from pneumoseg.search import GRIDS, build_histograms, evaluate, nested_estimate, run_search
+from pneumoseg.evaluation.metrics import dice_from_counts, dice_per_image
+from pneumoseg.postprocess.strategies import build_postprocessor, configured_postprocessor, load_postprocessor
+from pneumoseg.data.probstore import ProbabilityWriter
+from pneumoseg.postprocess.search import GRIDS, build_histograms, evaluate, nested_estimate, run_search
 from pneumoseg.stages import search as stage
 from synthetic_oof import write_oof_experiment
 
@@ -141,7 +141,7 @@ def experiment(tiny_cfg):
 
 
 def _independent_dice(data, strategy) -> pd.DataFrame:
-    """Per-image Dice recomputed from the stored files alone, without pneumoseg.search or the stage."""
+    """Per-image Dice recomputed from the stored files alone, without pneumoseg.postprocess.search or the stage."""
     rows = []
     for fold in sorted(set(data.folds)):
         oof = data.train_dir / f"fold{fold}" / "oof"

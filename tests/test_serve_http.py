@@ -23,9 +23,10 @@ import pytest
 from PIL import Image
 
 from fake_experiment import make_package
-from pneumoseg import rle, serving
-from pneumoseg.dicom import DicomTags, write_jpeg_dicom
-from pneumoseg.serve import InferenceService
+from pneumoseg.data import rle
+from pneumoseg.serve import handler as serving
+from pneumoseg.data.dicom import DicomTags, write_jpeg_dicom
+from pneumoseg.serve.server import InferenceService
 
 HOST = "127.0.0.1"
 STARTUP_SECONDS = 180  # importing torch and loading the models, on a busy 2-core machine

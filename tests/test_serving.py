@@ -1,4 +1,4 @@
-"""The inference handler (pneumoseg.serving) called in-process: decoding every content type, refusing bad bodies,
+"""The inference handler (pneumoseg.serve.handler) called in-process: decoding every content type, refusing bad bodies,
 response negotiation, the JSON and PNG answers, and agreement with stage 05's submission."""
 from __future__ import annotations
 
@@ -14,10 +14,16 @@ import pytest
 from PIL import Image
 
 from fake_experiment import make_package, write_fake_training
-from pneumoseg import layout, rle, serving
-from pneumoseg.dicom import DicomTags, find_dicoms, read_dicom, write_jpeg_dicom
+from pneumoseg import layout
+from pneumoseg.data import rle
+from pneumoseg.serve import handler as serving
+from pneumoseg.data.dicom import DicomTags, find_dicoms, read_dicom, write_jpeg_dicom
 from pneumoseg.errors import DataError
-from pneumoseg.stages import convert, demo_data, package, predict, prepare_labels
+from pneumoseg.stages import convert
+from pneumoseg.stages import demo_data
+from pneumoseg.stages import package
+from pneumoseg.stages import predict
+from pneumoseg.stages import prepare_labels
 
 RNG = np.random.default_rng(7)
 IMAGE = RNG.integers(0, 256, (40, 30), dtype=np.uint8)
@@ -232,7 +238,7 @@ def test_png_answer_is_the_mask_at_the_input_size(model):
 
 
 def test_handler_predicts_as_the_experiments_predictor(model, packaged):
-    from pneumoseg.predictor import Predictor
+    from pneumoseg.inference.predictor import Predictor
 
     image = RNG.integers(0, 256, (130, 100), dtype=np.uint8)
     [expected] = Predictor.from_experiment(packaged[0], device="cpu").predict([image])

@@ -3,11 +3,11 @@ import pandas as pd
 import pytest
 
 from pneumoseg.errors import DataError
-from pneumoseg.labels import read_labels
-from pneumoseg.metrics import competition_dice
-from pneumoseg.rle import encode
+from pneumoseg.data.labels import read_labels
+from pneumoseg.evaluation.metrics import competition_dice
+from pneumoseg.data.rle import encode
 from pneumoseg.stages.predict import validate_cli
-from pneumoseg.submission import dice_by_image, read_submission, score_submission, validate_submission, \
+from pneumoseg.evaluation.submission import dice_by_image, read_submission, score_submission, validate_submission, \
     write_submission
 
 IDS = ["1.2.3.a", "1.2.3.b", "1.2.3.c"]

@@ -7,7 +7,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from pneumoseg.probstore import ProbabilityStore
+from pneumoseg.data.probstore import ProbabilityStore
 
 from synthetic import write_prepared
 

@@ -13,17 +13,17 @@ import torch
 from torch import nn
 
 from pneumoseg import layout
-from pneumoseg.checkpoints import BestCheckpoints, best_files, load_checkpoint
+from pneumoseg.modeling.checkpoints import BestCheckpoints, best_files, load_checkpoint
 from pneumoseg.cli import run_stage_script
 from pneumoseg.errors import ConfigError
-from pneumoseg.inference import load_fold_models
-from pneumoseg.losses import build_loss
-from pneumoseg.metrics import competition_dice, dice_per_image
-from pneumoseg.optim import build_optimizer, build_scheduler
-from pneumoseg.postprocess import Threshold, Triplet
-from pneumoseg.probstore import ProbabilityStore
+from pneumoseg.inference.tta import load_fold_models
+from pneumoseg.modeling.losses import build_loss
+from pneumoseg.evaluation.metrics import competition_dice, dice_per_image
+from pneumoseg.modeling.optim import build_optimizer, build_scheduler
+from pneumoseg.postprocess.strategies import Threshold, Triplet
+from pneumoseg.data.probstore import ProbabilityStore
 from pneumoseg.stages import train as train_stage
-from pneumoseg.training import Trainer, epochs_since_best
+from pneumoseg.training.trainer import Trainer, epochs_since_best
 
 from synthetic import write_prepared
 

@@ -9,8 +9,8 @@ from typing import Callable
 
 from omegaconf import DictConfig
 
-from .config import DEFAULT_CONFIG, load_config
-from .errors import PneumosegError
+from pneumoseg.config import DEFAULT_CONFIG, load_config
+from pneumoseg.errors import PneumosegError
 
 log = logging.getLogger("pneumoseg")
 

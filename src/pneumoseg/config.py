@@ -19,8 +19,8 @@ from typing import Iterable, Sequence
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from .errors import ConfigError
-from .io import write_text
+from pneumoseg.errors import ConfigError
+from pneumoseg.io import write_text
 
 BASE_KEY = "base"
 DEFAULT_CONFIG = Path("configs/demo.yaml")

@@ -16,7 +16,7 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from .errors import DataError
+from pneumoseg.errors import DataError
 
 
 def _file_mode() -> int:

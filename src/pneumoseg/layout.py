@@ -21,10 +21,10 @@ SageMaker's model folder); those inside one fold take the fold's folder::
     ${paths.experiment_dir}/
         03_train/                         train_dir: stage 03, pneumoseg.stages.train
             folds.csv                     train_folds_path: the fold table trained on
-            fold<k>/                      fold_dir, fold_dirs: pneumoseg.training
+            fold<k>/                      fold_dir, fold_dirs: pneumoseg.training.trainer
                 log.csv                   fold_log_path
-                oof/                      oof_dir: pneumoseg.probstore
-                best_<rank>.pt, checkpoints.csv, last.pt (pneumoseg.checkpoints)
+                oof/                      oof_dir: pneumoseg.data.probstore
+                best_<rank>.pt, checkpoints.csv, last.pt (pneumoseg.modeling.checkpoints)
         04_search/                        search_dir: stage 04, pneumoseg.stages.search
             thresholds.json               thresholds_path
             oof_report.json               oof_report_path
@@ -47,7 +47,7 @@ from typing import Any, Iterable, Union
 
 from omegaconf import DictConfig
 
-from .errors import ConfigError
+from pneumoseg.errors import ConfigError
 
 Where = Union[DictConfig, str, os.PathLike]
 

@@ -10,7 +10,7 @@ from typing import Any, Callable, Generic, Mapping, TypeVar
 
 from omegaconf import DictConfig, OmegaConf
 
-from .errors import ConfigError
+from pneumoseg.errors import ConfigError
 
 T = TypeVar("T")
 

@@ -4,7 +4,7 @@ Outputs in ``${paths.prepared_dir}/01_convert/``:
 
 * ``images_<size>/<ImageId>.png`` for every size in ``prepare.sizes``: square, resized by OpenCV with
   ``prepare.interpolation``; ``images_<size>/resize.json`` holds the settings those PNGs were made with.
-* ``metadata.csv``: one row per readable DICOM, the columns of :data:`pneumoseg.dicom.METADATA_KEYS`.
+* ``metadata.csv``: one row per readable DICOM, the columns of :data:`pneumoseg.data.dicom.METADATA_KEYS`.
 * ``errors.csv``: ``path, reason`` for every DICOM that could not be read.
 
 Train and test images alike are converted; stage 02 decides the split. The work is spread over
@@ -27,12 +27,12 @@ from joblib import Parallel, delayed, effective_n_jobs
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from .. import layout
-from ..dicom import METADATA_KEYS, DicomError, find_dicoms, read_dicom, read_dicom_header
-from ..errors import ConfigError, DataError
-from ..imaging import INTERPOLATIONS, resize_square
-from ..io import write_csv, write_json, write_png
-from .record import StageRecord
+from pneumoseg import layout
+from pneumoseg.data.dicom import METADATA_KEYS, DicomError, find_dicoms, read_dicom, read_dicom_header
+from pneumoseg.errors import ConfigError, DataError
+from pneumoseg.data.resize import INTERPOLATIONS, resize_square
+from pneumoseg.io import write_csv, write_json, write_png
+from pneumoseg.stages.record import StageRecord
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Stage 00: write the built-in demo dataset, a synthetic stand-in for the challenge's files.
 
-The images come from :mod:`pneumoseg.phantom`; this stage gives them the challenge's file form in
+The images come from :mod:`pneumoseg.demo.phantom`; this stage gives them the challenge's file form in
 ``paths.input_dir``, so every later stage runs on them exactly as on the real data:
 
 * ``layout: stage1``: ``dicom-images-train/<StudyUID>/<SeriesUID>/<SOPUID>.dcm`` and ``dicom-images-test/...``,
@@ -34,13 +34,13 @@ from joblib import Parallel, delayed
 from omegaconf import DictConfig
 from tqdm import tqdm
 
-from .. import phantom
-from ..dicom import UID_ROOT, DicomTags, write_jpeg_dicom
-from ..errors import ConfigError, DataError
-from ..io import write_json, write_text
-from ..registry import Registry
-from ..rle import EMPTY, encode
-from .record import StageRecord
+from pneumoseg.demo import phantom
+from pneumoseg.data.dicom import UID_ROOT, DicomTags, write_jpeg_dicom
+from pneumoseg.errors import ConfigError, DataError
+from pneumoseg.io import write_json, write_text
+from pneumoseg.registry import Registry
+from pneumoseg.data.rle import EMPTY, encode
+from pneumoseg.stages.record import StageRecord
 
 log = logging.getLogger(__name__)
 

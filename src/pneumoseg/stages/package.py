@@ -1,13 +1,13 @@
 """Stage 06: package the trained ensemble as a self-contained SageMaker PyTorch model (``model.tar.gz``).
 
 Inputs: the experiment's fold checkpoints (``03_train/fold<k>/best_<rank>.pt``) and post-processing, chosen
-exactly as stage 05 chooses them (:meth:`pneumoseg.predictor.Predictor.from_experiment`: ``predict.top_k``,
+exactly as stage 05 chooses them (:meth:`pneumoseg.inference.predictor.Predictor.from_experiment`: ``predict.top_k``,
 ``train.folds``, ``postprocess.source``), the ``tta`` section, ``prepare.interpolation`` and ``predict``'s batch
 size, AMP and run-length form.
 
 Outputs in ``${paths.experiment_dir}/06_package/``:
 
-* ``model.tar.gz`` in the layout of :mod:`pneumoseg.serving` (``manifest.json``, ``thresholds.json``,
+* ``model.tar.gz`` in the layout of :mod:`pneumoseg.serve.handler` (``manifest.json``, ``thresholds.json``,
   ``config.yaml``, ``fold<k>/best_<rank>.pt``, ``code/inference.py``, ``code/requirements.txt``, ``code/pneumoseg/``).
   The archive is reproducible: the same inputs give the same bytes;
 * ``manifest.json``, a copy of the package's, to read without extracting it;
@@ -18,7 +18,7 @@ prediction settings. The stage reruns when the version, the config (but its path
 Before it finishes, the archive is extracted into a temporary folder, loaded the way the server loads it, and must
 predict a test image exactly as the experiment's own predictor does.
 
-Deploying it: serve it with :mod:`pneumoseg.serve` (locally, or in a bring-your-own SageMaker container), or deploy
+Deploying it: serve it with :mod:`pneumoseg.serve.server` (locally, or in a bring-your-own SageMaker container), or deploy
 it in SageMaker's PyTorch inference container, which installs ``code/requirements.txt`` and imports
 ``code/inference.py`` (the SDK's ``PyTorchModel(model_data=..., entry_point="inference.py", source_dir=<the
 package's code/ folder>)``, or ``SAGEMAKER_PROGRAM=inference.py`` in the model's environment).
@@ -39,26 +39,28 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from .. import __version__, layout
-from ..errors import DataError
-from ..io import atomic_path, write_json
-from ..predictor import Predictor
-from ..serving import (CODE_DIR, CONFIG_FILE, MANIFEST_FILE, PACKAGE_FORMAT, THRESHOLDS_FILE, load_package,
+from pneumoseg import __version__
+
+from pneumoseg import layout
+from pneumoseg.errors import DataError
+from pneumoseg.io import atomic_path, write_json
+from pneumoseg.inference.predictor import Predictor
+from pneumoseg.serve.handler import (CODE_DIR, CONFIG_FILE, MANIFEST_FILE, PACKAGE_FORMAT, THRESHOLDS_FILE, load_package,
                        open_package)
-from .record import DONE_FILE, StageRecord
+from pneumoseg.stages.record import DONE_FILE, StageRecord
 
 log = logging.getLogger(__name__)
 
 STAGE_NAME = "06_package_model"
 
-# The distributions that pneumoseg.serving imports, pinned in code/requirements.txt at the versions installed here.
+# The distributions that pneumoseg.serve.handler imports, pinned in code/requirements.txt at the versions installed here.
 # torch and torchvision are left out: SageMaker's PyTorch container has its own build (for its CUDA), which a
 # pinned wheel would replace.
 SERVING_REQUIREMENTS = ("segmentation-models-pytorch", "timm", "huggingface-hub", "safetensors", "albumentations",
                         "pydicom", "pillow", "opencv-python-headless", "numpy", "pandas", "omegaconf")
 
-ENTRY_POINT = '''"""SageMaker's entry point: the handler functions of pneumoseg.serving (the package is in code/pneumoseg/)."""
-from pneumoseg.serving import input_fn, model_fn, output_fn, predict_fn
+ENTRY_POINT = '''"""SageMaker's entry point: the handler functions of pneumoseg.serve.handler (the package is in code/pneumoseg/)."""
+from pneumoseg.serve.handler import input_fn, model_fn, output_fn, predict_fn
 
 __all__ = ["model_fn", "input_fn", "predict_fn", "output_fn"]
 '''
@@ -120,7 +122,7 @@ def _sha256(path: Path) -> str:
 
 
 def build_manifest(cfg: DictConfig, predictor: Predictor, files: dict[str, Path]) -> dict[str, Any]:
-    """The package's ``manifest.json``: what it holds and how it predicts (see :func:`pneumoseg.serving.load_package`).
+    """The package's ``manifest.json``: what it holds and how it predicts (see :func:`pneumoseg.serve.handler.load_package`).
 
     Args:
         cfg: the resolved config (``experiment`` names the package; ``predict.fmt`` is the run-length form).
@@ -148,7 +150,7 @@ def build_manifest(cfg: DictConfig, predictor: Predictor, files: dict[str, Path]
 
 def requirements_text() -> str:
     """``code/requirements.txt``: :data:`SERVING_REQUIREMENTS` pinned at the versions installed here."""
-    lines = ["# What pneumoseg.serving needs beyond SageMaker's PyTorch container (torch, torchvision), at the",
+    lines = ["# What pneumoseg.serve.handler needs beyond SageMaker's PyTorch container (torch, torchvision), at the",
              "# versions the package was built and tested with."]
     lines += [f"{name}=={installed_version(name)}" for name in SERVING_REQUIREMENTS]
     return "\n".join(lines) + "\n"

@@ -2,13 +2,13 @@
 
 Inputs: stage 02's ``02_labels/test_images.csv`` (ImageId, rows, cols: the test set, in the sample submission's
 order when there is one), stage 01's PNGs of those images at the models' size, stage 03's fold checkpoints and
-stage 04's ``thresholds.json`` (see :meth:`pneumoseg.predictor.Predictor.from_experiment` for how the config
+stage 04's ``thresholds.json`` (see :meth:`pneumoseg.inference.predictor.Predictor.from_experiment` for how the config
 chooses among them).
 
 Outputs in ``${paths.experiment_dir}/05_predict/``:
 
 * ``submission.csv``: ``ImageId,EncodedPixels``, one row per test image (``-1`` when empty), in ``predict.fmt``,
-  validated before it is written (see :mod:`pneumoseg.submission`);
+  validated before it is written (see :mod:`pneumoseg.evaluation.submission`);
 * ``test_score.json``, only when ``paths.input_dir`` holds the demo's held-out ``test_labels.csv``: the
   submission's challenge score beside the out-of-fold score of ``04_search/oof_report.json``;
 * ``config.yaml`` and ``done.json``.
@@ -31,18 +31,19 @@ import pandas as pd
 from omegaconf import DictConfig
 from tqdm import tqdm
 
-from .. import labels as lb
-from .. import layout, rle
-from ..checkpoints import best_files
-from ..cli import setup_logging
-from ..config import load_config
-from ..data import ImageFiles, make_loader
-from ..errors import ConfigError, DataError, PneumosegError
-from ..io import write_json
-from ..predictor import Predictor
-from ..submission import format_problems, score_submission, validate_submission, write_submission
-from .demo_data import TEST_LABELS
-from .record import DONE_FILE, StageRecord
+from pneumoseg.data import labels as lb
+from pneumoseg import layout
+from pneumoseg.data import rle
+from pneumoseg.modeling.checkpoints import best_files
+from pneumoseg.cli import setup_logging
+from pneumoseg.config import load_config
+from pneumoseg.data.dataset import ImageFiles, make_loader
+from pneumoseg.errors import ConfigError, DataError, PneumosegError
+from pneumoseg.io import write_json
+from pneumoseg.inference.predictor import Predictor
+from pneumoseg.evaluation.submission import format_problems, score_submission, validate_submission, write_submission
+from pneumoseg.stages.demo_data import TEST_LABELS
+from pneumoseg.stages.record import DONE_FILE, StageRecord
 
 log = logging.getLogger(__name__)
 

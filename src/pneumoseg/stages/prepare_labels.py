@@ -4,12 +4,12 @@ Reads stage 01's ``metadata.csv`` (one row per readable DICOM) and the challenge
 (``data.train_labels``), and writes ``${paths.prepared_dir}/02_labels/``:
 
 * ``masks_<size>/<ImageId>.png``: the mask (0/255) of every training image at every size of
-  ``prepare.sizes``, resized like the images (see :func:`pneumoseg.labels.resize_mask`);
+  ``prepare.sizes``, resized like the images (see :func:`pneumoseg.data.labels.resize_mask`);
 * ``labels.csv``: ImageId, has_mask, n_instances, mask_area (original pixels), rows, cols;
 * ``test_images.csv``: ImageId, rows, cols, in the sample submission's order when there is one;
 * ``unmatched.csv``: ImageId, reason, detail for every image or label row that is neither train nor test;
-* ``folds.csv``: ImageId, fold, has_mask, area_bin [, group] (see :func:`pneumoseg.labels.assign_folds`);
-* ``data_report.md`` and ``report/*.png`` (see :mod:`pneumoseg.stages.data_report`).
+* ``folds.csv``: ImageId, fold, has_mask, area_bin [, group] (see :func:`pneumoseg.data.labels.assign_folds`);
+* ``data_report.md`` and ``report/*.png`` (see :mod:`pneumoseg.reports.data`).
 
 Split rule: an image with a label row is "train". Otherwise it is "test" when it is in the sample submission
 or, without a sample submission, when a folder on its path below ``paths.input_dir`` has "test" in its name
@@ -32,12 +32,12 @@ from joblib import Parallel, delayed
 from omegaconf import DictConfig
 from tqdm import tqdm
 
-from .. import labels as lb
-from .. import layout
-from ..errors import ConfigError, DataError
-from ..io import write_csv, write_png, write_text
-from . import data_report
-from .record import StageRecord
+from pneumoseg.data import labels as lb
+from pneumoseg import layout
+from pneumoseg.errors import ConfigError, DataError
+from pneumoseg.io import write_csv, write_png, write_text
+from pneumoseg.reports import data as data_report
+from pneumoseg.stages.record import StageRecord
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +162,7 @@ def split_images(metadata: pd.DataFrame, labels: dict[str, lb.ImageLabels], subm
 
     Args:
         metadata: :func:`read_metadata` output.
-        labels: :func:`pneumoseg.labels.read_labels` output.
+        labels: :func:`pneumoseg.data.labels.read_labels` output.
         submission: the sample submission's ImageIds in order, or ``None`` without one.
         input_dir: ``paths.input_dir``, against which source paths are read for test folders.
     """
@@ -295,7 +295,7 @@ def _read_key(folder: Path) -> str | None:
 
 
 def make_folds(cfg: DictConfig, table: pd.DataFrame, metadata: pd.DataFrame) -> pd.DataFrame:
-    """The ``folds.csv`` frame for the training images of ``table`` (see :func:`pneumoseg.labels.assign_folds`).
+    """The ``folds.csv`` frame for the training images of ``table`` (see :func:`pneumoseg.data.labels.assign_folds`).
 
     Raises:
         ConfigError: ``folds.group_by`` names a column that ``metadata.csv`` lacks, or a bad split setting.

@@ -16,8 +16,8 @@ from typing import Any, Iterable
 
 from omegaconf import DictConfig
 
-from ..config import fingerprint, save_config
-from ..io import write_json
+from pneumoseg.config import fingerprint, save_config
+from pneumoseg.io import write_json
 
 log = logging.getLogger(__name__)
 

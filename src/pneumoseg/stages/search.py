@@ -8,13 +8,13 @@ differ) and ``labels.csv``; stage 01's X-rays ``01_convert/images_<train.image_s
 Outputs in ``${paths.experiment_dir}/04_search/``:
 
 * ``thresholds.json``: the chosen strategy as a ``{name, params}`` block, with its scores; what
-  :func:`pneumoseg.postprocess.load_postprocessor` reads;
+  :func:`pneumoseg.postprocess.strategies.load_postprocessor` reads;
 * ``candidates.csv``: every candidate evaluated, its Dice overall and on each fold;
 * ``per_image.csv``: areas and Dice of the chosen strategy on every OOF image;
-* ``oof_report.json``, ``oof_report.md`` and ``plots/`` (see :mod:`pneumoseg.stages.oof_report`).
+* ``oof_report.json``, ``oof_report.md`` and ``plots/`` (see :mod:`pneumoseg.reports.oof`).
 
-The search itself is :func:`pneumoseg.search.run_search`; the chosen strategy is then applied again, image by
-image, through :mod:`pneumoseg.postprocess`, and its score must agree with the search's.
+The search itself is :func:`pneumoseg.postprocess.search.run_search`; the chosen strategy is then applied again, image by
+image, through :mod:`pneumoseg.postprocess.strategies`, and its score must agree with the search's.
 """
 from __future__ import annotations
 
@@ -31,16 +31,16 @@ from joblib import Parallel, delayed
 from omegaconf import DictConfig
 from tqdm import tqdm
 
-from .. import layout
-from ..config import to_dict
-from ..errors import ConfigError, DataError
-from ..io import read_png, write_csv, write_json
-from ..metrics import dice_from_counts
-from ..postprocess import PostProcessor, build_postprocessor
-from ..probstore import IDS_FILE, PROBS_FILE, ProbabilityStore
-from ..search import GRIDS, Chunk, SearchResult, evaluate, run_search
-from . import oof_report
-from .record import StageRecord
+from pneumoseg import layout
+from pneumoseg.config import to_dict
+from pneumoseg.errors import ConfigError, DataError
+from pneumoseg.io import read_png, write_csv, write_json
+from pneumoseg.evaluation.metrics import dice_from_counts
+from pneumoseg.postprocess.strategies import PostProcessor, build_postprocessor
+from pneumoseg.data.probstore import IDS_FILE, PROBS_FILE, ProbabilityStore
+from pneumoseg.postprocess.search import GRIDS, Chunk, SearchResult, evaluate, run_search
+from pneumoseg.reports import oof as oof_report
+from pneumoseg.stages.record import StageRecord
 
 log = logging.getLogger(__name__)
 
@@ -245,7 +245,7 @@ def _score_images(oof: OofSet, result: SearchResult, chosen: PostProcessor, defa
     searched = float(result.candidates["dice"].iloc[result.best])
     if abs(dice[:, 0].mean() - searched) > AGREEMENT:
         raise RuntimeError(f"the search scored {chosen.to_block()} {searched:.12f}, applying it gives "
-                           f"{dice[:, 0].mean():.12f}; pneumoseg.search and pneumoseg.postprocess disagree")
+                           f"{dice[:, 0].mean():.12f}; pneumoseg.postprocess.search and pneumoseg.postprocess.strategies disagree")
     return pd.DataFrame({"ImageId": oof.ids, "fold": oof.fold_of, "true_area": true, "pred_area": pred[:, 0],
                          "intersection": inter[:, 0], "dice": dice[:, 0], "default_pred_area": pred[:, 1],
                          "default_dice": dice[:, 1]})

@@ -8,8 +8,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from .. import layout
-from .record import DONE_FILE
+from pneumoseg import layout
+from pneumoseg.stages.record import DONE_FILE
 
 # The headline of each stage's done.json summary, where it has one worth a line.
 _HEADLINES = {

@@ -1,12 +1,12 @@
 """Stage 03: train a model on each cross-validation fold and predict the fold's held-out images.
 
-Reads the stage 01/02 outputs in ``${paths.prepared_dir}`` at ``train.image_size`` (see :mod:`pneumoseg.data`);
+Reads the stage 01/02 outputs in ``${paths.prepared_dir}`` at ``train.image_size`` (see :mod:`pneumoseg.data.dataset`);
 writes ``${paths.experiment_dir}/03_train/``:
 
 * ``folds.csv`` (the folds trained on), ``config.yaml``, and ``done.json`` once every fold of ``train.folds``
   is complete;
 * ``fold<k>/``: ``log.csv``, ``best_<rank>.pt``, ``checkpoints.csv``, ``last.pt``, ``oof/`` (see
-  :mod:`pneumoseg.training`) and the fold's own ``done.json``.
+  :mod:`pneumoseg.training.trainer`) and the fold's own ``done.json``.
 
 Usage::
 
@@ -32,7 +32,7 @@ SageMaker: the same script is the entry point of a SageMaker PyTorch training jo
 * ``SM_OUTPUT_DATA_DIR`` becomes ``paths.experiment_dir`` (logs, OOF predictions: ``output.tar.gz``);
 * the fold models (``fold<k>/best_<rank>.pt`` with ``checkpoints.csv``), ``folds.csv`` and the resolved
   ``config.yaml`` are copied to ``SM_MODEL_DIR`` (``model.tar.gz``), laid out like ``03_train/`` so that
-  :func:`pneumoseg.inference.load_fold_models` reads either;
+  :func:`pneumoseg.inference.tta.load_fold_models` reads either;
 * hyperparameters arrive as ``--key value`` arguments: ``--config configs/siim_unet_r34_512.yaml --fold all
   --train.epochs 3`` is the same as ``train.epochs=3``;
 * several GPUs: ``distribution={"torch_distributed": {"enabled": True}}`` runs the script under torchrun, one
@@ -61,15 +61,15 @@ from typing import Any, Sequence
 
 from omegaconf import DictConfig
 
-from .. import layout
-from ..checkpoints import CHECKPOINTS_FILE, best_files
-from ..cli import stage_parser
-from ..data import PreparedData
-from ..distributed import DistContext, distributed
-from ..errors import ConfigError
-from ..io import atomic_path, write_csv
-from ..training import fit_fold
-from .record import StageRecord, stored_summary
+from pneumoseg import layout
+from pneumoseg.modeling.checkpoints import CHECKPOINTS_FILE, best_files
+from pneumoseg.cli import stage_parser
+from pneumoseg.data.dataset import PreparedData
+from pneumoseg.training.distributed import DistContext, distributed
+from pneumoseg.errors import ConfigError
+from pneumoseg.io import atomic_path, write_csv
+from pneumoseg.training.trainer import fit_fold
+from pneumoseg.stages.record import StageRecord, stored_summary
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ A ``model`` block names an smp architecture and its parameters::
         encoder_weights: imagenet   # imagenet | null (random) | a path to a local torchvision/timm state dict
         in_channels: 1              # 1 (grey) or 3 (grey repeated)
         classes: 1
-      normalize: {mean: 0.449, std: 0.226}   # applied to images scaled to [0, 1] (see pneumoseg.data)
+      normalize: {mean: 0.449, std: 0.226}   # applied to images scaled to [0, 1] (see pneumoseg.data.dataset)
 
 ``encoder_weights: imagenet`` downloads the weights from the Hugging Face Hub on first use (cached afterwards).
 Offline that fails at once with a ConfigError telling how to give a local file instead: the encoder's state dict
@@ -27,8 +27,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from .errors import ConfigError
-from .registry import Registry
+from pneumoseg.errors import ConfigError
+from pneumoseg.registry import Registry
 
 MODELS: Registry[nn.Module] = Registry("model architecture")
 for _architecture in smp.MODEL_ARCHITECTURES_MAPPING.values():

@@ -20,8 +20,8 @@ import torch
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR, ReduceLROnPlateau
 
-from .errors import ConfigError
-from .registry import Registry
+from pneumoseg.errors import ConfigError
+from pneumoseg.registry import Registry
 
 OPTIMIZERS: Registry[Optimizer] = Registry("optimizer")
 OPTIMIZERS.add("adam", torch.optim.Adam)

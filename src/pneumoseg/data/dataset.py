@@ -31,11 +31,11 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from . import layout
-from .augment import augment
-from .errors import ConfigError, DataError
-from .io import read_png
-from .registry import Registry
+from pneumoseg import layout
+from pneumoseg.data.augment import augment
+from pneumoseg.errors import ConfigError, DataError
+from pneumoseg.io import read_png
+from pneumoseg.registry import Registry
 
 FOLD_COLUMNS = ("ImageId", "fold", "has_mask")
 

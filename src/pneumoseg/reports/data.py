@@ -17,9 +17,9 @@ import pandas as pd
 from matplotlib import colormaps
 from matplotlib.figure import Figure
 
-from .. import labels as lb
-from .. import layout
-from ..io import atomic_path, read_png, write_png, write_text
+from pneumoseg.data import labels as lb
+from pneumoseg import layout
+from pneumoseg.io import atomic_path, read_png, write_png, write_text
 
 log = logging.getLogger(__name__)
 

@@ -16,8 +16,8 @@ from typing import Iterator, Sequence
 import numpy as np
 import pandas as pd
 
-from .errors import DataError
-from .io import write_csv
+from pneumoseg.errors import DataError
+from pneumoseg.io import write_csv
 
 PROBS_FILE = "probs.npy"
 IDS_FILE = "ids.csv"

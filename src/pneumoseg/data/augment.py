@@ -31,8 +31,8 @@ from albumentations.core.composition import BaseCompose
 from albumentations.core.transforms_interface import BasicTransform
 from omegaconf import DictConfig, OmegaConf
 
-from .errors import ConfigError
-from .registry import Registry
+from pneumoseg.errors import ConfigError
+from pneumoseg.registry import Registry
 
 TRANSFORMS: Registry = Registry("augmentation")
 for _name, _cls in sorted(vars(A).items()):

@@ -29,7 +29,7 @@ from typing import Sequence
 import cv2
 import numpy as np
 
-from .metrics import competition_dice, dice_from_counts
+from pneumoseg.evaluation.metrics import competition_dice, dice_from_counts
 
 # Instance areas at 1024 x 1024 are log-normal with the real data's median and 5th / 95th percentiles.
 REFERENCE_SIZE = 1024
@@ -580,7 +580,7 @@ def intensity_rule_search(images: np.ndarray, masks: np.ndarray, sigmas: Sequenc
     The rule smooths the image, keeps the pixels darker (or brighter) than one global threshold, and drops
     connected components smaller than a minimum area. Every combination of the values given and both
     polarities is scored with the challenge metric, from per-component pixel counts; the winner is then
-    rescored on its masks with :func:`pneumoseg.metrics.competition_dice`.
+    rescored on its masks with :func:`pneumoseg.evaluation.metrics.competition_dice`.
 
     Args:
         images: N x H x W uint8 images.

@@ -14,7 +14,7 @@ A strategy is a small frozen dataclass behind one interface (:class:`PostProcess
 Areas are always given in pixels of the original 1024 x 1024 image and scaled to the resolution a strategy is
 applied at (:func:`scale_area`), so one set of parameters serves 256 px OOF maps and 1024 px submissions alike.
 
-Maps may be float probabilities or the uint8 levels of :mod:`pneumoseg.probstore` (p = level / 255). For levels,
+Maps may be float probabilities or the uint8 levels of :mod:`pneumoseg.data.probstore` (p = level / 255). For levels,
 p > t is decided by :func:`level_cut`, which gives exactly the answer of comparing ``level / 255`` with ``t`` in
 float64, so the histogram-based search, which only knows levels, agrees with these classes to the pixel.
 """
@@ -29,11 +29,11 @@ import cv2
 import numpy as np
 from omegaconf import DictConfig
 
-from .errors import ConfigError
-from .io import read_json
-from .layout import thresholds_path
-from .probstore import LEVELS
-from .registry import Registry
+from pneumoseg.errors import ConfigError
+from pneumoseg.io import read_json
+from pneumoseg.layout import thresholds_path
+from pneumoseg.data.probstore import LEVELS
+from pneumoseg.registry import Registry
 
 ORIGINAL_SIZE = 1024
 # 8-connectivity: a lesion outline touching only diagonally is still one lesion.

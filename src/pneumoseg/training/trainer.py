@@ -6,17 +6,17 @@
   strategy of ``train.val_postprocess``, ``val_dice`` (the best of those), ``val_postprocess`` (which),
   ``val_dice_pos`` (mean Dice of the positive images there), ``seconds``.
 * ``best_<rank>.pt`` and ``checkpoints.csv``: the ``train.keep_best`` best epochs by ``train.monitor``
-  (see :mod:`pneumoseg.checkpoints`); training stops early after ``train.early_stopping`` epochs without a
+  (see :mod:`pneumoseg.modeling.checkpoints`); training stops early after ``train.early_stopping`` epochs without a
   better value.
 * ``last.pt``: everything needed to continue after the last finished epoch: weights, optimiser, schedule, AMP
   scaler, the epoch count (which fixes the sampler's draws and the augmentation seeds), the log so far and the
   torch RNG state. It is rewritten atomically after every epoch, so a run killed at any moment resumes from the
   last finished epoch and ends as the uninterrupted run would have.
-* ``oof/``: a :class:`~pneumoseg.probstore.ProbabilityWriter` store of the fold's validation images predicted
+* ``oof/``: a :class:`~pneumoseg.data.probstore.ProbabilityWriter` store of the fold's validation images predicted
   by its ``train.oof_checkpoints`` best checkpoints with the ``tta`` views, at ``train.oof_size`` pixels.
 
 The validation metric is the challenge's (mean per-image Dice, 1 when both masks are empty) after each
-post-processing strategy of ``train.val_postprocess`` (the classes of :mod:`pneumoseg.postprocess`).
+post-processing strategy of ``train.val_postprocess`` (the classes of :mod:`pneumoseg.postprocess.strategies`).
 
 Gradient accumulation: each loss is divided by the number of batches in its accumulation group, and the
 optimiser steps after every ``train.accumulation_steps`` batches and after the last, possibly shorter, group of
@@ -50,21 +50,21 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from . import layout
-from .augment import build_augment
-from .checkpoints import CHECKPOINTS_FILE, LAST_FILE, BestCheckpoints, best_files, load_checkpoint, save_checkpoint
-from .config import to_dict
-from .data import ImageFiles, PreparedData, build_sampler, make_loader, normalize_from_model
-from .distributed import DistContext
-from .errors import ConfigError
-from .inference import TTA, autocast, load_model, predict_probs, resize_maps
-from .io import write_csv
-from .losses import build_loss
-from .metrics import dice_per_image
-from .models import build_model
-from .optim import LRSchedule, build_optimizer, build_scheduler, metric_mode
-from .postprocess import PostProcessor, build_postprocessor
-from .probstore import ProbabilityWriter
+from pneumoseg import layout
+from pneumoseg.data.augment import build_augment
+from pneumoseg.modeling.checkpoints import CHECKPOINTS_FILE, LAST_FILE, BestCheckpoints, best_files, load_checkpoint, save_checkpoint
+from pneumoseg.config import to_dict
+from pneumoseg.data.dataset import ImageFiles, PreparedData, build_sampler, make_loader, normalize_from_model
+from pneumoseg.training.distributed import DistContext
+from pneumoseg.errors import ConfigError
+from pneumoseg.inference.tta import TTA, autocast, load_model, predict_probs, resize_maps
+from pneumoseg.io import write_csv
+from pneumoseg.modeling.losses import build_loss
+from pneumoseg.evaluation.metrics import dice_per_image
+from pneumoseg.modeling.models import build_model
+from pneumoseg.modeling.optim import LRSchedule, build_optimizer, build_scheduler, metric_mode
+from pneumoseg.postprocess.strategies import PostProcessor, build_postprocessor
+from pneumoseg.data.probstore import ProbabilityWriter
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +169,7 @@ class Trainer:
                  postprocessors: Sequence[PostProcessor]) -> dict[str, float]:
         """Validation loss and the challenge metric after each post-processing, over every rank's images.
 
-        The masks are drawn by the same :mod:`pneumoseg.postprocess` strategies that the threshold search and
+        The masks are drawn by the same :mod:`pneumoseg.postprocess.strategies` strategies that the threshold search and
         the submission use: without their empty-image rules, plain thresholds favour the first epochs, which
         predict nothing, over models that have started to find lesions.
 

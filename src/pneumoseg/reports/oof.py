@@ -17,9 +17,9 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from ..io import atomic_path, write_text
-from ..postprocess import ORIGINAL_SIZE, build_postprocessor
-from ..search import SearchResult
+from pneumoseg.io import atomic_path, write_text
+from pneumoseg.postprocess.strategies import ORIGINAL_SIZE, build_postprocessor
+from pneumoseg.postprocess.search import SearchResult
 
 log = logging.getLogger(__name__)
 

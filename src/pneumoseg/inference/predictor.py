@@ -7,11 +7,11 @@ object, shared by stage 05 (the test set) and the server.
     [prediction] = predictor.predict([pixels])               # pixels: uint8 H x W, e.g. from read_dicom
     prediction.rle(), prediction.area, prediction.max_prob
 
-Each image is resized to the models' square size with :func:`pneumoseg.imaging.resize_square`, the function that
+Each image is resized to the models' square size with :func:`pneumoseg.data.resize.resize_square`, the function that
 made stage 01's PNGs, so :meth:`Predictor.predict` on a DICOM's pixels and :meth:`Predictor.predict_prepared` on
 its stage-01 PNG give the same masks. The averaged probabilities are brought back to the image's own size
 (bilinear up, area-averaged down) and post-processed there; the post-processing's areas are in pixels of the
-1024 px image and scale with the map (see :mod:`pneumoseg.postprocess`).
+1024 px image and scale with the map (see :mod:`pneumoseg.postprocess.strategies`).
 
 Memory grows with the number of images passed in one call (a full-size probability map each): stream large sets
 through in batches.
@@ -27,12 +27,14 @@ import pandas as pd
 import torch
 from omegaconf import DictConfig
 
-from . import layout, rle
-from .distributed import resolve_device
-from .errors import ConfigError, DataError
-from .imaging import resize_square
-from .inference import TTA, FoldModel, load_fold_models, predict_probs
-from .postprocess import PostProcessor, configured_postprocessor
+from pneumoseg import layout
+
+from pneumoseg.data import rle
+from pneumoseg.training.distributed import resolve_device
+from pneumoseg.errors import ConfigError, DataError
+from pneumoseg.data.resize import resize_square
+from pneumoseg.inference.tta import TTA, FoldModel, load_fold_models, predict_probs
+from pneumoseg.postprocess.strategies import PostProcessor, configured_postprocessor
 
 
 @dataclass
@@ -48,7 +50,7 @@ class Prediction:
     mask: np.ndarray
 
     def rle(self, fmt: str = "relative") -> str:
-        """The mask as a run-length string (``"-1"`` when empty); ``fmt`` as in :func:`pneumoseg.rle.encode`."""
+        """The mask as a run-length string (``"-1"`` when empty); ``fmt`` as in :func:`pneumoseg.data.rle.encode`."""
         return rle.encode(self.mask, fmt)
 
     @property
@@ -129,7 +131,7 @@ class Predictor:
         """Predict images of any size.
 
         Args:
-            images: uint8 H x W grey images (0 is black), such as :func:`pneumoseg.dicom.read_dicom` returns.
+            images: uint8 H x W grey images (0 is black), such as :func:`pneumoseg.data.dicom.read_dicom` returns.
 
         Returns:
             One :class:`Prediction` per image, at that image's size.
@@ -176,7 +178,7 @@ class Predictor:
         Models: the ``predict.top_k`` best checkpoints of each fold of ``train.folds`` (``all``: every fold of
         ``03_train/folds.csv``) in ``${paths.experiment_dir}/03_train``; TTA: the ``tta`` section;
         post-processing: ``postprocess.source`` (stage 04's ``thresholds.json`` or the config's block, see
-        :func:`pneumoseg.postprocess.configured_postprocessor`); resizing: ``prepare.interpolation``; batch size
+        :func:`pneumoseg.postprocess.strategies.configured_postprocessor`); resizing: ``prepare.interpolation``; batch size
         and AMP: ``predict.batch_size`` and ``predict.amp``.
 
         Args:

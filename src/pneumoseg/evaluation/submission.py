@@ -2,7 +2,7 @@
 
 A submission is a CSV with the header ``ImageId,EncodedPixels`` and one row per test image holding the run-length
 string of its one (merged) mask, ``-1`` when the mask is empty. The challenge scored the ``relative`` form of
-:mod:`pneumoseg.rle`; ``absolute`` (1-based starts) is available for other uses. When a sample submission is
+:mod:`pneumoseg.data.rle`; ``absolute`` (1-based starts) is available for other uses. When a sample submission is
 given, the rows follow its order and its ImageIds exactly.
 
 :func:`validate_submission` lists everything wrong with a file, one precise line per problem;
@@ -19,11 +19,11 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from . import labels as lb
-from . import rle
-from .errors import DataError
-from .io import atomic_path
-from .metrics import dice_from_counts
+from pneumoseg.data import labels as lb
+from pneumoseg.data import rle
+from pneumoseg.errors import DataError
+from pneumoseg.io import atomic_path
+from pneumoseg.evaluation.metrics import dice_from_counts
 
 HEADER = (lb.ID_COLUMN, lb.RLE_COLUMN)
 # The challenge's images are all 1024 x 1024: the size assumed for an image whose size is not given.
@@ -186,7 +186,7 @@ def dice_by_image(path: str | os.PathLike, labels_csv: str | os.PathLike, sizes:
     Args:
         path: a submission (validate it first: its rows must decode).
         labels_csv: the labels in any of the challenge's forms (one row per instance, unioned; see
-            :mod:`pneumoseg.labels`); relative run-length form.
+            :mod:`pneumoseg.data.labels`); relative run-length form.
         sizes: ``(rows, cols)`` of each image; :data:`DEFAULT_SIZE` for one not listed.
         fmt: the submission's run-length form.
 

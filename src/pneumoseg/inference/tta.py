@@ -24,11 +24,11 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from . import layout
-from .checkpoints import best_files, load_checkpoint
-from .data import Normalize, normalize_from_model
-from .errors import DataError
-from .models import build_model
+from pneumoseg import layout
+from pneumoseg.modeling.checkpoints import best_files, load_checkpoint
+from pneumoseg.data.dataset import Normalize, normalize_from_model
+from pneumoseg.errors import DataError
+from pneumoseg.modeling.models import build_model
 
 # smp encoders downsample by up to 2**5; a rescaled view must keep its sides divisible by that.
 SIZE_MULTIPLE = 32

@@ -6,7 +6,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from .errors import ConfigError
+from pneumoseg.errors import ConfigError
 
 INTERPOLATIONS = {
     "area": cv2.INTER_AREA,

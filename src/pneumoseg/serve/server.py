@@ -7,7 +7,7 @@
     curl -s -H "Content-Type: application/dicom" --data-binary @image.dcm localhost:8080/invocations
 
 ``GET /ping`` answers 200 once the model is loaded (503 before); ``POST /invocations`` runs the handler of
-:mod:`pneumoseg.serving` on the body (its ``Content-Type`` and ``Accept`` choose the decoder and the response).
+:mod:`pneumoseg.serve.handler` on the body (its ``Content-Type`` and ``Accept`` choose the decoder and the response).
 ``--model`` takes a ``model.tar.gz`` or the folder it extracts to; in a SageMaker container that is
 ``--model /opt/ml/model --host 0.0.0.0 --port 8080``.
 
@@ -49,10 +49,10 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler
 from typing import Callable
 
-from . import __version__
-from .cli import setup_logging
-from .errors import PneumosegError
-from .serving import (JSON, RequestError, ServingModel, check_content_type, input_fn, load_package, negotiate,
+from pneumoseg import __version__
+from pneumoseg.cli import setup_logging
+from pneumoseg.errors import PneumosegError
+from pneumoseg.serve.handler import (JSON, RequestError, ServingModel, check_content_type, input_fn, load_package, negotiate,
                       open_package, output_fn, predict_fn)
 
 log = logging.getLogger(__name__)

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .errors import ConfigError
+from pneumoseg.errors import ConfigError
 
 
 @dataclass(frozen=True)

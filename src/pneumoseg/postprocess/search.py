@@ -1,6 +1,6 @@
 """Exact grid search of post-processing parameters on out-of-fold (OOF) predictions, without re-binarising.
 
-Probabilities are stored as 256 levels (:mod:`pneumoseg.probstore`), so one pass over the OOF maps builds, for
+Probabilities are stored as 256 levels (:mod:`pneumoseg.data.probstore`), so one pass over the OOF maps builds, for
 every image, the count of pixels at or above each level, overall and inside the truth mask
 (:class:`LevelHistograms`). For any threshold these give the predicted area and the intersection with the truth,
 hence the exact per-image Dice of every ``(top, min_area, bottom)`` triplet in O(1) per image; the mean over images
@@ -11,7 +11,7 @@ pass, on a coarser sub-grid around the best exact point (:func:`component_sums`)
 threshold gives the exact Dice for every area at once.
 
 :func:`evaluate` is the straightforward method (binarise and score every image with each strategy of
-:mod:`pneumoseg.postprocess`): the reference of the tests and the benchmark, and the independent check of the chosen
+:mod:`pneumoseg.postprocess.strategies`): the reference of the tests and the benchmark, and the independent check of the chosen
 strategy in stage 04.
 
 Scores are kept as per-group sums (a group is a fold), so the score on any set of folds, and the nested estimate
@@ -28,11 +28,11 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from .errors import ConfigError
-from .metrics import dice_from_counts
-from .postprocess import PostProcessor, components, level_cut, scale_area
-from .probstore import LEVELS
-from .registry import Registry
+from pneumoseg.errors import ConfigError
+from pneumoseg.evaluation.metrics import dice_from_counts
+from pneumoseg.postprocess.strategies import PostProcessor, components, level_cut, scale_area
+from pneumoseg.data.probstore import LEVELS
+from pneumoseg.registry import Registry
 
 Chunk = tuple[np.ndarray, np.ndarray]
 """A block of images: uint8 probability levels (B x H x W) and the boolean truth masks (B x H x W)."""

@@ -1,5 +1,5 @@
 """The inference handler of a model package: the four functions the SageMaker PyTorch serving container calls,
-which the HTTP server (:mod:`pneumoseg.serve`) calls too::
+which the HTTP server (:mod:`pneumoseg.serve.server`) calls too::
 
     model = model_fn("/opt/ml/model")                   # an extracted model.tar.gz
     data = input_fn(body, "application/dicom")          # request bytes -> ImageInput
@@ -45,14 +45,14 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from .dicom import read_dicom_bytes
-from .distributed import resolve_device
-from .errors import DataError
-from .inference import TTA, load_model
-from .io import read_json
-from .postprocess import load_postprocessor
-from .predictor import Prediction, Predictor
-from .registry import Registry
+from pneumoseg.data.dicom import read_dicom_bytes
+from pneumoseg.training.distributed import resolve_device
+from pneumoseg.errors import DataError
+from pneumoseg.inference.tta import TTA, load_model
+from pneumoseg.io import read_json
+from pneumoseg.postprocess.strategies import load_postprocessor
+from pneumoseg.inference.predictor import Prediction, Predictor
+from pneumoseg.registry import Registry
 
 MANIFEST_FILE = "manifest.json"
 THRESHOLDS_FILE = "thresholds.json"

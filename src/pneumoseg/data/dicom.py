@@ -33,8 +33,8 @@ from pydicom.multival import MultiValue
 from pydicom.pixels import get_decoder
 from pydicom.uid import UID, JPEGBaseline8Bit, SecondaryCaptureImageStorage
 
-from .errors import DataError
-from .io import atomic_path
+from pneumoseg.errors import DataError
+from pneumoseg.io import atomic_path
 
 # The challenge's UIDs all share this root; study, series and instance differ in the digit after it.
 UID_ROOT = "1.2.276.0.7230010.3"

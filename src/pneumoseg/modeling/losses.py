@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .registry import Registry
+from pneumoseg.registry import Registry
 
 LOSSES: Registry[nn.Module] = Registry("loss")
 

@@ -25,8 +25,8 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
-from . import rle
-from .errors import ConfigError, DataError
+from pneumoseg.data import rle
+from pneumoseg.errors import ConfigError, DataError
 
 ID_COLUMN = "ImageId"
 RLE_COLUMN = "EncodedPixels"

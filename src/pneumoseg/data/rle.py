@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .errors import DataError
+from pneumoseg.errors import DataError
 
 EMPTY = "-1"
 FORMATS = ("relative", "absolute")

@@ -2,9 +2,9 @@
 
 * ``best_<rank>.pt`` (rank 1 = best): ``{"state_dict", "model", "image_size", "fold", "epoch", "score",
   "monitor", "fingerprint"}``; ``model`` is the config block that rebuilds the network (see
-  :func:`pneumoseg.inference.load_model`). Weights only: no optimiser state.
+  :func:`pneumoseg.inference.tta.load_model`). Weights only: no optimiser state.
 * ``checkpoints.csv``: ``rank, file, epoch, score, monitor``, which epoch and score each best file holds.
-* ``last.pt``: the full training state for ``--resume`` (see :mod:`pneumoseg.training`).
+* ``last.pt``: the full training state for ``--resume`` (see :mod:`pneumoseg.training.trainer`).
 
 Every file is written atomically. The best files themselves are the truth: each holds its epoch and score, so
 :meth:`BestCheckpoints.rescan` rebuilds a consistent ranking from them after a crash in the middle of re-ranking.
@@ -21,7 +21,7 @@ from typing import Any, Callable
 import pandas as pd
 import torch
 
-from .io import atomic_path, write_csv
+from pneumoseg.io import atomic_path, write_csv
 
 log = logging.getLogger(__name__)
 
