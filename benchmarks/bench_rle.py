@@ -28,7 +28,7 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from pneumoseg import rle  # noqa: E402
+from pneumoseg.data import rle  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 1024

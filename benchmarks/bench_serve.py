@@ -41,7 +41,9 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
-from pneumoseg import layout, serving  # noqa: E402
+from pneumoseg import layout  # noqa: E402
+from pneumoseg.serve import handler as serving  # noqa: E402
+from pneumoseg.serve import package as package_format  # noqa: E402
 from pneumoseg.config import load_config  # noqa: E402
 from pneumoseg.data.dicom import DicomTags, write_jpeg_dicom  # noqa: E402
 from pneumoseg.stages import package  # noqa: E402
@@ -109,7 +111,7 @@ def _ping(port: int) -> int:
         conn.close()
 
 
-def handler_latencies(model: serving.ServingModel, bodies: list[bytes], start: int, count: int) -> list[float]:
+def handler_latencies(model: package_format.ServingModel, bodies: list[bytes], start: int, count: int) -> list[float]:
     latencies = []
     for i in range(start, start + count):
         began = time.perf_counter()
@@ -163,8 +165,8 @@ def main(argv: list[str] | None = None) -> int:
         scratch = Path(scratch)
         model_path = Path(args.model) if args.model else demo_like_package(scratch / "experiment")
         bodies = dicom_bodies(scratch)
-        with serving.open_package(model_path) as model_dir:
-            model = serving.load_package(model_dir, device="cpu")
+        with package_format.open_package(model_path) as model_dir:
+            model = package_format.load_package(model_dir, device="cpu")
         print(f"model {model.name} {model.version}: {len(model.predictor.models)} models x "
               f"{len(model.predictor.tta.views())} views at {model.predictor.image_size} px; "
               f"{len(bodies)} DICOMs of {np.mean([len(b) for b in bodies]) / 1e3:.0f} kB")

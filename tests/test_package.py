@@ -21,6 +21,7 @@ import yaml
 
 from fake_experiment import THRESHOLDS, make_package, write_fake_training
 from pneumoseg.serve import handler as serving
+from pneumoseg.serve import package as package_format
 from pneumoseg.config import to_dict
 from pneumoseg.errors import DataError
 from pneumoseg.inference.predictor import Predictor
@@ -53,7 +54,7 @@ def test_package_layout(packaged):
             "code/inference.py", "code/requirements.txt", "code/pneumoseg/__init__.py",
             "code/pneumoseg/serve/handler.py"} <= set(names)
     assert not [n for n in names if "__pycache__" in n or n.endswith(".pyc")]
-    assert manifest["format"] == serving.PACKAGE_FORMAT and manifest["name"] == "tiny"
+    assert manifest["format"] == package_format.PACKAGE_FORMAT and manifest["name"] == "tiny"
     assert manifest["version"].startswith("tiny-") and len(manifest["version"]) == len("tiny-") + 12
     assert [m["file"] for m in manifest["models"]] == ["fold0/best_1.pt", "fold1/best_1.pt"]
     assert manifest["tta"] == {"hflip": True, "vflip": False, "scales": [1.0]}
@@ -85,8 +86,8 @@ def test_package_loads_and_predicts_with_nothing_beside_it(packaged, tmp_path):
     hidden = experiment.with_name("hidden")
     experiment.rename(hidden)  # no training outputs anywhere while the copy loads
     try:
-        with serving.open_package(copy) as model_dir:
-            model = serving.load_package(model_dir, device="cpu")
+        with package_format.open_package(copy) as model_dir:
+            model = package_format.load_package(model_dir, device="cpu")
     finally:
         hidden.rename(experiment)
     [found] = model.predictor.predict([IMAGE])
@@ -138,8 +139,8 @@ print(json.dumps({"answer": json.loads(answer), "files": files}))
     report = json.loads(out.stdout.strip().splitlines()[-1])
     assert all(Path(f).is_relative_to(tmp_path / "code" / "pneumoseg") for f in report["files"])
 
-    with serving.open_package(packaged[1]) as model_dir:
-        model = serving.load_package(model_dir, device="cpu")
+    with package_format.open_package(packaged[1]) as model_dir:
+        model = package_format.load_package(model_dir, device="cpu")
     expected = serving.predict_fn(serving.input_fn(_npy(IMAGE), "application/x-npy"), model).to_json()
     assert report["answer"] == json.loads(json.dumps(expected))
 
@@ -148,7 +149,7 @@ print(json.dumps({"answer": json.loads(answer), "files": files}))
     distributions = packages_distributions()
     imported = {_normalise(dist) for path in report["files"] for module in _absolute_imports(Path(path))
                 for dist in distributions.get(module, [])}
-    assert imported - {"torch", "torchvision"} <= required
+    assert imported - {"torch", "torchvision", "pneumoseg"} - required == set()
 
 
 def _npy(array: np.ndarray) -> bytes:

@@ -25,6 +25,7 @@ from PIL import Image
 from fake_experiment import make_package
 from pneumoseg.data import rle
 from pneumoseg.serve import handler as serving
+from pneumoseg.serve import package as package_format
 from pneumoseg.data.dicom import DicomTags, write_jpeg_dicom
 from pneumoseg.serve.server import InferenceService
 
@@ -147,8 +148,8 @@ def _read_head(sock: socket.socket) -> bytes:
 @pytest.fixture(scope="module")
 def model(server):
     """The same package loaded in this process: what the server's answers must equal."""
-    with serving.open_package(server.package) as model_dir:
-        return serving.load_package(model_dir, device="cpu")
+    with package_format.open_package(server.package) as model_dir:
+        return package_format.load_package(model_dir, device="cpu")
 
 
 def expected_answer(model, body: bytes, content_type: str) -> dict:

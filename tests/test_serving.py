@@ -17,6 +17,7 @@ from fake_experiment import make_package, write_fake_training
 from pneumoseg import layout
 from pneumoseg.data import rle
 from pneumoseg.serve import handler as serving
+from pneumoseg.serve import package as package_format
 from pneumoseg.data.dicom import DicomTags, find_dicoms, read_dicom, write_jpeg_dicom
 from pneumoseg.errors import DataError
 from pneumoseg.stages import convert
@@ -37,8 +38,8 @@ def packaged(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def model(packaged):
-    with serving.open_package(packaged[1]) as model_dir:
-        return serving.load_package(model_dir, device="cpu")
+    with package_format.open_package(packaged[1]) as model_dir:
+        return package_format.load_package(model_dir, device="cpu")
 
 
 def png_bytes(image: np.ndarray, mode: str | None = None) -> bytes:
@@ -249,14 +250,14 @@ def test_handler_predicts_as_the_experiments_predictor(model, packaged):
 
 def test_load_package_refuses_a_folder_without_manifest(tmp_path):
     with pytest.raises(DataError, match="not a pneumoseg model package"):
-        serving.load_package(tmp_path)
+        package_format.load_package(tmp_path)
 
 
 def test_open_package_refuses_a_corrupt_archive(tmp_path):
     broken = tmp_path / "model.tar.gz"
     broken.write_bytes(b"\x1f\x8b not really gzip")
     with pytest.raises(DataError, match="cannot extract"):
-        with serving.open_package(broken):
+        with package_format.open_package(broken):
             pass
 
 
@@ -279,7 +280,7 @@ def test_handler_rle_equals_the_submission_row(tiny_cfg):
     test_ids = set(pd.read_csv(layout.test_images_path(cfg), dtype=str)["ImageId"])
     dicoms = {image_id: path for image_id, path in find_dicoms(cfg.paths.input_dir).items() if image_id in test_ids}
     assert len(dicoms) == len(submission) > 0
-    with serving.open_package(layout.package_path(cfg)) as model_dir:
+    with package_format.open_package(layout.package_path(cfg)) as model_dir:
         model = serving.model_fn(str(model_dir))
     positive = 0
     for image_id, path in dicoms.items():

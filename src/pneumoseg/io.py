@@ -6,6 +6,7 @@ stage killed mid-write leaves only a ``.tmp`` file that the next run overwrites.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import tempfile
@@ -111,3 +112,18 @@ def read_png(path: str | os.PathLike) -> np.ndarray:
     if image is None:
         raise DataError(f"cannot read image {path}: missing or not a PNG. Rerun the stage that writes it.")
     return image
+
+
+def content_hash(*paths: Path, length: int | None = 16) -> str:
+    """The sha256 of the files' bytes, one after the other, read in blocks (large checkpoints stay on disk).
+
+    Args:
+        paths: the files, in the order their bytes are hashed.
+        length: how many hex digits to keep (16 identifies a stage's inputs); None keeps all 64.
+    """
+    digest = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()[:length]

@@ -30,36 +30,22 @@ the endpoint answers with that status and message instead of a 500.
 """
 from __future__ import annotations
 
-import contextlib
 import io
 import json
-import os
-import tarfile
-import tempfile
 from dataclasses import dataclass
 from http import HTTPStatus
-from pathlib import Path
-from typing import Any, Callable, ClassVar, Iterator
+from typing import Any, Callable, ClassVar
 
 import cv2
 import numpy as np
 from PIL import Image
 
 from pneumoseg.data.dicom import read_dicom_bytes
-from pneumoseg.training.distributed import resolve_device
 from pneumoseg.errors import DataError
-from pneumoseg.inference.tta import TTA, load_model
-from pneumoseg.io import read_json
-from pneumoseg.postprocess.strategies import load_postprocessor
-from pneumoseg.inference.predictor import Prediction, Predictor
+from pneumoseg.inference.predictor import Prediction
 from pneumoseg.registry import Registry
+from pneumoseg.serve.package import ServingModel, load_package
 
-MANIFEST_FILE = "manifest.json"
-THRESHOLDS_FILE = "thresholds.json"
-CONFIG_FILE = "config.yaml"
-CODE_DIR = "code"
-PACKAGE_FORMAT = 1
-"""The version of the package layout; :func:`load_package` refuses others."""
 
 JSON = "application/json"
 PNG = "image/png"
@@ -122,30 +108,6 @@ class ImageInput:
 
 
 @dataclass
-class ServingModel:
-    """A loaded model package.
-
-    Attributes:
-        predictor: the fold ensemble with its TTA and post-processing (the one stage 05 uses).
-        name: the experiment the package was built from.
-        version: identifies the package's weights and post-processing (see the package stage).
-        fmt: the run-length form of its responses, the submission's (``relative`` or ``absolute``).
-        manifest: the package's ``manifest.json``.
-    """
-
-    predictor: Predictor
-    name: str
-    version: str
-    fmt: str
-    manifest: dict
-
-    @property
-    def postprocess(self) -> dict[str, Any]:
-        """The post-processing as a ``{name, params}`` block."""
-        return self.predictor.postprocessor.to_block()
-
-
-@dataclass
 class Result:
     """What :func:`predict_fn` returns: the prediction for one request, and where it came from."""
 
@@ -174,73 +136,6 @@ class Result:
 
 # ---------------------------------------------------------------------------------------------------------
 # Loading a package
-
-
-def read_manifest(model_dir: str | os.PathLike) -> dict:
-    """The ``manifest.json`` of an extracted package.
-
-    Raises:
-        DataError: no manifest (not a package), an unreadable one, or a layout version this code does not read.
-    """
-    path = Path(model_dir) / MANIFEST_FILE
-    manifest = read_json(path, missing=f"{model_dir} is not a pneumoseg model package: it has no {MANIFEST_FILE}. "
-                                       f"Build one with scripts/06_package_model.py and give its model.tar.gz or the "
-                                       f"folder it extracts to",
-                         invalid_fix="rebuild the package (scripts/06_package_model.py --force)")
-    if manifest.get("format") != PACKAGE_FORMAT:
-        raise DataError(f"{path}: package format {manifest.get('format')!r}, but this pneumoseg reads format "
-                        f"{PACKAGE_FORMAT}; rebuild the package with this version (scripts/06_package_model.py)")
-    return manifest
-
-
-def load_package(model_dir: str | os.PathLike, device: str = "auto") -> ServingModel:
-    """Load an extracted model package: its fold models, TTA, resizing and post-processing, then predict a blank
-    image once to warm it up. Needs no network and nothing outside ``model_dir``.
-
-    Args:
-        model_dir: the package folder (``model.tar.gz`` extracted; see :func:`open_package`).
-        device: ``auto`` (a GPU when there is one), ``cpu`` or ``cuda``.
-
-    Raises:
-        DataError: not a package, or a file of it missing or unreadable.
-        ConfigError: a device that is not there.
-    """
-    model_dir = Path(model_dir)
-    manifest = read_manifest(model_dir)
-    torch_device = resolve_device(device)
-    models = [load_model(model_dir / entry["file"], torch_device) for entry in manifest["models"]]
-    predictor = Predictor(models, TTA.from_config(manifest["tta"]), load_postprocessor(model_dir / THRESHOLDS_FILE),
-                          interpolation=manifest["interpolation"], batch_size=int(manifest["batch_size"]),
-                          amp=manifest["amp"])
-    # One blank prediction first: lazy initialisation (kernels, allocator) would otherwise slow the first request.
-    predictor.predict([np.zeros((predictor.image_size, predictor.image_size), np.uint8)])
-    return ServingModel(predictor=predictor, name=str(manifest["name"]), version=str(manifest["version"]),
-                        fmt=str(manifest["fmt"]), manifest=manifest)
-
-
-@contextlib.contextmanager
-def open_package(path: str | os.PathLike) -> Iterator[Path]:
-    """The folder of a model package: ``path`` itself when it is a folder; a ``model.tar.gz`` is extracted into a
-    temporary folder, removed when the block ends.
-
-    Raises:
-        DataError: ``path`` does not exist, or is not a readable tar archive.
-    """
-    path = Path(path)
-    if path.is_dir():
-        yield path
-        return
-    if not path.is_file():
-        raise DataError(f"model package {path} not found; build it with scripts/06_package_model.py")
-    with tempfile.TemporaryDirectory(prefix="pneumoseg-model-") as folder:
-        try:
-            with tarfile.open(path, "r:*") as archive:
-                # The "data" filter refuses absolute paths, links out of the folder and device files.
-                archive.extractall(folder, filter="data")
-        except (tarfile.TarError, OSError, EOFError) as exc:
-            raise DataError(f"cannot extract model package {path} ({type(exc).__name__}: {exc}); copy it again or "
-                            f"rebuild it with scripts/06_package_model.py --force") from None
-        yield Path(folder)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -52,8 +52,9 @@ from typing import Callable
 from pneumoseg import __version__
 from pneumoseg.cli import setup_logging
 from pneumoseg.errors import PneumosegError
-from pneumoseg.serve.handler import (JSON, RequestError, ServingModel, check_content_type, input_fn, load_package, negotiate,
-                      open_package, output_fn, predict_fn)
+from pneumoseg.serve.package import ServingModel, load_package, open_package
+from pneumoseg.serve.handler import (JSON, RequestError, check_content_type, input_fn, negotiate,
+                                     output_fn, predict_fn)
 
 log = logging.getLogger(__name__)
 

@@ -21,11 +21,8 @@ atomically, the label tables last.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import uuid
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -35,10 +32,10 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 from pneumoseg.demo import phantom
-from pneumoseg.data.dicom import UID_ROOT, DicomTags, write_jpeg_dicom
+from pneumoseg.demo.layouts import LAYOUTS, SPLITS, DemoImage, demo_images, patient_id
+from pneumoseg.data.dicom import DicomTags, write_jpeg_dicom
 from pneumoseg.errors import ConfigError, DataError
 from pneumoseg.io import write_json, write_text
-from pneumoseg.registry import Registry
 from pneumoseg.data.rle import EMPTY, encode
 from pneumoseg.stages.record import StageRecord
 
@@ -46,130 +43,7 @@ log = logging.getLogger(__name__)
 
 STAGE = "00_demo_data"
 MANIFEST = "demo_manifest.json"
-SPLITS = ("train", "test")           # split codes 0 and 1 in the random streams
-TEST_LABELS = "test_labels.csv"
 MIN_IMAGE_SIZE = 64
-# The challenge's UIDs are <root>.1.<kind>.8323329.<counter>.<timestamp>.<random>, kind 4 for the SOP instance,
-# 2 for the study and 3 for the series, whose random parts are the instance's minus 1 and minus 2.
-_SOP, _STUDY, _SERIES = "1.4", "1.2", "1.3"
-_UID_COUNTER_START = 1000
-_UID_TIMESTAMP = 1517875165
-
-
-@dataclass(frozen=True)
-class DemoImage:
-    """One image of the demo set: where it goes and what it is called.
-
-    Attributes:
-        split: ``"train"`` or ``"test"``.
-        index: its number within the split.
-        image_id: the ImageId of the label tables (the DICOM file's stem).
-        path: the DICOM file, relative to the input folder.
-        sop_uid, study_uid, series_uid: the DICOM's identifiers.
-    """
-
-    split: str
-    index: int
-    image_id: str
-    path: str
-    sop_uid: str
-    study_uid: str
-    series_uid: str
-
-
-def _digest(*parts: object) -> int:
-    """A stable 64-bit number from the parts (Python's ``hash`` changes between runs)."""
-    text = "/".join(map(str, parts)).encode()
-    return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "little")
-
-
-def _uids(seed: int, split: int, index: int) -> tuple[str, str, str]:
-    """SOP instance, study and series UIDs in the challenge's scheme, unique within a demo set."""
-    counter = _UID_COUNTER_START + 2 * index + split
-    stamp = _UID_TIMESTAMP + counter // 180
-    random_part = 100002 + _digest(seed, split, index) % 899_990
-    return tuple(f"{UID_ROOT}.{kind}.8323329.{counter}.{stamp}.{random_part - k}"
-                 for k, kind in enumerate((_SOP, _STUDY, _SERIES)))
-
-
-class Layout:
-    """Where a release of the challenge put the images, and the label tables it came with.
-
-    Attributes:
-        train_labels: the training label table's file name.
-        sample_submission: the sample submission's file name, None when the release had none.
-        separator: what follows each comma of the label tables.
-    """
-
-    train_labels: str
-    sample_submission: str | None = None
-    separator: str = ","
-
-    def image_id(self, seed: int, split: int, index: int, sop_uid: str) -> str:
-        raise NotImplementedError
-
-    def image_path(self, split: int, image_id: str, study_uid: str, series_uid: str) -> str:
-        raise NotImplementedError
-
-    def table_names(self) -> list[str]:
-        return [self.train_labels, TEST_LABELS] + ([self.sample_submission] if self.sample_submission else [])
-
-    def tables(self, train_rows: Sequence[tuple[str, str]], test_rows: Sequence[tuple[str, str]],
-               test_ids: Sequence[str]) -> dict[str, str]:
-        """The text of every table, by file name; rows are ``(ImageId, EncodedPixels)``."""
-        texts = {self.train_labels: self._table(train_rows), TEST_LABELS: self._table(test_rows)}
-        if self.sample_submission:
-            texts[self.sample_submission] = self._table([(image_id, EMPTY) for image_id in test_ids])
-        return texts
-
-    def _table(self, rows: Sequence[tuple[str, str]]) -> str:
-        return "".join(f"{image_id}{self.separator}{rle}\n"
-                       for image_id, rle in [("ImageId", "EncodedPixels"), *rows])
-
-
-LAYOUTS: Registry[Layout] = Registry("demo layout")
-
-
-@LAYOUTS.register("stage1")
-class Stage1Layout(Layout):
-    """The first release: images nested by study and series, named by SOP instance UID; the label table
-    has a space after every comma, the header's too."""
-
-    train_labels = "train-rle.csv"
-    separator = ", "
-
-    def image_id(self, seed: int, split: int, index: int, sop_uid: str) -> str:
-        return sop_uid
-
-    def image_path(self, split: int, image_id: str, study_uid: str, series_uid: str) -> str:
-        return f"dicom-images-{SPLITS[split]}/{study_uid}/{series_uid}/{image_id}.dcm"
-
-
-@LAYOUTS.register("stage2")
-class Stage2Layout(Layout):
-    """The second release: one flat folder of ``ID_<9 hex>.dcm`` files, plain CSVs, a sample submission."""
-
-    train_labels = "stage_2_train.csv"
-    sample_submission = "stage_2_sample_submission.csv"
-
-    def image_id(self, seed: int, split: int, index: int, sop_uid: str) -> str:
-        # An odd multiplier makes k -> 9 hex digits a bijection, so the ids of one set never clash.
-        return f"ID_{(0x9E3779B97 * (2 * index + split) + _digest(seed)) % 16**9:09x}"
-
-    def image_path(self, split: int, image_id: str, study_uid: str, series_uid: str) -> str:
-        return f"stage_2_images/{image_id}.dcm"
-
-
-def demo_images(demo: DictConfig, layout: Layout) -> list[DemoImage]:
-    """Every image of the demo set described by the ``demo`` config section, train images first."""
-    images = []
-    for split, name in enumerate(SPLITS):
-        for index in range(int(demo[f"n_{name}"])):
-            sop, study, series = _uids(int(demo.seed), split, index)
-            image_id = layout.image_id(int(demo.seed), split, index, sop)
-            images.append(DemoImage(name, index, image_id, layout.image_path(split, image_id, study, series),
-                                    sop, study, series))
-    return images
 
 
 def _check(demo: DictConfig) -> None:
@@ -197,17 +71,11 @@ def _make_image(image: DemoImage, plan: phantom.CasePlan, seed: int, size: int, 
     if target is not None:
         patient = case.patient
         tags = DicomTags(sop_instance_uid=image.sop_uid, study_instance_uid=image.study_uid,
-                         series_instance_uid=image.series_uid, patient_id=_patient_id(seed, image),
+                         series_instance_uid=image.series_uid, patient_id=patient_id(seed, image),
                          sex=patient.sex, age=str(patient.age), view_position=patient.view_position,
                          pixel_spacing=patient.pixel_spacing)
         write_jpeg_dicom(target, phantom.render(case, pixels), tags)
     return [encode(instance) for instance in case.instances] or [EMPTY]
-
-
-def _patient_id(seed: int, image: DemoImage) -> str:
-    """A random-looking UUID, as the challenge's anonymised PatientIDs are."""
-    digest = hashlib.blake2b(f"{seed}/{image.split}/{image.index}".encode(), digest_size=16).digest()
-    return str(uuid.UUID(bytes=digest, version=4))
 
 
 def _label_rows(image_ids: Sequence[str], rles: Sequence[list[str]], rng: np.random.Generator,

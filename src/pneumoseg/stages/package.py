@@ -25,45 +25,24 @@ package's code/ folder>)``, or ``SAGEMAKER_PROGRAM=inference.py`` in the model's
 """
 from __future__ import annotations
 
-import gzip
-import hashlib
-import io
-import json
 import logging
-import tarfile
-from dataclasses import asdict
-from importlib.metadata import version as installed_version
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from pneumoseg import __version__
 
 from pneumoseg import layout
 from pneumoseg.errors import DataError
-from pneumoseg.io import atomic_path, write_json
+from pneumoseg.io import atomic_path, content_hash, write_json
 from pneumoseg.inference.predictor import Predictor
-from pneumoseg.serve.handler import (CODE_DIR, CONFIG_FILE, MANIFEST_FILE, PACKAGE_FORMAT, THRESHOLDS_FILE, load_package,
-                       open_package)
+from pneumoseg.serve.package import MANIFEST_FILE, build_manifest, load_package, open_package, source_files, write_package
 from pneumoseg.stages.record import DONE_FILE, StageRecord
 
 log = logging.getLogger(__name__)
 
 STAGE_NAME = "06_package_model"
-
-# The distributions that pneumoseg.serve.handler imports, pinned in code/requirements.txt at the versions installed here.
-# torch and torchvision are left out: SageMaker's PyTorch container has its own build (for its CUDA), which a
-# pinned wheel would replace.
-SERVING_REQUIREMENTS = ("segmentation-models-pytorch", "timm", "huggingface-hub", "safetensors", "albumentations",
-                        "pydicom", "pillow", "opencv-python-headless", "numpy", "pandas", "omegaconf")
-
-ENTRY_POINT = '''"""SageMaker's entry point: the handler functions of pneumoseg.serve.handler (the package is in code/pneumoseg/)."""
-from pneumoseg.serve.handler import input_fn, model_fn, output_fn, predict_fn
-
-__all__ = ["model_fn", "input_fn", "predict_fn", "output_fn"]
-'''
 
 
 def run(cfg: DictConfig, force: bool = False) -> dict[str, Any]:
@@ -83,11 +62,11 @@ def run(cfg: DictConfig, force: bool = False) -> dict[str, Any]:
     predictor = Predictor.from_experiment(cfg, device="cpu")
     files = {_package_name(model.path): model.path for model in predictor.models}
     manifest = build_manifest(cfg, predictor, files)
-    sources = _source_files()
+    sources = source_files()
     # The package holds the whole resolved config and pneumoseg's code: a change to either (but to local paths)
     # rebuilds it, as a change to the weights or the post-processing does (they make the version).
     sections = [key for key in cfg if key != "paths"]
-    code = hashlib.sha256(b"".join(path.read_bytes() for path in sources.values())).hexdigest()[:16]
+    code = content_hash(*sources.values())
     record = StageRecord(STAGE_NAME, layout.package_dir(cfg), cfg, sections,
                          inputs={"version": manifest["version"], "code": code})
     if record.skip_if_complete(force):
@@ -111,79 +90,6 @@ def _package_name(path: Path | None) -> str:
     if path is None:
         raise DataError("a model of the ensemble has no checkpoint file to package")
     return f"{path.parent.name}/{path.name}"
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def build_manifest(cfg: DictConfig, predictor: Predictor, files: dict[str, Path]) -> dict[str, Any]:
-    """The package's ``manifest.json``: what it holds and how it predicts (see :func:`pneumoseg.serve.handler.load_package`).
-
-    Args:
-        cfg: the resolved config (``experiment`` names the package; ``predict.fmt`` is the run-length form).
-        predictor: the experiment's predictor, whose models, TTA, resizing, batch size and AMP are recorded.
-        files: package name -> checkpoint file, for each of ``predictor.models`` in order.
-    """
-    models = [{"file": name, "fold": model.fold, "epoch": model.epoch, "score": model.score,
-               "sha256": _sha256(path)}
-              for (name, path), model in zip(files.items(), predictor.models)]
-    settings = {
-        "image_size": predictor.image_size,
-        "tta": {**asdict(predictor.tta), "scales": list(predictor.tta.scales)},
-        "interpolation": predictor.interpolation,
-        "batch_size": predictor.batch_size,
-        "amp": predictor.amp,
-        "fmt": str(cfg.predict.fmt),
-        "postprocess": predictor.postprocessor.to_block(),
-    }
-    content = json.dumps({"models": [m["sha256"] for m in models], **settings}, sort_keys=True)
-    name = str(cfg.experiment)
-    return {"format": PACKAGE_FORMAT, "name": name,
-            "version": f"{name}-{hashlib.sha256(content.encode()).hexdigest()[:12]}",
-            "pneumoseg_version": __version__, "models": models, **settings}
-
-
-def requirements_text() -> str:
-    """``code/requirements.txt``: :data:`SERVING_REQUIREMENTS` pinned at the versions installed here."""
-    lines = ["# What pneumoseg.serve.handler needs beyond SageMaker's PyTorch container (torch, torchvision), at the",
-             "# versions the package was built and tested with."]
-    lines += [f"{name}=={installed_version(name)}" for name in SERVING_REQUIREMENTS]
-    return "\n".join(lines) + "\n"
-
-
-def _source_files() -> dict[str, Path]:
-    """This package's Python source, by its name inside the model package (``code/pneumoseg/...``)."""
-    root = Path(__file__).resolve().parents[1]
-    return {f"{CODE_DIR}/pneumoseg/{path.relative_to(root).as_posix()}": path
-            for path in sorted(root.rglob("*.py")) if "__pycache__" not in path.parts}
-
-
-def write_package(path: Path, cfg: DictConfig, manifest: dict[str, Any], files: dict[str, Path]) -> None:
-    """Write the ``model.tar.gz`` of ``manifest`` to ``path``: its JSON and YAML files, ``code/inference.py`` and
-    ``code/requirements.txt``, and ``files`` (name in the package -> file: weights, source). Entries are in name
-    order, with fixed times and owners, so that the same inputs give the same bytes."""
-    texts = {
-        MANIFEST_FILE: json.dumps(manifest, indent=2, sort_keys=True) + "\n",
-        THRESHOLDS_FILE: json.dumps(manifest["postprocess"], indent=2, sort_keys=True) + "\n",
-        CONFIG_FILE: OmegaConf.to_yaml(cfg, resolve=True),
-        f"{CODE_DIR}/inference.py": ENTRY_POINT,
-        f"{CODE_DIR}/requirements.txt": requirements_text(),
-    }
-    entries = {**{name: text.encode() for name, text in texts.items()}, **files}
-    # gzip would record the (temporary, random) file name and the time in its header: neither is kept.
-    with open(path, "wb") as raw, gzip.GzipFile(filename="", fileobj=raw, mode="wb", mtime=0) as zipped, \
-            tarfile.open(fileobj=zipped, mode="w", format=tarfile.PAX_FORMAT) as archive:
-        for name in sorted(entries):
-            content = entries[name]
-            data = content if isinstance(content, bytes) else content.read_bytes()
-            info = tarfile.TarInfo(name)
-            info.size, info.mode, info.mtime = len(data), 0o644, 0
-            archive.addfile(info, io.BytesIO(data))
 
 
 def verify_package(path: Path, predictor: Predictor) -> None:

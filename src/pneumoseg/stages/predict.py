@@ -20,7 +20,6 @@ change, or when a checkpoint, ``thresholds.json``, stage 01's record, the test l
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import time
@@ -39,10 +38,10 @@ from pneumoseg.cli import setup_logging
 from pneumoseg.config import load_config
 from pneumoseg.data.dataset import ImageFiles, make_loader
 from pneumoseg.errors import ConfigError, DataError, PneumosegError
-from pneumoseg.io import write_json
+from pneumoseg.io import content_hash, write_json
 from pneumoseg.inference.predictor import Predictor
 from pneumoseg.evaluation.submission import format_problems, score_submission, validate_submission, write_submission
-from pneumoseg.stages.demo_data import TEST_LABELS
+from pneumoseg.demo.layouts import TEST_LABELS
 from pneumoseg.stages.record import DONE_FILE, StageRecord
 
 log = logging.getLogger(__name__)
@@ -208,7 +207,7 @@ def score_test_set(cfg: DictConfig, test_labels: Path, sizes: dict[str, tuple[in
     report = layout.oof_report_path(cfg)
     oof_score = json.loads(report.read_text())["oof_score"] if report.is_file() else None
     scores = {"test_score": round(test_score, 4), "oof_score": None if oof_score is None else round(oof_score, 4),
-              "test_labels": str(test_labels), "labels_sha256": _sha256(test_labels)}
+              "test_labels": str(test_labels), "labels_sha256": content_hash(test_labels)}
     write_json(layout.predict_dir(cfg) / TEST_SCORE_FILE, scores)
     if oof_score is None:
         log.info("test score %.4f (no OOF report at %s to compare with)", test_score, report)
@@ -216,9 +215,6 @@ def score_test_set(cfg: DictConfig, test_labels: Path, sizes: dict[str, tuple[in
         log.info("test score %.4f, OOF score %.4f (difference %+.4f)", test_score, oof_score, test_score - oof_score)
     return {"test_score": scores["test_score"], "oof_score": scores["oof_score"]}
 
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
 def summary_text(summary: dict[str, Any]) -> str:

@@ -20,7 +20,6 @@ Masks already written are kept when the stage is rerun after an interruption; th
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import shutil
@@ -35,7 +34,7 @@ from tqdm import tqdm
 from pneumoseg.data import labels as lb
 from pneumoseg import layout
 from pneumoseg.errors import ConfigError, DataError
-from pneumoseg.io import write_csv, write_png, write_text
+from pneumoseg.io import content_hash, write_csv, write_png, write_text
 from pneumoseg.reports import data as data_report
 from pneumoseg.stages.record import StageRecord
 
@@ -89,8 +88,8 @@ def run(cfg: DictConfig, force: bool = False) -> dict:
     submission_path = lb.locate_sample_submission(cfg.data.sample_submission, input_dir)
     sizes = prepared_sizes(cfg)
     metadata = read_metadata(metadata_path)
-    digests = {"labels": _digest(labels_path), "metadata": _digest(metadata_path),
-               "sample_submission": _digest(submission_path) if submission_path else None}
+    digests = {"labels": content_hash(labels_path), "metadata": content_hash(metadata_path),
+               "sample_submission": content_hash(submission_path) if submission_path else None}
     record = StageRecord(STAGE, folder, cfg, sections=("data", "folds"), inputs={"sizes": sizes, **digests})
     if record.skip_if_complete(force):
         return record.stored_summary()
@@ -310,7 +309,3 @@ def make_folds(cfg: DictConfig, table: pd.DataFrame, metadata: pd.DataFrame) -> 
     return lb.assign_folds(table[lb.ID_COLUMN], table["mask_area"], int(cfg.folds.n_splits),
                            int(cfg.folds.seed), cfg.folds.area_bins, groups)
 
-
-def _digest(path: Path) -> str:
-    """A short hash of a file's content: the stage reruns when an input file changes."""
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]

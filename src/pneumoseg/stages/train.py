@@ -51,7 +51,6 @@ For example, with the SageMaker Python SDK (the package lives in ``src/``, hence
 from __future__ import annotations
 
 import argparse
-import hashlib
 import logging
 import os
 import shutil
@@ -67,7 +66,7 @@ from pneumoseg.cli import stage_parser
 from pneumoseg.data.dataset import PreparedData
 from pneumoseg.training.distributed import DistContext, distributed
 from pneumoseg.errors import ConfigError
-from pneumoseg.io import atomic_path, write_csv
+from pneumoseg.io import atomic_path, content_hash, write_csv
 from pneumoseg.training.trainer import fit_fold
 from pneumoseg.stages.record import StageRecord, stored_summary
 
@@ -107,7 +106,7 @@ def run(cfg: DictConfig, force: bool = False, folds: Sequence[int] | str | None 
     folds_csv = layout.folds_path(cfg)
     planned = layout.select_folds(cfg.train.folds, data.fold_numbers(), "train.folds", folds_csv)
     requested = planned if folds is None else layout.select_folds(folds, data.fold_numbers(), "--fold", folds_csv)
-    inputs = {"folds_sha256": _sha256(folds_csv)}
+    inputs = {"folds_sha256": content_hash(folds_csv)}
     record = StageRecord(STAGE_NAME, folder, cfg, SECTIONS, inputs)
 
     with distributed(str(cfg.train.device)) as ctx:
@@ -158,9 +157,6 @@ def _fold_record(cfg: DictConfig, inputs: dict, fold: int) -> StageRecord:
     return StageRecord(f"{STAGE_NAME} fold {fold}", layout.fold_dir(cfg, fold), cfg, SECTIONS,
                        {**inputs, "fold": fold})
 
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
 def _stored_summaries(folder: Path, folds: Sequence[int]) -> dict[int, dict]:

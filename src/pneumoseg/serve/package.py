@@ -1,0 +1,217 @@
+"""The model package's format, written by stage 06 and read by the handler and the server; one home for both.
+
+A package is a folder, or its ``model.tar.gz``:
+
+* ``manifest.json``: name, version, the model files with their sha256, and how to predict (TTA, resizing, batch
+  size, AMP);
+* ``thresholds.json``: the post-processing as a ``{name, params}`` block;
+* ``config.yaml``: the experiment's resolved config, for the record;
+* ``fold<k>/best_<rank>.pt``: the weights, in stage 03's checkpoint format (tensors and plain data only, loaded
+  with ``weights_only=True``: no pickled code, no download);
+* ``code/inference.py`` (imports the handler's functions from :mod:`pneumoseg.serve.handler`),
+  ``code/requirements.txt`` and ``code/pneumoseg/`` (this package's source), which SageMaker's container puts on
+  its Python path.
+"""
+from __future__ import annotations
+
+import contextlib
+import gzip
+import hashlib
+import io
+import json
+import os
+import tarfile
+import tempfile
+from dataclasses import asdict, dataclass
+from importlib.metadata import version as installed_version
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+
+from pneumoseg import __version__
+from pneumoseg.errors import DataError
+from pneumoseg.inference.predictor import Predictor
+from pneumoseg.inference.tta import TTA, load_model
+from pneumoseg.io import content_hash, read_json
+from pneumoseg.postprocess.strategies import load_postprocessor
+from pneumoseg.training.distributed import resolve_device
+
+
+MANIFEST_FILE = "manifest.json"
+THRESHOLDS_FILE = "thresholds.json"
+CONFIG_FILE = "config.yaml"
+CODE_DIR = "code"
+PACKAGE_FORMAT = 1
+"""The version of the package layout; :func:`load_package` refuses others."""
+
+
+@dataclass
+class ServingModel:
+    """A loaded model package.
+
+    Attributes:
+        predictor: the fold ensemble with its TTA and post-processing (the one stage 05 uses).
+        name: the experiment the package was built from.
+        version: identifies the package's weights and post-processing (see the package stage).
+        fmt: the run-length form of its responses, the submission's (``relative`` or ``absolute``).
+        manifest: the package's ``manifest.json``.
+    """
+
+    predictor: Predictor
+    name: str
+    version: str
+    fmt: str
+    manifest: dict
+
+    @property
+    def postprocess(self) -> dict[str, Any]:
+        """The post-processing as a ``{name, params}`` block."""
+        return self.predictor.postprocessor.to_block()
+
+
+def read_manifest(model_dir: str | os.PathLike) -> dict:
+    """The ``manifest.json`` of an extracted package.
+
+    Raises:
+        DataError: no manifest (not a package), an unreadable one, or a layout version this code does not read.
+    """
+    path = Path(model_dir) / MANIFEST_FILE
+    manifest = read_json(path, missing=f"{model_dir} is not a pneumoseg model package: it has no {MANIFEST_FILE}. "
+                                       f"Build one with scripts/06_package_model.py and give its model.tar.gz or the "
+                                       f"folder it extracts to",
+                         invalid_fix="rebuild the package (scripts/06_package_model.py --force)")
+    if manifest.get("format") != PACKAGE_FORMAT:
+        raise DataError(f"{path}: package format {manifest.get('format')!r}, but this pneumoseg reads format "
+                        f"{PACKAGE_FORMAT}; rebuild the package with this version (scripts/06_package_model.py)")
+    return manifest
+
+
+def load_package(model_dir: str | os.PathLike, device: str = "auto") -> ServingModel:
+    """Load an extracted model package: its fold models, TTA, resizing and post-processing, then predict a blank
+    image once to warm it up. Needs no network and nothing outside ``model_dir``.
+
+    Args:
+        model_dir: the package folder (``model.tar.gz`` extracted; see :func:`open_package`).
+        device: ``auto`` (a GPU when there is one), ``cpu`` or ``cuda``.
+
+    Raises:
+        DataError: not a package, or a file of it missing or unreadable.
+        ConfigError: a device that is not there.
+    """
+    model_dir = Path(model_dir)
+    manifest = read_manifest(model_dir)
+    torch_device = resolve_device(device)
+    models = [load_model(model_dir / entry["file"], torch_device) for entry in manifest["models"]]
+    predictor = Predictor(models, TTA.from_config(manifest["tta"]), load_postprocessor(model_dir / THRESHOLDS_FILE),
+                          interpolation=manifest["interpolation"], batch_size=int(manifest["batch_size"]),
+                          amp=manifest["amp"])
+    # One blank prediction first: lazy initialisation (kernels, allocator) would otherwise slow the first request.
+    predictor.predict([np.zeros((predictor.image_size, predictor.image_size), np.uint8)])
+    return ServingModel(predictor=predictor, name=str(manifest["name"]), version=str(manifest["version"]),
+                        fmt=str(manifest["fmt"]), manifest=manifest)
+
+
+@contextlib.contextmanager
+def open_package(path: str | os.PathLike) -> Iterator[Path]:
+    """The folder of a model package: ``path`` itself when it is a folder; a ``model.tar.gz`` is extracted into a
+    temporary folder, removed when the block ends.
+
+    Raises:
+        DataError: ``path`` does not exist, or is not a readable tar archive.
+    """
+    path = Path(path)
+    if path.is_dir():
+        yield path
+        return
+    if not path.is_file():
+        raise DataError(f"model package {path} not found; build it with scripts/06_package_model.py")
+    with tempfile.TemporaryDirectory(prefix="pneumoseg-model-") as folder:
+        try:
+            with tarfile.open(path, "r:*") as archive:
+                # The "data" filter refuses absolute paths, links out of the folder and device files.
+                archive.extractall(folder, filter="data")
+        except (tarfile.TarError, OSError, EOFError) as exc:
+            raise DataError(f"cannot extract model package {path} ({type(exc).__name__}: {exc}); copy it again or "
+                            f"rebuild it with scripts/06_package_model.py --force") from None
+        yield Path(folder)
+
+
+# The distributions that pneumoseg.serve.handler imports, pinned in code/requirements.txt at the versions installed here.
+# torch and torchvision are left out: SageMaker's PyTorch container has its own build (for its CUDA), which a
+# pinned wheel would replace.
+SERVING_REQUIREMENTS = ("segmentation-models-pytorch", "timm", "huggingface-hub", "safetensors", "albumentations",
+                        "pydicom", "pillow", "opencv-python-headless", "numpy", "pandas", "omegaconf")
+
+
+ENTRY_POINT = '''"""SageMaker's entry point: the handler functions of pneumoseg.serve.handler (the package is in code/pneumoseg/)."""
+from pneumoseg.serve.handler import input_fn, model_fn, output_fn, predict_fn
+
+__all__ = ["model_fn", "input_fn", "predict_fn", "output_fn"]
+'''
+
+
+def build_manifest(cfg: DictConfig, predictor: Predictor, files: dict[str, Path]) -> dict[str, Any]:
+    """The package's ``manifest.json``: what it holds and how it predicts (see :func:`pneumoseg.serve.handler.load_package`).
+
+    Args:
+        cfg: the resolved config (``experiment`` names the package; ``predict.fmt`` is the run-length form).
+        predictor: the experiment's predictor, whose models, TTA, resizing, batch size and AMP are recorded.
+        files: package name -> checkpoint file, for each of ``predictor.models`` in order.
+    """
+    models = [{"file": name, "fold": model.fold, "epoch": model.epoch, "score": model.score,
+               "sha256": content_hash(path, length=None)}
+              for (name, path), model in zip(files.items(), predictor.models)]
+    settings = {
+        "image_size": predictor.image_size,
+        "tta": {**asdict(predictor.tta), "scales": list(predictor.tta.scales)},
+        "interpolation": predictor.interpolation,
+        "batch_size": predictor.batch_size,
+        "amp": predictor.amp,
+        "fmt": str(cfg.predict.fmt),
+        "postprocess": predictor.postprocessor.to_block(),
+    }
+    content = json.dumps({"models": [m["sha256"] for m in models], **settings}, sort_keys=True)
+    name = str(cfg.experiment)
+    return {"format": PACKAGE_FORMAT, "name": name,
+            "version": f"{name}-{hashlib.sha256(content.encode()).hexdigest()[:12]}",
+            "pneumoseg_version": __version__, "models": models, **settings}
+
+
+def requirements_text() -> str:
+    """``code/requirements.txt``: :data:`SERVING_REQUIREMENTS` pinned at the versions installed here."""
+    lines = ["# What pneumoseg.serve.handler needs beyond SageMaker's PyTorch container (torch, torchvision), at the",
+             "# versions the package was built and tested with."]
+    lines += [f"{name}=={installed_version(name)}" for name in SERVING_REQUIREMENTS]
+    return "\n".join(lines) + "\n"
+
+
+def source_files() -> dict[str, Path]:
+    """This package's Python source, by its name inside the model package (``code/pneumoseg/...``)."""
+    root = Path(__file__).resolve().parents[1]
+    return {f"{CODE_DIR}/pneumoseg/{path.relative_to(root).as_posix()}": path
+            for path in sorted(root.rglob("*.py")) if "__pycache__" not in path.parts}
+
+
+def write_package(path: Path, cfg: DictConfig, manifest: dict[str, Any], files: dict[str, Path]) -> None:
+    """Write the ``model.tar.gz`` of ``manifest`` to ``path``: its JSON and YAML files, ``code/inference.py`` and
+    ``code/requirements.txt``, and ``files`` (name in the package -> file: weights, source). Entries are in name
+    order, with fixed times and owners, so that the same inputs give the same bytes."""
+    texts = {
+        MANIFEST_FILE: json.dumps(manifest, indent=2, sort_keys=True) + "\n",
+        THRESHOLDS_FILE: json.dumps(manifest["postprocess"], indent=2, sort_keys=True) + "\n",
+        CONFIG_FILE: OmegaConf.to_yaml(cfg, resolve=True),
+        f"{CODE_DIR}/inference.py": ENTRY_POINT,
+        f"{CODE_DIR}/requirements.txt": requirements_text(),
+    }
+    entries = {**{name: text.encode() for name, text in texts.items()}, **files}
+    # gzip would record the (temporary, random) file name and the time in its header: neither is kept.
+    with open(path, "wb") as raw, gzip.GzipFile(filename="", fileobj=raw, mode="wb", mtime=0) as zipped, \
+            tarfile.open(fileobj=zipped, mode="w", format=tarfile.PAX_FORMAT) as archive:
+        for name in sorted(entries):
+            content = entries[name]
+            data = content if isinstance(content, bytes) else content.read_bytes()
+            info = tarfile.TarInfo(name)
+            info.size, info.mode, info.mtime = len(data), 0o644, 0
+            archive.addfile(info, io.BytesIO(data))
