@@ -28,9 +28,10 @@ import numpy as np
 import torch
 
 from pneumoseg.config import load_config, to_dict
-from pneumoseg.data.dataset import normalize_from_model
-from pneumoseg.training.distributed import resolve_device
-from pneumoseg.inference.tta import TTA, FoldModel, autocast, predict_probs
+from pneumoseg.modeling.normalize import normalize_from_model
+from pneumoseg.modeling.device import resolve_device
+from pneumoseg.inference.tta import TTA, FoldModel, predict_probs
+from pneumoseg.modeling.device import autocast
 from pneumoseg.modeling.models import build_model
 from pneumoseg.postprocess.strategies import Threshold
 from pneumoseg.inference.predictor import Predictor

@@ -38,7 +38,8 @@ import torch  # noqa: E402
 from pneumoseg import layout  # noqa: E402
 from pneumoseg.config import load_config  # noqa: E402
 from pneumoseg.data.dataset import PreparedData  # noqa: E402
-from pneumoseg.training.distributed import DistContext, resolve_device  # noqa: E402
+from pneumoseg.modeling.device import resolve_device  # noqa: E402
+from pneumoseg.training.distributed import DistContext  # noqa: E402
 from pneumoseg.io import write_csv, write_png  # noqa: E402
 from pneumoseg.training.trainer import Trainer, train_loader  # noqa: E402
 

@@ -7,7 +7,8 @@ import torch
 
 from pneumoseg import layout
 from pneumoseg.data.augment import build_augment
-from pneumoseg.data.dataset import (ImageFiles, Normalize, NaturalSampler, PositiveShareSampler, PreparedData,
+from pneumoseg.modeling.normalize import Normalize
+from pneumoseg.data.dataset import (ImageFiles, NaturalSampler, PositiveShareSampler, PreparedData,
                             build_sampler)
 from pneumoseg.errors import ConfigError, DataError
 

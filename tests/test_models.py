@@ -6,7 +6,7 @@ import torchvision
 
 from pneumoseg.errors import ConfigError, DataError
 from pneumoseg.inference.tta import TTA, FoldModel, load_fold_models, load_model, predict_probs, resize_maps
-from pneumoseg.data.dataset import Normalize
+from pneumoseg.modeling.normalize import Normalize
 from pneumoseg.modeling.models import MODELS, build_model
 
 TINY = {"encoder_name": "tu-resnet10t", "encoder_depth": 3, "decoder_channels": [16, 8, 4], "in_channels": 1}

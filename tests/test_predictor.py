@@ -8,7 +8,7 @@ import torch
 
 from pneumoseg import layout
 from pneumoseg.config import to_dict
-from pneumoseg.data.dataset import Normalize, normalize_from_model
+from pneumoseg.modeling.normalize import Normalize, normalize_from_model
 from pneumoseg.data.dicom import DicomTags, read_dicom, write_jpeg_dicom
 from pneumoseg.errors import ConfigError, DataError
 from pneumoseg.data.resize import resize_square

@@ -8,7 +8,8 @@ import pytest
 from pneumoseg import layout
 from pneumoseg.errors import ConfigError, DataError
 from pneumoseg.evaluation.metrics import dice_from_counts, dice_per_image
-from pneumoseg.postprocess.strategies import build_postprocessor, configured_postprocessor, load_postprocessor
+from pneumoseg.inference.predictor import configured_postprocessor
+from pneumoseg.postprocess.strategies import build_postprocessor, load_postprocessor
 from pneumoseg.data.probstore import ProbabilityWriter
 from pneumoseg.postprocess.search import GRIDS, build_histograms, evaluate, nested_estimate, run_search
 from pneumoseg.stages import search as stage

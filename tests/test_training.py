@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 from pneumoseg import layout
-from pneumoseg.modeling.checkpoints import BestCheckpoints, best_files, load_checkpoint
+from pneumoseg.modeling.checkpoints import best_files, load_checkpoint
+from pneumoseg.training.checkpoints import BestCheckpoints
 from pneumoseg.cli import run_stage_script
 from pneumoseg.errors import ConfigError
 from pneumoseg.inference.tta import load_fold_models

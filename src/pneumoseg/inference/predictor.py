@@ -30,11 +30,11 @@ from omegaconf import DictConfig
 from pneumoseg import layout
 
 from pneumoseg.data import rle
-from pneumoseg.training.distributed import resolve_device
+from pneumoseg.modeling.device import resolve_device
 from pneumoseg.errors import ConfigError, DataError
 from pneumoseg.data.resize import resize_square
 from pneumoseg.inference.tta import TTA, FoldModel, load_fold_models, predict_probs
-from pneumoseg.postprocess.strategies import PostProcessor, configured_postprocessor
+from pneumoseg.postprocess.strategies import PostProcessor, build_postprocessor, load_postprocessor
 
 
 @dataclass
@@ -178,7 +178,7 @@ class Predictor:
         Models: the ``predict.top_k`` best checkpoints of each fold of ``train.folds`` (``all``: every fold of
         ``03_train/folds.csv``) in ``${paths.experiment_dir}/03_train``; TTA: the ``tta`` section;
         post-processing: ``postprocess.source`` (stage 04's ``thresholds.json`` or the config's block, see
-        :func:`pneumoseg.postprocess.strategies.configured_postprocessor`); resizing: ``prepare.interpolation``; batch size
+        :func:`configured_postprocessor`); resizing: ``prepare.interpolation``; batch size
         and AMP: ``predict.batch_size`` and ``predict.amp``.
 
         Args:
@@ -207,3 +207,21 @@ class Predictor:
         return cls(models, TTA.from_config(cfg.get("tta")), configured_postprocessor(cfg),
                    interpolation=str(cfg.prepare.interpolation),
                    batch_size=int(predict.batch_size), amp=predict.amp)
+
+
+_SOURCES = {
+    "search": lambda cfg: load_postprocessor(layout.thresholds_path(cfg)),
+    "config": lambda cfg: build_postprocessor(cfg.postprocess),
+}
+
+
+
+def configured_postprocessor(cfg: DictConfig) -> PostProcessor:
+    """The post-processing of inference: stage 04's choice (``postprocess.source: search``) or the config's own
+    ``postprocess`` block (``source: config``)."""
+    try:
+        source = _SOURCES[cfg.postprocess.source]
+    except KeyError:
+        raise ConfigError(f"postprocess.source must be one of {sorted(_SOURCES)}, "
+                          f"not {cfg.postprocess.source!r}") from None
+    return source(cfg)

@@ -11,7 +11,6 @@ The ``tta`` config section (``{hflip, vflip, scales}``) builds a :class:`TTA` wi
 """
 from __future__ import annotations
 
-import contextlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,8 +25,9 @@ from torch import nn
 
 from pneumoseg import layout
 from pneumoseg.modeling.checkpoints import best_files, load_checkpoint
-from pneumoseg.data.dataset import Normalize, normalize_from_model
+from pneumoseg.modeling.normalize import Normalize, normalize_from_model
 from pneumoseg.errors import DataError
+from pneumoseg.modeling.device import autocast
 from pneumoseg.modeling.models import build_model
 
 # smp encoders downsample by up to 2**5; a rescaled view must keep its sides divisible by that.
@@ -144,16 +144,6 @@ def _view_probs(net: nn.Module, x: torch.Tensor, dims: tuple[int, ...], scale: f
     return torch.sigmoid(logits[:, 0])
 
 
-def autocast(device: torch.device, amp: str | None):
-    """The autocast context of ``amp`` (``fp16``, ``bf16``, ``auto`` = bf16 where supported, else fp16, or None)
-    on a GPU; a no-op on the CPU, where training and prediction run in fp32."""
-    if device.type != "cuda" or amp is None:
-        return contextlib.nullcontext()
-    if amp == "auto":
-        amp = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return torch.autocast("cuda", dtype={"fp16": torch.float16, "bf16": torch.bfloat16}[amp])
-
-
 def resize_maps(maps: np.ndarray, size: int) -> np.ndarray:
     """Resize N x S x S probability maps to ``size`` x ``size`` (area averaging down, bilinear up)."""
     if maps.shape[-1] == size and maps.shape[-2] == size:
@@ -171,7 +161,7 @@ def predict_probs(models: Sequence[FoldModel], images: np.ndarray | torch.Tensor
         images: uint8 grey images, N x S x S (or one S x S image).
         tta: the views to average; None predicts the plain image only.
         batch_size: images per forward pass.
-        amp: autocast on a GPU (see :func:`autocast`); ignored on the CPU.
+        amp: autocast on a GPU (see :func:`pneumoseg.modeling.device.autocast`); ignored on the CPU.
 
     Returns:
         float32 probabilities, N x S x S (or S x S for one image).

@@ -4,7 +4,6 @@ the server.
 A strategy is a small frozen dataclass behind one interface (:class:`PostProcessor`), chosen by name from
 :data:`POSTPROCESSORS` with a ``{name, params}`` block, and turned back into such a block by
 :meth:`PostProcessor.to_block` (stage 04 writes the chosen one to ``thresholds.json``).
-:func:`configured_postprocessor` is the strategy inference uses, as the config's ``postprocess.source`` says.
 
 * ``threshold``: pixels with p > ``threshold``, then connected components smaller than ``min_area`` are dropped.
 * ``triplet`` (the 1st-place solution's): an image with fewer than ``min_area`` pixels above ``top`` is declared
@@ -27,11 +26,9 @@ from typing import Any, ClassVar, Mapping
 
 import cv2
 import numpy as np
-from omegaconf import DictConfig
 
 from pneumoseg.errors import ConfigError
 from pneumoseg.io import read_json
-from pneumoseg.layout import thresholds_path
 from pneumoseg.data.probstore import LEVELS
 from pneumoseg.registry import Registry
 
@@ -179,18 +176,3 @@ def load_postprocessor(path: str | os.PathLike) -> PostProcessor:
     return build_postprocessor(block)
 
 
-_SOURCES = {
-    "search": lambda cfg: load_postprocessor(thresholds_path(cfg)),
-    "config": lambda cfg: build_postprocessor(cfg.postprocess),
-}
-
-
-def configured_postprocessor(cfg: DictConfig) -> PostProcessor:
-    """The post-processing of inference: stage 04's choice (``postprocess.source: search``) or the config's own
-    ``postprocess`` block (``source: config``)."""
-    try:
-        source = _SOURCES[cfg.postprocess.source]
-    except KeyError:
-        raise ConfigError(f"postprocess.source must be one of {sorted(_SOURCES)}, "
-                          f"not {cfg.postprocess.source!r}") from None
-    return source(cfg)

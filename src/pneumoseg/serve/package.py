@@ -36,7 +36,7 @@ from pneumoseg.inference.predictor import Predictor
 from pneumoseg.inference.tta import TTA, load_model
 from pneumoseg.io import content_hash, read_json
 from pneumoseg.postprocess.strategies import load_postprocessor
-from pneumoseg.training.distributed import resolve_device
+from pneumoseg.modeling.device import resolve_device
 
 
 MANIFEST_FILE = "manifest.json"

@@ -16,7 +16,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from pneumoseg.errors import ConfigError
+from pneumoseg.modeling.device import resolve_device
+
 
 
 @dataclass(frozen=True)
@@ -67,21 +68,6 @@ class DistContext:
         holder = [obj]
         dist.broadcast_object_list(holder, src=0)
         return holder[0]
-
-
-def resolve_device(setting: str, local_rank: int = 0) -> torch.device:
-    """``auto`` (a GPU when there is one, else the CPU), ``cpu`` or ``cuda`` -> this process's device.
-
-    Raises:
-        ConfigError: ``cuda`` was asked for but there is no GPU, or the setting is unknown.
-    """
-    if setting not in ("auto", "cpu", "cuda"):
-        raise ConfigError(f"train.device must be auto, cpu or cuda, not {setting!r}")
-    if setting == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device=cuda but PyTorch sees no GPU; set train.device=auto or cpu")
-    if setting == "cpu" or not torch.cuda.is_available():
-        return torch.device("cpu")
-    return torch.device("cuda", local_rank)
 
 
 @contextlib.contextmanager

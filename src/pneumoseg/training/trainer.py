@@ -52,12 +52,15 @@ from tqdm import tqdm
 
 from pneumoseg import layout
 from pneumoseg.data.augment import build_augment
-from pneumoseg.modeling.checkpoints import CHECKPOINTS_FILE, LAST_FILE, BestCheckpoints, best_files, load_checkpoint, save_checkpoint
+from pneumoseg.modeling.checkpoints import CHECKPOINTS_FILE, LAST_FILE, best_files, load_checkpoint, save_checkpoint
+from pneumoseg.training.checkpoints import BestCheckpoints
 from pneumoseg.config import to_dict
-from pneumoseg.data.dataset import ImageFiles, PreparedData, build_sampler, make_loader, normalize_from_model
+from pneumoseg.data.dataset import ImageFiles, PreparedData, build_sampler, make_loader
+from pneumoseg.modeling.normalize import normalize_from_model
 from pneumoseg.training.distributed import DistContext
 from pneumoseg.errors import ConfigError
-from pneumoseg.inference.tta import TTA, autocast, load_model, predict_probs, resize_maps
+from pneumoseg.inference.tta import TTA, load_model, predict_probs, resize_maps
+from pneumoseg.modeling.device import autocast
 from pneumoseg.io import write_csv
 from pneumoseg.modeling.losses import build_loss
 from pneumoseg.evaluation.metrics import dice_per_image
