@@ -2,6 +2,8 @@ import numpy as np
 import pytest
 
 from pneumoseg.data import labels as lb
+from pneumoseg.data import folds
+from pneumoseg.data import inputs
 from pneumoseg.data import rle
 from pneumoseg.errors import ConfigError, DataError
 
@@ -111,25 +113,6 @@ def test_read_image_ids_keeps_first_appearance_order(tmp_path):
     assert lb.read_image_ids(path) == ["B", "A"]
 
 
-@pytest.mark.parametrize("mask, size, expected", [
-    pytest.param([[1, 0], [0, 1]], 2, [[255, 0], [0, 255]], id="same-size"),
-    pytest.param([[0, 0], [0, 0]], 1, [[0]], id="empty"),
-    pytest.param([[1, 0], [0, 0]], 1, [[0]], id="quarter-vanishes"),
-    pytest.param([[1, 0], [1, 0]], 1, [[255]], id="half-kept"),
-    pytest.param([[1, 1], [1, 0]], 1, [[255]], id="three-quarters"),
-    pytest.param([[1, 0], [0, 0]], 4, [[255, 255, 0, 0], [255, 255, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]], id="upscale"),
-])
-def test_resize_mask(mask, size, expected):
-    out = lb.resize_mask(np.array(mask, dtype=bool), size)
-    assert out.dtype == np.uint8 and out.tolist() == expected
-
-
-def test_resize_keeps_the_area_of_a_large_lesion():
-    mask = np.zeros((1024, 1024), bool)
-    mask[100:400, 200:332] = True
-    assert lb.resize_mask(mask, 256).astype(bool).sum() == mask.sum() // 16
-
-
 @pytest.fixture
 def input_dir(tmp_path):
     folder = tmp_path / "input"
@@ -139,43 +122,43 @@ def input_dir(tmp_path):
 
 def test_auto_finds_either_label_file_and_prefers_stage2(input_dir):
     write(input_dir / "train-rle.csv", "A,-1\n")
-    assert lb.locate_train_labels("auto", input_dir) == input_dir / "train-rle.csv"
+    assert inputs.locate_train_labels("auto", input_dir) == input_dir / "train-rle.csv"
     write(input_dir / "stage_2_train.csv", "A,-1\n")
-    assert lb.locate_train_labels("auto", input_dir) == input_dir / "stage_2_train.csv"
+    assert inputs.locate_train_labels("auto", input_dir) == input_dir / "stage_2_train.csv"
 
 
 def test_auto_looks_in_subfolders_shallowest_first(input_dir):
     (input_dir / "siim" / "deeper").mkdir(parents=True)
     write(input_dir / "siim" / "deeper" / "stage_2_train.csv", "A,-1\n")
     write(input_dir / "siim" / "train-rle.csv", "A,-1\n")
-    assert lb.locate_train_labels("auto", input_dir) == input_dir / "siim" / "train-rle.csv"
+    assert inputs.locate_train_labels("auto", input_dir) == input_dir / "siim" / "train-rle.csv"
 
 
 def test_explicit_paths(input_dir, tmp_path):
     write(input_dir / "mine.csv", "A,-1\n")
     write(tmp_path / "elsewhere.csv", "A,-1\n")
-    assert lb.locate_train_labels("mine.csv", input_dir) == input_dir / "mine.csv"
-    assert lb.locate_train_labels(str(tmp_path / "elsewhere.csv"), input_dir) == tmp_path / "elsewhere.csv"
+    assert inputs.locate_train_labels("mine.csv", input_dir) == input_dir / "mine.csv"
+    assert inputs.locate_train_labels(str(tmp_path / "elsewhere.csv"), input_dir) == tmp_path / "elsewhere.csv"
     with pytest.raises(DataError, match="file not found: gone.csv"):
-        lb.locate_train_labels("gone.csv", input_dir)
+        inputs.locate_train_labels("gone.csv", input_dir)
 
 
 def test_missing_label_file_says_what_to_put_where(input_dir, tmp_path):
     with pytest.raises(DataError, match=rf"no training label file in {input_dir}: put .*train-rle.csv"):
-        lb.locate_train_labels("auto", input_dir)
+        inputs.locate_train_labels("auto", input_dir)
     with pytest.raises(DataError, match="which does not exist"):
-        lb.locate_train_labels("auto", tmp_path / "absent")
+        inputs.locate_train_labels("auto", tmp_path / "absent")
     with pytest.raises(DataError, match="data.train_labels is null"):
-        lb.locate_train_labels(None, input_dir)
+        inputs.locate_train_labels(None, input_dir)
 
 
 def test_sample_submission_is_optional(input_dir):
-    assert lb.locate_sample_submission("auto", input_dir) is None
-    assert lb.locate_sample_submission(None, input_dir) is None
+    assert inputs.locate_sample_submission("auto", input_dir) is None
+    assert inputs.locate_sample_submission(None, input_dir) is None
     write(input_dir / "sample_submission.csv", "ImageId,EncodedPixels\nA,-1\n")
     write(input_dir / "stage_2_sample_submission.csv", "ImageId,EncodedPixels\nB,-1\n")
-    assert lb.locate_sample_submission("auto", input_dir) == input_dir / "stage_2_sample_submission.csv"
-    assert lb.locate_sample_submission(None, input_dir) is None
+    assert inputs.locate_sample_submission("auto", input_dir) == input_dir / "stage_2_sample_submission.csv"
+    assert inputs.locate_sample_submission(None, input_dir) is None
 
 
 EDGES = [0, 2000, 6500, 20000]
@@ -184,17 +167,17 @@ EDGES = [0, 2000, 6500, 20000]
 @pytest.mark.parametrize("area, expected", [(0, 0), (1, 1), (2000, 1), (2001, 2), (6500, 2), (20000, 3),
                                             (20001, 4), (10**6, 4)])
 def test_area_bins(area, expected):
-    assert lb.area_bins([area], EDGES).tolist() == [expected]
+    assert folds.area_bins([area], EDGES).tolist() == [expected]
 
 
 def test_bin_names():
-    assert lb.bin_names(EDGES) == ["empty", "1-2000", "2001-6500", "6501-20000", ">20000"]
+    assert folds.bin_names(EDGES) == ["empty", "1-2000", "2001-6500", "6501-20000", ">20000"]
 
 
 @pytest.mark.parametrize("edges", [[], [1, 10], [0, 10, 10], [0, 10, 5]])
 def test_bad_area_edges(edges):
     with pytest.raises(ConfigError, match="must start with 0 and increase"):
-        lb.check_area_edges(edges)
+        folds.check_area_edges(edges)
 
 
 @pytest.mark.parametrize("bins, min_count, expected", [
@@ -205,32 +188,32 @@ def test_bad_area_edges(edges):
     ([0, 0, 0, 2], 2, [0, 0, 0, 2]),                      # a lone positive bin stays itself
 ])
 def test_pool_rare_bins(bins, min_count, expected):
-    assert lb._pool_rare_bins(np.array(bins), min_count).tolist() == expected
+    assert folds._pool_rare_bins(np.array(bins), min_count).tolist() == expected
 
 
 def test_assign_folds_balances_and_keeps_groups():
     rng = np.random.default_rng(0)
     areas = np.where(rng.random(90) < 0.3, rng.integers(1, 50000, 90), 0)
     ids = [f"I{i}" for i in range(90)]
-    folds = lb.assign_folds(ids, areas, 3, seed=1, edges=EDGES)
-    assert folds["ImageId"].tolist() == ids
-    assert folds.groupby("fold").size().tolist() == [30, 30, 30]
-    positives = folds.groupby("fold")["has_mask"].sum()
+    table = folds.assign_folds(ids, areas, 3, seed=1, edges=EDGES)
+    assert table["ImageId"].tolist() == ids
+    assert table.groupby("fold").size().tolist() == [30, 30, 30]
+    positives = table.groupby("fold")["has_mask"].sum()
     assert positives.max() - positives.min() <= 1
     groups = [f"P{i // 3}" if i % 10 else None for i in range(90)]    # every tenth image has no group
-    grouped = lb.assign_folds(ids, areas, 3, seed=1, edges=EDGES, groups=groups)
+    grouped = folds.assign_folds(ids, areas, 3, seed=1, edges=EDGES, groups=groups)
     assert (grouped.groupby("group")["fold"].nunique() == 1).all()
     assert grouped.loc[0, "group"] == "I0"
-    balance = lb.fold_balance(grouped, areas, EDGES)
+    balance = folds.fold_balance(grouped, areas, EDGES)
     assert balance["fold"].tolist() == [0, 1, 2, "all"]
     assert balance.iloc[-1][["images", "positive"]].tolist() == [90, int((areas > 0).sum())]
-    assert (balance[lb.bin_names(EDGES)].sum(axis=1) == balance["images"]).all()
+    assert (balance[folds.bin_names(EDGES)].sum(axis=1) == balance["images"]).all()
 
 
 def test_assign_folds_rejects_too_many_splits():
     with pytest.raises(ConfigError, match="at most the 2 groups"):
-        lb.assign_folds(["a", "b", "c"], [0, 5, 0], 3, seed=0, edges=EDGES, groups=["x", "x", "y"])
+        folds.assign_folds(["a", "b", "c"], [0, 5, 0], 3, seed=0, edges=EDGES, groups=["x", "x", "y"])
     with pytest.raises(ConfigError, match="too few images to stratify"):
-        lb.assign_folds(["a", "b"], [0, 5], 2, seed=0, edges=EDGES)
+        folds.assign_folds(["a", "b"], [0, 5], 2, seed=0, edges=EDGES)
     with pytest.warns(UserWarning, match="least populated class"):     # one positive cannot reach both folds
-        assert lb.assign_folds(["a", "b", "c"], [0, 0, 5], 2, seed=0, edges=EDGES)["fold"].nunique() == 2
+        assert folds.assign_folds(["a", "b", "c"], [0, 0, 5], 2, seed=0, edges=EDGES)["fold"].nunique() == 2

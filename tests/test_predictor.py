@@ -16,7 +16,7 @@ from pneumoseg.inference.tta import TTA, FoldModel
 from pneumoseg.io import read_png
 from pneumoseg.modeling.models import build_model
 from pneumoseg.postprocess.strategies import Threshold, Triplet
-from pneumoseg.inference.predictor import Prediction, Predictor, restore_size
+from pneumoseg.inference.predictor import Prediction, Predictor
 from pneumoseg.data.rle import decode
 from pneumoseg.stages import convert
 from synthetic_experiment import write_experiment
@@ -53,17 +53,6 @@ def test_prediction_properties_and_rle():
     assert prediction.max_prob == pytest.approx(0.9)
     empty = Prediction(probs=np.zeros((4, 4), np.float32), mask=np.zeros((4, 4), bool))
     assert empty.rle() == "-1" and empty.area == 0 and not empty.has_pneumothorax
-
-
-@pytest.mark.parametrize("rows, cols", [(32, 32), (64, 64), (16, 16), (50, 40), (20, 48)])
-def test_restore_size(rows, cols):
-    probs = np.random.default_rng(0).random((32, 32), dtype=np.float32)
-    restored = restore_size(probs, rows, cols)
-    assert restored.shape == (rows, cols) and restored.dtype == np.float32
-    if (rows, cols) == (16, 16):  # shrinking averages areas
-        np.testing.assert_allclose(restored[0, 0], probs[:2, :2].mean(), rtol=1e-5)
-    if (rows, cols) == (64, 64):  # growing is bilinear: the mean is kept up to the border
-        assert restored.mean() == pytest.approx(probs.mean(), abs=0.01)
 
 
 def test_predict_gives_the_ensemble_mean_at_each_original_size():

@@ -12,7 +12,7 @@ import pytest
 from pneumoseg.data import rle
 from pneumoseg.errors import ConfigError, DataError
 from pneumoseg.io import read_png, write_png
-from pneumoseg.data.labels import resize_mask
+from pneumoseg.data.resize import resize_mask
 from pneumoseg.stages import prepare_labels
 
 ORIGINAL = 128   # the fake DICOMs' size

@@ -29,6 +29,7 @@ from typing import Sequence
 import cv2
 import numpy as np
 
+from pneumoseg.data.resize import resize
 from pneumoseg.evaluation.metrics import competition_dice, dice_from_counts
 
 # Instance areas at 1024 x 1024 are log-normal with the real data's median and 5th / 95th percentiles.
@@ -214,8 +215,7 @@ def _wrap(angle):
 def _smooth_noise(rng: np.random.Generator, side: int, scale: float) -> np.ndarray:
     """Zero-mean, unit-variance noise with blobs about ``scale`` pixels across on a ``side`` raster."""
     coarse = max(4, int(round(side / scale)))
-    field = cv2.resize(rng.standard_normal((coarse, coarse)).astype(np.float32), (side, side),
-                       interpolation=cv2.INTER_CUBIC)
+    field = resize(rng.standard_normal((coarse, coarse)).astype(np.float32), side, side, "cubic")
     field = cv2.GaussianBlur(field, (0, 0), scale / 3)
     return (field - field.mean()) / (field.std() + 1e-6)
 
@@ -516,10 +516,10 @@ def render(phantom: Phantom, rng: np.random.Generator) -> np.ndarray:
     density += 0.03 * lungs * _smooth_noise(rng, low, low / 6)
     heel = rng.normal(0, 1, 2)
     density += 0.04 * (heel[0] * (u - 0.5) + heel[1] * (v - 0.5))
-    density = cv2.resize(density, (size, size), interpolation=cv2.INTER_LINEAR)
+    density = resize(density, size, size, "linear")
 
     visible_lung = lungs * (1 - heart)
-    markings = _markings(rng, anatomy, size) * cv2.resize(visible_lung, (size, size), interpolation=cv2.INTER_LINEAR)
+    markings = _markings(rng, anatomy, size) * resize(visible_lung, size, size, "linear")
     if phantom.instances:
         lesion = cv2.GaussianBlur(phantom.mask.astype(np.float32), (0, 0), max(0.8, size / 600))
         markings *= 1 - lesion

@@ -21,7 +21,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-import cv2
 import numpy as np
 import pandas as pd
 import torch
@@ -32,7 +31,7 @@ from pneumoseg import layout
 from pneumoseg.data import rle
 from pneumoseg.modeling.device import resolve_device
 from pneumoseg.errors import ConfigError, DataError
-from pneumoseg.data.resize import resize_square
+from pneumoseg.data.resize import resize_probabilities, resize_square
 from pneumoseg.inference.tta import TTA, FoldModel, load_fold_models, predict_probs
 from pneumoseg.postprocess.strategies import PostProcessor, build_postprocessor, load_postprocessor
 
@@ -66,16 +65,6 @@ class Prediction:
     @property
     def has_pneumothorax(self) -> bool:
         return self.area > 0
-
-
-def restore_size(probs: np.ndarray, rows: int, cols: int) -> np.ndarray:
-    """A probability map resized to ``rows`` x ``cols``: bilinear where it grows, area averaging where it shrinks
-    (where one side grows and the other shrinks, bilinear)."""
-    height, width = probs.shape
-    if (height, width) == (rows, cols):
-        return probs
-    shrinks = rows <= height and cols <= width
-    return cv2.resize(probs, (cols, rows), interpolation=cv2.INTER_AREA if shrinks else cv2.INTER_LINEAR)
 
 
 class Predictor:
@@ -167,7 +156,7 @@ class Predictor:
         probs = predict_probs(self.models, images, self.tta, batch_size=self.batch_size, amp=self.amp)
         predictions = []
         for small, (rows, cols) in zip(probs, original_shapes):
-            full = restore_size(small, int(rows), int(cols))
+            full = resize_probabilities(small, int(rows), int(cols))
             predictions.append(Prediction(probs=full, mask=self.postprocessor(full)))
         return predictions
 

@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
-import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -142,14 +141,6 @@ def _view_probs(net: nn.Module, x: torch.Tensor, dims: tuple[int, ...], scale: f
     if dims:
         logits = torch.flip(logits, dims)
     return torch.sigmoid(logits[:, 0])
-
-
-def resize_maps(maps: np.ndarray, size: int) -> np.ndarray:
-    """Resize N x S x S probability maps to ``size`` x ``size`` (area averaging down, bilinear up)."""
-    if maps.shape[-1] == size and maps.shape[-2] == size:
-        return maps
-    interpolation = cv2.INTER_AREA if size < maps.shape[-1] else cv2.INTER_LINEAR
-    return np.stack([cv2.resize(m, (size, size), interpolation=interpolation) for m in maps])
 
 
 def predict_probs(models: Sequence[FoldModel], images: np.ndarray | torch.Tensor, tta: TTA | None = None,

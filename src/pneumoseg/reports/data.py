@@ -17,6 +17,7 @@ import pandas as pd
 from matplotlib import colormaps
 from matplotlib.figure import Figure
 
+from pneumoseg.data import folds as fold_split
 from pneumoseg.data import labels as lb
 from pneumoseg import layout
 from pneumoseg.io import atomic_path, read_png, write_png, write_text
@@ -55,7 +56,7 @@ def write_report(prepared: layout.Where, sizes: list[int], area_edges, seed: int
     table = pd.read_csv(layout.labels_path(prepared), dtype=ids)
     folds = pd.read_csv(layout.folds_path(prepared), dtype=ids)
     metadata = pd.read_csv(layout.metadata_path(prepared), dtype=ids)
-    edges = lb.check_area_edges(area_edges)
+    edges = fold_split.check_area_edges(area_edges)
     rng = np.random.default_rng(seed)
     sections = [
         "# Data report\n\nWritten by stage 02 (`scripts/02_prepare_labels.py`) from the files in this folder.",
@@ -160,8 +161,8 @@ def _mean(image_dir: Path, image_ids) -> np.ndarray:
 
 def _fold_balance(folds: pd.DataFrame, table: pd.DataFrame, edges: list[int], figures: Path) -> str:
     areas = folds[lb.ID_COLUMN].map(table.set_index(lb.ID_COLUMN)["mask_area"])
-    balance = lb.fold_balance(folds, areas, edges)
-    positive_bins = lb.bin_names(edges)[1:]
+    balance = fold_split.fold_balance(folds, areas, edges)
+    positive_bins = fold_split.bin_names(edges)[1:]
     per_fold = balance[balance["fold"] != "all"]
     labels = [f"fold {fold}" for fold in per_fold["fold"]]
     fig = Figure(figsize=(9, 0.45 * len(per_fold) + 1.8), layout="constrained")

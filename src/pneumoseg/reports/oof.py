@@ -17,6 +17,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from pneumoseg.data.resize import resize
 from pneumoseg.io import atomic_path, write_text
 from pneumoseg.postprocess.strategies import ORIGINAL_SIZE, build_postprocessor
 from pneumoseg.postprocess.search import SearchResult
@@ -217,10 +218,10 @@ def gallery_cases(per_image: pd.DataFrame, n_cases: int) -> dict[str, pd.DataFra
 
 def outlined(xray: np.ndarray, truth: np.ndarray, prediction: np.ndarray, size: int) -> np.ndarray:
     """An RGB ``size`` px thumbnail of ``xray`` with the truth and the prediction outlined in two colours."""
-    image = cv2.cvtColor(cv2.resize(xray, (size, size), interpolation=cv2.INTER_AREA), cv2.COLOR_GRAY2RGB)
+    image = cv2.cvtColor(resize(xray, size, size, "area"), cv2.COLOR_GRAY2RGB)
     # The truth is drawn thicker and first, so that a prediction on the same outline leaves it visible.
     for mask, colour, thickness in ((truth, TRUTH_COLOUR, 2), (prediction, PREDICTION_COLOUR, 1)):
-        mask = cv2.resize(mask.astype(np.uint8), (size, size), interpolation=cv2.INTER_NEAREST)
+        mask = resize(mask.astype(np.uint8), size, size, "nearest")
         contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
         cv2.drawContours(image, contours, -1, colour, thickness)
     return image

@@ -31,6 +31,7 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 from pneumoseg.data import labels as lb
+from pneumoseg.data import inputs
 from pneumoseg import layout
 from pneumoseg.data import rle
 from pneumoseg.modeling.checkpoints import best_files
@@ -90,7 +91,7 @@ def read_test_images(cfg: DictConfig, sample: Path | None) -> pd.DataFrame:
 def test_set(cfg: DictConfig) -> tuple[pd.DataFrame, list[str]]:
     """The test images (:func:`read_test_images`) and the ImageIds a submission must hold, in order: the sample
     submission's when the config has one, else the test list's."""
-    sample = lb.locate_sample_submission(cfg.data.sample_submission, cfg.paths.input_dir)
+    sample = inputs.locate_sample_submission(cfg.data.sample_submission, cfg.paths.input_dir)
     test = read_test_images(cfg, sample)
     return test, lb.read_image_ids(sample) if sample else test[lb.ID_COLUMN].tolist()
 

@@ -4,11 +4,11 @@ Reads stage 01's ``metadata.csv`` (one row per readable DICOM) and the challenge
 (``data.train_labels``), and writes ``${paths.prepared_dir}/02_labels/``:
 
 * ``masks_<size>/<ImageId>.png``: the mask (0/255) of every training image at every size of
-  ``prepare.sizes``, resized like the images (see :func:`pneumoseg.data.labels.resize_mask`);
+  ``prepare.sizes``, resized like the images (see :func:`pneumoseg.data.resize.resize_mask`);
 * ``labels.csv``: ImageId, has_mask, n_instances, mask_area (original pixels), rows, cols;
 * ``test_images.csv``: ImageId, rows, cols, in the sample submission's order when there is one;
 * ``unmatched.csv``: ImageId, reason, detail for every image or label row that is neither train nor test;
-* ``folds.csv``: ImageId, fold, has_mask, area_bin [, group] (see :func:`pneumoseg.data.labels.assign_folds`);
+* ``folds.csv``: ImageId, fold, has_mask, area_bin [, group] (see :func:`pneumoseg.data.folds.assign_folds`);
 * ``data_report.md`` and ``report/*.png`` (see :mod:`pneumoseg.reports.data`).
 
 Split rule: an image with a label row is "train". Otherwise it is "test" when it is in the sample submission
@@ -31,7 +31,10 @@ from joblib import Parallel, delayed
 from omegaconf import DictConfig
 from tqdm import tqdm
 
+from pneumoseg.data.resize import resize_mask
 from pneumoseg.data import labels as lb
+from pneumoseg.data import folds as fold_split
+from pneumoseg.data import inputs
 from pneumoseg import layout
 from pneumoseg.errors import ConfigError, DataError
 from pneumoseg.io import content_hash, write_csv, write_png, write_text
@@ -84,8 +87,8 @@ def run(cfg: DictConfig, force: bool = False) -> dict:
     folder = layout.labels_dir(cfg)
     input_dir = Path(cfg.paths.input_dir)
     metadata_path = layout.metadata_path(cfg)
-    labels_path = lb.locate_train_labels(cfg.data.train_labels, input_dir)
-    submission_path = lb.locate_sample_submission(cfg.data.sample_submission, input_dir)
+    labels_path = inputs.locate_train_labels(cfg.data.train_labels, input_dir)
+    submission_path = inputs.locate_sample_submission(cfg.data.sample_submission, input_dir)
     sizes = prepared_sizes(cfg)
     metadata = read_metadata(metadata_path)
     digests = {"labels": content_hash(labels_path), "metadata": content_hash(metadata_path),
@@ -103,7 +106,7 @@ def run(cfg: DictConfig, force: bool = False) -> dict:
     table = label_table(split.train, labels)
     # Folds before masks: a bad folds setting should fail in seconds, not after the long part.
     folds = make_folds(cfg, table, metadata)
-    balance = lb.fold_balance(folds, table["mask_area"], cfg.folds.area_bins)
+    balance = fold_split.fold_balance(folds, table["mask_area"], cfg.folds.area_bins)
 
     mask_key = f"{digests['labels']} {digests['metadata']}"
     written, kept = write_masks(cfg, table, labels, sizes, int(cfg.prepare.n_jobs),
@@ -275,7 +278,7 @@ def _write_image_masks(items: list[tuple[lb.ImageLabels, int, int]], folders: di
     for image, rows, cols in items:
         mask = image.mask(rows, cols)
         for size, path in folders.items():
-            write_png(path / f"{image.image_id}.png", lb.resize_mask(mask, size))
+            write_png(path / f"{image.image_id}.png", resize_mask(mask, size))
     return len(items)
 
 
@@ -294,7 +297,7 @@ def _read_key(folder: Path) -> str | None:
 
 
 def make_folds(cfg: DictConfig, table: pd.DataFrame, metadata: pd.DataFrame) -> pd.DataFrame:
-    """The ``folds.csv`` frame for the training images of ``table`` (see :func:`pneumoseg.data.labels.assign_folds`).
+    """The ``folds.csv`` frame for the training images of ``table`` (see :func:`pneumoseg.data.folds.assign_folds`).
 
     Raises:
         ConfigError: ``folds.group_by`` names a column that ``metadata.csv`` lacks, or a bad split setting.
@@ -306,6 +309,6 @@ def make_folds(cfg: DictConfig, table: pd.DataFrame, metadata: pd.DataFrame) -> 
             raise ConfigError(f"folds.group_by={group_by!r} is not a column of stage 01's metadata.csv; "
                               f"choose one of {', '.join(metadata.columns)} or null")
         groups = table[lb.ID_COLUMN].map(metadata.set_index(lb.ID_COLUMN)[group_by])
-    return lb.assign_folds(table[lb.ID_COLUMN], table["mask_area"], int(cfg.folds.n_splits),
+    return fold_split.assign_folds(table[lb.ID_COLUMN], table["mask_area"], int(cfg.folds.n_splits),
                            int(cfg.folds.seed), cfg.folds.area_bins, groups)
 

@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-import cv2
 import numpy as np
 import pandas as pd
 from joblib import Parallel, delayed
@@ -32,6 +31,7 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 from pneumoseg import layout
+from pneumoseg.data.resize import resize
 from pneumoseg.config import to_dict
 from pneumoseg.errors import ConfigError, DataError
 from pneumoseg.io import read_png, write_csv, write_json
@@ -176,10 +176,7 @@ class OofSet:
 
 
 def _read_mask(path: Path, size: int) -> np.ndarray:
-    mask = read_png(path)
-    if mask.shape != (size, size):
-        mask = cv2.resize(mask, (size, size), interpolation=cv2.INTER_AREA)
-    return mask >= 128
+    return resize(read_png(path), size, size, "area") >= 128
 
 
 def _input_facts(cfg: DictConfig, folds: list[OofFold]) -> dict:

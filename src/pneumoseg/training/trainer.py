@@ -59,7 +59,8 @@ from pneumoseg.data.dataset import ImageFiles, PreparedData, build_sampler, make
 from pneumoseg.modeling.normalize import normalize_from_model
 from pneumoseg.training.distributed import DistContext
 from pneumoseg.errors import ConfigError
-from pneumoseg.inference.tta import TTA, load_model, predict_probs, resize_maps
+from pneumoseg.data.resize import resize_probabilities
+from pneumoseg.inference.tta import TTA, load_model, predict_probs
 from pneumoseg.modeling.device import autocast
 from pneumoseg.io import write_csv
 from pneumoseg.modeling.losses import build_loss
@@ -405,5 +406,5 @@ def write_oof(cfg: DictConfig, data: PreparedData, val_rows: pd.DataFrame, folde
         start = 0
         for batch in tqdm(loader, desc=f"OOF {folder.name}", leave=False):
             probs = predict_probs(models, batch, tta, batch_size=len(batch), amp=train.amp)
-            writer.write(start, resize_maps(probs, size))
+            writer.write(start, resize_probabilities(probs, size, size))
             start += len(batch)
