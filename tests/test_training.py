@@ -24,7 +24,7 @@ from pneumoseg.modeling.optim import build_optimizer, build_scheduler
 from pneumoseg.postprocess.strategies import Threshold, Triplet
 from pneumoseg.data.probstore import ProbabilityStore
 from pneumoseg.stages import train as train_stage
-from pneumoseg.training.trainer import Trainer, epochs_since_best
+from pneumoseg.training.trainer import StepSettings, Trainer, epochs_since_best
 
 from synthetic import write_prepared
 
@@ -36,7 +36,8 @@ def _conv_trainer(accumulation_steps, lr=0.5, loss="bce"):
     net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 1, 3, padding=1))
     optimizer = build_optimizer({"name": "sgd", "params": {"lr": lr}}, net.parameters())
     schedule = build_scheduler({"name": "constant"}, optimizer, updates_per_epoch=10, epochs=1)
-    return Trainer(net, build_loss({"name": loss}), optimizer, schedule, accumulation_steps=accumulation_steps)
+    return Trainer(net, build_loss({"name": loss}), optimizer, schedule,
+                   steps=StepSettings(accumulation_steps=accumulation_steps))
 
 
 def _batches(n_batches, batch_size, seed=0):

@@ -33,6 +33,7 @@ fp32, and with the same config and seed gives the same numbers on every run.
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 import hashlib
 import logging
 import math
@@ -75,6 +76,29 @@ log = logging.getLogger(__name__)
 CHECKPOINT_FORMAT = 1
 
 
+@dataclass(frozen=True)
+class StepSettings:
+    """How a :class:`Trainer` takes its optimiser steps (the ``train`` section's keys of the same names).
+
+    Attributes:
+        accumulation_steps: batches per optimiser step.
+        grad_clip: maximum gradient norm, or None.
+        amp: ``fp16``, ``bf16`` or None; only used on a GPU.
+        channels_last: feed inputs in channels_last memory format (GPU).
+    """
+
+    accumulation_steps: int = 1
+    grad_clip: float | None = None
+    amp: str | None = None
+    channels_last: bool = False
+
+    def __post_init__(self) -> None:
+        if self.accumulation_steps < 1:
+            raise ConfigError(f"train.accumulation_steps must be at least 1, got {self.accumulation_steps}")
+        if self.amp not in (None, "fp16", "bf16"):
+            raise ConfigError(f"train.amp must be fp16, bf16 or null, not {self.amp!r}")
+
+
 class Trainer:
     """A fold's network, loss, optimiser, schedule and AMP scaler, with one training epoch and one validation.
 
@@ -85,19 +109,11 @@ class Trainer:
         schedule: the learning-rate schedule.
         ctx: the distributed context; with more than one process the network is wrapped in
             DistributedDataParallel.
-        accumulation_steps: batches per optimiser step.
-        grad_clip: maximum gradient norm, or None.
-        amp: ``fp16``, ``bf16`` or None; only used on a GPU.
-        channels_last: feed inputs in channels_last memory format (GPU).
+        steps: accumulation, clipping, AMP and memory format.
     """
 
     def __init__(self, net: nn.Module, loss_fn: nn.Module, optimizer: torch.optim.Optimizer, schedule: LRSchedule,
-                 ctx: DistContext = DistContext(), accumulation_steps: int = 1, grad_clip: float | None = None,
-                 amp: str | None = None, channels_last: bool = False) -> None:
-        if accumulation_steps < 1:
-            raise ConfigError(f"train.accumulation_steps must be at least 1, got {accumulation_steps}")
-        if amp not in (None, "fp16", "bf16"):
-            raise ConfigError(f"train.amp must be fp16, bf16 or null, not {amp!r}")
+                 ctx: DistContext = DistContext(), steps: StepSettings = StepSettings()) -> None:
         self.net = net
         self.ctx = ctx
         self.device = ctx.device
@@ -106,10 +122,10 @@ class Trainer:
         self.loss_fn = loss_fn
         self.optimizer = optimizer
         self.schedule = schedule
-        self.accumulation_steps = int(accumulation_steps)
-        self.grad_clip = grad_clip
-        self.amp = amp if self.device.type == "cuda" else None
-        self.channels_last = channels_last and self.device.type == "cuda"
+        self.accumulation_steps = int(steps.accumulation_steps)
+        self.grad_clip = steps.grad_clip
+        self.amp = steps.amp if self.device.type == "cuda" else None
+        self.channels_last = steps.channels_last and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp == "fp16")
 
     @classmethod
@@ -126,8 +142,8 @@ class Trainer:
             net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
         optimizer = build_optimizer(cfg.optimizer, net.parameters())
         schedule = build_scheduler(cfg.scheduler, optimizer, updates_per_epoch, int(train.epochs))
-        return cls(net, build_loss(cfg.loss), optimizer, schedule, ctx, int(train.accumulation_steps),
-                   train.grad_clip, train.amp, channels_last)
+        steps = StepSettings(int(train.accumulation_steps), train.grad_clip, train.amp, channels_last)
+        return cls(net, build_loss(cfg.loss), optimizer, schedule, ctx, steps)
 
     def _inputs(self, images: torch.Tensor) -> torch.Tensor:
         images = images.to(self.device, non_blocking=True)
@@ -276,6 +292,19 @@ def _clear_outputs(folder: Path, fresh: bool) -> None:
         path.unlink(missing_ok=True)
 
 
+@dataclass
+class _FoldRun:
+    """What one fold's epochs work with: its loaders, trainer, best-checkpoint keeper and log so far."""
+
+    loader: DataLoader
+    val_loader: DataLoader
+    trainer: Trainer
+    best: BestCheckpoints
+    history: list[dict]
+    postprocessors: list[PostProcessor]
+    checkpoint_meta: dict[str, Any]
+
+
 def fit_fold(cfg: DictConfig, data: PreparedData, fold: int, folder: str | Path, ctx: DistContext = DistContext(),
              resume: bool | str = False, fingerprint: str = "") -> dict[str, Any]:
     """Train fold ``fold`` of ``data`` into ``folder`` and predict its validation images (see the module docstring).
@@ -299,13 +328,40 @@ def fit_fold(cfg: DictConfig, data: PreparedData, fold: int, folder: str | Path,
         ConfigError: ``last.pt`` was written for another config.
     """
     started = time.time()
-    train = cfg.train
     folder = Path(folder)
-    epochs, monitor = int(train.epochs), str(train.monitor)
+    epochs, monitor, patience = int(cfg.train.epochs), str(cfg.train.monitor), cfg.train.early_stopping
+    train_rows, val_rows = data.split(fold)
+    run = _start_fold(cfg, data, fold, folder, ctx, resume, fingerprint)
+    for epoch in range(len(run.history), epochs):
+        if patience is not None and epochs_since_best(run.history, monitor) >= int(patience):
+            log.info("fold %d: no %s improvement for %d epochs; stopping early", fold, monitor, int(patience))
+            break
+        _run_epoch(run, epoch, epochs, fold, folder, ctx, monitor, fingerprint)
+    if ctx.is_main:
+        write_oof(cfg, data, val_rows, folder, best_files(folder)[:int(cfg.train.oof_checkpoints)], ctx)
+    ctx.barrier()
+    best_row = max(run.history, key=lambda r: r[monitor] if metric_mode(monitor) == "max" else -r[monitor])
+    return {
+        "fold": int(fold),
+        "epochs": len(run.history),
+        "best_epoch": int(best_row["epoch"]),
+        "best": {k: v for k, v in best_row.items() if k.startswith("val_")},
+        "n_train": len(train_rows),
+        "n_val": len(val_rows),
+        "n_val_positive": int(val_rows["has_mask"].sum()),
+        "empty_baseline": float(1.0 - val_rows["has_mask"].mean()),
+        "weights_sha256": weights_digest(run.trainer.net),
+        "seconds": round(time.time() - started, 1),
+    }
+
+
+def _start_fold(cfg: DictConfig, data: PreparedData, fold: int, folder: Path, ctx: DistContext,
+                resume: bool | str, fingerprint: str) -> _FoldRun:
+    """Build the fold's loaders and trainer, and restore its state from ``last.pt`` when resuming."""
+    train = cfg.train
     train_rows, val_rows = data.split(fold)
     seed = fold_seed(cfg.seed, fold)
     loader = train_loader(cfg, data, train_rows, ctx, seed)
-    sampler = loader.sampler
     val_rows_here = val_rows.iloc[ctx.rank::ctx.world_size]   # metrics are summed over the ranks' shares
     val_loader = _loader(data.dataset(val_rows_here, normalize_from_model(to_dict(cfg.model))),
                          int(train.val_batch_size), int(train.num_workers), ctx)
@@ -313,60 +369,46 @@ def fit_fold(cfg: DictConfig, data: PreparedData, fold: int, folder: str | Path,
     torch.backends.cudnn.benchmark = not train.deterministic
     torch.use_deterministic_algorithms(bool(train.deterministic), warn_only=True)
     trainer = Trainer.from_config(cfg, ctx, updates_per_epoch, seed)
+    monitor = str(train.monitor)
     best = BestCheckpoints(folder, int(train.keep_best), metric_mode(monitor), monitor)
     history = _restore(trainer, best, folder, ctx, fingerprint, strict=resume is True) if resume else []
     if ctx.is_main:
         _clear_outputs(folder, fresh=not history)
     ctx.barrier()
+    meta = {"model": to_dict(cfg.model), "image_size": int(train.image_size), "fold": int(fold),
+            "monitor": monitor, "fingerprint": fingerprint}
+    return _FoldRun(loader, val_loader, trainer, best, history,
+                    [build_postprocessor(block) for block in train.val_postprocess], meta)
 
-    patience = train.early_stopping
-    postprocessors = [build_postprocessor(block) for block in train.val_postprocess]
-    checkpoint_meta = {"model": to_dict(cfg.model), "image_size": int(train.image_size), "fold": int(fold),
-                       "monitor": monitor, "fingerprint": fingerprint}
-    for epoch in range(len(history), epochs):
-        if patience is not None and epochs_since_best(history, monitor) >= int(patience):
-            log.info("fold %d: no %s improvement for %d epochs; stopping early", fold, monitor, int(patience))
-            break
-        epoch_start, lr = time.time(), trainer.lr
-        sampler.set_epoch(epoch)
-        progress = tqdm(loader, desc=f"fold {fold} epoch {epoch + 1}/{epochs}", leave=False,
-                        disable=not ctx.is_main)
-        train_loss = trainer.train_epoch(progress)
-        metrics = trainer.validate(val_loader, postprocessors)
-        trainer.schedule.after_validation(metrics)
-        row = {"epoch": epoch + 1, "lr": lr, "train_loss": train_loss, **metrics,
-               "seconds": round(time.time() - epoch_start, 2)}
-        history.append(row)
-        if ctx.is_main:
-            rank = best.offer(epoch + 1, metrics[monitor], lambda: {
-                **checkpoint_meta, "state_dict": trainer.net.state_dict(), "epoch": epoch + 1,
-                "score": float(metrics[monitor])})
-            write_csv(layout.fold_log_path(folder), pd.DataFrame(history))
-            save_checkpoint(folder / LAST_FILE, {
-                "format": CHECKPOINT_FORMAT, "fingerprint": fingerprint, "epoch": epoch + 1,
-                "trainer": trainer.state_dict(), "history": history, "rng": torch.get_rng_state()})
-            log.info("fold %d epoch %d/%d: lr %.2e train_loss %.4f val_loss %.4f val_dice %.4f (%s) "
-                     "pos %.3f, %.1f s%s", fold, epoch + 1, epochs, lr, train_loss, metrics["val_loss"],
-                     metrics["val_dice"], metrics["val_postprocess"], metrics["val_dice_pos"], row["seconds"],
-                     f"  (best #{rank})" if rank else "")
-        ctx.barrier()
 
+def _run_epoch(run: _FoldRun, epoch: int, epochs: int, fold: int, folder: Path, ctx: DistContext, monitor: str,
+               fingerprint: str) -> None:
+    """Train and validate one epoch, then (main rank) offer its weights as a best checkpoint, log it and write
+    ``last.pt``."""
+    trainer = run.trainer
+    epoch_start, lr = time.time(), trainer.lr
+    run.loader.sampler.set_epoch(epoch)
+    progress = tqdm(run.loader, desc=f"fold {fold} epoch {epoch + 1}/{epochs}", leave=False,
+                    disable=not ctx.is_main)
+    train_loss = trainer.train_epoch(progress)
+    metrics = trainer.validate(run.val_loader, run.postprocessors)
+    trainer.schedule.after_validation(metrics)
+    row = {"epoch": epoch + 1, "lr": lr, "train_loss": train_loss, **metrics,
+           "seconds": round(time.time() - epoch_start, 2)}
+    run.history.append(row)
     if ctx.is_main:
-        write_oof(cfg, data, val_rows, folder, best_files(folder)[:int(train.oof_checkpoints)], ctx)
+        rank = run.best.offer(epoch + 1, metrics[monitor], lambda: {
+            **run.checkpoint_meta, "state_dict": trainer.net.state_dict(), "epoch": epoch + 1,
+            "score": float(metrics[monitor])})
+        write_csv(layout.fold_log_path(folder), pd.DataFrame(run.history))
+        save_checkpoint(folder / LAST_FILE, {
+            "format": CHECKPOINT_FORMAT, "fingerprint": fingerprint, "epoch": epoch + 1,
+            "trainer": trainer.state_dict(), "history": run.history, "rng": torch.get_rng_state()})
+        log.info("fold %d epoch %d/%d: lr %.2e train_loss %.4f val_loss %.4f val_dice %.4f (%s) "
+                 "pos %.3f, %.1f s%s", fold, epoch + 1, epochs, lr, train_loss, metrics["val_loss"],
+                 metrics["val_dice"], metrics["val_postprocess"], metrics["val_dice_pos"], row["seconds"],
+                 f"  (best #{rank})" if rank else "")
     ctx.barrier()
-    best_row = max(history, key=lambda r: r[monitor] if metric_mode(monitor) == "max" else -r[monitor])
-    return {
-        "fold": int(fold),
-        "epochs": len(history),
-        "best_epoch": int(best_row["epoch"]),
-        "best": {k: v for k, v in best_row.items() if k.startswith("val_")},
-        "n_train": len(train_rows),
-        "n_val": len(val_rows),
-        "n_val_positive": int(val_rows["has_mask"].sum()),
-        "empty_baseline": float(1.0 - val_rows["has_mask"].mean()),
-        "weights_sha256": weights_digest(trainer.net),
-        "seconds": round(time.time() - started, 1),
-    }
 
 
 def _restore(trainer: Trainer, best: BestCheckpoints, folder: Path, ctx: DistContext,
