@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -6,28 +7,33 @@ import pandas as pd
 import pytest
 
 from pneumoseg import layout
+from pneumoseg.data import rle
 from pneumoseg.errors import ConfigError, DataError
 from pneumoseg.evaluation.metrics import dice_from_counts, dice_per_image
 from pneumoseg.inference.predictor import configured_postprocessor
 from pneumoseg.postprocess.strategies import build_postprocessor, load_postprocessor
 from pneumoseg.data.probstore import ProbabilityWriter
-from pneumoseg.postprocess.search import GRIDS, build_histograms, evaluate, nested_estimate, run_search
+from pneumoseg.data.resize import resize_probabilities
+from pneumoseg.postprocess.search import GRIDS, count_thresholds, evaluate, run_search
 from pneumoseg.stages import search as stage
-from synthetic_oof import write_oof_experiment
+from synthetic_oof import ArraySource, write_oof_experiment
 
 
-def _oof(n=48, size=32, seed=0):
-    """Random OOF levels with blurred discs as truth, in two chunks, and a fold label per image."""
+def _oof(n=48, size=32, original=128, seed=0):
+    """Random OOF levels (``size`` px) with blurred discs, the discs' truth at the ``original`` size, and a fold
+    label per image."""
     rng = np.random.default_rng(seed)
-    truth = np.zeros((n, size, size), np.uint8)
+    truth = np.zeros((n, original, original), np.uint8)
     levels = np.zeros((n, size, size), np.uint8)
+    scale = original // size
     for i in range(n):
         if rng.random() < 0.5:
-            cv2.circle(truth[i], tuple(int(c) for c in rng.integers(6, size - 6, 2)), int(rng.integers(2, 6)), 1, -1)
-        signal = truth[i] * rng.uniform(0.2, 1) + rng.random((size, size)) * 0.6
+            centre = tuple(int(c) * scale for c in rng.integers(6, size - 6, 2))
+            cv2.circle(truth[i], centre, int(rng.integers(2 * scale, 6 * scale)), 1, -1)
+        small = cv2.resize(truth[i].astype(np.float32), (size, size), interpolation=cv2.INTER_AREA)
+        signal = small * rng.uniform(0.2, 1) + rng.random((size, size)) * 0.6
         levels[i] = np.clip(cv2.GaussianBlur(signal.astype(np.float32), (5, 5), 0) * 255, 0, 255).astype(np.uint8)
-    truth = truth.astype(bool)
-    return (lambda: [(levels[:20], truth[:20]), (levels[20:], truth[20:])]), levels, truth, np.arange(n) % 3
+    return ArraySource(levels, truth.astype(bool)), np.arange(n) % 3
 
 
 GRID_BLOCKS = [
@@ -38,24 +44,26 @@ GRID_BLOCKS = [
 
 
 @pytest.mark.parametrize("threshold", [0.0, 0.2, 0.5, 102 / 255, 0.77, 1.0])
-def test_histograms_give_the_area_and_intersection_above_any_threshold(threshold):
-    source, levels, truth, _ = _oof()
-    pred, inter = build_histograms(source()).counts([threshold])
-    mask = levels / 255.0 > threshold
+def test_counts_give_the_full_size_area_and_intersection_above_any_threshold(threshold):
+    source, _ = _oof()
+    thresholds = np.array([0.0, 0.2, 0.5, 102 / 255, 0.77, 1.0], np.float32)
+    pred, inter = count_thresholds(source, np.unique(thresholds)).counts([threshold])
+    full = np.stack([resize_probabilities(levels / np.float32(255), 128, 128) for levels in source.levels])
+    mask = full > np.float32(threshold)
     assert (pred[:, 0] == mask.sum((1, 2))).all()
-    assert (inter[:, 0] == (mask & truth).sum((1, 2))).all()
+    assert (inter[:, 0] == (mask & source.truth).sum((1, 2))).all()
 
 
 @pytest.mark.parametrize("seed", [0, 1])
 def test_every_candidate_scores_as_the_straightforward_method(seed):
-    source, _, _, groups = _oof(seed=seed)
+    source, groups = _oof(seed=seed)
     result = run_search(source, groups, [GRIDS.build(b) for b in GRID_BLOCKS], refine_steps=1)
     strategies = [build_postprocessor(result.block(row)) for row in range(len(result.candidates))]
-    pred, inter, true = evaluate(source(), strategies)
+    pred, inter, true = evaluate(source, strategies)
     dice = dice_from_counts(inter, pred, true[:, None])
-    assert np.abs(dice.mean(0) - result.candidates["dice"]).max() < 1e-12
+    assert np.abs(dice.mean(0) - result.candidates["dice"]).max() < 1e-9
     per_group = np.stack([dice[groups == g].sum(0) for g in range(3)], axis=1)
-    assert np.abs(per_group - result.group_sums).max() < 1e-12
+    assert np.abs(per_group - result.group_sums).max() < 1e-9
     assert set(result.candidates["method"]) == {"histogram", "components"}
     assert result.candidates["dice"].iloc[result.best] == pytest.approx(dice.mean(0).max(), abs=1e-12)
 
@@ -73,17 +81,17 @@ def test_component_areas_at_the_boundary(component_area, expected):
     levels[:, 2:6, 2:6] = levels[:, 20:23, 20:23] = 200
     truth = levels > 0
     truth[1, 20:23, 20:23] = False
-    source = lambda: [(levels, truth)]
+    source = ArraySource(levels, truth)
     grid = GRIDS.build({"name": "threshold", "params": {"threshold": [0.5], "min_area": [component_area * 1024]}})
     result = run_search(source, np.zeros(2, int), [grid])
     assert list(result.candidates["method"]) == ["histogram", "components"]
     assert result.candidates["dice"].iloc[1] == pytest.approx(expected, abs=1e-12)
-    pred, inter, true = evaluate(source(), [build_postprocessor(result.block(1))])
+    pred, inter, true = evaluate(source, [build_postprocessor(result.block(1))])
     assert dice_from_counts(inter, pred, true[:, None]).mean() == pytest.approx(expected, abs=1e-12)
 
 
 def test_triplet_candidates_never_have_bottom_above_top():
-    source, _, _, groups = _oof()
+    source, groups = _oof()
     result = run_search(source, groups, [GRIDS.build(GRID_BLOCKS[1])])
     triplets = result.candidates
     assert (triplets["bottom"] <= triplets["top"]).all()
@@ -92,7 +100,7 @@ def test_triplet_candidates_never_have_bottom_above_top():
 
 
 def test_components_are_searched_within_refine_steps_of_the_best_bottom():
-    source, _, _, groups = _oof()
+    source, groups = _oof()
     grid = GRIDS.build(GRID_BLOCKS[0])
     result = run_search(source, groups, [grid], refine_steps=1)
     exact = result.candidates[result.candidates["method"] == "histogram"]
@@ -103,18 +111,27 @@ def test_components_are_searched_within_refine_steps_of_the_best_bottom():
     assert set(refined["min_component_area"]) == {2000, 8000}
 
 
-def test_nested_estimate_chooses_on_the_other_groups():
-    # Candidate 0 is perfect on group 0 only, candidate 1 on group 1 only, candidate 2 is fair on both.
-    sums = np.array([[2.0, 0.0], [0.0, 2.0], [1.5, 1.5]])
-    nested = nested_estimate(sums, np.array([2, 2]))
-    assert list(nested.choices) == [1, 0]
-    assert list(nested.scores) == [0.0, 0.0] and nested.score == 0.0
-    assert nested_estimate(sums[:, :1], np.array([2])) is None
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_nested_estimate_reruns_the_whole_choice_on_the_other_folds(seed):
+    # The reference: the search run afresh on the other folds' images alone, its choice applied to the held-out one.
+    source, groups = _oof(seed=seed)
+    grids = [GRIDS.build(b) for b in GRID_BLOCKS]
+    nested = run_search(source, groups, grids, refine_steps=1).nested
+    for g in range(3):
+        train, held = groups != g, groups == g
+        alone = run_search(ArraySource(source.levels[train], source.truth[train]), groups[train] // 3, grids,
+                           refine_steps=1)
+        assert nested.choices[g] == alone.block(alone.best)
+        pred, inter, true = evaluate(ArraySource(source.levels[held], source.truth[held]),
+                                     [build_postprocessor(nested.choices[g])])
+        assert nested.scores[g] == pytest.approx(dice_from_counts(inter, pred, true[:, None]).mean(), abs=1e-9)
+    assert run_search(source, np.zeros(len(groups), int), grids).nested is None
 
 
 def test_equal_scores_prefer_the_first_candidate():
-    source, _, _, groups = _oof()
-    # Thresholds between two adjacent levels give the same masks, hence exactly tied candidates.
+    source, groups = _oof(original=32)
+    # At the maps' own size p = level / 255: thresholds between two adjacent levels give the same masks, hence
+    # exactly tied candidates.
     grid = GRIDS.build({"name": "threshold", "params": {"threshold": [0.5, 0.5005, 0.501]}})
     result = run_search(source, groups, [grid])
     assert result.candidates["dice"].nunique() == 1 and result.best == 0
@@ -141,17 +158,22 @@ def experiment(tiny_cfg):
     return cfg, write_oof_experiment(cfg, n_images=40, oof_size=32)
 
 
-def _independent_dice(data, strategy) -> pd.DataFrame:
-    """Per-image Dice recomputed from the stored files alone, without pneumoseg.postprocess.search or the stage."""
+def _independent_dice(cfg, data, strategy) -> pd.DataFrame:
+    """Per-image Dice recomputed from the stored files alone, as the submission is scored: each OOF map brought
+    to the original size with resize_probabilities, post-processed there, and compared with the truth decoded
+    from train-rle.csv; without pneumoseg.postprocess.search or the stage."""
+    truth_rle = pd.read_csv(Path(cfg.paths.input_dir) / "train-rle.csv", dtype=str).set_index("ImageId")
+    sizes = pd.read_csv(data.labels_dir / "labels.csv", dtype={"ImageId": str}).set_index("ImageId")
     rows = []
     for fold in sorted(set(data.folds)):
         oof = data.train_dir / f"fold{fold}" / "oof"
         maps = np.load(oof / "probs.npy")
         for image_id, levels in zip(pd.read_csv(oof / "ids.csv", dtype=str)["ImageId"], maps):
-            mask = cv2.imread(str(data.labels_dir / "masks_64" / f"{image_id}.png"), cv2.IMREAD_GRAYSCALE)
-            truth = cv2.resize(mask, levels.shape, interpolation=cv2.INTER_AREA) >= 128
-            rows.append({"fold": fold, "positive": truth.any(), "predicted": strategy(levels).any(),
-                         "dice": dice_per_image(strategy(levels), truth)[0]})
+            height, width = sizes.loc[image_id, ["rows", "cols"]]
+            truth = rle.decode(truth_rle.loc[image_id, "EncodedPixels"], height, width)
+            mask = strategy(resize_probabilities(levels.astype(np.float32) / 255, height, width))
+            rows.append({"fold": fold, "positive": truth.any(), "predicted": mask.any(),
+                         "dice": dice_per_image(mask, truth)[0]})
     return pd.DataFrame(rows)
 
 
@@ -160,12 +182,12 @@ def test_stage_report_matches_an_independent_computation(experiment):
     numbers = stage.run(cfg)
     folder = layout.search_dir(cfg)
     chosen = load_postprocessor(folder / "thresholds.json")
-    mine = _independent_dice(data, chosen)
-    default = _independent_dice(data, build_postprocessor({"name": "threshold", "params": {"threshold": 0.5}}))
+    mine = _independent_dice(cfg, data, chosen)
+    default = _independent_dice(cfg, data, build_postprocessor({"name": "threshold", "params": {"threshold": 0.5}}))
 
     assert numbers["n_images"] == len(mine) == 40
-    assert numbers["oof_score"] == pytest.approx(mine["dice"].mean(), abs=1e-12)
-    assert numbers["default_score"] == pytest.approx(default["dice"].mean(), abs=1e-12)
+    assert numbers["oof_score"] == pytest.approx(mine["dice"].mean(), abs=1e-9)
+    assert numbers["default_score"] == pytest.approx(default["dice"].mean(), abs=1e-9)
     assert numbers["empty_baseline"] == pytest.approx(1 - mine["positive"].mean())
     assert numbers["positive_dice"] == pytest.approx(mine.loc[mine["positive"], "dice"].mean())
     assert numbers["false_positive_rate"] == pytest.approx(mine.loc[~mine["positive"], "predicted"].mean())

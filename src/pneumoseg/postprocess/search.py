@@ -1,95 +1,167 @@
-"""Exact grid search of post-processing parameters on out-of-fold (OOF) predictions, without re-binarising.
+"""Exact grid search of post-processing parameters on out-of-fold (OOF) predictions, scored as the submission is.
 
-Probabilities are stored as 256 levels (:mod:`pneumoseg.data.probstore`), so one pass over the OOF maps builds, for
-every image, the count of pixels at or above each level, overall and inside the truth mask
-(:class:`LevelHistograms`). For any threshold these give the predicted area and the intersection with the truth,
-hence the exact per-image Dice of every ``(top, min_area, bottom)`` triplet in O(1) per image; the mean over images
-of a whole grid is one matrix product (:func:`exact_sums`).
+Stage 05 brings each test map back to its image's original size with
+:func:`pneumoseg.data.resize.resize_probabilities` (bilinear) and post-processes it there with
+:mod:`pneumoseg.postprocess.strategies`; the challenge scores that mask against the original-size truth. The search
+scores every candidate the same way: each OOF map (uint8 levels, :mod:`pneumoseg.data.probstore`) is brought to
+its image's original size with that function (:func:`to_original`) and compared with the truth decoded at that
+size, never with a downsampled mask.
 
-Dropping small connected components needs labelled components, so their minimum area is searched in a second
-pass, on a coarser sub-grid around the best exact point (:func:`component_sums`): one labelling per image and
-threshold gives the exact Dice for every area at once.
+Exact without re-binarising: the candidates use few distinct thresholds (the grids' ``top`` and ``bottom``
+values), so one pass counts, per image, the full-size pixels above each of them, overall and inside the truth
+(:class:`ThresholdCounts`; float32 comparisons, as the strategies make them). These give the predicted area and
+the intersection, hence the exact Dice, of every ``(top, min_area, bottom)`` point in O(1) per image; a grid's
+per-fold sums are one matrix product (:func:`exact_sums`).
 
-:func:`evaluate` is the straightforward method (binarise and score every image with each strategy of
-:mod:`pneumoseg.postprocess.strategies`): the reference of the tests and the benchmark, and the independent check of the chosen
-strategy in stage 04.
+Dropping small connected components needs labelled components, so their minimum areas are searched in a second
+pass, only around the best exact point of each grid (:func:`component_sums`): one labelling per image and
+threshold gives the exact Dice of every area at once, and an image that the point declares empty is not labelled.
 
-Scores are kept as per-group sums (a group is a fold), so the score on any set of folds, and the nested estimate
-of :func:`nested_estimate`, come without another pass.
+The choice (best exact point, components around it, then the best candidate of both) is rerun on the other folds
+for each held-out fold, component refinement included, so the nested estimate measures the whole procedure
+(:class:`Nested`).
+
+Both passes work image by image (one full-size map at a time per worker) and in parallel over blocks of images
+(joblib processes), reading the images through an :class:`ImageSource`. :func:`evaluate` is the straightforward
+method (apply each strategy to each full-size map and count): the reference of the tests and the benchmark, and
+stage 04's independent check of its choice.
 """
 from __future__ import annotations
 
 import json
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Iterable, Sequence
+from typing import Any, ClassVar, Iterable, Iterator, Protocol, Sequence
 
 import cv2
 import numpy as np
 import pandas as pd
+from joblib import Parallel, delayed
 
+from pneumoseg.data.probstore import dequantize
+from pneumoseg.data.resize import resize_probabilities
 from pneumoseg.errors import ConfigError
 from pneumoseg.evaluation.metrics import dice_from_counts
-from pneumoseg.postprocess.strategies import PostProcessor, components, level_cut, scale_area
-from pneumoseg.data.probstore import LEVELS
+from pneumoseg.postprocess.strategies import PostProcessor, components, scale_area
 from pneumoseg.registry import Registry
-
-Chunk = tuple[np.ndarray, np.ndarray]
-"""A block of images: uint8 probability levels (B x H x W) and the boolean truth masks (B x H x W)."""
-
-ChunkSource = Callable[[], Iterable[Chunk]]
-"""Starts a fresh pass over every image, in the same order each time."""
 
 PARAM_COLUMNS = ("top", "min_area", "bottom", "min_component_area")
 TIE = 1e-12
+BLOCK_SIZE = 256
+
+
+class ImageSource(Protocol):
+    """The OOF images of a search. A part is sent to each worker process, so parts must pickle small (paths and
+    label strings, or only their own maps)."""
+
+    def __len__(self) -> int:
+        """The number of images."""
+
+    def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """``(levels, truth)`` of every image, in order: the uint8 OOF map (S x S) and the boolean truth at the
+        image's original size (H x W)."""
+
+    def part(self, start: int, stop: int) -> "ImageSource":
+        """Images ``start .. stop - 1`` as a source of their own."""
+
+
+def to_original(levels: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """An OOF map (uint8 levels) as float32 probabilities at its image's original ``shape``, brought there as
+    stage 05 and the server bring a test map back."""
+    return resize_probabilities(dequantize(levels), int(shape[0]), int(shape[1]))
+
+
+def _map_blocks(function, source: ImageSource, n_jobs: int, block_size: int, *args) -> list:
+    """``function(part, start, *args)`` for consecutive parts of ``block_size`` images (``start``: the part's
+    first row), in order."""
+    starts = range(0, len(source), block_size)
+    with Parallel(n_jobs=n_jobs) as parallel:
+        return parallel(delayed(function)(source.part(start, min(start + block_size, len(source))), start, *args)
+                        for start in starts)
 
 
 @dataclass
-class LevelHistograms:
-    """Per-image pixel counts at or above each probability level.
+class ThresholdCounts:
+    """Per-image pixel counts above each threshold, at the images' original size.
 
     Attributes:
-        above: N x 257 int32; ``above[i, j]`` is the number of pixels of image ``i`` with level >= ``j``
-            (column 256 is 0).
-        above_true: the same, counting only pixels inside the truth mask.
-        shape: (H, W) of the maps, which scales the areas.
+        thresholds: T distinct float32 thresholds, ascending.
+        above: N x T; ``above[i, j]`` is the number of pixels of image ``i`` with p > ``thresholds[j]``.
+        above_true: the same, counting only pixels inside the truth.
+        true_area: N, the truth's pixels.
+        area_scale: N, ``H * W / 1024**2`` of each image: an area of the 1024 px image times this is in pixels of
+            the image (:func:`pneumoseg.postprocess.strategies.scale_area`).
     """
 
+    thresholds: np.ndarray
     above: np.ndarray
     above_true: np.ndarray
-    shape: tuple[int, int]
+    true_area: np.ndarray
+    area_scale: np.ndarray
 
     def __len__(self) -> int:
         return len(self.above)
 
-    @property
-    def true_area(self) -> np.ndarray:
-        return self.above_true[:, 0]
-
     def counts(self, thresholds: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
-        """Per image and threshold (N x T): the number of pixels with p > t, and how many of them are true."""
-        columns = [level_cut(t) + 1 for t in thresholds]
+        """Per image and threshold (N x len(thresholds)): pixels with p > t, and how many of them are true.
+
+        Raises:
+            KeyError: a threshold that was not counted.
+        """
+        wanted = np.asarray(thresholds, dtype=np.float32)
+        columns = np.searchsorted(self.thresholds, wanted)
+        if (columns >= len(self.thresholds)).any() or (self.thresholds[np.minimum(columns, len(self.thresholds) - 1)]
+                                                       != wanted).any():
+            raise KeyError(f"thresholds {sorted(set(wanted) - set(self.thresholds))} were not counted")
         return self.above[:, columns], self.above_true[:, columns]
 
+    def area_limits(self, min_areas: Sequence[float]) -> np.ndarray:
+        """N x len(min_areas): each area (pixels of the 1024 px image) in pixels of each image, as
+        :func:`pneumoseg.postprocess.strategies.scale_area` computes it."""
+        return np.asarray(min_areas, dtype=np.float64)[None, :] * self.area_scale[:, None]
 
-def build_histograms(chunks: Iterable[Chunk]) -> LevelHistograms:
-    """One pass over the OOF maps and truth masks -> :class:`LevelHistograms`."""
-    hists, hists_true, shape = [], [], None
-    for levels, truth in chunks:
-        shape = levels.shape[1:]
-        for image, mask in zip(levels, truth):
-            hists.append(cv2.calcHist([image], [0], None, [LEVELS + 1], [0, LEVELS + 1]).ravel())
-            hists_true.append(cv2.calcHist([image], [0], mask.view(np.uint8), [LEVELS + 1], [0, LEVELS + 1]).ravel())
-    if shape is None:
-        raise ValueError("no images to build histograms from")
 
-    def cumulative(rows: list[np.ndarray]) -> np.ndarray:
-        # calcHist counts in float32, exact up to 2**24 pixels per image (a 4096 px map).
-        counts = np.stack(rows).astype(np.int32)
-        above = np.cumsum(counts[:, ::-1], axis=1, dtype=np.int32)[:, ::-1]
-        return np.concatenate([above, np.zeros((len(above), 1), np.int32)], axis=1)
+def grid_thresholds(grids: Sequence["Grid"]) -> np.ndarray:
+    """The distinct thresholds (float32, ascending) that the candidates of ``grids`` compare with."""
+    return np.unique(np.concatenate([np.concatenate([g.tops, g.bottoms]) for g in grids]).astype(np.float32))
 
-    return LevelHistograms(cumulative(hists), cumulative(hists_true), tuple(shape))
+
+def _above_counts(bins: np.ndarray, n_thresholds: int) -> np.ndarray:
+    """From each pixel's number of thresholds below it, the pixels above each threshold."""
+    per_bin = np.bincount(bins, minlength=n_thresholds + 1)
+    return np.cumsum(per_bin[::-1])[::-1][1:]
+
+
+def _count_block(part: ImageSource, start: int, thresholds: np.ndarray) -> tuple[np.ndarray, ...]:
+    n, n_thresholds = len(part), len(thresholds)
+    above, above_true = np.zeros((n, n_thresholds), np.int64), np.zeros((n, n_thresholds), np.int64)
+    true_area, area_scale = np.zeros(n, np.int64), np.zeros(n)
+    for i, (levels, truth) in enumerate(part):
+        full = to_original(levels, truth.shape)
+        # Most pixels of an OOF map lie below every threshold: only those above the lowest are binned.
+        low = full > thresholds[0]
+        bins = np.searchsorted(thresholds, full[low], side="left")    # p > thresholds[j] exactly when j < bin
+        above[i] = _above_counts(bins, n_thresholds)
+        above_true[i] = _above_counts(bins[truth[low]], n_thresholds)
+        true_area[i] = np.count_nonzero(truth)
+        area_scale[i] = scale_area(1.0, truth.shape)
+    return above, above_true, true_area, area_scale
+
+
+def count_thresholds(source: ImageSource, thresholds: np.ndarray, n_jobs: int = 1,
+                     block_size: int = BLOCK_SIZE) -> ThresholdCounts:
+    """One pass over ``source`` -> :class:`ThresholdCounts` for ``thresholds`` (float32, ascending, distinct).
+
+    Args:
+        source: the images.
+        thresholds: from :func:`grid_thresholds`.
+        n_jobs: joblib worker processes (-1: every core).
+        block_size: images per task.
+    """
+    if len(source) == 0:
+        raise ValueError("no images to count")
+    parts = _map_blocks(_count_block, source, n_jobs, block_size, np.asarray(thresholds, np.float32))
+    return ThresholdCounts(np.asarray(thresholds, np.float32), *(np.concatenate(p) for p in zip(*parts)))
 
 
 def _values(key: str, spec: Sequence[float], low: float, high: float) -> np.ndarray:
@@ -211,11 +283,11 @@ def _group_sums(per_image: np.ndarray, groups: np.ndarray, n_groups: int) -> np.
     return out
 
 
-def exact_sums(hist: LevelHistograms, groups: np.ndarray, n_groups: int, grid: Grid) -> np.ndarray:
+def exact_sums(counts: ThresholdCounts, groups: np.ndarray, n_groups: int, grid: Grid) -> np.ndarray:
     """Summed Dice of every exact grid point, per group: G x len(tops) x len(min_areas) x len(bottoms).
 
     Args:
-        hist: the images' histograms.
+        counts: the images' threshold counts (covering the grid's thresholds).
         groups: the group (fold index, 0..G-1) of each image.
         n_groups: G.
         grid: the strategy's grid. Invalid points are NaN.
@@ -224,11 +296,11 @@ def exact_sums(hist: LevelHistograms, groups: np.ndarray, n_groups: int, grid: G
     so its Dice is ``empty`` (1 if the truth is empty, else 0) plus ``kept * (dice at bottom - empty)``, and the
     sum over images of a group is a product of the ``kept`` matrix with that gain.
     """
-    above_top, _ = hist.counts(grid.tops)
-    kept = above_top[:, :, None] >= scale_area(grid.min_areas, hist.shape)          # N x Tt x Ta
-    pred, inter = hist.counts(grid.bottoms)
-    empty = (hist.true_area == 0).astype(np.float64)
-    gain = dice_from_counts(inter, pred, hist.true_area[:, None]) - empty[:, None]      # N x Tb
+    above_top, _ = counts.counts(grid.tops)
+    kept = above_top[:, :, None] >= counts.area_limits(grid.min_areas)[:, None, :]         # N x Tt x Ta
+    pred, inter = counts.counts(grid.bottoms)
+    empty = (counts.true_area == 0).astype(np.float64)
+    gain = dice_from_counts(inter, pred, counts.true_area[:, None]) - empty[:, None]      # N x Tb
     n_points = len(grid.tops) * len(grid.min_areas)
     sums = np.empty((n_groups, n_points, len(grid.bottoms)))
     for g in range(n_groups):
@@ -239,21 +311,21 @@ def exact_sums(hist: LevelHistograms, groups: np.ndarray, n_groups: int, grid: G
     return sums
 
 
-def _component_counts(levels: np.ndarray, truth: np.ndarray, cuts: Sequence[int],
+def _component_counts(full: np.ndarray, truth: np.ndarray, thresholds: np.ndarray,
                       min_pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Predicted area and intersection (len(cuts) x len(min_pixels)) of one image, for each level cut and each
-    minimum component size (in pixels at this resolution)."""
-    pred = np.zeros((len(cuts), len(min_pixels)), np.int64)
+    """Predicted area and intersection (len(thresholds) x len(min_pixels)) of one full-size map, for each
+    threshold and each minimum component size (pixels of this image)."""
+    pred = np.zeros((len(thresholds), len(min_pixels)), np.int64)
     inter = np.zeros_like(pred)
-    lowest = levels > min(cuts)
+    lowest = full > thresholds.min()
     rows, cols = np.flatnonzero(lowest.any(1)), np.flatnonzero(lowest.any(0))
     if rows.size == 0:
         return pred, inter
-    # Every mask of a higher cut lies inside the lowest one's bounding box; labelling only that box is much cheaper.
+    # Every mask of a higher threshold lies inside the lowest one's bounding box; labelling that box is cheaper.
     box = np.s_[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
-    levels, truth = levels[box], truth[box]
-    for k, cut in enumerate(cuts):
-        labels, areas = components(levels > cut)
+    full, truth = full[box], truth[box]
+    for k, threshold in enumerate(thresholds):
+        labels, areas = components(full > threshold)
         if areas.size == 0:
             continue
         inside = np.bincount(labels[truth], minlength=areas.size + 1)[1:]
@@ -262,58 +334,77 @@ def _component_counts(levels: np.ndarray, truth: np.ndarray, cuts: Sequence[int]
     return pred, inter
 
 
-def component_sums(chunks: Iterable[Chunk], hist: LevelHistograms, groups: np.ndarray, n_groups: int,
-                   points: Sequence[tuple[float, float, float]], component_areas: np.ndarray) -> np.ndarray:
+def _component_block(part: ImageSource, start: int, thresholds: np.ndarray, needed: np.ndarray,
+                     component_areas: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per image of the part, threshold and component area: predicted area and intersection; only the
+    thresholds that ``needed`` (all N images x len(thresholds)) marks for an image are labelled."""
+    pred = np.zeros((len(part), len(thresholds), len(component_areas)), np.int64)
+    inter = np.zeros_like(pred)
+    for i, (levels, truth) in enumerate(part):
+        cuts = np.flatnonzero(needed[start + i])
+        if cuts.size:
+            full = to_original(levels, truth.shape)
+            pred[i, cuts], inter[i, cuts] = _component_counts(full, truth, thresholds[cuts],
+                                                              scale_area(component_areas, truth.shape))
+    return pred, inter
+
+
+def component_sums(source: ImageSource, counts: ThresholdCounts, groups: np.ndarray, n_groups: int,
+                   points: Sequence[tuple[float, float, float]], component_areas: np.ndarray, n_jobs: int = 1,
+                   block_size: int = BLOCK_SIZE) -> np.ndarray:
     """Summed Dice per group of each ``(top, min_area, bottom)`` point combined with each component area.
 
     Args:
-        chunks: a pass over the images, in the order of ``hist``.
-        hist: their histograms (they decide which images the ``top`` / ``min_area`` test keeps).
+        source: the images, in the order of ``counts``.
+        counts: their threshold counts (they decide which images the ``top`` / ``min_area`` test keeps).
         groups, n_groups: as in :func:`exact_sums`.
         points: the exact points to refine.
         component_areas: minimum component areas, pixels of the 1024 px image.
+        n_jobs, block_size: as in :func:`count_thresholds`.
 
     Returns:
         G x len(points) x len(component_areas).
     """
     tops, min_areas, bottoms = (np.array(v, dtype=np.float64) for v in zip(*points))
-    above_top, _ = hist.counts(tops)
-    kept = above_top >= scale_area(min_areas, hist.shape)                                # N x P
-    cuts = np.array([level_cut(b) for b in bottoms])
-    min_pixels = scale_area(component_areas, hist.shape)
-    pred = np.zeros((len(hist), len(points), len(component_areas)), np.int64)
-    inter = np.zeros_like(pred)
-    index = 0
-    for levels, truth in chunks:
-        for image, mask in zip(levels, truth):
-            selected = np.flatnonzero(kept[index])
-            if selected.size:
-                pred[index, selected], inter[index, selected] = _component_counts(
-                    image, mask, cuts[selected], min_pixels)
-            index += 1
-    if index != len(hist):
-        raise ValueError(f"the pass gave {index} images, the histograms have {len(hist)}")
-    dice = dice_from_counts(inter, pred, hist.true_area[:, None, None])
-    return _group_sums(dice, groups, n_groups)
+    above_top, _ = counts.counts(tops)
+    kept = above_top >= counts.area_limits(min_areas)                                       # N x P
+    cuts, point_cut = np.unique(bottoms.astype(np.float32), return_inverse=True)
+    needed = np.zeros((len(counts), len(cuts)), bool)
+    for p, cut in enumerate(point_cut):
+        needed[:, cut] |= kept[:, p]
+    parts = _map_blocks(_component_block, source, n_jobs, block_size, cuts, needed, component_areas)
+    pred_cut, inter_cut = (np.concatenate(p) for p in zip(*parts))                           # N x C x A
+    pred = pred_cut[:, point_cut] * kept[:, :, None]
+    inter = inter_cut[:, point_cut] * kept[:, :, None]
+    if len(pred) != len(counts):
+        raise ValueError(f"the pass gave {len(pred)} images, the counts have {len(counts)}")
+    return _group_sums(dice_from_counts(inter, pred, counts.true_area[:, None, None]), groups, n_groups)
 
 
-def evaluate(chunks: Iterable[Chunk], postprocessors: Sequence[PostProcessor]) -> tuple[np.ndarray, ...]:
-    """The straightforward method: apply each strategy to each image and count.
+def _evaluate_block(part: ImageSource, start: int,
+                    postprocessors: Sequence[PostProcessor]) -> tuple[np.ndarray, ...]:
+    pred, inter, true = [], [], []
+    for levels, truth in part:
+        full = to_original(levels, truth.shape)
+        masks = [pp(full) for pp in postprocessors]
+        pred.append([np.count_nonzero(m) for m in masks])
+        inter.append([np.count_nonzero(m & truth) for m in masks])
+        true.append(np.count_nonzero(truth))
+    shape = (len(true), len(postprocessors))
+    return (np.array(pred, np.int64).reshape(shape), np.array(inter, np.int64).reshape(shape),
+            np.array(true, np.int64))
+
+
+def evaluate(source: ImageSource, postprocessors: Sequence[PostProcessor], n_jobs: int = 1,
+             block_size: int = BLOCK_SIZE) -> tuple[np.ndarray, ...]:
+    """The straightforward method: bring each map to its original size, apply each strategy there, and count.
 
     Returns:
         ``(pred_area, intersection, true_area)``: N x P, N x P and N integer arrays; the Dice of image ``i``
         under strategy ``p`` is ``dice_from_counts(intersection, pred_area, true_area[:, None])[i, p]``.
     """
-    pred, inter, true = [], [], []
-    for levels, truth in chunks:
-        for image, mask in zip(levels, truth):
-            masks = [pp(image) for pp in postprocessors]
-            pred.append([m.sum() for m in masks])
-            inter.append([np.count_nonzero(m & mask) for m in masks])
-            true.append(mask.sum())
-    shape = (len(true), len(postprocessors))
-    return (np.array(pred, np.int64).reshape(shape), np.array(inter, np.int64).reshape(shape),
-            np.array(true, np.int64))
+    parts = _map_blocks(_evaluate_block, source, n_jobs, block_size, list(postprocessors))
+    return tuple(np.concatenate(p) for p in zip(*parts))
 
 
 def _first_best(scores: np.ndarray) -> int:
@@ -322,15 +413,15 @@ def _first_best(scores: np.ndarray) -> int:
 
 @dataclass
 class Nested:
-    """Parameters chosen on the other groups, scored on each held-out group.
+    """The whole choice rerun on the other groups, scored on each held-out group.
 
     Attributes:
-        choices: per group, the index of the candidate that scores best on the other groups.
-        scores: per group, that candidate's score on the group itself.
+        choices: per group, the ``{name, params}`` block chosen on the other groups (component areas included).
+        scores: per group, that choice's score on the group itself.
         score: the mean over all images of the held-out Dice.
     """
 
-    choices: np.ndarray
+    choices: list[dict[str, Any]]
     scores: np.ndarray
     score: float
 
@@ -348,12 +439,14 @@ class SearchResult:
         group_sizes: images per group.
         surfaces: per strategy, its grid and the exact scores (len(tops) x len(min_areas) x len(bottoms), NaN
             where invalid), for plots.
+        nested: the nested estimate (None with a single group).
     """
 
     candidates: pd.DataFrame
     group_sums: np.ndarray
     group_sizes: np.ndarray
     surfaces: dict[str, tuple[Grid, np.ndarray]]
+    nested: Nested | None = None
 
     @property
     def best(self) -> int:
@@ -369,31 +462,14 @@ class SearchResult:
 
     def block(self, row: int) -> dict[str, Any]:
         """The ``{name, params}`` block of a candidate."""
-        candidate = self.candidates.iloc[row]
-        return {"name": candidate["strategy"], "params": json.loads(candidate["params"])}
+        return _block(self.candidates.iloc[row])
 
     def group_scores(self, row: int) -> np.ndarray:
         return self.group_sums[row] / self.group_sizes
 
-    def nested(self) -> Nested | None:
-        """The nested estimate (None with a single group)."""
-        return nested_estimate(self.group_sums, self.group_sizes)
 
-
-def nested_estimate(group_sums: np.ndarray, group_sizes: np.ndarray) -> Nested | None:
-    """For each group, choose the candidate best on the other groups and score it on the group.
-
-    Args:
-        group_sums: candidates x G, Dice summed over each group's images.
-        group_sizes: images per group.
-    """
-    n_groups = len(group_sizes)
-    if n_groups < 2:
-        return None
-    others = (group_sums.sum(1, keepdims=True) - group_sums) / (group_sizes.sum() - group_sizes)
-    choices = np.array([_first_best(column) for column in others.T])
-    held_out = group_sums[choices, np.arange(n_groups)]
-    return Nested(choices, held_out / group_sizes, float(held_out.sum() / group_sizes.sum()))
+def _block(candidate: pd.Series | dict) -> dict[str, Any]:
+    return {"name": candidate["strategy"], "params": json.loads(candidate["params"])}
 
 
 def _rows(grid: Grid, points: Iterable[tuple[float, float, float, float]], method: str) -> list[dict[str, Any]]:
@@ -401,48 +477,92 @@ def _rows(grid: Grid, points: Iterable[tuple[float, float, float, float]], metho
              "params": json.dumps(grid.params(*map(float, point))), "method": method} for point in points]
 
 
-def run_search(source: ChunkSource, groups: np.ndarray, grids: Sequence[Grid], refine_steps: int = 2,
-               hist: LevelHistograms | None = None) -> SearchResult:
-    """Search every grid exactly, then the component areas around each grid's best exact point.
+@dataclass
+class _Exact:
+    """The exact grids' results: per grid its group sums, and every valid point as candidate rows and sums."""
+
+    grids: Sequence[Grid]
+    sums: list[np.ndarray]
+    rows: list[dict[str, Any]]
+    group_sums: np.ndarray
+
+    @classmethod
+    def of(cls, counts: ThresholdCounts, groups: np.ndarray, n_groups: int, grids: Sequence[Grid]) -> "_Exact":
+        sums = [exact_sums(counts, groups, n_groups, grid) for grid in grids]
+        rows, columns = [], []
+        for grid, grid_sums in zip(grids, sums):
+            t, a, b = np.nonzero(~np.isnan(grid_sums[0]))
+            rows += _rows(grid, zip(grid.tops[t], grid.min_areas[a], grid.bottoms[b], np.zeros(len(t))), "histogram")
+            columns.append(grid_sums[:, t, a, b].T)
+        return cls(grids, sums, rows, np.concatenate(columns))
+
+    def refine_points(self, train: np.ndarray, steps: int) -> list[list[tuple[float, float, float]]]:
+        """Per grid, the points whose components are searched when choosing on the groups ``train``: those
+        around the grid's best exact point on them (none for a grid without component areas)."""
+        points = []
+        for grid, grid_sums in zip(self.grids, self.sums):
+            if not grid.component_areas.size:
+                points.append([])
+                continue
+            surface = grid_sums[train].sum(0)
+            best = np.unravel_index(np.nanargmax(surface), surface.shape)
+            points.append([(grid.tops[i], grid.min_areas[j], grid.bottoms[k])
+                           for i, j, k in grid.neighbours(*map(int, best), steps)])
+        return points
+
+
+def _choice(exact: _Exact, points: list[list[tuple]], refined: np.ndarray, point_index: dict,
+            areas: np.ndarray) -> tuple[list[dict[str, Any]], np.ndarray]:
+    """Candidate rows and group sums of one choice: every exact point, then each grid's refined ``points``
+    (``refined``: G x all points x ``areas``, rows found by ``point_index``)."""
+    rows, sums = list(exact.rows), [exact.group_sums]
+    for grid, grid_points in zip(exact.grids, points):
+        a_index = np.searchsorted(areas, grid.component_areas)
+        for point in grid_points:
+            rows += _rows(grid, ((*point, area) for area in grid.component_areas), "components")
+            sums.append(refined[:, point_index[point]][:, a_index].T)
+    return rows, np.concatenate(sums)
+
+
+def run_search(source: ImageSource, groups: np.ndarray, grids: Sequence[Grid], refine_steps: int = 2,
+               n_jobs: int = 1, block_size: int = BLOCK_SIZE, counts: ThresholdCounts | None = None) -> SearchResult:
+    """Search every grid exactly, then the component areas around each grid's best exact point; and the same
+    whole choice on the other groups for each group, for the nested estimate.
 
     Args:
-        source: starts a pass over the images (called once or twice).
-        groups: the group (fold index, 0..G-1) of each image, in the pass's order.
+        source: the images (read once or twice).
+        groups: the group (fold index, 0..G-1) of each image, in the source's order.
         grids: the strategies' grids.
         refine_steps: how many ``bottom`` grid steps on each side of the best are refined with components.
-        hist: histograms already built from ``source`` (built here when None).
+        n_jobs, block_size: as in :func:`count_thresholds`.
+        counts: threshold counts already made from ``source`` for :func:`grid_thresholds` (made here when None).
     """
     groups = np.asarray(groups)
     n_groups = int(groups.max()) + 1
     group_sizes = np.bincount(groups, minlength=n_groups)
-    hist = hist if hist is not None else build_histograms(source())
-    if len(hist) != len(groups):
-        raise ValueError(f"{len(groups)} group labels for {len(hist)} images")
-    rows, sums, surfaces, refinements = [], [], {}, []
-    for grid in grids:
-        grid_sums = exact_sums(hist, groups, n_groups, grid)
-        surfaces[grid.strategy] = (grid, grid_sums.sum(0) / len(groups))
-        t, a, b = np.nonzero(~np.isnan(grid_sums[0]))
-        rows += _rows(grid, zip(grid.tops[t], grid.min_areas[a], grid.bottoms[b], np.zeros(len(t))), "histogram")
-        sums.append(grid_sums[:, t, a, b].T)
-        if grid.component_areas.size:
-            best = np.unravel_index(np.nanargmax(surfaces[grid.strategy][1]), grid_sums.shape[1:])
-            points = [(grid.tops[i], grid.min_areas[j], grid.bottoms[k])
-                      for i, j, k in grid.neighbours(*map(int, best), refine_steps)]
-            refinements.append((grid, points))
-    if refinements:
-        all_points = [p for _, points in refinements for p in points]
-        all_areas = np.unique(np.concatenate([grid.component_areas for grid, _ in refinements]))
-        refined = component_sums(source(), hist, groups, n_groups, all_points, all_areas)   # G x P x A
-        start = 0
-        for grid, points in refinements:
-            p_index = np.arange(start, start + len(points))
-            a_index = np.searchsorted(all_areas, grid.component_areas)
-            start += len(points)
-            rows += _rows(grid, ((*points[p], all_areas[a]) for p in p_index - p_index[0] for a in a_index),
-                          "components")
-            sums.append(refined[:, p_index][:, :, a_index].reshape(n_groups, -1).T)
-    group_sums = np.concatenate(sums)
+    counts = counts if counts is not None else count_thresholds(source, grid_thresholds(grids), n_jobs, block_size)
+    if len(counts) != len(groups):
+        raise ValueError(f"{len(groups)} group labels for {len(counts)} images")
+    exact = _Exact.of(counts, groups, n_groups, grids)
+    # Training groups of each choice: all of them (the answer), then all but one (the nested estimate).
+    trains = [np.ones(n_groups, bool)] + ([np.arange(n_groups) != g for g in range(n_groups)] if n_groups > 1 else [])
+    points = [exact.refine_points(train, refine_steps) for train in trains]
+    unique = list(dict.fromkeys(p for choice in points for grid_points in choice for p in grid_points))
+    point_index = {p: k for k, p in enumerate(unique)}
+    areas = np.unique(np.concatenate([np.zeros(0)] + [g.component_areas for g in grids]))
+    refined = (component_sums(source, counts, groups, n_groups, unique, areas, n_jobs, block_size) if unique
+               else np.zeros((n_groups, 0, len(areas))))
+    rows, group_sums = _choice(exact, points[0], refined, point_index, areas)
     candidates = pd.DataFrame(rows)
     candidates["dice"] = group_sums.sum(1) / len(groups)
-    return SearchResult(candidates, group_sums, group_sizes, surfaces)
+    surfaces = {grid.strategy: (grid, grid_sums.sum(0) / len(groups)) for grid, grid_sums in zip(grids, exact.sums)}
+    nested = None
+    if n_groups > 1:
+        chosen, held_out = [], np.empty(n_groups)
+        for g, (train, choice_points) in enumerate(zip(trains[1:], points[1:])):
+            choice_rows, choice_sums = _choice(exact, choice_points, refined, point_index, areas)
+            best = _first_best(choice_sums[:, train].sum(1) / group_sizes[train].sum())
+            chosen.append(_block(choice_rows[best]))
+            held_out[g] = choice_sums[best, g]
+        nested = Nested(chosen, held_out / group_sizes, float(held_out.sum() / group_sizes.sum()))
+    return SearchResult(candidates, group_sums, group_sizes, surfaces, nested)

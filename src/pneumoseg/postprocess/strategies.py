@@ -51,7 +51,9 @@ def above(probs: np.ndarray, threshold: float) -> np.ndarray:
     """Boolean map of p > ``threshold``, for float probabilities or uint8 levels (see the module docstring)."""
     if probs.dtype == np.uint8:
         return probs > level_cut(threshold)
-    return probs > threshold
+    # In the map's own precision whatever the threshold's type (a numpy float64 would otherwise promote the
+    # comparison), so that the search, which counts float32 maps against float32 thresholds, agrees to the pixel.
+    return probs > probs.dtype.type(threshold)
 
 
 def scale_area(area: float | np.ndarray, shape: tuple[int, ...]) -> float | np.ndarray:

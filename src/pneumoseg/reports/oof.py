@@ -46,14 +46,14 @@ def report_numbers(result: SearchResult, per_image: pd.DataFrame, chosen: dict, 
     """
     positive = per_image["true_area"] > 0
     predicted = per_image["pred_area"] > 0
-    nested = result.nested()
+    nested = result.nested
     per_fold = []
     for k, (fold, rows) in enumerate(per_image.groupby("fold", sort=True)):
         entry = {"fold": int(fold), "n_images": len(rows), "n_positive": int((rows["true_area"] > 0).sum()),
                  "score": float(rows["dice"].mean()), "default_score": float(rows["default_dice"].mean()),
                  "empty_baseline": float((rows["true_area"] == 0).mean())}
         if nested is not None:
-            entry.update(nested_score=float(nested.scores[k]), nested_choice=result.block(int(nested.choices[k])))
+            entry.update(nested_score=float(nested.scores[k]), nested_choice=nested.choices[k])
         per_fold.append(entry)
     candidates = result.candidates
     best_per_strategy = {}

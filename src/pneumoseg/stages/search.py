@@ -26,19 +26,18 @@ from typing import Iterator
 
 import numpy as np
 import pandas as pd
-from joblib import Parallel, delayed
 from omegaconf import DictConfig
-from tqdm import tqdm
 
 from pneumoseg import layout
-from pneumoseg.data.resize import resize
 from pneumoseg.config import to_dict
 from pneumoseg.errors import ConfigError, DataError
 from pneumoseg.io import read_png, write_csv, write_json
 from pneumoseg.evaluation.metrics import dice_from_counts
 from pneumoseg.postprocess.strategies import PostProcessor, build_postprocessor
 from pneumoseg.data.probstore import IDS_FILE, PROBS_FILE, ProbabilityStore
-from pneumoseg.postprocess.search import GRIDS, Chunk, SearchResult, evaluate, run_search
+from pneumoseg.data.inputs import locate_train_labels
+from pneumoseg.data.labels import ImageLabels, read_labels
+from pneumoseg.postprocess.search import GRIDS, SearchResult, evaluate, run_search, to_original
 from pneumoseg.reports import oof as oof_report
 from pneumoseg.stages.record import StageRecord
 
@@ -116,74 +115,95 @@ def _check_same_ids(found, expected, found_name: str, expected_name: str) -> Non
         )
 
 
+@dataclass
+class OofImages:
+    """OOF maps with their truth decoded from the label file at each image's original size: the
+    :class:`~pneumoseg.postprocess.search.ImageSource` of the search. Holds paths and label rows only, since its
+    parts go to worker processes.
+
+    Args:
+        ranges: ``(store folder, first row, stop row)`` of each run of images, in order.
+        labels: each image's label rows.
+        shapes: each image's original ``(rows, cols)``.
+    """
+
+    ranges: list[tuple[Path, int, int]]
+    labels: list[ImageLabels]
+    shapes: list[tuple[int, int]]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        row = 0
+        for folder, first, stop in self.ranges:
+            maps = np.load(folder / PROBS_FILE, mmap_mode="r")
+            for index in range(first, stop):
+                yield np.asarray(maps[index]), self.truth(row)
+                row += 1
+
+    def truth(self, row: int) -> np.ndarray:
+        """The boolean truth of image ``row`` at its original size."""
+        return self.labels[row].mask(*self.shapes[row])
+
+    def part(self, start: int, stop: int) -> "OofImages":
+        ranges, offset = [], 0
+        for folder, first, last in self.ranges:
+            low, high = max(start, offset), min(stop, offset + last - first)
+            if low < high:
+                ranges.append((folder, first + low - offset, first + high - offset))
+            offset += last - first
+        return OofImages(ranges, self.labels[start:stop], self.shapes[start:stop])
+
+
 class OofSet:
-    """The OOF predictions of every fold, in fold order, with their truth masks at the OOF size.
+    """The OOF predictions of every fold, in fold order, with their truth at the original size.
 
     Args:
         folds: the opened stores (:func:`open_folds`).
-        masks_dir: folder of the truth masks (``<ImageId>.png``, 0/255, any square size).
-        n_jobs: threads reading the masks.
-        chunk_size: images per block read.
+        label_file: the training label file (``train-rle.csv`` or ``stage_2_train.csv``): the truth.
+        labels_csv: stage 02's ``labels.csv``: each image's original ``rows`` and ``cols``.
+
+    Raises:
+        DataError: an OOF image without rows in the label file.
     """
 
-    def __init__(self, folds: list[OofFold], masks_dir: Path, n_jobs: int, chunk_size: int) -> None:
-        self.folds = folds
-        self.chunk_size = chunk_size
+    def __init__(self, folds: list[OofFold], label_file: Path, labels_csv: Path) -> None:
         self.ids = [image_id for f in folds for image_id in f.store.ids]
         self.fold_of = np.concatenate([np.full(len(f.store), f.fold) for f in folds])
         self.groups = np.concatenate([np.full(len(f.store), k) for k, f in enumerate(folds)])
         self.size = folds[0].store.size
         self._row = {image_id: k for k, image_id in enumerate(self.ids)}
-        self._truth = self._read_masks(masks_dir, n_jobs)
-
-    def _read_masks(self, masks_dir: Path, n_jobs: int) -> np.ndarray:
-        if not masks_dir.is_dir():
-            raise DataError(f"truth masks folder {masks_dir} not found; run scripts/02_prepare_labels.py first")
-        # Kept as bits: 12,000 masks of 256 px take 98 MB.
-        packed = np.empty((len(self.ids), self.size, (self.size + 7) // 8), np.uint8)
-        with Parallel(n_jobs=n_jobs, prefer="threads") as parallel:
-            for start in tqdm(range(0, len(self.ids), self.chunk_size), desc="truth masks", unit="chunk"):
-                block = self.ids[start:start + self.chunk_size]
-                masks = parallel(delayed(_read_mask)(masks_dir / f"{i}.png", self.size) for i in block)
-                packed[start:start + len(block)] = np.packbits(np.stack(masks), axis=-1)
-        return packed
+        labels = read_labels(label_file)
+        unlabelled = [i for i in self.ids if i not in labels]
+        if unlabelled:
+            raise DataError(f"{len(unlabelled)} OOF images have no rows in the label file {label_file}, e.g. "
+                            f"{unlabelled[:3]}; stage 02 read another label file. Rerun stages 02-03.")
+        sizes = _read_csv(labels_csv, ("ImageId", "rows", "cols"), "rerun scripts/02_prepare_labels.py")
+        shape_of = dict(zip(sizes["ImageId"], zip(sizes["rows"].astype(int), sizes["cols"].astype(int))))
+        ranges = [(f.store.folder, 0, len(f.store)) for f in folds]
+        self.images = OofImages(ranges, [labels[i] for i in self.ids], [shape_of[i] for i in self.ids])
 
     def __len__(self) -> int:
         return len(self.ids)
 
-    def truth(self, rows: slice | np.ndarray) -> np.ndarray:
-        return np.unpackbits(self._truth[rows], axis=-1, count=self.size).astype(bool)
-
-    def chunks(self, desc: str = "OOF") -> Iterator[Chunk]:
-        """One pass over every image: ``(uint8 levels, boolean truth)`` blocks, in fold order."""
-        start = 0
-        with tqdm(total=len(self), desc=desc, unit="img") as progress:
-            for fold in self.folds:
-                for ids, levels in fold.store.chunks(self.chunk_size):
-                    yield levels, self.truth(slice(start, start + len(ids)))
-                    start += len(ids)
-                    progress.update(len(ids))
-
     def case(self, image_id: str) -> tuple[np.ndarray, np.ndarray]:
-        """The uint8 OOF map and the truth mask of one image."""
+        """The uint8 OOF map and the original-size truth of one image."""
         row = self._row[image_id]
-        offset = 0
-        for fold in self.folds:
-            if row < offset + len(fold.store):
-                return np.asarray(fold.store.maps[row - offset]), self.truth(slice(row, row + 1))[0]
-            offset += len(fold.store)
-        raise KeyError(image_id)
-
-
-def _read_mask(path: Path, size: int) -> np.ndarray:
-    return resize(read_png(path), size, size, "area") >= 128
+        [(levels, truth)] = list(self.images.part(row, row + 1))
+        return levels, truth
 
 
 def _input_facts(cfg: DictConfig, folds: list[OofFold]) -> dict:
     """What the outputs depend on besides the config: the OOF stores and label files, by size and time."""
-    paths = [layout.train_folds_path(cfg), layout.labels_path(cfg)]
+    paths = [layout.train_folds_path(cfg), layout.labels_path(cfg), train_label_file(cfg)]
     paths += [f.store.folder / name for f in folds for name in (PROBS_FILE, IDS_FILE)]
     return {"folds": [f.fold for f in folds], **{str(p): [p.stat().st_size, p.stat().st_mtime_ns] for p in paths}}
+
+
+def train_label_file(cfg: DictConfig) -> Path:
+    """The training label file the truth is decoded from (``data.train_labels`` in ``paths.input_dir``)."""
+    return locate_train_labels(cfg.data.train_labels, cfg.paths.input_dir)
 
 
 def build_grids(cfg: DictConfig) -> list:
@@ -206,14 +226,15 @@ def run(cfg: DictConfig, force: bool = False) -> dict:
     default = build_postprocessor(cfg.postprocess)
     record.start()
 
-    oof = OofSet(folds, layout.masks_dir(cfg, cfg.train.image_size), cfg.search.n_jobs,
-                 cfg.search.chunk_size)
-    log.info("searching %d OOF images of %d px from %d folds", len(oof), oof.size, len(folds))
+    oof = OofSet(folds, train_label_file(cfg), layout.labels_path(cfg))
+    n_jobs, block = int(cfg.search.n_jobs), int(cfg.search.chunk_size)
+    log.info("searching %d OOF maps of %d px from %d folds, scored at the images' original size", len(oof),
+             oof.size, len(folds))
     started = time.time()
-    result = run_search(oof.chunks, oof.groups, grids, cfg.search.refine_steps)
+    result = run_search(oof.images, oof.groups, grids, int(cfg.search.refine_steps), n_jobs, block)
     seconds = time.time() - started
     chosen = build_postprocessor(result.block(result.best))
-    per_image = _score_images(oof, result, chosen, default)
+    per_image = _score_images(oof, result, chosen, default, n_jobs, block)
 
     write_csv(folder / "candidates.csv", _candidates_table(result, folds))
     write_csv(folder / "per_image.csv", per_image)
@@ -226,7 +247,7 @@ def run(cfg: DictConfig, force: bool = False) -> dict:
 
     def gallery_case(image_id: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         levels, truth = oof.case(image_id)
-        return read_png(xrays / f"{image_id}.png"), truth, chosen(levels)
+        return read_png(xrays / f"{image_id}.png"), truth, chosen(to_original(levels, truth.shape))
 
     write_json(layout.oof_report_path(cfg), numbers)
     oof_report.write_report(folder, numbers, result, per_image, logs, gallery_case, cfg.search.gallery_cases,
@@ -235,9 +256,11 @@ def run(cfg: DictConfig, force: bool = False) -> dict:
     return numbers
 
 
-def _score_images(oof: OofSet, result: SearchResult, chosen: PostProcessor, default: PostProcessor) -> pd.DataFrame:
-    """Apply the chosen and the default strategy to every image; check the chosen one against the search."""
-    pred, inter, true = evaluate(oof.chunks("check"), [chosen, default])
+def _score_images(oof: OofSet, result: SearchResult, chosen: PostProcessor, default: PostProcessor,
+                  n_jobs: int, block_size: int) -> pd.DataFrame:
+    """Apply the chosen and the default strategy to every image at its original size; check the chosen one
+    against the search."""
+    pred, inter, true = evaluate(oof.images, [chosen, default], n_jobs, block_size)
     dice = dice_from_counts(inter, pred, true[:, None])
     searched = float(result.candidates["dice"].iloc[result.best])
     if abs(dice[:, 0].mean() - searched) > AGREEMENT:
