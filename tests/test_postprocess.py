@@ -142,3 +142,11 @@ def test_load_postprocessor_names_the_missing_or_broken_file(tmp_path):
     (tmp_path / "bad.json").write_text("{")
     with pytest.raises(DataError, match="not valid JSON"):
         load_postprocessor(tmp_path / "bad.json")
+
+
+@pytest.mark.parametrize("threshold", [np.float64(0.1), 0.1, np.float32(0.1)])
+def test_float_maps_are_compared_in_their_own_precision(threshold):
+    # float32(0.1) is above 0.1: a float64 comparison would call it positive, the search's float32 counts would not.
+    probs = np.full((2, 2), np.float32(0.1))
+    assert not above(probs, threshold).any()
+    assert not Threshold(threshold=float(threshold))(probs).any()

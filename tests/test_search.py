@@ -19,9 +19,9 @@ from pneumoseg.stages import search as stage
 from synthetic_oof import ArraySource, write_oof_experiment
 
 
-def _oof(n=48, size=32, original=128, seed=0):
+def _oof(n=48, size=32, original=128, seed=0, specks=0):
     """Random OOF levels (``size`` px) with blurred discs, the discs' truth at the ``original`` size, and a fold
-    label per image."""
+    label per image; up to ``specks`` confident false-positive specks per image make component areas matter."""
     rng = np.random.default_rng(seed)
     truth = np.zeros((n, original, original), np.uint8)
     levels = np.zeros((n, size, size), np.uint8)
@@ -32,6 +32,8 @@ def _oof(n=48, size=32, original=128, seed=0):
             cv2.circle(truth[i], centre, int(rng.integers(2 * scale, 6 * scale)), 1, -1)
         small = cv2.resize(truth[i].astype(np.float32), (size, size), interpolation=cv2.INTER_AREA)
         signal = small * rng.uniform(0.2, 1) + rng.random((size, size)) * 0.6
+        for row, col in rng.integers(2, size - 4, (rng.integers(0, specks + 1), 2)):
+            signal[row:row + 2, col:col + 2] = rng.uniform(0.6, 1.2)
         levels[i] = np.clip(cv2.GaussianBlur(signal.astype(np.float32), (5, 5), 0) * 255, 0, 255).astype(np.uint8)
     return ArraySource(levels, truth.astype(bool)), np.arange(n) % 3
 
@@ -111,10 +113,12 @@ def test_components_are_searched_within_refine_steps_of_the_best_bottom():
     assert set(refined["min_component_area"]) == {2000, 8000}
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("seed", [1, 5])
 def test_nested_estimate_reruns_the_whole_choice_on_the_other_folds(seed):
     # The reference: the search run afresh on the other folds' images alone, its choice applied to the held-out one.
-    source, groups = _oof(seed=seed)
+    # With these seeds a held-out fold's best exact threshold differs from the all-fold one, so component areas
+    # refined around the all-fold best would give another (optimistic) estimate.
+    source, groups = _oof(seed=seed, specks=2)
     grids = [GRIDS.build(b) for b in GRID_BLOCKS]
     nested = run_search(source, groups, grids, refine_steps=1).nested
     for g in range(3):
