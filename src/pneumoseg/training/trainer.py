@@ -13,7 +13,7 @@
   torch RNG state. It is rewritten atomically after every epoch, so a run killed at any moment resumes from the
   last finished epoch and ends as the uninterrupted run would have.
 * ``oof/``: a :class:`~pneumoseg.data.probstore.ProbabilityWriter` store of the fold's validation images predicted
-  by its ``train.oof_checkpoints`` best checkpoints with the ``tta`` views, at ``train.oof_size`` pixels.
+  with the test recipe (:func:`write_oof`), at ``train.oof_size`` pixels.
 
 The validation metric is the challenge's (mean per-image Dice, 1 when both masks are empty) after each
 post-processing strategy of ``train.val_postprocess`` (the classes of :mod:`pneumoseg.postprocess.strategies`).
@@ -328,6 +328,7 @@ def fit_fold(cfg: DictConfig, data: PreparedData, fold: int, folder: str | Path,
         ConfigError: ``last.pt`` was written for another config.
     """
     started = time.time()
+    check_oof_recipe(cfg)
     folder = Path(folder)
     epochs, monitor, patience = int(cfg.train.epochs), str(cfg.train.monitor), cfg.train.early_stopping
     train_rows, val_rows = data.split(fold)
@@ -338,7 +339,7 @@ def fit_fold(cfg: DictConfig, data: PreparedData, fold: int, folder: str | Path,
             break
         _run_epoch(run, epoch, epochs, fold, folder, ctx, monitor, fingerprint)
     if ctx.is_main:
-        write_oof(cfg, data, val_rows, folder, best_files(folder)[:int(cfg.train.oof_checkpoints)], ctx)
+        write_oof(cfg, data, val_rows, folder, ctx)
     ctx.barrier()
     best_row = max(run.history, key=lambda r: r[monitor] if metric_mode(monitor) == "max" else -r[monitor])
     return {
@@ -434,19 +435,35 @@ def _restore(trainer: Trainer, best: BestCheckpoints, folder: Path, ctx: DistCon
     return list(state["history"])
 
 
-def write_oof(cfg: DictConfig, data: PreparedData, val_rows: pd.DataFrame, folder: Path,
-              checkpoints: Sequence[Path], ctx: DistContext) -> None:
-    """Predict the fold's validation images with ``checkpoints`` into ``folder/oof`` at ``train.oof_size``."""
+def check_oof_recipe(cfg: DictConfig) -> None:
+    """Refuse, before any training, a ``predict.top_k`` that stage 05 could not load: the OOF predictions use it.
+
+    Raises:
+        ConfigError: ``predict.top_k`` below 1 or above ``train.keep_best``.
+    """
+    top_k, keep = int(cfg.predict.top_k), int(cfg.train.keep_best)
+    if not 1 <= top_k <= keep:
+        raise ConfigError(f"predict.top_k={top_k} must be between 1 and train.keep_best={keep}: the OOF "
+                          f"predictions and stage 05 average that many of the checkpoints each fold keeps")
+
+
+def write_oof(cfg: DictConfig, data: PreparedData, val_rows: pd.DataFrame, folder: Path, ctx: DistContext) -> None:
+    """Predict the fold's validation images into ``folder/oof`` at ``train.oof_size``, with the test recipe.
+
+    The recipe is stage 05's (:meth:`pneumoseg.inference.predictor.Predictor.from_experiment`): the fold's
+    ``predict.top_k`` best checkpoints, the ``tta`` views and ``predict.amp``, so that stage 04 tunes the
+    post-processing on the maps the submission is made of.
+    """
     train = cfg.train
-    models = [load_model(path, ctx.device) for path in checkpoints]
+    models = [load_model(path, ctx.device) for path in best_files(folder)[:int(cfg.predict.top_k)]]
     ids = val_rows["ImageId"].tolist()
     images = ImageFiles([data.image_dir / f"{i}.png" for i in ids])
     loader = _loader(images, int(train.val_batch_size), int(train.num_workers), ctx)
     size = int(train.oof_size)
-    tta = TTA.from_config(cfg.tta)
+    tta = TTA.from_config(cfg.get("tta"))
     with ProbabilityWriter(layout.oof_dir(folder), ids, size) as writer:
         start = 0
         for batch in tqdm(loader, desc=f"OOF {folder.name}", leave=False):
-            probs = predict_probs(models, batch, tta, batch_size=len(batch), amp=train.amp)
+            probs = predict_probs(models, batch, tta, batch_size=len(batch), amp=cfg.predict.amp)
             writer.write(start, resize_probabilities(probs, size, size))
             start += len(batch)
