@@ -314,10 +314,10 @@ def exact_sums(counts: ThresholdCounts, groups: np.ndarray, n_groups: int, grid:
 def _component_counts(full: np.ndarray, truth: np.ndarray, thresholds: np.ndarray,
                       min_pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Predicted area and intersection (len(thresholds) x len(min_pixels)) of one full-size map, for each
-    threshold and each minimum component size (pixels of this image)."""
+    threshold (ascending) and each minimum component size (pixels of this image)."""
     pred = np.zeros((len(thresholds), len(min_pixels)), np.int64)
     inter = np.zeros_like(pred)
-    lowest = full > thresholds.min()
+    lowest = full > thresholds[0]
     rows, cols = np.flatnonzero(lowest.any(1)), np.flatnonzero(lowest.any(0))
     if rows.size == 0:
         return pred, inter
@@ -327,7 +327,7 @@ def _component_counts(full: np.ndarray, truth: np.ndarray, thresholds: np.ndarra
     for k, threshold in enumerate(thresholds):
         labels, areas = components(full > threshold)
         if areas.size == 0:
-            continue
+            break
         inside = np.bincount(labels[truth], minlength=areas.size + 1)[1:]
         keep = areas[None, :] >= min_pixels[:, None]                                    # A x components
         pred[k], inter[k] = keep @ areas, keep @ inside

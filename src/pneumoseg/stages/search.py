@@ -2,8 +2,9 @@
 
 Inputs: stage 03's ``03_train/folds.csv`` (ImageId, fold) and, for each fold ``k`` of ``train.folds``, the
 probability store ``03_train/fold<k>/oof/`` of its validation images and ``fold<k>/log.csv`` (training curves);
-stage 02's truth masks ``02_labels/masks_<train.image_size>/<ImageId>.png`` (resized to the OOF size when they
-differ) and ``labels.csv``; stage 01's X-rays ``01_convert/images_<train.image_size>/`` for the report's gallery.
+the training label file (``data.train_labels``: ``train-rle.csv`` or ``stage_2_train.csv``), decoded at each image's
+original size (``rows``, ``cols`` of stage 02's ``labels.csv``): the truth every candidate is scored against;
+stage 01's X-rays ``01_convert/images_<train.image_size>/`` for the report's gallery.
 
 Outputs in ``${paths.experiment_dir}/04_search/``:
 
@@ -13,8 +14,10 @@ Outputs in ``${paths.experiment_dir}/04_search/``:
 * ``per_image.csv``: areas and Dice of the chosen strategy on every OOF image;
 * ``oof_report.json``, ``oof_report.md`` and ``plots/`` (see :mod:`pneumoseg.reports.oof`).
 
-The search itself is :func:`pneumoseg.postprocess.search.run_search`; the chosen strategy is then applied again, image by
-image, through :mod:`pneumoseg.postprocess.strategies`, and its score must agree with the search's.
+The search itself is :func:`pneumoseg.postprocess.search.run_search`: every candidate is scored as the submission
+is, on each OOF map brought to its image's original size as stage 05 brings a test map back. The chosen strategy
+is then applied again, image by image at full size, through :mod:`pneumoseg.postprocess.strategies`, and its score
+must agree with the search's.
 """
 from __future__ import annotations
 
@@ -22,7 +25,6 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pandas as pd
@@ -36,7 +38,8 @@ from pneumoseg.evaluation.metrics import dice_from_counts
 from pneumoseg.postprocess.strategies import PostProcessor, build_postprocessor
 from pneumoseg.data.probstore import IDS_FILE, PROBS_FILE, ProbabilityStore
 from pneumoseg.data.inputs import locate_train_labels
-from pneumoseg.data.labels import ImageLabels, read_labels
+from pneumoseg.data.labels import read_labels
+from pneumoseg.postprocess.images import OofImages
 from pneumoseg.postprocess.search import GRIDS, SearchResult, evaluate, run_search, to_original
 from pneumoseg.reports import oof as oof_report
 from pneumoseg.stages.record import StageRecord
@@ -113,47 +116,6 @@ def _check_same_ids(found, expected, found_name: str, expected_name: str) -> Non
             f"(e.g. {missing[:3]}), {len(extra)} not in the fold (e.g. {extra[:3]}), {len(found) - len(set(found))} "
             f"repeated. Rerun that fold of scripts/03_train.py --force."
         )
-
-
-@dataclass
-class OofImages:
-    """OOF maps with their truth decoded from the label file at each image's original size: the
-    :class:`~pneumoseg.postprocess.search.ImageSource` of the search. Holds paths and label rows only, since its
-    parts go to worker processes.
-
-    Args:
-        ranges: ``(store folder, first row, stop row)`` of each run of images, in order.
-        labels: each image's label rows.
-        shapes: each image's original ``(rows, cols)``.
-    """
-
-    ranges: list[tuple[Path, int, int]]
-    labels: list[ImageLabels]
-    shapes: list[tuple[int, int]]
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        row = 0
-        for folder, first, stop in self.ranges:
-            maps = np.load(folder / PROBS_FILE, mmap_mode="r")
-            for index in range(first, stop):
-                yield np.asarray(maps[index]), self.truth(row)
-                row += 1
-
-    def truth(self, row: int) -> np.ndarray:
-        """The boolean truth of image ``row`` at its original size."""
-        return self.labels[row].mask(*self.shapes[row])
-
-    def part(self, start: int, stop: int) -> "OofImages":
-        ranges, offset = [], 0
-        for folder, first, last in self.ranges:
-            low, high = max(start, offset), min(stop, offset + last - first)
-            if low < high:
-                ranges.append((folder, first + low - offset, first + high - offset))
-            offset += last - first
-        return OofImages(ranges, self.labels[start:stop], self.shapes[start:stop])
 
 
 class OofSet:
@@ -265,7 +227,8 @@ def _score_images(oof: OofSet, result: SearchResult, chosen: PostProcessor, defa
     searched = float(result.candidates["dice"].iloc[result.best])
     if abs(dice[:, 0].mean() - searched) > AGREEMENT:
         raise RuntimeError(f"the search scored {chosen.to_block()} {searched:.12f}, applying it gives "
-                           f"{dice[:, 0].mean():.12f}; pneumoseg.postprocess.search and pneumoseg.postprocess.strategies disagree")
+                           f"{dice[:, 0].mean():.12f}; pneumoseg.postprocess.search and "
+                           f"pneumoseg.postprocess.strategies disagree")
     return pd.DataFrame({"ImageId": oof.ids, "fold": oof.fold_of, "true_area": true, "pred_area": pred[:, 0],
                          "intersection": inter[:, 0], "dice": dice[:, 0], "default_pred_area": pred[:, 1],
                          "default_dice": dice[:, 1]})
