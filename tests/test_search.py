@@ -15,6 +15,7 @@ from pneumoseg.postprocess.strategies import build_postprocessor, load_postproce
 from pneumoseg.data.probstore import ProbabilityWriter
 from pneumoseg.data.resize import resize_probabilities
 from pneumoseg.postprocess.search import GRIDS, count_thresholds, evaluate, run_search
+from pneumoseg.reports import oof as oof_report
 from pneumoseg.stages import search as stage
 from synthetic_oof import ArraySource, write_oof_experiment
 
@@ -299,3 +300,16 @@ def test_no_grid_to_search_is_a_config_error(tiny_cfg):
     write_oof_experiment(cfg, n_images=8, oof_size=16)
     with pytest.raises(ConfigError, match="search.grids names no strategy"):
         stage.run(cfg)
+
+
+def test_report_shows_the_test_score_beside_the_oof_figures_once_stage_05_adds_it(experiment):
+    cfg, _ = experiment
+    numbers = stage.run(cfg)
+    folder = layout.search_dir(cfg)
+    assert "n/a: no held-out labels scored" in (folder / "oof_report.md").read_text()
+    oof_report.add_test_score(folder, 0.8123, 200)
+    report = (folder / "oof_report.md").read_text()
+    figures = [f"{numbers['oof_score']:.4f}", f"{numbers['nested_score']:.4f}", f"{numbers['empty_baseline']:.4f}",
+               "| held-out test set (200 images, scored by stage 05) | 0.8123 |"]
+    assert all(figure in report for figure in figures) and "plots/search.png" in report
+    assert json.loads((folder / "oof_report.json").read_text())["test"] == {"score": 0.8123, "n_images": 200}

@@ -7,6 +7,7 @@ the worst misses on positive images and a few good cases, each an X-ray with the
 """
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -18,13 +19,16 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from pneumoseg.data.resize import resize
-from pneumoseg.io import atomic_path, write_text
+from pneumoseg.io import atomic_path, write_json, write_text
 from pneumoseg.postprocess.strategies import ORIGINAL_SIZE, build_postprocessor
 from pneumoseg.postprocess.search import SearchResult
 
 log = logging.getLogger(__name__)
 
 PLOTS = "plots"
+PLOT_FILES = {"search": "search.png", "folds": "folds.png", "training": "training_curves.png",
+              "gallery": "gallery.png"}
+REPORT_JSON, REPORT_MD = "oof_report.json", "oof_report.md"
 TRUTH_COLOUR = (40, 220, 40)        # RGB: green outline
 PREDICTION_COLOUR = (255, 40, 40)   # RGB: red outline
 
@@ -101,14 +105,37 @@ def write_report(folder: Path, numbers: dict, result: SearchResult, per_image: p
         n_cases: images per gallery row.
         thumbnail_size: side of each gallery image in pixels.
     """
+    paths = {key: folder / PLOTS / name for key, name in PLOT_FILES.items()}
     plots = {
-        "search": plot_search(result, numbers, folder / PLOTS / "search.png"),
-        "folds": plot_folds(numbers, folder / PLOTS / "folds.png"),
-        "training": plot_training_curves(logs, folder / PLOTS / "training_curves.png"),
-        "gallery": plot_gallery(gallery_cases(per_image, n_cases), case, thumbnail_size,
-                                folder / PLOTS / "gallery.png"),
+        "search": plot_search(result, numbers, paths["search"]),
+        "folds": plot_folds(numbers, paths["folds"]),
+        "training": plot_training_curves(logs, paths["training"]),
+        "gallery": plot_gallery(gallery_cases(per_image, n_cases), case, thumbnail_size, paths["gallery"]),
     }
-    write_text(folder / "oof_report.md", render_markdown(numbers, plots))
+    write_text(folder / REPORT_MD, render_markdown(numbers, plots))
+
+
+def add_test_score(folder: Path, test_score: float, n_images: int) -> None:
+    """Put stage 05's score on held-out labels beside the OOF figures, in ``oof_report.json`` and ``.md``.
+
+    Stage 05 calls this after scoring its submission (it runs after stage 04, which cannot know the score).
+    Rerunning stage 04 writes the report afresh without it, until stage 05 scores the new choice.
+
+    Args:
+        folder: stage 04's folder; nothing is done when it has no report.
+        test_score: the submission's mean Dice on the held-out labels.
+        n_images: how many held-out images it was scored on.
+    """
+    path = folder / REPORT_JSON
+    if not path.is_file():
+        log.info("no OOF report at %s to add the test score to", path)
+        return
+    numbers = json.loads(path.read_text())
+    numbers["test"] = {"score": float(test_score), "n_images": int(n_images)}
+    write_json(path, numbers)
+    plots = {key: folder / PLOTS / name if (folder / PLOTS / name).is_file() else None
+             for key, name in PLOT_FILES.items()}
+    write_text(folder / REPORT_MD, render_markdown(numbers, plots))
 
 
 def _save(fig: Figure, path: Path) -> Path:
@@ -268,7 +295,9 @@ def render_markdown(numbers: dict, plots: Mapping[str, Path | None]) -> str:
         f"folds, maps of {numbers['oof_size']} px; {numbers['n_candidates']} post-processing candidates searched "
         f"in {numbers['search_seconds']} s.",
         "",
-        f"Chosen: {_block_text(numbers['chosen'])}. Areas are pixels of the 1024 px image.",
+        f"Chosen: {_block_text(numbers['chosen'])}. Areas are pixels of the 1024 px image. Every candidate is scored "
+        f"as the submission is: the OOF map brought to the image's original size as stage 05 brings a test map "
+        f"back, post-processed there, against the truth of the label file at that size.",
         "",
         "| measure | value |",
         "| --- | ---: |",
@@ -277,6 +306,7 @@ def render_markdown(numbers: dict, plots: Mapping[str, Path | None]) -> str:
         f"{_fmt(numbers['nested_score'])} |",
         f"| default {_block_text(numbers['default'])} | {_fmt(numbers['default_score'])} |",
         f"| every image predicted empty | {_fmt(numbers['empty_baseline'])} |",
+        _test_row(numbers.get("test")),
         f"| dice on positive images | {_fmt(numbers['positive_dice'])} |",
         f"| false-positive rate on empty images | {_fmt(numbers['false_positive_rate'])} |",
         f"| false-negative rate on positive images (predicted empty) | {_fmt(numbers['false_negative_rate'])} |",
@@ -312,6 +342,12 @@ def render_markdown(numbers: dict, plots: Mapping[str, Path | None]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _test_row(test: dict | None) -> str:
+    if test is None:
+        return "| held-out test set (stage 05) | n/a: no held-out labels scored for this choice |"
+    return f"| held-out test set ({test['n_images']} images, scored by stage 05) | {test['score']:.4f} |"
 
 
 def _image(alt: str, path: Path | None, missing: str = "") -> str:

@@ -43,6 +43,7 @@ from pneumoseg.io import content_hash, write_json
 from pneumoseg.inference.predictor import Predictor
 from pneumoseg.evaluation.submission import format_problems, score_submission, validate_submission, write_submission
 from pneumoseg.demo.layouts import TEST_LABELS
+from pneumoseg.reports import oof as oof_report
 from pneumoseg.stages.record import DONE_FILE, StageRecord
 
 log = logging.getLogger(__name__)
@@ -210,6 +211,7 @@ def score_test_set(cfg: DictConfig, test_labels: Path, sizes: dict[str, tuple[in
     scores = {"test_score": round(test_score, 4), "oof_score": None if oof_score is None else round(oof_score, 4),
               "test_labels": str(test_labels), "labels_sha256": content_hash(test_labels)}
     write_json(layout.predict_dir(cfg) / TEST_SCORE_FILE, scores)
+    oof_report.add_test_score(layout.search_dir(cfg), test_score, len(sizes))
     if oof_score is None:
         log.info("test score %.4f (no OOF report at %s to compare with)", test_score, report)
     else:
