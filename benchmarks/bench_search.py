@@ -131,9 +131,6 @@ class PeakMemory:
         while not self._stop.wait(self.interval):
             self.peak = max(self.peak, sum(_rss(pid) for pid in _family(os.getpid())))
 
-    def sample(self) -> None:
-        self.peak = max(self.peak, sum(_rss(pid) for pid in _family(os.getpid())))
-
 
 def _family(pid: int) -> list[int]:
     pids, queue = [], [pid]

@@ -1,7 +1,6 @@
 """The OOF predictions of stage 03 are made with the test recipe of stage 05: the same checkpoints per fold
 (predict.top_k), the same TTA views and the same precision."""
 import numpy as np
-import pandas as pd
 import pytest
 
 from pneumoseg import layout

@@ -33,7 +33,6 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, ClassVar, Iterable, Iterator, Protocol, Sequence
 
-import cv2
 import numpy as np
 import pandas as pd
 from joblib import Parallel, delayed
