@@ -122,13 +122,13 @@ def add_test_score(folder: Path, test_score: float, n_images: int) -> None:
     Rerunning stage 04 writes the report afresh without it, until stage 05 scores the new choice.
 
     Args:
-        folder: stage 04's folder; nothing is done when it has no report.
+        folder: stage 04's folder; nothing is done when it lacks the report (``oof_report.json`` and ``.md``).
         test_score: the submission's mean Dice on the held-out labels.
         n_images: how many held-out images it was scored on.
     """
     path = folder / REPORT_JSON
-    if not path.is_file():
-        log.info("no OOF report at %s to add the test score to", path)
+    if not path.is_file() or not (folder / REPORT_MD).is_file():
+        log.info("no OOF report in %s to add the test score to", folder)
         return
     numbers = json.loads(path.read_text())
     numbers["test"] = {"score": float(test_score), "n_images": int(n_images)}
