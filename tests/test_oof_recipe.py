@@ -9,6 +9,7 @@ from pneumoseg.errors import ConfigError
 from pneumoseg.inference.predictor import Predictor
 from pneumoseg.io import read_png
 from pneumoseg.stages import train as train_stage
+from pneumoseg.training.trainer import check_oof_recipe
 from synthetic import write_prepared
 
 SIZE = 32
@@ -36,3 +37,12 @@ def test_a_top_k_the_folds_do_not_keep_is_refused_before_training(tiny_cfg, top_
     with pytest.raises(ConfigError, match=rf"predict.top_k={top_k} must be between 1 and train.keep_best=2"):
         train_stage.run(cfg, folds=[0])
     assert not list(layout.train_dir(cfg).glob("fold0/*.pt"))
+
+
+def test_oof_maps_coarser_than_the_model_output_are_warned_about(tiny_cfg, caplog):
+    with caplog.at_level("WARNING"):
+        check_oof_recipe(tiny_cfg("data.image_size=64", "train.oof_size=64"))
+    assert not caplog.records
+    with caplog.at_level("WARNING"):
+        check_oof_recipe(tiny_cfg("data.image_size=64", "train.oof_size=32"))
+    assert "train.oof_size=32 is below train.image_size=64" in caplog.text

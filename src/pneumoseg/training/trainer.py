@@ -436,7 +436,8 @@ def _restore(trainer: Trainer, best: BestCheckpoints, folder: Path, ctx: DistCon
 
 
 def check_oof_recipe(cfg: DictConfig) -> None:
-    """Refuse, before any training, a ``predict.top_k`` that stage 05 could not load: the OOF predictions use it.
+    """Refuse, before any training, a ``predict.top_k`` that stage 05 could not load: the OOF predictions use it;
+    warn when ``train.oof_size`` makes the OOF maps coarser than the maps stage 05 post-processes.
 
     Raises:
         ConfigError: ``predict.top_k`` below 1 or above ``train.keep_best``.
@@ -445,6 +446,13 @@ def check_oof_recipe(cfg: DictConfig) -> None:
     if not 1 <= top_k <= keep:
         raise ConfigError(f"predict.top_k={top_k} must be between 1 and train.keep_best={keep}: the OOF "
                           f"predictions and stage 05 average that many of the checkpoints each fold keeps")
+    oof_size, image_size = int(cfg.train.oof_size), int(cfg.train.image_size)
+    if oof_size < image_size:
+        log.warning("train.oof_size=%d is below train.image_size=%d: the OOF maps are area-averaged to %d px and "
+                    "then brought back to the original size, while stage 05 brings the %d px output back directly; "
+                    "thin lesions score lower, so the searched thresholds may be off for them. Set "
+                    "train.oof_size=%d if the disk allows.", oof_size, image_size, oof_size, image_size,
+                    image_size)
 
 
 def write_oof(cfg: DictConfig, data: PreparedData, val_rows: pd.DataFrame, folder: Path, ctx: DistContext) -> None:
