@@ -108,10 +108,10 @@ class ThresholdCounts:
             KeyError: a threshold that was not counted.
         """
         wanted = np.asarray(thresholds, dtype=np.float32)
+        missing = wanted[~np.isin(wanted, self.thresholds)]
+        if missing.size:
+            raise KeyError(f"thresholds {sorted(set(missing.tolist()))} were not counted")
         columns = np.searchsorted(self.thresholds, wanted)
-        if (columns >= len(self.thresholds)).any() or (self.thresholds[np.minimum(columns, len(self.thresholds) - 1)]
-                                                       != wanted).any():
-            raise KeyError(f"thresholds {sorted(set(wanted) - set(self.thresholds))} were not counted")
         return self.above[:, columns], self.above_true[:, columns]
 
     def area_limits(self, min_areas: Sequence[float]) -> np.ndarray:
