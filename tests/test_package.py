@@ -61,9 +61,8 @@ def test_package_layout(packaged):
     assert (manifest["image_size"], manifest["interpolation"], manifest["fmt"]) == (64, "area", "relative")
     assert thresholds == manifest["postprocess"] == THRESHOLDS
     assert config["experiment"] == "tiny" and config["model"] == to_dict(cfg.model)
-    assert "from pneumoseg.serve.handler import input_fn, model_fn, output_fn, predict_fn" in entry_point
-    pinned = {line.split("==")[0] for line in requirements.splitlines() if "==" in line}
-    assert "segmentation-models-pytorch" in pinned and not {"torch", "torchvision"} & pinned
+    assert "from pneumoseg.serve.handler import model_fn, transform_fn" in entry_point
+    assert requirements == package_format.requirements_text()
     assert json.loads((path.parent / "manifest.json").read_text()) == manifest
 
 
@@ -117,8 +116,8 @@ def test_package_needs_finished_training(tiny_cfg):
 
 @pytest.mark.slow
 def test_entry_point_runs_on_the_bundled_code_alone(packaged, tmp_path):
-    """As SageMaker's container runs it: code/ first on the path, ``inference`` imported, its four functions
-    called; the bundled pneumoseg is the one used, and every library it imports is in code/requirements.txt."""
+    """As SageMaker's container runs it: code/ first on the path, ``inference`` imported, its ``model_fn`` and
+    ``transform_fn`` called; the bundled pneumoseg is the one used, and every library it imports is in code/requirements.txt."""
     with tarfile.open(packaged[1]) as archive:
         archive.extractall(tmp_path, filter="data")
     (tmp_path / "image.npy").write_bytes(_npy(IMAGE))
@@ -128,7 +127,7 @@ sys.path.insert(0, sys.argv[1] + "/code")
 import inference
 model = inference.model_fn(sys.argv[1])
 body = open(sys.argv[1] + "/image.npy", "rb").read()
-answer, _ = inference.output_fn(inference.predict_fn(inference.input_fn(body, "application/x-npy"), model), None)
+answer, _ = inference.transform_fn(model, body, "application/x-npy", "application/json")
 files = [m.__file__ for name, m in sys.modules.items() if name.split(".")[0] == "pneumoseg"]
 print(json.dumps({"answer": json.loads(answer), "files": files}))
 """

@@ -12,21 +12,17 @@ still arriving (a 413, say) is half-closed and what the client still sends is dr
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from http import HTTPStatus
 
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from pneumoseg.serve.handler import error_body
+
 log = logging.getLogger("pneumoseg.serve.server")
 
 LINGER_SECONDS = 2.0
-
-
-def error_body(status: int, message: str) -> bytes:
-    """The JSON body of every error answer: ``{"error": message, "status": status}``."""
-    return json.dumps({"error": message, "status": int(status)}).encode()
 
 
 class _LingeringClose:

@@ -58,10 +58,10 @@ from starlette.routing import Route
 
 from pneumoseg.cli import setup_logging
 from pneumoseg.errors import PneumosegError
-from pneumoseg.serve.handler import (JSON, RequestError, check_content_type, input_fn, negotiate, output_fn,
-                                     predict_fn)
+from pneumoseg.serve.handler import (JSON, ImageInput, RequestError, Result, answer, check_content_type,
+                                     error_body, predict_fn)
 from pneumoseg.serve.package import ServingModel, load_package, open_package
-from pneumoseg.serve.protocol import GuardedH11Protocol, error_body
+from pneumoseg.serve.protocol import GuardedH11Protocol
 
 log = logging.getLogger(__name__)
 
@@ -181,24 +181,16 @@ class InferenceService:
             self._admitted -= 1
 
     def invoke(self, body: bytes, content_type: str | None, accept: str | None) -> Reply:
-        """Decode ``body``, predict and encode the answer as ``accept`` asks."""
+        """Decode ``body``, predict and encode the answer as ``accept`` asks (the handler's :func:`answer`)."""
         model = self.model
         if model is None:
             return error_reply(HTTPStatus.SERVICE_UNAVAILABLE, "the model is still loading; retry when GET /ping "
                                                                "answers 200")
-        try:
-            negotiate(accept)  # an unacceptable Accept is refused before the prediction, not after it
-            data = input_fn(body, content_type)
-            with self._slots:
-                result = predict_fn(data, model)
-            payload, response_type = output_fn(result, accept)
-        except RequestError as exc:
-            return error_reply(exc.status, str(exc))
-        except Exception as exc:  # a failure of the model must not take the server down: answer 500, log it
-            log.exception("prediction failed")
-            return error_reply(HTTPStatus.INTERNAL_SERVER_ERROR,
-                               f"the model failed on this request ({type(exc).__name__}); see the server's log")
-        return Reply(HTTPStatus.OK, payload, response_type)
+        return Reply(*answer(model, body, content_type, accept, predict=self._predict))
+
+    def _predict(self, data: ImageInput, model: ServingModel) -> Result:
+        with self._slots:
+            return predict_fn(data, model)
 
     def close(self) -> None:
         """Wait for the threads' last requests and stop them."""
