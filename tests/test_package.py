@@ -19,6 +19,7 @@ import pytest
 import torch
 import yaml
 
+from sagemaker_container import CONTAINER, normalise, required_names, with_dependencies
 from fake_experiment import THRESHOLDS, make_package, write_fake_training
 from pneumoseg.serve import handler as serving
 from pneumoseg.serve import package as package_format
@@ -143,22 +144,17 @@ print(json.dumps({"answer": json.loads(answer), "files": files}))
     expected = serving.predict_fn(serving.input_fn(_npy(IMAGE), "application/x-npy"), model).to_json()
     assert report["answer"] == json.loads(json.dumps(expected))
 
-    required = {_normalise(line.split("==")[0]) for line in (tmp_path / "code" / "requirements.txt").read_text()
-                .splitlines() if "==" in line}
+    required = required_names((tmp_path / "code" / "requirements.txt").read_text())
     distributions = packages_distributions()
-    imported = {_normalise(dist) for path in report["files"] for module in _absolute_imports(Path(path))
+    imported = {normalise(dist) for path in report["files"] for module in _absolute_imports(Path(path))
                 for dist in distributions.get(module, [])}
-    assert imported - {"torch", "torchvision", "pneumoseg"} - required == set()
+    assert imported - {"pneumoseg"} - with_dependencies(CONTAINER | required) == set()
 
 
 def _npy(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     np.save(buffer, array)
     return buffer.getvalue()
-
-
-def _normalise(name: str) -> str:
-    return name.lower().replace("_", "-")
 
 
 def _absolute_imports(path: Path) -> set[str]:

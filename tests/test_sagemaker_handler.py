@@ -8,21 +8,15 @@ import json
 import re
 import subprocess
 import sys
-from importlib.metadata import PackageNotFoundError, requires
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from fake_experiment import make_package
+from sagemaker_container import CONTAINER, NEVER_REQUIRED, normalise, required_names, with_dependencies
 from pneumoseg.serve import handler
 from pneumoseg.serve import package as package_format
-
-# What SageMaker's PyTorch inference container brings (its OpenCV is opencv-python; here the headless build).
-CONTAINER = {"torch", "torchvision", "numpy", "pandas", "pillow", "opencv-python", "opencv-python-headless"}
-NEVER_REQUIRED = {"torch", "torchvision", "numpy", "pandas", "pillow", "opencv-python", "opencv-python-headless",
-                  "opencv-contrib-python", "opencv-contrib-python-headless"}
-
 
 class FakeContext:
     """The part of TorchServe's context the handler uses."""
@@ -91,38 +85,18 @@ def test_the_entry_point_gives_the_toolkit_model_fn_and_transform_fn_only():
     assert handlers == {"model_fn", "transform_fn"}
 
 
-def _with_dependencies(names: set[str]) -> set[str]:
-    """``names`` and every distribution they require, recursively (normalised names)."""
-    seen, todo = set(), [_normalise(name) for name in names]
-    while todo:
-        name = todo.pop()
-        if name in seen:
-            continue
-        seen.add(name)
-        try:
-            requirements = requires(name) or []
-        except PackageNotFoundError:
-            continue
-        todo += [_normalise(re.split(r"[ ;<>=!~\[(]", line, maxsplit=1)[0]) for line in requirements
-                 if "extra ==" not in line]
-    return seen
-
-
-def _normalise(name: str) -> str:
-    return re.sub(r"[-_.]+", "-", name).lower()
-
-
 def test_requirements_list_only_what_the_container_lacks_as_ranges():
-    lines = [line for line in package_format.requirements_text().splitlines() if line and not line.startswith("#")]
-    names = {_normalise(re.split(r"[<>=]", line)[0]) for line in lines}
+    text = package_format.requirements_text()
+    lines = [line for line in text.splitlines() if line and not line.startswith("#")]
+    names = required_names(text)
     assert names and not names & NEVER_REQUIRED
     assert all(re.fullmatch(r"[\w.-]+>=[\d.]+,<[\d.]+", line) for line in lines), lines
     # Everything the serving path imports is in the container or comes with a requirement.
     script = ("import sys, json; import pneumoseg.serve.handler; from importlib.metadata import "
               "packages_distributions as p; d = p(); print(json.dumps(sorted({x for m in list(sys.modules) "
               "for x in d.get(m.split('.')[0], [])})))")
-    imported = {_normalise(name) for name in json.loads(subprocess.run([sys.executable, "-c", script], check=True,
+    imported = {normalise(name) for name in json.loads(subprocess.run([sys.executable, "-c", script], check=True,
                                                                        capture_output=True, text=True).stdout)}
-    provided = _with_dependencies(CONTAINER | names) | {"pneumoseg"}
+    provided = with_dependencies(CONTAINER | names) | {"pneumoseg"}
     assert imported <= provided, f"imported by the handler but neither required nor in the container: " \
                                  f"{sorted(imported - provided)}"
