@@ -49,6 +49,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from http import HTTPStatus
 
+import numpy as np
 import uvicorn
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -157,6 +158,7 @@ class InferenceService:
     def __init__(self, predictions: int = 1, workers: int = 1, max_queue: int = 0) -> None:
         self.model: ServingModel | None = None
         self._slots = threading.BoundedSemaphore(predictions)
+        self._workers = workers
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="pneumoseg-worker")
         self._capacity = workers + max_queue
         self._admitted = 0  # only touched on the event loop's thread
@@ -191,6 +193,19 @@ class InferenceService:
     def _predict(self, data: ImageInput, model: ServingModel) -> Result:
         with self._slots:
             return predict_fn(data, model)
+
+    def warm_up(self, model: ServingModel) -> None:
+        """Predict a blank image once in each worker thread: PyTorch's first call in a thread sets up its own thread
+        pool and caches, which made the first requests after a start take seconds."""
+        blank = ImageInput(np.zeros((model.predictor.image_size,) * 2, np.uint8), None, "warm-up")
+        barrier = threading.Barrier(self._workers)
+
+        def once() -> None:
+            barrier.wait()  # every worker thread busy at once: each one runs a warm-up
+            self._predict(blank, model)
+
+        for future in [self._pool.submit(once) for _ in range(self._workers)]:
+            future.result()
 
     def close(self) -> None:
         """Wait for the threads' last requests and stop them."""
@@ -368,6 +383,7 @@ def load_in_background(service: InferenceService, server: uvicorn.Server, model:
         try:
             with open_package(model) as model_dir:
                 loaded = load_package(model_dir, device)
+            service.warm_up(loaded)
         except Exception as exc:  # any failure to load ends the server: it has nothing to serve
             # A PneumosegError says what to fix; anything else is a bug and keeps its traceback.
             log.error("cannot load the model: %s", exc, exc_info=not isinstance(exc, PneumosegError))
