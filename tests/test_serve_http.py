@@ -429,9 +429,18 @@ def test_one_log_line_per_request(server):
     assert int(found[1].group(3)) == len(PNG)
 
 
-def test_sigterm_stops_the_server_cleanly(server):
-    """Last of the module: the server finishes, logs "stopped" and exits 0."""
-    server.process.send_signal(signal.SIGTERM)
+def test_sigterm_lets_the_request_in_flight_finish_then_exits(server):
+    """Last of the module: a request half sent when SIGTERM arrives is still answered; then the server logs
+    "stopped" and exits 0."""
+    with socket.create_connection((HOST, server.port), timeout=30) as sock:
+        sock.sendall(b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: %d\r\n"
+                     b"\r\n" % len(PNG) + PNG[:100])
+        time.sleep(0.5)
+        server.process.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        sock.sendall(PNG[100:])
+        answer = read_until_closed(sock)
+    assert _statuses(answer) == [200] and json.loads(answer.partition(b"\r\n\r\n")[2])["height"] == 64
     assert server.process.wait(60) == 0
     assert "stopped" in server.log.read_text()
 
