@@ -15,8 +15,7 @@ from pydicom import Dataset
 from pydicom.encaps import encapsulate
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset, write_file_meta_info
-from pydicom.uid import (DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, RLELossless,
-                         SecondaryCaptureImageStorage)
+from pydicom.uid import DeflatedExplicitVRLittleEndian, RLELossless, SecondaryCaptureImageStorage
 
 from fake_experiment import make_package
 from serve_client import call, running_server
