@@ -165,7 +165,7 @@ def test_epochs_since_best(scores, monitor, expected):
      ["--config", "c.yaml", "--fold", "0", "train.epochs=3"]),
     (["--model.params.encoder_name=resnet18", "a=1"], {}, ["a=1", "model.params.encoder_name=resnet18"]),
     (["--seed", "7"], {"SM_MODEL_DIR": "/m", "SM_CHANNEL_TRAIN": "/in", "SM_OUTPUT_DATA_DIR": "/out"},
-     ["seed=7", "paths.prepared_dir=/in", "paths.experiment_dir=/out"]),
+     ["seed=7", "paths.prepared_dir=/in", "paths.experiment_dir=/checkpoints"]),
     (["--fold", "1"], {"SM_CHANNEL_TRAIN": "/in"}, ["--fold", "1"]),          # not inside a SageMaker job
 ])
 def test_sagemaker_hyperparameters_become_overrides(argv, env, expected):
