@@ -66,7 +66,7 @@ def test_stages_04_to_06_run_on_a_sagemaker_jobs_archives(job_archives, tmp_path
     folder = layout.train_dir(cfg)
     assert train_stage.stage_record(cfg).is_complete()              # stage 03 counts as done here
     assert sorted(p.name for p in layout.fold_dir(folder, 0).iterdir()) == [
-        "best_1.pt", "checkpoints.csv", "config.yaml", "done.json", "log.csv", "oof"]
+        "best_1.pt", "checkpoints.csv", "done.json", "log.csv", "oof"]
     assert not list(folder.parent.glob(".*"))                         # no staging folder left
     job_oof = ProbabilityStore(layout.oof_dir(layout.fold_dir(work / "03_train", 1)))
     local_oof = ProbabilityStore(layout.oof_dir(layout.fold_dir(folder, 1)))

@@ -317,3 +317,7 @@ def test_sagemaker_job_reads_its_channel_and_leaves_the_models_in_the_model_dir(
     resolved = (model_dir / "config.yaml").read_text()
     assert f"prepared_dir: {prepared}" in resolved and "epochs: 1" in resolved
     assert json.loads((output_dir / "03_train" / "done.json").read_text())["summary"]["folds"] == [0, 1]
+    # output.tar.gz carries the logs and OOF maps, not the checkpoints; the job trained beside the model folder.
+    assert (output_dir / "03_train" / "fold0" / "log.csv").is_file() and (output_dir / "03_train" / "fold1" / "oof").is_dir()
+    assert not [p.name for p in output_dir.rglob("*") if p.suffix == ".pt" or p.name == "checkpoints.csv"]
+    assert (tmp_path / "sm" / "checkpoints" / "03_train" / "fold0" / "last.pt").is_file()
