@@ -92,7 +92,7 @@ _NAMESPACE_SCRIPT = """set -e
 mount --make-rprivate /
 if [ ! -d /opt/ml ]; then
   mount -t overlay overlay -o lowerdir=/opt,upperdir="$SCRATCH/upper",workdir="$SCRATCH/work" /opt
-  mkdir /opt/ml
+  mkdir -p /opt/ml
 fi
 mount --bind "$SCRATCH/opt_ml" /opt/ml
 mount --bind "$SCRATCH/hosts" /etc/hosts
@@ -101,29 +101,36 @@ exec "$@"
 """
 
 
+def _in_namespace(scratch: Path, command: list[str], env: dict[str, str], timeout: int) -> subprocess.CompletedProcess:
+    """Run ``command`` with ``scratch/opt_ml`` as ``/opt/ml`` and ``algo-1`` in ``/etc/hosts``, privately."""
+    for folder in ("upper", "work", "opt_ml"):
+        (scratch / folder).mkdir(parents=True, exist_ok=True)
+    (scratch / "hosts").write_text(Path("/etc/hosts").read_text() + f"\n127.0.0.1 {HOST}\n")
+    return subprocess.run(["unshare", "-m", "sh", "-c", _NAMESPACE_SCRIPT, "sh", *command],
+                          env={**env, "SCRATCH": str(scratch)}, capture_output=True, text=True, timeout=timeout)
+
+
 def run_job(scratch: Path, venv: Path, timeout: int = 600) -> subprocess.CompletedProcess:
     """Run the container's ``train`` on ``scratch/opt_ml`` (made by :func:`layout_opt_ml`) as ``/opt/ml``."""
-    for folder in ("upper", "work"):
-        (scratch / folder).mkdir(exist_ok=True)
-    hosts = Path("/etc/hosts").read_text()
-    (scratch / "hosts").write_text(hosts + f"\n127.0.0.1 {HOST}\n")
-    env = {**os.environ, "SCRATCH": str(scratch), "PATH": f"{venv / 'bin'}:{os.environ['PATH']}",
+    env = {**os.environ, "PATH": f"{venv / 'bin'}:{os.environ['PATH']}",
            "SAGEMAKER_TRAINING_MODULE": "sagemaker_pytorch_container.training:main",
            "PYTHONPATH": "/opt/ml/code/src",                 # the SDK's environment={"PYTHONPATH": ...}
            "PIP_NO_INDEX": "1",                              # requirements.txt must need no download
            "NO_ALBUMENTATIONS_UPDATE": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     for name in ("VIRTUAL_ENV", "PYTHONHOME", "RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(name, None)
-    command = ["unshare", "-m", "sh", "-c", _NAMESPACE_SCRIPT, "sh", str(venv / "bin" / "train")]
-    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+    return _in_namespace(scratch, [str(venv / "bin" / "train")], env, timeout)
 
 
-def check_namespace() -> None:
-    """Raise :class:`Unavailable` unless a private mount namespace with the mounts above can be made here."""
+def check_namespace(scratch: Path) -> None:
+    """Raise :class:`Unavailable` unless the private mounts of :func:`run_job` can be made here (root, unshare,
+    and an overlay on /opt where /opt/ml does not exist)."""
+    probe = 'test "$(cat /opt/ml/probe)" = ok && grep -q " algo-1$" /etc/hosts'
+    (scratch / "opt_ml").mkdir(parents=True, exist_ok=True)
+    (scratch / "opt_ml" / "probe").write_text("ok")
     try:
-        result = subprocess.run(["unshare", "-m", "sh", "-c", "mount --make-rprivate / && true"],
-                                capture_output=True, text=True, timeout=30)
+        result = _in_namespace(scratch, ["sh", "-c", probe], dict(os.environ), timeout=30)
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise Unavailable(f"unshare cannot run: {exc}") from exc
     if result.returncode != 0:
-        raise Unavailable(f"no private mount namespace (unshare -m): {result.stderr.strip()}")
+        raise Unavailable(f"no private /opt/ml mount (unshare -m, mount --bind): {result.stderr.strip()[-400:]}")

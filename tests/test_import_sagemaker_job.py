@@ -86,6 +86,7 @@ def test_import_refuses_another_config_and_an_existing_training_folder(job_archi
     overrides = [f"paths.input_dir={tmp_path / 'input'}", f"paths.output_root={tmp_path / 'output'}",
                  f"data.image_size={SIZE}"]
     assert _import([*overrides, "train.epochs=3"], model, output) == 1   # the job trained 1 epoch
+    assert _import([*overrides, f"paths.prepared_dir={tmp_path / 'nowhere'}"], model, output) == 1
     assert not layout.train_dir(make()).exists()
     assert _import(overrides, model, output) == 0
     assert _import(overrides, model, output) == 1                        # 03_train/ is there: needs --force

@@ -22,12 +22,12 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def job_inputs(tmp_path_factory):
     """(toolkit venv, sourcedir.tar.gz of the bundle, a prepared folder for the train channel)."""
+    folder = tmp_path_factory.mktemp("job_inputs")
     try:
-        toolkit.check_namespace()
+        toolkit.check_namespace(folder / "probe")
         venv = toolkit.toolkit_venv()
     except toolkit.Unavailable as exc:
         pytest.skip(str(exc))
-    folder = tmp_path_factory.mktemp("job_inputs")
     bundle = folder / "source"
     write_bundle(ROOT, bundle)
     prepared = folder / "prepared"

@@ -61,7 +61,7 @@ def bundle_files(root: str | os.PathLike) -> dict[str, Path]:
         if not (root / folder).is_dir():
             raise ConfigError(f"{root / folder} not found: give the root of a pneumoseg checkout (--root)")
         for path in sorted((root / folder).glob(pattern)):
-            if path.is_file() and "__pycache__" not in path.parts:
+            if path.is_file():
                 files[path.relative_to(root).as_posix()] = path
     return files
 

@@ -43,6 +43,9 @@ def _check(folder: Path, cfg: DictConfig, model: Path, output: Path) -> list[int
     if not done.is_file():
         raise DataError(f"{output} holds no {layout.train_dir(cfg).name}/{DONE_FILE}: the job did not finish stage 03, "
                         f"or this is not its output.tar.gz")
+    if not layout.folds_path(cfg).is_file():
+        raise DataError(f"{layout.folds_path(cfg)} not found: stages 04-06 need the prepared data the job trained on; "
+                        f"set paths.prepared_dir to a copy of its train channel (or run stages 01-02 here)")
     expected = stage_record(cfg).key
     if json.loads(done.read_text()).get("fingerprint") != expected:
         raise DataError(f"the job trained with another config or other prepared folds than --config and "
