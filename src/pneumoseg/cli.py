@@ -53,6 +53,7 @@ class StageParser(argparse.ArgumentParser):
 
     def parse_known_args(self, args=None, namespace=None):
         argv = sys.argv[1:] if args is None else list(args)
+        # argparse has no public list of a parser's actions; _actions holds them, parents' included.
         switches = {option for action in self._actions if isinstance(action, argparse._StoreTrueAction)
                     for option in action.option_strings}
         try:
