@@ -43,7 +43,7 @@ from pneumoseg.io import content_hash, write_json
 from pneumoseg.inference.predictor import Predictor
 from pneumoseg.evaluation.submission import format_problems, score_submission, validate_submission, write_submission
 from pneumoseg.demo.layouts import TEST_LABELS
-from pneumoseg.stages.record import DONE_FILE, StageRecord
+from pneumoseg.stages.record import DONE_FILE, StageRecord, require_finished
 
 log = logging.getLogger(__name__)
 
@@ -113,9 +113,7 @@ def _input_facts(cfg: DictConfig, test_labels: Path) -> dict[str, Any]:
         DataError: stage 03 has not finished (its ``done.json`` is missing).
     """
     train_dir = layout.train_dir(cfg)
-    if not (train_dir / DONE_FILE).is_file():
-        raise DataError(f"stage 03 has not finished: {train_dir / DONE_FILE} is missing. Train every fold of "
-                        f"train.folds first (scripts/03_train.py).")
+    require_finished(train_dir, "stage 03", "scripts/03_train.py")
     files = [path for folder in layout.fold_dirs(train_dir).values() for path in best_files(folder)]
     files += [layout.thresholds_path(cfg), layout.convert_dir(cfg) / DONE_FILE, layout.test_images_path(cfg),
               test_labels]
