@@ -19,7 +19,7 @@ from pneumoseg.postprocess.strategies import Threshold, Triplet
 from pneumoseg.inference.predictor import Prediction, Predictor
 from pneumoseg.data.rle import decode
 from pneumoseg.stages import convert
-from synthetic_experiment import write_experiment
+from fake_experiment import write_experiment
 
 SIZE = 32
 

@@ -8,6 +8,7 @@ the worst misses on positive images and a few good cases, each an X-ray with the
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -18,13 +19,15 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from pneumoseg.data.resize import resize
-from pneumoseg.io import atomic_path, write_text
+from pneumoseg.io import write_text
 from pneumoseg.postprocess.strategies import ORIGINAL_SIZE, build_postprocessor
 from pneumoseg.postprocess.search import SearchResult
+from pneumoseg.reports.figures import draw_outline, save_figure
 
 log = logging.getLogger(__name__)
 
 PLOTS = "plots"
+FIGURE_DPI = 110
 TRUTH_COLOUR = (40, 220, 40)        # RGB: green outline
 PREDICTION_COLOUR = (255, 40, 40)   # RGB: red outline
 
@@ -87,8 +90,23 @@ def _mean(values: pd.Series) -> float | None:
     return float(values.mean()) if len(values) else None
 
 
+@dataclass(frozen=True)
+class Gallery:
+    """What the report's gallery shows.
+
+    Args:
+        case: loads an image of the gallery.
+        n_cases: images per gallery row.
+        thumbnail_size: side of each gallery image in pixels.
+    """
+
+    case: CaseLoader
+    n_cases: int
+    thumbnail_size: int
+
+
 def write_report(folder: Path, numbers: dict, result: SearchResult, per_image: pd.DataFrame,
-                 logs: Mapping[int, Path], case: CaseLoader, n_cases: int, thumbnail_size: int) -> None:
+                 logs: Mapping[int, Path], gallery: Gallery) -> None:
     """Write the plots and ``oof_report.md`` into ``folder`` (the stage writes ``numbers`` to ``oof_report.json``).
 
     Args:
@@ -97,24 +115,16 @@ def write_report(folder: Path, numbers: dict, result: SearchResult, per_image: p
         result: the search result (for the search surface).
         per_image: as for :func:`report_numbers`, with ``ImageId``.
         logs: each fold's ``log.csv`` (a missing one is left out of the curves, with a warning).
-        case: loads an image for the gallery.
-        n_cases: images per gallery row.
-        thumbnail_size: side of each gallery image in pixels.
+        gallery: the gallery's images and their size.
     """
     plots = {
         "search": plot_search(result, numbers, folder / PLOTS / "search.png"),
         "folds": plot_folds(numbers, folder / PLOTS / "folds.png"),
         "training": plot_training_curves(logs, folder / PLOTS / "training_curves.png"),
-        "gallery": plot_gallery(gallery_cases(per_image, n_cases), case, thumbnail_size,
+        "gallery": plot_gallery(gallery_cases(per_image, gallery.n_cases), gallery.case, gallery.thumbnail_size,
                                 folder / PLOTS / "gallery.png"),
     }
     write_text(folder / "oof_report.md", render_markdown(numbers, plots))
-
-
-def _save(fig: Figure, path: Path) -> Path:
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110)
-    return path
 
 
 def plot_search(result: SearchResult, numbers: dict, path: Path) -> Path:
@@ -143,7 +153,7 @@ def plot_search(result: SearchResult, numbers: dict, path: Path) -> Path:
         axes[0].set(xlabel="min_area (pixels of the 1024 px image)", ylabel="top",
                     title=f"triplet: OOF dice at bottom={grid.bottoms[bottom]:g} (best {np.nanmax(scores):.4f})")
         fig.colorbar(image, ax=axes[0], label="OOF dice")
-    return _save(fig, path)
+    return save_figure(fig, path, FIGURE_DPI)
 
 
 def plot_folds(numbers: dict, path: Path) -> Path:
@@ -162,7 +172,7 @@ def plot_folds(numbers: dict, path: Path) -> Path:
     ax.set_xticks(x, [f"fold {f['fold']}\n({f['n_images']} img)" for f in folds])
     ax.set(ylabel="dice", ylim=(0, 1.25), yticks=np.linspace(0, 1, 6), title="Per-fold OOF dice")
     ax.legend(fontsize=8, loc="upper center", ncols=len(series))
-    return _save(fig, path)
+    return save_figure(fig, path, FIGURE_DPI)
 
 
 def plot_training_curves(logs: Mapping[int, Path], path: Path) -> Path | None:
@@ -199,7 +209,7 @@ def plot_training_curves(logs: Mapping[int, Path], path: Path) -> Path | None:
         ax.set(xlabel="epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
         ax.legend(fontsize=7)
-    return _save(fig, path)
+    return save_figure(fig, path, FIGURE_DPI)
 
 
 def gallery_cases(per_image: pd.DataFrame, n_cases: int) -> dict[str, pd.DataFrame]:
@@ -222,8 +232,7 @@ def outlined(xray: np.ndarray, truth: np.ndarray, prediction: np.ndarray, size: 
     # The truth is drawn thicker and first, so that a prediction on the same outline leaves it visible.
     for mask, colour, thickness in ((truth, TRUTH_COLOUR, 2), (prediction, PREDICTION_COLOUR, 1)):
         mask = resize(mask.astype(np.uint8), size, size, "nearest")
-        contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
-        cv2.drawContours(image, contours, -1, colour, thickness)
+        draw_outline(image, mask, colour, thickness)
     return image
 
 
@@ -245,7 +254,7 @@ def plot_gallery(cases: Mapping[str, pd.DataFrame], case: CaseLoader, size: int,
             ax.set_title(f"{title}\n…{item.ImageId[-10:]} dice {item.dice:.2f}\n"
                          f"true {item.true_area * scale:.0f} / pred {item.pred_area * scale:.0f} px", fontsize=7)
     fig.suptitle("truth: green, prediction: red (areas in pixels of the 1024 px image)", fontsize=9)
-    return _save(fig, path)
+    return save_figure(fig, path, FIGURE_DPI)
 
 
 def _block_text(block: dict) -> str:

@@ -109,8 +109,7 @@ def run(cfg: DictConfig, force: bool = False) -> dict:
     balance = fold_split.fold_balance(folds, table["mask_area"], cfg.folds.area_bins)
 
     mask_key = f"{digests['labels']} {digests['metadata']}"
-    written, kept = write_masks(cfg, table, labels, sizes, int(cfg.prepare.n_jobs),
-                                overwrite=force or _read_key(folder) != mask_key, key=mask_key)
+    written, kept = write_masks(cfg, table, labels, sizes, force, mask_key)
 
     write_csv(layout.labels_path(cfg), table)
     write_csv(layout.test_images_path(cfg), split.test)
@@ -237,34 +236,34 @@ def label_table(train: pd.DataFrame, labels: dict[str, lb.ImageLabels]) -> pd.Da
     return pd.DataFrame(records, columns=[lb.ID_COLUMN, "has_mask", "n_instances", "mask_area", "rows", "cols"])
 
 
-def write_masks(prepared: layout.Where, table: pd.DataFrame, labels: dict[str, lb.ImageLabels], sizes: list[int],
-                n_jobs: int, overwrite: bool, key: str) -> tuple[int, int]:
+def write_masks(cfg: DictConfig, table: pd.DataFrame, labels: dict[str, lb.ImageLabels], sizes: list[int],
+                force: bool, key: str) -> tuple[int, int]:
     """Write ``masks_<size>/<ImageId>.png`` for every image of ``table`` (see :func:`label_table`).
 
     Args:
-        prepared: the config or ``paths.prepared_dir``.
+        cfg: the resolved config (where the masks go; ``prepare.n_jobs`` joblib workers, -1: every core; small
+            batches are written in this process).
         table: the training images.
         labels: their label rows.
         sizes: square sizes to write.
-        n_jobs: joblib workers (-1: every core); small batches are written in this process.
-        overwrite: remove every existing mask first (forced rerun, or masks of other labels).
+        force: remove every existing mask first; they are also removed when they were made of other labels.
         key: identifies the labels the masks are made of; stored so that a later run can tell whether the
             masks on disk are still valid.
 
     Returns:
         ``(written, kept)``: images whose masks were written, and images whose masks were already there.
     """
-    folders = {size: layout.masks_dir(prepared, size) for size in sizes}
-    if overwrite:
-        for old in layout.mask_dirs(prepared).values():
+    folders = {size: layout.masks_dir(cfg, size) for size in sizes}
+    if force or _read_key(layout.labels_dir(cfg)) != key:
+        for old in layout.mask_dirs(cfg).values():
             shutil.rmtree(old)
-    write_text(layout.labels_dir(prepared) / MASKS_KEY_FILE, key + "\n")
+    write_text(layout.labels_dir(cfg) / MASKS_KEY_FILE, key + "\n")
     finished = set.intersection(*(_png_stems(path) for path in folders.values()))
     todo = [(labels[image_id], int(rows), int(cols))
             for image_id, rows, cols in table[[lb.ID_COLUMN, "rows", "cols"]].itertuples(index=False)
             if image_id not in finished]
     chunks = [todo[start:start + CHUNK] for start in range(0, len(todo), CHUNK)]
-    workers = n_jobs if len(chunks) > 1 else 1
+    workers = int(cfg.prepare.n_jobs) if len(chunks) > 1 else 1
     with tqdm(total=len(todo), desc="masks", unit="image") as progress:
         tasks = (delayed(_write_image_masks)(chunk, folders) for chunk in chunks)
         for done in Parallel(n_jobs=workers, return_as="generator_unordered")(tasks):

@@ -106,7 +106,7 @@ def run(cfg: DictConfig, force: bool = False, folds: Sequence[int] | str | None 
         if ctx.broadcast(record.skip_if_complete(force) and set(requested) <= set(planned)):
             summaries, complete = _stored_summaries(folder, requested), True
         else:
-            summaries = _train_folds(cfg, data, requested, record, inputs, ctx, force, resume)
+            summaries = _train_folds(record, data, requested, ctx, force, resume)
             complete = all(_fold_record(cfg, inputs, fold).is_complete() for fold in planned)
             if ctx.is_main and complete:
                 record.finish({"folds": planned, "fold_summaries": _stored_summaries(folder, planned)})
@@ -120,9 +120,19 @@ def run(cfg: DictConfig, force: bool = False, folds: Sequence[int] | str | None 
     return {"folds": summaries, "complete": complete}
 
 
-def _train_folds(cfg: DictConfig, data: PreparedData, folds: Sequence[int], record: StageRecord, inputs: dict,
-                 ctx: DistContext, force: bool, resume: bool | str) -> dict[int, dict]:
-    """Train each fold of ``folds`` that is not complete (or all with ``force``) -> the fold summaries."""
+def _train_folds(record: StageRecord, data: PreparedData, folds: Sequence[int], ctx: DistContext, force: bool,
+                 resume: bool | str) -> dict[int, dict]:
+    """Train each fold of ``folds`` that is not complete (or all with ``force``) -> the fold summaries.
+
+    Args:
+        record: the stage's record; its config and inputs make each fold's record.
+        data: the prepared images, masks and folds.
+        folds: the folds this process trains.
+        ctx: the distributed context (only rank 0 writes).
+        force: retrain complete folds too.
+        resume: as for :func:`run`.
+    """
+    cfg, inputs = record.cfg, record.inputs
     if ctx.is_main:
         record.start()
         write_csv(layout.train_folds_path(cfg), data.folds)
@@ -155,7 +165,6 @@ def _fold_record(cfg: DictConfig, inputs: dict, fold: int) -> StageRecord:
     """The completion record of one fold: the stage's sections and inputs, plus the fold number."""
     return StageRecord(f"{STAGE_NAME} fold {fold}", layout.fold_dir(cfg, fold), cfg, SECTIONS,
                        {**inputs, "fold": fold})
-
 
 
 def _stored_summaries(folder: Path, folds: Sequence[int]) -> dict[int, dict]:
