@@ -36,6 +36,7 @@ from pathlib import Path  # noqa: E402
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+import torch  # noqa: E402
 
 from pneumoseg import layout  # noqa: E402
 from pneumoseg.config import load_config  # noqa: E402
@@ -125,7 +126,9 @@ def stage_images(n_train: int, n_test: int) -> dict[str, int]:
 
 def _time_parts(read, probs_of, postprocessor, ids: list[str], sizes: list[tuple[int, int]],
                 batch: int) -> dict[str, float]:
-    """Milliseconds per image of each part of stage 05's work over ``ids``, each part timed alone.
+    """CPU milliseconds per image of each part of stage 05's work over ``ids``, each part timed alone, on one
+    thread (as in stage 05, whose DataLoader workers are the parallelism). CPU time, not wall time: on a shared
+    machine other jobs' load inflates wall time, not this figure.
 
     Args:
         read: ImageId -> uint8 image (the PNG decode).
@@ -135,21 +138,21 @@ def _time_parts(read, probs_of, postprocessor, ids: list[str], sizes: list[tuple
     """
     times = dict.fromkeys(("decode", "forward", "resize_back", "postprocess", "rle"), 0.0)
     for start in range(0, len(ids), batch):
-        clock = [time.perf_counter()]
+        clock = [time.process_time()]
         images = np.stack([read(i) for i in ids[start:start + batch]])
-        clock.append(time.perf_counter())
+        clock.append(time.process_time())
         probs = probs_of(images)
-        clock.append(time.perf_counter())
+        clock.append(time.process_time())
         times["decode"] += clock[1] - clock[0]
         times["forward"] += clock[2] - clock[1]
         for small, (rows, cols) in zip(probs, sizes[start:start + batch]):
-            clock = [time.perf_counter()]
+            clock = [time.process_time()]
             full = restore_size(small, rows, cols)
-            clock.append(time.perf_counter())
+            clock.append(time.process_time())
             mask = postprocessor(full)
-            clock.append(time.perf_counter())
+            clock.append(time.process_time())
             encode(mask)
-            clock.append(time.perf_counter())
+            clock.append(time.process_time())
             for part, before, after in zip(("resize_back", "postprocess", "rle"), clock, clock[1:]):
                 times[part] += after - before
     per_image = {part: 1000 * seconds / len(ids) for part, seconds in times.items()}
@@ -175,6 +178,8 @@ def stage05_cpu_cost(cfg, limit: int = 256) -> dict[str, dict[str, float]]:
       forward pass) and the base config's default post-processing candidates at their most expensive (the
       ``triplet`` rule with a low top threshold, so that most images keep a mask).
     """
+    cv2.setNumThreads(1)
+    torch.set_num_threads(1)
     predictor = Predictor.from_experiment(cfg, device="cpu")
     test = pd.read_csv(layout.test_images_path(cfg), dtype={"ImageId": str}).head(limit)
     ids, sizes = test.ImageId.tolist(), [(int(r), int(c)) for r, c in zip(test.rows, test.cols)]
