@@ -68,8 +68,10 @@ def components(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         component (``areas[k - 1]`` is the area of label ``k``).
     """
     image = np.ascontiguousarray(mask).view(np.uint8)
-    _, labels, stats, _ = cv2.connectedComponentsWithStats(image, connectivity=CONNECTIVITY)
-    return labels, stats[1:, cv2.CC_STAT_AREA]
+    # connectedComponentsWithStats costs 3-4x more than labelling plus a bincount at 1024 px (its statistics
+    # pass dominates), and the areas are all we need: this is most of stage 05's post-processing time.
+    count, labels = cv2.connectedComponents(image, connectivity=CONNECTIVITY)
+    return labels, np.bincount(labels.ravel(), minlength=count)[1:]
 
 
 def remove_small_components(mask: np.ndarray, min_pixels: float) -> np.ndarray:
