@@ -2,9 +2,9 @@
 
 Like the original demo's data exploration, it shows the share of images with pneumothorax, instances per
 image, the distribution of mask areas, where masks lie (the mean mask), the balance of the folds, how many
-patients have several images and whether any patient straddles two folds, the positive rate by sex, view and age when stage 01 found those tags, and a gallery of training images with
-their masks outlined. Everything is read back from the files stage 02 and stage 01 wrote, so the report
-shows exactly what later stages will see.
+patients have several images and whether any patient straddles two folds, the positive rate by sex, view and
+age when stage 01 found those tags, and a gallery of training images with their masks outlined. Everything is
+read back from the files stage 02 and stage 01 wrote, so the report shows exactly what later stages will see.
 """
 from __future__ import annotations
 
@@ -214,8 +214,8 @@ def patient_counts(folds: pd.DataFrame, metadata: pd.DataFrame) -> dict | None:
 def _patients(folds: pd.DataFrame, metadata: pd.DataFrame) -> str:
     counts = patient_counts(folds, metadata)
     if counts is None:
-        return ("## Patients and folds\n\nmetadata.csv has no PatientID (an older stage 01 wrote it): rerun stage 01 with "
-                "`--force` to see how images fall to patients.")
+        return ("## Patients and folds\n\nmetadata.csv has no PatientID (an older stage 01 wrote it): rerun "
+                "stage 01 with `--force` to see how images fall to patients.")
     text = (f"## Patients and folds\n\n{len(folds)} training images of {counts['patients']} patients; "
             f"{counts['repeated']} patients have several images ({counts['repeated_images']} images, at most "
             f"{counts['most_images']} of one patient). ")
