@@ -23,7 +23,7 @@ they survive downscaling to 128 px. Instance areas follow the real data's: media
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 import cv2
@@ -350,17 +350,27 @@ def _lesions(rng: np.random.Generator, size: int, lung_masks: Sequence[np.ndarra
     return [instance for instance in instances if instance.any()]
 
 
-def make_phantom(rng: np.random.Generator, size: int, plan: CasePlan) -> Phantom:
+def sample_patient(rng: np.random.Generator) -> Patient:
+    """The patient of an image: the first draws of its geometry stream (see :func:`case_streams`)."""
+    view = "AP" if rng.random() < 0.4 else "PA"
+    return Patient(sex="F" if rng.random() < 0.45 else "M", age=int(np.clip(rng.normal(48, 17), 2, 92)),
+                   view_position=view, pixel_spacing=float(rng.choice([0.139, 0.143, 0.168, 0.171, 0.194])))
+
+
+def make_phantom(rng: np.random.Generator, size: int, plan: CasePlan, same_as: Patient | None = None) -> Phantom:
     """Sample the geometry of one radiograph: patient, pose, anatomy and pneumothorax instances.
 
     Args:
         rng: the image's geometry stream (see :func:`case_streams`).
         size: the image's side in pixels (the challenge's is 1024).
         plan: how many instances, and whether they overlap.
+        same_as: for a follow-up image, the patient whose sex and age it takes (view and spacing are its own).
     """
-    view = "AP" if rng.random() < 0.4 else "PA"
-    patient = Patient(sex="F" if rng.random() < 0.45 else "M", age=int(np.clip(rng.normal(48, 17), 2, 92)),
-                      view_position=view, pixel_spacing=float(rng.choice([0.139, 0.143, 0.168, 0.171, 0.194])))
+    patient = sample_patient(rng)
+    if same_as is not None:
+        # Drawn anyway, so a follow-up's pose and anatomy come from the same stream positions as before.
+        patient = replace(patient, sex=same_as.sex, age=same_as.age)
+    view = patient.view_position
     pose = _sample_pose(rng)
     lungs = _sample_lungs(rng, view)
     anatomy = Anatomy(

@@ -1,10 +1,10 @@
 """The data report of stage 02: ``data_report.md`` with its figures in ``report/``, beside the stage's CSVs.
 
 Like the original demo's data exploration, it shows the share of images with pneumothorax, instances per
-image, the distribution of mask areas, where masks lie (the mean mask), the balance of the folds, the
-positive rate by sex, view and age when stage 01 found those tags, and a gallery of training images with
-their masks outlined. Everything is read back from the files stage 02 and stage 01 wrote, so the report
-shows exactly what later stages will see.
+image, the distribution of mask areas, where masks lie (the mean mask), the balance of the folds, how many
+patients have several images and whether any patient straddles two folds, the positive rate by sex, view and
+age when stage 01 found those tags, and a gallery of training images with their masks outlined. Everything is
+read back from the files stage 02 and stage 01 wrote, so the report shows exactly what later stages will see.
 """
 from __future__ import annotations
 
@@ -37,6 +37,7 @@ OUTLINE_RGB = (255, 40, 40)
 NUMBER_RGB = (255, 230, 0)
 POSITIVE_COLOUR, NEGATIVE_COLOUR = "#d62728", "#1f77b4"
 DEMOGRAPHICS = {"sex": "sex", "view": "view position"}
+PATIENT = "PatientID"
 AGE_RANGE = (0, 100)            # a few real files claim ages over 100 (typos); they are left out of the plot
 
 
@@ -57,7 +58,7 @@ def write_report(prepared: layout.Where, sizes: list[int], area_edges, seed: int
     ids = {lb.ID_COLUMN: str}
     table = pd.read_csv(layout.labels_path(prepared), dtype=ids)
     folds = pd.read_csv(layout.folds_path(prepared), dtype=ids)
-    metadata = pd.read_csv(layout.metadata_path(prepared), dtype=ids)
+    metadata = pd.read_csv(layout.metadata_path(prepared), dtype={**ids, PATIENT: str})
     edges = fold_split.check_area_edges(area_edges)
     rng = np.random.default_rng(seed)
     sections = [
@@ -68,6 +69,7 @@ def write_report(prepared: layout.Where, sizes: list[int], area_edges, seed: int
         _area_histogram(table, edges, figures),
         _mean_mask(table, prepared, min(sizes), rng, figures),
         _fold_balance(folds, table, edges, figures),
+        _patients(folds, metadata),
         _demographics(table, metadata, figures),
         _gallery(table, prepared, _gallery_size(sizes), rng, figures),
     ]
@@ -189,6 +191,40 @@ def _fold_balance(folds: pd.DataFrame, table: pd.DataFrame, edges: list[int], fi
     grouped = " Groups (`group` in folds.csv) never span two folds." if "group" in folds.columns else ""
     return (f"## Folds\n\n![fold balance]({name})\n\nImages per fold and per mask-area bin; median_area is "
             f"over the fold's positive images.{grouped}\n\n" + _markdown_table(balance))
+
+
+def patient_counts(folds: pd.DataFrame, metadata: pd.DataFrame) -> dict | None:
+    """How the training images of ``folds`` fall to patients (``PatientID`` of ``metadata``) and folds.
+
+    Returns:
+        None when ``metadata`` has no PatientID; otherwise ``patients`` (an image without a PatientID counts as
+        its own patient), ``repeated`` (patients with several images), ``repeated_images`` (their images),
+        ``most_images`` (the most images of one patient) and ``straddling`` (patients in more than one fold).
+    """
+    if PATIENT not in metadata.columns:
+        return None
+    patient = folds[lb.ID_COLUMN].map(metadata.set_index(lb.ID_COLUMN)[PATIENT])
+    patient = _text(patient).where(lambda p: p != "", "image " + folds[lb.ID_COLUMN])
+    per_patient = folds.groupby(patient.to_numpy())["fold"].agg(["size", "nunique"])
+    repeated = per_patient["size"] > 1
+    return {"patients": len(per_patient), "repeated": int(repeated.sum()),
+            "repeated_images": int(per_patient.loc[repeated, "size"].sum()),
+            "most_images": int(per_patient["size"].max()) if len(per_patient) else 0,
+            "straddling": int((per_patient["nunique"] > 1).sum())}
+
+
+def _patients(folds: pd.DataFrame, metadata: pd.DataFrame) -> str:
+    counts = patient_counts(folds, metadata)
+    if counts is None:
+        return ("## Patients and folds\n\nmetadata.csv has no PatientID (an older stage 01 wrote it): rerun "
+                "stage 01 with `--force` to see how images fall to patients.")
+    text = (f"## Patients and folds\n\n{len(folds)} training images of {counts['patients']} patients; "
+            f"{counts['repeated']} patients have several images ({counts['repeated_images']} images, at most "
+            f"{counts['most_images']} of one patient). ")
+    if counts["straddling"] == 0:
+        return text + "No patient has images in two folds."
+    return text + (f"**{counts['straddling']} patients have images in more than one fold**, so a fold is scored "
+                   f"on patients it also trained on and the OOF score flatters: set `folds.group_by: PatientID`.")
 
 
 def _reds(n: int) -> list[tuple[float, ...]]:

@@ -9,6 +9,9 @@ The images come from :mod:`pneumoseg.demo.phantom`; this stage gives them the ch
 * ``layout: stage2``: ``stage_2_images/ID_<9 hex>.dcm`` (train and test together), ``stage_2_train.csv``
   (``ImageId,EncodedPixels``, no spaces) and ``stage_2_sample_submission.csv`` (the test images, all ``-1``).
 
+About ``demo.follow_up_rate`` of the patients have two or three images (follow-ups, with the same PatientID, sex
+and age give or take a year, and their own study and series UIDs), so patient-grouped folds have work to do.
+
 Either way the test set's labels go to ``test_labels.csv`` in the train labels' format; the pipeline reads it
 only to score the final submission.
 
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
@@ -44,19 +48,21 @@ log = logging.getLogger(__name__)
 STAGE = "00_demo_data"
 MANIFEST = "demo_manifest.json"
 MIN_IMAGE_SIZE = 64
+MAX_AGE = 95
 
 
 def _check(demo: DictConfig) -> None:
     problems = []
-    for key in ("n_train", "n_test", "positive_rate", "image_size", "seed", "layout", "n_jobs"):
+    for key in ("n_train", "n_test", "positive_rate", "follow_up_rate", "image_size", "seed", "layout", "n_jobs"):
         if demo.get(key) is None:
             problems.append(f"demo.{key} is missing")
     if problems:
         raise ConfigError("; ".join(problems) + " (see configs/demo.yaml for every key)")
     if int(demo.n_train) < 1 or int(demo.n_test) < 0:
         problems.append(f"demo.n_train must be >= 1 and demo.n_test >= 0 (got {demo.n_train}, {demo.n_test})")
-    if not 0 <= float(demo.positive_rate) <= 1:
-        problems.append(f"demo.positive_rate must lie in [0, 1] (got {demo.positive_rate})")
+    for key in ("positive_rate", "follow_up_rate"):
+        if not 0 <= float(demo[key]) <= 1:
+            problems.append(f"demo.{key} must lie in [0, 1] (got {demo[key]})")
     if int(demo.image_size) < MIN_IMAGE_SIZE:
         problems.append(f"demo.image_size must be >= {MIN_IMAGE_SIZE} (got {demo.image_size}; the challenge's is 1024)")
     if problems:
@@ -66,8 +72,13 @@ def _check(demo: DictConfig) -> None:
 
 def _make_image(image: DemoImage, plan: phantom.CasePlan, seed: int, size: int, target: Path | None) -> list[str]:
     """Synthesise one image, write its DICOM to ``target`` (None: it exists already), return its RLEs."""
-    geometry, pixels = phantom.case_streams(seed, SPLITS.index(image.split), image.index)
-    case = phantom.make_phantom(geometry, size, plan)
+    split = SPLITS.index(image.split)
+    geometry, pixels = phantom.case_streams(seed, split, image.index)
+    same_as = None
+    if image.visit:
+        first = phantom.sample_patient(phantom.case_streams(seed, split, image.patient)[0])
+        same_as = replace(first, age=min(first.age + image.visit, MAX_AGE))   # a follow-up a year or two on
+    case = phantom.make_phantom(geometry, size, plan, same_as)
     if target is not None:
         patient = case.patient
         tags = DicomTags(sop_instance_uid=image.sop_uid, study_instance_uid=image.study_uid,
@@ -119,11 +130,11 @@ def run(cfg: DictConfig, force: bool = False) -> dict:
 
     Args:
         cfg: the resolved config; reads ``paths.input_dir`` and the ``demo`` section: n_train, n_test,
-            positive_rate, image_size, seed, layout (stage1 | stage2), n_jobs.
+            positive_rate, follow_up_rate, image_size, seed, layout (stage1 | stage2), n_jobs.
         force: rewrite every file even when the folder is complete for this config.
 
     Returns:
-        A summary: counts of images, positive images and instances per split, DICOMs written and reused
+        A summary: counts of images, patients, positive images and instances per split, DICOMs written and reused
         (the stored one when the folder is already complete for this config).
 
     Raises:
@@ -225,7 +236,8 @@ def _write_tables(folder: Path, layout: Layout, images: Sequence[DemoImage], rle
         ids[name] = [images[k].image_id for k in chosen]
         split_rles = [rles[k] for k in chosen]
         rows[name] = _label_rows(ids[name], split_rles, streams[name])
-        summary[name] = {"images": len(chosen), "positive": sum(r != [EMPTY] for r in split_rles),
+        summary[name] = {"images": len(chosen), "patients": len({images[k].patient for k in chosen}),
+                         "positive": sum(r != [EMPTY] for r in split_rles),
                          "instances": sum(len(r) for r in split_rles if r != [EMPTY])}
     for table, text in layout.tables(rows["train"], rows["test"], ids["test"]).items():
         write_text(folder / table, text)

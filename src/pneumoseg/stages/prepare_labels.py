@@ -31,6 +31,7 @@ from joblib import Parallel, delayed
 from omegaconf import DictConfig
 from tqdm import tqdm
 
+from pneumoseg.data.dicom import DICOM_IDS, METADATA_KEYS
 from pneumoseg.data.resize import resize_mask
 from pneumoseg.data import labels as lb
 from pneumoseg.data import folds as fold_split
@@ -140,14 +141,15 @@ def format_balance(summary: dict) -> str:
 
 
 def read_metadata(path: Path) -> pd.DataFrame:
-    """Stage 01's ``metadata.csv``, with ImageId and source_path as strings.
+    """Stage 01's ``metadata.csv``, with ImageId, source_path and the DICOM identifiers as strings.
 
     Raises:
         DataError: the file is missing, lacks a column this stage needs, or repeats an ImageId.
     """
     if not path.is_file():
         raise DataError(f"{path} not found: run stage 01 first (scripts/01_convert_dicoms.py)")
-    metadata = pd.read_csv(path, dtype={lb.ID_COLUMN: str, "source_path": str})
+    # Identifiers stay text: a numeric PatientID read as a number would lose leading zeros.
+    metadata = pd.read_csv(path, dtype={key: str for key in (lb.ID_COLUMN, "source_path", *DICOM_IDS)})
     missing = [c for c in (lb.ID_COLUMN, "source_path", "rows", "cols") if c not in metadata.columns]
     if missing:
         raise DataError(f"{path} lacks the column(s) {', '.join(missing)}: rerun stage 01 with --force")
@@ -305,7 +307,9 @@ def make_folds(cfg: DictConfig, table: pd.DataFrame, metadata: pd.DataFrame) -> 
     group_by = cfg.folds.group_by
     if group_by is not None:
         if group_by not in metadata.columns:
-            raise ConfigError(f"folds.group_by={group_by!r} is not a column of stage 01's metadata.csv; "
+            stale = " (it was written by an older stage 01: rerun stage 01 with --force)" \
+                if group_by in METADATA_KEYS else ""
+            raise ConfigError(f"folds.group_by={group_by!r} is not a column of stage 01's metadata.csv{stale}; "
                               f"choose one of {', '.join(metadata.columns)} or null")
         groups = table[lb.ID_COLUMN].map(metadata.set_index(lb.ID_COLUMN)[group_by])
     return fold_split.assign_folds(table[lb.ID_COLUMN], table["mask_area"], int(cfg.folds.n_splits),
