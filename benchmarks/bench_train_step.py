@@ -15,7 +15,8 @@ Each figure is the best of ``--repeats`` epochs after one warm-up epoch (which s
 on a GPU, lets cuDNN choose its kernels). Target (CPU): loader time per image at most 1.15 x the memory time.
 
 ``--device cuda`` defaults to ``configs/siim_unet_r34_512.yaml`` (UNet-ResNet34 at 512 px, AMP, channels_last;
-ImageNet weights are not needed for timing, so none are downloaded) and reports images per second as well.
+ImageNet weights are not needed for timing, so none are downloaded) and reports images per second and the peak
+GPU memory as well.
 Prints every figure and PASS/FAIL; exits 1 when the CPU target fails.
 """
 from __future__ import annotations
@@ -113,6 +114,8 @@ def main() -> int:
     for source, seconds in per_image.items():
         print(f"  {source:6s}: {1000 * seconds:8.2f} ms/image  {1 / seconds:8.1f} images/s")
     print(f"  ratio loader / memory: {ratio:.3f} (target <= {RATIO_TARGET})")
+    if ctx.device.type == "cuda":
+        print(f"  peak GPU memory: {torch.cuda.max_memory_allocated(ctx.device) / 2**30:.2f} GiB")
     passed = ratio <= RATIO_TARGET
     print("PASS" if passed else "FAIL", "(the target is for the CPU)" if args.device == "cuda" else "")
     return 0 if passed or args.device == "cuda" else 1

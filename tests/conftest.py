@@ -1,6 +1,7 @@
 """Shared test fixtures: the real challenge files (when present) and small configs in temporary folders."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -8,7 +9,8 @@ import pytest
 from pneumoseg.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_SIIM = ROOT.parent / "shared" / "siim"
+# PNEUMOSEG_SHARED points elsewhere, e.g. from a git worktree that has no ../shared beside it.
+SHARED_SIIM = Path(os.environ.get("PNEUMOSEG_SHARED", ROOT.parent / "shared")) / "siim"
 SAMPLE_IMAGES = SHARED_SIIM / "sample_images"
 STAGE2_TRAIN_CSV = SHARED_SIIM / "stage_2_train.csv"
 

@@ -74,3 +74,59 @@ def test_shipped_configs_load(name):
 
     cfg = load_config(ROOT / "configs" / name)
     assert cfg.paths.experiment_dir.endswith(cfg.experiment)
+
+
+@pytest.fixture
+def blocks(tmp_path):
+    """A base with a ``{name, params}`` block, and an experiment that renames it (with params of its own)."""
+    write(tmp_path / "base.yaml", "scheduler:\n  name: plateau\n  params: {patience: 3, factor: 0.5}\n"
+                                  "loss:\n  name: mixed\n  params: {alpha: 10.0}\n")
+    write(tmp_path / "cosine.yaml", "base: base.yaml\nscheduler:\n  name: cosine\n  params: {warmup_epochs: 2}\n")
+    return tmp_path
+
+
+def test_block_renamed_in_a_config_file_takes_only_its_own_params(blocks):
+    cfg = load_config(blocks / "cosine.yaml")
+    assert OmegaConf.to_container(cfg.scheduler) == {"name": "cosine", "params": {"warmup_epochs": 2}}
+    assert OmegaConf.to_container(cfg.loss) == {"name": "mixed", "params": {"alpha": 10.0}}
+    write(blocks / "bare.yaml", "base: base.yaml\nloss: {name: combo}\n")
+    assert OmegaConf.to_container(load_config(blocks / "bare.yaml").loss) == {"name": "combo"}
+
+
+def test_block_renamed_on_the_command_line_drops_the_old_params(blocks):
+    cfg = load_config(blocks / "base.yaml", ["scheduler.name=cosine", "loss.name=combo"])
+    assert OmegaConf.to_container(cfg.scheduler) == {"name": "cosine"}
+    assert OmegaConf.to_container(cfg.loss) == {"name": "combo"}
+    same = load_config(blocks / "base.yaml", ["scheduler.name=plateau"])     # not a rename: params stay
+    assert same.scheduler.params.patience == 3
+
+
+@pytest.mark.parametrize("overrides", [
+    ["scheduler.name=cosine", "scheduler.params.warmup_epochs=1.5"],
+    ["scheduler.params.warmup_epochs=1.5", "scheduler.name=cosine"],
+    ["scheduler={name: cosine, params: {warmup_epochs: 1.5}}"],
+])
+def test_block_renamed_on_the_command_line_with_params(blocks, overrides):
+    cfg = load_config(blocks / "base.yaml", overrides)
+    assert OmegaConf.to_container(cfg.scheduler) == {"name": "cosine", "params": {"warmup_epochs": 1.5}}
+
+
+def test_params_of_a_block_not_renamed_are_still_checked(blocks):
+    with pytest.raises(ConfigError, match="no config key 'scheduler.params.warmup_epochs'"):
+        load_config(blocks / "base.yaml", ["scheduler.params.warmup_epochs=1"])
+
+
+@pytest.mark.parametrize("overrides", [["scheduler.name=plateau"], ["loss.name=combo"],
+                                       ["scheduler.name=plateau", "scheduler.params.patience=1"]])
+def test_shipped_blocks_renamed_on_the_command_line_build(overrides):
+    """The issue's case: the tiny config's cosine params once reached the plateau scheduler."""
+    import torch
+
+    from conftest import ROOT
+    from pneumoseg.modeling.losses import build_loss
+    from pneumoseg.modeling.optim import build_optimizer, build_scheduler
+
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", overrides)
+    optimizer = build_optimizer(cfg.optimizer, [torch.nn.Parameter(torch.zeros(1))])
+    build_scheduler(cfg.scheduler, optimizer, updates_per_epoch=2, epochs=2)
+    build_loss(cfg.loss)

@@ -6,7 +6,7 @@ from pneumoseg.io import atomic_open, read_png, write_png
 from pneumoseg.evaluation.metrics import competition_dice, dice_per_image
 from pneumoseg.data.probstore import ProbabilityStore, ProbabilityWriter, dequantize, quantize
 from pneumoseg.registry import Registry
-from pneumoseg.stages.record import StageRecord
+from pneumoseg.stages.record import StageRecord, require_finished
 
 
 def test_atomic_open_keeps_old_file_when_the_writer_fails(tmp_path):
@@ -89,3 +89,12 @@ def test_stage_record_skips_only_for_the_same_config(tiny_cfg, tmp_path):
     assert not StageRecord("99_test", tmp_path / "stage", cfg, ["folds"]).skip_if_complete(force=True)
     changed = tiny_cfg("folds.n_splits=4")
     assert not StageRecord("99_test", tmp_path / "stage", changed, ["folds"]).skip_if_complete(force=False)
+
+
+def test_require_finished_names_the_missing_done_file_and_the_script(tiny_cfg, tmp_path):
+    folder = tmp_path / "stage"
+    with pytest.raises(DataError, match=r"stage 99 has not finished: .*stage[/\\]done.json is missing\. "
+                                        r"Run scripts/99_x.py first"):
+        require_finished(folder, "stage 99", "scripts/99_x.py")
+    StageRecord("99_test", folder, tiny_cfg(), ["folds"]).finish()
+    assert require_finished(folder, "stage 99", "scripts/99_x.py") == folder / "done.json"

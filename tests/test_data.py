@@ -9,7 +9,7 @@ from pneumoseg import layout
 from pneumoseg.data.augment import build_augment
 from pneumoseg.modeling.normalize import Normalize
 from pneumoseg.data.dataset import (ImageFiles, NaturalSampler, PositiveShareSampler, PreparedData,
-                            build_sampler)
+                                    SamplerContext, build_sampler)
 from pneumoseg.errors import ConfigError, DataError
 
 from synthetic import write_prepared
@@ -18,7 +18,7 @@ HAS_MASK = np.array([True] * 6 + [False] * 14)
 
 
 def test_natural_sampler_draws_every_image_once_in_a_new_order_each_epoch():
-    sampler = NaturalSampler(HAS_MASK, seed=1)
+    sampler = NaturalSampler(SamplerContext(HAS_MASK, seed=1))
     epochs = []
     for epoch in range(2):
         sampler.set_epoch(epoch)
@@ -32,7 +32,8 @@ def test_natural_sampler_draws_every_image_once_in_a_new_order_each_epoch():
 
 @pytest.mark.parametrize("epoch, expected_share", [(0, 0.8), (2, 0.6), (4, 0.4), (9, 0.4)])
 def test_positive_share_moves_linearly_from_start_to_end(epoch, expected_share):
-    sampler = PositiveShareSampler(HAS_MASK, seed=0, start=0.8, end=0.4, samples_per_epoch=100, total_epochs=5)
+    sampler = PositiveShareSampler(SamplerContext(HAS_MASK, seed=0, total_epochs=5), start=0.8, end=0.4,
+                                   samples_per_epoch=100)
     sampler.set_epoch(epoch)
     indices = np.array([i for i, _ in sampler])
     assert len(indices) == 100
@@ -40,7 +41,7 @@ def test_positive_share_moves_linearly_from_start_to_end(epoch, expected_share):
 
 
 def test_positive_share_uses_every_image_before_repeating_one():
-    sampler = PositiveShareSampler(HAS_MASK, seed=0, start=0.5, end=0.5, samples_per_epoch=12)
+    sampler = PositiveShareSampler(SamplerContext(HAS_MASK, seed=0), start=0.5, end=0.5, samples_per_epoch=12)
     indices = [i for i, _ in sampler]
     positives = [i for i in indices if HAS_MASK[i]]
     assert sorted(positives) == list(range(6))       # 6 positive draws: each positive exactly once
@@ -67,7 +68,7 @@ def test_ranks_get_disjoint_equal_shards_of_the_same_epoch(sampler_block):
 
 def test_invalid_share_is_a_config_error():
     with pytest.raises(ConfigError):
-        PositiveShareSampler(HAS_MASK, seed=0, start=1.5)
+        PositiveShareSampler(SamplerContext(HAS_MASK, seed=0), start=1.5)
 
 
 @pytest.mark.parametrize("channels", [1, 3])

@@ -16,6 +16,7 @@ from pneumoseg import cli
 from pneumoseg.data.dicom import UID_ROOT, read_dicom
 from pneumoseg.errors import ConfigError, DataError
 from pneumoseg.data.rle import decode, encode
+from pneumoseg.demo.layouts import patient_visits
 from pneumoseg.stages import demo_data
 
 # Small and fast: 16 images of 128 px, of which 7 are positive (3 with several instances).
@@ -107,6 +108,31 @@ def test_dicom_tags_follow_the_challenge(tiny_cfg, monkeypatch):
         assert re.fullmatch(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}", ds.PatientID)
         pixels, meta = read_dicom(path)
         assert pixels.shape == (128, 128) and meta["ImageId"] == path.stem
+
+
+def test_patient_visits_give_some_patients_two_or_three_images():
+    visits = patient_visits(seed=3, split=0, n_images=400, follow_up_rate=0.15)
+    assert visits == patient_visits(seed=3, split=0, n_images=400, follow_up_rate=0.15)
+    per_patient = pd.Series([patient for patient, _ in visits]).value_counts()
+    assert per_patient.max() == 3 and set(per_patient.unique()) == {1, 2, 3}
+    assert 0.10 < (per_patient > 1).mean() < 0.20
+    for index, (patient, visit) in enumerate(visits):     # named by its first image, visits counted in order
+        assert patient <= index and (visit == 0) == (patient == index)
+    assert patient_visits(3, 0, 50, 0.0) == [(k, 0) for k in range(50)]
+
+
+def test_follow_ups_share_the_patient_but_not_the_study(tiny_cfg, monkeypatch):
+    monkeypatch.setattr(pydicom.config.settings, "reading_validation_mode", pydicom.config.IGNORE)
+    summary, folder = _run(tiny_cfg, "demo.follow_up_rate=0.6")
+    headers = pd.DataFrame([{key: str(getattr(ds, key)) for key in
+                             ("PatientID", "PatientSex", "PatientAge", "StudyInstanceUID", "SeriesInstanceUID")}
+                            for ds in map(pydicom.dcmread, sorted(folder.glob("dicom-images-train/*/*/*.dcm")))])
+    per_patient = headers.groupby("PatientID")
+    assert summary["train"]["patients"] == len(per_patient) < 12
+    assert per_patient["PatientSex"].nunique().max() == 1
+    ages = per_patient["PatientAge"].agg(lambda a: a.astype(int).max() - a.astype(int).min())
+    assert ages.max() <= 2 and (per_patient.size() > 1).any()
+    assert headers["StudyInstanceUID"].is_unique and headers["SeriesInstanceUID"].is_unique
 
 
 def test_positive_rate_is_exact_in_each_split(tiny_cfg):
@@ -207,6 +233,7 @@ def test_refuses_to_overwrite_files_it_did_not_write(tiny_cfg):
 
 @pytest.mark.parametrize("override, message", [("demo.layout=stage3", "unknown demo layout"),
                                                ("demo.positive_rate=1.5", "positive_rate"),
+                                               ("demo.follow_up_rate=-0.1", "follow_up_rate"),
                                                ("demo.image_size=32", "image_size"),
                                                ("demo.n_train=0", "n_train")])
 def test_bad_demo_config_is_a_config_error(tiny_cfg, override, message):

@@ -116,7 +116,8 @@ def test_jpeg_dicom_round_trip_matches_pydicom(tmp_path):
     assert metadata == {
         "ImageId": "ID_0a1b2c3d4", "source_path": str(path), "rows": 48, "cols": 40, "sex": "F", "age": 50,
         "view": "AP", "pixel_spacing": 0.143, "photometric": "MONOCHROME2",
-        "transfer_syntax": JPEGBaseline8Bit,
+        "transfer_syntax": JPEGBaseline8Bit, "PatientID": "patient-1.2.3", "StudyInstanceUID": "1.2.3.1",
+        "SeriesInstanceUID": "1.2.3.2",
     }
 
 

@@ -66,23 +66,45 @@ def test_focal_is_stable_for_large_logits():
     assert torch.isfinite(loss) and torch.isfinite(logits.grad).all()
 
 
-def test_mixed_loss_is_alpha_focal_minus_log_dice():
-    logits, target = _pair(3)
-    expected = 10 * focal_loss(logits, target, 2.0) - torch.log(soft_dice_score(logits, target))
-    assert build_loss({"name": "mixed", "params": {"alpha": 10, "gamma": 2}})(logits, target).item() == \
-        pytest.approx(expected.item())
-    assert mixed_loss(logits, target).item() == pytest.approx(expected.item())
+# Two pixels worked out by hand: logits (0, ln 3), so p = (1/2, 3/4); target (1, 0).
+#   BCE:   pixel 1: -ln(1/2) = ln 2; pixel 2: -ln(1 - 3/4) = 2 ln 2; mean 1.5 ln 2.
+#   focal, gamma 2: pixel 1: (1 - 1/2)^2 ln 2 = ln 2 / 4; pixel 2: p_t = 1/4, (3/4)^2 * 2 ln 2 = 9/8 ln 2;
+#          mean (1/4 + 9/8) / 2 ln 2 = 11/16 ln 2.
+#   soft dice, smooth 1: (2 * (1/2 * 1 + 3/4 * 0) + 1) / ((1/2 + 3/4) + 1 + 1) = 2 / (13/4) = 8/13.
+#   BCE with pos_weight 2: (2 * ln 2 + 2 ln 2) / 2 = 2 ln 2.
+TWO_LOGITS = torch.tensor([[[[0.0, math.log(3.0)]]]])
+TWO_TARGETS = torch.tensor([[[[1.0, 0.0]]]])
+LN2 = math.log(2.0)
 
 
-@pytest.mark.parametrize("weights", [{"bce": 1, "dice": 0, "focal": 0}, {"bce": 0, "dice": 2, "focal": 0},
-                                     {"bce": 0.5, "dice": 1, "focal": 3}])
-def test_combo_is_the_weighted_sum(weights):
-    logits, target = _pair(4)
-    expected = (weights["bce"] * F.binary_cross_entropy_with_logits(logits, target)
-                + weights["dice"] * (1 - soft_dice_score(logits, target))
-                + weights["focal"] * focal_loss(logits, target))
-    value = build_loss({"name": "combo", "params": weights})(logits, target)
-    assert value.item() == pytest.approx(expected.item(), rel=1e-6)
+def test_mixed_loss_by_hand():
+    # 10 * 11/16 ln 2 - ln(8/13) = 6.875 ln 2 + ln(13/8) = 5.2509...
+    expected = 6.875 * LN2 + math.log(13 / 8)
+    assert mixed_loss(TWO_LOGITS, TWO_TARGETS, alpha=10.0, gamma=2.0).item() == pytest.approx(expected, rel=1e-6)
+    assert build_loss({"name": "mixed", "params": {"alpha": 10, "gamma": 2}})(TWO_LOGITS, TWO_TARGETS).item() == \
+        pytest.approx(expected, rel=1e-6)
+    # alpha 1, gamma 0: 1.5 ln 2 + ln(13/8)
+    assert mixed_loss(TWO_LOGITS, TWO_TARGETS, alpha=1.0, gamma=0.0).item() == \
+        pytest.approx(1.5 * LN2 + math.log(13 / 8), rel=1e-6)
+
+
+@pytest.mark.parametrize("params, expected", [
+    ({"bce": 1, "dice": 0, "focal": 0}, 1.5 * LN2),
+    ({"bce": 0, "dice": 2, "focal": 0}, 2 * (1 - 8 / 13)),                       # 10/13
+    ({"bce": 0.5, "dice": 1, "focal": 3}, 0.75 * LN2 + 5 / 13 + 3 * 11 / 16 * LN2),
+    ({"bce": 1, "dice": 0, "focal": 0, "pos_weight": 2.0}, 2 * LN2),
+])
+def test_combo_loss_by_hand(params, expected):
+    value = build_loss({"name": "combo", "params": params})(TWO_LOGITS, TWO_TARGETS)
+    assert value.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_single_terms_by_hand():
+    assert build_loss({"name": "bce"})(TWO_LOGITS, TWO_TARGETS).item() == pytest.approx(1.5 * LN2, rel=1e-6)
+    assert build_loss({"name": "focal"})(TWO_LOGITS, TWO_TARGETS).item() == pytest.approx(11 / 16 * LN2, rel=1e-6)
+    assert build_loss({"name": "dice"})(TWO_LOGITS, TWO_TARGETS).item() == pytest.approx(5 / 13, rel=1e-6)
+    assert build_loss({"name": "log_dice"})(TWO_LOGITS, TWO_TARGETS).item() == \
+        pytest.approx(math.log(13 / 8), rel=1e-6)
 
 
 def test_perfect_prediction_has_a_small_loss():

@@ -103,6 +103,55 @@ def test_hflip_tta_averages_the_flipped_view_back_in_place():
     np.testing.assert_allclose(flipped, 0.5, atol=1e-6)
 
 
+class _Coordinates(torch.nn.Module):
+    """A 'network' whose logit is ``3 u + 2 v`` at each pixel, u and v its column and row centre mapped onto
+    [-1, 1]: every flip and every transposition of the output shows, and a bilinear resize (half-pixel centres)
+    of it is exact away from the border, so a scaled view mapped back must give the unscaled map there."""
+
+    def __init__(self):
+        super().__init__()
+        self.anchor = torch.nn.Parameter(torch.zeros(()))
+        self.sizes = []
+
+    def forward(self, x):
+        height, width = x.shape[-2:]
+        self.sizes.append((height, width))
+        return (3 * _centres(width)[None, :] + 2 * _centres(height)[:, None] + self.anchor).expand_as(x[:, :1])
+
+
+def _centres(n: int) -> torch.Tensor:
+    return (torch.arange(n, dtype=torch.float32) + 0.5) / n * 2 - 1
+
+
+def _sigmoid(x):
+    return 1 / (1 + np.exp(-x))
+
+
+def test_flipped_views_are_flipped_back_before_averaging():
+    images = np.random.default_rng(0).integers(0, 255, (2, 32, 32), dtype=np.uint8)
+    u, v = _centres(32).numpy()[None, :], _centres(32).numpy()[:, None]
+    # The network sees the flipped image but answers by position; flipped back, the horizontal view's map is
+    # 3 (-u) + 2 v and the vertical view's 3 u + 2 (-v). A mirrored, unflipped or wrongly flipped view differs.
+    expected = (_sigmoid(3 * u + 2 * v) + _sigmoid(-3 * u + 2 * v) + _sigmoid(3 * u - 2 * v)) / 3
+    probs = predict_probs([_fold_model(_Coordinates())], images, TTA(hflip=True, vflip=True))
+    np.testing.assert_allclose(probs, np.broadcast_to(expected, probs.shape), atol=1e-6)
+    only_vflip = predict_probs([_fold_model(_Coordinates())], images, TTA(hflip=False, vflip=True))
+    np.testing.assert_allclose(only_vflip[0], (_sigmoid(3 * u + 2 * v) + _sigmoid(3 * u - 2 * v)) / 2, atol=1e-6)
+
+
+def test_scaled_views_are_resized_back_onto_the_same_pixels():
+    images = np.random.default_rng(0).integers(0, 255, (2, 64, 64), dtype=np.uint8)
+    net = _Coordinates()
+    plain = predict_probs([_fold_model(net)], images, TTA(hflip=False))
+    net.sizes.clear()
+    scaled = predict_probs([_fold_model(net)], images, TTA(hflip=True, scales=(0.5, 1.5)))
+    assert sorted(set(net.sizes)) == [(32, 32), (96, 96)]     # the views did run at other sizes
+    flipped_plain = predict_probs([_fold_model(net)], images, TTA(hflip=True))
+    inner = (slice(None), slice(2, -2), slice(2, -2))         # the border is clamped, not extrapolated
+    np.testing.assert_allclose(scaled[inner], flipped_plain[inner], atol=1e-5)
+    assert not np.allclose(plain, flipped_plain, atol=1e-2)   # the flip matters, so scale and flip are both seen
+
+
 def test_predict_probs_matches_the_network_and_scales_keep_the_shape():
     torch.manual_seed(0)
     net = build_model(_block()).eval()

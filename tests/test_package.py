@@ -19,6 +19,7 @@ import pytest
 import torch
 import yaml
 
+from sagemaker_container import CONTAINER, normalise, required_names, with_dependencies
 from fake_experiment import THRESHOLDS, make_package, write_fake_training
 from pneumoseg.serve import handler as serving
 from pneumoseg.serve import package as package_format
@@ -61,9 +62,8 @@ def test_package_layout(packaged):
     assert (manifest["image_size"], manifest["interpolation"], manifest["fmt"]) == (64, "area", "relative")
     assert thresholds == manifest["postprocess"] == THRESHOLDS
     assert config["experiment"] == "tiny" and config["model"] == to_dict(cfg.model)
-    assert "from pneumoseg.serve.handler import input_fn, model_fn, output_fn, predict_fn" in entry_point
-    pinned = {line.split("==")[0] for line in requirements.splitlines() if "==" in line}
-    assert "segmentation-models-pytorch" in pinned and not {"torch", "torchvision"} & pinned
+    assert "from pneumoseg.serve.handler import model_fn, transform_fn" in entry_point
+    assert requirements == package_format.requirements_text()
     assert json.loads((path.parent / "manifest.json").read_text()) == manifest
 
 
@@ -117,8 +117,8 @@ def test_package_needs_finished_training(tiny_cfg):
 
 @pytest.mark.slow
 def test_entry_point_runs_on_the_bundled_code_alone(packaged, tmp_path):
-    """As SageMaker's container runs it: code/ first on the path, ``inference`` imported, its four functions
-    called; the bundled pneumoseg is the one used, and every library it imports is in code/requirements.txt."""
+    """As SageMaker's container runs it: code/ first on the path, ``inference`` imported, its ``model_fn`` and
+    ``transform_fn`` called; the bundled pneumoseg is the one used, and every library it imports is in code/requirements.txt."""
     with tarfile.open(packaged[1]) as archive:
         archive.extractall(tmp_path, filter="data")
     (tmp_path / "image.npy").write_bytes(_npy(IMAGE))
@@ -128,7 +128,7 @@ sys.path.insert(0, sys.argv[1] + "/code")
 import inference
 model = inference.model_fn(sys.argv[1])
 body = open(sys.argv[1] + "/image.npy", "rb").read()
-answer, _ = inference.output_fn(inference.predict_fn(inference.input_fn(body, "application/x-npy"), model), None)
+answer, _ = inference.transform_fn(model, body, "application/x-npy", "application/json")
 files = [m.__file__ for name, m in sys.modules.items() if name.split(".")[0] == "pneumoseg"]
 print(json.dumps({"answer": json.loads(answer), "files": files}))
 """
@@ -144,22 +144,17 @@ print(json.dumps({"answer": json.loads(answer), "files": files}))
     expected = serving.predict_fn(serving.input_fn(_npy(IMAGE), "application/x-npy"), model).to_json()
     assert report["answer"] == json.loads(json.dumps(expected))
 
-    required = {_normalise(line.split("==")[0]) for line in (tmp_path / "code" / "requirements.txt").read_text()
-                .splitlines() if "==" in line}
+    required = required_names((tmp_path / "code" / "requirements.txt").read_text())
     distributions = packages_distributions()
-    imported = {_normalise(dist) for path in report["files"] for module in _absolute_imports(Path(path))
+    imported = {normalise(dist) for path in report["files"] for module in _absolute_imports(Path(path))
                 for dist in distributions.get(module, [])}
-    assert imported - {"torch", "torchvision", "pneumoseg"} - required == set()
+    assert imported - {"pneumoseg"} - with_dependencies(CONTAINER | required) == set()
 
 
 def _npy(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     np.save(buffer, array)
     return buffer.getvalue()
-
-
-def _normalise(name: str) -> str:
-    return name.lower().replace("_", "-")
 
 
 def _absolute_imports(path: Path) -> set[str]:

@@ -9,6 +9,7 @@ import pytest
 
 from pneumoseg import layout
 from pneumoseg.config import load_config
+from pneumoseg.data import testset
 from pneumoseg.stages import predict
 from pneumoseg.evaluation.submission import validate_submission
 
@@ -41,9 +42,9 @@ def test_run_all_on_the_tiny_config(tmp_path):
     assert _stages_run(output) == STAGES
     cfg = load_config(ROOT / "configs" / "tiny.yaml", [f"paths.input_dir={tmp_path / 'input'}",
                                                        f"paths.output_root={tmp_path / 'output'}"])
-    test, expected = predict.test_set(cfg)
+    test, expected = testset.test_set(cfg)
     submission = layout.submission_path(cfg)
-    assert validate_submission(submission, expected, predict.image_sizes(test)) == []
+    assert validate_submission(submission, expected, testset.image_sizes(test)) == []
     assert len(expected) == int(cfg.demo.n_test)
     scores = json.loads((layout.predict_dir(cfg) / predict.TEST_SCORE_FILE).read_text())
     assert 0.0 <= scores["test_score"] <= 1.0 and scores["oof_score"] is not None
@@ -62,4 +63,4 @@ def test_run_all_on_the_tiny_config(tmp_path):
     changed = [name for name in done if after[name] != done[name]]
     assert changed == [str((layout.predict_dir(cfg) / "done.json").relative_to(tmp_path))]
     assert submission.stat().st_mtime_ns != submission_time
-    assert validate_submission(submission, expected, predict.image_sizes(test)) == []
+    assert validate_submission(submission, expected, testset.image_sizes(test)) == []

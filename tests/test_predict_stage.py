@@ -13,7 +13,7 @@ from pneumoseg.inference.predictor import Predictor
 from pneumoseg.data.rle import decode
 from pneumoseg.stages import predict as stage
 from pneumoseg.evaluation.submission import read_submission, validate_submission
-from synthetic_experiment import write_experiment
+from fake_experiment import write_experiment
 
 ORIGINAL = 96
 

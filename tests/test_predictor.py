@@ -19,7 +19,7 @@ from pneumoseg.postprocess.strategies import Threshold, Triplet
 from pneumoseg.inference.predictor import Prediction, Predictor
 from pneumoseg.data.rle import decode
 from pneumoseg.stages import convert
-from synthetic_experiment import write_experiment
+from fake_experiment import write_experiment
 
 SIZE = 32
 
@@ -65,6 +65,38 @@ def test_predict_gives_the_ensemble_mean_at_each_original_size():
         expected = (_sigmoid(20 * x) + _sigmoid(-4 * x)) / 2
         np.testing.assert_allclose(prediction.probs, expected, rtol=1e-5)
         assert (prediction.mask == (expected > 0.5)).all()
+
+
+class _ProbabilityRamp(torch.nn.Module):
+    """A 'network' whose probability (not logit) is ``0.5 + 0.25 u + 0.15 v``, u and v the pixel centre's column
+    and row on [-1, 1]: a bilinear resize back to any original size is exact away from the border, so the map at
+    the original's pixels is known, and a transposed, shifted or flipped resize shows."""
+
+    def __init__(self):
+        super().__init__()
+        self.anchor = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, x):
+        p = _ramp(*x.shape[-2:], torch)
+        return (torch.log(p / (1 - p)) + self.anchor).expand_as(x[:, :1])
+
+
+def _ramp(rows: int, cols: int, xp=np):
+    u = (xp.arange(cols) + 0.5) / cols * 2 - 1
+    v = (xp.arange(rows) + 0.5) / rows * 2 - 1
+    return 0.5 + 0.25 * u[None, :] + 0.15 * v[:, None]
+
+
+@pytest.mark.parametrize("shape", [(50, 70), (96, 40), (1024, 1024)])
+def test_probabilities_are_resized_back_onto_the_original_pixels(shape):
+    model = FoldModel(net=_ProbabilityRamp().eval(), normalize=Normalize(0.5, 1.0, 1), image_size=SIZE)
+    predictor = Predictor([model], TTA(hflip=False), Threshold(0.5))
+    prediction = predictor.predict_prepared(np.zeros((1, SIZE, SIZE), np.uint8), [shape])[0]
+    assert prediction.probs.shape == shape
+    # The outer half source pixel is clamped, not extrapolated: leave it out.
+    inner = tuple(slice(m, -m) for m in (int(np.ceil(side / SIZE / 2)) for side in shape))
+    np.testing.assert_allclose(prediction.probs[inner], _ramp(*shape)[inner], atol=1e-5)
+    assert (prediction.mask == (prediction.probs > 0.5)).all()
 
 
 def test_post_processing_runs_at_the_original_size_with_areas_in_1024_px_pixels():

@@ -36,12 +36,13 @@ def image_id(kind: str, index: int) -> str:
 
 
 def make_data(cfg, n_train=16, n_test=4, positive_every=2, n_unlabelled=1, n_orphans=1, sample_submission=True,
-              seed=0, tags=True) -> FakeData:
+              seed=0, tags=True, images_per_patient=1) -> FakeData:
     """Write the input label files and stage 01's folder for ``cfg``.
 
     Every ``positive_every``-th training image (none for 0) has a mask: one rectangle, or two overlapping ones on every
     second positive. Test images live in ``dicom-images-test``; ``n_unlabelled`` training-folder images have no
-    label row and ``n_orphans`` label rows have no image. Without ``tags`` the sex, age and view are empty.
+    label row and ``n_orphans`` label rows have no image. Without ``tags`` the sex, age and view are empty. Each
+    run of ``images_per_patient`` consecutive images shares a PatientID.
     """
     rng = np.random.default_rng(seed)
     data = FakeData(input_dir=Path(cfg.paths.input_dir))
@@ -53,7 +54,8 @@ def make_data(cfg, n_train=16, n_test=4, positive_every=2, n_unlabelled=1, n_orp
         meta.append({"ImageId": ident, "source_path": str(data.input_dir / folder / "1.2" / f"{ident}.dcm"),
                      "rows": ORIGINAL, "cols": ORIGINAL, "sex": sex, "age": int(rng.integers(20, 80)),
                      "view": "PA" if len(meta) % 3 else "AP", "pixel_spacing": 0.168, "photometric": "MONOCHROME2",
-                     "transfer_syntax": "1.2.840.10008.1.2.4.50", "patient": f"P{len(meta) // 2}"})
+                     "transfer_syntax": "1.2.840.10008.1.2.4.50", "PatientID": f"P{len(meta) // images_per_patient}",
+                     "StudyInstanceUID": f"{ident}.2", "SeriesInstanceUID": f"{ident}.3"})
         for size in SIZES:
             write_png(convert_dir / f"images_{size}" / f"{ident}.png",
                       rng.integers(0, 255, (size, size), dtype=np.uint8))
@@ -148,7 +150,7 @@ def test_stage_writes_masks_tables_and_report(cfg_for):
     assert sorted(zip(unmatched["ImageId"], unmatched["reason"])) == sorted(
         [(i, prepare_labels.NO_LABEL) for i in data.unlabelled] + [(i, prepare_labels.NO_IMAGE) for i in data.orphans])
     folds = read(cfg, "folds.csv")
-    assert list(folds.columns) == ["ImageId", "fold", "has_mask", "area_bin"]
+    assert list(folds.columns) == ["ImageId", "fold", "has_mask", "area_bin", "group"]    # PatientID by default
     assert sorted(folds["ImageId"]) == sorted(data.masks) and set(folds["fold"]) == {0, 1}
 
     assert summary["train_images"] == len(data.masks) and summary["test_images"] == len(data.test_ids)
@@ -212,26 +214,51 @@ def test_folds_are_deterministic_for_a_seed(cfg_for):
     assert not read(cfg, "folds.csv")["fold"].equals(first["fold"])
 
 
-def test_grouped_folds_keep_a_group_together(cfg_for):
-    cfg = cfg_for("folds.group_by=patient", "folds.n_splits=3")
-    make_data(cfg, n_train=40)
+def test_grouped_folds_keep_a_patient_together(cfg_for):
+    cfg = cfg_for("folds.group_by=PatientID", "folds.n_splits=3", report=True)
+    make_data(cfg, n_train=40, images_per_patient=2)
     prepare_labels.run(cfg)
     folds = read(cfg, "folds.csv")
     assert list(folds.columns) == ["ImageId", "fold", "has_mask", "area_bin", "group"]
     assert (folds.groupby("group")["fold"].nunique() == 1).all()
     assert folds["group"].nunique() == 20 and folds["fold"].nunique() == 3
+    report = (outputs(cfg) / "data_report.md").read_text()
+    assert ("40 training images of 20 patients; 20 patients have several images (40 images, at most 2 of one "
+            "patient). No patient has images in two folds.") in report
+
+
+def test_report_says_when_patients_straddle_folds(cfg_for):
+    cfg = cfg_for("folds.group_by=null", "folds.n_splits=3", report=True)
+    make_data(cfg, n_train=40, images_per_patient=4)
+    prepare_labels.run(cfg)
+    folds = read(cfg, "folds.csv")
+    patient = folds["ImageId"].map(lambda i: int(i.rsplit(".", 1)[1]) // 4)
+    straddling = int((folds.groupby(patient)["fold"].nunique() > 1).sum())
+    assert straddling > 0     # 10 patients of 4 images in 3 ungrouped folds: some are split
+    report = (outputs(cfg) / "data_report.md").read_text()
+    assert "40 training images of 10 patients; 10 patients have several images (40 images, at most 4" in report
+    assert f"**{straddling} patients have images in more than one fold**" in report
 
 
 def test_unknown_group_column_is_a_config_error(cfg_for):
-    cfg = cfg_for("folds.group_by=PatientID")
+    cfg = cfg_for("folds.group_by=patient")
     make_data(cfg)
-    with pytest.raises(ConfigError, match="folds.group_by='PatientID' is not a column .* ImageId, source_path"):
+    with pytest.raises(ConfigError, match="folds.group_by='patient' is not a column .* ImageId, source_path"):
+        prepare_labels.run(cfg)
+
+
+def test_metadata_of_an_older_stage_01_says_rerun_it(cfg_for):
+    cfg = cfg_for()
+    make_data(cfg)
+    path = Path(cfg.paths.prepared_dir) / "01_convert" / "metadata.csv"
+    pd.read_csv(path).drop(columns=["PatientID"]).to_csv(path, index=False)
+    with pytest.raises(ConfigError, match="'PatientID' .* older stage 01: rerun stage 01 with --force"):
         prepare_labels.run(cfg)
 
 
 @pytest.mark.parametrize("override, message", [
     ("folds.n_splits=1", "n_splits=1 must be at least 2"),
-    ("folds.n_splits=50", "at most the 16 training images"),
+    ("folds.n_splits=50", "at most the 16 groups"),
     ("folds.area_bins=[100,200]", "must start with 0 and increase"),
 ])
 def test_bad_fold_settings_are_config_errors(cfg_for, override, message):

@@ -1,15 +1,23 @@
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
 
+from pneumoseg import layout
 from pneumoseg.errors import DataError
+from pneumoseg.io import write_csv
 from pneumoseg.data.labels import read_labels
 from pneumoseg.evaluation.metrics import competition_dice
 from pneumoseg.data.rle import encode
-from pneumoseg.stages.predict import validate_cli
-from pneumoseg.evaluation.submission import dice_by_image, read_submission, score_submission, validate_submission, \
-    write_submission
+from pneumoseg.evaluation.submission import check_submission, dice_by_image, read_submission, score_submission, \
+    validate_submission, write_submission
 
+from synthetic import write_prepared
+
+ROOT = Path(__file__).resolve().parents[1]
 IDS = ["1.2.3.a", "1.2.3.b", "1.2.3.c"]
 SIZES = {"1.2.3.a": (4, 4), "1.2.3.b": (4, 4), "1.2.3.c": (6, 5)}
 HEADER = "ImageId,EncodedPixels\n"
@@ -154,15 +162,44 @@ def test_real_labels_merged_per_image_validate_and_score_1(tmp_path, siim_dir):
     assert score_submission(empty, labels) == pytest.approx(np.mean([not merged[i].has_mask for i in ids]))
 
 
-def test_validate_cli(tmp_path, capsys):
+def test_check_submission_against_a_sample(tmp_path):
     sample = _write(tmp_path / "sample.csv", HEADER + "".join(f"{i},-1\n" for i in IDS))
     good = _write(tmp_path / "good.csv", HEADER + "".join(f"{i},-1\n" for i in IDS))
     bad = _write(tmp_path / "bad.csv", HEADER + "1.2.3.a,-1\n1.2.3.a,-1\n1.2.3.b,0 2000000\n")
-    assert validate_cli([str(good), "--sample", str(sample)]) == 0
-    assert "valid" in capsys.readouterr().out
-    assert validate_cli([str(bad), "--sample", str(sample)]) == 1
-    out = capsys.readouterr().out
-    assert "3 problem(s)" in out
-    assert "line 3: ImageId 1.2.3.a again" in out and "1.2.3.c (test image 3 of 3) has no row" in out
-    assert "line 4, ImageId 1.2.3.b: value 2000000 is beyond the 1024x1024 image" in out
-    assert validate_cli([str(good), "--sample", str(tmp_path / "missing.csv")]) == 1
+    assert check_submission(good, sample) == (True, f"{good}: valid (relative run-length form)")
+    valid, text = check_submission(bad, sample)
+    assert not valid and "3 problem(s)" in text
+    assert "line 3: ImageId 1.2.3.a again" in text and "1.2.3.c (test image 3 of 3) has no row" in text
+    assert "line 4, ImageId 1.2.3.b: value 2000000 is beyond the 1024x1024 image" in text
+    with pytest.raises(DataError, match="missing.csv not found"):
+        check_submission(good, tmp_path / "missing.csv")
+
+
+def test_check_submission_against_an_experiments_test_set(tiny_cfg):
+    cfg = tiny_cfg("predict.fmt=absolute")
+    write_prepared(cfg.paths.prepared_dir, n_images=4, sizes=(32,), n_test=2)
+    test = pd.read_csv(layout.test_images_path(cfg), dtype={"ImageId": str})
+    test[["rows", "cols"]] = (6, 5)                        # the original sizes decide what a run may reach
+    write_csv(layout.test_images_path(cfg), test)
+    ids = test["ImageId"].tolist()
+    submission = layout.submission_path(cfg)
+    write_submission(submission, ids, ["1 30", "-1"], sizes=dict.fromkeys(ids, (6, 5)), fmt="absolute")
+    assert check_submission(submission, cfg=cfg) == (True, f"{submission}: valid (absolute run-length form)")
+    valid, text = check_submission(submission, cfg=cfg, fmt="relative")     # --fmt wins over predict.fmt
+    assert not valid and "read as the relative run-length form" in text
+    test[["rows", "cols"]] = (4, 4)
+    write_csv(layout.test_images_path(cfg), test)
+    assert "beyond the 4x4 image" in check_submission(submission, cfg=cfg)[1]
+
+
+def test_validate_submission_script_exit_codes(tmp_path):
+    sample = _write(tmp_path / "sample.csv", HEADER + "".join(f"{i},-1\n" for i in IDS))
+    bad = _write(tmp_path / "bad.csv", HEADER + "1.2.3.a,-1\n")
+    script = [sys.executable, str(ROOT / "scripts" / "validate_submission.py")]
+    good = subprocess.run([*script, str(sample), "--sample", str(sample)], capture_output=True, text=True, timeout=120)
+    assert good.returncode == 0 and "valid" in good.stdout, good.stderr
+    wrong = subprocess.run([*script, str(bad), "--sample", str(sample)], capture_output=True, text=True, timeout=120)
+    assert wrong.returncode == 1 and "2 problem(s)" in wrong.stdout, wrong.stderr
+    missing = subprocess.run([*script, str(bad), "--sample", str(tmp_path / "none.csv")], capture_output=True,
+                             text=True, timeout=120)
+    assert missing.returncode == 1 and "none.csv not found" in missing.stderr

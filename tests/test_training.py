@@ -167,7 +167,7 @@ def test_epochs_since_best(scores, monitor, expected):
      ["--config", "c.yaml", "--fold", "0", "train.epochs=3"]),
     (["--model.params.encoder_name=resnet18", "a=1"], {}, ["a=1", "model.params.encoder_name=resnet18"]),
     (["--seed", "7"], {"SM_MODEL_DIR": "/m", "SM_CHANNEL_TRAIN": "/in", "SM_OUTPUT_DATA_DIR": "/out"},
-     ["seed=7", "paths.prepared_dir=/in", "paths.experiment_dir=/out"]),
+     ["seed=7", "paths.prepared_dir=/in", "paths.experiment_dir=/checkpoints"]),
     (["--fold", "1"], {"SM_CHANNEL_TRAIN": "/in"}, ["--fold", "1"]),          # not inside a SageMaker job
 ])
 def test_sagemaker_hyperparameters_become_overrides(argv, env, expected):
@@ -319,3 +319,7 @@ def test_sagemaker_job_reads_its_channel_and_leaves_the_models_in_the_model_dir(
     resolved = (model_dir / "config.yaml").read_text()
     assert f"prepared_dir: {prepared}" in resolved and "epochs: 1" in resolved
     assert json.loads((output_dir / "03_train" / "done.json").read_text())["summary"]["folds"] == [0, 1]
+    # output.tar.gz carries the logs and OOF maps, not the checkpoints; the job trained beside the model folder.
+    assert (output_dir / "03_train" / "fold0" / "log.csv").is_file() and (output_dir / "03_train" / "fold1" / "oof").is_dir()
+    assert not [p.name for p in output_dir.rglob("*") if p.suffix == ".pt" or p.name == "checkpoints.csv"]
+    assert (tmp_path / "sm" / "checkpoints" / "03_train" / "fold0" / "last.pt").is_file()

@@ -74,11 +74,19 @@ def _load_chain(path: Path, chain: tuple[Path, ...]) -> DictConfig:
         raise ConfigError(f"config {path} does not fit its base {base}: {exc}") from None
 
 
-def _drop_params_of_renamed_blocks(parent: DictConfig, child: DictConfig) -> None:
+def _drop_params_of_renamed_blocks(parent: DictConfig, child: DictConfig) -> list[str]:
     """Delete from ``parent`` the ``params`` of every ``{name, params}`` block whose ``name`` ``child`` changes.
 
     A merge would otherwise hand the parameters of the base's component to the child's other component (a
-    ``plateau`` scheduler's ``patience`` to a ``cosine`` one); a renamed block takes its params from the child.
+    ``plateau`` scheduler's ``patience`` to a ``cosine`` one); a renamed block takes its params from the child,
+    and the registry's defaults stand for the rest.
+
+    Args:
+        parent: the config merged into (a base, or the config before an override); changed in place.
+        child: what is merged on top (the experiment file, or one override).
+
+    Returns:
+        The dotted paths of the renamed blocks (``"scheduler"``, ``"model"``).
     """
     def renamed(base: dict, new: dict, path: tuple) -> list[tuple]:
         found = []
@@ -91,31 +99,57 @@ def _drop_params_of_renamed_blocks(parent: DictConfig, child: DictConfig) -> Non
             found += renamed(old, value, (*path, key))
         return found
 
-    for path in renamed(OmegaConf.to_container(parent, resolve=False), OmegaConf.to_container(child, resolve=False),
-                        ()):
+    paths = renamed(OmegaConf.to_container(parent, resolve=False), OmegaConf.to_container(child, resolve=False), ())
+    for path in paths:
         node = parent
         for key in path:
             node = node[key]
         del node["params"]
+    return [".".join(map(str, path)) for path in paths]
 
 
 def apply_overrides(cfg: DictConfig, overrides: Iterable[str]) -> DictConfig:
-    """Return ``cfg`` with each ``key=value`` override applied; see the module docstring for the rules."""
+    """Return ``cfg`` with each ``key=value`` override applied; see the module docstring for the rules.
+
+    A ``{name, params}`` block renamed by an override (``scheduler.name=cosine``) loses the old component's
+    params, as in a config file; ``params`` keys given for it (``scheduler.params.warmup_epochs=2``, in any
+    order) then apply on top, and the registry checks them against the new component.
+
+    Args:
+        cfg: the loaded config (not changed).
+        overrides: ``key=value`` strings; ``+key=value`` adds a key no config defines.
+
+    Raises:
+        ConfigError: an override not of the form ``key=value``, or naming a key no config defines.
+    """
     cfg = cfg.copy()
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep or not key.lstrip("+"):
-            raise ConfigError(f"override {item!r} is not of the form key=value")
-        adding = key.startswith("+")
-        key = key.lstrip("+")
-        if not adding and OmegaConf.select(cfg, key, default=_MISSING) is _MISSING:
+    parsed = [_parse_override(item) for item in overrides]
+    # Renames first: a params override written before the rename must not be dropped with the old params.
+    parsed.sort(key=lambda override: override[1].rpartition(".")[2] != "name")
+    renamed: list[str] = []
+    for item, key, value, adding in parsed:
+        new_params = any(key.startswith(f"{block}.params.") for block in renamed)
+        if not (adding or new_params) and OmegaConf.select(cfg, key, default=_MISSING) is _MISSING:
             raise ConfigError(
                 f"override {item!r}: no config key {key!r}. Check the spelling against the resolved config, "
                 f"or write +{key}={value} to add a new key on purpose."
             )
-        parsed = OmegaConf.from_dotlist([f"{key}={value}"])
-        cfg = OmegaConf.merge(cfg, parsed)
+        update = OmegaConf.from_dotlist([f"{key}={value}"])
+        renamed += _drop_params_of_renamed_blocks(cfg, update)
+        cfg = OmegaConf.merge(cfg, update)
     return cfg
+
+
+def _parse_override(item: str) -> tuple[str, str, str, bool]:
+    """``(item, key, value, adding)`` of one ``[+]key=value`` override.
+
+    Raises:
+        ConfigError: not of the form ``key=value``.
+    """
+    key, sep, value = item.partition("=")
+    if not sep or not key.lstrip("+"):
+        raise ConfigError(f"override {item!r} is not of the form key=value")
+    return item, key.lstrip("+"), value, key.startswith("+")
 
 
 _MISSING = object()

@@ -145,20 +145,36 @@ class ImageFiles(Dataset):
         return torch.from_numpy(read_png(self.paths[index]))
 
 
-class EpochSampler(Sampler):
-    """Base of the samplers: ``draw(epoch)`` lists the epoch's indices; this class seeds, shards and pads them.
+@dataclass(frozen=True)
+class SamplerContext:
+    """What every sampler is given besides its config params.
 
     Args:
         has_mask: per training image, whether it is positive.
         seed: the run's seed; epoch ``e`` uses ``(seed, e)``.
+        total_epochs: the run's epochs.
         num_replicas, rank: the distributed world (1, 0 without one).
     """
 
-    def __init__(self, has_mask: Sequence[bool], seed: int, num_replicas: int = 1, rank: int = 0) -> None:
-        self.has_mask = np.asarray(has_mask, dtype=bool)
-        self.seed = int(seed)
-        self.num_replicas = int(num_replicas)
-        self.rank = int(rank)
+    has_mask: Sequence[bool]
+    seed: int
+    total_epochs: int | None = None
+    num_replicas: int = 1
+    rank: int = 0
+
+
+class EpochSampler(Sampler):
+    """Base of the samplers: ``draw(epoch)`` lists the epoch's indices; this class seeds, shards and pads them.
+
+    Args:
+        context: the training images' flags, the seed and the distributed world.
+    """
+
+    def __init__(self, context: SamplerContext) -> None:
+        self.has_mask = np.asarray(context.has_mask, dtype=bool)
+        self.seed = int(context.seed)
+        self.num_replicas = int(context.num_replicas)
+        self.rank = int(context.rank)
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -192,10 +208,7 @@ SAMPLERS: Registry[EpochSampler] = Registry("sampler")
 
 @SAMPLERS.register("natural")
 class NaturalSampler(EpochSampler):
-    """Every image once per epoch, in a new order each epoch (keyword ``total_epochs`` is accepted and unused)."""
-
-    def __init__(self, has_mask, seed, num_replicas=1, rank=0, total_epochs: int | None = None) -> None:
-        super().__init__(has_mask, seed, num_replicas, rank)
+    """Every image once per epoch, in a new order each epoch."""
 
     def epoch_size(self) -> int:
         return len(self.has_mask)
@@ -212,17 +225,16 @@ class PositiveShareSampler(EpochSampler):
         start, end: positive share of the first epoch and of epoch ``epochs`` onward, in [0, 1].
         epochs: the epoch (1-based) by which ``end`` is reached; default ``total_epochs``.
         samples_per_epoch: draws per epoch; default the number of training images.
-        total_epochs: the run's epochs (given by the trainer).
+        context: as for :class:`EpochSampler`; its ``total_epochs`` is the default of ``epochs``.
     """
 
-    def __init__(self, has_mask, seed, num_replicas=1, rank=0, start: float = 0.8, end: float = 0.4,
-                 epochs: int | None = None, samples_per_epoch: int | None = None,
-                 total_epochs: int | None = None) -> None:
-        super().__init__(has_mask, seed, num_replicas, rank)
+    def __init__(self, context: SamplerContext, start: float = 0.8, end: float = 0.4, epochs: int | None = None,
+                 samples_per_epoch: int | None = None) -> None:
+        super().__init__(context)
         if not (0.0 <= start <= 1.0 and 0.0 <= end <= 1.0):
             raise ConfigError(f"sampler positive_share: shares must be in [0, 1], got start={start}, end={end}")
         self.start, self.end = float(start), float(end)
-        self.ramp_epochs = int(epochs or total_epochs or 1)
+        self.ramp_epochs = int(epochs or context.total_epochs or 1)
         self.samples = int(samples_per_epoch or len(self.has_mask))
         self.positives = np.flatnonzero(self.has_mask)
         self.negatives = np.flatnonzero(~self.has_mask)
@@ -256,9 +268,13 @@ def _cycle(pool: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray
 
 def build_sampler(block, has_mask: Sequence[bool], seed: int, total_epochs: int,
                   num_replicas: int = 1, rank: int = 0) -> EpochSampler:
-    """The sampler of a ``sampler`` config block for the training images' ``has_mask`` flags."""
-    return SAMPLERS.build(block, has_mask=has_mask, seed=seed, num_replicas=num_replicas, rank=rank,
-                          total_epochs=total_epochs)
+    """The sampler of a ``sampler`` config block for the training images' ``has_mask`` flags.
+
+    Args:
+        block: the ``{name, params}`` block.
+        has_mask, seed, total_epochs, num_replicas, rank: as for :class:`SamplerContext`.
+    """
+    return SAMPLERS.build(block, context=SamplerContext(has_mask, seed, total_epochs, num_replicas, rank))
 
 
 def make_loader(dataset: Dataset, batch_size: int, num_workers: int, device: torch.device, **kwargs) -> DataLoader:

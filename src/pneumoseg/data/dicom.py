@@ -121,8 +121,9 @@ def write_jpeg_dicom(path: str | os.PathLike, pixels: np.ndarray, tags: DicomTag
 # ---------------------------------------------------------------------------------------------------------
 # Reading
 
+DICOM_IDS = ("PatientID", "StudyInstanceUID", "SeriesInstanceUID")
 METADATA_KEYS = ("ImageId", "source_path", "rows", "cols", "sex", "age", "view", "pixel_spacing",
-                 "photometric", "transfer_syntax")
+                 "photometric", "transfer_syntax", *DICOM_IDS)
 """The keys of the metadata dict of :func:`read_dicom`, in order (stage 01's metadata.csv columns)."""
 
 MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
@@ -212,7 +213,8 @@ def read_dicom(path: str | os.PathLike) -> tuple[np.ndarray, dict]:
         ``(pixels, metadata)``: an HxW uint8 array, and a dict with the keys of :data:`METADATA_KEYS`:
         ImageId, source_path, rows, cols, sex ("M"/"F", "" when absent), age (whole years, None when absent),
         view ("PA"/"AP", "" when absent), pixel_spacing (mm, the first value of PixelSpacing, else of
-        ImagerPixelSpacing; None when absent), photometric, transfer_syntax (the UID).
+        ImagerPixelSpacing; None when absent), photometric, transfer_syntax (the UID), PatientID,
+        StudyInstanceUID, SeriesInstanceUID ("" when absent).
 
     Pixels: JPEG Baseline (the challenge's encoding) is decoded by Pillow straight from the encapsulated
     frame, which skips pydicom's pixel pipeline; other transfer syntaxes go through pydicom's
@@ -356,6 +358,8 @@ def _metadata(ds: Dataset, path: Path) -> dict:
         "pixel_spacing": _first_float(spacing),
         "photometric": _text(ds.get("PhotometricInterpretation")),
         "transfer_syntax": _text(ds.file_meta.get("TransferSyntaxUID")),
+        # Named as the DICOM keywords: folds.group_by takes a column name, and these are what users know.
+        **{key: _text(ds.get(key)) for key in DICOM_IDS},
     }
 
 

@@ -8,6 +8,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Sequence
 
+import numpy as np
 from omegaconf import DictConfig
 
 from pneumoseg.data.dicom import UID_ROOT
@@ -33,6 +34,8 @@ class DemoImage:
         image_id: the ImageId of the label tables (the DICOM file's stem).
         path: the DICOM file, relative to the input folder.
         sop_uid, study_uid, series_uid: the DICOM's identifiers.
+        patient: the index (within the split) of the patient's first image; ``index`` itself for a first visit.
+        visit: 0 for a patient's first image, 1 and 2 for follow-ups.
     """
 
     split: str
@@ -42,6 +45,8 @@ class DemoImage:
     sop_uid: str
     study_uid: str
     series_uid: str
+    patient: int
+    visit: int
 
 
 def _digest(*parts: object) -> int:
@@ -127,19 +132,42 @@ class Stage2Layout(Layout):
         return f"stage_2_images/{image_id}.dcm"
 
 
+def patient_visits(seed: int, split: int, n_images: int, follow_up_rate: float) -> list[tuple[int, int]]:
+    """``(patient, visit)`` of each image of a split: about ``follow_up_rate`` of the patients have two or three
+    images (follow-ups), scattered over the split as in a real archive, the others one.
+
+    A patient is named by the index of its first image, so with ``follow_up_rate`` 0 every image is its own
+    patient. The result depends on the arguments alone.
+    """
+    rng = np.random.default_rng(_digest(seed, split, "patients"))
+    order = rng.permutation(n_images)
+    visits = [(0, 0)] * n_images
+    start = 0
+    while start < n_images:
+        size = int(rng.integers(2, 4)) if rng.random() < follow_up_rate else 1
+        members = sorted(order[start:start + size].tolist())
+        for visit, index in enumerate(members):
+            visits[index] = (members[0], visit)
+        start += size
+    return visits
+
+
 def demo_images(demo: DictConfig, layout: Layout) -> list[DemoImage]:
     """Every image of the demo set described by the ``demo`` config section, train images first."""
     images = []
+    seed = int(demo.seed)
     for split, name in enumerate(SPLITS):
-        for index in range(int(demo[f"n_{name}"])):
-            sop, study, series = _uids(int(demo.seed), split, index)
-            image_id = layout.image_id(int(demo.seed), split, index, sop)
+        n_images = int(demo[f"n_{name}"])
+        for index, (patient, visit) in enumerate(patient_visits(seed, split, n_images, float(demo.follow_up_rate))):
+            sop, study, series = _uids(seed, split, index)
+            image_id = layout.image_id(seed, split, index, sop)
             images.append(DemoImage(name, index, image_id, layout.image_path(split, image_id, study, series),
-                                    sop, study, series))
+                                    sop, study, series, patient, visit))
     return images
 
 
 def patient_id(seed: int, image: DemoImage) -> str:
-    """A random-looking UUID, as the challenge's anonymised PatientIDs are."""
-    digest = hashlib.blake2b(f"{seed}/{image.split}/{image.index}".encode(), digest_size=16).digest()
+    """A random-looking UUID, as the challenge's anonymised PatientIDs are; the same for every image of one
+    patient."""
+    digest = hashlib.blake2b(f"{seed}/{image.split}/{image.patient}".encode(), digest_size=16).digest()
     return str(uuid.UUID(bytes=digest, version=4))

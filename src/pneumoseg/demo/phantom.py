@@ -23,7 +23,7 @@ they survive downscaling to 128 px. Instance areas follow the real data's: media
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 import cv2
@@ -44,6 +44,8 @@ AREA_MAX_LUNG_SHARE = 0.6
 TWO_INSTANCE_RATE = 0.16
 THREE_INSTANCE_RATE = 0.08
 OVERLAP_RATE = 0.3
+
+VESSEL_LEVELS = 6      # generations of forking in each tree of lung markings
 
 _SUBPIXEL = 4  # fractional bits of the coordinates handed to OpenCV's drawing functions
 
@@ -348,17 +350,27 @@ def _lesions(rng: np.random.Generator, size: int, lung_masks: Sequence[np.ndarra
     return [instance for instance in instances if instance.any()]
 
 
-def make_phantom(rng: np.random.Generator, size: int, plan: CasePlan) -> Phantom:
+def sample_patient(rng: np.random.Generator) -> Patient:
+    """The patient of an image: the first draws of its geometry stream (see :func:`case_streams`)."""
+    view = "AP" if rng.random() < 0.4 else "PA"
+    return Patient(sex="F" if rng.random() < 0.45 else "M", age=int(np.clip(rng.normal(48, 17), 2, 92)),
+                   view_position=view, pixel_spacing=float(rng.choice([0.139, 0.143, 0.168, 0.171, 0.194])))
+
+
+def make_phantom(rng: np.random.Generator, size: int, plan: CasePlan, same_as: Patient | None = None) -> Phantom:
     """Sample the geometry of one radiograph: patient, pose, anatomy and pneumothorax instances.
 
     Args:
         rng: the image's geometry stream (see :func:`case_streams`).
         size: the image's side in pixels (the challenge's is 1024).
         plan: how many instances, and whether they overlap.
+        same_as: for a follow-up image, the patient whose sex and age it takes (view and spacing are its own).
     """
-    view = "AP" if rng.random() < 0.4 else "PA"
-    patient = Patient(sex="F" if rng.random() < 0.45 else "M", age=int(np.clip(rng.normal(48, 17), 2, 92)),
-                      view_position=view, pixel_spacing=float(rng.choice([0.139, 0.143, 0.168, 0.171, 0.194])))
+    patient = sample_patient(rng)
+    if same_as is not None:
+        # Drawn anyway, so a follow-up's pose and anatomy come from the same stream positions as before.
+        patient = replace(patient, sex=same_as.sex, age=same_as.age)
+    view = patient.view_position
     pose = _sample_pose(rng)
     lungs = _sample_lungs(rng, view)
     anatomy = Anatomy(
@@ -418,11 +430,15 @@ def _ribs(anatomy: Anatomy, side: int) -> np.ndarray:
 
 
 def _vessel_trees(rng: np.random.Generator, canvas: np.ndarray, pose: np.ndarray, roots: np.ndarray,
-                  headings: np.ndarray, length: float, width: float, levels: int) -> None:
-    """Draw forking vessels from ``roots`` along ``headings``: each is a slightly bent segment that splits
-    into two thinner, shorter ones, ``levels`` generations deep; one generation is drawn at a time."""
+                  headings: np.ndarray) -> None:
+    """Draw forking vessels from ``roots`` (N x 2, frame coordinates) along about ``headings`` (N angles):
+    each is a slightly bent segment that splits into two thinner, shorter ones, :data:`VESSEL_LEVELS`
+    generations deep; one generation is drawn at a time. The first segments' length and width are drawn
+    once for all the trees of a call."""
+    headings = headings + rng.normal(0, 0.1, len(roots))
+    length, width = rng.uniform(0.085, 0.105), rng.uniform(0.008, 0.011)
     lengths = length * rng.uniform(0.9, 1.1, len(roots))
-    for _ in range(levels):
+    for _ in range(VESSEL_LEVELS):
         bends = headings + rng.normal(0, 0.15, len(roots))
         mids = roots + 0.5 * lengths[:, None] * np.stack([np.cos(headings), np.sin(headings)], axis=1)
         tips = mids + 0.5 * lengths[:, None] * np.stack([np.cos(bends), np.sin(bends)], axis=1)
@@ -443,8 +459,7 @@ def _markings(rng: np.random.Generator, anatomy: Anatomy, size: int) -> np.ndarr
     fan = np.linspace(-1.75, 1.65, 12)
     for hilum, headings in (((0.41, 0.45), np.pi - fan), ((0.59, 0.45), fan)):
         roots = np.asarray(hilum) + rng.normal(0, 0.015, (len(fan), 2))
-        _vessel_trees(rng, canvas, anatomy.pose, roots, headings + rng.normal(0, 0.1, len(fan)),
-                      rng.uniform(0.085, 0.105), rng.uniform(0.008, 0.011), 6)
+        _vessel_trees(rng, canvas, anatomy.pose, roots, headings)
     canvas = cv2.GaussianBlur(canvas, (0, 0), max(0.6, size / 700))
     # Unclipped, so the mottle has no blank patches that would pass for missing markings.
     mottle = 0.5 + 0.5 * _smooth_noise(rng, size, size / 48)

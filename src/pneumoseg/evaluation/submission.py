@@ -18,9 +18,11 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
+from omegaconf import DictConfig
 
 from pneumoseg.data import labels as lb
 from pneumoseg.data import rle
+from pneumoseg.data.testset import image_sizes, test_set
 from pneumoseg.errors import DataError
 from pneumoseg.io import atomic_path
 from pneumoseg.evaluation.metrics import dice_from_counts
@@ -177,6 +179,39 @@ def format_problems(problems: Iterable[str], limit: int | None = 20) -> str:
     if len(problems) > len(shown):
         lines.append(f"  ... and {len(problems) - len(shown)} more")
     return "\n".join(lines)
+
+
+def check_submission(path: str | os.PathLike, sample: str | os.PathLike | None = None,
+                     cfg: DictConfig | None = None, fmt: str | None = None) -> tuple[bool, str]:
+    """Validate a submission file against a sample submission or an experiment's test set; what
+    ``scripts/validate_submission.py`` prints.
+
+    Args:
+        path: the submission CSV.
+        sample: a sample submission: its ImageIds and order are expected, every image the challenge's
+            1024 x 1024. Give it or ``cfg``.
+        cfg: an experiment's resolved config: the test set of its stages 01-02 is expected (sizes from
+            ``test_images.csv``; see :func:`pneumoseg.data.testset.test_set`).
+        fmt: the run-length form; None: ``cfg.predict.fmt`` with a config, else ``relative``.
+
+    Returns:
+        ``(valid, text)``: the text names the file and either every problem, one a line, or the form it is in.
+
+    Raises:
+        DataError: the sample submission or the test list cannot be read.
+        ValueError: neither or both of ``sample`` and ``cfg``.
+    """
+    if (sample is None) == (cfg is None):
+        raise ValueError("give exactly one of sample and cfg")
+    if cfg is not None:
+        test, expected = test_set(cfg)
+        sizes, fmt = image_sizes(test), fmt or cfg.predict.fmt
+    else:
+        expected, sizes, fmt = sample, None, fmt or "relative"
+    problems = validate_submission(path, expected, sizes, fmt)
+    if problems:
+        return False, f"{path}: {len(problems)} problem(s):\n{format_problems(problems, limit=None)}"
+    return True, f"{path}: valid ({fmt} run-length form)"
 
 
 def dice_by_image(path: str | os.PathLike, labels_csv: str | os.PathLike, sizes: Sizes | None = None,

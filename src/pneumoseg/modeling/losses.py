@@ -68,20 +68,6 @@ def mixed_loss(logits: torch.Tensor, target: torch.Tensor, alpha: float = 10.0, 
     return alpha * focal_loss(logits, target, gamma) - torch.log(soft_dice_score(logits, target, smooth))
 
 
-def combo_loss(logits: torch.Tensor, target: torch.Tensor, bce: float = 1.0, dice: float = 1.0,
-               focal: float = 0.0, gamma: float = 2.0, smooth: float = 1.0,
-               pos_weight: float | None = None) -> torch.Tensor:
-    """``bce * BCE + dice * (1 - soft dice) + focal * focal``; a term with weight 0 is not computed."""
-    total = logits.new_zeros((), dtype=torch.float32)
-    if bce:
-        total = total + bce * bce_loss(logits, target, pos_weight)
-    if dice:
-        total = total + dice * (1.0 - soft_dice_score(logits, target, smooth))
-    if focal:
-        total = total + focal * focal_loss(logits, target, gamma)
-    return total
-
-
 class _FunctionalLoss(nn.Module):
     """A module around one of the functions above with its keyword parameters fixed."""
 
@@ -108,10 +94,35 @@ class MixedLoss(_FunctionalLoss):
 
 
 @LOSSES.register("combo")
-class ComboLoss(_FunctionalLoss):
-    """Weighted BCE + (1 - soft dice) + focal (params: bce, dice, focal weights; gamma, smooth, pos_weight)."""
+class ComboLoss(nn.Module):
+    """``bce * BCE + dice * (1 - soft dice) + focal * focal``; a term with weight 0 is not computed.
 
-    function = staticmethod(combo_loss)
+    Args:
+        bce, dice, focal: the weights of the three terms.
+        gamma: the focal term's focusing parameter.
+        smooth: the soft dice's smoothing.
+        pos_weight: the BCE term's weight of positive pixels; None: 1.
+    """
+
+    def __init__(self, bce: float = 1.0, dice: float = 1.0, focal: float = 0.0, gamma: float = 2.0,
+                 smooth: float = 1.0, pos_weight: float | None = None) -> None:
+        super().__init__()
+        self.bce, self.dice, self.focal = bce, dice, focal
+        self.gamma, self.smooth, self.pos_weight = gamma, smooth, pos_weight
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        total = logits.new_zeros((), dtype=torch.float32)
+        if self.bce:
+            total = total + self.bce * bce_loss(logits, target, self.pos_weight)
+        if self.dice:
+            total = total + self.dice * (1.0 - soft_dice_score(logits, target, self.smooth))
+        if self.focal:
+            total = total + self.focal * focal_loss(logits, target, self.gamma)
+        return total
+
+    def extra_repr(self) -> str:
+        return (f"bce={self.bce}, dice={self.dice}, focal={self.focal}, gamma={self.gamma}, smooth={self.smooth}, "
+                f"pos_weight={self.pos_weight}")
 
 
 @LOSSES.register("bce")

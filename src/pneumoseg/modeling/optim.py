@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Iterable
 
 import torch
@@ -70,14 +71,22 @@ class LRSchedule:
         self.scheduler.load_state_dict(state)
 
 
+@dataclass(frozen=True)
+class UpdateBudget:
+    """The run a schedule spans: ``epochs`` x ``updates_per_epoch`` optimiser steps."""
+
+    updates_per_epoch: int
+    epochs: int
+
+
 SCHEDULERS: Registry[LRSchedule] = Registry("scheduler")
 
 
 @SCHEDULERS.register("cosine")
-def cosine(optimizer: Optimizer, updates_per_epoch: int, epochs: int, warmup_epochs: float = 0.0,
-           warmup_start: float = 0.01, min_lr_ratio: float = 0.0) -> LRSchedule:
-    total = max(updates_per_epoch * epochs, 1)
-    warmup = min(int(round(warmup_epochs * updates_per_epoch)), total - 1)
+def cosine(optimizer: Optimizer, budget: UpdateBudget, warmup_epochs: float = 0.0, warmup_start: float = 0.01,
+           min_lr_ratio: float = 0.0) -> LRSchedule:
+    total = max(budget.updates_per_epoch * budget.epochs, 1)
+    warmup = min(int(round(warmup_epochs * budget.updates_per_epoch)), total - 1)
 
     def factor(update: int) -> float:
         if update < warmup:
@@ -89,15 +98,15 @@ def cosine(optimizer: Optimizer, updates_per_epoch: int, epochs: int, warmup_epo
 
 
 @SCHEDULERS.register("plateau")
-def plateau(optimizer: Optimizer, updates_per_epoch: int, epochs: int, monitor: str = "val_loss",
-            factor: float = 0.5, patience: int = 3, min_lr: float = 0.0) -> LRSchedule:
+def plateau(optimizer: Optimizer, budget: UpdateBudget, monitor: str = "val_loss", factor: float = 0.5,
+            patience: int = 3, min_lr: float = 0.0) -> LRSchedule:
     scheduler = ReduceLROnPlateau(optimizer, mode=metric_mode(monitor), factor=factor, patience=patience,
                                   min_lr=min_lr)
     return LRSchedule(scheduler, per_update=False, monitor=monitor)
 
 
 @SCHEDULERS.register("constant")
-def constant(optimizer: Optimizer, updates_per_epoch: int, epochs: int) -> LRSchedule:
+def constant(optimizer: Optimizer, budget: UpdateBudget) -> LRSchedule:
     return LRSchedule(LambdaLR(optimizer, lambda update: 1.0), per_update=True)
 
 
@@ -108,5 +117,5 @@ def build_optimizer(block, parameters: Iterable[torch.nn.Parameter]) -> Optimize
 
 def build_scheduler(block, optimizer: Optimizer, updates_per_epoch: int, epochs: int) -> LRSchedule:
     """The schedule of a ``scheduler`` config block for a run of ``epochs`` x ``updates_per_epoch`` updates."""
-    return SCHEDULERS.build(block, optimizer=optimizer, updates_per_epoch=updates_per_epoch, epochs=epochs)
+    return SCHEDULERS.build(block, optimizer=optimizer, budget=UpdateBudget(updates_per_epoch, epochs))
 

@@ -1,10 +1,10 @@
 """The data report of stage 02: ``data_report.md`` with its figures in ``report/``, beside the stage's CSVs.
 
 Like the original demo's data exploration, it shows the share of images with pneumothorax, instances per
-image, the distribution of mask areas, where masks lie (the mean mask), the balance of the folds, the
-positive rate by sex, view and age when stage 01 found those tags, and a gallery of training images with
-their masks outlined. Everything is read back from the files stage 02 and stage 01 wrote, so the report
-shows exactly what later stages will see.
+image, the distribution of mask areas, where masks lie (the mean mask), the balance of the folds, how many
+patients have several images and whether any patient straddles two folds, the positive rate by sex, view and
+age when stage 01 found those tags, and a gallery of training images with their masks outlined. Everything is
+read back from the files stage 02 and stage 01 wrote, so the report shows exactly what later stages will see.
 """
 from __future__ import annotations
 
@@ -20,12 +20,14 @@ from matplotlib.figure import Figure
 from pneumoseg.data import folds as fold_split
 from pneumoseg.data import labels as lb
 from pneumoseg import layout
-from pneumoseg.io import atomic_path, read_png, write_png, write_text
+from pneumoseg.io import read_png, write_png, write_text
+from pneumoseg.reports.figures import draw_outline, save_figure
 
 log = logging.getLogger(__name__)
 
 REPORT_FILE = "data_report.md"
 FIGURE_FOLDER = "report"
+FIGURE_DPI = 100
 GALLERY_POSITIVE = 8
 GALLERY_NEGATIVE = 4
 GALLERY_COLUMNS = 4
@@ -35,6 +37,7 @@ OUTLINE_RGB = (255, 40, 40)
 NUMBER_RGB = (255, 230, 0)
 POSITIVE_COLOUR, NEGATIVE_COLOUR = "#d62728", "#1f77b4"
 DEMOGRAPHICS = {"sex": "sex", "view": "view position"}
+PATIENT = "PatientID"
 AGE_RANGE = (0, 100)            # a few real files claim ages over 100 (typos); they are left out of the plot
 
 
@@ -55,7 +58,7 @@ def write_report(prepared: layout.Where, sizes: list[int], area_edges, seed: int
     ids = {lb.ID_COLUMN: str}
     table = pd.read_csv(layout.labels_path(prepared), dtype=ids)
     folds = pd.read_csv(layout.folds_path(prepared), dtype=ids)
-    metadata = pd.read_csv(layout.metadata_path(prepared), dtype=ids)
+    metadata = pd.read_csv(layout.metadata_path(prepared), dtype={**ids, PATIENT: str})
     edges = fold_split.check_area_edges(area_edges)
     rng = np.random.default_rng(seed)
     sections = [
@@ -66,6 +69,7 @@ def write_report(prepared: layout.Where, sizes: list[int], area_edges, seed: int
         _area_histogram(table, edges, figures),
         _mean_mask(table, prepared, min(sizes), rng, figures),
         _fold_balance(folds, table, edges, figures),
+        _patients(folds, metadata),
         _demographics(table, metadata, figures),
         _gallery(table, prepared, _gallery_size(sizes), rng, figures),
     ]
@@ -102,7 +106,7 @@ def _positives_and_instances(table: pd.DataFrame, figures: Path) -> str:
     instances.set_xlabel("instances (label rows) per positive image")
     instances.set_ylabel("images (log scale)")
     instances.set_title("instances per image")
-    name = _save(fig, figures / "positives.png")
+    name = _link(save_figure(fig, figures / "positives.png", FIGURE_DPI))
     several = int((table["n_instances"] > 1).sum())
     return (f"## Positive images and instances\n\n![positive share and instances per image]({name})\n\n"
             f"{several} images have more than one instance; their mask is the union of the instances.")
@@ -122,7 +126,7 @@ def _area_histogram(table: pd.DataFrame, edges: list[int], figures: Path) -> str
     ax.set_xlabel("mask area (original pixels, log scale); dashed: folds.area_bins edges")
     ax.set_ylabel("positive images")
     ax.set_title("mask area")
-    name = _save(fig, figures / "mask_area.png")
+    name = _link(save_figure(fig, figures / "mask_area.png", FIGURE_DPI))
     quartiles = np.percentile(areas, [0, 25, 50, 75, 100]).astype(int)
     return (f"## Mask areas\n\n![mask area histogram]({name})\n\nArea of the union mask in original pixels: "
             f"min {quartiles[0]}, quartiles {quartiles[1]} / {quartiles[2]} / {quartiles[3]}, max {quartiles[4]}.")
@@ -145,7 +149,7 @@ def _mean_mask(table: pd.DataFrame, prepared: layout.Where, size: int, rng: np.r
     fig.colorbar(shown, ax=heat_ax, fraction=0.046, label="share of positive images")
     for ax in (image_ax, heat_ax):
         ax.set_axis_off()
-    name = _save(fig, figures / "mean_mask.png")
+    name = _link(save_figure(fig, figures / "mean_mask.png", FIGURE_DPI))
     return (f"## Where masks lie\n\n![mean image and mean mask]({name})\n\nThe mean of the {size}x{size} "
             f"masks of the positive images: the share of them covering each pixel (the image's left is the "
             f"patient's right).")
@@ -183,10 +187,44 @@ def _fold_balance(folds: pd.DataFrame, table: pd.DataFrame, edges: list[int], fi
     mix_ax.set_title("mask area (original pixels)")
     mix_ax.legend(ncol=len(positive_bins), loc="upper center", bbox_to_anchor=(0.5, -0.25), frameon=False,
                   fontsize=8, handlelength=1)
-    name = _save(fig, figures / "fold_balance.png")
+    name = _link(save_figure(fig, figures / "fold_balance.png", FIGURE_DPI))
     grouped = " Groups (`group` in folds.csv) never span two folds." if "group" in folds.columns else ""
     return (f"## Folds\n\n![fold balance]({name})\n\nImages per fold and per mask-area bin; median_area is "
             f"over the fold's positive images.{grouped}\n\n" + _markdown_table(balance))
+
+
+def patient_counts(folds: pd.DataFrame, metadata: pd.DataFrame) -> dict | None:
+    """How the training images of ``folds`` fall to patients (``PatientID`` of ``metadata``) and folds.
+
+    Returns:
+        None when ``metadata`` has no PatientID; otherwise ``patients`` (an image without a PatientID counts as
+        its own patient), ``repeated`` (patients with several images), ``repeated_images`` (their images),
+        ``most_images`` (the most images of one patient) and ``straddling`` (patients in more than one fold).
+    """
+    if PATIENT not in metadata.columns:
+        return None
+    patient = folds[lb.ID_COLUMN].map(metadata.set_index(lb.ID_COLUMN)[PATIENT])
+    patient = _text(patient).where(lambda p: p != "", "image " + folds[lb.ID_COLUMN])
+    per_patient = folds.groupby(patient.to_numpy())["fold"].agg(["size", "nunique"])
+    repeated = per_patient["size"] > 1
+    return {"patients": len(per_patient), "repeated": int(repeated.sum()),
+            "repeated_images": int(per_patient.loc[repeated, "size"].sum()),
+            "most_images": int(per_patient["size"].max()) if len(per_patient) else 0,
+            "straddling": int((per_patient["nunique"] > 1).sum())}
+
+
+def _patients(folds: pd.DataFrame, metadata: pd.DataFrame) -> str:
+    counts = patient_counts(folds, metadata)
+    if counts is None:
+        return ("## Patients and folds\n\nmetadata.csv has no PatientID (an older stage 01 wrote it): rerun "
+                "stage 01 with `--force` to see how images fall to patients.")
+    text = (f"## Patients and folds\n\n{len(folds)} training images of {counts['patients']} patients; "
+            f"{counts['repeated']} patients have several images ({counts['repeated_images']} images, at most "
+            f"{counts['most_images']} of one patient). ")
+    if counts["straddling"] == 0:
+        return text + "No patient has images in two folds."
+    return text + (f"**{counts['straddling']} patients have images in more than one fold**, so a fold is scored "
+                   f"on patients it also trained on and the OOF score flatters: set `folds.group_by: PatientID`.")
 
 
 def _reds(n: int) -> list[tuple[float, ...]]:
@@ -229,7 +267,7 @@ def _demographics(table: pd.DataFrame, metadata: pd.DataFrame, figures: Path) ->
         outside = int((ages.notna() & ~shown).sum())
         tables.append(f"Ages: median {ages[shown].median():.0f}; {int(ages.isna().sum())} unknown, {outside} "
                       f"outside {AGE_RANGE[0]}-{AGE_RANGE[1]} left out of the histogram (normalised per class).")
-    name = _save(fig, figures / "patients.png")
+    name = _link(save_figure(fig, figures / "patients.png", FIGURE_DPI))
     return f"## Patients\n\n![positive rate by sex, view and age]({name})\n\n" + "\n\n".join(tables)
 
 
@@ -252,7 +290,8 @@ def _gallery(table: pd.DataFrame, prepared: layout.Where, size: int, rng: np.ran
              for number, row in enumerate(chosen.itertuples(index=False), 1)]
     tiles += [np.zeros_like(tiles[0])] * (-len(tiles) % GALLERY_COLUMNS)
     rows = [np.hstack(tiles[start:start + GALLERY_COLUMNS]) for start in range(0, len(tiles), GALLERY_COLUMNS)]
-    name = _save_image(np.vstack(rows), figures / "gallery.png")
+    write_png(figures / "gallery.png", np.vstack(rows))
+    name = _link(figures / "gallery.png")
     captions = [f"{row.ImageId}: " + (f"area {row.mask_area}, {row.n_instances} instance(s)" if row.has_mask
                                        else "no pneumothorax") for row in chosen.itertuples(index=False)]
     return (f"## Gallery\n\n![training images with their masks outlined]({name})\n\n{len(chosen)} training "
@@ -265,8 +304,7 @@ def _outlined(row, number: int, prepared: layout.Where, size: int) -> np.ndarray
     """One gallery tile: the image in RGB with its mask's outline and its number drawn on it."""
     image = cv2.cvtColor(read_png(layout.images_dir(prepared, size) / f"{row.ImageId}.png"), cv2.COLOR_GRAY2RGB)
     mask = read_png(layout.masks_dir(prepared, size) / f"{row.ImageId}.png")
-    contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
-    cv2.drawContours(image, contours, -1, OUTLINE_RGB, max(1, size // 256))
+    draw_outline(image, mask, OUTLINE_RGB, max(1, size // 256))
     # A one-pixel black frame keeps neighbouring tiles apart.
     cv2.rectangle(image, (0, 0), (size - 1, size - 1), (0, 0, 0), 1)
     scale = max(0.35, size / 400)
@@ -287,14 +325,6 @@ def _markdown_table(frame: pd.DataFrame) -> str:
     return "\n".join([header, rule, *body])
 
 
-def _save(fig: Figure, path: Path) -> str:
-    """Save a figure as PNG atomically; return its path relative to the report."""
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=100)
-    return f"{FIGURE_FOLDER}/{path.name}"
-
-
-def _save_image(image: np.ndarray, path: Path) -> str:
-    """Save an RGB array as PNG atomically; return its path relative to the report."""
-    write_png(path, image)
+def _link(path: Path) -> str:
+    """A figure's path relative to the report."""
     return f"{FIGURE_FOLDER}/{path.name}"

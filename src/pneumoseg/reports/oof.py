@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -19,9 +20,10 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from pneumoseg.data.resize import resize
-from pneumoseg.io import atomic_path, write_json, write_text
+from pneumoseg.io import write_json, write_text
 from pneumoseg.postprocess.strategies import ORIGINAL_SIZE, build_postprocessor
 from pneumoseg.postprocess.search import SearchResult
+from pneumoseg.reports.figures import draw_outline, save_figure
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +31,7 @@ PLOTS = "plots"
 PLOT_FILES = {"search": "search.png", "folds": "folds.png", "training": "training_curves.png",
               "gallery": "gallery.png"}
 REPORT_JSON, REPORT_MD = "oof_report.json", "oof_report.md"
+FIGURE_DPI = 110
 TRUTH_COLOUR = (40, 220, 40)        # RGB: green outline
 PREDICTION_COLOUR = (255, 40, 40)   # RGB: red outline
 
@@ -91,8 +94,23 @@ def _mean(values: pd.Series) -> float | None:
     return float(values.mean()) if len(values) else None
 
 
+@dataclass(frozen=True)
+class Gallery:
+    """What the report's gallery shows.
+
+    Args:
+        case: loads an image of the gallery.
+        n_cases: images per gallery row.
+        thumbnail_size: side of each gallery image in pixels.
+    """
+
+    case: CaseLoader
+    n_cases: int
+    thumbnail_size: int
+
+
 def write_report(folder: Path, numbers: dict, result: SearchResult, per_image: pd.DataFrame,
-                 logs: Mapping[int, Path], case: CaseLoader, n_cases: int, thumbnail_size: int) -> None:
+                 logs: Mapping[int, Path], gallery: Gallery) -> None:
     """Write the plots and ``oof_report.md`` into ``folder`` (the stage writes ``numbers`` to ``oof_report.json``).
 
     Args:
@@ -101,16 +119,15 @@ def write_report(folder: Path, numbers: dict, result: SearchResult, per_image: p
         result: the search result (for the search surface).
         per_image: as for :func:`report_numbers`, with ``ImageId``.
         logs: each fold's ``log.csv`` (a missing one is left out of the curves, with a warning).
-        case: loads an image for the gallery.
-        n_cases: images per gallery row.
-        thumbnail_size: side of each gallery image in pixels.
+        gallery: the gallery's images and their size.
     """
     paths = {key: folder / PLOTS / name for key, name in PLOT_FILES.items()}
     plots = {
         "search": plot_search(result, numbers, paths["search"]),
         "folds": plot_folds(numbers, paths["folds"]),
         "training": plot_training_curves(logs, paths["training"]),
-        "gallery": plot_gallery(gallery_cases(per_image, n_cases), case, thumbnail_size, paths["gallery"]),
+        "gallery": plot_gallery(gallery_cases(per_image, gallery.n_cases), gallery.case, gallery.thumbnail_size,
+                                paths["gallery"]),
     }
     write_text(folder / REPORT_MD, render_markdown(numbers, plots))
 
@@ -136,12 +153,6 @@ def add_test_score(folder: Path, test_score: float, n_images: int) -> None:
     plots = {key: folder / PLOTS / name if (folder / PLOTS / name).is_file() else None
              for key, name in PLOT_FILES.items()}
     write_text(folder / REPORT_MD, render_markdown(numbers, plots))
-
-
-def _save(fig: Figure, path: Path) -> Path:
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110)
-    return path
 
 
 def plot_search(result: SearchResult, numbers: dict, path: Path) -> Path:
@@ -170,7 +181,7 @@ def plot_search(result: SearchResult, numbers: dict, path: Path) -> Path:
         axes[0].set(xlabel="min_area (pixels of the 1024 px image)", ylabel="top",
                     title=f"triplet: OOF dice at bottom={grid.bottoms[bottom]:g} (best {np.nanmax(scores):.4f})")
         fig.colorbar(image, ax=axes[0], label="OOF dice")
-    return _save(fig, path)
+    return save_figure(fig, path, FIGURE_DPI)
 
 
 def plot_folds(numbers: dict, path: Path) -> Path:
@@ -189,7 +200,7 @@ def plot_folds(numbers: dict, path: Path) -> Path:
     ax.set_xticks(x, [f"fold {f['fold']}\n({f['n_images']} img)" for f in folds])
     ax.set(ylabel="dice", ylim=(0, 1.25), yticks=np.linspace(0, 1, 6), title="Per-fold OOF dice")
     ax.legend(fontsize=8, loc="upper center", ncols=len(series))
-    return _save(fig, path)
+    return save_figure(fig, path, FIGURE_DPI)
 
 
 def plot_training_curves(logs: Mapping[int, Path], path: Path) -> Path | None:
@@ -226,7 +237,7 @@ def plot_training_curves(logs: Mapping[int, Path], path: Path) -> Path | None:
         ax.set(xlabel="epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
         ax.legend(fontsize=7)
-    return _save(fig, path)
+    return save_figure(fig, path, FIGURE_DPI)
 
 
 def gallery_cases(per_image: pd.DataFrame, n_cases: int) -> dict[str, pd.DataFrame]:
@@ -249,8 +260,7 @@ def outlined(xray: np.ndarray, truth: np.ndarray, prediction: np.ndarray, size: 
     # The truth is drawn thicker and first, so that a prediction on the same outline leaves it visible.
     for mask, colour, thickness in ((truth, TRUTH_COLOUR, 2), (prediction, PREDICTION_COLOUR, 1)):
         mask = resize(mask.astype(np.uint8), size, size, "nearest")
-        contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
-        cv2.drawContours(image, contours, -1, colour, thickness)
+        draw_outline(image, mask, colour, thickness)
     return image
 
 
@@ -272,7 +282,7 @@ def plot_gallery(cases: Mapping[str, pd.DataFrame], case: CaseLoader, size: int,
             ax.set_title(f"{title}\n…{item.ImageId[-10:]} dice {item.dice:.2f}\n"
                          f"true {item.true_area * scale:.0f} / pred {item.pred_area * scale:.0f} px", fontsize=7)
     fig.suptitle("truth: green, prediction: red (areas in pixels of the 1024 px image)", fontsize=9)
-    return _save(fig, path)
+    return save_figure(fig, path, FIGURE_DPI)
 
 
 def _block_text(block: dict) -> str:

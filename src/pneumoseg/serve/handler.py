@@ -1,10 +1,15 @@
-"""The inference handler of a model package: the four functions the SageMaker PyTorch serving container calls,
-which the HTTP server (:mod:`pneumoseg.serve.server`) calls too::
+"""The inference handler of a model package: SageMaker's handler functions, which the HTTP server
+(:mod:`pneumoseg.serve.server`) calls too::
 
     model = model_fn("/opt/ml/model")                   # an extracted model.tar.gz
     data = input_fn(body, "application/dicom")          # request bytes -> ImageInput
     result = predict_fn(data, model)                    # -> Result: the stage-05 Predictor's Prediction
     body, content_type = output_fn(result, "application/json")
+    status, body, content_type = answer(model, body, "application/dicom", "application/json")  # all three, never raises
+
+The package's ``code/inference.py`` gives SageMaker's container ``model_fn`` and :func:`transform_fn` (the three
+steps in one, with the toolkit's trailing ``context``): an error is answered with its own status and a JSON body
+instead of the toolkit's 500 with a Python traceback.
 
 A model package (written by stage 06, :mod:`pneumoseg.stages.package`) is a folder, or its ``model.tar.gz``:
 
@@ -13,7 +18,7 @@ A model package (written by stage 06, :mod:`pneumoseg.stages.package`) is a fold
 * ``config.yaml``: the experiment's resolved config, for the record;
 * ``fold<k>/best_<rank>.pt``: the weights, in stage 03's checkpoint format (tensors and plain data only, loaded
   with ``weights_only=True``: no pickled code, no download);
-* ``code/inference.py`` (imports the four functions from here), ``code/requirements.txt`` and ``code/pneumoseg/``
+* ``code/inference.py`` (imports ``model_fn`` and ``transform_fn`` from here), ``code/requirements.txt`` and ``code/pneumoseg/``
   (this package's source), which SageMaker's container puts on its Python path.
 
 Request bodies, by content type: ``application/dicom`` (a DICOM file, read like stage 01 reads one),
@@ -26,12 +31,13 @@ JSON's ImageId is a DICOM's SOPInstanceUID: the challenge's ImageId for its stag
 A request the handler cannot serve raises a :class:`RequestError` that carries its HTTP status: 400
 (:class:`BadRequest`: an empty or unreadable body), 415 (:class:`UnsupportedMediaType`) or 406
 (:class:`NotAcceptable`). Inside SageMaker's container they are also the inference toolkit's own error type, so
-the endpoint answers with that status and message instead of a 500.
+even the four separate functions answer with that status (the toolkit then adds a traceback to the message).
 """
 from __future__ import annotations
 
 import io
 import json
+import logging
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any, Callable, ClassVar
@@ -46,6 +52,7 @@ from pneumoseg.inference.predictor import Prediction
 from pneumoseg.registry import Registry
 from pneumoseg.serve.package import ServingModel, load_package
 
+log = logging.getLogger(__name__)
 
 JSON = "application/json"
 PNG = "image/png"
@@ -132,10 +139,6 @@ class Result:
             "postprocess": self.model.postprocess,
             "model": {"name": self.model.name, "version": self.model.version},
         }
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Loading a package
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -331,3 +334,55 @@ def output_fn(prediction: Result, accept: str | None) -> tuple[bytes, str]:
     """
     content_type = negotiate(accept)
     return ENCODERS[content_type](prediction), content_type
+
+
+def error_body(status: int, message: str) -> bytes:
+    """The JSON body of every error answer: ``{"error": message, "status": status}``."""
+    return json.dumps({"error": message, "status": int(status)}).encode()
+
+
+def answer(model: ServingModel, body: bytes, content_type: str | None, accept: str | None,
+           predict: Callable[[ImageInput, ServingModel], Result] = predict_fn) -> tuple[int, bytes, str]:
+    """Decode, predict and encode one request; never raises: an error is its status and a JSON body.
+
+    Args:
+        model: the loaded package.
+        body: the request's bytes.
+        content_type: its ``Content-Type``.
+        accept: its ``Accept`` (see :func:`negotiate`).
+        predict: :func:`predict_fn`, or a caller's wrapper of it (the server bounds predictions at once).
+
+    Returns:
+        ``(HTTP status, body, content type)``. A failure of the model is 500, logged with its traceback.
+    """
+    try:
+        negotiate(accept)  # an unacceptable Accept is refused before the prediction, not after it
+        payload, response_type = output_fn(predict(input_fn(body, content_type), model), accept)
+    except RequestError as exc:
+        return int(exc.status), error_body(exc.status, str(exc)), JSON
+    except Exception as exc:  # a failure of the model must not take the server down: answer 500, log it
+        log.exception("prediction failed")
+        return (HTTPStatus.INTERNAL_SERVER_ERROR, error_body(HTTPStatus.INTERNAL_SERVER_ERROR, f"the model failed "
+                f"on this request ({type(exc).__name__}); see the server's log"), JSON)
+    return HTTPStatus.OK, payload, response_type
+
+
+def transform_fn(model: ServingModel, request_body: bytes, request_content_type: str | None, accept: str | None,
+                 context: Any = None) -> tuple[bytes, str]:
+    """SageMaker's one-function handler: :func:`answer`, with its status set on the toolkit's ``context``.
+
+    Args:
+        model: what :func:`model_fn` returned.
+        request_body: the request's bytes.
+        request_content_type: its ``Content-Type``.
+        accept: its ``Accept``; the toolkit gives ``SAGEMAKER_DEFAULT_INVOCATIONS_ACCEPT`` for none or ``*/*``.
+        context: the TorchServe context the toolkit passes to a handler that declares one; its
+            ``set_response_status(code, phrase)`` sets the answer's status.
+
+    Returns:
+        ``(body, content type)``: the prediction, or ``{"error": ..., "status": ...}`` in JSON.
+    """
+    status, body, content_type = answer(model, request_body, request_content_type, accept)
+    if status != HTTPStatus.OK and context is not None:
+        context.set_response_status(int(status), HTTPStatus(status).phrase)
+    return body, content_type

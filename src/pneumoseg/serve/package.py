@@ -138,17 +138,18 @@ def open_package(path: str | os.PathLike) -> Iterator[Path]:
         yield Path(folder)
 
 
-# The distributions that pneumoseg.serve.handler imports, pinned in code/requirements.txt at the versions installed here.
-# torch and torchvision are left out: SageMaker's PyTorch container has its own build (for its CUDA), which a
-# pinned wheel would replace.
-SERVING_REQUIREMENTS = ("segmentation-models-pytorch", "timm", "huggingface-hub", "safetensors", "albumentations",
-                        "pydicom", "pillow", "opencv-python-headless", "numpy", "pandas", "omegaconf")
+# What pneumoseg.serve.handler imports that SageMaker's PyTorch inference container lacks (their own dependencies,
+# huggingface-hub and safetensors, come with them). The container's own torch, torchvision, numpy, pandas, pillow
+# and opencv-python are never listed: pip would replace them at every start (or add a second cv2 beside its own).
+SERVING_REQUIREMENTS = ("segmentation-models-pytorch", "timm", "pydicom", "omegaconf")
 
+ENTRY_POINT = '''"""SageMaker's entry point: the handler of pneumoseg.serve.handler (the package is in code/pneumoseg/).
 
-ENTRY_POINT = '''"""SageMaker's entry point: the handler functions of pneumoseg.serve.handler (the package is in code/pneumoseg/)."""
-from pneumoseg.serve.handler import input_fn, model_fn, output_fn, predict_fn
+transform_fn takes the toolkit's context, so an error is answered with its own status and a JSON message.
+"""
+from pneumoseg.serve.handler import model_fn, transform_fn
 
-__all__ = ["model_fn", "input_fn", "predict_fn", "output_fn"]
+__all__ = ["model_fn", "transform_fn"]
 '''
 
 
@@ -179,11 +180,22 @@ def build_manifest(cfg: DictConfig, predictor: Predictor, files: dict[str, Path]
             "pneumoseg_version": __version__, "models": models, **settings}
 
 
+def compatible_range(version: str) -> str:
+    """The versions compatible with ``version`` as a pip range: from it to the next major release (the next minor
+    one for a 0.x version), e.g. ``1.0.31`` -> ``>=1.0.31,<2``, ``0.6.0`` -> ``>=0.6.0,<0.7``."""
+    parts = [int(part) for part in version.split("+")[0].split(".")[:2] if part.isdigit()]
+    major, minor = (parts + [0, 0])[:2]
+    upper = f"0.{minor + 1}" if major == 0 else str(major + 1)
+    return f">={version.split('+')[0]},<{upper}"
+
+
 def requirements_text() -> str:
-    """``code/requirements.txt``: :data:`SERVING_REQUIREMENTS` pinned at the versions installed here."""
-    lines = ["# What pneumoseg.serve.handler needs beyond SageMaker's PyTorch container (torch, torchvision), at the",
-             "# versions the package was built and tested with."]
-    lines += [f"{name}=={installed_version(name)}" for name in SERVING_REQUIREMENTS]
+    """``code/requirements.txt``: :data:`SERVING_REQUIREMENTS`, each from the version installed here (the one the
+    package is tested with) to its next major release."""
+    lines = ["# What pneumoseg.serve.handler needs beyond SageMaker's PyTorch inference container (which has torch,",
+             "# torchvision, numpy, pandas, pillow and OpenCV). A network-isolated endpoint cannot pip-install: see",
+             "# the README's serving section (bundled wheels, or a custom image)."]
+    lines += [f"{name}{compatible_range(installed_version(name))}" for name in SERVING_REQUIREMENTS]
     return "\n".join(lines) + "\n"
 
 

@@ -6,64 +6,100 @@
     curl -s localhost:8080/ping
     curl -s -H "Content-Type: application/dicom" --data-binary @image.dcm localhost:8080/invocations
 
-``GET /ping`` answers 200 once the model is loaded (503 before); ``POST /invocations`` runs the handler of
-:mod:`pneumoseg.serve.handler` on the body (its ``Content-Type`` and ``Accept`` choose the decoder and the response).
-``--model`` takes a ``model.tar.gz`` or the folder it extracts to; in a SageMaker container that is
+``GET /ping`` (and ``HEAD /ping``) answers 200 once the model is loaded, 503 before; ``POST /invocations`` runs the
+handler of :mod:`pneumoseg.serve.handler` on the body (its ``Content-Type`` and ``Accept`` choose the decoder and
+the response). ``--model`` takes a ``model.tar.gz`` or the folder it extracts to; in a SageMaker container that is
 ``--model /opt/ml/model --host 0.0.0.0 --port 8080``.
 
-Built on the standard library, as one event loop and a bounded pool of worker threads:
+Built on uvicorn (its h11 parser, the strictest about framing) and Starlette, as one event loop and a bounded
+pool of threads:
 
-* The loop accepts connections and watches the idle ones (keep-alive, HTTP/1.1), so an idle connection holds no
-  thread; it is closed after ``--keep-alive`` seconds. Beyond ``--max-connections`` open connections, a new one
-  is answered 503 at once.
-* A connection with bytes to read goes to one of ``--workers`` threads, which reads one request, answers it and
-  hands the connection back. A client has ``--request-timeout`` seconds to send a whole request once it starts
-  (408 after that), so a slow or stalled client cannot hold a worker for longer.
-* ``--predictions`` requests predict at once (default 1: one prediction uses every core, or the GPU); the
-  others decode their bodies meanwhile and wait their turn.
-* ``Expect: 100-continue`` is answered before the body is sent: ``100 Continue``, or at once the final 413
-  (``Content-Length`` over ``--max-body-mb``), 415 (an unsupported ``Content-Type``) or 404. Without it, such a
-  request is answered the same way and its connection closed after the rest of its body is drained.
+* The loop parses every request and answers ``/ping`` itself; decoding, predicting and encoding run in
+  ``--workers`` threads (``--predictions`` of them predicting at once; PyTorch releases the GIL), so a slow
+  prediction never delays a ping. Past ``--max-queue`` requests waiting for a thread, more are answered 503 at
+  once, as are requests past ``--max-connections`` open connections (uvicorn's own plain-text 503).
+* A request's head must arrive within ``--header-timeout`` seconds (408, then closed) and its body within
+  ``--request-timeout`` (408); an idle kept-alive connection is closed after ``--keep-alive`` seconds.
+* Framing follows h11: conflicting ``Content-Length`` headers, a non-digit length, a malformed chunk size or an
+  unknown ``Transfer-Encoding`` get 400 and a closed connection. A request with both ``Content-Length`` and
+  ``Transfer-Encoding`` (the shape of request smuggling) gets 400 and its connection is closed unread.
+* The headers alone decide 413 (``Content-Length`` over ``--max-body-mb``, default 6 MiB like SageMaker's
+  real-time limit), 415 and 404 before any byte of the body is read (``Expect: 100-continue`` gets that final
+  answer instead of ``100 Continue``); those connections are closed. A chunked body is counted as it streams in
+  and refused 413 at the limit.
 * Every answer but 200 is JSON ``{"error": reason, "status": code}``: 400 for an empty or unreadable body
   (corrupt DICOM, truncated PNG, ...), 406 for an unsupported ``Accept``, 500 for a failure of the model, which is
   logged with its traceback; no request can stop the server.
 * One log line per request: client, request line, status, bytes in and out, milliseconds from arrival to answer.
+* SIGTERM (or Ctrl-C) stops accepting, lets the requests in flight finish (at most :data:`DRAIN_SECONDS`), exits 0.
 """
 from __future__ import annotations
 
 import argparse
-import io
+import asyncio
+import functools
 import json
 import logging
-import math
-import queue
-import selectors
 import signal
 import socket
 import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler
-from typing import Callable
 
-from pneumoseg import __version__
+import numpy as np
+import uvicorn
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import Response
+from starlette.routing import Route
+
 from pneumoseg.cli import setup_logging
 from pneumoseg.errors import PneumosegError
+from pneumoseg.serve.handler import (JSON, ImageInput, RequestError, Result, answer, check_content_type,
+                                     error_body, predict_fn)
 from pneumoseg.serve.package import ServingModel, load_package, open_package
-from pneumoseg.serve.handler import (JSON, RequestError, check_content_type, input_fn, negotiate,
-                                     output_fn, predict_fn)
+from pneumoseg.serve.protocol import GuardedH11Protocol
 
 log = logging.getLogger(__name__)
 
 PING = "/ping"
 INVOCATIONS = "/invocations"
-# After answering a request whose body was left unread, the rest of it is read and dropped for at most this
-# long before closing: closing with unread data resets the connection, and the client could lose the answer.
-DRAIN_SECONDS = 2.0
-_MAX_LINE = 8192
+DRAIN_SECONDS = 25
+"""Longest wait for the requests in flight after SIGTERM: SageMaker sends SIGKILL 30 s after it."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """How much the server takes in.
+
+    Attributes:
+        max_body_bytes: larger request bodies are answered 413 (SageMaker's real-time limit by default).
+        max_queue: requests that may wait for a worker thread; more are answered 503.
+        max_connections: open connections at most; requests beyond get 503.
+    """
+
+    max_body_bytes: int = 6 * 2 ** 20
+    max_queue: int = 32
+    max_connections: int = 256
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """Seconds a client is given.
+
+    Attributes:
+        header: to send a request's head, from the connection's opening or the request's first byte.
+        body: to send a request's body once its head is in.
+        keep_alive: an idle connection stays open between requests.
+    """
+
+    header: float = 5.0
+    body: float = 30.0
+    keep_alive: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -73,22 +109,18 @@ class ServerSettings:
     Attributes:
         host: address to listen on (``0.0.0.0`` for every interface, as in a container).
         port: TCP port; 0 picks a free one.
-        workers: threads that read, predict and answer requests.
+        workers: threads that decode, predict and encode requests.
         predictions: requests predicting at once.
-        max_body_bytes: larger request bodies are answered 413.
-        keep_alive: seconds an idle connection stays open.
-        request_timeout: seconds a client has to send a whole request once it has started, and to take an answer.
-        max_connections: open connections at most; more are answered 503.
+        limits: body size, queue and connection limits.
+        timeouts: header, body and keep-alive timeouts.
     """
 
     host: str = "127.0.0.1"
     port: int = 8080
-    workers: int = 8
+    workers: int = 4
     predictions: int = 1
-    max_body_bytes: int = 32 * 2 ** 20
-    keep_alive: float = 60.0
-    request_timeout: float = 30.0
-    max_connections: int = 256
+    limits: Limits = field(default_factory=Limits)
+    timeouts: Timeouts = field(default_factory=Timeouts)
 
 
 @dataclass
@@ -100,10 +132,15 @@ class Reply:
     content_type: str = JSON
     close: bool = False
 
+    def response(self) -> Response:
+        """The Starlette response of this reply."""
+        headers = {"Connection": "close"} if self.close else None
+        return Response(self.body, status_code=self.status, media_type=self.content_type, headers=headers)
+
 
 def error_reply(status: int, message: str, close: bool = False) -> Reply:
     """A JSON error answer: ``{"error": message, "status": status}``."""
-    return Reply(int(status), json.dumps({"error": message, "status": int(status)}).encode(), JSON, close)
+    return Reply(int(status), error_body(status, message), JSON, close)
 
 
 class InferenceService:
@@ -111,14 +148,20 @@ class InferenceService:
 
     Args:
         predictions: requests predicting at once.
+        workers: threads that run :meth:`invoke` for :meth:`submit`.
+        max_queue: requests that may wait for one of them; :meth:`submit` answers 503 beyond.
 
     Attributes:
         model: the loaded package; None until it is loaded (both endpoints answer 503 meanwhile).
     """
 
-    def __init__(self, predictions: int = 1) -> None:
+    def __init__(self, predictions: int = 1, workers: int = 1, max_queue: int = 0) -> None:
         self.model: ServingModel | None = None
         self._slots = threading.BoundedSemaphore(predictions)
+        self._workers = workers
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="pneumoseg-worker")
+        self._capacity = workers + max_queue
+        self._admitted = 0  # only touched on the event loop's thread
 
     def ping(self) -> Reply:
         model = self.model
@@ -127,437 +170,172 @@ class InferenceService:
         return Reply(HTTPStatus.OK, json.dumps({"status": "ready", "model": model.name,
                                                 "version": model.version}).encode())
 
+    async def submit(self, body: bytes, content_type: str | None, accept: str | None) -> Reply:
+        """:meth:`invoke` in a worker thread, or 503 at once when ``workers + max_queue`` requests are in."""
+        if self._admitted >= self._capacity:
+            return error_reply(HTTPStatus.SERVICE_UNAVAILABLE, f"the server already has {self._capacity} requests "
+                                                               f"running or queued; retry shortly")
+        self._admitted += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._pool, self.invoke, body, content_type,
+                                                                    accept)
+        finally:
+            self._admitted -= 1
+
     def invoke(self, body: bytes, content_type: str | None, accept: str | None) -> Reply:
-        """Decode ``body``, predict and encode the answer as ``accept`` asks."""
+        """Decode ``body``, predict and encode the answer as ``accept`` asks (the handler's :func:`answer`)."""
         model = self.model
         if model is None:
             return error_reply(HTTPStatus.SERVICE_UNAVAILABLE, "the model is still loading; retry when GET /ping "
                                                                "answers 200")
-        try:
-            negotiate(accept)  # an unacceptable Accept is refused before the prediction, not after it
-            data = input_fn(body, content_type)
-            with self._slots:
-                result = predict_fn(data, model)
-            payload, response_type = output_fn(result, accept)
-        except RequestError as exc:
-            return error_reply(exc.status, str(exc))
-        except Exception as exc:  # a failure of the model must not take the server down: answer 500, log it
-            log.exception("prediction failed")
-            return error_reply(HTTPStatus.INTERNAL_SERVER_ERROR,
-                               f"the model failed on this request ({type(exc).__name__}); see the server's log")
-        return Reply(HTTPStatus.OK, payload, response_type)
+        return Reply(*answer(model, body, content_type, accept, predict=self._predict))
 
+    def _predict(self, data: ImageInput, model: ServingModel) -> Result:
+        with self._slots:
+            return predict_fn(data, model)
 
-class _SocketReader(io.RawIOBase):
-    """A connection's reads, bounded by the current request's ``deadline`` (monotonic seconds)."""
+    def warm_up(self, model: ServingModel) -> None:
+        """Predict a blank image once in each worker thread: PyTorch's first call in a thread sets up its own thread
+        pool and caches, which made the first requests after a start take seconds."""
+        blank = ImageInput(np.zeros((model.predictor.image_size,) * 2, np.uint8), None, "warm-up")
+        barrier = threading.Barrier(self._workers)
 
-    def __init__(self, sock: socket.socket) -> None:
-        super().__init__()
-        self.sock = sock
-        self.deadline = math.inf
-        self.nonblocking = False
+        def once() -> None:
+            barrier.wait()  # every worker thread busy at once: each one runs a warm-up
+            self._predict(blank, model)
 
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer) -> int | None:
-        if self.nonblocking:
-            self.sock.settimeout(0.0)
-            try:
-                return self.sock.recv_into(buffer)
-            except BlockingIOError:
-                return None
-        remaining = self.deadline - time.monotonic()
-        if remaining <= 0:
-            raise TimeoutError("the client took too long to send its request")
-        self.sock.settimeout(None if math.isinf(remaining) else remaining)
-        return self.sock.recv_into(buffer)
-
-
-class _SocketWriter(io.RawIOBase):
-    """A connection's writes: each whole, within ``timeout`` seconds (a client that stops reading is dropped)."""
-
-    def __init__(self, sock: socket.socket, timeout: float) -> None:
-        super().__init__()
-        self.sock = sock
-        self.timeout = timeout
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, data) -> int:
-        self.sock.settimeout(self.timeout)
-        self.sock.sendall(data)
-        return len(data)
-
-
-class _Connection:
-    """One client connection, kept across its requests with its read buffer.
-
-    Args:
-        sock: the accepted socket.
-        address: the client's address.
-        on_close: called once when the connection closes (frees its slot).
-        write_timeout: seconds allowed for writing one answer.
-    """
-
-    def __init__(self, sock: socket.socket, address, on_close: Callable[[], None], write_timeout: float) -> None:
-        self.sock = sock
-        self.address = address
-        self.reader = _SocketReader(sock)
-        self.rfile = io.BufferedReader(self.reader, 64 * 1024)
-        self.wfile = _SocketWriter(sock, write_timeout)
-        self.ready_at = time.perf_counter()
-        self.drain_on_close = False
-        self._on_close = on_close
-        self._closed = False
-
-    def has_pending(self) -> bool:
-        """Whether bytes of a next request are already here (read ahead into the buffer, or on the socket)."""
-        self.reader.nonblocking = True
-        try:
-            return bool(self.rfile.peek(1))
-        except OSError:
-            return False
-        finally:
-            self.reader.nonblocking = False
+        for future in [self._pool.submit(once) for _ in range(self._workers)]:
+            future.result()
 
     def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        try:
-            if self.drain_on_close:
-                self._drain()
-            self.sock.close()
-        finally:
-            self._on_close()
-
-    def _drain(self) -> None:
-        """Stop writing, then read and drop what the client still sends, for at most :data:`DRAIN_SECONDS`."""
-        try:
-            self.sock.shutdown(socket.SHUT_WR)
-            end = time.monotonic() + DRAIN_SECONDS
-            while (remaining := end - time.monotonic()) > 0:
-                self.sock.settimeout(remaining)
-                if not self.sock.recv(1 << 16):
-                    return
-        except OSError:  # the client is gone or too slow: nothing more to wait for
-            pass
+        """Wait for the threads' last requests and stop them."""
+        self._pool.shutdown(wait=True)
 
 
-class _RequestHandler(BaseHTTPRequestHandler):
-    """Reads and answers one request of a :class:`_Connection`; the server keeps the connection between requests."""
-
-    protocol_version = "HTTP/1.1"
-    # A request line without a valid version is answered with a status line and headers, not as HTTP/0.9 (a bare
-    # body), which no client of this server speaks.
-    default_request_version = "HTTP/1.0"
-    server_version = f"pneumoseg/{__version__}"
-    server: "ModelServer"
-
-    def setup(self) -> None:
-        conn: _Connection = self.request
-        self.connection = conn.sock
-        self.rfile, self.wfile = conn.rfile, conn.wfile
-        self.received = 0
-
-    def handle(self) -> None:
-        self.close_connection = True
-        self.handle_one_request()
-
-    def finish(self) -> None:
-        """Nothing to close: the connection outlives the request."""
-
-    def _route(self) -> str:
-        return self.path.split("?", 1)[0]
-
-    def do_GET(self) -> None:
-        if self._route() == PING:
-            reply = self.server.service.ping()
-        else:
-            reply = error_reply(HTTPStatus.NOT_FOUND, f"no endpoint GET {self._route()}; use GET {PING} or POST "
-                                                      f"{INVOCATIONS}")
-        if self._declares_body():  # left unread: close rather than take it for the next request
-            reply.close = True
-        self._send(reply)
-
-    def _declares_body(self) -> bool:
-        return self.headers.get("Content-Length", "0").strip() != "0" or "Transfer-Encoding" in self.headers
-
-    def do_POST(self) -> None:
-        rejection = self._rejection()
-        if rejection is not None:
-            self._send(rejection)
-            return
-        body = self._read_body()
-        if isinstance(body, Reply):
-            self._send(body)
-            return
-        self.received = len(body)
-        self._send(self.server.service.invoke(body, self.headers.get("Content-Type"), self.headers.get("Accept")))
-
-    def handle_expect_100(self) -> bool:
-        """Answer ``Expect: 100-continue`` with the final answer when the headers alone decide it, else 100."""
-        rejection = self._rejection() if self.command == "POST" else None
-        if rejection is not None:
-            self._send(rejection)
-            return False
-        return super().handle_expect_100()
-
-    def _rejection(self) -> Reply | None:
-        """The answer a POST gets from its headers alone (its body unread), or None when the body is wanted."""
-        if self._route() != INVOCATIONS:
-            return error_reply(HTTPStatus.NOT_FOUND, f"no endpoint POST {self._route()}; use POST {INVOCATIONS} or "
-                                                     f"GET {PING}", close=True)
-        limit = self.server.settings.max_body_bytes
-        length = self.headers.get("Content-Length", "").strip()
-        if length.isdigit() and int(length) > limit:
-            return error_reply(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"the body has {int(length)} bytes, more than "
-                                                                    f"the {limit} this server accepts", close=True)
-        try:
-            check_content_type(self.headers.get("Content-Type"))
-        except RequestError as exc:
-            return error_reply(exc.status, str(exc), close=True)
-        return None
-
-    def _read_body(self) -> bytes | Reply:
-        """The request's body, or the error answer when it cannot be read whole within the limits."""
-        encoding = self.headers.get("Transfer-Encoding", "").strip().lower()
-        try:
-            if encoding == "chunked":
-                return self._read_chunked(self.server.settings.max_body_bytes)
-            if encoding:
-                return error_reply(HTTPStatus.NOT_IMPLEMENTED, f"Transfer-Encoding {encoding!r} is not supported; "
-                                                               f"send a Content-Length", close=True)
-            length = self.headers.get("Content-Length", "0").strip()
-            if not length.isdigit():
-                return error_reply(HTTPStatus.BAD_REQUEST, f"Content-Length {length!r} is not a number of bytes",
-                                   close=True)
-            body = self.rfile.read(int(length))
-        except TimeoutError:
-            return error_reply(HTTPStatus.REQUEST_TIMEOUT, f"the body did not arrive within "
-                                                           f"{self.server.settings.request_timeout:g} s", close=True)
-        if len(body) < int(length):
-            return error_reply(HTTPStatus.BAD_REQUEST, f"the body ended after {len(body)} of its {length} bytes",
-                               close=True)
-        return body
-
-    def _read_chunked(self, limit: int) -> bytes | Reply:
-        parts, total = [], 0
-        while True:
-            line = self.rfile.readline(_MAX_LINE)
-            try:
-                size = int(line.split(b";", 1)[0], 16)
-            except ValueError:
-                size = -1
-            if size < 0 or not line.endswith(b"\n"):
-                return error_reply(HTTPStatus.BAD_REQUEST, "malformed chunked body", close=True)
-            if size == 0:
-                break
-            total += size
-            if total > limit:
-                return error_reply(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"the chunked body exceeds the {limit} "
-                                                                        f"bytes this server accepts", close=True)
-            chunk = self.rfile.read(size)
-            if len(chunk) < size or self.rfile.readline(_MAX_LINE).strip():
-                return error_reply(HTTPStatus.BAD_REQUEST, "the chunked body is truncated or malformed", close=True)
-            parts.append(chunk)
-        for _ in range(100):  # trailer fields, up to the blank line that ends the request
-            if self.rfile.readline(_MAX_LINE).strip() == b"":
-                break
-        return b"".join(parts)
-
-    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
-        """Protocol errors found by the standard library (bad request line, headers too long...) as JSON."""
-        reason = explain or message or HTTPStatus(code).phrase
-        self._send(error_reply(code, reason, close=True))
-
-    def _send(self, reply: Reply) -> None:
-        conn: _Connection = self.request
-        if reply.close:
-            self.close_connection = True
-            conn.drain_on_close = True
-        self.send_response(reply.status)
-        self.send_header("Content-Type", reply.content_type)
-        self.send_header("Content-Length", str(len(reply.body)))
-        if self.close_connection:
-            self.send_header("Connection", "close")
-        self.end_headers()
-        self.wfile.write(reply.body)
-        log.info('%s "%s" %d %d B in, %d B out, %.1f ms', self.client_address[0], self.requestline, reply.status,
-                 self.received, len(reply.body), (time.perf_counter() - conn.ready_at) * 1000)
-
-    def log_request(self, code="-", size="-") -> None:
-        """Replaced by the one line :meth:`_send` logs."""
-
-    def log_message(self, format: str, *args) -> None:
-        log.warning("%s %s", self.client_address[0], format % args)
+def head_rejection(request: Request, max_body_bytes: int) -> Reply | None:
+    """The answer an ``/invocations`` request gets from its head alone (its body unread), or None to read it."""
+    headers = request.headers
+    if "content-length" in headers and "transfer-encoding" in headers:
+        # RFC 9112 6.1: a server may process such a request but must close the connection after it; refusing it
+        # leaves nothing for a smuggled second request to ride on.
+        return error_reply(HTTPStatus.BAD_REQUEST, "the request has both Content-Length and Transfer-Encoding; "
+                                                   "send one of them", close=True)
+    length = int(headers.get("content-length", "0"))  # h11 has checked that it is digits
+    if length > max_body_bytes:
+        return error_reply(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"the body has {length} bytes, more than the "
+                                                                f"{max_body_bytes} this server accepts", close=True)
+    try:
+        check_content_type(headers.get("content-type"))
+    except RequestError as exc:
+        return error_reply(exc.status, str(exc), close=True)
+    return None
 
 
-class ModelServer:
-    """The HTTP server of an :class:`InferenceService` (see the module docstring); it listens from construction.
+async def read_body(request: Request, limit: int, timeout: float) -> bytes | Reply:
+    """The request's body, or the error answer when it is over ``limit`` bytes or slower than ``timeout`` s."""
+    parts, size = [], 0
+    try:
+        async with asyncio.timeout(timeout):
+            async for part in request.stream():
+                size += len(part)
+                if size > limit:
+                    return error_reply(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"the body exceeds the {limit} bytes "
+                                                                            f"this server accepts", close=True)
+                parts.append(part)
+    except TimeoutError:
+        return error_reply(HTTPStatus.REQUEST_TIMEOUT, f"the body did not arrive within {timeout:g} s", close=True)
+    except ClientDisconnect:  # nobody is left to answer; the reply only makes the log line
+        return error_reply(HTTPStatus.BAD_REQUEST, f"the client closed the connection after {size} bytes of the "
+                                                   f"body", close=True)
+    return b"".join(parts)
+
+
+class AccessLog:
+    """ASGI middleware: one log line per request (client, request line, status, bytes in and out, milliseconds).
 
     Args:
-        service: answers the requests.
-        settings: address, limits and pool sizes.
-
-    Raises:
-        OSError: the address cannot be listened on (a port in use, say).
+        app: the ASGI application whose requests are logged.
     """
 
-    def __init__(self, service: InferenceService, settings: ServerSettings = ServerSettings()) -> None:
-        self.service = service
-        self.settings = settings
-        self._listener = socket.create_server((settings.host, settings.port), backlog=128)
-        self._listener.setblocking(False)
-        self._wake_read, self._wake_write = socket.socketpair()
-        self._wake_read.setblocking(False)
-        self._wake_write.setblocking(False)
-        self._selector = selectors.DefaultSelector()
-        self._selector.register(self._listener, selectors.EVENT_READ, "accept")
-        self._selector.register(self._wake_read, selectors.EVENT_READ, "wake")
-        self._idle: dict[_Connection, float] = {}
-        self._returned: queue.SimpleQueue[_Connection] = queue.SimpleQueue()
-        self._slots = threading.BoundedSemaphore(settings.max_connections)
-        self._pool = ThreadPoolExecutor(settings.workers, thread_name_prefix="pneumoseg-worker")
-        self._stopping = threading.Event()
-        self._stopped = threading.Event()
+    def __init__(self, app) -> None:
+        self.app = app
 
-    @property
-    def port(self) -> int:
-        return self._listener.getsockname()[1]
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        began = time.perf_counter()
+        seen = {"in": 0, "out": 0, "status": 0}
 
-    @property
-    def url(self) -> str:
-        return f"http://{self._listener.getsockname()[0]}:{self.port}"
+        async def counted_receive():
+            message = await receive()
+            seen["in"] += len(message.get("body", b""))
+            return message
 
-    def serve_forever(self) -> None:
-        """Serve until :meth:`stop`; then finish the requests in progress and close every connection."""
+        async def counted_send(message) -> None:
+            if message["type"] == "http.response.start":
+                seen["status"] = message["status"]
+            elif message["type"] == "http.response.body":
+                seen["out"] += len(message.get("body", b""))
+            await send(message)
+
         try:
-            while not self._stopping.is_set():
-                # Wake at least once a second to close connections idle for too long.
-                for key, _ in self._selector.select(timeout=1.0):
-                    if key.data == "accept":
-                        self._accept()
-                    elif key.data == "wake":
-                        self._drain_wakeups()
-                    else:
-                        self._dispatch(key.data)
-                self._take_back()
-                self._close_idle(time.monotonic() - self.settings.keep_alive)
+            await self.app(scope, counted_receive, counted_send)
         finally:
-            self._listener.close()
-            self._close_idle(math.inf)
-            self._pool.shutdown(wait=True)
-            self._take_back()  # closes what the workers handed back meanwhile
-            self._selector.close()
-            self._stopped.set()
+            query = scope.get("query_string", b"")
+            target = scope["raw_path"].decode("latin-1") + ("?" + query.decode("latin-1") if query else "")
+            client = scope["client"][0] if scope.get("client") else "-"
+            log.info('%s "%s %s HTTP/%s" %d %d B in, %d B out, %.1f ms', client, scope["method"], target,
+                     scope["http_version"], seen["status"], seen["in"], seen["out"],
+                     (time.perf_counter() - began) * 1000)
 
-    def stop(self) -> None:
-        """Ask :meth:`serve_forever` to stop; returns at once (safe in a signal handler)."""
-        self._stopping.set()
-        self._wake()
 
-    def shutdown(self) -> None:
-        """Stop and wait until every request in progress is answered and every connection closed."""
-        self.stop()
-        self._stopped.wait()
+def build_app(service: InferenceService, settings: ServerSettings) -> AccessLog:
+    """The ASGI application: ``/ping`` and ``/invocations`` of ``service``, JSON errors, the access log."""
 
-    def _wake(self) -> None:
-        try:
-            self._wake_write.send(b"\0")
-        except OSError:  # the wake-up pipe is full (the loop is awake anyway) or already closed
-            pass
+    async def ping(request: Request) -> Response:
+        return service.ping().response()
 
-    def _drain_wakeups(self) -> None:
-        try:
-            while self._wake_read.recv(4096):
-                pass
-        except OSError:
-            pass
+    async def invocations(request: Request) -> Response:
+        limits = settings.limits
+        rejection = head_rejection(request, limits.max_body_bytes)
+        if rejection is not None:
+            return rejection.response()
+        body = await read_body(request, limits.max_body_bytes, settings.timeouts.body)
+        if isinstance(body, Reply):
+            return body.response()
+        reply = await service.submit(body, request.headers.get("content-type"), request.headers.get("accept"))
+        return reply.response()
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                sock, address = self._listener.accept()
-            except BlockingIOError:
-                return
-            except OSError as exc:  # out of file descriptors, say: the client waits in the backlog
-                log.warning("cannot accept a connection: %s", exc)
-                return
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            if not self._slots.acquire(blocking=False):
-                self._refuse(sock, address)
-                continue
-            conn = _Connection(sock, address, self._slots.release, self.settings.request_timeout)
-            self._watch(conn)
+    async def http_error(request: Request, exc: HTTPException) -> Response:
+        if exc.status_code == HTTPStatus.METHOD_NOT_ALLOWED:
+            allowed = (exc.headers or {}).get("Allow", "")
+            message = f"method {request.method} is not allowed on {request.url.path}; use {allowed}"
+        else:
+            message = (f"no endpoint {request.method} {request.url.path}; use GET {PING} or POST {INVOCATIONS}")
+        # An unread body of a refused request must not be taken for the next request: close.
+        reply = error_reply(exc.status_code, message, close=True)
+        response = reply.response()
+        response.headers.update(exc.headers or {})
+        return response
 
-    def _refuse(self, sock: socket.socket, address) -> None:
-        reply = error_reply(HTTPStatus.SERVICE_UNAVAILABLE, f"the server has its maximum of "
-                                                            f"{self.settings.max_connections} connections open; retry")
-        head = (f"HTTP/1.1 {reply.status} {HTTPStatus(reply.status).phrase}\r\nContent-Type: {reply.content_type}\r\n"
-                f"Content-Length: {len(reply.body)}\r\nConnection: close\r\nRetry-After: 1\r\n\r\n").encode()
-        try:
-            sock.settimeout(1.0)
-            sock.sendall(head + reply.body)
-        except OSError:
-            pass
-        finally:
-            sock.close()
-        log.info('%s "-" %d 0 B in, %d B out, 0.0 ms (connection limit)', address[0], reply.status, len(reply.body))
+    app = Starlette(routes=[Route(PING, ping, methods=["GET"]), Route(INVOCATIONS, invocations, methods=["POST"])],
+                    exception_handlers={HTTPException: http_error})
+    return AccessLog(app)
 
-    def _watch(self, conn: _Connection) -> None:
-        self._selector.register(conn.sock, selectors.EVENT_READ, conn)
-        self._idle[conn] = time.monotonic()
 
-    def _dispatch(self, conn: _Connection) -> None:
-        self._selector.unregister(conn.sock)
-        del self._idle[conn]
-        conn.ready_at = time.perf_counter()
-        self._pool.submit(self._serve, conn)
-
-    def _take_back(self) -> None:
-        """Watch again the connections that workers finished a request on."""
-        while True:
-            try:
-                conn = self._returned.get_nowait()
-            except queue.Empty:
-                return
-            if self._stopping.is_set():
-                conn.close()
-            else:
-                self._watch(conn)
-
-    def _close_idle(self, idle_since: float) -> None:
-        for conn, since in list(self._idle.items()):
-            if since <= idle_since:
-                self._selector.unregister(conn.sock)
-                del self._idle[conn]
-                conn.close()
-
-    def _serve(self, conn: _Connection) -> None:
-        """In a worker: answer the requests that are here, then hand the connection back to the loop."""
-        try:
-            while True:
-                conn.reader.deadline = time.monotonic() + self.settings.request_timeout
-                handler = _RequestHandler(conn, conn.address, self)
-                if handler.close_connection or self._stopping.is_set():
-                    conn.close()
-                    return
-                if not conn.has_pending():
-                    break
-                conn.ready_at = time.perf_counter()
-            conn.reader.deadline = math.inf
-            self._returned.put(conn)
-            self._wake()
-        except Exception as exc:  # the client vanished mid-request (reset, broken pipe): nobody to answer
-            log.debug("connection from %s dropped: %s", conn.address[0], exc)
-            conn.close()
+def uvicorn_server(app, settings: ServerSettings) -> uvicorn.Server:
+    """The uvicorn server of ``app`` with ``settings``' limits and timeouts; it logs through this package's log."""
+    config = uvicorn.Config(app, http=functools.partial(GuardedH11Protocol, header_timeout=settings.timeouts.header),
+                            lifespan="off", log_config=None, access_log=False, server_header=False,
+                            timeout_keep_alive=settings.timeouts.keep_alive,
+                            limit_concurrency=settings.limits.max_connections,
+                            timeout_graceful_shutdown=DRAIN_SECONDS)
+    return uvicorn.Server(config)
 
 
 def parser() -> argparse.ArgumentParser:
-    defaults = ServerSettings()
+    defaults, limits, timeouts = ServerSettings(), Limits(), Timeouts()
     result = argparse.ArgumentParser(prog="python -m pneumoseg.serve", description="Serve a pneumoseg model package "
                                      "over HTTP: GET /ping, POST /invocations (SageMaker's container contract).")
     result.add_argument("--model", required=True, help="model.tar.gz of scripts/06_package_model.py, or the folder "
@@ -569,61 +347,86 @@ def parser() -> argparse.ArgumentParser:
     result.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                         help="where the models run (default: a GPU when there is one)")
     result.add_argument("--workers", type=int, default=defaults.workers,
-                        help="threads reading, predicting and answering requests (default %(default)s)")
+                        help="threads decoding, predicting and encoding requests (default %(default)s)")
     result.add_argument("--predictions", type=int, default=defaults.predictions,
                         help="requests predicting at once (default %(default)s)")
-    result.add_argument("--max-body-mb", type=float, default=defaults.max_body_bytes / 2 ** 20,
+    result.add_argument("--max-queue", type=int, default=limits.max_queue,
+                        help="requests waiting for a worker at most; more get 503 (default %(default)s)")
+    result.add_argument("--max-body-mb", type=float, default=limits.max_body_bytes / 2 ** 20,
                         help="largest request body in MiB; larger ones get 413 (default %(default)g)")
-    result.add_argument("--keep-alive", type=float, default=defaults.keep_alive,
+    result.add_argument("--max-connections", type=int, default=limits.max_connections,
+                        help="open connections at most; requests beyond get 503 (default %(default)s)")
+    result.add_argument("--header-timeout", type=float, default=timeouts.header,
+                        help="seconds a client has to send a request's head; 408 after (default %(default)g)")
+    result.add_argument("--request-timeout", type=float, default=timeouts.body,
+                        help="seconds a client has to send a request's body; 408 after (default %(default)g)")
+    result.add_argument("--keep-alive", type=float, default=timeouts.keep_alive,
                         help="seconds an idle connection stays open (default %(default)g)")
-    result.add_argument("--request-timeout", type=float, default=defaults.request_timeout,
-                        help="seconds a client has to send a whole request (default %(default)g)")
-    result.add_argument("--max-connections", type=int, default=defaults.max_connections,
-                        help="open connections at most; more get 503 (default %(default)s)")
     return result
 
 
+def settings_from(args: argparse.Namespace) -> ServerSettings:
+    """The :class:`ServerSettings` of parsed command-line arguments."""
+    return ServerSettings(host=args.host, port=args.port, workers=args.workers, predictions=args.predictions,
+                          limits=Limits(max_body_bytes=int(args.max_body_mb * 2 ** 20), max_queue=args.max_queue,
+                                        max_connections=args.max_connections),
+                          timeouts=Timeouts(header=args.header_timeout, body=args.request_timeout,
+                                            keep_alive=args.keep_alive))
+
+
+def load_in_background(service: InferenceService, server: uvicorn.Server, model: str, device: str) -> threading.Event:
+    """Load ``model`` into ``service`` in a thread (``/ping`` answers 503 meanwhile); on failure, log why and stop
+    ``server``. Returns the event set on failure."""
+    failed = threading.Event()
+
+    def load() -> None:
+        try:
+            with open_package(model) as model_dir:
+                loaded = load_package(model_dir, device)
+            service.warm_up(loaded)
+        except Exception as exc:  # any failure to load ends the server: it has nothing to serve
+            # A PneumosegError says what to fix; anything else is a bug and keeps its traceback.
+            log.error("cannot load the model: %s", exc, exc_info=not isinstance(exc, PneumosegError))
+            failed.set()
+            server.should_exit = True
+            return
+        service.model = loaded
+        predictor = loaded.predictor
+        log.info("model %s version %s ready: %d models x %d views at %d px on %s, post-processing %s", loaded.name,
+                 loaded.version, len(predictor.models), len(predictor.tta.views()), predictor.image_size,
+                 predictor.device, loaded.postprocess)
+
+    threading.Thread(target=load, name="pneumoseg-load", daemon=True).start()
+    return failed
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Listen, load the model in the background (``/ping`` answers 503 until it is loaded), serve until SIGTERM
-    or Ctrl-C. Returns 0 after a clean stop, 1 when the model cannot be loaded or the port cannot be listened on."""
+    """Listen, load the model in the background, serve until SIGTERM or Ctrl-C. Returns 0 after a clean stop, 1
+    when the model cannot be loaded or the port cannot be listened on."""
     arguments = parser()
     args = arguments.parse_args(argv)
     for name in ("workers", "predictions", "max_connections"):
         if getattr(args, name) < 1:
             arguments.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.max_queue < 0:
+        arguments.error("--max-queue must be at least 0")
     setup_logging()
-    settings = ServerSettings(host=args.host, port=args.port, workers=args.workers, predictions=args.predictions,
-                              max_body_bytes=int(args.max_body_mb * 2 ** 20), keep_alive=args.keep_alive,
-                              request_timeout=args.request_timeout, max_connections=args.max_connections)
-    service = InferenceService(settings.predictions)
+    settings = settings_from(args)
+    service = InferenceService(settings.predictions, settings.workers, settings.limits.max_queue)
+    server = uvicorn_server(build_app(service, settings), settings)
     try:
-        server = ModelServer(service, settings)
+        listener = socket.create_server((settings.host, settings.port), backlog=2048)
     except OSError as exc:
         log.error("cannot listen on %s:%d: %s", settings.host, settings.port, exc)
         return 1
-    log.info("listening on %s (GET %s, POST %s); loading %s", server.url, PING, INVOCATIONS, args.model)
-    failed = threading.Event()
-
-    def load() -> None:
-        try:
-            with open_package(args.model) as model_dir:
-                model = load_package(model_dir, args.device)
-        except Exception as exc:  # any failure to load ends the server: it has nothing to serve
-            # A PneumosegError says what to fix; anything else is a bug and keeps its traceback.
-            log.error("cannot load the model: %s", exc, exc_info=not isinstance(exc, PneumosegError))
-            failed.set()
-            server.stop()
-            return
-        service.model = model
-        predictor = model.predictor
-        log.info("model %s version %s ready: %d models x %d views at %d px on %s, post-processing %s", model.name,
-                 model.version, len(predictor.models), len(predictor.tta.views()), predictor.image_size,
-                 predictor.device, model.postprocess)
-
-    threading.Thread(target=load, name="pneumoseg-load", daemon=True).start()
+    host, port = listener.getsockname()[:2]
+    log.info("listening on http://%s:%d (GET %s, POST %s); loading %s", host, port, PING, INVOCATIONS, args.model)
+    failed = load_in_background(service, server, args.model, args.device)
+    # uvicorn re-raises the signal that stopped it once it is done: this handler makes that a no-op.
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: server.stop())
-    server.serve_forever()
+        signal.signal(sig, lambda *_: setattr(server, "should_exit", True))
+    server.run(sockets=[listener])
+    service.close()
     log.info("stopped")
     return 1 if failed.is_set() else 0
 

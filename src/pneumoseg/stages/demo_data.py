@@ -9,6 +9,9 @@ The images come from :mod:`pneumoseg.demo.phantom`; this stage gives them the ch
 * ``layout: stage2``: ``stage_2_images/ID_<9 hex>.dcm`` (train and test together), ``stage_2_train.csv``
   (``ImageId,EncodedPixels``, no spaces) and ``stage_2_sample_submission.csv`` (the test images, all ``-1``).
 
+About ``demo.follow_up_rate`` of the patients have two or three images (follow-ups, with the same PatientID, sex
+and age give or take a year, and their own study and series UIDs), so patient-grouped folds have work to do.
+
 Either way the test set's labels go to ``test_labels.csv`` in the train labels' format; the pipeline reads it
 only to score the final submission.
 
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
@@ -32,7 +36,7 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 from pneumoseg.demo import phantom
-from pneumoseg.demo.layouts import LAYOUTS, SPLITS, DemoImage, demo_images, patient_id
+from pneumoseg.demo.layouts import LAYOUTS, SPLITS, DemoImage, Layout, demo_images, patient_id
 from pneumoseg.data.dicom import DicomTags, write_jpeg_dicom
 from pneumoseg.errors import ConfigError, DataError
 from pneumoseg.io import write_json, write_text
@@ -44,19 +48,21 @@ log = logging.getLogger(__name__)
 STAGE = "00_demo_data"
 MANIFEST = "demo_manifest.json"
 MIN_IMAGE_SIZE = 64
+MAX_AGE = 95
 
 
 def _check(demo: DictConfig) -> None:
     problems = []
-    for key in ("n_train", "n_test", "positive_rate", "image_size", "seed", "layout", "n_jobs"):
+    for key in ("n_train", "n_test", "positive_rate", "follow_up_rate", "image_size", "seed", "layout", "n_jobs"):
         if demo.get(key) is None:
             problems.append(f"demo.{key} is missing")
     if problems:
         raise ConfigError("; ".join(problems) + " (see configs/demo.yaml for every key)")
     if int(demo.n_train) < 1 or int(demo.n_test) < 0:
         problems.append(f"demo.n_train must be >= 1 and demo.n_test >= 0 (got {demo.n_train}, {demo.n_test})")
-    if not 0 <= float(demo.positive_rate) <= 1:
-        problems.append(f"demo.positive_rate must lie in [0, 1] (got {demo.positive_rate})")
+    for key in ("positive_rate", "follow_up_rate"):
+        if not 0 <= float(demo[key]) <= 1:
+            problems.append(f"demo.{key} must lie in [0, 1] (got {demo[key]})")
     if int(demo.image_size) < MIN_IMAGE_SIZE:
         problems.append(f"demo.image_size must be >= {MIN_IMAGE_SIZE} (got {demo.image_size}; the challenge's is 1024)")
     if problems:
@@ -66,8 +72,13 @@ def _check(demo: DictConfig) -> None:
 
 def _make_image(image: DemoImage, plan: phantom.CasePlan, seed: int, size: int, target: Path | None) -> list[str]:
     """Synthesise one image, write its DICOM to ``target`` (None: it exists already), return its RLEs."""
-    geometry, pixels = phantom.case_streams(seed, SPLITS.index(image.split), image.index)
-    case = phantom.make_phantom(geometry, size, plan)
+    split = SPLITS.index(image.split)
+    geometry, pixels = phantom.case_streams(seed, split, image.index)
+    same_as = None
+    if image.visit:
+        first = phantom.sample_patient(phantom.case_streams(seed, split, image.patient)[0])
+        same_as = replace(first, age=min(first.age + image.visit, MAX_AGE))   # a follow-up a year or two on
+    case = phantom.make_phantom(geometry, size, plan, same_as)
     if target is not None:
         patient = case.patient
         tags = DicomTags(sop_instance_uid=image.sop_uid, study_instance_uid=image.study_uid,
@@ -119,11 +130,11 @@ def run(cfg: DictConfig, force: bool = False) -> dict:
 
     Args:
         cfg: the resolved config; reads ``paths.input_dir`` and the ``demo`` section: n_train, n_test,
-            positive_rate, image_size, seed, layout (stage1 | stage2), n_jobs.
+            positive_rate, follow_up_rate, image_size, seed, layout (stage1 | stage2), n_jobs.
         force: rewrite every file even when the folder is complete for this config.
 
     Returns:
-        A summary: counts of images, positive images and instances per split, DICOMs written and reused
+        A summary: counts of images, patients, positive images and instances per split, DICOMs written and reused
         (the stored one when the folder is already complete for this config).
 
     Raises:
@@ -143,42 +154,91 @@ def run(cfg: DictConfig, force: bool = False) -> dict:
 
     layout = LAYOUTS.get(str(demo.layout))()
     images = demo_images(demo, layout)
-    seed, size = int(demo.seed), int(demo.image_size)
     targets = [image.path for image in images]
-    tables = layout.table_names()
+    files = [*targets, *layout.table_names()]
+    same = _claim_folder(folder, record.key, files, force)
+    record.start()
+    write_json(folder / MANIFEST, {"fingerprint": record.key, "files": files})
+
+    streams = {name: phantom.split_stream(int(demo.seed), split) for split, name in enumerate(SPLITS)}
+    reuse = [same and (folder / path).is_file() for path in targets]
+    rles = _make_images(demo, images, streams, [None if reused else folder / path
+                                                for path, reused in zip(targets, reuse)])
+    summary: dict = {"layout": str(demo.layout), "written": len(images) - sum(reuse), "reused": sum(reuse)}
+    summary.update(_write_tables(folder, layout, images, rles, streams))
+    record.finish(summary)
+    return summary
+
+
+def _claim_folder(folder: Path, key: str, files: Sequence[str], force: bool) -> bool:
+    """Make sure the demo may write ``files`` into ``folder``, and delete a previous, different demo's files.
+
+    Args:
+        folder: ``paths.input_dir``.
+        key: the stage's fingerprint of this demo config.
+        files: the files (relative to ``folder``) this demo writes.
+        force: rewrite everything, even the files of this same demo.
+
+    Returns:
+        True when ``folder`` holds this same demo, so that its finished images can be kept.
+
+    Raises:
+        DataError: ``folder`` holds one of ``files`` that the demo did not write.
+    """
     manifest = _read_manifest(folder)
     owned = set(manifest["files"])
-    foreign = [name for name in [*targets, *tables] if name not in owned and (folder / name).exists()]
+    foreign = [name for name in files if name not in owned and (folder / name).exists()]
     if foreign:
         raise DataError(f"{folder} already holds {foreign[0]} (and {len(foreign) - 1} more files) that the demo "
                         f"did not write; it never overwrites them. Point paths.input_dir at another folder.")
-    same = manifest["fingerprint"] == record.key and not force
+    same = manifest["fingerprint"] == key and not force
     if owned and not same:
         log.info("%s: the demo config changed; deleting the %d files of the previous demo", STAGE, len(owned))
         _remove(folder, sorted(owned))
-    record.start()
-    write_json(folder / MANIFEST, {"fingerprint": record.key, "files": [*targets, *tables]})
+    return same
 
-    streams = {name: phantom.split_stream(seed, split) for split, name in enumerate(SPLITS)}
+
+def _make_images(demo: DictConfig, images: Sequence[DemoImage], streams: dict[str, np.random.Generator],
+                 paths: Sequence[Path | None]) -> list[list[str]]:
+    """Draw every image of ``images`` (writing its DICOM to its entry of ``paths``; None: keep the file there)
+    in ``demo.n_jobs`` processes; return each image's instance run-length strings, in order.
+
+    Args:
+        demo: the config's ``demo`` section.
+        images: from :func:`demo_images`.
+        streams: each split's random stream (:func:`pneumoseg.demo.phantom.split_stream`); the case plans are
+            drawn from it.
+        paths: where each image's DICOM goes, None for one already written.
+    """
+    seed, size = int(demo.seed), int(demo.image_size)
     plans = {name: phantom.plan_cases(int(demo[f"n_{name}"]), float(demo.positive_rate), streams[name])
              for name in SPLITS}
-    reuse = [same and (folder / path).is_file() for path in targets]
-    jobs = (delayed(_make_image)(image, plans[image.split][image.index], seed, size,
-                                 None if reused else folder / image.path)
-            for image, reused in zip(images, reuse))
+    jobs = (delayed(_make_image)(image, plans[image.split][image.index], seed, size, path)
+            for image, path in zip(images, paths))
     results = Parallel(n_jobs=int(demo.n_jobs), return_as="generator")(jobs)
-    rles = list(tqdm(results, total=len(images), desc="demo images", unit="img"))
+    return list(tqdm(results, total=len(images), desc="demo images", unit="img"))
 
-    summary: dict = {"layout": str(demo.layout), "written": len(images) - sum(reuse), "reused": sum(reuse)}
-    rows, ids = {}, {}
+
+def _write_tables(folder: Path, layout: Layout, images: Sequence[DemoImage], rles: Sequence[list[str]],
+                  streams: dict[str, np.random.Generator]) -> dict:
+    """Write the layout's label tables into ``folder``; return each split's counts (images, positive, instances).
+
+    Args:
+        folder: ``paths.input_dir``.
+        layout: the :mod:`pneumoseg.demo.layouts` layout that writes the tables.
+        images: from :func:`demo_images`.
+        rles: from :func:`_make_images`, in the order of ``images``.
+        streams: each split's random stream, after the case plans were drawn from it (it orders the rows).
+    """
+    summary, rows, ids = {}, {}, {}
     for name in SPLITS:
         chosen = [k for k, image in enumerate(images) if image.split == name]
         ids[name] = [images[k].image_id for k in chosen]
         split_rles = [rles[k] for k in chosen]
         rows[name] = _label_rows(ids[name], split_rles, streams[name])
-        summary[name] = {"images": len(chosen), "positive": sum(r != [EMPTY] for r in split_rles),
+        summary[name] = {"images": len(chosen), "patients": len({images[k].patient for k in chosen}),
+                         "positive": sum(r != [EMPTY] for r in split_rles),
                          "instances": sum(len(r) for r in split_rles if r != [EMPTY])}
     for table, text in layout.tables(rows["train"], rows["test"], ids["test"]).items():
         write_text(folder / table, text)
-    record.finish(summary)
     return summary

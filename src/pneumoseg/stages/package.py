@@ -38,7 +38,7 @@ from pneumoseg.errors import DataError
 from pneumoseg.io import atomic_path, content_hash, write_json
 from pneumoseg.inference.predictor import Predictor
 from pneumoseg.serve.package import MANIFEST_FILE, build_manifest, load_package, open_package, source_files, write_package
-from pneumoseg.stages.record import DONE_FILE, StageRecord
+from pneumoseg.stages.record import StageRecord, require_finished
 
 log = logging.getLogger(__name__)
 
@@ -55,10 +55,7 @@ def run(cfg: DictConfig, force: bool = False) -> dict[str, Any]:
         DataError: stage 03 has not finished, or a checkpoint or ``thresholds.json`` is missing.
         ConfigError: a bad ``predict`` section.
     """
-    done = layout.train_dir(cfg) / DONE_FILE
-    if not done.is_file():
-        raise DataError(f"stage 03 has not finished: {done} is missing. Train every fold of train.folds first "
-                        f"(scripts/03_train.py).")
+    require_finished(layout.train_dir(cfg), "stage 03", "scripts/03_train.py")
     predictor = Predictor.from_experiment(cfg, device="cpu")
     files = {_package_name(model.path): model.path for model in predictor.models}
     manifest = build_manifest(cfg, predictor, files)

@@ -19,32 +19,28 @@ change, or when a checkpoint, ``thresholds.json``, stage 01's record, the test l
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import time
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
 from omegaconf import DictConfig
 from tqdm import tqdm
 
 from pneumoseg.data import labels as lb
-from pneumoseg.data import inputs
 from pneumoseg import layout
 from pneumoseg.data import rle
 from pneumoseg.modeling.checkpoints import best_files
-from pneumoseg.cli import setup_logging
-from pneumoseg.config import load_config
 from pneumoseg.data.dataset import ImageFiles, make_loader
-from pneumoseg.errors import ConfigError, DataError, PneumosegError
+from pneumoseg.errors import ConfigError, DataError
 from pneumoseg.io import content_hash, write_json
 from pneumoseg.inference.predictor import Predictor
-from pneumoseg.evaluation.submission import format_problems, score_submission, validate_submission, write_submission
+from pneumoseg.evaluation.submission import score_submission, write_submission
+from pneumoseg.data.testset import image_sizes, test_set
 from pneumoseg.demo.layouts import TEST_LABELS
 from pneumoseg.reports import oof as oof_report
-from pneumoseg.stages.record import DONE_FILE, StageRecord
+from pneumoseg.stages.record import DONE_FILE, StageRecord, require_finished
 
 log = logging.getLogger(__name__)
 
@@ -56,50 +52,6 @@ SECTIONS = ("data", "prepare", "model", "train", "tta", "postprocess", "predict"
 def test_labels_path(cfg: DictConfig) -> Path:
     """Where the demo keeps its held-out test labels (absent for the real challenge data)."""
     return Path(cfg.paths.input_dir) / TEST_LABELS
-
-
-def read_test_images(cfg: DictConfig, sample: Path | None) -> pd.DataFrame:
-    """Stage 02's test list: ImageId, rows, cols, in submission order.
-
-    Args:
-        cfg: the resolved config.
-        sample: the sample submission, whose every ImageId must be a test image; None without one.
-
-    Raises:
-        DataError: the list is missing, lacks a column, is empty, or lacks ImageIds of the sample submission
-            (their DICOMs were not found, or they have training labels).
-    """
-    path = layout.test_images_path(cfg)
-    if not path.is_file():
-        raise DataError(f"{path} not found: run scripts/02_prepare_labels.py first")
-    test = pd.read_csv(path, dtype={lb.ID_COLUMN: str})
-    missing = [c for c in (lb.ID_COLUMN, "rows", "cols") if c not in test.columns]
-    if missing:
-        raise DataError(f"{path} lacks the column(s) {missing}: rerun scripts/02_prepare_labels.py --force")
-    if test.empty:
-        raise DataError(f"{path} lists no test image: give the test DICOMs (dicom-images-test/, or the images of a "
-                        f"sample submission) in {cfg.paths.input_dir} and rerun stages 01-02")
-    if sample is not None:
-        known = set(test[lb.ID_COLUMN])
-        absent = [i for i in lb.read_image_ids(sample) if i not in known]
-        if absent:
-            raise DataError(f"{len(absent)} ImageIds of the sample submission {sample} are not test images of "
-                            f"{path}, e.g. {absent[:3]}: their DICOMs are missing or they have training labels (see "
-                            f"{layout.unmatched_path(cfg)}). Add the missing DICOMs and rerun stages 01-02.")
-    return test
-
-
-def test_set(cfg: DictConfig) -> tuple[pd.DataFrame, list[str]]:
-    """The test images (:func:`read_test_images`) and the ImageIds a submission must hold, in order: the sample
-    submission's when the config has one, else the test list's."""
-    sample = inputs.locate_sample_submission(cfg.data.sample_submission, cfg.paths.input_dir)
-    test = read_test_images(cfg, sample)
-    return test, lb.read_image_ids(sample) if sample else test[lb.ID_COLUMN].tolist()
-
-
-def image_sizes(test: pd.DataFrame) -> dict[str, tuple[int, int]]:
-    """ImageId -> ``(rows, cols)`` of the original images of a test list."""
-    return {i: (int(r), int(c)) for i, r, c in test[[lb.ID_COLUMN, "rows", "cols"]].itertuples(index=False)}
 
 
 def _file_facts(paths: list[Path]) -> dict[str, list[int] | None]:
@@ -114,9 +66,7 @@ def _input_facts(cfg: DictConfig, test_labels: Path) -> dict[str, Any]:
         DataError: stage 03 has not finished (its ``done.json`` is missing).
     """
     train_dir = layout.train_dir(cfg)
-    if not (train_dir / DONE_FILE).is_file():
-        raise DataError(f"stage 03 has not finished: {train_dir / DONE_FILE} is missing. Train every fold of "
-                        f"train.folds first (scripts/03_train.py).")
+    require_finished(train_dir, "stage 03", "scripts/03_train.py")
     files = [path for folder in layout.fold_dirs(train_dir).values() for path in best_files(folder)]
     files += [layout.thresholds_path(cfg), layout.convert_dir(cfg) / DONE_FILE, layout.test_images_path(cfg),
               test_labels]
@@ -219,7 +169,6 @@ def score_test_set(cfg: DictConfig, test_labels: Path, sizes: dict[str, tuple[in
     return {"test_score": scores["test_score"], "oof_score": scores["oof_score"]}
 
 
-
 def summary_text(summary: dict[str, Any]) -> str:
     """The few lines the script prints when it is done."""
     lines = [f"submission: {summary['submission']}",
@@ -236,38 +185,3 @@ def summary_text(summary: dict[str, Any]) -> str:
 def cli(cfg: DictConfig, args) -> None:
     """The script's entry: run the stage and print its summary."""
     print(summary_text(run(cfg, force=args.force)))
-
-
-def validate_cli(argv: list[str] | None = None) -> int:
-    """``scripts/validate_submission.py``: print every problem of a submission file; 1 when there is any.
-
-    The expected ImageIds come from ``--sample`` (sizes then default to the challenge's 1024 x 1024), or from a
-    config's sample submission or stage-02 test list (sizes from ``test_images.csv``, form from ``predict.fmt``).
-    """
-    parser = argparse.ArgumentParser(description="Check a submission file: header, one row per test image, every "
-                                                 "run-length string decoding within its image.")
-    parser.add_argument("submission", help="the submission CSV to check")
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--sample", help="a sample submission: its ImageIds and order are expected")
-    source.add_argument("--config", help="an experiment config: its test set (stages 01-02 done) is expected")
-    parser.add_argument("--fmt", choices=rle.FORMATS, default=None,
-                        help="run-length form (default: predict.fmt with --config, else relative)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (with --config)")
-    args = parser.parse_intermixed_args(argv)
-    setup_logging()
-    try:
-        if args.config:
-            cfg = load_config(args.config, args.overrides)
-            test, expected = test_set(cfg)
-            sizes, fmt = image_sizes(test), args.fmt or cfg.predict.fmt
-        else:
-            expected, sizes, fmt = args.sample, None, args.fmt or "relative"
-        problems = validate_submission(args.submission, expected, sizes, fmt)
-    except PneumosegError as exc:
-        log.error("%s", exc)
-        return 1
-    if problems:
-        print(f"{args.submission}: {len(problems)} problem(s):\n{format_problems(problems, limit=None)}")
-        return 1
-    print(f"{args.submission}: valid ({fmt} run-length form)")
-    return 0

@@ -31,6 +31,7 @@ from joblib import Parallel, delayed
 from omegaconf import DictConfig
 from tqdm import tqdm
 
+from pneumoseg.data.dicom import DICOM_IDS, METADATA_KEYS
 from pneumoseg.data.resize import resize_mask
 from pneumoseg.data import labels as lb
 from pneumoseg.data import folds as fold_split
@@ -109,8 +110,7 @@ def run(cfg: DictConfig, force: bool = False) -> dict:
     balance = fold_split.fold_balance(folds, table["mask_area"], cfg.folds.area_bins)
 
     mask_key = f"{digests['labels']} {digests['metadata']}"
-    written, kept = write_masks(cfg, table, labels, sizes, int(cfg.prepare.n_jobs),
-                                overwrite=force or _read_key(folder) != mask_key, key=mask_key)
+    written, kept = write_masks(cfg, table, labels, sizes, force, mask_key)
 
     write_csv(layout.labels_path(cfg), table)
     write_csv(layout.test_images_path(cfg), split.test)
@@ -141,14 +141,15 @@ def format_balance(summary: dict) -> str:
 
 
 def read_metadata(path: Path) -> pd.DataFrame:
-    """Stage 01's ``metadata.csv``, with ImageId and source_path as strings.
+    """Stage 01's ``metadata.csv``, with ImageId, source_path and the DICOM identifiers as strings.
 
     Raises:
         DataError: the file is missing, lacks a column this stage needs, or repeats an ImageId.
     """
     if not path.is_file():
         raise DataError(f"{path} not found: run stage 01 first (scripts/01_convert_dicoms.py)")
-    metadata = pd.read_csv(path, dtype={lb.ID_COLUMN: str, "source_path": str})
+    # Identifiers stay text: a numeric PatientID read as a number would lose leading zeros.
+    metadata = pd.read_csv(path, dtype={key: str for key in (lb.ID_COLUMN, "source_path", *DICOM_IDS)})
     missing = [c for c in (lb.ID_COLUMN, "source_path", "rows", "cols") if c not in metadata.columns]
     if missing:
         raise DataError(f"{path} lacks the column(s) {', '.join(missing)}: rerun stage 01 with --force")
@@ -237,34 +238,34 @@ def label_table(train: pd.DataFrame, labels: dict[str, lb.ImageLabels]) -> pd.Da
     return pd.DataFrame(records, columns=[lb.ID_COLUMN, "has_mask", "n_instances", "mask_area", "rows", "cols"])
 
 
-def write_masks(prepared: layout.Where, table: pd.DataFrame, labels: dict[str, lb.ImageLabels], sizes: list[int],
-                n_jobs: int, overwrite: bool, key: str) -> tuple[int, int]:
+def write_masks(cfg: DictConfig, table: pd.DataFrame, labels: dict[str, lb.ImageLabels], sizes: list[int],
+                force: bool, key: str) -> tuple[int, int]:
     """Write ``masks_<size>/<ImageId>.png`` for every image of ``table`` (see :func:`label_table`).
 
     Args:
-        prepared: the config or ``paths.prepared_dir``.
+        cfg: the resolved config (where the masks go; ``prepare.n_jobs`` joblib workers, -1: every core; small
+            batches are written in this process).
         table: the training images.
         labels: their label rows.
         sizes: square sizes to write.
-        n_jobs: joblib workers (-1: every core); small batches are written in this process.
-        overwrite: remove every existing mask first (forced rerun, or masks of other labels).
+        force: remove every existing mask first; they are also removed when they were made of other labels.
         key: identifies the labels the masks are made of; stored so that a later run can tell whether the
             masks on disk are still valid.
 
     Returns:
         ``(written, kept)``: images whose masks were written, and images whose masks were already there.
     """
-    folders = {size: layout.masks_dir(prepared, size) for size in sizes}
-    if overwrite:
-        for old in layout.mask_dirs(prepared).values():
+    folders = {size: layout.masks_dir(cfg, size) for size in sizes}
+    if force or _read_key(layout.labels_dir(cfg)) != key:
+        for old in layout.mask_dirs(cfg).values():
             shutil.rmtree(old)
-    write_text(layout.labels_dir(prepared) / MASKS_KEY_FILE, key + "\n")
+    write_text(layout.labels_dir(cfg) / MASKS_KEY_FILE, key + "\n")
     finished = set.intersection(*(_png_stems(path) for path in folders.values()))
     todo = [(labels[image_id], int(rows), int(cols))
             for image_id, rows, cols in table[[lb.ID_COLUMN, "rows", "cols"]].itertuples(index=False)
             if image_id not in finished]
     chunks = [todo[start:start + CHUNK] for start in range(0, len(todo), CHUNK)]
-    workers = n_jobs if len(chunks) > 1 else 1
+    workers = int(cfg.prepare.n_jobs) if len(chunks) > 1 else 1
     with tqdm(total=len(todo), desc="masks", unit="image") as progress:
         tasks = (delayed(_write_image_masks)(chunk, folders) for chunk in chunks)
         for done in Parallel(n_jobs=workers, return_as="generator_unordered")(tasks):
@@ -306,7 +307,9 @@ def make_folds(cfg: DictConfig, table: pd.DataFrame, metadata: pd.DataFrame) -> 
     group_by = cfg.folds.group_by
     if group_by is not None:
         if group_by not in metadata.columns:
-            raise ConfigError(f"folds.group_by={group_by!r} is not a column of stage 01's metadata.csv; "
+            stale = " (it was written by an older stage 01: rerun stage 01 with --force)" \
+                if group_by in METADATA_KEYS else ""
+            raise ConfigError(f"folds.group_by={group_by!r} is not a column of stage 01's metadata.csv{stale}; "
                               f"choose one of {', '.join(metadata.columns)} or null")
         groups = table[lb.ID_COLUMN].map(metadata.set_index(lb.ID_COLUMN)[group_by])
     return fold_split.assign_folds(table[lb.ID_COLUMN], table["mask_area"], int(cfg.folds.n_splits),

@@ -212,8 +212,8 @@ def run(cfg: DictConfig, force: bool = False) -> dict:
         return read_png(xrays / f"{image_id}.png"), truth, chosen(to_original(levels, truth.shape))
 
     write_json(layout.oof_report_path(cfg), numbers)
-    oof_report.write_report(folder, numbers, result, per_image, logs, gallery_case, cfg.search.gallery_cases,
-                            cfg.search.thumbnail_size)
+    oof_report.write_report(folder, numbers, result, per_image, logs,
+                            oof_report.Gallery(gallery_case, cfg.search.gallery_cases, cfg.search.thumbnail_size))
     record.finish(numbers)
     return numbers
 

@@ -25,35 +25,28 @@ Several GPUs on one fold: ``torchrun --nproc_per_node=N scripts/03_train.py ...`
 nccl on GPUs, gloo on the CPU). The batch size is per process; only rank 0 writes files.
 
 SageMaker: the same script is the entry point of a SageMaker PyTorch training job (``entry_point=
-"scripts/03_train.py"``, ``source_dir`` the project root, with ``requirements.txt``). When ``SM_MODEL_DIR`` is set:
+"scripts/03_train.py"``, ``source_dir`` the code-only bundle of ``scripts/make_sagemaker_source.py``). When
+``SM_MODEL_DIR`` is set (see :mod:`pneumoseg.sagemaker.job`):
 
 * ``SM_CHANNEL_TRAIN`` (the ``train`` input channel: a copy of a prepared folder, i.e. its ``01_convert/`` and
   ``02_labels/``) becomes ``paths.prepared_dir``;
-* ``SM_OUTPUT_DATA_DIR`` becomes ``paths.experiment_dir`` (logs, OOF predictions: ``output.tar.gz``);
-* the fold models (``fold<k>/best_<rank>.pt`` with ``checkpoints.csv``), ``folds.csv`` and the resolved
-  ``config.yaml`` are copied to ``SM_MODEL_DIR`` (``model.tar.gz``), laid out like ``03_train/`` so that
-  :func:`pneumoseg.inference.tta.load_fold_models` reads either;
+* the stage trains in ``/opt/ml/checkpoints`` (``paths.experiment_dir``); at the end the fold models
+  (``fold<k>/best_<rank>.pt`` with ``checkpoints.csv``), ``folds.csv`` and the resolved ``config.yaml`` go to
+  ``SM_MODEL_DIR`` (``model.tar.gz``), laid out like ``03_train/``, and the logs, OOF maps, tables and completion
+  records to ``SM_OUTPUT_DATA_DIR/03_train/`` (``output.tar.gz``), without checkpoints
+  (:mod:`pneumoseg.sagemaker.outputs`); ``scripts/import_sagemaker_job.py`` puts both back into a local
+  ``03_train/``;
 * hyperparameters arrive as ``--key value`` arguments: ``--config configs/siim_unet_r34_512.yaml --fold all
-  --train.epochs 3`` is the same as ``train.epochs=3``;
+  --train.epochs 3`` is the same as ``train.epochs=3``; ``--force True`` and ``--resume false`` work too;
+* a failure the user can fix is also written to ``/opt/ml/output/failure``: SageMaker's FailureReason;
 * several GPUs: ``distribution={"torch_distributed": {"enabled": True}}`` runs the script under torchrun, one
-  process per GPU (``SM_NUM_GPUS``); without it one GPU is used.
-
-For example, with the SageMaker Python SDK (the package lives in ``src/``, hence ``PYTHONPATH``)::
-
-    from sagemaker.pytorch import PyTorch
-    job = PyTorch(entry_point="scripts/03_train.py", source_dir=".", role=ROLE, instance_count=1,
-                  instance_type="ml.g5.12xlarge", framework_version=..., py_version=...,
-                  environment={"PYTHONPATH": "/opt/ml/code/src"},
-                  distribution={"torch_distributed": {"enabled": True}},
-                  hyperparameters={"config": "configs/siim_unet_r34_512.yaml", "fold": "all", "train.epochs": 30})
-    job.fit({"train": "s3://BUCKET/prepared/siim/"})   # 01_convert/ and 02_labels/ of a prepared folder
+  process per GPU (``SM_NUM_GPUS``); without it one GPU is used. The README has the SDK snippet.
 """
 from __future__ import annotations
 
 import argparse
 import logging
 import os
-import shutil
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -61,12 +54,13 @@ from typing import Any, Sequence
 from omegaconf import DictConfig
 
 from pneumoseg import layout
-from pneumoseg.modeling.checkpoints import CHECKPOINTS_FILE, best_files
-from pneumoseg.cli import stage_parser
+from pneumoseg.cli import StageParser, stage_parser
 from pneumoseg.data.dataset import PreparedData
 from pneumoseg.training.distributed import DistContext, distributed
 from pneumoseg.errors import ConfigError
-from pneumoseg.io import atomic_path, content_hash, write_csv
+from pneumoseg.io import content_hash, write_csv
+from pneumoseg.sagemaker.job import in_job, job_overrides
+from pneumoseg.sagemaker.outputs import export_outputs
 from pneumoseg.training.trainer import fit_fold
 from pneumoseg.stages.record import StageRecord, stored_summary
 
@@ -76,12 +70,9 @@ STAGE_NAME = "03_train"
 SECTIONS = ("seed", "model", "loss", "optimizer", "scheduler", "sampler", "augment", "train", "tta")
 DESCRIPTION = "Stage 03: train a model per cross-validation fold and predict each fold's held-out images."
 
-# SageMaker's environment -> config keys (the training job's input channel and output folder).
-SAGEMAKER_PATHS = {"SM_CHANNEL_TRAIN": "paths.prepared_dir", "SM_OUTPUT_DATA_DIR": "paths.experiment_dir"}
-
 
 def run(cfg: DictConfig, force: bool = False, folds: Sequence[int] | str | None = None, resume: bool | str = "auto",
-        model_dir: str | os.PathLike | None = None) -> dict[str, Any]:
+        job_environ: dict[str, str] | None = None) -> dict[str, Any]:
     """Train the requested folds; see the module docstring.
 
     Args:
@@ -90,7 +81,9 @@ def run(cfg: DictConfig, force: bool = False, folds: Sequence[int] | str | None 
         folds: the folds this process trains: a list, ``"all"``, or None for ``train.folds``.
         resume: ``"auto"``: continue interrupted folds from a ``last.pt`` of the same config; True: continue and
             fail on a ``last.pt`` of another config; False: start afresh.
-        model_dir: when given (SageMaker's ``SM_MODEL_DIR``), copy the fold models and config there at the end.
+        job_environ: inside a SageMaker job, its environment: at the end the models are copied to its
+            ``SM_MODEL_DIR`` and the rest to its ``SM_OUTPUT_DATA_DIR``
+            (:func:`pneumoseg.sagemaker.outputs.export_outputs`).
 
     Returns:
         ``{"folds": {fold: summary}, "complete": bool}``; ``complete`` when every fold of ``train.folds`` is done.
@@ -106,14 +99,14 @@ def run(cfg: DictConfig, force: bool = False, folds: Sequence[int] | str | None 
     folds_csv = layout.folds_path(cfg)
     planned = layout.select_folds(cfg.train.folds, data.fold_numbers(), "train.folds", folds_csv)
     requested = planned if folds is None else layout.select_folds(folds, data.fold_numbers(), "--fold", folds_csv)
-    inputs = {"folds_sha256": content_hash(folds_csv)}
-    record = StageRecord(STAGE_NAME, folder, cfg, SECTIONS, inputs)
+    record = stage_record(cfg)
+    inputs = record.inputs
 
     with distributed(str(cfg.train.device)) as ctx:
         if ctx.broadcast(record.skip_if_complete(force) and set(requested) <= set(planned)):
             summaries, complete = _stored_summaries(folder, requested), True
         else:
-            summaries = _train_folds(cfg, data, requested, record, inputs, ctx, force, resume)
+            summaries = _train_folds(record, data, requested, ctx, force, resume)
             complete = all(_fold_record(cfg, inputs, fold).is_complete() for fold in planned)
             if ctx.is_main and complete:
                 record.finish({"folds": planned, "fold_summaries": _stored_summaries(folder, planned)})
@@ -121,15 +114,25 @@ def run(cfg: DictConfig, force: bool = False, folds: Sequence[int] | str | None 
                 done = [f for f in planned if _fold_record(cfg, inputs, f).is_complete()]
                 log.info("%s: folds %s are done; the stage completes when all of train.folds %s are",
                          STAGE_NAME, done, planned)
-        if ctx.is_main and model_dir is not None:
-            export_models(folder, Path(model_dir))
+        if ctx.is_main and job_environ is not None:
+            export_outputs(folder, job_environ)
         ctx.barrier()
     return {"folds": summaries, "complete": complete}
 
 
-def _train_folds(cfg: DictConfig, data: PreparedData, folds: Sequence[int], record: StageRecord, inputs: dict,
-                 ctx: DistContext, force: bool, resume: bool | str) -> dict[int, dict]:
-    """Train each fold of ``folds`` that is not complete (or all with ``force``) -> the fold summaries."""
+def _train_folds(record: StageRecord, data: PreparedData, folds: Sequence[int], ctx: DistContext, force: bool,
+                 resume: bool | str) -> dict[int, dict]:
+    """Train each fold of ``folds`` that is not complete (or all with ``force``) -> the fold summaries.
+
+    Args:
+        record: the stage's record; its config and inputs make each fold's record.
+        data: the prepared images, masks and folds.
+        folds: the folds this process trains.
+        ctx: the distributed context (only rank 0 writes).
+        force: retrain complete folds too.
+        resume: as for :func:`run`.
+    """
+    cfg, inputs = record.cfg, record.inputs
     if ctx.is_main:
         record.start()
         write_csv(layout.train_folds_path(cfg), data.folds)
@@ -152,27 +155,20 @@ def _train_folds(cfg: DictConfig, data: PreparedData, folds: Sequence[int], reco
     return summaries
 
 
+def stage_record(cfg: DictConfig) -> StageRecord:
+    """The stage's completion record: its config sections and the hash of the prepared ``folds.csv``."""
+    return StageRecord(STAGE_NAME, layout.train_dir(cfg), cfg, SECTIONS,
+                       {"folds_sha256": content_hash(layout.folds_path(cfg))})
+
+
 def _fold_record(cfg: DictConfig, inputs: dict, fold: int) -> StageRecord:
     """The completion record of one fold: the stage's sections and inputs, plus the fold number."""
     return StageRecord(f"{STAGE_NAME} fold {fold}", layout.fold_dir(cfg, fold), cfg, SECTIONS,
                        {**inputs, "fold": fold})
 
 
-
 def _stored_summaries(folder: Path, folds: Sequence[int]) -> dict[int, dict]:
     return {fold: stored_summary(layout.fold_dir(folder, fold)) for fold in folds}
-
-
-def export_models(folder: Path, model_dir: Path) -> None:
-    """Copy what inference needs (config, folds, each fold's best checkpoints and their table) to ``model_dir``."""
-    copies = [folder / "config.yaml", layout.train_folds_path(folder)]
-    for fold_folder in layout.fold_dirs(folder).values():
-        files = best_files(fold_folder)
-        copies += [*files, fold_folder / CHECKPOINTS_FILE] if files else []
-    for path in copies:
-        with atomic_path(model_dir / path.relative_to(folder)) as tmp:
-            shutil.copyfile(path, tmp)
-    log.info("%s: fold models copied to %s", STAGE_NAME, model_dir)
 
 
 def sagemaker_arguments(argv: Sequence[str], known_options: set[str],
@@ -183,13 +179,12 @@ def sagemaker_arguments(argv: Sequence[str], known_options: set[str],
     Args:
         argv: the command-line arguments.
         known_options: the option strings the parser defines (``--config``, ``--fold``, ...).
-        environ: the environment (default ``os.environ``); its ``SM_*`` paths apply only when ``SM_MODEL_DIR``
-            is set, i.e. inside a SageMaker job.
+        environ: the environment (default ``os.environ``); inside a SageMaker job (``SM_MODEL_DIR`` set), its
+            paths (:func:`pneumoseg.sagemaker.job.job_overrides`).
 
     Returns:
         ``argv`` with the hyperparameters moved to the end as overrides, then the path overrides.
     """
-    environ = os.environ if environ is None else environ
     kept, overrides = [], []
     tokens = list(argv)
     i = 0
@@ -206,14 +201,13 @@ def sagemaker_arguments(argv: Sequence[str], known_options: set[str],
         else:
             kept.append(token)
         i += 1
-    if environ.get("SM_MODEL_DIR"):
-        overrides += [f"{key}={environ[var]}" for var, key in SAGEMAKER_PATHS.items() if environ.get(var)]
-    return kept + overrides
+    return kept + overrides + job_overrides(environ)
 
 
-class _TrainParser(argparse.ArgumentParser):
+class _TrainParser(StageParser):
     """The stage's parser: also accepts SageMaker's ``--key value`` hyperparameters (see
-    :func:`sagemaker_arguments`), and overrides before and after options (``a=1 --fold 0 b=2``)."""
+    :func:`sagemaker_arguments`), ``--force true|false``, and overrides before and after options
+    (``a=1 --fold 0 b=2``)."""
 
     def parse_args(self, args=None, namespace=None):
         argv = sys.argv[1:] if args is None else list(args)
@@ -250,5 +244,5 @@ def stage(cfg: DictConfig, args: argparse.Namespace) -> dict[str, Any]:
         log.warning("SM_NUM_GPUS=%s but this is a single process: enable the torch_distributed launcher to use "
                     "every GPU", os.environ["SM_NUM_GPUS"])
     return run(cfg, force=args.force, folds=args.fold, resume=args.resume,
-               model_dir=os.environ.get("SM_MODEL_DIR") or None)
+               job_environ=dict(os.environ) if in_job() else None)
 

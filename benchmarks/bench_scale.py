@@ -1,0 +1,275 @@
+"""Benchmark of the whole pipeline at the real data's size: stages 00 to 06 on 12,047 + 3,205 synthetic DICOMs.
+
+    python benchmarks/bench_scale.py [--fraction F] [--workdir DIR] [--against RESULTS.json] [key=value ...]
+
+Stage 00 writes a synthetic dataset with the challenge's stage-2 counts scaled by ``F`` (1024 px JPEG DICOMs),
+then stages 01 to 06 run on it with ``configs/scale.yaml``: 512 px PNGs and masks (the real recipe's size) plus
+the 64 px ones a tiny model trains on for one epoch per fold, so 5 folds of OOF maps, checkpoints, the search, the
+test predictions and the package run over the real counts. Every stage runs as its own script in a subprocess,
+exactly as a user runs it. Stage 00 resumes (a rerun keeps the DICOMs it already wrote); stages 01 to 06 always
+run in full (``--force``).
+
+For each stage it prints wall time, the peak RSS of the stage's whole process tree (the script and its joblib or
+DataLoader workers, sampled from /proc every 0.2 s; pages shared between processes count once per process, so
+this overstates), the size of the stage's output folder, and wall milliseconds per image. Then it times, in
+process, stage 05's CPU work per test image apart from the forward passes (PNG decode, resize back to 1024,
+post-processing, RLE) on up to 256 test images. The results go to ``DIR/results.json``; ``--against`` a
+results file of another fraction prints each stage's ms/image ratio (a cost per image that grows with the
+number of images shows as a ratio above 1). The last line is a one-line summary. Targets: peak RSS under 4 GB
+in every stage; stage 05's non-forward CPU work under 20 ms per image. Exits 1 when a target fails.
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TQDM_DISABLE", "1")
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
+
+from pneumoseg import layout  # noqa: E402
+from pneumoseg.config import load_config  # noqa: E402
+from pneumoseg.data.rle import encode  # noqa: E402
+from pneumoseg.inference.predictor import Predictor, restore_size  # noqa: E402
+from pneumoseg.inference.tta import predict_probs  # noqa: E402
+from pneumoseg.postprocess.strategies import build_postprocessor  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "configs" / "scale.yaml"
+REAL_TRAIN, REAL_TEST = 12_047, 3_205
+RSS_TARGET_GB = 4.0
+CPU_TARGET_MS = 20.0
+STAGES = ("00_make_demo_data", "01_convert_dicoms", "02_prepare_labels", "03_train", "04_search_thresholds",
+          "05_predict", "06_package_model")
+
+
+def _children() -> dict[int, list[int]]:
+    """Parent pid -> child pids, for every process /proc lists now."""
+    tree: dict[int, list[int]] = {}
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                # The command name may hold spaces and parentheses: the fields after the last ')' are fixed.
+                fields = Path(entry.path, "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:  # the process ended while we looked
+                continue
+            tree.setdefault(int(fields[1]), []).append(int(entry.name))
+    return tree
+
+
+def tree_memory(root: int) -> tuple[int, int]:
+    """Resident bytes of ``root`` and all its descendants: the sum of their RSS (pages shared between them, such
+    as torch's libraries in every DataLoader worker, count once per process) and of their PSS (shared pages
+    split between the processes sharing them: the memory the tree really holds)."""
+    tree, totals, todo = _children(), {"Rss:": 0, "Pss:": 0}, [root]
+    while todo:
+        pid = todo.pop()
+        todo.extend(tree.get(pid, []))
+        try:
+            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                if line.split(maxsplit=1)[0] in totals:
+                    totals[line.split()[0]] += int(line.split()[1]) * 1024
+        except (OSError, IndexError):  # ended while we looked
+            continue
+    return totals["Rss:"], totals["Pss:"]
+
+
+def folder_bytes(folder: Path) -> int:
+    """Bytes of every file under ``folder`` (0 when it does not exist)."""
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) if folder.exists() else 0
+
+
+def run_stage(script: str, arguments: list[str], log_path: Path) -> dict:
+    """Run one stage script as a subprocess; its wall time, peak process-tree RSS and PSS, and exit code."""
+    peak, done = [0, 0], threading.Event()
+    with open(log_path, "w") as log:
+        start = time.perf_counter()
+        process = subprocess.Popen([sys.executable, str(ROOT / "scripts" / f"{script}.py"), *arguments],
+                                   stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+
+        def sample() -> None:
+            while not done.wait(0.2):
+                peak[:] = map(max, peak, tree_memory(process.pid))
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        code = process.wait()
+        done.set()
+        sampler.join()
+    return {"wall_s": time.perf_counter() - start, "peak_rss_gb": peak[0] / 2**30, "peak_pss_gb": peak[1] / 2**30,
+            "rc": code}
+
+
+def stage_folders(cfg) -> dict[str, Path]:
+    """Each stage's output folder, whose size is the stage's disk written."""
+    return dict(zip(STAGES, (Path(cfg.paths.input_dir), layout.convert_dir(cfg), layout.labels_dir(cfg),
+                             layout.train_dir(cfg), layout.search_dir(cfg), layout.predict_dir(cfg),
+                             layout.package_dir(cfg))))
+
+
+def stage_images(n_train: int, n_test: int) -> dict[str, int]:
+    """The images each stage handles, the denominator of its cost per image."""
+    total = n_train + n_test
+    return dict(zip(STAGES, (total, total, total, n_train, n_train, n_test, n_test)))
+
+
+def _time_parts(read, probs_of, postprocessor, ids: list[str], sizes: list[tuple[int, int]],
+                batch: int) -> dict[str, float]:
+    """CPU milliseconds per image of each part of stage 05's work over ``ids``, each part timed alone, on one
+    thread (as in stage 05, whose DataLoader workers are the parallelism). CPU time, not wall time: on a shared
+    machine other jobs' load inflates wall time, not this figure.
+
+    Args:
+        read: ImageId -> uint8 image (the PNG decode).
+        probs_of: N x S x S uint8 images -> N x S x S float32 probabilities (the forward passes).
+        postprocessor: probabilities at the original size -> boolean mask.
+        ids: the images; sizes: their original ``(rows, cols)``; batch: images per call of ``probs_of``.
+    """
+    times = dict.fromkeys(("decode", "forward", "resize_back", "postprocess", "rle"), 0.0)
+    for start in range(0, len(ids), batch):
+        clock = [time.process_time()]
+        images = np.stack([read(i) for i in ids[start:start + batch]])
+        clock.append(time.process_time())
+        probs = probs_of(images)
+        clock.append(time.process_time())
+        times["decode"] += clock[1] - clock[0]
+        times["forward"] += clock[2] - clock[1]
+        for small, (rows, cols) in zip(probs, sizes[start:start + batch]):
+            clock = [time.process_time()]
+            full = restore_size(small, rows, cols)
+            clock.append(time.process_time())
+            mask = postprocessor(full)
+            clock.append(time.process_time())
+            encode(mask)
+            clock.append(time.process_time())
+            for part, before, after in zip(("resize_back", "postprocess", "rle"), clock, clock[1:]):
+                times[part] += after - before
+    per_image = {part: 1000 * seconds / len(ids) for part, seconds in times.items()}
+    per_image["non_forward"] = sum(v for part, v in per_image.items() if part != "forward")
+    return per_image
+
+
+def stand_in_probs(images: np.ndarray) -> np.ndarray:
+    """Smooth probability maps with blobs of every size from the X-rays themselves (bright lung-free regions
+    near 1), so that thresholds and component filters do real work at the recipe's size."""
+    blurred = np.stack([cv2.GaussianBlur(image, (0, 0), image.shape[0] / 64) for image in images])
+    return (blurred.astype(np.float32) / 255) ** 2
+
+
+def stage05_cpu_cost(cfg, limit: int = 256) -> dict[str, dict[str, float]]:
+    """Stage 05's CPU work per test image apart from the forward passes, on up to ``limit`` test images.
+
+    Two measurements, each part timed alone:
+
+    * ``experiment``: this run's predictor (its models, TTA, post-processing chosen by stage 04) on the CPU,
+      over the PNGs at the models' size;
+    * ``recipe``: the real recipe's 512 px PNGs with stand-in probability maps (:func:`stand_in_probs`, no
+      forward pass) and the base config's default post-processing candidates at their most expensive (the
+      ``triplet`` rule with a low top threshold, so that most images keep a mask).
+    """
+    cv2.setNumThreads(1)
+    torch.set_num_threads(1)
+    predictor = Predictor.from_experiment(cfg, device="cpu")
+    test = pd.read_csv(layout.test_images_path(cfg), dtype={"ImageId": str}).head(limit)
+    ids, sizes = test.ImageId.tolist(), [(int(r), int(c)) for r, c in zip(test.rows, test.cols)]
+
+    def reader(size: int):
+        folder = layout.images_dir(cfg, size)
+        return lambda image_id: cv2.imread(str(folder / f"{image_id}.png"), cv2.IMREAD_GRAYSCALE)
+
+    def forward(images: np.ndarray) -> np.ndarray:
+        return predict_probs(predictor.models, images, predictor.tta, batch_size=predictor.batch_size,
+                             amp=predictor.amp)
+
+    recipe_post = build_postprocessor({"name": "triplet", "params": {"top": 0.4, "min_area": 250, "bottom": 0.2,
+                                                                     "min_component_area": 100}})
+    return {"experiment": _time_parts(reader(predictor.image_size), forward, predictor.postprocessor, ids, sizes,
+                                      predictor.batch_size),
+            "recipe": _time_parts(reader(int(cfg.data.image_size)), stand_in_probs, recipe_post, ids, sizes,
+                                  predictor.batch_size),
+            "images": len(ids)}
+
+
+def print_table(rows: dict[str, dict], against: dict | None) -> None:
+    """The per-stage table; with ``against``, each stage's ms/image ratio to the other run's."""
+    print(f"{'stage':22s} {'images':>7s} {'wall s':>8s} {'RSS GB':>7s} {'PSS GB':>7s} {'disk MB':>9s} "
+          f"{'ms/image':>9s}" + ("  vs other run" if against else ""))
+    for stage, row in rows.items():
+        ratio = ""
+        if against and stage in against["stages"] and not row["reused"]:
+            ratio = f"  {row['ms_per_image'] / against['stages'][stage]['ms_per_image']:.2f}x"
+        print(f"{stage:22s} {row['images']:7d} {row['wall_s']:8.1f} {row['peak_rss_gb']:7.2f} "
+              f"{row['peak_pss_gb']:7.2f} {row['disk_mb']:9.1f} {row['ms_per_image']:9.2f}{ratio}"
+              + ("  (reused: complete before this run)" if row["reused"] else ""))
+
+
+def print_cpu_cost(cost: dict) -> None:
+    """Stage 05's non-forward CPU work per image, part by part."""
+    for name, parts in cost.items():
+        if name != "images":
+            print(f"stage 05 CPU ms per test image ({name}): " + ", ".join(
+                f"{part} {parts[part]:.2f}" for part in ("decode", "resize_back", "postprocess", "rle"))
+                + f"; non-forward {parts['non_forward']:.2f} (target < {CPU_TARGET_MS}); forward "
+                + f"{parts['forward']:.2f}; {cost['images']} images")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--fraction", type=float, default=1.0, help="scales both image counts (default 1)")
+    parser.add_argument("--workdir", default=None, help="where data and outputs go (default /tmp/pneumoseg_scale/F)")
+    parser.add_argument("--against", default=None, help="results.json of another fraction to compare with")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every stage")
+    args = parser.parse_args()
+    if not 0 < args.fraction <= 1:
+        parser.error("--fraction must lie in (0, 1]")
+    n_train, n_test = max(10, round(REAL_TRAIN * args.fraction)), max(2, round(REAL_TEST * args.fraction))
+    work = Path(args.workdir or f"/tmp/pneumoseg_scale/{args.fraction:g}").resolve()
+    overrides = [f"paths.input_dir={work / 'input'}", f"paths.output_root={work / 'output'}",
+                 f"demo.n_train={n_train}", f"demo.n_test={n_test}", *args.overrides]
+    cfg = load_config(CONFIG, overrides)
+    folders, images = stage_folders(cfg), stage_images(n_train, n_test)
+    (work / "logs").mkdir(parents=True, exist_ok=True)
+    print(f"scale run: {n_train} train + {n_test} test images (fraction {args.fraction:g}) in {work}, "
+          f"{os.cpu_count()} CPUs", flush=True)
+    rows: dict[str, dict] = {}
+    for stage in STAGES:
+        reused = stage == STAGES[0] and (folders[stage] / "done.json").is_file()
+        force = [] if stage == STAGES[0] else ["--force"]
+        row = run_stage(stage, ["--config", str(CONFIG), *force, *overrides], work / "logs" / f"{stage}.log")
+        row.update(images=images[stage], disk_mb=folder_bytes(folders[stage]) / 2**20, reused=reused,
+                   ms_per_image=1000 * row["wall_s"] / images[stage])
+        rows[stage] = row
+        print(f"{stage}: {row['wall_s']:.1f} s, peak RSS {row['peak_rss_gb']:.2f} GB (PSS {row['peak_pss_gb']:.2f}), "
+              f"{row['disk_mb']:.1f} MB, {row['ms_per_image']:.2f} ms/image" + (" (reused)" if reused else ""),
+              flush=True)
+        if row["rc"]:
+            print(f"FAIL: {stage} exited {row['rc']}; see {work / 'logs' / (stage + '.log')}")
+            return 1
+    cost = stage05_cpu_cost(cfg)
+    results = {"fraction": args.fraction, "n_train": n_train, "n_test": n_test, "stages": rows, "stage05_cpu": cost}
+    (work / "results.json").write_text(json.dumps(results, indent=1))
+    print_table(rows, json.loads(Path(args.against).read_text()) if args.against else None)
+    print_cpu_cost(cost)
+    worst = max(rows, key=lambda s: rows[s]["peak_pss_gb"])
+    cpu = max(cost["experiment"]["non_forward"], cost["recipe"]["non_forward"])
+    passed = max(r["peak_rss_gb"] for r in rows.values()) < RSS_TARGET_GB and cpu < CPU_TARGET_MS
+    print(f"SUMMARY fraction {args.fraction:g} ({n_train}+{n_test} images): "
+          f"{sum(r['wall_s'] for r in rows.values()):.0f} s in all; peak memory {rows[worst]['peak_pss_gb']:.2f} GB PSS "
+          f"({worst}), max tree RSS {max(r['peak_rss_gb'] for r in rows.values()):.2f} GB (target < {RSS_TARGET_GB}); "
+          f"stage 05 non-forward CPU {cpu:.1f} ms/image (target < {CPU_TARGET_MS}): {'PASS' if passed else 'FAIL'}")
+    return 0 if passed else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

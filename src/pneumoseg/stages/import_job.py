@@ -1,0 +1,105 @@
+"""Continue locally after a SageMaker training job: unpack its ``model.tar.gz`` (the fold models, ``folds.csv``,
+the resolved config) and ``output.tar.gz`` (``03_train/``: logs, OOF maps, completion records) into
+``${paths.experiment_dir}/03_train/``, as a local stage 03 leaves it (without ``last.pt``), so that stages 04 to 06
+run on it.
+
+Usage::
+
+    python scripts/import_sagemaker_job.py --config CONFIG --model model.tar.gz --output output.tar.gz
+        [--force] [key=value ...]
+
+CONFIG and the overrides must be the job's (its hyperparameters as ``key=value``) and the prepared data the job's
+``train`` channel (``paths.prepared_dir``): the import checks that stage 03 is complete for them, as a later stage
+does. ``--force`` replaces a ``03_train/`` that is already there.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+from pneumoseg import layout
+from pneumoseg.cli import stage_parser
+from pneumoseg.errors import DataError
+from pneumoseg.modeling.checkpoints import best_files
+from pneumoseg.sagemaker.archive import extract
+from pneumoseg.stages.record import DONE_FILE
+from pneumoseg.stages.train import STAGE_NAME, stage_record
+
+log = logging.getLogger(__name__)
+
+DESCRIPTION = "Unpack a SageMaker training job's model.tar.gz and output.tar.gz as this experiment's stage 03."
+
+
+def _check(folder: Path, cfg: DictConfig, model: Path, output: Path) -> list[int]:
+    """Check that the unpacked ``folder`` is a complete stage 03 for ``cfg`` -> its folds."""
+    done = folder / DONE_FILE
+    if not done.is_file():
+        raise DataError(f"{output} holds no {layout.train_dir(cfg).name}/{DONE_FILE}: the job did not finish stage 03, "
+                        f"or this is not its output.tar.gz")
+    if not layout.folds_path(cfg).is_file():
+        raise DataError(f"{layout.folds_path(cfg)} not found: stages 04-06 need the prepared data the job trained on; "
+                        f"set paths.prepared_dir to a copy of its train channel (or run stages 01-02 here)")
+    expected = stage_record(cfg).key
+    if json.loads(done.read_text()).get("fingerprint") != expected:
+        raise DataError(f"the job trained with another config or other prepared folds than --config and "
+                        f"{layout.folds_path(cfg)}: give the job's config and hyperparameters (as key=value), and "
+                        f"its train channel's data as paths.prepared_dir (compare {folder / 'config.yaml'})")
+    folds = list(layout.fold_dirs(folder))
+    missing = [fold for fold, fold_folder in layout.fold_dirs(folder).items() if not best_files(fold_folder)]
+    if not folds or missing:
+        raise DataError(f"{model} lacks the checkpoints of fold(s) {missing or 'all'}: give the same job's "
+                        f"model.tar.gz")
+    return folds
+
+
+def run(cfg: DictConfig, model: str | Path, output: str | Path, force: bool = False) -> dict[str, Any]:
+    """Unpack the job's archives into ``03_train/``; see the module docstring.
+
+    Args:
+        cfg: the resolved config (the job's).
+        model: the job's ``model.tar.gz``.
+        output: the job's ``output.tar.gz``.
+        force: replace an existing ``03_train/``.
+
+    Returns:
+        ``{"folder", "folds", "files"}``.
+
+    Raises:
+        DataError: an archive is missing, unsafe or incomplete, the job's config differs, or ``03_train/``
+            exists without ``force``.
+    """
+    model, output, folder = Path(model), Path(output), layout.train_dir(cfg)
+    if folder.exists() and not force:
+        raise DataError(f"{folder} already exists; use --force to replace it with the job's")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.import.", dir=folder.parent))
+    try:
+        files = extract(output, staging, prefix=folder.name) + extract(model, staging)
+        folds = _check(staging, cfg, model, output)
+        if folder.exists():
+            shutil.rmtree(folder)
+        staging.rename(folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    log.info("%s: the job's folds %s unpacked into %s (%d files)", STAGE_NAME, folds, folder, len(files))
+    return {"folder": str(folder), "folds": folds, "files": len(files)}
+
+
+def parser() -> argparse.ArgumentParser:
+    """``--config``, ``--force``, overrides, plus ``--model`` and ``--output`` (the job's archives)."""
+    result = stage_parser(DESCRIPTION)
+    result.add_argument("--model", required=True, help="the job's model.tar.gz (the fold models)")
+    result.add_argument("--output", required=True, help="the job's output.tar.gz (logs, OOF maps)")
+    return result
+
+
+def stage(cfg: DictConfig, args: argparse.Namespace) -> dict[str, Any]:
+    """The script's entry: :func:`run` with the command line's archives."""
+    return run(cfg, args.model, args.output, force=args.force)
