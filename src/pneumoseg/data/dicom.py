@@ -17,6 +17,7 @@ import io
 import logging
 import os
 import re
+import stat
 import warnings
 import zlib
 from dataclasses import dataclass
@@ -247,7 +248,13 @@ def read_dicom(path: str | os.PathLike) -> tuple[np.ndarray, dict]:
 
     Raises:
         DicomError: one of its subclasses (UnreadableDicomError, NotDicomError, TruncatedDicomError,
-            NoPixelDataError, UnsupportedDicomError, CorruptPixelDataError), naming the file and the reason.
+            NoPixelDataError, UnsupportedDicomError, CorruptPixelDataError, TooLargeDicomError), naming the file
+            and the reason; never another exception, whatever the file holds.
+
+    Untrusted files are refused before they cost memory: a file (or a deflated dataset inflated) past
+    :data:`MAX_FILE_BYTES`, or a header declaring more than :data:`MAX_IMAGE_BYTES` of pixels or a side
+    beyond :data:`MAX_SIDE`, is refused before a pixel is decoded; a JPEG frame must declare the DICOM's size
+    before it is decoded. Deflated Explicit VR Little Endian files are read.
     """
     path = Path(path)
     pixels, metadata, _ = _read_buffer(_read_bounded(path), path)
@@ -268,24 +275,41 @@ def read_dicom_bytes(data: bytes, name: str = "request body") -> tuple[np.ndarra
     Raises:
         DicomError: as :func:`read_dicom`, naming ``name``.
     """
+    if len(data) > MAX_FILE_BYTES:
+        raise TooLargeDicomError(name, f"it has {len(data)} bytes, more than the {MAX_FILE_BYTES} any radiograph needs")
     pixels, metadata, ds = _read_buffer(bytes(data), Path(name))
-    metadata.update(ImageId=_text(ds.get("SOPInstanceUID")), source_path="")
+    with _failures_as(NotDicomError, Path(name), "malformed DICOM header"):
+        metadata.update(ImageId=_text(ds.get("SOPInstanceUID")), source_path="")
     return pixels, metadata
 
 
 def _read_bounded(path: Path) -> bytes:
-    """The bytes of ``path``, refused past :data:`MAX_FILE_BYTES` without reading more than that."""
+    """The bytes of ``path``, refused before reading unless it is a file of at most :data:`MAX_FILE_BYTES`."""
+    # One read of the whole file: its length is needed for the truncation check, and pydicom parses a buffer
+    # faster than a file.
+    with _open_dicom(path) as handle:
+        return handle.read()
+
+
+@contextlib.contextmanager
+def _open_dicom(path: Path) -> Iterator[BinaryIO]:
+    """``path`` opened for reading, once it is known to be a regular file of at most :data:`MAX_FILE_BYTES`
+    (a FIFO or a device named ``.dcm`` would otherwise block the reader or never end)."""
     try:
-        # One read of the whole file: its length is needed for the truncation check, and pydicom parses
-        # a buffer faster than a file.
-        with open(path, "rb") as handle:
-            data = handle.read(MAX_FILE_BYTES + 1)
+        # Non-blocking, so that opening a FIFO returns at once; it changes nothing for a regular file.
+        handle = os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb")
     except OSError as exc:
         raise UnreadableDicomError(path, exc.strerror or str(exc)) from None
-    if len(data) > MAX_FILE_BYTES:
-        raise TooLargeDicomError(path, f"the file has more than {MAX_FILE_BYTES} bytes, more than any radiograph "
-                                       f"needs")
-    return data
+    with handle:
+        info = os.fstat(handle.fileno())
+        if stat.S_ISDIR(info.st_mode):
+            raise UnreadableDicomError(path, "it is a directory, not a file")
+        if not stat.S_ISREG(info.st_mode):
+            raise UnreadableDicomError(path, "it is not a regular file (a device, FIFO or socket)")
+        if info.st_size > MAX_FILE_BYTES:
+            raise TooLargeDicomError(path, f"the file has {info.st_size} bytes, more than the {MAX_FILE_BYTES} any "
+                                           f"radiograph needs")
+        yield handle
 
 
 def _read_buffer(data: bytes, path: Path) -> tuple[np.ndarray, dict, Dataset]:
@@ -310,11 +334,8 @@ def read_dicom_header(path: str | os.PathLike) -> dict:
     """
     path = Path(path)
     with _quiet_pydicom():
-        try:
-            with open(path, "rb") as handle:
-                ds, size = _parse_file(handle, path, stop_before_pixels=True)
-        except OSError as exc:
-            raise UnreadableDicomError(path, exc.strerror or str(exc)) from None
+        with _open_dicom(path) as handle:
+            ds, size = _parse_file(handle, path, stop_before_pixels=True)
         with _failures_as(NotDicomError, path, "malformed DICOM header"):
             _check_complete(ds, size, path, whole_file=False)
             return _metadata(ds, path)
@@ -356,10 +377,10 @@ def _inflated(source: BinaryIO, path: Path) -> tuple[BinaryIO, int, bool]:
         preamble = read_preamble(source, False)
         # pydicom reads the file meta information with a private helper only; its public one takes a path.
         meta = _read_file_meta_info(source)
+        deflated = meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian
     except Exception:  # any header problem: _parse reports it
-        meta = None
-    syntax = _text(meta.get("TransferSyntaxUID")) if meta is not None else ""
-    if syntax != DeflatedExplicitVRLittleEndian:
+        deflated = False
+    if not deflated:
         size = source.seek(0, io.SEEK_END)
         source.seek(0)
         return source, size, False
@@ -370,7 +391,7 @@ def _inflated(source: BinaryIO, path: Path) -> tuple[BinaryIO, int, bool]:
     # then parses as plain; the dataset's pixels are native either way.
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     write_file_meta_info(out, meta, enforce_standard=False)
-    _inflate_into(out, source.read(MAX_FILE_BYTES + 1), path)
+    _inflate_into(out, source.read(), path)  # the caller bounds the file's size
     size = out.tell()
     out.seek(0)
     return out, size, True
