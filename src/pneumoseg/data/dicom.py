@@ -357,7 +357,8 @@ def _failures_as(error: type[DicomError], path: Path, what: str) -> Iterator[Non
 def _parse_file(source: BinaryIO, path: Path, **kwargs) -> tuple[Dataset, int]:
     """``(dataset, length of the data parsed)`` of the DICOM file in ``source``: :func:`_parse` of
     :func:`_inflated`, with a deflated file's transfer syntax put back once its inflated data is parsed."""
-    stream, size, deflated = _inflated(source, path)
+    with _failures_as(NotDicomError, path, "malformed DICOM header"):  # meta information that will not rewrite
+        stream, size, deflated = _inflated(source, path)
     ds = _parse(stream, path, **kwargs)
     if deflated:
         ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
