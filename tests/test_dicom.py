@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import tracemalloc
 import warnings
 from pathlib import Path
 
@@ -10,12 +12,14 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
-from pydicom.uid import (ExplicitVRLittleEndian, JPEGBaseline8Bit, JPEGLSLossless, SecondaryCaptureImageStorage,
-                         generate_uid)
+from pydicom.uid import (DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, JPEGBaseline8Bit, JPEGLSLossless,
+                         SecondaryCaptureImageStorage, generate_uid)
 
-from pneumoseg.data.dicom import (METADATA_KEYS, CorruptPixelDataError, DicomError, DicomTags, NoPixelDataError,
-                             NotDicomError, TruncatedDicomError, UnreadableDicomError, UnsupportedDicomError,
-                             find_dicoms, read_dicom, read_dicom_header, write_jpeg_dicom)
+import hostile
+from pneumoseg.data.dicom import (MAX_FILE_BYTES, MAX_SIDE, METADATA_KEYS, CorruptPixelDataError, DicomError, DicomTags,
+                                  NoPixelDataError, NotDicomError, TooLargeDicomError, TruncatedDicomError,
+                                  UnreadableDicomError, UnsupportedDicomError, find_dicoms, read_dicom, read_dicom_bytes,
+                                  read_dicom_header, write_jpeg_dicom)
 from pneumoseg.errors import DataError
 
 
@@ -296,6 +300,101 @@ def test_dicom_error_survives_pickling():
     exc = pickle.loads(pickle.dumps(TruncatedDicomError("/x/a.dcm", "the file is cut off")))
     assert isinstance(exc, TruncatedDicomError) and isinstance(exc, DicomError)
     assert (exc.path, exc.reason) == ("/x/a.dcm", "the file is cut off")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Hostile files: refused before they cost memory, and never an exception other than a DicomError
+
+def _peak_bytes(read, data: bytes) -> tuple[int, DicomError | None]:
+    """The peak of Python's allocations while ``read(data)`` runs, and the DicomError it raised (or None)."""
+    tracemalloc.start()
+    try:
+        read(data)
+        error = None
+    except DicomError as exc:
+        error = exc
+    finally:
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    return peak, error
+
+
+def test_rle_bomb_is_refused_from_its_header_without_allocating(tmp_path):
+    data = hostile.rle_bomb(65535)
+    assert len(data) < 1000
+    path = tmp_path / "bomb.dcm"
+    path.write_bytes(data)
+    peak, error = _peak_bytes(lambda _: read_dicom(path), data)
+    assert isinstance(error, TooLargeDicomError) and "65535x65535" in error.reason and error.path == str(path)
+    assert peak < 1 << 20  # the decoder would allocate 4 GiB
+
+
+def test_image_of_the_largest_size_read_passes_the_size_check(tmp_path):
+    """The limit is a radiograph's: 8192 x 8192 at 16 bits is read (here its missing data is what fails)."""
+    data = hostile.rle_bomb(MAX_SIDE)
+    with pytest.raises(CorruptPixelDataError):
+        read_dicom_bytes(data)
+
+
+def test_deflate_bomb_is_refused_with_bounded_memory():
+    data = hostile.deflate_bomb(1 << 30)  # 1 MB inflating to 1 GiB
+    assert len(data) < 2 << 20
+    peak, error = _peak_bytes(read_dicom_bytes, data)
+    assert isinstance(error, TooLargeDicomError) and "inflates to more than" in error.reason
+    assert peak < MAX_FILE_BYTES + (32 << 20)
+
+
+@pytest.mark.parametrize("pixels", [gradient(), gradient().astype(np.uint16) * 16], ids=["8bit", "12bit"])
+def test_valid_deflated_file_reads_like_its_plain_twin(tmp_path, pixels):
+    plain = tmp_path / "plain.dcm"
+    plain.write_bytes(hostile.to_bytes(hostile.dataset(pixels, ExplicitVRLittleEndian)))
+    deflated = tmp_path / "deflated.dcm"
+    deflated.write_bytes(hostile.deflated_dicom(pixels))
+    assert pydicom.dcmread(deflated).file_meta.TransferSyntaxUID == DeflatedExplicitVRLittleEndian
+    expected, expected_meta = read_dicom(plain)
+    found, metadata = read_dicom(deflated)
+    np.testing.assert_array_equal(found, expected)
+    assert metadata["transfer_syntax"] == DeflatedExplicitVRLittleEndian
+    assert read_dicom_header(deflated) == metadata
+    assert {k: v for k, v in metadata.items() if k not in ("ImageId", "source_path", "transfer_syntax")} == \
+        {k: v for k, v in expected_meta.items() if k not in ("ImageId", "source_path", "transfer_syntax")}
+
+
+def test_cut_deflated_file_is_truncated():
+    data = hostile.deflated_dicom(gradient())
+    with pytest.raises(TruncatedDicomError, match="deflated data stops"):
+        read_dicom_bytes(data[:-40])
+
+
+@pytest.mark.parametrize("data, error, reason", [
+    (hostile.jpeg_frame_bomb(20000, declared=64), CorruptPixelDataError, "DecompressionBombError"),
+    (hostile.jpeg_frame_bomb(4000, declared=64), CorruptPixelDataError, "declares 64x64"),
+    (hostile.jpeg_frame_bomb(20000, declared=20000), TooLargeDicomError, "20000x20000"),
+    (hostile.corrupt_vr(hostile.jpeg_dicom()), NotDicomError, "NotImplementedError"),
+], ids=["jpeg_bomb", "jpeg_larger_than_header", "huge_header", "corrupt_vr"])
+def test_decoder_failures_of_any_type_become_dicom_errors(data, error, reason):
+    peak, caught = _peak_bytes(read_dicom_bytes, data)
+    assert isinstance(caught, error) and reason in caught.reason
+    assert caught.path == "request body" and "request body" in str(caught)
+    assert peak < 8 << 20  # nothing decoded: a 4000 x 4000 JPEG alone would take 16 MB
+
+
+def test_oversized_file_is_refused_before_it_is_read(tmp_path):
+    path = tmp_path / "huge.dcm"
+    with open(path, "wb") as handle:
+        handle.truncate(MAX_FILE_BYTES + 1)  # sparse: no disk space used
+    peak, error = _peak_bytes(lambda _: read_dicom(path), b"")
+    assert isinstance(error, TooLargeDicomError) and "more than" in error.reason
+    assert peak < 1 << 20
+    with pytest.raises(TooLargeDicomError):
+        read_dicom_header(path)
+
+
+def test_fifo_named_dcm_is_refused_without_blocking(tmp_path):
+    path = tmp_path / "pipe.dcm"
+    os.mkfifo(path)
+    with pytest.raises(UnreadableDicomError, match="not a regular file"):
+        read_dicom(path)
 
 
 # ---------------------------------------------------------------------------------------------------------

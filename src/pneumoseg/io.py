@@ -1,7 +1,8 @@
 """Crash-safe file writing: every output is written to a temporary file beside it, then renamed.
 
-A reader therefore sees either the old complete file or the new complete file, never half of one, and a
-stage killed mid-write leaves only a ``.tmp`` file that the next run overwrites.
+A reader therefore sees either the old complete file or the new complete file, never half of one. The
+temporary file is removed when the write fails; one left by a killed process (``.<name>.tmp-<host>-<pid>-<random>``,
+hidden) is removed by the next process that writes into that folder (see :func:`sweep_stale_temporaries`).
 """
 from __future__ import annotations
 
@@ -9,7 +10,10 @@ import contextlib
 import hashlib
 import json
 import os
+import re
+import socket
 import tempfile
+import time
 from pathlib import Path
 from typing import IO, Any, Iterator
 
@@ -32,6 +36,15 @@ def _file_mode() -> int:
 _FILE_MODE = _file_mode()
 
 
+# Temporary names say who made them, so that another process can tell a killed writer's leftovers from a live
+# writer's file: the host's short name (letters and digits only) and the process id.
+_HOST = re.sub(r"[^A-Za-z0-9]", "", socket.gethostname().split(".")[0])
+_TEMP_RE = re.compile(r"^\..+\.tmp-(?P<host>[A-Za-z0-9]*)-(?P<pid>\d+)-[a-z0-9_]{8}(\.[^.]*)?$")
+STALE_AFTER_S = 24 * 3600
+"""A temporary file untouched this long is stale whoever made it (a process on another host, say)."""
+_swept: set[str] = set()  # the folders this process has already swept
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path in the target's folder; rename it onto ``path`` if the block succeeds.
@@ -39,12 +52,18 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     Args:
         path: final location. Its parent folders are created.
 
-    The temporary name keeps the target's suffix so that writers which pick a format from the suffix
-    (OpenCV, numpy, pandas) still work.
+    The temporary file is ``.<name>.tmp-<host>-<pid>-<random><suffix>``: hidden, and keeping the target's
+    suffix so that writers which pick a format from the suffix (OpenCV, numpy, pandas) still work. It is
+    removed when the block raises. The first write of a process into a folder sweeps it of stale temporary
+    files (:func:`sweep_stale_temporaries`).
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.stem}.", suffix=f".tmp{target.suffix}", dir=target.parent)
+    if str(target.parent) not in _swept:
+        sweep_stale_temporaries(target.parent)
+        _swept.add(str(target.parent))
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.tmp-{_HOST}-{os.getpid()}-", suffix=target.suffix,
+                                    dir=target.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     os.chmod(tmp, _FILE_MODE)
@@ -53,6 +72,42 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def sweep_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Remove the temporary files of :func:`atomic_path` that no live writer owns, and return them.
+
+    Args:
+        folder: the folder to sweep (not its subfolders).
+
+    A temporary file is stale when the process named in it is gone from this host, or when it has not been
+    touched for :data:`STALE_AFTER_S` (its writer was on another host, or its process id was reused).
+    """
+    removed = []
+    now = time.time()
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            match = _TEMP_RE.match(entry.name) if entry.name.startswith(".") else None
+            if match is None or not entry.is_file(follow_symlinks=False):
+                continue
+            dead = match["host"] == _HOST and not _process_alive(int(match["pid"]))
+            try:
+                if dead or now - entry.stat(follow_symlinks=False).st_mtime > STALE_AFTER_S:
+                    os.unlink(entry.path)
+                    removed.append(Path(entry.path))
+            except FileNotFoundError:  # its writer renamed it, or another sweep removed it, meanwhile
+                continue
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only checks that the process exists
+    except (ProcessLookupError, OverflowError):  # gone, or a number no process can have
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    return True
 
 
 @contextlib.contextmanager

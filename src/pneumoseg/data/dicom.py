@@ -17,10 +17,12 @@ import io
 import logging
 import os
 import re
+import stat
 import warnings
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import BinaryIO, Callable, Iterator
 
 import numpy as np
 import pydicom
@@ -29,9 +31,13 @@ from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate, generate_frames
 from pydicom.errors import InvalidDicomError
+from pydicom.filebase import DicomBytesIO
+from pydicom.filereader import _read_file_meta_info, read_preamble
+from pydicom.filewriter import write_file_meta_info
 from pydicom.multival import MultiValue
 from pydicom.pixels import get_decoder
-from pydicom.uid import UID, JPEGBaseline8Bit, SecondaryCaptureImageStorage
+from pydicom.uid import (UID, DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, JPEGBaseline8Bit,
+                         SecondaryCaptureImageStorage)
 
 from pneumoseg.errors import DataError
 from pneumoseg.io import atomic_path
@@ -127,7 +133,19 @@ METADATA_KEYS = ("ImageId", "source_path", "rows", "cols", "sex", "age", "view",
 """The keys of the metadata dict of :func:`read_dicom`, in order (stage 01's metadata.csv columns)."""
 
 MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
+
+MAX_SIDE = 8192
+"""The most rows or columns read: beyond any radiograph (the challenge's are 1024, detectors reach about 4300)."""
+MAX_IMAGE_BYTES = MAX_SIDE * MAX_SIDE * 2
+"""The most pixel data read, 128 MiB: one MAX_SIDE x MAX_SIDE frame at 16 bits. The header's claim is checked
+before any pixel is decoded, so a small file claiming a huge image costs nothing."""
+MAX_FILE_BYTES = MAX_IMAGE_BYTES + (16 << 20)
+"""The most bytes read from a file, and inflated from a deflated one: the largest image plus 16 MiB of header."""
+
 _UNDEFINED_LENGTH = 0xFFFFFFFF
+# Deflated data is inflated block by block, so that memory grows with the output and the bound is met to a block.
+_INFLATE_INPUT_BLOCK = 1 << 16
+_INFLATE_OUTPUT_BLOCK = 1 << 20
 _AGE = re.compile(r"^\s*(\d+)\s*([DWMY]?)\s*$", re.IGNORECASE)
 _UNITS_PER_YEAR = {"": 1, "Y": 1, "M": 12, "W": 52, "D": 365}
 
@@ -173,6 +191,11 @@ class UnsupportedDicomError(DicomError):
 
 class CorruptPixelDataError(DicomError):
     """Pixel data that does not decode to the image the header declares."""
+
+
+class TooLargeDicomError(DicomError):
+    """A file, its inflated data, or the image its header declares is larger than any plausible radiograph
+    (see :data:`MAX_IMAGE_BYTES`); refused before the pixels are decoded."""
 
 
 def find_dicoms(root: str | os.PathLike) -> dict[str, Path]:
@@ -227,16 +250,16 @@ def read_dicom(path: str | os.PathLike) -> tuple[np.ndarray, dict]:
 
     Raises:
         DicomError: one of its subclasses (UnreadableDicomError, NotDicomError, TruncatedDicomError,
-            NoPixelDataError, UnsupportedDicomError, CorruptPixelDataError), naming the file and the reason.
+            NoPixelDataError, UnsupportedDicomError, CorruptPixelDataError, TooLargeDicomError), naming the file
+            and the reason; never another exception, whatever the file holds.
+
+    Untrusted files are refused before they cost memory: a file (or a deflated dataset inflated) past
+    :data:`MAX_FILE_BYTES`, or a header declaring more than :data:`MAX_IMAGE_BYTES` of pixels or a side
+    beyond :data:`MAX_SIDE`, is refused before a pixel is decoded; a JPEG frame must declare the DICOM's size
+    before it is decoded. Deflated Explicit VR Little Endian files are read.
     """
     path = Path(path)
-    try:
-        # One read of the whole file: its length is needed for the truncation check, and pydicom parses
-        # a buffer faster than a file.
-        data = path.read_bytes()
-    except OSError as exc:
-        raise UnreadableDicomError(path, exc.strerror or str(exc)) from None
-    pixels, metadata, _ = _read_buffer(data, path)
+    pixels, metadata, _ = _read_buffer(_read_bounded(path), path)
     return pixels, metadata
 
 
@@ -254,33 +277,147 @@ def read_dicom_bytes(data: bytes, name: str = "request body") -> tuple[np.ndarra
     Raises:
         DicomError: as :func:`read_dicom`, naming ``name``.
     """
+    if len(data) > MAX_FILE_BYTES:
+        raise TooLargeDicomError(name, f"it has {len(data)} bytes, more than the {MAX_FILE_BYTES} any radiograph needs")
     pixels, metadata, ds = _read_buffer(bytes(data), Path(name))
-    metadata.update(ImageId=_text(ds.get("SOPInstanceUID")), source_path="")
+    with _failures_as(NotDicomError, Path(name), "malformed DICOM header"):
+        metadata.update(ImageId=_text(ds.get("SOPInstanceUID")), source_path="")
     return pixels, metadata
+
+
+def _read_bounded(path: Path) -> bytes:
+    """The bytes of ``path``, refused before reading unless it is a file of at most :data:`MAX_FILE_BYTES`."""
+    # One read of the whole file: its length is needed for the truncation check, and pydicom parses a buffer
+    # faster than a file.
+    with _open_dicom(path) as handle:
+        return handle.read()
+
+
+@contextlib.contextmanager
+def _open_dicom(path: Path) -> Iterator[BinaryIO]:
+    """``path`` opened for reading, once it is known to be a regular file of at most :data:`MAX_FILE_BYTES`
+    (a FIFO or a device named ``.dcm`` would otherwise block the reader or never end)."""
+    try:
+        # Non-blocking, so that opening a FIFO returns at once; it changes nothing for a regular file.
+        handle = os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb")
+    except OSError as exc:
+        raise UnreadableDicomError(path, exc.strerror or str(exc)) from None
+    with handle:
+        info = os.fstat(handle.fileno())
+        if stat.S_ISDIR(info.st_mode):
+            raise UnreadableDicomError(path, "it is a directory, not a file")
+        if not stat.S_ISREG(info.st_mode):
+            raise UnreadableDicomError(path, "it is not a regular file (a device, FIFO or socket)")
+        if info.st_size > MAX_FILE_BYTES:
+            raise TooLargeDicomError(path, f"the file has {info.st_size} bytes, more than the {MAX_FILE_BYTES} any "
+                                           f"radiograph needs")
+        yield handle
 
 
 def _read_buffer(data: bytes, path: Path) -> tuple[np.ndarray, dict, Dataset]:
     """Parse, check and decode the bytes of one DICOM file -> ``(pixels, metadata, dataset)``; ``path`` names
     the file in the metadata and in errors."""
     with _quiet_pydicom():
-        ds = _parse(io.BytesIO(data), path)
-        _check_complete(ds, len(data), path, whole_file=True)
-        metadata = _metadata(ds, path)
-        pixels = _pixels(ds, metadata, path)
+        ds, size = _parse_file(io.BytesIO(data), path)
+        with _failures_as(NotDicomError, path, "malformed DICOM header"):
+            _check_complete(ds, size, path, whole_file=True)
+            metadata = _metadata(ds, path)
+        with _failures_as(CorruptPixelDataError, path, "the pixel data does not decode"):
+            pixels = _pixels(ds, metadata, path)
     return pixels, metadata, ds
 
 
 def read_dicom_header(path: str | os.PathLike) -> dict:
     """The metadata dict of :func:`read_dicom` without reading the pixel data from disk (a fraction of a ms).
 
-    Only problems in the header are found: UnreadableDicomError, NotDicomError, or TruncatedDicomError for a
-    file cut inside its header.
+    Only problems in the header are found: UnreadableDicomError, NotDicomError, TruncatedDicomError for a
+    file cut inside its header, or TooLargeDicomError. (A deflated file is read and inflated whole, within
+    :data:`MAX_FILE_BYTES`: its header cannot be found otherwise.)
     """
     path = Path(path)
     with _quiet_pydicom():
-        ds = _parse(path, path, stop_before_pixels=True)
-        _check_complete(ds, path.stat().st_size, path, whole_file=False)
-        return _metadata(ds, path)
+        with _open_dicom(path) as handle:
+            ds, size = _parse_file(handle, path, stop_before_pixels=True)
+        with _failures_as(NotDicomError, path, "malformed DICOM header"):
+            _check_complete(ds, size, path, whole_file=False)
+            return _metadata(ds, path)
+
+
+@contextlib.contextmanager
+def _failures_as(error: type[DicomError], path: Path, what: str) -> Iterator[None]:
+    """Turn any exception but a DicomError into ``error`` about ``path``: pydicom and the image libraries fail
+    on malformed data with every exception type there is (NotImplementedError for an unknown VR, struct.error,
+    Pillow's DecompressionBombError, ...), and each means the same thing to the caller: this file is unusable."""
+    try:
+        yield
+    except DicomError:
+        raise
+    except Exception as exc:
+        raise error(path, f"{what} ({type(exc).__name__}: {exc})") from None
+
+
+def _parse_file(source: BinaryIO, path: Path, **kwargs) -> tuple[Dataset, int]:
+    """``(dataset, length of the data parsed)`` of the DICOM file in ``source``: :func:`_parse` of
+    :func:`_inflated`, with a deflated file's transfer syntax put back once its inflated data is parsed."""
+    with _failures_as(NotDicomError, path, "malformed DICOM header"):  # meta information that will not rewrite
+        stream, size, deflated = _inflated(source, path)
+    ds = _parse(stream, path, **kwargs)
+    if deflated:
+        ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    return ds, size
+
+
+def _inflated(source: BinaryIO, path: Path) -> tuple[BinaryIO, int, bool]:
+    """``(stream, length, deflated)`` of the DICOM file in ``source`` (at its start), for :func:`_parse`.
+
+    A file in Deflated Explicit VR Little Endian is given back as the same file with its dataset inflated in
+    memory to at most :data:`MAX_FILE_BYTES` (pydicom would inflate any amount at once, and the truncation
+    check needs the inflated length); pydicom reads it as it reads its own inflated data. Any other file is
+    ``source`` itself, rewound. A file whose meta information does not parse is left for :func:`_parse` to
+    name what is wrong.
+    """
+    try:
+        preamble = read_preamble(source, False)
+        # pydicom reads the file meta information with a private helper only; its public one takes a path.
+        meta = _read_file_meta_info(source)
+        deflated = meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian
+    except Exception:  # any header problem: _parse reports it
+        deflated = False
+    if not deflated:
+        size = source.seek(0, io.SEEK_END)
+        source.seek(0)
+        return source, size, False
+    out = DicomBytesIO()
+    out.write(preamble or bytes(128))
+    out.write(b"DICM")
+    # The meta information is rewritten as the inflated data's (explicit VR little endian), which pydicom
+    # then parses as plain; the dataset's pixels are native either way.
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    write_file_meta_info(out, meta, enforce_standard=False)
+    _inflate_into(out, source.read(), path)  # the caller bounds the file's size
+    size = out.tell()
+    out.seek(0)
+    return out, size, True
+
+
+def _inflate_into(out: BinaryIO, compressed: bytes, path: Path) -> None:
+    """Inflate the raw deflate stream ``compressed`` onto ``out``, refusing output past :data:`MAX_FILE_BYTES`."""
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    view = memoryview(compressed)
+    try:
+        for start in range(0, len(view), _INFLATE_INPUT_BLOCK):
+            pending = view[start:start + _INFLATE_INPUT_BLOCK]
+            while pending and not inflater.eof:
+                out.write(inflater.decompress(pending, _INFLATE_OUTPUT_BLOCK))
+                pending = inflater.unconsumed_tail
+                if out.tell() > MAX_FILE_BYTES:
+                    raise TooLargeDicomError(path, f"the deflated data inflates to more than {MAX_FILE_BYTES} "
+                                                   f"bytes, more than any radiograph needs")
+            if inflater.eof:
+                return
+    except zlib.error as exc:
+        raise NotDicomError(path, f"the deflated data does not inflate ({exc})") from None
+    raise TruncatedDicomError(path, "the file ends early (its deflated data stops before its end)")
 
 
 @contextlib.contextmanager
@@ -303,7 +440,7 @@ def _quiet_pydicom() -> Iterator[None]:
         pydicom_log.setLevel(level)
 
 
-def _parse(source: Path | io.BytesIO, path: Path, **kwargs) -> Dataset:
+def _parse(source: BinaryIO, path: Path, **kwargs) -> Dataset:
     """``pydicom.dcmread(source, **kwargs)`` with its failures, and its warning about a file that ends
     early, turned into DicomErrors about ``path``."""
     try:
@@ -425,6 +562,8 @@ def _check_supported(ds: Dataset, metadata: dict, path: Path) -> None:
                                           f"grey images are read")
     if metadata["rows"] is None or metadata["cols"] is None:
         raise CorruptPixelDataError(path, "the header has no Rows or Columns, so the pixel data has no shape")
+    _check_size(metadata["rows"], metadata["cols"], frames, samples * (_int_or_none(ds.get("BitsAllocated")) or 8),
+                path)
     syntax = metadata["transfer_syntax"]
     try:
         available = get_decoder(syntax).is_available
@@ -435,26 +574,33 @@ def _check_supported(ds: Dataset, metadata: dict, path: Path) -> None:
         raise UnsupportedDicomError(path, f"no decoder is installed for transfer syntax {syntax} ({name})")
 
 
+def _check_size(rows: int, cols: int, frames: int, bits_per_pixel: int, path: Path) -> None:
+    """Refuse, from the header alone, an image beyond :data:`MAX_SIDE` or :data:`MAX_IMAGE_BYTES`: decoders
+    allocate what the header declares before they find the data missing (65535 x 65535 RLE from 788 bytes)."""
+    size = rows * cols * frames * -(-bits_per_pixel // 8)
+    if max(rows, cols) > MAX_SIDE or size > MAX_IMAGE_BYTES:
+        raise TooLargeDicomError(path, f"the header declares {rows}x{cols} pixels x {frames} frames at "
+                                       f"{bits_per_pixel} bits ({size} bytes), larger than any radiograph read "
+                                       f"(at most {MAX_SIDE}x{MAX_SIDE} at 16 bits)")
+
+
 def _decode_jpeg_baseline(ds: Dataset, path: Path) -> np.ndarray:
-    """JPEG Baseline through Pillow directly: the one encapsulated frame is a complete JPEG file."""
-    try:
-        frame = next(generate_frames(ds.PixelData, number_of_frames=1))
-        with Image.open(io.BytesIO(frame)) as image:
-            mode = image.mode
-            pixels = np.asarray(image)
-    except (ValueError, OSError, StopIteration) as exc:
-        raise CorruptPixelDataError(path, f"the JPEG Baseline pixel data does not decode ({exc})") from None
-    if mode != "L":
-        raise CorruptPixelDataError(path, f"the JPEG holds a {mode} image, but the header declares a grey one")
-    return pixels
+    """JPEG Baseline through Pillow directly: the one encapsulated frame is a complete JPEG file. Its own header
+    must declare the DICOM's size before a pixel is decoded (a small DICOM may hold a 20000 x 20000 JPEG)."""
+    frame = next(generate_frames(ds.PixelData, number_of_frames=1))
+    with Image.open(io.BytesIO(frame), formats=["JPEG"]) as image:
+        rows, cols = ds.Rows, ds.Columns
+        if image.size != (cols, rows):
+            raise CorruptPixelDataError(path, f"the JPEG frame holds {image.height}x{image.width} pixels, but the "
+                                              f"header declares {rows}x{cols}")
+        if image.mode != "L":
+            raise CorruptPixelDataError(path, f"the JPEG holds a {image.mode} image, but the header declares a "
+                                              f"grey one")
+        return np.asarray(image)
 
 
 def _decode_with_pydicom(ds: Dataset, path: Path) -> np.ndarray:
-    try:
-        return ds.pixel_array
-    except Exception as exc:  # pydicom's decoders raise many exception types on bad data
-        raise CorruptPixelDataError(path, f"the pixel data does not decode ({type(exc).__name__}: {exc})") \
-            from None
+    return ds.pixel_array
 
 
 def _stretch_to_8_bits(pixels: np.ndarray) -> np.ndarray:

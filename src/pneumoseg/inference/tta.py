@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from pneumoseg import layout
-from pneumoseg.modeling.checkpoints import best_files, load_checkpoint
+from pneumoseg.modeling.checkpoints import best_files, load_checkpoint, retrain_hint
 from pneumoseg.modeling.normalize import Normalize, normalize_from_model
 from pneumoseg.errors import DataError
 from pneumoseg.modeling.device import autocast
@@ -54,27 +54,36 @@ class FoldModel:
     path: Path | None = None
 
 
-def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> FoldModel:
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", fix: str | None = None) -> FoldModel:
     """Rebuild the network of a ``best_<rank>.pt`` checkpoint and load its weights (no download).
 
+    Args:
+        path: the checkpoint.
+        device: where to put the network.
+        fix: how to remake a damaged checkpoint, for the error message (default: retrain its fold).
+
     Raises:
-        DataError: the file is missing or is not a pneumoseg model checkpoint.
+        DataError: the file is missing, damaged, or is not a pneumoseg model checkpoint.
     """
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"checkpoint {path} not found; train the fold first (scripts/03_train.py)")
-    checkpoint = load_checkpoint(path)
+    fix = fix or retrain_hint(path)
+    checkpoint = load_checkpoint(path, fix)
     if "state_dict" not in checkpoint or "model" not in checkpoint:
-        raise DataError(f"{path} is not a pneumoseg model checkpoint (no 'state_dict' and 'model' entries)")
+        raise DataError(f"{path} is not a pneumoseg model checkpoint (no 'state_dict' and 'model' entries); {fix}")
     net = build_model(checkpoint["model"], pretrained=False)
-    net.load_state_dict(checkpoint["state_dict"])
+    try:
+        net.load_state_dict(checkpoint["state_dict"])
+        image_size = int(checkpoint["image_size"])
+    except (RuntimeError, KeyError, TypeError, ValueError) as exc:  # weights of another network, or missing
+        raise DataError(f"{path} does not hold the weights of the network it describes ({type(exc).__name__}: "
+                        f"{str(exc).splitlines()[0][:200]}); {fix}") from None
     device = torch.device(device)
     net.to(device).eval()
     if device.type == "cuda":
         net.to(memory_format=torch.channels_last)
-    return FoldModel(net=net, normalize=normalize_from_model(checkpoint["model"]),
-                     image_size=int(checkpoint["image_size"]), fold=checkpoint.get("fold"),
-                     epoch=checkpoint.get("epoch"), score=checkpoint.get("score"), path=path)
+    return FoldModel(net=net, normalize=normalize_from_model(checkpoint["model"]), image_size=image_size,
+                     fold=checkpoint.get("fold"), epoch=checkpoint.get("epoch"), score=checkpoint.get("score"),
+                     path=path)
 
 
 def load_fold_models(train_dir: str | os.PathLike, folds: Iterable[int] | None = None, top: int = 1,

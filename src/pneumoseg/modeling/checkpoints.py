@@ -21,6 +21,7 @@ from typing import Any
 import pandas as pd
 import torch
 
+from pneumoseg.errors import DataError
 from pneumoseg.io import atomic_path
 
 log = logging.getLogger(__name__)
@@ -28,6 +29,7 @@ log = logging.getLogger(__name__)
 LAST_FILE = "last.pt"
 CHECKPOINTS_FILE = "checkpoints.csv"
 BEST_PATTERN = re.compile(r"^best_(\d+)\.pt$")
+_FOLD_RE = re.compile(r"^fold(\d+)$")
 
 
 def best_name(rank: int) -> str:
@@ -40,9 +42,36 @@ def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> None:
         torch.save(payload, tmp)
 
 
-def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Load a checkpoint onto the CPU; only plain data is accepted (no pickled code)."""
-    return torch.load(path, map_location="cpu", weights_only=True)
+def retrain_hint(path: str | os.PathLike) -> str:
+    """How to remake a checkpoint of stage 03: retrain the fold its folder names."""
+    match = _FOLD_RE.match(Path(path).parent.name)
+    fold = match.group(1) if match else "K"
+    return f"retrain its fold from scratch (scripts/03_train.py --fold {fold} --force)"
+
+
+def load_checkpoint(path: str | os.PathLike, fix: str | None = None) -> dict[str, Any]:
+    """Load a checkpoint onto the CPU; only plain data is accepted (no pickled code).
+
+    Args:
+        path: the ``.pt`` file.
+        fix: how to remake the file, for the error message; default :func:`retrain_hint`.
+
+    Raises:
+        DataError: the file is missing, truncated or corrupt, holds pickled code, or is not a dict; the message
+            names the file and ``fix``.
+    """
+    fix = fix or retrain_hint(path)
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise DataError(f"checkpoint {path} not found; {fix}") from None
+    except Exception as exc:  # torch reports a damaged file as RuntimeError, EOFError, UnpicklingError, ...
+        reason = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise DataError(f"checkpoint {path} is truncated or corrupt ({type(exc).__name__}: {reason}); {fix}") \
+            from None
+    if not isinstance(checkpoint, dict):
+        raise DataError(f"checkpoint {path} holds a {type(checkpoint).__name__}, not a checkpoint's dict; {fix}")
+    return checkpoint
 
 
 def best_files(folder: str | os.PathLike) -> list[Path]:

@@ -20,6 +20,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import tarfile
 import tempfile
 from dataclasses import asdict, dataclass
@@ -37,6 +38,7 @@ from pneumoseg.inference.tta import TTA, load_model
 from pneumoseg.io import content_hash, read_json
 from pneumoseg.postprocess.strategies import load_postprocessor
 from pneumoseg.modeling.device import resolve_device
+from pneumoseg.serve.archive import check_relative_name, extract_archive, file_inside
 
 
 MANIFEST_FILE = "manifest.json"
@@ -71,39 +73,73 @@ class ServingModel:
         return self.predictor.postprocessor.to_block()
 
 
+REBUILD_HINT = "copy the package again, or rebuild it (scripts/06_package_model.py --force)"
+_MANIFEST_KEYS = ("name", "version", "fmt", "models", "tta", "interpolation", "batch_size", "amp")
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+
+
 def read_manifest(model_dir: str | os.PathLike) -> dict:
-    """The ``manifest.json`` of an extracted package.
+    """The ``manifest.json`` of an extracted package, checked: every key :func:`load_package` reads, and each
+    model entry a plain relative ``file`` with a ``sha256``.
 
     Raises:
-        DataError: no manifest (not a package), an unreadable one, or a layout version this code does not read.
+        DataError: no manifest (not a package), an unreadable or incomplete one, a model entry without a plain
+            relative file name or a sha256, or a layout version this code does not read.
     """
     path = Path(model_dir) / MANIFEST_FILE
     manifest = read_json(path, missing=f"{model_dir} is not a pneumoseg model package: it has no {MANIFEST_FILE}. "
                                        f"Build one with scripts/06_package_model.py and give its model.tar.gz or the "
                                        f"folder it extracts to",
                          invalid_fix="rebuild the package (scripts/06_package_model.py --force)")
-    if manifest.get("format") != PACKAGE_FORMAT:
-        raise DataError(f"{path}: package format {manifest.get('format')!r}, but this pneumoseg reads format "
+    if not isinstance(manifest, dict) or manifest.get("format") != PACKAGE_FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else None
+        raise DataError(f"{path}: package format {found!r}, but this pneumoseg reads format "
                         f"{PACKAGE_FORMAT}; rebuild the package with this version (scripts/06_package_model.py)")
+    missing = [key for key in _MANIFEST_KEYS if key not in manifest]
+    models = manifest.get("models")
+    if missing or not isinstance(models, list) or not models:
+        raise DataError(f"{path} lacks {', '.join(missing) or 'a non-empty list of models'}; {REBUILD_HINT}")
+    for entry in models:
+        if not (isinstance(entry, dict) and isinstance(entry.get("file"), str)
+                and _SHA256_RE.match(str(entry.get("sha256")))):
+            raise DataError(f"{path}: the model entry {entry!r} lacks a file name or a sha256; {REBUILD_HINT}")
+        check_relative_name(entry["file"], str(path))
     return manifest
+
+
+def model_files(model_dir: Path, manifest: dict) -> list[Path]:
+    """The package's model files, each found inside ``model_dir`` and matching its sha256 in the manifest.
+
+    Raises:
+        DataError: a file missing, reached through a symbolic link, or with other content than the manifest's.
+    """
+    files = []
+    for entry in manifest["models"]:
+        path = file_inside(model_dir, entry["file"], f"{model_dir / MANIFEST_FILE}")
+        if content_hash(path, length=None) != entry["sha256"]:
+            raise DataError(f"{path} does not match its sha256 in {model_dir / MANIFEST_FILE}: the package is "
+                            f"damaged or was changed; {REBUILD_HINT}")
+        files.append(path)
+    return files
 
 
 def load_package(model_dir: str | os.PathLike, device: str = "auto") -> ServingModel:
     """Load an extracted model package: its fold models, TTA, resizing and post-processing, then predict a blank
-    image once to warm it up. Needs no network and nothing outside ``model_dir``.
+    image once to warm it up. Needs no network and reads nothing outside ``model_dir``.
 
     Args:
         model_dir: the package folder (``model.tar.gz`` extracted; see :func:`open_package`).
         device: ``auto`` (a GPU when there is one), ``cpu`` or ``cuda``.
 
     Raises:
-        DataError: not a package, or a file of it missing or unreadable.
+        DataError: not a package, or a file of it missing, outside it, damaged, or not matching its sha256.
         ConfigError: a device that is not there.
     """
     model_dir = Path(model_dir)
     manifest = read_manifest(model_dir)
+    files = model_files(model_dir, manifest)
     torch_device = resolve_device(device)
-    models = [load_model(model_dir / entry["file"], torch_device) for entry in manifest["models"]]
+    models = [load_model(path, torch_device, fix=f"the package is damaged; {REBUILD_HINT}") for path in files]
     predictor = Predictor(models, TTA.from_config(manifest["tta"]), load_postprocessor(model_dir / THRESHOLDS_FILE),
                           interpolation=manifest["interpolation"], batch_size=int(manifest["batch_size"]),
                           amp=manifest["amp"])
@@ -118,8 +154,12 @@ def open_package(path: str | os.PathLike) -> Iterator[Path]:
     """The folder of a model package: ``path`` itself when it is a folder; a ``model.tar.gz`` is extracted into a
     temporary folder, removed when the block ends.
 
+    Extraction takes only regular files and folders with plain relative names, within a member count and a
+    size (see :mod:`pneumoseg.serve.archive`); anything else refuses the whole package before a file is written.
+
     Raises:
-        DataError: ``path`` does not exist, or is not a readable tar archive.
+        DataError: ``path`` does not exist, is not a readable tar archive, or holds a link, a device, an absolute
+            or ``..`` name, or too much.
     """
     path = Path(path)
     if path.is_dir():
@@ -128,13 +168,7 @@ def open_package(path: str | os.PathLike) -> Iterator[Path]:
     if not path.is_file():
         raise DataError(f"model package {path} not found; build it with scripts/06_package_model.py")
     with tempfile.TemporaryDirectory(prefix="pneumoseg-model-") as folder:
-        try:
-            with tarfile.open(path, "r:*") as archive:
-                # The "data" filter refuses absolute paths, links out of the folder and device files.
-                archive.extractall(folder, filter="data")
-        except (tarfile.TarError, OSError, EOFError) as exc:
-            raise DataError(f"cannot extract model package {path} ({type(exc).__name__}: {exc}); copy it again or "
-                            f"rebuild it with scripts/06_package_model.py --force") from None
+        extract_archive(path, Path(folder))
         yield Path(folder)
 
 

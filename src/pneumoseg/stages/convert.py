@@ -5,7 +5,12 @@ Outputs in ``${paths.prepared_dir}/01_convert/``:
 * ``images_<size>/<ImageId>.png`` for every size in ``prepare.sizes``: square, resized by OpenCV with
   ``prepare.interpolation``; ``images_<size>/resize.json`` holds the settings those PNGs were made with.
 * ``metadata.csv``: one row per readable DICOM, the columns of :data:`pneumoseg.data.dicom.METADATA_KEYS`.
-* ``errors.csv``: ``path, reason`` for every DICOM that could not be read.
+* ``errors.csv``: ``path, kind, reason`` for every DICOM that could not be read (``kind``: the
+  :class:`pneumoseg.data.dicom.DicomError` subclass, such as ``TruncatedDicomError`` or ``TooLargeDicomError``).
+
+A file that cannot become an image (of any kind: truncated, malformed, a decompression bomb, an image larger
+than any radiograph) is listed in ``errors.csv`` and the stage goes on with the rest, unless ``prepare.strict``;
+the reader refuses oversized images before decoding them, so no file can exhaust a worker's memory.
 
 Train and test images alike are converted; stage 02 decides the split. The work is spread over
 ``prepare.n_jobs`` processes in batches. It resumes: an image whose PNGs all exist is not decoded again
@@ -126,7 +131,7 @@ def _write_tables(cfg: DictConfig, outcomes: list[tuple[str, dict]], sizes: tupl
     errors = sorted((row for status, row in outcomes if status == "failed"), key=lambda row: row["path"])
     metadata = pd.DataFrame(rows, columns=list(METADATA_KEYS))
     write_csv(layout.metadata_path(cfg), metadata.astype({"rows": "Int64", "cols": "Int64", "age": "Int64"}))
-    write_csv(layout.convert_dir(cfg) / ERRORS_FILE, pd.DataFrame(errors, columns=["path", "reason"]))
+    write_csv(layout.convert_dir(cfg) / ERRORS_FILE, pd.DataFrame(errors, columns=["path", "kind", "reason"]))
     summary = {"images": len(rows), "converted": counts["converted"], "reused": counts["reused"],
                "failed": len(errors), "sizes": list(sizes)}
     log.info("%s: %d images ready (%d converted, %d already there), %d unreadable",
@@ -209,7 +214,8 @@ def _convert_batch(items: list[tuple[str, Path]], outputs: list[tuple[int, Path]
     """Convert a batch of ``(ImageId, path)`` in one worker.
 
     Returns one ``(status, row)`` per image: ``("converted", metadata)``, ``("reused", metadata)`` when every
-    PNG already exists (and ``overwrite`` is false), or ``("failed", {"path", "reason"})``.
+    PNG already exists (and ``overwrite`` is false), or ``("failed", {"path", "kind", "reason"})``: the reader
+    raises only DicomErrors, whatever a file holds.
     """
     results = []
     for image_id, path in items:
@@ -220,7 +226,7 @@ def _convert_batch(items: list[tuple[str, Path]], outputs: list[tuple[int, Path]
                 continue
             pixels, metadata = read_dicom(path)
         except DicomError as exc:
-            results.append(("failed", {"path": exc.path, "reason": exc.reason}))
+            results.append(("failed", {"path": exc.path, "kind": type(exc).__name__, "reason": exc.reason}))
             continue
         for size, target in targets:
             write_png(target, resize_square(pixels, size, interpolation))

@@ -1,0 +1,139 @@
+"""Extracting an untrusted tar archive (a model package): regular files and folders only, with normalised
+relative names, within a member count and a total size, whatever the Python version.
+
+tarfile's ``filter="data"`` is not enough on its own: Python releases before 3.11.13 / 3.12.11 / 3.13.4 let a
+chain of symbolic links (CVE-2025-4517) write outside the folder it checks. A model package holds only files
+and folders, so every other kind of member is refused, all of them before anything is written, and the files
+are written by this module (``open(..., "xb")``: never through an existing path) rather than by tarfile.
+"""
+from __future__ import annotations
+
+import posixpath
+import shutil
+import tarfile
+from pathlib import Path
+
+from pneumoseg.errors import DataError
+
+MAX_MEMBERS = 10_000
+"""The most entries an archive may hold (a package has about a hundred: its source files and weights)."""
+MAX_EXTRACTED_BYTES = 16 << 30
+"""The most bytes its files may hold together, 16 GiB (five folds of a large encoder are about 1.5 GB)."""
+
+
+def check_relative_name(name: str, what: str) -> str:
+    """``name`` when it is a normalised relative POSIX path that stays inside its folder.
+
+    Args:
+        name: the path to check, as written in an archive or a manifest.
+        what: what the name belongs to, for the error message (``"model package x.tar.gz"``, say).
+
+    Raises:
+        DataError: an empty or absolute name, one with ``..``, ``.`` or empty parts, a backslash or a NUL, or one
+            that normalises to another name.
+    """
+    parts = name.split("/")
+    if (not name or name.startswith("/") or "\\" in name or "\0" in name
+            or any(part in ("", ".", "..") for part in parts) or posixpath.normpath(name) != name):
+        raise DataError(f"{what}: the name {name!r} is not a plain relative path inside the package (absolute, "
+                        f"'..', '.', empty parts or backslashes are refused); rebuild the package with "
+                        f"scripts/06_package_model.py")
+    return name
+
+
+def extract_archive(archive_path: Path, folder: Path, max_members: int = MAX_MEMBERS,
+                    max_bytes: int = MAX_EXTRACTED_BYTES) -> None:
+    """Extract the tar archive ``archive_path`` (any compression tarfile reads) into the empty ``folder``.
+
+    Args:
+        archive_path: the archive.
+        folder: an existing empty folder.
+        max_members: the most entries accepted.
+        max_bytes: the most bytes of file content accepted, all files together.
+
+    Raises:
+        DataError: the archive is unreadable or truncated, or holds anything but regular files and folders with
+            names :func:`check_relative_name` accepts, a name twice, a file where a folder is needed, or more
+            than ``max_members`` entries or ``max_bytes`` bytes. Nothing is written unless every entry passes.
+    """
+    what = f"model package {archive_path}"
+    try:
+        with tarfile.open(archive_path, "r:*") as archive:
+            members = _checked_members(archive, what, max_members, max_bytes)
+            for member in members:
+                target = folder / member.name
+                if member.isdir():
+                    target.mkdir(parents=True, exist_ok=True)
+                    continue
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with archive.extractfile(member) as source, open(target, "xb") as out:
+                    shutil.copyfileobj(source, out, 1 << 20)
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        raise DataError(f"cannot extract {what} ({type(exc).__name__}: {exc}); copy it again or rebuild it with "
+                        f"scripts/06_package_model.py --force") from None
+
+
+def _checked_members(archive: tarfile.TarFile, what: str, max_members: int, max_bytes: int) -> list[tarfile.TarInfo]:
+    """Every member of ``archive``, each checked as it is read (so a huge archive is refused early)."""
+    members: list[tarfile.TarInfo] = []
+    files: set[str] = set()
+    names: set[str] = set()
+    total = 0
+    for member in archive:
+        if len(members) == max_members:
+            raise DataError(f"{what} has more than {max_members} entries; a model package has about a hundred")
+        name = check_relative_name(member.name, what)
+        if not (member.isreg() or member.isdir()):
+            raise DataError(f"{what}: {name!r} is {_kind(member)}; a model package holds only regular files and "
+                            f"folders. Refusing to extract it: rebuild the package with scripts/06_package_model.py")
+        if name in names:
+            raise DataError(f"{what}: {name!r} appears twice; rebuild the package")
+        parents = [posixpath.dirname(name)]
+        while parents[-1]:
+            parents.append(posixpath.dirname(parents[-1]))
+        if files.intersection(parents):
+            raise DataError(f"{what}: {name!r} lies under a file of the same archive; rebuild the package")
+        total += member.size if member.isreg() else 0
+        if total > max_bytes:
+            raise DataError(f"{what}: its files hold more than {max_bytes} bytes; a model package is far smaller")
+        names.add(name)
+        if member.isreg():
+            files.add(name)
+        members.append(member)
+    return members
+
+
+def _kind(member: tarfile.TarInfo) -> str:
+    if member.issym():
+        return f"a symbolic link (to {member.linkname!r})"
+    if member.islnk():
+        return f"a hard link (to {member.linkname!r})"
+    if member.ischr() or member.isblk():
+        return "a device file"
+    if member.isfifo():
+        return "a FIFO"
+    return f"an entry of tar type {member.type!r}"
+
+
+def file_inside(root: Path, name: str, what: str) -> Path:
+    """The file ``root/name``, once ``name`` is a plain relative path and no link leads it out of ``root``.
+
+    Args:
+        root: the package folder.
+        name: a path relative to it, from its manifest.
+        what: where the name comes from, for the error message.
+
+    Raises:
+        DataError: a name :func:`check_relative_name` refuses, a symbolic link on the way, or no such file.
+    """
+    parts = check_relative_name(name, what).split("/")
+    for depth in range(1, len(parts) + 1):
+        step = root.joinpath(*parts[:depth])
+        if step.is_symlink():
+            raise DataError(f"{what}: {step} is a symbolic link; a package's files must lie in it. Rebuild the "
+                            f"package with scripts/06_package_model.py")
+    path = root.joinpath(*parts)
+    if not path.is_file():
+        raise DataError(f"{what}: {path} is missing or not a file; copy the package again or rebuild it with "
+                        f"scripts/06_package_model.py --force")
+    return path
