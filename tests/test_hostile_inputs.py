@@ -26,7 +26,7 @@ from pneumoseg.serve import package as package_format
 from pneumoseg.serve.archive import extract_archive
 from pneumoseg.stages import package as package_stage
 from pneumoseg.stages import predict as predict_stage
-from synthetic_experiment import write_experiment
+from fake_experiment import write_experiment
 
 
 # ---------------------------------------------------------------------------------------------------------
