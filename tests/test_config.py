@@ -105,6 +105,7 @@ def test_block_renamed_on_the_command_line_drops_the_old_params(blocks):
     ["scheduler.name=cosine", "scheduler.params.warmup_epochs=1.5"],
     ["scheduler.params.warmup_epochs=1.5", "scheduler.name=cosine"],
     ["scheduler={name: cosine, params: {warmup_epochs: 1.5}}"],
+    ["scheduler.name=cosine", "scheduler.params={warmup_epochs: 1.5}"],
 ])
 def test_block_renamed_on_the_command_line_with_params(blocks, overrides):
     cfg = load_config(blocks / "base.yaml", overrides)

@@ -6,12 +6,16 @@ from __future__ import annotations
 import tarfile
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from pneumoseg import layout
 from pneumoseg.cli import run_stage_script
+from pneumoseg.data import rle
 from pneumoseg.data.probstore import ProbabilityStore
+from pneumoseg.data.resize import resize_mask
 from pneumoseg.evaluation.submission import validate_submission
+from pneumoseg.io import read_png, write_csv
 from pneumoseg.stages import import_job, package, predict, search
 from pneumoseg.stages import train as train_stage
 from synthetic import write_prepared
@@ -57,9 +61,18 @@ def _import(cfg_args: list[str], model: Path, output: Path, *extra: str) -> int:
         "--config", CONFIG, "--model", str(model), "--output", str(output), *cfg_args, *extra])
 
 
+def _write_label_file(cfg) -> None:
+    """The training label file that stage 04 scores against: the prepared masks at the images' original size."""
+    labels = pd.read_csv(layout.labels_path(cfg), dtype={"ImageId": str})
+    rows = [(image_id, rle.encode(resize_mask(read_png(layout.masks_dir(cfg, SIZE) / f"{image_id}.png"), side) > 0))
+            for image_id, side in zip(labels["ImageId"], labels["rows"])]
+    write_csv(Path(cfg.paths.input_dir) / "train-rle.csv", pd.DataFrame(rows, columns=["ImageId", "EncodedPixels"]))
+
+
 def test_stages_04_to_06_run_on_a_sagemaker_jobs_archives(job_archives, tmp_path):
     make, model, output, work = job_archives
     cfg = make()
+    _write_label_file(cfg)
     overrides = [f"paths.input_dir={tmp_path / 'input'}", f"paths.output_root={tmp_path / 'output'}",
                  f"data.image_size={SIZE}"]
     assert _import(overrides, model, output) == 0

@@ -61,7 +61,7 @@ def _torchrun(tmp_path: Path, *overrides: str) -> Path:
 # pixels, so the mean of two equal halves' losses is the whole batch's; the batch Dice of the mixed loss is not.
 # Plain SGD keeps the gradient's scale in the update (Adam would hide a gradient scaled by the world size).
 SAME_GLOBAL_BATCH = ("data.image_size=32", "train.epochs=2", "train.device=cpu", "train.folds=[0]",
-                     "loss.name=bce", "loss.params=null", "optimizer.name=sgd", "optimizer.params={lr: 0.5}",
+                     "loss.name=bce", "optimizer.name=sgd", "optimizer.params={lr: 0.5}",
                      "+model.params.norm_layer=groupnorm1", "+model.params.decoder_use_norm=false")
 
 

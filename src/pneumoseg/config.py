@@ -112,8 +112,8 @@ def apply_overrides(cfg: DictConfig, overrides: Iterable[str]) -> DictConfig:
     """Return ``cfg`` with each ``key=value`` override applied; see the module docstring for the rules.
 
     A ``{name, params}`` block renamed by an override (``scheduler.name=cosine``) loses the old component's
-    params, as in a config file; ``params`` keys given for it (``scheduler.params.warmup_epochs=2``, in any
-    order) then apply on top, and the registry checks them against the new component.
+    params, as in a config file; ``params`` keys given for it (``scheduler.params.warmup_epochs=2`` or a whole
+    ``scheduler.params={...}``, in any order) then apply on top, and the registry checks them against the new component.
 
     Args:
         cfg: the loaded config (not changed).
@@ -128,7 +128,7 @@ def apply_overrides(cfg: DictConfig, overrides: Iterable[str]) -> DictConfig:
     parsed.sort(key=lambda override: override[1].rpartition(".")[2] != "name")
     renamed: list[str] = []
     for item, key, value, adding in parsed:
-        new_params = any(key.startswith(f"{block}.params.") for block in renamed)
+        new_params = any(key == f"{block}.params" or key.startswith(f"{block}.params.") for block in renamed)
         if not (adding or new_params) and OmegaConf.select(cfg, key, default=_MISSING) is _MISSING:
             raise ConfigError(
                 f"override {item!r}: no config key {key!r}. Check the spelling against the resolved config, "
