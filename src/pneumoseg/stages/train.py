@@ -167,8 +167,10 @@ def export_models(folder: Path, model_dir: Path) -> None:
     """Copy what inference needs (config, folds, each fold's best checkpoints and their table) to ``model_dir``."""
     copies = [folder / "config.yaml", layout.train_folds_path(folder)]
     for fold_folder in layout.fold_dirs(folder).values():
-        files = best_files(fold_folder)
-        copies += [*files, fold_folder / CHECKPOINTS_FILE] if files else []
+        for checkpoints in layout.CHECKPOINT_SETS:
+            where = layout.checkpoints_dir(fold_folder, checkpoints)
+            files = best_files(where)
+            copies += [*files, where / CHECKPOINTS_FILE] if files else []
     for path in copies:
         with atomic_path(model_dir / path.relative_to(folder)) as tmp:
             shutil.copyfile(path, tmp)
