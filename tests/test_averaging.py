@@ -146,3 +146,30 @@ def test_a_fold_with_top_k_averaging_saves_validates_and_predicts_the_averaged_w
     assert oof.ids == _fold_ids(cfg) and oof.size == 16
     [model] = load_fold_models(layout.train_dir(cfg), [0], top=1, checkpoints="averaged")
     assert model.path == averaged_dir / "best_1.pt"
+
+
+@pytest.mark.slow
+def test_a_crashed_fold_with_averaging_resumes_to_the_same_averaged_weights(fold_cfg, tmp_path, monkeypatch):
+    overrides = ("train.ema={decay: 0.5}", "train.average_top_k=2")
+    reference = train_stage.run(fold_cfg(*overrides))["folds"][0]
+    again = fold_cfg(*overrides, f"paths.experiment_dir={tmp_path / 'again'}")
+    calls = {"n": 0}
+    original = Trainer._update
+
+    def crash_in_the_second_epoch(self):
+        calls["n"] += 1
+        if calls["n"] == 3:                                               # epoch 2 has updates 3 and 4
+            raise KeyboardInterrupt("killed")
+        original(self)
+
+    monkeypatch.setattr(Trainer, "_update", crash_in_the_second_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        train_stage.run(again)
+    monkeypatch.setattr(Trainer, "_update", original)
+    resumed = train_stage.run(again, resume=True)["folds"][0]
+    assert resumed["ema"] == reference["ema"] and resumed["averaged"] == reference["averaged"]
+    for which in ("ema", "averaged"):
+        found, expected = (load_checkpoint(best_files(layout.checkpoints_dir(layout.fold_dir(cfg, 0), which))[0])
+                           for cfg in (again, fold_cfg(*overrides)))
+        for name, value in expected["state_dict"].items():
+            assert torch.equal(found["state_dict"][name], value), (which, name)
