@@ -168,8 +168,14 @@ def test_a_crashed_fold_with_averaging_resumes_to_the_same_averaged_weights(fold
     monkeypatch.setattr(Trainer, "_update", original)
     resumed = train_stage.run(again, resume=True)["folds"][0]
     assert resumed["ema"] == reference["ema"] and resumed["averaged"] == reference["averaged"]
+    first = fold_cfg(*overrides)
+    logs = [pd.read_csv(layout.fold_log_path(layout.fold_dir(cfg, 0))).drop(columns="seconds")
+            for cfg in (first, again)]
+    pd.testing.assert_frame_equal(*logs)                                  # the EMA's metrics of every epoch too
     for which in ("ema", "averaged"):
-        found, expected = (load_checkpoint(best_files(layout.checkpoints_dir(layout.fold_dir(cfg, 0), which))[0])
-                           for cfg in (again, fold_cfg(*overrides)))
-        for name, value in expected["state_dict"].items():
-            assert torch.equal(found["state_dict"][name], value), (which, name)
+        found, expected = ([load_checkpoint(path) for path in best_files(layout.checkpoints_dir(
+            layout.fold_dir(cfg, 0), which))] for cfg in (again, first))
+        assert len(found) == len(expected) == (2 if which == "ema" else 1)
+        for one, other in zip(found, expected):
+            for name, value in other["state_dict"].items():
+                assert torch.equal(one["state_dict"][name], value), (which, name)
