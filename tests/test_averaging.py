@@ -13,11 +13,14 @@ from pneumoseg.modeling.checkpoints import best_files, load_checkpoint, save_che
 from pneumoseg.modeling.losses import build_loss
 from pneumoseg.modeling.optim import build_optimizer, build_scheduler
 from pneumoseg.data.probstore import ProbabilityStore
+from pneumoseg.config import load_config
+from pneumoseg.stages import package as package_stage
 from pneumoseg.stages import search as search_stage
 from pneumoseg.stages import train as train_stage
 from pneumoseg.training.averaging import average_checkpoints, check_average_top_k, ema_decay
 from pneumoseg.training.trainer import StepSettings, Trainer
 
+from fake_experiment import CONFIGS, write_fake_training
 from synthetic import write_prepared
 
 SIZE = 32
@@ -179,3 +182,15 @@ def test_a_crashed_fold_with_averaging_resumes_to_the_same_averaged_weights(fold
         for one, other in zip(found, expected):
             for name, value in other["state_dict"].items():
                 assert torch.equal(one["state_dict"][name], value), (which, name)
+
+
+def test_the_package_of_averaged_checkpoints_names_each_fold_apart(tmp_path):
+    cfg = load_config(CONFIGS / "tiny.yaml", [f"paths.input_dir={tmp_path / 'input'}",
+                                              f"paths.output_root={tmp_path / 'output'}", "predict.checkpoints=averaged"])
+    for fold, path in enumerate(write_fake_training(cfg)):
+        averaged = load_checkpoint(path)
+        averaged["state_dict"] = {k: v + 0.01 * (fold + 1) if v.is_floating_point() else v
+                                  for k, v in averaged["state_dict"].items()}
+        save_checkpoint(layout.checkpoints_dir(path.parent, "averaged") / "best_1.pt", averaged)
+    summary = package_stage.run(cfg)                  # it also checks that the package predicts as the experiment
+    assert summary["models"] == ["fold0/averaged/best_1.pt", "fold1/averaged/best_1.pt"]
