@@ -185,8 +185,8 @@ def test_a_crashed_fold_with_averaging_resumes_to_the_same_averaged_weights(fold
 
 
 def test_the_package_of_averaged_checkpoints_names_each_fold_apart(tmp_path):
-    cfg = load_config(CONFIGS / "tiny.yaml", [f"paths.input_dir={tmp_path / 'input'}",
-                                              f"paths.output_root={tmp_path / 'output'}", "predict.checkpoints=averaged"])
+    cfg = load_config(CONFIGS / "tiny.yaml", [f"paths.input_dir={tmp_path / 'input'}", "predict.checkpoints=averaged",
+                                              f"paths.output_root={tmp_path / 'output'}"])
     for fold, path in enumerate(write_fake_training(cfg)):
         averaged = load_checkpoint(path)
         averaged["state_dict"] = {k: v + 0.01 * (fold + 1) if v.is_floating_point() else v
