@@ -1,5 +1,10 @@
 """Weight averaging: the EMA during training and the average of a fold's top-k checkpoints, against averages
 computed by hand, and each switched on in a tiny fold trained end to end."""
+import json
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -24,6 +29,7 @@ from fake_experiment import CONFIGS, write_fake_training
 from synthetic import write_prepared
 
 SIZE = 32
+ROOT = CONFIGS.parent
 
 
 def _net():
@@ -194,3 +200,26 @@ def test_the_package_of_averaged_checkpoints_names_each_fold_apart(tmp_path):
         save_checkpoint(layout.checkpoints_dir(path.parent, "averaged") / "best_1.pt", averaged)
     summary = package_stage.run(cfg)                  # it also checks that the package predicts as the experiment
     assert summary["models"] == ["fold0/averaged/best_1.pt", "fold1/averaged/best_1.pt"]
+
+
+@pytest.mark.slow
+def test_two_cpu_processes_average_identically(tmp_path):
+    output = tmp_path / "output"
+    write_prepared(output / "prepared" / "tiny", n_images=16, sizes=(SIZE,), n_folds=2)
+    results = tmp_path / "ranks"
+    results.mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "NO_ALBUMENTATIONS_UPDATE": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               str(ROOT / "tests" / "ddp_worker.py"), str(CONFIGS / "tiny.yaml"), str(results),
+               f"paths.output_root={output}", f"data.image_size={SIZE}", "train.epochs=2", "train.device=cpu",
+               "train.folds=[0]", "train.ema={decay: 0.5}", "train.average_top_k=2"]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [json.loads((results / f"rank{r}.json").read_text())["folds"]["0"] for r in (0, 1)]
+    # Metrics are reduced over both ranks' halves of the validation images, BatchNorm statistics taken from rank 0:
+    # both ranks end with the same EMA and the same average (the digests of their weights).
+    assert ranks[0]["ema"] == ranks[1]["ema"] and ranks[0]["averaged"] == ranks[1]["averaged"]
+    assert len(ranks[0]["averaged"]["weights_sha256"]) == len(ranks[0]["ema"]["weights_sha256"]) == 64
+    fold_dir = output / "tiny" / "03_train" / "fold0"
+    assert len(best_files(fold_dir / "ema")) == 2 and len(best_files(fold_dir / "averaged")) == 1
+    assert len(ProbabilityStore(fold_dir / "averaged" / "oof")) == 8

@@ -349,7 +349,8 @@ def fit_fold(cfg: DictConfig, data: PreparedData, fold: int, folder: str | Path,
     Returns:
         The fold's summary: epochs run, best epoch and its metrics, image counts, the all-empty baseline of the
         validation images, the SHA-256 of the final weights (identical on every rank) and, with averaging,
-        ``ema`` (the EMA's best epoch and metrics) and ``averaged`` (the epochs averaged and the metrics).
+        ``ema`` (the EMA's best epoch, its metrics, the final EMA's SHA-256) and ``averaged`` (the epochs
+        averaged, the metrics, the SHA-256).
 
     Raises:
         ConfigError: ``last.pt`` was written for another config.
@@ -399,18 +400,21 @@ def _best_row(history: Sequence[dict], monitor: str) -> dict:
 
 
 def _averaging_summary(run: _FoldRun, monitor: str) -> dict[str, Any]:
-    """``{"ema": {best_epoch, best}}`` from the log's ``ema_*`` columns when the fold has an EMA, else {}."""
+    """``{"ema": {best_epoch, best, weights_sha256}}`` (from the log's ``ema_*`` columns; the digest of the final
+    EMA) when the fold has an EMA, else {}."""
     if run.ema_best is None:
         return {}
     ema_rows = [{k[len(_EMA):]: v for k, v in row.items() if k.startswith(_EMA)} | {"epoch": row["epoch"]}
                 for row in run.history]
     best = _best_row(ema_rows, monitor)
-    return {"ema": {"best_epoch": int(best["epoch"]), "best": {k: v for k, v in best.items() if k.startswith("val_")}}}
+    return {"ema": {"best_epoch": int(best["epoch"]), "best": {k: v for k, v in best.items() if k.startswith("val_")},
+                    "weights_sha256": weights_digest(run.trainer.ema.module)}}
 
 
 def _average_top_k(run: _FoldRun, top_k: int, folder: Path, ctx: DistContext, monitor: str) -> dict[str, Any]:
     """Average the fold's ``top_k`` best checkpoints, recompute BatchNorm statistics over the training loader,
-    validate, and (main rank) save the result as ``averaged/best_1.pt`` -> the epochs averaged and the metrics."""
+    validate, and (main rank) save the result as ``averaged/best_1.pt`` -> the epochs averaged, the metrics and
+    the weights' digest (identical on every rank)."""
     paths = best_files(folder)[:top_k]
     net = average_checkpoints(run.trainer.net, paths)
     update_bn(run.loader, net, device=ctx.device)
@@ -428,7 +432,8 @@ def _average_top_k(run: _FoldRun, top_k: int, folder: Path, ctx: DistContext, mo
     ctx.barrier()
     log.info("fold %s: average of epochs %s: val_dice %.4f (%s)", run.checkpoint_meta["fold"], epochs,
              metrics["val_dice"], metrics["val_postprocess"])
-    return {"epochs": epochs, **{k: v for k, v in metrics.items() if k.startswith("val_")}}
+    return {"epochs": epochs, **{k: v for k, v in metrics.items() if k.startswith("val_")},
+            "weights_sha256": weights_digest(net)}
 
 
 def _start_fold(cfg: DictConfig, data: PreparedData, fold: int, folder: Path, ctx: DistContext,
