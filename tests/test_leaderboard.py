@@ -73,3 +73,13 @@ def test_runs_are_sorted_by_nested_score_and_unreadable_ones_are_left_out(tmp_pa
 def test_a_missing_output_folder_is_refused(tmp_path):
     with pytest.raises(DataError, match="not found"):
         leaderboard.write_leaderboard(tmp_path / "nowhere")
+
+
+def test_a_run_with_an_unreadable_config_is_left_out(tmp_path, caplog):
+    _fake_run(tmp_path, "good", nested=0.8, oof=0.9)
+    _fake_run(tmp_path, "bad_config", nested=0.8, oof=0.9)
+    (tmp_path / "bad_config" / "03_train").mkdir()
+    (tmp_path / "bad_config" / "04_search" / "config.yaml").write_text("predict: [unclosed\n")
+    with caplog.at_level(logging.WARNING):
+        runs = leaderboard.collect(tmp_path)
+    assert [r.name for r in runs] == ["good"] and "bad_config" in caplog.text

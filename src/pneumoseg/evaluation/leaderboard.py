@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+import yaml
 from matplotlib.figure import Figure
 from omegaconf import OmegaConf
 
@@ -152,7 +153,7 @@ def collect(output_root: str | os.PathLike) -> list[Run]:
     for folder in find_runs(output_root):
         try:
             runs.append(read_run(folder))
-        except (DataError, KeyError, TypeError, ValueError) as exc:
+        except (DataError, KeyError, TypeError, ValueError, yaml.YAMLError) as exc:
             log.warning("leaderboard: %s left out: %s", folder, exc)
     return sort_runs(runs)
 
