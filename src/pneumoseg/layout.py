@@ -25,6 +25,8 @@ SageMaker's model folder); those inside one fold take the fold's folder::
                 log.csv                   fold_log_path
                 oof/                      oof_dir: pneumoseg.data.probstore
                 best_<rank>.pt, checkpoints.csv, last.pt (pneumoseg.modeling.checkpoints)
+                ema/, averaged/           checkpoints_dir: the averaged weights (pneumoseg.training.averaging),
+                                          each laid out like the fold folder (best_<rank>.pt, checkpoints.csv, oof/)
         04_search/                        search_dir: stage 04, pneumoseg.stages.search
             thresholds.json               thresholds_path
             oof_report.json               oof_report_path
@@ -159,6 +161,22 @@ def fold_dirs(where: Where) -> dict[int, Path]:
 def fold_log_path(fold_folder: str | os.PathLike) -> Path:
     """A fold's ``log.csv`` (one row per epoch), in the fold's folder."""
     return Path(fold_folder) / "log.csv"
+
+
+CHECKPOINT_SETS = ("best", "ema", "averaged")
+
+
+def checkpoints_dir(fold_folder: str | os.PathLike, checkpoints: str = "best") -> Path:
+    """Where one set of a fold's checkpoints lies, with its ``checkpoints.csv`` and ``oof/``: ``best`` (the trained
+    weights) in the fold's folder itself, ``ema`` and ``averaged`` (see :mod:`pneumoseg.training.averaging`) in
+    sub-folders of that name.
+
+    Raises:
+        ConfigError: a name that is not one of :data:`CHECKPOINT_SETS`.
+    """
+    if checkpoints not in CHECKPOINT_SETS:
+        raise ConfigError(f"predict.checkpoints must be one of {', '.join(CHECKPOINT_SETS)}, not {checkpoints!r}")
+    return Path(fold_folder) if checkpoints == "best" else Path(fold_folder) / checkpoints
 
 
 def oof_dir(fold_folder: str | os.PathLike) -> Path:

@@ -164,8 +164,9 @@ class Predictor:
     def from_experiment(cls, cfg: DictConfig, device: str | torch.device | None = None) -> "Predictor":
         """The predictor of an experiment's outputs.
 
-        Models: the ``predict.top_k`` best checkpoints of each fold of ``train.folds`` (``all``: every fold of
-        ``03_train/folds.csv``) in ``${paths.experiment_dir}/03_train``; TTA: the ``tta`` section;
+        Models: the ``predict.top_k`` best checkpoints of the ``predict.checkpoints`` set (``best``, ``ema``,
+        ``averaged``) of each fold of ``train.folds`` (``all``: every fold of ``03_train/folds.csv``) in
+        ``${paths.experiment_dir}/03_train``; TTA: the ``tta`` section;
         post-processing: ``postprocess.source`` (stage 04's ``thresholds.json`` or the config's block, see
         :func:`configured_postprocessor`); resizing: ``prepare.interpolation``; batch size
         and AMP: ``predict.batch_size`` and ``predict.amp``.
@@ -192,7 +193,7 @@ class Predictor:
             raise DataError(f"{folds_csv} not found: no trained models in {folder}; run scripts/03_train.py first")
         folds = layout.select_folds(cfg.train.folds, pd.read_csv(folds_csv)["fold"].unique(), "train.folds",
                                     folds_csv)
-        models = load_fold_models(folder, folds, top=top_k, device=device)
+        models = load_fold_models(folder, folds, top=top_k, device=device, checkpoints=str(predict.checkpoints))
         return cls(models, TTA.from_config(cfg.get("tta")), configured_postprocessor(cfg),
                    interpolation=str(cfg.prepare.interpolation),
                    batch_size=int(predict.batch_size), amp=predict.amp)

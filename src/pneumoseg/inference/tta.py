@@ -87,7 +87,7 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", fix:
 
 
 def load_fold_models(train_dir: str | os.PathLike, folds: Iterable[int] | None = None, top: int = 1,
-                     device: str | torch.device = "cpu") -> list[FoldModel]:
+                     device: str | torch.device = "cpu", checkpoints: str = "best") -> list[FoldModel]:
     """The ``top`` best checkpoints of each fold of a training folder (``03_train`` or a SageMaker model dir).
 
     Args:
@@ -95,9 +95,12 @@ def load_fold_models(train_dir: str | os.PathLike, folds: Iterable[int] | None =
         folds: the folds to load; default every fold found.
         top: checkpoints per fold (best first).
         device: where to put the networks.
+        checkpoints: which set of each fold (``predict.checkpoints``): ``best`` (the trained weights), ``ema`` or
+            ``averaged`` (see :func:`pneumoseg.layout.checkpoints_dir`).
 
     Raises:
         DataError: no fold folder, or a requested fold without checkpoints.
+        ConfigError: an unknown ``checkpoints``.
     """
     found = layout.fold_dirs(train_dir)
     wanted = list(found) if folds is None else list(folds)
@@ -105,10 +108,12 @@ def load_fold_models(train_dir: str | os.PathLike, folds: Iterable[int] | None =
         raise DataError(f"no fold folders (fold<k>/) in {train_dir}; run scripts/03_train.py first")
     models = []
     for fold in wanted:
-        files = best_files(found[fold])[:top] if fold in found else []
+        files = best_files(layout.checkpoints_dir(found[fold], checkpoints))[:top] if fold in found else []
         if not files:
-            raise DataError(f"fold {fold} has no best_<rank>.pt checkpoint in {train_dir}; train it first "
-                            f"(scripts/03_train.py --fold {fold})")
+            hint = "" if checkpoints == "best" else (f" (predict.checkpoints={checkpoints} needs train.ema or "
+                                                     f"train.average_top_k set when the fold was trained)")
+            raise DataError(f"fold {fold} has no {checkpoints} best_<rank>.pt checkpoint in {train_dir}; train it "
+                            f"first (scripts/03_train.py --fold {fold}){hint}")
         models.extend(load_model(path, device) for path in files)
     return models
 

@@ -29,12 +29,15 @@ def _copy(source: Path, target: Path) -> None:
 
 
 def export_models(folder: Path, model_dir: Path) -> list[Path]:
-    """Copy what inference needs (config, folds, each fold's best checkpoints and their table) from the training
-    folder ``folder`` to ``model_dir``, laid out as in ``folder`` -> the files written."""
+    """Copy what inference needs (config, folds, each fold's checkpoints of every set in
+    :data:`pneumoseg.layout.CHECKPOINT_SETS` and their tables) from the training folder ``folder`` to
+    ``model_dir``, laid out as in ``folder`` -> the files written."""
     copies = [folder / "config.yaml", layout.train_folds_path(folder)]
     for fold_folder in layout.fold_dirs(folder).values():
-        files = best_files(fold_folder)
-        copies += [*files, fold_folder / CHECKPOINTS_FILE] if files else []
+        for checkpoints in layout.CHECKPOINT_SETS:
+            where = layout.checkpoints_dir(fold_folder, checkpoints)
+            files = best_files(where)
+            copies += [*files, where / CHECKPOINTS_FILE] if files else []
     written = []
     for path in copies:
         written.append(model_dir / path.relative_to(folder))

@@ -57,7 +57,7 @@ def run(cfg: DictConfig, force: bool = False) -> dict[str, Any]:
     """
     require_finished(layout.train_dir(cfg), "stage 03", "scripts/03_train.py")
     predictor = Predictor.from_experiment(cfg, device="cpu")
-    files = {_package_name(model.path): model.path for model in predictor.models}
+    files = {_package_name(model.path, layout.train_dir(cfg)): model.path for model in predictor.models}
     manifest = build_manifest(cfg, predictor, files)
     sources = source_files()
     # The package holds the whole resolved config and pneumoseg's code: a change to either (but to local paths)
@@ -82,11 +82,12 @@ def run(cfg: DictConfig, force: bool = False) -> dict[str, Any]:
     return summary
 
 
-def _package_name(path: Path | None) -> str:
-    """A checkpoint's name inside the package: ``fold<k>/best_<rank>.pt``, as in ``03_train``."""
+def _package_name(path: Path | None, train_dir: Path) -> str:
+    """A checkpoint's name inside the package: its path in ``03_train`` (``fold<k>/best_<rank>.pt``,
+    ``fold<k>/ema/best_<rank>.pt``, ...)."""
     if path is None:
         raise DataError("a model of the ensemble has no checkpoint file to package")
-    return f"{path.parent.name}/{path.name}"
+    return path.relative_to(train_dir).as_posix()
 
 
 def verify_package(path: Path, predictor: Predictor) -> None:

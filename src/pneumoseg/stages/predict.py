@@ -67,7 +67,8 @@ def _input_facts(cfg: DictConfig, test_labels: Path) -> dict[str, Any]:
     """
     train_dir = layout.train_dir(cfg)
     require_finished(train_dir, "stage 03", "scripts/03_train.py")
-    files = [path for folder in layout.fold_dirs(train_dir).values() for path in best_files(folder)]
+    files = [path for folder in layout.fold_dirs(train_dir).values()
+             for path in best_files(layout.checkpoints_dir(folder, str(cfg.predict.checkpoints)))]
     files += [layout.thresholds_path(cfg), layout.convert_dir(cfg) / DONE_FILE, layout.test_images_path(cfg),
               test_labels]
     return _file_facts(files)

@@ -1,7 +1,9 @@
 """Stage 04: choose the post-processing that maximises the out-of-fold (OOF) Dice, and report on the OOF predictions.
 
 Inputs: stage 03's ``03_train/folds.csv`` (ImageId, fold) and, for each fold ``k`` of ``train.folds``, the
-probability store ``03_train/fold<k>/oof/`` of its validation images and ``fold<k>/log.csv`` (training curves);
+probability store ``03_train/fold<k>/oof/`` of its validation images (``fold<k>/ema/oof/`` or
+``fold<k>/averaged/oof/`` with ``predict.checkpoints: ema`` or ``averaged``: the weights stage 05 then uses) and
+``fold<k>/log.csv`` (training curves);
 the training label file (``data.train_labels``: ``train-rle.csv`` or ``stage_2_train.csv``), decoded at each image's
 original size (``rows``, ``cols`` of stage 02's ``labels.csv``): the truth every candidate is scored against;
 stage 01's X-rays ``01_convert/images_<train.image_size>/`` for the report's gallery.
@@ -75,7 +77,7 @@ def open_folds(cfg: DictConfig) -> list[OofFold]:
     trained = layout.select_folds(cfg.train.folds, folds["fold"].unique(), "train.folds", folds_csv)
     opened = []
     for fold, rows in folds[folds["fold"].isin(trained)].groupby("fold", sort=True):
-        folder = layout.oof_dir(layout.fold_dir(cfg, fold))
+        folder = layout.oof_dir(layout.checkpoints_dir(layout.fold_dir(cfg, fold), str(cfg.predict.checkpoints)))
         if not (folder / PROBS_FILE).is_file() or not (folder / IDS_FILE).is_file():
             raise DataError(f"fold {fold} of {folds_csv} has no OOF predictions: {folder} lacks {PROBS_FILE} or "
                             f"{IDS_FILE}. Finish training fold {fold} (scripts/03_train.py), or drop it from folds.csv.")

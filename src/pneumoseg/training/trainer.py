@@ -14,6 +14,9 @@
   last finished epoch and ends as the uninterrupted run would have.
 * ``oof/``: a :class:`~pneumoseg.data.probstore.ProbabilityWriter` store of the fold's validation images predicted
   with the test recipe (:func:`write_oof`), at ``train.oof_size`` pixels.
+* ``ema/`` (``train.ema``) and ``averaged/`` (``train.average_top_k``): the averaged weights' own best checkpoints,
+  ``checkpoints.csv`` and ``oof/`` (see :mod:`pneumoseg.training.averaging`); the EMA's validation metrics are the
+  ``ema_*`` columns of ``log.csv``.
 
 The validation metric is the challenge's (mean per-image Dice, 1 when both masks are empty) after each
 post-processing strategy of ``train.val_postprocess`` (the classes of :mod:`pneumoseg.postprocess.strategies`).
@@ -48,12 +51,14 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.optim.swa_utils import update_bn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from pneumoseg import layout
 from pneumoseg.data.augment import build_augment
 from pneumoseg.modeling.checkpoints import CHECKPOINTS_FILE, LAST_FILE, best_files, load_checkpoint, save_checkpoint
+from pneumoseg.training.averaging import average_checkpoints, build_ema, check_average_top_k, ema_decay
 from pneumoseg.training.checkpoints import BestCheckpoints
 from pneumoseg.config import to_dict
 from pneumoseg.data.dataset import ImageFiles, PreparedData, build_sampler, make_loader
@@ -74,6 +79,7 @@ from pneumoseg.data.probstore import ProbabilityWriter
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = 1
+_EMA = "ema_"   # prefix of the EMA's columns in log.csv
 
 
 @dataclass(frozen=True)
@@ -85,12 +91,15 @@ class StepSettings:
         grad_clip: maximum gradient norm, or None.
         amp: ``fp16``, ``bf16`` or None; only used on a GPU.
         channels_last: feed inputs in channels_last memory format (GPU).
+        ema_decay: after each step, update an EMA of the weights with this decay (``train.ema.decay``); None:
+            no EMA.
     """
 
     accumulation_steps: int = 1
     grad_clip: float | None = None
     amp: str | None = None
     channels_last: bool = False
+    ema_decay: float | None = None
 
     def __post_init__(self) -> None:
         if self.accumulation_steps < 1:
@@ -127,6 +136,7 @@ class Trainer:
         self.amp = steps.amp if self.device.type == "cuda" else None
         self.channels_last = steps.channels_last and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp == "fp16")
+        self.ema = build_ema(net, steps.ema_decay)
 
     @classmethod
     def from_config(cls, cfg: DictConfig, ctx: DistContext, updates_per_epoch: int, seed: int) -> "Trainer":
@@ -142,7 +152,8 @@ class Trainer:
             net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
         optimizer = build_optimizer(cfg.optimizer, net.parameters())
         schedule = build_scheduler(cfg.scheduler, optimizer, updates_per_epoch, int(train.epochs))
-        steps = StepSettings(int(train.accumulation_steps), train.grad_clip, train.amp, channels_last)
+        steps = StepSettings(int(train.accumulation_steps), train.grad_clip, train.amp, channels_last,
+                             ema_decay(to_dict(train.ema) if train.ema is not None else None))
         return cls(net, build_loss(cfg.loss), optimizer, schedule, ctx, steps)
 
     def _inputs(self, images: torch.Tensor) -> torch.Tensor:
@@ -173,6 +184,8 @@ class Trainer:
             loss_sum += loss.detach().double() * len(images)
             count += len(images)
         self.ctx.broadcast_buffers(self.net)
+        if self.ema is not None:
+            self.ctx.broadcast_buffers(self.ema.module)
         loss_total, images_total = self.ctx.sum([loss_sum.item(), count])
         return float(loss_total / max(images_total, 1))
 
@@ -184,10 +197,13 @@ class Trainer:
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.schedule.after_update()
+        if self.ema is not None:
+            self.ema.update_parameters(self.net)
 
     def validate(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
-                 postprocessors: Sequence[PostProcessor]) -> dict[str, float]:
-        """Validation loss and the challenge metric after each post-processing, over every rank's images.
+                 postprocessors: Sequence[PostProcessor], net: nn.Module | None = None) -> dict[str, float]:
+        """Validation loss and the challenge metric after each post-processing, over every rank's images, of
+        ``net`` (default: the trained network; the EMA or averaged weights are validated the same way).
 
         The masks are drawn by the same :mod:`pneumoseg.postprocess.strategies` strategies that the threshold search and
         the submission use: without their empty-image rules, plain thresholds favour the first epochs, which
@@ -198,14 +214,15 @@ class Trainer:
             of them), ``val_postprocess`` (its label) and ``val_dice_pos`` (mean Dice of the positive images
             there; NaN without positives).
         """
-        self.net.eval()
+        net = self.net if net is None else net
+        net.eval()
         n = len(postprocessors)
         # Per rank: loss sum, image count, positive count, then per strategy the Dice sums (all, positives).
         sums = np.zeros(3 + 2 * n)
         with torch.inference_mode(), autocast(self.device, self.amp):
             for images, masks in batches:
                 masks = masks.to(self.device, non_blocking=True)
-                logits = self.net(self._inputs(images)).float()
+                logits = net(self._inputs(images)).float()
                 sums[0] += float(self.loss_fn(logits, masks)) * len(images)
                 probs = torch.sigmoid(logits[:, 0]).cpu().numpy()
                 truth = masks[:, 0].cpu().numpy() > 0.5
@@ -232,14 +249,19 @@ class Trainer:
         return float(self.optimizer.param_groups[0]["lr"])
 
     def state_dict(self) -> dict[str, Any]:
-        return {"model": self.net.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.schedule.state_dict(), "scaler": self.scaler.state_dict()}
+        state = {"model": self.net.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "scheduler": self.schedule.state_dict(), "scaler": self.scaler.state_dict()}
+        if self.ema is not None:
+            state["ema"] = self.ema.state_dict()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.net.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
 
 
 def fold_seed(seed: int, fold: int) -> int:
@@ -288,13 +310,16 @@ def _clear_outputs(folder: Path, fresh: bool) -> None:
         stale += [*folder.glob("best_*.pt"), folder / LAST_FILE, folder / CHECKPOINTS_FILE,
                   layout.fold_log_path(folder)]
         shutil.rmtree(layout.oof_dir(folder), ignore_errors=True)
+        for averaged in layout.CHECKPOINT_SETS[1:]:
+            shutil.rmtree(layout.checkpoints_dir(folder, averaged), ignore_errors=True)
     for path in stale:
         path.unlink(missing_ok=True)
 
 
 @dataclass
 class _FoldRun:
-    """What one fold's epochs work with: its loaders, trainer, best-checkpoint keeper and log so far."""
+    """What one fold's epochs work with: its loaders, trainer, best-checkpoint keepers (of the trained weights and,
+    with ``train.ema``, of their EMA) and log so far."""
 
     loader: DataLoader
     val_loader: DataLoader
@@ -303,6 +328,7 @@ class _FoldRun:
     history: list[dict]
     postprocessors: list[PostProcessor]
     checkpoint_meta: dict[str, Any]
+    ema_best: BestCheckpoints | None = None
 
 
 def fit_fold(cfg: DictConfig, data: PreparedData, fold: int, folder: str | Path, ctx: DistContext = DistContext(),
@@ -322,7 +348,9 @@ def fit_fold(cfg: DictConfig, data: PreparedData, fold: int, folder: str | Path,
 
     Returns:
         The fold's summary: epochs run, best epoch and its metrics, image counts, the all-empty baseline of the
-        validation images, and the SHA-256 of the final weights (identical on every rank).
+        validation images, the SHA-256 of the final weights (identical on every rank) and, with averaging,
+        ``ema`` (the EMA's best epoch, its metrics, the final EMA's SHA-256) and ``averaged`` (the epochs
+        averaged, the metrics, the SHA-256).
 
     Raises:
         ConfigError: ``last.pt`` was written for another config.
@@ -340,8 +368,17 @@ def fit_fold(cfg: DictConfig, data: PreparedData, fold: int, folder: str | Path,
         _run_epoch(run, epoch, epochs, fold, folder, ctx, monitor, fingerprint)
     if ctx.is_main:
         write_oof(cfg, data, val_rows, folder, ctx)
+        if run.ema_best is not None:
+            write_oof(cfg, data, val_rows, run.ema_best.folder, ctx)
     ctx.barrier()
-    best_row = max(run.history, key=lambda r: r[monitor] if metric_mode(monitor) == "max" else -r[monitor])
+    averaging = _averaging_summary(run, monitor)
+    if cfg.train.average_top_k is not None:
+        averaging["averaged"] = _average_top_k(run, int(cfg.train.average_top_k), folder, ctx, monitor)
+        if ctx.is_main:
+            averaged_folder = layout.checkpoints_dir(folder, "averaged")
+            write_oof(cfg, data, val_rows, averaged_folder, ctx)
+        ctx.barrier()
+    best_row = _best_row(run.history, monitor)
     return {
         "fold": int(fold),
         "epochs": len(run.history),
@@ -352,8 +389,50 @@ def fit_fold(cfg: DictConfig, data: PreparedData, fold: int, folder: str | Path,
         "n_val_positive": int(val_rows["has_mask"].sum()),
         "empty_baseline": float(1.0 - val_rows["has_mask"].mean()),
         "weights_sha256": weights_digest(run.trainer.net),
+        **averaging,
         "seconds": round(time.time() - started, 1),
     }
+
+
+def _best_row(history: Sequence[dict], monitor: str) -> dict:
+    return max(history, key=lambda r: r[monitor] if metric_mode(monitor) == "max" else -r[monitor])
+
+
+def _averaging_summary(run: _FoldRun, monitor: str) -> dict[str, Any]:
+    """``{"ema": {best_epoch, best, weights_sha256}}`` (from the log's ``ema_*`` columns; the digest of the final
+    EMA) when the fold has an EMA, else {}."""
+    if run.ema_best is None:
+        return {}
+    ema_rows = [{k[len(_EMA):]: v for k, v in row.items() if k.startswith(_EMA)} | {"epoch": row["epoch"]}
+                for row in run.history]
+    best = _best_row(ema_rows, monitor)
+    return {"ema": {"best_epoch": int(best["epoch"]), "best": {k: v for k, v in best.items() if k.startswith("val_")},
+                    "weights_sha256": weights_digest(run.trainer.ema.module)}}
+
+
+def _average_top_k(run: _FoldRun, top_k: int, folder: Path, ctx: DistContext, monitor: str) -> dict[str, Any]:
+    """Average the fold's ``top_k`` best checkpoints, recompute BatchNorm statistics over the training loader,
+    validate, and (main rank) save the result as ``averaged/best_1.pt`` -> the epochs averaged, the metrics and
+    the weights' digest (identical on every rank)."""
+    paths = best_files(folder)[:top_k]
+    net = average_checkpoints(run.trainer.net, paths)
+    update_bn(run.loader, net, device=ctx.device)
+    ctx.broadcast_buffers(net)
+    metrics = run.trainer.validate(run.val_loader, run.postprocessors, net=net)
+    epochs = [int(load_checkpoint(path)["epoch"]) for path in paths]
+    if ctx.is_main:
+        averaged_folder = layout.checkpoints_dir(folder, "averaged")
+        shutil.rmtree(averaged_folder, ignore_errors=True)
+        keeper = BestCheckpoints(averaged_folder, 1, metric_mode(monitor), monitor)
+        # Its epoch is the last one averaged: the weights exist only once that epoch has run.
+        keeper.offer(max(epochs), metrics[monitor], lambda: {
+            **run.checkpoint_meta, "state_dict": net.state_dict(), "epoch": max(epochs),
+            "score": float(metrics[monitor]), "averaged_epochs": epochs})
+    ctx.barrier()
+    log.info("fold %s: average of epochs %s: val_dice %.4f (%s)", run.checkpoint_meta["fold"], epochs,
+             metrics["val_dice"], metrics["val_postprocess"])
+    return {"epochs": epochs, **{k: v for k, v in metrics.items() if k.startswith("val_")},
+            "weights_sha256": weights_digest(net)}
 
 
 def _start_fold(cfg: DictConfig, data: PreparedData, fold: int, folder: Path, ctx: DistContext,
@@ -371,15 +450,18 @@ def _start_fold(cfg: DictConfig, data: PreparedData, fold: int, folder: Path, ct
     torch.use_deterministic_algorithms(bool(train.deterministic), warn_only=True)
     trainer = Trainer.from_config(cfg, ctx, updates_per_epoch, seed)
     monitor = str(train.monitor)
-    best = BestCheckpoints(folder, int(train.keep_best), metric_mode(monitor), monitor)
-    history = _restore(trainer, best, folder, ctx, fingerprint, strict=resume is True) if resume else []
+    check_average_top_k(train.average_top_k, int(train.keep_best))
+    keepers = [BestCheckpoints(where, int(train.keep_best), metric_mode(monitor), monitor)
+               for where in [folder] + [layout.checkpoints_dir(folder, "ema")] * (trainer.ema is not None)]
+    history = _restore(trainer, keepers, folder, ctx, fingerprint, strict=resume is True) if resume else []
     if ctx.is_main:
         _clear_outputs(folder, fresh=not history)
     ctx.barrier()
     meta = {"model": to_dict(cfg.model), "image_size": int(train.image_size), "fold": int(fold),
             "monitor": monitor, "fingerprint": fingerprint}
-    return _FoldRun(loader, val_loader, trainer, best, history,
-                    [build_postprocessor(block) for block in train.val_postprocess], meta)
+    return _FoldRun(loader, val_loader, trainer, keepers[0], history,
+                    [build_postprocessor(block) for block in train.val_postprocess], meta,
+                    keepers[1] if len(keepers) > 1 else None)
 
 
 def _run_epoch(run: _FoldRun, epoch: int, epochs: int, fold: int, folder: Path, ctx: DistContext, monitor: str,
@@ -394,13 +476,15 @@ def _run_epoch(run: _FoldRun, epoch: int, epochs: int, fold: int, folder: Path, 
     train_loss = trainer.train_epoch(progress)
     metrics = trainer.validate(run.val_loader, run.postprocessors)
     trainer.schedule.after_validation(metrics)
+    ema_metrics = {} if trainer.ema is None else trainer.validate(run.val_loader, run.postprocessors,
+                                                                  net=trainer.ema.module)
     row = {"epoch": epoch + 1, "lr": lr, "train_loss": train_loss, **metrics,
-           "seconds": round(time.time() - epoch_start, 2)}
+           **{_EMA + k: v for k, v in ema_metrics.items()}, "seconds": round(time.time() - epoch_start, 2)}
     run.history.append(row)
     if ctx.is_main:
-        rank = run.best.offer(epoch + 1, metrics[monitor], lambda: {
-            **run.checkpoint_meta, "state_dict": trainer.net.state_dict(), "epoch": epoch + 1,
-            "score": float(metrics[monitor])})
+        rank = _offer(run.best, run, trainer.net, epoch + 1, metrics[monitor])
+        if run.ema_best is not None:
+            _offer(run.ema_best, run, trainer.ema.module, epoch + 1, ema_metrics[monitor])
         write_csv(layout.fold_log_path(folder), pd.DataFrame(run.history))
         save_checkpoint(folder / LAST_FILE, {
             "format": CHECKPOINT_FORMAT, "fingerprint": fingerprint, "epoch": epoch + 1,
@@ -412,10 +496,16 @@ def _run_epoch(run: _FoldRun, epoch: int, epochs: int, fold: int, folder: Path, 
     ctx.barrier()
 
 
-def _restore(trainer: Trainer, best: BestCheckpoints, folder: Path, ctx: DistContext,
+def _offer(keeper: BestCheckpoints, run: _FoldRun, net: nn.Module, epoch: int, score: float) -> int | None:
+    """Offer ``net``'s weights after ``epoch`` to ``keeper`` -> the rank it got, or None."""
+    return keeper.offer(epoch, score, lambda: {**run.checkpoint_meta, "state_dict": net.state_dict(),
+                                               "epoch": epoch, "score": float(score)})
+
+
+def _restore(trainer: Trainer, keepers: Sequence[BestCheckpoints], folder: Path, ctx: DistContext,
              fingerprint: str, strict: bool) -> list[dict]:
-    """Load ``last.pt`` into ``trainer`` (and re-rank the best files) -> the log so far; [] without ``last.pt``
-    or, unless ``strict``, with a ``last.pt`` written for another config."""
+    """Load ``last.pt`` into ``trainer`` (and re-rank the best files of each keeper) -> the log so far; []
+    without ``last.pt`` or, unless ``strict``, with a ``last.pt`` written for another config."""
     path = folder / LAST_FILE
     if not path.is_file():
         log.info("%s: nothing to resume from; starting the fold afresh", path)
@@ -430,7 +520,8 @@ def _restore(trainer: Trainer, best: BestCheckpoints, folder: Path, ctx: DistCon
     trainer.load_state_dict(state["trainer"])
     torch.set_rng_state(state["rng"])
     if ctx.is_main:
-        best.rescan()
+        for keeper in keepers:
+            keeper.rescan()
     log.info("%s: resuming after epoch %d", path, state["epoch"])
     return list(state["history"])
 

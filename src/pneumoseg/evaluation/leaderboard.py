@@ -1,0 +1,267 @@
+"""The leaderboard: every experiment under an output folder side by side, the table a competitor reads to decide
+what to submit.
+
+A run is any folder under the output root with a finished stage 04 (``04_search/done.json``), so an experiment
+and, once they exist, an ensemble of experiments are listed alike. For each run it reads what the stages recorded:
+
+* stage 04's ``done.json`` summary (the numbers of ``oof_report.json``): the OOF score of the chosen
+  post-processing, the nested (held-out-fold) estimate, and each fold's nested score, whose spread (standard
+  deviation, minimum and maximum over the folds) says how far the nested estimate can be trusted;
+* stage 05's ``done.json``: the test score, where held-out test labels exist (the demo);
+* stage 03's ``done.json``: training time, the sum of the folds' times (folds may run in parallel);
+* the checkpoints the run predicts with (``predict.checkpoints`` and ``predict.top_k`` of the config stage 04 ran
+  with): the parameters of one network and the bytes of all of them.
+
+Runs are sorted by nested score, best first (runs without one, a single fold, last, by OOF score). A folder whose
+records are unreadable is left out with a warning naming the file. Written: ``leaderboard.md`` (the table) and
+``leaderboard.png`` (nested score, each fold's nested score and the OOF and test scores per run).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import yaml
+from matplotlib.figure import Figure
+from omegaconf import OmegaConf
+
+from pneumoseg import layout
+from pneumoseg.cli import setup_logging
+from pneumoseg.errors import DataError
+from pneumoseg.io import atomic_path, read_json, write_text
+from pneumoseg.modeling.checkpoints import best_files, load_checkpoint
+
+log = logging.getLogger(__name__)
+
+DONE = "done.json"
+_SEARCH, _TRAIN, _PREDICT = "04_search", "03_train", "05_predict"
+
+
+@dataclass
+class Run:
+    """One row of the leaderboard (None: not known for this run).
+
+    Attributes:
+        name: the run's folder name (the experiment).
+        folder: the run's folder.
+        nested_score: stage 04's nested estimate; oof_score: its in-sample OOF score.
+        fold_scores: each fold's nested score (its in-sample score when there is no nested estimate).
+        test_score: stage 05's score on held-out test labels.
+        postprocess: the chosen post-processing, as text.
+        checkpoints: which checkpoints it predicts with, e.g. ``best, 2 per fold, 5 folds``.
+        train_seconds: the sum of the folds' training times.
+        parameters: parameters of one network; checkpoint_bytes: bytes of all the checkpoints it predicts with.
+    """
+
+    name: str
+    folder: Path
+    nested_score: float | None
+    oof_score: float
+    fold_scores: list[float] = field(default_factory=list)
+    test_score: float | None = None
+    postprocess: str = ""
+    checkpoints: str = ""
+    train_seconds: float | None = None
+    parameters: int | None = None
+    checkpoint_bytes: int | None = None
+
+    @property
+    def spread(self) -> float | None:
+        """Standard deviation of the fold scores (None with fewer than two folds)."""
+        return float(np.std(self.fold_scores, ddof=1)) if len(self.fold_scores) > 1 else None
+
+
+def find_runs(output_root: str | os.PathLike) -> list[Path]:
+    """Every folder under ``output_root`` with a finished stage 04, sorted by path."""
+    return sorted(path.parent.parent for path in Path(output_root).rglob(f"{_SEARCH}/{DONE}"))
+
+
+def _summary(folder: Path, stage: str) -> dict[str, Any] | None:
+    """The ``summary`` of ``folder/stage/done.json``; None when the stage has not finished."""
+    path = folder / stage / DONE
+    if not path.is_file():
+        return None
+    return read_json(path, f"{path} is missing", f"rerun stage {stage[:2]}").get("summary", {})
+
+
+def read_run(folder: str | os.PathLike) -> Run:
+    """The leaderboard row of one run folder.
+
+    Raises:
+        DataError: stage 04's record is missing, unreadable or lacks its scores.
+    """
+    folder = Path(folder)
+    search = _summary(folder, _SEARCH)
+    if search is None or "oof_score" not in search:
+        raise DataError(f"{folder / _SEARCH / DONE} holds no OOF score; rerun scripts/04_search_thresholds.py")
+    per_fold = search.get("per_fold", [])
+    fold_scores = [f["nested_score"] if f.get("nested_score") is not None else f["score"] for f in per_fold]
+    run = Run(name=folder.name, folder=folder, nested_score=search.get("nested_score"),
+              oof_score=float(search["oof_score"]), fold_scores=[float(s) for s in fold_scores],
+              postprocess=_block_text(search.get("chosen")))
+    predict = _summary(folder, _PREDICT) or {}
+    run.test_score = predict.get("test_score")
+    train = _summary(folder, _TRAIN) or {}
+    seconds = [f.get("seconds") for f in train.get("fold_summaries", {}).values()]
+    run.train_seconds = float(sum(seconds)) if seconds and None not in seconds else None
+    _read_models(run, folder)
+    return run
+
+
+def _block_text(block: dict | None) -> str:
+    if not block:
+        return "n/a"
+    params = ", ".join(f"{k} {v:g}" if isinstance(v, (int, float)) else f"{k} {v}"
+                       for k, v in block.get("params", {}).items())
+    return f"{block.get('name')} ({params})"
+
+
+def _read_models(run: Run, folder: Path) -> None:
+    """Fill in the checkpoints the run predicts with, their bytes and one network's parameters."""
+    config = folder / _SEARCH / "config.yaml"
+    if not config.is_file() or not (folder / _TRAIN).is_dir():
+        return
+    predict = OmegaConf.load(config).get("predict", {})
+    which, top_k = str(predict.get("checkpoints", "best")), int(predict.get("top_k", 1))
+    files = [path for fold_folder in layout.fold_dirs(folder / _TRAIN).values()
+             for path in best_files(layout.checkpoints_dir(fold_folder, which))[:top_k]]
+    if not files:
+        return
+    per_fold = len(files) / max(len(layout.fold_dirs(folder / _TRAIN)), 1)
+    run.checkpoints = f"{which}, {per_fold:g} per fold, {len(layout.fold_dirs(folder / _TRAIN))} folds"
+    run.checkpoint_bytes = sum(path.stat().st_size for path in files)
+    state = load_checkpoint(files[0])["state_dict"]
+    # Parameters only: BatchNorm statistics and counters are buffers, not learnt weights.
+    buffers = ("running_mean", "running_var", "num_batches_tracked")
+    run.parameters = int(sum(t.numel() for name, t in state.items() if not name.endswith(buffers)))
+
+
+def sort_runs(runs: Sequence[Run]) -> list[Run]:
+    """Best first: by nested score, then (runs without a nested score, after the others) by OOF score."""
+    return sorted(runs, key=lambda r: (r.nested_score is None, -(r.nested_score or 0.0), -r.oof_score))
+
+
+def collect(output_root: str | os.PathLike) -> list[Run]:
+    """The sorted leaderboard of every run under ``output_root``; unreadable runs are left out with a warning."""
+    runs = []
+    for folder in find_runs(output_root):
+        try:
+            runs.append(read_run(folder))
+        except (DataError, KeyError, TypeError, ValueError, yaml.YAMLError) as exc:
+            log.warning("leaderboard: %s left out: %s", folder, exc)
+    return sort_runs(runs)
+
+
+def _fmt(value: float | None, digits: int = 4) -> str:
+    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "n/a"
+    return f"{seconds / 60:.1f} min" if seconds < 3600 else f"{seconds / 3600:.2f} h"
+
+
+def markdown(runs: Sequence[Run], plot_name: str | None = None) -> str:
+    """The leaderboard as a Markdown document: one table row per run, best first."""
+    lines = ["# Leaderboard", "",
+             "Sorted by the nested estimate (the post-processing chosen on the other folds, scored on each "
+             "held-out fold): the score to expect on new images. Fold spread: standard deviation [min, max] of "
+             "the folds' nested scores. Test: the submission's score where held-out labels exist. Training: the "
+             "sum of the folds' times.", ""]
+    if plot_name:
+        lines += [f"![nested score per run]({plot_name})", ""]
+    lines += ["| # | run | nested | OOF | fold spread | test | post-processing | checkpoints | training | "
+              "parameters | checkpoint MB |",
+              "| ---: | --- | ---: | ---: | --- | ---: | --- | --- | ---: | ---: | ---: |"]
+    for rank, run in enumerate(runs, 1):
+        spread = "n/a" if run.spread is None else \
+            f"{run.spread:.4f} [{min(run.fold_scores):.4f}, {max(run.fold_scores):.4f}]"
+        parameters = "n/a" if run.parameters is None else f"{run.parameters / 1e6:.2f} M"
+        size = "n/a" if run.checkpoint_bytes is None else f"{run.checkpoint_bytes / 1e6:.1f}"
+        lines.append(f"| {rank} | {run.name} | {_fmt(run.nested_score)} | {_fmt(run.oof_score)} | {spread} | "
+                     f"{_fmt(run.test_score)} | {run.postprocess} | {run.checkpoints or 'n/a'} | "
+                     f"{_duration(run.train_seconds)} | {parameters} | {size} |")
+    if not runs:
+        lines.append("| | no run with a finished stage 04 | | | | | | | | | |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(runs: Sequence[Run], path: Path) -> Path:
+    """Per run, best at the top: the nested score (bar), each fold's nested score (dots), the OOF score and the
+    test score (markers)."""
+    fig = Figure(figsize=(8, 1.2 + 0.55 * max(len(runs), 1)), layout="constrained")
+    ax = fig.subplots()
+    rows = np.arange(len(runs))[::-1]
+    nested = [r.nested_score if r.nested_score is not None else np.nan for r in runs]
+    ax.barh(rows, nested, color="#9ecae1", label="nested estimate")
+    for row, value in zip(rows, nested):
+        if not np.isnan(value):
+            ax.annotate(f"{value:.4f}", (value, row), xytext=(3, 8), textcoords="offset points", fontsize=8)
+    for row, run in zip(rows, runs):
+        ax.scatter(run.fold_scores, [row] * len(run.fold_scores), color="#08519c", s=14, zorder=3,
+                   label="folds (nested)" if row == rows[0] else None)
+    ax.scatter([r.oof_score for r in runs], rows, marker="|", s=300, color="black", zorder=4, label="OOF (in-sample)")
+    tested = [(row, r.test_score) for row, r in zip(rows, runs) if r.test_score is not None]
+    if tested:
+        ax.scatter([t for _, t in tested], [row for row, _ in tested], marker="D", color="#d95f0e", s=30, zorder=5,
+                   label="test")
+    values = [v for r in runs for v in (*r.fold_scores, r.oof_score, r.nested_score, r.test_score) if v is not None]
+    low = min(values, default=0.0)
+    ax.set_xlim(max(0.0, low - 0.05), 1.0)
+    ax.set_yticks(rows, [r.name for r in runs])
+    ax.set_xlabel("mean Dice (the challenge metric)")
+    ax.set_title("Leaderboard: nested estimate per run, best at the top")
+    ax.grid(axis="x", alpha=0.3)
+    fig.legend(loc="outside lower center", ncols=4, fontsize=8)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    return path
+
+
+def write_leaderboard(output_root: str | os.PathLike, markdown_path: Path | None = None,
+                      plot_path: Path | None = None) -> list[Run]:
+    """Collect the runs under ``output_root`` and write the table and the plot.
+
+    Args:
+        output_root: the folder holding the runs (``paths.output_root``).
+        markdown_path: where the table goes; default ``<output_root>/leaderboard.md``.
+        plot_path: where the plot goes; default ``<output_root>/leaderboard.png``.
+
+    Returns:
+        The runs, best first.
+    """
+    root = Path(output_root)
+    if not root.is_dir():
+        raise DataError(f"output folder {root} not found: give the paths.output_root the experiments ran with")
+    markdown_path = markdown_path or root / "leaderboard.md"
+    plot_path = plot_path or root / "leaderboard.png"
+    runs = collect(root)
+    plot(runs, plot_path)
+    write_text(markdown_path, markdown(runs, os.path.relpath(plot_path, markdown_path.parent)))
+    return runs
+
+
+def cli(argv: Sequence[str] | None = None) -> int:
+    """``scripts/leaderboard.py [--output-root DIR] [--markdown PATH] [--plot PATH]``: write the leaderboard, print
+    the table; exit code 0, or 1 when the output folder does not exist."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--output-root", default="output", help="the folder holding the runs (default: output)")
+    parser.add_argument("--markdown", type=Path, default=None, help="default: <output-root>/leaderboard.md")
+    parser.add_argument("--plot", type=Path, default=None, help="default: <output-root>/leaderboard.png")
+    args = parser.parse_args(argv)
+    setup_logging()
+    try:
+        runs = write_leaderboard(args.output_root, args.markdown, args.plot)
+    except DataError as exc:
+        log.error("%s", exc)
+        return 1
+    print(markdown(runs))
+    return 0
+
