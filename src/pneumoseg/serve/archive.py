@@ -88,10 +88,8 @@ def _checked_members(archive: tarfile.TarFile, what: str, max_members: int, max_
                             f"folders. Refusing to extract it: rebuild the package with scripts/06_package_model.py")
         if name in names:
             raise DataError(f"{what}: {name!r} appears twice; rebuild the package")
-        parents = [posixpath.dirname(name)]
-        while parents[-1]:
-            parents.append(posixpath.dirname(parents[-1]))
-        if files.intersection(parents):
+        parts = name.split("/")
+        if files.intersection("/".join(parts[:depth]) for depth in range(1, len(parts))):
             raise DataError(f"{what}: {name!r} lies under a file of the same archive; rebuild the package")
         total += member.size if member.isreg() else 0
         if total > max_bytes:
