@@ -341,7 +341,17 @@ def test_deflate_bomb_is_refused_with_bounded_memory():
     assert len(data) < 2 << 20
     peak, error = _peak_bytes(read_dicom_bytes, data)
     assert isinstance(error, TooLargeDicomError) and "inflates to more than" in error.reason
-    assert peak < MAX_FILE_BYTES + (32 << 20)
+    # Its header declares 64 x 64 pixels, so inflation stops about 2 MiB in, far below the MAX_FILE_BYTES cap.
+    assert peak < 8 << 20
+
+
+def test_deflated_file_larger_than_the_header_probe_reads():
+    """Past the first MiB inflated the header bounds the inflation: a valid 1024 x 1024 16-bit file (2 MiB of
+    pixels) must still read whole."""
+    pixels = (np.arange(1024 * 1024, dtype=np.uint32).reshape(1024, 1024) * 7919 % 4096).astype(np.uint16)
+    found, metadata = read_dicom_bytes(hostile.deflated_dicom(pixels))
+    assert found.shape == (1024, 1024) and metadata["rows"] == 1024
+    assert len(np.unique(found)) > 200
 
 
 @pytest.mark.parametrize("pixels", [gradient(), gradient().astype(np.uint16) * 16], ids=["8bit", "12bit"])

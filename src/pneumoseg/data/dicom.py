@@ -146,6 +146,10 @@ _UNDEFINED_LENGTH = 0xFFFFFFFF
 # Deflated data is inflated block by block, so that memory grows with the output and the bound is met to a block.
 _INFLATE_INPUT_BLOCK = 1 << 16
 _INFLATE_OUTPUT_BLOCK = 1 << 20
+# The header is read from the first MiB inflated (the challenge's headers have about 2 KB), and the inflated file
+# may run this far past the pixel data its header declares (trailing elements, padding).
+_INFLATE_HEADER_PROBE = 1 << 20
+_INFLATE_TRAILER_BYTES = 1 << 20
 _AGE = re.compile(r"^\s*(\d+)\s*([DWMY]?)\s*$", re.IGNORECASE)
 _UNITS_PER_YEAR = {"": 1, "Y": 1, "M": 12, "W": 52, "D": 365}
 
@@ -401,23 +405,56 @@ def _inflated(source: BinaryIO, path: Path) -> tuple[BinaryIO, int, bool]:
 
 
 def _inflate_into(out: BinaryIO, compressed: bytes, path: Path) -> None:
-    """Inflate the raw deflate stream ``compressed`` onto ``out``, refusing output past :data:`MAX_FILE_BYTES`."""
+    """Inflate the raw deflate stream ``compressed`` onto ``out``, refusing output past what the header declares.
+
+    Until the first :data:`_INFLATE_HEADER_PROBE` bytes are out, the bound is :data:`MAX_FILE_BYTES`; then the
+    header inflated so far declares the image (:func:`_declared_bound`), and inflation stops a little past
+    that image's size, so a small file inflating to a gigabyte of zeros costs a few MB instead of the cap.
+    """
     inflater = zlib.decompressobj(-zlib.MAX_WBITS)
     view = memoryview(compressed)
+    bound, probed = MAX_FILE_BYTES, False
     try:
         for start in range(0, len(view), _INFLATE_INPUT_BLOCK):
             pending = view[start:start + _INFLATE_INPUT_BLOCK]
-            while pending and not inflater.eof:
-                out.write(inflater.decompress(pending, _INFLATE_OUTPUT_BLOCK))
+            # With its output bounded, the inflater may hold output back after taking all of ``pending``:
+            # it is drained (decompress of no input) before the next block is read.
+            while not inflater.eof:
+                chunk = inflater.decompress(pending, _INFLATE_OUTPUT_BLOCK)
                 pending = inflater.unconsumed_tail
-                if out.tell() > MAX_FILE_BYTES:
-                    raise TooLargeDicomError(path, f"the deflated data inflates to more than {MAX_FILE_BYTES} "
-                                                   f"bytes, more than any radiograph needs")
+                if not chunk and not pending:
+                    break
+                out.write(chunk)
+                if not probed and out.tell() >= _INFLATE_HEADER_PROBE:
+                    bound, probed = _declared_bound(out, path), True
+                if out.tell() > bound:
+                    raise TooLargeDicomError(path, f"the deflated data inflates to more than {bound} bytes, "
+                                                   f"more than its header's image (or any radiograph) needs")
             if inflater.eof:
                 return
     except zlib.error as exc:
         raise NotDicomError(path, f"the deflated data does not inflate ({exc})") from None
     raise TruncatedDicomError(path, "the file ends early (its deflated data stops before its end)")
+
+
+def _declared_bound(out: BinaryIO, path: Path) -> int:
+    """The most bytes the inflated file in ``out`` (written so far, position at its end) may reach: what is
+    there now, plus the pixel data its header declares, plus :data:`_INFLATE_TRAILER_BYTES`. A header that
+    declares too large an image is refused here; one that does not parse yet keeps :data:`MAX_FILE_BYTES`
+    (the full parse then says what is wrong)."""
+    written = out.tell()
+    out.seek(0)
+    head = io.BytesIO(out.read(written))
+    out.seek(written)
+    try:
+        ds = pydicom.dcmread(head, stop_before_pixels=True)
+        rows, cols = int(ds.Rows), int(ds.Columns)
+        frames = _int_or_none(ds.get("NumberOfFrames")) or 1
+        bits = (_int_or_none(ds.get("SamplesPerPixel")) or 1) * (_int_or_none(ds.get("BitsAllocated")) or 8)
+    except Exception:  # a header cut at the probe, or malformed: bound by the cap alone
+        return MAX_FILE_BYTES
+    _check_size(rows, cols, frames, bits, path)
+    return written + rows * cols * frames * -(-bits // 8) + _INFLATE_TRAILER_BYTES
 
 
 @contextlib.contextmanager

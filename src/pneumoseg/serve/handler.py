@@ -46,7 +46,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from pneumoseg.data.dicom import read_dicom_bytes
+from pneumoseg.data.dicom import MAX_SIDE, read_dicom_bytes
 from pneumoseg.errors import DataError
 from pneumoseg.inference.predictor import Prediction
 from pneumoseg.registry import Registry
@@ -56,8 +56,9 @@ log = logging.getLogger(__name__)
 
 JSON = "application/json"
 PNG = "image/png"
-MAX_PIXELS = 8192 * 8192
-"""Largest image accepted, in pixels: well above any radiograph, far below what would exhaust memory."""
+MAX_PIXELS = MAX_SIDE * MAX_SIDE
+"""Largest image accepted, in pixels, whatever its format: the DICOM reader's bound (well above any radiograph,
+far below what would exhaust memory)."""
 
 try:  # inside SageMaker's serving container
     from sagemaker_inference.errors import BaseInferenceToolkitError as _ToolkitError
