@@ -40,8 +40,8 @@ def test_the_gated_loss_by_hand():
     masks = torch.zeros(2, 1, 2, 2)
     masks[0, 0, 0, 0] = 1
     output = (torch.zeros(2, 1, 2, 2), torch.tensor([[2.0], [-1.0]]))
-    loss = build_training_loss({"name": "bce", "gate_weight": 0.1}, gated=True)
-    expected = math.log(2) + 0.1 * (_bce(2.0, 1) + _bce(-1.0, 0)) / 2
+    loss = build_training_loss({"name": "bce", "gate_weight": 0.3}, gated=True)
+    expected = math.log(2) + 0.3 * (_bce(2.0, 1) + _bce(-1.0, 0)) / 2
     assert loss(output, masks).item() == pytest.approx(expected, rel=1e-6)
     plain = build_training_loss({"name": "bce", "gate_weight": None}, gated=False)
     assert plain(output[0], masks).item() == pytest.approx(math.log(2), rel=1e-6)
