@@ -1,12 +1,16 @@
 """The classifier gate in post-processing: the ``gated`` strategy and its exact search."""
 import numpy as np
+import pandas as pd
 import pytest
 
+from pneumoseg import layout
+from pneumoseg.data.probstore import ProbabilityStore
 from pneumoseg.errors import ConfigError
 from pneumoseg.evaluation.metrics import dice_from_counts
 from pneumoseg.postprocess.search import GRIDS, evaluate, run_search
-from pneumoseg.postprocess.strategies import Gated, build_postprocessor
-from synthetic_oof import ArraySource
+from pneumoseg.postprocess.strategies import Gated, build_postprocessor, load_postprocessor
+from pneumoseg.stages import search as stage
+from synthetic_oof import ArraySource, write_oof_experiment
 from test_search import GRID_BLOCKS, _oof
 
 GATE_THRESHOLDS = [0.25, 0.5, 0.75]
@@ -91,3 +95,30 @@ def test_gate_thresholds_without_gate_probabilities_are_a_config_error():
     source, groups = _oof()
     with pytest.raises(ConfigError, match="no gate probabilities"):
         run_search(source, groups, [GRIDS.build(GRID_BLOCKS[0])], gate_thresholds=[0.5])
+
+
+# --- stage 04 on OOF stores with gate probabilities ------------------------------------------------------------------
+
+def test_stage_searches_the_gate_and_reports_the_score_with_and_without_it(tiny_cfg):
+    cfg = tiny_cfg("search.gate_thresholds=[0.2, 0.4, 0.6]")
+    write_oof_experiment(cfg, n_images=40, oof_size=32, gates=True)
+    numbers = stage.run(cfg)
+    gate = numbers["gate"]
+    assert gate["thresholds"] == [0.2, 0.4, 0.6]
+    assert numbers["oof_score"] == pytest.approx(max(gate["ungated"]["oof_score"], gate["gated"]["oof_score"]))
+    assert gate["gated"]["nested_score"] is not None and gate["ungated"]["nested_score"] is not None
+    folder = layout.search_dir(cfg)
+    chosen = load_postprocessor(folder / "thresholds.json")
+    per_image = pd.read_csv(folder / "per_image.csv")
+    stores = [ProbabilityStore(layout.oof_dir(layout.fold_dir(cfg, fold))) for fold in range(2)]
+    np.testing.assert_allclose(per_image["gate"], np.concatenate([s.gates for s in stores]), atol=1e-6)
+    assert chosen.to_block() == build_postprocessor(numbers["chosen"]).to_block()
+    report = (folder / "oof_report.md").read_text()
+    assert "## With and without the gate" in report and "| gated |" in report
+
+
+def test_stage_refuses_gate_thresholds_without_a_gate(tiny_cfg):
+    cfg = tiny_cfg("search.gate_thresholds=[0.5]")
+    write_oof_experiment(cfg, n_images=20, oof_size=32)
+    with pytest.raises(ConfigError, match="no gate probabilities"):
+        stage.run(cfg)
