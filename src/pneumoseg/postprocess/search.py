@@ -37,7 +37,7 @@ from __future__ import annotations
 import json
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Iterable, Iterator, Protocol, Sequence
+from typing import Any, ClassVar, Iterable, Iterator, Protocol, Sequence
 
 import numpy as np
 import pandas as pd
@@ -361,7 +361,8 @@ def _component_block(part: ImageSource, start: int, thresholds: np.ndarray, need
 
 def component_sums(source: ImageSource, counts: ThresholdCounts, groups: np.ndarray, n_groups: int,
                    points: Sequence[tuple[float, float, float]], component_areas: np.ndarray,
-                   passes: np.ndarray | None = None, n_jobs: int = 1, block_size: int = BLOCK_SIZE) -> np.ndarray:
+                   passes: np.ndarray | None = None, point_gates: Sequence[Sequence[int]] | None = None,
+                   n_jobs: int = 1, block_size: int = BLOCK_SIZE) -> np.ndarray:
     """Summed Dice per gate, group, ``(top, min_area, bottom)`` point and component area.
 
     Args:
@@ -372,14 +373,23 @@ def component_sums(source: ImageSource, counts: ThresholdCounts, groups: np.ndar
         component_areas: minimum component areas, pixels of the 1024 px image.
         passes: N x V booleans, the images each of V gates keeps (the others are predicted empty); None: one
             gate keeping every image.
+        point_gates: per point, the gates (columns of ``passes``) it is wanted behind; None: every gate. Only
+            images that one of them keeps are labelled.
         n_jobs, block_size: as in :func:`count_thresholds`.
 
     Returns:
-        V x G x len(points) x len(component_areas).
+        V x G x len(points) x len(component_areas); NaN for a gate that ``point_gates`` does not give the point.
     """
     tops, min_areas, bottoms = (np.array(v, dtype=np.float64) for v in zip(*points))
     above_top, _ = counts.counts(tops)
     kept = above_top >= counts.area_limits(min_areas)                                       # N x P
+    passes = np.ones((len(counts), 1), bool) if passes is None else np.asarray(passes, bool)
+    point_gates = [range(passes.shape[1])] * len(points) if point_gates is None else point_gates
+    wanted = np.zeros((passes.shape[1], len(points)), bool)
+    for p, gates in enumerate(point_gates):
+        wanted[list(gates), p] = True
+    # A point wanted behind strict gates only needs the images they keep labelled; the others score as empty.
+    kept &= passes.astype(np.uint8) @ wanted.astype(np.uint8) > 0
     cuts, point_cut = np.unique(bottoms.astype(np.float32), return_inverse=True)
     needed = np.zeros((len(counts), len(cuts)), bool)
     for p, cut in enumerate(point_cut):
@@ -388,7 +398,6 @@ def component_sums(source: ImageSource, counts: ThresholdCounts, groups: np.ndar
     pred_cut, inter_cut = (np.concatenate(p) for p in zip(*parts))                           # N x C x A
     if len(pred_cut) != len(counts):
         raise ValueError(f"the pass gave {len(pred_cut)} images, the counts have {len(counts)}")
-    passes = np.ones((len(counts), 1), bool) if passes is None else np.asarray(passes, bool)
     empty = (counts.true_area == 0).astype(np.float64)
     empty_sums = _group_sums(empty, groups, n_groups)
     sums = np.empty((passes.shape[1], n_groups, len(points), len(component_areas)))
@@ -399,6 +408,7 @@ def component_sums(source: ImageSource, counts: ThresholdCounts, groups: np.ndar
         for g in range(n_groups):
             rows = groups == g
             sums[:, g, p] = empty_sums[g] + passes[rows].T.astype(np.float64) @ gain[rows]
+    sums[~wanted[:, None, :, None].repeat(n_groups, 1).repeat(len(component_areas), 3)] = np.nan
     return sums
 
 
@@ -592,12 +602,13 @@ def _choice(exact: _Exact, points: list[list[tuple]], refined: np.ndarray, point
 
 
 def _nested(choices: Sequence[tuple[list[dict[str, Any]], np.ndarray]], trains: Sequence[np.ndarray],
-            group_sizes: np.ndarray, allowed: Callable[[dict[str, Any]], bool]) -> Nested:
-    """Per held-out group ``g``: the best of ``choices[g]``'s ``allowed`` candidates on ``trains[g]``, scored on
-    ``g``."""
+            group_sizes: np.ndarray, gated: bool | None = None) -> Nested:
+    """Per held-out group ``g``: the best of ``choices[g]``'s candidates on ``trains[g]`` (only the gated or the
+    ungated ones, unless ``gated`` is None), scored on ``g``."""
     chosen, held_out = [], np.empty(len(trains))
     for g, (train, (rows, sums)) in enumerate(zip(trains, choices)):
-        candidates = np.flatnonzero([allowed(row) for row in rows])
+        is_gated = ~np.isnan(np.fromiter((row["gate"] for row in rows), float, len(rows)))
+        candidates = np.flatnonzero(is_gated == gated if gated is not None else np.ones(len(rows), bool))
         best = candidates[_first_best(sums[candidates][:, train].sum(1) / group_sizes[train].sum())]
         chosen.append(_block(rows[best]))
         held_out[g] = sums[best, g]
@@ -658,9 +669,14 @@ def run_search(source: ImageSource, groups: np.ndarray, grids: Sequence[Grid], r
     points = [exact.refine_points(train, refine_steps) for train in trains]
     unique = list(dict.fromkeys(p for choice in points for variant_points in choice for p in variant_points))
     point_index = {p: k for k, p in enumerate(unique)}
+    point_gates: list[set[int]] = [set() for _ in unique]
+    for choice in points:
+        for variant, variant_points in zip(variants, choice):
+            for point in variant_points:
+                point_gates[point_index[point]].add(variant.gate)
     areas = np.unique(np.concatenate([np.zeros(0)] + [g.component_areas for g in grids]))
-    refined = (component_sums(source, counts, groups, n_groups, unique, areas, passes, n_jobs, block_size)
-               if unique else np.zeros((passes.shape[1], n_groups, 0, len(areas))))
+    refined = (component_sums(source, counts, groups, n_groups, unique, areas, passes, point_gates, n_jobs,
+                              block_size) if unique else np.zeros((passes.shape[1], n_groups, 0, len(areas))))
     rows, group_sums = _choice(exact, points[0], refined, point_index, areas)
     candidates = pd.DataFrame(rows)
     candidates["dice"] = group_sums.sum(1) / len(groups)
@@ -669,9 +685,8 @@ def run_search(source: ImageSource, groups: np.ndarray, grids: Sequence[Grid], r
     result = SearchResult(candidates, group_sums, group_sizes, surfaces)
     if n_groups > 1:
         choices = [_choice(exact, choice_points, refined, point_index, areas) for choice_points in points[1:]]
-        result.nested = _nested(choices, trains[1:], group_sizes, lambda row: True)
+        result.nested = _nested(choices, trains[1:], group_sizes)
         if thresholds.size:
-            result.nested_by_gate = {name: _nested(choices, trains[1:], group_sizes,
-                                                   lambda row, gated=gated: _is_gated(row) == gated)
+            result.nested_by_gate = {name: _nested(choices, trains[1:], group_sizes, gated)
                                      for name, gated in (("ungated", False), ("gated", True))}
     return result
