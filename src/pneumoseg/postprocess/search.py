@@ -389,7 +389,7 @@ def component_sums(source: ImageSource, counts: ThresholdCounts, groups: np.ndar
     for p, gates in enumerate(point_gates):
         wanted[list(gates), p] = True
     # A point wanted behind strict gates only needs the images they keep labelled; the others score as empty.
-    kept &= passes.astype(np.uint8) @ wanted.astype(np.uint8) > 0
+    kept &= passes.astype(np.int32) @ wanted.astype(np.int32) > 0
     cuts, point_cut = np.unique(bottoms.astype(np.float32), return_inverse=True)
     needed = np.zeros((len(counts), len(cuts)), bool)
     for p, cut in enumerate(point_cut):
