@@ -188,7 +188,7 @@ def predict_with_gate(models: Sequence[FoldModel], images: np.ndarray | torch.Te
 
     Returns:
         ``(probs, gates)``: the maps as :func:`predict_probs` gives them, and float32 gate probabilities (N, or a
-        0-d array for one image); ``gates`` is None when no model has the head.
+        scalar for one image); ``gates`` is None when no model has the head.
     """
     if not models:
         raise ValueError("predict_probs needs at least one model")

@@ -408,7 +408,7 @@ def component_sums(source: ImageSource, counts: ThresholdCounts, groups: np.ndar
         for g in range(n_groups):
             rows = groups == g
             sums[:, g, p] = empty_sums[g] + passes[rows].T.astype(np.float64) @ gain[rows]
-    sums[~wanted[:, None, :, None].repeat(n_groups, 1).repeat(len(component_areas), 3)] = np.nan
+    sums[np.broadcast_to(~wanted[:, None, :, None], sums.shape)] = np.nan
     return sums
 
 
