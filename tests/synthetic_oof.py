@@ -44,12 +44,13 @@ class SyntheticOof:
 
 
 def write_oof_experiment(cfg, n_images: int = 30, oof_size: int = 32, seed: int = 0,
-                         positive_rate: float = 0.4, original: int = 128) -> SyntheticOof:
+                         positive_rate: float = 0.4, original: int = 128, gates: bool = False) -> SyntheticOof:
     """Write a synthetic experiment for ``cfg`` (its paths, ``train.image_size`` and ``folds.n_splits``), with
     images of ``original`` px.
 
     Positive images hold one or two discs; the OOF probabilities are the blurred truth at a random confidence
-    plus noise, and some empty images get a spurious blob, so that thresholds and areas matter.
+    plus noise, and some empty images get a spurious blob, so that thresholds and areas matter. ``gates``: the
+    stores also get gate probabilities, higher on positive images (as a gate head's ``gate.npy``).
     """
     rng = np.random.default_rng(seed)
     size, n_folds = int(cfg.train.image_size), int(cfg.folds.n_splits)
@@ -79,7 +80,8 @@ def write_oof_experiment(cfg, n_images: int = 30, oof_size: int = 32, seed: int 
     for fold in range(n_folds):
         rows = np.flatnonzero(folds == fold)
         with ProbabilityWriter(train_dir / f"fold{fold}" / "oof", [ids[r] for r in rows], oof_size) as writer:
-            writer.write(0, np.stack([_probabilities(truth[r], oof_size, rng) for r in rows]))
+            gate = np.clip(rng.normal(0.3 + 0.4 * (areas[rows] > 0), 0.2), 0, 1) if gates else None
+            writer.write(0, np.stack([_probabilities(truth[r], oof_size, rng) for r in rows]), gate)
         epochs = np.arange(1, 4)
         write_csv(train_dir / f"fold{fold}" / "log.csv", pd.DataFrame({
             "epoch": epochs, "lr": 1e-3, "train_loss": 1 / epochs, "val_loss": 1.2 / epochs,

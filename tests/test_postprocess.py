@@ -132,8 +132,8 @@ def test_bad_blocks_are_config_errors(block, message):
         build_postprocessor(block)
 
 
-def test_registry_lists_both_strategies():
-    assert POSTPROCESSORS.names() == ["threshold", "triplet"]
+def test_registry_lists_every_strategy():
+    assert POSTPROCESSORS.names() == ["gated", "threshold", "triplet"]
 
 
 def test_load_postprocessor_names_the_missing_or_broken_file(tmp_path):

@@ -44,6 +44,14 @@ def test_a_recipe_keeps_its_published_structure(recipe):
     assert list(cfg.search.grids) == ["threshold", "triplet"] and cfg.search.grids.threshold is None
 
 
+def test_the_4th_place_recipe_has_its_empty_branch_as_the_gate():
+    cfg = load_config(CONFIGS / "siim_amirassov_4th.yaml")
+    assert cfg.model.params.aux_params.classes == 1 and cfg.loss.gate_weight == 0.1
+    # "empty when p(empty) > 0.4 or area < 800": the published rule is the reference and in the search's grids.
+    assert cfg.postprocess.name == "gated" and cfg.postprocess.params.gate == 0.6
+    assert cfg.postprocess.params.inner.params.min_area == 800 and 0.6 in cfg.search.gate_thresholds
+
+
 def test_the_sneddy_members_share_the_1st_place_base():
     shared = load_config(CONFIGS / "siim_sneddy_1st.yaml")
     assert shared.data.image_size == 1024 and shared.sampler.params.end == 0.4

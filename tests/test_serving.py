@@ -224,6 +224,7 @@ def test_json_answer_describes_the_prediction(model, packaged):
     assert answer["ImageId"] is None
     assert answer["area"] == int(mask.sum()) and answer["has_pneumothorax"] is True
     assert answer["max_probability"] == pytest.approx(float(result.prediction.probs.max()))
+    assert answer["gate_probability"] is None              # the tiny model has no gate head
     assert (answer["height"], answer["width"]) == (50, 70)
     assert answer["postprocess"] == {"name": "threshold", "params": {"threshold": 0.5, "min_area": 0.0}}
     assert answer["model"] == {"name": "tiny", "version": manifest["version"]}

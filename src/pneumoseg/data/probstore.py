@@ -4,7 +4,8 @@ Out-of-fold predictions of the real data (about 12,000 images at 256 px) take ab
 stream them in chunks through a memory map, so no stage needs them all in RAM.
 
 A store is a folder holding ``probs.npy`` (uint8, N x S x S, value = round(255 * p)) and ``ids.csv`` (ImageId in
-the same order). :class:`ProbabilityWriter` fills temporary files and renames them into place only on
+the same order), and, for models with the image-level gate head, ``gate.npy`` (float32, N: each image's gate
+probability, as predicted; small, so not quantised). :class:`ProbabilityWriter` fills temporary files and renames them into place only on
 :meth:`~ProbabilityWriter.commit`, so a crash never leaves a store that looks complete.
 """
 from __future__ import annotations
@@ -17,10 +18,11 @@ import numpy as np
 import pandas as pd
 
 from pneumoseg.errors import DataError
-from pneumoseg.io import write_csv
+from pneumoseg.io import atomic_path, write_csv
 
 PROBS_FILE = "probs.npy"
 IDS_FILE = "ids.csv"
+GATE_FILE = "gate.npy"
 LEVELS = 255
 
 
@@ -42,7 +44,8 @@ class ProbabilityWriter:
         image_ids: the ImageIds, in the order their maps will be written.
         size: side of each map in pixels.
 
-    Use as a context manager: the store is committed when the block exits cleanly, discarded otherwise.
+    Use as a context manager: the store is committed when the block exits cleanly, discarded otherwise. Gate
+    probabilities are given with the maps to :meth:`write`, for every block or for none.
     """
 
     def __init__(self, folder: str | os.PathLike, image_ids: Sequence[str], size: int) -> None:
@@ -55,12 +58,20 @@ class ProbabilityWriter:
             self._tmp, mode="w+", dtype=np.uint8, shape=(len(self.image_ids), self.size, self.size)
         )
         self._written = np.zeros(len(self.image_ids), dtype=bool)
+        self._gates: np.ndarray | None = None
 
-    def write(self, start: int, probs: np.ndarray) -> None:
-        """Store maps ``start .. start + len(probs)``; ``probs`` is B x S x S floats in [0, 1] or uint8."""
+    def write(self, start: int, probs: np.ndarray, gates: np.ndarray | None = None) -> None:
+        """Store maps ``start .. start + len(probs)``; ``probs`` is B x S x S floats in [0, 1] or uint8; ``gates``:
+        their B gate probabilities (None without a gate head)."""
         block = probs if probs.dtype == np.uint8 else quantize(probs)
         if block.shape[1:] != (self.size, self.size):
             raise ValueError(f"maps must be {self.size}x{self.size}, got {block.shape[1:]}")
+        if (gates is None) != (self._gates is None) and self._written.any():
+            raise ValueError("gate probabilities must come with every block of maps or with none")
+        if gates is not None:
+            if self._gates is None:
+                self._gates = np.full(len(self.image_ids), np.nan, dtype=np.float32)
+            self._gates[start:start + len(block)] = np.asarray(gates, dtype=np.float32).reshape(len(block))
         self._maps[start:start + len(block)] = block
         self._written[start:start + len(block)] = True
 
@@ -72,6 +83,12 @@ class ProbabilityWriter:
         self._maps.flush()
         del self._maps
         write_csv(self.folder / IDS_FILE, pd.DataFrame({"ImageId": self.image_ids}))
+        gate_path = self.folder / GATE_FILE
+        if self._gates is None:
+            gate_path.unlink(missing_ok=True)   # a previous run's gate must not pass for this one's
+        else:
+            with atomic_path(gate_path) as tmp:
+                np.save(tmp, self._gates)
         os.replace(self._tmp, self.folder / PROBS_FILE)
 
     def discard(self) -> None:
@@ -110,6 +127,21 @@ class ProbabilityStore:
             raise DataError(f"probability store {self.folder} is inconsistent: {len(self.ids)} ImageIds for maps "
                             f"of shape {self.maps.shape}; rerun the stage that writes it")
         self.size = int(self.maps.shape[1]) if self.maps.size else 0
+        self.gates = self._read_gates(self.folder / GATE_FILE)
+
+    def _read_gates(self, path: Path) -> np.ndarray | None:
+        """The store's gate probabilities (float32, one per image), or None when it has none."""
+        if not path.is_file():
+            return None
+        fix = "rerun the stage that writes it (scripts/03_train.py --force for OOF predictions)"
+        try:
+            gates = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise DataError(f"{path} is not a NumPy array file ({exc}); {fix}") from None
+        if gates.shape != (len(self.ids),) or gates.dtype != np.float32 or not np.all((gates >= 0) & (gates <= 1)):
+            raise DataError(f"{path} must hold {len(self.ids)} float32 gate probabilities in [0, 1] (one per ImageId "
+                            f"of {IDS_FILE}), got {gates.dtype} {gates.shape}; {fix}")
+        return gates
 
     def __len__(self) -> int:
         return len(self.ids)

@@ -5,13 +5,15 @@ object, shared by stage 05 (the test set) and the server.
 
     predictor = Predictor.from_experiment(cfg)              # 03_train's folds, the tta section, 04's thresholds
     [prediction] = predictor.predict([pixels])               # pixels: uint8 H x W, e.g. from read_dicom
-    prediction.rle(), prediction.area, prediction.max_prob
+    prediction.rle(), prediction.area, prediction.max_prob, prediction.gate
 
 Each image is resized to the models' square size with :func:`pneumoseg.data.resize.resize_square`, the function that
 made stage 01's PNGs, so :meth:`Predictor.predict` on a DICOM's pixels and :meth:`Predictor.predict_prepared` on
 its stage-01 PNG give the same masks. The averaged probabilities are brought back to the image's own size
 (bilinear up, area-averaged down) and post-processed there; the post-processing's areas are in pixels of the
-1024 px image and scale with the map (see :mod:`pneumoseg.postprocess.strategies`).
+1024 px image and scale with the map (see :mod:`pneumoseg.postprocess.strategies`). Models with the image-level gate
+head give each image a gate probability, averaged like the maps, which the post-processing receives (a ``gated``
+strategy empties an image below its threshold) and the prediction reports.
 
 Memory grows with the number of images passed in one call (a full-size probability map each): stream large sets
 through in batches.
@@ -32,7 +34,8 @@ from pneumoseg.data import rle
 from pneumoseg.modeling.device import resolve_device
 from pneumoseg.errors import ConfigError, DataError
 from pneumoseg.data.resize import resize_probabilities, resize_square
-from pneumoseg.inference.tta import TTA, FoldModel, load_fold_models, predict_probs
+from pneumoseg.inference.tta import TTA, FoldModel, load_fold_models, predict_with_gate
+from pneumoseg.modeling.models import has_gate
 from pneumoseg.postprocess.strategies import PostProcessor, build_postprocessor, load_postprocessor
 
 
@@ -43,10 +46,12 @@ class Prediction:
     Attributes:
         probs: float32 H x W ensemble probabilities.
         mask: bool H x W mask after post-processing; what is submitted.
+        gate: the image-level probability of a pneumothorax from the models' gate head (None without one).
     """
 
     probs: np.ndarray
     mask: np.ndarray
+    gate: float | None = None
 
     def rle(self, fmt: str = "relative") -> str:
         """The mask as a run-length string (``"-1"`` when empty); ``fmt`` as in :func:`pneumoseg.data.rle.encode`."""
@@ -82,6 +87,7 @@ class Predictor:
     Raises:
         ValueError: no models.
         DataError: models trained at different sizes.
+        ConfigError: a gated post-processing for models without the gate head.
     """
 
     def __init__(self, models: list[FoldModel], tta: TTA, postprocessor: PostProcessor, interpolation: str = "area",
@@ -95,6 +101,10 @@ class Predictor:
                             f"at one size, so retrain the folds at one train.image_size")
         if batch_size < 1:
             raise ConfigError(f"the prediction batch size must be at least 1, got {batch_size}")
+        if postprocessor.needs_gate and not any(has_gate(m.net) for m in models):
+            raise ConfigError(f"the post-processing {postprocessor.to_block()} needs a gate probability, but no model "
+                              f"has the gate head: retrain with model.params.aux_params and loss.gate_weight, or "
+                              f"search without search.gate_thresholds")
         self.models = list(models)
         self.tta = tta
         self.postprocessor = postprocessor
@@ -153,11 +163,12 @@ class Predictor:
                             f"got {tuple(images.shape)}; use the PNGs of 01_convert/images_{self.image_size}/")
         if len(original_shapes) != len(images):
             raise DataError(f"{len(images)} images but {len(original_shapes)} original shapes")
-        probs = predict_probs(self.models, images, self.tta, batch_size=self.batch_size, amp=self.amp)
+        probs, gates = predict_with_gate(self.models, images, self.tta, batch_size=self.batch_size, amp=self.amp)
         predictions = []
-        for small, (rows, cols) in zip(probs, original_shapes):
+        for k, (small, (rows, cols)) in enumerate(zip(probs, original_shapes)):
             full = resize_probabilities(small, int(rows), int(cols))
-            predictions.append(Prediction(probs=full, mask=self.postprocessor(full)))
+            gate = None if gates is None else float(gates[k])
+            predictions.append(Prediction(probs=full, mask=self.postprocessor(full, gate), gate=gate))
         return predictions
 
     @classmethod

@@ -11,6 +11,10 @@ Config blocks (``loss: {name, params}``):
 * ``mixed``: the 2019 kernel's ``alpha * focal - log(soft dice)``, alpha 10, gamma 2.
 * ``combo``: ``bce * BCE + dice * (1 - soft dice) + focal * focal``, weights in params.
 * ``bce``, ``dice``, ``log_dice``, ``focal``: a single term.
+
+The gate: a network with the image-level head (``model.params.aux_params``) is trained with
+``loss.gate_weight * BCE(gate logit, image has a mask)`` added to the block's mask loss (:func:`build_training_loss`),
+as the 4th-place solution trained its "empty" branch (3 BCE + 1 Dice + 0.1 BCE(empty)).
 """
 from __future__ import annotations
 
@@ -20,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pneumoseg.errors import ConfigError
+from pneumoseg.modeling.models import split_output
 from pneumoseg.registry import Registry
 
 LOSSES: Registry[nn.Module] = Registry("loss")
@@ -160,3 +166,44 @@ class LogDiceLoss(_FunctionalLoss):
 def build_loss(block) -> nn.Module:
     """The loss module of a ``{name, params}`` config block; see the module docstring for the names."""
     return LOSSES.build(block)
+
+
+class GatedLoss(nn.Module):
+    """``mask_loss(mask logits, masks) + gate_weight * BCE(gate logit, image has a mask)`` on a network's raw
+    output (with or without the gate head; without it, the mask loss alone).
+
+    Args:
+        mask_loss: the loss of the mask logits.
+        gate_weight: the weight of the gate's binary cross-entropy (mean over the batch's images).
+    """
+
+    def __init__(self, mask_loss: nn.Module, gate_weight: float) -> None:
+        super().__init__()
+        self.mask_loss = mask_loss
+        self.gate_weight = float(gate_weight)
+
+    def forward(self, output, target: torch.Tensor) -> torch.Tensor:
+        logits, gate = split_output(output)
+        loss = self.mask_loss(logits, target)
+        if gate is None:
+            return loss
+        has_mask = target.flatten(1).amax(1).float()
+        return loss + self.gate_weight * F.binary_cross_entropy_with_logits(gate.float(), has_mask)
+
+
+def build_training_loss(block, gated: bool) -> GatedLoss:
+    """The training loss of a ``loss`` section: its ``{name, params}`` mask loss plus, for a network with the gate
+    head (``gated``), ``gate_weight`` times the gate's BCE.
+
+    Raises:
+        ConfigError: a gated network without a positive ``loss.gate_weight`` (its head would not learn), or a
+            ``gate_weight`` for a network without the head.
+    """
+    weight = block.get("gate_weight")
+    if gated and not (weight is not None and float(weight) > 0):
+        raise ConfigError(f"the model has a gate head (model.params.aux_params) but loss.gate_weight is {weight}; "
+                          f"give it a positive weight (e.g. loss.gate_weight=0.1), or drop the head")
+    if not gated and weight:
+        raise ConfigError(f"loss.gate_weight={weight} needs a gate head: set model.params.aux_params "
+                          f"(e.g. {{classes: 1, dropout: 0.2}}), or loss.gate_weight=null")
+    return GatedLoss(build_loss(block), float(weight or 0.0))

@@ -11,6 +11,11 @@ A ``model`` block names an smp architecture and its parameters::
         classes: 1
       normalize: {mean: 0.449, std: 0.226}   # applied to images scaled to [0, 1] (see pneumoseg.data.dataset)
 
+The image-level gate: ``params.aux_params: {classes: 1, dropout: 0.2}`` adds smp's classification head on the
+encoder's deepest features, trained on "has pneumothorax" (``loss.gate_weight``, see
+:mod:`pneumoseg.modeling.losses`). Such a network returns ``(mask logits, gate logits)``; :func:`split_output` is
+the one place that unpacks either form, so every caller works with and without the head.
+
 ``encoder_weights: imagenet`` downloads the weights from the Hugging Face Hub on first use (cached afterwards).
 Offline that fails at once with a ConfigError telling how to give a local file instead: the encoder's state dict
 as torchvision or timm publish it (``resnet34-b627a593.pth``, ``pytorch_model.bin``, ``model.safetensors``).
@@ -20,7 +25,7 @@ a grey image repeated three times would see.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import segmentation_models_pytorch as smp
 import torch
@@ -58,6 +63,30 @@ def _as_dict(block: Mapping[str, Any] | DictConfig | None) -> dict:
     if isinstance(block, DictConfig):
         return OmegaConf.to_container(block, resolve=True)
     return dict(block or {})
+
+
+def split_output(output: torch.Tensor | Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(mask logits B x 1 x H x W, gate logits B or None)`` of a network's output, with or without the gate
+    head (smp returns ``(masks, labels)`` when built with ``aux_params``)."""
+    if isinstance(output, torch.Tensor):
+        return output, None
+    masks, labels = output
+    return masks, labels[:, 0]
+
+
+def has_gate(net: nn.Module) -> bool:
+    """Whether a network built by :func:`build_model` has the image-level gate head."""
+    return getattr(net, "classification_head", None) is not None
+
+
+def _check_gate(params: Mapping[str, Any]) -> None:
+    """Refuse an ``aux_params`` head other than one logit (the gate's probability is its sigmoid)."""
+    aux = params.get("aux_params")
+    if aux is None:
+        return
+    if not isinstance(aux, Mapping) or int(aux.get("classes", 1)) != 1 or aux.get("activation") is not None:
+        raise ConfigError(f"model.params.aux_params={aux!r}: the gate head must give one logit: "
+                          f"{{classes: 1, dropout: ...}}, without an activation")
 
 
 def local_weights_path(weights: Any) -> Path | None:
@@ -98,11 +127,12 @@ def build_model(block: Mapping[str, Any] | DictConfig, pretrained: bool = True) 
             checkpoint right after.
 
     Raises:
-        ConfigError: unknown architecture or encoder, bad parameters, a missing or mismatched weights file, or
+        ConfigError: unknown architecture or encoder, bad parameters (a gate head of more than one logit), a missing or mismatched weights file, or
             ``imagenet`` weights that cannot be downloaded (with how to give a local file instead).
     """
     block = _as_dict(block)
     params = dict(block.get("params") or {})
+    _check_gate(params)
     encoder = str(params.get("encoder_name", "resnet34"))
     weights = params.pop("encoder_weights", None)
     if not pretrained:

@@ -17,9 +17,15 @@ Dropping small connected components needs labelled components, so their minimum 
 pass, only around the best exact point of each grid (:func:`component_sums`): one labelling per image and
 threshold gives the exact Dice of every area at once, and an image that the point declares empty is not labelled.
 
-The choice (best exact point, components around it, then the best candidate of both) is rerun on the other folds
-for each held-out fold, component refinement included, so the nested estimate measures the whole procedure
-(:class:`Nested`).
+Gated candidates (the ``gated`` strategy around each grid's strategy, one per gate threshold of ``gate_thresholds``)
+need no further pass: a gate only empties images, so an image's Dice under a gated candidate is the ungated
+candidate's when its gate probability is >= the threshold, and the empty mask's (1 if the truth is empty, else 0)
+otherwise. Each (grid, gate threshold) is searched as a grid of its own, its sums taken over the images the gate
+keeps, and its component areas refined around its own best exact point.
+
+The choice (best exact point, components around it, then the best candidate of all, gate thresholds included) is
+rerun on the other folds for each held-out fold, component refinement included, so the nested estimate measures the
+whole procedure (:class:`Nested`); with gates it is also given for the ungated and the gated candidates alone.
 
 Both passes work image by image (one full-size map at a time per worker) and in parallel over blocks of images
 (joblib processes), reading the images through an :class:`ImageSource`. :func:`evaluate` is the straightforward
@@ -30,7 +36,7 @@ from __future__ import annotations
 
 import json
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Iterable, Iterator, Protocol, Sequence
 
 import numpy as np
@@ -45,6 +51,7 @@ from pneumoseg.postprocess.strategies import PostProcessor, components, scale_ar
 from pneumoseg.registry import Registry
 
 PARAM_COLUMNS = ("top", "min_area", "bottom", "min_component_area")
+GATED = "gated"   # the strategy name of a gated candidate's block (pneumoseg.postprocess.strategies.Gated)
 TIE = 1e-12
 BLOCK_SIZE = 256
 
@@ -282,7 +289,8 @@ def _group_sums(per_image: np.ndarray, groups: np.ndarray, n_groups: int) -> np.
     return out
 
 
-def exact_sums(counts: ThresholdCounts, groups: np.ndarray, n_groups: int, grid: Grid) -> np.ndarray:
+def exact_sums(counts: ThresholdCounts, groups: np.ndarray, n_groups: int, grid: Grid,
+               passed: np.ndarray | None = None) -> np.ndarray:
     """Summed Dice of every exact grid point, per group: G x len(tops) x len(min_areas) x len(bottoms).
 
     Args:
@@ -290,6 +298,7 @@ def exact_sums(counts: ThresholdCounts, groups: np.ndarray, n_groups: int, grid:
         groups: the group (fold index, 0..G-1) of each image.
         n_groups: G.
         grid: the strategy's grid. Invalid points are NaN.
+        passed: N booleans, the images a gate keeps (the others are predicted empty); None keeps every image.
 
     An image is empty when fewer than ``min_area`` of its pixels are above ``top``, else its mask is p > ``bottom``;
     so its Dice is ``empty`` (1 if the truth is empty, else 0) plus ``kept * (dice at bottom - empty)``, and the
@@ -297,6 +306,8 @@ def exact_sums(counts: ThresholdCounts, groups: np.ndarray, n_groups: int, grid:
     """
     above_top, _ = counts.counts(grid.tops)
     kept = above_top[:, :, None] >= counts.area_limits(grid.min_areas)[:, None, :]         # N x Tt x Ta
+    if passed is not None:
+        kept &= passed[:, None, None]
     pred, inter = counts.counts(grid.bottoms)
     empty = (counts.true_area == 0).astype(np.float64)
     gain = dice_from_counts(inter, pred, counts.true_area[:, None]) - empty[:, None]      # N x Tb
@@ -349,9 +360,10 @@ def _component_block(part: ImageSource, start: int, thresholds: np.ndarray, need
 
 
 def component_sums(source: ImageSource, counts: ThresholdCounts, groups: np.ndarray, n_groups: int,
-                   points: Sequence[tuple[float, float, float]], component_areas: np.ndarray, n_jobs: int = 1,
-                   block_size: int = BLOCK_SIZE) -> np.ndarray:
-    """Summed Dice per group of each ``(top, min_area, bottom)`` point combined with each component area.
+                   points: Sequence[tuple[float, float, float]], component_areas: np.ndarray,
+                   passes: np.ndarray | None = None, point_gates: Sequence[Sequence[int]] | None = None,
+                   n_jobs: int = 1, block_size: int = BLOCK_SIZE) -> np.ndarray:
+    """Summed Dice per gate, group, ``(top, min_area, bottom)`` point and component area.
 
     Args:
         source: the images, in the order of ``counts``.
@@ -359,33 +371,54 @@ def component_sums(source: ImageSource, counts: ThresholdCounts, groups: np.ndar
         groups, n_groups: as in :func:`exact_sums`.
         points: the exact points to refine.
         component_areas: minimum component areas, pixels of the 1024 px image.
+        passes: N x V booleans, the images each of V gates keeps (the others are predicted empty); None: one
+            gate keeping every image.
+        point_gates: per point, the gates (columns of ``passes``) it is wanted behind; None: every gate. Only
+            images that one of them keeps are labelled.
         n_jobs, block_size: as in :func:`count_thresholds`.
 
     Returns:
-        G x len(points) x len(component_areas).
+        V x G x len(points) x len(component_areas); NaN for a gate that ``point_gates`` does not give the point.
     """
     tops, min_areas, bottoms = (np.array(v, dtype=np.float64) for v in zip(*points))
     above_top, _ = counts.counts(tops)
     kept = above_top >= counts.area_limits(min_areas)                                       # N x P
+    passes = np.ones((len(counts), 1), bool) if passes is None else np.asarray(passes, bool)
+    point_gates = [range(passes.shape[1])] * len(points) if point_gates is None else point_gates
+    wanted = np.zeros((passes.shape[1], len(points)), bool)
+    for p, gates in enumerate(point_gates):
+        wanted[list(gates), p] = True
+    # A point wanted behind strict gates only needs the images they keep labelled; the others score as empty.
+    kept &= passes.astype(np.int32) @ wanted.astype(np.int32) > 0
     cuts, point_cut = np.unique(bottoms.astype(np.float32), return_inverse=True)
     needed = np.zeros((len(counts), len(cuts)), bool)
     for p, cut in enumerate(point_cut):
         needed[:, cut] |= kept[:, p]
     parts = _map_blocks(_component_block, source, n_jobs, block_size, cuts, needed, component_areas)
     pred_cut, inter_cut = (np.concatenate(p) for p in zip(*parts))                           # N x C x A
-    pred = pred_cut[:, point_cut] * kept[:, :, None]
-    inter = inter_cut[:, point_cut] * kept[:, :, None]
-    if len(pred) != len(counts):
-        raise ValueError(f"the pass gave {len(pred)} images, the counts have {len(counts)}")
-    return _group_sums(dice_from_counts(inter, pred, counts.true_area[:, None, None]), groups, n_groups)
+    if len(pred_cut) != len(counts):
+        raise ValueError(f"the pass gave {len(pred_cut)} images, the counts have {len(counts)}")
+    empty = (counts.true_area == 0).astype(np.float64)
+    empty_sums = _group_sums(empty, groups, n_groups)
+    sums = np.empty((passes.shape[1], n_groups, len(points), len(component_areas)))
+    # Point by point (N x A at a time): all points at once would hold N x P x A arrays, hundreds of MB at scale.
+    for p, cut in enumerate(point_cut):
+        pred, inter = pred_cut[:, cut] * kept[:, p, None], inter_cut[:, cut] * kept[:, p, None]
+        gain = dice_from_counts(inter, pred, counts.true_area[:, None]) - empty[:, None]       # N x A
+        for g in range(n_groups):
+            rows = groups == g
+            sums[:, g, p] = empty_sums[g] + passes[rows].T.astype(np.float64) @ gain[rows]
+    sums[np.broadcast_to(~wanted[:, None, :, None], sums.shape)] = np.nan
+    return sums
 
 
-def _evaluate_block(part: ImageSource, start: int,
-                    postprocessors: Sequence[PostProcessor]) -> tuple[np.ndarray, ...]:
+def _evaluate_block(part: ImageSource, start: int, postprocessors: Sequence[PostProcessor],
+                    gates: np.ndarray | None) -> tuple[np.ndarray, ...]:
     pred, inter, true = [], [], []
-    for levels, truth in part:
+    for i, (levels, truth) in enumerate(part):
         full = to_original(levels, truth.shape)
-        masks = [pp(full) for pp in postprocessors]
+        gate = None if gates is None else gates[start + i]
+        masks = [pp(full, gate) for pp in postprocessors]
         pred.append([np.count_nonzero(m) for m in masks])
         inter.append([np.count_nonzero(m & truth) for m in masks])
         true.append(np.count_nonzero(truth))
@@ -395,14 +428,20 @@ def _evaluate_block(part: ImageSource, start: int,
 
 
 def evaluate(source: ImageSource, postprocessors: Sequence[PostProcessor], n_jobs: int = 1,
-             block_size: int = BLOCK_SIZE) -> tuple[np.ndarray, ...]:
+             block_size: int = BLOCK_SIZE, gates: np.ndarray | None = None) -> tuple[np.ndarray, ...]:
     """The straightforward method: bring each map to its original size, apply each strategy there, and count.
+
+    Args:
+        source: the images.
+        postprocessors: the strategies, each called with the image's gate probability.
+        n_jobs, block_size: as in :func:`count_thresholds`.
+        gates: each image's gate probability, in the source's order; None: no gate (a gated strategy fails).
 
     Returns:
         ``(pred_area, intersection, true_area)``: N x P, N x P and N integer arrays; the Dice of image ``i``
         under strategy ``p`` is ``dice_from_counts(intersection, pred_area, true_area[:, None])[i, p]``.
     """
-    parts = _map_blocks(_evaluate_block, source, n_jobs, block_size, list(postprocessors))
+    parts = _map_blocks(_evaluate_block, source, n_jobs, block_size, list(postprocessors), gates)
     return tuple(np.concatenate(p) for p in zip(*parts))
 
 
@@ -430,15 +469,18 @@ class SearchResult:
     """Every candidate evaluated, with its score per group.
 
     Attributes:
-        candidates: one row per candidate: ``strategy``, the triplet-form columns ``top, min_area, bottom,
-            min_component_area`` (the threshold form is ``top = bottom = threshold``, ``min_area = 0``,
-            ``min_component_area`` = its ``min_area``), ``params`` (the strategy's own, as JSON), ``method``
-            (``histogram`` or ``components``) and ``dice`` (mean over every image).
+        candidates: one row per candidate: ``strategy`` (the grid's), the triplet-form columns ``top, min_area,
+            bottom, min_component_area`` (the threshold form is ``top = bottom = threshold``, ``min_area = 0``,
+            ``min_component_area`` = its ``min_area``), ``params`` (the strategy's own, as JSON), ``gate`` (the
+            gate threshold of a gated candidate, NaN for an ungated one), ``method`` (``histogram`` or
+            ``components``) and ``dice`` (mean over every image).
         group_sums: candidates x G, Dice summed over each group's images.
         group_sizes: images per group.
-        surfaces: per strategy, its grid and the exact scores (len(tops) x len(min_areas) x len(bottoms), NaN
-            where invalid), for plots.
-        nested: the nested estimate (None with a single group).
+        surfaces: per strategy, its grid and the exact scores of its ungated candidates (len(tops) x
+            len(min_areas) x len(bottoms), NaN where invalid), for plots.
+        nested: the nested estimate of the whole choice (None with a single group).
+        nested_by_gate: with gate thresholds searched (and several groups), the nested estimate of the choice
+            among the ``ungated`` and among the ``gated`` candidates alone.
     """
 
     candidates: pd.DataFrame
@@ -446,17 +488,29 @@ class SearchResult:
     group_sizes: np.ndarray
     surfaces: dict[str, tuple[Grid, np.ndarray]]
     nested: Nested | None = None
+    nested_by_gate: dict[str, Nested] = field(default_factory=dict)
 
     @property
     def best(self) -> int:
         """Row of the best candidate. Scores within :data:`TIE` of the best count as equal, since sums taken in
-        different orders differ in the last bits; the first such row wins (exact grid before components, grids in
-        their configured order)."""
+        different orders differ in the last bits; the first such row wins (exact grid before components, ungated
+        before gated, grids in their configured order)."""
         return _first_best(self.candidates["dice"].to_numpy())
 
-    def best_of(self, strategy: str) -> int:
-        """Row of the best candidate of one strategy (ties as for :attr:`best`)."""
-        rows = np.flatnonzero(self.candidates["strategy"].to_numpy() == strategy)
+    def rows_of(self, strategy: str | None = None, gated: bool | None = None) -> np.ndarray:
+        """Rows of the candidates of one grid's ``strategy`` (None: any), gated or not (None: both)."""
+        keep = np.ones(len(self.candidates), bool)
+        if strategy is not None:
+            keep &= self.candidates["strategy"].to_numpy() == strategy
+        if gated is not None:
+            keep &= self.candidates["gate"].notna().to_numpy() == gated
+        return np.flatnonzero(keep)
+
+    def best_of(self, strategy: str | None = None, gated: bool | None = None) -> int:
+        """Row of the best candidate among :meth:`rows_of` (ties as for :attr:`best`)."""
+        rows = self.rows_of(strategy, gated)
+        if not rows.size:
+            raise ValueError(f"no candidate of strategy {strategy!r} (gated: {gated})")
         return int(rows[_first_best(self.candidates["dice"].to_numpy()[rows])])
 
     def block(self, row: int) -> dict[str, Any]:
@@ -467,43 +521,67 @@ class SearchResult:
         return self.group_sums[row] / self.group_sizes
 
 
+def _is_gated(candidate: pd.Series | dict) -> bool:
+    return not np.isnan(float(candidate["gate"]))
+
+
 def _block(candidate: pd.Series | dict) -> dict[str, Any]:
-    return {"name": candidate["strategy"], "params": json.loads(candidate["params"])}
+    inner = {"name": candidate["strategy"], "params": json.loads(candidate["params"])}
+    if not _is_gated(candidate):
+        return inner
+    return {"name": GATED, "params": {"gate": float(candidate["gate"]), "inner": inner}}
 
 
-def _rows(grid: Grid, points: Iterable[tuple[float, float, float, float]], method: str) -> list[dict[str, Any]]:
+@dataclass(frozen=True)
+class _Variant:
+    """A grid searched ungated (``threshold`` NaN) or behind one gate threshold; ``gate``: its column of the
+    gate-pass matrix (column 0 keeps every image)."""
+
+    grid: Grid
+    gate: int = 0
+    threshold: float = np.nan
+
+
+def _rows(variant: _Variant, points: Iterable[tuple[float, float, float, float]],
+          method: str) -> list[dict[str, Any]]:
+    grid = variant.grid
     return [{"strategy": grid.strategy, **dict(zip(PARAM_COLUMNS, map(float, point))),
-             "params": json.dumps(grid.params(*map(float, point))), "method": method} for point in points]
+             "params": json.dumps(grid.params(*map(float, point))), "gate": variant.threshold, "method": method}
+            for point in points]
 
 
 @dataclass
 class _Exact:
-    """The exact grids' results: per grid its group sums, and every valid point as candidate rows and sums."""
+    """The exact grids' results: per variant its group sums, and every valid point as candidate rows and sums."""
 
-    grids: Sequence[Grid]
+    variants: Sequence[_Variant]
     sums: list[np.ndarray]
     rows: list[dict[str, Any]]
     group_sums: np.ndarray
 
     @classmethod
-    def of(cls, counts: ThresholdCounts, groups: np.ndarray, n_groups: int, grids: Sequence[Grid]) -> "_Exact":
-        sums = [exact_sums(counts, groups, n_groups, grid) for grid in grids]
+    def of(cls, counts: ThresholdCounts, groups: np.ndarray, n_groups: int, variants: Sequence[_Variant],
+           passes: np.ndarray) -> "_Exact":
+        sums = [exact_sums(counts, groups, n_groups, v.grid, passes[:, v.gate]) for v in variants]
         rows, columns = [], []
-        for grid, grid_sums in zip(grids, sums):
-            t, a, b = np.nonzero(~np.isnan(grid_sums[0]))
-            rows += _rows(grid, zip(grid.tops[t], grid.min_areas[a], grid.bottoms[b], np.zeros(len(t))), "histogram")
-            columns.append(grid_sums[:, t, a, b].T)
-        return cls(grids, sums, rows, np.concatenate(columns))
+        for variant, variant_sums in zip(variants, sums):
+            grid = variant.grid
+            t, a, b = np.nonzero(~np.isnan(variant_sums[0]))
+            rows += _rows(variant, zip(grid.tops[t], grid.min_areas[a], grid.bottoms[b], np.zeros(len(t))),
+                          "histogram")
+            columns.append(variant_sums[:, t, a, b].T)
+        return cls(variants, sums, rows, np.concatenate(columns))
 
     def refine_points(self, train: np.ndarray, steps: int) -> list[list[tuple[float, float, float]]]:
-        """Per grid, the points whose components are searched when choosing on the groups ``train``: those
-        around the grid's best exact point on them (none for a grid without component areas)."""
+        """Per variant, the points whose components are searched when choosing on the groups ``train``: those
+        around the variant's best exact point on them (none for a grid without component areas)."""
         points = []
-        for grid, grid_sums in zip(self.grids, self.sums):
+        for variant, variant_sums in zip(self.variants, self.sums):
+            grid = variant.grid
             if not grid.component_areas.size:
                 points.append([])
                 continue
-            surface = grid_sums[train].sum(0)
+            surface = variant_sums[train].sum(0)
             best = np.unravel_index(np.nanargmax(surface), surface.shape)
             points.append([(grid.tops[i], grid.min_areas[j], grid.bottoms[k])
                            for i, j, k in grid.neighbours(*map(int, best), steps)])
@@ -512,21 +590,55 @@ class _Exact:
 
 def _choice(exact: _Exact, points: list[list[tuple]], refined: np.ndarray, point_index: dict,
             areas: np.ndarray) -> tuple[list[dict[str, Any]], np.ndarray]:
-    """Candidate rows and group sums of one choice: every exact point, then each grid's refined ``points``
-    (``refined``: G x all points x ``areas``, rows found by ``point_index``)."""
+    """Candidate rows and group sums of one choice: every exact point, then each variant's refined ``points``
+    (``refined``: gates x G x all points x ``areas``, rows found by ``point_index``)."""
     rows, sums = list(exact.rows), [exact.group_sums]
-    for grid, grid_points in zip(exact.grids, points):
-        a_index = np.searchsorted(areas, grid.component_areas)
-        for point in grid_points:
-            rows += _rows(grid, ((*point, area) for area in grid.component_areas), "components")
-            sums.append(refined[:, point_index[point]][:, a_index].T)
+    for variant, variant_points in zip(exact.variants, points):
+        a_index = np.searchsorted(areas, variant.grid.component_areas)
+        for point in variant_points:
+            rows += _rows(variant, ((*point, area) for area in variant.grid.component_areas), "components")
+            sums.append(refined[variant.gate][:, point_index[point]][:, a_index].T)
     return rows, np.concatenate(sums)
 
 
+def _nested(choices: Sequence[tuple[list[dict[str, Any]], np.ndarray]], trains: Sequence[np.ndarray],
+            group_sizes: np.ndarray, gated: bool | None = None) -> Nested:
+    """Per held-out group ``g``: the best of ``choices[g]``'s candidates on ``trains[g]`` (only the gated or the
+    ungated ones, unless ``gated`` is None), scored on ``g``."""
+    chosen, held_out = [], np.empty(len(trains))
+    for g, (train, (rows, sums)) in enumerate(zip(trains, choices)):
+        is_gated = ~np.isnan(np.fromiter((row["gate"] for row in rows), float, len(rows)))
+        candidates = np.flatnonzero(is_gated == gated if gated is not None else np.ones(len(rows), bool))
+        best = candidates[_first_best(sums[candidates][:, train].sum(1) / group_sizes[train].sum())]
+        chosen.append(_block(rows[best]))
+        held_out[g] = sums[best, g]
+    return Nested(chosen, held_out / group_sizes, float(held_out.sum() / group_sizes.sum()))
+
+
+def _gate_passes(gates: np.ndarray | None, gate_thresholds: Sequence[float] | None,
+                 n_images: int) -> tuple[np.ndarray, np.ndarray]:
+    """The gate thresholds (sorted, distinct) and the N x (1 + thresholds) matrix of the images each keeps
+    (column 0: no gate, every image), as :class:`pneumoseg.postprocess.strategies.Gated` decides (p >= gate)."""
+    values = _probabilities("gate_thresholds", gate_thresholds) if gate_thresholds else np.zeros(0)
+    passes = [np.ones(n_images, bool)]
+    if values.size:
+        if gates is None:
+            raise ConfigError("search.gate_thresholds is set, but the OOF predictions have no gate probabilities "
+                              "(no gate.npy beside the OOF maps): train with a gate head "
+                              "(model.params.aux_params and loss.gate_weight), or set search.gate_thresholds=null")
+        gates = np.asarray(gates, dtype=np.float64)
+        if gates.shape != (n_images,) or not np.all((gates >= 0) & (gates <= 1)):
+            raise ValueError(f"need {n_images} gate probabilities in [0, 1], got shape {gates.shape}")
+        passes += [gates >= value for value in values]
+    return values, np.column_stack(passes)
+
+
 def run_search(source: ImageSource, groups: np.ndarray, grids: Sequence[Grid], refine_steps: int = 2,
-               n_jobs: int = 1, block_size: int = BLOCK_SIZE, counts: ThresholdCounts | None = None) -> SearchResult:
-    """Search every grid exactly, then the component areas around each grid's best exact point; and the same
-    whole choice on the other groups for each group, for the nested estimate.
+               n_jobs: int = 1, block_size: int = BLOCK_SIZE, counts: ThresholdCounts | None = None,
+               gates: np.ndarray | None = None, gate_thresholds: Sequence[float] | None = None) -> SearchResult:
+    """Search every grid exactly, then the component areas around each grid's best exact point, each grid also
+    behind every gate threshold; and the same whole choice on the other groups for each group, for the nested
+    estimate.
 
     Args:
         source: the images (read once or twice).
@@ -535,6 +647,12 @@ def run_search(source: ImageSource, groups: np.ndarray, grids: Sequence[Grid], r
         refine_steps: how many ``bottom`` grid steps on each side of the best are refined with components.
         n_jobs, block_size: as in :func:`count_thresholds`.
         counts: threshold counts already made from ``source`` for :func:`grid_thresholds` (made here when None).
+        gates: each image's gate probability, in the source's order (None: no gate head).
+        gate_thresholds: the gate thresholds to search (``search.gate_thresholds``); None or empty: no gated
+            candidates.
+
+    Raises:
+        ConfigError: gate thresholds without gate probabilities, or outside [0, 1].
     """
     groups = np.asarray(groups)
     n_groups = int(groups.max()) + 1
@@ -542,26 +660,33 @@ def run_search(source: ImageSource, groups: np.ndarray, grids: Sequence[Grid], r
     counts = counts if counts is not None else count_thresholds(source, grid_thresholds(grids), n_jobs, block_size)
     if len(counts) != len(groups):
         raise ValueError(f"{len(groups)} group labels for {len(counts)} images")
-    exact = _Exact.of(counts, groups, n_groups, grids)
+    thresholds, passes = _gate_passes(gates, gate_thresholds, len(groups))
+    variants = [_Variant(grid) for grid in grids]
+    variants += [_Variant(grid, k + 1, float(value)) for k, value in enumerate(thresholds) for grid in grids]
+    exact = _Exact.of(counts, groups, n_groups, variants, passes)
     # Training groups of each choice: all of them (the answer), then all but one (the nested estimate).
     trains = [np.ones(n_groups, bool)] + ([np.arange(n_groups) != g for g in range(n_groups)] if n_groups > 1 else [])
     points = [exact.refine_points(train, refine_steps) for train in trains]
-    unique = list(dict.fromkeys(p for choice in points for grid_points in choice for p in grid_points))
+    unique = list(dict.fromkeys(p for choice in points for variant_points in choice for p in variant_points))
     point_index = {p: k for k, p in enumerate(unique)}
+    point_gates: list[set[int]] = [set() for _ in unique]
+    for choice in points:
+        for variant, variant_points in zip(variants, choice):
+            for point in variant_points:
+                point_gates[point_index[point]].add(variant.gate)
     areas = np.unique(np.concatenate([np.zeros(0)] + [g.component_areas for g in grids]))
-    refined = (component_sums(source, counts, groups, n_groups, unique, areas, n_jobs, block_size) if unique
-               else np.zeros((n_groups, 0, len(areas))))
+    refined = (component_sums(source, counts, groups, n_groups, unique, areas, passes, point_gates, n_jobs,
+                              block_size) if unique else np.zeros((passes.shape[1], n_groups, 0, len(areas))))
     rows, group_sums = _choice(exact, points[0], refined, point_index, areas)
     candidates = pd.DataFrame(rows)
     candidates["dice"] = group_sums.sum(1) / len(groups)
-    surfaces = {grid.strategy: (grid, grid_sums.sum(0) / len(groups)) for grid, grid_sums in zip(grids, exact.sums)}
-    nested = None
+    surfaces = {v.grid.strategy: (v.grid, v_sums.sum(0) / len(groups))
+                for v, v_sums in zip(exact.variants, exact.sums) if v.gate == 0}
+    result = SearchResult(candidates, group_sums, group_sizes, surfaces)
     if n_groups > 1:
-        chosen, held_out = [], np.empty(n_groups)
-        for g, (train, choice_points) in enumerate(zip(trains[1:], points[1:])):
-            choice_rows, choice_sums = _choice(exact, choice_points, refined, point_index, areas)
-            best = _first_best(choice_sums[:, train].sum(1) / group_sizes[train].sum())
-            chosen.append(_block(choice_rows[best]))
-            held_out[g] = choice_sums[best, g]
-        nested = Nested(chosen, held_out / group_sizes, float(held_out.sum() / group_sizes.sum()))
-    return SearchResult(candidates, group_sums, group_sizes, surfaces, nested)
+        choices = [_choice(exact, choice_points, refined, point_index, areas) for choice_points in points[1:]]
+        result.nested = _nested(choices, trains[1:], group_sizes)
+        if thresholds.size:
+            result.nested_by_gate = {name: _nested(choices, trains[1:], group_sizes, gated)
+                                     for name, gated in (("ungated", False), ("gated", True))}
+    return result

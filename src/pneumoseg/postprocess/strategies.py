@@ -9,6 +9,11 @@ A strategy is a small frozen dataclass behind one interface (:class:`PostProcess
 * ``triplet`` (the 1st-place solution's): an image with fewer than ``min_area`` pixels above ``top`` is declared
   empty; otherwise the mask is p > ``bottom`` (``bottom`` <= ``top``), with components smaller than
   ``min_component_area`` dropped.
+* ``gated``: an image whose image-level gate probability (the model's classifier head, see
+  :mod:`pneumoseg.modeling.models`) is below ``gate`` is empty; otherwise the ``inner`` strategy draws the mask.
+
+Every strategy is called as ``strategy(probs, gate)``: ``gate`` is the image's gate probability, or None for a
+model without the head; only ``gated`` reads it (:attr:`PostProcessor.needs_gate`).
 
 Areas are always given in pixels of the original 1024 x 1024 image and scaled to the resolution a strategy is
 applied at (:func:`scale_area`), so one set of parameters serves 256 px OOF maps and 1024 px submissions alike.
@@ -89,10 +94,12 @@ class PostProcessor(ABC):
     """Turns one probability map (H x W, float in [0, 1] or uint8 levels) into a boolean mask of the same size."""
 
     name: ClassVar[str]
+    needs_gate: ClassVar[bool] = False
 
     @abstractmethod
-    def __call__(self, probs: np.ndarray) -> np.ndarray:
-        """The boolean H x W mask of ``probs``."""
+    def __call__(self, probs: np.ndarray, gate: float | None = None) -> np.ndarray:
+        """The boolean H x W mask of ``probs``; ``gate``: the image's gate probability (None without a gate head),
+        read only by strategies with :attr:`needs_gate`."""
 
     def label(self) -> str:
         """A short name for logs and table columns: the strategy and its parameter values, e.g.
@@ -132,7 +139,7 @@ class Threshold(PostProcessor):
         _check_probability(self.name, threshold=self.threshold)
         _check_area(self.name, min_area=self.min_area)
 
-    def __call__(self, probs: np.ndarray) -> np.ndarray:
+    def __call__(self, probs: np.ndarray, gate: float | None = None) -> np.ndarray:
         return remove_small_components(above(probs, self.threshold), scale_area(self.min_area, probs.shape))
 
 
@@ -160,11 +167,48 @@ class Triplet(PostProcessor):
         if self.bottom > self.top:
             raise ConfigError(f"triplet: bottom ({self.bottom}) must not exceed top ({self.top})")
 
-    def __call__(self, probs: np.ndarray) -> np.ndarray:
+    def __call__(self, probs: np.ndarray, gate: float | None = None) -> np.ndarray:
         if above(probs, self.top).sum() < scale_area(self.min_area, probs.shape):
             return np.zeros(probs.shape, dtype=bool)
         mask = above(probs, self.bottom)
         return remove_small_components(mask, scale_area(self.min_component_area, probs.shape))
+
+
+@POSTPROCESSORS.register("gated")
+@dataclass(frozen=True)
+class Gated(PostProcessor):
+    """Empty when the image's gate probability is below ``gate``; otherwise the ``inner`` strategy's mask.
+
+    Args:
+        gate: the gate threshold; an image is kept when its probability is >= ``gate`` (0 keeps every image).
+        inner: the mask strategy of kept images, a ``{name, params}`` block (or a built strategy); not gated.
+    """
+
+    name: ClassVar[str] = "gated"
+    needs_gate: ClassVar[bool] = True
+    gate: float
+    inner: PostProcessor
+
+    def __post_init__(self) -> None:
+        _check_probability(self.name, gate=self.gate)
+        inner = self.inner if isinstance(self.inner, PostProcessor) else build_postprocessor(self.inner)
+        if inner.needs_gate:
+            raise ConfigError("gated: the inner strategy must not be gated itself; give one gate threshold")
+        object.__setattr__(self, "inner", inner)   # frozen: set once, here
+
+    def __call__(self, probs: np.ndarray, gate: float | None = None) -> np.ndarray:
+        if gate is None:
+            raise ValueError("the gated strategy needs each image's gate probability; this model has no gate head "
+                             "(model.params.aux_params)")
+        if float(gate) < self.gate:
+            return np.zeros(probs.shape, dtype=bool)
+        return self.inner(probs)
+
+    def label(self) -> str:
+        return f"{self.name}:{self.gate:g}:{self.inner.label()}"
+
+    def to_block(self) -> dict[str, Any]:
+        return {"name": self.name, "params": {"gate": self.gate, "inner": self.inner.to_block()}}
 
 
 def build_postprocessor(block: Mapping[str, Any]) -> PostProcessor:

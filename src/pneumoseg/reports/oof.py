@@ -64,10 +64,14 @@ def report_numbers(result: SearchResult, per_image: pd.DataFrame, chosen: dict, 
         per_fold.append(entry)
     candidates = result.candidates
     best_per_strategy = {}
-    for strategy, count in candidates["strategy"].value_counts(sort=False).items():
-        row = result.best_of(strategy)
-        best_per_strategy[strategy] = {"score": float(candidates["dice"].iloc[row]), "block": result.block(row),
-                                       "n_candidates": int(count)}
+    for gated in (False, True):
+        for strategy in candidates["strategy"].unique():
+            rows = result.rows_of(strategy, gated)
+            if rows.size:
+                row = result.best_of(strategy, gated)
+                best_per_strategy[f"gated {strategy}" if gated else strategy] = {
+                    "score": float(candidates["dice"].iloc[row]), "block": result.block(row),
+                    "n_candidates": int(rows.size)}
     return {
         "n_images": len(per_image),
         "n_positive": int(positive.sum()),
@@ -84,9 +88,27 @@ def report_numbers(result: SearchResult, per_image: pd.DataFrame, chosen: dict, 
         "false_negative_rate": _mean(~predicted[positive]),
         "per_fold": per_fold,
         "best_per_strategy": best_per_strategy,
+        "gate": gate_numbers(result),
         "n_candidates": len(candidates),
         "search_seconds": round(seconds, 2),
     }
+
+
+def gate_numbers(result: SearchResult) -> dict[str, Any] | None:
+    """The score with and without the gate: the best ungated and the best gated candidate (in-sample OOF) and the
+    nested estimate of choosing among each alone (None with a single fold); None when no gate was searched."""
+    gated_rows = result.rows_of(gated=True)
+    if not gated_rows.size:
+        return None
+    thresholds = sorted(set(result.candidates["gate"].iloc[gated_rows].tolist()))
+    numbers: dict[str, Any] = {"thresholds": thresholds}
+    for name, gated in (("ungated", False), ("gated", True)):
+        row = result.best_of(gated=gated)
+        nested = result.nested_by_gate.get(name)
+        numbers[name] = {"oof_score": float(result.candidates["dice"].iloc[row]), "block": result.block(row),
+                         "nested_score": None if nested is None else nested.score,
+                         "n_candidates": int(result.rows_of(gated=gated).size)}
+    return numbers
 
 
 def _mean(values: pd.Series) -> float | None:
@@ -288,6 +310,8 @@ def plot_gallery(cases: Mapping[str, pd.DataFrame], case: CaseLoader, size: int,
 def _block_text(block: dict) -> str:
     """``name`` (key=value, ...), the parameters in the strategy's own order (a stored block has them sorted)."""
     strategy = build_postprocessor(block).to_block()
+    if strategy["name"] == "gated":
+        return f"`gated` (gate={strategy['params']['gate']:g}) {_block_text(strategy['params']['inner'])}"
     params = ", ".join(f"{key}={value:g}" for key, value in strategy["params"].items())
     return f"`{strategy['name']}` ({params})"
 
@@ -328,6 +352,7 @@ def render_markdown(numbers: dict, plots: Mapping[str, Path | None]) -> str:
         *(f"| {name} | {best['n_candidates']} | {best['score']:.4f} | {_block_text(best['block'])} |"
           for name, best in numbers["best_per_strategy"].items()),
         "",
+        *_gate_lines(numbers.get("gate")),
         "## Folds",
         "",
         "| fold | images | positive | chosen | nested | chosen on the other folds | default | all empty |",
@@ -354,6 +379,26 @@ def render_markdown(numbers: dict, plots: Mapping[str, Path | None]) -> str:
     return "\n".join(lines)
 
 
+def _gate_lines(gate: dict | None) -> list[str]:
+    """The report's section on the gate: the best candidates with and without it, in-sample and nested."""
+    if gate is None:
+        return []
+    thresholds = ", ".join(f"{t:g}" for t in gate["thresholds"])
+    return [
+        "## With and without the gate",
+        "",
+        f"Gated candidates: every grid behind each gate threshold ({thresholds}); an image whose gate probability "
+        f"is below the threshold is predicted empty. Nested: the choice among those candidates alone, made on the "
+        f"other folds and scored on each held-out fold.",
+        "",
+        "| candidates | number | OOF dice (best) | nested | best parameters |",
+        "| --- | ---: | ---: | ---: | --- |",
+        *(f"| {name} | {gate[name]['n_candidates']} | {gate[name]['oof_score']:.4f} | "
+          f"{_fmt(gate[name]['nested_score'])} | {_block_text(gate[name]['block'])} |" for name in ("ungated", "gated")),
+        "",
+    ]
+
+
 def _test_row(test: dict | None) -> str:
     if test is None:
         return "| held-out test set (stage 05) | n/a: no held-out labels scored for this choice |"
@@ -376,6 +421,10 @@ def summary_table(numbers: dict) -> str:
         ("false-positive rate", _fmt(numbers["false_positive_rate"])),
         ("false-negative rate", _fmt(numbers["false_negative_rate"])),
     ]
+    gate = numbers.get("gate")
+    if gate is not None:
+        rows += [(f"best {name} OOF / nested", f"{_fmt(gate[name]['oof_score'])} / {_fmt(gate[name]['nested_score'])}")
+                 for name in ("ungated", "gated")]
     width = max(len(name) for name, _ in rows)
     lines = [f"OOF search: {numbers['n_images']} images ({numbers['n_positive']} positive), "
              f"{numbers['n_candidates']} candidates, {numbers['search_seconds']} s"]

@@ -126,7 +126,8 @@ class Result:
     def to_json(self) -> dict[str, Any]:
         """The JSON response: ImageId (None when unknown), the mask in the submission's run-length form
         (``EncodedPixels``, ``"-1"`` when empty; the package's ``fmt``), the image's size, the mask's area in pixels, the highest
-        probability, the post-processing and the model."""
+        probability, the image-level gate probability (``gate_probability``; None for a model without the gate
+        head), the post-processing and the model."""
         prediction = self.prediction
         height, width = prediction.mask.shape
         return {
@@ -135,6 +136,7 @@ class Result:
             "has_pneumothorax": prediction.has_pneumothorax,
             "area": prediction.area,
             "max_probability": prediction.max_prob,
+            "gate_probability": prediction.gate,
             "height": int(height),
             "width": int(width),
             "postprocess": self.model.postprocess,

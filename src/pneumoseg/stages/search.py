@@ -1,7 +1,8 @@
 """Stage 04: choose the post-processing that maximises the out-of-fold (OOF) Dice, and report on the OOF predictions.
 
 Inputs: stage 03's ``03_train/folds.csv`` (ImageId, fold) and, for each fold ``k`` of ``train.folds``, the
-probability store ``03_train/fold<k>/oof/`` of its validation images (``fold<k>/ema/oof/`` or
+probability store ``03_train/fold<k>/oof/`` of its validation images, with their gate probabilities ``gate.npy`` for a
+model with the gate head (``fold<k>/ema/oof/`` or
 ``fold<k>/averaged/oof/`` with ``predict.checkpoints: ema`` or ``averaged``: the weights stage 05 then uses) and
 ``fold<k>/log.csv`` (training curves);
 the training label file (``data.train_labels``: ``train-rle.csv`` or ``stage_2_train.csv``), decoded at each image's
@@ -13,7 +14,7 @@ Outputs in ``${paths.experiment_dir}/04_search/``:
 * ``thresholds.json``: the chosen strategy as a ``{name, params}`` block, with its scores; what
   :func:`pneumoseg.postprocess.strategies.load_postprocessor` reads;
 * ``candidates.csv``: every candidate evaluated, its Dice overall and on each fold;
-* ``per_image.csv``: areas and Dice of the chosen strategy on every OOF image;
+* ``per_image.csv``: areas and Dice of the chosen strategy on every OOF image (and its gate probability);
 * ``oof_report.json``, ``oof_report.md`` and ``plots/`` (see :mod:`pneumoseg.reports.oof`).
 
 The search itself is :func:`pneumoseg.postprocess.search.run_search`: every candidate is scored as the submission
@@ -38,7 +39,7 @@ from pneumoseg.errors import ConfigError, DataError
 from pneumoseg.io import read_png, write_csv, write_json
 from pneumoseg.evaluation.metrics import dice_from_counts
 from pneumoseg.postprocess.strategies import PostProcessor, build_postprocessor
-from pneumoseg.data.probstore import IDS_FILE, PROBS_FILE, ProbabilityStore
+from pneumoseg.data.probstore import GATE_FILE, IDS_FILE, PROBS_FILE, ProbabilityStore
 from pneumoseg.data.inputs import locate_train_labels
 from pneumoseg.data.labels import read_labels
 from pneumoseg.postprocess.images import OofImages
@@ -137,6 +138,7 @@ class OofSet:
         self.fold_of = np.concatenate([np.full(len(f.store), f.fold) for f in folds])
         self.groups = np.concatenate([np.full(len(f.store), k) for k, f in enumerate(folds)])
         self.size = folds[0].store.size
+        self.gates = _gates(folds)
         self._row = {image_id: k for k, image_id in enumerate(self.ids)}
         labels = read_labels(label_file)
         unlabelled = [i for i in self.ids if i not in labels]
@@ -151,17 +153,33 @@ class OofSet:
     def __len__(self) -> int:
         return len(self.ids)
 
-    def case(self, image_id: str) -> tuple[np.ndarray, np.ndarray]:
-        """The uint8 OOF map and the original-size truth of one image."""
+    def case(self, image_id: str) -> tuple[np.ndarray, np.ndarray, float | None]:
+        """The uint8 OOF map, the original-size truth and the gate probability (None without) of one image."""
         row = self._row[image_id]
         [(levels, truth)] = list(self.images.part(row, row + 1))
-        return levels, truth
+        return levels, truth, None if self.gates is None else float(self.gates[row])
+
+
+def _gates(folds: list[OofFold]) -> np.ndarray | None:
+    """Every fold's gate probabilities, in fold order; None when no fold has them.
+
+    Raises:
+        DataError: some folds have gate probabilities and others not.
+    """
+    missing = [f.store.folder for f in folds if f.store.gates is None]
+    if len(missing) == len(folds):
+        return None
+    if missing:
+        raise DataError(f"{missing[0]} has no {GATE_FILE} while other folds' OOF stores have one: the folds were "
+                        f"trained with and without the gate head; rerun those folds of scripts/03_train.py --force")
+    return np.concatenate([f.store.gates for f in folds])
 
 
 def _input_facts(cfg: DictConfig, folds: list[OofFold]) -> dict:
     """What the outputs depend on besides the config: the OOF stores and label files, by size and time."""
     paths = [layout.train_folds_path(cfg), layout.labels_path(cfg), train_label_file(cfg)]
-    paths += [f.store.folder / name for f in folds for name in (PROBS_FILE, IDS_FILE)]
+    paths += [f.store.folder / name for f in folds for name in (PROBS_FILE, IDS_FILE, GATE_FILE)
+              if (f.store.folder / name).is_file()]
     return {"folds": [f.fold for f in folds], **{str(p): [p.stat().st_size, p.stat().st_mtime_ns] for p in paths}}
 
 
@@ -195,7 +213,8 @@ def run(cfg: DictConfig, force: bool = False) -> dict:
     log.info("searching %d OOF maps of %d px from %d folds, scored at the images' original size", len(oof),
              oof.size, len(folds))
     started = time.time()
-    result = run_search(oof.images, oof.groups, grids, int(cfg.search.refine_steps), n_jobs, block)
+    result = run_search(oof.images, oof.groups, grids, int(cfg.search.refine_steps), n_jobs, block,
+                        gates=oof.gates, gate_thresholds=_gate_thresholds(cfg, oof))
     seconds = time.time() - started
     chosen = build_postprocessor(result.block(result.best))
     per_image = _score_images(oof, result, chosen, default, n_jobs, block)
@@ -210,8 +229,8 @@ def run(cfg: DictConfig, force: bool = False) -> dict:
     xrays = layout.images_dir(cfg, cfg.train.image_size)
 
     def gallery_case(image_id: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        levels, truth = oof.case(image_id)
-        return read_png(xrays / f"{image_id}.png"), truth, chosen(to_original(levels, truth.shape))
+        levels, truth, gate = oof.case(image_id)
+        return read_png(xrays / f"{image_id}.png"), truth, chosen(to_original(levels, truth.shape), gate)
 
     write_json(layout.oof_report_path(cfg), numbers)
     oof_report.write_report(folder, numbers, result, per_image, logs,
@@ -220,11 +239,21 @@ def run(cfg: DictConfig, force: bool = False) -> dict:
     return numbers
 
 
+def _gate_thresholds(cfg: DictConfig, oof: OofSet) -> list[float] | None:
+    """``search.gate_thresholds``, or None (with a note) when the OOF maps have gate probabilities it does not
+    search."""
+    thresholds = cfg.search.get("gate_thresholds")
+    if thresholds is None and oof.gates is not None:
+        log.info("the OOF predictions have gate probabilities, but search.gate_thresholds is null: only ungated "
+                 "candidates are searched")
+    return None if thresholds is None else list(thresholds)
+
+
 def _score_images(oof: OofSet, result: SearchResult, chosen: PostProcessor, default: PostProcessor,
                   n_jobs: int, block_size: int) -> pd.DataFrame:
     """Apply the chosen and the default strategy to every image at its original size; check the chosen one
     against the search."""
-    pred, inter, true = evaluate(oof.images, [chosen, default], n_jobs, block_size)
+    pred, inter, true = evaluate(oof.images, [chosen, default], n_jobs, block_size, gates=oof.gates)
     dice = dice_from_counts(inter, pred, true[:, None])
     searched = float(result.candidates["dice"].iloc[result.best])
     if abs(dice[:, 0].mean() - searched) > AGREEMENT:
@@ -233,7 +262,8 @@ def _score_images(oof: OofSet, result: SearchResult, chosen: PostProcessor, defa
                            f"pneumoseg.postprocess.strategies disagree")
     return pd.DataFrame({"ImageId": oof.ids, "fold": oof.fold_of, "true_area": true, "pred_area": pred[:, 0],
                          "intersection": inter[:, 0], "dice": dice[:, 0], "default_pred_area": pred[:, 1],
-                         "default_dice": dice[:, 1]})
+                         "default_dice": dice[:, 1],
+                         "gate": np.full(len(oof), np.nan) if oof.gates is None else oof.gates})
 
 
 def _candidates_table(result: SearchResult, folds: list[OofFold]) -> pd.DataFrame:

@@ -13,7 +13,9 @@
   torch RNG state. It is rewritten atomically after every epoch, so a run killed at any moment resumes from the
   last finished epoch and ends as the uninterrupted run would have.
 * ``oof/``: a :class:`~pneumoseg.data.probstore.ProbabilityWriter` store of the fold's validation images predicted
-  with the test recipe (:func:`write_oof`), at ``train.oof_size`` pixels.
+  with the test recipe (:func:`write_oof`), at ``train.oof_size`` pixels; with the gate head
+  (``model.params.aux_params``) also each image's gate probability (``gate.npy``), averaged over the same
+  checkpoints and views.
 * ``ema/`` (``train.ema``) and ``averaged/`` (``train.average_top_k``): the averaged weights' own best checkpoints,
   ``checkpoints.csv`` and ``oof/`` (see :mod:`pneumoseg.training.averaging`); the EMA's validation metrics are the
   ``ema_*`` columns of ``log.csv``.
@@ -66,12 +68,12 @@ from pneumoseg.modeling.normalize import normalize_from_model
 from pneumoseg.training.distributed import DistContext
 from pneumoseg.errors import ConfigError
 from pneumoseg.data.resize import resize_probabilities
-from pneumoseg.inference.tta import TTA, load_model, predict_probs
+from pneumoseg.inference.tta import TTA, load_model, predict_with_gate
 from pneumoseg.modeling.device import autocast
 from pneumoseg.io import write_csv
-from pneumoseg.modeling.losses import build_loss
+from pneumoseg.modeling.losses import build_training_loss
 from pneumoseg.evaluation.metrics import dice_per_image
-from pneumoseg.modeling.models import build_model
+from pneumoseg.modeling.models import build_model, has_gate, split_output
 from pneumoseg.modeling.optim import LRSchedule, build_optimizer, build_scheduler, metric_mode
 from pneumoseg.postprocess.strategies import PostProcessor, build_postprocessor
 from pneumoseg.data.probstore import ProbabilityWriter
@@ -113,7 +115,8 @@ class Trainer:
 
     Args:
         net: the network, already on ``ctx.device`` (and in channels_last if wanted).
-        loss_fn: ``loss_fn(logits, masks) -> scalar``.
+        loss_fn: ``loss_fn(output, masks) -> scalar`` on the network's raw output (mask logits, or mask and gate
+            logits with the gate head; see :func:`pneumoseg.modeling.losses.build_training_loss`).
         optimizer: over ``net``'s parameters.
         schedule: the learning-rate schedule.
         ctx: the distributed context; with more than one process the network is wrapped in
@@ -154,7 +157,7 @@ class Trainer:
         schedule = build_scheduler(cfg.scheduler, optimizer, updates_per_epoch, int(train.epochs))
         steps = StepSettings(int(train.accumulation_steps), train.grad_clip, train.amp, channels_last,
                              ema_decay(to_dict(train.ema) if train.ema is not None else None))
-        return cls(net, build_loss(cfg.loss), optimizer, schedule, ctx, steps)
+        return cls(net, build_training_loss(cfg.loss, has_gate(net)), optimizer, schedule, ctx, steps)
 
     def _inputs(self, images: torch.Tensor) -> torch.Tensor:
         images = images.to(self.device, non_blocking=True)
@@ -222,13 +225,16 @@ class Trainer:
         with torch.inference_mode(), autocast(self.device, self.amp):
             for images, masks in batches:
                 masks = masks.to(self.device, non_blocking=True)
-                logits = net(self._inputs(images)).float()
-                sums[0] += float(self.loss_fn(logits, masks)) * len(images)
-                probs = torch.sigmoid(logits[:, 0]).cpu().numpy()
+                output = net(self._inputs(images))
+                sums[0] += float(self.loss_fn(output, masks)) * len(images)
+                logits, gate_logits = split_output(output)
+                probs = torch.sigmoid(logits[:, 0].float()).cpu().numpy()
+                gates = ([None] * len(probs) if gate_logits is None
+                         else torch.sigmoid(gate_logits.float()).cpu().numpy())
                 truth = masks[:, 0].cpu().numpy() > 0.5
                 positive = truth.any((1, 2))
                 for k, postprocess in enumerate(postprocessors):
-                    dice = dice_per_image(np.stack([postprocess(p) for p in probs]), truth)
+                    dice = dice_per_image(np.stack([postprocess(p, g) for p, g in zip(probs, gates)]), truth)
                     sums[3 + k] += dice.sum()
                     sums[3 + n + k] += dice[positive].sum()
                 sums[1] += len(images)
@@ -563,6 +569,6 @@ def write_oof(cfg: DictConfig, data: PreparedData, val_rows: pd.DataFrame, folde
     with ProbabilityWriter(layout.oof_dir(folder), ids, size) as writer:
         start = 0
         for batch in tqdm(loader, desc=f"OOF {folder.name}", leave=False):
-            probs = predict_probs(models, batch, tta, batch_size=len(batch), amp=cfg.predict.amp)
-            writer.write(start, resize_probabilities(probs, size, size))
+            probs, gates = predict_with_gate(models, batch, tta, batch_size=len(batch), amp=cfg.predict.amp)
+            writer.write(start, resize_probabilities(probs, size, size), gates)
             start += len(batch)
