@@ -139,6 +139,28 @@ def test_flipped_views_are_flipped_back_before_averaging():
     np.testing.assert_allclose(only_vflip[0], (_sigmoid(3 * u + 2 * v) + _sigmoid(3 * u - 2 * v)) / 2, atol=1e-6)
 
 
+class _Identity(torch.nn.Module):
+    """A 'network' whose logit is its (normalised) input: every view flipped back must give the plain image's map,
+    which catches a view that is never flipped (the map then comes back mirrored), where the coordinate network,
+    answering by position alone, cannot."""
+
+    def __init__(self):
+        super().__init__()
+        self.anchor = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, x):
+        return x[:, :1] + self.anchor
+
+
+def test_every_flipped_view_maps_back_onto_the_image_it_was_made_from():
+    images = np.random.default_rng(0).integers(0, 255, (2, 32, 32), dtype=np.uint8)
+    model = _fold_model(_Identity())
+    expected = torch.sigmoid(model.normalize(images)[:, 0]).numpy()
+    probs = predict_probs([model], images, TTA(hflip=True, vflip=True))
+    np.testing.assert_allclose(probs, expected, atol=1e-6)
+    assert not np.allclose(expected, expected[:, :, ::-1], atol=1e-2)  # the images are not symmetric
+
+
 def test_scaled_views_are_resized_back_onto_the_same_pixels():
     images = np.random.default_rng(0).integers(0, 255, (2, 64, 64), dtype=np.uint8)
     net = _Coordinates()
