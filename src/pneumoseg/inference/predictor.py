@@ -13,13 +13,20 @@ its stage-01 PNG give the same masks. The averaged probabilities are brought bac
 (bilinear up, area-averaged down) and post-processed there; the post-processing's areas are in pixels of the
 1024 px image and scale with the map (see :mod:`pneumoseg.postprocess.strategies`).
 
+An ensemble of experiments (:class:`EnsemblePredictor`) is a :class:`Predictor` per member, each with its own folds,
+TTA and image size: each member's probabilities are brought back to the image's size, blended there with the
+members' weights (:func:`pneumoseg.data.blend.blend_maps`, the blend stage 04 searched on), and post-processed once::
+
+    ensemble = EnsemblePredictor.from_experiments([(cfg_a, 1.0), (cfg_b, 1.0)], postprocessor)
+    [prediction] = ensemble.predict([pixels])
+
 Memory grows with the number of images passed in one call (a full-size probability map each): stream large sets
 through in batches.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -29,6 +36,7 @@ from omegaconf import DictConfig
 from pneumoseg import layout
 
 from pneumoseg.data import rle
+from pneumoseg.data.blend import blend_maps, normalized_weights
 from pneumoseg.modeling.device import resolve_device
 from pneumoseg.errors import ConfigError, DataError
 from pneumoseg.data.resize import resize_probabilities, resize_square
@@ -112,6 +120,11 @@ class Predictor:
         return next(self.models[0].net.parameters()).device
 
     @property
+    def image_sizes(self) -> tuple[int, ...]:
+        """The square sizes of the prepared images :meth:`predict_prepared` takes (one here)."""
+        return (self.image_size,)
+
+    @property
     def n_views(self) -> int:
         """Forward passes per image: models times TTA views."""
         return len(self.models) * len(self.tta.views())
@@ -128,40 +141,50 @@ class Predictor:
         Raises:
             DataError: an image that is not a non-empty 2-D uint8 array.
         """
-        for index, image in enumerate(images):
-            if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 2 or not image.size:
-                described = f"{image.dtype} {image.shape}" if isinstance(image, np.ndarray) else type(image).__name__
-                raise DataError(f"image {index}: expected a non-empty 2-D uint8 grey image, got {described}")
-        if not images:
-            return []
-        prepared = np.stack([resize_square(image, self.image_size, self.interpolation) for image in images])
-        return self.predict_prepared(prepared, [image.shape for image in images])
+        return [make_prediction(full, self.postprocessor) for full in self.probabilities(images)]
 
-    def predict_prepared(self, images: np.ndarray | torch.Tensor,
+    def predict_prepared(self, images: np.ndarray | torch.Tensor | Mapping[int, np.ndarray | torch.Tensor],
                          original_shapes: Sequence[tuple[int, int]]) -> list[Prediction]:
         """Predict images already resized to :attr:`image_size` (stage 01's PNGs).
 
         Args:
-            images: uint8 N x S x S, S = :attr:`image_size`.
+            images: uint8 N x S x S, S = :attr:`image_size`; or such batches by size (the one of S is used), as an
+                :class:`EnsemblePredictor` takes them.
             original_shapes: ``(rows, cols)`` of each image's original; predictions come back at that size.
 
         Raises:
             DataError: images of another size, or a shape count that differs from the image count.
         """
+        full_maps = self.probabilities_prepared(images, original_shapes)
+        return [make_prediction(full, self.postprocessor) for full in full_maps]
+
+    def probabilities(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """The ensemble probabilities of images of any size, each at its own size (float32 H x W), before the
+        post-processing; arguments and errors as for :meth:`predict`."""
+        check_images(images)
+        if not images:
+            return []
+        prepared = np.stack([resize_square(image, self.image_size, self.interpolation) for image in images])
+        return self.probabilities_prepared(prepared, [image.shape for image in images])
+
+    def probabilities_prepared(self, images: np.ndarray | torch.Tensor | Mapping[int, np.ndarray | torch.Tensor],
+                               original_shapes: Sequence[tuple[int, int]]) -> list[np.ndarray]:
+        """The probabilities of prepared images, each brought back to its original size; arguments and errors as
+        for :meth:`predict_prepared`."""
+        if isinstance(images, Mapping):
+            images = _batch_of_size(images, self.image_size)
         if tuple(images.shape[1:]) != (self.image_size, self.image_size):
             raise DataError(f"prepared images must be N x {self.image_size} x {self.image_size} (the models' size), "
                             f"got {tuple(images.shape)}; use the PNGs of 01_convert/images_{self.image_size}/")
         if len(original_shapes) != len(images):
             raise DataError(f"{len(images)} images but {len(original_shapes)} original shapes")
         probs = predict_probs(self.models, images, self.tta, batch_size=self.batch_size, amp=self.amp)
-        predictions = []
-        for small, (rows, cols) in zip(probs, original_shapes):
-            full = resize_probabilities(small, int(rows), int(cols))
-            predictions.append(Prediction(probs=full, mask=self.postprocessor(full)))
-        return predictions
+        return [resize_probabilities(small, int(rows), int(cols))
+                for small, (rows, cols) in zip(probs, original_shapes)]
 
     @classmethod
-    def from_experiment(cls, cfg: DictConfig, device: str | torch.device | None = None) -> "Predictor":
+    def from_experiment(cls, cfg: DictConfig, device: str | torch.device | None = None,
+                        postprocessor: PostProcessor | None = None) -> "Predictor":
         """The predictor of an experiment's outputs.
 
         Models: the ``predict.top_k`` best checkpoints of the ``predict.checkpoints`` set (``best``, ``ema``,
@@ -174,6 +197,7 @@ class Predictor:
         Args:
             cfg: the resolved config.
             device: ``auto``, ``cpu``, ``cuda`` or a torch device; default ``predict.device``.
+            postprocessor: instead of the configured one (an ensemble member's is the ensemble's).
 
         Raises:
             ConfigError: ``predict.top_k`` below 1 or above ``train.keep_best``, a device that is not there, or a
@@ -194,9 +218,119 @@ class Predictor:
         folds = layout.select_folds(cfg.train.folds, pd.read_csv(folds_csv)["fold"].unique(), "train.folds",
                                     folds_csv)
         models = load_fold_models(folder, folds, top=top_k, device=device, checkpoints=str(predict.checkpoints))
-        return cls(models, TTA.from_config(cfg.get("tta")), configured_postprocessor(cfg),
+        return cls(models, TTA.from_config(cfg.get("tta")), postprocessor or configured_postprocessor(cfg),
                    interpolation=str(cfg.prepare.interpolation),
                    batch_size=int(predict.batch_size), amp=predict.amp)
+
+
+def make_prediction(full: np.ndarray, postprocessor: PostProcessor) -> Prediction:
+    """The prediction of one image from its (ensemble) probabilities at its original size: the one place both
+    predictors post-process."""
+    return Prediction(probs=full, mask=postprocessor(full))
+
+
+def check_images(images: Sequence[np.ndarray]) -> None:
+    """Refuse anything but non-empty 2-D uint8 grey images.
+
+    Raises:
+        DataError: names the first image that is not one.
+    """
+    for index, image in enumerate(images):
+        if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 2 or not image.size:
+            described = f"{image.dtype} {image.shape}" if isinstance(image, np.ndarray) else type(image).__name__
+            raise DataError(f"image {index}: expected a non-empty 2-D uint8 grey image, got {described}")
+
+
+def _batch_of_size(batches: Mapping[int, np.ndarray | torch.Tensor], size: int) -> np.ndarray | torch.Tensor:
+    try:
+        return batches[size]
+    except KeyError:
+        raise DataError(f"no prepared images of {size} px among the batches given (sizes {sorted(batches)}); "
+                        f"give the PNGs of 01_convert/images_{size}/ too") from None
+
+
+class EnsemblePredictor:
+    """Experiments blended: each member's predictor (its folds, TTA, image size and resizing) gives probabilities
+    at each image's original size, which are averaged there with the weights and post-processed once.
+
+    Args:
+        members: one :class:`Predictor` per member experiment, on one device (their post-processors are unused).
+        weights: one positive weight per member (scaled to sum to 1).
+        postprocessor: the blend's post-processing (stage 04's choice on the blended OOF maps).
+        names: the members' experiment names, for the record.
+
+    Raises:
+        ValueError: no members, or as many names or weights as members there are not.
+        ConfigError: a weight that is not positive.
+    """
+
+    def __init__(self, members: Sequence[Predictor], weights: Sequence[float], postprocessor: PostProcessor,
+                 names: Sequence[str] | None = None) -> None:
+        if not members:
+            raise ValueError("an EnsemblePredictor needs at least one member")
+        names = list(names) if names is not None else [f"member{k}" for k in range(len(members))]
+        if len(weights) != len(members) or len(names) != len(members):
+            raise ValueError(f"{len(members)} members, {len(weights)} weights and {len(names)} names")
+        normalized_weights(weights)
+        self.members, self.weights, self.names = list(members), [float(w) for w in weights], names
+        self.postprocessor = postprocessor
+
+    @property
+    def models(self) -> list[FoldModel]:
+        """Every member's fold models, member by member."""
+        return [model for member in self.members for model in member.models]
+
+    @property
+    def n_views(self) -> int:
+        """Forward passes per image: every member's models times its TTA views."""
+        return sum(member.n_views for member in self.members)
+
+    @property
+    def image_sizes(self) -> tuple[int, ...]:
+        """The square sizes of the prepared images :meth:`predict_prepared` takes, one per distinct member size."""
+        return tuple(sorted({member.image_size for member in self.members}))
+
+    @property
+    def image_size(self) -> int:
+        """The largest member size: a side at which an image reaches every member without being enlarged."""
+        return max(self.image_sizes)
+
+    @property
+    def device(self) -> torch.device:
+        return self.members[0].device
+
+    def predict(self, images: Sequence[np.ndarray]) -> list[Prediction]:
+        """Predict images of any size, as :meth:`Predictor.predict` does, with every member."""
+        check_images(images)
+        return self._blend([member.probabilities(images) for member in self.members])
+
+    def predict_prepared(self, images: Mapping[int, np.ndarray | torch.Tensor],
+                         original_shapes: Sequence[tuple[int, int]]) -> list[Prediction]:
+        """Predict prepared images: ``images`` maps each of :attr:`image_sizes` to the batch of the same images at
+        that size (stage 01's PNGs); otherwise as :meth:`Predictor.predict_prepared`."""
+        return self._blend([member.probabilities_prepared(images, original_shapes) for member in self.members])
+
+    def _blend(self, per_member: list[list[np.ndarray]]) -> list[Prediction]:
+        """Per image, the members' maps (each already at the image's size) blended, then post-processed."""
+        return [make_prediction(blend_maps(maps, self.weights, *maps[0].shape), self.postprocessor)
+                for maps in zip(*per_member)]
+
+    @classmethod
+    def from_experiments(cls, members: Sequence[tuple[DictConfig, float]], postprocessor: PostProcessor,
+                         device: str | torch.device | None = None) -> "EnsemblePredictor":
+        """The ensemble of experiments' outputs, each loaded by :meth:`Predictor.from_experiment` (its folds, TTA,
+        resizing and batch size).
+
+        Args:
+            members: each member's resolved config and weight.
+            postprocessor: the blend's post-processing.
+            device: as for :meth:`Predictor.from_experiment`; default the first member's ``predict.device``.
+        """
+        if not isinstance(device, torch.device):
+            device = resolve_device(str(device or members[0][0].predict.device))
+        predictors = [Predictor.from_experiment(cfg, device, postprocessor) for cfg, _ in members]
+        return cls(predictors, [weight for _, weight in members], postprocessor,
+                   [str(cfg.experiment) for cfg, _ in members])
 
 
 _SOURCES = {
