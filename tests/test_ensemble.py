@@ -23,6 +23,7 @@ from pneumoseg.data.blend import blend_maps, weighted_mean
 from pneumoseg.data.labels import ImageLabels
 from pneumoseg.data.probstore import ProbabilityWriter
 from pneumoseg.errors import ConfigError, DataError
+from pneumoseg.evaluation import leaderboard
 from pneumoseg.evaluation.metrics import dice_per_image
 from pneumoseg.inference.predictor import EnsemblePredictor, Predictor
 from pneumoseg.io import read_png, write_csv, write_json, write_text
@@ -337,3 +338,29 @@ def test_a_package_member_with_a_bad_weight_is_refused(trained_ensemble):
     write_text(copy / "manifest.json", json.dumps(manifest))
     with pytest.raises(DataError, match="each exactly once"):
         package_format.load_package(copy, device="cpu")
+
+
+def test_the_leaderboard_lists_the_ensemble_with_its_members_sums(trained_ensemble, tmp_path):
+    cfg, members = trained_ensemble
+    for member, seconds in zip(members, (60.0, 30.0)):
+        StageRecord("03_train", layout.train_dir(member.cfg), member.cfg, ()).finish(
+            {"fold_summaries": {"0": {"seconds": seconds}, "1": {"seconds": seconds}}})
+        _finish(layout.search_dir(member.cfg), member.cfg, {"oof_score": 0.7, "nested_score": 0.6})
+    _finish(layout.search_dir(cfg), cfg, {"oof_score": 0.8, "nested_score": 0.75, "members": ["tiny_a", "tiny_b"]})
+    runs = {run.name: run for run in leaderboard.collect(tmp_path / "output")}
+    assert set(runs) == {"tiny_a", "tiny_b", "tiny_ensemble"}
+    whole, a, b = runs["tiny_ensemble"], runs["tiny_a"], runs["tiny_b"]
+    assert whole.members == ["tiny_a", "tiny_b"] and not a.members
+    assert whole.train_seconds == 180.0 == a.train_seconds + b.train_seconds
+    assert whole.parameters == a.parameters + b.parameters and whole.parameters > 0
+    assert whole.checkpoint_bytes == a.checkpoint_bytes + b.checkpoint_bytes
+    assert "tiny_a: best, 1 per fold, 2 folds" in whole.checkpoints
+    table = leaderboard.markdown(leaderboard.sort_runs(runs.values()))
+    assert table.index("tiny_ensemble (ensemble: tiny_a + tiny_b)") < table.index("| tiny_a |")
+
+
+def _finish(folder: Path, cfg, summary: dict) -> None:
+    """A finished stage 04 record (its config.yaml and done.json) with ``summary``."""
+    record = StageRecord("04_search", folder, cfg, ())
+    record.start()
+    record.finish({**summary, "chosen": THRESHOLD})

@@ -63,6 +63,7 @@ _PACKAGE = "06_package"
 _FOLDS = "folds.csv"
 _FOLD = "fold"
 _MASKS = "masks_"
+_ENSEMBLE = "ensemble.json"
 
 
 def _prepared(where: Where) -> Path:
@@ -199,8 +200,13 @@ def thresholds_path(cfg: DictConfig) -> Path:
 
 def ensemble_path(cfg: DictConfig) -> Path:
     """Stage 04's ``ensemble.json`` on an ensemble config: every member and pair scored, and the members chosen
-    (read by stages 05 and 06)."""
-    return search_dir(cfg) / "ensemble.json"
+    (read by stages 05 and 06 and the leaderboard)."""
+    return search_dir(cfg) / _ENSEMBLE
+
+
+def ensemble_path_in(run_folder: str | os.PathLike) -> Path:
+    """The ``ensemble.json`` of a run folder found on disk (``paths.experiment_dir`` of some config)."""
+    return Path(run_folder) / _SEARCH / _ENSEMBLE
 
 
 def oof_report_path(cfg: DictConfig) -> Path:
