@@ -302,18 +302,25 @@ class EnsemblePredictor:
     def predict(self, images: Sequence[np.ndarray]) -> list[Prediction]:
         """Predict images of any size, as :meth:`Predictor.predict` does, with every member."""
         check_images(images)
-        return self._blend([member.probabilities(images) for member in self.members])
+        full_maps = self._blend([member.probabilities(images) for member in self.members])
+        return [make_prediction(full, self.postprocessor) for full in full_maps]
 
     def predict_prepared(self, images: Mapping[int, np.ndarray | torch.Tensor],
                          original_shapes: Sequence[tuple[int, int]]) -> list[Prediction]:
         """Predict prepared images: ``images`` maps each of :attr:`image_sizes` to the batch of the same images at
         that size (stage 01's PNGs); otherwise as :meth:`Predictor.predict_prepared`."""
+        full_maps = self.probabilities_prepared(images, original_shapes)
+        return [make_prediction(full, self.postprocessor) for full in full_maps]
+
+    def probabilities_prepared(self, images: Mapping[int, np.ndarray | torch.Tensor],
+                               original_shapes: Sequence[tuple[int, int]]) -> list[np.ndarray]:
+        """The blended probabilities of prepared images at their original sizes, before the post-processing;
+        arguments as for :meth:`predict_prepared`."""
         return self._blend([member.probabilities_prepared(images, original_shapes) for member in self.members])
 
-    def _blend(self, per_member: list[list[np.ndarray]]) -> list[Prediction]:
-        """Per image, the members' maps (each already at the image's size) blended, then post-processed."""
-        return [make_prediction(blend_maps(maps, self.weights, *maps[0].shape), self.postprocessor)
-                for maps in zip(*per_member)]
+    def _blend(self, per_member: list[list[np.ndarray]]) -> list[np.ndarray]:
+        """Per image, the members' maps (each already at the image's size) blended."""
+        return [blend_maps(maps, self.weights, *maps[0].shape) for maps in zip(*per_member)]
 
     @classmethod
     def from_experiments(cls, members: Sequence[tuple[DictConfig, float]], postprocessor: PostProcessor,
