@@ -364,3 +364,12 @@ def _finish(folder: Path, cfg, summary: dict) -> None:
     record = StageRecord("04_search", folder, cfg, ())
     record.start()
     record.finish({**summary, "chosen": THRESHOLD})
+
+
+def test_the_shipped_ensembles_load_with_their_members():
+    demo = ensemble_members(load_config(ROOT / "configs" / "demo_ensemble.yaml"))
+    assert [(m.name, m.cfg.model.params.encoder_name) for m in demo] == [("demo", "tu-resnet10t"),
+                                                                         ("demo_b", "mobilenet_v2")]
+    sneddy = ensemble_members(load_config(ROOT / "configs" / "siim_sneddy_1st_ensemble.yaml"))
+    assert [m.weight for m in sneddy] == [0.4, 0.2, 0.2, 0.2]
+    assert len({str(m.cfg.paths.prepared_dir) for m in sneddy}) == 1
