@@ -89,9 +89,10 @@ def _input_facts(cfg: DictConfig, test_labels: Path) -> dict[str, Any]:
              test_labels]
     if not is_ensemble(cfg):
         return _file_facts(_checkpoint_files(cfg) + files)
-    members = {m.name: fingerprint(m.cfg, SECTIONS) for m in ensemble.chosen_members(cfg)}
-    checkpoints = [path for m in ensemble.chosen_members(cfg) for path in _checkpoint_files(m.cfg)]
-    return {"members": members, **_file_facts(checkpoints + files + [layout.ensemble_path(cfg)])}
+    members = ensemble.chosen_members(cfg)
+    checkpoints = [path for m in members for path in _checkpoint_files(m.cfg)]
+    return {"members": {m.name: fingerprint(m.cfg, SECTIONS) for m in members},
+            **_file_facts(checkpoints + files + [layout.ensemble_path(cfg)])}
 
 
 def build_predictor(cfg: DictConfig, device: str | None = None) -> Predictor | EnsemblePredictor:
@@ -177,7 +178,8 @@ def predict_rles(predictor: Predictor | EnsemblePredictor, images_dirs: Mapping[
     encoded, positive = [], 0
     with tqdm(total=len(ids), desc="test images", unit="img") as progress:
         for batches in zip(*loaders.values()):
-            batch = dict(zip(loaders, batches))
+            # A single experiment takes its one batch as it is; an ensemble takes the batch of each member size.
+            batch = batches[0] if isinstance(predictor, Predictor) else dict(zip(loaders, batches))
             batch_ids = ids[len(encoded):len(encoded) + len(batches[0])]
             for prediction in predictor.predict_prepared(batch, [sizes[i] for i in batch_ids]):
                 encoded.append(prediction.rle(settings.fmt))
