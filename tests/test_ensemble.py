@@ -322,7 +322,7 @@ def test_package_and_server_round_trip_on_the_ensemble(trained_ensemble, tmp_pat
     assert answer["EncodedPixels"] == expected.rle() and answer["model"]["version"] == manifest["version"]
 
 
-def test_a_package_member_with_a_bad_weight_is_refused(trained_ensemble):
+def test_a_package_member_with_a_bad_weight_or_other_files_is_refused(trained_ensemble):
     cfg, _ = trained_ensemble
     package_stage.run(cfg)
     with package_format.open_package(layout.package_path(cfg)) as folder:
@@ -343,18 +343,21 @@ def test_a_package_member_with_a_bad_weight_is_refused(trained_ensemble):
 def test_the_leaderboard_lists_the_ensemble_with_its_members_sums(trained_ensemble, tmp_path):
     cfg, members = trained_ensemble
     for member, seconds in zip(members, (60.0, 30.0)):
-        StageRecord("03_train", layout.train_dir(member.cfg), member.cfg, ()).finish(
-            {"fold_summaries": {"0": {"seconds": seconds}, "1": {"seconds": seconds}}})
-        _finish(layout.search_dir(member.cfg), member.cfg, {"oof_score": 0.7, "nested_score": 0.6})
+        record = StageRecord("03_train", layout.train_dir(member.cfg), member.cfg, ())
+        record.start()
+        record.finish({"fold_summaries": {"0": {"seconds": seconds}, "1": {"seconds": seconds}}})
+    # A member without a stage 04 of its own is still summed into the ensemble; with one it is listed too.
+    _finish(layout.search_dir(members[0].cfg), members[0].cfg, {"oof_score": 0.7, "nested_score": 0.6})
     _finish(layout.search_dir(cfg), cfg, {"oof_score": 0.8, "nested_score": 0.75, "members": ["tiny_a", "tiny_b"]})
     runs = {run.name: run for run in leaderboard.collect(tmp_path / "output")}
-    assert set(runs) == {"tiny_a", "tiny_b", "tiny_ensemble"}
-    whole, a, b = runs["tiny_ensemble"], runs["tiny_a"], runs["tiny_b"]
+    assert set(runs) == {"tiny_a", "tiny_ensemble"}
+    whole, a = runs["tiny_ensemble"], runs["tiny_a"]
     assert whole.members == ["tiny_a", "tiny_b"] and not a.members
-    assert whole.train_seconds == 180.0 == a.train_seconds + b.train_seconds
-    assert whole.parameters == a.parameters + b.parameters and whole.parameters > 0
-    assert whole.checkpoint_bytes == a.checkpoint_bytes + b.checkpoint_bytes
-    assert "tiny_a: best, 1 per fold, 2 folds" in whole.checkpoints
+    assert whole.train_seconds == 180.0 == a.train_seconds + 60.0
+    b_files = sorted(layout.train_dir(members[1].cfg).rglob("best_*.pt"))
+    assert whole.parameters == 2 * a.parameters > 0                 # the members share an architecture
+    assert whole.checkpoint_bytes == a.checkpoint_bytes + sum(f.stat().st_size for f in b_files)
+    assert "tiny_a: best, 1 per fold, 2 folds + tiny_b: best, 1 per fold, 2 folds" == whole.checkpoints
     table = leaderboard.markdown(leaderboard.sort_runs(runs.values()))
     assert table.index("tiny_ensemble (ensemble: tiny_a + tiny_b)") < table.index("| tiny_a |")
 

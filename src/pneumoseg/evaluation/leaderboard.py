@@ -141,7 +141,8 @@ def _read_ensemble(run: Run, folder: Path) -> None:
         member_folder = folders[name] if folders[name].is_dir() else folder.parent / name
         member = Run(name=name, folder=member_folder, nested_score=None, oof_score=0.0,
                      train_seconds=_train_seconds(member_folder))
-        _read_models(member, member_folder)
+        # A member needs no stage 04 of its own: its stage 03 config says what it predicts with.
+        _read_models(member, member_folder, _TRAIN)
         parts.append(member)
     run.checkpoints = " + ".join(f"{m.name}: {m.checkpoints or 'n/a'}" for m in parts)
     for key in ("train_seconds", "parameters", "checkpoint_bytes"):
@@ -157,9 +158,10 @@ def _block_text(block: dict | None) -> str:
     return f"{block.get('name')} ({params})"
 
 
-def _read_models(run: Run, folder: Path) -> None:
-    """Fill in the checkpoints the run predicts with, their bytes and one network's parameters."""
-    config = folder / _SEARCH / "config.yaml"
+def _read_models(run: Run, folder: Path, stage: str = _SEARCH) -> None:
+    """Fill in the checkpoints the run predicts with (as the ``predict`` section of ``stage``'s config says), their
+    bytes and one network's parameters."""
+    config = folder / stage / "config.yaml"
     if not config.is_file() or not (folder / _TRAIN).is_dir():
         return
     predict = OmegaConf.load(config).get("predict", {})
