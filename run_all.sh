@@ -3,8 +3,10 @@
 #
 #   bash run_all.sh [CONFIG] [--from NN] [--to NN] [--force] [key=value ...]
 #
-# CONFIG defaults to configs/demo.yaml. A stage whose outputs are complete for the same resolved config is
-# skipped (--force redoes it); a stage that fails stops the run; rerunning continues where it stopped.
+# CONFIG defaults to configs/demo.yaml. On an ensemble config, stage "03" runs stages 00-03 of every member not
+# trained yet (scripts/train_members.py), then 04-06 run on the ensemble. A stage whose outputs are complete for the
+# same resolved config is skipped (--force redoes it); a stage that fails stops the run; rerunning continues where
+# it stopped.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -18,7 +20,7 @@ while [ $# -gt 0 ]; do
     --from) FROM="$2"; shift 2 ;;
     --to) TO="$2"; shift 2 ;;
     --force) FORCE=(--force); shift ;;
-    -h|--help) sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *=*) OVERRIDES+=("$1"); shift ;;
     *.yaml|*.yml) CONFIG="$1"; shift ;;
     *) echo "run_all.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
@@ -38,6 +40,12 @@ STAGES=(
   "05 scripts/05_predict.py"
   "06 scripts/06_package_model.py"
 )
+# An ensemble config (an `ensemble` section) has no stages 00-03 of its own: its members' run instead (as "03").
+IS_ENSEMBLE=$("$PY" -c 'import sys; from pneumoseg.config import is_ensemble, load_config
+print(int(is_ensemble(load_config(sys.argv[1]))))' "$CONFIG" 2>/dev/null || echo 0)
+if [ "$IS_ENSEMBLE" = 1 ]; then
+  STAGES=("03 scripts/train_members.py" "${STAGES[@]:4}")
+fi
 
 started=$SECONDS
 todo=()

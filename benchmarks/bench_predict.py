@@ -16,6 +16,15 @@ predict the same ``--images`` random images at the config's size, ``predict.batc
 Each figure is the best of ``--repeats`` interleaved runs after a warm-up. Target: ensemble time per image at most
 1.1 x the reference's (the ensemble machinery adds at most 10%). Prints every figure and PASS/FAIL; exits 1 when
 the target fails on the CPU. On a GPU both run under the same autocast (``predict.amp``) and channels_last.
+
+``--members A.yaml B.yaml`` measures an ensemble of experiments instead (issue 12): 3 fold models of each member
+config at its own size, hflip; reference: the sum of the members' bare forward passes (each model on its member's
+prepared batches and their flips); ensemble:
+:meth:`pneumoseg.inference.predictor.EnsemblePredictor.probabilities_prepared`, i.e. every member's TTA
+probabilities brought back to ``--original`` px and blended there with the weights, as stage 05 does before the
+post-processing. Same target::
+
+    python benchmarks/bench_predict.py --members configs/demo.yaml configs/demo_b.yaml
 """
 from __future__ import annotations
 
@@ -28,17 +37,19 @@ import numpy as np
 import torch
 
 from pneumoseg.config import load_config, to_dict
+from pneumoseg.data.resize import resize_square
 from pneumoseg.modeling.normalize import normalize_from_model
 from pneumoseg.modeling.device import resolve_device
 from pneumoseg.inference.tta import TTA, FoldModel, predict_probs
 from pneumoseg.modeling.device import autocast
 from pneumoseg.modeling.models import build_model
 from pneumoseg.postprocess.strategies import Threshold
-from pneumoseg.inference.predictor import Predictor
+from pneumoseg.inference.predictor import EnsemblePredictor, Predictor
 
 ROOT = Path(__file__).resolve().parents[1]
 RATIO_TARGET = 1.1
 FOLDS = 5
+MEMBER_FOLDS = 3
 DEFAULT_CONFIGS = {"cpu": ROOT / "configs" / "demo.yaml", "cuda": ROOT / "configs" / "siim_unet_r34_512.yaml"}
 
 
@@ -69,6 +80,18 @@ def reference_seconds(models: list[FoldModel], inputs: list[tuple[torch.Tensor, 
     return time.perf_counter() - start
 
 
+def prepared_inputs(models: list[FoldModel], images: np.ndarray, batch: int,
+                    device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The normalised batches of ``images`` and their horizontal flips, on ``device``: the reference's inputs."""
+    memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    inputs = []
+    for start in range(0, len(images), batch):
+        x = models[0].normalize(torch.from_numpy(images[start:start + batch])).to(device)
+        inputs.append((x.contiguous(memory_format=memory_format),
+                       torch.flip(x, (-1,)).contiguous(memory_format=memory_format)))
+    return inputs
+
+
 def timed(fn) -> float:
     start = time.perf_counter()
     fn()
@@ -82,6 +105,8 @@ def main() -> int:
     parser.add_argument("--images", type=int, default=None, help="images predicted per run (default 32 cpu, 256 cuda)")
     parser.add_argument("--original", type=int, default=1024, help="original image size for the predictor figure")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of each; the best counts")
+    parser.add_argument("--members", nargs="+", default=None, metavar="CONFIG",
+                        help="member configs: measure an ensemble of experiments (3 folds each) instead")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args()
     config = args.config or DEFAULT_CONFIGS[args.device]
@@ -91,14 +116,11 @@ def main() -> int:
     size, batch, amp = int(cfg.data.image_size), int(cfg.predict.batch_size), cfg.predict.amp
     torch.backends.cudnn.benchmark = True
 
+    if args.members:
+        return ensemble_benchmark(args.members, args, count, device)
     models = fold_models(cfg, device)
     images = np.random.default_rng(0).integers(0, 256, (count, size, size), dtype=np.uint8)
-    memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
-    inputs = []
-    for start in range(0, count, batch):
-        x = models[0].normalize(torch.from_numpy(images[start:start + batch])).to(device)
-        inputs.append((x.contiguous(memory_format=memory_format),
-                       torch.flip(x, (-1,)).contiguous(memory_format=memory_format)))
+    inputs = prepared_inputs(models, images, batch, device)
     tta = TTA(hflip=True)
     predictor = Predictor(models, tta, Threshold(0.5, 0), batch_size=batch, amp=amp)
     shapes = [(args.original, args.original)] * count
@@ -129,6 +151,54 @@ def main() -> int:
           + (f", amp {amp}" if device.type == "cuda" else f", {torch.get_num_threads()} torch threads"))
     for name, seconds in per_image.items():
         print(f"  {name:32s}: {1000 * seconds:8.2f} ms/image  {1 / seconds:8.1f} images/s")
+    print(f"  ratio ensemble / reference: {ratio:.3f} (target <= {RATIO_TARGET})")
+    passed = ratio <= RATIO_TARGET
+    print("PASS" if passed else "FAIL")
+    return 0 if passed or device.type == "cuda" else 1
+
+
+def ensemble_benchmark(configs: list[str], args, count: int, device: torch.device) -> int:
+    """The ``--members`` benchmark (see the module docstring); returns the exit code."""
+    cfgs = [load_config(path) for path in configs]
+    tta = TTA(hflip=True)
+    members, references = [], []
+    rng = np.random.default_rng(0)
+    # The same images at each member's size, as stage 01 writes them for each size.
+    originals = rng.integers(0, 256, (count, args.original, args.original), dtype=np.uint8)
+    images = {}
+    for cfg in cfgs:
+        size, batch = int(cfg.data.image_size), int(cfg.predict.batch_size)
+        models = fold_models(cfg, device, MEMBER_FOLDS)
+        images[size] = np.stack([resize_square(image, size) for image in originals])
+        references.append((models, prepared_inputs(models, images[size], batch, device)))
+        members.append(Predictor(models, tta, Threshold(0.5, 0), batch_size=batch, amp=cfg.predict.amp))
+    ensemble = EnsemblePredictor(members, [1.0] * len(members), Threshold(0.5, 0), [str(c.experiment) for c in cfgs])
+    shapes = [(args.original, args.original)] * count
+    batch = int(cfgs[0].predict.batch_size)
+
+    def reference() -> float:
+        return sum(reference_seconds(models, inputs, cfg.predict.amp)
+                   for (models, inputs), cfg in zip(references, cfgs))
+
+    def blended():
+        for start in range(0, count, batch):
+            ensemble.probabilities_prepared({size: part[start:start + batch] for size, part in images.items()},
+                                            shapes[start:start + batch])
+
+    reference()  # warm-up
+    blended()
+    reference_s, ensemble_s = [], []
+    for _ in range(args.repeats):
+        reference_s.append(reference())
+        ensemble_s.append(timed(blended))
+    ratio = min(ensemble_s) / min(reference_s)
+    print(f"ensemble of {len(cfgs)} experiments ({', '.join(configs)}): "
+          + ", ".join(f"{c.model.params.encoder_name} at {c.data.image_size} px" for c in cfgs)
+          + f"; {MEMBER_FOLDS} folds x {len(tta.views())} views each, {count} images blended at {args.original} px, "
+          f"device {device}, {torch.get_num_threads()} torch threads")
+    print(f"  reference ({len(cfgs) * MEMBER_FOLDS * len(tta.views())} bare forward passes): "
+          f"{1000 * min(reference_s) / count:8.2f} ms/image")
+    print(f"  ensemble (TTA, back to {args.original} px, blend)     : {1000 * min(ensemble_s) / count:8.2f} ms/image")
     print(f"  ratio ensemble / reference: {ratio:.3f} (target <= {RATIO_TARGET})")
     passed = ratio <= RATIO_TARGET
     print("PASS" if passed else "FAIL")

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -47,6 +49,8 @@ def load_config(path: str | os.PathLike = DEFAULT_CONFIG, overrides: Sequence[st
     except OmegaConfBaseException as exc:
         raise ConfigError(f"config {path}: {exc}") from None
     OmegaConf.set_readonly(cfg, True)
+    if is_ensemble(cfg):
+        ensemble_members(cfg, origin=str(path))  # a bad member fails now, naming this file
     return cfg
 
 
@@ -180,3 +184,84 @@ def to_dict(node) -> dict:
     if node is None:
         return {}
     return OmegaConf.to_container(node, resolve=True)
+
+
+@dataclass(frozen=True)
+class EnsembleMember:
+    """One member experiment of an ensemble config.
+
+    Attributes:
+        cfg: the member's resolved config (its file, with its ``overrides``).
+        weight: its weight in the blend (positive; the blend scales the weights to sum to 1).
+        name: its ``experiment`` name.
+    """
+
+    cfg: DictConfig
+    weight: float
+    name: str
+
+
+_MEMBER_KEYS = ("config", "weight", "overrides")
+
+
+def is_ensemble(cfg: DictConfig) -> bool:
+    """True when ``cfg`` blends other experiments: its ``ensemble`` section is set."""
+    return cfg.get("ensemble") is not None
+
+
+def ensemble_members(cfg: DictConfig, origin: str | None = None) -> list[EnsembleMember]:
+    """The members of an ensemble config: ``ensemble.members``, a list of ``{config, weight, overrides}``.
+
+    ``config`` is a normal experiment file (any architecture and image size), relative to the directory you run
+    from (the project root), like every path of a config, or absolute; ``weight`` defaults to 1; ``overrides`` is
+    a list of ``key=value`` strings applied to that member.
+
+    Args:
+        cfg: the ensemble's resolved config.
+        origin: the ensemble's file, for messages (default: its experiment name).
+
+    Raises:
+        ConfigError: fewer than two members, a member entry that is not such a mapping, a member file that is
+            missing or bad, a weight that is not a positive number, a member that is an ensemble itself, or two
+            members (or a member and the ensemble) with one experiment folder.
+    """
+    where = origin or f"the ensemble config of experiment {cfg.get('experiment')!r}"
+    entries = to_dict(cfg.ensemble.get("members"))
+    if not isinstance(entries, list) or len(entries) < 2:
+        raise ConfigError(f"{where}: ensemble.members must list at least two member experiments, e.g. "
+                          f"[{{config: configs/demo.yaml, weight: 1}}, {{config: configs/demo_b.yaml, weight: 1}}]")
+    members, folders = [], {str(cfg.paths.experiment_dir): f"the ensemble {cfg.experiment!r}"}
+    for index, entry in enumerate(entries):
+        key = f"{where}: ensemble.members[{index}]"
+        member = _member(entry, key)
+        folder = str(member.cfg.paths.experiment_dir)
+        if folder in folders:
+            raise ConfigError(f"{key} ({member.name}) writes to {folder}, as {folders[folder]} does; give each "
+                              f"member its own experiment name")
+        folders[folder] = f"member {member.name!r}"
+        members.append(member)
+    return members
+
+
+def _member(entry, key: str) -> EnsembleMember:
+    """One ``{config, weight, overrides}`` entry of ``ensemble.members``, loaded; see :func:`ensemble_members`."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("config"), str) or set(entry) - set(_MEMBER_KEYS):
+        raise ConfigError(f"{key} must be a mapping with a config file and optionally weight and overrides "
+                          f"(keys {', '.join(_MEMBER_KEYS)}), got {entry!r}")
+    path = Path(entry["config"])
+    if not path.is_file():
+        raise ConfigError(f"{key}: member config {path} not found (member paths are relative to the project root, "
+                          f"like configs/demo.yaml); fix the path or create the member's experiment file")
+    weight = entry.get("weight", 1)
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight <= 0:
+        raise ConfigError(f"{key}: weight must be a positive number, got {weight!r}")
+    overrides = entry.get("overrides") or []
+    if not isinstance(overrides, list) or not all(isinstance(item, str) for item in overrides):
+        raise ConfigError(f"{key}: overrides must be a list of key=value strings, got {overrides!r}")
+    try:
+        member_cfg = load_config(path, overrides)
+    except ConfigError as exc:
+        raise ConfigError(f"{key}: {exc}") from None
+    if is_ensemble(member_cfg):
+        raise ConfigError(f"{key}: {path} is an ensemble itself; list its members in this ensemble instead")
+    return EnsembleMember(member_cfg, float(weight), str(member_cfg.experiment))

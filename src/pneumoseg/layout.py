@@ -29,6 +29,7 @@ SageMaker's model folder); those inside one fold take the fold's folder::
                                           each laid out like the fold folder (best_<rank>.pt, checkpoints.csv, oof/)
         04_search/                        search_dir: stage 04, pneumoseg.stages.search
             thresholds.json               thresholds_path
+            ensemble.json                 ensemble_path: an ensemble's members and pairs scored, and its choice
             oof_report.json               oof_report_path
             candidates.csv, per_image.csv, oof_report.md, plots/
         05_predict/                       predict_dir: stage 05, pneumoseg.stages.predict
@@ -62,6 +63,7 @@ _PACKAGE = "06_package"
 _FOLDS = "folds.csv"
 _FOLD = "fold"
 _MASKS = "masks_"
+_ENSEMBLE = "ensemble.json"
 
 
 def _prepared(where: Where) -> Path:
@@ -194,6 +196,17 @@ def search_dir(cfg: DictConfig) -> Path:
 def thresholds_path(cfg: DictConfig) -> Path:
     """Stage 04's chosen post-processing (read by inference and packaged for the server)."""
     return search_dir(cfg) / "thresholds.json"
+
+
+def ensemble_path(cfg: DictConfig) -> Path:
+    """Stage 04's ``ensemble.json`` on an ensemble config: every member and pair scored, and the members chosen
+    (read by stages 05 and 06 and the leaderboard)."""
+    return search_dir(cfg) / _ENSEMBLE
+
+
+def ensemble_path_in(run_folder: str | os.PathLike) -> Path:
+    """The ``ensemble.json`` of a run folder found on disk (``paths.experiment_dir`` of some config)."""
+    return Path(run_folder) / _SEARCH / _ENSEMBLE
 
 
 def oof_report_path(cfg: DictConfig) -> Path:

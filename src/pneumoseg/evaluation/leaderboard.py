@@ -12,6 +12,10 @@ and, once they exist, an ensemble of experiments are listed alike. For each run 
 * the checkpoints the run predicts with (``predict.checkpoints`` and ``predict.top_k`` of the config stage 04 ran
   with): the parameters of one network and the bytes of all of them.
 
+An ensemble of experiments (its ``04_search/ensemble.json``) is listed with the members stage 04 chose: its training
+time, parameters (one network of each member) and checkpoint bytes are the sums over those members, read from the
+members' own folders.
+
 Runs are sorted by nested score, best first (runs without one, a single fold, last, by OOF score). A folder whose
 records are unreadable is left out with a warning naming the file. Written: ``leaderboard.md`` (the table) and
 ``leaderboard.png`` (nested score, each fold's nested score and the OOF and test scores per run).
@@ -57,6 +61,7 @@ class Run:
         checkpoints: which checkpoints it predicts with, e.g. ``best, 2 per fold, 5 folds``.
         train_seconds: the sum of the folds' training times.
         parameters: parameters of one network; checkpoint_bytes: bytes of all the checkpoints it predicts with.
+        members: an ensemble's chosen members (empty for a single experiment).
     """
 
     name: str
@@ -70,6 +75,7 @@ class Run:
     train_seconds: float | None = None
     parameters: int | None = None
     checkpoint_bytes: int | None = None
+    members: list[str] = field(default_factory=list)
 
     @property
     def spread(self) -> float | None:
@@ -107,11 +113,41 @@ def read_run(folder: str | os.PathLike) -> Run:
               postprocess=_block_text(search.get("chosen")))
     predict = _summary(folder, _PREDICT) or {}
     run.test_score = predict.get("test_score")
+    if layout.ensemble_path_in(folder).is_file():
+        _read_ensemble(run, folder)
+    else:
+        run.train_seconds = _train_seconds(folder)
+        _read_models(run, folder)
+    return run
+
+
+def _train_seconds(folder: Path) -> float | None:
+    """The sum of the folds' training times of a run folder (None when not every fold recorded one)."""
     train = _summary(folder, _TRAIN) or {}
     seconds = [f.get("seconds") for f in train.get("fold_summaries", {}).values()]
-    run.train_seconds = float(sum(seconds)) if seconds and None not in seconds else None
-    _read_models(run, folder)
-    return run
+    return float(sum(seconds)) if seconds and None not in seconds else None
+
+
+def _read_ensemble(run: Run, folder: Path) -> None:
+    """Fill in an ensemble's chosen members and, from their own folders, the sums of their training times,
+    parameters and checkpoint bytes (None when a member's is unknown)."""
+    choice = layout.ensemble_path_in(folder)
+    content = read_json(choice, f"{choice} is missing", "rerun scripts/04_search_thresholds.py")
+    folders = {m["name"]: Path(m["experiment_dir"]) for m in content["members"]}
+    run.members = list(content["chosen"]["members"])
+    parts = []
+    for name in run.members:
+        # A folder recorded relative to where stage 04 ran; the member usually sits beside the ensemble.
+        member_folder = folders[name] if folders[name].is_dir() else folder.parent / name
+        member = Run(name=name, folder=member_folder, nested_score=None, oof_score=0.0,
+                     train_seconds=_train_seconds(member_folder))
+        # A member needs no stage 04 of its own: its stage 03 config says what it predicts with.
+        _read_models(member, member_folder, _TRAIN)
+        parts.append(member)
+    run.checkpoints = " + ".join(f"{m.name}: {m.checkpoints or 'n/a'}" for m in parts)
+    for key in ("train_seconds", "parameters", "checkpoint_bytes"):
+        values = [getattr(m, key) for m in parts]
+        setattr(run, key, None if None in values else sum(values))
 
 
 def _block_text(block: dict | None) -> str:
@@ -122,9 +158,10 @@ def _block_text(block: dict | None) -> str:
     return f"{block.get('name')} ({params})"
 
 
-def _read_models(run: Run, folder: Path) -> None:
-    """Fill in the checkpoints the run predicts with, their bytes and one network's parameters."""
-    config = folder / _SEARCH / "config.yaml"
+def _read_models(run: Run, folder: Path, stage: str = _SEARCH) -> None:
+    """Fill in the checkpoints the run predicts with (as the ``predict`` section of ``stage``'s config says), their
+    bytes and one network's parameters."""
+    config = folder / stage / "config.yaml"
     if not config.is_file() or not (folder / _TRAIN).is_dir():
         return
     predict = OmegaConf.load(config).get("predict", {})
@@ -174,7 +211,8 @@ def markdown(runs: Sequence[Run], plot_name: str | None = None) -> str:
              "Sorted by the nested estimate (the post-processing chosen on the other folds, scored on each "
              "held-out fold): the score to expect on new images. Fold spread: standard deviation [min, max] of "
              "the folds' nested scores. Test: the submission's score where held-out labels exist. Training: the "
-             "sum of the folds' times.", ""]
+             "sum of the folds' times. An ensemble lists the members it chose; its training time, parameters (one "
+             "network per member) and checkpoints are its members' summed.", ""]
     if plot_name:
         lines += [f"![nested score per run]({plot_name})", ""]
     lines += ["| # | run | nested | OOF | fold spread | test | post-processing | checkpoints | training | "
@@ -185,7 +223,8 @@ def markdown(runs: Sequence[Run], plot_name: str | None = None) -> str:
             f"{run.spread:.4f} [{min(run.fold_scores):.4f}, {max(run.fold_scores):.4f}]"
         parameters = "n/a" if run.parameters is None else f"{run.parameters / 1e6:.2f} M"
         size = "n/a" if run.checkpoint_bytes is None else f"{run.checkpoint_bytes / 1e6:.1f}"
-        lines.append(f"| {rank} | {run.name} | {_fmt(run.nested_score)} | {_fmt(run.oof_score)} | {spread} | "
+        name = f"{run.name} (ensemble: {' + '.join(run.members)})" if run.members else run.name
+        lines.append(f"| {rank} | {name} | {_fmt(run.nested_score)} | {_fmt(run.oof_score)} | {spread} | "
                      f"{_fmt(run.test_score)} | {run.postprocess} | {run.checkpoints or 'n/a'} | "
                      f"{_duration(run.train_seconds)} | {parameters} | {size} |")
     if not runs:

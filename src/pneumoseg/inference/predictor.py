@@ -15,13 +15,20 @@ its stage-01 PNG give the same masks. The averaged probabilities are brought bac
 head give each image a gate probability, averaged like the maps, which the post-processing receives (a ``gated``
 strategy empties an image below its threshold) and the prediction reports.
 
+An ensemble of experiments (:class:`EnsemblePredictor`) is a :class:`Predictor` per member, each with its own folds,
+TTA and image size: each member's probabilities are brought back to the image's size, blended there with the
+members' weights (:func:`pneumoseg.data.blend.blend_maps`, the blend stage 04 searched on), and post-processed once::
+
+    ensemble = EnsemblePredictor.from_experiments([(cfg_a, 1.0), (cfg_b, 1.0)], postprocessor)
+    [prediction] = ensemble.predict([pixels])
+
 Memory grows with the number of images passed in one call (a full-size probability map each): stream large sets
 through in batches.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -31,6 +38,7 @@ from omegaconf import DictConfig
 from pneumoseg import layout
 
 from pneumoseg.data import rle
+from pneumoseg.data.blend import blend_gates, blend_maps, normalized_weights
 from pneumoseg.modeling.device import resolve_device
 from pneumoseg.errors import ConfigError, DataError
 from pneumoseg.data.resize import resize_probabilities, resize_square
@@ -101,10 +109,7 @@ class Predictor:
                             f"at one size, so retrain the folds at one train.image_size")
         if batch_size < 1:
             raise ConfigError(f"the prediction batch size must be at least 1, got {batch_size}")
-        if postprocessor.needs_gate and not any(has_gate(m.net) for m in models):
-            raise ConfigError(f"the post-processing {postprocessor.to_block()} needs a gate probability, but no model "
-                              f"has the gate head: retrain with model.params.aux_params and loss.gate_weight, or "
-                              f"search without search.gate_thresholds")
+        check_gate(postprocessor, models)
         self.models = list(models)
         self.tta = tta
         self.postprocessor = postprocessor
@@ -120,6 +125,11 @@ class Predictor:
     @property
     def device(self) -> torch.device:
         return next(self.models[0].net.parameters()).device
+
+    @property
+    def image_sizes(self) -> tuple[int, ...]:
+        """The square sizes of the prepared images :meth:`predict_prepared` takes (one here)."""
+        return (self.image_size,)
 
     @property
     def n_views(self) -> int:
@@ -138,41 +148,51 @@ class Predictor:
         Raises:
             DataError: an image that is not a non-empty 2-D uint8 array.
         """
-        for index, image in enumerate(images):
-            if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 2 or not image.size:
-                described = f"{image.dtype} {image.shape}" if isinstance(image, np.ndarray) else type(image).__name__
-                raise DataError(f"image {index}: expected a non-empty 2-D uint8 grey image, got {described}")
-        if not images:
-            return []
-        prepared = np.stack([resize_square(image, self.image_size, self.interpolation) for image in images])
-        return self.predict_prepared(prepared, [image.shape for image in images])
+        return make_predictions(*self.probabilities(images), self.postprocessor)
 
-    def predict_prepared(self, images: np.ndarray | torch.Tensor,
+    def predict_prepared(self, images: np.ndarray | torch.Tensor | Mapping[int, np.ndarray | torch.Tensor],
                          original_shapes: Sequence[tuple[int, int]]) -> list[Prediction]:
         """Predict images already resized to :attr:`image_size` (stage 01's PNGs).
 
         Args:
-            images: uint8 N x S x S, S = :attr:`image_size`.
+            images: uint8 N x S x S, S = :attr:`image_size`; or such batches by size (the one of S is used), as an
+                :class:`EnsemblePredictor` takes them.
             original_shapes: ``(rows, cols)`` of each image's original; predictions come back at that size.
 
         Raises:
             DataError: images of another size, or a shape count that differs from the image count.
         """
+        return make_predictions(*self.probabilities_prepared(images, original_shapes), self.postprocessor)
+
+    def probabilities(self, images: Sequence[np.ndarray]) -> tuple[list[np.ndarray], np.ndarray | None]:
+        """The ensemble probabilities of images of any size, each at its own size (float32 H x W), before the
+        post-processing, and each image's gate probability (float32 N; None when no model has the gate head);
+        arguments and errors as for :meth:`predict`."""
+        check_images(images)
+        if not images:
+            return [], None
+        prepared = np.stack([resize_square(image, self.image_size, self.interpolation) for image in images])
+        return self.probabilities_prepared(prepared, [image.shape for image in images])
+
+    def probabilities_prepared(self, images: np.ndarray | torch.Tensor | Mapping[int, np.ndarray | torch.Tensor],
+                               original_shapes: Sequence[tuple[int, int]]) -> tuple[list[np.ndarray], np.ndarray | None]:
+        """The probabilities of prepared images, each brought back to its original size, and their gate
+        probabilities, as :meth:`probabilities` gives them; arguments and errors as for :meth:`predict_prepared`."""
+        if isinstance(images, Mapping):
+            images = _batch_of_size(images, self.image_size)
         if tuple(images.shape[1:]) != (self.image_size, self.image_size):
             raise DataError(f"prepared images must be N x {self.image_size} x {self.image_size} (the models' size), "
                             f"got {tuple(images.shape)}; use the PNGs of 01_convert/images_{self.image_size}/")
         if len(original_shapes) != len(images):
             raise DataError(f"{len(images)} images but {len(original_shapes)} original shapes")
         probs, gates = predict_with_gate(self.models, images, self.tta, batch_size=self.batch_size, amp=self.amp)
-        predictions = []
-        for k, (small, (rows, cols)) in enumerate(zip(probs, original_shapes)):
-            full = resize_probabilities(small, int(rows), int(cols))
-            gate = None if gates is None else float(gates[k])
-            predictions.append(Prediction(probs=full, mask=self.postprocessor(full, gate), gate=gate))
-        return predictions
+        full_maps = [resize_probabilities(small, int(rows), int(cols))
+                     for small, (rows, cols) in zip(probs, original_shapes)]
+        return full_maps, gates
 
     @classmethod
-    def from_experiment(cls, cfg: DictConfig, device: str | torch.device | None = None) -> "Predictor":
+    def from_experiment(cls, cfg: DictConfig, device: str | torch.device | None = None,
+                        postprocessor: PostProcessor | None = None) -> "Predictor":
         """The predictor of an experiment's outputs.
 
         Models: the ``predict.top_k`` best checkpoints of the ``predict.checkpoints`` set (``best``, ``ema``,
@@ -185,6 +205,7 @@ class Predictor:
         Args:
             cfg: the resolved config.
             device: ``auto``, ``cpu``, ``cuda`` or a torch device; default ``predict.device``.
+            postprocessor: instead of the configured one (an ensemble member's is the ensemble's).
 
         Raises:
             ConfigError: ``predict.top_k`` below 1 or above ``train.keep_best``, a device that is not there, or a
@@ -205,9 +226,150 @@ class Predictor:
         folds = layout.select_folds(cfg.train.folds, pd.read_csv(folds_csv)["fold"].unique(), "train.folds",
                                     folds_csv)
         models = load_fold_models(folder, folds, top=top_k, device=device, checkpoints=str(predict.checkpoints))
-        return cls(models, TTA.from_config(cfg.get("tta")), configured_postprocessor(cfg),
+        return cls(models, TTA.from_config(cfg.get("tta")), postprocessor or configured_postprocessor(cfg),
                    interpolation=str(cfg.prepare.interpolation),
                    batch_size=int(predict.batch_size), amp=predict.amp)
+
+
+def make_predictions(full_maps: Sequence[np.ndarray], gates: np.ndarray | None,
+                     postprocessor: PostProcessor) -> list[Prediction]:
+    """The predictions of images from their (ensemble) probabilities at their original sizes and their gate
+    probabilities (None without a gate head): the one place both predictors post-process."""
+    predictions = []
+    for k, full in enumerate(full_maps):
+        gate = None if gates is None else float(gates[k])
+        predictions.append(Prediction(probs=full, mask=postprocessor(full, gate), gate=gate))
+    return predictions
+
+
+def check_gate(postprocessor: PostProcessor, models: Sequence[FoldModel]) -> None:
+    """Refuse a gated post-processing for models of which none has the gate head.
+
+    Raises:
+        ConfigError: names the strategy and the fix.
+    """
+    if postprocessor.needs_gate and not any(has_gate(m.net) for m in models):
+        raise ConfigError(f"the post-processing {postprocessor.to_block()} needs a gate probability, but no model "
+                          f"has the gate head: retrain with model.params.aux_params and loss.gate_weight, or "
+                          f"search without search.gate_thresholds")
+
+
+def check_images(images: Sequence[np.ndarray]) -> None:
+    """Refuse anything but non-empty 2-D uint8 grey images.
+
+    Raises:
+        DataError: names the first image that is not one.
+    """
+    for index, image in enumerate(images):
+        if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 2 or not image.size:
+            described = f"{image.dtype} {image.shape}" if isinstance(image, np.ndarray) else type(image).__name__
+            raise DataError(f"image {index}: expected a non-empty 2-D uint8 grey image, got {described}")
+
+
+def _batch_of_size(batches: Mapping[int, np.ndarray | torch.Tensor], size: int) -> np.ndarray | torch.Tensor:
+    try:
+        return batches[size]
+    except KeyError:
+        raise DataError(f"no prepared images of {size} px among the batches given (sizes {sorted(batches)}); "
+                        f"give the PNGs of 01_convert/images_{size}/ too") from None
+
+
+class EnsemblePredictor:
+    """Experiments blended: each member's predictor (its folds, TTA, image size and resizing) gives probabilities
+    at each image's original size, which are averaged there with the weights and post-processed once.
+
+    Args:
+        members: one :class:`Predictor` per member experiment, on one device (their post-processors are unused).
+        weights: one positive weight per member (scaled to sum to 1).
+        postprocessor: the blend's post-processing (stage 04's choice on the blended OOF maps).
+        names: the members' experiment names, for the record.
+
+    Raises:
+        ValueError: no members, or as many names or weights as members there are not.
+        ConfigError: a weight that is not positive.
+    """
+
+    def __init__(self, members: Sequence[Predictor], weights: Sequence[float], postprocessor: PostProcessor,
+                 names: Sequence[str] | None = None) -> None:
+        if not members:
+            raise ValueError("an EnsemblePredictor needs at least one member")
+        names = list(names) if names is not None else [f"member{k}" for k in range(len(members))]
+        if len(weights) != len(members) or len(names) != len(members):
+            raise ValueError(f"{len(members)} members, {len(weights)} weights and {len(names)} names")
+        normalized_weights(weights)
+        self.members, self.weights, self.names = list(members), [float(w) for w in weights], names
+        check_gate(postprocessor, self.models)
+        self.postprocessor = postprocessor
+
+    @property
+    def models(self) -> list[FoldModel]:
+        """Every member's fold models, member by member."""
+        return [model for member in self.members for model in member.models]
+
+    @property
+    def n_views(self) -> int:
+        """Forward passes per image: every member's models times its TTA views."""
+        return sum(member.n_views for member in self.members)
+
+    @property
+    def image_sizes(self) -> tuple[int, ...]:
+        """The square sizes of the prepared images :meth:`predict_prepared` takes, one per distinct member size."""
+        return tuple(sorted({member.image_size for member in self.members}))
+
+    @property
+    def image_size(self) -> int:
+        """The largest member size: a side at which an image reaches every member without being enlarged."""
+        return max(self.image_sizes)
+
+    @property
+    def device(self) -> torch.device:
+        return self.members[0].device
+
+    def predict(self, images: Sequence[np.ndarray]) -> list[Prediction]:
+        """Predict images of any size, as :meth:`Predictor.predict` does, with every member."""
+        check_images(images)
+        return make_predictions(*self._blend([member.probabilities(images) for member in self.members]),
+                                self.postprocessor)
+
+    def predict_prepared(self, images: Mapping[int, np.ndarray | torch.Tensor],
+                         original_shapes: Sequence[tuple[int, int]]) -> list[Prediction]:
+        """Predict prepared images: ``images`` maps each of :attr:`image_sizes` to the batch of the same images at
+        that size (stage 01's PNGs); otherwise as :meth:`Predictor.predict_prepared`."""
+        return make_predictions(*self.probabilities_prepared(images, original_shapes), self.postprocessor)
+
+    def probabilities_prepared(self, images: Mapping[int, np.ndarray | torch.Tensor],
+                               original_shapes: Sequence[tuple[int, int]]) -> tuple[list[np.ndarray], np.ndarray | None]:
+        """The blended probabilities of prepared images at their original sizes, before the post-processing, and
+        their blended gate probabilities; arguments as for :meth:`predict_prepared`."""
+        return self._blend([member.probabilities_prepared(images, original_shapes) for member in self.members])
+
+    def _blend(self, per_member: list[tuple[list[np.ndarray], np.ndarray | None]]
+               ) -> tuple[list[np.ndarray], np.ndarray | None]:
+        """Per image, the members' maps (each already at the image's size) blended; the gate probabilities of
+        the members that have a gate head blended with their weights (None when no member has one)."""
+        maps = [blend_maps(image_maps, self.weights, *image_maps[0].shape)
+                for image_maps in zip(*(member_maps for member_maps, _ in per_member))]
+        return maps, blend_gates([gates for _, gates in per_member], self.weights)
+
+    @classmethod
+    def from_experiments(cls, members: Sequence[tuple[DictConfig, float]], postprocessor: PostProcessor,
+                         device: str | torch.device | None = None) -> "EnsemblePredictor":
+        """The ensemble of experiments' outputs, each loaded by :meth:`Predictor.from_experiment` (its folds, TTA,
+        resizing and batch size).
+
+        Args:
+            members: each member's resolved config and weight.
+            postprocessor: the blend's post-processing.
+            device: as for :meth:`Predictor.from_experiment`; default the first member's ``predict.device``.
+        """
+        if not isinstance(device, torch.device):
+            device = resolve_device(str(device or members[0][0].predict.device))
+        # The members' own post-processors are never applied; a gated one would be refused for a member without
+        # the head although the blend has the other members' gate, so members get its mask strategy.
+        member_postprocessor = postprocessor.inner if postprocessor.needs_gate else postprocessor
+        predictors = [Predictor.from_experiment(cfg, device, member_postprocessor) for cfg, _ in members]
+        return cls(predictors, [weight for _, weight in members], postprocessor,
+                   [str(cfg.experiment) for cfg, _ in members])
 
 
 _SOURCES = {

@@ -1,6 +1,7 @@
-"""The images the threshold search reads: OOF probability stores with their truth decoded from the label file at
-each image's original size (an :class:`~pneumoseg.postprocess.search.ImageSource`), for stage 04 and its
-benchmark."""
+"""The images the threshold search reads (each an :class:`~pneumoseg.postprocess.search.ImageSource`): OOF
+probability stores with their truth decoded from the label file at each image's original size (:class:`OofImages`),
+for stage 04 and its benchmark, and the blend of several experiments' OOF maps (:class:`BlendedImages`), for stage
+04 on an ensemble."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -9,8 +10,9 @@ from typing import Iterator
 
 import numpy as np
 
+from pneumoseg.data.blend import blend_maps
 from pneumoseg.data.labels import ImageLabels
-from pneumoseg.data.probstore import PROBS_FILE
+from pneumoseg.data.probstore import PROBS_FILE, dequantize
 
 
 @dataclass
@@ -32,12 +34,15 @@ class OofImages:
         return len(self.labels)
 
     def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        row = 0
+        for row, levels in enumerate(self.maps()):
+            yield levels, self.truth(row)
+
+    def maps(self) -> Iterator[np.ndarray]:
+        """The uint8 OOF map of every image, in order (without decoding the truth)."""
         for folder, first, stop in self.ranges:
             maps = np.load(Path(folder) / PROBS_FILE, mmap_mode="r")
             for index in range(first, stop):
-                yield np.asarray(maps[index]), self.truth(row)
-                row += 1
+                yield np.asarray(maps[index])
 
     def truth(self, row: int) -> np.ndarray:
         """The boolean truth of image ``row`` at its original size."""
@@ -53,3 +58,40 @@ class OofImages:
                 ranges.append((folder, first + low - offset, first + high - offset))
             offset += last - first
         return OofImages(ranges, self.labels[start:stop], self.shapes[start:stop])
+
+
+@dataclass
+class BlendedImages:
+    """Several experiments' OOF maps of the same images, blended per image at its original size with
+    :func:`pneumoseg.data.blend.blend_maps` (each member's map dequantised and resized back there, as stage 05
+    resizes each member's test map), with the truth of the first member's images.
+
+    Args:
+        members: each member's :class:`OofImages`, listing the same images in the same order (maps of any size).
+        weights: one per member.
+
+    Raises:
+        ValueError: no members, a weight count that differs, or members with different image counts.
+    """
+
+    members: list[OofImages]
+    weights: list[float]
+
+    def __post_init__(self) -> None:
+        if not self.members or len(self.weights) != len(self.members):
+            raise ValueError(f"{len(self.members)} members for {len(self.weights)} weights")
+        if len({len(m) for m in self.members}) != 1:
+            raise ValueError(f"the members hold different numbers of images: {[len(m) for m in self.members]}")
+
+    def __len__(self) -> int:
+        return len(self.members[0])
+
+    def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        first = self.members[0]
+        for row, levels in enumerate(zip(*(m.maps() for m in self.members))):
+            truth = first.truth(row)
+            yield blend_maps([dequantize(m) for m in levels], self.weights, *truth.shape), truth
+
+    def part(self, start: int, stop: int) -> "BlendedImages":
+        """Images ``start .. stop - 1``."""
+        return BlendedImages([m.part(start, stop) for m in self.members], list(self.weights))

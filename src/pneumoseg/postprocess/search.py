@@ -64,17 +64,19 @@ class ImageSource(Protocol):
         """The number of images."""
 
     def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """``(levels, truth)`` of every image, in order: the uint8 OOF map (S x S) and the boolean truth at the
-        image's original size (H x W)."""
+        """``(levels, truth)`` of every image, in order: the uint8 OOF map (S x S), or float32 probabilities (an
+        ensemble's blend, :mod:`pneumoseg.data.blend`), and the boolean truth at the image's original size (H x W)."""
 
     def part(self, start: int, stop: int) -> "ImageSource":
         """Images ``start .. stop - 1`` as a source of their own."""
 
 
 def to_original(levels: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """An OOF map (uint8 levels) as float32 probabilities at its image's original ``shape``, brought there as
-    stage 05 and the server bring a test map back."""
-    return resize_probabilities(dequantize(levels), int(shape[0]), int(shape[1]))
+    """An OOF map (uint8 levels of a probability store, or float32 probabilities such as a blend) as float32
+    probabilities at its image's original ``shape``, brought there as stage 05 and the server bring a test map
+    back."""
+    probs = dequantize(levels) if levels.dtype == np.uint8 else levels
+    return resize_probabilities(probs, int(shape[0]), int(shape[1]))
 
 
 def _map_blocks(function, source: ImageSource, n_jobs: int, block_size: int, *args) -> list:

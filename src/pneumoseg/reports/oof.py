@@ -345,6 +345,7 @@ def render_markdown(numbers: dict, plots: Mapping[str, Path | None]) -> str:
         f"| false-positive rate on empty images | {_fmt(numbers['false_positive_rate'])} |",
         f"| false-negative rate on positive images (predicted empty) | {_fmt(numbers['false_negative_rate'])} |",
         "",
+        *ensemble_lines(numbers.get("ensemble")),
         "## Best candidate of each strategy",
         "",
         "| strategy | candidates | dice | parameters |",
@@ -395,6 +396,32 @@ def _gate_lines(gate: dict | None) -> list[str]:
         "| --- | ---: | ---: | ---: | --- |",
         *(f"| {name} | {gate[name]['n_candidates']} | {gate[name]['oof_score']:.4f} | "
           f"{_fmt(gate[name]['nested_score'])} | {_block_text(gate[name]['block'])} |" for name in ("ungated", "gated")),
+        "",
+    ]
+
+
+def ensemble_lines(ensemble: dict | None) -> list[str]:
+    """The report's ensemble section (none for a single experiment): each member, and every member, pair and the
+    whole ensemble with its OOF and nested scores, the chosen one marked; from stage 04's ``ensemble.json``."""
+    if ensemble is None:
+        return []
+    chosen = ensemble["chosen"]["members"]
+    return [
+        "## Ensemble",
+        "",
+        f"Members of `{ensemble['ensemble']}`; each candidate's OOF maps are blended per image at its original size "
+        f"with the members' weights, and its post-processing searched on the blend. The best nested estimate is "
+        f"chosen: **{' + '.join(chosen)}**, which stages 05 and 06 deliver. The report above is that blend's.",
+        "",
+        "| member | weight | encoder | image size |",
+        "| --- | ---: | --- | ---: |",
+        *(f"| {m['name']} | {m['weight']:g} | {m['model']} | {m['image_size']} |" for m in ensemble["members"]),
+        "",
+        "| candidate | weights | OOF dice | nested estimate | post-processing |",
+        "| --- | --- | ---: | ---: | --- |",
+        *(f"| {' + '.join(c['members'])}{' (chosen)' if c['members'] == chosen else ''} | "
+          f"{', '.join(f'{w:g}' for w in c['weights'])} | {c['oof_score']:.4f} | {_fmt(c['nested_score'])} | "
+          f"{_block_text(c['postprocess'])} |" for c in ensemble["candidates"]),
         "",
     ]
 

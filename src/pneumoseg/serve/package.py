@@ -8,6 +8,10 @@ A package is a folder, or its ``model.tar.gz``:
 * ``config.yaml``: the experiment's resolved config, for the record;
 * ``fold<k>/best_<rank>.pt``: the weights, in stage 03's checkpoint format (tensors and plain data only, loaded
   with ``weights_only=True``: no pickled code, no download);
+* an ensemble of experiments instead has ``<member>/fold<k>/best_<rank>.pt`` and ``<member>/config.yaml`` for each
+  member, and its manifest a ``members`` list: each member's name, weight, model files and how it predicts (TTA,
+  image size, resizing, batch size, AMP); the package predicts with
+  :class:`pneumoseg.inference.predictor.EnsemblePredictor`;
 * ``code/inference.py`` (imports the handler's functions from :mod:`pneumoseg.serve.handler`),
   ``code/requirements.txt`` and ``code/pneumoseg/`` (this package's source), which SageMaker's container puts on
   its Python path.
@@ -33,7 +37,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from pneumoseg import __version__
 from pneumoseg.errors import DataError
-from pneumoseg.inference.predictor import Predictor
+from pneumoseg.inference.predictor import EnsemblePredictor, Predictor
 from pneumoseg.inference.tta import TTA, load_model
 from pneumoseg.io import content_hash, read_json
 from pneumoseg.postprocess.strategies import load_postprocessor
@@ -54,14 +58,15 @@ class ServingModel:
     """A loaded model package.
 
     Attributes:
-        predictor: the fold ensemble with its TTA and post-processing (the one stage 05 uses).
+        predictor: the fold ensemble with its TTA and post-processing, or an ensemble of experiments (the one
+            stage 05 uses).
         name: the experiment the package was built from.
         version: identifies the package's weights and post-processing (see the package stage).
         fmt: the run-length form of its responses, the submission's (``relative`` or ``absolute``).
         manifest: the package's ``manifest.json``.
     """
 
-    predictor: Predictor
+    predictor: Predictor | EnsemblePredictor
     name: str
     version: str
     fmt: str
@@ -74,7 +79,10 @@ class ServingModel:
 
 
 REBUILD_HINT = "copy the package again, or rebuild it (scripts/06_package_model.py --force)"
-_MANIFEST_KEYS = ("name", "version", "fmt", "models", "tta", "interpolation", "batch_size", "amp")
+_MANIFEST_KEYS = ("name", "version", "fmt", "models")
+# How a predictor predicts: at the top of a single experiment's manifest, in each member of an ensemble's.
+_PREDICTOR_KEYS = ("tta", "interpolation", "batch_size", "amp")
+_MEMBER_KEYS = ("name", "weight", "models", *_PREDICTOR_KEYS)
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -95,7 +103,8 @@ def read_manifest(model_dir: str | os.PathLike) -> dict:
         found = manifest.get("format") if isinstance(manifest, dict) else None
         raise DataError(f"{path}: package format {found!r}, but this pneumoseg reads format "
                         f"{PACKAGE_FORMAT}; rebuild the package with this version (scripts/06_package_model.py)")
-    missing = [key for key in _MANIFEST_KEYS if key not in manifest]
+    required = _MANIFEST_KEYS if "members" in manifest else (*_MANIFEST_KEYS, *_PREDICTOR_KEYS)
+    missing = [key for key in required if key not in manifest]
     models = manifest.get("models")
     if missing or not isinstance(models, list) or not models:
         raise DataError(f"{path} lacks {', '.join(missing) or 'a non-empty list of models'}; {REBUILD_HINT}")
@@ -104,7 +113,36 @@ def read_manifest(model_dir: str | os.PathLike) -> dict:
                 and _SHA256_RE.match(str(entry.get("sha256")))):
             raise DataError(f"{path}: the model entry {entry!r} lacks a file name or a sha256; {REBUILD_HINT}")
         check_relative_name(entry["file"], str(path))
+    if "members" in manifest:
+        _check_members(manifest, path)
     return manifest
+
+
+def _check_members(manifest: dict, path: Path) -> None:
+    """An ensemble manifest's ``members``: each with :data:`_MEMBER_KEYS`, a positive weight, and model files
+    that the manifest lists, every listed file in exactly one member.
+
+    Raises:
+        DataError: names what is wrong.
+    """
+    members = manifest["members"]
+    if not isinstance(members, list) or not members:
+        raise DataError(f"{path}: members must be a non-empty list; {REBUILD_HINT}")
+    used = []
+    for member in members:
+        missing = [key for key in _MEMBER_KEYS if not isinstance(member, dict) or key not in member]
+        if missing or not isinstance(member["models"], list) or not member["models"]:
+            raise DataError(f"{path}: the member entry {member!r} lacks {', '.join(missing) or 'model files'}; "
+                            f"{REBUILD_HINT}")
+        weight = member["weight"]
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight > 0:
+            raise DataError(f"{path}: member {member['name']!r} has the weight {weight!r}, not a positive number; "
+                            f"{REBUILD_HINT}")
+        used += member["models"]
+    listed = [entry["file"] for entry in manifest["models"]]
+    if sorted(used) != sorted(listed):
+        raise DataError(f"{path}: the members' model files {sorted(used)} are not the listed models {sorted(listed)} "
+                        f"(each exactly once); {REBUILD_HINT}")
 
 
 def model_files(model_dir: Path, manifest: dict) -> list[Path]:
@@ -137,16 +175,28 @@ def load_package(model_dir: str | os.PathLike, device: str = "auto") -> ServingM
     """
     model_dir = Path(model_dir)
     manifest = read_manifest(model_dir)
-    files = model_files(model_dir, manifest)
+    files = dict(zip((entry["file"] for entry in manifest["models"]), model_files(model_dir, manifest)))
     torch_device = resolve_device(device)
-    models = [load_model(path, torch_device, fix=f"the package is damaged; {REBUILD_HINT}") for path in files]
-    predictor = Predictor(models, TTA.from_config(manifest["tta"]), load_postprocessor(model_dir / THRESHOLDS_FILE),
-                          interpolation=manifest["interpolation"], batch_size=int(manifest["batch_size"]),
-                          amp=manifest["amp"])
+    models = {name: load_model(path, torch_device, fix=f"the package is damaged; {REBUILD_HINT}")
+              for name, path in files.items()}
+    postprocessor = load_postprocessor(model_dir / THRESHOLDS_FILE)
+    if "members" in manifest:
+        specs = manifest["members"]
+        members = [_predictor(spec, [models[name] for name in spec["models"]], postprocessor) for spec in specs]
+        predictor = EnsemblePredictor(members, [float(spec["weight"]) for spec in specs], postprocessor,
+                                      [str(spec["name"]) for spec in specs])
+    else:
+        predictor = _predictor(manifest, list(models.values()), postprocessor)
     # One blank prediction first: lazy initialisation (kernels, allocator) would otherwise slow the first request.
     predictor.predict([np.zeros((predictor.image_size, predictor.image_size), np.uint8)])
     return ServingModel(predictor=predictor, name=str(manifest["name"]), version=str(manifest["version"]),
                         fmt=str(manifest["fmt"]), manifest=manifest)
+
+
+def _predictor(settings: dict, models: list, postprocessor) -> Predictor:
+    """The :class:`Predictor` of a manifest's (or an ensemble member's) prediction settings."""
+    return Predictor(models, TTA.from_config(settings["tta"]), postprocessor, interpolation=settings["interpolation"],
+                     batch_size=int(settings["batch_size"]), amp=settings["amp"])
 
 
 @contextlib.contextmanager
@@ -187,31 +237,39 @@ __all__ = ["model_fn", "transform_fn"]
 '''
 
 
-def build_manifest(cfg: DictConfig, predictor: Predictor, files: dict[str, Path]) -> dict[str, Any]:
-    """The package's ``manifest.json``: what it holds and how it predicts (see :func:`pneumoseg.serve.handler.load_package`).
+def build_manifest(cfg: DictConfig, predictor: Predictor | EnsemblePredictor,
+                   files: dict[str, Path]) -> dict[str, Any]:
+    """The package's ``manifest.json``: what it holds and how it predicts (see :func:`load_package`).
 
     Args:
         cfg: the resolved config (``experiment`` names the package; ``predict.fmt`` is the run-length form).
-        predictor: the experiment's predictor, whose models, TTA, resizing, batch size and AMP are recorded.
+        predictor: the experiment's predictor, whose models, TTA, resizing, batch size and AMP are recorded; or an
+            ensemble's, whose members are recorded so.
         files: package name -> checkpoint file, for each of ``predictor.models`` in order.
     """
     models = [{"file": name, "fold": model.fold, "epoch": model.epoch, "score": model.score,
                "sha256": content_hash(path, length=None)}
               for (name, path), model in zip(files.items(), predictor.models)]
-    settings = {
-        "image_size": predictor.image_size,
-        "tta": {**asdict(predictor.tta), "scales": list(predictor.tta.scales)},
-        "interpolation": predictor.interpolation,
-        "batch_size": predictor.batch_size,
-        "amp": predictor.amp,
-        "fmt": str(cfg.predict.fmt),
-        "postprocess": predictor.postprocessor.to_block(),
-    }
+    if isinstance(predictor, EnsemblePredictor):
+        names = iter(files)
+        members = [{"name": name, "weight": weight, **_settings(member),
+                    "models": [next(names) for _ in member.models]}
+                   for name, weight, member in zip(predictor.names, predictor.weights, predictor.members)]
+        settings = {"image_size": predictor.image_size, "members": members}
+    else:
+        settings = _settings(predictor)
+    settings.update(fmt=str(cfg.predict.fmt), postprocess=predictor.postprocessor.to_block())
     content = json.dumps({"models": [m["sha256"] for m in models], **settings}, sort_keys=True)
     name = str(cfg.experiment)
     return {"format": PACKAGE_FORMAT, "name": name,
             "version": f"{name}-{hashlib.sha256(content.encode()).hexdigest()[:12]}",
             "pneumoseg_version": __version__, "models": models, **settings}
+
+
+def _settings(predictor: Predictor) -> dict[str, Any]:
+    """How a :class:`Predictor` predicts, as the manifest records it."""
+    return {"image_size": predictor.image_size, "tta": {**asdict(predictor.tta), "scales": list(predictor.tta.scales)},
+            "interpolation": predictor.interpolation, "batch_size": predictor.batch_size, "amp": predictor.amp}
 
 
 def compatible_range(version: str) -> str:
@@ -240,16 +298,20 @@ def source_files() -> dict[str, Path]:
             for path in sorted(root.rglob("*.py")) if "__pycache__" not in path.parts}
 
 
-def write_package(path: Path, cfg: DictConfig, manifest: dict[str, Any], files: dict[str, Path]) -> None:
+def write_package(path: Path, cfg: DictConfig, manifest: dict[str, Any], files: dict[str, Path],
+                  member_configs: dict[str, DictConfig] | None = None) -> None:
     """Write the ``model.tar.gz`` of ``manifest`` to ``path``: its JSON and YAML files, ``code/inference.py`` and
-    ``code/requirements.txt``, and ``files`` (name in the package -> file: weights, source). Entries are in name
-    order, with fixed times and owners, so that the same inputs give the same bytes."""
+    ``code/requirements.txt``, ``files`` (name in the package -> file: weights, source) and an ensemble's
+    ``member_configs`` (member name -> its resolved config, written as ``<member>/config.yaml``). Entries are in
+    name order, with fixed times and owners, so that the same inputs give the same bytes."""
     texts = {
         MANIFEST_FILE: json.dumps(manifest, indent=2, sort_keys=True) + "\n",
         THRESHOLDS_FILE: json.dumps(manifest["postprocess"], indent=2, sort_keys=True) + "\n",
         CONFIG_FILE: OmegaConf.to_yaml(cfg, resolve=True),
         f"{CODE_DIR}/inference.py": ENTRY_POINT,
         f"{CODE_DIR}/requirements.txt": requirements_text(),
+        **{f"{name}/{CONFIG_FILE}": OmegaConf.to_yaml(member, resolve=True)
+           for name, member in (member_configs or {}).items()},
     }
     entries = {**{name: text.encode() for name, text in texts.items()}, **files}
     # gzip would record the (temporary, random) file name and the time in its header: neither is kept.

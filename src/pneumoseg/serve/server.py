@@ -392,9 +392,9 @@ def load_in_background(service: InferenceService, server: uvicorn.Server, model:
             return
         service.model = loaded
         predictor = loaded.predictor
-        log.info("model %s version %s ready: %d models x %d views at %d px on %s, post-processing %s", loaded.name,
-                 loaded.version, len(predictor.models), len(predictor.tta.views()), predictor.image_size,
-                 predictor.device, loaded.postprocess)
+        log.info("model %s version %s ready: %d models, %d forward passes per image at %s px on %s, "
+                 "post-processing %s", loaded.name, loaded.version, len(predictor.models), predictor.n_views,
+                 "/".join(map(str, predictor.image_sizes)), predictor.device, loaded.postprocess)
 
     threading.Thread(target=load, name="pneumoseg-load", daemon=True).start()
     return failed

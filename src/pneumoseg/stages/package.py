@@ -11,6 +11,9 @@ Outputs in ``${paths.experiment_dir}/06_package/``:
   ``config.yaml``, ``fold<k>/best_<rank>.pt``, ``code/inference.py``, ``code/requirements.txt``, ``code/pneumoseg/``).
   The archive is reproducible: the same inputs give the same bytes;
 * ``manifest.json``, a copy of the package's, to read without extracting it;
+  On an ensemble config the package holds the members stage 04 chose (``04_search/ensemble.json``): each member's
+  checkpoints as ``<member>/fold<k>/best_<rank>.pt`` and its config as ``<member>/config.yaml``, and the manifest
+  lists the members with their weights and prediction settings (see :mod:`pneumoseg.serve.package`);
 * ``config.yaml`` and ``done.json``.
 
 The package's version is ``<experiment>-<12 hex digits>``, a hash of its weights, post-processing and
@@ -34,10 +37,13 @@ from omegaconf import DictConfig
 
 
 from pneumoseg import layout
+from pneumoseg.config import is_ensemble
 from pneumoseg.errors import DataError
 from pneumoseg.io import atomic_path, content_hash, write_json
-from pneumoseg.inference.predictor import Predictor
+from pneumoseg.inference.predictor import EnsemblePredictor, Predictor
 from pneumoseg.serve.package import MANIFEST_FILE, build_manifest, load_package, open_package, source_files, write_package
+from pneumoseg.stages import ensemble
+from pneumoseg.stages.predict import build_predictor
 from pneumoseg.stages.record import StageRecord, require_finished
 
 log = logging.getLogger(__name__)
@@ -55,9 +61,15 @@ def run(cfg: DictConfig, force: bool = False) -> dict[str, Any]:
         DataError: stage 03 has not finished, or a checkpoint or ``thresholds.json`` is missing.
         ConfigError: a bad ``predict`` section.
     """
-    require_finished(layout.train_dir(cfg), "stage 03", "scripts/03_train.py")
-    predictor = Predictor.from_experiment(cfg, device="cpu")
-    files = {_package_name(model.path, layout.train_dir(cfg)): model.path for model in predictor.models}
+    members = ensemble.chosen_members(cfg) if is_ensemble(cfg) else []
+    if not members:
+        require_finished(layout.train_dir(cfg), "stage 03", "scripts/03_train.py")
+    predictor = build_predictor(cfg, device="cpu")
+    if members:
+        files = {f"{m.name}/{_package_name(model.path, layout.train_dir(m.cfg))}": model.path
+                 for m, member in zip(members, predictor.members) for model in member.models}
+    else:
+        files = {_package_name(model.path, layout.train_dir(cfg)): model.path for model in predictor.models}
     manifest = build_manifest(cfg, predictor, files)
     sources = source_files()
     # The package holds the whole resolved config and pneumoseg's code: a change to either (but to local paths)
@@ -71,7 +83,7 @@ def run(cfg: DictConfig, force: bool = False) -> dict[str, Any]:
     record.start()
     path = layout.package_path(cfg)
     with atomic_path(path) as tmp:
-        write_package(tmp, cfg, manifest, {**files, **sources})
+        write_package(tmp, cfg, manifest, {**files, **sources}, {m.name: m.cfg for m in members})
         verify_package(tmp, predictor)
     write_json(layout.package_dir(cfg) / MANIFEST_FILE, manifest)
     summary = {"package": str(path), "bytes": path.stat().st_size, "name": manifest["name"],
@@ -90,7 +102,7 @@ def _package_name(path: Path | None, train_dir: Path) -> str:
     return path.relative_to(train_dir).as_posix()
 
 
-def verify_package(path: Path, predictor: Predictor) -> None:
+def verify_package(path: Path, predictor: Predictor | EnsemblePredictor) -> None:
     """Extract the package, load it as the server does, and check that it predicts a test image exactly as
     ``predictor`` does.
 

@@ -13,6 +13,11 @@ Outputs in ``${paths.experiment_dir}/05_predict/``:
   submission's challenge score beside the out-of-fold score of ``04_search/oof_report.json``;
 * ``config.yaml`` and ``done.json``.
 
+On an ensemble config the models are those of the members stage 04 chose (``04_search/ensemble.json``), each member
+predicting its own PNGs (its ``train.image_size``) with its own folds and TTA; the maps are blended at each image's
+original size with the weights and post-processed with the ensemble's ``thresholds.json``
+(:class:`pneumoseg.inference.predictor.EnsemblePredictor`).
+
 Images stream through in batches of ``predict.batch_size``; only each image's run-length string is kept, so
 memory does not grow with the test set. The stage reruns when the config sections the predictions depend on
 change, or when a checkpoint, ``thresholds.json``, stage 01's record, the test list or the test labels do.
@@ -23,23 +28,25 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from omegaconf import DictConfig
 from tqdm import tqdm
 
 from pneumoseg.data import labels as lb
 from pneumoseg import layout
+from pneumoseg.config import fingerprint, is_ensemble
 from pneumoseg.data import rle
 from pneumoseg.modeling.checkpoints import best_files
 from pneumoseg.data.dataset import ImageFiles, make_loader
 from pneumoseg.errors import ConfigError, DataError
 from pneumoseg.io import content_hash, write_json
-from pneumoseg.inference.predictor import Predictor
+from pneumoseg.inference.predictor import EnsemblePredictor, Predictor, configured_postprocessor
 from pneumoseg.evaluation.submission import score_submission, write_submission
 from pneumoseg.data.testset import image_sizes, test_set
 from pneumoseg.demo.layouts import TEST_LABELS
 from pneumoseg.reports import oof as oof_report
+from pneumoseg.stages import ensemble
 from pneumoseg.stages.record import DONE_FILE, StageRecord, require_finished
 
 log = logging.getLogger(__name__)
@@ -59,19 +66,42 @@ def _file_facts(paths: list[Path]) -> dict[str, list[int] | None]:
     return {str(p): [p.stat().st_size, p.stat().st_mtime_ns] if p.is_file() else None for p in paths}
 
 
-def _input_facts(cfg: DictConfig, test_labels: Path) -> dict[str, Any]:
-    """What the predictions depend on besides the config: the files of stages 01-04 and the test labels.
+def _checkpoint_files(cfg: DictConfig) -> list[Path]:
+    """Every checkpoint of an experiment's ``predict.checkpoints`` set.
 
     Raises:
         DataError: stage 03 has not finished (its ``done.json`` is missing).
     """
     train_dir = layout.train_dir(cfg)
     require_finished(train_dir, "stage 03", "scripts/03_train.py")
-    files = [path for folder in layout.fold_dirs(train_dir).values()
-             for path in best_files(layout.checkpoints_dir(folder, str(cfg.predict.checkpoints)))]
-    files += [layout.thresholds_path(cfg), layout.convert_dir(cfg) / DONE_FILE, layout.test_images_path(cfg),
-              test_labels]
-    return _file_facts(files)
+    return [path for folder in layout.fold_dirs(train_dir).values()
+            for path in best_files(layout.checkpoints_dir(folder, str(cfg.predict.checkpoints)))]
+
+
+def _input_facts(cfg: DictConfig, test_labels: Path) -> dict[str, Any]:
+    """What the predictions depend on besides the config: the files of stages 01-04 and the test labels; on an
+    ensemble, its choice and each chosen member's checkpoints and prediction sections.
+
+    Raises:
+        DataError: stage 03 (of a chosen member) has not finished, or stage 04 has not chosen an ensemble's members.
+    """
+    files = [layout.thresholds_path(cfg), layout.convert_dir(cfg) / DONE_FILE, layout.test_images_path(cfg),
+             test_labels]
+    if not is_ensemble(cfg):
+        return _file_facts(_checkpoint_files(cfg) + files)
+    members = ensemble.chosen_members(cfg)
+    checkpoints = [path for m in members for path in _checkpoint_files(m.cfg)]
+    return {"members": {m.name: fingerprint(m.cfg, SECTIONS) for m in members},
+            **_file_facts(checkpoints + files + [layout.ensemble_path(cfg)])}
+
+
+def build_predictor(cfg: DictConfig, device: str | None = None) -> Predictor | EnsemblePredictor:
+    """The predictor of stages 05 and 06: the experiment's (:meth:`Predictor.from_experiment`), or an ensemble's
+    chosen members blended with the ensemble's post-processing (:meth:`EnsemblePredictor.from_experiments`)."""
+    if not is_ensemble(cfg):
+        return Predictor.from_experiment(cfg, device)
+    members = [(m.cfg, m.weight) for m in ensemble.chosen_members(cfg)]
+    return EnsemblePredictor.from_experiments(members, configured_postprocessor(cfg), device or cfg.predict.device)
 
 
 def run(cfg: DictConfig, force: bool = False) -> dict[str, Any]:
@@ -93,16 +123,16 @@ def run(cfg: DictConfig, force: bool = False) -> dict[str, Any]:
     record = StageRecord(STAGE_NAME, folder, cfg, SECTIONS, inputs=_input_facts(cfg, test_labels))
     if record.skip_if_complete(force):
         return record.stored_summary()
-    predictor = Predictor.from_experiment(cfg)
+    predictor = build_predictor(cfg)
     record.start()
 
     ids = test[lb.ID_COLUMN].tolist()
     sizes = image_sizes(test)
-    log.info("%s: %d test images, %d models x %d views on %s", STAGE_NAME, len(ids), len(predictor.models),
-             len(predictor.tta.views()), predictor.device)
+    log.info("%s: %d test images, %d models, %d forward passes per image on %s", STAGE_NAME, len(ids),
+             len(predictor.models), predictor.n_views, predictor.device)
     started = time.time()
-    encoded, positive = predict_rles(predictor, layout.images_dir(cfg, predictor.image_size), ids, sizes,
-                                     cfg.predict)
+    folders = {size: layout.images_dir(cfg, size) for size in predictor.image_sizes}
+    encoded, positive = predict_rles(predictor, folders, ids, sizes, cfg.predict)
     seconds = time.time() - started
     write_submission(layout.submission_path(cfg), ids, encoded, expected, sizes, cfg.predict.fmt)
     summary = {
@@ -110,7 +140,7 @@ def run(cfg: DictConfig, force: bool = False) -> dict[str, Any]:
         "images": len(ids),
         "positive": positive,
         "models": len(predictor.models),
-        "views_per_model": len(predictor.tta.views()),
+        "views_per_model": round(predictor.n_views / len(predictor.models), 2),
         "postprocess": predictor.postprocessor.to_block(),
         "fmt": cfg.predict.fmt,
         "device": str(predictor.device),
@@ -122,13 +152,13 @@ def run(cfg: DictConfig, force: bool = False) -> dict[str, Any]:
     return summary
 
 
-def predict_rles(predictor: Predictor, images_dir: Path, ids: list[str], sizes: dict[str, tuple[int, int]],
-                 settings: DictConfig) -> tuple[list[str], int]:
+def predict_rles(predictor: Predictor | EnsemblePredictor, images_dirs: Mapping[int, Path], ids: list[str],
+                 sizes: dict[str, tuple[int, int]], settings: DictConfig) -> tuple[list[str], int]:
     """The run-length string of each image of ``ids`` (in order) and the number of non-empty masks.
 
     Args:
-        predictor: the ensemble.
-        images_dir: stage 01's PNGs at the predictor's size.
+        predictor: the fold ensemble, or an ensemble of experiments.
+        images_dirs: stage 01's PNGs at each of the predictor's ``image_sizes``.
         ids: the test ImageIds.
         sizes: ``(rows, cols)`` of each original image.
         settings: the ``predict`` section (``batch_size``, ``num_workers``, ``fmt``).
@@ -136,21 +166,25 @@ def predict_rles(predictor: Predictor, images_dir: Path, ids: list[str], sizes: 
     Raises:
         DataError: a test image without its PNG.
     """
-    paths = [images_dir / f"{i}.png" for i in ids]
-    absent = [p for p in paths if not p.is_file()]
-    if absent:
-        raise DataError(f"{len(absent)} test images have no PNG in {images_dir}, e.g. {absent[0]}; rerun "
-                        f"scripts/01_convert_dicoms.py (with data.image_size={predictor.image_size} among "
-                        f"prepare.sizes)")
-    loader = make_loader(ImageFiles(paths), int(settings.batch_size), int(settings.num_workers), predictor.device)
+    loaders = {}
+    for size, folder in images_dirs.items():
+        paths = [folder / f"{i}.png" for i in ids]
+        absent = [p for p in paths if not p.is_file()]
+        if absent:
+            raise DataError(f"{len(absent)} test images have no PNG in {folder}, e.g. {absent[0]}; rerun "
+                            f"scripts/01_convert_dicoms.py (with {size} among prepare.sizes)")
+        loaders[size] = make_loader(ImageFiles(paths), int(settings.batch_size), int(settings.num_workers),
+                                    predictor.device)
     encoded, positive = [], 0
     with tqdm(total=len(ids), desc="test images", unit="img") as progress:
-        for batch in loader:
-            batch_ids = ids[len(encoded):len(encoded) + len(batch)]
+        for batches in zip(*loaders.values()):
+            # A single experiment takes its one batch as it is; an ensemble takes the batch of each member size.
+            batch = batches[0] if isinstance(predictor, Predictor) else dict(zip(loaders, batches))
+            batch_ids = ids[len(encoded):len(encoded) + len(batches[0])]
             for prediction in predictor.predict_prepared(batch, [sizes[i] for i in batch_ids]):
                 encoded.append(prediction.rle(settings.fmt))
                 positive += prediction.has_pneumothorax
-            progress.update(len(batch))
+            progress.update(len(batch_ids))
     return encoded, positive
 
 
@@ -174,7 +208,7 @@ def summary_text(summary: dict[str, Any]) -> str:
     """The few lines the script prints when it is done."""
     lines = [f"submission: {summary['submission']}",
              f"  {summary['images']} test images, {summary['positive']} with pneumothorax predicted",
-             f"  {summary['models']} models x {summary['views_per_model']} views, post-processing "
+             f"  {summary['models']} models x {summary['views_per_model']:g} views, post-processing "
              f"{summary['postprocess']['name']} {summary['postprocess']['params']}, "
              f"{summary['seconds_per_image']:.3f} s per image on {summary['device']}"]
     if "test_score" in summary:

@@ -21,6 +21,13 @@ The search itself is :func:`pneumoseg.postprocess.search.run_search`: every cand
 is, on each OOF map brought to its image's original size as stage 05 brings a test map back. The chosen strategy
 is then applied again, image by image at full size, through :mod:`pneumoseg.postprocess.strategies`, and its score
 must agree with the search's.
+
+On an ensemble config (:func:`pneumoseg.config.ensemble_members`) the OOF maps are each member's (of its own
+``predict.checkpoints`` set), blended per image at its original size with the members' weights
+(:class:`BlendedOofSet`, as stage 05 blends test maps). Every member alone, every pair (with more than two members)
+and all members are searched, each with its OOF and nested scores; the one with the best nested score is chosen,
+and the outputs above are those of its blend, plus ``ensemble.json`` (:mod:`pneumoseg.stages.ensemble`) and the
+table of every candidate in the report.
 """
 from __future__ import annotations
 
@@ -28,29 +35,33 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
 from omegaconf import DictConfig
 
 from pneumoseg import layout
-from pneumoseg.config import to_dict
+from pneumoseg.config import is_ensemble, to_dict
 from pneumoseg.errors import ConfigError, DataError
 from pneumoseg.io import read_png, write_csv, write_json
 from pneumoseg.evaluation.metrics import dice_from_counts
 from pneumoseg.postprocess.strategies import PostProcessor, build_postprocessor
+from pneumoseg.data.blend import blend_gates
 from pneumoseg.data.probstore import GATE_FILE, IDS_FILE, PROBS_FILE, ProbabilityStore
 from pneumoseg.data.inputs import locate_train_labels
 from pneumoseg.data.labels import read_labels
-from pneumoseg.postprocess.images import OofImages
+from pneumoseg.postprocess.images import BlendedImages, OofImages
 from pneumoseg.postprocess.search import GRIDS, SearchResult, evaluate, run_search, to_original
 from pneumoseg.reports import oof as oof_report
+from pneumoseg.stages import ensemble
 from pneumoseg.stages.record import StageRecord
 
 log = logging.getLogger(__name__)
 
 STAGE_NAME = "04_search_thresholds"
 SECTIONS = ("data", "search", "postprocess")
+ENSEMBLE_SECTIONS = (*SECTIONS, "ensemble")
 # The chosen strategy, re-applied image by image, must reproduce the search's score to this precision.
 AGREEMENT = 1e-9
 
@@ -154,7 +165,8 @@ class OofSet:
         return len(self.ids)
 
     def case(self, image_id: str) -> tuple[np.ndarray, np.ndarray, float | None]:
-        """The uint8 OOF map, the original-size truth and the gate probability (None without) of one image."""
+        """The OOF map (uint8 levels; float32 probabilities of a blend), the original-size truth and the gate
+        probability (None without) of one image."""
         row = self._row[image_id]
         [(levels, truth)] = list(self.images.part(row, row + 1))
         return levels, truth, None if self.gates is None else float(self.gates[row])
@@ -173,6 +185,32 @@ def _gates(folds: list[OofFold]) -> np.ndarray | None:
         raise DataError(f"{missing[0]} has no {GATE_FILE} while other folds' OOF stores have one: the folds were "
                         f"trained with and without the gate head; rerun those folds of scripts/03_train.py --force")
     return np.concatenate([f.store.gates for f in folds])
+
+
+class BlendedOofSet(OofSet):
+    """Several members' OOF sets of the same images, blended per image at its original size
+    (:class:`pneumoseg.postprocess.images.BlendedImages`).
+
+    Args:
+        sets: each member's :class:`OofSet`.
+        weights: one per member.
+        names: the members' names, for messages.
+
+    Raises:
+        DataError: members whose OOF stores list other images, or the same in another order or other folds.
+    """
+
+    def __init__(self, sets: Sequence[OofSet], weights: Sequence[float], names: Sequence[str]) -> None:
+        first = sets[0]
+        for other, name in zip(sets[1:], names[1:]):
+            if other.ids != first.ids or not np.array_equal(other.fold_of, first.fold_of):
+                raise DataError(f"the OOF stores of ensemble members {names[0]!r} and {name!r} do not list the same "
+                                f"images in the same folds and order; retrain {name!r} on the same prepared data "
+                                f"(scripts/03_train.py --config <its config> --force)")
+        self.ids, self.fold_of, self.groups, self._row = first.ids, first.fold_of, first.groups, first._row
+        self.size = max(s.size for s in sets)
+        self.images = BlendedImages([s.images for s in sets], list(weights))
+        self.gates = blend_gates([s.gates for s in sets], weights)
 
 
 def _input_facts(cfg: DictConfig, folds: list[OofFold]) -> dict:
@@ -198,35 +236,95 @@ def build_grids(cfg: DictConfig) -> list:
 
 
 def run(cfg: DictConfig, force: bool = False) -> dict:
-    """Search the post-processing on the OOF predictions and write the report; returns the report's numbers."""
+    """Search the post-processing on the OOF predictions (an ensemble's: :func:`run_ensemble`) and write the report;
+    returns the report's numbers."""
+    if is_ensemble(cfg):
+        return run_ensemble(cfg, force)
     folder = layout.search_dir(cfg)
     folds = open_folds(cfg)
     record = StageRecord(STAGE_NAME, folder, cfg, SECTIONS, inputs=_input_facts(cfg, folds))
     if record.skip_if_complete(force):
         return record.stored_summary()
-    grids = build_grids(cfg)
-    default = build_postprocessor(cfg.postprocess)
+    build_grids(cfg)
     record.start()
-
     oof = OofSet(folds, train_label_file(cfg), layout.labels_path(cfg))
-    n_jobs, block = int(cfg.search.n_jobs), int(cfg.search.chunk_size)
-    log.info("searching %d OOF maps of %d px from %d folds, scored at the images' original size", len(oof),
-             oof.size, len(folds))
+    result, seconds = _search(cfg, oof, len(folds))
+    numbers = _write_outputs(cfg, oof, result, seconds, cfg)
+    record.finish(numbers)
+    return numbers
+
+
+def run_ensemble(cfg: DictConfig, force: bool = False) -> dict:
+    """Stage 04 on an ensemble config: search every member, pair and all members on their blended OOF maps, choose
+    by the nested score, and write the chosen blend's outputs with ``ensemble.json``; see the module docstring."""
+    folder = layout.search_dir(cfg)
+    members = ensemble.trained_members(cfg)
+    member_folds = [open_folds(m.cfg) for m in members]
+    inputs = {m.name: _input_facts(m.cfg, folds) for m, folds in zip(members, member_folds)}
+    record = StageRecord(STAGE_NAME, folder, cfg, ENSEMBLE_SECTIONS, inputs=inputs)
+    if record.skip_if_complete(force):
+        return record.stored_summary()
+    build_grids(cfg)
+    record.start()
+    truth_cfg = members[0].cfg  # trained_members checked that every member has this prepared data and folds
+    sets = [OofSet(folds, train_label_file(truth_cfg), layout.labels_path(truth_cfg)) for folds in member_folds]
+    candidates, searched = [], []
+    for subset in ensemble.combinations(len(members)):
+        chosen = [members[i] for i in subset]
+        oof = BlendedOofSet([sets[i] for i in subset], [m.weight for m in chosen], [m.name for m in chosen])
+        result, seconds = _search(cfg, oof, len(member_folds[0]), label=" + ".join(m.name for m in chosen))
+        candidates.append({"members": [m.name for m in chosen], "weights": [m.weight for m in chosen],
+                           "oof_score": float(result.candidates["dice"].iloc[result.best]),
+                           "nested_score": None if result.nested is None else result.nested.score,
+                           "postprocess": result.block(result.best)})
+        searched.append((oof, result, seconds, chosen[0].cfg))
+    best = ensemble.best_candidate(candidates)
+    choice = ensemble.write_choice(cfg, members, candidates, best)
+    numbers = _write_outputs(cfg, *searched[best], ensemble=choice)
+    summary = {key: value for key, value in numbers.items() if key != "ensemble"}
+    record.finish({**summary, "members": choice["chosen"]["members"]})
+    return numbers
+
+
+def _search(cfg: DictConfig, oof: OofSet, n_folds: int, label: str | None = None) -> tuple[SearchResult, float]:
+    """Run the search of ``search`` on ``oof``; returns the result and the seconds it took."""
+    log.info("searching %d OOF maps of %d px from %d folds%s, scored at the images' original size", len(oof),
+             oof.size, n_folds, f" ({label})" if label else "")
     started = time.time()
-    result = run_search(oof.images, oof.groups, grids, int(cfg.search.refine_steps), n_jobs, block,
+    result = run_search(oof.images, oof.groups, build_grids(cfg), int(cfg.search.refine_steps),
+                        int(cfg.search.n_jobs), int(cfg.search.chunk_size),
                         gates=oof.gates, gate_thresholds=_gate_thresholds(cfg, oof))
-    seconds = time.time() - started
+    return result, time.time() - started
+
+
+def _write_outputs(cfg: DictConfig, oof: OofSet, result: SearchResult, seconds: float, source: DictConfig,
+                   ensemble: dict | None = None) -> dict:
+    """Check the search's choice image by image and write every output of the stage; returns the report's numbers.
+
+    Args:
+        cfg: the stage's config (its ``search`` and ``postprocess`` sections, its output folder).
+        oof: the OOF set searched.
+        result, seconds: the search of ``oof``.
+        source: the experiment whose training logs and X-rays the report shows (``cfg`` itself, or an ensemble's
+            first chosen member).
+        ensemble: an ensemble's ``ensemble.json`` content, added to the report.
+    """
+    folder = layout.search_dir(cfg)
+    n_jobs, block = int(cfg.search.n_jobs), int(cfg.search.chunk_size)
+    default = build_postprocessor(cfg.postprocess)
     chosen = build_postprocessor(result.block(result.best))
     per_image = _score_images(oof, result, chosen, default, n_jobs, block)
-
+    folds = sorted(set(oof.fold_of.tolist()))
     write_csv(folder / "candidates.csv", _candidates_table(result, folds))
     write_csv(folder / "per_image.csv", per_image)
     numbers = oof_report.report_numbers(result, per_image, chosen.to_block(), default.to_block(), oof.size, seconds)
+    if ensemble is not None:
+        numbers["ensemble"] = ensemble
     write_json(layout.thresholds_path(cfg), {**chosen.to_block(), "oof_score": numbers["oof_score"],
                                              "nested_score": numbers["nested_score"], "oof_size": oof.size,
                                              "n_images": len(oof)})
-    logs = {f.fold: layout.fold_log_path(layout.fold_dir(cfg, f.fold)) for f in folds}
-    xrays = layout.images_dir(cfg, cfg.train.image_size)
+    logs = {fold: layout.fold_log_path(layout.fold_dir(source, fold)) for fold in folds}
+    xrays = layout.images_dir(source, source.train.image_size)
 
     def gallery_case(image_id: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         levels, truth, gate = oof.case(image_id)
@@ -235,7 +333,6 @@ def run(cfg: DictConfig, force: bool = False) -> dict:
     write_json(layout.oof_report_path(cfg), numbers)
     oof_report.write_report(folder, numbers, result, per_image, logs,
                             oof_report.Gallery(gallery_case, cfg.search.gallery_cases, cfg.search.thumbnail_size))
-    record.finish(numbers)
     return numbers
 
 
@@ -266,10 +363,10 @@ def _score_images(oof: OofSet, result: SearchResult, chosen: PostProcessor, defa
                          "gate": np.full(len(oof), np.nan) if oof.gates is None else oof.gates})
 
 
-def _candidates_table(result: SearchResult, folds: list[OofFold]) -> pd.DataFrame:
+def _candidates_table(result: SearchResult, folds: list[int]) -> pd.DataFrame:
     table = result.candidates.copy()
-    for k, f in enumerate(folds):
-        table[f"dice_fold{f.fold}"] = result.group_sums[:, k] / result.group_sizes[k]
+    for k, fold in enumerate(folds):
+        table[f"dice_fold{fold}"] = result.group_sums[:, k] / result.group_sizes[k]
     return table.sort_values("dice", ascending=False, kind="stable")
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from pneumoseg import layout
+from pneumoseg.config import ensemble_members, is_ensemble
 from pneumoseg.stages.record import DONE_FILE
 
 # The headline of each stage's done.json summary, where it has one worth a line.
@@ -21,7 +22,14 @@ _HEADLINES = {
 
 
 def _stages(cfg: DictConfig) -> list[tuple[str, str, Path, list[Path]]]:
-    """(number, name, folder, files to open) of every stage."""
+    """(number, name, folder, files to open) of every stage; an ensemble's stage 03 is each member's."""
+    if is_ensemble(cfg):
+        members = [("03", f"training {m.name}", layout.train_dir(m.cfg), []) for m in ensemble_members(cfg)]
+        return members + [stage for stage in _experiment_stages(cfg) if stage[0] > "03"]
+    return _experiment_stages(cfg)
+
+
+def _experiment_stages(cfg: DictConfig) -> list[tuple[str, str, Path, list[Path]]]:
     return [
         ("00", "demo data", Path(cfg.paths.input_dir), []),
         ("01", "DICOM to PNG", layout.convert_dir(cfg), [layout.metadata_path(cfg)]),
@@ -29,7 +37,7 @@ def _stages(cfg: DictConfig) -> list[tuple[str, str, Path, list[Path]]]:
          [layout.labels_dir(cfg) / "data_report.md", layout.folds_path(cfg)]),
         ("03", "training", layout.train_dir(cfg), []),
         ("04", "threshold search", layout.search_dir(cfg),
-         [layout.search_dir(cfg) / "oof_report.md", layout.thresholds_path(cfg)]),
+         [layout.search_dir(cfg) / "oof_report.md", layout.thresholds_path(cfg), layout.ensemble_path(cfg)]),
         ("05", "prediction", layout.predict_dir(cfg), [layout.submission_path(cfg)]),
         ("06", "model package", layout.package_dir(cfg), [layout.package_path(cfg)]),
     ]
