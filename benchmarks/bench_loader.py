@@ -119,11 +119,11 @@ def single_blocks(blocks: list[dict]) -> list[tuple[str, dict, float]]:
 
 def transform_costs(data, rows, normalize, blocks: list[dict], floor_ms: float, repeats: int) -> None:
     """Print each transform's extra ms per image over the floor, applied and at its configured probability."""
-    print(f"{'transform':36s} {'applied ms':>10s} {'p':>6s} {'expected ms':>11s}")
+    print(f"{'transform':40s} {'applied ms':>10s} {'p':>6s} {'expected ms':>11s}")
     for label, block, p in single_blocks(blocks):
         pipeline = build_augment({"transforms": [block]})
         extra = ms_per_image(data.dataset(rows, normalize, pipeline), repeats) - floor_ms
-        print(f"{label:36s} {extra:10.2f} {p:6.3f} {p * extra:11.2f}")
+        print(f"{label:40s} {extra:10.2f} {p:6.3f} {p * extra:11.2f}")
 
 
 def main() -> int:
