@@ -13,11 +13,11 @@ For each stage it prints wall time, the CPU seconds of the stage's whole process
 script and every descendant it waited for, such as joblib and DataLoader workers: on a shared machine the wall
 time is inflated by other jobs, the CPU time hardly), the peak RSS of that tree (sampled from /proc every 0.2 s;
 pages shared between processes count once per process, so this overstates), the size of the stage's output
-folder, and wall and CPU milliseconds per image. Then it times, in
+folder, and wall and CPU milliseconds per image (stage 00: per DICOM it wrote in this run). Then it times, in
 process, stage 05's CPU work per test image apart from the forward passes (PNG decode, resize back to 1024,
 post-processing, RLE) on up to 256 test images. The results go to ``DIR/results.json``; ``--against`` a
-results file of another fraction prints each stage's wall and CPU ms/image ratios (a cost per image that grows with the
-number of images shows as a ratio above 1). The last line is a one-line summary. Targets: peak RSS under 4 GB
+results file of another fraction prints each stage's wall and CPU ms/image ratios (a cost per image that grows
+with the number of images shows as a ratio above 1). The last line is a one-line summary. Targets: peak RSS under 4 GB
 in every stage; stage 05's non-forward CPU work under 20 ms per image. Exits 1 when a target fails.
 """
 from __future__ import annotations
@@ -161,6 +161,16 @@ def stage_folders(cfg) -> dict[str, Path]:
                              layout.package_dir(cfg))))
 
 
+def dicoms_written(folder: Path, started: float) -> int:
+    """DICOMs stage 00 wrote in its run that began at ``started`` (``time.time()``): its ``done.json``
+    summary's count when the run rewrote it, 0 when the stage found its data complete and skipped. A resumed run
+    writes only the missing ones, which are then the denominator of its cost per image."""
+    done = folder / "done.json"
+    if not done.is_file() or done.stat().st_mtime < started:
+        return 0
+    return int(json.loads(done.read_text())["summary"]["written"])
+
+
 def stage_images(n_train: int, n_test: int) -> dict[str, int]:
     """The images each stage handles, the denominator of its cost per image."""
     total = n_train + n_test
@@ -296,12 +306,13 @@ def main() -> int:
           f"{os.cpu_count()} CPUs", flush=True)
     rows: dict[str, dict] = {}
     for stage in STAGES:
-        reused = stage == STAGES[0] and (folders[stage] / "done.json").is_file()
         force = [] if stage == STAGES[0] else ["--force"]
+        started = time.time()
         row = run_stage(stage, ["--config", str(CONFIG), *force, *overrides], work / "logs" / f"{stage}.log")
-        row.update(images=images[stage], disk_mb=folder_bytes(folders[stage]) / 2**20, reused=reused,
-                   ms_per_image=1000 * row["wall_s"] / images[stage],
-                   cpu_ms_per_image=1000 * row["cpu_s"] / images[stage])
+        written = None if force else dicoms_written(folders[stage], started)
+        count, reused = written or images[stage], written == 0
+        row.update(images=count, disk_mb=folder_bytes(folders[stage]) / 2**20, reused=reused,
+                   ms_per_image=1000 * row["wall_s"] / count, cpu_ms_per_image=1000 * row["cpu_s"] / count)
         rows[stage] = row
         print(f"{stage}: {row['wall_s']:.1f} s ({row['cpu_s']:.1f} CPU s), peak RSS {row['peak_rss_gb']:.2f} GB "
               f"(PSS {row['peak_pss_gb']:.2f}), "
