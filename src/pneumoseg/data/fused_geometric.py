@@ -7,11 +7,12 @@ smooth map too. :class:`FusedGeometric` draws each member's parameters with albu
 kinds, ranges and random draws as the members applied in order), composes the members' maps at the pixel
 centres of a coarse grid (``step`` pixels apart; ``sigma / 2`` apart when an elastic member applies, whose field
 varies over about ``sigma`` pixels), upsamples the composed displacement bilinearly and resamples image and mask
-once with ``cv2.remap``.
+once with ``cv2.remap`` (``Affine`` members alone: their product, with one ``cv2.warpAffine``).
 
 What differs from the members applied in order: one interpolation instead of one per member (sharper, not
 blurrier); the composed map interpolated between points ``step`` pixels apart, and optical distortion maps
-computed on that grid (sub-pixel differences); the border handling, interpolation and fill of the fused transform instead of each member's.
+computed on that grid (sub-pixel differences inside the image, up to a few pixels at its outer edge); the border
+handling, interpolation and fill of the fused transform instead of each member's.
 """
 from __future__ import annotations
 
