@@ -35,8 +35,9 @@ from omegaconf import OmegaConf  # noqa: E402
 
 from bench_train_step import write_images  # noqa: E402
 from pneumoseg.config import load_config, to_dict  # noqa: E402
-from pneumoseg.data.augment import COMPOSITIONS, build_augment  # noqa: E402
-from pneumoseg.data.dataset import PreparedData, make_loader, normalize_from_model  # noqa: E402
+from pneumoseg.data.augment import WITH_MEMBERS, build_augment  # noqa: E402
+from pneumoseg.data.dataset import PreparedData, make_loader  # noqa: E402
+from pneumoseg.modeling.normalize import normalize_from_model  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RATIO_TARGET = 1.4
@@ -69,32 +70,60 @@ def loader_rate(dataset, workers: int, batch: int = 8) -> float:
     return len(dataset) / (time.perf_counter() - start) / workers
 
 
-def single_blocks(blocks: list[dict]) -> list[tuple[str, dict, float]]:
-    """Every transform of the section alone at probability 1, with the probability it has in the section
-    (a member of a ``OneOf`` of probability p among n members: p / n)."""
-    singles = []
+def always(block: dict) -> dict:
+    """``block`` at probability 1."""
+    return {"name": block["name"], "params": {**(block.get("params") or {}), "p": 1.0}}
+
+
+def probability(block: dict) -> float:
+    """A block's probability, albumentations' default where it gives none."""
+    return float((block.get("params") or {}).get("p", 1.0 if block["name"] in WITH_MEMBERS else 0.5))
+
+
+def members(blocks: list[dict]) -> list[tuple[dict, float]]:
+    """Each block, and each member of a ``OneOf`` alone, with the probability it has in ``blocks`` (a member of
+    a ``OneOf`` of probability p among n members: p / n)."""
+    found = []
     for block in blocks:
-        params = dict(block.get("params") or {})
-        p = float(params.pop("p", 1.0 if block["name"] in COMPOSITIONS else 0.5))  # albumentations' defaults
         if block["name"] == "OneOf":
-            members = params["transforms"]
-            singles += [(member["name"], member, p / len(members)) for member in members]
+            share = probability(block) / len(block["params"]["transforms"])
+            found += [(member, share) for member in block["params"]["transforms"]]
         else:
-            singles.append((block["name"], block, p))
-    return [(name, {"name": b["name"], "params": {**(b.get("params") or {}), "p": 1.0}}, p) for name, b, p in singles]
+            found.append((block, probability(block)))
+    return found
+
+
+def single_blocks(blocks: list[dict]) -> list[tuple[str, dict, float]]:
+    """Rows ``(label, block, probability)`` of the cost table: every transform of the section alone at
+    probability 1 with the probability it has in the section; each member of a ``FusedGeometric`` alone inside
+    one, beside the same member unfused; and our cheaper transforms' library originals beside them."""
+    def with_original(label: str, block: dict, p: float) -> list[tuple[str, dict, float]]:
+        row = [(label, always(block), p)]
+        if block["name"] in ORIGINALS:  # our cheaper version: its library original beside it, for the saving
+            row.append((f"  ({ORIGINALS[block['name']]}, original)",
+                        {**always(block), "name": ORIGINALS[block["name"]]}, p))
+        return row
+
+    rows = []
+    for block, p in members(blocks):
+        if block["name"] != "FusedGeometric":
+            rows += with_original(block["name"], block, p)
+            continue
+        for member, share in members(block["params"]["transforms"]):
+            fused = {"name": "FusedGeometric", "params": {**block["params"], "transforms": [always(member)]}}
+            rows.append((f"FusedGeometric[{member['name']}]", fused, p * share))
+            rows += with_original(f"  ({member['name']}, unfused)", member, p * share)
+        rows.append(("FusedGeometric (whole block)", always(block), p))
+    return rows
 
 
 def transform_costs(data, rows, normalize, blocks: list[dict], floor_ms: float, repeats: int) -> None:
     """Print each transform's extra ms per image over the floor, applied and at its configured probability."""
-    print(f"{'transform':28s} {'applied ms':>10s} {'p':>6s} {'expected ms':>11s}")
-    for name, block, p in single_blocks(blocks):
-        variants = [(name, block)]
-        if name in ORIGINALS:  # our cheaper version: its library original beside it, for the saving
-            variants.append((f"  ({ORIGINALS[name]}, original)", {**block, "name": ORIGINALS[name]}))
-        for label, variant in variants:
-            pipeline = build_augment({"transforms": [variant]})
-            extra = ms_per_image(data.dataset(rows, normalize, pipeline), repeats) - floor_ms
-            print(f"{label:28s} {extra:10.2f} {p:6.3f} {p * extra:11.2f}")
+    print(f"{'transform':40s} {'applied ms':>10s} {'p':>6s} {'expected ms':>11s}")
+    for label, block, p in single_blocks(blocks):
+        pipeline = build_augment({"transforms": [block]})
+        extra = ms_per_image(data.dataset(rows, normalize, pipeline), repeats) - floor_ms
+        print(f"{label:40s} {extra:10.2f} {p:6.3f} {p * extra:11.2f}")
 
 
 def main() -> int:

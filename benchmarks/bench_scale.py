@@ -9,13 +9,15 @@ test predictions and the package run over the real counts. Every stage runs as i
 exactly as a user runs it. Stage 00 resumes (a rerun keeps the DICOMs it already wrote); stages 01 to 06 always
 run in full (``--force``).
 
-For each stage it prints wall time, the peak RSS of the stage's whole process tree (the script and its joblib or
-DataLoader workers, sampled from /proc every 0.2 s; pages shared between processes count once per process, so
-this overstates), the size of the stage's output folder, and wall milliseconds per image. Then it times, in
+For each stage it prints wall time, the CPU seconds of the stage's whole process tree (user + system time of the
+script and every descendant it waited for, such as joblib and DataLoader workers: on a shared machine the wall
+time is inflated by other jobs, the CPU time hardly), the peak RSS of that tree (sampled from /proc every 0.2 s;
+pages shared between processes count once per process, so this overstates), the size of the stage's output
+folder, and wall and CPU milliseconds per image (stage 00: per DICOM it wrote in this run). Then it times, in
 process, stage 05's CPU work per test image apart from the forward passes (PNG decode, resize back to 1024,
 post-processing, RLE) on up to 256 test images. The results go to ``DIR/results.json``; ``--against`` a
-results file of another fraction prints each stage's ms/image ratio (a cost per image that grows with the
-number of images shows as a ratio above 1). The last line is a one-line summary. Targets: peak RSS under 4 GB
+results file of another fraction prints each stage's wall and CPU ms/image ratios (a cost per image that grows
+with the number of images shows as a ratio above 1). The last line is a one-line summary. Targets: peak RSS under 4 GB
 in every stage; stage 05's non-forward CPU work under 20 ms per image. Exits 1 when a target fails.
 """
 from __future__ import annotations
@@ -26,7 +28,9 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 import argparse  # noqa: E402
+import ctypes  # noqa: E402
 import json  # noqa: E402
+import resource  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import threading  # noqa: E402
@@ -41,7 +45,8 @@ import torch  # noqa: E402
 from pneumoseg import layout  # noqa: E402
 from pneumoseg.config import load_config  # noqa: E402
 from pneumoseg.data.rle import encode  # noqa: E402
-from pneumoseg.inference.predictor import Predictor, restore_size  # noqa: E402
+from pneumoseg.data.resize import resize_probabilities  # noqa: E402
+from pneumoseg.inference.predictor import Predictor  # noqa: E402
 from pneumoseg.inference.tta import predict_probs  # noqa: E402
 from pneumoseg.postprocess.strategies import build_postprocessor  # noqa: E402
 
@@ -90,11 +95,45 @@ def folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) if folder.exists() else 0
 
 
+PR_SET_CHILD_SUBREAPER = 36   # linux/prctl.h
+
+
+def adopt_orphans() -> None:
+    """Make this process the reaper of its orphaned descendants (Linux), so that workers a stage leaves behind
+    when it exits (joblib's loky workers outlive the script that started them) are reaped here and their CPU
+    time counts in ``RUSAGE_CHILDREN`` instead of going to init with them."""
+    if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0):
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER) failed")
+
+
+def reap_orphans(timeout_s: float = 120.0) -> int:
+    """Wait for the orphans a finished stage left to this process (see :func:`adopt_orphans`), at most
+    ``timeout_s`` seconds; returns how many are still running then (their CPU time is missing)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:   # no children left
+            return 0
+        if not pid:
+            time.sleep(0.05)
+    return len(_children().get(os.getpid(), []))
+
+
+def children_cpu_s() -> float:
+    """User + system CPU seconds of every child this process has waited for, and of their waited-for
+    descendants (the kernel adds a process's children's times to it when it is reaped)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def run_stage(script: str, arguments: list[str], log_path: Path) -> dict:
-    """Run one stage script as a subprocess; its wall time, peak process-tree RSS and PSS, and exit code."""
+    """Run one stage script as a subprocess; its wall time, the CPU time of its process tree, its peak
+    process-tree RSS and PSS, and its exit code. Stages run one at a time, so the growth of this process's
+    children's CPU time over the run is the stage's alone."""
     peak, done = [0, 0], threading.Event()
     with open(log_path, "w") as log:
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), children_cpu_s()
         process = subprocess.Popen([sys.executable, str(ROOT / "scripts" / f"{script}.py"), *arguments],
                                    stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
 
@@ -105,9 +144,13 @@ def run_stage(script: str, arguments: list[str], log_path: Path) -> dict:
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
         code = process.wait()
+        left = reap_orphans()
         done.set()
         sampler.join()
-    return {"wall_s": time.perf_counter() - start, "peak_rss_gb": peak[0] / 2**30, "peak_pss_gb": peak[1] / 2**30,
+    if left:
+        print(f"warning: {left} process(es) of {script} still running; its CPU time misses theirs", flush=True)
+    return {"wall_s": time.perf_counter() - start, "cpu_s": children_cpu_s() - cpu_start,
+            "peak_rss_gb": peak[0] / 2**30, "peak_pss_gb": peak[1] / 2**30,
             "rc": code}
 
 
@@ -116,6 +159,16 @@ def stage_folders(cfg) -> dict[str, Path]:
     return dict(zip(STAGES, (Path(cfg.paths.input_dir), layout.convert_dir(cfg), layout.labels_dir(cfg),
                              layout.train_dir(cfg), layout.search_dir(cfg), layout.predict_dir(cfg),
                              layout.package_dir(cfg))))
+
+
+def dicoms_written(folder: Path, started: float) -> int:
+    """DICOMs stage 00 wrote in its run that began at ``started`` (``time.time()``): its ``done.json``
+    summary's count when the run rewrote it, 0 when the stage found its data complete and skipped. A resumed run
+    writes only the missing ones, which are then the denominator of its cost per image."""
+    done = folder / "done.json"
+    if not done.is_file() or done.stat().st_mtime < started:
+        return 0
+    return int(json.loads(done.read_text())["summary"]["written"])
 
 
 def stage_images(n_train: int, n_test: int) -> dict[str, int]:
@@ -147,7 +200,7 @@ def _time_parts(read, probs_of, postprocessor, ids: list[str], sizes: list[tuple
         times["forward"] += clock[2] - clock[1]
         for small, (rows, cols) in zip(probs, sizes[start:start + batch]):
             clock = [time.process_time()]
-            full = restore_size(small, rows, cols)
+            full = resize_probabilities(small, rows, cols)
             clock.append(time.process_time())
             mask = postprocessor(full)
             clock.append(time.process_time())
@@ -201,16 +254,24 @@ def stage05_cpu_cost(cfg, limit: int = 256) -> dict[str, dict[str, float]]:
             "images": len(ids)}
 
 
+def ratio_to(row: dict, other: dict | None, key: str) -> str:
+    """``row[key]`` over ``other[key]`` as text, or "-" where the other run lacks it (older results files have
+    no CPU figures)."""
+    return f"{row[key] / other[key]:.2f}x" if other and other.get(key) else "-"
+
+
 def print_table(rows: dict[str, dict], against: dict | None) -> None:
-    """The per-stage table; with ``against``, each stage's ms/image ratio to the other run's."""
-    print(f"{'stage':22s} {'images':>7s} {'wall s':>8s} {'RSS GB':>7s} {'PSS GB':>7s} {'disk MB':>9s} "
-          f"{'ms/image':>9s}" + ("  vs other run" if against else ""))
+    """The per-stage table; with ``against``, each stage's wall and CPU ms/image ratios to the other run's."""
+    print(f"{'stage':22s} {'images':>7s} {'wall s':>8s} {'CPU s':>8s} {'RSS GB':>7s} {'PSS GB':>7s} "
+          f"{'disk MB':>9s} {'ms/image':>9s} {'CPU ms/im':>9s}" + ("  vs other run: wall, CPU" if against else ""))
     for stage, row in rows.items():
-        ratio = ""
-        if against and stage in against["stages"] and not row["reused"]:
-            ratio = f"  {row['ms_per_image'] / against['stages'][stage]['ms_per_image']:.2f}x"
-        print(f"{stage:22s} {row['images']:7d} {row['wall_s']:8.1f} {row['peak_rss_gb']:7.2f} "
-              f"{row['peak_pss_gb']:7.2f} {row['disk_mb']:9.1f} {row['ms_per_image']:9.2f}{ratio}"
+        ratios = ""
+        if against and not row["reused"]:
+            other = against["stages"].get(stage)
+            ratios = f"  {ratio_to(row, other, 'ms_per_image')}, {ratio_to(row, other, 'cpu_ms_per_image')}"
+        print(f"{stage:22s} {row['images']:7d} {row['wall_s']:8.1f} {row['cpu_s']:8.1f} {row['peak_rss_gb']:7.2f} "
+              f"{row['peak_pss_gb']:7.2f} {row['disk_mb']:9.1f} {row['ms_per_image']:9.2f} "
+              f"{row['cpu_ms_per_image']:9.2f}{ratios}"
               + ("  (reused: complete before this run)" if row["reused"] else ""))
 
 
@@ -240,18 +301,23 @@ def main() -> int:
     cfg = load_config(CONFIG, overrides)
     folders, images = stage_folders(cfg), stage_images(n_train, n_test)
     (work / "logs").mkdir(parents=True, exist_ok=True)
+    adopt_orphans()
     print(f"scale run: {n_train} train + {n_test} test images (fraction {args.fraction:g}) in {work}, "
           f"{os.cpu_count()} CPUs", flush=True)
     rows: dict[str, dict] = {}
     for stage in STAGES:
-        reused = stage == STAGES[0] and (folders[stage] / "done.json").is_file()
         force = [] if stage == STAGES[0] else ["--force"]
+        started = time.time()
         row = run_stage(stage, ["--config", str(CONFIG), *force, *overrides], work / "logs" / f"{stage}.log")
-        row.update(images=images[stage], disk_mb=folder_bytes(folders[stage]) / 2**20, reused=reused,
-                   ms_per_image=1000 * row["wall_s"] / images[stage])
+        written = None if force else dicoms_written(folders[stage], started)
+        count, reused = written or images[stage], written == 0
+        row.update(images=count, disk_mb=folder_bytes(folders[stage]) / 2**20, reused=reused,
+                   ms_per_image=1000 * row["wall_s"] / count, cpu_ms_per_image=1000 * row["cpu_s"] / count)
         rows[stage] = row
-        print(f"{stage}: {row['wall_s']:.1f} s, peak RSS {row['peak_rss_gb']:.2f} GB (PSS {row['peak_pss_gb']:.2f}), "
-              f"{row['disk_mb']:.1f} MB, {row['ms_per_image']:.2f} ms/image" + (" (reused)" if reused else ""),
+        print(f"{stage}: {row['wall_s']:.1f} s ({row['cpu_s']:.1f} CPU s), peak RSS {row['peak_rss_gb']:.2f} GB "
+              f"(PSS {row['peak_pss_gb']:.2f}), "
+              f"{row['disk_mb']:.1f} MB, {row['ms_per_image']:.2f} ms/image ({row['cpu_ms_per_image']:.2f} CPU)"
+              + (" (reused)" if reused else ""),
               flush=True)
         if row["rc"]:
             print(f"FAIL: {stage} exited {row['rc']}; see {work / 'logs' / (stage + '.log')}")
@@ -264,8 +330,9 @@ def main() -> int:
     worst = max(rows, key=lambda s: rows[s]["peak_pss_gb"])
     cpu = max(cost["experiment"]["non_forward"], cost["recipe"]["non_forward"])
     passed = max(r["peak_rss_gb"] for r in rows.values()) < RSS_TARGET_GB and cpu < CPU_TARGET_MS
-    print(f"SUMMARY fraction {args.fraction:g} ({n_train}+{n_test} images): "
-          f"{sum(r['wall_s'] for r in rows.values()):.0f} s in all; peak memory {rows[worst]['peak_pss_gb']:.2f} GB PSS "
+    wall, cpu_s = (sum(r[key] for r in rows.values()) for key in ("wall_s", "cpu_s"))
+    print(f"SUMMARY fraction {args.fraction:g} ({n_train}+{n_test} images): {wall:.0f} s in all ({cpu_s:.0f} CPU s); "
+          f"peak memory {rows[worst]['peak_pss_gb']:.2f} GB PSS "
           f"({worst}), max tree RSS {max(r['peak_rss_gb'] for r in rows.values()):.2f} GB (target < {RSS_TARGET_GB}); "
           f"stage 05 non-forward CPU {cpu:.1f} ms/image (target < {CPU_TARGET_MS}): {'PASS' if passed else 'FAIL'}")
     return 0 if passed else 1

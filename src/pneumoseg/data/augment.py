@@ -17,9 +17,12 @@ or a composition (``OneOf``, ``SomeOf``, ``Sequential``) whose ``params.transfor
 Parameters are those of albumentations 2.x; deprecated ones (``ShiftScaleRotate``, ``alpha_affine``,
 ``value``/``mask_value``, ``var_limit``, ...) make albumentations warn, and the tests turn its warnings into errors.
 
-Besides albumentations' own, ``CoarseElasticTransform`` (below) is registered: ``ElasticTransform`` with the same
-parameters and statistics, its displacement field drawn on a grid ``sigma / 2`` pixels apart and upsampled,
-about ten times cheaper at 512 px (see ``benchmarks/bench_loader.py``).
+Besides albumentations' own, two transforms are registered (see ``benchmarks/bench_loader.py`` for their costs):
+
+* ``CoarseElasticTransform`` (below): ``ElasticTransform`` with the same parameters and statistics, its
+  displacement field drawn on a grid ``sigma / 2`` pixels apart and upsampled, about ten times cheaper at 512 px;
+* ``FusedGeometric`` (:mod:`pneumoseg.data.fused_geometric`): its ``params.transforms`` (``Affine``, elastic,
+  grid and optical distortions, or a ``OneOf`` of them) applied in order with one resampling of image and mask.
 
 Randomness: each sample is augmented with its own seed (see :func:`augment`), so a sample's augmentation depends
 only on the run's seed, the epoch and its position in the epoch, not on DataLoader workers or on a resume.
@@ -32,11 +35,11 @@ from typing import Any, Mapping
 import albumentations as A
 import cv2
 import numpy as np
-from albumentations.augmentations.geometric.functional import generate_displacement_fields
 from albumentations.core.composition import BaseCompose
 from albumentations.core.transforms_interface import BasicTransform
 from omegaconf import DictConfig, OmegaConf
 
+from pneumoseg.data.fused_geometric import FusedGeometric, coarse_elastic_fields
 from pneumoseg.errors import ConfigError
 from pneumoseg.registry import Registry
 
@@ -48,28 +51,24 @@ for _name, _cls in sorted(vars(A).items()):
 
 @TRANSFORMS.register("CoarseElasticTransform")
 class CoarseElasticTransform(A.ElasticTransform):
-    """``ElasticTransform`` whose displacement field is computed at a lower resolution and upsampled.
-
-    The field is Gaussian-blurred noise, so nothing of it varies over less than about ``sigma`` pixels: drawn on
-    a grid ``step = sigma / 2`` pixels apart (blur ``sigma / step``, scale ``alpha / step`` so that displacements
-    keep their size in full-resolution pixels) and interpolated linearly, it has the same statistics, while
-    the noise and the blur, most of the full-resolution transform's cost, shrink by ``step**2``. Parameters are
+    """``ElasticTransform`` whose displacement field is computed at a lower resolution and upsampled
+    (:func:`pneumoseg.data.fused_geometric.coarse_elastic_fields`: same statistics, the noise and the blur, most
+    of the full-resolution transform's cost, ``(sigma / 2)**2`` times cheaper). Parameters are
     ``ElasticTransform``'s; image and mask go through the same remap (the mask with ``mask_interpolation``).
     """
 
     def get_params_dependent_on_data(self, params: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
         height, width = params["shape"][:2]
-        step = max(1.0, self.sigma / 2)
-        coarse = (max(2, round(height / step)), max(2, round(width / step)))
-        fields = generate_displacement_fields(coarse, self.alpha / step, self.sigma / step, self.same_dxdy,
-                                              (17, 17) if self.approximate else (0, 0), self.random_generator,
-                                              self.noise_distribution)
+        fields = coarse_elastic_fields(self, (height, width))
         dx, dy = (cv2.resize(field, (width, height), interpolation=cv2.INTER_LINEAR) for field in fields)
         return {"map_x": dx + np.arange(width, dtype=np.float32),
                 "map_y": dy + np.arange(height, dtype=np.float32)[:, None]}
 
 
+TRANSFORMS.add("FusedGeometric", FusedGeometric)
+
 COMPOSITIONS = ("OneOf", "SomeOf", "Sequential", "SelectiveChannelTransform")
+WITH_MEMBERS = (*COMPOSITIONS, "FusedGeometric")   # blocks whose params.transforms are blocks
 
 
 def build_transform(block: Mapping[str, Any]) -> A.BasicTransform | BaseCompose:
@@ -77,10 +76,10 @@ def build_transform(block: Mapping[str, Any]) -> A.BasicTransform | BaseCompose:
     if isinstance(block, DictConfig):
         block = OmegaConf.to_container(block, resolve=True)
     params = dict(block.get("params") or {})
-    if block.get("name") in COMPOSITIONS:
+    if block.get("name") in WITH_MEMBERS:
         params["transforms"] = [build_transform(child) for child in params.get("transforms") or []]
     elif "transforms" in params:
-        raise ConfigError(f"augmentation {block.get('name')!r} is not a composition; only {COMPOSITIONS} take "
+        raise ConfigError(f"augmentation {block.get('name')!r} is not a composition; only {WITH_MEMBERS} take "
                           f"'transforms'")
     try:
         return TRANSFORMS.build({"name": block.get("name"), "params": params})

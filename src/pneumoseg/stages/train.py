@@ -51,6 +51,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+import torch
 from omegaconf import DictConfig
 
 from pneumoseg import layout
@@ -94,6 +95,7 @@ def run(cfg: DictConfig, force: bool = False, folds: Sequence[int] | str | None 
         resume = False
     if int(cfg.train.epochs) < 1:
         raise ConfigError(f"train.epochs must be at least 1, got {cfg.train.epochs}")
+    _limit_torch_threads(cfg.train.get("torch_threads"))
     folder = layout.train_dir(cfg)
     data = PreparedData.load(cfg.paths.prepared_dir, int(cfg.train.image_size))
     folds_csv = layout.folds_path(cfg)
@@ -118,6 +120,22 @@ def run(cfg: DictConfig, force: bool = False, folds: Sequence[int] | str | None 
             export_outputs(folder, job_environ)
         ctx.barrier()
     return {"folds": summaries, "complete": complete}
+
+
+def _limit_torch_threads(threads: int | None) -> None:
+    """Set torch's intra-op threads of this process (``train.torch_threads``, a key only ``configs/scale.yaml``
+    sets; None keeps torch's default of one per core).
+
+    Args:
+        threads: the thread count, at least 1, or None.
+    """
+    if threads is None:
+        return
+    if int(threads) < 1:
+        raise ConfigError(f"train.torch_threads must be at least 1 or null, got {threads}")
+    # On a CPU that DataLoader workers (or other jobs) share, one thread per core oversubscribes it, and torch's
+    # threads then wait for each other's time slices at every operation.
+    torch.set_num_threads(int(threads))
 
 
 def _train_folds(record: StageRecord, data: PreparedData, folds: Sequence[int], ctx: DistContext, force: bool,
