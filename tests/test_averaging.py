@@ -27,6 +27,7 @@ from pneumoseg.training.trainer import StepSettings, Trainer
 
 from fake_experiment import CONFIGS, write_fake_training
 from synthetic import write_prepared
+from crash import run_killed_at_update
 
 SIZE = 32
 ROOT = CONFIGS.parent
@@ -162,19 +163,7 @@ def test_a_crashed_fold_with_averaging_resumes_to_the_same_averaged_weights(fold
     overrides = ("train.ema={decay: 0.5}", "train.average_top_k=2")
     reference = train_stage.run(fold_cfg(*overrides))["folds"][0]
     again = fold_cfg(*overrides, f"paths.experiment_dir={tmp_path / 'again'}")
-    calls = {"n": 0}
-    original = Trainer._update
-
-    def crash_in_the_second_epoch(self):
-        calls["n"] += 1
-        if calls["n"] == 3:                                               # epoch 2 has updates 3 and 4
-            raise KeyboardInterrupt("killed")
-        original(self)
-
-    monkeypatch.setattr(Trainer, "_update", crash_in_the_second_epoch)
-    with pytest.raises(KeyboardInterrupt):
-        train_stage.run(again)
-    monkeypatch.setattr(Trainer, "_update", original)
+    run_killed_at_update(monkeypatch, lambda: train_stage.run(again))
     resumed = train_stage.run(again, resume=True)["folds"][0]
     assert resumed["ema"] == reference["ema"] and resumed["averaged"] == reference["averaged"]
     first = fold_cfg(*overrides)

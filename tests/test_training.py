@@ -27,6 +27,7 @@ from pneumoseg.stages import train as train_stage
 from pneumoseg.training.trainer import StepSettings, Trainer, epochs_since_best
 
 from synthetic import write_prepared
+from crash import run_killed_at_update
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -237,19 +238,7 @@ def test_same_seed_same_metrics_and_a_crashed_fold_resumes_to_the_same_end(stage
     assert not (layout.train_dir(first) / "done.json").exists()
 
     second = stage_cfg(f"paths.experiment_dir={tmp_path / 'again'}")
-    calls = {"n": 0}
-    original = Trainer._update
-
-    def crash_in_the_second_epoch(self):
-        calls["n"] += 1
-        if calls["n"] == 3:                                               # epoch 2 has updates 3 and 4
-            raise KeyboardInterrupt("killed")
-        original(self)
-
-    monkeypatch.setattr(Trainer, "_update", crash_in_the_second_epoch)
-    with pytest.raises(KeyboardInterrupt):
-        train_stage.run(second, folds=[0])
-    monkeypatch.setattr(Trainer, "_update", original)
+    run_killed_at_update(monkeypatch, lambda: train_stage.run(second, folds=[0]))
     assert _log(second, 0)["epoch"].tolist() == [1]
     resumed = train_stage.run(second, folds=[0], resume=True)
 
