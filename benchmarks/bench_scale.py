@@ -1,6 +1,6 @@
 """Benchmark of the whole pipeline at the real data's size: stages 00 to 06 on 12,047 + 3,205 synthetic DICOMs.
 
-    python benchmarks/bench_scale.py [--fraction F] [--workdir DIR] [--against RESULTS.json] [key=value ...]
+    python benchmarks/bench_scale.py [--fraction F] [--workdir DIR] [--against RESULTS.json] [--stages NN ...] [key=value ...]
 
 Stage 00 writes a synthetic dataset with the challenge's stage-2 counts scaled by ``F`` (1024 px JPEG DICOMs),
 then stages 01 to 06 run on it with ``configs/scale.yaml``: 512 px PNGs and masks (the real recipe's size) plus
@@ -290,6 +290,8 @@ def main() -> int:
     parser.add_argument("--fraction", type=float, default=1.0, help="scales both image counts (default 1)")
     parser.add_argument("--workdir", default=None, help="where data and outputs go (default /tmp/pneumoseg_scale/F)")
     parser.add_argument("--against", default=None, help="results.json of another fraction to compare with")
+    parser.add_argument("--stages", nargs="+", default=None, metavar="NN",
+                        help="run only these stages (by number, e.g. 05 06) on the workdir's earlier outputs")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every stage")
     args = parser.parse_args()
     if not 0 < args.fraction <= 1:
@@ -305,7 +307,8 @@ def main() -> int:
     print(f"scale run: {n_train} train + {n_test} test images (fraction {args.fraction:g}) in {work}, "
           f"{os.cpu_count()} CPUs", flush=True)
     rows: dict[str, dict] = {}
-    for stage in STAGES:
+    selected = [s for s in STAGES if args.stages is None or s[:2] in args.stages]
+    for stage in selected:
         force = [] if stage == STAGES[0] else ["--force"]
         started = time.time()
         row = run_stage(stage, ["--config", str(CONFIG), *force, *overrides], work / "logs" / f"{stage}.log")
