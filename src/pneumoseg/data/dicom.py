@@ -454,7 +454,7 @@ def _declared_bound(out: BinaryIO, path: Path) -> int:
     except Exception:  # a header cut at the probe, or malformed: bound by the cap alone
         return MAX_FILE_BYTES
     _check_size(rows, cols, frames, bits, path)
-    return written + rows * cols * frames * -(-bits // 8) + _INFLATE_TRAILER_BYTES
+    return written + _image_bytes(rows, cols, frames, bits) + _INFLATE_TRAILER_BYTES
 
 
 @contextlib.contextmanager
@@ -611,10 +611,15 @@ def _check_supported(ds: Dataset, metadata: dict, path: Path) -> None:
         raise UnsupportedDicomError(path, f"no decoder is installed for transfer syntax {syntax} ({name})")
 
 
+def _image_bytes(rows: int, cols: int, frames: int, bits_per_pixel: int) -> int:
+    """The bytes of native pixel data a header declares (each pixel's bits rounded up to whole bytes)."""
+    return rows * cols * frames * -(-bits_per_pixel // 8)
+
+
 def _check_size(rows: int, cols: int, frames: int, bits_per_pixel: int, path: Path) -> None:
     """Refuse, from the header alone, an image beyond :data:`MAX_SIDE` or :data:`MAX_IMAGE_BYTES`: decoders
     allocate what the header declares before they find the data missing (65535 x 65535 RLE from 788 bytes)."""
-    size = rows * cols * frames * -(-bits_per_pixel // 8)
+    size = _image_bytes(rows, cols, frames, bits_per_pixel)
     if max(rows, cols) > MAX_SIDE or size > MAX_IMAGE_BYTES:
         raise TooLargeDicomError(path, f"the header declares {rows}x{cols} pixels x {frames} frames at "
                                        f"{bits_per_pixel} bits ({size} bytes), larger than any radiograph read "
