@@ -189,6 +189,10 @@ def test_the_predictor_applies_the_gate():
     assert found_dim.area == 0 and found_dim.probs.max() > 0.9
     ungated = Predictor([_model(_GatedBrightness())], TTA(hflip=False), Threshold(0.5)).predict([dim])[0]
     assert ungated.area > 0 and ungated.gate == pytest.approx(found_dim.gate)
+    # Only the dim image lost a mask to the gate; a black one is below the gate too, but has no mask to lose.
+    [black] = predictor.predict([np.zeros((40, 40), np.uint8)])
+    assert black.gate < 0.9 and black.area == 0
+    assert [p.emptied_by_gate for p in (found_bright, found_dim, ungated, black)] == [False, True, False, False]
     with pytest.raises(ConfigError, match="no model has the gate head"):
         Predictor([_model(nn.Conv2d(1, 1, 1))], TTA(hflip=False), Gated(0.9, Threshold(0.5)))
 
@@ -218,3 +222,4 @@ def test_the_package_carries_the_gate_and_the_server_reports_its_probability(gat
     answer = json.loads(serving.output_fn(result, "application/json")[0])
     assert answer["gate_probability"] == pytest.approx(expected.gate, abs=1e-7)
     assert answer["has_pneumothorax"] == (expected.gate >= 0.5 and bool(expected.mask.any()))
+    assert answer["emptied_by_gate"] == expected.emptied_by_gate

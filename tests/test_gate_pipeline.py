@@ -42,4 +42,7 @@ def test_the_tiny_pipeline_with_the_gate_reaches_stage_05(tiny_cfg):
     for gate_threshold, positive in ((0.0, int(cfg.demo.n_test)), (1.0, 0)):
         gated = tiny_cfg(*GATE, "postprocess.source=config", "postprocess.name=gated",
                          f"postprocess.params={{gate: {gate_threshold}, inner: {everything}}}")
-        assert predict.run(gated, force=True)["positive"] == positive
+        summary = predict.run(gated, force=True)
+        assert summary["positive"] == positive
+        assert summary["gate_emptied"] == int(cfg.demo.n_test) - positive   # every image had a mask to lose
+        assert "emptied by the gate" in predict.summary_text(summary)

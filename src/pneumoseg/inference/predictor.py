@@ -55,11 +55,13 @@ class Prediction:
         probs: float32 H x W ensemble probabilities.
         mask: bool H x W mask after post-processing; what is submitted.
         gate: the image-level probability of a pneumothorax from the models' gate head (None without one).
+        emptied_by_gate: the gate emptied the image although the mask strategy alone would have marked pixels.
     """
 
     probs: np.ndarray
     mask: np.ndarray
     gate: float | None = None
+    emptied_by_gate: bool = False
 
     def rle(self, fmt: str = "relative") -> str:
         """The mask as a run-length string (``"-1"`` when empty); ``fmt`` as in :func:`pneumoseg.data.rle.encode`."""
@@ -238,7 +240,8 @@ def make_predictions(full_maps: Sequence[np.ndarray], gates: np.ndarray | None,
     predictions = []
     for k, full in enumerate(full_maps):
         gate = None if gates is None else float(gates[k])
-        predictions.append(Prediction(probs=full, mask=postprocessor(full, gate), gate=gate))
+        predictions.append(Prediction(probs=full, mask=postprocessor(full, gate), gate=gate,
+                                      emptied_by_gate=postprocessor.emptied_by_gate(full, gate)))
     return predictions
 
 

@@ -101,6 +101,11 @@ class PostProcessor(ABC):
         """The boolean H x W mask of ``probs``; ``gate``: the image's gate probability (None without a gate head),
         read only by strategies with :attr:`needs_gate`."""
 
+    def emptied_by_gate(self, probs: np.ndarray, gate: float | None) -> bool:
+        """True when the gate alone emptied this image: the mask strategy would have marked pixels, the gate
+        probability was below the threshold. Always False for an ungated strategy."""
+        return False
+
     def label(self) -> str:
         """A short name for logs and table columns: the strategy and its parameter values, e.g.
         ``triplet:0.75:2000:0.4:0`` (in the order of the class's fields)."""
@@ -203,6 +208,9 @@ class Gated(PostProcessor):
         if float(gate) < self.gate:
             return np.zeros(probs.shape, dtype=bool)
         return self.inner(probs)
+
+    def emptied_by_gate(self, probs: np.ndarray, gate: float | None) -> bool:
+        return gate is not None and float(gate) < self.gate and bool(self.inner(probs).any())
 
     def label(self) -> str:
         return f"{self.name}:{self.gate:g}:{self.inner.label()}"

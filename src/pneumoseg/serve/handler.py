@@ -127,7 +127,8 @@ class Result:
         """The JSON response: ImageId (None when unknown), the mask in the submission's run-length form
         (``EncodedPixels``, ``"-1"`` when empty; the package's ``fmt``), the image's size, the mask's area in pixels, the highest
         probability, the image-level gate probability (``gate_probability``; None for a model without the gate
-        head), the post-processing and the model."""
+        head), whether the gate emptied a mask the strategy alone would have drawn (``emptied_by_gate``), the
+        post-processing and the model."""
         prediction = self.prediction
         height, width = prediction.mask.shape
         return {
@@ -137,6 +138,7 @@ class Result:
             "area": prediction.area,
             "max_probability": prediction.max_prob,
             "gate_probability": prediction.gate,
+            "emptied_by_gate": prediction.emptied_by_gate,
             "height": int(height),
             "width": int(width),
             "postprocess": self.model.postprocess,

@@ -132,13 +132,13 @@ def run(cfg: DictConfig, force: bool = False) -> dict[str, Any]:
              len(predictor.models), predictor.n_views, predictor.device)
     started = time.time()
     folders = {size: layout.images_dir(cfg, size) for size in predictor.image_sizes}
-    encoded, positive = predict_rles(predictor, folders, ids, sizes, cfg.predict)
+    encoded, counts = predict_rles(predictor, folders, ids, sizes, cfg.predict)
     seconds = time.time() - started
     write_submission(layout.submission_path(cfg), ids, encoded, expected, sizes, cfg.predict.fmt)
     summary = {
         "submission": str(layout.submission_path(cfg)),
         "images": len(ids),
-        "positive": positive,
+        **counts,
         "models": len(predictor.models),
         "views_per_model": round(predictor.n_views / len(predictor.models), 2),
         "postprocess": predictor.postprocessor.to_block(),
@@ -153,8 +153,10 @@ def run(cfg: DictConfig, force: bool = False) -> dict[str, Any]:
 
 
 def predict_rles(predictor: Predictor | EnsemblePredictor, images_dirs: Mapping[int, Path], ids: list[str],
-                 sizes: dict[str, tuple[int, int]], settings: DictConfig) -> tuple[list[str], int]:
-    """The run-length string of each image of ``ids`` (in order) and the number of non-empty masks.
+                 sizes: dict[str, tuple[int, int]], settings: DictConfig) -> tuple[list[str], dict[str, int]]:
+    """The run-length string of each image of ``ids`` (in order), and counts: ``positive`` (non-empty masks) and,
+    with a gated post-processing, ``gate_emptied`` (images the gate emptied that the mask strategy alone would have
+    marked).
 
     Args:
         predictor: the fold ensemble, or an ensemble of experiments.
@@ -175,7 +177,7 @@ def predict_rles(predictor: Predictor | EnsemblePredictor, images_dirs: Mapping[
                             f"scripts/01_convert_dicoms.py (with {size} among prepare.sizes)")
         loaders[size] = make_loader(ImageFiles(paths), int(settings.batch_size), int(settings.num_workers),
                                     predictor.device)
-    encoded, positive = [], 0
+    encoded, positive, gate_emptied = [], 0, 0
     with tqdm(total=len(ids), desc="test images", unit="img") as progress:
         for batches in zip(*loaders.values()):
             # A single experiment takes its one batch as it is; an ensemble takes the batch of each member size.
@@ -184,8 +186,12 @@ def predict_rles(predictor: Predictor | EnsemblePredictor, images_dirs: Mapping[
             for prediction in predictor.predict_prepared(batch, [sizes[i] for i in batch_ids]):
                 encoded.append(prediction.rle(settings.fmt))
                 positive += prediction.has_pneumothorax
+                gate_emptied += prediction.emptied_by_gate
             progress.update(len(batch_ids))
-    return encoded, positive
+    counts = {"positive": positive}
+    if predictor.postprocessor.needs_gate:
+        counts["gate_emptied"] = gate_emptied
+    return encoded, counts
 
 
 def score_test_set(cfg: DictConfig, test_labels: Path, sizes: dict[str, tuple[int, int]]) -> dict[str, Any]:
@@ -207,7 +213,8 @@ def score_test_set(cfg: DictConfig, test_labels: Path, sizes: dict[str, tuple[in
 def summary_text(summary: dict[str, Any]) -> str:
     """The few lines the script prints when it is done."""
     lines = [f"submission: {summary['submission']}",
-             f"  {summary['images']} test images, {summary['positive']} with pneumothorax predicted",
+             f"  {summary['images']} test images, {summary['positive']} with pneumothorax predicted"
+             + (f" ({summary['gate_emptied']} more emptied by the gate)" if "gate_emptied" in summary else ""),
              f"  {summary['models']} models x {summary['views_per_model']:g} views, post-processing "
              f"{summary['postprocess']['name']} {summary['postprocess']['params']}, "
              f"{summary['seconds_per_image']:.3f} s per image on {summary['device']}"]
