@@ -114,6 +114,35 @@ def test_training_with_the_head_uses_the_gate_weight_and_learns_the_gate():
     assert gate_bce() < 0.5 * before
 
 
+class _MeanGate(nn.Module):
+    """Mask logits 0; gate logit ``10 * (mean - 0.5)``: bright images pass the gate, dark ones do not."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor(10.0))
+        self.classification_head = nn.Identity()
+
+    def forward(self, x):
+        return torch.zeros_like(x), self.scale * (x.mean((1, 2, 3)) - 0.5)[:, None]
+
+
+def test_validation_reports_the_gate_accuracy():
+    # Bright, dark, bright, dark; a mask on the first only: the third (bright, empty) is the gate's one mistake.
+    images = torch.tensor([1.0, 0.0, 1.0, 0.0])[:, None, None, None].expand(4, 1, 8, 8).contiguous()
+    masks = torch.zeros(4, 1, 8, 8)
+    masks[0, :, 2:4, 2:4] = 1
+    net = _MeanGate()
+    optimizer = build_optimizer({"name": "adam", "params": {"lr": 1e-2}}, net.parameters())
+    schedule = build_scheduler({"name": "constant"}, optimizer, updates_per_epoch=1, epochs=1)
+    trainer = Trainer(net, build_training_loss({"name": "bce", "gate_weight": 0.1}, gated=True), optimizer,
+                      schedule, steps=StepSettings())
+    batches = [(images[:3], masks[:3]), (images[3:], masks[3:])]
+    assert trainer.validate(batches, [Threshold(0.5)])["val_gate_accuracy"] == pytest.approx(3 / 4)
+    plain = Trainer(nn.Conv2d(1, 1, 1), build_training_loss({"name": "bce", "gate_weight": None}, gated=False),
+                    optimizer, schedule, steps=StepSettings())
+    assert "val_gate_accuracy" not in plain.validate(batches, [Threshold(0.5)])
+
+
 class _GatedBrightness(nn.Module):
     """Mask logit ``gain * x``; gate logit: the mean of the image's left half minus its right half (a flip changes
     it, so averaging over views shows)."""

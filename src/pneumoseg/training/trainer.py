@@ -215,13 +215,16 @@ class Trainer:
         Returns:
             ``val_loss``; ``dice[<label>]`` per strategy (see :meth:`PostProcessor.label`); ``val_dice`` (the best
             of them), ``val_postprocess`` (its label) and ``val_dice_pos`` (mean Dice of the positive images
-            there; NaN without positives).
+            there; NaN without positives); with the gate head also ``val_gate_accuracy``, the share of images
+            whose gate probability is on the right side of 0.5 (at least 0.5 exactly when the image has a mask).
         """
         net = self.net if net is None else net
         net.eval()
         n = len(postprocessors)
-        # Per rank: loss sum, image count, positive count, then per strategy the Dice sums (all, positives).
-        sums = np.zeros(3 + 2 * n)
+        # Per rank: loss sum, image count, positive count, gate hits, then per strategy the Dice sums (all,
+        # positives).
+        sums = np.zeros(4 + 2 * n)
+        gated = False
         with torch.inference_mode(), autocast(self.device, self.amp):
             for images, masks in batches:
                 masks = masks.to(self.device, non_blocking=True)
@@ -235,19 +238,24 @@ class Trainer:
                 positive = truth.any((1, 2))
                 for k, postprocess in enumerate(postprocessors):
                     dice = dice_per_image(np.stack([postprocess(p, g) for p, g in zip(probs, gates)]), truth)
-                    sums[3 + k] += dice.sum()
-                    sums[3 + n + k] += dice[positive].sum()
+                    sums[4 + k] += dice.sum()
+                    sums[4 + n + k] += dice[positive].sum()
                 sums[1] += len(images)
                 sums[2] += positive.sum()
+                if gate_logits is not None:
+                    gated = True
+                    sums[3] += np.count_nonzero((np.asarray(gates) >= 0.5) != positive)
         sums = self.ctx.sum(sums)
         n_images, n_positive = max(sums[1], 1.0), sums[2]
-        dice_all = sums[3:3 + n] / n_images
-        dice_pos = sums[3 + n:] / n_positive if n_positive else np.full(n, np.nan)
+        dice_all = sums[4:4 + n] / n_images
+        dice_pos = sums[4 + n:] / n_positive if n_positive else np.full(n, np.nan)
         best = int(np.argmax(dice_all))
         metrics: dict[str, Any] = {"val_loss": float(sums[0] / n_images)}
         metrics.update({f"dice[{p.label()}]": float(d) for p, d in zip(postprocessors, dice_all)})
         metrics.update(val_dice=float(dice_all[best]), val_postprocess=postprocessors[best].label(),
                        val_dice_pos=float(dice_pos[best]))
+        if gated:
+            metrics["val_gate_accuracy"] = float(sums[3] / n_images)
         return metrics
 
     @property
