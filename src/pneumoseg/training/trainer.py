@@ -244,7 +244,7 @@ class Trainer:
                 sums[2] += positive.sum()
                 if gate_logits is not None:
                     gated = True
-                    sums[3] += np.count_nonzero((np.asarray(gates) >= 0.5) != positive)
+                    sums[3] += np.count_nonzero((np.asarray(gates) >= 0.5) == positive)
         sums = self.ctx.sum(sums)
         n_images, n_positive = max(sums[1], 1.0), sums[2]
         dice_all = sums[4:4 + n] / n_images
