@@ -20,6 +20,7 @@ from pneumoseg import layout
 from pneumoseg.config import ensemble_members, load_config
 from pneumoseg.data import rle
 from pneumoseg.data.blend import blend_gates, blend_maps, weighted_mean
+from pneumoseg.data.resize import resize_probabilities
 from pneumoseg.data.labels import ImageLabels
 from pneumoseg.data.probstore import ProbabilityWriter
 from pneumoseg.errors import ConfigError, DataError
@@ -111,6 +112,18 @@ def test_blend_equals_a_hand_computed_weighted_average_of_maps_of_different_size
                                   cv2.resize(large, (80, 96), interpolation=cv2.INTER_LINEAR))
     # Per-image values (a gate's probability) blend with the same weights.
     assert float(weighted_mean([0.2, 0.6], [1, 3])) == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("shape", [(96, 80), (8, 8)])   # enlarged (bilinear) and shrunk (area averaging)
+def test_maps_of_one_size_blended_before_the_resize_equal_each_resized_then_blended(shape):
+    rng = np.random.default_rng(2)
+    maps = [rng.random((16, 16), np.float32) for _ in range(3)] + [rng.random((24, 24), np.float32)]
+    originals = [m.copy() for m in maps]
+    weights = [1, 2, 3, 4]
+    one_by_one = sum(w * resize_probabilities(m, *shape) for w, m in zip(weights, maps)) / sum(weights)
+    np.testing.assert_allclose(blend_maps(maps, weights, *shape), one_by_one, rtol=0, atol=1e-6)
+    for given, original in zip(maps, originals):
+        np.testing.assert_array_equal(given, original)          # the members' maps are left as they were
 
 
 @pytest.mark.parametrize("weights", [[1, 0], [1, -1], [1, float("nan")], []])

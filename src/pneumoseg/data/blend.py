@@ -54,14 +54,36 @@ def weighted_mean(values: Sequence[np.ndarray | float], weights: Sequence[float]
 
 
 def blend_maps(maps: Sequence[np.ndarray], weights: Sequence[float], rows: int, cols: int) -> np.ndarray:
-    """One image's blend: each member's float32 probability map (any size) at ``rows`` x ``cols``, then averaged.
+    """One image's blend: the weighted mean of each member's float32 probability map (any size) brought to
+    ``rows`` x ``cols`` with :func:`pneumoseg.data.resize.resize_probabilities`.
+
+    Resizing is linear (bilinear or area weights), so the maps of one size are averaged at that size first and
+    resized once: the same blend as resizing every map (to float32 rounding, about 1e-7), at the cost of one
+    resize per member size instead of one per member and one full-size sum instead of several.
 
     Args:
         maps: each member's map of the image, float32 in [0, 1], each at its member's size.
-        weights: one per member.
+        weights: one per member; scaled to sum to 1 (:func:`normalized_weights`).
         rows, cols: the image's original size.
+
+    Raises:
+        ValueError: as many maps as weights there are not.
     """
-    return weighted_mean([resize_probabilities(m, int(rows), int(cols)) for m in maps], weights)
+    scaled = normalized_weights(weights)
+    if len(maps) != len(scaled):
+        raise ValueError(f"{len(maps)} members' maps for {len(scaled)} weights")
+    by_size: dict[tuple[int, ...], np.ndarray] = {}
+    for weight, probs in zip(scaled, maps):
+        term = weight * np.asarray(probs, dtype=np.float32)     # a new array: the inputs are never written
+        if term.shape in by_size:
+            by_size[term.shape] += term
+        else:
+            by_size[term.shape] = term
+    parts = [resize_probabilities(part, int(rows), int(cols)) for part in by_size.values()]
+    total = parts[0]
+    for part in parts[1:]:
+        total += part
+    return total
 
 
 def blend_gates(per_member: Sequence[np.ndarray | None], weights: Sequence[float]) -> np.ndarray | None:

@@ -16,8 +16,8 @@ head give each image a gate probability, averaged like the maps, which the post-
 strategy empties an image below its threshold) and the prediction reports.
 
 An ensemble of experiments (:class:`EnsemblePredictor`) is a :class:`Predictor` per member, each with its own folds,
-TTA and image size: each member's probabilities are brought back to the image's size, blended there with the
-members' weights (:func:`pneumoseg.data.blend.blend_maps`, the blend stage 04 searched on), and post-processed once::
+TTA and image size: the members' probabilities are blended at the image's size with the members' weights
+(:func:`pneumoseg.data.blend.blend_maps`, the blend stage 04 searched on), and post-processed once::
 
     ensemble = EnsemblePredictor.from_experiments([(cfg_a, 1.0), (cfg_b, 1.0)], postprocessor)
     [prediction] = ensemble.predict([pixels])
@@ -173,24 +173,45 @@ class Predictor:
         check_images(images)
         if not images:
             return [], None
-        prepared = np.stack([resize_square(image, self.image_size, self.interpolation) for image in images])
-        return self.probabilities_prepared(prepared, [image.shape for image in images])
+        return self.probabilities_prepared(self.prepare(images), [image.shape for image in images])
+
+    def prepare(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        """Checked uint8 H x W images of any size as one N x S x S batch at the models' size (as stage 01 writes
+        its PNGs)."""
+        return np.stack([resize_square(image, self.image_size, self.interpolation) for image in images])
 
     def probabilities_prepared(self, images: np.ndarray | torch.Tensor | Mapping[int, np.ndarray | torch.Tensor],
                                original_shapes: Sequence[tuple[int, int]]) -> tuple[list[np.ndarray], np.ndarray | None]:
         """The probabilities of prepared images, each brought back to its original size, and their gate
         probabilities, as :meth:`probabilities` gives them; arguments and errors as for :meth:`predict_prepared`."""
+        batch = self.prepared_batch(images)
+        if len(original_shapes) != len(batch):
+            raise DataError(f"{len(batch)} images but {len(original_shapes)} original shapes")
+        probs, gates = self.model_probabilities(batch)
+        full_maps = [resize_probabilities(small, int(rows), int(cols))
+                     for small, (rows, cols) in zip(probs, original_shapes)]
+        return full_maps, gates
+
+    def model_probabilities(self, images: np.ndarray | torch.Tensor | Mapping[int, np.ndarray | torch.Tensor]
+                            ) -> tuple[np.ndarray, np.ndarray | None]:
+        """The averaged probabilities of prepared images at the models' size (float32 N x S x S), before they are
+        brought back to any image's size, and their gate probabilities; ``images`` as for :meth:`predict_prepared`.
+
+        Raises:
+            DataError: images of another size.
+        """
+        return predict_with_gate(self.models, self.prepared_batch(images), self.tta, batch_size=self.batch_size,
+                                 amp=self.amp)
+
+    def prepared_batch(self, images: np.ndarray | torch.Tensor | Mapping[int, np.ndarray | torch.Tensor]
+                       ) -> np.ndarray | torch.Tensor:
+        """The batch at :attr:`image_size` (picked from batches by size), checked to be N x S x S."""
         if isinstance(images, Mapping):
             images = _batch_of_size(images, self.image_size)
         if tuple(images.shape[1:]) != (self.image_size, self.image_size):
             raise DataError(f"prepared images must be N x {self.image_size} x {self.image_size} (the models' size), "
                             f"got {tuple(images.shape)}; use the PNGs of 01_convert/images_{self.image_size}/")
-        if len(original_shapes) != len(images):
-            raise DataError(f"{len(images)} images but {len(original_shapes)} original shapes")
-        probs, gates = predict_with_gate(self.models, images, self.tta, batch_size=self.batch_size, amp=self.amp)
-        full_maps = [resize_probabilities(small, int(rows), int(cols))
-                     for small, (rows, cols) in zip(probs, original_shapes)]
-        return full_maps, gates
+        return images
 
     @classmethod
     def from_experiment(cls, cfg: DictConfig, device: str | torch.device | None = None,
@@ -331,8 +352,10 @@ class EnsemblePredictor:
     def predict(self, images: Sequence[np.ndarray]) -> list[Prediction]:
         """Predict images of any size, as :meth:`Predictor.predict` does, with every member."""
         check_images(images)
-        return make_predictions(*self._blend([member.probabilities(images) for member in self.members]),
-                                self.postprocessor)
+        if not images:
+            return []
+        per_member = [member.model_probabilities(member.prepare(images)) for member in self.members]
+        return make_predictions(*self._blend(per_member, [image.shape for image in images]), self.postprocessor)
 
     def predict_prepared(self, images: Mapping[int, np.ndarray | torch.Tensor],
                          original_shapes: Sequence[tuple[int, int]]) -> list[Prediction]:
@@ -343,15 +366,25 @@ class EnsemblePredictor:
     def probabilities_prepared(self, images: Mapping[int, np.ndarray | torch.Tensor],
                                original_shapes: Sequence[tuple[int, int]]) -> tuple[list[np.ndarray], np.ndarray | None]:
         """The blended probabilities of prepared images at their original sizes, before the post-processing, and
-        their blended gate probabilities; arguments as for :meth:`predict_prepared`."""
-        return self._blend([member.probabilities_prepared(images, original_shapes) for member in self.members])
+        their blended gate probabilities; arguments as for :meth:`predict_prepared`.
 
-    def _blend(self, per_member: list[tuple[list[np.ndarray], np.ndarray | None]]
-               ) -> tuple[list[np.ndarray], np.ndarray | None]:
-        """Per image, the members' maps (each already at the image's size) blended; the gate probabilities of
-        the members that have a gate head blended with their weights (None when no member has one)."""
-        maps = [blend_maps(image_maps, self.weights, *image_maps[0].shape)
-                for image_maps in zip(*(member_maps for member_maps, _ in per_member))]
+        Raises:
+            DataError: a member size missing from ``images``, or a shape count that differs from the image count.
+        """
+        batches = [member.prepared_batch(images) for member in self.members]
+        if any(len(batch) != len(original_shapes) for batch in batches):
+            raise DataError(f"{[len(batch) for batch in batches]} images (per member) but {len(original_shapes)} "
+                            f"original shapes")
+        per_member = [member.model_probabilities(batch) for member, batch in zip(self.members, batches)]
+        return self._blend(per_member, original_shapes)
+
+    def _blend(self, per_member: list[tuple[np.ndarray, np.ndarray | None]],
+               original_shapes: Sequence[tuple[int, int]]) -> tuple[list[np.ndarray], np.ndarray | None]:
+        """Per image, the members' maps at their models' sizes blended at the image's original size
+        (:func:`pneumoseg.data.blend.blend_maps`, as stage 04 blends the OOF maps); the gate probabilities of the
+        members that have a gate head blended with their weights (None when no member has one)."""
+        maps = [blend_maps([probs[k] for probs, _ in per_member], self.weights, int(rows), int(cols))
+                for k, (rows, cols) in enumerate(original_shapes)]
         return maps, blend_gates([gates for _, gates in per_member], self.weights)
 
     @classmethod
