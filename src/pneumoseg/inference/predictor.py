@@ -176,8 +176,8 @@ class Predictor:
         return self.probabilities_prepared(self.prepare(images), [image.shape for image in images])
 
     def prepare(self, images: Sequence[np.ndarray]) -> np.ndarray:
-        """Checked uint8 H x W images of any size as one N x S x S batch at the models' size (as stage 01 writes
-        its PNGs)."""
+        """uint8 H x W images of any size (already checked by :func:`check_images`) as one N x S x S batch at the
+        models' size, resized as stage 01 resizes its PNGs."""
         return np.stack([resize_square(image, self.image_size, self.interpolation) for image in images])
 
     def probabilities_prepared(self, images: np.ndarray | torch.Tensor | Mapping[int, np.ndarray | torch.Tensor],
