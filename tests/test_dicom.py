@@ -115,7 +115,8 @@ def test_jpeg_dicom_round_trip_matches_pydicom(tmp_path):
     path = tmp_path / "ID_0a1b2c3d4.dcm"
     write_jpeg_dicom(path, image, tags("1.2.3", sex="F", age="50", view_position="AP", pixel_spacing=0.143))
     pixels, metadata = read_dicom(path)
-    assert (pixels == pydicom.dcmread(path).pixel_array).all()
+    # Pillow's decoder, as the reader's (pydicom prefers pylibjpeg's libjpeg 9, which rounds differently).
+    assert (pixels == pydicom.pixels.pixel_array(path, decoding_plugin="pillow")).all()
     assert np.abs(pixels.astype(int) - image).mean() < 3  # JPEG at quality 95
     assert metadata == {
         "ImageId": "ID_0a1b2c3d4", "source_path": str(path), "rows": 48, "cols": 40, "sex": "F", "age": 50,
@@ -244,9 +245,9 @@ BAD_FILES = {
     "cut_native_pixels": (_native_cut, TruncatedDicomError, "cut off"),
     "no_pixel_data": (lambda tmp_path: write_native_dicom(tmp_path / "a.dcm", np.zeros((0, 0), np.uint8)),
                       NoPixelDataError, "no Pixel Data"),
-    "jpeg_ls": (lambda tmp_path: write_native_dicom(tmp_path / "a.dcm", gradient(), syntax=JPEGLSLossless,
-                                                    pixel_data=encapsulate([b"\xff\xd8 not really"])),
-                UnsupportedDicomError, "JPEG-LS"),
+    "jpeg_ls_garbage": (lambda tmp_path: write_native_dicom(tmp_path / "a.dcm", gradient(), syntax=JPEGLSLossless,
+                                                            pixel_data=encapsulate([b"\xff\xd8 not really"])),
+                        CorruptPixelDataError, "no frame header (SOF marker)"),
     "unknown_syntax": (lambda tmp_path: write_native_dicom(tmp_path / "a.dcm", gradient(), syntax="1.2.3.4.5"),
                        UnsupportedDicomError, "1.2.3.4.5"),
     "colour": (lambda tmp_path: write_native_dicom(tmp_path / "a.dcm", np.zeros((4, 4, 3), np.uint8), "RGB",
@@ -257,7 +258,7 @@ BAD_FILES = {
                     UnsupportedDicomError, "2 frames"),
     "jpeg_garbage": (lambda tmp_path: write_native_dicom(tmp_path / "a.dcm", gradient(), syntax=JPEGBaseline8Bit,
                                                          pixel_data=encapsulate([b"\xff\xd8\xff\xe0 garbage!"])),
-                     CorruptPixelDataError, "does not decode"),
+                     CorruptPixelDataError, "beyond the data"),
     "jpeg_wrong_size": (lambda tmp_path: _resized_header(_jpeg_file(tmp_path)), CorruptPixelDataError,
                         "declares 24x40"),
     "native_too_short": (lambda tmp_path: write_native_dicom(tmp_path / "a.dcm", gradient(),
@@ -377,7 +378,7 @@ def test_cut_deflated_file_is_truncated():
 
 
 @pytest.mark.parametrize("data, error, reason", [
-    (hostile.jpeg_frame_bomb(20000, declared=64), CorruptPixelDataError, "DecompressionBombError"),
+    (hostile.jpeg_frame_bomb(20000, declared=64), TooLargeDicomError, "its codestream declares 20000x20000"),
     (hostile.jpeg_frame_bomb(4000, declared=64), CorruptPixelDataError, "declares 64x64"),
     (hostile.jpeg_frame_bomb(20000, declared=20000), TooLargeDicomError, "20000x20000"),
     (hostile.corrupt_vr(hostile.jpeg_dicom()), NotDicomError, "NotImplementedError"),

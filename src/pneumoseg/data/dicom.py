@@ -35,10 +35,14 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import _read_file_meta_info, read_preamble
 from pydicom.filewriter import write_file_meta_info
 from pydicom.multival import MultiValue
-from pydicom.pixels import get_decoder
-from pydicom.uid import (UID, DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, JPEGBaseline8Bit,
+from pydicom.pixels import apply_modality_lut, apply_voi_lut, apply_windowing, get_decoder
+from pydicom.uid import (HTJ2K, UID, DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, HTJ2KLossless,
+                         HTJ2KLosslessRPCL, JPEG2000, JPEG2000Lossless, JPEGBaseline8Bit, JPEGExtended12Bit,
+                         JPEGLossless, JPEGLosslessSV1, JPEGLSLossless, JPEGLSNearLossless, RLELossless,
                          SecondaryCaptureImageStorage)
 
+from pneumoseg.data.codestream import (CodestreamError, CodestreamHeader, CodestreamLimitError, check_scans,
+                                       j2k_header, jpeg_header)
 from pneumoseg.errors import DataError
 from pneumoseg.io import atomic_path
 
@@ -143,6 +147,8 @@ MAX_FILE_BYTES = MAX_IMAGE_BYTES + (16 << 20)
 """The most bytes read from a file, and inflated from a deflated one: the largest image plus 16 MiB of header."""
 
 _UNDEFINED_LENGTH = 0xFFFFFFFF
+# Data of more than 8 bits is displayed through a table of every stored value when it spans fewer values than this.
+_MAX_TABLE = 1 << 16
 # Deflated data is inflated block by block, so that memory grows with the output and the bound is met to a block.
 _INFLATE_INPUT_BLOCK = 1 << 16
 _INFLATE_OUTPUT_BLOCK = 1 << 20
@@ -573,13 +579,16 @@ def _pixels(ds: Dataset, metadata: dict, path: Path) -> np.ndarray:
     if "PixelData" not in ds:
         raise NoPixelDataError(path, "the file has no Pixel Data element")
     _check_supported(ds, metadata, path)
+    _check_codestream(ds, metadata["transfer_syntax"], path)
     decode = _DECODERS.get(metadata["transfer_syntax"], _decode_with_pydicom)
     pixels = decode(ds, path)
     declared = (metadata["rows"], metadata["cols"])
     if pixels.shape != declared:
         raise CorruptPixelDataError(path, f"the pixel data decodes to shape {pixels.shape}, but the header "
                                           f"declares {declared[0]}x{declared[1]}")
-    if int(ds.get("BitsStored") or 8) > 8 or int(ds.get("PixelRepresentation") or 0) == 1:
+    if int(ds.get("BitsStored") or 8) > 8:
+        pixels = _displayed_8_bits(pixels, ds)
+    elif int(ds.get("PixelRepresentation") or 0) == 1:
         pixels = _stretch_to_8_bits(pixels)
     else:
         pixels = pixels.astype(np.uint8, copy=False)
@@ -616,25 +625,60 @@ def _image_bytes(rows: int, cols: int, frames: int, bits_per_pixel: int) -> int:
     return rows * cols * frames * -(-bits_per_pixel // 8)
 
 
-def _check_size(rows: int, cols: int, frames: int, bits_per_pixel: int, path: Path) -> None:
-    """Refuse, from the header alone, an image beyond :data:`MAX_SIDE` or :data:`MAX_IMAGE_BYTES`: decoders
-    allocate what the header declares before they find the data missing (65535 x 65535 RLE from 788 bytes)."""
+def _check_size(rows: int, cols: int, frames: int, bits_per_pixel: int, path: Path, source: str = "the header") \
+        -> None:
+    """Refuse, from a header alone (``source``: the DICOM's, or its codestream's), an image beyond :data:`MAX_SIDE`
+    or :data:`MAX_IMAGE_BYTES`: decoders allocate what the header declares before they find the data missing
+    (65535 x 65535 RLE from 788 bytes)."""
     size = _image_bytes(rows, cols, frames, bits_per_pixel)
     if max(rows, cols) > MAX_SIDE or size > MAX_IMAGE_BYTES:
-        raise TooLargeDicomError(path, f"the header declares {rows}x{cols} pixels x {frames} frames at "
+        raise TooLargeDicomError(path, f"{source} declares {rows}x{cols} pixels x {frames} frames at "
                                        f"{bits_per_pixel} bits ({size} bytes), larger than any radiograph read "
                                        f"(at most {MAX_SIDE}x{MAX_SIDE} at 16 bits)")
 
 
+# Encapsulated transfer syntaxes read, with the reader of their codestream's own header; RLE Lossless has no
+# header of its own (its segments decode to the DICOM header's size, already bounded).
+_CODESTREAM_HEADERS: dict[str, Callable[[bytes], CodestreamHeader]] = {
+    **dict.fromkeys([JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLossless, JPEGLosslessSV1, JPEGLSLossless,
+                     JPEGLSNearLossless], jpeg_header),
+    **dict.fromkeys([JPEG2000Lossless, JPEG2000, HTJ2KLossless, HTJ2KLosslessRPCL, HTJ2K], j2k_header),
+}
+
+
+def _check_codestream(ds: Dataset, syntax: str, path: Path) -> None:
+    """Refuse an encapsulated frame whose codestream's own header declares another size or sample count than the
+    DICOM's, an image beyond the size bound, or (JPEG) more scans than :data:`MAX_JPEG_SCANS`, before a pixel is
+    decoded: decoders allocate and work for what the codestream declares (a 2 KB DICOM may hold a 13000 x 13000
+    JPEG 2000). Native and RLE data pass; another encapsulated syntax is refused."""
+    if not UID(syntax).is_encapsulated or syntax == RLELossless:
+        return
+    read_header = _CODESTREAM_HEADERS.get(syntax)
+    if read_header is None:
+        raise UnsupportedDicomError(path, f"transfer syntax {syntax} ({UID(syntax).name}) is not read; see the "
+                                          f"README for the ones that are")
+    frame = next(generate_frames(ds.PixelData, number_of_frames=1))
+    try:
+        header = read_header(frame)
+        if read_header is jpeg_header:
+            check_scans(header, "its JPEG frame")
+    except CodestreamLimitError as exc:
+        raise TooLargeDicomError(path, str(exc)) from None
+    except CodestreamError as exc:
+        raise CorruptPixelDataError(path, str(exc)) from None
+    _check_size(header.rows, header.cols, 1, header.components * header.bits, path, source="its codestream")
+    samples = _int_or_none(ds.get("SamplesPerPixel")) or 1
+    if (header.rows, header.cols, header.components) != (ds.Rows, ds.Columns, samples):
+        raise CorruptPixelDataError(path, f"its codestream holds {header.rows}x{header.cols} pixels of "
+                                          f"{header.components} samples, but the header declares "
+                                          f"{ds.Rows}x{ds.Columns} of {samples}")
+
+
 def _decode_jpeg_baseline(ds: Dataset, path: Path) -> np.ndarray:
-    """JPEG Baseline through Pillow directly: the one encapsulated frame is a complete JPEG file. Its own header
-    must declare the DICOM's size before a pixel is decoded (a small DICOM may hold a 20000 x 20000 JPEG)."""
+    """JPEG Baseline through Pillow directly: the one encapsulated frame is a complete JPEG file, whose size and
+    scan count :func:`_check_codestream` has checked."""
     frame = next(generate_frames(ds.PixelData, number_of_frames=1))
     with Image.open(io.BytesIO(frame), formats=["JPEG"]) as image:
-        rows, cols = ds.Rows, ds.Columns
-        if image.size != (cols, rows):
-            raise CorruptPixelDataError(path, f"the JPEG frame holds {image.height}x{image.width} pixels, but the "
-                                              f"header declares {rows}x{cols}")
         if image.mode != "L":
             raise CorruptPixelDataError(path, f"the JPEG holds a {image.mode} image, but the header declares a "
                                               f"grey one")
@@ -643,6 +687,42 @@ def _decode_jpeg_baseline(ds: Dataset, path: Path) -> np.ndarray:
 
 def _decode_with_pydicom(ds: Dataset, path: Path) -> np.ndarray:
     return ds.pixel_array
+
+
+def _displayed_8_bits(pixels: np.ndarray, ds: Dataset) -> np.ndarray:
+    """Data of more than 8 bits as the file says to display it, on 0..255: the modality rescale or LUT, then the
+    VOI LUT or window (pydicom's ``apply_voi_lut``; a LUT is preferred to a window, the first of several is
+    used), its output range mapped linearly onto 0..255. A file with neither is stretched from its own range.
+
+    The transforms are applied once to every stored value between 0 (or the minimum, for negative data) and the
+    maximum, giving a table that each pixel then indexes: memory stays one byte per pixel where pydicom's
+    windowing would hold several float64 copies of the image. Data spanning more than 2**16 values (32-bit) is
+    transformed directly.
+    """
+    low, high = min(int(pixels.min()), 0), int(pixels.max())
+    if high - low >= _MAX_TABLE:
+        shown = _voi_8_bits(pixels, ds)
+        return _stretch_to_8_bits(pixels) if shown is None else shown
+    table = _voi_8_bits(np.arange(low, high + 1, dtype=pixels.dtype), ds)
+    if table is None:
+        return _stretch_to_8_bits(pixels)
+    return table[pixels if low == 0 else np.subtract(pixels, low, dtype=np.int32)]
+
+
+def _voi_8_bits(stored: np.ndarray, ds: Dataset) -> np.ndarray | None:
+    """``stored`` values through the modality and VOI transforms of ``ds``, mapped onto 0..255; None when ``ds``
+    has no VOI LUT or window."""
+    values = apply_modality_lut(stored, ds)
+    shown = apply_voi_lut(values, ds)
+    if shown is values:  # pydicom gives the input back when there is no valid VOI LUT or window
+        return None
+    if np.issubdtype(shown.dtype, np.integer):  # a VOI LUT: its output spans 0..2**bits - 1 (PS3.3 C.11.2.1.1)
+        low, high = 0.0, float(2 ** int(ds.VOILUTSequence[0].LUTDescriptor[2]) - 1)
+    else:  # a window: its output spans the range pydicom maps onto, which it gives for inputs beyond any window
+        with np.errstate(over="ignore"):
+            low, high = (float(value) for value in apply_windowing(np.array([-np.inf, np.inf]), ds))
+    scaled = (np.clip(shown, low, high) - low) * (255.0 / (high - low))
+    return np.rint(scaled).astype(np.uint8)
 
 
 def _stretch_to_8_bits(pixels: np.ndarray) -> np.ndarray:
