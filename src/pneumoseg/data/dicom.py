@@ -169,9 +169,10 @@ class DicomError(DataError):
     """
 
     def __init__(self, path: str | os.PathLike, reason: str) -> None:
+        path = printable_name(str(path))
         # Both go to Exception's args, so the error pickles back from a worker process.
-        super().__init__(str(path), reason)
-        self.path = str(path)
+        super().__init__(path, reason)
+        self.path = path
         self.reason = reason
 
     def __str__(self) -> str:
@@ -208,8 +209,16 @@ class TooLargeDicomError(DicomError):
     (see :data:`MAX_IMAGE_BYTES`); refused before the pixels are decoded."""
 
 
+def printable_name(name: str) -> str:
+    """``name`` (a file name or path as the file system gave it) with each byte that is not UTF-8 written as
+    ``\\xNN``, so that it can go into a UTF-8 CSV file, a log line or the name of a file made from it (OpenCV
+    crashes on Python's surrogate escapes); a UTF-8 name is returned unchanged."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
+
+
 def find_dicoms(root: str | os.PathLike) -> dict[str, Path]:
-    """Every DICOM file under ``root``, keyed by ImageId (the file's stem) and sorted by it.
+    """Every DICOM file under ``root``, keyed by ImageId (the file's stem, as :func:`printable_name`) and sorted
+    by it.
 
     Both challenge layouts are found, as is any other nesting: stage 1's
     ``dicom-images-train/<Study>/<Series>/<SOP>.dcm`` and ``dicom-images-test/...``, and stage 2's flat
@@ -229,10 +238,11 @@ def find_dicoms(root: str | os.PathLike) -> dict[str, Path]:
             if name.startswith(".") or not name.lower().endswith(".dcm"):
                 continue
             path = Path(folder) / name
-            if path.stem in found:
-                raise DataError(f"two DICOM files have the ImageId {path.stem!r}: {found[path.stem]} and {path}. "
-                                f"ImageIds must be unique; remove the duplicate.")
-            found[path.stem] = path
+            image_id = printable_name(path.stem)
+            if image_id in found:
+                raise DataError(f"two DICOM files have the ImageId {image_id!r}: {printable_name(str(found[image_id]))} "
+                                f"and {printable_name(str(path))}. ImageIds must be unique; remove the duplicate.")
+            found[image_id] = path
     return dict(sorted(found.items()))
 
 
@@ -528,8 +538,8 @@ def _metadata(ds: Dataset, path: Path) -> dict:
     """The metadata dict of :func:`read_dicom`, keys in the order of :data:`METADATA_KEYS`."""
     spacing = ds.get("PixelSpacing") or ds.get("ImagerPixelSpacing")
     return {
-        "ImageId": path.stem,
-        "source_path": str(path),
+        "ImageId": printable_name(path.stem),
+        "source_path": printable_name(str(path)),
         "rows": _int_or_none(ds.get("Rows")),
         "cols": _int_or_none(ds.get("Columns")),
         "sex": _text(ds.get("PatientSex")),
