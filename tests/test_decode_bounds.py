@@ -10,8 +10,8 @@ from PIL import Image
 from pydicom.uid import JPEG2000Lossless, JPEGBaseline8Bit, JPEGLosslessSV1, JPEGLSLossless
 
 import hostile
-from clinical import clinical_dataset, clinical_image, codestream_claiming, frame_of, progressive_jpeg, \
-    progressive_jpeg_dicom
+from clinical import (clinical_dataset, clinical_dicom, clinical_image, codestream_claiming, frame_of,
+                      progressive_jpeg, progressive_jpeg_dicom)
 from pneumoseg.data import dicom
 from pneumoseg.data.codestream import MAX_JPEG_SCANS, CodestreamError, j2k_header, jpeg_header
 from pneumoseg.data.dicom import CorruptPixelDataError, TooLargeDicomError, read_dicom_bytes
@@ -125,3 +125,11 @@ def test_malformed_j2k_headers():
         j2k_header(zero_tiles)
     with pytest.raises(CodestreamError, match="jp2c"):
         j2k_header(b"\x00\x00\x00\x0cjP  \r\n\x87\n")
+
+
+def test_an_encapsulated_syntax_without_a_codestream_check_is_refused(monkeypatch):
+    """A decoder pydicom may add for another syntax is not used before its codestream's header is read here."""
+    monkeypatch.delitem(dicom._CODESTREAM_HEADERS, JPEGLSLossless)
+    data = clinical_dicom(clinical_image(bits=12), JPEGLSLossless, bits_stored=12)
+    with pytest.raises(dicom.UnsupportedDicomError, match="JPEG-LS Lossless Image Compression\\) is not read"):
+        read_dicom_bytes(data)

@@ -1,6 +1,7 @@
 """pneumoseg.data.dicom reading: the real challenge files, generated files of every kind, bad files, listings."""
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import tracemalloc
@@ -95,6 +96,16 @@ def test_real_samples_decode_like_pydicom_with_the_right_metadata(siim_dir):
         assert read_dicom_header(path) == metadata
         views.add(metadata["view"])
     assert views == {"PA", "AP"}
+
+
+@pytest.mark.real_data
+def test_real_samples_give_the_pixels_stage_01_has_always_written(siim_dir):
+    """The digest of the 10 samples' pixels as read before clinical codecs and VOI were added (Pillow 13.0.0's
+    libjpeg-turbo): reading the challenge's 8-bit JPEG Baseline files must not change a pixel."""
+    digest = hashlib.sha256()
+    for path in sorted((siim_dir / "sample_images").glob("*.dcm")):
+        digest.update(read_dicom(path)[0].tobytes())
+    assert digest.hexdigest() == "e2f98f2feb6344547fa7d5864da9c578f30192c1a4d3e87a6d2a9d0a0ad1ac9b"
 
 
 @pytest.mark.real_data

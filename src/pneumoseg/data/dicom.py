@@ -240,8 +240,9 @@ def find_dicoms(root: str | os.PathLike) -> dict[str, Path]:
             path = Path(folder) / name
             image_id = printable_name(path.stem)
             if image_id in found:
-                raise DataError(f"two DICOM files have the ImageId {image_id!r}: {printable_name(str(found[image_id]))} "
-                                f"and {printable_name(str(path))}. ImageIds must be unique; remove the duplicate.")
+                first, second = (printable_name(str(each)) for each in (found[image_id], path))
+                raise DataError(f"two DICOM files have the ImageId {image_id!r}: {first} and {second}. ImageIds must "
+                                f"be unique; remove the duplicate.")
             found[image_id] = path
     return dict(sorted(found.items()))
 
@@ -260,13 +261,13 @@ def read_dicom(path: str | os.PathLike) -> tuple[np.ndarray, dict]:
         StudyInstanceUID, SeriesInstanceUID ("" when absent).
 
     Pixels: JPEG Baseline (the challenge's encoding) is decoded by Pillow straight from the encapsulated
-    frame, which skips pydicom's pixel pipeline; other transfer syntaxes go through pydicom's
-    ``pixel_array``. MONOCHROME1 is inverted. Unsigned data of at most 8 bits stored is kept as it is;
-    anything else (more bits stored, or signed values) is mapped linearly from the image's own minimum and
-    maximum onto 0..255. The actual range is used rather than the declared bit depth because scanners often
-    declare 16 bits stored for 12-bit data, which a fixed shift would leave nearly black; the challenge's own
-    8-bit images span the full 0..255 too. A modality rescale (slope, intercept) is not applied: being linear
-    with a positive slope, it would not change the result.
+    frame, which skips pydicom's pixel pipeline; the other syntaxes read (uncompressed, deflated, RLE Lossless,
+    JPEG Extended, lossless JPEG, JPEG-LS, JPEG 2000, HTJ2K) go through pydicom's ``pixel_array`` and its plugins.
+    Unsigned data of at most 8 bits stored is kept as it is. Data of more bits is shown as the file says
+    (:func:`_displayed_8_bits`): its modality rescale, then its VOI LUT or window, mapped onto 0..255; without
+    either, it is mapped linearly from the image's own minimum and maximum (rather than from the declared bit
+    depth: scanners often declare 16 bits stored for 12-bit data, which a fixed shift would leave nearly black).
+    Signed data of at most 8 bits is stretched so too. MONOCHROME1 is inverted last.
 
     Raises:
         DicomError: one of its subclasses (UnreadableDicomError, NotDicomError, TruncatedDicomError,
@@ -275,8 +276,9 @@ def read_dicom(path: str | os.PathLike) -> tuple[np.ndarray, dict]:
 
     Untrusted files are refused before they cost memory: a file (or a deflated dataset inflated) past
     :data:`MAX_FILE_BYTES`, or a header declaring more than :data:`MAX_IMAGE_BYTES` of pixels or a side
-    beyond :data:`MAX_SIDE`, is refused before a pixel is decoded; a JPEG frame must declare the DICOM's size
-    before it is decoded. Deflated Explicit VR Little Endian files are read.
+    beyond :data:`MAX_SIDE`, is refused before a pixel is decoded; so is a compressed frame whose codestream's own
+    header declares another size or sample count than the DICOM, or (JPEG) more than
+    :data:`pneumoseg.data.codestream.MAX_JPEG_SCANS` scans. Deflated Explicit VR Little Endian files are read.
     """
     path = Path(path)
     pixels, metadata, _ = _read_buffer(_read_bounded(path), path)
