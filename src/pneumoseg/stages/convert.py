@@ -31,7 +31,6 @@ import errno
 import json
 import logging
 import math
-import os
 import shutil
 from collections import Counter
 from dataclasses import dataclass
@@ -56,7 +55,7 @@ STAGE_NAME = "01_convert_dicoms"
 ERRORS_FILE = "errors.csv"
 RESIZE_FILE = "resize.json"
 # Bump when read_dicom or the resizing changes the pixels they produce, so old PNGs are not reused.
-PNG_VERSION = 1
+PNG_VERSION = 2  # 2: data of more than 8 bits shown through its VOI LUT or window
 
 # Tasks of up to 32 images (a fraction of a second of work) make joblib's per-task cost of about a ms
 # negligible; many tasks per worker keep every worker busy until the end.
@@ -201,12 +200,12 @@ def _listing_facts(input_dir: Path, dicoms: dict[str, Path]) -> dict:
 
 
 def _size(path: Path) -> int:
-    """The size of the file ``path`` names; of the link itself when the link is broken or loops (its reading
-    fails later, into errors.csv), 0 when the entry has gone."""
-    for follow in (True, False):
-        with contextlib.suppress(OSError):
-            return os.stat(path, follow_symlinks=follow).st_size
-    return 0
+    """The size of the file ``path`` names; 0 for a broken or looping link (its reading fails later, into
+    errors.csv) or an entry that has gone."""
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
 
 
 def _claim_images_folder(images: Path, settings: dict) -> None:
