@@ -9,15 +9,15 @@ import numpy as np
 from PIL import Image
 from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate, generate_frames
-from pydicom.uid import (ExplicitVRLittleEndian, JPEG2000Lossless, JPEGBaseline8Bit, JPEGLosslessSV1,
+from pydicom.uid import (ExplicitVRLittleEndian, JPEG2000Lossless, JPEGBaseline8Bit, JPEGLossless, JPEGLosslessSV1,
                          JPEGLSLossless, RLELossless)
 
 import hostile
 
-CODECS = (RLELossless, JPEGLSLossless, JPEG2000Lossless, JPEGLosslessSV1)
+CODECS = (RLELossless, JPEGLSLossless, JPEG2000Lossless, JPEGLosslessSV1, JPEGLossless)
 """The lossless transfer syntaxes made here: pydicom encodes RLE itself, JPEG-LS through pyjpegls and JPEG 2000
-through pylibjpeg-openjpeg; lossless JPEG (Process 14, first-order prediction) is encoded by libjpeg-turbo through
-imagecodecs, as pydicom has no encoder for it."""
+through pylibjpeg-openjpeg; lossless JPEG (Process 14, first-order prediction, and predictor 6 for the general
+Process 14 syntax) is encoded by libjpeg-turbo through imagecodecs, as pydicom has no encoder for it."""
 
 
 def clinical_image(height: int = 48, width: int = 40, bits: int = 12, seed: int = 0) -> np.ndarray:
@@ -41,8 +41,9 @@ def clinical_dataset(pixels: np.ndarray, syntax: str = ExplicitVRLittleEndian, b
     ds.PhotometricInterpretation = photometric
     for keyword, value in elements.items():
         setattr(ds, keyword, value)
-    if syntax == JPEGLosslessSV1:
-        frame = imagecodecs.jpeg8_encode(pixels, lossless=True, predictor=1, bitspersample=ds.BitsStored)
+    if syntax in (JPEGLosslessSV1, JPEGLossless):
+        predictor = 1 if syntax == JPEGLosslessSV1 else 6
+        frame = imagecodecs.jpeg8_encode(pixels, lossless=True, predictor=predictor, bitspersample=ds.BitsStored)
         ds.PixelData = encapsulate([frame])
         ds["PixelData"].VR = "OB"
         ds.file_meta.TransferSyntaxUID = syntax
