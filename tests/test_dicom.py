@@ -452,6 +452,21 @@ def test_find_dicoms_rejects_two_files_with_one_image_id(tmp_path):
     assert str(tmp_path / "dicom-images-test/c/d/1.2.3.dcm") in message
 
 
+def test_find_dicoms_warns_of_a_folder_it_cannot_list(tmp_path, monkeypatch, caplog):
+    write_jpeg_dicom(tmp_path / "open" / "a.dcm", gradient(8, 8), tags("1.2.3"))
+    write_jpeg_dicom(tmp_path / "closed" / "b.dcm", gradient(8, 8), tags("1.2.4"))
+    real_scandir = os.scandir
+
+    def scandir(folder):  # as a folder without read permission answers (tests may run as root, who reads all)
+        if Path(folder).name == "closed":
+            raise PermissionError(13, "Permission denied", str(folder))
+        return real_scandir(folder)
+    monkeypatch.setattr(os, "scandir", scandir)
+    with caplog.at_level(logging.WARNING, logger="pneumoseg.data.dicom"):
+        assert list(find_dicoms(tmp_path)) == ["a"]
+    assert f"cannot list the folder {tmp_path / 'closed'} (Permission denied)" in caplog.text
+
+
 def test_find_dicoms_in_a_missing_folder(tmp_path):
     with pytest.raises(DataError, match="does not exist"):
         find_dicoms(tmp_path / "nowhere")

@@ -46,6 +46,8 @@ from pneumoseg.data.codestream import (CodestreamError, CodestreamHeader, Codest
 from pneumoseg.errors import DataError
 from pneumoseg.io import atomic_path
 
+log = logging.getLogger(__name__)
+
 # The challenge's UIDs all share this root; study, series and instance differ in the digit after it.
 UID_ROOT = "1.2.276.0.7230010.3"
 
@@ -216,6 +218,12 @@ def printable_name(name: str) -> str:
     return os.fsencode(name).decode("utf-8", "backslashreplace")
 
 
+def _warn_unlisted(error: OSError) -> None:
+    """os.walk's report of a folder it cannot list (no permission, gone): said once, as its files are left out."""
+    log.warning("cannot list the folder %s (%s); the DICOMs in it are left out", printable_name(str(error.filename)),
+                error.strerror)
+
+
 def find_dicoms(root: str | os.PathLike) -> dict[str, Path]:
     """Every DICOM file under ``root``, keyed by ImageId (the file's stem, as :func:`printable_name`) and sorted
     by it.
@@ -223,7 +231,8 @@ def find_dicoms(root: str | os.PathLike) -> dict[str, Path]:
     Both challenge layouts are found, as is any other nesting: stage 1's
     ``dicom-images-train/<Study>/<Series>/<SOP>.dcm`` and ``dicom-images-test/...``, and stage 2's flat
     ``stage_2_images/ID_<hex>.dcm``. The ``.dcm`` suffix is matched in any case. Hidden files are skipped:
-    they are the temporary files of an interrupted atomic write.
+    they are the temporary files of an interrupted atomic write. A folder that cannot be listed is left out with a
+    warning.
 
     Raises:
         DataError: ``root`` is not a folder, or two files share a stem (their ImageIds would clash).
@@ -232,7 +241,7 @@ def find_dicoms(root: str | os.PathLike) -> dict[str, Path]:
     if not root.is_dir():
         raise DataError(f"DICOM folder {root} does not exist")
     found: dict[str, Path] = {}
-    for folder, subfolders, names in os.walk(root):
+    for folder, subfolders, names in os.walk(root, onerror=_warn_unlisted):
         subfolders.sort()  # a deterministic walk names the same two files in a clash on every run
         for name in sorted(names):
             if name.startswith(".") or not name.lower().endswith(".dcm"):
