@@ -14,7 +14,8 @@ from pneumoseg.config import load_config
 from pneumoseg.data.probstore import GATE_FILE, ProbabilityStore, ProbabilityWriter
 from pneumoseg.errors import ConfigError, DataError
 from pneumoseg.inference.predictor import Predictor
-from pneumoseg.inference.tta import TTA, FoldModel, predict_with_gate
+from pneumoseg.inference.fold_models import FoldModel
+from pneumoseg.inference.tta import TTA, predict_with_gate
 from pneumoseg.modeling.losses import build_training_loss
 from pneumoseg.modeling.models import build_model, has_gate
 from pneumoseg.modeling.normalize import Normalize

@@ -17,7 +17,7 @@ from pneumoseg.modeling.checkpoints import best_files, load_checkpoint
 from pneumoseg.training.checkpoints import BestCheckpoints
 from pneumoseg.cli import run_stage_script
 from pneumoseg.errors import ConfigError
-from pneumoseg.inference.tta import load_fold_models
+from pneumoseg.inference.fold_models import load_fold_models
 from pneumoseg.modeling.losses import build_loss
 from pneumoseg.evaluation.metrics import competition_dice, dice_per_image
 from pneumoseg.modeling.optim import build_optimizer, build_scheduler

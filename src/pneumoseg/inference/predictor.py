@@ -42,7 +42,8 @@ from pneumoseg.data.blend import blend_gates, blend_maps, normalized_weights
 from pneumoseg.modeling.device import resolve_device
 from pneumoseg.errors import ConfigError, DataError
 from pneumoseg.data.resize import resize_probabilities, resize_square
-from pneumoseg.inference.tta import TTA, FoldModel, load_fold_models, predict_with_gate
+from pneumoseg.inference.fold_models import FoldModel, load_fold_models
+from pneumoseg.inference.tta import TTA, predict_with_gate
 from pneumoseg.modeling.models import has_gate
 from pneumoseg.postprocess.strategies import PostProcessor, build_postprocessor, load_postprocessor
 

@@ -2,7 +2,7 @@
 
 * ``best_<rank>.pt`` (rank 1 = best): ``{"state_dict", "model", "image_size", "fold", "epoch", "score",
   "monitor", "fingerprint"}``; ``model`` is the config block that rebuilds the network (see
-  :func:`pneumoseg.inference.tta.load_model`). Weights only: no optimiser state.
+  :func:`pneumoseg.inference.fold_models.load_model`). Weights only: no optimiser state.
 * ``checkpoints.csv``: ``rank, file, epoch, score, monitor``, which epoch and score each best file holds.
 * ``last.pt``: the full training state for ``--resume`` (see :mod:`pneumoseg.training.trainer`).
 

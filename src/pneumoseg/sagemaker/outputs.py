@@ -1,5 +1,5 @@
 """What a SageMaker training job of stage 03 leaves: the fold models in ``SM_MODEL_DIR`` (``model.tar.gz``), laid
-out like ``03_train/`` so that :func:`pneumoseg.inference.tta.load_fold_models` reads either, and the rest of the
+out like ``03_train/`` so that :func:`pneumoseg.inference.fold_models.load_fold_models` reads either, and the rest of the
 training folder (logs, OOF maps, tables, configs, completion records) in ``SM_OUTPUT_DATA_DIR/03_train/``
 (``output.tar.gz``). Each checkpoint travels once; ``last.pt`` (weights plus optimizer state) stays behind.
 """

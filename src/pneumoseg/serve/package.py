@@ -38,7 +38,8 @@ from omegaconf import DictConfig, OmegaConf
 from pneumoseg import __version__
 from pneumoseg.errors import DataError
 from pneumoseg.inference.predictor import EnsemblePredictor, Predictor
-from pneumoseg.inference.tta import TTA, load_model
+from pneumoseg.inference.fold_models import load_model
+from pneumoseg.inference.tta import TTA
 from pneumoseg.io import content_hash, read_json
 from pneumoseg.postprocess.strategies import load_postprocessor
 from pneumoseg.modeling.device import resolve_device

@@ -68,7 +68,8 @@ from pneumoseg.modeling.normalize import normalize_from_model
 from pneumoseg.training.distributed import DistContext
 from pneumoseg.errors import ConfigError
 from pneumoseg.data.resize import resize_probabilities
-from pneumoseg.inference.tta import TTA, load_model, predict_with_gate
+from pneumoseg.inference.fold_models import load_model
+from pneumoseg.inference.tta import TTA, predict_with_gate
 from pneumoseg.modeling.device import autocast
 from pneumoseg.io import write_csv
 from pneumoseg.modeling.losses import build_training_loss
