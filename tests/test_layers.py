@@ -1,7 +1,8 @@
 """The package's layers, read from the source with ``ast``: scripts, then stages, then the rest.
 
-Nothing outside ``stages/`` imports ``pneumoseg.stages``; inference and serving never import training; at most
-:data:`MAX_LOOSE_MODULES` modules sit loose directly under ``src/pneumoseg/``.
+Nothing outside ``stages/`` imports ``pneumoseg.stages``; inference and serving never import training; evaluation
+and serving never import the scripts' command line (``pneumoseg.cli``); at most :data:`MAX_LOOSE_MODULES` modules
+sit loose directly under ``src/pneumoseg/``.
 """
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ PACKAGE = SRC / "pneumoseg"
 MAX_LOOSE_MODULES = 8
 # Subpackage -> the pneumoseg subpackages it must not import.
 FORBIDDEN = {"inference": ("pneumoseg.training", "pneumoseg.stages"),
-             "serve": ("pneumoseg.training", "pneumoseg.stages")}
+             "serve": ("pneumoseg.training", "pneumoseg.stages", "pneumoseg.cli"),
+             "evaluation": ("pneumoseg.stages", "pneumoseg.cli")}
 
 
 def module_name(path: Path, root: Path = SRC) -> str:
@@ -94,6 +96,8 @@ def test_few_loose_modules():
      "pneumoseg.inference imports pneumoseg.training"),
     ("pneumoseg/serve/server.py", "from pneumoseg.modeling import models\n",
      "pneumoseg.serve.server imports pneumoseg.training.trainer"),
+    ("pneumoseg/evaluation/leaderboard.py", "from pneumoseg.cli import setup_logging\n",
+     "pneumoseg.evaluation.leaderboard imports pneumoseg.cli"),
 ])
 def test_a_bad_import_is_found(tmp_path, where, source, expected):
     """The checker itself: a planted bad import in a copy of the layout is reported, also one step removed."""

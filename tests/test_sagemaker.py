@@ -79,7 +79,7 @@ def test_a_failing_stage_script_in_a_job_writes_the_failure_file(tmp_path, monke
     def failing(cfg, args):
         raise DataError("the train channel is empty; upload a prepared folder")
 
-    assert run_stage_script("x", failing, argv=[]) == 1
+    assert run_stage_script("x", failing, train_stage.parser, argv=[]) == 1
     assert (tmp_path / "output" / "failure").read_text().startswith("DataError: the train channel is empty")
 
 

@@ -36,7 +36,7 @@ from matplotlib.figure import Figure
 from omegaconf import OmegaConf
 
 from pneumoseg import layout
-from pneumoseg.cli import setup_logging
+from pneumoseg.logs import setup_logging
 from pneumoseg.errors import DataError
 from pneumoseg.io import atomic_path, read_json, write_text
 from pneumoseg.modeling.checkpoints import best_files, load_checkpoint

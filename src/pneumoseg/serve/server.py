@@ -57,7 +57,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from pneumoseg.cli import setup_logging
+from pneumoseg.logs import setup_logging
 from pneumoseg.errors import PneumosegError
 from pneumoseg.serve.handler import (JSON, ImageInput, RequestError, Result, answer, check_content_type,
                                      error_body, predict_fn)

@@ -19,6 +19,7 @@ when the ``prepare`` section changes or the DICOM listing does (file count or to
 """
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import math
@@ -233,3 +234,7 @@ def _convert_batch(items: list[tuple[str, Path]], outputs: list[tuple[int, Path]
         results.append(("converted", metadata))
     return results
 
+
+def stage(cfg: DictConfig, args: argparse.Namespace) -> dict:
+    """The script's entry: :func:`run` with the command line's ``--force``."""
+    return run(cfg, force=args.force)

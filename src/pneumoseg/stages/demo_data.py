@@ -24,6 +24,7 @@ atomically, the label tables last.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 from dataclasses import replace
@@ -242,3 +243,8 @@ def _write_tables(folder: Path, layout: Layout, images: Sequence[DemoImage], rle
     for table, text in layout.tables(rows["train"], rows["test"], ids["test"]).items():
         write_text(folder / table, text)
     return summary
+
+
+def stage(cfg: DictConfig, args: argparse.Namespace) -> dict:
+    """The script's entry: :func:`run` with the command line's ``--force``."""
+    return run(cfg, force=args.force)

@@ -12,6 +12,7 @@
 """
 from __future__ import annotations
 
+import argparse
 import itertools
 import logging
 from typing import Any, Sequence
@@ -50,7 +51,7 @@ def train_members(cfg: DictConfig, force: bool = False) -> list[dict[str, Any]]:
     return done
 
 
-def train_cli(cfg: DictConfig, args) -> None:
+def train_stage(cfg: DictConfig, args: argparse.Namespace) -> None:
     """``scripts/train_members.py``: train the members and print which are complete.
 
     Raises:

@@ -92,9 +92,13 @@ def run(cfg: DictConfig, model: str | Path, output: str | Path, force: bool = Fa
     return {"folder": str(folder), "folds": folds, "files": len(files)}
 
 
-def parser() -> argparse.ArgumentParser:
-    """``--config``, ``--force``, overrides, plus ``--model`` and ``--output`` (the job's archives)."""
-    result = stage_parser(DESCRIPTION)
+def parser(description: str = DESCRIPTION) -> argparse.ArgumentParser:
+    """``--config``, ``--force``, overrides, plus ``--model`` and ``--output`` (the job's archives).
+
+    Args:
+        description: the ``--help`` description.
+    """
+    result = stage_parser(description)
     result.add_argument("--model", required=True, help="the job's model.tar.gz (the fold models)")
     result.add_argument("--output", required=True, help="the job's output.tar.gz (logs, OOF maps)")
     return result

@@ -28,6 +28,7 @@ package's code/ folder>)``, or ``SAGEMAKER_PROGRAM=inference.py`` in the model's
 """
 from __future__ import annotations
 
+import argparse
 import logging
 from pathlib import Path
 from typing import Any
@@ -123,7 +124,7 @@ def verify_package(path: Path, predictor: Predictor | EnsemblePredictor) -> None
                            f"(max difference {np.abs(expected.probs - found.probs).max():.3g})")
 
 
-def cli(cfg: DictConfig, args) -> None:
+def stage(cfg: DictConfig, args: argparse.Namespace) -> None:
     """The script's entry: run the stage and print where the package is and how to serve it."""
     summary = run(cfg, force=args.force)
     print(f"model package: {summary['package']} ({summary['bytes'] / 1e6:.1f} MB), version {summary['version']}\n"

@@ -24,6 +24,7 @@ change, or when a checkpoint, ``thresholds.json``, stage 01's record, the test l
 """
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import time
@@ -224,6 +225,6 @@ def summary_text(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def cli(cfg: DictConfig, args) -> None:
+def stage(cfg: DictConfig, args: argparse.Namespace) -> None:
     """The script's entry: run the stage and print its summary."""
     print(summary_text(run(cfg, force=args.force)))

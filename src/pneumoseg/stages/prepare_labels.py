@@ -20,6 +20,7 @@ Masks already written are kept when the stage is rerun after an interruption; th
 """
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import shutil
@@ -315,3 +316,9 @@ def make_folds(cfg: DictConfig, table: pd.DataFrame, metadata: pd.DataFrame) -> 
     return fold_split.assign_folds(table[lb.ID_COLUMN], table["mask_area"], int(cfg.folds.n_splits),
                            int(cfg.folds.seed), cfg.folds.area_bins, groups)
 
+
+def stage(cfg: DictConfig, args: argparse.Namespace) -> dict:
+    """The script's entry: :func:`run` with the command line's ``--force``, then the class balance of the folds."""
+    summary = run(cfg, force=args.force)
+    print(format_balance(summary))
+    return summary

@@ -31,6 +31,7 @@ table of every candidate in the report.
 """
 from __future__ import annotations
 
+import argparse
 import logging
 import time
 from dataclasses import dataclass
@@ -370,6 +371,6 @@ def _candidates_table(result: SearchResult, folds: list[int]) -> pd.DataFrame:
     return table.sort_values("dice", ascending=False, kind="stable")
 
 
-def cli(cfg: DictConfig, args) -> None:
+def stage(cfg: DictConfig, args: argparse.Namespace) -> None:
     """The script's entry: run the stage and print the summary table."""
     print(oof_report.summary_table(run(cfg, force=args.force)))

@@ -3,6 +3,7 @@ when it finished, and the files worth opening. ``run_all.sh`` prints this at the
 prints it any time."""
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -65,5 +66,6 @@ def _fmt(value) -> str:
     return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
-def cli(cfg: DictConfig, args) -> None:
+def stage(cfg: DictConfig, args: argparse.Namespace) -> None:
+    """The script's entry: print :func:`report`."""
     print(report(cfg))
