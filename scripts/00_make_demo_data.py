@@ -7,4 +7,4 @@ from pneumoseg.cli import main
 from pneumoseg.stages import demo_data
 
 if __name__ == "__main__":
-    main(__doc__, demo_data.stage)
+    main(__doc__, demo_data.stage, number="00")

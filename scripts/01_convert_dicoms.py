@@ -6,4 +6,4 @@ from pneumoseg.cli import main
 from pneumoseg.stages import convert
 
 if __name__ == "__main__":
-    main(__doc__, convert.stage)
+    main(__doc__, convert.stage, number="01")

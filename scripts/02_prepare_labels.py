@@ -3,4 +3,4 @@ from pneumoseg.cli import main
 from pneumoseg.stages import prepare_labels
 
 if __name__ == "__main__":
-    main(__doc__, prepare_labels.stage)
+    main(__doc__, prepare_labels.stage, number="02")

@@ -3,4 +3,4 @@ from pneumoseg.cli import main
 from pneumoseg.stages import search
 
 if __name__ == "__main__":
-    main(__doc__, search.stage)
+    main(__doc__, search.stage, number="04")

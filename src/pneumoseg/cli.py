@@ -1,25 +1,30 @@
 """What every numbered script shares: ``--config``, ``key=value`` overrides, ``--force`` (and the true/false words
-on/off options take), logging, and turning user-fixable errors into one clear line and a non-zero exit code.
+on/off options take), logging, the stage's running and failed markers (:mod:`pneumoseg.stage_table`), and turning
+user-fixable errors into one clear line and a non-zero exit code.
 
-Every numbered script has one shape::
+Every numbered script has one shape (a stage with options of its own adds its parser: ``main(__doc__, train.stage,
+train.parser, number="03")``)::
 
     from pneumoseg.cli import main
     from pneumoseg.stages import convert
 
     if __name__ == "__main__":
-        main(__doc__, convert.stage)          # or main(__doc__, train.stage, train.parser) with its own options
+        main(__doc__, convert.stage, number="01")
 
 A parser can also report a failure elsewhere (:meth:`StageParser.report_failure`): stage 03's parser writes it as a
 SageMaker job's failure reason (:class:`pneumoseg.sagemaker.arguments.JobParser`)."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
+from pathlib import Path
 from typing import Callable, Sequence
 
 from omegaconf import DictConfig
 
+from pneumoseg import stage_table
 from pneumoseg.config import DEFAULT_CONFIG, load_config
 from pneumoseg.errors import ConfigError, PneumosegError
 from pneumoseg.logs import setup_logging
@@ -115,7 +120,7 @@ ParserFactory = Callable[[str], argparse.ArgumentParser]
 
 
 def run_stage_script(description: str, stage: Callable[..., object], make_parser: ParserFactory = stage_parser,
-                     argv: list[str] | None = None) -> int:
+                     argv: list[str] | None = None, number: str | None = None) -> int:
     """Parse arguments, load the config, call ``stage(cfg, args)`` and return the process exit code.
 
     Args:
@@ -124,6 +129,9 @@ def run_stage_script(description: str, stage: Callable[..., object], make_parser
         make_parser: builds the script's parser from the description (default :func:`stage_parser`; a stage with
             options of its own has a ``parser`` function).
         argv: the arguments (default the command line).
+        number: the stage the script runs (a row of :mod:`pneumoseg.stage_table`): while it runs, its folder
+            holds a running marker, and when it raises, ``failed.json`` with the error's line, for
+            ``scripts/status.py``. None for scripts that are no stage of their own.
 
     Returns 0 on success, 1 when the stage raises a PneumosegError (printed as one line: what is wrong
     and how to fix it, and given to the parser's :meth:`StageParser.report_failure`), 130 on Ctrl-C. Any
@@ -132,20 +140,39 @@ def run_stage_script(description: str, stage: Callable[..., object], make_parser
     parser = make_parser(description.strip().splitlines()[0])
     args = parser.parse_args(argv)
     setup_logging()
+    folder: Path | None = None
     try:
         cfg: DictConfig = load_config(args.config, args.overrides)
-        stage(cfg, args)
+        marker: contextlib.AbstractContextManager = contextlib.nullcontext()
+        if number is not None:
+            row = stage_table.stage(number)
+            folder = row.folder(cfg)
+            marker = stage_table.running(folder, make=bool(row.folder_name))
+        with marker:
+            stage(cfg, args)
     except PneumosegError as exc:
         log.error("%s", exc)
+        _record_failure(folder, exc)
         if isinstance(parser, StageParser):
             parser.report_failure(exc)
         return 1
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         log.error("interrupted; rerun the same command to continue where it stopped")
+        _record_failure(folder, exc)
         return 130
+    except Exception as exc:
+        _record_failure(folder, exc)
+        raise
     return 0
 
 
-def main(description: str, stage: Callable[..., object], make_parser: ParserFactory = stage_parser) -> None:
+def _record_failure(folder: Path | None, exc: BaseException) -> None:
+    """Leave the stage's ``failed.json`` (:func:`pneumoseg.stage_table.write_failure`) when it has a folder."""
+    if folder is not None:
+        stage_table.write_failure(folder, exc)
+
+
+def main(description: str, stage: Callable[..., object], make_parser: ParserFactory = stage_parser,
+         number: str | None = None) -> None:
     """Run a numbered script (see :func:`run_stage_script`, same arguments) and exit with its code."""
-    sys.exit(run_stage_script(description, stage, make_parser))
+    sys.exit(run_stage_script(description, stage, make_parser, number=number))

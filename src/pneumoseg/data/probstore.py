@@ -19,6 +19,7 @@ import pandas as pd
 
 from pneumoseg.errors import DataError
 from pneumoseg.io import atomic_path, write_csv
+from pneumoseg.stage_table import command
 
 PROBS_FILE = "probs.npy"
 IDS_FILE = "ids.csv"
@@ -133,7 +134,7 @@ class ProbabilityStore:
         """The store's gate probabilities (float32, one per image), or None when it has none."""
         if not path.is_file():
             return None
-        fix = "rerun the stage that writes it (scripts/03_train.py --force for OOF predictions)"
+        fix = f"rerun the stage that writes it ({command('03')} --force for OOF predictions)"
         try:
             gates = np.load(path, allow_pickle=False)
         except (OSError, ValueError) as exc:

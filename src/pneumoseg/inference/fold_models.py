@@ -22,6 +22,7 @@ from pneumoseg.errors import DataError
 from pneumoseg.modeling.checkpoints import best_files, load_checkpoint, retrain_hint
 from pneumoseg.modeling.models import build_model
 from pneumoseg.modeling.normalize import Normalize, normalize_from_model
+from pneumoseg.stage_table import command, run_first
 
 
 @dataclass
@@ -96,7 +97,7 @@ def load_fold_models(train_dir: str | os.PathLike, folds: Iterable[int] | None =
     found = layout.fold_dirs(train_dir)
     wanted = list(found) if folds is None else list(folds)
     if not wanted:
-        raise DataError(f"no fold folders (fold<k>/) in {train_dir}; run scripts/03_train.py first")
+        raise DataError(f"no fold folders (fold<k>/) in {train_dir}; {run_first('03')}")
     models = []
     for fold in wanted:
         files = best_files(layout.checkpoints_dir(found[fold], checkpoints))[:top] if fold in found else []
@@ -104,6 +105,6 @@ def load_fold_models(train_dir: str | os.PathLike, folds: Iterable[int] | None =
             hint = "" if checkpoints == "best" else (f" (predict.checkpoints={checkpoints} needs train.ema or "
                                                      f"train.average_top_k set when the fold was trained)")
             raise DataError(f"fold {fold} has no {checkpoints} best_<rank>.pt checkpoint in {train_dir}; train it "
-                            f"first (scripts/03_train.py --fold {fold}){hint}")
+                            f"first ({command('03')} --fold {fold}){hint}")
         models.extend(load_model(path, device) for path in files)
     return models

@@ -46,6 +46,7 @@ from pneumoseg.inference.fold_models import FoldModel, load_fold_models
 from pneumoseg.inference.tta import TTA, predict_with_gate
 from pneumoseg.modeling.models import has_gate
 from pneumoseg.postprocess.strategies import PostProcessor, build_postprocessor, load_postprocessor
+from pneumoseg.stage_table import run_first
 
 
 @dataclass
@@ -246,7 +247,7 @@ class Predictor:
         folder = layout.train_dir(cfg)
         folds_csv = layout.train_folds_path(cfg)
         if not folds_csv.is_file():
-            raise DataError(f"{folds_csv} not found: no trained models in {folder}; run scripts/03_train.py first")
+            raise DataError(f"{folds_csv} not found: no trained models in {folder}; {run_first('03')}")
         folds = layout.select_folds(cfg.train.folds, pd.read_csv(folds_csv)["fold"].unique(), "train.folds",
                                     folds_csv)
         models = load_fold_models(folder, folds, top=top_k, device=device, checkpoints=str(predict.checkpoints))

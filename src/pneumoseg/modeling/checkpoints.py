@@ -23,6 +23,7 @@ import torch
 
 from pneumoseg.errors import DataError
 from pneumoseg.io import atomic_path
+from pneumoseg.stage_table import command
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ def retrain_hint(path: str | os.PathLike) -> str:
     """How to remake a checkpoint of stage 03: retrain the fold its folder names."""
     match = _FOLD_RE.match(Path(path).parent.name)
     fold = match.group(1) if match else "K"
-    return f"retrain its fold from scratch (scripts/03_train.py --fold {fold} --force)"
+    return f"retrain its fold from scratch ({command('03')} --fold {fold} --force)"
 
 
 def load_checkpoint(path: str | os.PathLike, fix: str | None = None) -> dict[str, Any]:

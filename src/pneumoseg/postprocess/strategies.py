@@ -36,6 +36,7 @@ from pneumoseg.errors import ConfigError
 from pneumoseg.io import read_json
 from pneumoseg.data.probstore import LEVELS
 from pneumoseg.registry import Registry
+from pneumoseg.stage_table import command
 
 ORIGINAL_SIZE = 1024
 # 8-connectivity: a lesion outline touching only diagonally is still one lesion.
@@ -226,9 +227,9 @@ def build_postprocessor(block: Mapping[str, Any]) -> PostProcessor:
 
 def load_postprocessor(path: str | os.PathLike) -> PostProcessor:
     """The strategy stored in a JSON file holding a ``{name, params}`` block (stage 04's ``thresholds.json``)."""
-    block = read_json(path, missing=f"post-processing file {path} not found; run scripts/04_search_thresholds.py "
+    block = read_json(path, missing=f"post-processing file {path} not found; run {command('04')} "
                                     f"first, or configure the strategy in the config",
-                      invalid_fix="rerun scripts/04_search_thresholds.py --force")
+                      invalid_fix=f"rerun {command('04')} --force")
     return build_postprocessor(block)
 
 

@@ -22,6 +22,7 @@ from pneumoseg.data import labels as lb
 from pneumoseg import layout
 from pneumoseg.io import read_png, write_png, write_text
 from pneumoseg.reports.figures import draw_outline, save_figure
+from pneumoseg.stage_table import command
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +63,7 @@ def write_report(prepared: layout.Where, sizes: list[int], area_edges, seed: int
     edges = fold_split.check_area_edges(area_edges)
     rng = np.random.default_rng(seed)
     sections = [
-        "# Data report\n\nWritten by stage 02 (`scripts/02_prepare_labels.py`) from the files in this folder.",
+        f"# Data report\n\nWritten by stage 02 (`{command('02')}`) from the files in this folder.",
         _overview(table, len(pd.read_csv(layout.test_images_path(prepared))),
                   pd.read_csv(layout.unmatched_path(prepared))),
         _positives_and_instances(table, figures),

@@ -14,6 +14,7 @@ import tarfile
 from pathlib import Path
 
 from pneumoseg.errors import DataError
+from pneumoseg.stage_table import command
 
 MAX_MEMBERS = 10_000
 """The most entries an archive may hold (a package has about a hundred: its source files and weights)."""
@@ -37,7 +38,7 @@ def check_relative_name(name: str, what: str) -> str:
             or any(part in ("", ".", "..") for part in parts) or posixpath.normpath(name) != name):
         raise DataError(f"{what}: the name {name!r} is not a plain relative path inside the package (absolute, "
                         f"'..', '.', empty parts or backslashes are refused); rebuild the package with "
-                        f"scripts/06_package_model.py")
+                        f"{command('06')}")
     return name
 
 
@@ -70,7 +71,7 @@ def extract_archive(archive_path: Path, folder: Path, max_members: int = MAX_MEM
                     shutil.copyfileobj(source, out, 1 << 20)
     except (tarfile.TarError, OSError, EOFError) as exc:
         raise DataError(f"cannot extract {what} ({type(exc).__name__}: {exc}); copy it again or rebuild it with "
-                        f"scripts/06_package_model.py --force") from None
+                        f"{command('06')} --force") from None
 
 
 def _checked_members(archive: tarfile.TarFile, what: str, max_members: int, max_bytes: int) -> list[tarfile.TarInfo]:
@@ -85,7 +86,7 @@ def _checked_members(archive: tarfile.TarFile, what: str, max_members: int, max_
         name = check_relative_name(member.name, what)
         if not (member.isreg() or member.isdir()):
             raise DataError(f"{what}: {name!r} is {_kind(member)}; a model package holds only regular files and "
-                            f"folders. Refusing to extract it: rebuild the package with scripts/06_package_model.py")
+                            f"folders. Refusing to extract it: rebuild the package with {command('06')}")
         if name in names:
             raise DataError(f"{what}: {name!r} appears twice; rebuild the package")
         parts = name.split("/")
@@ -129,9 +130,9 @@ def file_inside(root: Path, name: str, what: str) -> Path:
         step = root.joinpath(*parts[:depth])
         if step.is_symlink():
             raise DataError(f"{what}: {step} is a symbolic link; a package's files must lie in it. Rebuild the "
-                            f"package with scripts/06_package_model.py")
+                            f"package with {command('06')}")
     path = root.joinpath(*parts)
     if not path.is_file():
         raise DataError(f"{what}: {path} is missing or not a file; copy the package again or rebuild it with "
-                        f"scripts/06_package_model.py --force")
+                        f"{command('06')} --force")
     return path

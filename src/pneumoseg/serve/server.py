@@ -63,6 +63,7 @@ from pneumoseg.serve.handler import (JSON, ImageInput, RequestError, Result, ans
                                      error_body, predict_fn)
 from pneumoseg.serve.package import ServingModel, load_package, open_package
 from pneumoseg.serve.protocol import GuardedH11Protocol
+from pneumoseg.stage_table import command
 
 log = logging.getLogger(__name__)
 
@@ -338,7 +339,7 @@ def parser() -> argparse.ArgumentParser:
     defaults, limits, timeouts = ServerSettings(), Limits(), Timeouts()
     result = argparse.ArgumentParser(prog="python -m pneumoseg.serve", description="Serve a pneumoseg model package "
                                      "over HTTP: GET /ping, POST /invocations (SageMaker's container contract).")
-    result.add_argument("--model", required=True, help="model.tar.gz of scripts/06_package_model.py, or the folder "
+    result.add_argument("--model", required=True, help=f"model.tar.gz of {command('06')}, or the folder "
                                                        "it extracts to")
     result.add_argument("--host", default=defaults.host, help="address to listen on (default %(default)s; 0.0.0.0 in "
                                                               "a container)")

@@ -26,6 +26,7 @@ from pneumoseg.errors import ConfigError, DataError
 from pneumoseg.io import read_json, write_json
 from pneumoseg.stages import convert, demo_data, prepare_labels, train
 from pneumoseg.stages.record import require_finished
+from pneumoseg.stage_table import command
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,7 @@ def train_stage(cfg: DictConfig, args: argparse.Namespace) -> None:
     """
     if not is_ensemble(cfg):
         raise ConfigError(f"{args.config} has no ensemble section (ensemble.members); train a single experiment with "
-                          f"scripts/03_train.py --config {args.config}")
+                          f"{command('03')} --config {args.config}")
     for entry in train_members(cfg, force=args.force):
         print(f"member {entry['member']}: stage 03 {'complete' if entry['complete'] else 'NOT complete'}")
 
@@ -74,8 +75,8 @@ def trained_members(cfg: DictConfig) -> list[EnsembleMember]:
     members = ensemble_members(cfg)
     reference = None
     for member in members:
-        require_finished(layout.train_dir(member.cfg), f"stage 03 of ensemble member {member.name!r}",
-                         f"scripts/train_members.py --config <the ensemble config> (or scripts/03_train.py on "
+        require_finished(layout.train_dir(member.cfg), "03", f"stage 03 of ensemble member {member.name!r}",
+                         f"{command('03', ensemble=True)} --config <the ensemble config> (or {command('03')} on "
                          f"the member's config)")
         if str(member.cfg.paths.prepared_dir) != str(cfg.paths.prepared_dir):
             raise DataError(f"ensemble member {member.name!r} was prepared in {member.cfg.paths.prepared_dir}, the "
@@ -90,17 +91,17 @@ def trained_members(cfg: DictConfig) -> list[EnsembleMember]:
                             f"folds: {layout.train_folds_path(reference[0].cfg)} and "
                             f"{layout.train_folds_path(member.cfg)} differ, and out-of-fold maps blend only on the "
                             f"same folds. Retrain one of them on the other's prepared data "
-                            f"(scripts/03_train.py --config <its config> --force)")
+                            f"({command('03')} --config <its config> --force)")
     return members
 
 
 def _fold_table(path) -> pd.DataFrame:
     """A ``folds.csv`` as ``(ImageId, fold)`` rows in ImageId order, for comparing two of them."""
     if not path.is_file():
-        raise DataError(f"{path} not found; run scripts/03_train.py on that member first")
+        raise DataError(f"{path} not found; run {command('03')} on that member first")
     table = pd.read_csv(path, dtype={"ImageId": str})
     if not {"ImageId", "fold"} <= set(table.columns):
-        raise DataError(f"{path} lacks the ImageId and fold columns; retrain that member (scripts/03_train.py --force)")
+        raise DataError(f"{path} lacks the ImageId and fold columns; retrain that member ({command('03')} --force)")
     return table[["ImageId", "fold"]].sort_values("ImageId", kind="stable").reset_index(drop=True)
 
 
@@ -154,12 +155,12 @@ def chosen_members(cfg: DictConfig) -> list[EnsembleMember]:
     """
     path = layout.ensemble_path(cfg)
     choice = read_json(path, missing=f"{path} not found: stage 04 has not chosen the ensemble's members; run "
-                                     f"scripts/04_search_thresholds.py on the ensemble config first",
-                       invalid_fix="rerun scripts/04_search_thresholds.py --force on the ensemble config")
+                                     f"{command('04')} on the ensemble config first",
+                       invalid_fix=f"rerun {command('04')} --force on the ensemble config")
     by_name = {m.name: m for m in trained_members(cfg)}
     names = choice.get("chosen", {}).get("members", []) if isinstance(choice, dict) else []
     unknown = [name for name in names if name not in by_name]
     if not names or unknown:
         raise DataError(f"{path} chose the members {names}, but the ensemble config has {sorted(by_name)}; rerun "
-                        f"scripts/04_search_thresholds.py --force on the ensemble config")
+                        f"{command('04')} --force on the ensemble config")
     return [by_name[name] for name in names]

@@ -15,7 +15,6 @@ does. ``--force`` replaces a ``03_train/`` that is already there.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import shutil
 import tempfile
@@ -29,7 +28,8 @@ from pneumoseg.cli import stage_parser
 from pneumoseg.errors import DataError
 from pneumoseg.modeling.checkpoints import best_files
 from pneumoseg.sagemaker.archive import extract
-from pneumoseg.stages.record import DONE_FILE
+from pneumoseg.stage_table import DONE_FILE
+from pneumoseg.stages.record import read_done
 from pneumoseg.stages.train import STAGE_NAME, stage_record
 
 log = logging.getLogger(__name__)
@@ -39,15 +39,13 @@ DESCRIPTION = "Unpack a SageMaker training job's model.tar.gz and output.tar.gz 
 
 def _check(folder: Path, cfg: DictConfig, model: Path, output: Path) -> list[int]:
     """Check that the unpacked ``folder`` is a complete stage 03 for ``cfg`` -> its folds."""
-    done = folder / DONE_FILE
-    if not done.is_file():
+    if read_done(folder) is None:
         raise DataError(f"{output} holds no {layout.train_dir(cfg).name}/{DONE_FILE}: the job did not finish stage 03, "
                         f"or this is not its output.tar.gz")
     if not layout.folds_path(cfg).is_file():
         raise DataError(f"{layout.folds_path(cfg)} not found: stages 04-06 need the prepared data the job trained on; "
                         f"set paths.prepared_dir to a copy of its train channel (or run stages 01-02 here)")
-    expected = stage_record(cfg).key
-    if json.loads(done.read_text()).get("fingerprint") != expected:
+    if not stage_record(cfg).is_complete(folder):
         raise DataError(f"the job trained with another config or other prepared folds than --config and "
                         f"{layout.folds_path(cfg)}: give the job's config and hyperparameters (as key=value), and "
                         f"its train channel's data as paths.prepared_dir (compare {folder / 'config.yaml'})")

@@ -37,7 +37,7 @@ import numpy as np
 from omegaconf import DictConfig
 
 
-from pneumoseg import layout
+from pneumoseg import layout, stage_table
 from pneumoseg.config import is_ensemble
 from pneumoseg.errors import DataError
 from pneumoseg.io import atomic_path, content_hash, write_json
@@ -46,10 +46,11 @@ from pneumoseg.serve.package import MANIFEST_FILE, build_manifest, load_package,
 from pneumoseg.stages import ensemble
 from pneumoseg.stages.predict import build_predictor
 from pneumoseg.stages.record import StageRecord, require_finished
+from pneumoseg.stage_table import command
 
 log = logging.getLogger(__name__)
 
-STAGE_NAME = "06_package_model"
+STAGE_NAME = stage_table.stage("06").name
 
 
 def run(cfg: DictConfig, force: bool = False) -> dict[str, Any]:
@@ -64,7 +65,7 @@ def run(cfg: DictConfig, force: bool = False) -> dict[str, Any]:
     """
     members = ensemble.chosen_members(cfg) if is_ensemble(cfg) else []
     if not members:
-        require_finished(layout.train_dir(cfg), "stage 03", "scripts/03_train.py")
+        require_finished(layout.train_dir(cfg), "03")
     predictor = build_predictor(cfg, device="cpu")
     if members:
         files = {f"{m.name}/{_package_name(model.path, layout.train_dir(m.cfg))}": model.path

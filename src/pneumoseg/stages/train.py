@@ -53,7 +53,7 @@ from typing import Any, Sequence
 import torch
 from omegaconf import DictConfig
 
-from pneumoseg import layout
+from pneumoseg import layout, stage_table
 from pneumoseg.cli import read_flag, stage_parser
 from pneumoseg.data.dataset import PreparedData
 from pneumoseg.training.distributed import DistContext, distributed
@@ -67,7 +67,7 @@ from pneumoseg.stages.record import StageRecord, stored_summary
 
 log = logging.getLogger(__name__)
 
-STAGE_NAME = "03_train"
+STAGE_NAME = stage_table.stage("03").name
 SECTIONS = ("seed", "model", "loss", "optimizer", "scheduler", "sampler", "augment", "train", "tta")
 DESCRIPTION = "Stage 03: train a model per cross-validation fold and predict each fold's held-out images."
 
