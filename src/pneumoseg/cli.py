@@ -19,7 +19,6 @@ import argparse
 import contextlib
 import logging
 import sys
-from pathlib import Path
 from typing import Callable, Sequence
 
 from omegaconf import DictConfig
@@ -140,36 +139,23 @@ def run_stage_script(description: str, stage: Callable[..., object], make_parser
     parser = make_parser(description.strip().splitlines()[0])
     args = parser.parse_args(argv)
     setup_logging()
-    folder: Path | None = None
     try:
         cfg: DictConfig = load_config(args.config, args.overrides)
-        marker: contextlib.AbstractContextManager = contextlib.nullcontext()
+        tracked: contextlib.AbstractContextManager = contextlib.nullcontext()
         if number is not None:
             row = stage_table.stage(number)
-            folder = row.folder(cfg)
-            marker = stage_table.running(folder, make=bool(row.folder_name))
-        with marker:
+            tracked = stage_table.tracking(row.folder(cfg), make=bool(row.folder_name))
+        with tracked:
             stage(cfg, args)
     except PneumosegError as exc:
         log.error("%s", exc)
-        _record_failure(folder, exc)
         if isinstance(parser, StageParser):
             parser.report_failure(exc)
         return 1
-    except KeyboardInterrupt as exc:
+    except KeyboardInterrupt:
         log.error("interrupted; rerun the same command to continue where it stopped")
-        _record_failure(folder, exc)
         return 130
-    except Exception as exc:
-        _record_failure(folder, exc)
-        raise
     return 0
-
-
-def _record_failure(folder: Path | None, exc: BaseException) -> None:
-    """Leave the stage's ``failed.json`` (:func:`pneumoseg.stage_table.write_failure`) when it has a folder."""
-    if folder is not None:
-        stage_table.write_failure(folder, exc)
 
 
 def main(description: str, stage: Callable[..., object], make_parser: ParserFactory = stage_parser,

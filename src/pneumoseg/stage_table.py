@@ -10,12 +10,13 @@ An ensemble config trains no model of its own: its stage 03 is ``scripts/train_m
 (:data:`ENSEMBLE_TRAINING`), which runs stages 00-03 of every member in the member's own folders
 (:func:`stages_for`).
 
-The files a stage leaves in its folder (the stage runner, :func:`pneumoseg.cli.run_stage_script`, writes the last
-two; ``scripts/status.py`` reads all three):
+The files a stage leaves in its folder (:func:`tracking` writes the last two, around the stage runner,
+:func:`pneumoseg.cli.run_stage_script`, and around each ensemble member's training; ``scripts/status.py`` reads all
+three):
 
 * ``done.json`` (:data:`DONE_FILE`): the stage finished, for the config whose fingerprint it holds
   (:mod:`pneumoseg.stages.record`);
-* ``.running.<host>.<pid>.json`` (:func:`running`): a process is running the stage; removed when it exits, and
+* ``.running.<host>.<pid>.json`` (:func:`tracking`): a process is running the stage; removed when it exits, and
   ignored once that process is gone (a killed run's marker is stale, not a running stage);
 * ``failed.json`` (:data:`FAILED_FILE`): the last run of the stage raised; the error's line. Removed when the stage
   runs again.
@@ -139,8 +140,9 @@ def _marker_name(host: str, pid: int) -> str:
 
 
 @contextlib.contextmanager
-def running(folder: str | os.PathLike, make: bool = True) -> Iterator[Path | None]:
-    """Mark ``folder``'s stage as running in this process while the block runs, and clear its old failure.
+def tracking(folder: str | os.PathLike, make: bool = True) -> Iterator[Path | None]:
+    """Mark ``folder``'s stage as running in this process while the block runs (clearing its old failure), and
+    leave ``failed.json`` (:func:`write_failure`) when the block raises.
 
     Only the first process of a distributed run marks it (``RANK`` 0 or unset).
 
@@ -150,7 +152,7 @@ def running(folder: str | os.PathLike, make: bool = True) -> Iterator[Path | Non
             folder, which stage 01 must find missing when it is).
 
     Yields:
-        The marker file, or None (another process, or no folder).
+        The running marker, or None (another process, or no folder).
     """
     folder = Path(folder)
     if os.environ.get("RANK", "0") != "0" or not (make or folder.is_dir()):
@@ -162,6 +164,9 @@ def running(folder: str | os.PathLike, make: bool = True) -> Iterator[Path | Non
     write_json(marker, {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()})
     try:
         yield marker
+    except BaseException as exc:
+        write_failure(folder, exc)
+        raise
     finally:
         marker.unlink(missing_ok=True)
 

@@ -20,7 +20,7 @@ from typing import Any, Sequence
 import pandas as pd
 from omegaconf import DictConfig
 
-from pneumoseg import layout
+from pneumoseg import layout, stage_table
 from pneumoseg.config import EnsembleMember, ensemble_members, is_ensemble
 from pneumoseg.errors import ConfigError, DataError
 from pneumoseg.io import read_json, write_json
@@ -47,7 +47,8 @@ def train_members(cfg: DictConfig, force: bool = False) -> list[dict[str, Any]]:
                  layout.train_dir(member.cfg))
         for stage in (demo_data, convert, prepare_labels):
             stage.run(member.cfg, force=force)
-        summary = train.run(member.cfg, force=force)
+        with stage_table.tracking(layout.train_dir(member.cfg)):     # scripts/status.py reads it
+            summary = train.run(member.cfg, force=force)
         done.append({"member": member.name, "complete": bool(summary["complete"])})
     return done
 
