@@ -31,7 +31,6 @@ from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 import numpy as np
-import pandas as pd
 import torch
 from omegaconf import DictConfig
 
@@ -39,6 +38,7 @@ from pneumoseg import layout
 
 from pneumoseg.data import rle
 from pneumoseg.data.blend import blend_gates, blend_maps, normalized_weights
+from pneumoseg.data.folds import FOLD_COLUMN, read_trained_folds
 from pneumoseg.modeling.device import resolve_device
 from pneumoseg.errors import ConfigError, DataError
 from pneumoseg.data.resize import resize_probabilities, resize_square
@@ -46,7 +46,6 @@ from pneumoseg.inference.fold_models import FoldModel, load_fold_models
 from pneumoseg.inference.tta import TTA, predict_with_gate
 from pneumoseg.modeling.models import has_gate
 from pneumoseg.postprocess.strategies import PostProcessor, build_postprocessor, load_postprocessor
-from pneumoseg.stage_table import run_first
 
 
 @dataclass
@@ -245,11 +244,8 @@ class Predictor:
         if not isinstance(device, torch.device):
             device = resolve_device(str(device or predict.device))
         folder = layout.train_dir(cfg)
-        folds_csv = layout.train_folds_path(cfg)
-        if not folds_csv.is_file():
-            raise DataError(f"{folds_csv} not found: no trained models in {folder}; {run_first('03')}")
-        folds = layout.select_folds(cfg.train.folds, pd.read_csv(folds_csv)["fold"].unique(), "train.folds",
-                                    folds_csv)
+        folds = layout.select_folds(cfg.train.folds, read_trained_folds(cfg)[FOLD_COLUMN].unique(), "train.folds",
+                                    layout.train_folds_path(cfg))
         models = load_fold_models(folder, folds, top=top_k, device=device, checkpoints=str(predict.checkpoints))
         return cls(models, TTA.from_config(cfg.get("tta")), postprocessor or configured_postprocessor(cfg),
                    interpolation=str(cfg.prepare.interpolation),

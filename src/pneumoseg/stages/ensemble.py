@@ -22,6 +22,8 @@ from omegaconf import DictConfig
 
 from pneumoseg import layout, stage_table
 from pneumoseg.config import EnsembleMember, ensemble_members, is_ensemble
+from pneumoseg.data.folds import FOLD_COLUMN, read_trained_folds
+from pneumoseg.data.labels import ID_COLUMN
 from pneumoseg.errors import ConfigError, DataError
 from pneumoseg.io import read_json, write_json
 from pneumoseg.stages import convert, demo_data, prepare_labels, train
@@ -84,7 +86,7 @@ def trained_members(cfg: DictConfig) -> list[EnsembleMember]:
                             f"ensemble {cfg.experiment!r} reads {cfg.paths.prepared_dir}: members must share the "
                             f"ensemble's data (the same data.name and paths); fix the member's or the ensemble's "
                             f"data section")
-        folds = _fold_table(layout.train_folds_path(member.cfg))
+        folds = _fold_table(member.cfg)
         if reference is None:
             reference = (member, folds)
         elif not folds.equals(reference[1]):
@@ -96,14 +98,11 @@ def trained_members(cfg: DictConfig) -> list[EnsembleMember]:
     return members
 
 
-def _fold_table(path) -> pd.DataFrame:
-    """A ``folds.csv`` as ``(ImageId, fold)`` rows in ImageId order, for comparing two of them."""
-    if not path.is_file():
-        raise DataError(f"{path} not found; run {command('03')} on that member first")
-    table = pd.read_csv(path, dtype={"ImageId": str})
-    if not {"ImageId", "fold"} <= set(table.columns):
-        raise DataError(f"{path} lacks the ImageId and fold columns; retrain that member ({command('03')} --force)")
-    return table[["ImageId", "fold"]].sort_values("ImageId", kind="stable").reset_index(drop=True)
+def _fold_table(cfg: DictConfig) -> pd.DataFrame:
+    """A member's ``folds.csv`` (:func:`pneumoseg.data.folds.read_trained_folds`) as ``(ImageId, fold)`` rows in
+    ImageId order, for comparing two of them."""
+    table = read_trained_folds(cfg)
+    return table[[ID_COLUMN, FOLD_COLUMN]].sort_values(ID_COLUMN, kind="stable").reset_index(drop=True)
 
 
 def combinations(n_members: int) -> list[tuple[int, ...]]:

@@ -27,7 +27,7 @@ from pneumoseg import layout
 from pneumoseg.cli import stage_parser
 from pneumoseg.errors import DataError
 from pneumoseg.modeling.checkpoints import best_files
-from pneumoseg.sagemaker.archive import extract
+from pneumoseg.serve.archive import ArchiveKind, extract_archive
 from pneumoseg.stage_table import DONE_FILE
 from pneumoseg.stages.record import read_done
 from pneumoseg.stages.train import STAGE_NAME, stage_record
@@ -35,6 +35,9 @@ from pneumoseg.stages.train import STAGE_NAME, stage_record
 log = logging.getLogger(__name__)
 
 DESCRIPTION = "Unpack a SageMaker training job's model.tar.gz and output.tar.gz as this experiment's stage 03."
+# The job's archives, as the safe extractor names and reads them (SageMaker packs them with ``./`` names).
+JOB_ARCHIVE = ArchiveKind("SageMaker archive", "download the job's archive again (from the job's S3 output path)",
+                          dot_prefix=True)
 
 
 def _check(folder: Path, cfg: DictConfig, model: Path, output: Path) -> list[int]:
@@ -79,7 +82,8 @@ def run(cfg: DictConfig, model: str | Path, output: str | Path, force: bool = Fa
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.import.", dir=folder.parent))
     try:
-        files = extract(output, staging, prefix=folder.name) + extract(model, staging)
+        files = (extract_archive(output, staging, kind=JOB_ARCHIVE, prefix=folder.name)
+                 + extract_archive(model, staging, kind=JOB_ARCHIVE))
         folds = _check(staging, cfg, model, output)
         if folder.exists():
             shutil.rmtree(folder)

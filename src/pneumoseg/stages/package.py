@@ -46,7 +46,6 @@ from pneumoseg.serve.package import MANIFEST_FILE, build_manifest, load_package,
 from pneumoseg.stages import ensemble
 from pneumoseg.stages.predict import build_predictor
 from pneumoseg.stages.record import StageRecord, require_finished
-from pneumoseg.stage_table import command
 
 log = logging.getLogger(__name__)
 

@@ -51,6 +51,7 @@ from pneumoseg.postprocess.strategies import PostProcessor, build_postprocessor
 from pneumoseg.data.blend import blend_gates
 from pneumoseg.data.probstore import GATE_FILE, IDS_FILE, PROBS_FILE, ProbabilityStore
 from pneumoseg.data.inputs import locate_train_labels
+from pneumoseg.data.folds import read_trained_folds
 from pneumoseg.data.labels import read_labels
 from pneumoseg.postprocess.images import BlendedImages, OofImages
 from pneumoseg.postprocess.search import GRIDS, SearchResult, evaluate, run_search, to_original
@@ -85,9 +86,9 @@ def open_folds(cfg: DictConfig) -> list[OofFold]:
             the stores' map sizes differ.
     """
     folds_csv = layout.train_folds_path(cfg)
-    folds = _read_csv(folds_csv, ("ImageId", "fold"), f"{run_first('03')}")
+    folds = read_trained_folds(cfg)
     labels_csv = layout.labels_path(cfg)
-    labelled = set(_read_csv(labels_csv, ("ImageId",), f"{run_first('02')}")["ImageId"])
+    labelled = set(_read_csv(labels_csv, ("ImageId",), run_first('02'))["ImageId"])
     trained = layout.select_folds(cfg.train.folds, folds["fold"].unique(), "train.folds", folds_csv)
     opened = []
     for fold, rows in folds[folds["fold"].isin(trained)].groupby("fold", sort=True):
