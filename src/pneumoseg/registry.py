@@ -1,8 +1,9 @@
 """A small name -> factory registry, so that config blocks of the form ``{name, params}`` build objects.
 
-Every configurable component (architecture, loss, optimiser, scheduler, sampler, post-processing
-strategy, TTA) is chosen by name from a registry instead of an if/else chain, and one builder turns any
-config block into an object.
+Every configurable component chosen by name (architecture, loss, optimiser, scheduler, sampler, augmentation,
+post-processing strategy, search grid, demo layout, a request's content type) comes from a registry instead of an
+if/else chain, and one builder turns any config block into an object. (TTA is no registry: its config section is a
+plain ``{hflip, vflip, scales}``, see :class:`pneumoseg.inference.tta.TTA`.)
 """
 from __future__ import annotations
 
