@@ -211,7 +211,8 @@ class Predictor:
             images = _batch_of_size(images, self.image_size)
         if tuple(images.shape[1:]) != (self.image_size, self.image_size):
             raise DataError(f"prepared images must be N x {self.image_size} x {self.image_size} (the models' size), "
-                            f"got {tuple(images.shape)}; use the PNGs of 01_convert/images_{self.image_size}/")
+                            f"got {tuple(images.shape)}; use stage 01's PNGs of {self.image_size} px "
+                            f"({layout.images_dir('.', self.image_size)} of the prepared folder)")
         return images
 
     @classmethod
@@ -293,7 +294,8 @@ def _batch_of_size(batches: Mapping[int, np.ndarray | torch.Tensor], size: int) 
         return batches[size]
     except KeyError:
         raise DataError(f"no prepared images of {size} px among the batches given (sizes {sorted(batches)}); "
-                        f"give the PNGs of 01_convert/images_{size}/ too") from None
+                        f"give stage 01's PNGs of {size} px too "
+                        f"({layout.images_dir('.', size)} of the prepared folder)") from None
 
 
 class EnsemblePredictor:
