@@ -62,9 +62,11 @@ def switch_arguments(argv: Sequence[str], switches: set[str]) -> list[str]:
         argv: the command-line arguments.
         switches: the option strings of the parser's on/off switches (``store_true`` actions).
     """
-    result, tokens, i = [], list(argv), 0
+    result: list[str] = []
+    tokens, i = list(argv), 0
     while i < len(tokens):
-        name, has_value, value = tokens[i].partition("=")
+        name, equals, value = tokens[i].partition("=")
+        has_value = bool(equals)
         if name in switches and not has_value and i + 1 < len(tokens) \
                 and tokens[i + 1].lower() in TRUE_WORDS + FALSE_WORDS:
             has_value, value = True, tokens[i + 1]

@@ -7,7 +7,7 @@ plain ``{hflip, vflip, scales}``, see :class:`pneumoseg.inference.tta.TTA`.)
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Generic, Mapping, TypeVar
+from typing import Any, Callable, Generic, Mapping, TypeVar, cast
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -57,7 +57,7 @@ class Registry(Generic[T]):
         """Build from a ``{name, params}`` block; ``extra`` keyword arguments (a model's parameters, say)
         are passed alongside ``params``."""
         if isinstance(block, DictConfig):
-            block = OmegaConf.to_container(block, resolve=True)
+            block = cast(dict, OmegaConf.to_container(block, resolve=True))
         if block is None or "name" not in block:
             raise ConfigError(f"a {self.kind} block needs a 'name' (one of: {', '.join(self.names())})")
         params = dict(block.get("params") or {})

@@ -93,7 +93,7 @@ class ProbabilityWriter:
         os.replace(self._tmp, self.folder / PROBS_FILE)
 
     def discard(self) -> None:
-        self._maps = None
+        self._maps = None  # type: ignore[assignment]  # drops the memmap: this writer is done
         self._tmp.unlink(missing_ok=True)
 
     def __enter__(self) -> "ProbabilityWriter":

@@ -28,12 +28,12 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Sequence, cast
 
 import numpy as np
 import yaml
 from matplotlib.figure import Figure
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from pneumoseg import layout
 from pneumoseg.logs import setup_logging
@@ -165,7 +165,7 @@ def _read_models(run: Run, folder: Path, number: str = "04") -> None:
     train = stage("03").folder(folder)
     if not config.is_file() or not train.is_dir():
         return
-    predict = OmegaConf.load(config).get("predict", {})
+    predict = cast(DictConfig, OmegaConf.load(config)).get("predict", {})
     which, top_k = str(predict.get("checkpoints", "best")), int(predict.get("top_k", 1))
     files = [path for fold_folder in layout.fold_dirs(train).values()
              for path in best_files(layout.checkpoints_dir(fold_folder, which))[:top_k]]

@@ -98,7 +98,7 @@ def load_fold_models(train_dir: str | os.PathLike, folds: Iterable[int] | None =
     wanted = list(found) if folds is None else list(folds)
     if not wanted:
         raise DataError(f"no fold folders (fold<k>/) in {train_dir}; {run_first('03')}")
-    models = []
+    models: list[FoldModel] = []
     for fold in wanted:
         files = best_files(layout.checkpoints_dir(found[fold], checkpoints))[:top] if fold in found else []
         if not files:

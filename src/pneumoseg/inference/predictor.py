@@ -45,7 +45,7 @@ from pneumoseg.data.resize import resize_probabilities, resize_square
 from pneumoseg.inference.fold_models import FoldModel, load_fold_models
 from pneumoseg.inference.tta import TTA, predict_with_gate
 from pneumoseg.modeling.models import has_gate
-from pneumoseg.postprocess.strategies import PostProcessor, build_postprocessor, load_postprocessor
+from pneumoseg.postprocess.strategies import Gated, PostProcessor, build_postprocessor, load_postprocessor
 
 
 @dataclass
@@ -402,7 +402,7 @@ class EnsemblePredictor:
             device = resolve_device(str(device or members[0][0].predict.device))
         # The members' own post-processors are never applied; a gated one would be refused for a member without
         # the head although the blend has the other members' gate, so members get its mask strategy.
-        member_postprocessor = postprocessor.inner if postprocessor.needs_gate else postprocessor
+        member_postprocessor = postprocessor.inner if isinstance(postprocessor, Gated) else postprocessor
         predictors = [Predictor.from_experiment(cfg, device, member_postprocessor) for cfg, _ in members]
         return cls(predictors, [weight for _, weight in members], postprocessor,
                    [str(cfg.experiment) for cfg, _ in members])

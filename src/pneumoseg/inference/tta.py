@@ -16,7 +16,7 @@ models as the maps.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
+from typing import Mapping, Sequence, cast
 
 import numpy as np
 import torch
@@ -46,7 +46,7 @@ class TTA:
         if block is None:
             return cls(hflip=False)
         if isinstance(block, DictConfig):
-            block = OmegaConf.to_container(block, resolve=True)
+            block = cast(dict, OmegaConf.to_container(block, resolve=True))
         return cls(hflip=bool(block.get("hflip", True)), vflip=bool(block.get("vflip", False)),
                    scales=tuple(float(s) for s in block.get("scales") or (1.0,)))
 
@@ -131,7 +131,7 @@ def predict_with_gate(models: Sequence[FoldModel], images: np.ndarray | torch.Te
             out[start:start + len(batch)] = (total / (len(models) * len(views))).cpu().numpy()
             if gated_models:
                 gates[start:start + len(batch)] = (gate_total / (gated_models * len(views))).cpu().numpy()
-    gates = gates if gated_models else None
+    found = gates if gated_models else None
     if single:
-        return out[0], None if gates is None else gates[0]
+        return out[0], None if found is None else found[0]
     return out, gates

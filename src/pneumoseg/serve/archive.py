@@ -103,7 +103,10 @@ def extract_archive(archive_path: Path, folder: Path, max_members: int = MAX_MEM
                     continue
                 target.parent.mkdir(parents=True, exist_ok=True)
                 target.unlink(missing_ok=True)
-                with archive.extractfile(member) as source, open(target, "xb") as out:
+                source = archive.extractfile(member)
+                if source is None:      # a regular file always has its content; a broken archive may not
+                    raise tarfile.ReadError(f"{member.name} has no content")
+                with source, open(target, "xb") as out:
                     shutil.copyfileobj(source, out, 1 << 20)
                 written.append(target)
     except (tarfile.TarError, OSError, EOFError) as exc:

@@ -185,7 +185,7 @@ def load_package(model_dir: str | os.PathLike, device: str = "auto") -> ServingM
     if "members" in manifest:
         specs = manifest["members"]
         members = [_predictor(spec, [models[name] for name in spec["models"]], postprocessor) for spec in specs]
-        predictor = EnsemblePredictor(members, [float(spec["weight"]) for spec in specs], postprocessor,
+        predictor: Predictor | EnsemblePredictor = EnsemblePredictor(members, [float(spec["weight"]) for spec in specs], postprocessor,
                                       [str(spec["name"]) for spec in specs])
     else:
         predictor = _predictor(manifest, list(models.values()), postprocessor)
@@ -315,7 +315,7 @@ def write_package(path: Path, cfg: DictConfig, manifest: dict[str, Any], files: 
         **{f"{name}/{CONFIG_FILE}": OmegaConf.to_yaml(member, resolve=True)
            for name, member in (member_configs or {}).items()},
     }
-    entries = {**{name: text.encode() for name, text in texts.items()}, **files}
+    entries: dict[str, bytes | Path] = {**{name: text.encode() for name, text in texts.items()}, **files}
     # gzip would record the (temporary, random) file name and the time in its header: neither is kept.
     with open(path, "wb") as raw, gzip.GzipFile(filename="", fileobj=raw, mode="wb", mtime=0) as zipped, \
             tarfile.open(fileobj=zipped, mode="w", format=tarfile.PAX_FORMAT) as archive:

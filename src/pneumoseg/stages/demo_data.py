@@ -117,7 +117,7 @@ def _read_manifest(folder: Path) -> dict:
 
 def _remove(folder: Path, relative: Sequence[str]) -> None:
     """Delete the listed files and then every folder of theirs that became empty (never ``folder`` itself)."""
-    parents = set()
+    parents: set[Path] = set()
     for name in relative:
         path = folder / name
         path.unlink(missing_ok=True)

@@ -41,6 +41,7 @@ from pneumoseg import layout, stage_table
 from pneumoseg.config import is_ensemble
 from pneumoseg.errors import DataError
 from pneumoseg.io import atomic_path, content_hash, write_json
+from pneumoseg.inference.fold_models import FoldModel
 from pneumoseg.inference.predictor import EnsemblePredictor, Predictor
 from pneumoseg.serve.package import MANIFEST_FILE, build_manifest, load_package, open_package, source_files, write_package
 from pneumoseg.stages import ensemble
@@ -66,16 +67,16 @@ def run(cfg: DictConfig, force: bool = False) -> dict[str, Any]:
     if not members:
         require_finished(layout.train_dir(cfg), "03")
     predictor = build_predictor(cfg, device="cpu")
-    if members:
-        files = {f"{m.name}/{_package_name(model.path, layout.train_dir(m.cfg))}": model.path
+    if isinstance(predictor, EnsemblePredictor):
+        files = {f"{m.name}/{_package_name(_path(model), layout.train_dir(m.cfg))}": _path(model)
                  for m, member in zip(members, predictor.members) for model in member.models}
     else:
-        files = {_package_name(model.path, layout.train_dir(cfg)): model.path for model in predictor.models}
+        files = {_package_name(_path(model), layout.train_dir(cfg)): _path(model) for model in predictor.models}
     manifest = build_manifest(cfg, predictor, files)
     sources = source_files()
     # The package holds the whole resolved config and pneumoseg's code: a change to either (but to local paths)
     # rebuilds it, as a change to the weights or the post-processing does (they make the version).
-    sections = [key for key in cfg if key != "paths"]
+    sections = [str(key) for key in cfg if key != "paths"]
     code = content_hash(*sources.values())
     record = StageRecord(STAGE_NAME, layout.package_dir(cfg), cfg, sections,
                          inputs={"version": manifest["version"], "code": code})
@@ -101,6 +102,13 @@ def _package_name(path: Path | None, train_dir: Path) -> str:
     if path is None:
         raise DataError("a model of the ensemble has no checkpoint file to package")
     return path.relative_to(train_dir).as_posix()
+
+
+def _path(model: FoldModel) -> Path:
+    """The checkpoint a loaded model came from (:func:`pneumoseg.inference.fold_models.load_model` sets it)."""
+    if model.path is None:
+        raise ValueError("a model without its checkpoint file cannot be packaged")
+    return model.path
 
 
 def verify_package(path: Path, predictor: Predictor | EnsemblePredictor) -> None:

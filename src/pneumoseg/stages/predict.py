@@ -179,7 +179,8 @@ def predict_rles(predictor: Predictor | EnsemblePredictor, images_dirs: Mapping[
                             f"{command('01')} (with {size} among prepare.sizes)")
         loaders[size] = make_loader(ImageFiles(paths), int(settings.batch_size), int(settings.num_workers),
                                     predictor.device)
-    encoded, positive, gate_emptied = [], 0, 0
+    encoded: list[str] = []
+    positive, gate_emptied = 0, 0
     with tqdm(total=len(ids), desc="test images", unit="img") as progress:
         for batches in zip(*loaders.values()):
             # A single experiment takes its one batch as it is; an ensemble takes the batch of each member size.

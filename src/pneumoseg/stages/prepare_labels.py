@@ -198,13 +198,13 @@ def split_images(metadata: pd.DataFrame, labels: dict[str, lb.ImageLabels], subm
         absent = [image_id for image_id in submission if image_id not in known]
         unmatched.append(pd.DataFrame({lb.ID_COLUMN: absent, "reason": SUBMISSION_NO_IMAGE,
                                        "detail": "the sample submission"}))
-    unmatched = pd.concat(unmatched, ignore_index=True)
-    for reason, count in unmatched["reason"].value_counts().items():
+    unmatched_table = pd.concat(unmatched, ignore_index=True)
+    for reason, count in unmatched_table["reason"].value_counts().items():
         log.warning("%d unmatched: %s (listed in unmatched.csv)", count, reason)
     log.info("%d training images, %d test images", len(train), len(test))
     return Split(train=train.reset_index(drop=True),
                  test=test[[lb.ID_COLUMN, "rows", "cols"]].reset_index(drop=True),
-                 unmatched=unmatched)
+                 unmatched=unmatched_table)
 
 
 def _in_test_folder(source_path: str, roots: tuple[Path, ...]) -> bool:

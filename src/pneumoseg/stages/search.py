@@ -36,7 +36,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Sequence, cast
 
 import numpy as np
 import pandas as pd
@@ -91,7 +91,8 @@ def open_folds(cfg: DictConfig) -> list[OofFold]:
     labelled = set(_read_csv(labels_csv, ("ImageId",), run_first('02'))["ImageId"])
     trained = layout.select_folds(cfg.train.folds, folds["fold"].unique(), "train.folds", folds_csv)
     opened = []
-    for fold, rows in folds[folds["fold"].isin(trained)].groupby("fold", sort=True):
+    for fold in trained:
+        rows = folds[folds["fold"] == fold]
         folder = layout.oof_dir(layout.checkpoints_dir(layout.fold_dir(cfg, fold), str(cfg.predict.checkpoints)))
         if not (folder / PROBS_FILE).is_file() or not (folder / IDS_FILE).is_file():
             raise DataError(f"fold {fold} of {folds_csv} has no OOF predictions: {folder} lacks {PROBS_FILE} or "
@@ -162,7 +163,8 @@ class OofSet:
         sizes = _read_csv(labels_csv, ("ImageId", "rows", "cols"), f"rerun {command('02')}")
         shape_of = dict(zip(sizes["ImageId"], zip(sizes["rows"].astype(int), sizes["cols"].astype(int))))
         ranges = [(f.store.folder, 0, len(f.store)) for f in folds]
-        self.images = OofImages(ranges, [labels[i] for i in self.ids], [shape_of[i] for i in self.ids])
+        self.images: OofImages | BlendedImages = OofImages(ranges, [labels[i] for i in self.ids],
+                                                           [shape_of[i] for i in self.ids])
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -212,7 +214,8 @@ class BlendedOofSet(OofSet):
                                 f"({command('03')} --config <its config> --force)")
         self.ids, self.fold_of, self.groups, self._row = first.ids, first.fold_of, first.groups, first._row
         self.size = max(s.size for s in sets)
-        self.images = BlendedImages([s.images for s in sets], list(weights))
+        # A blend's members are single experiments: their images are OofImages.
+        self.images = BlendedImages([cast(OofImages, s.images) for s in sets], list(weights))
         self.gates = blend_gates([s.gates for s in sets], weights)
 
 

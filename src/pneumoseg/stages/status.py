@@ -103,9 +103,9 @@ def _read_times(cfg: DictConfig, row: Stage) -> dict[str, float]:
 def _training_progress(cfg: DictConfig, folder: Path) -> str:
     """``fold k, epoch e of n``: the fold of ``folder`` (a stage 03 folder) whose ``log.csv`` changed last among
     those not finished, and the epoch it is in (its log has a row per finished epoch)."""
-    logs = [(layout.fold_log_path(fold_folder), fold) for fold, fold_folder in layout.fold_dirs(folder).items()
-            if not (fold_folder / DONE_FILE).is_file()]
-    logs = [(path.stat().st_mtime, fold, path) for path, fold in logs if path.is_file()]
+    paths = [(layout.fold_log_path(fold_folder), fold) for fold, fold_folder in layout.fold_dirs(folder).items()
+             if not (fold_folder / DONE_FILE).is_file()]
+    logs = [(path.stat().st_mtime, fold, path) for path, fold in paths if path.is_file()]
     epochs = int(cfg.train.epochs)
     if not logs:
         return "starting"

@@ -54,7 +54,8 @@ class BestCheckpoints:
             meta = load_checkpoint(path)
             found.append(({"epoch": int(meta["epoch"]), "score": float(meta["score"])}, path))
         found.sort(key=lambda item: self._sort_key(item[0]))
-        kept, seen = [], set()
+        kept: list[tuple[dict[str, float], Path]] = []
+        seen: set[float] = set()
         for entry, path in found:
             if entry["epoch"] in seen or len(kept) == self.keep:
                 path.unlink()
