@@ -157,7 +157,7 @@ class SamplerContext:
         num_replicas, rank: the distributed world (1, 0 without one).
     """
 
-    has_mask: Sequence[bool]
+    has_mask: Sequence[bool] | np.ndarray
     seed: int
     total_epochs: int | None = None
     num_replicas: int = 1
@@ -267,7 +267,7 @@ def _cycle(pool: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray
     return np.concatenate([rng.permutation(pool) for _ in range(passes)])[:count]
 
 
-def build_sampler(block, has_mask: Sequence[bool], seed: int, total_epochs: int,
+def build_sampler(block, has_mask: Sequence[bool] | np.ndarray, seed: int, total_epochs: int,
                   num_replicas: int = 1, rank: int = 0) -> EpochSampler:
     """The sampler of a ``sampler`` config block for the training images' ``has_mask`` flags.
 

@@ -134,4 +134,4 @@ def predict_with_gate(models: Sequence[FoldModel], images: np.ndarray | torch.Te
     found = gates if gated_models else None
     if single:
         return out[0], None if found is None else found[0]
-    return out, gates
+    return out, found

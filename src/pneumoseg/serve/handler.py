@@ -150,7 +150,7 @@ class Result:
 # Request bodies
 
 Decoder = Callable[[bytes], ImageInput]
-DECODERS: Registry[Decoder] = Registry("request content type")
+DECODERS: Registry[ImageInput] = Registry("request content type")  # each factory is a Decoder
 
 
 def media_type(header: str | None) -> str:

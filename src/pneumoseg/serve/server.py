@@ -48,6 +48,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from http import HTTPStatus
+from typing import Any
 
 import numpy as np
 import uvicorn
@@ -320,16 +321,19 @@ def build_app(service: InferenceService, settings: ServerSettings) -> AccessLog:
         response.headers.update(exc.headers or {})
         return response
 
+    handlers: dict[Any, Any] = {HTTPException: http_error}     # starlette types a handler as taking any Exception
     app = Starlette(routes=[Route(PING, ping, methods=["GET"]), Route(INVOCATIONS, invocations, methods=["POST"])],
-                    exception_handlers={HTTPException: http_error})
+                    exception_handlers=handlers)
     return AccessLog(app)
 
 
 def uvicorn_server(app, settings: ServerSettings) -> uvicorn.Server:
     """The uvicorn server of ``app`` with ``settings``' limits and timeouts; it logs through this package's log."""
-    config = uvicorn.Config(app, http=functools.partial(GuardedH11Protocol, header_timeout=settings.timeouts.header),
-                            lifespan="off", log_config=None, access_log=False, server_header=False,
-                            timeout_keep_alive=settings.timeouts.keep_alive,
+    # uvicorn takes a protocol factory and a float keep-alive, though its annotations ask for a class and an int.
+    protocol: Any = functools.partial(GuardedH11Protocol, header_timeout=settings.timeouts.header)
+    keep_alive: Any = settings.timeouts.keep_alive
+    config = uvicorn.Config(app, http=protocol, lifespan="off", log_config=None, access_log=False, server_header=False,
+                            timeout_keep_alive=keep_alive,
                             limit_concurrency=settings.limits.max_connections,
                             timeout_graceful_shutdown=DRAIN_SECONDS)
     return uvicorn.Server(config)
