@@ -1,4 +1,4 @@
-"""Stage 04: choose the post-processing that maximises the out-of-fold dice; write thresholds.json and the OOF report."""
+"""Stage 04: choose the post-processing that maximises the out-of-fold dice; write thresholds.json, the OOF report."""
 from pneumoseg.cli import main
 from pneumoseg.stages import search
 

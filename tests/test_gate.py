@@ -192,10 +192,10 @@ def test_the_gate_file_is_written_with_the_maps_and_read_back(tmp_path):
     with ProbabilityWriter(tmp_path / "oof", list("abcde"), 8) as writer:
         writer.write(0, maps)
     assert ProbabilityStore(tmp_path / "oof").gates is None and not (tmp_path / "oof" / GATE_FILE).exists()
-    with pytest.raises(ValueError, match="every block"):
-        with ProbabilityWriter(tmp_path / "mixed", list("abcde"), 8) as writer:
-            writer.write(0, maps[:3], gates[:3])
-            writer.write(3, maps[3:])
+    with pytest.raises(ValueError, match="every block"), \
+            ProbabilityWriter(tmp_path / "mixed", list("abcde"), 8) as writer:
+        writer.write(0, maps[:3], gates[:3])
+        writer.write(3, maps[3:])
     assert not (tmp_path / "mixed" / GATE_FILE).exists()
 
 

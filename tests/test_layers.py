@@ -167,8 +167,9 @@ def test_only_the_stage_table_names_stage_folders_and_scripts():
 
 def test_a_stage_folder_named_outside_the_table_is_found(tmp_path):
     (tmp_path / "src" / "pneumoseg").mkdir(parents=True)
-    (tmp_path / "src" / "pneumoseg" / "x.py").write_text(
-        '"""Reads 03_train/folds.csv."""\n# 04_search too\nFOLDER = "05_predict"\nHINT = f"run scripts/03_train.py {1}"\n')
+    source = ('"""Reads 03_train/folds.csv."""\n# 04_search too\n'
+              'FOLDER = "05_predict"\nHINT = f"run scripts/03_train.py {1}"\n')
+    (tmp_path / "src" / "pneumoseg" / "x.py").write_text(source)
     (tmp_path / "run_all.sh").write_text('# scripts/06_package_model.py\nSTAGES=("00 scripts/00_make_demo_data.py")\n')
     assert stage_name_uses(tmp_path) == ["src/pneumoseg/x.py:3: 05_predict", "src/pneumoseg/x.py:4: 03_train",
                                          "src/pneumoseg/x.py:4: scripts/03_train.py",

@@ -48,14 +48,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Iterable, Union
+from typing import Any, Iterable
 
 from omegaconf import DictConfig
 
 from pneumoseg.errors import ConfigError
 from pneumoseg.stage_table import stage
 
-Where = Union[DictConfig, str, os.PathLike]
+Where = DictConfig | str | os.PathLike
 
 # The stage folders' names are the stage table's.
 _CONVERT = stage("01").folder_name

@@ -34,7 +34,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Union
+from typing import Iterator
 
 from omegaconf import DictConfig
 
@@ -42,7 +42,7 @@ from pneumoseg.config import is_ensemble, load_config
 from pneumoseg.errors import PneumosegError
 from pneumoseg.io import write_json
 
-Where = Union[DictConfig, str, os.PathLike]
+Where = DictConfig | str | os.PathLike
 
 DONE_FILE = "done.json"
 FAILED_FILE = "failed.json"

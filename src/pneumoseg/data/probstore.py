@@ -5,8 +5,8 @@ stream them in chunks through a memory map, so no stage needs them all in RAM.
 
 A store is a folder holding ``probs.npy`` (uint8, N x S x S, value = round(255 * p)) and ``ids.csv`` (ImageId in
 the same order), and, for models with the image-level gate head, ``gate.npy`` (float32, N: each image's gate
-probability, as predicted; small, so not quantised). :class:`ProbabilityWriter` fills temporary files and renames them into place only on
-:meth:`~ProbabilityWriter.commit`, so a crash never leaves a store that looks complete.
+probability, as predicted; small, so not quantised). :class:`ProbabilityWriter` fills temporary files and renames
+them into place only on :meth:`~ProbabilityWriter.commit`, so a crash never leaves a store that looks complete.
 """
 from __future__ import annotations
 

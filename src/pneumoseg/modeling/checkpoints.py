@@ -7,7 +7,8 @@
 * ``last.pt``: the full training state for ``--resume`` (see :mod:`pneumoseg.training.trainer`).
 
 Every file is written atomically. The best files themselves are the truth: each holds its epoch and score, so
-:meth:`pneumoseg.training.checkpoints.BestCheckpoints.rescan` rebuilds a consistent ranking from them after a crash in the middle of re-ranking.
+:meth:`pneumoseg.training.checkpoints.BestCheckpoints.rescan` rebuilds a consistent ranking from them after a crash
+in the middle of re-ranking.
 All files load with ``torch.load(weights_only=True)``: they hold tensors, numbers, strings, lists and dicts only.
 """
 from __future__ import annotations

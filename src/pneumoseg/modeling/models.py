@@ -127,8 +127,9 @@ def build_model(block: Mapping[str, Any] | DictConfig, pretrained: bool = True) 
             checkpoint right after.
 
     Raises:
-        ConfigError: unknown architecture or encoder, bad parameters (a gate head of more than one logit), a missing or mismatched weights file, or
-            ``imagenet`` weights that cannot be downloaded (with how to give a local file instead).
+        ConfigError: unknown architecture or encoder, bad parameters (a gate head of more than one logit), a missing
+            or mismatched weights file, or ``imagenet`` weights that cannot be downloaded (with how to give a local
+            file instead).
     """
     block = _as_dict(block)
     params = dict(block.get("params") or {})

@@ -185,8 +185,8 @@ def load_package(model_dir: str | os.PathLike, device: str = "auto") -> ServingM
     if "members" in manifest:
         specs = manifest["members"]
         members = [_predictor(spec, [models[name] for name in spec["models"]], postprocessor) for spec in specs]
-        predictor: Predictor | EnsemblePredictor = EnsemblePredictor(members, [float(spec["weight"]) for spec in specs], postprocessor,
-                                      [str(spec["name"]) for spec in specs])
+        predictor: Predictor | EnsemblePredictor = EnsemblePredictor(
+            members, [float(spec["weight"]) for spec in specs], postprocessor, [str(spec["name"]) for spec in specs])
     else:
         predictor = _predictor(manifest, list(models.values()), postprocessor)
     # One blank prediction first: lazy initialisation (kernels, allocator) would otherwise slow the first request.

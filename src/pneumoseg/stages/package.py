@@ -21,8 +21,8 @@ prediction settings. The stage reruns when the version, the config (but its path
 Before it finishes, the archive is extracted into a temporary folder, loaded the way the server loads it, and must
 predict a test image exactly as the experiment's own predictor does.
 
-Deploying it: serve it with :mod:`pneumoseg.serve.server` (locally, or in a bring-your-own SageMaker container), or deploy
-it in SageMaker's PyTorch inference container, which installs ``code/requirements.txt`` and imports
+Deploying it: serve it with :mod:`pneumoseg.serve.server` (locally, or in a bring-your-own SageMaker container), or
+deploy it in SageMaker's PyTorch inference container, which installs ``code/requirements.txt`` and imports
 ``code/inference.py`` (the SDK's ``PyTorchModel(model_data=..., entry_point="inference.py", source_dir=<the
 package's code/ folder>)``, or ``SAGEMAKER_PROGRAM=inference.py`` in the model's environment).
 """

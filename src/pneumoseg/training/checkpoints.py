@@ -69,7 +69,7 @@ class BestCheckpoints:
             tmp = self.folder / f"{_RESCAN_PREFIX}{entry['epoch']}.pt"
             os.replace(path, tmp)
             staged.append((entry, tmp))
-        for i, (entry, tmp) in enumerate(staged):
+        for i, (_, tmp) in enumerate(staged):
             os.replace(tmp, self.folder / best_name(i + 1))
         self.entries = [entry for entry, _ in staged]
         self._write_table()
