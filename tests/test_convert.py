@@ -296,7 +296,7 @@ class FullDisk:
         self.room = room
 
     def open(self, file, mode="r", **kwargs):
-        handle = open(file, mode, **kwargs)
+        handle = open(file, mode, **kwargs)  # noqa: SIM115 (closed by its caller, as open's are)
         return FullDiskFile(handle, self) if "w" in mode and str(file).endswith(".png") else handle
 
 

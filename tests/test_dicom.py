@@ -17,10 +17,10 @@ from pydicom.uid import (DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian,
                          SecondaryCaptureImageStorage, generate_uid)
 
 import hostile
-from pneumoseg.data.dicom import (MAX_FILE_BYTES, MAX_SIDE, METADATA_KEYS, CorruptPixelDataError, DicomError, DicomTags,
-                                  NoPixelDataError, NotDicomError, TooLargeDicomError, TruncatedDicomError,
-                                  UnreadableDicomError, UnsupportedDicomError, find_dicoms, read_dicom, read_dicom_bytes,
-                                  read_dicom_header, write_jpeg_dicom)
+from pneumoseg.data.dicom import (MAX_FILE_BYTES, MAX_SIDE, METADATA_KEYS, CorruptPixelDataError, DicomError,
+                                  DicomTags, NoPixelDataError, NotDicomError, TooLargeDicomError, TruncatedDicomError,
+                                  UnreadableDicomError, UnsupportedDicomError, find_dicoms, read_dicom,
+                                  read_dicom_bytes, read_dicom_header, write_jpeg_dicom)
 from pneumoseg.errors import DataError
 
 

@@ -19,7 +19,8 @@ from pneumoseg.stages import convert
 from test_convert import write_inputs
 
 SEED = 20261201
-VALID = {"jpeg": hostile.jpeg_dicom(), "deflated_12bit": hostile.deflated_dicom(hostile.small_image().astype(np.uint16) * 16)}
+VALID = {"jpeg": hostile.jpeg_dicom(),
+         "deflated_12bit": hostile.deflated_dicom(hostile.small_image().astype(np.uint16) * 16)}
 
 
 @pytest.mark.parametrize("kind", sorted(VALID))
