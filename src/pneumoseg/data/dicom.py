@@ -82,7 +82,7 @@ def write_jpeg_dicom(path: str | os.PathLike, pixels: np.ndarray, tags: DicomTag
 
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = tags.sop_instance_uid
+    meta.MediaStorageSOPInstanceUID = UID(tags.sop_instance_uid)
     meta.TransferSyntaxUID = JPEGBaseline8Bit
 
     ds = Dataset()
@@ -398,7 +398,7 @@ def _parse_file(source: BinaryIO, path: Path, **kwargs) -> tuple[Dataset, int]:
     return ds, size
 
 
-def _inflated(source: BinaryIO, path: Path) -> tuple[BinaryIO, int, bool]:
+def _inflated(source: BinaryIO, path: Path) -> tuple[BinaryIO | DicomBytesIO, int, bool]:
     """``(stream, length, deflated)`` of the DICOM file in ``source`` (at its start), for :func:`_parse`.
 
     A file in Deflated Explicit VR Little Endian is given back as the same file with its dataset inflated in
@@ -431,7 +431,7 @@ def _inflated(source: BinaryIO, path: Path) -> tuple[BinaryIO, int, bool]:
     return out, size, True
 
 
-def _inflate_into(out: BinaryIO, compressed: bytes, path: Path) -> None:
+def _inflate_into(out: DicomBytesIO, compressed: bytes, path: Path) -> None:
     """Inflate the raw deflate stream ``compressed`` onto ``out``, refusing output past what the header declares.
 
     Until the first :data:`_INFLATE_HEADER_PROBE` bytes are out, the bound is :data:`MAX_FILE_BYTES`; then the
@@ -443,7 +443,7 @@ def _inflate_into(out: BinaryIO, compressed: bytes, path: Path) -> None:
     bound, probed = MAX_FILE_BYTES, False
     try:
         for start in range(0, len(view), _INFLATE_INPUT_BLOCK):
-            pending = view[start:start + _INFLATE_INPUT_BLOCK]
+            pending: memoryview | bytes = view[start:start + _INFLATE_INPUT_BLOCK]
             # With its output bounded, the inflater may hold output back after taking all of ``pending``:
             # it is drained (decompress of no input) before the next block is read.
             while not inflater.eof:
@@ -464,7 +464,7 @@ def _inflate_into(out: BinaryIO, compressed: bytes, path: Path) -> None:
     raise TruncatedDicomError(path, "the file ends early (its deflated data stops before its end)")
 
 
-def _declared_bound(out: BinaryIO, path: Path) -> int:
+def _declared_bound(out: DicomBytesIO, path: Path) -> int:
     """The most bytes the inflated file in ``out`` (written so far, position at its end) may reach: what is
     there now, plus the pixel data its header declares, plus :data:`_INFLATE_TRAILER_BYTES`. A header that
     declares too large an image is refused here; one that does not parse yet keeps :data:`MAX_FILE_BYTES`
@@ -504,7 +504,7 @@ def _quiet_pydicom() -> Iterator[None]:
         pydicom_log.setLevel(level)
 
 
-def _parse(source: BinaryIO, path: Path, **kwargs) -> Dataset:
+def _parse(source: BinaryIO | DicomBytesIO, path: Path, **kwargs) -> Dataset:
     """``pydicom.dcmread(source, **kwargs)`` with its failures, and its warning about a file that ends
     early, turned into DicomErrors about ``path``."""
     try:
