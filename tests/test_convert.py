@@ -1,7 +1,9 @@
 """Stage 01 (DICOM to PNG): outputs, bad files, skip, resume, reruns on new inputs or settings, the script."""
 from __future__ import annotations
 
+import errno
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from pneumoseg import io as pio
 from pneumoseg import layout
 from pneumoseg.data.dicom import METADATA_KEYS, DicomTags, read_dicom, write_jpeg_dicom
 from pneumoseg.errors import ConfigError, DataError
@@ -235,3 +238,134 @@ def test_script_reports_a_missing_input_folder_and_exits_1(tmp_path):
         capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert result.returncode == 1
     assert "does not exist" in result.stderr and "Traceback" not in result.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Hostile file systems (issue 25): links, names in any bytes, short writes, a full disk, untrustworthy PNGs
+
+def test_broken_and_looping_links_are_errors_rows(make_cfg):
+    cfg = make_cfg()
+    inputs = write_inputs(Path(cfg.paths.input_dir), count=2)
+    folder = Path(cfg.paths.input_dir) / "dicom-images-train" / "links"
+    folder.mkdir()
+    (folder / "dangling.dcm").symlink_to(folder / "nowhere.dcm")
+    (folder / "loop.dcm").symlink_to(folder / "loop.dcm")
+
+    summary = convert.run(cfg)
+
+    assert (summary["images"], summary["failed"]) == (len(inputs), 2)
+    errors = pd.read_csv(layout.convert_dir(cfg) / "errors.csv")
+    assert errors.kind.tolist() == ["UnreadableDicomError"] * 2
+    assert errors.reason.tolist() == ["No such file or directory", "Too many levels of symbolic links"]
+
+
+def test_a_file_name_in_any_bytes_is_converted(make_cfg):
+    cfg = make_cfg()
+    write_inputs(Path(cfg.paths.input_dir), count=1)
+    name = os.fsdecode(b"ID_\xff\xfe-caf\xc3\xa9.dcm")  # two bytes that are not UTF-8, then UTF-8 "é"
+    folder = Path(cfg.paths.input_dir) / "stage_2_images"
+    folder.mkdir()
+    write_jpeg_dicom(folder / name, np.full((40, 36), 90, np.uint8), DicomTags("1.2.9", "1.2.9.1", "1.2.9.2", "p"))
+
+    summary = convert.run(cfg)
+
+    assert (summary["converted"], summary["failed"]) == (2, 0)
+    image_id = "ID_\\xff\\xfe-café"
+    metadata = pd.read_csv(layout.metadata_path(cfg), dtype={"ImageId": str})
+    assert image_id in metadata.ImageId.tolist()
+    assert (read_png(layout.images_dir(cfg, 16) / f"{image_id}.png") == 90).all()
+
+
+def test_a_write_that_stores_fewer_bytes_fails_before_the_rename(make_cfg, monkeypatch):
+    cfg = make_cfg()
+    write_inputs(Path(cfg.paths.input_dir), count=2)
+    real_fsync = os.fsync
+    # A file system that drops the file's end without an error, as OpenCV's imwrite met on a full disk.
+    monkeypatch.setattr(os, "fsync", lambda fd: (os.ftruncate(fd, 8), real_fsync(fd)))
+    with pytest.raises(DataError, match=f"stopped: the disk holding {layout.convert_dir(cfg)} is full \\(could not "
+                                        f"write .*png: 8 of its \\d+ bytes were stored"):
+        convert.run(cfg)
+    assert not [path for size in SIZES for path in layout.images_dir(cfg, size).iterdir() if path.suffix == ".png"]
+
+
+class FullDisk:
+    """``open`` for pneumoseg.io whose PNG files take ``room`` bytes in all, then fail with ENOSPC as a full disk
+    does (after storing what still fits)."""
+
+    def __init__(self, room: int) -> None:
+        self.room = room
+
+    def open(self, file, mode="r", **kwargs):
+        handle = open(file, mode, **kwargs)  # noqa: SIM115 (closed by its caller, as open's are)
+        return FullDiskFile(handle, self) if "w" in mode and str(file).endswith(".png") else handle
+
+
+class FullDiskFile:
+    def __init__(self, handle, disk: FullDisk) -> None:
+        self.handle, self.disk = handle, disk
+
+    def write(self, data):
+        if len(data) > self.disk.room:
+            self.handle.write(data[:self.disk.room])
+            self.disk.room = 0
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.disk.room -= len(data)
+        return self.handle.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.handle, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.handle.close()
+
+
+def output_files(cfg) -> dict[str, bytes]:
+    """Every file stage 01 wrote but its record (times, the config), with its bytes."""
+    folder = layout.convert_dir(cfg)
+    return {str(path.relative_to(folder)): path.read_bytes() for path in sorted(folder.rglob("*"))
+            if path.is_file() and path.name not in ("done.json", "config.yaml")}
+
+
+def test_a_full_disk_ends_the_stage_and_a_rerun_gives_a_clean_runs_outputs(make_cfg, monkeypatch):
+    clean, full = make_cfg("data.name=clean"), make_cfg()
+    write_inputs(Path(full.paths.input_dir), count=6)
+    write_bad_file(Path(full.paths.input_dir))
+    convert.run(clean)
+    png_bytes = max(len(data) for name, data in output_files(clean).items() if name.endswith(".png"))
+    monkeypatch.setattr(pio, "open", FullDisk(room=5 * png_bytes).open, raising=False)
+
+    with pytest.raises(DataError) as caught:
+        convert.run(full)
+
+    assert str(caught.value).startswith(f"{convert.STAGE_NAME} stopped: the disk holding {layout.convert_dir(full)} "
+                                        f"is full ([Errno {errno.ENOSPC}] No space left on device)")
+    written = output_files(full)
+    pngs_written = [name for name in written if name.endswith(".png")]
+    assert 0 < len(pngs_written) < 12
+    assert all(written[name] == output_files(clean)[name] for name in pngs_written)  # whole, or not there
+    assert not (layout.convert_dir(full) / "done.json").exists()
+
+    monkeypatch.undo()  # space freed
+    summary = convert.run(full)
+    assert summary["reused"] > 0 and summary["images"] == 6
+    assert output_files(full) == output_files(clean)
+
+
+def test_resume_redoes_zero_byte_cut_and_foreign_pngs(make_cfg):
+    cfg = make_cfg()
+    write_inputs(Path(cfg.paths.input_dir), count=4)
+    convert.run(cfg)
+    expected = output_files(cfg)
+    (layout.convert_dir(cfg) / "done.json").unlink()
+    zero, cut, foreign = sorted(layout.images_dir(cfg, SIZES[0]).glob("*.png"))[:3]
+    zero.write_bytes(b"")
+    cut.write_bytes(cut.read_bytes()[:-20])
+    cv2.imwrite(str(foreign), np.zeros((SIZES[1], SIZES[1]), np.uint8))  # a whole PNG of the wrong size
+
+    summary = convert.run(cfg)
+
+    assert (summary["converted"], summary["reused"]) == (3, 1)
+    assert output_files(cfg) == expected

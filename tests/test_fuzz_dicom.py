@@ -8,8 +8,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from pydicom.uid import JPEG2000Lossless
 
 import hostile
+from clinical import codestream_claiming, progressive_jpeg_dicom
 from pneumoseg import layout
 from pneumoseg.data.dicom import DicomError, read_dicom_bytes
 from pneumoseg.serve import handler
@@ -17,7 +19,8 @@ from pneumoseg.stages import convert
 from test_convert import write_inputs
 
 SEED = 20261201
-VALID = {"jpeg": hostile.jpeg_dicom(), "deflated_12bit": hostile.deflated_dicom(hostile.small_image().astype(np.uint16) * 16)}
+VALID = {"jpeg": hostile.jpeg_dicom(),
+         "deflated_12bit": hostile.deflated_dicom(hostile.small_image().astype(np.uint16) * 16)}
 
 
 @pytest.mark.parametrize("kind", sorted(VALID))
@@ -48,7 +51,7 @@ def test_fuzzed_dicoms_through_the_handler_are_images_or_400s():
 @pytest.mark.parametrize("data, reason", [
     (hostile.rle_bomb(), "larger than any radiograph"),
     (hostile.deflate_bomb(), "inflates to more than"),
-    (hostile.jpeg_frame_bomb(), "DecompressionBombError"),
+    (hostile.jpeg_frame_bomb(), "its codestream declares 20000x20000"),
     (hostile.corrupt_vr(hostile.jpeg_dicom()), "Unknown Value Representation"),
 ], ids=["rle_bomb", "deflate_bomb", "jpeg_bomb", "corrupt_vr"])
 def test_bombs_through_the_handler_are_400s(data, reason):
@@ -63,7 +66,9 @@ def test_stage_01_lists_fuzzed_and_hostile_files_and_finishes_the_rest(tiny_cfg,
     input_dir = Path(cfg.paths.input_dir)
     good = write_inputs(input_dir, count=3)
     hostile_files = {"rle_bomb": hostile.rle_bomb(), "jpeg_bomb": hostile.jpeg_frame_bomb(),
-                     "corrupt_vr": hostile.corrupt_vr(hostile.jpeg_dicom()), "deflate_bomb": hostile.deflate_bomb()}
+                     "corrupt_vr": hostile.corrupt_vr(hostile.jpeg_dicom()), "deflate_bomb": hostile.deflate_bomb(),
+                     "scan_bomb": progressive_jpeg_dicom(hostile.small_image(), extra_scans=100),
+                     "j2k_bomb": codestream_claiming(JPEG2000Lossless, 13000, 13000)}
     hostile_files.update((f"fuzz{name}", data) for name, data in hostile.mutants(VALID["jpeg"], 12, SEED + 2))
     readable = set()
     for name, data in hostile_files.items():
@@ -85,7 +90,8 @@ def test_stage_01_lists_fuzzed_and_hostile_files_and_finishes_the_rest(tiny_cfg,
     errors = pd.read_csv(layout.convert_dir(cfg) / "errors.csv")
     assert list(errors.columns) == ["path", "kind", "reason"]
     kinds = dict(zip(errors.path.map(lambda p: Path(p).stem), errors.kind))
-    assert {kinds["rle_bomb"], kinds["deflate_bomb"]} == {"TooLargeDicomError"}
-    assert kinds["jpeg_bomb"] == "CorruptPixelDataError" and kinds["corrupt_vr"] == "NotDicomError"
+    bombs = ("rle_bomb", "deflate_bomb", "jpeg_bomb", "scan_bomb", "j2k_bomb")
+    assert {kinds[name] for name in bombs} == {"TooLargeDicomError"}
+    assert kinds["corrupt_vr"] == "NotDicomError"
     assert (layout.convert_dir(cfg) / "done.json").is_file()
     assert convert.run(cfg) == summary  # a rerun is skipped, not failed

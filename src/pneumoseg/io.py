@@ -152,21 +152,75 @@ def write_csv(path: str | os.PathLike, frame: pd.DataFrame) -> None:
         frame.to_csv(handle, index=False)
 
 
+class ShortWriteError(DataError):
+    """A file that holds fewer bytes than were written to it, with no error from the system (a full disk on some
+    file systems); it is never renamed to its final name."""
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically, checking before the rename that the file holds every byte.
+
+    Raises:
+        OSError: the system's own failure (ENOSPC for a full disk).
+        ShortWriteError: the file came out shorter than ``data`` without an error.
+    """
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        stored = os.stat(tmp).st_size
+        if stored != len(data):
+            raise ShortWriteError(f"could not write {path}: {stored} of its {len(data)} bytes were stored (is the "
+                                  f"disk full?)")
+
+
 def write_png(path: str | os.PathLike, image: np.ndarray) -> None:
-    """Write an 8-bit grey (HxW) or colour (HxWx3, RGB) image as PNG, atomically."""
+    """Write an 8-bit grey (HxW) or colour (HxWx3, RGB) image as PNG, atomically (see :func:`write_bytes`).
+
+    OpenCV encodes in memory and Python writes the file: OpenCV's own file functions take no name that is not
+    UTF-8 (a surrogate-escaped one crashes them) and report success on a full disk."""
     if image.ndim == 3:
         image = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
-    with atomic_path(path) as tmp:
-        if not cv2.imwrite(str(tmp), image):
-            raise DataError(f"could not write PNG {path}: OpenCV refused an array of shape {image.shape}")
+    encoded, data = cv2.imencode(".png", image)
+    if not encoded:
+        raise DataError(f"could not write PNG {path}: OpenCV refused an array of shape {image.shape}")
+    write_bytes(path, data.tobytes())
 
 
 def read_png(path: str | os.PathLike) -> np.ndarray:
-    """Read an 8-bit grey PNG as an HxW uint8 array; a missing or unreadable file is a DataError."""
-    image = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+    """Read an 8-bit grey PNG as an HxW uint8 array; a missing or unreadable file is a DataError. (Python reads
+    the file and OpenCV decodes the bytes, for names in any bytes.)"""
+    try:
+        data = Path(path).read_bytes()
+    except OSError:
+        data = b""
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_GRAYSCALE) if data else None
     if image is None:
         raise DataError(f"cannot read image {path}: missing or not a PNG. Rerun the stage that writes it.")
     return image
+
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PNG_IEND = b"\x00\x00\x00\x00IEND\xaeB`\x82"
+
+
+def is_whole_png(path: str | os.PathLike, width: int, height: int) -> bool:
+    """Whether ``path`` is a complete 8-bit grey PNG of ``width`` x ``height``, from its first 33 and last 12 bytes:
+    the signature, an IHDR chunk of that size, bit depth 8 and colour type grey, and the IEND chunk at the end.
+
+    A zero-byte, cut, foreign or wrongly sized file fails; the chunks between are not read (a file altered in the
+    middle after a complete write passes), so that a resume over thousands of PNGs costs two small reads each.
+    """
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(33)
+            handle.seek(-len(_PNG_IEND), os.SEEK_END)
+            tail = handle.read()
+    except OSError:  # missing, unreadable, or shorter than an IEND chunk
+        return False
+    return (head[:16] == _PNG_SIGNATURE + b"\x00\x00\x00\rIHDR" and tail == _PNG_IEND
+            and head[16:26] == width.to_bytes(4, "big") + height.to_bytes(4, "big") + b"\x08\x00")
 
 
 def content_hash(*paths: Path, length: int | None = 16) -> str:

@@ -35,12 +35,18 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import _read_file_meta_info, read_preamble
 from pydicom.filewriter import write_file_meta_info
 from pydicom.multival import MultiValue
-from pydicom.pixels import get_decoder
-from pydicom.uid import (UID, DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, JPEGBaseline8Bit,
+from pydicom.pixels import apply_modality_lut, apply_voi_lut, apply_windowing, get_decoder
+from pydicom.uid import (HTJ2K, UID, DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, HTJ2KLossless,
+                         HTJ2KLosslessRPCL, JPEG2000, JPEG2000Lossless, JPEGBaseline8Bit, JPEGExtended12Bit,
+                         JPEGLossless, JPEGLosslessSV1, JPEGLSLossless, JPEGLSNearLossless, RLELossless,
                          SecondaryCaptureImageStorage)
 
+from pneumoseg.data.codestream import (CodestreamError, CodestreamHeader, CodestreamLimitError, check_scans,
+                                       j2k_header, jpeg_header)
 from pneumoseg.errors import DataError
 from pneumoseg.io import atomic_path
+
+log = logging.getLogger(__name__)
 
 # The challenge's UIDs all share this root; study, series and instance differ in the digit after it.
 UID_ROOT = "1.2.276.0.7230010.3"
@@ -76,7 +82,7 @@ def write_jpeg_dicom(path: str | os.PathLike, pixels: np.ndarray, tags: DicomTag
 
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = tags.sop_instance_uid
+    meta.MediaStorageSOPInstanceUID = UID(tags.sop_instance_uid)
     meta.TransferSyntaxUID = JPEGBaseline8Bit
 
     ds = Dataset()
@@ -143,6 +149,8 @@ MAX_FILE_BYTES = MAX_IMAGE_BYTES + (16 << 20)
 """The most bytes read from a file, and inflated from a deflated one: the largest image plus 16 MiB of header."""
 
 _UNDEFINED_LENGTH = 0xFFFFFFFF
+# Data of more than 8 bits is displayed through a table of every stored value when it spans fewer values than this.
+_MAX_TABLE = 1 << 16
 # Deflated data is inflated block by block, so that memory grows with the output and the bound is met to a block.
 _INFLATE_INPUT_BLOCK = 1 << 16
 _INFLATE_OUTPUT_BLOCK = 1 << 20
@@ -163,9 +171,10 @@ class DicomError(DataError):
     """
 
     def __init__(self, path: str | os.PathLike, reason: str) -> None:
+        path = printable_name(str(path))
         # Both go to Exception's args, so the error pickles back from a worker process.
-        super().__init__(str(path), reason)
-        self.path = str(path)
+        super().__init__(path, reason)
+        self.path = path
         self.reason = reason
 
     def __str__(self) -> str:
@@ -202,13 +211,28 @@ class TooLargeDicomError(DicomError):
     (see :data:`MAX_IMAGE_BYTES`); refused before the pixels are decoded."""
 
 
+def printable_name(name: str) -> str:
+    """``name`` (a file name or path as the file system gave it) with each byte that is not UTF-8 written as
+    ``\\xNN``, so that it can go into a UTF-8 CSV file, a log line or the name of a file made from it (OpenCV
+    crashes on Python's surrogate escapes); a UTF-8 name is returned unchanged."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
+
+
+def _warn_unlisted(error: OSError) -> None:
+    """os.walk's report of a folder it cannot list (no permission, gone): said once, as its files are left out."""
+    log.warning("cannot list the folder %s (%s); the DICOMs in it are left out", printable_name(str(error.filename)),
+                error.strerror)
+
+
 def find_dicoms(root: str | os.PathLike) -> dict[str, Path]:
-    """Every DICOM file under ``root``, keyed by ImageId (the file's stem) and sorted by it.
+    """Every DICOM file under ``root``, keyed by ImageId (the file's stem, as :func:`printable_name`) and sorted
+    by it.
 
     Both challenge layouts are found, as is any other nesting: stage 1's
     ``dicom-images-train/<Study>/<Series>/<SOP>.dcm`` and ``dicom-images-test/...``, and stage 2's flat
     ``stage_2_images/ID_<hex>.dcm``. The ``.dcm`` suffix is matched in any case. Hidden files are skipped:
-    they are the temporary files of an interrupted atomic write.
+    they are the temporary files of an interrupted atomic write. A folder that cannot be listed is left out with a
+    warning.
 
     Raises:
         DataError: ``root`` is not a folder, or two files share a stem (their ImageIds would clash).
@@ -217,16 +241,18 @@ def find_dicoms(root: str | os.PathLike) -> dict[str, Path]:
     if not root.is_dir():
         raise DataError(f"DICOM folder {root} does not exist")
     found: dict[str, Path] = {}
-    for folder, subfolders, names in os.walk(root):
+    for folder, subfolders, names in os.walk(root, onerror=_warn_unlisted):
         subfolders.sort()  # a deterministic walk names the same two files in a clash on every run
         for name in sorted(names):
             if name.startswith(".") or not name.lower().endswith(".dcm"):
                 continue
             path = Path(folder) / name
-            if path.stem in found:
-                raise DataError(f"two DICOM files have the ImageId {path.stem!r}: {found[path.stem]} and {path}. "
-                                f"ImageIds must be unique; remove the duplicate.")
-            found[path.stem] = path
+            image_id = printable_name(path.stem)
+            if image_id in found:
+                first, second = (printable_name(str(each)) for each in (found[image_id], path))
+                raise DataError(f"two DICOM files have the ImageId {image_id!r}: {first} and {second}. ImageIds must "
+                                f"be unique; remove the duplicate.")
+            found[image_id] = path
     return dict(sorted(found.items()))
 
 
@@ -244,13 +270,13 @@ def read_dicom(path: str | os.PathLike) -> tuple[np.ndarray, dict]:
         StudyInstanceUID, SeriesInstanceUID ("" when absent).
 
     Pixels: JPEG Baseline (the challenge's encoding) is decoded by Pillow straight from the encapsulated
-    frame, which skips pydicom's pixel pipeline; other transfer syntaxes go through pydicom's
-    ``pixel_array``. MONOCHROME1 is inverted. Unsigned data of at most 8 bits stored is kept as it is;
-    anything else (more bits stored, or signed values) is mapped linearly from the image's own minimum and
-    maximum onto 0..255. The actual range is used rather than the declared bit depth because scanners often
-    declare 16 bits stored for 12-bit data, which a fixed shift would leave nearly black; the challenge's own
-    8-bit images span the full 0..255 too. A modality rescale (slope, intercept) is not applied: being linear
-    with a positive slope, it would not change the result.
+    frame, which skips pydicom's pixel pipeline; the other syntaxes read (uncompressed, deflated, RLE Lossless,
+    JPEG Extended, lossless JPEG, JPEG-LS, JPEG 2000, HTJ2K) go through pydicom's ``pixel_array`` and its plugins.
+    Unsigned data of at most 8 bits stored is kept as it is. Data of more bits is shown as the file says
+    (:func:`_displayed_8_bits`): its modality rescale, then its VOI LUT or window, mapped onto 0..255; without
+    either, it is mapped linearly from the image's own minimum and maximum (rather than from the declared bit
+    depth: scanners often declare 16 bits stored for 12-bit data, which a fixed shift would leave nearly black).
+    Signed data of at most 8 bits is stretched so too. MONOCHROME1 is inverted last.
 
     Raises:
         DicomError: one of its subclasses (UnreadableDicomError, NotDicomError, TruncatedDicomError,
@@ -259,8 +285,9 @@ def read_dicom(path: str | os.PathLike) -> tuple[np.ndarray, dict]:
 
     Untrusted files are refused before they cost memory: a file (or a deflated dataset inflated) past
     :data:`MAX_FILE_BYTES`, or a header declaring more than :data:`MAX_IMAGE_BYTES` of pixels or a side
-    beyond :data:`MAX_SIDE`, is refused before a pixel is decoded; a JPEG frame must declare the DICOM's size
-    before it is decoded. Deflated Explicit VR Little Endian files are read.
+    beyond :data:`MAX_SIDE`, is refused before a pixel is decoded; so is a compressed frame whose codestream's own
+    header declares another size or sample count than the DICOM, or (JPEG) more than
+    :data:`pneumoseg.data.codestream.MAX_JPEG_SCANS` scans. Deflated Explicit VR Little Endian files are read.
     """
     path = Path(path)
     pixels, metadata, _ = _read_buffer(_read_bounded(path), path)
@@ -371,7 +398,7 @@ def _parse_file(source: BinaryIO, path: Path, **kwargs) -> tuple[Dataset, int]:
     return ds, size
 
 
-def _inflated(source: BinaryIO, path: Path) -> tuple[BinaryIO, int, bool]:
+def _inflated(source: BinaryIO, path: Path) -> tuple[BinaryIO | DicomBytesIO, int, bool]:
     """``(stream, length, deflated)`` of the DICOM file in ``source`` (at its start), for :func:`_parse`.
 
     A file in Deflated Explicit VR Little Endian is given back as the same file with its dataset inflated in
@@ -404,7 +431,7 @@ def _inflated(source: BinaryIO, path: Path) -> tuple[BinaryIO, int, bool]:
     return out, size, True
 
 
-def _inflate_into(out: BinaryIO, compressed: bytes, path: Path) -> None:
+def _inflate_into(out: DicomBytesIO, compressed: bytes, path: Path) -> None:
     """Inflate the raw deflate stream ``compressed`` onto ``out``, refusing output past what the header declares.
 
     Until the first :data:`_INFLATE_HEADER_PROBE` bytes are out, the bound is :data:`MAX_FILE_BYTES`; then the
@@ -416,7 +443,7 @@ def _inflate_into(out: BinaryIO, compressed: bytes, path: Path) -> None:
     bound, probed = MAX_FILE_BYTES, False
     try:
         for start in range(0, len(view), _INFLATE_INPUT_BLOCK):
-            pending = view[start:start + _INFLATE_INPUT_BLOCK]
+            pending: memoryview | bytes = view[start:start + _INFLATE_INPUT_BLOCK]
             # With its output bounded, the inflater may hold output back after taking all of ``pending``:
             # it is drained (decompress of no input) before the next block is read.
             while not inflater.eof:
@@ -437,7 +464,7 @@ def _inflate_into(out: BinaryIO, compressed: bytes, path: Path) -> None:
     raise TruncatedDicomError(path, "the file ends early (its deflated data stops before its end)")
 
 
-def _declared_bound(out: BinaryIO, path: Path) -> int:
+def _declared_bound(out: DicomBytesIO, path: Path) -> int:
     """The most bytes the inflated file in ``out`` (written so far, position at its end) may reach: what is
     there now, plus the pixel data its header declares, plus :data:`_INFLATE_TRAILER_BYTES`. A header that
     declares too large an image is refused here; one that does not parse yet keeps :data:`MAX_FILE_BYTES`
@@ -477,7 +504,7 @@ def _quiet_pydicom() -> Iterator[None]:
         pydicom_log.setLevel(level)
 
 
-def _parse(source: BinaryIO, path: Path, **kwargs) -> Dataset:
+def _parse(source: BinaryIO | DicomBytesIO, path: Path, **kwargs) -> Dataset:
     """``pydicom.dcmread(source, **kwargs)`` with its failures, and its warning about a file that ends
     early, turned into DicomErrors about ``path``."""
     try:
@@ -522,8 +549,8 @@ def _metadata(ds: Dataset, path: Path) -> dict:
     """The metadata dict of :func:`read_dicom`, keys in the order of :data:`METADATA_KEYS`."""
     spacing = ds.get("PixelSpacing") or ds.get("ImagerPixelSpacing")
     return {
-        "ImageId": path.stem,
-        "source_path": str(path),
+        "ImageId": printable_name(path.stem),
+        "source_path": printable_name(str(path)),
         "rows": _int_or_none(ds.get("Rows")),
         "cols": _int_or_none(ds.get("Columns")),
         "sex": _text(ds.get("PatientSex")),
@@ -573,13 +600,16 @@ def _pixels(ds: Dataset, metadata: dict, path: Path) -> np.ndarray:
     if "PixelData" not in ds:
         raise NoPixelDataError(path, "the file has no Pixel Data element")
     _check_supported(ds, metadata, path)
+    _check_codestream(ds, metadata["transfer_syntax"], path)
     decode = _DECODERS.get(metadata["transfer_syntax"], _decode_with_pydicom)
     pixels = decode(ds, path)
     declared = (metadata["rows"], metadata["cols"])
     if pixels.shape != declared:
         raise CorruptPixelDataError(path, f"the pixel data decodes to shape {pixels.shape}, but the header "
                                           f"declares {declared[0]}x{declared[1]}")
-    if int(ds.get("BitsStored") or 8) > 8 or int(ds.get("PixelRepresentation") or 0) == 1:
+    if int(ds.get("BitsStored") or 8) > 8:
+        pixels = _displayed_8_bits(pixels, ds)
+    elif int(ds.get("PixelRepresentation") or 0) == 1:
         pixels = _stretch_to_8_bits(pixels)
     else:
         pixels = pixels.astype(np.uint8, copy=False)
@@ -616,25 +646,60 @@ def _image_bytes(rows: int, cols: int, frames: int, bits_per_pixel: int) -> int:
     return rows * cols * frames * -(-bits_per_pixel // 8)
 
 
-def _check_size(rows: int, cols: int, frames: int, bits_per_pixel: int, path: Path) -> None:
-    """Refuse, from the header alone, an image beyond :data:`MAX_SIDE` or :data:`MAX_IMAGE_BYTES`: decoders
-    allocate what the header declares before they find the data missing (65535 x 65535 RLE from 788 bytes)."""
+def _check_size(rows: int, cols: int, frames: int, bits_per_pixel: int, path: Path, source: str = "the header") \
+        -> None:
+    """Refuse, from a header alone (``source``: the DICOM's, or its codestream's), an image beyond :data:`MAX_SIDE`
+    or :data:`MAX_IMAGE_BYTES`: decoders allocate what the header declares before they find the data missing
+    (65535 x 65535 RLE from 788 bytes)."""
     size = _image_bytes(rows, cols, frames, bits_per_pixel)
     if max(rows, cols) > MAX_SIDE or size > MAX_IMAGE_BYTES:
-        raise TooLargeDicomError(path, f"the header declares {rows}x{cols} pixels x {frames} frames at "
+        raise TooLargeDicomError(path, f"{source} declares {rows}x{cols} pixels x {frames} frames at "
                                        f"{bits_per_pixel} bits ({size} bytes), larger than any radiograph read "
                                        f"(at most {MAX_SIDE}x{MAX_SIDE} at 16 bits)")
 
 
+# Encapsulated transfer syntaxes read, with the reader of their codestream's own header; RLE Lossless has no
+# header of its own (its segments decode to the DICOM header's size, already bounded).
+_CODESTREAM_HEADERS: dict[str, Callable[[bytes], CodestreamHeader]] = {
+    **dict.fromkeys([JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLossless, JPEGLosslessSV1, JPEGLSLossless,
+                     JPEGLSNearLossless], jpeg_header),
+    **dict.fromkeys([JPEG2000Lossless, JPEG2000, HTJ2KLossless, HTJ2KLosslessRPCL, HTJ2K], j2k_header),
+}
+
+
+def _check_codestream(ds: Dataset, syntax: str, path: Path) -> None:
+    """Refuse an encapsulated frame whose codestream's own header declares another size or sample count than the
+    DICOM's, an image beyond the size bound, or (JPEG) more scans than :data:`MAX_JPEG_SCANS`, before a pixel is
+    decoded: decoders allocate and work for what the codestream declares (a 2 KB DICOM may hold a 13000 x 13000
+    JPEG 2000). Native and RLE data pass; another encapsulated syntax is refused."""
+    if not UID(syntax).is_encapsulated or syntax == RLELossless:
+        return
+    read_header = _CODESTREAM_HEADERS.get(syntax)
+    if read_header is None:
+        raise UnsupportedDicomError(path, f"transfer syntax {syntax} ({UID(syntax).name}) is not read; see the "
+                                          f"README for the ones that are")
+    frame = next(generate_frames(ds.PixelData, number_of_frames=1))
+    try:
+        header = read_header(frame)
+        if read_header is jpeg_header:
+            check_scans(header, "its JPEG frame")
+    except CodestreamLimitError as exc:
+        raise TooLargeDicomError(path, str(exc)) from None
+    except CodestreamError as exc:
+        raise CorruptPixelDataError(path, str(exc)) from None
+    _check_size(header.rows, header.cols, 1, header.components * header.bits, path, source="its codestream")
+    samples = _int_or_none(ds.get("SamplesPerPixel")) or 1
+    if (header.rows, header.cols, header.components) != (ds.Rows, ds.Columns, samples):
+        raise CorruptPixelDataError(path, f"its codestream holds {header.rows}x{header.cols} pixels of "
+                                          f"{header.components} samples, but the header declares "
+                                          f"{ds.Rows}x{ds.Columns} of {samples}")
+
+
 def _decode_jpeg_baseline(ds: Dataset, path: Path) -> np.ndarray:
-    """JPEG Baseline through Pillow directly: the one encapsulated frame is a complete JPEG file. Its own header
-    must declare the DICOM's size before a pixel is decoded (a small DICOM may hold a 20000 x 20000 JPEG)."""
+    """JPEG Baseline through Pillow directly: the one encapsulated frame is a complete JPEG file, whose size and
+    scan count :func:`_check_codestream` has checked."""
     frame = next(generate_frames(ds.PixelData, number_of_frames=1))
     with Image.open(io.BytesIO(frame), formats=["JPEG"]) as image:
-        rows, cols = ds.Rows, ds.Columns
-        if image.size != (cols, rows):
-            raise CorruptPixelDataError(path, f"the JPEG frame holds {image.height}x{image.width} pixels, but the "
-                                              f"header declares {rows}x{cols}")
         if image.mode != "L":
             raise CorruptPixelDataError(path, f"the JPEG holds a {image.mode} image, but the header declares a "
                                               f"grey one")
@@ -643,6 +708,42 @@ def _decode_jpeg_baseline(ds: Dataset, path: Path) -> np.ndarray:
 
 def _decode_with_pydicom(ds: Dataset, path: Path) -> np.ndarray:
     return ds.pixel_array
+
+
+def _displayed_8_bits(pixels: np.ndarray, ds: Dataset) -> np.ndarray:
+    """Data of more than 8 bits as the file says to display it, on 0..255: the modality rescale or LUT, then the
+    VOI LUT or window (pydicom's ``apply_voi_lut``; a LUT is preferred to a window, the first of several is
+    used), its output range mapped linearly onto 0..255. A file with neither is stretched from its own range.
+
+    The transforms are applied once to every stored value between 0 (or the minimum, for negative data) and the
+    maximum, giving a table that each pixel then indexes: memory stays one byte per pixel where pydicom's
+    windowing would hold several float64 copies of the image. Data spanning more than 2**16 values (32-bit) is
+    transformed directly.
+    """
+    low, high = min(int(pixels.min()), 0), int(pixels.max())
+    if high - low >= _MAX_TABLE:
+        shown = _voi_8_bits(pixels, ds)
+        return _stretch_to_8_bits(pixels) if shown is None else shown
+    table = _voi_8_bits(np.arange(low, high + 1, dtype=pixels.dtype), ds)
+    if table is None:
+        return _stretch_to_8_bits(pixels)
+    return table[pixels if low == 0 else np.subtract(pixels, low, dtype=np.int32)]
+
+
+def _voi_8_bits(stored: np.ndarray, ds: Dataset) -> np.ndarray | None:
+    """``stored`` values through the modality and VOI transforms of ``ds``, mapped onto 0..255; None when ``ds``
+    has no VOI LUT or window."""
+    values = apply_modality_lut(stored, ds)
+    shown = apply_voi_lut(values, ds)
+    if shown is values:  # pydicom gives the input back when there is no valid VOI LUT or window
+        return None
+    if np.issubdtype(shown.dtype, np.integer):  # a VOI LUT: its output spans 0..2**bits - 1 (PS3.3 C.11.2.1.1)
+        low, high = 0.0, float(2 ** int(ds.VOILUTSequence[0].LUTDescriptor[2]) - 1)
+    else:  # a window: its output spans the range pydicom maps onto, which it gives for inputs beyond any window
+        with np.errstate(over="ignore"):
+            low, high = (float(value) for value in apply_windowing(np.array([-np.inf, np.inf]), ds))
+    scaled = (np.clip(shown, low, high) - low) * (255.0 / (high - low))
+    return np.rint(scaled).astype(np.uint8)
 
 
 def _stretch_to_8_bits(pixels: np.ndarray) -> np.ndarray:

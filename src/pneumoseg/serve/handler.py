@@ -46,6 +46,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
+from pneumoseg.data.codestream import check_scans, jpeg_header
 from pneumoseg.data.dicom import MAX_SIDE, read_dicom_bytes
 from pneumoseg.errors import DataError
 from pneumoseg.inference.predictor import Prediction
@@ -178,7 +179,10 @@ _PICTURE_MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA")
 
 
 def _decode_picture(body: bytes, fmt: str, media: str) -> ImageInput:
-    """A PNG or JPEG, strictly of format ``fmt``; Pillow raises on a truncated file where OpenCV would pad it."""
+    """A PNG or JPEG, strictly of format ``fmt``; Pillow raises on a truncated file where OpenCV would pad it. A
+    JPEG's scans are counted first: a progressive JPEG of thousands of scans takes seconds per megabyte."""
+    if fmt == "JPEG":
+        check_scans(jpeg_header(body), "the JPEG")
     with Image.open(io.BytesIO(body), formats=[fmt]) as image:
         _check_size(image.height, image.width)
         if image.mode not in _PICTURE_MODES:

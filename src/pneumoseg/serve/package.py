@@ -225,9 +225,12 @@ def open_package(path: str | os.PathLike) -> Iterator[Path]:
 
 
 # What pneumoseg.serve.handler imports that SageMaker's PyTorch inference container lacks (their own dependencies,
-# huggingface-hub and safetensors, come with them). The container's own torch, torchvision, numpy, pandas, pillow
-# and opencv-python are never listed: pip would replace them at every start (or add a second cv2 beside its own).
-SERVING_REQUIREMENTS = ("segmentation-models-pytorch", "timm", "pydicom", "omegaconf")
+# huggingface-hub and safetensors, come with them), and pydicom's decoders of clinical DICOMs (JPEG 2000, lossless
+# JPEG, JPEG-LS, fast RLE), which pydicom imports when it lists its plugins. The container's own torch,
+# torchvision, numpy, pandas, pillow and opencv-python are never listed: pip would replace them at every start (or
+# add a second cv2 beside its own).
+SERVING_REQUIREMENTS = ("segmentation-models-pytorch", "timm", "pydicom", "omegaconf", "pylibjpeg",
+                        "pylibjpeg-openjpeg", "pylibjpeg-libjpeg", "pylibjpeg-rle", "pyjpegls")
 
 ENTRY_POINT = '''"""SageMaker's entry point: the handler of pneumoseg.serve.handler (the package is in code/pneumoseg/).
 

@@ -12,14 +12,23 @@ A file that cannot become an image (of any kind: truncated, malformed, a decompr
 than any radiograph) is listed in ``errors.csv`` and the stage goes on with the rest, unless ``prepare.strict``;
 the reader refuses oversized images before decoding them, so no file can exhaust a worker's memory.
 
+A file name in any bytes is read; its ImageId (and the PNG's name) writes a byte that is not UTF-8 as ``\\xNN``
+(:func:`pneumoseg.data.dicom.printable_name`). A broken or self-looping link named ``*.dcm`` is an errors.csv row.
+
 Train and test images alike are converted; stage 02 decides the split. The work is spread over
-``prepare.n_jobs`` processes in batches. It resumes: an image whose PNGs all exist is not decoded again
-(its metadata comes from the header alone), so a killed run continues where it stopped. The stage reruns
-when the ``prepare`` section changes or the DICOM listing does (file count or total size).
+``prepare.n_jobs`` processes in batches. It resumes: an image whose PNGs are all whole (:func:`is_whole_png`:
+signature, size and end marker; a zero-byte or cut file is redone) is not decoded again (its metadata comes from
+the header alone), so a killed run continues where it stopped. Every PNG is written to a temporary file whose size
+is checked before it is renamed. A full disk (or a write that stores fewer bytes than it should) ends the stage
+with one DataError naming the folder; the PNGs finished before it are whole, so a rerun once space is freed gives
+the outputs of a clean run. The stage reruns when the ``prepare`` section changes or the DICOM listing does (file
+count or total size).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import json
 import logging
 import math
@@ -27,6 +36,7 @@ import shutil
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import pandas as pd
 from joblib import Parallel, delayed, effective_n_jobs
@@ -37,7 +47,7 @@ from pneumoseg import layout, stage_table
 from pneumoseg.data.dicom import METADATA_KEYS, DicomError, find_dicoms, read_dicom, read_dicom_header
 from pneumoseg.errors import ConfigError, DataError
 from pneumoseg.data.resize import INTERPOLATIONS, resize_square
-from pneumoseg.io import write_csv, write_json, write_png
+from pneumoseg.io import ShortWriteError, is_whole_png, write_csv, write_json, write_png
 from pneumoseg.stages.record import StageRecord
 from pneumoseg.stage_table import run_first
 
@@ -47,7 +57,7 @@ STAGE_NAME = stage_table.stage("01").name
 ERRORS_FILE = "errors.csv"
 RESIZE_FILE = "resize.json"
 # Bump when read_dicom or the resizing changes the pixels they produce, so old PNGs are not reused.
-PNG_VERSION = 1
+PNG_VERSION = 2  # 2: data of more than 8 bits shown through its VOI LUT or window
 
 # Tasks of up to 32 images (a fraction of a second of work) make joblib's per-task cost of about a ms
 # negligible; many tasks per worker keep every worker busy until the end.
@@ -115,14 +125,29 @@ def run(cfg: DictConfig, force: bool = False) -> dict:
     record.start()
 
     outputs = [(size, layout.images_dir(cfg, size)) for size in settings.sizes]
-    for size, images in outputs:
-        _claim_images_folder(images, {"size": size, "interpolation": settings.interpolation,
-                                      "png_version": PNG_VERSION})
-    outcomes = _convert_all(dicoms, outputs, settings, overwrite=force)
-    summary, errors = _write_tables(cfg, outcomes, settings.sizes)
+    with _write_failures_named(folder):
+        for size, images in outputs:
+            _claim_images_folder(images, {"size": size, "interpolation": settings.interpolation,
+                                          "png_version": PNG_VERSION})
+        outcomes = _convert_all(dicoms, outputs, settings, overwrite=force)
+        summary, errors = _write_tables(cfg, outcomes, settings.sizes)
     _check_outcome(summary, errors, settings.strict, input_dir, folder / ERRORS_FILE)
     record.finish(summary)
     return summary
+
+
+@contextlib.contextmanager
+def _write_failures_named(folder: Path) -> Iterator[None]:
+    """Turn a full disk (ENOSPC, EDQUOT, or a write that stored fewer bytes than it should), met in this process
+    or a worker, into one DataError naming ``folder``: the PNGs written before it are whole, and a rerun goes on
+    from them."""
+    try:
+        yield
+    except (OSError, ShortWriteError) as exc:
+        if isinstance(exc, OSError) and exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise DataError(f"{STAGE_NAME} stopped: the disk holding {folder} is full ({exc}). Free space and rerun; "
+                        f"the images converted so far are kept.") from None
 
 
 def _write_tables(cfg: DictConfig, outcomes: list[tuple[str, dict]], sizes: tuple[int, ...]) -> tuple[dict, list]:
@@ -172,8 +197,17 @@ def _listing_facts(input_dir: Path, dicoms: dict[str, Path]) -> dict:
     return {
         "input_dir": str(input_dir.resolve()),
         "dicom_files": len(dicoms),
-        "dicom_bytes": sum(path.stat().st_size for path in dicoms.values()),
+        "dicom_bytes": sum(_size(path) for path in dicoms.values()),
     }
+
+
+def _size(path: Path) -> int:
+    """The size of the file ``path`` names; 0 for a broken or looping link (its reading fails later, into
+    errors.csv) or an entry that has gone."""
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
 
 
 def _claim_images_folder(images: Path, settings: dict) -> None:
@@ -223,7 +257,7 @@ def _convert_batch(items: list[tuple[str, Path]], outputs: list[tuple[int, Path]
     for image_id, path in items:
         targets = [(size, images / f"{image_id}.png") for size, images in outputs]
         try:
-            if not overwrite and all(target.is_file() for _, target in targets):
+            if not overwrite and all(is_whole_png(target, size, size) for size, target in targets):
                 results.append(("reused", read_dicom_header(path)))
                 continue
             pixels, metadata = read_dicom(path)
