@@ -5,6 +5,7 @@ import contextlib
 import http.client
 import os
 import re
+import resource
 import socket
 import subprocess
 import sys
@@ -26,12 +27,18 @@ class Server:
 
 
 @contextlib.contextmanager
-def running_server(package: Path, log: Path, *options: str) -> Iterator[Server]:
-    """The server of ``package`` with command-line ``options``, once ``/ping`` answers 200; killed at the end."""
+def running_server(package: Path, log: Path, *options: str, max_files: int | None = None) -> Iterator[Server]:
+    """The server of ``package`` with command-line ``options``, once ``/ping`` answers 200; killed at the end.
+    ``max_files`` sets its file descriptor limit (soft and hard)."""
     command = [sys.executable, "-m", "pneumoseg.serve", "--model", str(package), "--port", "0", *options]
     env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "HF_HUB_OFFLINE": "1"}
+
+    def limit_files() -> None:
+        if max_files is not None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (max_files, max_files))
+
     with open(log, "w") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, preexec_fn=limit_files)
     try:
         port = _wait_for_port(process, log)
         _wait_until_ready(process, port, log)

@@ -17,7 +17,12 @@ pool of threads:
 * The loop parses every request and answers ``/ping`` itself; decoding, predicting and encoding run in
   ``--workers`` threads (``--predictions`` of them predicting at once; PyTorch releases the GIL), so a slow
   prediction never delays a ping. Past ``--max-queue`` requests waiting for a thread, more are answered 503 at
-  once, as are requests past ``--max-connections`` open connections (uvicorn's own plain-text 503).
+  once, as are ``/invocations`` requests past ``--max-inference`` open at once (sending their body, queued or
+  running). The health check is never counted: it is answered whatever the load.
+* Open connections are bounded by ``--max-connections`` (default: the process's file descriptor limit, raised to
+  its hard limit at start, less a reserve of :data:`FD_RESERVE`): past it, the connection that has waited longest
+  for a request head or body is closed, so idle and slow clients cannot take the descriptors a ping needs. Accepts
+  that fail all the same (descriptors used up elsewhere) are counted and logged at a bounded rate.
 * A request's head must arrive within ``--header-timeout`` seconds (408, then closed) and its body within
   ``--request-timeout`` (408); an idle kept-alive connection is closed after ``--keep-alive`` seconds.
 * Framing follows h11: conflicting ``Content-Length`` headers, a non-digit length, a malformed chunk size or an
@@ -37,9 +42,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import errno
 import functools
 import json
 import logging
+import os
+import resource
 import signal
 import socket
 import sys
@@ -62,7 +71,7 @@ from pneumoseg.errors import PneumosegError
 from pneumoseg.serve.handler import (JSON, ImageInput, RequestError, Result, answer, check_content_type,
                                      error_body, predict_fn)
 from pneumoseg.serve.package import ServingModel, load_package, open_package
-from pneumoseg.serve.protocol import GuardedH11Protocol
+from pneumoseg.serve.protocol import ConnectionBudget, GuardedH11Protocol, RateLimitedCount
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +79,9 @@ PING = "/ping"
 INVOCATIONS = "/invocations"
 DRAIN_SECONDS = 25
 """Longest wait for the requests in flight after SIGTERM: SageMaker sends SIGKILL 30 s after it."""
+FD_RESERVE = 128
+"""File descriptors kept free of connections for everything else: the model's files, logging, a burst of accepts
+before the oldest connections are closed."""
 
 
 @dataclass(frozen=True)
@@ -79,12 +91,16 @@ class Limits:
     Attributes:
         max_body_bytes: larger request bodies are answered 413 (SageMaker's real-time limit by default).
         max_queue: requests that may wait for a worker thread; more are answered 503.
-        max_connections: open connections at most; requests beyond get 503.
+        max_inference: ``/invocations`` requests open at once (sending their body, queued or running); more are
+            answered 503. ``/ping`` is not counted.
+        max_connections: open connections at most, None for as many as the file descriptors allow (less
+            :data:`FD_RESERVE`); beyond, the connection that has waited longest for its client is closed.
     """
 
     max_body_bytes: int = 6 * 2 ** 20
     max_queue: int = 32
-    max_connections: int = 256
+    max_inference: int = 256
+    max_connections: int | None = None
 
 
 @dataclass(frozen=True)
@@ -296,15 +312,25 @@ def build_app(service: InferenceService, settings: ServerSettings) -> AccessLog:
     async def ping(request: Request) -> Response:
         return service.ping().response()
 
+    open_requests = 0  # /invocations requests between head and answer; only touched on the event loop's thread
+
     async def invocations(request: Request) -> Response:
+        nonlocal open_requests
         limits = settings.limits
+        if open_requests >= limits.max_inference:
+            return error_reply(HTTPStatus.SERVICE_UNAVAILABLE, f"the server already has {limits.max_inference} "
+                                                               f"requests open; retry shortly", close=True).response()
         rejection = head_rejection(request, limits.max_body_bytes)
         if rejection is not None:
             return rejection.response()
-        body = await read_body(request, limits.max_body_bytes, settings.timeouts.body)
-        if isinstance(body, Reply):
-            return body.response()
-        reply = await service.submit(body, request.headers.get("content-type"), request.headers.get("accept"))
+        open_requests += 1
+        try:
+            body = await read_body(request, limits.max_body_bytes, settings.timeouts.body)
+            if isinstance(body, Reply):
+                return body.response()
+            reply = await service.submit(body, request.headers.get("content-type"), request.headers.get("accept"))
+        finally:
+            open_requests -= 1
         return reply.response()
 
     async def http_error(request: Request, exc: HTTPException) -> Response:
@@ -324,14 +350,59 @@ def build_app(service: InferenceService, settings: ServerSettings) -> AccessLog:
     return AccessLog(app)
 
 
-def uvicorn_server(app, settings: ServerSettings) -> uvicorn.Server:
-    """The uvicorn server of ``app`` with ``settings``' limits and timeouts; it logs through this package's log."""
-    config = uvicorn.Config(app, http=functools.partial(GuardedH11Protocol, header_timeout=settings.timeouts.header),
-                            lifespan="off", log_config=None, access_log=False, server_header=False,
-                            timeout_keep_alive=settings.timeouts.keep_alive,
-                            limit_concurrency=settings.limits.max_connections,
+def uvicorn_server(app, settings: ServerSettings, budget: ConnectionBudget) -> uvicorn.Server:
+    """The uvicorn server of ``app`` with ``settings``' timeouts, its connections in ``budget``; it logs through
+    this package's log. uvicorn's own connection cap stays off: it would count the health check and idle
+    connections too (the app caps ``/invocations`` itself)."""
+    protocol = functools.partial(GuardedH11Protocol, header_timeout=settings.timeouts.header, budget=budget)
+    config = uvicorn.Config(app, http=protocol, loop="asyncio", lifespan="off", log_config=None, access_log=False,
+                            server_header=False, timeout_keep_alive=settings.timeouts.keep_alive,
                             timeout_graceful_shutdown=DRAIN_SECONDS)
     return uvicorn.Server(config)
+
+
+def connection_limit(requested: int | None) -> int:
+    """The open connections the server allows: ``requested``, or as many as the file descriptors allow.
+
+    Raises the process's soft limit of file descriptors to its hard limit first (a container's default soft limit,
+    1024, would otherwise cap a busy server), then keeps :data:`FD_RESERVE` of them, and those open now, free.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        wanted = 1 << 20 if hard == resource.RLIM_INFINITY else hard
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+            soft = wanted
+    in_use = len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else 64
+    available = max(16, soft - in_use - FD_RESERVE)
+    if requested is not None and requested > available:
+        log.warning("--max-connections %d exceeds the %d connections the file descriptor limit (%d) allows; "
+                    "using %d", requested, available, soft, available)
+    return available if requested is None else min(requested, available)
+
+
+def accept_failure_handler(budget: ConnectionBudget):
+    """An event loop exception handler that counts failed accepts (out of descriptors or memory) and logs them at a
+    bounded rate instead of a traceback each, closing the longest-waiting connections to free descriptors; every
+    other exception goes to the loop's default handler."""
+    failures = RateLimitedCount("connections could not be accepted", "raise the file descriptor limit (ulimit -n)")
+    resources = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+
+    def handle(loop: asyncio.AbstractEventLoop, context: dict) -> None:
+        exc = context.get("exception")
+        if isinstance(exc, OSError) and exc.errno in resources and "accept" in context.get("message", ""):
+            budget.shed_oldest(max(1, FD_RESERVE // 8))
+            failures.add(1, os.strerror(exc.errno))
+            return
+        loop.default_exception_handler(context)
+
+    return handle
+
+
+async def serve(server: uvicorn.Server, listener: socket.socket, budget: ConnectionBudget) -> None:
+    """Run ``server`` on ``listener`` with :func:`accept_failure_handler` on its event loop."""
+    asyncio.get_running_loop().set_exception_handler(accept_failure_handler(budget))
+    await server.serve(sockets=[listener])
 
 
 def parser() -> argparse.ArgumentParser:
@@ -354,8 +425,12 @@ def parser() -> argparse.ArgumentParser:
                         help="requests waiting for a worker at most; more get 503 (default %(default)s)")
     result.add_argument("--max-body-mb", type=float, default=limits.max_body_bytes / 2 ** 20,
                         help="largest request body in MiB; larger ones get 413 (default %(default)g)")
+    result.add_argument("--max-inference", type=int, default=limits.max_inference,
+                        help="/invocations requests open at once (sending, queued or running); more get 503 "
+                             "(default %(default)s)")
     result.add_argument("--max-connections", type=int, default=limits.max_connections,
-                        help="open connections at most; requests beyond get 503 (default %(default)s)")
+                        help="open connections at most; beyond, the one waiting longest for its client is closed "
+                             "(default: as many as the file descriptor limit allows)")
     result.add_argument("--header-timeout", type=float, default=timeouts.header,
                         help="seconds a client has to send a request's head; 408 after (default %(default)g)")
     result.add_argument("--request-timeout", type=float, default=timeouts.body,
@@ -369,7 +444,7 @@ def settings_from(args: argparse.Namespace) -> ServerSettings:
     """The :class:`ServerSettings` of parsed command-line arguments."""
     return ServerSettings(host=args.host, port=args.port, workers=args.workers, predictions=args.predictions,
                           limits=Limits(max_body_bytes=int(args.max_body_mb * 2 ** 20), max_queue=args.max_queue,
-                                        max_connections=args.max_connections),
+                                        max_inference=args.max_inference, max_connections=args.max_connections),
                           timeouts=Timeouts(header=args.header_timeout, body=args.request_timeout,
                                             keep_alive=args.keep_alive))
 
@@ -405,27 +480,29 @@ def main(argv: list[str] | None = None) -> int:
     when the model cannot be loaded or the port cannot be listened on."""
     arguments = parser()
     args = arguments.parse_args(argv)
-    for name in ("workers", "predictions", "max_connections"):
-        if getattr(args, name) < 1:
+    for name in ("workers", "predictions", "max_inference", "max_connections"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             arguments.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.max_queue < 0:
         arguments.error("--max-queue must be at least 0")
     setup_logging()
     settings = settings_from(args)
     service = InferenceService(settings.predictions, settings.workers, settings.limits.max_queue)
-    server = uvicorn_server(build_app(service, settings), settings)
+    budget = ConnectionBudget(connection_limit(settings.limits.max_connections))
+    server = uvicorn_server(build_app(service, settings), settings, budget)
     try:
         listener = socket.create_server((settings.host, settings.port), backlog=2048)
     except OSError as exc:
         log.error("cannot listen on %s:%d: %s", settings.host, settings.port, exc)
         return 1
     host, port = listener.getsockname()[:2]
-    log.info("listening on http://%s:%d (GET %s, POST %s); loading %s", host, port, PING, INVOCATIONS, args.model)
+    log.info("listening on http://%s:%d (GET %s, POST %s; at most %d connections); loading %s", host, port, PING,
+             INVOCATIONS, budget.limit, args.model)
     failed = load_in_background(service, server, args.model, args.device)
     # uvicorn re-raises the signal that stopped it once it is done: this handler makes that a no-op.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: setattr(server, "should_exit", True))
-    server.run(sockets=[listener])
+    asyncio.run(serve(server, listener, budget))
     service.close()
     log.info("stopped")
     return 1 if failed.is_set() else 0
