@@ -3,7 +3,9 @@ keep re-opening (slow heads and slow bodies), accepts failing for want of descri
 before their 408. Every client talks to 127.0.0.1 only, in bounded numbers and for bounded seconds."""
 from __future__ import annotations
 
+import asyncio
 import errno
+import io
 import logging
 import socket
 import threading
@@ -13,12 +15,16 @@ from types import SimpleNamespace
 import h11
 import numpy as np
 import pytest
+from PIL import Image
 
 from fake_experiment import make_package
 from serve_client import HOST, call, running_server
+from pneumoseg.serve import handler as serving
+from pneumoseg.serve import package as package_format
 from pneumoseg.serve import protocol
+from pneumoseg.serve import server as serving_server
 from pneumoseg.serve.protocol import ConnectionBudget, RateLimitedCount
-from pneumoseg.serve.server import accept_failure_handler
+from pneumoseg.serve.server import InferenceService, accept_failure_handler
 
 MAX_FILES = 512  # the server's file descriptor limit in these tests: far fewer than the connections opened
 # Seconds for 9 pings in 10: loose, for a busy 2-core test machine; the target (p99 under 100 ms) is measured by
@@ -162,6 +168,65 @@ def test_the_inference_cap_still_applies(server):
     finally:
         for sock in held:
             sock.close()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Decode bombs: the service in this process, its decoder made slow for the bodies b"bomb"
+
+
+@pytest.fixture(scope="module")
+def model(server):
+    with package_format.open_package(server.package) as model_dir:
+        return package_format.load_package(model_dir, device="cpu")
+
+
+def _png() -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 48), dtype=np.uint8)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def test_slow_decodes_hold_neither_the_workers_nor_every_decoder(model, monkeypatch):
+    """Four bombs in flight: a valid request is answered at once, each bomb gets 400 at the decode budget; while
+    their threads still run, the remaining decoders serve; once all are busy, 503 at once; freed, 200 again."""
+    release, real_input_fn = threading.Event(), serving.input_fn
+
+    def slow_input_fn(body: bytes, content_type: str | None):
+        if body == b"bomb":
+            release.wait(30)
+        return real_input_fn(body, content_type)
+
+    monkeypatch.setattr(serving_server, "input_fn", slow_input_fn)
+    service = InferenceService(predictions=1, workers=2, max_queue=8, decoders=6, decode_seconds=1.5)
+    service.model = model
+    png = _png()
+
+    async def scenario() -> dict:
+        bombs = [asyncio.create_task(service.submit(b"bomb", "image/png", None)) for _ in range(4)]
+        await asyncio.sleep(0.2)
+        began = time.perf_counter()
+        valid = await service.submit(png, "image/png", None)
+        seconds = time.perf_counter() - began
+        refused = await asyncio.gather(*bombs)
+        more = [asyncio.create_task(service.submit(b"bomb", "image/png", None)) for _ in range(2)]
+        await asyncio.sleep(0.2)
+        busy = await service.submit(png, "image/png", None)
+        release.set()
+        await asyncio.gather(*more)
+        await asyncio.sleep(0.2)
+        return {"valid": valid, "seconds": seconds, "refused": refused, "busy": busy,
+                "after": await service.submit(png, "image/png", None)}
+
+    try:
+        outcome = asyncio.run(scenario())
+    finally:
+        release.set()
+        service.close()
+    assert outcome["valid"].status == 200 and outcome["seconds"] < 1.0, outcome["seconds"]
+    assert [reply.status for reply in outcome["refused"]] == [400] * 4
+    assert b"longer than the 1.5 s" in outcome["refused"][0].body
+    assert outcome["busy"].status == 503 and b"decoders are busy" in outcome["busy"].body
+    assert outcome["after"].status == 200
 
 
 # ---------------------------------------------------------------------------------------------------------

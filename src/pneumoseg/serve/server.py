@@ -14,9 +14,12 @@ the response). ``--model`` takes a ``model.tar.gz`` or the folder it extracts to
 Built on uvicorn (its h11 parser, the strictest about framing) and Starlette, as one event loop and a bounded
 pool of threads:
 
-* The loop parses every request and answers ``/ping`` itself; decoding, predicting and encoding run in
-  ``--workers`` threads (``--predictions`` of them predicting at once; PyTorch releases the GIL), so a slow
-  prediction never delays a ping. Past ``--max-queue`` requests waiting for a thread, more are answered 503 at
+* The loop parses every request and answers ``/ping`` itself; decoding runs in ``--decoders`` threads of its own,
+  predicting and encoding in ``--workers`` threads (``--predictions`` of them predicting at once; PyTorch releases
+  the GIL), so a slow prediction never delays a ping. A decode that takes longer than ``--decode-seconds`` is
+  answered 400 at that moment (its thread finishes on its own; the readers bound their work), and while every
+  decoder is busy new requests get 503 at once: a few costly images (decode bombs) can hold neither the workers
+  nor every decoder, and valid requests keep their latency. Past ``--max-queue`` requests waiting for a thread, more are answered 503 at
   once, as are ``/invocations`` requests past ``--max-inference`` open at once (sending their body, queued or
   running). The health check is never counted: it is answered whatever the load.
 * Open connections are bounded by ``--max-connections`` (default: the process's file descriptor limit, raised to
@@ -68,8 +71,8 @@ from starlette.routing import Route
 
 from pneumoseg.cli import setup_logging
 from pneumoseg.errors import PneumosegError
-from pneumoseg.serve.handler import (JSON, ImageInput, RequestError, Result, answer, check_content_type,
-                                     error_body, predict_fn)
+from pneumoseg.serve.handler import (JSON, ImageInput, RequestError, Result, check_content_type, error_body,
+                                     input_fn, negotiate, predict_fn, respond)
 from pneumoseg.serve.package import ServingModel, load_package, open_package
 from pneumoseg.serve.protocol import ConnectionBudget, GuardedH11Protocol, RateLimitedCount
 
@@ -125,8 +128,10 @@ class ServerSettings:
     Attributes:
         host: address to listen on (``0.0.0.0`` for every interface, as in a container).
         port: TCP port; 0 picks a free one.
-        workers: threads that decode, predict and encode requests.
+        workers: threads that predict and encode requests.
         predictions: requests predicting at once.
+        decoders: threads that decode request bodies.
+        decode_seconds: longest a request's decode may take; it is answered 400 after.
         limits: body size, queue and connection limits.
         timeouts: header, body and keep-alive timeouts.
     """
@@ -135,6 +140,8 @@ class ServerSettings:
     port: int = 8080
     workers: int = 4
     predictions: int = 1
+    decoders: int = 8
+    decode_seconds: float = 10.0
     limits: Limits = field(default_factory=Limits)
     timeouts: Timeouts = field(default_factory=Timeouts)
 
@@ -164,20 +171,27 @@ class InferenceService:
 
     Args:
         predictions: requests predicting at once.
-        workers: threads that run :meth:`invoke` for :meth:`submit`.
+        workers: threads that predict and encode for :meth:`submit` (and run :meth:`invoke`).
         max_queue: requests that may wait for one of them; :meth:`submit` answers 503 beyond.
+        decoders: threads that decode for :meth:`submit`; while all are busy, it answers 503.
+        decode_seconds: longest a decode may take in :meth:`submit`; the request is answered 400 after.
 
     Attributes:
         model: the loaded package; None until it is loaded (both endpoints answer 503 meanwhile).
     """
 
-    def __init__(self, predictions: int = 1, workers: int = 1, max_queue: int = 0) -> None:
+    def __init__(self, predictions: int = 1, workers: int = 1, max_queue: int = 0, decoders: int = 1,
+                 decode_seconds: float = 10.0) -> None:
         self.model: ServingModel | None = None
         self._slots = threading.BoundedSemaphore(predictions)
         self._workers = workers
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="pneumoseg-worker")
+        self._decoders = decoders
+        self._decode_pool = ThreadPoolExecutor(decoders, thread_name_prefix="pneumoseg-decoder")
+        self.decode_seconds = decode_seconds
         self._capacity = workers + max_queue
         self._admitted = 0  # only touched on the event loop's thread
+        self._decoding = 0  # decoder threads busy, overdue ones included; only touched on the event loop's thread
 
     def ping(self) -> Reply:
         model = self.model
@@ -187,16 +201,48 @@ class InferenceService:
                                                 "version": model.version}).encode())
 
     async def submit(self, body: bytes, content_type: str | None, accept: str | None) -> Reply:
-        """:meth:`invoke` in a worker thread, or 503 at once when ``workers + max_queue`` requests are in."""
+        """Decode ``body`` in a decoder thread (:meth:`decode`), then predict and encode it in a worker thread; 503
+        at once when ``workers + max_queue`` requests are in."""
         if self._admitted >= self._capacity:
             return error_reply(HTTPStatus.SERVICE_UNAVAILABLE, f"the server already has {self._capacity} requests "
                                                                f"running or queued; retry shortly")
         self._admitted += 1
         try:
-            return await asyncio.get_running_loop().run_in_executor(self._pool, self.invoke, body, content_type,
-                                                                    accept)
+            data = await self.decode(body, content_type, accept)
+            if isinstance(data, Reply):
+                return data
+            return await asyncio.get_running_loop().run_in_executor(self._pool, self._respond, data, accept)
         finally:
             self._admitted -= 1
+
+    async def decode(self, body: bytes, content_type: str | None, accept: str | None) -> ImageInput | Reply:
+        """The decoded request, or its error answer: 400 for a body that does not decode or takes longer than
+        ``decode_seconds`` (the thread is left to finish), 503 while every decoder thread is busy."""
+        if self.model is None:
+            return error_reply(HTTPStatus.SERVICE_UNAVAILABLE, "the model is still loading; retry when GET /ping "
+                                                               "answers 200")
+        if self._decoding >= self._decoders:
+            return error_reply(HTTPStatus.SERVICE_UNAVAILABLE, f"all {self._decoders} decoders are busy with costly "
+                                                               f"images; retry shortly")
+        self._decoding += 1
+        future = asyncio.get_running_loop().run_in_executor(self._decode_pool, _decode, body, content_type, accept)
+        future.add_done_callback(self._decoded)  # the thread is counted until it has really finished
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), self.decode_seconds)
+        except TimeoutError:
+            return error_reply(HTTPStatus.BAD_REQUEST, f"decoding the image took longer than the "
+                                                       f"{self.decode_seconds:g} s this server allows; send a "
+                                                       f"simpler encoding (baseline JPEG, PNG or uncompressed DICOM)")
+
+    def _decoded(self, future: asyncio.Future) -> None:
+        self._decoding -= 1
+        if not future.cancelled():
+            future.exception()  # retrieved: an overdue decode's failure has nobody left to answer
+
+    def _respond(self, data: ImageInput, accept: str | None) -> Reply:
+        model = self.model
+        assert model is not None  # decode answered 503 before the model was loaded
+        return Reply(*respond(model, data, accept, predict=self._predict))
 
     def invoke(self, body: bytes, content_type: str | None, accept: str | None) -> Reply:
         """Decode ``body``, predict and encode the answer as ``accept`` asks (the handler's :func:`answer`)."""
@@ -204,7 +250,8 @@ class InferenceService:
         if model is None:
             return error_reply(HTTPStatus.SERVICE_UNAVAILABLE, "the model is still loading; retry when GET /ping "
                                                                "answers 200")
-        return Reply(*answer(model, body, content_type, accept, predict=self._predict))
+        data = _decode(body, content_type, accept)
+        return data if isinstance(data, Reply) else Reply(*respond(model, data, accept, predict=self._predict))
 
     def _predict(self, data: ImageInput, model: ServingModel) -> Result:
         with self._slots:
@@ -226,6 +273,17 @@ class InferenceService:
     def close(self) -> None:
         """Wait for the threads' last requests and stop them."""
         self._pool.shutdown(wait=True)
+        self._decode_pool.shutdown(wait=False, cancel_futures=True)  # an overdue decode's answer is sent already
+
+
+def _decode(body: bytes, content_type: str | None, accept: str | None) -> ImageInput | Reply:
+    """The handler's :func:`input_fn` of ``body``, with an unacceptable ``Accept`` refused first; an error is its
+    answer."""
+    try:
+        negotiate(accept)
+        return input_fn(body, content_type)
+    except RequestError as exc:
+        return error_reply(exc.status, str(exc))
 
 
 def head_rejection(request: Request, max_body_bytes: int) -> Reply | None:
@@ -418,7 +476,12 @@ def parser() -> argparse.ArgumentParser:
     result.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                         help="where the models run (default: a GPU when there is one)")
     result.add_argument("--workers", type=int, default=defaults.workers,
-                        help="threads decoding, predicting and encoding requests (default %(default)s)")
+                        help="threads predicting and encoding requests (default %(default)s)")
+    result.add_argument("--decoders", type=int, default=defaults.decoders,
+                        help="threads decoding request bodies; while all are busy, requests get 503 (default "
+                             "%(default)s)")
+    result.add_argument("--decode-seconds", type=float, default=defaults.decode_seconds,
+                        help="longest a request's decode may take; 400 after (default %(default)g)")
     result.add_argument("--predictions", type=int, default=defaults.predictions,
                         help="requests predicting at once (default %(default)s)")
     result.add_argument("--max-queue", type=int, default=limits.max_queue,
@@ -443,6 +506,7 @@ def parser() -> argparse.ArgumentParser:
 def settings_from(args: argparse.Namespace) -> ServerSettings:
     """The :class:`ServerSettings` of parsed command-line arguments."""
     return ServerSettings(host=args.host, port=args.port, workers=args.workers, predictions=args.predictions,
+                          decoders=args.decoders, decode_seconds=args.decode_seconds,
                           limits=Limits(max_body_bytes=int(args.max_body_mb * 2 ** 20), max_queue=args.max_queue,
                                         max_inference=args.max_inference, max_connections=args.max_connections),
                           timeouts=Timeouts(header=args.header_timeout, body=args.request_timeout,
@@ -480,14 +544,17 @@ def main(argv: list[str] | None = None) -> int:
     when the model cannot be loaded or the port cannot be listened on."""
     arguments = parser()
     args = arguments.parse_args(argv)
-    for name in ("workers", "predictions", "max_inference", "max_connections"):
+    for name in ("workers", "predictions", "decoders", "max_inference", "max_connections"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             arguments.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.max_queue < 0:
         arguments.error("--max-queue must be at least 0")
+    if not args.decode_seconds > 0:
+        arguments.error("--decode-seconds must be more than 0")
     setup_logging()
     settings = settings_from(args)
-    service = InferenceService(settings.predictions, settings.workers, settings.limits.max_queue)
+    service = InferenceService(settings.predictions, settings.workers, settings.limits.max_queue, settings.decoders,
+                               settings.decode_seconds)
     budget = ConnectionBudget(connection_limit(settings.limits.max_connections))
     server = uvicorn_server(build_app(service, settings), settings, budget)
     try:
