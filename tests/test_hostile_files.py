@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
 import shutil
+import subprocess
+import sys
 import tarfile
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -167,3 +171,31 @@ def test_a_crafted_thresholds_json_is_a_data_error_naming_it(package_folder, tmp
 
 def test_the_untouched_package_passes_the_schema(package_folder):
     assert package_format.read_manifest(package_folder)["name"] == "tiny"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Extraction folders of killed servers
+
+
+def _dead_pid() -> int:
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+def test_extraction_folders_of_gone_processes_are_swept_on_the_next_open(package_folder, tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    dead = tmp_path / f"pneumoseg-model-{_dead_pid()}-abc"
+    live = [tmp_path / f"pneumoseg-model-{os.getpid()}-def", tmp_path / f"pneumoseg-model-{os.getppid()}-ghi",
+            tmp_path / "pneumoseg-model-nopid", tmp_path / "other-folder"]
+    for folder in (dead, *live):
+        (folder / "fold0").mkdir(parents=True)
+        (folder / "fold0" / "best_1.pt").write_bytes(b"weights")
+    archive = tmp_path / "model.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        for entry in sorted(package_folder.iterdir()):
+            tar.add(entry, arcname=entry.name)
+    with package_format.open_package(archive) as extracted:
+        assert extracted.name.startswith(f"pneumoseg-model-{os.getpid()}-")  # the owner's id is recorded
+        assert not dead.exists() and all(folder.exists() for folder in live)
+    assert not extracted.exists()

@@ -23,9 +23,11 @@ import gzip
 import hashlib
 import io
 import json
+import logging
 import math
 import os
 import re
+import shutil
 import tarfile
 import tempfile
 from dataclasses import asdict, dataclass
@@ -42,11 +44,12 @@ from pneumoseg.data.rle import FORMATS
 from pneumoseg.errors import ConfigError, DataError
 from pneumoseg.inference.predictor import EnsemblePredictor, Predictor
 from pneumoseg.inference.tta import SIZE_MULTIPLE, TTA, load_model
-from pneumoseg.io import content_hash, read_json
+from pneumoseg.io import content_hash, process_alive, read_json
 from pneumoseg.postprocess.strategies import load_postprocessor
 from pneumoseg.modeling.device import resolve_device
 from pneumoseg.serve.archive import check_relative_name, extract_archive, file_inside
 
+log = logging.getLogger(__name__)
 
 MANIFEST_FILE = "manifest.json"
 THRESHOLDS_FILE = "thresholds.json"
@@ -333,10 +336,40 @@ def _predictor(settings: dict, models: list, postprocessor) -> Predictor:
                      batch_size=int(settings["batch_size"]), amp=settings["amp"])
 
 
+EXTRACTION_PREFIX = "pneumoseg-model-"
+"""The temporary folders of :func:`open_package` are ``pneumoseg-model-<pid>-<random>``: the process id tells a
+killed server's leftover from a live one's folder."""
+_EXTRACTION_RE = re.compile(rf"^{EXTRACTION_PREFIX}(\d+)-")
+
+
+def sweep_stale_extractions(folder: str | os.PathLike | None = None) -> list[Path]:
+    """Remove the extraction folders of :func:`open_package` left by processes that are gone (a server killed
+    while it ran), and return them. Folders of live processes, of other users, or without a process id are kept.
+
+    Args:
+        folder: where to look; default the temporary folder (``tempfile.gettempdir()``).
+    """
+    removed = []
+    for entry in Path(folder or tempfile.gettempdir()).glob(f"{EXTRACTION_PREFIX}*"):
+        match = _EXTRACTION_RE.match(entry.name)
+        try:
+            mine = entry.is_dir() and not entry.is_symlink() and entry.stat().st_uid == os.getuid()
+        except OSError:  # removed meanwhile
+            continue
+        if match and mine and not process_alive(int(match[1])):
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry)
+    if removed:
+        log.info("removed %d extraction folder(s) of stopped servers: %s", len(removed),
+                 ", ".join(str(path) for path in removed))
+    return removed
+
+
 @contextlib.contextmanager
 def open_package(path: str | os.PathLike) -> Iterator[Path]:
     """The folder of a model package: ``path`` itself when it is a folder; a ``model.tar.gz`` is extracted into a
-    temporary folder, removed when the block ends.
+    temporary folder named by this process (see :data:`EXTRACTION_PREFIX`), removed when the block ends; those
+    that killed processes left are removed first (:func:`sweep_stale_extractions`).
 
     Extraction takes only regular files and folders with plain relative names, within a member count and a
     size (see :mod:`pneumoseg.serve.archive`); anything else refuses the whole package before a file is written.
@@ -351,7 +384,8 @@ def open_package(path: str | os.PathLike) -> Iterator[Path]:
         return
     if not path.is_file():
         raise DataError(f"model package {path} not found; build it with scripts/06_package_model.py")
-    with tempfile.TemporaryDirectory(prefix="pneumoseg-model-") as folder:
+    sweep_stale_extractions()
+    with tempfile.TemporaryDirectory(prefix=f"{EXTRACTION_PREFIX}{os.getpid()}-") as folder:
         extract_archive(path, Path(folder))
         yield Path(folder)
 
