@@ -3,6 +3,7 @@ that inflate far past their size, package manifests with settings of the wrong t
 folders of killed servers."""
 from __future__ import annotations
 
+import gzip
 import io
 import json
 import os
@@ -13,6 +14,7 @@ import sys
 import tarfile
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -20,6 +22,7 @@ from fake_experiment import make_package
 from pneumoseg import layout
 from pneumoseg.errors import DataError
 from pneumoseg.serve import package as package_format
+from pneumoseg.serve.archive import extract_archive
 from pneumoseg.modeling.checkpoints import MAX_TABLE_BYTES, best_files
 from pneumoseg.stages import import_job
 
@@ -199,3 +202,32 @@ def test_extraction_folders_of_gone_processes_are_swept_on_the_next_open(package
         assert extracted.name.startswith(f"pneumoseg-model-{os.getpid()}-")  # the owner's id is recorded
         assert not dead.exists() and all(folder.exists() for folder in live)
     assert not extracted.exists()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Archives that inflate far past their size (a SageMaker job's output.tar.gz, a model package)
+
+
+def test_an_archive_inflating_a_thousandfold_is_refused_before_a_byte_is_written(tmp_path):
+    """A few hundred bytes whose one member claims 2 GiB (a 2.1 MB output.tar.gz wrote a 2 GiB file): refused from
+    its header, nothing written."""
+    info = tarfile.TarInfo("03_train/log.csv")
+    info.size = 2 << 30
+    archive = tmp_path / "output.tar.gz"
+    with gzip.open(archive, "wb") as out:
+        out.write(info.tobuf(tarfile.GNU_FORMAT) + bytes(1 << 16))
+    target = tmp_path / "out"
+    target.mkdir()
+    with pytest.raises(DataError, match="decompression bomb") as caught:
+        extract_archive(archive, target)
+    assert str(archive) in str(caught.value) and not any(target.iterdir())
+
+
+def test_an_archive_needing_more_than_the_free_space_is_refused(tmp_path, monkeypatch):
+    archive = _tar_gz(tmp_path / "model.tar.gz", {"fold0/best_1.pt": b"w" * 1000})
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: SimpleNamespace(free=999))
+    target = tmp_path / "out"
+    target.mkdir()
+    with pytest.raises(DataError, match="need 1000 bytes, but .* has 999 free"):
+        extract_archive(archive, target)
+    assert not any(target.iterdir())
