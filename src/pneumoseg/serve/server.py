@@ -18,10 +18,10 @@ pool of threads:
   predicting and encoding in ``--workers`` threads (``--predictions`` of them predicting at once; PyTorch releases
   the GIL), so a slow prediction never delays a ping. A decode that takes longer than ``--decode-seconds`` is
   answered 400 at that moment (its thread finishes on its own; the readers bound their work), and while every
-  decoder is busy new requests get 503 at once: a few costly images (decode bombs) can hold neither the workers
-  nor every decoder, and valid requests keep their latency. Past ``--max-queue`` requests waiting for a thread, more are answered 503 at
-  once, as are ``/invocations`` requests past ``--max-inference`` open at once (sending their body, queued or
-  running). The health check is never counted: it is answered whatever the load.
+  decoder is still busy with such overdue decodes new requests get 503 at once: a few costly images (decode
+  bombs) can hold neither the workers nor every decoder, and valid requests keep their latency. Past ``--max-queue`` requests waiting for a thread,
+  more are answered 503 at once, as are ``/invocations`` requests past ``--max-inference`` open at once (sending
+  their body, queued or running). The health check is never counted: it is answered whatever the load.
 * Open connections are bounded by ``--max-connections`` (default: the process's file descriptor limit, raised to
   its hard limit at start, less a reserve of :data:`FD_RESERVE`): past it, the connection that has waited longest
   for a request head or body is closed, so idle and slow clients cannot take the descriptors a ping needs. Accepts
@@ -173,7 +173,7 @@ class InferenceService:
         predictions: requests predicting at once.
         workers: threads that predict and encode for :meth:`submit` (and run :meth:`invoke`).
         max_queue: requests that may wait for one of them; :meth:`submit` answers 503 beyond.
-        decoders: threads that decode for :meth:`submit`; while all are busy, it answers 503.
+        decoders: threads that decode for :meth:`submit`; while all are busy past their budget, it answers 503.
         decode_seconds: longest a decode may take in :meth:`submit`; the request is answered 400 after.
 
     Attributes:
@@ -190,8 +190,11 @@ class InferenceService:
         self._decode_pool = ThreadPoolExecutor(decoders, thread_name_prefix="pneumoseg-decoder")
         self.decode_seconds = decode_seconds
         self._capacity = workers + max_queue
-        self._admitted = 0  # only touched on the event loop's thread
-        self._decoding = 0  # decoder threads busy, overdue ones included; only touched on the event loop's thread
+        # Only touched on the event loop's thread: requests admitted, and the decodes still running past their
+        # budget (each holds its decoder until its thread ends).
+        self._admitted = 0
+        self._overdue: set[asyncio.Future] = set()
+        self._free_decoders: asyncio.Semaphore | None = None  # made on the event loop, at the first decode
 
     def ping(self) -> Reply:
         model = self.model
@@ -216,26 +219,32 @@ class InferenceService:
             self._admitted -= 1
 
     async def decode(self, body: bytes, content_type: str | None, accept: str | None) -> ImageInput | Reply:
-        """The decoded request, or its error answer: 400 for a body that does not decode or takes longer than
-        ``decode_seconds`` (the thread is left to finish), 503 while every decoder thread is busy."""
+        """The decoded request, or its error answer: 400 for a body that does not decode or whose decode takes
+        longer than ``decode_seconds`` (its thread is left to finish, holding its decoder), 503 at once while every
+        decoder is held so. A request waits for a free decoder otherwise."""
         if self.model is None:
             return error_reply(HTTPStatus.SERVICE_UNAVAILABLE, "the model is still loading; retry when GET /ping "
                                                                "answers 200")
-        if self._decoding >= self._decoders:
+        if len(self._overdue) >= self._decoders:
             return error_reply(HTTPStatus.SERVICE_UNAVAILABLE, f"all {self._decoders} decoders are busy with costly "
                                                                f"images; retry shortly")
-        self._decoding += 1
+        if self._free_decoders is None:
+            self._free_decoders = asyncio.Semaphore(self._decoders)
+        await self._free_decoders.acquire()
         future = asyncio.get_running_loop().run_in_executor(self._decode_pool, _decode, body, content_type, accept)
-        future.add_done_callback(self._decoded)  # the thread is counted until it has really finished
+        future.add_done_callback(self._decoded)  # the decoder is freed when its thread ends, not at the budget
         try:
             return await asyncio.wait_for(asyncio.shield(future), self.decode_seconds)
         except TimeoutError:
+            self._overdue.add(future)
             return error_reply(HTTPStatus.BAD_REQUEST, f"decoding the image took longer than the "
                                                        f"{self.decode_seconds:g} s this server allows; send a "
                                                        f"simpler encoding (baseline JPEG, PNG or uncompressed DICOM)")
 
     def _decoded(self, future: asyncio.Future) -> None:
-        self._decoding -= 1
+        self._overdue.discard(future)
+        assert self._free_decoders is not None
+        self._free_decoders.release()
         if not future.cancelled():
             future.exception()  # retrieved: an overdue decode's failure has nobody left to answer
 
