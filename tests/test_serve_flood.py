@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 from fake_experiment import make_package
-from serve_client import HOST, call, running_server
+from serve_client import HOST, SlowFlood, call, running_server
 from pneumoseg.serve import handler as serving
 from pneumoseg.serve import package as package_format
 from pneumoseg.serve import protocol
@@ -84,57 +84,6 @@ def test_ping_answers_while_idle_connections_exceed_the_descriptors(server):
     assert len(warnings) < 20, warnings[:20]
 
 
-class SlowFlood(threading.Thread):
-    """``count`` slow clients on one thread, re-opening whenever the server cuts one off: half send a request head,
-    half a body, one byte per ``interval`` seconds each; runs until :attr:`stop` is set."""
-
-    HEAD = b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Type: application/dicom\r\nX-Padding: " + b"y" * 500
-    BODY = b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: 4000\r\n\r\n" + \
-        b"z" * 4000
-
-    def __init__(self, port: int, count: int, interval: float = 0.2) -> None:
-        super().__init__(daemon=True)
-        self.port, self.count, self.interval = port, count, interval
-        self.stop = threading.Event()
-        self.reopened = 0
-
-    def _open(self, index: int) -> list:
-        sock = socket.create_connection((HOST, self.port), timeout=5)
-        sock.setblocking(False)
-        script = self.HEAD if index % 2 else self.BODY
-        # A body client sends its head at once, then dribbles the body.
-        sent = script.index(b"\r\n\r\n") + 4 if script is self.BODY else 0
-        if sent:
-            sock.sendall(script[:sent])
-        return [sock, script, sent]
-
-    def run(self) -> None:
-        clients = [self._open(index) for index in range(self.count)]
-        while not self.stop.wait(self.interval):
-            for index, client in enumerate(clients):
-                sock, script, sent = client
-                try:
-                    if sock.recv(65536, socket.MSG_PEEK) is not None:  # an answer or a close: cut off
-                        raise ConnectionError
-                except BlockingIOError:
-                    try:
-                        sock.send(script[sent:sent + 1])
-                        client[2] = sent + 1 if sent + 1 < len(script) else sent
-                        continue
-                    except OSError:
-                        pass
-                except OSError:
-                    pass
-                sock.close()
-                self.reopened += 1
-                try:
-                    clients[index] = self._open(index)
-                except OSError:
-                    clients[index] = [socket.socket(), b"", 0]
-        for sock, _, _ in clients:
-            sock.close()
-
-
 @pytest.mark.slow
 def test_ping_answers_while_300_slow_clients_keep_reopening(server):
     """150 slow heads and 150 slow bodies, re-opening as they are cut off (408), for 8 seconds: every ping 200."""
@@ -188,7 +137,8 @@ def _png() -> bytes:
 
 def test_slow_decodes_hold_neither_the_workers_nor_every_decoder(model, monkeypatch):
     """Four bombs in flight: a valid request is answered at once, each bomb gets 400 at the decode budget; while
-    their threads still run, the remaining decoders serve; once all are busy, 503 at once; freed, 200 again."""
+    their threads still run, the remaining decoders serve; once all are held past the budget, 503 at once; freed,
+    200 again."""
     release, real_input_fn = threading.Event(), serving.input_fn
 
     def slow_input_fn(body: bytes, content_type: str | None):
@@ -209,12 +159,13 @@ def test_slow_decodes_hold_neither_the_workers_nor_every_decoder(model, monkeypa
         seconds = time.perf_counter() - began
         refused = await asyncio.gather(*bombs)
         more = [asyncio.create_task(service.submit(b"bomb", "image/png", None)) for _ in range(2)]
-        await asyncio.sleep(0.2)
+        await asyncio.gather(*more)  # answered 400 at the budget: all six decoders are now overdue
+        began = time.perf_counter()
         busy = await service.submit(png, "image/png", None)
+        busy_seconds = time.perf_counter() - began
         release.set()
-        await asyncio.gather(*more)
         await asyncio.sleep(0.2)
-        return {"valid": valid, "seconds": seconds, "refused": refused, "busy": busy,
+        return {"valid": valid, "seconds": seconds, "refused": refused, "busy": busy, "busy_seconds": busy_seconds,
                 "after": await service.submit(png, "image/png", None)}
 
     try:
@@ -226,6 +177,7 @@ def test_slow_decodes_hold_neither_the_workers_nor_every_decoder(model, monkeypa
     assert [reply.status for reply in outcome["refused"]] == [400] * 4
     assert b"longer than the 1.5 s" in outcome["refused"][0].body
     assert outcome["busy"].status == 503 and b"decoders are busy" in outcome["busy"].body
+    assert outcome["busy_seconds"] < 0.5
     assert outcome["after"].status == 200
 
 
@@ -295,3 +247,20 @@ def test_lingering_close_of_a_client_that_left_raises_nothing():
     connection = SimpleNamespace(conn=SimpleNamespace(their_state=h11.SEND_BODY), discard_input=False)
     protocol._LingeringClose(transport, connection).close()  # type: ignore[arg-type]
     assert closed == [True] and connection.discard_input is False
+
+
+def test_requests_wait_for_a_decoder_rather_than_being_refused(model):
+    """More valid requests at once than decoders: all are answered 200 (they queue for a decoder; 503 is only for
+    decoders held past their budget)."""
+    service = InferenceService(predictions=1, workers=2, max_queue=16, decoders=2, decode_seconds=30)
+    service.model = model
+    png = _png()
+
+    async def burst() -> list:
+        return await asyncio.gather(*(service.submit(png, "image/png", None) for _ in range(12)))
+
+    try:
+        replies = asyncio.run(burst())
+    finally:
+        service.close()
+    assert [reply.status for reply in replies] == [200] * 12
