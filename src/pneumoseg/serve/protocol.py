@@ -93,7 +93,7 @@ class ConnectionBudget:
 
     def shed_oldest(self, count: int) -> int:
         """Close up to ``count`` waiting connections, least recently active first -> how many were closed."""
-        victims = []
+        victims: list[GuardedH11Protocol] = []
         for connection in self._open:
             if len(victims) == count:
                 break
