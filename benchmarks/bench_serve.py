@@ -105,14 +105,15 @@ def dicom_bodies(folder: Path, count: int = 10) -> list[bytes]:
 def start_server(model: Path, log: Path, max_files: int | None = None) -> tuple[subprocess.Popen, int]:
     """``python -m pneumoseg.serve`` on a free loopback port, with at most ``max_files`` file descriptors when
     given; returns once ``/ping`` answers 200."""
-    out = open(log, "w")
 
     def limit_files() -> None:
         if max_files:
             resource.setrlimit(resource.RLIMIT_NOFILE, (max_files, max_files))
 
-    process = subprocess.Popen([sys.executable, "-m", "pneumoseg.serve.server", "--model", str(model), "--port", "0",
-                                "--host", HOST], stdout=out, stderr=subprocess.STDOUT, preexec_fn=limit_files)
+    with open(log, "w") as out:     # the server keeps its own copy of the descriptor
+        process = subprocess.Popen([sys.executable, "-m", "pneumoseg.serve.server", "--model", str(model), "--port",
+                                    "0", "--host", HOST], stdout=out, stderr=subprocess.STDOUT,
+                                   preexec_fn=limit_files)
     deadline = time.monotonic() + 300
     port = None
     while time.monotonic() < deadline and process.poll() is None:

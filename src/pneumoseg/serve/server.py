@@ -60,6 +60,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from http import HTTPStatus
+from typing import Any
 
 import numpy as np
 import uvicorn
@@ -69,12 +70,13 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from pneumoseg.cli import setup_logging
+from pneumoseg.logs import setup_logging
 from pneumoseg.errors import PneumosegError
 from pneumoseg.serve.handler import (JSON, ImageInput, RequestError, Result, check_content_type, error_body,
                                      input_fn, negotiate, predict_fn, respond)
 from pneumoseg.serve.package import ServingModel, load_package, open_package
 from pneumoseg.serve.protocol import ConnectionBudget, GuardedH11Protocol, RateLimitedCount
+from pneumoseg.stage_table import command
 
 log = logging.getLogger(__name__)
 
@@ -82,9 +84,15 @@ PING = "/ping"
 INVOCATIONS = "/invocations"
 DRAIN_SECONDS = 25
 """Longest wait for the requests in flight after SIGTERM: SageMaker sends SIGKILL 30 s after it."""
-FD_RESERVE = 128
-"""File descriptors kept free of connections for everything else: the model's files, logging, a burst of accepts
-before the oldest connections are closed."""
+FD_RESERVE = 256
+"""File descriptors kept free of connections for everything else: the model's files and libraries (about 60 once
+loaded), logging, and the connections accepted in a turn of the event loop before the longest-waiting ones are
+closed (:data:`ACCEPTS_PER_TURN`)."""
+LISTEN_BACKLOG = 2048
+"""Connections the kernel queues for the server to accept."""
+ACCEPTS_PER_TURN = 64
+"""Connections accepted in one turn of the event loop, before the longest-waiting ones can be closed to make room
+(asyncio accepts as many as the backlog it is given, which would take every reserved descriptor at once)."""
 
 
 @dataclass(frozen=True)
@@ -412,8 +420,9 @@ def build_app(service: InferenceService, settings: ServerSettings) -> AccessLog:
         response.headers.update(exc.headers or {})
         return response
 
+    handlers: dict[Any, Any] = {HTTPException: http_error}     # starlette types a handler as taking any Exception
     app = Starlette(routes=[Route(PING, ping, methods=["GET"]), Route(INVOCATIONS, invocations, methods=["POST"])],
-                    exception_handlers={HTTPException: http_error})
+                    exception_handlers=handlers)
     return AccessLog(app)
 
 
@@ -421,9 +430,11 @@ def uvicorn_server(app, settings: ServerSettings, budget: ConnectionBudget) -> u
     """The uvicorn server of ``app`` with ``settings``' timeouts, its connections in ``budget``; it logs through
     this package's log. uvicorn's own connection cap stays off: it would count the health check and idle
     connections too (the app caps ``/invocations`` itself)."""
-    protocol = functools.partial(GuardedH11Protocol, header_timeout=settings.timeouts.header, budget=budget)
+    # uvicorn takes a protocol factory and a float keep-alive, though its annotations ask for a class and an int.
+    protocol: Any = functools.partial(GuardedH11Protocol, header_timeout=settings.timeouts.header, budget=budget)
+    keep_alive: Any = settings.timeouts.keep_alive
     config = uvicorn.Config(app, http=protocol, loop="asyncio", lifespan="off", log_config=None, access_log=False,
-                            server_header=False, timeout_keep_alive=settings.timeouts.keep_alive,
+                            server_header=False, timeout_keep_alive=keep_alive, backlog=ACCEPTS_PER_TURN,
                             timeout_graceful_shutdown=DRAIN_SECONDS)
     return uvicorn.Server(config)
 
@@ -467,16 +478,22 @@ def accept_failure_handler(budget: ConnectionBudget):
 
 
 async def serve(server: uvicorn.Server, listener: socket.socket, budget: ConnectionBudget) -> None:
-    """Run ``server`` on ``listener`` with :func:`accept_failure_handler` on its event loop."""
+    """Run ``server`` on ``listener`` with :func:`accept_failure_handler` on its event loop, accepting at most
+    :data:`ACCEPTS_PER_TURN` connections a turn while the kernel queues :data:`LISTEN_BACKLOG`."""
     asyncio.get_running_loop().set_exception_handler(accept_failure_handler(budget))
-    await server.serve(sockets=[listener])
+    serving = asyncio.create_task(server.serve(sockets=[listener]))
+    while not server.started and not serving.done():
+        await asyncio.sleep(0.05)
+    if server.started:
+        listener.listen(LISTEN_BACKLOG)  # asyncio listened with uvicorn's backlog, the accepts per turn
+    await serving
 
 
 def parser() -> argparse.ArgumentParser:
     defaults, limits, timeouts = ServerSettings(), Limits(), Timeouts()
     result = argparse.ArgumentParser(prog="python -m pneumoseg.serve", description="Serve a pneumoseg model package "
                                      "over HTTP: GET /ping, POST /invocations (SageMaker's container contract).")
-    result.add_argument("--model", required=True, help="model.tar.gz of scripts/06_package_model.py, or the folder "
+    result.add_argument("--model", required=True, help=f"model.tar.gz of {command('06')}, or the folder "
                                                        "it extracts to")
     result.add_argument("--host", default=defaults.host, help="address to listen on (default %(default)s; 0.0.0.0 in "
                                                               "a container)")
@@ -567,7 +584,7 @@ def main(argv: list[str] | None = None) -> int:
     budget = ConnectionBudget(connection_limit(settings.limits.max_connections))
     server = uvicorn_server(build_app(service, settings), settings, budget)
     try:
-        listener = socket.create_server((settings.host, settings.port), backlog=2048)
+        listener = socket.create_server((settings.host, settings.port), backlog=LISTEN_BACKLOG)
     except OSError as exc:
         log.error("cannot listen on %s:%d: %s", settings.host, settings.port, exc)
         return 1
