@@ -77,18 +77,18 @@ class ConnectionBudget:
     def __len__(self) -> int:
         return len(self._open)
 
-    def opened(self, connection: "GuardedH11Protocol") -> None:
+    def opened(self, connection: GuardedH11Protocol) -> None:
         """Count a new connection in, closing the least recently active waiting ones beyond the limit."""
         self._open[connection] = None
         if len(self._open) > self.limit:
             self.shed_oldest(len(self._open) - self.limit)
 
-    def active(self, connection: "GuardedH11Protocol") -> None:
+    def active(self, connection: GuardedH11Protocol) -> None:
         """Mark ``connection`` as the most recently active (its request head has arrived)."""
         if self._open.pop(connection, 0) is None:
             self._open[connection] = None
 
-    def closed(self, connection: "GuardedH11Protocol") -> None:
+    def closed(self, connection: GuardedH11Protocol) -> None:
         self._open.pop(connection, None)
 
     def shed_oldest(self, count: int) -> int:

@@ -19,9 +19,10 @@ pool of threads:
   the GIL), so a slow prediction never delays a ping. A decode that takes longer than ``--decode-seconds`` is
   answered 400 at that moment (its thread finishes on its own; the readers bound their work), and while every
   decoder is still busy with such overdue decodes new requests get 503 at once: a few costly images (decode
-  bombs) can hold neither the workers nor every decoder, and valid requests keep their latency. Past ``--max-queue`` requests waiting for a thread,
-  more are answered 503 at once, as are ``/invocations`` requests past ``--max-inference`` open at once (sending
-  their body, queued or running). The health check is never counted: it is answered whatever the load.
+  bombs) can hold neither the workers nor every decoder, and valid requests keep their latency. Past
+  ``--max-queue`` requests waiting for a thread, more are answered 503 at once, as are ``/invocations`` requests
+  past ``--max-inference`` open at once (sending their body, queued or running). The health check is never
+  counted: it is answered whatever the load.
 * Open connections are bounded by ``--max-connections`` (default: the process's file descriptor limit, raised to
   its hard limit at start, less a reserve of :data:`FD_RESERVE`): past it, the connection that has waited longest
   for a request head or body is closed, so idle and slow clients cannot take the descriptors a ping needs. Accepts
