@@ -84,7 +84,7 @@ class ConnectionBudget:
             self.shed_oldest(len(self._open) - self.limit)
 
     def active(self, connection: GuardedH11Protocol) -> None:
-        """Mark ``connection`` as the most recently active (its request head has arrived)."""
+        """Mark ``connection`` as the most recently active (a request head has arrived, or its answer is sent)."""
         if self._open.pop(connection, 0) is None:
             self._open[connection] = None
 
@@ -191,6 +191,7 @@ class GuardedH11Protocol(H11Protocol):
     def on_response_complete(self) -> None:
         # Until the next request's first byte, uvicorn's keep-alive timer bounds the idle connection.
         self._cancel_head_deadline()
+        self.budget.active(self)  # a client just served is the last to be closed to make room
         super().on_response_complete()
 
     def _arm_head_deadline(self) -> None:
