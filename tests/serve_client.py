@@ -5,9 +5,11 @@ import contextlib
 import http.client
 import os
 import re
+import resource
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,12 +28,18 @@ class Server:
 
 
 @contextlib.contextmanager
-def running_server(package: Path, log: Path, *options: str) -> Iterator[Server]:
-    """The server of ``package`` with command-line ``options``, once ``/ping`` answers 200; killed at the end."""
+def running_server(package: Path, log: Path, *options: str, max_files: int | None = None) -> Iterator[Server]:
+    """The server of ``package`` with command-line ``options``, once ``/ping`` answers 200; killed at the end.
+    ``max_files`` sets its file descriptor limit (soft and hard)."""
     command = [sys.executable, "-m", "pneumoseg.serve", "--model", str(package), "--port", "0", *options]
     env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "HF_HUB_OFFLINE": "1"}
+
+    def limit_files() -> None:
+        if max_files is not None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (max_files, max_files))
+
     with open(log, "w") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, preexec_fn=limit_files)
     try:
         port = _wait_for_port(process, log)
         _wait_until_ready(process, port, log)
@@ -98,3 +106,54 @@ def read_head(sock: socket.socket) -> bytes:
         assert chunk, f"connection closed after {data!r}"
         data += chunk
     return data
+
+
+class SlowFlood(threading.Thread):
+    """``count`` slow clients on one thread, re-opening whenever the server cuts one off: half send a request head,
+    half a body, one byte per ``interval`` seconds each; runs until :attr:`stop` is set."""
+
+    HEAD = b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Type: application/dicom\r\nX-Padding: " + b"y" * 500
+    BODY = b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: 4000\r\n\r\n" + \
+        b"z" * 4000
+
+    def __init__(self, port: int, count: int, interval: float = 0.2) -> None:
+        super().__init__(daemon=True)
+        self.port, self.count, self.interval = port, count, interval
+        self.stop = threading.Event()
+        self.reopened = 0
+
+    def _open(self, index: int) -> list:
+        sock = socket.create_connection((HOST, self.port), timeout=5)
+        sock.setblocking(False)
+        script = self.HEAD if index % 2 else self.BODY
+        # A body client sends its head at once, then dribbles the body.
+        sent = script.index(b"\r\n\r\n") + 4 if script is self.BODY else 0
+        if sent:
+            sock.sendall(script[:sent])
+        return [sock, script, sent]
+
+    def run(self) -> None:
+        clients = [self._open(index) for index in range(self.count)]
+        while not self.stop.wait(self.interval):
+            for index, client in enumerate(clients):
+                sock, script, sent = client
+                try:
+                    if sock.recv(65536, socket.MSG_PEEK) is not None:  # an answer or a close: cut off
+                        raise ConnectionError
+                except BlockingIOError:
+                    try:
+                        sock.send(script[sent:sent + 1])
+                        client[2] = sent + 1 if sent + 1 < len(script) else sent
+                        continue
+                    except OSError:
+                        pass
+                except OSError:
+                    pass
+                sock.close()
+                self.reopened += 1
+                try:
+                    clients[index] = self._open(index)
+                except OSError:
+                    clients[index] = [socket.socket(), b"", 0]
+        for sock, _, _ in clients:
+            sock.close()

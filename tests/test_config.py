@@ -1,3 +1,5 @@
+import time
+
 import pytest
 from omegaconf import OmegaConf
 
@@ -131,3 +133,29 @@ def test_shipped_blocks_renamed_on_the_command_line_build(overrides):
     optimizer = build_optimizer(cfg.optimizer, [torch.nn.Parameter(torch.zeros(1))])
     build_scheduler(cfg.scheduler, optimizer, updates_per_epoch=2, epochs=2)
     build_loss(cfg.loss)
+
+
+@pytest.mark.parametrize("members", [["self"], ["a", "b"]], ids=["lists itself", "two list each other"])
+def test_a_cycle_of_ensembles_is_refused_at_once_naming_it(tmp_path, members):
+    files = {name: tmp_path / f"{name}.yaml" for name in ("self", "a", "b")}
+    others = {"self": "self", "a": "b", "b": "a"}
+    for name, path in files.items():
+        member = files[others[name]]
+        write(path, f"experiment: {name}\npaths:\n  experiment_dir: out/{name}\nensemble:\n  members:\n"
+                    f"    - config: {member}\n    - config: {member}\n")
+    started = time.monotonic()
+    with pytest.raises(ConfigError, match="ensemble configs form a cycle") as caught:
+        load_config(files[members[0]])
+    assert time.monotonic() - started < 2
+    message = str(caught.value)
+    assert len(message) < 1000 and all(str(files[name]) in message for name in members)
+
+
+@pytest.mark.parametrize("name", ["../../../outside", "a/b", "..", "x/../..", "/abs", "a\\b", ""])
+def test_an_experiment_name_must_be_a_plain_name(chain, name):
+    with pytest.raises(ConfigError, match="not a plain name"):
+        load_config(chain, [f"experiment={name}"] if name else ["experiment=''"])
+
+
+def test_plain_experiment_names_pass(chain):
+    assert load_config(chain, ["experiment=siim_unet-r34.v2"]).experiment == "siim_unet-r34.v2"

@@ -14,6 +14,8 @@ import hashlib
 import json
 import math
 import os
+import re
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence, cast
@@ -26,6 +28,10 @@ from pneumoseg.io import write_text
 
 BASE_KEY = "base"
 DEFAULT_CONFIG = Path("configs/demo.yaml")
+_PLAIN_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+"""An experiment name: it names a folder under ``paths.output_root``, so no separators and no ``..``."""
+# The ensemble files being loaded, outermost first: a member that leads back to one of them is a cycle.
+_ENSEMBLES_LOADING: ContextVar[tuple[Path, ...]] = ContextVar("ensembles_loading", default=())
 
 
 def load_config(path: str | os.PathLike = DEFAULT_CONFIG, overrides: Sequence[str] = ()) -> DictConfig:
@@ -39,8 +45,8 @@ def load_config(path: str | os.PathLike = DEFAULT_CONFIG, overrides: Sequence[st
         A resolved, read-only DictConfig.
 
     Raises:
-        ConfigError: a missing or malformed file, a cycle of bases, an unknown key, or an interpolation
-            that does not resolve.
+        ConfigError: a missing or malformed file, a cycle of bases or of ensembles, an unknown key, an
+            interpolation that does not resolve, or an experiment name that is not a plain name.
     """
     cfg = _load_chain(Path(path), chain=())
     cfg = apply_overrides(cfg, overrides)
@@ -49,9 +55,34 @@ def load_config(path: str | os.PathLike = DEFAULT_CONFIG, overrides: Sequence[st
     except OmegaConfBaseException as exc:
         raise ConfigError(f"config {path}: {exc}") from None
     OmegaConf.set_readonly(cfg, True)
+    _check_experiment_name(cfg, path)
     if is_ensemble(cfg):
-        ensemble_members(cfg, origin=str(path))  # a bad member fails now, naming this file
+        _check_members_of(cfg, Path(path))
     return cfg
+
+
+def _check_experiment_name(cfg: DictConfig, path: str | os.PathLike) -> None:
+    """Refuse an ``experiment`` that is not a plain name (it names the experiment's folder under ``output/``)."""
+    name = cfg.get("experiment")
+    if name is not None and (not _PLAIN_NAME.match(str(name)) or ".." in str(name)):
+        raise ConfigError(f"config {path}: experiment {name!r} is not a plain name; use letters, digits, '_', '-' "
+                          f"and '.' only (no '/', no '..'): it names the experiment's folder under "
+                          f"paths.output_root")
+
+
+def _check_members_of(cfg: DictConfig, path: Path) -> None:
+    """Load the members of the ensemble ``cfg`` (a bad member fails now, naming ``path``), refusing at once a
+    member that leads back to an ensemble being loaded."""
+    chain, here = _ENSEMBLES_LOADING.get(), path.resolve()
+    if here in chain:
+        cycle = " -> ".join(str(step) for step in (*chain[chain.index(here):], here))
+        raise ConfigError(f"ensemble configs form a cycle: {cycle}; an ensemble's members must be single "
+                          f"experiments")
+    token = _ENSEMBLES_LOADING.set((*chain, here))
+    try:
+        ensemble_members(cfg, origin=str(path))
+    finally:
+        _ENSEMBLES_LOADING.reset(token)
 
 
 def _load_chain(path: Path, chain: tuple[Path, ...]) -> DictConfig:

@@ -90,7 +90,7 @@ def sweep_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
             match = _TEMP_RE.match(entry.name) if entry.name.startswith(".") else None
             if match is None or not entry.is_file(follow_symlinks=False):
                 continue
-            dead = match["host"] == _HOST and not _process_alive(int(match["pid"]))
+            dead = match["host"] == _HOST and not process_alive(int(match["pid"]))
             try:
                 if dead or now - entry.stat(follow_symlinks=False).st_mtime > STALE_AFTER_S:
                     os.unlink(entry.path)
@@ -100,7 +100,8 @@ def sweep_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
     return removed
 
 
-def _process_alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """True while a process of this id exists on this host (whoever owns it)."""
     try:
         os.kill(pid, 0)  # signal 0: only checks that the process exists
     except (ProcessLookupError, OverflowError):  # gone, or a number no process can have

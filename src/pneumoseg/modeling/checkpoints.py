@@ -76,14 +76,43 @@ def load_checkpoint(path: str | os.PathLike, fix: str | None = None) -> dict[str
     return checkpoint
 
 
+MAX_TABLE_BYTES = 1 << 20
+"""Largest ``checkpoints.csv`` read (a few rows of a few dozen bytes each): a file from elsewhere (a SageMaker job's
+archive, say) is refused before it costs memory."""
+
+
 def best_files(folder: str | os.PathLike) -> list[Path]:
-    """The ``best_<rank>.pt`` files of a fold folder, best first (by the ranks in checkpoints.csv or the names)."""
+    """The ``best_<rank>.pt`` files of a fold folder, best first (by the ranks in checkpoints.csv or the names).
+
+    Raises:
+        DataError: a ``checkpoints.csv`` that is too large, not UTF-8 CSV, lacks integer ``rank`` or ``file``
+            columns, or names anything but ``best_<rank>.pt`` files.
+    """
     folder = Path(folder)
     table = folder / CHECKPOINTS_FILE
     if table.is_file():
-        rows = pd.read_csv(table).sort_values("rank")
-        return [folder / name for name in rows["file"] if (folder / name).is_file()]
+        names = _ranked_names(table)
+        return [folder / name for name in names if (folder / name).is_file()]
     found = [(int(m.group(1)), p) for p in folder.glob("best_*.pt") if (m := BEST_PATTERN.match(p.name))]
     return [p for _, p in sorted(found)]
+
+
+def _ranked_names(table: Path) -> list[str]:
+    """The ``file`` column of ``checkpoints.csv`` by ``rank``, each name checked (see :func:`best_files`)."""
+    fix = f"{retrain_hint(table)}, or copy {table.parent} again"
+    if table.stat().st_size > MAX_TABLE_BYTES:
+        raise DataError(f"{table} has {table.stat().st_size} bytes, more than the {MAX_TABLE_BYTES} a checkpoint "
+                        f"table can need; {fix}")
+    try:
+        rows = pd.read_csv(table, encoding="utf-8", dtype={"file": str})
+        ranks = pd.to_numeric(rows["rank"], errors="raise")
+    except (ValueError, KeyError, TypeError, pd.errors.ParserError) as exc:  # pandas' EmptyDataError is a ValueError
+        raise DataError(f"{table} is not a checkpoint table with rank and file columns ({type(exc).__name__}: "
+                        f"{str(exc)[:200]}); {fix}") from None
+    names = list(rows.assign(rank=ranks).sort_values("rank")["file"])
+    bad = [name for name in names if not (isinstance(name, str) and BEST_PATTERN.match(name))]
+    if bad:
+        raise DataError(f"{table} names {bad[:3]!r}, not best_<rank>.pt files of its folder; {fix}")
+    return names
 
 

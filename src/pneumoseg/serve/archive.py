@@ -23,6 +23,11 @@ MAX_MEMBERS = 10_000
 """The most entries an archive may hold (a package has about a hundred: its source files and weights)."""
 MAX_EXTRACTED_BYTES = 16 << 30
 """The most bytes its files may hold together, 16 GiB (five folds of a large encoder are about 1.5 GB)."""
+MAX_INFLATION = 100
+"""Past :data:`INFLATION_ALLOWANCE`, an archive's files may hold at most this many times the archive's own size:
+weights barely compress and logs about tenfold, while a decompression bomb inflates a thousandfold."""
+INFLATION_ALLOWANCE = 256 << 20
+"""Bytes any archive may inflate to, whatever its size."""
 
 
 @dataclass(frozen=True)
@@ -84,16 +89,20 @@ def extract_archive(archive_path: Path, folder: Path, max_members: int = MAX_MEM
     Raises:
         DataError: the archive is missing, unreadable or truncated, or holds anything but regular files and
             folders with names :func:`check_relative_name` accepts, a name twice, a file where a folder is needed,
-            or more than ``max_members`` entries or ``max_bytes`` bytes. Nothing is written unless every entry
-            passes.
+            more than ``max_members`` entries or ``max_bytes`` bytes, more than :data:`MAX_INFLATION` times its own
+            size (past :data:`INFLATION_ALLOWANCE`), or more than the disk has free. Nothing is written unless every
+            entry passes.
     """
     what = f"{kind.noun} {archive_path}"
     if not Path(archive_path).is_file():
         raise DataError(f"{what} not found; {kind.fix}")
     written = []
     try:
+        inflated = INFLATION_ALLOWANCE + MAX_INFLATION * Path(archive_path).stat().st_size
         with tarfile.open(archive_path, "r:*") as archive:
-            for member in _checked_members(archive, what, max_members, max_bytes, kind):
+            members = _checked_members(archive, what, max_members, min(max_bytes, inflated), kind)
+            _check_free_space(members, folder, what)
+            for member in members:
                 name = _under(member.name, prefix)
                 if name is None:
                     continue
@@ -150,12 +159,22 @@ def _checked_members(archive: tarfile.TarFile, what: str, max_members: int, max_
             raise DataError(f"{what}: {name!r} lies under a file of the same archive; {kind.fix}")
         total += member.size if member.isreg() else 0
         if total > max_bytes:
-            raise DataError(f"{what}: its files hold more than {max_bytes} bytes; {kind.fix}")
+            raise DataError(f"{what}: its files hold more than {max_bytes} bytes (the most for an archive of its "
+                            f"size: {MAX_INFLATION} times it, past {INFLATION_ALLOWANCE >> 20} MiB, up to "
+                            f"{MAX_EXTRACTED_BYTES >> 30} GiB): it is damaged or a decompression bomb; {kind.fix}")
         names.add(name)
         if member.isreg():
             files.add(name)
         members.append(member)
     return members
+
+
+def _check_free_space(members: list[tarfile.TarInfo], folder: Path, what: str) -> None:
+    """Refuse an archive whose files need more than the disk under ``folder`` has free."""
+    needed = sum(member.size for member in members if member.isreg())
+    free = shutil.disk_usage(folder).free
+    if needed > free:
+        raise DataError(f"{what}: its files need {needed} bytes, but {folder} has {free} free; free some space")
 
 
 def _kind(member: tarfile.TarInfo) -> str:

@@ -366,7 +366,27 @@ def answer(model: ServingModel, body: bytes, content_type: str | None, accept: s
     """
     try:
         negotiate(accept)  # an unacceptable Accept is refused before the prediction, not after it
-        payload, response_type = output_fn(predict(input_fn(body, content_type), model), accept)
+        data = input_fn(body, content_type)
+    except RequestError as exc:
+        return int(exc.status), error_body(exc.status, str(exc)), JSON
+    return respond(model, data, accept, predict)
+
+
+def respond(model: ServingModel, data: ImageInput, accept: str | None,
+            predict: Callable[[ImageInput, ServingModel], Result] = predict_fn) -> tuple[int, bytes, str]:
+    """Predict a decoded request and encode the answer (the second half of :func:`answer`); never raises.
+
+    Args:
+        model: the loaded package.
+        data: what :func:`input_fn` decoded.
+        accept: the request's ``Accept`` (see :func:`negotiate`).
+        predict: :func:`predict_fn`, or a caller's wrapper of it.
+
+    Returns:
+        ``(HTTP status, body, content type)``, as :func:`answer` does.
+    """
+    try:
+        payload, response_type = output_fn(predict(data, model), accept)
     except RequestError as exc:
         return int(exc.status), error_body(exc.status, str(exc)), JSON
     except Exception as exc:  # a failure of the model must not take the server down: answer 500, log it

@@ -23,29 +23,35 @@ import gzip
 import hashlib
 import io
 import json
+import logging
+import math
 import os
 import re
+import shutil
 import tarfile
 import tempfile
 from dataclasses import asdict, dataclass
 from importlib.metadata import version as installed_version
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from pneumoseg import __version__
-from pneumoseg.errors import DataError
+from pneumoseg.data.resize import INTERPOLATIONS
+from pneumoseg.data.rle import FORMATS
+from pneumoseg.errors import ConfigError, DataError
 from pneumoseg.inference.predictor import EnsemblePredictor, Predictor
 from pneumoseg.inference.fold_models import load_model
-from pneumoseg.inference.tta import TTA
-from pneumoseg.io import content_hash, read_json
+from pneumoseg.inference.tta import SIZE_MULTIPLE, TTA
+from pneumoseg.io import content_hash, process_alive, read_json
 from pneumoseg.postprocess.strategies import load_postprocessor
 from pneumoseg.modeling.device import resolve_device
 from pneumoseg.serve.archive import check_relative_name, extract_archive, file_inside
 from pneumoseg.stage_table import command
 
+log = logging.getLogger(__name__)
 
 MANIFEST_FILE = "manifest.json"
 THRESHOLDS_FILE = "thresholds.json"
@@ -87,6 +93,113 @@ _PREDICTOR_KEYS = ("tta", "interpolation", "batch_size", "amp")
 _MEMBER_KEYS = ("name", "weight", "models", *_PREDICTOR_KEYS)
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 
+# ---------------------------------------------------------------------------------------------------------
+# The schema of a manifest's settings: every value is checked before anything is built from it.
+
+MAX_BATCH_SIZE = 256
+"""Images per forward pass at most (stage 05 uses 16 or fewer)."""
+MAX_VIEW_SIDE = 4096
+"""Largest side of an image the models see, at the package's size times a TTA scale."""
+SCALE_RANGE = (0.25, 4.0)
+"""A TTA scale's bounds."""
+MAX_SCALES = 8
+AMP_MODES = (None, "auto", "fp16", "bf16")
+
+Check = Callable[[Any], "str | None"]
+"""A schema entry: None for a good value, else what the value should be."""
+
+
+def _integer(low: int, high: int) -> Check:
+    return lambda value: (None if isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+                          else f"an integer in {low}..{high}")
+
+
+def _one_of(choices) -> Check:
+    return lambda value: None if any(value == c and type(value) is type(c) for c in choices) else \
+        f"one of {', '.join(map(repr, choices))}"
+
+
+def _text(value: Any) -> str | None:
+    return None if isinstance(value, str) and 0 < len(value) <= 200 else "a string of 1 to 200 characters"
+
+
+def _scale(value: Any) -> str | None:
+    low, high = SCALE_RANGE
+    good = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return None if good and low <= value <= high else f"a number in {low:g}..{high:g}"
+
+
+def _scales(value: Any) -> str | None:
+    if not isinstance(value, list) or not 1 <= len(value) <= MAX_SCALES:
+        return f"a list of 1 to {MAX_SCALES} scales"
+    return next((f"a list of numbers in {SCALE_RANGE[0]:g}..{SCALE_RANGE[1]:g}" for scale in value if _scale(scale)),
+                None)
+
+
+_TTA_SCHEMA: dict[str, Check] = {"hflip": _one_of((True, False)), "vflip": _one_of((True, False)), "scales": _scales}
+# How a predictor predicts: at the top of a single experiment's manifest, in each member of an ensemble's.
+_PREDICTOR_SCHEMA: dict[str, Check] = {
+    "image_size": _integer(SIZE_MULTIPLE, MAX_VIEW_SIDE),
+    "interpolation": _one_of(tuple(INTERPOLATIONS)),
+    "batch_size": _integer(1, MAX_BATCH_SIZE),
+    "amp": _one_of(AMP_MODES),
+}
+_MANIFEST_SCHEMA: dict[str, Check] = {"name": _text, "version": _text, "fmt": _one_of(FORMATS)}
+
+
+def _check_schema(settings: dict, schema: dict[str, Check], prefix: str, path: Path) -> None:
+    """Check the keys of ``schema`` that ``settings`` has.
+
+    Raises:
+        DataError: naming the key (``prefix`` + key), its value and what it should be.
+    """
+    for key, check in schema.items():
+        if key in settings and (expected := check(settings[key])) is not None:
+            raise DataError(f"{path}: {prefix}{key} is {_shown(settings[key])}, not {expected}; {REBUILD_HINT}")
+
+
+def _shown(value: Any) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _check_predictor_settings(settings: dict, prefix: str, path: Path) -> None:
+    """A manifest's (or an ensemble member's) prediction settings against :data:`_PREDICTOR_SCHEMA` and its TTA
+    against :data:`_TTA_SCHEMA`, every view at most :data:`MAX_VIEW_SIDE` pixels a side.
+
+    Raises:
+        DataError: naming the key.
+    """
+    _check_schema(settings, _PREDICTOR_SCHEMA, prefix, path)
+    tta = settings.get("tta")
+    if tta is None:
+        return
+    if not isinstance(tta, dict) or set(tta) - set(_TTA_SCHEMA):
+        raise DataError(f"{path}: {prefix}tta is {_shown(tta)}, not null or an object of "
+                        f"{', '.join(_TTA_SCHEMA)}; {REBUILD_HINT}")
+    _check_schema(tta, _TTA_SCHEMA, f"{prefix}tta.", path)
+    size = settings.get("image_size")
+    if size is not None and max(tta.get("scales") or [1.0]) * size > MAX_VIEW_SIDE:
+        raise DataError(f"{path}: {prefix}tta.scales {_shown(tta['scales'])} at image_size {size} make views over "
+                        f"{MAX_VIEW_SIDE} px a side; {REBUILD_HINT}")
+
+
+def _check_postprocess(block: Any, prefix: str, path: Path) -> None:
+    """A ``{name, params}`` post-processing block: a name and parameters that are finite numbers (or such blocks).
+
+    Raises:
+        DataError: naming the key.
+    """
+    if not (isinstance(block, dict) and isinstance(block.get("name"), str)
+            and isinstance(block.get("params", {}), dict)):
+        raise DataError(f"{path}: {prefix or 'the post-processing'} is {_shown(block)}, not a {{name, params}} block; "
+                        f"{REBUILD_HINT}")
+    for key, value in block.get("params", {}).items():
+        if isinstance(value, dict):
+            _check_postprocess(value, f"{prefix}params.{key}.", path)
+        elif isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise DataError(f"{path}: {prefix}params.{key} is {_shown(value)}, not a finite number; {REBUILD_HINT}")
+
 
 def read_manifest(model_dir: str | os.PathLike) -> dict:
     """The ``manifest.json`` of an extracted package, checked: every key :func:`load_package` reads, and each
@@ -115,6 +228,10 @@ def read_manifest(model_dir: str | os.PathLike) -> dict:
                 and _SHA256_RE.match(str(entry.get("sha256")))):
             raise DataError(f"{path}: the model entry {entry!r} lacks a file name or a sha256; {REBUILD_HINT}")
         check_relative_name(entry["file"], str(path))
+    _check_schema(manifest, _MANIFEST_SCHEMA, "", path)
+    _check_predictor_settings(manifest, "", path)
+    if "postprocess" in manifest:
+        _check_postprocess(manifest["postprocess"], "postprocess.", path)
     if "members" in manifest:
         _check_members(manifest, path)
     return manifest
@@ -131,10 +248,15 @@ def _check_members(manifest: dict, path: Path) -> None:
     if not isinstance(members, list) or not members:
         raise DataError(f"{path}: members must be a non-empty list; {REBUILD_HINT}")
     used = []
-    for member in members:
+    for index, member in enumerate(members):
         missing = [key for key in _MEMBER_KEYS if not isinstance(member, dict) or key not in member]
         if missing or not isinstance(member["models"], list) or not member["models"]:
-            raise DataError(f"{path}: the member entry {member!r} lacks {', '.join(missing) or 'model files'}; "
+            raise DataError(f"{path}: the member entry {_shown(member)} lacks {', '.join(missing) or 'model files'}; "
+                            f"{REBUILD_HINT}")
+        _check_schema(member, {"name": _text}, f"members[{index}].", path)
+        _check_predictor_settings(member, f"members[{index}].", path)
+        if not all(isinstance(name, str) for name in member["models"]):
+            raise DataError(f"{path}: members[{index}].models lists {_shown(member['models'])}, not file names; "
                             f"{REBUILD_HINT}")
         weight = member["weight"]
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight > 0:
@@ -181,7 +303,7 @@ def load_package(model_dir: str | os.PathLike, device: str = "auto") -> ServingM
     torch_device = resolve_device(device)
     models = {name: load_model(path, torch_device, fix=f"the package is damaged; {REBUILD_HINT}")
               for name, path in files.items()}
-    postprocessor = load_postprocessor(model_dir / THRESHOLDS_FILE)
+    postprocessor = _postprocessor(model_dir / THRESHOLDS_FILE)
     if "members" in manifest:
         specs = manifest["members"]
         members = [_predictor(spec, [models[name] for name in spec["models"]], postprocessor) for spec in specs]
@@ -195,16 +317,61 @@ def load_package(model_dir: str | os.PathLike, device: str = "auto") -> ServingM
                         fmt=str(manifest["fmt"]), manifest=manifest)
 
 
+def _postprocessor(path: Path):
+    """The package's post-processing (``thresholds.json``), checked like the manifest's block first.
+
+    Raises:
+        DataError: naming the file and what is wrong.
+    """
+    block = read_json(path, missing=f"{path} not found: the package is incomplete; {REBUILD_HINT}",
+                      invalid_fix=REBUILD_HINT)
+    _check_postprocess(block, "", path)
+    try:
+        return load_postprocessor(path)
+    except ConfigError as exc:  # a parameter out of its range
+        raise DataError(f"{path}: {exc}; {REBUILD_HINT}") from None
+
+
 def _predictor(settings: dict, models: list, postprocessor) -> Predictor:
     """The :class:`Predictor` of a manifest's (or an ensemble member's) prediction settings."""
     return Predictor(models, TTA.from_config(settings["tta"]), postprocessor, interpolation=settings["interpolation"],
                      batch_size=int(settings["batch_size"]), amp=settings["amp"])
 
 
+EXTRACTION_PREFIX = "pneumoseg-model-"
+"""The temporary folders of :func:`open_package` are ``pneumoseg-model-<pid>-<random>``: the process id tells a
+killed server's leftover from a live one's folder."""
+_EXTRACTION_RE = re.compile(rf"^{EXTRACTION_PREFIX}(\d+)-")
+
+
+def sweep_stale_extractions(folder: str | os.PathLike | None = None) -> list[Path]:
+    """Remove the extraction folders of :func:`open_package` left by processes that are gone (a server killed
+    while it ran), and return them. Folders of live processes, of other users, or without a process id are kept.
+
+    Args:
+        folder: where to look; default the temporary folder (``tempfile.gettempdir()``).
+    """
+    removed = []
+    for entry in Path(folder or tempfile.gettempdir()).glob(f"{EXTRACTION_PREFIX}*"):
+        match = _EXTRACTION_RE.match(entry.name)
+        try:
+            mine = entry.is_dir() and not entry.is_symlink() and entry.stat().st_uid == os.getuid()
+        except OSError:  # removed meanwhile
+            continue
+        if match and mine and not process_alive(int(match[1])):
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry)
+    if removed:
+        log.info("removed %d extraction folder(s) of stopped servers: %s", len(removed),
+                 ", ".join(str(path) for path in removed))
+    return removed
+
+
 @contextlib.contextmanager
 def open_package(path: str | os.PathLike) -> Iterator[Path]:
     """The folder of a model package: ``path`` itself when it is a folder; a ``model.tar.gz`` is extracted into a
-    temporary folder, removed when the block ends.
+    temporary folder named by this process (see :data:`EXTRACTION_PREFIX`), removed when the block ends; those
+    that killed processes left are removed first (:func:`sweep_stale_extractions`).
 
     Extraction takes only regular files and folders with plain relative names, within a member count and a
     size (see :mod:`pneumoseg.serve.archive`); anything else refuses the whole package before a file is written.
@@ -219,7 +386,8 @@ def open_package(path: str | os.PathLike) -> Iterator[Path]:
         return
     if not path.is_file():
         raise DataError(f"model package {path} not found; build it with {command('06')}")
-    with tempfile.TemporaryDirectory(prefix="pneumoseg-model-") as folder:
+    sweep_stale_extractions()
+    with tempfile.TemporaryDirectory(prefix=f"{EXTRACTION_PREFIX}{os.getpid()}-") as folder:
         extract_archive(path, Path(folder))
         yield Path(folder)
 

@@ -8,11 +8,17 @@ timer, the JSON form of the 400 that uvicorn sends for a request h11 refuses (ba
 ``Content-Length``, a malformed chunk size, ...), and a lingering close: a connection closed with a request body
 still arriving (a 413, say) is half-closed and what the client still sends is dropped unparsed for at most
 :data:`LINGER_SECONDS`, because closing a socket with unread data resets it and the client would lose the answer.
+
+Every connection also joins a :class:`ConnectionBudget`: past its limit of open connections (set below the
+process's file descriptors), the connection that has waited longest for a request head or a body is closed to
+make room, so that idle or slow clients can never leave the health check without a descriptor; a connection
+whose request is being answered is never closed so.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from http import HTTPStatus
 
 import h11
@@ -23,6 +29,82 @@ from pneumoseg.serve.handler import error_body
 log = logging.getLogger("pneumoseg.serve.server")
 
 LINGER_SECONDS = 2.0
+LOG_EVERY_SECONDS = 10.0
+"""Shortest time between two log lines about shed connections or failed accepts: a flood logs a count, not a line
+per connection."""
+
+
+class RateLimitedCount:
+    """A count of events logged as a warning at most once per :data:`LOG_EVERY_SECONDS`, with how many there were.
+
+    Args:
+        what: the events, for the log line (``"connections shed"``, say).
+        hint: what the operator can do about them, appended to the line.
+    """
+
+    def __init__(self, what: str, hint: str) -> None:
+        self.what, self.hint = what, hint
+        self.total = 0
+        self._unlogged = 0
+        self._logged_at = float("-inf")
+
+    def add(self, count: int = 1, detail: str = "") -> None:
+        """Count ``count`` more events; log them (and those not logged yet) unless a line was logged lately."""
+        self.total += count
+        self._unlogged += count
+        now = time.monotonic()
+        if now - self._logged_at >= LOG_EVERY_SECONDS:
+            log.warning("%d %s (%d in all)%s; %s", self._unlogged, self.what, self.total,
+                        f": {detail}" if detail else "", self.hint)
+            self._unlogged, self._logged_at = 0, now
+
+
+class ConnectionBudget:
+    """The open connections, least recently active first; past ``limit``, the least recently active one that is
+    waiting for a request head or body is closed (see the module docstring).
+
+    Args:
+        limit: open connections at most (the server sets it below the process's file descriptor limit).
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._open: dict[GuardedH11Protocol, None] = {}  # insertion order: least recently active first
+        self.shed = RateLimitedCount("idle or slow connections closed to keep descriptors free",
+                                     "raise the file descriptor limit (ulimit -n) or --max-connections if these are "
+                                     "real clients")
+
+    def __len__(self) -> int:
+        return len(self._open)
+
+    def opened(self, connection: GuardedH11Protocol) -> None:
+        """Count a new connection in, closing the least recently active waiting ones beyond the limit."""
+        self._open[connection] = None
+        if len(self._open) > self.limit:
+            self.shed_oldest(len(self._open) - self.limit)
+
+    def active(self, connection: GuardedH11Protocol) -> None:
+        """Mark ``connection`` as the most recently active (a request head has arrived, or its answer is sent)."""
+        if self._open.pop(connection, 0) is None:
+            self._open[connection] = None
+
+    def closed(self, connection: GuardedH11Protocol) -> None:
+        self._open.pop(connection, None)
+
+    def shed_oldest(self, count: int) -> int:
+        """Close up to ``count`` waiting connections, least recently active first -> how many were closed."""
+        victims: list[GuardedH11Protocol] = []
+        for connection in self._open:
+            if len(victims) == count:
+                break
+            if connection.waiting():
+                victims.append(connection)
+        for connection in victims:
+            self.closed(connection)
+            connection.transport.abort()
+        if victims:
+            self.shed.add(len(victims), f"{len(self._open)} open, limit {self.limit}")
+        return len(victims)
 
 
 class _LingeringClose:
@@ -51,7 +133,11 @@ class _LingeringClose:
         if self._protocol.conn.their_state is not h11.SEND_BODY or not self._transport.can_write_eof():
             self._transport.close()
             return
-        self._transport.write_eof()  # the answer is sent whole, then FIN
+        try:
+            self._transport.write_eof()  # the answer is sent whole, then FIN
+        except OSError:  # the client has gone already (ENOTCONN): nothing is left to linger for
+            self._transport.close()
+            return
         self._protocol.discard_input = True
         self._transport.resume_reading()
         self._protocol.loop.call_later(LINGER_SECONDS, self._transport.close)
@@ -62,12 +148,14 @@ class GuardedH11Protocol(H11Protocol):
 
     Args:
         header_timeout: seconds a client has to send a request's whole head.
+        budget: the server's open connections, which this one joins.
         **kwargs: uvicorn's own protocol arguments (``config``, ``server_state``, ``app_state``).
     """
 
-    def __init__(self, header_timeout: float, **kwargs) -> None:
+    def __init__(self, header_timeout: float, budget: ConnectionBudget, **kwargs) -> None:
         super().__init__(**kwargs)
         self.header_timeout = header_timeout
+        self.budget = budget
         self._head_deadline: asyncio.TimerHandle | None = None
         self.discard_input = False
 
@@ -75,6 +163,13 @@ class GuardedH11Protocol(H11Protocol):
         super().connection_made(_LingeringClose(transport, self))  # type: ignore[arg-type]
         # A fresh connection owes its first request at once: one that never sends a byte is cut off too.
         self._arm_head_deadline()
+        self.budget.opened(self)
+
+    def waiting(self) -> bool:
+        """True while the connection waits for its client (a request head or body, nothing being answered): it may
+        be closed to make room for another."""
+        return (self.conn.their_state in (h11.IDLE, h11.SEND_BODY) and self.conn.our_state in (h11.IDLE, h11.DONE)
+                and not self.transport.is_closing())
 
     def data_received(self, data: bytes) -> None:
         if self.discard_input:
@@ -85,14 +180,18 @@ class GuardedH11Protocol(H11Protocol):
         super().data_received(data)
         if self.conn.their_state is not h11.IDLE:
             self._cancel_head_deadline()
+            if waiting_for_head:
+                self.budget.active(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_head_deadline()
+        self.budget.closed(self)
         super().connection_lost(exc)
 
     def on_response_complete(self) -> None:
         # Until the next request's first byte, uvicorn's keep-alive timer bounds the idle connection.
         self._cancel_head_deadline()
+        self.budget.active(self)  # a client just served is the last to be closed to make room
         super().on_response_complete()
 
     def _arm_head_deadline(self) -> None:

@@ -14,10 +14,19 @@ the response). ``--model`` takes a ``model.tar.gz`` or the folder it extracts to
 Built on uvicorn (its h11 parser, the strictest about framing) and Starlette, as one event loop and a bounded
 pool of threads:
 
-* The loop parses every request and answers ``/ping`` itself; decoding, predicting and encoding run in
-  ``--workers`` threads (``--predictions`` of them predicting at once; PyTorch releases the GIL), so a slow
-  prediction never delays a ping. Past ``--max-queue`` requests waiting for a thread, more are answered 503 at
-  once, as are requests past ``--max-connections`` open connections (uvicorn's own plain-text 503).
+* The loop parses every request and answers ``/ping`` itself; decoding runs in ``--decoders`` threads of its own,
+  predicting and encoding in ``--workers`` threads (``--predictions`` of them predicting at once; PyTorch releases
+  the GIL), so a slow prediction never delays a ping. A decode that takes longer than ``--decode-seconds`` is
+  answered 400 at that moment (its thread finishes on its own; the readers bound their work), and while every
+  decoder is still busy with such overdue decodes new requests get 503 at once: a few costly images (decode
+  bombs) can hold neither the workers nor every decoder, and valid requests keep their latency. Past
+  ``--max-queue`` requests waiting for a thread, more are answered 503 at once, as are ``/invocations`` requests
+  past ``--max-inference`` open at once (sending their body, queued or running). The health check is never
+  counted: it is answered whatever the load.
+* Open connections are bounded by ``--max-connections`` (default: the process's file descriptor limit, raised to
+  its hard limit at start, less a reserve of :data:`FD_RESERVE`): past it, the connection that has waited longest
+  for a request head or body is closed, so idle and slow clients cannot take the descriptors a ping needs. Accepts
+  that fail all the same (descriptors used up elsewhere) are counted and logged at a bounded rate.
 * A request's head must arrive within ``--header-timeout`` seconds (408, then closed) and its body within
   ``--request-timeout`` (408); an idle kept-alive connection is closed after ``--keep-alive`` seconds.
 * Framing follows h11: conflicting ``Content-Length`` headers, a non-digit length, a malformed chunk size or an
@@ -37,9 +46,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import errno
 import functools
 import json
 import logging
+import os
+import resource
 import signal
 import socket
 import sys
@@ -60,10 +73,10 @@ from starlette.routing import Route
 
 from pneumoseg.logs import setup_logging
 from pneumoseg.errors import PneumosegError
-from pneumoseg.serve.handler import (JSON, ImageInput, RequestError, Result, answer, check_content_type,
-                                     error_body, predict_fn)
+from pneumoseg.serve.handler import (JSON, ImageInput, RequestError, Result, check_content_type, error_body,
+                                     input_fn, negotiate, predict_fn, respond)
 from pneumoseg.serve.package import ServingModel, load_package, open_package
-from pneumoseg.serve.protocol import GuardedH11Protocol
+from pneumoseg.serve.protocol import ConnectionBudget, GuardedH11Protocol, RateLimitedCount
 from pneumoseg.stage_table import command
 
 log = logging.getLogger(__name__)
@@ -72,6 +85,15 @@ PING = "/ping"
 INVOCATIONS = "/invocations"
 DRAIN_SECONDS = 25
 """Longest wait for the requests in flight after SIGTERM: SageMaker sends SIGKILL 30 s after it."""
+FD_RESERVE = 256
+"""File descriptors kept free of connections for everything else: the model's files and libraries (about 60 once
+loaded), logging, and the connections accepted in a turn of the event loop before the longest-waiting ones are
+closed (:data:`ACCEPTS_PER_TURN`)."""
+LISTEN_BACKLOG = 2048
+"""Connections the kernel queues for the server to accept."""
+ACCEPTS_PER_TURN = 64
+"""Connections accepted in one turn of the event loop, before the longest-waiting ones can be closed to make room
+(asyncio accepts as many as the backlog it is given, which would take every reserved descriptor at once)."""
 
 
 @dataclass(frozen=True)
@@ -81,12 +103,16 @@ class Limits:
     Attributes:
         max_body_bytes: larger request bodies are answered 413 (SageMaker's real-time limit by default).
         max_queue: requests that may wait for a worker thread; more are answered 503.
-        max_connections: open connections at most; requests beyond get 503.
+        max_inference: ``/invocations`` requests open at once (sending their body, queued or running); more are
+            answered 503. ``/ping`` is not counted.
+        max_connections: open connections at most, None for as many as the file descriptors allow (less
+            :data:`FD_RESERVE`); beyond, the connection that has waited longest for its client is closed.
     """
 
     max_body_bytes: int = 6 * 2 ** 20
     max_queue: int = 32
-    max_connections: int = 256
+    max_inference: int = 256
+    max_connections: int | None = None
 
 
 @dataclass(frozen=True)
@@ -111,8 +137,10 @@ class ServerSettings:
     Attributes:
         host: address to listen on (``0.0.0.0`` for every interface, as in a container).
         port: TCP port; 0 picks a free one.
-        workers: threads that decode, predict and encode requests.
+        workers: threads that predict and encode requests.
         predictions: requests predicting at once.
+        decoders: threads that decode request bodies.
+        decode_seconds: longest a request's decode may take; it is answered 400 after.
         limits: body size, queue and connection limits.
         timeouts: header, body and keep-alive timeouts.
     """
@@ -121,6 +149,8 @@ class ServerSettings:
     port: int = 8080
     workers: int = 4
     predictions: int = 1
+    decoders: int = 8
+    decode_seconds: float = 10.0
     limits: Limits = field(default_factory=Limits)
     timeouts: Timeouts = field(default_factory=Timeouts)
 
@@ -150,20 +180,30 @@ class InferenceService:
 
     Args:
         predictions: requests predicting at once.
-        workers: threads that run :meth:`invoke` for :meth:`submit`.
+        workers: threads that predict and encode for :meth:`submit` (and run :meth:`invoke`).
         max_queue: requests that may wait for one of them; :meth:`submit` answers 503 beyond.
+        decoders: threads that decode for :meth:`submit`; while all are busy past their budget, it answers 503.
+        decode_seconds: longest a decode may take in :meth:`submit`; the request is answered 400 after.
 
     Attributes:
         model: the loaded package; None until it is loaded (both endpoints answer 503 meanwhile).
     """
 
-    def __init__(self, predictions: int = 1, workers: int = 1, max_queue: int = 0) -> None:
+    def __init__(self, predictions: int = 1, workers: int = 1, max_queue: int = 0, decoders: int = 1,
+                 decode_seconds: float = 10.0) -> None:
         self.model: ServingModel | None = None
         self._slots = threading.BoundedSemaphore(predictions)
         self._workers = workers
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="pneumoseg-worker")
+        self._decoders = decoders
+        self._decode_pool = ThreadPoolExecutor(decoders, thread_name_prefix="pneumoseg-decoder")
+        self.decode_seconds = decode_seconds
         self._capacity = workers + max_queue
-        self._admitted = 0  # only touched on the event loop's thread
+        # Only touched on the event loop's thread: requests admitted, and the decodes still running past their
+        # budget (each holds its decoder until its thread ends).
+        self._admitted = 0
+        self._overdue: set[asyncio.Future] = set()
+        self._free_decoders: asyncio.Semaphore | None = None  # made on the event loop, at the first decode
 
     def ping(self) -> Reply:
         model = self.model
@@ -173,16 +213,54 @@ class InferenceService:
                                                 "version": model.version}).encode())
 
     async def submit(self, body: bytes, content_type: str | None, accept: str | None) -> Reply:
-        """:meth:`invoke` in a worker thread, or 503 at once when ``workers + max_queue`` requests are in."""
+        """Decode ``body`` in a decoder thread (:meth:`decode`), then predict and encode it in a worker thread; 503
+        at once when ``workers + max_queue`` requests are in."""
         if self._admitted >= self._capacity:
             return error_reply(HTTPStatus.SERVICE_UNAVAILABLE, f"the server already has {self._capacity} requests "
                                                                f"running or queued; retry shortly")
         self._admitted += 1
         try:
-            return await asyncio.get_running_loop().run_in_executor(self._pool, self.invoke, body, content_type,
-                                                                    accept)
+            data = await self.decode(body, content_type, accept)
+            if isinstance(data, Reply):
+                return data
+            return await asyncio.get_running_loop().run_in_executor(self._pool, self._respond, data, accept)
         finally:
             self._admitted -= 1
+
+    async def decode(self, body: bytes, content_type: str | None, accept: str | None) -> ImageInput | Reply:
+        """The decoded request, or its error answer: 400 for a body that does not decode or whose decode takes
+        longer than ``decode_seconds`` (its thread is left to finish, holding its decoder), 503 at once while every
+        decoder is held so. A request waits for a free decoder otherwise."""
+        if self.model is None:
+            return error_reply(HTTPStatus.SERVICE_UNAVAILABLE, "the model is still loading; retry when GET /ping "
+                                                               "answers 200")
+        if len(self._overdue) >= self._decoders:
+            return error_reply(HTTPStatus.SERVICE_UNAVAILABLE, f"all {self._decoders} decoders are busy with costly "
+                                                               f"images; retry shortly")
+        if self._free_decoders is None:
+            self._free_decoders = asyncio.Semaphore(self._decoders)
+        await self._free_decoders.acquire()
+        future = asyncio.get_running_loop().run_in_executor(self._decode_pool, _decode, body, content_type, accept)
+        future.add_done_callback(self._decoded)  # the decoder is freed when its thread ends, not at the budget
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), self.decode_seconds)
+        except TimeoutError:
+            self._overdue.add(future)
+            return error_reply(HTTPStatus.BAD_REQUEST, f"decoding the image took longer than the "
+                                                       f"{self.decode_seconds:g} s this server allows; send a "
+                                                       f"simpler encoding (baseline JPEG, PNG or uncompressed DICOM)")
+
+    def _decoded(self, future: asyncio.Future) -> None:
+        self._overdue.discard(future)
+        assert self._free_decoders is not None
+        self._free_decoders.release()
+        if not future.cancelled():
+            future.exception()  # retrieved: an overdue decode's failure has nobody left to answer
+
+    def _respond(self, data: ImageInput, accept: str | None) -> Reply:
+        model = self.model
+        assert model is not None  # decode answered 503 before the model was loaded
+        return Reply(*respond(model, data, accept, predict=self._predict))
 
     def invoke(self, body: bytes, content_type: str | None, accept: str | None) -> Reply:
         """Decode ``body``, predict and encode the answer as ``accept`` asks (the handler's :func:`answer`)."""
@@ -190,7 +268,8 @@ class InferenceService:
         if model is None:
             return error_reply(HTTPStatus.SERVICE_UNAVAILABLE, "the model is still loading; retry when GET /ping "
                                                                "answers 200")
-        return Reply(*answer(model, body, content_type, accept, predict=self._predict))
+        data = _decode(body, content_type, accept)
+        return data if isinstance(data, Reply) else Reply(*respond(model, data, accept, predict=self._predict))
 
     def _predict(self, data: ImageInput, model: ServingModel) -> Result:
         with self._slots:
@@ -212,6 +291,17 @@ class InferenceService:
     def close(self) -> None:
         """Wait for the threads' last requests and stop them."""
         self._pool.shutdown(wait=True)
+        self._decode_pool.shutdown(wait=False, cancel_futures=True)  # an overdue decode's answer is sent already
+
+
+def _decode(body: bytes, content_type: str | None, accept: str | None) -> ImageInput | Reply:
+    """The handler's :func:`input_fn` of ``body``, with an unacceptable ``Accept`` refused first; an error is its
+    answer."""
+    try:
+        negotiate(accept)
+        return input_fn(body, content_type)
+    except RequestError as exc:
+        return error_reply(exc.status, str(exc))
 
 
 def head_rejection(request: Request, max_body_bytes: int) -> Reply | None:
@@ -298,15 +388,25 @@ def build_app(service: InferenceService, settings: ServerSettings) -> AccessLog:
     async def ping(request: Request) -> Response:
         return service.ping().response()
 
+    open_requests = 0  # /invocations requests between head and answer; only touched on the event loop's thread
+
     async def invocations(request: Request) -> Response:
+        nonlocal open_requests
         limits = settings.limits
+        if open_requests >= limits.max_inference:
+            return error_reply(HTTPStatus.SERVICE_UNAVAILABLE, f"the server already has {limits.max_inference} "
+                                                               f"requests open; retry shortly", close=True).response()
         rejection = head_rejection(request, limits.max_body_bytes)
         if rejection is not None:
             return rejection.response()
-        body = await read_body(request, limits.max_body_bytes, settings.timeouts.body)
-        if isinstance(body, Reply):
-            return body.response()
-        reply = await service.submit(body, request.headers.get("content-type"), request.headers.get("accept"))
+        open_requests += 1
+        try:
+            body = await read_body(request, limits.max_body_bytes, settings.timeouts.body)
+            if isinstance(body, Reply):
+                return body.response()
+            reply = await service.submit(body, request.headers.get("content-type"), request.headers.get("accept"))
+        finally:
+            open_requests -= 1
         return reply.response()
 
     async def http_error(request: Request, exc: HTTPException) -> Response:
@@ -327,16 +427,67 @@ def build_app(service: InferenceService, settings: ServerSettings) -> AccessLog:
     return AccessLog(app)
 
 
-def uvicorn_server(app, settings: ServerSettings) -> uvicorn.Server:
-    """The uvicorn server of ``app`` with ``settings``' limits and timeouts; it logs through this package's log."""
+def uvicorn_server(app, settings: ServerSettings, budget: ConnectionBudget) -> uvicorn.Server:
+    """The uvicorn server of ``app`` with ``settings``' timeouts, its connections in ``budget``; it logs through
+    this package's log. uvicorn's own connection cap stays off: it would count the health check and idle
+    connections too (the app caps ``/invocations`` itself)."""
     # uvicorn takes a protocol factory and a float keep-alive, though its annotations ask for a class and an int.
-    protocol: Any = functools.partial(GuardedH11Protocol, header_timeout=settings.timeouts.header)
+    protocol: Any = functools.partial(GuardedH11Protocol, header_timeout=settings.timeouts.header, budget=budget)
     keep_alive: Any = settings.timeouts.keep_alive
-    config = uvicorn.Config(app, http=protocol, lifespan="off", log_config=None, access_log=False, server_header=False,
-                            timeout_keep_alive=keep_alive,
-                            limit_concurrency=settings.limits.max_connections,
+    config = uvicorn.Config(app, http=protocol, loop="asyncio", lifespan="off", log_config=None, access_log=False,
+                            server_header=False, timeout_keep_alive=keep_alive, backlog=ACCEPTS_PER_TURN,
                             timeout_graceful_shutdown=DRAIN_SECONDS)
     return uvicorn.Server(config)
+
+
+def connection_limit(requested: int | None) -> int:
+    """The open connections the server allows: ``requested``, or as many as the file descriptors allow.
+
+    Raises the process's soft limit of file descriptors to its hard limit first (a container's default soft limit,
+    1024, would otherwise cap a busy server), then keeps :data:`FD_RESERVE` of them, and those open now, free.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        wanted = 1 << 20 if hard == resource.RLIM_INFINITY else hard
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+            soft = wanted
+    in_use = len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else 64
+    available = max(16, soft - in_use - FD_RESERVE)
+    if requested is not None and requested > available:
+        log.warning("--max-connections %d exceeds the %d connections the file descriptor limit (%d) allows; "
+                    "using %d", requested, available, soft, available)
+    return available if requested is None else min(requested, available)
+
+
+def accept_failure_handler(budget: ConnectionBudget):
+    """An event loop exception handler that counts failed accepts (out of descriptors or memory) and logs them at a
+    bounded rate instead of a traceback each, closing the longest-waiting connections to free descriptors; every
+    other exception goes to the loop's default handler."""
+    failures = RateLimitedCount("connections could not be accepted", "raise the file descriptor limit (ulimit -n)")
+    resources = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+
+    def handle(loop: asyncio.AbstractEventLoop, context: dict) -> None:
+        exc = context.get("exception")
+        if isinstance(exc, OSError) and exc.errno in resources and "accept" in context.get("message", ""):
+            budget.shed_oldest(max(1, FD_RESERVE // 8))
+            failures.add(1, os.strerror(exc.errno))
+            return
+        loop.default_exception_handler(context)
+
+    return handle
+
+
+async def serve(server: uvicorn.Server, listener: socket.socket, budget: ConnectionBudget) -> None:
+    """Run ``server`` on ``listener`` with :func:`accept_failure_handler` on its event loop, accepting at most
+    :data:`ACCEPTS_PER_TURN` connections a turn while the kernel queues :data:`LISTEN_BACKLOG`."""
+    asyncio.get_running_loop().set_exception_handler(accept_failure_handler(budget))
+    serving = asyncio.create_task(server.serve(sockets=[listener]))
+    while not server.started and not serving.done():
+        await asyncio.sleep(0.05)
+    if server.started:
+        listener.listen(LISTEN_BACKLOG)  # asyncio listened with uvicorn's backlog, the accepts per turn
+    await serving
 
 
 def parser() -> argparse.ArgumentParser:
@@ -352,15 +503,24 @@ def parser() -> argparse.ArgumentParser:
     result.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                         help="where the models run (default: a GPU when there is one)")
     result.add_argument("--workers", type=int, default=defaults.workers,
-                        help="threads decoding, predicting and encoding requests (default %(default)s)")
+                        help="threads predicting and encoding requests (default %(default)s)")
+    result.add_argument("--decoders", type=int, default=defaults.decoders,
+                        help="threads decoding request bodies; while all are busy, requests get 503 (default "
+                             "%(default)s)")
+    result.add_argument("--decode-seconds", type=float, default=defaults.decode_seconds,
+                        help="longest a request's decode may take; 400 after (default %(default)g)")
     result.add_argument("--predictions", type=int, default=defaults.predictions,
                         help="requests predicting at once (default %(default)s)")
     result.add_argument("--max-queue", type=int, default=limits.max_queue,
                         help="requests waiting for a worker at most; more get 503 (default %(default)s)")
     result.add_argument("--max-body-mb", type=float, default=limits.max_body_bytes / 2 ** 20,
                         help="largest request body in MiB; larger ones get 413 (default %(default)g)")
+    result.add_argument("--max-inference", type=int, default=limits.max_inference,
+                        help="/invocations requests open at once (sending, queued or running); more get 503 "
+                             "(default %(default)s)")
     result.add_argument("--max-connections", type=int, default=limits.max_connections,
-                        help="open connections at most; requests beyond get 503 (default %(default)s)")
+                        help="open connections at most; beyond, the one waiting longest for its client is closed "
+                             "(default: as many as the file descriptor limit allows)")
     result.add_argument("--header-timeout", type=float, default=timeouts.header,
                         help="seconds a client has to send a request's head; 408 after (default %(default)g)")
     result.add_argument("--request-timeout", type=float, default=timeouts.body,
@@ -373,8 +533,9 @@ def parser() -> argparse.ArgumentParser:
 def settings_from(args: argparse.Namespace) -> ServerSettings:
     """The :class:`ServerSettings` of parsed command-line arguments."""
     return ServerSettings(host=args.host, port=args.port, workers=args.workers, predictions=args.predictions,
+                          decoders=args.decoders, decode_seconds=args.decode_seconds,
                           limits=Limits(max_body_bytes=int(args.max_body_mb * 2 ** 20), max_queue=args.max_queue,
-                                        max_connections=args.max_connections),
+                                        max_inference=args.max_inference, max_connections=args.max_connections),
                           timeouts=Timeouts(header=args.header_timeout, body=args.request_timeout,
                                             keep_alive=args.keep_alive))
 
@@ -410,27 +571,32 @@ def main(argv: list[str] | None = None) -> int:
     when the model cannot be loaded or the port cannot be listened on."""
     arguments = parser()
     args = arguments.parse_args(argv)
-    for name in ("workers", "predictions", "max_connections"):
-        if getattr(args, name) < 1:
+    for name in ("workers", "predictions", "decoders", "max_inference", "max_connections"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             arguments.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.max_queue < 0:
         arguments.error("--max-queue must be at least 0")
+    if not args.decode_seconds > 0:
+        arguments.error("--decode-seconds must be more than 0")
     setup_logging()
     settings = settings_from(args)
-    service = InferenceService(settings.predictions, settings.workers, settings.limits.max_queue)
-    server = uvicorn_server(build_app(service, settings), settings)
+    service = InferenceService(settings.predictions, settings.workers, settings.limits.max_queue, settings.decoders,
+                               settings.decode_seconds)
+    budget = ConnectionBudget(connection_limit(settings.limits.max_connections))
+    server = uvicorn_server(build_app(service, settings), settings, budget)
     try:
-        listener = socket.create_server((settings.host, settings.port), backlog=2048)
+        listener = socket.create_server((settings.host, settings.port), backlog=LISTEN_BACKLOG)
     except OSError as exc:
         log.error("cannot listen on %s:%d: %s", settings.host, settings.port, exc)
         return 1
     host, port = listener.getsockname()[:2]
-    log.info("listening on http://%s:%d (GET %s, POST %s); loading %s", host, port, PING, INVOCATIONS, args.model)
+    log.info("listening on http://%s:%d (GET %s, POST %s; at most %d connections); loading %s", host, port, PING,
+             INVOCATIONS, budget.limit, args.model)
     failed = load_in_background(service, server, args.model, args.device)
     # uvicorn re-raises the signal that stopped it once it is done: this handler makes that a no-op.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: setattr(server, "should_exit", True))
-    server.run(sockets=[listener])
+    asyncio.run(serve(server, listener, budget))
     service.close()
     log.info("stopped")
     return 1 if failed.is_set() else 0

@@ -15,6 +15,7 @@ does. ``--force`` replaces a ``03_train/`` that is already there.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import shutil
 import tempfile
@@ -35,6 +36,40 @@ from pneumoseg.stages.train import STAGE_NAME, stage_record
 log = logging.getLogger(__name__)
 
 DESCRIPTION = "Unpack a SageMaker training job's model.tar.gz and output.tar.gz as this experiment's stage 03."
+MAX_RECORD_BYTES = 1 << 20
+"""Largest ``done.json`` read from a job's archive (stage 03 writes a few kilobytes)."""
+# The keys of stage 03's done.json that the import and later stages read, with the types they must have.
+_RECORD_TYPES = {"fingerprint": (str,), "sections": (list,), "inputs": (dict, type(None)), "summary": (dict,)}
+
+
+def _check_record(path: Path, output: Path) -> None:
+    """Check the job's ``done.json`` before anything reads it: a JSON object of at most :data:`MAX_RECORD_BYTES`,
+    in UTF-8, with a string ``fingerprint`` and, where present, ``sections`` (strings), ``inputs`` and ``summary``
+    of the types stage 03 writes.
+
+    Raises:
+        DataError: naming the file in ``output`` and what is wrong with it.
+    """
+    where = f"{path.name} of {output}"
+    if not path.is_file():
+        return  # the completeness check says that it is missing
+    if path.stat().st_size > MAX_RECORD_BYTES:
+        raise DataError(f"{where} has {path.stat().st_size} bytes, more than the {MAX_RECORD_BYTES} stage 03 "
+                        f"writes: this is not the job's output.tar.gz; download it again")
+    try:
+        record = json.loads(path.read_bytes().decode("utf-8"))
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError are both ValueErrors
+        raise DataError(f"{where} is not UTF-8 JSON ({type(exc).__name__}: {str(exc)[:200]}); download the job's "
+                        f"output.tar.gz again") from None
+    if not isinstance(record, dict) or "fingerprint" not in record:
+        raise DataError(f"{where} is not stage 03's completion record (a JSON object with a fingerprint); download "
+                        f"the job's output.tar.gz again")
+    wrong = [key for key, types in _RECORD_TYPES.items() if key in record and not isinstance(record[key], types)]
+    if "sections" in record and isinstance(record["sections"], list):
+        wrong += [] if all(isinstance(name, str) for name in record["sections"]) else ["sections"]
+    if wrong:
+        raise DataError(f"{where}: {', '.join(wrong)} {'is' if len(wrong) == 1 else 'are'} not of the type stage 03 "
+                        f"writes; download the job's output.tar.gz again")
 # The job's archives, as the safe extractor names and reads them (SageMaker packs them with ``./`` names).
 JOB_ARCHIVE = ArchiveKind("SageMaker archive", "download the job's archive again (from the job's S3 output path)",
                           dot_prefix=True)
@@ -84,6 +119,7 @@ def run(cfg: DictConfig, model: str | Path, output: str | Path, force: bool = Fa
     try:
         files = (extract_archive(output, staging, kind=JOB_ARCHIVE, prefix=folder.name)
                  + extract_archive(model, staging, kind=JOB_ARCHIVE))
+        _check_record(staging / DONE_FILE, output)
         folds = _check(staging, cfg, model, output)
         if folder.exists():
             shutil.rmtree(folder)
