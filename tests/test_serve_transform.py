@@ -67,8 +67,9 @@ def test_a_body_limit_past_the_asynchronous_limit_is_refused(capsys):
 @pytest.mark.slow
 def test_a_server_inside_a_transform_job(tmp_path, monkeypatch):
     _, package = make_package(tmp_path)
-    for name, value in {"SAGEMAKER_BATCH": "true", "SAGEMAKER_MAX_PAYLOAD_IN_MB": "2",
-                        "SAGEMAKER_MAX_CONCURRENT_TRANSFORMS": "6", "SAGEMAKER_BATCH_STRATEGY": "SINGLE_RECORD"}.items():
+    job = {"SAGEMAKER_BATCH": "true", "SAGEMAKER_MAX_PAYLOAD_IN_MB": "2", "SAGEMAKER_MAX_CONCURRENT_TRANSFORMS": "6",
+           "SAGEMAKER_BATCH_STRATEGY": "SINGLE_RECORD"}
+    for name, value in job.items():
         monkeypatch.setenv(name, value)
     with running_server(package, tmp_path / "server.log", "--workers", "2", "--max-queue", "0") as server:
         status, _, answer = call(server.port, "GET", "/execution-parameters")
