@@ -1,7 +1,8 @@
 """Stage 03 as a SageMaker training job, through AWS's real training toolkits run locally (tests/sagemaker_toolkit.py):
-the code-only source bundle as source_dir, a single-process job, a 2-process torch_distributed job on the CPU, and a
+the code-only source bundle as source_dir, a single-process job, a 2-process torch_distributed job on the CPU, a
 failing job whose failure file names the error, and a managed-spot job killed mid-fold that a second job, given the
-same checkpoint folder, continues to the weights of an uninterrupted job. Skipped where unshare or the toolkits cannot run."""
+same checkpoint folder, continues to the weights of an uninterrupted job. Skipped where unshare or the toolkits
+cannot run."""
 from __future__ import annotations
 
 import json
