@@ -47,7 +47,9 @@ def toolkit_venv() -> Path:
             raise Unavailable(f"cannot install the SageMaker toolkits ({' '.join(command)}): {result.stderr[-800:]}")
     target = Path(subprocess.check_output([str(VENV / "bin" / "python"), "-c",
                                            "import sysconfig; print(sysconfig.get_paths()['purelib'])"], text=True).strip())
-    (target / "pneumoseg-env.pth").write_text("\n".join(site.getsitepackages()) + "\n")
+    # Every site folder this environment sees, also those a layered environment adds (a .pth naming another venv).
+    folders = dict.fromkeys([*site.getsitepackages(), *(p for p in sys.path if p.endswith("site-packages"))])
+    (target / "pneumoseg-env.pth").write_text("\n".join(folders) + "\n")
     # The toolkit runs torchrun from PATH; this one runs with the toolkits' python.
     torchrun = VENV / "bin" / "torchrun"
     torchrun.write_text(f'#!/bin/sh\nexec "{VENV / "bin" / "python"}" -m torch.distributed.run "$@"\n')
@@ -101,17 +103,22 @@ exec "$@"
 """
 
 
-def _in_namespace(scratch: Path, command: list[str], env: dict[str, str], timeout: int) -> subprocess.CompletedProcess:
-    """Run ``command`` with ``scratch/opt_ml`` as ``/opt/ml`` and ``algo-1`` in ``/etc/hosts``, privately."""
+def _namespace_command(scratch: Path, command: list[str], env: dict[str, str]) -> tuple[list[str], dict[str, str]]:
+    """(argv, environment) that run ``command`` with ``scratch/opt_ml`` as ``/opt/ml`` and ``algo-1`` in
+    ``/etc/hosts``, privately."""
     for folder in ("upper", "work", "opt_ml"):
         (scratch / folder).mkdir(parents=True, exist_ok=True)
     (scratch / "hosts").write_text(Path("/etc/hosts").read_text() + f"\n127.0.0.1 {HOST}\n")
-    return subprocess.run(["unshare", "-m", "sh", "-c", _NAMESPACE_SCRIPT, "sh", *command],
-                          env={**env, "SCRATCH": str(scratch)}, capture_output=True, text=True, timeout=timeout)
+    return ["unshare", "-m", "sh", "-c", _NAMESPACE_SCRIPT, "sh", *command], {**env, "SCRATCH": str(scratch)}
 
 
-def run_job(scratch: Path, venv: Path, timeout: int = 600) -> subprocess.CompletedProcess:
-    """Run the container's ``train`` on ``scratch/opt_ml`` (made by :func:`layout_opt_ml`) as ``/opt/ml``."""
+def _in_namespace(scratch: Path, command: list[str], env: dict[str, str], timeout: int) -> subprocess.CompletedProcess:
+    argv, env = _namespace_command(scratch, command, env)
+    return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _job_command(scratch: Path, venv: Path) -> tuple[list[str], dict[str, str]]:
+    """The container's ``train`` on ``scratch/opt_ml`` (made by :func:`layout_opt_ml`) as ``/opt/ml``."""
     env = {**os.environ, "PATH": f"{venv / 'bin'}:{os.environ['PATH']}",
            "SAGEMAKER_TRAINING_MODULE": "sagemaker_pytorch_container.training:main",
            "PYTHONPATH": "/opt/ml/code/src",                 # the SDK's environment={"PYTHONPATH": ...}
@@ -119,7 +126,20 @@ def run_job(scratch: Path, venv: Path, timeout: int = 600) -> subprocess.Complet
            "NO_ALBUMENTATIONS_UPDATE": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     for name in ("VIRTUAL_ENV", "PYTHONHOME", "RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(name, None)
-    return _in_namespace(scratch, [str(venv / "bin" / "train")], env, timeout)
+    return _namespace_command(scratch, [str(venv / "bin" / "train")], env)
+
+
+def run_job(scratch: Path, venv: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run the container's ``train`` on ``scratch/opt_ml`` as ``/opt/ml`` to its end."""
+    argv, env = _job_command(scratch, venv)
+    return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def start_job(scratch: Path, venv: Path) -> subprocess.Popen:
+    """Start the same job in its own process group (``os.killpg`` stops all of it, as a spot interruption does)."""
+    argv, env = _job_command(scratch, venv)
+    return subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
 
 
 def check_namespace(scratch: Path) -> None:

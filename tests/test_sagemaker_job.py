@@ -1,11 +1,19 @@
 """Stage 03 as a SageMaker training job, through AWS's real training toolkits run locally (tests/sagemaker_toolkit.py):
-the code-only source bundle as source_dir, a single-process job, a 2-process torch_distributed job on the CPU, and a
-failing job whose failure file names the error. Skipped where unshare or the toolkits cannot run."""
+the code-only source bundle as source_dir, a single-process job, a 2-process torch_distributed job on the CPU, a
+failing job whose failure file names the error, and a managed-spot job killed mid-fold that a second job, given the
+same checkpoint folder, continues to the weights of an uninterrupted job. Skipped where unshare or the toolkits
+cannot run."""
 from __future__ import annotations
 
+import json
+import os
+import re
+import shutil
+import signal
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 import sagemaker_toolkit as toolkit
@@ -85,3 +93,45 @@ def test_failing_job_names_the_error_as_its_failure_reason(job_inputs, tmp_path)
     reason = (opt_ml / "output" / "failure").read_text()
     assert reason.startswith("ConfigError: train.epochs must be at least 1, got 0"), reason
     assert reason.count("\n") == 1 and not (opt_ml / "output" / "success").exists()
+
+
+def _spot_job(job_inputs, scratch: Path, checkpoints: Path | None = None) -> Path:
+    """Lay out a 2-fold, 3-epoch job in ``scratch`` (without --force: a restarted spot job must not start over);
+    ``checkpoints``: a checkpoint folder to restore first, as SageMaker copies ``checkpoint_s3_uri`` back."""
+    _, tarball, prepared = job_inputs
+    opt_ml = scratch / "opt_ml"
+    toolkit.layout_opt_ml(opt_ml, {"config": "configs/tiny.yaml", "fold": "all", "data.image_size": SIZE,
+                                   "train.epochs": 3, "sagemaker_program": "scripts/03_train.py",
+                                   "sagemaker_submit_directory": str(tarball)}, {"train": prepared})
+    if checkpoints is not None:
+        shutil.copytree(checkpoints, opt_ml / "checkpoints")
+    return opt_ml
+
+
+def _final_weights(opt_ml: Path) -> dict[str, str]:
+    summaries = json.loads((opt_ml / "output" / "data" / "03_train" / "done.json").read_text())["summary"]
+    return {fold: summary["weights_sha256"] for fold, summary in summaries["fold_summaries"].items()}
+
+
+def test_a_spot_job_restarted_with_its_checkpoint_folder_ends_as_one_uninterrupted_job(job_inputs, tmp_path):
+    venv = job_inputs[0]
+    whole = _spot_job(job_inputs, tmp_path / "whole")
+    _assert_trained(toolkit.run_job(tmp_path / "whole", venv), whole)
+
+    interrupted = _spot_job(job_inputs, tmp_path / "interrupted")
+    fold0 = interrupted / "checkpoints" / "03_train" / "fold0"
+    job = toolkit.start_job(tmp_path / "interrupted", venv)
+    deadline = time.monotonic() + 600
+    while not (fold0 / "log.csv").is_file() or len((fold0 / "log.csv").read_text().splitlines()) < 3:
+        assert job.poll() is None and time.monotonic() < deadline, "the job ended before it could be interrupted"
+        time.sleep(0.05)
+    os.killpg(job.pid, signal.SIGKILL)                     # the spot instance is reclaimed mid-fold (epoch 2 of 3)
+    job.wait()
+    assert not (fold0 / "done.json").exists() and not (interrupted / "output" / "success").exists()
+
+    restarted = _spot_job(job_inputs, tmp_path / "restarted", checkpoints=interrupted / "checkpoints")
+    result = toolkit.run_job(tmp_path / "restarted", venv)
+    log = _assert_trained(result, restarted)
+    assert re.search(r"fold0/last.pt: resuming after epoch [12]\b", log), log[-3000:]
+    assert pd.read_csv(restarted / "output" / "data" / "03_train" / "fold0" / "log.csv")["epoch"].tolist() == [1, 2, 3]
+    assert _final_weights(restarted) == _final_weights(whole)

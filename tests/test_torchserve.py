@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import http.client
+import io
 import json
 import os
 import shutil
@@ -20,7 +21,9 @@ import tarfile
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from conftest import ROOT
 from fake_experiment import make_package
@@ -31,6 +34,7 @@ REQUIREMENTS = ROOT / "tests" / "requirements-torchserve.txt"
 VENV = ROOT / ".venv-torchserve"
 HOST = "127.0.0.1"
 STARTUP_SECONDS = 240
+MAX_REQUEST_BYTES = 16 * 2 ** 20
 
 
 def _free_port() -> int:
@@ -54,7 +58,10 @@ def stack_python() -> Path:
             # The project's environment behind this one: its torch (gigabytes) is reused, not downloaded again.
             site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                                   check=True, capture_output=True, text=True).stdout.strip()
-            Path(site, "pneumoseg_project_env.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+            # Every site folder of this environment, also those a layered environment adds through a .pth.
+            folders = dict.fromkeys([sysconfig.get_paths()["purelib"],
+                                     *(p for p in sys.path if p.endswith("site-packages"))])
+            Path(site, "pneumoseg_project_env.pth").write_text("\n".join(folders) + "\n")
             subprocess.run([str(python), "-m", "pip", "install", "-q", "-r", str(REQUIREMENTS)], check=True,
                            capture_output=True, timeout=600)
         except (subprocess.SubprocessError, OSError) as exc:
@@ -89,7 +96,9 @@ def torchserve(stack_python, tmp_path_factory):
     (root / "tmp").mkdir()
     env = {**os.environ, "PATH": f"{stack_python.parent}:{os.environ['PATH']}", "TMPDIR": str(root / "tmp"),
            "PYTHONPATH": str(model_dir / "code"), "NO_ALBUMENTATIONS_UPDATE": "1", "HF_HUB_OFFLINE": "1",
-           "SAGEMAKER_BASE_DIR": str(root), "OMP_NUM_THREADS": "1"}
+           "SAGEMAKER_BASE_DIR": str(root), "OMP_NUM_THREADS": "1",
+           # The README's Batch Transform recipe: TorchServe's own body limit (6,553,500 bytes) raised.
+           "TS_MAX_REQUEST_SIZE": str(MAX_REQUEST_BYTES), "TS_MAX_RESPONSE_SIZE": str(MAX_REQUEST_BYTES)}
     log = root / "torchserve.log"
     with open(log, "w") as out:
         process = subprocess.Popen([str(stack_python.parent / "torchserve"), "--start", "--foreground",
@@ -117,13 +126,14 @@ def _call(port: int, method: str, path: str, body: bytes | None = None, headers:
         conn.close()
 
 
-def _until_answered(process, port: int, log: Path, body: bytes) -> tuple[int, bytes]:
+def _until_answered(process, port: int, log: Path, body: bytes,
+                    content_type: str = "application/dicom") -> tuple[int, bytes]:
     """The first real answer to ``body`` (TorchServe answers ping, and queues requests, while the model loads)."""
     deadline = time.monotonic() + STARTUP_SECONDS
     while time.monotonic() < deadline:
         assert process.poll() is None, f"TorchServe exited:\n{log.read_text()[-5000:]}"
         if _call(port, "GET", "/ping", timeout=5)[0] == 200:
-            status, answer = _call(port, "POST", "/invocations", body, {"Content-Type": "application/dicom"})
+            status, answer = _call(port, "POST", "/invocations", body, {"Content-Type": content_type})
             if status not in (0, 503):
                 return status, answer
         time.sleep(1)
@@ -135,6 +145,27 @@ def _java_child(process: subprocess.Popen) -> int:
     children = Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()
     assert children, "TorchServe started no Java process"
     return int(children[0])
+
+
+def _noise_png(side: int, seed: int) -> bytes:
+    """A PNG of noise, about ``side * side`` bytes (noise barely compresses)."""
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (side, side), dtype=np.uint8)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def test_a_transform_s_records_and_a_body_past_torchserve_s_default_limit(torchserve):
+    """Records one after another, as a Batch Transform sends them, each answered on one JSON line; a 7 MB record
+    passes because the environment sets TS_MAX_REQUEST_SIZE (TorchServe's default refuses it)."""
+    process, port, log = torchserve
+    large = _noise_png(2700, 0)
+    assert len(large) > 6_553_500
+    records = [_noise_png(300, seed) for seed in range(1, 4)] + [large]
+    _until_answered(process, port, log, records[0], "image/png")
+    answers = [_call(port, "POST", "/invocations", body, {"Content-Type": "image/png"}) for body in records]
+    assert [status for status, _ in answers] == [200] * 4, answers[-1][1][:500]
+    lines = b"\n".join(body for _, body in answers).decode().splitlines()           # AssembleWith: Line
+    assert [json.loads(line)["width"] for line in lines] == [300, 300, 300, 2700]
 
 
 def test_the_package_in_torchserve_with_the_sagemaker_toolkit(torchserve, siim_dir):

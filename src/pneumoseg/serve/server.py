@@ -40,6 +40,10 @@ pool of threads:
   (corrupt DICOM, truncated PNG, ...), 406 for an unsupported ``Accept``, 500 for a failure of the model, which is
   logged with its traceback; no request can stop the server.
 * One log line per request: client, request line, status, bytes in and out, milliseconds from arrival to answer.
+* ``GET /execution-parameters`` answers a Batch Transform job (:mod:`pneumoseg.serve.transform`); inside one
+  (``SAGEMAKER_BATCH``) the body limit is the job's ``SAGEMAKER_MAX_PAYLOAD_IN_MB`` and the queue takes its
+  ``SAGEMAKER_MAX_CONCURRENT_TRANSFORMS``. A JSON answer is one line, so ``AssembleWith: Line`` joins a job's
+  answers into a JSON Lines file.
 * SIGTERM (or Ctrl-C) stops accepting, lets the requests in flight finish (at most :data:`DRAIN_SECONDS`), exits 0.
 """
 from __future__ import annotations
@@ -59,7 +63,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from http import HTTPStatus
 from typing import Any
 
@@ -77,6 +81,8 @@ from pneumoseg.serve.handler import (JSON, ImageInput, RequestError, Result, che
                                      input_fn, negotiate, predict_fn, respond)
 from pneumoseg.serve.package import ServingModel, load_package, open_package
 from pneumoseg.serve.protocol import ConnectionBudget, GuardedH11Protocol, RateLimitedCount
+from pneumoseg.serve.transform import ASYNC_MAX_BODY_MB, EXECUTION_PARAMETERS, TransformJob, execution_parameters, \
+    transform_job
 from pneumoseg.stage_table import command
 
 log = logging.getLogger(__name__)
@@ -409,6 +415,10 @@ def build_app(service: InferenceService, settings: ServerSettings) -> AccessLog:
             open_requests -= 1
         return reply.response()
 
+    async def parameters(request: Request) -> Response:
+        answer = execution_parameters(settings.workers, settings.limits.max_body_bytes)
+        return Reply(HTTPStatus.OK, json.dumps(answer).encode()).response()
+
     async def http_error(request: Request, exc: HTTPException) -> Response:
         if exc.status_code == HTTPStatus.METHOD_NOT_ALLOWED:
             allowed = (exc.headers or {}).get("Allow", "")
@@ -422,7 +432,8 @@ def build_app(service: InferenceService, settings: ServerSettings) -> AccessLog:
         return response
 
     handlers: dict[Any, Any] = {HTTPException: http_error}     # starlette types a handler as taking any Exception
-    app = Starlette(routes=[Route(PING, ping, methods=["GET"]), Route(INVOCATIONS, invocations, methods=["POST"])],
+    app = Starlette(routes=[Route(PING, ping, methods=["GET"]), Route(INVOCATIONS, invocations, methods=["POST"]),
+                            Route(EXECUTION_PARAMETERS, parameters, methods=["GET"])],
                     exception_handlers=handlers)
     return AccessLog(app)
 
@@ -540,6 +551,21 @@ def settings_from(args: argparse.Namespace) -> ServerSettings:
                                             keep_alive=args.keep_alive))
 
 
+def within_transform(settings: ServerSettings, job: TransformJob | None) -> ServerSettings:
+    """``settings`` as a Batch Transform job needs them (None: unchanged): its payload limit as the body limit, and
+    a queue deep enough that the requests it sends at once are never answered 503.
+
+    Args:
+        settings: the settings of the command line.
+        job: the transform job of the environment (:func:`pneumoseg.serve.transform.transform_job`).
+    """
+    if job is None:
+        return settings
+    limits = replace(settings.limits, max_body_bytes=job.max_payload_mb * 2 ** 20,
+                     max_queue=max(settings.limits.max_queue, job.max_concurrent - settings.workers))
+    return replace(settings, limits=limits)
+
+
 def load_in_background(service: InferenceService, server: uvicorn.Server, model: str, device: str) -> threading.Event:
     """Load ``model`` into ``service`` in a thread (``/ping`` answers 503 meanwhile); on failure, log why and stop
     ``server``. Returns the event set on failure."""
@@ -578,8 +604,18 @@ def main(argv: list[str] | None = None) -> int:
         arguments.error("--max-queue must be at least 0")
     if not args.decode_seconds > 0:
         arguments.error("--decode-seconds must be more than 0")
+    if not 0 < args.max_body_mb <= ASYNC_MAX_BODY_MB:
+        arguments.error(f"--max-body-mb must be above 0 and at most {ASYNC_MAX_BODY_MB} (asynchronous inference's "
+                        "1 GB)")
     setup_logging()
-    settings = settings_from(args)
+    try:
+        job = transform_job(default_payload_mb=max(1, int(args.max_body_mb)), default_concurrent=args.workers)
+    except PneumosegError as exc:
+        log.error("%s", exc)
+        return 1
+    settings = within_transform(settings_from(args), job)
+    if job is not None:
+        log.info("in a Batch Transform job: records up to %d MB, %d at once", job.max_payload_mb, job.max_concurrent)
     service = InferenceService(settings.predictions, settings.workers, settings.limits.max_queue, settings.decoders,
                                settings.decode_seconds)
     budget = ConnectionBudget(connection_limit(settings.limits.max_connections))

@@ -62,6 +62,7 @@ from pneumoseg.io import content_hash, write_csv
 from pneumoseg.sagemaker.arguments import JobParser
 from pneumoseg.sagemaker.job import in_job
 from pneumoseg.sagemaker.outputs import export_outputs
+from pneumoseg.sagemaker.tuning import oof_line
 from pneumoseg.training.trainer import fit_fold
 from pneumoseg.stages.record import StageRecord, stored_summary
 
@@ -111,7 +112,10 @@ def run(cfg: DictConfig, force: bool = False, folds: Sequence[int] | str | None 
             summaries = _train_folds(record, data, requested, ctx, force, resume)
             complete = all(_fold_record(cfg, inputs, fold).is_complete() for fold in planned)
             if ctx.is_main and complete:
-                record.finish({"folds": planned, "fold_summaries": _stored_summaries(folder, planned)})
+                fold_summaries = _stored_summaries(folder, planned)
+                record.finish({"folds": planned, "fold_summaries": fold_summaries})
+                log.info(oof_line(_oof_dice(fold_summaries), sum(s["n_val"] for s in fold_summaries.values()),
+                                  list(planned)))
             elif ctx.is_main:
                 done = [f for f in planned if _fold_record(cfg, inputs, f).is_complete()]
                 log.info("%s: folds %s are done; the stage completes when all of train.folds %s are",
@@ -120,6 +124,12 @@ def run(cfg: DictConfig, force: bool = False, folds: Sequence[int] | str | None 
             export_outputs(folder, job_environ)
         ctx.barrier()
     return {"folds": summaries, "complete": complete}
+
+
+def _oof_dice(fold_summaries: dict[int, dict]) -> float:
+    """The competition dice over every held-out image: each fold's best ``val_dice`` weighted by its images."""
+    total = sum(s["n_val"] for s in fold_summaries.values())
+    return sum(s["best"]["val_dice"] * s["n_val"] for s in fold_summaries.values()) / max(total, 1)
 
 
 def _limit_torch_threads(threads: int | None) -> None:
