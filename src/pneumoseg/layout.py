@@ -50,7 +50,7 @@ from typing import Any, Iterable, Union
 
 from omegaconf import DictConfig
 
-from pneumoseg.errors import ConfigError
+from pneumoseg.errors import ConfigError, DataError
 
 Where = Union[DictConfig, str, os.PathLike]
 
@@ -64,6 +64,29 @@ _FOLDS = "folds.csv"
 _FOLD = "fold"
 _MASKS = "masks_"
 _ENSEMBLE = "ensemble.json"
+
+DONE_FILE = "done.json"
+"""What a stage writes last of all when it finishes (see :mod:`pneumoseg.stages.record`)."""
+
+
+def require_finished(folder: str | Path, stage_name: str, script: str) -> Path:
+    """Refuse to go on when an earlier stage has not finished in ``folder``.
+
+    Args:
+        folder: the earlier stage's folder, where its ``done.json`` must be.
+        stage_name: the earlier stage as the user knows it, e.g. ``"stage 03"``.
+        script: the script that finishes it, e.g. ``"scripts/03_train.py"``.
+
+    Returns:
+        The path of that ``done.json``.
+
+    Raises:
+        DataError: ``done.json`` is missing; the message names it and the script to run.
+    """
+    done = Path(folder) / DONE_FILE
+    if not done.is_file():
+        raise DataError(f"{stage_name} has not finished: {done} is missing. Run {script} first.")
+    return done
 
 
 def _prepared(where: Where) -> Path:

@@ -41,7 +41,8 @@ from pneumoseg.modeling.checkpoints import best_files
 from pneumoseg.data.dataset import ImageFiles, make_loader
 from pneumoseg.errors import ConfigError, DataError
 from pneumoseg.io import content_hash, write_json
-from pneumoseg.inference.predictor import EnsemblePredictor, Predictor, configured_postprocessor
+from pneumoseg.inference.experiment import build_predictor
+from pneumoseg.inference.predictor import EnsemblePredictor, Predictor
 from pneumoseg.evaluation.submission import score_submission, write_submission
 from pneumoseg.data.testset import image_sizes, test_set
 from pneumoseg.demo.layouts import TEST_LABELS
@@ -93,15 +94,6 @@ def _input_facts(cfg: DictConfig, test_labels: Path) -> dict[str, Any]:
     checkpoints = [path for m in members for path in _checkpoint_files(m.cfg)]
     return {"members": {m.name: fingerprint(m.cfg, SECTIONS) for m in members},
             **_file_facts(checkpoints + files + [layout.ensemble_path(cfg)])}
-
-
-def build_predictor(cfg: DictConfig, device: str | None = None) -> Predictor | EnsemblePredictor:
-    """The predictor of stages 05 and 06: the experiment's (:meth:`Predictor.from_experiment`), or an ensemble's
-    chosen members blended with the ensemble's post-processing (:meth:`EnsemblePredictor.from_experiments`)."""
-    if not is_ensemble(cfg):
-        return Predictor.from_experiment(cfg, device)
-    members = [(m.cfg, m.weight) for m in ensemble.chosen_members(cfg)]
-    return EnsemblePredictor.from_experiments(members, configured_postprocessor(cfg), device or cfg.predict.device)
 
 
 def run(cfg: DictConfig, force: bool = False) -> dict[str, Any]:

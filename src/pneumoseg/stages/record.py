@@ -19,31 +19,10 @@ from omegaconf import DictConfig
 from pneumoseg.config import fingerprint, save_config
 from pneumoseg.errors import DataError
 from pneumoseg.io import write_json
+# Defined with the paths, where inference reads them too; the stages import them from here as before.
+from pneumoseg.layout import DONE_FILE, require_finished as require_finished
 
 log = logging.getLogger(__name__)
-
-DONE_FILE = "done.json"
-
-
-def require_finished(folder: str | Path, stage_name: str, script: str) -> Path:
-    """Refuse to go on when an earlier stage has not finished in ``folder``.
-
-    Args:
-        folder: the earlier stage's folder, where its ``done.json`` must be.
-        stage_name: the earlier stage as the user knows it, e.g. ``"stage 03"``.
-        script: the script that finishes it, e.g. ``"scripts/03_train.py"``.
-
-    Returns:
-        The path of that ``done.json``.
-
-    Raises:
-        DataError: ``done.json`` is missing; the message names it and the script to run.
-    """
-    done = Path(folder) / DONE_FILE
-    if not done.is_file():
-        raise DataError(f"{stage_name} has not finished: {done} is missing. Run {script} first.")
-    return done
-
 
 def stored_summary(folder: str | Path) -> dict[str, Any]:
     """The summary a finished stage (or fold) left in ``folder/done.json``."""
