@@ -211,3 +211,23 @@ def test_bad_arguments_are_named(package, xrays, tmp_path, caplog):
     with pytest.raises(ConfigError, match="is a package"):
         with folder.open_model(package, ["tta.hflip=false"]):
             pass
+
+
+@pytest.mark.slow  # stages 00-02 and 05 on the tiny demo: about 20 s
+def test_the_demos_test_dicoms_get_exactly_the_masks_of_stage_05(tiny_cfg, tmp_path):
+    from pneumoseg.stages import convert, demo_data, predict, prepare_labels
+
+    cfg = tiny_cfg("postprocess.source=search")
+    for stage in (demo_data, convert, prepare_labels):
+        stage.run(cfg)
+    write_fake_training(cfg)
+    predict.run(cfg)
+    submission = {row.image_id: row.encoded for row in read_submission(layout.submission_path(cfg))[0]}
+
+    config = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+    assert folder.main(["--model", str(config), "--input", str(Path(cfg.paths.input_dir) / "dicom-images-test"),
+                        "--output", str(tmp_path / "out"), "--workers", "0", f"paths.input_dir={cfg.paths.input_dir}",
+                        f"paths.output_root={cfg.paths.output_root}", "postprocess.source=search"]) == 0
+    rows = _rows(tmp_path / "out").values()
+    assert {row["SOPInstanceUID"]: row["EncodedPixels"] for row in rows} == submission
+    assert sum(encoded != "-1" for encoded in submission.values()) >= 2  # masks, not only empty images
