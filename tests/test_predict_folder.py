@@ -231,3 +231,30 @@ def test_the_demos_test_dicoms_get_exactly_the_masks_of_stage_05(tiny_cfg, tmp_p
     rows = _rows(tmp_path / "out").values()
     assert {row["SOPInstanceUID"]: row["EncodedPixels"] for row in rows} == submission
     assert sum(encoded != "-1" for encoded in submission.values()) >= 2  # masks, not only empty images
+
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+
+
+def _chromium(page: Path, profile: Path, *args: str) -> subprocess.CompletedProcess:
+    """Debian's chromium, headless and offline, on a local page."""
+    return subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                           "--disable-component-update", "--no-first-run", f"--user-data-dir={profile}",
+                           "--virtual-time-budget=5000", *args, page.as_uri()],
+                          capture_output=True, text=True, timeout=120, check=True)
+
+
+@pytest.mark.slow  # a browser start: a few seconds
+def test_the_review_page_renders_with_its_images_in_a_headless_browser(package, xrays, tmp_path):
+    if not Path(CHROMIUM).is_file():
+        pytest.skip(f"chromium not found at {CHROMIUM} (apt-get install -y chromium)")
+    assert _predict(package, xrays, tmp_path / "out") == 0
+    page = tmp_path / "out" / "index.html"
+    dom = _chromium(page, tmp_path / "profile", "--dump-dom").stdout
+    assert dom.count('<img class="thumb"') == 4 and dom.count("<tr class=") == 6
+    shot = tmp_path / "shot.png"
+    _chromium(page, tmp_path / "profile", f"--screenshot={shot}", "--window-size=1000,1400")
+    pixels = cv2.imread(str(shot))
+    # The overlays are dark X-rays with a black caption bar; a page whose images failed to load is white with text.
+    dark = (pixels.max(axis=2) < 60).sum()
+    assert dark > 4 * 256 * 40, f"only {dark} dark pixels: the thumbnails did not render"
