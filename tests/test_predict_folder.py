@@ -166,20 +166,21 @@ def test_a_killed_run_resumes_and_gives_what_a_clean_run_gives(package, xrays, t
     original = folder.write_outputs
     written = []
 
-    def dies_on_the_third(model, image, *args):
-        if len(written) == 2:
+    def dies_on_the_fourth(image, *args):
+        if len(written) == 3:
             raise KeyboardInterrupt
         written.append(image.source)
-        return original(model, image, *args)
+        return original(image, *args)
 
-    monkeypatch.setattr(folder, "write_outputs", dies_on_the_third)
+    monkeypatch.setattr(folder, "write_outputs", dies_on_the_fourth)
     assert _predict(package, xrays, output) == 130
-    assert list(_rows(output)) == ["a1.dcm", "a2.dcm"]  # the first batch; the second never landed
+    # Batches of 2: the first recorded; the second's files written but its rows not yet; the third killed.
+    assert list(_rows(output)) == ["a1.dcm", "a2.dcm"]
     with open(output / folder.PREDICTIONS_FILE, "a") as handle:  # a kill in the middle of an append
         handle.write("sub/b.png,,,tr")
     resumed = []
-    monkeypatch.setattr(folder, "write_outputs", lambda model, image, *args: resumed.append(image.source) or
-                        original(model, image, *args))
+    monkeypatch.setattr(folder, "write_outputs", lambda image, *args: resumed.append(image.source) or
+                        original(image, *args))
     assert _predict(package, xrays, output) == 0
     assert resumed == ["sub/b.png", "sub/c.JPG"]  # lateral.dcm is out of scope: read, not predicted
     assert _rows(output) == _rows(clean)

@@ -44,21 +44,19 @@ from collections import deque
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
-import numpy as np
 from tqdm import tqdm
 
 from pneumoseg.cli import setup_logging
 from pneumoseg.config import fingerprint, load_config
 from pneumoseg.errors import ConfigError, DataError, PneumosegError
-from pneumoseg.inference.dicom_seg import write_segmentation
 from pneumoseg.inference.experiment import build_predictor
 from pneumoseg.inference.ledger import Ledger
+from pneumoseg.inference.outputs import OVERLAYS, area_mm2, write_outputs
 from pneumoseg.inference.predictor import EnsemblePredictor, Prediction, Predictor
 from pneumoseg.inference.sources import ReadFailure, SourceImage, find_images, read_source
-from pneumoseg.io import write_png
-from pneumoseg.reports.review import overlay, write_review_page
+from pneumoseg.reports.review import write_review_page
 from pneumoseg.serve.package import load_package, open_package
 
 log = logging.getLogger(__name__)
@@ -68,7 +66,6 @@ COLUMNS = ("source", "SOPInstanceUID", "StudyInstanceUID", "has_pneumothorax", "
 """The columns of ``predictions.csv``."""
 ERROR_COLUMNS = ("source", "error")
 PREDICTIONS_FILE, ERRORS_FILE, REVIEW_FILE = "predictions.csv", "errors.csv", "index.html"
-MASKS, OVERLAYS, SEGS, PROBABILITIES = "masks", "overlays", "seg", "probabilities"
 # The config sections a config-built model's version depends on (it seeds the DICOM SEGs' UIDs).
 _MODEL_SECTIONS = ("model", "train", "tta", "postprocess", "predict")
 
@@ -136,12 +133,16 @@ def run(model: Model, input_dir: Path, output_dir: Path, batch_size: int = 8, wo
     todo = [source for source in found if source not in predictions.sources and source not in errors.sources]
     log.info("%d images under %s, %d already done in %s", len(found), input_dir, len(found) - len(todo), output_dir)
     started = time.perf_counter()
-    with tqdm(total=len(todo), desc="predict", unit="img") as progress:
-        for batch in _batches(read_images(input_dir, todo, workers, include_out_of_scope), batch_size):
-            rows, failures = predict_batch(model, batch, output_dir, probabilities)
-            errors.append(failures)
-            predictions.append(rows)
+    with _pool(workers) as pool, tqdm(total=len(todo), desc="predict", unit="img") as progress:
+        writing = None  # the previous batch, its files being written while this one is predicted
+        for batch in _batches(read_images(pool, input_dir, todo, workers, include_out_of_scope), batch_size):
+            predicted = predict_batch(model, batch, pool, output_dir, probabilities)
+            if writing is not None:
+                _record(*writing, predictions, errors, model.fmt)
+            writing = (batch, predicted)
             progress.update(len(batch))
+        if writing is not None:
+            _record(*writing, predictions, errors, model.fmt)
     seconds = time.perf_counter() - started
     rows = predictions.rows()
     write_review_page(output_dir / REVIEW_FILE, [{**row, "overlay": _overlay_link(row)} for row in rows],
@@ -152,26 +153,41 @@ def run(model: Model, input_dir: Path, output_dir: Path, batch_size: int = 8, wo
             "seconds_per_image": round(seconds / len(todo), 4) if todo else None}
 
 
-def read_images(root: Path, sources: Sequence[str], workers: int,
-                include_out_of_scope: bool) -> Iterator[SourceImage | ReadFailure]:
-    """The images read, in order; with ``workers`` processes at most ``4 * workers`` files ahead of the consumer,
-    so memory does not grow with the folder."""
+class _Inline:
+    """Runs each job at once in this process: the pool of ``--workers 0``."""
+
+    @staticmethod
+    def submit(function: Callable, *args) -> Future:
+        future: Future = Future()
+        future.set_result(function(*args))
+        return future
+
+
+@contextlib.contextmanager
+def _pool(workers: int) -> Iterator[ProcessPoolExecutor | _Inline]:
+    """The processes that read the images and write the outputs (none for 0 workers)."""
     if workers == 0:
-        yield from (read_source(root, source, include_out_of_scope) for source in sources)
+        yield _Inline()
         return
     # A fork server forks the workers from a clean process: not from this one, whose torch threads a fork would
-    # copy half-made; its preload imports the reader once for all of them.
+    # copy half-made; its preload imports the (torch-free) reader and writer once for all of them.
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["pneumoseg.inference.sources"])
+    context.set_forkserver_preload(["pneumoseg.inference.sources", "pneumoseg.inference.outputs"])
     with ProcessPoolExecutor(workers, mp_context=context) as pool:
-        queued: deque[Future] = deque()
-        remaining = iter(sources)
-        for source in remaining:
-            queued.append(pool.submit(read_source, root, source, include_out_of_scope))
-            if len(queued) >= 4 * workers:
-                yield queued.popleft().result()
-        while queued:
+        yield pool
+
+
+def read_images(pool: ProcessPoolExecutor | _Inline, root: Path, sources: Sequence[str], workers: int,
+                include_out_of_scope: bool) -> Iterator[SourceImage | ReadFailure]:
+    """The images read in ``pool``, in order, at most ``4 * workers`` files ahead of the consumer, so that memory
+    does not grow with the folder."""
+    queued: deque[Future] = deque()
+    for source in sources:
+        queued.append(pool.submit(read_source, root, source, include_out_of_scope))
+        if len(queued) > 4 * workers:
             yield queued.popleft().result()
+    while queued:
+        yield queued.popleft().result()
 
 
 def _batches(items: Iterable, size: int) -> Iterator[list]:
@@ -185,58 +201,31 @@ def _batches(items: Iterable, size: int) -> Iterator[list]:
         yield batch
 
 
-def predict_batch(model: Model, batch: Sequence[SourceImage | ReadFailure], output_dir: Path,
-                  probabilities: bool) -> tuple[list[dict[str, object]], list[dict[str, object]]]:
-    """Predict the readable images of a batch that are to be predicted, write their outputs, and return the rows
-    of ``predictions.csv`` (every image read) and of ``errors.csv`` (every failure)."""
-    images = [item for item in batch if isinstance(item, SourceImage)]
-    to_predict = [image for image in images if image.pixels is not None]
-    predicted = dict(zip((image.source for image in to_predict),
-                         model.predictor.predict([image.pixels for image in to_predict]) if to_predict else []))
+def predict_batch(model: Model, batch: Sequence[SourceImage | ReadFailure], pool: ProcessPoolExecutor | _Inline,
+                  output_dir: Path, probabilities: bool) -> dict[str, tuple[Prediction, Future]]:
+    """Predict the images of a batch that are to be predicted and start writing their files in ``pool``: each
+    image's prediction and the job writing its files (whose result is a note), by source."""
+    to_predict = [item for item in batch if isinstance(item, SourceImage) and item.pixels is not None]
+    predictions = model.predictor.predict([image.pixels for image in to_predict]) if to_predict else []
+    return {image.source: (prediction, pool.submit(write_outputs, image, prediction.probs, prediction.mask,
+                                                   output_dir, probabilities, model.name, model.version))
+            for image, prediction in zip(to_predict, predictions)}
+
+
+def _record(batch: Sequence[SourceImage | ReadFailure], predicted: dict[str, tuple[Prediction, Future]],
+            predictions: Ledger, errors: Ledger, fmt: str) -> None:
+    """Once a batch's files are written, append its rows to ``predictions.csv`` and its failures to ``errors.csv``."""
     rows = []
-    for image in images:
-        prediction = predicted.get(image.source)
-        note = image.note
-        if prediction is not None:
-            note = "; ".join(filter(None, [note, write_outputs(model, image, prediction, output_dir, probabilities)]))
-        rows.append(prediction_row(image, prediction, model.fmt, note))
+    for image in batch:
+        if isinstance(image, SourceImage):
+            prediction, written = predicted.get(image.source, (None, None))
+            note = "; ".join(filter(None, [image.note, written.result() if written is not None else ""]))
+            rows.append(prediction_row(image, prediction, fmt, note))
     failures = [{"source": item.source, "error": item.error} for item in batch if isinstance(item, ReadFailure)]
     for failure in failures:
         log.warning("%s", failure["error"])
-    return rows, failures
-
-
-def write_outputs(model: Model, image: SourceImage, prediction: Prediction, output_dir: Path,
-                  probabilities: bool) -> str:
-    """Write one prediction's mask, overlay, DICOM SEG (for a DICOM) and probability map (when asked); return a
-    note for what could not be written ("" when all was)."""
-    assert image.pixels is not None  # only decoded images are predicted
-    write_png(output_dir / MASKS / f"{image.source}.png", prediction.mask.astype(np.uint8) * 255)
-    write_png(output_dir / OVERLAYS / f"{image.source}.png",
-              overlay(image.pixels, prediction.probs, prediction.mask, _caption(image, prediction),
-                      prediction.has_pneumothorax))
-    if probabilities:
-        write_png(output_dir / PROBABILITIES / f"{image.source}.png",
-                  np.round(np.clip(prediction.probs, 0, 1) * 65535).astype(np.uint16))
-    if image.header is None:
-        return ""
-    try:
-        write_segmentation(output_dir / SEGS / f"{image.source}.seg.dcm", image.header, prediction.mask,
-                           model.name, model.version)
-    except DataError as exc:
-        return f"no DICOM SEG: {exc}"
-    return ""
-
-
-def _caption(image: SourceImage, prediction: Prediction) -> str:
-    verdict = "PNEUMOTHORAX" if prediction.has_pneumothorax else "no pneumothorax"
-    area = _area_mm2(image, prediction)
-    size = f", {float(area) / 100:.1f} cm2" if area != "" else f", {prediction.area} px"
-    return f"{verdict}  p={prediction.max_prob:.2f}" + (size if prediction.has_pneumothorax else "")
-
-
-def _area_mm2(image: SourceImage, prediction: Prediction) -> str:
-    return "" if image.pixel_area_mm2 is None else f"{prediction.area * image.pixel_area_mm2:.1f}"
+    errors.append(failures)
+    predictions.append(rows)
 
 
 def prediction_row(image: SourceImage, prediction: Prediction | None, fmt: str, note: str) -> dict[str, object]:
@@ -249,7 +238,7 @@ def prediction_row(image: SourceImage, prediction: Prediction | None, fmt: str, 
     return {**row, "has_pneumothorax": _flag(prediction.has_pneumothorax),
             "probability": f"{prediction.max_prob:.4f}",
             "gate_probability": "" if prediction.gate is None else f"{prediction.gate:.4f}",
-            "area_pixels": prediction.area, "area_mm2": _area_mm2(image, prediction),
+            "area_pixels": prediction.area, "area_mm2": area_mm2(image, prediction.area),
             "EncodedPixels": prediction.rle(fmt)}
 
 
