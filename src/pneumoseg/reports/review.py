@@ -70,11 +70,12 @@ body { font-family: sans-serif; margin: 1.5em; background: #fafafa; color: #222;
 table { border-collapse: collapse; }
 th, td { border-bottom: 1px solid #ddd; padding: 6px 10px; text-align: left; vertical-align: middle; }
 th { background: #eee; position: sticky; top: 0; }
-img.thumb { width: 256px; height: auto; display: block; background: #000; }
+img.thumb { width: 200px; height: auto; display: block; background: #000; }
 tr.positive td.verdict { color: #b00; font-weight: bold; }
 tr.out-of-scope { background: #fff4d6; }
 tr.error { background: #fde2e2; }
 td.number { text-align: right; font-variant-numeric: tabular-nums; }
+td.source, td.note { max-width: 22em; word-break: break-all; font-size: 0.9em; }
 """
 
 
@@ -111,8 +112,8 @@ def write_review_page(path: Path, rows: Iterable[Mapping[str, str]], errors: Ite
              "<table><thead><tr><th>overlay</th><th>image</th><th>verdict</th><th>probability</th>"
              "<th>gate</th><th>area (mm&sup2;)</th><th>note</th></tr></thead><tbody>"]
     lines += [_image_row(row) for row in ordered]
-    lines += [f'<tr class="error"><td></td><td>{html.escape(row["source"])}</td><td>unreadable</td><td></td>'
-              f'<td></td><td></td><td>{html.escape(row["error"])}</td></tr>' for row in errors]
+    lines += [f'<tr class="error"><td></td><td class="source">{html.escape(row["source"])}</td><td>unreadable</td>'
+              f'<td></td><td></td><td></td><td class="note">{html.escape(row["error"])}</td></tr>' for row in errors]
     lines.append("</tbody></table></body></html>")
     write_text(path, "\n".join(lines) + "\n")
 
@@ -132,6 +133,6 @@ def _image_row(row: Mapping[str, str]) -> str:
     area = row["area_mm2"] or (f'{row["area_pixels"]} px' if row["area_pixels"] else "")
     cells = [thumb, html.escape(row["source"]), verdict, row["probability"], row["gate_probability"], area,
              html.escape(row["note"])]
-    classes = ["", "", "verdict", "number", "number", "number", ""]
+    classes = ["", "source", "verdict", "number", "number", "number", "note"]
     return (f'<tr class="{css}">' + "".join(f'<td class="{cls}">{cell}</td>' for cls, cell in zip(classes, cells))
             + "</tr>")
