@@ -53,6 +53,7 @@ def build_package(config: Path, overrides: list[str], work: Path) -> Path:
     """A stage-06 package of the config's architecture with random weights, built under ``work``."""
     sys.path.insert(0, str(ROOT / "tests"))
     from fake_experiment import write_fake_training
+
     from pneumoseg import layout
     from pneumoseg.stages import package
 

@@ -1,7 +1,6 @@
 """The ``predict`` command (pneumoseg.inference.folder): a folder of DICOM, PNG and JPEG files in, predictions.csv,
 masks, overlays, DICOM SEG, errors.csv and the review page out; scope, resume, and stage 05's masks."""
 import csv
-import io
 import shutil
 import subprocess
 from pathlib import Path
@@ -10,6 +9,7 @@ import cv2
 import numpy as np
 import pydicom
 import pytest
+from fake_experiment import make_package, write_fake_training
 from PIL import Image
 
 from pneumoseg import layout
@@ -21,7 +21,6 @@ from pneumoseg.inference import folder
 from pneumoseg.inference.dicom_seg import read_segmentation_mask
 from pneumoseg.inference.sources import pixel_area_mm2, scope_note
 from pneumoseg.io import read_png
-from fake_experiment import make_package, write_fake_training
 
 SIZE = 80
 
@@ -209,9 +208,8 @@ def test_worker_processes_give_the_same_rows(package, xrays, tmp_path):
 def test_bad_arguments_are_named(package, xrays, tmp_path, caplog):
     assert _predict(package, tmp_path / "nowhere", tmp_path / "out") == 1
     assert "input folder" in caplog.text and "Traceback" not in caplog.text
-    with pytest.raises(ConfigError, match="is a package"):
-        with folder.open_model(package, ["tta.hflip=false"]):
-            pass
+    with pytest.raises(ConfigError, match="is a package"), folder.open_model(package, ["tta.hflip=false"]):
+        pass
 
 
 @pytest.mark.slow  # stages 00-02 and 05 on the tiny demo: about 20 s

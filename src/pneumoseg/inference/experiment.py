@@ -27,8 +27,8 @@ def trained_members(cfg: DictConfig) -> list[EnsembleMember]:
     reference = None
     for member in members:
         require_finished(layout.train_dir(member.cfg), f"stage 03 of ensemble member {member.name!r}",
-                         f"scripts/train_members.py --config <the ensemble config> (or scripts/03_train.py on "
-                         f"the member's config)")
+                         "scripts/train_members.py --config <the ensemble config> (or scripts/03_train.py on "
+                         "the member's config)")
         if str(member.cfg.paths.prepared_dir) != str(cfg.paths.prepared_dir):
             raise DataError(f"ensemble member {member.name!r} was prepared in {member.cfg.paths.prepared_dir}, the "
                             f"ensemble {cfg.experiment!r} reads {cfg.paths.prepared_dir}: members must share the "
@@ -77,8 +77,9 @@ def chosen_members(cfg: DictConfig) -> list[EnsembleMember]:
 
 
 def build_predictor(cfg: DictConfig, device: str | None = None) -> Predictor | EnsemblePredictor:
-    """The predictor of stages 05 and 06 and of the predict command: the experiment's (:meth:`Predictor.from_experiment`), or an ensemble's
-    chosen members blended with the ensemble's post-processing (:meth:`EnsemblePredictor.from_experiments`)."""
+    """The predictor of stages 05 and 06 and of the predict command: the experiment's
+    (:meth:`Predictor.from_experiment`), or an ensemble's chosen members blended with the ensemble's post-processing
+    (:meth:`EnsemblePredictor.from_experiments`)."""
     if not is_ensemble(cfg):
         return Predictor.from_experiment(cfg, device)
     members = [(m.cfg, m.weight) for m in chosen_members(cfg)]

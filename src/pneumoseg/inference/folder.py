@@ -41,10 +41,10 @@ import multiprocessing
 import os
 import time
 from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
 
 from tqdm import tqdm
 
@@ -206,7 +206,8 @@ def predict_batch(model: Model, batch: Sequence[SourceImage | ReadFailure], pool
     """Predict the images of a batch that are to be predicted and start writing their files in ``pool``: each
     image's prediction and the job writing its files (whose result is a note), by source."""
     to_predict = [item for item in batch if isinstance(item, SourceImage) and item.pixels is not None]
-    predictions = model.predictor.predict([image.pixels for image in to_predict]) if to_predict else []
+    pixels = [image.pixels for image in to_predict if image.pixels is not None]
+    predictions = model.predictor.predict(pixels) if pixels else []
     return {image.source: (prediction, pool.submit(write_outputs, image, prediction.probs, prediction.mask,
                                                    output_dir, probabilities, model.name, model.version))
             for image, prediction in zip(to_predict, predictions)}

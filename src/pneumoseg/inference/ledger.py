@@ -9,14 +9,14 @@ from __future__ import annotations
 import csv
 import io
 import os
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
 
 from pneumoseg.errors import DataError
 from pneumoseg.io import atomic_open
 
 # File names from the disk may hold bytes that are not UTF-8; they go through the CSV and back unchanged.
-_ENCODING = {"encoding": "utf-8", "errors": "surrogateescape"}
+_ENCODING, _ERRORS = "utf-8", "surrogateescape"
 
 
 class Ledger:
@@ -38,7 +38,7 @@ class Ledger:
 
     def _recover(self) -> None:
         """Read the existing rows: drop a cut-off last line and repeated sources, rewrite if either was found."""
-        original = self.path.read_text(**_ENCODING)
+        original = self.path.read_text(encoding=_ENCODING, errors=_ERRORS)
         text = original if original.endswith("\n") else original[:original.rfind("\n") + 1]
         reader = csv.DictReader(io.StringIO(text))
         if text and tuple(reader.fieldnames or ()) != self.columns:
@@ -46,7 +46,7 @@ class Ledger:
                             f"written by another version or another command; give --output a new folder")
         rows = {row[self.columns[0]]: row for row in reader}
         if text != original or len(rows) != text.count("\n") - 1:
-            with atomic_open(self.path, "w", newline="", **_ENCODING) as handle:
+            with atomic_open(self.path, "w", newline="", encoding=_ENCODING, errors=_ERRORS) as handle:
                 handle.write(_csv_text(self.columns, rows.values(), header=True))
         self.sources = set(rows)
 
@@ -56,7 +56,7 @@ class Ledger:
         if not rows:
             return
         text = _csv_text(self.columns, rows, header=not self.path.is_file())
-        with open(self.path, "a", newline="", **_ENCODING) as handle:
+        with open(self.path, "a", newline="", encoding=_ENCODING, errors=_ERRORS) as handle:
             handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
@@ -66,7 +66,7 @@ class Ledger:
         """Every row, as strings, in the order written."""
         if not self.path.is_file():
             return []
-        with open(self.path, newline="", **_ENCODING) as handle:
+        with open(self.path, newline="", encoding=_ENCODING, errors=_ERRORS) as handle:
             return list(csv.DictReader(handle))
 
 

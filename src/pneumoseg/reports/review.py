@@ -10,8 +10,8 @@
 from __future__ import annotations
 
 import html
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Iterable, Mapping
 from urllib.parse import quote
 
 import cv2
@@ -107,13 +107,13 @@ def write_review_page(path: Path, rows: Iterable[Mapping[str, str]], errors: Ite
     lines = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
              f"<title>{html.escape(title)}</title><style>{_STYLE}</style></head><body>",
              f"<h1>{html.escape(title)}</h1>",
-             f"<p>{len(ordered)} images: {positives} with a pneumothorax predicted, {out_of_scope} out of scope, "
-             f"{len(errors)} unreadable. Positives first, then by probability.</p>",
-             "<table><thead><tr><th>overlay</th><th>image</th><th>verdict</th><th>probability</th>"
-             "<th>gate</th><th>area (mm&sup2;)</th><th>note</th></tr></thead><tbody>"]
+             (f"<p>{len(ordered)} images: {positives} with a pneumothorax predicted, {out_of_scope} out of scope, "
+              f"{len(errors)} unreadable. Positives first, then by probability.</p>"),
+             ("<table><thead><tr><th>overlay</th><th>image</th><th>verdict</th><th>probability</th>"
+              "<th>gate</th><th>area (mm&sup2;)</th><th>note</th></tr></thead><tbody>")]
     lines += [_image_row(row) for row in ordered]
-    lines += [f'<tr class="error"><td></td><td class="source">{html.escape(row["source"])}</td><td>unreadable</td>'
-              f'<td></td><td></td><td></td><td class="note">{html.escape(row["error"])}</td></tr>' for row in errors]
+    lines += [(f'<tr class="error"><td></td><td class="source">{html.escape(row["source"])}</td><td>unreadable</td>'
+               f'<td></td><td></td><td></td><td class="note">{html.escape(row["error"])}</td></tr>') for row in errors]
     lines.append("</tbody></table></body></html>")
     write_text(path, "\n".join(lines) + "\n")
 

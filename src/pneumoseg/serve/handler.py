@@ -47,8 +47,7 @@ import numpy as np
 from PIL import Image
 
 from pneumoseg.data.dicom import read_dicom_bytes
-# MAX_PIXELS: the bound on every body's image, named here for the server and its clients.
-from pneumoseg.data.pictures import MAX_PIXELS as MAX_PIXELS, check_size, decode_picture
+from pneumoseg.data.pictures import check_size, decode_picture
 from pneumoseg.errors import DataError
 from pneumoseg.inference.predictor import Prediction
 from pneumoseg.registry import Registry

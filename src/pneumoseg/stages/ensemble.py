@@ -22,12 +22,15 @@ from pneumoseg import layout
 from pneumoseg.config import EnsembleMember, ensemble_members, is_ensemble
 from pneumoseg.errors import ConfigError
 from pneumoseg.io import write_json
-# Stage 04 checks and stages 05-06 load the members with inference's functions, which the predict command shares.
-from pneumoseg.inference.experiment import chosen_members as chosen_members
-from pneumoseg.inference.experiment import trained_members as trained_members
+from pneumoseg.inference import experiment
 from pneumoseg.stages import convert, demo_data, prepare_labels, train
 
 log = logging.getLogger(__name__)
+
+# Stage 04 checks the members, and stages 05-06 load them, with inference's functions, which the predict command
+# shares.
+chosen_members = experiment.chosen_members
+trained_members = experiment.trained_members
 
 
 def train_members(cfg: DictConfig, force: bool = False) -> list[dict[str, Any]]:

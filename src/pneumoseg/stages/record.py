@@ -17,10 +17,12 @@ from typing import Any, Iterable
 from omegaconf import DictConfig
 
 from pneumoseg.config import fingerprint, save_config
-from pneumoseg.errors import DataError
 from pneumoseg.io import write_json
-# Defined with the paths, where inference reads them too; the stages import them from here as before.
-from pneumoseg.layout import DONE_FILE, require_finished as require_finished
+from pneumoseg import layout
+from pneumoseg.layout import DONE_FILE
+
+# Defined with the paths, where inference uses it too; the stages import it from here as before.
+require_finished = layout.require_finished
 
 log = logging.getLogger(__name__)
 
