@@ -43,6 +43,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -275,7 +276,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     """The command: parse ``argv`` (default: the command line), predict, print the summary; the exit code (0 done,
-    1 an error named on stderr, 130 interrupted: rerun the same command to resume)."""
+    1 an error named on stderr, 130 interrupted: rerun the same command to resume). Like every program that starts
+    worker processes this way, a script calling it needs the ``if __name__ == "__main__":`` guard."""
     args = parse_args(argv)
     setup_logging()
     try:
@@ -284,6 +286,10 @@ def main(argv: list[str] | None = None) -> int:
                           args.include_out_of_scope)
     except PneumosegError as exc:
         log.error("%s", exc)
+        return 1
+    except BrokenProcessPool:
+        log.error("a worker process died (out of memory, or a decoder that crashed on a file); rerun the same "
+                  "command to resume, with --workers 0 to see which file stops it")
         return 1
     except KeyboardInterrupt:
         log.error("interrupted; rerun the same command to resume where it stopped")
