@@ -40,53 +40,34 @@ SageMaker's model folder); those inside one fold take the fold's folder::
             manifest.json
 
 Every stage folder (and every ``fold<k>/``) also holds ``config.yaml`` and ``done.json``
-(:mod:`pneumoseg.stages.record`). A file that only its own stage reads is named in that stage's module.
+(:mod:`pneumoseg.stages.record`), and while it runs or after it failed the runner's markers
+(:mod:`pneumoseg.stage_table`). The folder names are the stage table's. A file that only its own stage reads is named
+in that stage's module.
 """
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Iterable, Union
+from typing import Any, Iterable
 
 from omegaconf import DictConfig
 
-from pneumoseg.errors import ConfigError, DataError
+from pneumoseg.errors import ConfigError
+from pneumoseg.stage_table import stage
 
-Where = Union[DictConfig, str, os.PathLike]
+Where = DictConfig | str | os.PathLike
 
-_CONVERT = "01_convert"
-_LABELS = "02_labels"
-_TRAIN = "03_train"
-_SEARCH = "04_search"
-_PREDICT = "05_predict"
-_PACKAGE = "06_package"
+# The stage folders' names are the stage table's.
+_CONVERT = stage("01").folder_name
+_LABELS = stage("02").folder_name
+_TRAIN = stage("03").folder_name
+_SEARCH = stage("04").folder_name
+_PREDICT = stage("05").folder_name
+_PACKAGE = stage("06").folder_name
 _FOLDS = "folds.csv"
 _FOLD = "fold"
 _MASKS = "masks_"
 _ENSEMBLE = "ensemble.json"
-
-DONE_FILE = "done.json"
-"""What a stage writes last of all when it finishes (see :mod:`pneumoseg.stages.record`)."""
-
-
-def require_finished(folder: str | Path, stage_name: str, script: str) -> Path:
-    """Refuse to go on when an earlier stage has not finished in ``folder``.
-
-    Args:
-        folder: the earlier stage's folder, where its ``done.json`` must be.
-        stage_name: the earlier stage as the user knows it, e.g. ``"stage 03"``.
-        script: the script that finishes it, e.g. ``"scripts/03_train.py"``.
-
-    Returns:
-        The path of that ``done.json``.
-
-    Raises:
-        DataError: ``done.json`` is missing; the message names it and the script to run.
-    """
-    done = Path(folder) / DONE_FILE
-    if not done.is_file():
-        raise DataError(f"{stage_name} has not finished: {done} is missing. Run {script} first.")
-    return done
 
 
 def _prepared(where: Where) -> Path:

@@ -4,8 +4,8 @@ and a review page out::
     pneumoseg predict --model model.tar.gz --input xrays/ --output predictions/
     pneumoseg predict --model configs/demo.yaml --input xrays/ --output predictions/ [key=value ...]
 
-``--model`` is a stage-06 package (``model.tar.gz`` or the folder it extracts to) or an experiment (or ensemble)
-config whose stages 03-04 have finished (overrides as ``key=value``). Either way the predictor is the one of stage
+``--model`` is a stage-06 package (``model.tar.gz`` or the folder it extracts to; an ensemble's too) or an
+experiment config whose stages 03-04 have finished (overrides as ``key=value``). Either way the predictor is the one of stage
 05, the server and the SageMaker handler (:mod:`pneumoseg.inference.predictor`): the same TTA, fold ensemble,
 resizing and post-processing, so the masks are those the submission and the endpoint give.
 
@@ -49,10 +49,10 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from pneumoseg.cli import setup_logging
-from pneumoseg.config import fingerprint, load_config
+from pneumoseg import stage_table
+from pneumoseg.logs import setup_logging
+from pneumoseg.config import fingerprint, is_ensemble, load_config
 from pneumoseg.errors import ConfigError, DataError, PneumosegError
-from pneumoseg.inference.experiment import build_predictor
 from pneumoseg.inference.ledger import Ledger
 from pneumoseg.inference.outputs import OVERLAYS, area_mm2, write_outputs
 from pneumoseg.inference.predictor import EnsemblePredictor, Prediction, Predictor
@@ -84,18 +84,23 @@ class Model:
 
 @contextlib.contextmanager
 def open_model(spec: str | os.PathLike, overrides: Sequence[str] = (), device: str = "auto") -> Iterator[Model]:
-    """The model of ``--model``: a config (``.yaml``/``.yml``, with ``overrides``) predicts with its finished stages
-    03-04 (:func:`pneumoseg.inference.experiment.build_predictor`); anything else is a model package, extracted for
-    the block's duration when it is an archive (:func:`pneumoseg.serve.package.load_package`).
+    """The model of ``--model``: an experiment config (``.yaml``/``.yml``, with ``overrides``) predicts with its
+    finished stages 03-04 (:meth:`Predictor.from_experiment`, as stage 05); anything else is a model package (an
+    ensemble's too), extracted for the block's duration when it is an archive
+    (:func:`pneumoseg.serve.package.load_package`).
 
     Raises:
-        ConfigError: a bad config, or overrides given with a package.
+        ConfigError: a bad config, an ensemble config (its package is what predicts it outside the stages), or
+            overrides given with a package.
         DataError: unfinished stages, or a missing or damaged package.
     """
     path = Path(spec)
     if path.suffix.lower() in (".yaml", ".yml"):
         cfg = load_config(path, overrides)
-        predictor = build_predictor(cfg, device)
+        if is_ensemble(cfg):
+            raise ConfigError(f"{path} is an ensemble config: build its package (stage 06, "
+                              f"{stage_table.command('06')} --config {path}) and give --model its model.tar.gz")
+        predictor = Predictor.from_experiment(cfg, device)
         yield Model(predictor, str(cfg.experiment), f"{cfg.experiment}-{fingerprint(cfg, _MODEL_SECTIONS)[:12]}",
                     str(cfg.predict.fmt))
         return
