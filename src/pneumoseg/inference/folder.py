@@ -5,9 +5,9 @@ and a review page out::
     pneumoseg predict --model configs/demo.yaml --input xrays/ --output predictions/ [key=value ...]
 
 ``--model`` is a stage-06 package (``model.tar.gz`` or the folder it extracts to; an ensemble's too) or an
-experiment config whose stages 03-04 have finished (overrides as ``key=value``). Either way the predictor is the one of stage
-05, the server and the SageMaker handler (:mod:`pneumoseg.inference.predictor`): the same TTA, fold ensemble,
-resizing and post-processing, so the masks are those the submission and the endpoint give.
+experiment config whose stages 03-04 have finished (overrides as ``key=value``). Either way the predictor is the
+one of stage 05, the server and the SageMaker handler (:mod:`pneumoseg.inference.predictor`): the same TTA, fold
+ensemble, resizing and post-processing, so the masks are those the submission and the endpoint give.
 
 Outputs in ``--output``, written as the run goes:
 
