@@ -46,8 +46,8 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from pneumoseg.data.codestream import check_scans, jpeg_header
-from pneumoseg.data.dicom import MAX_SIDE, read_dicom_bytes
+from pneumoseg.data.dicom import read_dicom_bytes
+from pneumoseg.data.pictures import check_size, decode_picture
 from pneumoseg.errors import DataError
 from pneumoseg.inference.predictor import Prediction
 from pneumoseg.registry import Registry
@@ -57,9 +57,6 @@ log = logging.getLogger(__name__)
 
 JSON = "application/json"
 PNG = "image/png"
-MAX_PIXELS = MAX_SIDE * MAX_SIDE
-"""Largest image accepted, in pixels, whatever its format: the DICOM reader's bound (well above any radiograph,
-far below what would exhaust memory)."""
 
 try:  # inside SageMaker's serving container
     from sagemaker_inference.errors import BaseInferenceToolkitError as _ToolkitError
@@ -159,38 +156,16 @@ def media_type(header: str | None) -> str:
     return (header or "").split(";", 1)[0].strip().lower()
 
 
-def _check_size(height: int, width: int) -> None:
-    if height < 1 or width < 1:
-        raise BadRequest(f"the image is empty ({height} x {width} pixels)")
-    if height * width > MAX_PIXELS:
-        raise BadRequest(f"the image has {height} x {width} pixels, more than the {MAX_PIXELS} accepted; "
-                         f"downscale it first")
-
-
 @DECODERS.register("application/dicom")
 def _decode_dicom(body: bytes) -> ImageInput:
     pixels, metadata = read_dicom_bytes(body)
-    _check_size(*pixels.shape)
+    check_size(*pixels.shape)
     return ImageInput(pixels, metadata["ImageId"] or None, "application/dicom")
 
 
-# Pillow modes that are 8-bit grey or colour (with or without alpha, or a palette of such colours).
-_PICTURE_MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA")
-
-
 def _decode_picture(body: bytes, fmt: str, media: str) -> ImageInput:
-    """A PNG or JPEG, strictly of format ``fmt``; Pillow raises on a truncated file where OpenCV would pad it. A
-    JPEG's scans are counted first: a progressive JPEG of thousands of scans takes seconds per megabyte."""
-    if fmt == "JPEG":
-        check_scans(jpeg_header(body), "the JPEG")
-    with Image.open(io.BytesIO(body), formats=[fmt]) as image:
-        _check_size(image.height, image.width)
-        if image.mode not in _PICTURE_MODES:
-            raise BadRequest(f"the {fmt} image has mode {image.mode!r}; send 8-bit grey or RGB (or DICOM for "
-                             f"more bits)")
-        image.load()
-        grey = image if image.mode == "L" else image.convert("L")
-        return ImageInput(np.array(grey), None, media)
+    """A PNG or JPEG, strictly of format ``fmt`` (:func:`pneumoseg.data.pictures.decode_picture`)."""
+    return ImageInput(decode_picture(body, fmt), None, media)
 
 
 DECODERS.add("image/png", lambda body: _decode_picture(body, "PNG", "image/png"))
@@ -212,7 +187,7 @@ def _decode_npy(body: bytes) -> ImageInput:
         raise BadRequest(f"the array has dtype {dtype}; send uint8 (or integers in 0..255)")
     if len(shape) not in (2, 3) or (len(shape) == 3 and shape[2] not in (1, 3)):
         raise BadRequest(f"the array has shape {shape}; send H x W (grey), H x W x 1 or H x W x 3 (RGB)")
-    _check_size(shape[0], shape[1])
+    check_size(shape[0], shape[1])
     count = int(np.prod(shape))
     offset = stream.tell()
     if len(body) - offset != count * dtype.itemsize:

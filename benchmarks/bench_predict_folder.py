@@ -1,0 +1,145 @@
+"""Benchmark of ``pneumoseg predict`` on a folder: the whole command's time per image against the model's forward
+passes on the same images, and the command's peak memory at two folder sizes.
+
+    python benchmarks/bench_predict_folder.py [--config configs/demo.yaml] [--model PACKAGE] [--images 100]
+        [--side 1024] [--counts 100 1000] [--count-side 256] [--workers 1] [--batch-size 8]
+
+* The model: ``--model`` (a stage-06 package), or by default a package of the config's architecture with random
+  weights (its folds, ``predict.top_k`` checkpoints each, its TTA and post-processing; the timing does not depend
+  on the weights), built in a temporary folder.
+* Time: ``--images`` challenge-like DICOMs of ``--side`` px (JPEG baseline, as the challenge's) go through the
+  whole command in this process (:func:`pneumoseg.inference.folder.run`: decoding in ``--workers`` processes,
+  prediction, resizing back, post-processing, RLE, masks, overlays, DICOM SEG, the CSV and the review page; the
+  model loaded beforehand). Reference: the same images, decoded and resized to the models' size beforehand, through
+  :meth:`Predictor.model_probabilities`, the models' forward passes with their TTA views and nothing else. Each is
+  the best of ``--repeats`` runs. Target: the command at most 1.2x the forward passes.
+* Memory: the command runs as a child process on ``--counts`` folders of ``--count-side`` px DICOMs and reports its
+  peak resident memory (its own process; each decoding worker holds a file or two); flat means nothing is held
+  per image.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from pneumoseg.config import load_config
+from pneumoseg.data.dicom import DicomTags, read_dicom, write_jpeg_dicom
+from pneumoseg.inference import folder
+
+ROOT = Path(__file__).resolve().parents[1]
+TARGET = 1.2
+
+
+def write_dicoms(root: Path, count: int, side: int) -> Path:
+    """``count`` challenge-like DICOMs of ``side`` px (blurred noise) in ``root``."""
+    rng = np.random.default_rng(0)
+    root.mkdir(parents=True, exist_ok=True)
+    for k in range(count):
+        pixels = cv2.GaussianBlur(rng.integers(0, 256, (side, side), dtype=np.uint8), (0, 0), side / 64)
+        write_jpeg_dicom(root / f"{k:05d}.dcm", pixels, DicomTags(f"1.2.3.{k}", f"1.2.4.{k}", f"1.2.5.{k}", f"p{k}"))
+    return root
+
+
+def build_package(config: Path, overrides: list[str], work: Path) -> Path:
+    """A stage-06 package of the config's architecture with random weights, built under ``work``."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from fake_experiment import write_fake_training
+
+    from pneumoseg import layout
+    from pneumoseg.stages import package
+
+    cfg = load_config(config, [f"paths.output_root={work}", f"paths.input_dir={work / 'input'}", *overrides])
+    write_fake_training(cfg, folds=range(int(cfg.folds.n_splits)), per_fold=int(cfg.predict.top_k))
+    package.run(cfg)
+    return layout.package_path(cfg)
+
+
+def time_command(model: folder.Model, images: Path, work: Path, args: argparse.Namespace) -> float:
+    """Seconds per image of the whole command on ``images`` (best of ``--repeats`` fresh runs)."""
+    best = float("inf")
+    for repeat in range(args.repeats):
+        started = time.perf_counter()
+        folder.run(model, images, work / f"out{repeat}", args.batch_size, args.workers)
+        best = min(best, time.perf_counter() - started)
+    return best / args.images
+
+
+def time_forwards(model: folder.Model, images: Path, args: argparse.Namespace) -> float:
+    """Seconds per image of the models' forward passes (with TTA) on the same images, decoded and resized first."""
+    pixels = [read_dicom(path)[0] for path in sorted(images.glob("*.dcm"))]
+    predictor = model.predictor
+    prepared = [predictor.prepare(pixels[k:k + args.batch_size]) for k in range(0, len(pixels), args.batch_size)]
+    best = float("inf")
+    for _ in range(args.repeats):
+        started = time.perf_counter()
+        for batch in prepared:
+            predictor.model_probabilities(batch)
+        best = min(best, time.perf_counter() - started)
+    return best / len(pixels)
+
+
+def child(args: argparse.Namespace) -> None:
+    """Run the command once (``--child PACKAGE IMAGES OUTPUT``) and print its peak memory as JSON."""
+    package, images, output = args.child
+    code = folder.main(["--model", package, "--input", images, "--output", output, "--workers", str(args.workers),
+                        "--batch-size", str(args.batch_size)])
+    print(json.dumps({"code": code, "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+
+
+def peak_memory(package: Path, images: Path, output: Path, args: argparse.Namespace) -> dict:
+    """The command's peak memory on ``images``, in a fresh process."""
+    done = subprocess.run([sys.executable, __file__, "--child", str(package), str(images), str(output),
+                           "--workers", str(args.workers), "--batch-size", str(args.batch_size)],
+                          capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", type=Path, default=ROOT / "configs" / "demo.yaml")
+    parser.add_argument("--model", type=Path, help="a stage-06 package (default: the config's, random weights)")
+    parser.add_argument("--images", type=int, default=100)
+    parser.add_argument("--side", type=int, default=1024)
+    parser.add_argument("--counts", type=int, nargs=2, default=[100, 1000])
+    parser.add_argument("--count-side", type=int, default=256)
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--child", nargs=3, metavar=("PACKAGE", "IMAGES", "OUTPUT"), help=argparse.SUPPRESS)
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    args = parser.parse_args()
+    if args.child:
+        child(args)
+        return 0
+    with tempfile.TemporaryDirectory(prefix="bench-predict-folder-") as tmp:
+        work = Path(tmp)
+        package = args.model or build_package(args.config, args.overrides, work / "model")
+        images = write_dicoms(work / "time", args.images, args.side)
+        with folder.open_model(package, device="cpu") as model:
+            forwards = time_forwards(model, images, args)
+            command = time_command(model, images, work, args)
+            views = model.predictor.n_views // len(model.predictor.models)
+            print(f"model {model.name}: {len(model.predictor.models)} models x {views} views, "
+                  f"{args.images} DICOMs of {args.side} px, batch {args.batch_size}, {args.workers} decoding workers")
+        ratio = command / forwards
+        print(f"forward passes: {forwards * 1000:.1f} ms/image; whole command: {command * 1000:.1f} ms/image; "
+              f"ratio {ratio:.2f}x (target <= {TARGET}x): {'PASS' if ratio <= TARGET else 'FAIL'}")
+        for count in args.counts:
+            memory = peak_memory(package, write_dicoms(work / f"n{count}", count, args.count_side),
+                                 work / f"out_n{count}", args)
+            print(f"{count} DICOMs of {args.count_side} px: peak memory of the command's process "
+                  f"{memory['peak_mb']:.0f} MB")
+    return 0 if ratio <= TARGET else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
