@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
 from pneumoseg import layout
 from pneumoseg.data.labels import ID_COLUMN
@@ -99,6 +98,10 @@ def assign_folds(image_ids, areas, n_splits: int, seed: int, edges, groups=None)
         ConfigError: ``n_splits`` below 2 or above the number of images (or groups), or no area bin with at
             least ``n_splits`` images.
     """
+    # Imported here: the served model reads the trained-folds table through this module, and SageMaker's
+    # container has no scikit-learn (code/requirements.txt lists only what it lacks).
+    from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
+
     frame = pd.DataFrame({ID_COLUMN: list(image_ids), "area": np.asarray(areas, dtype=np.int64)})
     frame["has_mask"] = frame["area"] > 0
     frame["area_bin"] = area_bins(frame["area"], check_area_edges(edges))
