@@ -2,12 +2,14 @@
 structure, and train one fold of the tiny synthetic data with that structure at tiny sizes."""
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from pneumoseg import layout
 from pneumoseg.config import load_config
 from pneumoseg.inference.tta import load_fold_models
 from pneumoseg.modeling.checkpoints import best_files
+from pneumoseg.postprocess.strategies import build_postprocessor
 from pneumoseg.stages import train as train_stage
 
 from synthetic import write_prepared
@@ -47,9 +49,20 @@ def test_a_recipe_keeps_its_published_structure(recipe):
 def test_the_4th_place_recipe_has_its_empty_branch_as_the_gate():
     cfg = load_config(CONFIGS / "siim_amirassov_4th.yaml")
     assert cfg.model.params.aux_params.classes == 1 and cfg.loss.gate_weight == 0.1
-    # "empty when p(empty) > 0.4 or area < 800": the published rule is the reference and in the search's grids.
-    assert cfg.postprocess.name == "gated" and cfg.postprocess.params.gate == 0.6
-    assert cfg.postprocess.params.inner.params.min_area == 800 and 0.6 in cfg.search.gate_thresholds
+    # src/submit.py:make_rle: empty when p(non-empty) < 0.4 or fewer than 800 px of the 768 px map exceed 0.8, else
+    # the pixels above 0.4; the reference block, and in the search's grids.
+    inner = cfg.postprocess.params.inner.params
+    assert cfg.postprocess.name == "gated" and cfg.postprocess.params.gate == 0.4
+    assert (inner.top, inner.min_area, inner.bottom) == (0.8, 1422, 0.4) and 0.4 in cfg.search.gate_thresholds
+    grid = cfg.search.grids.triplet
+    assert 0.8 in grid.top and 1422 in grid.min_area and 0.4 in grid.bottom
+    # 1422 px of the 1024 px image is "fewer than 800" at 768 px
+    strategy = build_postprocessor(cfg.postprocess)
+    probs = np.zeros((768, 768), np.float32)
+    probs[:8, :100] = 0.9
+    assert strategy(probs, 0.4).sum() == 800 and not strategy(probs, 0.39).any()
+    probs[7, 99] = 0.5
+    assert not strategy(probs, 0.9).any()
 
 
 def test_the_sneddy_members_share_the_1st_place_base():
