@@ -62,6 +62,8 @@ from pneumoseg.data.augment import build_augment
 from pneumoseg.modeling.checkpoints import CHECKPOINTS_FILE, LAST_FILE, best_files, load_checkpoint, save_checkpoint
 from pneumoseg.training.averaging import average_checkpoints, build_ema, check_average_top_k, ema_decay
 from pneumoseg.training.checkpoints import BestCheckpoints
+from pneumoseg.training.finetune import (check_freeze_settings, freeze_encoder_batchnorm, initial_weights_path,
+                                         load_initial_weights, set_encoder_trainable)
 from pneumoseg.config import to_dict
 from pneumoseg.data.dataset import ImageFiles, PreparedData, build_sampler, make_loader
 from pneumoseg.modeling.normalize import normalize_from_model
@@ -95,6 +97,9 @@ class StepSettings:
         channels_last: feed inputs in channels_last memory format (GPU).
         ema_decay: after each step, update an EMA of the weights with this decay (``train.ema.decay``); None:
             no EMA.
+        freeze_encoder_epochs: the encoder's weights and BatchNorm statistics are fixed for this many first
+            epochs (:mod:`pneumoseg.training.finetune`).
+        freeze_bn: the encoder's BatchNorm layers stay in eval mode throughout.
     """
 
     accumulation_steps: int = 1
@@ -102,6 +107,8 @@ class StepSettings:
     amp: str | None = None
     channels_last: bool = False
     ema_decay: float | None = None
+    freeze_encoder_epochs: int = 0
+    freeze_bn: bool = False
 
     def __post_init__(self) -> None:
         if self.accumulation_steps < 1:
@@ -140,14 +147,22 @@ class Trainer:
         self.channels_last = steps.channels_last and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp == "fp16")
         self.ema = build_ema(net, steps.ema_decay)
+        check_freeze_settings(steps.freeze_encoder_epochs, ctx.is_distributed)
+        self.freeze_encoder_epochs, self.freeze_bn = int(steps.freeze_encoder_epochs), bool(steps.freeze_bn)
+        self.encoder_frozen = False
 
     @classmethod
-    def from_config(cls, cfg: DictConfig, ctx: DistContext, updates_per_epoch: int, seed: int) -> "Trainer":
+    def from_config(cls, cfg: DictConfig, ctx: DistContext, updates_per_epoch: int, seed: int,
+                    initial: Path | None = None) -> "Trainer":
         """Build every part from the ``model``, ``loss``, ``optimizer``, ``scheduler`` and ``train`` sections;
-        ``seed`` fixes the network's initial weights."""
+        ``seed`` fixes the network's initial weights, unless ``initial`` (a checkpoint, ``train.init_from``)
+        gives them."""
         train = cfg.train
         torch.manual_seed(seed)
-        net = build_model(cfg.model).to(ctx.device)
+        net = build_model(cfg.model)
+        if initial is not None:
+            load_initial_weights(net, initial, bool((train.get("init_from") or {}).get("partial", False)))
+        net = net.to(ctx.device)
         channels_last = bool(train.channels_last) and ctx.device.type == "cuda"
         if channels_last:
             net = net.to(memory_format=torch.channels_last)
@@ -156,19 +171,30 @@ class Trainer:
         optimizer = build_optimizer(cfg.optimizer, net.parameters())
         schedule = build_scheduler(cfg.scheduler, optimizer, updates_per_epoch, int(train.epochs))
         steps = StepSettings(int(train.accumulation_steps), train.grad_clip, train.amp, channels_last,
-                             ema_decay(to_dict(train.ema) if train.ema is not None else None))
+                             ema_decay(to_dict(train.ema) if train.ema is not None else None),
+                             int(train.get("freeze_encoder_epochs") or 0), bool(train.get("freeze_bn")))
         return cls(net, build_training_loss(cfg.loss, has_gate(net)), optimizer, schedule, ctx, steps)
 
     def _inputs(self, images: torch.Tensor) -> torch.Tensor:
         images = images.to(self.device, non_blocking=True)
         return images.contiguous(memory_format=torch.channels_last) if self.channels_last else images
 
+    def start_epoch(self, epoch: int) -> None:
+        """Freeze the encoder for (0-based) ``epoch`` below ``freeze_encoder_epochs``, release it after."""
+        frozen = epoch < self.freeze_encoder_epochs
+        if frozen != self.encoder_frozen:
+            set_encoder_trainable(self.net, not frozen)
+            self.encoder_frozen = frozen
+
     def train_epoch(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> float:
         """One pass over ``batches`` (an iterable with a length: a DataLoader, a list) -> mean training loss.
 
-        The mean is over images and, in a distributed run, over every rank.
+        The mean is over images and, in a distributed run, over every rank. A frozen encoder (:meth:`start_epoch`)
+        or ``freeze_bn`` keeps the encoder's BatchNorm layers in eval mode.
         """
         self.model.train()
+        if self.encoder_frozen or self.freeze_bn:
+            freeze_encoder_batchnorm(self.net)
         total = len(batches)
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         count = 0
@@ -462,7 +488,7 @@ def _start_fold(cfg: DictConfig, data: PreparedData, fold: int, folder: Path, ct
     updates_per_epoch = math.ceil(len(loader) / int(train.accumulation_steps))
     torch.backends.cudnn.benchmark = not train.deterministic
     torch.use_deterministic_algorithms(bool(train.deterministic), warn_only=True)
-    trainer = Trainer.from_config(cfg, ctx, updates_per_epoch, seed)
+    trainer = Trainer.from_config(cfg, ctx, updates_per_epoch, seed, initial_weights_path(cfg, fold, data.folds))
     monitor = str(train.monitor)
     check_average_top_k(train.average_top_k, int(train.keep_best))
     keepers = [BestCheckpoints(where, int(train.keep_best), metric_mode(monitor), monitor)
@@ -485,6 +511,7 @@ def _run_epoch(run: _FoldRun, epoch: int, epochs: int, fold: int, folder: Path, 
     trainer = run.trainer
     epoch_start, lr = time.time(), trainer.lr
     run.loader.sampler.set_epoch(epoch)
+    trainer.start_epoch(epoch)
     progress = tqdm(run.loader, desc=f"fold {fold} epoch {epoch + 1}/{epochs}", leave=False,
                     disable=not ctx.is_main)
     train_loss = trainer.train_epoch(progress)
