@@ -175,8 +175,11 @@ def _train_folds(record: StageRecord, data: PreparedData, folds: Sequence[int], 
 
 def stage_record(cfg: DictConfig) -> StageRecord:
     """The stage's completion record: its config sections and the hash of the prepared ``folds.csv``."""
+    # The crop keys live in the data section, which the stage does not fingerprint whole; only when set, so that
+    # runs without crops keep their fingerprints.
+    crop = {key: cfg.data[key] for key in ("train_crop", "crop_lesion_share") if cfg.data.get("train_crop")}
     return StageRecord(STAGE_NAME, layout.train_dir(cfg), cfg, SECTIONS,
-                       {"folds_sha256": content_hash(layout.folds_path(cfg))})
+                       {"folds_sha256": content_hash(layout.folds_path(cfg)), **crop})
 
 
 def _fold_record(cfg: DictConfig, inputs: dict, fold: int) -> StageRecord:

@@ -65,7 +65,7 @@ from pneumoseg.training.checkpoints import BestCheckpoints
 from pneumoseg.training.finetune import (check_freeze_settings, freeze_encoder_batchnorm, initial_weights_path,
                                          load_initial_weights, set_encoder_trainable)
 from pneumoseg.config import to_dict
-from pneumoseg.data.dataset import ImageFiles, PreparedData, build_sampler, make_loader
+from pneumoseg.data.dataset import ImageFiles, PreparedData, build_sampler, crop_from_config, make_loader
 from pneumoseg.modeling.normalize import normalize_from_model
 from pneumoseg.training.distributed import DistContext
 from pneumoseg.errors import ConfigError
@@ -334,12 +334,13 @@ def _loader(dataset, batch_size: int, num_workers: int, ctx: DistContext, **kwar
 
 
 def train_loader(cfg: DictConfig, data: PreparedData, rows: pd.DataFrame, ctx: DistContext, seed: int) -> DataLoader:
-    """The training DataLoader over ``rows`` of ``data``: augmented, drawn by the configured sampler (this
-    rank's share), ``train.batch_size`` images per batch. Call ``loader.sampler.set_epoch`` before each epoch."""
+    """The training DataLoader over ``rows`` of ``data``: augmented (and cropped with ``data.train_crop``), drawn
+    by the configured sampler (this rank's share), ``train.batch_size`` images per batch. Call ``loader.sampler.set_epoch`` before each epoch."""
     train = cfg.train
     sampler = build_sampler(cfg.sampler, rows["has_mask"].to_numpy(), seed, int(train.epochs), ctx.world_size,
                             ctx.rank)
-    dataset = data.dataset(rows, normalize_from_model(to_dict(cfg.model)), build_augment(cfg.augment))
+    dataset = data.dataset(rows, normalize_from_model(to_dict(cfg.model)), build_augment(cfg.augment),
+                           crop_from_config(cfg.data))
     return _loader(dataset, int(train.batch_size), int(train.num_workers), ctx, sampler=sampler)
 
 
