@@ -57,8 +57,23 @@ def report(cfg: DictConfig) -> str:
         summary = done.get("summary", {})
         facts = ", ".join(f"{key} {_fmt(summary[key])}" for key in _HEADLINES.get(number, ()) if key in summary)
         lines.append(f"  {number} {name:<17} done {done.get('finished_at', '')}  {facts}".rstrip())
+        lines.extend(_phase_lines(summary))
         lines.extend(f"       -> {path}" for path in files if path.exists())
     return "\n".join(lines)
+
+
+def _phase_lines(summary: dict) -> list[str]:
+    """For a stage 03 trained in phases (its folds' summaries list ``phases``): one line naming the phases in
+    order, with each one's epochs and mean best val_dice over the folds."""
+    folds = [fold.get("phases") for fold in summary.get("fold_summaries", {}).values()]
+    if not folds or not all(folds):
+        return []
+    parts = []
+    for k, phase in enumerate(folds[0]):
+        scores = [fold[k].get("val_dice") for fold in folds if len(fold) > k]
+        score = _fmt(sum(scores) / len(scores)) if scores and None not in scores else "n/a"
+        parts.append(f"{phase['name']} ({phase.get('epochs')} epochs, val_dice {score})")
+    return [f"       phases: {' -> '.join(parts)}"]
 
 
 def _fmt(value) -> str:

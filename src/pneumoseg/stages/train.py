@@ -62,7 +62,7 @@ from pneumoseg.errors import ConfigError
 from pneumoseg.io import content_hash, write_csv
 from pneumoseg.sagemaker.job import in_job, job_overrides
 from pneumoseg.sagemaker.outputs import export_outputs
-from pneumoseg.training.trainer import fit_fold
+from pneumoseg.training.phases import fit_phases, plan_phases
 from pneumoseg.stages.record import StageRecord, stored_summary
 
 log = logging.getLogger(__name__)
@@ -95,6 +95,7 @@ def run(cfg: DictConfig, force: bool = False, folds: Sequence[int] | str | None 
         resume = False
     if int(cfg.train.epochs) < 1:
         raise ConfigError(f"train.epochs must be at least 1, got {cfg.train.epochs}")
+    plan_phases(cfg)   # a bad phase fails now, before any training
     _limit_torch_threads(cfg.train.get("torch_threads"))
     folder = layout.train_dir(cfg)
     data = PreparedData.load(cfg.paths.prepared_dir, int(cfg.train.image_size))
@@ -165,8 +166,8 @@ def _train_folds(record: StageRecord, data: PreparedData, folds: Sequence[int], 
             fold_record.done_path.unlink(missing_ok=True)
             fold_record.folder.mkdir(parents=True, exist_ok=True)
         ctx.barrier()
-        summaries[fold] = fit_fold(cfg, data, fold, fold_record.folder, ctx, resume=resume,
-                                   fingerprint=fold_record.key)
+        summaries[fold] = fit_phases(cfg, data, fold, fold_record.folder, ctx, resume, fold_record.key,
+                                     lambda size: PreparedData.load(cfg.paths.prepared_dir, size))
         if ctx.is_main:
             fold_record.finish(summaries[fold])
         ctx.barrier()

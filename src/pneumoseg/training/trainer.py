@@ -373,7 +373,7 @@ class _FoldRun:
 
 
 def fit_fold(cfg: DictConfig, data: PreparedData, fold: int, folder: str | Path, ctx: DistContext = DistContext(),
-             resume: bool | str = False, fingerprint: str = "") -> dict[str, Any]:
+             resume: bool | str = False, fingerprint: str = "", predict_oof: bool = True) -> dict[str, Any]:
     """Train fold ``fold`` of ``data`` into ``folder`` and predict its validation images (see the module docstring).
 
     Args:
@@ -386,6 +386,8 @@ def fit_fold(cfg: DictConfig, data: PreparedData, fold: int, folder: str | Path,
             ``"auto"``: the same, but a ``last.pt`` of another config is set aside instead of being an error;
             False: start afresh.
         fingerprint: identifies the config; ``last.pt`` of another config is refused.
+        predict_oof: write the OOF maps (of every checkpoint set); False for a phase that is not the last
+            (:mod:`pneumoseg.training.phases`).
 
     Returns:
         The fold's summary: epochs run, best epoch and its metrics, image counts, the all-empty baseline of the
@@ -407,7 +409,7 @@ def fit_fold(cfg: DictConfig, data: PreparedData, fold: int, folder: str | Path,
             log.info("fold %d: no %s improvement for %d epochs; stopping early", fold, monitor, int(patience))
             break
         _run_epoch(run, epoch, epochs, fold, folder, ctx, monitor, fingerprint)
-    if ctx.is_main:
+    if ctx.is_main and predict_oof:
         write_oof(cfg, data, val_rows, folder, ctx)
         if run.ema_best is not None:
             write_oof(cfg, data, val_rows, run.ema_best.folder, ctx)
@@ -415,7 +417,7 @@ def fit_fold(cfg: DictConfig, data: PreparedData, fold: int, folder: str | Path,
     averaging = _averaging_summary(run, monitor)
     if cfg.train.average_top_k is not None:
         averaging["averaged"] = _average_top_k(run, int(cfg.train.average_top_k), folder, ctx, monitor)
-        if ctx.is_main:
+        if ctx.is_main and predict_oof:
             averaged_folder = layout.checkpoints_dir(folder, "averaged")
             write_oof(cfg, data, val_rows, averaged_folder, ctx)
         ctx.barrier()
