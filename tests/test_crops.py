@@ -44,7 +44,7 @@ def test_the_share_of_windows_holding_a_small_lesion(share, low, high):
 
 
 def test_every_lesion_pixel_can_be_reached_and_windows_stay_inside():
-    image, mask = _pair(size=40, lesion=np.s_[0:40, 39:40])           # a lesion along the right edge
+    _, mask = _pair(size=40, lesion=np.s_[0:40, 39:40])                # a lesion along the right edge
     crop = RandomCrop(16, lesion_share=1.0)
     origins = {crop.origin(mask, np.random.default_rng(seed)) for seed in range(400)}
     assert all(0 <= top <= 24 and left == 24 for top, left in origins)

@@ -117,7 +117,7 @@ def _check_epochs(name: str, **values: int) -> None:
 
 
 @SCHEDULERS.register("cosine_restarts")
-def cosine_restarts(optimizer: Optimizer, budget: UpdateBudget, T_0: int = 10, T_mult: int = 1,  # noqa: N803
+def cosine_restarts(optimizer: Optimizer, budget: UpdateBudget, T_0: int = 10, T_mult: int = 1,
                     eta_min: float = 0.0) -> LRSchedule:
     """torch's CosineAnnealingWarmRestarts, ``T_0`` (the first cycle) in epochs, each later cycle ``T_mult`` times
     the one before, down to ``eta_min``; stepped after each epoch's validation."""
@@ -127,7 +127,7 @@ def cosine_restarts(optimizer: Optimizer, budget: UpdateBudget, T_0: int = 10, T
 
 
 @SCHEDULERS.register("cosine_annealing")
-def cosine_annealing(optimizer: Optimizer, budget: UpdateBudget, T_max: int = 10,  # noqa: N803
+def cosine_annealing(optimizer: Optimizer, budget: UpdateBudget, T_max: int = 10,
                      eta_min: float = 0.0) -> LRSchedule:
     """torch's CosineAnnealingLR, ``T_max`` in epochs, down to ``eta_min`` (and back up past ``T_max``); stepped
     after each epoch's validation."""

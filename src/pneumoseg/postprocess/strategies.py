@@ -226,7 +226,7 @@ class Triplet(PostProcessor):
         if above(probs, self.top).sum() < scale_area(self.min_area, probs.shape):
             return np.zeros(probs.shape, dtype=bool)
         mask = above(probs, self.bottom)
-        limit = scale_area(self.min_component_area, probs.shape)
+        limit = float(scale_area(self.min_component_area, probs.shape))
         if self.component_rule == OUTLINE:
             return remove_small_outlines(mask, limit)
         return remove_small_components(mask, limit)

@@ -28,7 +28,7 @@ import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -134,7 +134,7 @@ def phase_config(cfg: DictConfig, phase: Phase, start: Path | None) -> DictConfi
         old = base.get(section)
         if isinstance(block, dict) and isinstance(old, dict) and block.get("name", old.get("name")) != old.get("name"):
             old.pop("params", None)    # a renamed block takes its params from the phase alone
-    merged = OmegaConf.merge(OmegaConf.create(base), OmegaConf.create(phase.changes))
+    merged = cast(DictConfig, OmegaConf.merge(OmegaConf.create(base), OmegaConf.create(phase.changes)))
     merged.train.phases = None
     if start is not None:
         merged.train.init_from = {"checkpoint": str(start), "partial": False}
@@ -161,24 +161,18 @@ def fit_phases(cfg: DictConfig, data: PreparedData, fold: int, folder: Path, ctx
     """
     phases = plan_phases(cfg)
     done: list[dict[str, Any]] = []
+    summary: dict[str, Any] = {}
     start: Path | None = None
     for phase in phases:
         phase_cfg = phase_config(cfg, phase, start)
         size = int(phase_cfg.train.image_size)
         phase_data = data if size == int(cfg.train.image_size) else load_data(size)
         where, key = phase.folder(Path(folder)), phase.fingerprint(fingerprint)
-        summary = None if phase.last or resume is False else _finished(where, key)
-        if summary is None:
-            if ctx.is_main:
-                where.mkdir(parents=True, exist_ok=True)
-                (where / PHASE_DONE).unlink(missing_ok=True)
-            ctx.barrier()
-            log.info("fold %d: phase %d/%d %s", fold, phase.index + 1, len(phases), phase.name or "")
-            summary = fit_fold(phase_cfg, phase_data, fold, where, ctx, resume=resume, fingerprint=key,
-                               predict_oof=phase.last)
-            if ctx.is_main and not phase.last:
-                write_json(where / PHASE_DONE, {"fingerprint": key, "summary": summary})
-            ctx.barrier()
+        finished = None if phase.last or resume is False else _finished(where, key)
+        if finished is None:
+            log.info("fold %d: phase %d/%d %s", fold, phase.index + 1, len(phases), phase.name)
+        summary = finished if finished is not None else _train_phase(phase, phase_cfg, phase_data, fold, where, ctx,
+                                                                     resume, key)
         done.append(_phase_summary(phase, summary))
         start = best_files(where)[0]
     if not phases[0].name:
@@ -186,6 +180,21 @@ def fit_phases(cfg: DictConfig, data: PreparedData, fold: int, folder: Path, ctx
     seconds = [phase["seconds"] for phase in done]
     total = round(sum(seconds), 1) if None not in seconds else None   # the fold's training time, every phase's
     return {**summary, "phases": done, "seconds": total}
+
+
+def _train_phase(phase: Phase, cfg: DictConfig, data: PreparedData, fold: int, folder: Path, ctx: DistContext,
+                 resume: bool | str, key: str) -> dict[str, Any]:
+    """Train one phase into ``folder`` (:func:`pneumoseg.training.trainer.fit_fold`, the OOF maps only for the
+    last) and mark an earlier phase finished -> its summary."""
+    if ctx.is_main:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / PHASE_DONE).unlink(missing_ok=True)
+    ctx.barrier()
+    summary = fit_fold(cfg, data, fold, folder, ctx, resume=resume, fingerprint=key, predict_oof=phase.last)
+    if ctx.is_main and not phase.last:
+        write_json(folder / PHASE_DONE, {"fingerprint": key, "summary": summary})
+    ctx.barrier()
+    return summary
 
 
 def _finished(folder: Path, key: str) -> dict[str, Any] | None:
