@@ -8,7 +8,7 @@ import pytest
 
 from pneumoseg import layout
 from pneumoseg.config import load_config, to_dict
-from pneumoseg.inference.tta import load_fold_models
+from pneumoseg.inference.fold_models import load_fold_models
 from pneumoseg.modeling.checkpoints import best_files
 from pneumoseg.postprocess.strategies import build_postprocessor
 from pneumoseg.stages import train as train_stage

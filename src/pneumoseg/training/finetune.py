@@ -25,6 +25,7 @@ from torch import nn
 
 from pneumoseg import layout
 from pneumoseg.config import to_dict
+from pneumoseg.data.folds import read_trained_folds
 from pneumoseg.errors import ConfigError, DataError
 from pneumoseg.modeling.checkpoints import best_files, load_checkpoint
 
@@ -120,15 +121,15 @@ def check_same_folds(source: Path, folds: pd.DataFrame) -> None:
 
     Raises:
         ConfigError: the folder has no ``folds.csv``.
-        DataError: the images or their folds differ.
+        DataError: the table is unreadable, or the images or their folds differ.
     """
     path = layout.train_folds_path(source)
     if not path.is_file():
         raise ConfigError(f"train.init_from.experiment: {path} not found; is {source.parent} an experiment's output "
                           f"folder (its paths.experiment_dir) with stage 03 run?")
-    theirs = pd.read_csv(path, dtype={"ImageId": str})
+    theirs = read_trained_folds(source)
     mine = dict(zip(folds["ImageId"].astype(str), folds["fold"].astype(int)))
-    if dict(zip(theirs["ImageId"], theirs["fold"].astype(int))) != mine:
+    if dict(zip(theirs["ImageId"], theirs["fold"])) != mine:
         raise DataError(f"train.init_from.experiment: {path} assigns the images to other folds than this run's "
                         f"folds.csv; a fold would start from weights trained on its own validation images. Train "
                         f"both on the same prepared data and folds, or give one file with train.init_from.checkpoint")
