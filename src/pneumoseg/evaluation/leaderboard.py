@@ -133,7 +133,7 @@ def _train_seconds(folder: Path) -> float | None:
 
 def _phases(folder: Path) -> list[str]:
     """The names of a run folder's training phases, in order, from its first fold's summary ([] without)."""
-    folds = list(((_summary(folder, _TRAIN) or {}).get("fold_summaries") or {}).values())
+    folds = list(((_summary(folder, "03") or {}).get("fold_summaries") or {}).values())
     return [str(phase.get("name")) for phase in folds[0].get("phases") or []] if folds else []
 
 
