@@ -81,7 +81,8 @@ def test_a_new_head_loads_only_with_partial_and_the_load_is_reported(tiny_cfg, t
     del state["segmentation_head.0.bias"]
     save_checkpoint(path, {"state_dict": state})
     net = _trainer(tiny_cfg).net
-    with pytest.raises(ConfigError, match=r"1 missing \(segmentation_head.0.bias\), 1 unexpected \(extra.weight\), 1 mismatched "
+    with pytest.raises(ConfigError, match=r"1 missing \(segmentation_head.0.bias\), 1 unexpected \(extra.weight\), "
+                                          r"1 mismatched "
                                           r"\(segmentation_head.0.weight\).*partial=true"):
         load_initial_weights(net, path, partial=False)
     report = load_initial_weights(net, path, partial=True)

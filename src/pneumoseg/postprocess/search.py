@@ -340,7 +340,7 @@ def _outline_counts(mask: np.ndarray, truth: np.ndarray, limits: np.ndarray) -> 
         kept = areas > limit
         if kept.tobytes() not in drawn:
             drawing = draw_outlines(mask.shape, [outline for outline, keep in zip(found, kept) if keep])
-            drawn[kept.tobytes()] = (np.count_nonzero(drawing), np.count_nonzero(drawing & truth))
+            drawn[kept.tobytes()] = (int(np.count_nonzero(drawing)), int(np.count_nonzero(drawing & truth)))
         pred[a], inter[a] = drawn[kept.tobytes()]
     return pred, inter
 

@@ -89,14 +89,14 @@ def components(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return labels, np.bincount(labels.ravel(), minlength=count)[1:]
 
 
-def outlines(mask: np.ndarray) -> tuple[tuple[np.ndarray, ...], np.ndarray]:
+def outlines(mask: np.ndarray) -> tuple[Sequence[np.ndarray], np.ndarray]:
     """Every outline of a boolean mask, outer and hole alike (``cv2.RETR_TREE``), and each one's polygon area.
 
     The area is ``cv2.contourArea`` of the outline through the border pixels' centres: a filled 10 x 10 square
     measures 81, a one-pixel speck 0.
     """
     found, _ = cv2.findContours(np.ascontiguousarray(mask).view(np.uint8), cv2.RETR_TREE, cv2.CHAIN_APPROX_SIMPLE)
-    return found, np.array([cv2.contourArea(outline) for outline in found], dtype=np.float64)
+    return cast(Sequence[np.ndarray], found), np.array([cv2.contourArea(outline) for outline in found], dtype=np.float64)
 
 
 def draw_outlines(shape: tuple[int, ...], kept: Sequence[np.ndarray]) -> np.ndarray:

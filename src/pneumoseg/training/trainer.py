@@ -338,7 +338,8 @@ def _loader(dataset, batch_size: int, num_workers: int, ctx: DistContext, **kwar
 
 def train_loader(cfg: DictConfig, data: PreparedData, rows: pd.DataFrame, ctx: DistContext, seed: int) -> DataLoader:
     """The training DataLoader over ``rows`` of ``data``: augmented (and cropped with ``data.train_crop``), drawn
-    by the configured sampler (this rank's share), ``train.batch_size`` images per batch. Call ``loader.sampler.set_epoch`` before each epoch."""
+    by the configured sampler (this rank's share), ``train.batch_size`` images per batch. Call
+    ``loader.sampler.set_epoch`` before each epoch."""
     train = cfg.train
     sampler = build_sampler(cfg.sampler, rows["has_mask"].to_numpy(), seed, int(train.epochs), ctx.world_size,
                             ctx.rank)
