@@ -118,3 +118,41 @@ def test_bad_loss_params_fail_when_built():
         build_loss({"name": "mixed", "params": {"alpah": 10}})
     with pytest.raises(ConfigError, match="unknown loss"):
         build_loss({"name": "dice_bce"})
+
+
+# Four pixels, logits (2, -1, 0.5, -3), truth (1, 0, 0, 1). Hinge errors 1 - logit * sign: (-1, 0, 1.5, 4); sorted
+# descending (4, 1.5, 0, -1) with truth (1, 0, 0, 1): the Jaccard's steps 1 - (1/2, 1/3, 1/4, 0) give the weights
+# (1/2, 1/6, 1/12, 1/4), so the hinge is 4/2 + 1.5/6 = 2.25. Flipped (-logits, 1 - truth): the same errors with
+# truth (0, 1, 1, 0), weights (1/3, 1/3, 1/3, 0): 4/3 + 1.5/3 = 11/6; symmetric: (2.25 + 11/6) / 2 = 49/24.
+LOVASZ_LOGITS = torch.tensor([2.0, -1.0, 0.5, -3.0]).reshape(1, 1, 2, 2)
+LOVASZ_TARGETS = torch.tensor([1.0, 0.0, 0.0, 1.0]).reshape(1, 1, 2, 2)
+
+
+@pytest.mark.parametrize("block, expected", [
+    ({"name": "lovasz"}, 2.25),
+    ({"name": "symmetric_lovasz"}, 49 / 24),
+    ({"name": "combo", "params": {"bce": 0, "dice": 0, "lovasz": 2.0}}, 4.5),
+    ({"name": "combo", "params": {"bce": 0, "dice": 0, "lovasz": 1.0, "symmetric_lovasz": 1.0}}, 2.25 + 49 / 24),
+])
+def test_lovasz_by_hand(block, expected):
+    assert build_loss(block)(LOVASZ_LOGITS, LOVASZ_TARGETS).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_lovasz_per_image_averages_images_and_the_batch_form_pools_them():
+    # image 2: logits (0, 0, 0, 0), truth (1, 1, 0, 0): errors all 1, any order; sorted truth as torch sorts ties
+    logits = torch.cat([LOVASZ_LOGITS, torch.zeros(1, 1, 2, 2)])
+    target = torch.cat([LOVASZ_TARGETS, torch.tensor([1.0, 1.0, 0.0, 0.0]).reshape(1, 1, 2, 2)])
+    # every error 1 with 2 positives of 4: the weights sum to the full Jaccard loss of all pixels, 1 - 0 = 1
+    per_image = build_loss({"name": "lovasz", "params": {"per_image": True}})(logits, target).item()
+    assert per_image == pytest.approx((2.25 + 1.0) / 2, rel=1e-6)
+    pooled = build_loss({"name": "lovasz"})(logits, target).item()
+    assert pooled != pytest.approx(per_image, rel=1e-3)
+
+
+def test_lovasz_on_an_empty_image_is_the_largest_hinge_error():
+    logits = torch.tensor([0.5, -2.0, 1.5, -0.25]).reshape(1, 1, 2, 2)
+    empty = torch.zeros_like(logits)
+    assert build_loss({"name": "lovasz"})(logits, empty).item() == pytest.approx(2.5, rel=1e-6)   # 1 + 1.5
+    # flipped: every pixel positive, errors 1 + logit, weights 1/4 each
+    flipped = (1.5 + 0.0 + 2.5 + 0.75) / 4   # 1 - 2 < 0: that pixel adds nothing
+    assert build_loss({"name": "symmetric_lovasz"})(logits, empty).item() == pytest.approx((2.5 + flipped) / 2)

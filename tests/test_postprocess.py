@@ -1,5 +1,6 @@
 import json
 
+import cv2
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -7,7 +8,7 @@ from hypothesis import strategies as st
 
 from pneumoseg.errors import ConfigError, DataError
 from pneumoseg.postprocess.strategies import (POSTPROCESSORS, Threshold, Triplet, above, build_postprocessor, level_cut,
-                                   load_postprocessor, remove_small_components, scale_area)
+                                   load_postprocessor, remove_small_components, remove_small_outlines, scale_area)
 from pneumoseg.data.probstore import dequantize
 
 LEVELS = np.arange(256, dtype=np.uint8)
@@ -150,3 +151,65 @@ def test_float_maps_are_compared_in_their_own_precision(threshold):
     probs = np.full((2, 2), np.float32(0.1))
     assert not above(probs, threshold).any()
     assert not Threshold(threshold=float(threshold))(probs).any()
+
+
+def _sneddy_remove_smallest(mask, min_contour_area):
+    """A transcription of the 1st place's ``TripletSubmit.py:remove_smallest`` (uint8 mask in, 0/255 out)."""
+    contours, _ = cv2.findContours(mask.copy(), cv2.RETR_TREE, cv2.CHAIN_APPROX_SIMPLE)
+    contours = [c for c in contours if cv2.contourArea(c) > min_contour_area]
+    background = np.zeros(mask.shape, np.uint8)
+    return cv2.drawContours(background, contours, -1, (255), thickness=cv2.FILLED)
+
+
+def _outline_triplet(min_component_area, top=0.5, bottom=0.5):
+    return Triplet(top=top, min_area=0, bottom=bottom, min_component_area=min_component_area,
+                   component_rule="outline")
+
+
+@pytest.mark.parametrize("side, limit, kept", [(10, 100, False), (11, 100, False), (12, 100, True), (10, 80, True),
+                                               (10, 81, False)])
+def test_outline_rule_measures_the_polygon_area_strictly_above_the_limit(side, limit, kept):
+    # a side x side square's outline runs through its border pixels' centres: (side - 1)^2 (81 for 10, 121 for 12)
+    probs = np.zeros((64, 64), np.float32)
+    probs[5:5 + side, 5:5 + side] = 1.0
+    mask = remove_small_outlines(probs > 0.5, limit)
+    assert mask.sum() == (side * side if kept else 0)
+    # at 1024 px the strategy's area is the limit itself
+    big = np.zeros((1024, 1024), np.float32)
+    big[5:5 + side, 5:5 + side] = 1.0
+    assert _outline_triplet(limit)(big).sum() == (side * side if kept else 0)
+
+
+@pytest.mark.parametrize("hole, filled", [(4, True), (10, False)])
+def test_outline_rule_fills_a_small_hole_and_keeps_a_large_one(hole, filled):
+    mask = np.zeros((64, 64), bool)
+    mask[5:45, 5:45] = True
+    mask[20:20 + hole, 20:20 + hole] = False
+    kept = remove_small_outlines(mask, 100)
+    assert kept.sum() == (40 * 40 if filled else mask.sum())
+    assert (kept >= mask).all()
+    # the pixel-count rule never fills a hole
+    assert (remove_small_components(mask, 100) == mask).all()
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_outline_rule_is_the_winners_code_on_random_maps(seed):
+    rng = np.random.default_rng(seed)
+    probs = cv2.GaussianBlur(rng.random((128, 128)).astype(np.float32), (0, 0), 2.0)
+    probs = (probs - probs.min()) / (probs.max() - probs.min())
+    for limit in (0.5, 10, 40, 100, 400):
+        mask = (probs > 0.55).astype(np.uint8)
+        expected = _sneddy_remove_smallest(mask, limit) > 0
+        assert (remove_small_outlines(mask.astype(bool), limit) == expected).all()
+        strategy = _outline_triplet(limit * 64, top=0.6, bottom=0.55)
+        assert (strategy(probs) == expected).all()
+
+
+def test_outline_rule_block_round_trip_and_label():
+    strategy = _outline_triplet(100)
+    assert build_postprocessor(strategy.to_block()) == strategy
+    assert strategy.label() == "triplet:0.5:0:0.5:100:outline"
+    plain = Triplet(top=0.5, min_area=0, bottom=0.5, min_component_area=100)
+    assert "component_rule" not in plain.to_block()["params"] and plain.label() == "triplet:0.5:0:0.5:100"
+    with pytest.raises(ConfigError, match="component_rule must be one of pixels, outline"):
+        Triplet(top=0.5, min_area=0, bottom=0.5, component_rule="contour")

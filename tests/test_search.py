@@ -318,3 +318,16 @@ def test_report_shows_the_test_score_beside_the_oof_figures_once_stage_05_adds_i
                "| held-out test set (200 images, scored by stage 05) | 0.8123 |"]
     assert all(figure in report for figure in figures) and "plots/search.png" in report
     assert json.loads((folder / "oof_report.json").read_text())["test"] == {"score": 0.8123, "n_images": 200}
+
+
+def test_outline_rule_candidates_score_as_the_straightforward_method():
+    # both rules in one search: each grid's components are refined under its own rule
+    source, groups = _oof(seed=2, specks=3)
+    outline = {"name": "triplet", "params": {**GRID_BLOCKS[1]["params"], "component_rule": "outline",
+                                             "min_component_area": [500, 3000, 10000]}}
+    result = run_search(source, groups, [GRIDS.build(GRID_BLOCKS[1]), GRIDS.build(outline)], refine_steps=1)
+    blocks = [result.block(row) for row in range(len(result.candidates))]
+    assert sum(b["params"].get("component_rule") == "outline" for b in blocks) > len(blocks) / 2
+    pred, inter, true = evaluate(source, [build_postprocessor(b) for b in blocks])
+    dice = dice_from_counts(inter, pred, true[:, None])
+    assert np.abs(dice.mean(0) - result.candidates["dice"]).max() < 1e-9

@@ -118,3 +118,19 @@ def test_a_stage_with_no_record_is_not_started_with_the_folds_done(tiny_cfg):
     assert " not started " in _line(cfg, "03")
     StageRecord("03_train fold 0", layout.fold_dir(cfg, 0), cfg, ("train",)).finish()
     assert "folds [0] done" in _line(cfg, "03")
+
+
+def test_status_and_the_leaderboard_show_the_training_phases(tiny_cfg):
+    from pneumoseg.evaluation import leaderboard
+    from pneumoseg.io import write_json
+
+    cfg = tiny_cfg()
+    phases = [{"name": "small", "epochs": 3, "val_dice": 0.5}, {"name": "full", "epochs": 2, "val_dice": 0.7}]
+    other = [{"name": "small", "epochs": 3, "val_dice": 0.6}, {"name": "full", "epochs": 2, "val_dice": 0.8}]
+    record = StageRecord("03_train", layout.train_dir(cfg), cfg, ["train"])
+    record.start()
+    record.finish({"folds": [0, 1], "fold_summaries": {"0": {"phases": phases}, "1": {"phases": other}}})
+    assert "phases: small (3 epochs, val_dice 0.5500) -> full (2 epochs, val_dice 0.7500)" in status.report(cfg)
+    write_json(layout.search_dir(cfg) / "done.json", {"summary": {"oof_score": 0.8, "nested_score": 0.7}})
+    [run] = leaderboard.collect(layout.train_dir(cfg).parent.parent)
+    assert run.phases == ["small", "full"] and "| tiny (phases: small -> full) |" in leaderboard.markdown([run])

@@ -149,6 +149,11 @@ def train_dir(cfg: DictConfig) -> Path:
     return Path(cfg.paths.experiment_dir) / _TRAIN
 
 
+def train_dir_in(experiment_dir: str | os.PathLike) -> Path:
+    """Stage 03's folder in an experiment's output folder (its ``paths.experiment_dir``)."""
+    return Path(experiment_dir) / _TRAIN
+
+
 def train_folds_path(where: Where) -> Path:
     """The ``folds.csv`` a training folder was trained on (stage 02's, copied when training starts)."""
     return _training(where) / _FOLDS

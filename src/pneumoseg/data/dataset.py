@@ -15,6 +15,11 @@ before each epoch, the same permutation on every rank, each rank a disjoint slic
   ``start`` of positive images in the first epoch moves linearly to ``end`` by epoch ``epochs`` (default: the
   run's epochs), as the top 2019 solutions did to learn from the positives first and calibrate on empties later.
   Each group is drawn without replacement until it is used up, then again in a new order.
+
+Crops (``data.train_crop: N``, :class:`RandomCrop`): each training sample is an N x N window of the augmented
+full-size image and the same window of its mask; of an image with a lesion, a share ``data.crop_lesion_share`` of
+the windows is placed to hold a lesion pixel (one drawn uniformly from the mask), the others anywhere. Validation
+and prediction see the full-size images.
 """
 from __future__ import annotations
 
@@ -93,11 +98,63 @@ class PreparedData:
             raise DataError(f"fold {fold} has no images; the folds are {self.fold_numbers()}")
         return self.folds[~is_val].reset_index(drop=True), self.folds[is_val].reset_index(drop=True)
 
-    def dataset(self, rows: pd.DataFrame, normalize: Normalize,
-                transform: A.Compose | None = None) -> "SegmentationDataset":
+    def dataset(self, rows: pd.DataFrame, normalize: Normalize, transform: A.Compose | None = None,
+                crop: RandomCrop | None = None) -> "SegmentationDataset":
+        """The :class:`SegmentationDataset` of ``rows`` (their images and masks), with these arguments."""
         ids = rows["ImageId"].tolist()
         return SegmentationDataset([self.image_dir / f"{i}.png" for i in ids],
-                                   [self.mask_dir / f"{i}.png" for i in ids], normalize, transform)
+                                   [self.mask_dir / f"{i}.png" for i in ids], normalize, transform, crop)
+
+
+@dataclass(frozen=True)
+class RandomCrop:
+    """A random ``size`` x ``size`` window of an image and its mask (see the module docstring).
+
+    Args:
+        size: the window's side in pixels; at most the images' side.
+        lesion_share: for an image whose mask has a lesion, the probability that the window is placed to hold one
+            of its pixels; in [0, 1].
+    """
+
+    size: int
+    lesion_share: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.size < 1:
+            raise ConfigError(f"data.train_crop must be a positive number of pixels, got {self.size}")
+        if not 0.0 <= self.lesion_share <= 1.0:
+            raise ConfigError(f"data.crop_lesion_share must be in [0, 1], got {self.lesion_share}")
+
+    def origin(self, mask: np.ndarray, rng: np.random.Generator) -> tuple[int, int]:
+        """The window's top-left corner (row, column) in ``mask``'s frame."""
+        height, width = mask.shape[:2]
+        if self.size > min(height, width):
+            raise ConfigError(f"data.train_crop={self.size} exceeds the {height} x {width} px training images; "
+                              f"give a smaller crop or a larger train.image_size")
+        lesion = np.flatnonzero(mask.reshape(-1) > 127)
+        if lesion.size and rng.random() < self.lesion_share:
+            row, col = divmod(int(lesion[rng.integers(lesion.size)]), width)
+            # uniformly among the windows that hold (row, col)
+            return (int(rng.integers(max(row - self.size + 1, 0), min(row, height - self.size) + 1)),
+                    int(rng.integers(max(col - self.size + 1, 0), min(col, width - self.size) + 1)))
+        return int(rng.integers(height - self.size + 1)), int(rng.integers(width - self.size + 1))
+
+    def __call__(self, image: np.ndarray, mask: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+        """The same window of ``image`` and ``mask`` (H x W arrays), placed by ``seed``."""
+        top, left = self.origin(mask, np.random.default_rng([int(seed), _CROP_STREAM]))
+        window = np.s_[top:top + self.size, left:left + self.size]
+        return np.ascontiguousarray(image[window]), np.ascontiguousarray(mask[window])
+
+
+_CROP_STREAM = 0xC409   # the crop's random stream of a sample seed, apart from the augmentation's
+
+
+def crop_from_config(data_section) -> RandomCrop | None:
+    """The :class:`RandomCrop` of the ``data`` section's ``train_crop`` and ``crop_lesion_share``, or None."""
+    size = data_section.get("train_crop")
+    if size is None:
+        return None
+    return RandomCrop(int(size), float(data_section.get("crop_lesion_share", 0.5)))
 
 
 class SegmentationDataset(Dataset):
@@ -108,6 +165,7 @@ class SegmentationDataset(Dataset):
         mask_paths: the matching 0/255 mask PNGs.
         normalize: turns the 8-bit image into the model's input.
         transform: the augmentation pipeline (training), or None.
+        crop: a random window taken after the augmentation (training with ``data.train_crop``), or None.
 
     An item is requested by index (validation) or by ``(index, seed)`` as the samplers of this module yield
     them (training: the seed fixes the sample's augmentation). It is ``(image C x H x W float32, mask
@@ -115,13 +173,14 @@ class SegmentationDataset(Dataset):
     """
 
     def __init__(self, image_paths: Sequence[Path], mask_paths: Sequence[Path], normalize: Normalize,
-                 transform: A.Compose | None = None) -> None:
+                 transform: A.Compose | None = None, crop: RandomCrop | None = None) -> None:
         if len(image_paths) != len(mask_paths):
             raise ValueError(f"{len(image_paths)} images but {len(mask_paths)} masks")
         self.image_paths = list(image_paths)
         self.mask_paths = list(mask_paths)
         self.normalize = normalize
         self.transform = transform
+        self.crop = crop
 
     def __len__(self) -> int:
         return len(self.image_paths)
@@ -130,6 +189,8 @@ class SegmentationDataset(Dataset):
         index, seed = item if isinstance(item, tuple) else (item, item)
         image, mask = read_png(self.image_paths[index]), read_png(self.mask_paths[index])
         image, mask = augment(self.transform, image, mask, seed)
+        if self.crop is not None:
+            image, mask = self.crop(image, mask, seed)
         return self.normalize(image), torch.from_numpy(mask > 127).float().unsqueeze(0)
 
 

@@ -61,6 +61,7 @@ class Run:
         train_seconds: the sum of the folds' training times.
         parameters: parameters of one network; checkpoint_bytes: bytes of all the checkpoints it predicts with.
         members: an ensemble's chosen members (empty for a single experiment).
+        phases: the names of its training phases, in order (``train.phases``; empty without phases).
     """
 
     name: str
@@ -75,6 +76,7 @@ class Run:
     parameters: int | None = None
     checkpoint_bytes: int | None = None
     members: list[str] = field(default_factory=list)
+    phases: list[str] = field(default_factory=list)
 
     @property
     def spread(self) -> float | None:
@@ -117,6 +119,7 @@ def read_run(folder: str | os.PathLike) -> Run:
         _read_ensemble(run, folder)
     else:
         run.train_seconds = _train_seconds(folder)
+        run.phases = _phases(folder)
         _read_models(run, folder)
     return run
 
@@ -126,6 +129,12 @@ def _train_seconds(folder: Path) -> float | None:
     train = _summary(folder, "03") or {}
     seconds = [f.get("seconds") for f in train.get("fold_summaries", {}).values()]
     return float(sum(seconds)) if seconds and None not in seconds else None
+
+
+def _phases(folder: Path) -> list[str]:
+    """The names of a run folder's training phases, in order, from its first fold's summary ([] without)."""
+    folds = list(((_summary(folder, "03") or {}).get("fold_summaries") or {}).values())
+    return [str(phase.get("name")) for phase in folds[0].get("phases") or []] if folds else []
 
 
 def _read_ensemble(run: Run, folder: Path) -> None:
@@ -225,6 +234,7 @@ def markdown(runs: Sequence[Run], plot_name: str | None = None) -> str:
         parameters = "n/a" if run.parameters is None else f"{run.parameters / 1e6:.2f} M"
         size = "n/a" if run.checkpoint_bytes is None else f"{run.checkpoint_bytes / 1e6:.1f}"
         name = f"{run.name} (ensemble: {' + '.join(run.members)})" if run.members else run.name
+        name += f" (phases: {' -> '.join(run.phases)})" if run.phases else ""
         lines.append(f"| {rank} | {name} | {_fmt(run.nested_score)} | {_fmt(run.oof_score)} | {spread} | "
                      f"{_fmt(run.test_score)} | {run.postprocess} | {run.checkpoints or 'n/a'} | "
                      f"{_duration(run.train_seconds)} | {parameters} | {size} |")

@@ -9,8 +9,14 @@ no Dice signal on most steps.
 Config blocks (``loss: {name, params}``):
 
 * ``mixed``: the 2019 kernel's ``alpha * focal - log(soft dice)``, alpha 10, gamma 2.
-* ``combo``: ``bce * BCE + dice * (1 - soft dice) + focal * focal``, weights in params.
-* ``bce``, ``dice``, ``log_dice``, ``focal``: a single term.
+* ``combo``: ``bce * BCE + dice * (1 - soft dice) + focal * focal + lovasz * Lovász hinge + symmetric_lovasz *
+  symmetric Lovász``, weights in params.
+* ``bce``, ``dice``, ``log_dice``, ``focal``, ``lovasz``, ``symmetric_lovasz``: a single term.
+
+The Lovász hinge (Berman et al. 2018; the 3rd and 8th places trained with it) is smp's ``LovaszLoss`` in binary
+mode: a convex surrogate of the Jaccard loss, the hinge errors ``1 - logit * sign`` sorted and weighted by the
+Jaccard's gradient. Its symmetric form averages the loss on ``(logits, target)`` and on ``(-logits, 1 - target)``,
+so empty images (whose own Jaccard has no positive pixel to reward) weigh as much as the lesions.
 
 The gate: a network with the image-level head (``model.params.aux_params``) is trained with
 ``loss.gate_weight * BCE(gate logit, image has a mask)`` added to the block's mask loss (:func:`build_training_loss`),
@@ -75,6 +81,44 @@ def mixed_loss(logits: torch.Tensor, target: torch.Tensor, alpha: float = 10.0, 
     return alpha * focal_loss(logits, target, gamma) - torch.log(soft_dice_score(logits, target, smooth))
 
 
+def _lovasz_gradient(sorted_target: torch.Tensor) -> torch.Tensor:
+    """The Jaccard loss's gradient along pixels sorted by decreasing error (smp's ``_lovasz_grad``)."""
+    positives = sorted_target.sum()
+    intersection = positives - sorted_target.cumsum(0)
+    union = positives + (1.0 - sorted_target).cumsum(0)
+    jaccard = 1.0 - intersection / union
+    return torch.cat([jaccard[:1], jaccard[1:] - jaccard[:-1]])
+
+
+def _lovasz_hinge_flat(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The Lovász hinge of one flat vector of logits and its {0, 1} target."""
+    if logits.numel() == 0:
+        return logits.sum() * 0.0
+    errors = 1.0 - logits * (2.0 * target - 1.0)
+    sorted_errors, order = torch.sort(errors, descending=True)
+    return torch.dot(F.relu(sorted_errors), _lovasz_gradient(target[order]))
+
+
+def lovasz_hinge(logits: torch.Tensor, target: torch.Tensor, per_image: bool = False) -> torch.Tensor:
+    """Binary Lovász hinge on logits, as smp's ``LovaszLoss(mode="binary")``.
+
+    Args:
+        logits: raw model outputs, B x ... .
+        target: {0, 1} masks of the same shape.
+        per_image: False: one loss over every pixel of the batch (smp's default); True: the mean of each image's.
+    """
+    logits, target = logits.float(), target.float()
+    if per_image:
+        return torch.stack([_lovasz_hinge_flat(z.reshape(-1), t.reshape(-1)) for z, t in zip(logits, target)]).mean()
+    return _lovasz_hinge_flat(logits.reshape(-1), target.reshape(-1))
+
+
+def symmetric_lovasz(logits: torch.Tensor, target: torch.Tensor, per_image: bool = False) -> torch.Tensor:
+    """``(lovasz_hinge(logits, target) + lovasz_hinge(-logits, 1 - target)) / 2`` (``per_image`` as there)."""
+    target = target.float()
+    return 0.5 * (lovasz_hinge(logits, target, per_image) + lovasz_hinge(-logits, 1.0 - target, per_image))
+
+
 class _FunctionalLoss(nn.Module):
     """A module around one of the functions above with its keyword parameters fixed."""
 
@@ -102,20 +146,24 @@ class MixedLoss(_FunctionalLoss):
 
 @LOSSES.register("combo")
 class ComboLoss(nn.Module):
-    """``bce * BCE + dice * (1 - soft dice) + focal * focal``; a term with weight 0 is not computed.
+    """``bce * BCE + dice * (1 - soft dice) + focal * focal + lovasz * Lovász hinge + symmetric_lovasz * symmetric
+    Lovász``; a term with weight 0 is not computed.
 
     Args:
-        bce, dice, focal: the weights of the three terms.
+        bce, dice, focal, lovasz, symmetric_lovasz: the weights of the terms.
         gamma: the focal term's focusing parameter.
         smooth: the soft dice's smoothing.
         pos_weight: the BCE term's weight of positive pixels; None: 1.
+        lovasz_per_image: the Lovász terms per image (True) or over the whole batch (False, smp's default).
     """
 
     def __init__(self, bce: float = 1.0, dice: float = 1.0, focal: float = 0.0, gamma: float = 2.0,
-                 smooth: float = 1.0, pos_weight: float | None = None) -> None:
+                 smooth: float = 1.0, pos_weight: float | None = None, lovasz: float = 0.0,
+                 symmetric_lovasz: float = 0.0, lovasz_per_image: bool = False) -> None:
         super().__init__()
         self.bce, self.dice, self.focal = bce, dice, focal
         self.gamma, self.smooth, self.pos_weight = gamma, smooth, pos_weight
+        self.lovasz, self.symmetric_lovasz, self.lovasz_per_image = lovasz, symmetric_lovasz, lovasz_per_image
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         total = logits.new_zeros((), dtype=torch.float32)
@@ -125,11 +173,16 @@ class ComboLoss(nn.Module):
             total = total + self.dice * (1.0 - soft_dice_score(logits, target, self.smooth))
         if self.focal:
             total = total + self.focal * focal_loss(logits, target, self.gamma)
+        if self.lovasz:
+            total = total + self.lovasz * lovasz_hinge(logits, target, self.lovasz_per_image)
+        if self.symmetric_lovasz:
+            total = total + self.symmetric_lovasz * symmetric_lovasz(logits, target, self.lovasz_per_image)
         return total
 
     def extra_repr(self) -> str:
         return (f"bce={self.bce}, dice={self.dice}, focal={self.focal}, gamma={self.gamma}, smooth={self.smooth}, "
-                f"pos_weight={self.pos_weight}")
+                f"pos_weight={self.pos_weight}, lovasz={self.lovasz}, symmetric_lovasz={self.symmetric_lovasz}, "
+                f"lovasz_per_image={self.lovasz_per_image}")
 
 
 @LOSSES.register("bce")
@@ -144,6 +197,20 @@ class FocalLoss(_FunctionalLoss):
     """Binary focal loss (param: gamma)."""
 
     function = staticmethod(focal_loss)
+
+
+@LOSSES.register("lovasz")
+class LovaszLoss(_FunctionalLoss):
+    """Binary Lovász hinge, smp's ``LovaszLoss`` (param: per_image, False by default as there)."""
+
+    function = staticmethod(lovasz_hinge)
+
+
+@LOSSES.register("symmetric_lovasz")
+class SymmetricLovaszLoss(_FunctionalLoss):
+    """The Lovász hinge averaged over ``(logits, target)`` and ``(-logits, 1 - target)`` (param: per_image)."""
+
+    function = staticmethod(symmetric_lovasz)
 
 
 @LOSSES.register("dice")

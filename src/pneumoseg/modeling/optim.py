@@ -9,6 +9,11 @@
   schedule spans exactly the run's budget of updates.
 * ``plateau``: ReduceLROnPlateau on a validation metric (``monitor``: ``val_loss`` by default; ``factor``,
   ``patience``, ``min_lr``), stepped after each validation.
+* ``cosine_restarts``: torch's CosineAnnealingWarmRestarts: a cosine from lr down to ``eta_min`` over ``T_0``
+  epochs, then again from lr over ``T_0 * T_mult`` epochs, and so on; stepped after each epoch.
+* ``cosine_annealing``: torch's CosineAnnealingLR (``T_max`` epochs, ``eta_min``), stepped after each epoch: past
+  ``T_max`` the cosine goes on, so the lr climbs back to lr over the next ``T_max`` epochs (the 4th place's
+  schedule, ``T_max`` 8 over 60 epochs).
 * ``constant``: the optimiser's lr throughout.
 """
 from __future__ import annotations
@@ -19,7 +24,7 @@ from typing import Any, Iterable, Literal
 
 import torch
 from torch.optim import Optimizer
-from torch.optim.lr_scheduler import LambdaLR, ReduceLROnPlateau
+from torch.optim.lr_scheduler import CosineAnnealingLR, CosineAnnealingWarmRestarts, LambdaLR, ReduceLROnPlateau
 
 from pneumoseg.errors import ConfigError
 from pneumoseg.registry import Registry
@@ -103,6 +108,31 @@ def plateau(optimizer: Optimizer, budget: UpdateBudget, monitor: str = "val_loss
     scheduler = ReduceLROnPlateau(optimizer, mode=metric_mode(monitor), factor=factor, patience=patience,
                                   min_lr=min_lr)
     return LRSchedule(scheduler, per_update=False, monitor=monitor)
+
+
+def _check_epochs(name: str, **values: int) -> None:
+    for key, value in values.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConfigError(f"scheduler {name}: {key} must be a whole number of epochs >= 1, got {value!r}")
+
+
+@SCHEDULERS.register("cosine_restarts")
+def cosine_restarts(optimizer: Optimizer, budget: UpdateBudget, T_0: int = 10, T_mult: int = 1,
+                    eta_min: float = 0.0) -> LRSchedule:
+    """torch's CosineAnnealingWarmRestarts, ``T_0`` (the first cycle) in epochs, each later cycle ``T_mult`` times
+    the one before, down to ``eta_min``; stepped after each epoch's validation."""
+    _check_epochs("cosine_restarts", T_0=T_0, T_mult=T_mult)
+    return LRSchedule(CosineAnnealingWarmRestarts(optimizer, T_0=T_0, T_mult=T_mult, eta_min=eta_min),
+                      per_update=False)
+
+
+@SCHEDULERS.register("cosine_annealing")
+def cosine_annealing(optimizer: Optimizer, budget: UpdateBudget, T_max: int = 10,
+                     eta_min: float = 0.0) -> LRSchedule:
+    """torch's CosineAnnealingLR, ``T_max`` in epochs, down to ``eta_min`` (and back up past ``T_max``); stepped
+    after each epoch's validation."""
+    _check_epochs("cosine_annealing", T_max=T_max)
+    return LRSchedule(CosineAnnealingLR(optimizer, T_max=T_max, eta_min=eta_min), per_update=False)
 
 
 @SCHEDULERS.register("constant")

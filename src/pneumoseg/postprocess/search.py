@@ -47,7 +47,8 @@ from pneumoseg.data.probstore import dequantize
 from pneumoseg.data.resize import resize_probabilities
 from pneumoseg.errors import ConfigError
 from pneumoseg.evaluation.metrics import dice_from_counts
-from pneumoseg.postprocess.strategies import PostProcessor, components, scale_area
+from pneumoseg.postprocess.strategies import (OUTLINE, PIXELS, PostProcessor, check_component_rule, components,
+                                              draw_outlines, outlines, scale_area)
 from pneumoseg.registry import Registry
 
 PARAM_COLUMNS = ("top", "min_area", "bottom", "min_component_area")
@@ -207,9 +208,10 @@ class Grid(ABC):
     strategy: ClassVar[str]
 
     def __init__(self, tops: np.ndarray, min_areas: np.ndarray, bottoms: np.ndarray,
-                 component_areas: np.ndarray) -> None:
+                 component_areas: np.ndarray, component_rule: str = PIXELS) -> None:
         self.tops, self.min_areas, self.bottoms = tops, min_areas, bottoms
         self.component_areas = component_areas
+        self.component_rule = component_rule
 
     @abstractmethod
     def valid(self) -> np.ndarray:
@@ -263,14 +265,17 @@ class TripletGrid(Grid):
     Args:
         top, min_area, bottom: the exact grid; areas in pixels of the 1024 px image.
         min_component_area: component areas tried around the best exact point.
+        component_rule: how they are measured, ``pixels`` or ``outline``
+            (:class:`pneumoseg.postprocess.strategies.Triplet`).
     """
 
     strategy = "triplet"
 
-    def __init__(self, top, min_area, bottom, min_component_area=()) -> None:
+    def __init__(self, top, min_area, bottom, min_component_area=(), component_rule=PIXELS) -> None:
+        check_component_rule("search grid triplet", component_rule)
         super().__init__(_probabilities("triplet.top", top), _areas("triplet.min_area", min_area),
                          _probabilities("triplet.bottom", bottom),
-                         _component_areas("triplet.min_component_area", min_component_area))
+                         _component_areas("triplet.min_component_area", min_component_area), component_rule)
         if not self.valid().any():
             raise ConfigError("search grid triplet: every bottom exceeds every top; no candidate is left")
 
@@ -278,7 +283,8 @@ class TripletGrid(Grid):
         return self.bottoms[None, :] <= self.tops[:, None]
 
     def params(self, top, min_area, bottom, min_component_area):
-        return {"top": top, "min_area": min_area, "bottom": bottom, "min_component_area": min_component_area}
+        rule = {} if self.component_rule == PIXELS else {"component_rule": self.component_rule}
+        return {"top": top, "min_area": min_area, "bottom": bottom, "min_component_area": min_component_area, **rule}
 
     def neighbours(self, top, min_area, bottom, steps):
         return [(top, min_area, i) for i in self._near(bottom, steps) if self.valid()[top, i]]
@@ -323,10 +329,28 @@ def exact_sums(counts: ThresholdCounts, groups: np.ndarray, n_groups: int, grid:
     return sums
 
 
+def _outline_counts(mask: np.ndarray, truth: np.ndarray, limits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Predicted area and intersection of one mask under the outline rule, for each area limit (pixels of this
+    image): :func:`pneumoseg.postprocess.strategies.remove_small_outlines`, each distinct set of kept outlines
+    drawn once."""
+    found, areas = outlines(mask)
+    pred, inter = np.zeros(len(limits), np.int64), np.zeros(len(limits), np.int64)
+    drawn: dict[bytes, tuple[int, int]] = {}
+    for a, limit in enumerate(limits):
+        kept = areas > limit
+        if kept.tobytes() not in drawn:
+            drawing = draw_outlines(mask.shape, [outline for outline, keep in zip(found, kept) if keep])
+            drawn[kept.tobytes()] = (int(np.count_nonzero(drawing)), int(np.count_nonzero(drawing & truth)))
+        pred[a], inter[a] = drawn[kept.tobytes()]
+    return pred, inter
+
+
 def _component_counts(full: np.ndarray, truth: np.ndarray, thresholds: np.ndarray,
-                      min_pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+                      min_pixels: np.ndarray, rule: str = PIXELS) -> tuple[np.ndarray, np.ndarray]:
     """Predicted area and intersection (len(thresholds) x len(min_pixels)) of one full-size map, for each
-    threshold (ascending) and each minimum component size (pixels of this image)."""
+    threshold (ascending) and each minimum component size (pixels of this image), components measured by
+    ``rule`` (``pixels``: connected components of at least that many pixels are kept; ``outline``: outlines whose
+    polygon area is above it)."""
     pred = np.zeros((len(thresholds), len(min_pixels)), np.int64)
     inter = np.zeros_like(pred)
     lowest = full > thresholds[0]
@@ -337,6 +361,9 @@ def _component_counts(full: np.ndarray, truth: np.ndarray, thresholds: np.ndarra
     box = np.s_[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
     full, truth = full[box], truth[box]
     for k, threshold in enumerate(thresholds):
+        if rule == OUTLINE:
+            pred[k], inter[k] = _outline_counts(full > threshold, truth, min_pixels)
+            continue
         labels, areas = components(full > threshold)
         if areas.size == 0:
             break
@@ -347,9 +374,10 @@ def _component_counts(full: np.ndarray, truth: np.ndarray, thresholds: np.ndarra
 
 
 def _component_block(part: ImageSource, start: int, thresholds: np.ndarray, needed: np.ndarray,
-                     component_areas: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+                     component_areas: np.ndarray, rule: str) -> tuple[np.ndarray, np.ndarray]:
     """Per image of the part, threshold and component area: predicted area and intersection; only the
-    thresholds that ``needed`` (all N images x len(thresholds)) marks for an image are labelled."""
+    thresholds that ``needed`` (all N images x len(thresholds)) marks for an image are labelled. ``rule``: as in
+    :func:`_component_counts`."""
     pred = np.zeros((len(part), len(thresholds), len(component_areas)), np.int64)
     inter = np.zeros_like(pred)
     for i, (levels, truth) in enumerate(part):
@@ -357,14 +385,14 @@ def _component_block(part: ImageSource, start: int, thresholds: np.ndarray, need
         if cuts.size:
             full = to_original(levels, truth.shape)
             pred[i, cuts], inter[i, cuts] = _component_counts(full, truth, thresholds[cuts],
-                                                              scale_area(component_areas, truth.shape))
+                                                              scale_area(component_areas, truth.shape), rule)
     return pred, inter
 
 
 def component_sums(source: ImageSource, counts: ThresholdCounts, groups: np.ndarray, n_groups: int,
                    points: Sequence[tuple[float, float, float]], component_areas: np.ndarray,
                    passes: np.ndarray | None = None, point_gates: Sequence[Sequence[int]] | None = None,
-                   n_jobs: int = 1, block_size: int = BLOCK_SIZE) -> np.ndarray:
+                   n_jobs: int = 1, block_size: int = BLOCK_SIZE, rule: str = PIXELS) -> np.ndarray:
     """Summed Dice per gate, group, ``(top, min_area, bottom)`` point and component area.
 
     Args:
@@ -378,6 +406,7 @@ def component_sums(source: ImageSource, counts: ThresholdCounts, groups: np.ndar
         point_gates: per point, the gates (columns of ``passes``) it is wanted behind; None: every gate. Only
             images that one of them keeps are labelled.
         n_jobs, block_size: as in :func:`count_thresholds`.
+        rule: how components are measured, ``pixels`` or ``outline`` (:func:`_component_counts`).
 
     Returns:
         V x G x len(points) x len(component_areas); NaN for a gate that ``point_gates`` does not give the point.
@@ -396,7 +425,7 @@ def component_sums(source: ImageSource, counts: ThresholdCounts, groups: np.ndar
     needed = np.zeros((len(counts), len(cuts)), bool)
     for p, cut in enumerate(point_cut):
         needed[:, cut] |= kept[:, p]
-    parts = _map_blocks(_component_block, source, n_jobs, block_size, cuts, needed, component_areas)
+    parts = _map_blocks(_component_block, source, n_jobs, block_size, cuts, needed, component_areas, rule)
     pred_cut, inter_cut = (np.concatenate(p) for p in zip(*parts))                           # N x C x A
     if len(pred_cut) != len(counts):
         raise ValueError(f"the pass gave {len(pred_cut)} images, the counts have {len(counts)}")
@@ -590,16 +619,46 @@ class _Exact:
         return points
 
 
-def _choice(exact: _Exact, points: list[list[tuple]], refined: np.ndarray, point_index: dict,
+@dataclass
+class _Refined:
+    """The component pass of one component rule: ``sums`` (gates x G x points x areas, :func:`component_sums`)
+    and the column of each point in it."""
+
+    sums: np.ndarray
+    point_index: dict[tuple, int]
+
+    @classmethod
+    def of(cls, source: ImageSource, counts: ThresholdCounts, groups: np.ndarray, n_groups: int,
+           variants: Sequence[_Variant], points: Sequence[list[list[tuple]]], areas: np.ndarray,
+           passes: np.ndarray, rule: str, n_jobs: int, block_size: int) -> _Refined:
+        """Refine every point that a choice of ``points`` (per choice, per variant) wants for a variant whose grid
+        measures components by ``rule``."""
+        unique = list(dict.fromkeys(p for choice in points for variant, variant_points in zip(variants, choice)
+                                    if variant.grid.component_rule == rule for p in variant_points))
+        point_index = {p: k for k, p in enumerate(unique)}
+        point_gates: list[set[int]] = [set() for _ in unique]
+        for choice in points:
+            for variant, variant_points in zip(variants, choice):
+                if variant.grid.component_rule == rule:
+                    for point in variant_points:
+                        point_gates[point_index[point]].add(variant.gate)
+        if not unique:
+            return cls(np.zeros((passes.shape[1], n_groups, 0, len(areas))), point_index)
+        return cls(component_sums(source, counts, groups, n_groups, unique, areas, passes, point_gates, n_jobs,
+                                  block_size, rule), point_index)
+
+
+def _choice(exact: _Exact, points: list[list[tuple]], refined: dict[str, _Refined],
             areas: np.ndarray) -> tuple[list[dict[str, Any]], np.ndarray]:
     """Candidate rows and group sums of one choice: every exact point, then each variant's refined ``points``
-    (``refined``: gates x G x all points x ``areas``, rows found by ``point_index``)."""
+    (from the pass of the variant's component rule in ``refined``)."""
     rows, sums = list(exact.rows), [exact.group_sums]
     for variant, variant_points in zip(exact.variants, points):
         a_index = np.searchsorted(areas, variant.grid.component_areas)
+        rule = refined[variant.grid.component_rule]
         for point in variant_points:
             rows += _rows(variant, ((*point, area) for area in variant.grid.component_areas), "components")
-            sums.append(refined[variant.gate][:, point_index[point]][:, a_index].T)
+            sums.append(rule.sums[variant.gate][:, rule.point_index[point]][:, a_index].T)
     return rows, np.concatenate(sums)
 
 
@@ -669,24 +728,18 @@ def run_search(source: ImageSource, groups: np.ndarray, grids: Sequence[Grid], r
     # Training groups of each choice: all of them (the answer), then all but one (the nested estimate).
     trains = [np.ones(n_groups, bool)] + ([np.arange(n_groups) != g for g in range(n_groups)] if n_groups > 1 else [])
     points = [exact.refine_points(train, refine_steps) for train in trains]
-    unique = list(dict.fromkeys(p for choice in points for variant_points in choice for p in variant_points))
-    point_index = {p: k for k, p in enumerate(unique)}
-    point_gates: list[set[int]] = [set() for _ in unique]
-    for choice in points:
-        for variant, variant_points in zip(variants, choice):
-            for point in variant_points:
-                point_gates[point_index[point]].add(variant.gate)
     areas = np.unique(np.concatenate([np.zeros(0)] + [g.component_areas for g in grids]))
-    refined = (component_sums(source, counts, groups, n_groups, unique, areas, passes, point_gates, n_jobs,
-                              block_size) if unique else np.zeros((passes.shape[1], n_groups, 0, len(areas))))
-    rows, group_sums = _choice(exact, points[0], refined, point_index, areas)
+    refined = {rule: _Refined.of(source, counts, groups, n_groups, variants, points, areas, passes, rule, n_jobs,
+                                 block_size)
+               for rule in dict.fromkeys(grid.component_rule for grid in grids)}
+    rows, group_sums = _choice(exact, points[0], refined, areas)
     candidates = pd.DataFrame(rows)
     candidates["dice"] = group_sums.sum(1) / len(groups)
     surfaces = {v.grid.strategy: (v.grid, v_sums.sum(0) / len(groups))
                 for v, v_sums in zip(exact.variants, exact.sums) if v.gate == 0}
     result = SearchResult(candidates, group_sums, group_sizes, surfaces)
     if n_groups > 1:
-        choices = [_choice(exact, choice_points, refined, point_index, areas) for choice_points in points[1:]]
+        choices = [_choice(exact, choice_points, refined, areas) for choice_points in points[1:]]
         result.nested = _nested(choices, trains[1:], group_sizes)
         if thresholds.size:
             result.nested_by_gate = {name: _nested(choices, trains[1:], group_sizes, gated)

@@ -8,7 +8,9 @@ A strategy is a small frozen dataclass behind one interface (:class:`PostProcess
 * ``threshold``: pixels with p > ``threshold``, then connected components smaller than ``min_area`` are dropped.
 * ``triplet`` (the 1st-place solution's): an image with fewer than ``min_area`` pixels above ``top`` is declared
   empty; otherwise the mask is p > ``bottom`` (``bottom`` <= ``top``), with components smaller than
-  ``min_component_area`` dropped.
+  ``min_component_area`` dropped. With ``component_rule: outline`` the small regions are dropped as the winner's
+  code (``TripletSubmit.py:remove_smallest``) drops them instead: by the polygon area of each outline, holes'
+  outlines included (:func:`remove_small_outlines`).
 * ``gated``: an image whose image-level gate probability (the model's classifier head, see
   :mod:`pneumoseg.modeling.models`) is below ``gate`` is empty; otherwise the ``inner`` strategy draws the mask.
 
@@ -27,7 +29,7 @@ from __future__ import annotations
 import os
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass
-from typing import Any, ClassVar, Mapping, cast
+from typing import Any, ClassVar, Mapping, Sequence, cast
 
 import cv2
 import numpy as np
@@ -41,6 +43,11 @@ from pneumoseg.stage_table import command
 ORIGINAL_SIZE = 1024
 # 8-connectivity: a lesion outline touching only diagonally is still one lesion.
 CONNECTIVITY = 8
+# How the triplet measures the small regions it drops: connected components' pixel counts, or (the 1st place's
+# code) outlines' polygon areas.
+PIXELS = "pixels"
+OUTLINE = "outline"
+COMPONENT_RULES = (PIXELS, OUTLINE)
 
 _LEVEL_PROBS = np.arange(LEVELS + 1, dtype=np.float64) / LEVELS
 
@@ -80,6 +87,38 @@ def components(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     # pass dominates), and the areas are all we need: this is most of stage 05's post-processing time.
     count, labels = cv2.connectedComponents(image, connectivity=CONNECTIVITY)
     return labels, np.bincount(labels.ravel(), minlength=count)[1:]
+
+
+def outlines(mask: np.ndarray) -> tuple[Sequence[np.ndarray], np.ndarray]:
+    """Every outline of a boolean mask, outer and hole alike (``cv2.RETR_TREE``), and each one's polygon area.
+
+    The area is ``cv2.contourArea`` of the outline through the border pixels' centres: a filled 10 x 10 square
+    measures 81, a one-pixel speck 0.
+    """
+    found, _ = cv2.findContours(np.ascontiguousarray(mask).view(np.uint8), cv2.RETR_TREE, cv2.CHAIN_APPROX_SIMPLE)
+    return cast(Sequence[np.ndarray], found), np.array([cv2.contourArea(outline) for outline in found], dtype=np.float64)
+
+
+def draw_outlines(shape: tuple[int, ...], kept: Sequence[np.ndarray]) -> np.ndarray:
+    """The boolean mask of ``shape`` (H, W) with the outlines ``kept`` drawn filled, all in one call: a hole whose
+    outline is among them stays empty, a hole whose outline is not is filled."""
+    canvas = np.zeros(shape, np.uint8)
+    if len(kept):
+        cv2.drawContours(canvas, list(kept), -1, 1, thickness=cv2.FILLED)
+    return canvas.view(bool)
+
+
+def remove_small_outlines(mask: np.ndarray, min_area: float) -> np.ndarray:
+    """sneddy's rule (1st place): the outlines of ``mask`` (:func:`outlines`) whose polygon area is strictly above
+    ``min_area`` (at the mask's resolution), drawn filled together (:func:`draw_outlines`); the others are dropped.
+
+    Unlike :func:`remove_small_components`, a region is measured by its outline's area (smaller than its pixel
+    count: the border pixels count half), and a small hole inside a kept region is filled.
+    """
+    if min_area <= 0 or not mask.any():
+        return mask
+    found, areas = outlines(mask)
+    return draw_outlines(mask.shape[-2:], [outline for outline, area in zip(found, areas) if area > min_area])
 
 
 def remove_small_components(mask: np.ndarray, min_pixels: float) -> np.ndarray:
@@ -132,6 +171,12 @@ def _check_area(owner: str, **values: float) -> None:
             raise ConfigError(f"{owner}: {key} must be >= 0 pixels (of the 1024 px image), got {value}")
 
 
+def check_component_rule(owner: str, rule: str) -> None:
+    """Raise a ConfigError naming ``owner`` unless ``rule`` is one of :data:`COMPONENT_RULES`."""
+    if rule not in COMPONENT_RULES:
+        raise ConfigError(f"{owner}: component_rule must be one of {', '.join(COMPONENT_RULES)}, got {rule!r}")
+
+
 @POSTPROCESSORS.register("threshold")
 @dataclass(frozen=True)
 class Threshold(PostProcessor):
@@ -158,7 +203,10 @@ class Triplet(PostProcessor):
         top: the confident threshold that decides whether the image has a lesion at all.
         min_area: pixels (of the 1024 px image) above ``top`` needed to predict anything.
         bottom: the threshold that draws the mask of an image kept by the ``top`` test; <= ``top``.
-        min_component_area: components under this many pixels (of the 1024 px image) are dropped.
+        min_component_area: components under this many pixels (of the 1024 px image) are dropped; with the
+            ``outline`` rule, outlines whose polygon area is not above it.
+        component_rule: ``pixels`` (connected components' pixel counts, the default) or ``outline`` (the 1st
+            place's code: :func:`remove_small_outlines`).
     """
 
     name: ClassVar[str] = "triplet"
@@ -166,18 +214,34 @@ class Triplet(PostProcessor):
     min_area: float
     bottom: float
     min_component_area: float = 0.0
+    component_rule: str = PIXELS
 
     def __post_init__(self) -> None:
         _check_probability(self.name, top=self.top, bottom=self.bottom)
         _check_area(self.name, min_area=self.min_area, min_component_area=self.min_component_area)
         if self.bottom > self.top:
             raise ConfigError(f"triplet: bottom ({self.bottom}) must not exceed top ({self.top})")
+        check_component_rule(self.name, self.component_rule)
 
     def __call__(self, probs: np.ndarray, gate: float | None = None) -> np.ndarray:
         if above(probs, self.top).sum() < scale_area(self.min_area, probs.shape):
             return np.zeros(probs.shape, dtype=bool)
         mask = above(probs, self.bottom)
-        return remove_small_components(mask, float(scale_area(self.min_component_area, probs.shape)))
+        limit = float(scale_area(self.min_component_area, probs.shape))
+        if self.component_rule == OUTLINE:
+            return remove_small_outlines(mask, limit)
+        return remove_small_components(mask, limit)
+
+    def label(self) -> str:
+        numbers = (self.top, self.min_area, self.bottom, self.min_component_area)
+        rule = "" if self.component_rule == PIXELS else f":{self.component_rule}"
+        return ":".join([self.name, *(f"{value:g}" for value in numbers)]) + rule
+
+    def to_block(self) -> dict[str, Any]:
+        block = super().to_block()
+        if self.component_rule == PIXELS:   # the default: blocks written before the option stay as they were
+            del block["params"]["component_rule"]
+        return block
 
 
 @POSTPROCESSORS.register("gated")

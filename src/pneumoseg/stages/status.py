@@ -173,16 +173,33 @@ def report(cfg: DictConfig) -> str:
     lines = [f"pipeline status for experiment {cfg.experiment!r}:"]
     for state in states(cfg):
         parts = [f"  {state.row.number} {state.title:<17} {state.state}"]
+        phase_line: list[str] = []
         if state.state in ("done", "stale") and state.done is not None:
             summary = state.done.get("summary", {})
             parts[0] += f" {state.done.get('finished_at', '')}".rstrip()
             parts.append(", ".join(f"{key} {_fmt(summary[key])}" for key in _HEADLINES.get(state.row.number, ())
                                    if key in summary))
+            phase_line = _phase_lines(summary)
         parts.append(f"({state.detail})" if state.detail else "")
         lines.append("  ".join(part for part in parts if part))
+        lines.extend(phase_line)
         if state.state in ("done", "stale"):
             lines.extend(f"       -> {path}" for path in state.files)
     return "\n".join(lines)
+
+
+def _phase_lines(summary: dict) -> list[str]:
+    """For a stage 03 trained in phases (its folds' summaries list ``phases``): one line naming the phases in
+    order, with each one's epochs and mean best val_dice over the folds."""
+    folds = [fold.get("phases") for fold in summary.get("fold_summaries", {}).values()]
+    if not folds or not all(folds):
+        return []
+    parts = []
+    for k, phase in enumerate(folds[0]):
+        scores = [fold[k].get("val_dice") for fold in folds if len(fold) > k]
+        score = _fmt(sum(scores) / len(scores)) if scores and None not in scores else "n/a"
+        parts.append(f"{phase['name']} ({phase.get('epochs')} epochs, val_dice {score})")
+    return [f"       phases: {' -> '.join(parts)}"]
 
 
 def _fmt(value: Any) -> str:

@@ -63,7 +63,7 @@ from pneumoseg.sagemaker.arguments import JobParser
 from pneumoseg.sagemaker.job import in_job
 from pneumoseg.sagemaker.outputs import export_outputs
 from pneumoseg.sagemaker.tuning import oof_line
-from pneumoseg.training.trainer import fit_fold
+from pneumoseg.training.phases import fit_phases, plan_phases
 from pneumoseg.stages.record import StageRecord, stored_summary
 
 log = logging.getLogger(__name__)
@@ -96,6 +96,7 @@ def run(cfg: DictConfig, force: bool = False, folds: Sequence[int] | str | None 
         resume = False
     if int(cfg.train.epochs) < 1:
         raise ConfigError(f"train.epochs must be at least 1, got {cfg.train.epochs}")
+    plan_phases(cfg)   # a bad phase fails now, before any training
     _limit_torch_threads(cfg.train.get("torch_threads"))
     folder = layout.train_dir(cfg)
     data = PreparedData.load(cfg.paths.prepared_dir, int(cfg.train.image_size))
@@ -175,8 +176,8 @@ def _train_folds(record: StageRecord, data: PreparedData, folds: Sequence[int], 
             fold_record.done_path.unlink(missing_ok=True)
             fold_record.folder.mkdir(parents=True, exist_ok=True)
         ctx.barrier()
-        summaries[fold] = fit_fold(cfg, data, fold, fold_record.folder, ctx, resume=resume,
-                                   fingerprint=fold_record.key)
+        summaries[fold] = fit_phases(cfg, data, fold, fold_record.folder, ctx, resume, fold_record.key,
+                                     lambda size: PreparedData.load(cfg.paths.prepared_dir, size))
         if ctx.is_main:
             fold_record.finish(summaries[fold])
         ctx.barrier()
@@ -185,8 +186,11 @@ def _train_folds(record: StageRecord, data: PreparedData, folds: Sequence[int], 
 
 def stage_record(cfg: DictConfig) -> StageRecord:
     """The stage's completion record: its config sections and the hash of the prepared ``folds.csv``."""
+    # The crop keys live in the data section, which the stage does not fingerprint whole; only when set, so that
+    # runs without crops keep their fingerprints.
+    crop = {key: cfg.data[key] for key in ("train_crop", "crop_lesion_share") if cfg.data.get("train_crop")}
     return StageRecord(STAGE_NAME, layout.train_dir(cfg), cfg, SECTIONS,
-                       {"folds_sha256": content_hash(layout.folds_path(cfg))})
+                       {"folds_sha256": content_hash(layout.folds_path(cfg)), **crop})
 
 
 def _fold_record(cfg: DictConfig, inputs: dict, fold: int) -> StageRecord:

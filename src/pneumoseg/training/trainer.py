@@ -62,8 +62,10 @@ from pneumoseg.data.augment import build_augment
 from pneumoseg.modeling.checkpoints import CHECKPOINTS_FILE, LAST_FILE, best_files, load_checkpoint, save_checkpoint
 from pneumoseg.training.averaging import average_checkpoints, build_ema, check_average_top_k, ema_decay
 from pneumoseg.training.checkpoints import BestCheckpoints
+from pneumoseg.training.finetune import (check_freeze_settings, freeze_encoder_batchnorm, initial_weights_path,
+                                         load_initial_weights, set_encoder_trainable)
 from pneumoseg.config import to_dict
-from pneumoseg.data.dataset import ImageFiles, PreparedData, build_sampler, make_loader
+from pneumoseg.data.dataset import ImageFiles, PreparedData, build_sampler, crop_from_config, make_loader
 from pneumoseg.modeling.normalize import normalize_from_model
 from pneumoseg.training.distributed import DistContext
 from pneumoseg.errors import ConfigError
@@ -96,6 +98,9 @@ class StepSettings:
         channels_last: feed inputs in channels_last memory format (GPU).
         ema_decay: after each step, update an EMA of the weights with this decay (``train.ema.decay``); None:
             no EMA.
+        freeze_encoder_epochs: the encoder's weights and BatchNorm statistics are fixed for this many first
+            epochs (:mod:`pneumoseg.training.finetune`).
+        freeze_bn: the encoder's BatchNorm layers stay in eval mode throughout.
     """
 
     accumulation_steps: int = 1
@@ -103,6 +108,8 @@ class StepSettings:
     amp: str | None = None
     channels_last: bool = False
     ema_decay: float | None = None
+    freeze_encoder_epochs: int = 0
+    freeze_bn: bool = False
 
     def __post_init__(self) -> None:
         if self.accumulation_steps < 1:
@@ -141,14 +148,22 @@ class Trainer:
         self.channels_last = steps.channels_last and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp == "fp16")
         self.ema = build_ema(net, steps.ema_decay)
+        check_freeze_settings(steps.freeze_encoder_epochs, ctx.is_distributed)
+        self.freeze_encoder_epochs, self.freeze_bn = int(steps.freeze_encoder_epochs), bool(steps.freeze_bn)
+        self.encoder_frozen = False
 
     @classmethod
-    def from_config(cls, cfg: DictConfig, ctx: DistContext, updates_per_epoch: int, seed: int) -> "Trainer":
+    def from_config(cls, cfg: DictConfig, ctx: DistContext, updates_per_epoch: int, seed: int,
+                    initial: Path | None = None) -> "Trainer":
         """Build every part from the ``model``, ``loss``, ``optimizer``, ``scheduler`` and ``train`` sections;
-        ``seed`` fixes the network's initial weights."""
+        ``seed`` fixes the network's initial weights, unless ``initial`` (a checkpoint, ``train.init_from``)
+        gives them."""
         train = cfg.train
         torch.manual_seed(seed)
-        net = build_model(cfg.model).to(ctx.device)
+        net = build_model(cfg.model)
+        if initial is not None:
+            load_initial_weights(net, initial, bool((train.get("init_from") or {}).get("partial", False)))
+        net = net.to(ctx.device)
         channels_last = bool(train.channels_last) and ctx.device.type == "cuda"
         if channels_last:
             net = net.to(memory_format=torch.channels_last)
@@ -157,19 +172,30 @@ class Trainer:
         optimizer = build_optimizer(cfg.optimizer, net.parameters())
         schedule = build_scheduler(cfg.scheduler, optimizer, updates_per_epoch, int(train.epochs))
         steps = StepSettings(int(train.accumulation_steps), train.grad_clip, train.amp, channels_last,
-                             ema_decay(to_dict(train.ema) if train.ema is not None else None))
+                             ema_decay(to_dict(train.ema) if train.ema is not None else None),
+                             int(train.get("freeze_encoder_epochs") or 0), bool(train.get("freeze_bn")))
         return cls(net, build_training_loss(cfg.loss, has_gate(net)), optimizer, schedule, ctx, steps)
 
     def _inputs(self, images: torch.Tensor) -> torch.Tensor:
         images = images.to(self.device, non_blocking=True)
         return images.contiguous(memory_format=torch.channels_last) if self.channels_last else images
 
+    def start_epoch(self, epoch: int) -> None:
+        """Freeze the encoder for (0-based) ``epoch`` below ``freeze_encoder_epochs``, release it after."""
+        frozen = epoch < self.freeze_encoder_epochs
+        if frozen != self.encoder_frozen:
+            set_encoder_trainable(self.net, not frozen)
+            self.encoder_frozen = frozen
+
     def train_epoch(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> float:
         """One pass over ``batches`` (an iterable with a length: a DataLoader, a list) -> mean training loss.
 
-        The mean is over images and, in a distributed run, over every rank.
+        The mean is over images and, in a distributed run, over every rank. A frozen encoder (:meth:`start_epoch`)
+        or ``freeze_bn`` keeps the encoder's BatchNorm layers in eval mode.
         """
         self.model.train()
+        if self.encoder_frozen or self.freeze_bn:
+            freeze_encoder_batchnorm(self.net)
         total = len(cast(Sized, batches))
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         count = 0
@@ -311,12 +337,14 @@ def _loader(dataset, batch_size: int, num_workers: int, ctx: DistContext, **kwar
 
 
 def train_loader(cfg: DictConfig, data: PreparedData, rows: pd.DataFrame, ctx: DistContext, seed: int) -> DataLoader:
-    """The training DataLoader over ``rows`` of ``data``: augmented, drawn by the configured sampler (this
-    rank's share), ``train.batch_size`` images per batch. Call ``loader.sampler.set_epoch`` before each epoch."""
+    """The training DataLoader over ``rows`` of ``data``: augmented (and cropped with ``data.train_crop``), drawn
+    by the configured sampler (this rank's share), ``train.batch_size`` images per batch. Call
+    ``loader.sampler.set_epoch`` before each epoch."""
     train = cfg.train
     sampler = build_sampler(cfg.sampler, rows["has_mask"].to_numpy(), seed, int(train.epochs), ctx.world_size,
                             ctx.rank)
-    dataset = data.dataset(rows, normalize_from_model(to_dict(cfg.model)), build_augment(cfg.augment))
+    dataset = data.dataset(rows, normalize_from_model(to_dict(cfg.model)), build_augment(cfg.augment),
+                           crop_from_config(cfg.data))
     return _loader(dataset, int(train.batch_size), int(train.num_workers), ctx, sampler=sampler)
 
 
@@ -349,7 +377,7 @@ class _FoldRun:
 
 
 def fit_fold(cfg: DictConfig, data: PreparedData, fold: int, folder: str | Path, ctx: DistContext = DistContext(),
-             resume: bool | str = False, fingerprint: str = "") -> dict[str, Any]:
+             resume: bool | str = False, fingerprint: str = "", predict_oof: bool = True) -> dict[str, Any]:
     """Train fold ``fold`` of ``data`` into ``folder`` and predict its validation images (see the module docstring).
 
     Args:
@@ -362,6 +390,8 @@ def fit_fold(cfg: DictConfig, data: PreparedData, fold: int, folder: str | Path,
             ``"auto"``: the same, but a ``last.pt`` of another config is set aside instead of being an error;
             False: start afresh.
         fingerprint: identifies the config; ``last.pt`` of another config is refused.
+        predict_oof: write the OOF maps (of every checkpoint set); False for a phase that is not the last
+            (:mod:`pneumoseg.training.phases`).
 
     Returns:
         The fold's summary: epochs run, best epoch and its metrics, image counts, the all-empty baseline of the
@@ -383,7 +413,7 @@ def fit_fold(cfg: DictConfig, data: PreparedData, fold: int, folder: str | Path,
             log.info("fold %d: no %s improvement for %d epochs; stopping early", fold, monitor, int(patience))
             break
         _run_epoch(run, epoch, epochs, fold, folder, ctx, monitor, fingerprint)
-    if ctx.is_main:
+    if ctx.is_main and predict_oof:
         write_oof(cfg, data, val_rows, folder, ctx)
         if run.ema_best is not None:
             write_oof(cfg, data, val_rows, run.ema_best.folder, ctx)
@@ -391,7 +421,7 @@ def fit_fold(cfg: DictConfig, data: PreparedData, fold: int, folder: str | Path,
     averaging = _averaging_summary(run, monitor)
     if cfg.train.average_top_k is not None:
         averaging["averaged"] = _average_top_k(run, int(cfg.train.average_top_k), folder, ctx, monitor)
-        if ctx.is_main:
+        if ctx.is_main and predict_oof:
             averaged_folder = layout.checkpoints_dir(folder, "averaged")
             write_oof(cfg, data, val_rows, averaged_folder, ctx)
         ctx.barrier()
@@ -466,7 +496,7 @@ def _start_fold(cfg: DictConfig, data: PreparedData, fold: int, folder: Path, ct
     updates_per_epoch = math.ceil(len(loader) / int(train.accumulation_steps))
     torch.backends.cudnn.benchmark = not train.deterministic
     torch.use_deterministic_algorithms(bool(train.deterministic), warn_only=True)
-    trainer = Trainer.from_config(cfg, ctx, updates_per_epoch, seed)
+    trainer = Trainer.from_config(cfg, ctx, updates_per_epoch, seed, initial_weights_path(cfg, fold, data.folds))
     monitor = str(train.monitor)
     check_average_top_k(train.average_top_k, int(train.keep_best))
     keepers = [BestCheckpoints(where, int(train.keep_best), metric_mode(monitor), monitor)
@@ -489,6 +519,7 @@ def _run_epoch(run: _FoldRun, epoch: int, epochs: int, fold: int, folder: Path, 
     trainer = run.trainer
     epoch_start, lr = time.time(), trainer.lr
     cast(Any, run.loader.sampler).set_epoch(epoch)      # the sampler of :func:`_train_loader`
+    trainer.start_epoch(epoch)
     progress = tqdm(run.loader, desc=f"fold {fold} epoch {epoch + 1}/{epochs}", leave=False,
                     disable=not ctx.is_main)
     train_loss = trainer.train_epoch(progress)
