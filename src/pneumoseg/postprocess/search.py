@@ -415,8 +415,8 @@ def component_sums(source: ImageSource, counts: ThresholdCounts, groups: np.ndar
 
 
 def _evaluate_block(part: ImageSource, start: int, postprocessors: Sequence[PostProcessor],
-                    gates: np.ndarray | None) -> tuple[np.ndarray, ...]:
-    pred, inter, true = [], [], []
+                    gates: np.ndarray | None, with_scores: bool = False) -> tuple[np.ndarray, ...]:
+    pred, inter, true, scores = [], [], [], []
     for i, (levels, truth) in enumerate(part):
         full = to_original(levels, truth.shape)
         gate = None if gates is None else gates[start + i]
@@ -424,13 +424,17 @@ def _evaluate_block(part: ImageSource, start: int, postprocessors: Sequence[Post
         pred.append([np.count_nonzero(m) for m in masks])
         inter.append([np.count_nonzero(m & truth) for m in masks])
         true.append(np.count_nonzero(truth))
+        if with_scores:
+            scores.append([pp.score(full, gate) for pp in postprocessors])
     shape = (len(true), len(postprocessors))
-    return (np.array(pred, np.int64).reshape(shape), np.array(inter, np.int64).reshape(shape),
-            np.array(true, np.int64))
+    counts = (np.array(pred, np.int64).reshape(shape), np.array(inter, np.int64).reshape(shape),
+              np.array(true, np.int64))
+    return (*counts, np.array(scores, np.float64).reshape(shape)) if with_scores else counts
 
 
 def evaluate(source: ImageSource, postprocessors: Sequence[PostProcessor], n_jobs: int = 1,
-             block_size: int = BLOCK_SIZE, gates: np.ndarray | None = None) -> tuple[np.ndarray, ...]:
+             block_size: int = BLOCK_SIZE, gates: np.ndarray | None = None,
+             with_scores: bool = False) -> tuple[np.ndarray, ...]:
     """The straightforward method: bring each map to its original size, apply each strategy there, and count.
 
     Args:
@@ -438,12 +442,15 @@ def evaluate(source: ImageSource, postprocessors: Sequence[PostProcessor], n_job
         postprocessors: the strategies, each called with the image's gate probability.
         n_jobs, block_size: as in :func:`count_thresholds`.
         gates: each image's gate probability, in the source's order; None: no gate (a gated strategy fails).
+        with_scores: also return each image's image-level score under each strategy
+            (:meth:`pneumoseg.postprocess.strategies.PostProcessor.score`, on the same full-size map).
 
     Returns:
         ``(pred_area, intersection, true_area)``: N x P, N x P and N integer arrays; the Dice of image ``i``
-        under strategy ``p`` is ``dice_from_counts(intersection, pred_area, true_area[:, None])[i, p]``.
+        under strategy ``p`` is ``dice_from_counts(intersection, pred_area, true_area[:, None])[i, p]``. With
+        ``with_scores``, an N x P float array of the scores follows.
     """
-    parts = _map_blocks(_evaluate_block, source, n_jobs, block_size, list(postprocessors), gates)
+    parts = _map_blocks(_evaluate_block, source, n_jobs, block_size, list(postprocessors), gates, with_scores)
     return tuple(np.concatenate(p) for p in zip(*parts))
 
 

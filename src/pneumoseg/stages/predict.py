@@ -9,6 +9,9 @@ Outputs in ``${paths.experiment_dir}/05_predict/``:
 
 * ``submission.csv``: ``ImageId,EncodedPixels``, one row per test image (``-1`` when empty), in ``predict.fmt``,
   validated before it is written (see :mod:`pneumoseg.evaluation.submission`);
+* ``image_scores.csv``: ``ImageId, score, positive``: each test image's image-level score (the probability the
+  post-processing decides it on, :meth:`pneumoseg.postprocess.strategies.PostProcessor.score`) and whether its
+  mask is non-empty;
 * ``test_score.json``, only when ``paths.input_dir`` holds the demo's held-out ``test_labels.csv``: the
   submission's challenge score beside the out-of-fold score of ``04_search/oof_report.json``;
 * ``config.yaml`` and ``done.json``.
@@ -30,6 +33,7 @@ import time
 from pathlib import Path
 from typing import Any, Mapping
 
+import pandas as pd
 from omegaconf import DictConfig
 from tqdm import tqdm
 
@@ -40,7 +44,7 @@ from pneumoseg.data import rle
 from pneumoseg.modeling.checkpoints import best_files
 from pneumoseg.data.dataset import ImageFiles, make_loader
 from pneumoseg.errors import ConfigError, DataError
-from pneumoseg.io import content_hash, write_json
+from pneumoseg.io import content_hash, write_csv, write_json
 from pneumoseg.inference.predictor import EnsemblePredictor, Predictor, configured_postprocessor
 from pneumoseg.evaluation.submission import score_submission, write_submission
 from pneumoseg.data.testset import image_sizes, test_set
@@ -53,6 +57,7 @@ log = logging.getLogger(__name__)
 
 STAGE_NAME = "05_predict"
 TEST_SCORE_FILE = "test_score.json"
+IMAGE_SCORES_FILE = "image_scores.csv"
 SECTIONS = ("data", "prepare", "model", "train", "tta", "postprocess", "predict")
 
 
@@ -132,9 +137,11 @@ def run(cfg: DictConfig, force: bool = False) -> dict[str, Any]:
              len(predictor.models), predictor.n_views, predictor.device)
     started = time.time()
     folders = {size: layout.images_dir(cfg, size) for size in predictor.image_sizes}
-    encoded, counts = predict_rles(predictor, folders, ids, sizes, cfg.predict)
+    encoded, counts, scores = predict_rles(predictor, folders, ids, sizes, cfg.predict)
     seconds = time.time() - started
     write_submission(layout.submission_path(cfg), ids, encoded, expected, sizes, cfg.predict.fmt)
+    write_csv(folder / IMAGE_SCORES_FILE, pd.DataFrame({lb.ID_COLUMN: ids, "score": scores,
+                                                        "positive": [code != rle.EMPTY for code in encoded]}))
     summary = {
         "submission": str(layout.submission_path(cfg)),
         "images": len(ids),
@@ -153,10 +160,11 @@ def run(cfg: DictConfig, force: bool = False) -> dict[str, Any]:
 
 
 def predict_rles(predictor: Predictor | EnsemblePredictor, images_dirs: Mapping[int, Path], ids: list[str],
-                 sizes: dict[str, tuple[int, int]], settings: DictConfig) -> tuple[list[str], dict[str, int]]:
-    """The run-length string of each image of ``ids`` (in order), and counts: ``positive`` (non-empty masks) and,
+                 sizes: dict[str, tuple[int, int]], settings: DictConfig,
+                 ) -> tuple[list[str], dict[str, int], list[float]]:
+    """The run-length string of each image of ``ids`` (in order), counts: ``positive`` (non-empty masks) and,
     with a gated post-processing, ``gate_emptied`` (images the gate emptied that the mask strategy alone would have
-    marked).
+    marked), and each image's image-level score (:meth:`pneumoseg.postprocess.strategies.PostProcessor.score`).
 
     Args:
         predictor: the fold ensemble, or an ensemble of experiments.
@@ -177,7 +185,7 @@ def predict_rles(predictor: Predictor | EnsemblePredictor, images_dirs: Mapping[
                             f"scripts/01_convert_dicoms.py (with {size} among prepare.sizes)")
         loaders[size] = make_loader(ImageFiles(paths), int(settings.batch_size), int(settings.num_workers),
                                     predictor.device)
-    encoded, positive, gate_emptied = [], 0, 0
+    encoded, scores, positive, gate_emptied = [], [], 0, 0
     with tqdm(total=len(ids), desc="test images", unit="img") as progress:
         for batches in zip(*loaders.values()):
             # A single experiment takes its one batch as it is; an ensemble takes the batch of each member size.
@@ -185,13 +193,14 @@ def predict_rles(predictor: Predictor | EnsemblePredictor, images_dirs: Mapping[
             batch_ids = ids[len(encoded):len(encoded) + len(batches[0])]
             for prediction in predictor.predict_prepared(batch, [sizes[i] for i in batch_ids]):
                 encoded.append(prediction.rle(settings.fmt))
+                scores.append(predictor.postprocessor.score(prediction.probs, prediction.gate))
                 positive += prediction.has_pneumothorax
                 gate_emptied += prediction.emptied_by_gate
             progress.update(len(batch_ids))
     counts = {"positive": positive}
     if predictor.postprocessor.needs_gate:
         counts["gate_emptied"] = gate_emptied
-    return encoded, counts
+    return encoded, counts, scores
 
 
 def score_test_set(cfg: DictConfig, test_labels: Path, sizes: dict[str, tuple[int, int]]) -> dict[str, Any]:

@@ -14,7 +14,9 @@ Outputs in ``${paths.experiment_dir}/04_search/``:
 * ``thresholds.json``: the chosen strategy as a ``{name, params}`` block, with its scores; what
   :func:`pneumoseg.postprocess.strategies.load_postprocessor` reads;
 * ``candidates.csv``: every candidate evaluated, its Dice overall and on each fold;
-* ``per_image.csv``: areas and Dice of the chosen strategy on every OOF image (and its gate probability);
+* ``per_image.csv``: areas and Dice of the chosen strategy on every OOF image, its image-level ``score`` (the
+  probability the strategy decides the image on, :meth:`pneumoseg.postprocess.strategies.PostProcessor.score`)
+  and its gate probability;
 * ``oof_report.json``, ``oof_report.md`` and ``plots/`` (see :mod:`pneumoseg.reports.oof`).
 
 The search itself is :func:`pneumoseg.postprocess.search.run_search`: every candidate is scored as the submission
@@ -350,7 +352,8 @@ def _score_images(oof: OofSet, result: SearchResult, chosen: PostProcessor, defa
                   n_jobs: int, block_size: int) -> pd.DataFrame:
     """Apply the chosen and the default strategy to every image at its original size; check the chosen one
     against the search."""
-    pred, inter, true = evaluate(oof.images, [chosen, default], n_jobs, block_size, gates=oof.gates)
+    pred, inter, true, scores = evaluate(oof.images, [chosen, default], n_jobs, block_size, gates=oof.gates,
+                                         with_scores=True)
     dice = dice_from_counts(inter, pred, true[:, None])
     searched = float(result.candidates["dice"].iloc[result.best])
     if abs(dice[:, 0].mean() - searched) > AGREEMENT:
@@ -358,7 +361,8 @@ def _score_images(oof: OofSet, result: SearchResult, chosen: PostProcessor, defa
                            f"{dice[:, 0].mean():.12f}; pneumoseg.postprocess.search and "
                            f"pneumoseg.postprocess.strategies disagree")
     return pd.DataFrame({"ImageId": oof.ids, "fold": oof.fold_of, "true_area": true, "pred_area": pred[:, 0],
-                         "intersection": inter[:, 0], "dice": dice[:, 0], "default_pred_area": pred[:, 1],
+                         "intersection": inter[:, 0], "dice": dice[:, 0], "score": scores[:, 0],
+                         "default_pred_area": pred[:, 1],
                          "default_dice": dice[:, 1],
                          "gate": np.full(len(oof), np.nan) if oof.gates is None else oof.gates})
 
