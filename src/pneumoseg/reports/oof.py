@@ -23,13 +23,14 @@ from pneumoseg.data.resize import resize
 from pneumoseg.io import write_json, write_text
 from pneumoseg.postprocess.strategies import ORIGINAL_SIZE, build_postprocessor
 from pneumoseg.postprocess.search import SearchResult
+from pneumoseg.reports import detection as detection_report
 from pneumoseg.reports.figures import draw_outline, save_figure
 
 log = logging.getLogger(__name__)
 
 PLOTS = "plots"
 PLOT_FILES = {"search": "search.png", "folds": "folds.png", "training": "training_curves.png",
-              "gallery": "gallery.png"}
+              "gallery": "gallery.png", **detection_report.PLOT_FILES}
 REPORT_JSON, REPORT_MD = "oof_report.json", "oof_report.md"
 FIGURE_DPI = 110
 TRUTH_COLOUR = (40, 220, 40)        # RGB: green outline
@@ -139,7 +140,8 @@ def write_report(folder: Path, numbers: dict, result: SearchResult, per_image: p
         folder: the stage's folder.
         numbers: from :func:`report_numbers`.
         result: the search result (for the search surface).
-        per_image: as for :func:`report_numbers`, with ``ImageId``.
+        per_image: as for :func:`report_numbers`, with ``ImageId`` and ``score`` (and the metadata columns of
+            :func:`pneumoseg.reports.detection.with_metadata`) for the detector's curves.
         logs: each fold's ``log.csv`` (a missing one is left out of the curves, with a warning).
         gallery: the gallery's images and their size.
     """
@@ -151,6 +153,8 @@ def write_report(folder: Path, numbers: dict, result: SearchResult, per_image: p
         "gallery": plot_gallery(gallery_cases(per_image, gallery.n_cases), gallery.case, gallery.thumbnail_size,
                                 paths["gallery"]),
     }
+    if numbers.get("detection") is not None:
+        plots.update(detection_report.write_plots(folder / PLOTS, per_image, numbers["detection"]))
     write_text(folder / REPORT_MD, render_markdown(numbers, plots))
 
 
@@ -345,6 +349,7 @@ def render_markdown(numbers: dict, plots: Mapping[str, Path | None]) -> str:
         f"| false-positive rate on empty images | {_fmt(numbers['false_positive_rate'])} |",
         f"| false-negative rate on positive images (predicted empty) | {_fmt(numbers['false_negative_rate'])} |",
         "",
+        *detection_report.markdown_lines(numbers.get("detection"), plots, PLOTS),
         *ensemble_lines(numbers.get("ensemble")),
         "## Best candidate of each strategy",
         "",
@@ -448,6 +453,12 @@ def summary_table(numbers: dict) -> str:
         ("false-positive rate", _fmt(numbers["false_positive_rate"])),
         ("false-negative rate", _fmt(numbers["false_negative_rate"])),
     ]
+    detection = numbers.get("detection")
+    if detection is not None:
+        rows += [(f"image-level {name}", detection_report.interval_text(figure))
+                 for name, figure in (("AUC", detection["overall"]["auc"]),
+                                      ("sensitivity", detection["operating_point"]["sensitivity"]),
+                                      ("specificity", detection["operating_point"]["specificity"]))]
     gate = numbers.get("gate")
     if gate is not None:
         rows += [(f"best {name} OOF / nested", f"{_fmt(gate[name]['oof_score'])} / {_fmt(gate[name]['nested_score'])}")

@@ -17,7 +17,9 @@ Outputs in ``${paths.experiment_dir}/04_search/``:
 * ``per_image.csv``: areas and Dice of the chosen strategy on every OOF image, its image-level ``score`` (the
   probability the strategy decides the image on, :meth:`pneumoseg.postprocess.strategies.PostProcessor.score`)
   and its gate probability;
-* ``oof_report.json``, ``oof_report.md`` and ``plots/`` (see :mod:`pneumoseg.reports.oof`).
+* ``oof_report.json``, ``oof_report.md`` and ``plots/`` (see :mod:`pneumoseg.reports.oof`), with the detector
+  section (:mod:`pneumoseg.reports.detection`): per_image.csv joined with stage 01's ``metadata.csv`` and
+  ``report.extra_metadata``, judged image by image.
 
 The search itself is :func:`pneumoseg.postprocess.search.run_search`: every candidate is scored as the submission
 is, on each OOF map brought to its image's original size as stage 05 brings a test map back. The chosen strategy
@@ -47,6 +49,7 @@ from pneumoseg import layout
 from pneumoseg.config import is_ensemble, to_dict
 from pneumoseg.errors import ConfigError, DataError
 from pneumoseg.io import read_png, write_csv, write_json
+from pneumoseg.evaluation import detection
 from pneumoseg.evaluation.metrics import dice_from_counts
 from pneumoseg.postprocess.strategies import PostProcessor, build_postprocessor
 from pneumoseg.data.blend import blend_gates
@@ -55,6 +58,7 @@ from pneumoseg.data.inputs import locate_train_labels
 from pneumoseg.data.labels import read_labels
 from pneumoseg.postprocess.images import BlendedImages, OofImages
 from pneumoseg.postprocess.search import GRIDS, SearchResult, evaluate, run_search, to_original
+from pneumoseg.reports import detection as detection_report
 from pneumoseg.reports import oof as oof_report
 from pneumoseg.stages import ensemble
 from pneumoseg.stages.record import StageRecord
@@ -62,7 +66,7 @@ from pneumoseg.stages.record import StageRecord
 log = logging.getLogger(__name__)
 
 STAGE_NAME = "04_search_thresholds"
-SECTIONS = ("data", "search", "postprocess")
+SECTIONS = ("data", "search", "postprocess", "report")
 ENSEMBLE_SECTIONS = (*SECTIONS, "ensemble")
 # The chosen strategy, re-applied image by image, must reproduce the search's score to this precision.
 AGREEMENT = 1e-9
@@ -320,6 +324,8 @@ def _write_outputs(cfg: DictConfig, oof: OofSet, result: SearchResult, seconds: 
     write_csv(folder / "candidates.csv", _candidates_table(result, folds))
     write_csv(folder / "per_image.csv", per_image)
     numbers = oof_report.report_numbers(result, per_image, chosen.to_block(), default.to_block(), oof.size, seconds)
+    per_image = detection_report.with_metadata(per_image, layout.metadata_path(source), extra_metadata(cfg))
+    numbers["detection"] = detector_numbers(per_image, cfg, source)
     if ensemble is not None:
         numbers["ensemble"] = ensemble
     write_json(layout.thresholds_path(cfg), {**chosen.to_block(), "oof_score": numbers["oof_score"],
@@ -336,6 +342,20 @@ def _write_outputs(cfg: DictConfig, oof: OofSet, result: SearchResult, seconds: 
     oof_report.write_report(folder, numbers, result, per_image, logs,
                             oof_report.Gallery(gallery_case, cfg.search.gallery_cases, cfg.search.thumbnail_size))
     return numbers
+
+
+def extra_metadata(cfg: DictConfig) -> Path | None:
+    """``report.extra_metadata``: a CSV of more per-image columns for the detector's subgroups (None: none)."""
+    path = cfg.get("report", {}).get("extra_metadata")
+    return None if path is None else Path(str(path))
+
+
+def detector_numbers(frame: pd.DataFrame, cfg: DictConfig, source: DictConfig) -> dict:
+    """The detector figures of one per-image table (:func:`pneumoseg.evaluation.detection.detector_numbers`)
+    with the ``report`` section's settings and ``source``'s area bins (``folds.area_bins``)."""
+    report = cfg.get("report", {})
+    return detection.detector_numbers(frame, list(source.folds.area_bins), list(report.get("subgroups", [])),
+                                      int(report.get("bootstrap", 1000)), int(report.get("seed", 0)))
 
 
 def _gate_thresholds(cfg: DictConfig, oof: OofSet) -> list[float] | None:
