@@ -57,7 +57,7 @@ from pneumoseg.data.probstore import GATE_FILE, IDS_FILE, PROBS_FILE, Probabilit
 from pneumoseg.data.inputs import locate_train_labels
 from pneumoseg.data.labels import read_labels
 from pneumoseg.postprocess.images import BlendedImages, OofImages
-from pneumoseg.postprocess.search import GRIDS, SearchResult, evaluate, run_search, to_original
+from pneumoseg.postprocess.search import GRIDS, SearchResult, build_objective, evaluate, run_search, to_original
 from pneumoseg.reports import detection as detection_report
 from pneumoseg.reports import oof as oof_report
 from pneumoseg.stages import ensemble
@@ -252,6 +252,7 @@ def run(cfg: DictConfig, force: bool = False) -> dict:
     if record.skip_if_complete(force):
         return record.stored_summary()
     build_grids(cfg)
+    build_objective(cfg.search.get("objective"))
     record.start()
     oof = OofSet(folds, train_label_file(cfg), layout.labels_path(cfg))
     result, seconds = _search(cfg, oof, len(folds))
@@ -299,7 +300,8 @@ def _search(cfg: DictConfig, oof: OofSet, n_folds: int, label: str | None = None
     started = time.time()
     result = run_search(oof.images, oof.groups, build_grids(cfg), int(cfg.search.refine_steps),
                         int(cfg.search.n_jobs), int(cfg.search.chunk_size),
-                        gates=oof.gates, gate_thresholds=_gate_thresholds(cfg, oof))
+                        gates=oof.gates, gate_thresholds=_gate_thresholds(cfg, oof),
+                        objective=build_objective(cfg.search.get("objective")))
     return result, time.time() - started
 
 
