@@ -33,7 +33,7 @@ def with_metadata(per_image: pd.DataFrame, metadata_csv: Path | None, extra_csv:
     """``per_image`` (with ImageId) joined with stage 01's metadata and the extra annotations, where they exist.
 
     Raises:
-        DataError: ``extra_csv`` is named but missing or lacks an ImageId column.
+        DataError: ``extra_csv`` lacks an ImageId column (a missing one is a warning: the report goes without it).
     """
     frame = per_image.copy()
     if metadata_csv is not None and metadata_csv.is_file():
@@ -43,10 +43,10 @@ def with_metadata(per_image: pd.DataFrame, metadata_csv: Path | None, extra_csv:
     else:
         log.info("no metadata.csv at %s: the detector report resamples images, not patients, and has no "
                  "subgroups", metadata_csv)
-    if extra_csv is not None:
-        if not extra_csv.is_file():
-            raise DataError(f"report.extra_metadata names {extra_csv}, which does not exist; fix the path or set "
-                            f"report.extra_metadata=null")
+    if extra_csv is not None and not extra_csv.is_file():
+        log.warning("report.extra_metadata names %s, which does not exist: the detector report goes without its "
+                    "columns (fix the path, or set report.extra_metadata=null)", extra_csv)
+    elif extra_csv is not None:
         extra = pd.read_csv(extra_csv, dtype={"ImageId": str})
         if "ImageId" not in extra.columns:
             raise DataError(f"{extra_csv} (report.extra_metadata) has no ImageId column")
