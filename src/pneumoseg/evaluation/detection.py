@@ -78,28 +78,31 @@ def patient_weights(patient: np.ndarray, n_boot: int, seed: int, chunk: int = CH
     n_patients = int(patient.max()) + 1 if len(patient) else 0
     for start in range(0, n_boot, chunk):
         rows = min(chunk, n_boot - start)
-        draws = rng.integers(0, n_patients, size=(rows, n_patients))
-        counts = np.zeros((rows, n_patients))
-        np.add.at(counts, (np.arange(rows)[:, None], draws), 1.0)
-        yield counts[:, patient]
+        draws = rng.integers(0, n_patients, size=(rows, n_patients)) + n_patients * np.arange(rows)[:, None]
+        counts = np.bincount(draws.ravel(), minlength=rows * n_patients).reshape(rows, n_patients)
+        yield counts[:, patient].astype(np.float64)
 
 
 def weighted_auc(score: np.ndarray, positive: np.ndarray, weights: np.ndarray) -> np.ndarray:
     """The ROC AUC of ``score`` for ``positive`` under each row of ``weights`` (B x N): the weighted share of
     (positive, negative) pairs ranked right, ties counting a half (scikit-learn's with ``sample_weight``).
-    NaN for a row without weight on both classes."""
-    if not score.size:
+    NaN for a row without weight on both classes (every row, when the images hold one class only)."""
+    if positive.all() or not positive.any():
         return np.full(len(weights), np.nan)
-    order = np.argsort(score, kind="stable")
-    ranked = score[order]
-    starts = np.flatnonzero(np.r_[True, ranked[1:] != ranked[:-1]])
-    w = weights[:, order]
-    pos = np.add.reduceat(w * positive[order], starts, axis=1)          # B x distinct scores
-    neg = np.add.reduceat(w * ~positive[order], starts, axis=1)
-    below = np.cumsum(neg, axis=1) - neg
-    pairs = pos.sum(1) * neg.sum(1)
+    negatives = np.flatnonzero(~positive)
+    negatives = negatives[np.argsort(score[negatives], kind="stable")]
+    ranked = score[negatives]
+    positives = np.flatnonzero(positive)
+    # Each positive's place among the sorted negatives: those strictly below it, and below or tied with it.
+    below = np.searchsorted(ranked, score[positives], side="left")
+    tied_or_below = np.searchsorted(ranked, score[positives], side="right")
+    negative_weights = weights[:, negatives]
+    cumulative = np.concatenate([np.zeros((len(weights), 1)), np.cumsum(negative_weights, axis=1)], axis=1)
+    credit = 0.5 * (cumulative[:, below] + cumulative[:, tied_or_below])     # below + half the ties
+    positive_weights = weights[:, positives]
+    pairs = positive_weights.sum(1) * negative_weights.sum(1)
     with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(pairs > 0, (pos * (below + 0.5 * neg)).sum(1) / pairs, np.nan)
+        return np.where(pairs > 0, (positive_weights * credit).sum(1) / pairs, np.nan)
 
 
 def _ratio(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
