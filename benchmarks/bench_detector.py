@@ -24,8 +24,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-
 from bench_search import ROOT, _has_data, generate, grid_blocks, open_images
+
 from pneumoseg.config import load_config
 from pneumoseg.evaluation.detection import detector_numbers
 from pneumoseg.evaluation.metrics import dice_from_counts

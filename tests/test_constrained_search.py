@@ -3,14 +3,14 @@ the search."""
 import numpy as np
 import pandas as pd
 import pytest
+from synthetic_oof import ArraySource
+from test_search import GRID_BLOCKS, _oof
 
 from pneumoseg.errors import ConfigError
 from pneumoseg.evaluation.metrics import dice_from_counts
 from pneumoseg.postprocess.search import GRIDS, Objective, build_objective, evaluate, run_search
 from pneumoseg.postprocess.strategies import build_postprocessor
 from pneumoseg.reports.oof import best_dice_by_sensitivity
-from synthetic_oof import ArraySource
-from test_search import GRID_BLOCKS, _oof
 
 
 def _brute_force(source, strategies, gates):

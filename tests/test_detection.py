@@ -5,8 +5,16 @@ import pandas as pd
 import pytest
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from pneumoseg.evaluation.detection import (Cases, calibration, curve_points, detector_numbers, estimates,
-                                            patient_weights, size_groups, weighted_auc)
+from pneumoseg.evaluation.detection import (
+    Cases,
+    calibration,
+    curve_points,
+    detector_numbers,
+    estimates,
+    patient_weights,
+    size_groups,
+    weighted_auc,
+)
 
 
 @pytest.mark.parametrize("seed", range(5))

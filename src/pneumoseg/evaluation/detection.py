@@ -12,8 +12,10 @@ bootstrap replicate come from the same code; an interval is the 2.5th and 97.5th
 """
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from itertools import pairwise
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -47,7 +49,7 @@ class Cases:
     patient: np.ndarray
 
     @classmethod
-    def from_frame(cls, frame: pd.DataFrame) -> "Cases":
+    def from_frame(cls, frame: pd.DataFrame) -> Cases:
         """From a frame with ``true_area, pred_area, score, dice`` and optionally ``PatientID`` (an image
         without one is a patient of its own)."""
         if "PatientID" in frame.columns:
@@ -202,23 +204,23 @@ def size_groups(frame: pd.DataFrame, edges: Sequence[int]) -> tuple[dict[str, np
     """
     positive = frame["true_area"].to_numpy() > 0
     area = frame["true_area"].to_numpy(np.float64)
-    edges = np.asarray(edges, np.float64)
+    bounds = np.asarray(edges, np.float64)
     unit = "px"
-    spacing = pd.to_numeric(frame.get("pixel_spacing", pd.Series(np.nan, index=frame.index)), errors="coerce")
-    spacing = spacing.to_numpy(np.float64)
+    column = frame.get("pixel_spacing", pd.Series(np.nan, index=frame.index))
+    spacing = pd.to_numeric(column, errors="coerce").to_numpy(np.float64)
     if positive.any() and np.isfinite(spacing[positive]).all() and (spacing[positive] > 0).all():
         area = area * spacing ** 2
-        edges = np.round(edges * np.median(spacing[positive]) ** 2)
+        bounds = np.round(bounds * np.median(spacing[positive]) ** 2)
         unit = "mm²"
-    index = np.searchsorted(edges, area, side="left")
-    names = [f"{low:g}-{high:g} {unit}" for low, high in zip(edges, edges[1:])] + [f">{edges[-1]:g} {unit}"]
+    index = np.searchsorted(bounds, area, side="left")
+    names = [f"{low:g}-{high:g} {unit}" for low, high in pairwise(bounds)] + [f">{bounds[-1]:g} {unit}"]
     return {name: positive & (index == k + 1) for k, name in enumerate(names)}, unit
 
 
 def age_band(age: pd.Series) -> pd.Series:
     """Age bands of :data:`AGE_BANDS` as text ("30-49"), "" where unknown."""
     years = pd.to_numeric(age, errors="coerce")
-    labels = [f"{low}-{high - 1}" if high < 200 else f">={low}" for low, high in zip(AGE_BANDS, AGE_BANDS[1:])]
+    labels = [f"{low}-{high - 1}" if high < 200 else f">={low}" for low, high in pairwise(AGE_BANDS)]
     banded = pd.cut(years, list(AGE_BANDS), right=False, labels=labels)
     return banded.astype("string").fillna("")
 

@@ -9,8 +9,9 @@ the demo's ``drain``), so any of those columns can split the subgroup table (``r
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -147,10 +148,11 @@ def markdown_lines(numbers: dict[str, Any] | None, plots: Mapping[str, Path | No
         f"{numbers['calibration']['ece']:.3f} |",
         "",
     ]
-    if auc is not None and plots.get("curves"):
-        lines += [f"![ROC and precision-recall curves]({link}/{plots['curves'].name})", ""]
-    if plots.get("calibration"):
-        lines += [f"![reliability diagram]({link}/{plots['calibration'].name})", ""]
+    curves, reliability = plots.get("curves"), plots.get("calibration")
+    if auc is not None and curves is not None:
+        lines += [f"![ROC and precision-recall curves]({link}/{curves.name})", ""]
+    if reliability is not None:
+        lines += [f"![reliability diagram]({link}/{reliability.name})", ""]
     lines += [f"### By lesion size ({numbers['size_unit']}, the data report's bins)", "",
               *_group_table(numbers["by_size"], ("sensitivity", "positive_dice")), ""]
     if numbers["subgroups"]:
