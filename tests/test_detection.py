@@ -108,3 +108,19 @@ def test_rates_at_the_operating_point_match_the_confusion_matrix():
                 "positive_dice": frame.loc[frame["true_area"] > 0, "dice"].mean()}
     assert {key: overall[key]["value"] for key in expected} == pytest.approx(expected)
     assert overall["auc"]["value"] == pytest.approx(roc_auc_score(frame["true_area"] > 0, frame["score"]))
+
+
+def test_leaderboard_shows_the_detector_figures(tmp_path):
+    import json
+
+    from pneumoseg.evaluation import leaderboard
+    run = tmp_path / "exp"
+    (run / "04_search").mkdir(parents=True)
+    (run / "05_predict").mkdir()
+    rate = {"value": 0.8, "low": 0.7, "high": 0.9}
+    detection = {"auc": 0.93, "operating_point": {"sensitivity": rate, "specificity": {**rate, "value": 0.95}}}
+    (run / "04_search" / "done.json").write_text(json.dumps({"summary": {"oof_score": 0.9, "detection": detection}}))
+    (run / "05_predict" / "done.json").write_text(json.dumps({"summary": {"test_score": 0.91, "test_auc": 0.88}}))
+    row = leaderboard.read_run(run)
+    assert (row.auc, row.sensitivity, row.specificity, row.test_auc) == (0.93, 0.8, 0.95, 0.88)
+    assert "| 0.930 | 0.800 | 0.950 | 0.880 |" in leaderboard.markdown([row])
