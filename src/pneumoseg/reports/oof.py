@@ -503,6 +503,9 @@ def summary_table(numbers: dict) -> str:
         ("false-positive rate", _fmt(numbers["false_positive_rate"])),
         ("false-negative rate", _fmt(numbers["false_negative_rate"])),
     ]
+    if numbers.get("nested_constraint_met") is not None:
+        (key, value), = numbers["objective"]["params"].items()
+        rows.append((f"nested: {key} {value:g} met on", f"{numbers['nested_constraint_met']:.0%} of held-out folds"))
     detection = numbers.get("detection")
     if detection is not None:
         rows += [(f"image-level {name}", detection_report.interval_text(figure))
