@@ -82,3 +82,29 @@ def test_bad_objectives_are_config_errors(block, message):
         build_objective(block)
     assert build_objective({"name": "dice_at_sensitivity", "params": {"min_sensitivity": 0.9}}).to_block() == \
         {"name": "dice_at_sensitivity", "params": {"min_sensitivity": 0.9}}
+
+
+def test_stage_04_searches_under_the_configured_objective(tiny_cfg):
+    import json
+
+    from pneumoseg import layout
+    from pneumoseg.stages import search as stage
+    from synthetic_oof import write_oof_experiment
+    cfg = tiny_cfg("search.objective.name=dice_at_sensitivity", "+search.objective.params.min_sensitivity=0.95")
+    write_oof_experiment(cfg, n_images=40, oof_size=32)
+    numbers = stage.run(cfg)
+    folder = layout.search_dir(cfg)
+    per_image = pd.read_csv(folder / "per_image.csv")
+    positive = per_image["true_area"] > 0
+    sensitivity = (per_image.loc[positive, "pred_area"] > 0).mean()
+    candidates = pd.read_csv(folder / "candidates.csv")
+    assert sensitivity >= 0.95 or sensitivity == candidates["sensitivity"].max()
+    assert numbers["detection"]["operating_point"]["sensitivity"]["value"] == pytest.approx(sensitivity)
+    assert numbers["objective"] == {"name": "dice_at_sensitivity", "params": {"min_sensitivity": 0.95}}
+    assert 0 <= numbers["nested_constraint_met"] <= 1 and per_image["score"].between(0, 1).all()
+    report = (folder / "oof_report.md").read_text()
+    assert "image-level sensitivity of at least 0.95" in report and "## As a detector" in report
+    for plot in ("tradeoff", "detector_curves", "reliability"):
+        assert (folder / "plots" / f"{plot}.png").is_file() and f"plots/{plot}.png" in report
+    assert json.loads((folder / "oof_report.json").read_text())["nested_constraint_met"] == \
+        numbers["nested_constraint_met"]
