@@ -97,11 +97,14 @@ def kth_largest(probs: np.ndarray, k: int) -> float:
     flat = probs.ravel()
     if k > flat.size:
         return 0.0
-    cut = level_cut(_HIGH_PROBABILITY) if flat.dtype == np.uint8 else flat.dtype.type(_HIGH_PROBABILITY)
-    # Partitioning the few high pixels instead of the whole map costs a compare instead of a full partition.
-    high = flat[flat > cut]
-    values = high if high.size >= k else flat
-    value = values.max() if k == 1 else np.partition(values, values.size - k)[values.size - k]
+    if k == 1:
+        value = flat.max()
+    else:
+        cut = level_cut(_HIGH_PROBABILITY) if flat.dtype == np.uint8 else flat.dtype.type(_HIGH_PROBABILITY)
+        # Partitioning the few high pixels instead of the whole map costs a compare instead of a full partition.
+        high = flat[flat > cut]
+        values = high if high.size >= k else flat
+        value = np.partition(values, values.size - k)[values.size - k]
     return float(_LEVEL_PROBS[value]) if flat.dtype == np.uint8 else float(value)
 
 
