@@ -18,14 +18,14 @@ chest wall: inside it the markings are missing and the density is only slightly 
 it, its inner edge is a thin bright pleural line, and ribs still cross it. Normal lung has patchy density of the
 same amplitude, so no intensity threshold finds the lesion (see :func:`intensity_rule_search`), while texture
 and the pleural line do, which a small CNN learns. Markings and the line are a few pixels wide at 1024 px so that
-they survive downscaling to 128 px.
+they survive downscaling to 128 px. Instance areas follow the real data's: median about 6,500 px at 1024 x 1024,
+5th percentile about 1,000 px, a few above 100,000 px.
 
 Chest drains follow the label as in the real data, where many pneumothoraces were already drained when filmed: a
 share :data:`DRAIN_RATE_POSITIVE` of the positive images and :data:`DRAIN_RATE_NEGATIVE` of the others have one
 (decided by :func:`plan_cases`, recorded per image by the demo as a ``drain`` column). A drain is a thin bright
 tube entering through the lateral chest wall on the lesion's side, kinked once, running up towards the apex, with
-a side hole (a gap in its radio-opaque wall) near its tip; a detector can learn it as a shortcut. Instance areas follow the real data's: median about 6,500 px at 1024 x 1024,
-5th percentile about 1,000 px, a few above 100,000 px.
+a side hole (a gap in its radio-opaque wall) near its tip; a detector can learn it as a shortcut.
 """
 from __future__ import annotations
 

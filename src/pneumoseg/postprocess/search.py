@@ -697,7 +697,7 @@ class _Exact:
 
     @classmethod
     def of(cls, counts: ThresholdCounts, groups: np.ndarray, n_groups: int, variants: Sequence[_Variant],
-           passes: np.ndarray, objective: Objective = Objective()) -> "_Exact":
+           passes: np.ndarray, objective: Objective = Objective()) -> _Exact:
         sums = [exact_sums(counts, groups, n_groups, v.grid, passes[:, v.gate]) for v in variants]
         marked = [exact_detections(counts, groups, n_groups, v.grid, passes[:, v.gate]) for v in variants]
         rows, columns, marked_columns = [], [], []
