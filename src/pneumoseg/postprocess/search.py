@@ -522,7 +522,7 @@ class Objective:
     def feasible(self, marked: np.ndarray | None, classes: np.ndarray | None, valid: np.ndarray) -> np.ndarray:
         """Which candidates the choice is made among: the ``valid`` ones meeting the constraint (or, when none
         does, those with the highest rate); every valid one without a constraint."""
-        if self.rate is None or marked is None:
+        if self.rate is None or marked is None or classes is None:
             return valid
         rates = np.where(valid, self.rates(marked, classes), -np.inf)
         met = valid & (rates >= self.minimum - TIE)
