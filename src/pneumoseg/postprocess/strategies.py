@@ -87,8 +87,8 @@ def components(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return labels, np.bincount(labels.ravel(), minlength=count)[1:]
 
 
-# Pixels above this are the usual candidates for the k largest probabilities of a map; most maps have few.
-_HIGH_PROBABILITY = 0.01
+# Cuts tried, highest first, for the pixels holding the k largest probabilities of a map.
+_CUTS = (0.5, 0.2, 0.05, 0.01)
 
 
 def kth_largest(probs: np.ndarray, k: int) -> float:
@@ -100,10 +100,14 @@ def kth_largest(probs: np.ndarray, k: int) -> float:
     if k == 1:
         value = flat.max()
     else:
-        cut = level_cut(_HIGH_PROBABILITY) if flat.dtype == np.uint8 else flat.dtype.type(_HIGH_PROBABILITY)
-        # Partitioning the few high pixels instead of the whole map costs a compare instead of a full partition.
-        high = flat[flat > cut]
-        values = high if high.size >= k else flat
+        # Partitioning only the pixels above the highest cut that leaves k of them costs a few compares instead of
+        # a partition of the whole map: most pixels of a map are near 0.
+        values = flat
+        for cut in _CUTS:
+            high = flat > (level_cut(cut) if flat.dtype == np.uint8 else flat.dtype.type(cut))
+            if np.count_nonzero(high) >= k:
+                values = flat[high]
+                break
         value = np.partition(values, values.size - k)[values.size - k]
     return float(_LEVEL_PROBS[value]) if flat.dtype == np.uint8 else float(value)
 
