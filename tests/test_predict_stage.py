@@ -63,6 +63,11 @@ def test_writes_a_valid_submission_and_scores_it_on_the_held_out_labels(experime
     assert scores["test_score"] == pytest.approx(expected, abs=1e-4)
     assert (layout.predict_dir(cfg) / "config.yaml").is_file() and _done(cfg)["summary"] == summary
     assert "test score" in stage.summary_text(summary)
+    # The detector report: every image called positive (or none), each with its image-level score.
+    image_scores = pd.read_csv(layout.predict_dir(cfg) / stage.IMAGE_SCORES_FILE)
+    assert len(image_scores) == len(test) and image_scores["positive"].all() == predicted_all
+    assert (summary["test_sensitivity"], summary["test_specificity"]) == ((1.0, 0.0) if predicted_all else (0.0, 1.0))
+    assert "## As a detector" in (layout.predict_dir(cfg) / stage.TEST_REPORT_MD).read_text()
 
 
 def test_predictions_match_the_predictor_and_stream_in_batches(experiment, monkeypatch):

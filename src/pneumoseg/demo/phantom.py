@@ -20,6 +20,12 @@ same amplitude, so no intensity threshold finds the lesion (see :func:`intensity
 and the pleural line do, which a small CNN learns. Markings and the line are a few pixels wide at 1024 px so that
 they survive downscaling to 128 px. Instance areas follow the real data's: median about 6,500 px at 1024 x 1024,
 5th percentile about 1,000 px, a few above 100,000 px.
+
+Chest drains follow the label as in the real data, where many pneumothoraces were already drained when filmed: a
+share :data:`DRAIN_RATE_POSITIVE` of the positive images and :data:`DRAIN_RATE_NEGATIVE` of the others have one
+(decided by :func:`plan_cases`, recorded per image by the demo as a ``drain`` column). A drain is a thin bright
+tube entering through the lateral chest wall on the lesion's side, kinked once, running up towards the apex, with
+a side hole (a gap in its radio-opaque wall) near its tip; a detector can learn it as a shortcut.
 """
 from __future__ import annotations
 
@@ -47,6 +53,11 @@ OVERLAP_RATE = 0.3
 
 VESSEL_LEVELS = 6      # generations of forking in each tree of lung markings
 
+# Shares of positive and of negative images with a chest drain (many real pneumothoraces are filmed drained).
+DRAIN_RATE_POSITIVE = 0.6
+DRAIN_RATE_NEGATIVE = 0.05
+DRAIN_WIDTH = 9 / 1024          # the tube's outer width, a fraction of the image
+
 _SUBPIXEL = 4  # fractional bits of the coordinates handed to OpenCV's drawing functions
 
 
@@ -57,10 +68,12 @@ class CasePlan:
     Attributes:
         n_instances: 0 for a normal image, else the number of pneumothorax instances (label rows).
         overlapping: the instances are overlapping parts of one lesion (else disjoint lesions).
+        drain: the image shows a chest drain.
     """
 
     n_instances: int
     overlapping: bool = False
+    drain: bool = False
 
 
 @dataclass(frozen=True)
@@ -113,12 +126,14 @@ class Phantom:
         patient: sex, age, view and pixel spacing.
         anatomy: pose and shapes.
         instances: one boolean ``size x size`` mask per pneumothorax instance; empty for a normal image.
+        drain: the chest drain's path (points in the patient frame), None without one.
     """
 
     size: int
     patient: Patient
     anatomy: Anatomy
     instances: list[np.ndarray]
+    drain: np.ndarray | None = None
 
     @property
     def mask(self) -> np.ndarray:
@@ -137,7 +152,9 @@ def plan_cases(n: int, positive_rate: float, rng: np.random.Generator) -> list[C
     """Decide which of ``n`` images are positive and how many instances each one has.
 
     Exactly ``round(n * positive_rate)`` images are positive. The multi-instance and overlapping shares are
-    rounded up, so that even a small set holds a few of each kind once it has 3 or more positives.
+    rounded up, so that even a small set holds a few of each kind once it has 3 or more positives. Drains: the
+    rounded shares :data:`DRAIN_RATE_POSITIVE` of the positive and :data:`DRAIN_RATE_NEGATIVE` of the negative
+    images, spread over every kind of positive.
     """
     if not 0.0 <= positive_rate <= 1.0:
         raise ValueError(f"positive_rate must lie in [0, 1], got {positive_rate}")
@@ -148,6 +165,11 @@ def plan_cases(n: int, positive_rate: float, rng: np.random.Generator) -> list[C
     plans = ([CasePlan(3, k < n_overlap) for k in range(n_three)]
              + [CasePlan(2, k + n_three < n_overlap) for k in range(n_multi - n_three)]
              + [CasePlan(1)] * (n_pos - n_multi) + [CasePlan(0)] * (n - n_pos))
+    # Every k-th positive (and negative) gets a drain, so that the drains spread over the kinds of positives.
+    for members, rate in ((range(n_pos), DRAIN_RATE_POSITIVE), (range(n_pos, n), DRAIN_RATE_NEGATIVE)):
+        chosen = np.linspace(0, len(members), int(round(len(members) * rate)), endpoint=False).astype(int)
+        for k in chosen:
+            plans[members[k]] = replace(plans[members[k]], drain=True)
     return [plans[i] for i in rng.permutation(n)]
 
 
@@ -390,7 +412,30 @@ def make_phantom(rng: np.random.Generator, size: int, plan: CasePlan, same_as: P
                     if view == "AP" and rng.random() < 0.5 else np.empty((0, 2))),
     )
     lung_masks = [_fill(size, [lung], pose) > 0.5 for lung in lungs]
-    return Phantom(size, patient, anatomy, _lesions(rng, size, lung_masks, plan))
+    instances = _lesions(rng, size, lung_masks, plan)
+    # Drawn last, so an image without a drain keeps every other draw of its stream.
+    drain = _sample_drain(rng, _lesion_side(instances, size, rng)) if plan.drain else None
+    return Phantom(size, patient, anatomy, instances, drain)
+
+
+def _lesion_side(instances: Sequence[np.ndarray], size: int, rng: np.random.Generator) -> int:
+    """-1 when the (first) lesion lies in the image's left half, 1 in the right; a random side without one."""
+    if not instances:
+        return -1 if rng.random() < 0.5 else 1
+    return -1 if np.nonzero(instances[0])[1].mean() < size / 2 else 1
+
+
+def _sample_drain(rng: np.random.Generator, side: int) -> np.ndarray:
+    """A drain's path in the patient frame on ``side`` (-1: the image's left): in through the lateral chest wall,
+    a kink, then up along the lateral lung towards the apex."""
+    corners = np.array([
+        [0.5 + side * rng.uniform(0.50, 0.56), rng.uniform(0.62, 0.74)],      # outside the body
+        [0.5 + side * rng.uniform(0.38, 0.42), rng.uniform(0.55, 0.6)],       # through the chest wall
+        [0.5 + side * rng.uniform(0.32, 0.35), rng.uniform(0.42, 0.5)],       # the kink
+        [0.5 + side * rng.uniform(0.2, 0.27), rng.uniform(0.16, 0.24)],       # the tip, near the apex
+    ])
+    t = np.linspace(0, 1, 12)[:, None]
+    return np.concatenate([a + t * (b - a) for a, b in zip(corners, corners[1:])])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -497,6 +542,19 @@ def _overlays(phantom: Phantom) -> np.ndarray:
     return canvas.astype(np.float32) / 255
 
 
+def _drain(phantom: Phantom) -> np.ndarray:
+    """The drain's density: a bright tube wall around a fainter lumen, with a side hole near the tip."""
+    canvas = np.zeros((phantom.size, phantom.size), np.float32)
+    if phantom.drain is None:
+        return canvas
+    pose, path = phantom.anatomy.pose, phantom.drain
+    _polyline(canvas, path, pose, DRAIN_WIDTH, 1.0)
+    _polyline(canvas, path, pose, DRAIN_WIDTH / 2.5, 0.45)
+    hole = path[-4:-2]
+    _polyline(canvas, hole, pose, DRAIN_WIDTH, 0.3)
+    return canvas
+
+
 def render(phantom: Phantom, rng: np.random.Generator) -> np.ndarray:
     """Render a phantom as an 8-bit ``size x size`` radiograph (MONOCHROME2).
 
@@ -541,6 +599,8 @@ def render(phantom: Phantom, rng: np.random.Generator) -> np.ndarray:
         density -= rng.uniform(0.01, 0.03) * lesion
         density += rng.uniform(0.1, 0.15) * _pleural_line(phantom)
     density += rng.uniform(0.14, 0.17) * markings + _overlays(phantom)
+    if phantom.drain is not None:
+        density += 0.3 * _drain(phantom)
     density += rng.uniform(0.008, 0.016) * rng.standard_normal((size, size), dtype=np.float32)
 
     contrast, offset, gamma = rng.uniform(0.95, 1.3), rng.uniform(-0.05, 0.1), rng.uniform(0.75, 1.35)

@@ -7,7 +7,10 @@ and, once they exist, an ensemble of experiments are listed alike. For each run 
 * stage 04's ``done.json`` summary (the numbers of ``oof_report.json``): the OOF score of the chosen
   post-processing, the nested (held-out-fold) estimate, and each fold's nested score, whose spread (standard
   deviation, minimum and maximum over the folds) says how far the nested estimate can be trusted;
-* stage 05's ``done.json``: the test score, where held-out test labels exist (the demo);
+* stage 05's ``done.json``: the test score, where held-out test labels exist (the demo), and the image-level AUC
+  there;
+* the detector figures of stage 04's summary: image-level AUC, and sensitivity and specificity at the chosen
+  operating point, on the OOF images (:mod:`pneumoseg.evaluation.detection`);
 * stage 03's ``done.json``: training time, the sum of the folds' times (folds may run in parallel);
 * the checkpoints the run predicts with (``predict.checkpoints`` and ``predict.top_k`` of the config stage 04 ran
   with): the parameters of one network and the bytes of all of them.
@@ -62,6 +65,8 @@ class Run:
         parameters: parameters of one network; checkpoint_bytes: bytes of all the checkpoints it predicts with.
         members: an ensemble's chosen members (empty for a single experiment).
         phases: the names of its training phases, in order (``train.phases``; empty without phases).
+        auc, sensitivity, specificity: the OOF images' image-level AUC and the rates at the operating point.
+        test_auc: the image-level AUC on held-out test labels.
     """
 
     name: str
@@ -77,6 +82,10 @@ class Run:
     checkpoint_bytes: int | None = None
     members: list[str] = field(default_factory=list)
     phases: list[str] = field(default_factory=list)
+    auc: float | None = None
+    sensitivity: float | None = None
+    specificity: float | None = None
+    test_auc: float | None = None
 
     @property
     def spread(self) -> float | None:
@@ -115,6 +124,11 @@ def read_run(folder: str | os.PathLike) -> Run:
               postprocess=_block_text(search.get("chosen")))
     predict = _summary(folder, "05") or {}
     run.test_score = predict.get("test_score")
+    run.test_auc = predict.get("test_auc")
+    detection = search.get("detection") or {}
+    run.auc = detection.get("auc")
+    run.sensitivity, run.specificity = ((detection.get("operating_point") or {}).get(key, {}).get("value")
+                                        for key in ("sensitivity", "specificity"))
     if layout.ensemble_path_in(folder).is_file():
         _read_ensemble(run, folder)
     else:
@@ -221,13 +235,15 @@ def markdown(runs: Sequence[Run], plot_name: str | None = None) -> str:
              "Sorted by the nested estimate (the post-processing chosen on the other folds, scored on each "
              "held-out fold): the score to expect on new images. Fold spread: standard deviation [min, max] of "
              "the folds' nested scores. Test: the submission's score where held-out labels exist. Training: the "
-             "sum of the folds' times. An ensemble lists the members it chose; its training time, parameters (one "
+             "sum of the folds' times. AUC, sens., spec.: the OOF images judged as a detector (image-level AUC, "
+             "sensitivity and specificity at the chosen operating point); test AUC: on held-out labels. An ensemble "
+             "lists the members it chose; its training time, parameters (one "
              "network per member) and checkpoints are its members' summed.", ""]
     if plot_name:
         lines += [f"![nested score per run]({plot_name})", ""]
     lines += ["| # | run | nested | OOF | fold spread | test | post-processing | checkpoints | training | "
-              "parameters | checkpoint MB |",
-              "| ---: | --- | ---: | ---: | --- | ---: | --- | --- | ---: | ---: | ---: |"]
+              "parameters | checkpoint MB | AUC | sens. | spec. | test AUC |",
+              "| ---: | --- | ---: | ---: | --- | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for rank, run in enumerate(runs, 1):
         spread = "n/a" if run.spread is None else \
             f"{run.spread:.4f} [{min(run.fold_scores):.4f}, {max(run.fold_scores):.4f}]"
@@ -237,9 +253,10 @@ def markdown(runs: Sequence[Run], plot_name: str | None = None) -> str:
         name += f" (phases: {' -> '.join(run.phases)})" if run.phases else ""
         lines.append(f"| {rank} | {name} | {_fmt(run.nested_score)} | {_fmt(run.oof_score)} | {spread} | "
                      f"{_fmt(run.test_score)} | {run.postprocess} | {run.checkpoints or 'n/a'} | "
-                     f"{_duration(run.train_seconds)} | {parameters} | {size} |")
+                     f"{_duration(run.train_seconds)} | {parameters} | {size} | {_fmt(run.auc, 3)} | "
+                     f"{_fmt(run.sensitivity, 3)} | {_fmt(run.specificity, 3)} | {_fmt(run.test_auc, 3)} |")
     if not runs:
-        lines.append("| | no run with a finished stage 04 | | | | | | | | | |")
+        lines.append("| | no run with a finished stage 04 | | | | | | | | | | | | | |")
     return "\n".join(lines) + "\n"
 
 

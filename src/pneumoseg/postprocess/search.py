@@ -312,10 +312,7 @@ def exact_sums(counts: ThresholdCounts, groups: np.ndarray, n_groups: int, grid:
     so its Dice is ``empty`` (1 if the truth is empty, else 0) plus ``kept * (dice at bottom - empty)``, and the
     sum over images of a group is a product of the ``kept`` matrix with that gain.
     """
-    above_top, _ = counts.counts(grid.tops)
-    kept = above_top[:, :, None] >= counts.area_limits(grid.min_areas)[:, None, :]         # N x Tt x Ta
-    if passed is not None:
-        kept &= passed[:, None, None]
+    kept = _kept_images(counts, grid, passed)
     pred, inter = counts.counts(grid.bottoms)
     empty = (counts.true_area == 0).astype(np.float64)
     gain = dice_from_counts(inter, pred, counts.true_area[:, None]) - empty[:, None]      # N x Tb
@@ -343,6 +340,39 @@ def _outline_counts(mask: np.ndarray, truth: np.ndarray, limits: np.ndarray) -> 
             drawn[kept.tobytes()] = (int(np.count_nonzero(drawing)), int(np.count_nonzero(drawing & truth)))
         pred[a], inter[a] = drawn[kept.tobytes()]
     return pred, inter
+
+
+def _kept_images(counts: ThresholdCounts, grid: Grid, passed: np.ndarray | None) -> np.ndarray:
+    """N x len(tops) x len(min_areas): the images each ``(top, min_area)`` test (and the gate ``passed``) keeps."""
+    above_top, _ = counts.counts(grid.tops)
+    kept = above_top[:, :, None] >= counts.area_limits(grid.min_areas)[:, None, :]
+    if passed is not None:
+        kept &= passed[:, None, None]
+    return kept
+
+
+def _class_rows(counts: ThresholdCounts, groups: np.ndarray, n_groups: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per group: its positive and its empty images (boolean rows)."""
+    positive = counts.true_area > 0
+    return [((groups == g) & positive, (groups == g) & ~positive) for g in range(n_groups)]
+
+
+def exact_detections(counts: ThresholdCounts, groups: np.ndarray, n_groups: int, grid: Grid,
+                     passed: np.ndarray | None = None) -> np.ndarray:
+    """How many positive and how many empty images of each group every exact grid point marks (non-empty mask):
+    G x 2 x len(tops) x len(min_areas) x len(bottoms); arguments as for :func:`exact_sums`.
+
+    An image is marked when its ``(top, min_area)`` test keeps it and it has a pixel above ``bottom``; the image-
+    level sensitivity of a point is its positive count over the positive images, and so on.
+    """
+    kept = _kept_images(counts, grid, passed)
+    marks = (counts.counts(grid.bottoms)[0] > 0).astype(np.float64)                        # N x Tb
+    n_points = len(grid.tops) * len(grid.min_areas)
+    out = np.empty((n_groups, 2, n_points, len(grid.bottoms)))
+    for g, classes in enumerate(_class_rows(counts, groups, n_groups)):
+        for c, rows in enumerate(classes):
+            out[g, c] = kept[rows].reshape(-1, n_points).T.astype(np.float64) @ marks[rows]
+    return out.reshape(n_groups, 2, len(grid.tops), len(grid.min_areas), len(grid.bottoms))
 
 
 def _component_counts(full: np.ndarray, truth: np.ndarray, thresholds: np.ndarray,
@@ -392,7 +422,8 @@ def _component_block(part: ImageSource, start: int, thresholds: np.ndarray, need
 def component_sums(source: ImageSource, counts: ThresholdCounts, groups: np.ndarray, n_groups: int,
                    points: Sequence[tuple[float, float, float]], component_areas: np.ndarray,
                    passes: np.ndarray | None = None, point_gates: Sequence[Sequence[int]] | None = None,
-                   n_jobs: int = 1, block_size: int = BLOCK_SIZE, rule: str = PIXELS) -> np.ndarray:
+                   n_jobs: int = 1, block_size: int = BLOCK_SIZE, rule: str = PIXELS,
+                   detections: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Summed Dice per gate, group, ``(top, min_area, bottom)`` point and component area.
 
     Args:
@@ -407,9 +438,12 @@ def component_sums(source: ImageSource, counts: ThresholdCounts, groups: np.ndar
             images that one of them keeps are labelled.
         n_jobs, block_size: as in :func:`count_thresholds`.
         rule: how components are measured, ``pixels`` or ``outline`` (:func:`_component_counts`).
+        detections: also count the positive and the empty images each candidate marks (non-empty mask).
 
     Returns:
         V x G x len(points) x len(component_areas); NaN for a gate that ``point_gates`` does not give the point.
+        With ``detections``, also V x G x 2 x len(points) x len(component_areas): the positive and the empty
+        images marked (as :func:`exact_detections`).
     """
     tops, min_areas, bottoms = (np.array(v, dtype=np.float64) for v in zip(*points))
     above_top, _ = counts.counts(tops)
@@ -432,6 +466,8 @@ def component_sums(source: ImageSource, counts: ThresholdCounts, groups: np.ndar
     empty = (counts.true_area == 0).astype(np.float64)
     empty_sums = _group_sums(empty, groups, n_groups)
     sums = np.empty((passes.shape[1], n_groups, len(points), len(component_areas)))
+    marked = np.zeros((passes.shape[1], n_groups, 2, len(points), len(component_areas)))
+    class_rows = _class_rows(counts, groups, n_groups) if detections else []
     # Point by point (N x A at a time): all points at once would hold N x P x A arrays, hundreds of MB at scale.
     for p, cut in enumerate(point_cut):
         pred, inter = pred_cut[:, cut] * kept[:, p, None], inter_cut[:, cut] * kept[:, p, None]
@@ -439,13 +475,16 @@ def component_sums(source: ImageSource, counts: ThresholdCounts, groups: np.ndar
         for g in range(n_groups):
             rows = groups == g
             sums[:, g, p] = empty_sums[g] + passes[rows].T.astype(np.float64) @ gain[rows]
+        for g, classes in enumerate(class_rows):
+            for c, rows in enumerate(classes):
+                marked[:, g, c, p] = passes[rows].T.astype(np.float64) @ (pred[rows] > 0)
     sums[np.broadcast_to(~wanted[:, None, :, None], sums.shape)] = np.nan
-    return sums
+    return (sums, marked) if detections else sums
 
 
 def _evaluate_block(part: ImageSource, start: int, postprocessors: Sequence[PostProcessor],
-                    gates: np.ndarray | None) -> tuple[np.ndarray, ...]:
-    pred, inter, true = [], [], []
+                    gates: np.ndarray | None, with_scores: bool = False) -> tuple[np.ndarray, ...]:
+    pred, inter, true, scores = [], [], [], []
     for i, (levels, truth) in enumerate(part):
         full = to_original(levels, truth.shape)
         gate = None if gates is None else gates[start + i]
@@ -453,13 +492,17 @@ def _evaluate_block(part: ImageSource, start: int, postprocessors: Sequence[Post
         pred.append([np.count_nonzero(m) for m in masks])
         inter.append([np.count_nonzero(m & truth) for m in masks])
         true.append(np.count_nonzero(truth))
+        if with_scores:
+            scores.append([pp.score(full, gate) for pp in postprocessors])
     shape = (len(true), len(postprocessors))
-    return (np.array(pred, np.int64).reshape(shape), np.array(inter, np.int64).reshape(shape),
-            np.array(true, np.int64))
+    counts = (np.array(pred, np.int64).reshape(shape), np.array(inter, np.int64).reshape(shape),
+              np.array(true, np.int64))
+    return (*counts, np.array(scores, np.float64).reshape(shape)) if with_scores else counts
 
 
 def evaluate(source: ImageSource, postprocessors: Sequence[PostProcessor], n_jobs: int = 1,
-             block_size: int = BLOCK_SIZE, gates: np.ndarray | None = None) -> tuple[np.ndarray, ...]:
+             block_size: int = BLOCK_SIZE, gates: np.ndarray | None = None,
+             with_scores: bool = False) -> tuple[np.ndarray, ...]:
     """The straightforward method: bring each map to its original size, apply each strategy there, and count.
 
     Args:
@@ -467,17 +510,85 @@ def evaluate(source: ImageSource, postprocessors: Sequence[PostProcessor], n_job
         postprocessors: the strategies, each called with the image's gate probability.
         n_jobs, block_size: as in :func:`count_thresholds`.
         gates: each image's gate probability, in the source's order; None: no gate (a gated strategy fails).
+        with_scores: also return each image's image-level score under each strategy
+            (:meth:`pneumoseg.postprocess.strategies.PostProcessor.score`, on the same full-size map).
 
     Returns:
         ``(pred_area, intersection, true_area)``: N x P, N x P and N integer arrays; the Dice of image ``i``
-        under strategy ``p`` is ``dice_from_counts(intersection, pred_area, true_area[:, None])[i, p]``.
+        under strategy ``p`` is ``dice_from_counts(intersection, pred_area, true_area[:, None])[i, p]``. With
+        ``with_scores``, an N x P float array of the scores follows.
     """
-    parts = _map_blocks(_evaluate_block, source, n_jobs, block_size, list(postprocessors), gates)
+    parts = _map_blocks(_evaluate_block, source, n_jobs, block_size, list(postprocessors), gates, with_scores)
     return tuple(np.concatenate(p) for p in zip(*parts))
 
 
 def _first_best(scores: np.ndarray) -> int:
     return int(np.flatnonzero(scores >= scores.max() - TIE)[0])
+
+
+OBJECTIVE_RATES = {"dice": None, "dice_at_sensitivity": "sensitivity", "dice_at_specificity": "specificity"}
+
+
+@dataclass(frozen=True)
+class Objective:
+    """What the choice maximises: the mean Dice (``rate`` None), or the mean Dice among the candidates whose
+    image-level ``rate`` (``sensitivity``: positive images marked; ``specificity``: empty images left empty) is at
+    least ``minimum``; when no candidate reaches it, among those with the highest rate.
+
+    Every rate is exact, from the per-image counts (:func:`exact_detections`), as the Dice is.
+    """
+
+    rate: str | None = None
+    minimum: float = 0.0
+
+    def rates(self, marked: np.ndarray, classes: np.ndarray) -> np.ndarray:
+        """Each candidate's rate from ``marked`` (... x 2: positive and empty images marked) and ``classes`` (the
+        positive and the empty images); 1 where the class is absent (no constraint to meet)."""
+        if self.rate == "sensitivity":
+            return marked[..., 0] / classes[0] if classes[0] else np.ones(marked.shape[:-1])
+        return 1 - marked[..., 1] / classes[1] if classes[1] else np.ones(marked.shape[:-1])
+
+    def feasible(self, marked: np.ndarray | None, classes: np.ndarray | None, valid: np.ndarray) -> np.ndarray:
+        """Which candidates the choice is made among: the ``valid`` ones meeting the constraint (or, when none
+        does, those with the highest rate); every valid one without a constraint."""
+        if self.rate is None or marked is None or classes is None:
+            return valid
+        rates = np.where(valid, self.rates(marked, classes), -np.inf)
+        met = valid & (rates >= self.minimum - TIE)
+        return met if met.any() else valid & (rates >= rates.max() - TIE)
+
+    def choose(self, dice: np.ndarray, marked: np.ndarray | None = None, classes: np.ndarray | None = None) -> int:
+        """Index of the chosen candidate: the best ``dice`` among :meth:`feasible` (ties as for
+        :attr:`SearchResult.best`); ``marked``: C x 2, ``classes``: 2, summed over the same images."""
+        rows = np.flatnonzero(self.feasible(marked, classes, np.ones(len(dice), bool)))
+        return int(rows[_first_best(dice[rows])])
+
+    def to_block(self) -> dict[str, Any]:
+        """The ``{name, params}`` block of ``search.objective``."""
+        if self.rate is None:
+            return {"name": "dice", "params": {}}
+        return {"name": f"dice_at_{self.rate}", "params": {f"min_{self.rate}": self.minimum}}
+
+
+def build_objective(block: Any) -> Objective:
+    """``search.objective`` (a ``{name, params}`` block; None: the mean Dice) as an :class:`Objective`.
+
+    Raises:
+        ConfigError: an unknown name, or a minimum rate missing or outside [0, 1].
+    """
+    if block is None:
+        return Objective()
+    name, params = block.get("name"), dict(block.get("params") or {})
+    if name not in OBJECTIVE_RATES:
+        raise ConfigError(f"search.objective.name must be one of {', '.join(OBJECTIVE_RATES)}, not {name!r}")
+    rate = OBJECTIVE_RATES[name]
+    if rate is None:
+        return Objective()
+    key = f"min_{rate}"
+    value = params.get(key)
+    if set(params) != {key} or not isinstance(value, (int, float)) or not 0 <= float(value) <= 1:
+        raise ConfigError(f"search.objective {name} takes params {{{key}: a rate in [0, 1]}}, got {params}")
+    return Objective(rate, float(value))
 
 
 @dataclass
@@ -493,6 +604,12 @@ class Nested:
     choices: list[dict[str, Any]]
     scores: np.ndarray
     score: float
+    met: np.ndarray | None = None
+
+    @property
+    def met_share(self) -> float | None:
+        """With a constrained objective: the share of held-out groups on which the choice met the constraint."""
+        return None if self.met is None else float(self.met.mean())
 
 
 @dataclass
@@ -512,6 +629,10 @@ class SearchResult:
         nested: the nested estimate of the whole choice (None with a single group).
         nested_by_gate: with gate thresholds searched (and several groups), the nested estimate of the choice
             among the ``ungated`` and among the ``gated`` candidates alone.
+        group_marked: candidates x G x 2, the positive and the empty images each candidate marks per group (the
+            candidates' ``sensitivity`` and ``specificity`` columns come from it).
+        group_classes: G x 2, each group's positive and empty images.
+        objective: what the choice maximised (:attr:`best`).
     """
 
     candidates: pd.DataFrame
@@ -520,13 +641,21 @@ class SearchResult:
     surfaces: dict[str, tuple[Grid, np.ndarray]]
     nested: Nested | None = None
     nested_by_gate: dict[str, Nested] = field(default_factory=dict)
+    group_marked: np.ndarray | None = None
+    group_classes: np.ndarray | None = None
+    objective: Objective = field(default_factory=Objective)
 
     @property
     def best(self) -> int:
-        """Row of the best candidate. Scores within :data:`TIE` of the best count as equal, since sums taken in
-        different orders differ in the last bits; the first such row wins (exact grid before components, ungated
-        before gated, grids in their configured order)."""
-        return _first_best(self.candidates["dice"].to_numpy())
+        """Row of the best candidate under the objective. Scores within :data:`TIE` of the best count as equal,
+        since sums taken in different orders differ in the last bits; the first such row wins (exact grid before
+        components, ungated before gated, grids in their configured order)."""
+        return self._choose(np.arange(len(self.candidates)))
+
+    def _choose(self, rows: np.ndarray) -> int:
+        marked = None if self.group_marked is None else self.group_marked[rows].sum(1)
+        classes = None if self.group_classes is None else self.group_classes.sum(0)
+        return int(rows[self.objective.choose(self.candidates["dice"].to_numpy()[rows], marked, classes)])
 
     def rows_of(self, strategy: str | None = None, gated: bool | None = None) -> np.ndarray:
         """Rows of the candidates of one grid's ``strategy`` (None: any), gated or not (None: both)."""
@@ -538,11 +667,11 @@ class SearchResult:
         return np.flatnonzero(keep)
 
     def best_of(self, strategy: str | None = None, gated: bool | None = None) -> int:
-        """Row of the best candidate among :meth:`rows_of` (ties as for :attr:`best`)."""
+        """Row of the best candidate among :meth:`rows_of` under the objective (ties as for :attr:`best`)."""
         rows = self.rows_of(strategy, gated)
         if not rows.size:
             raise ValueError(f"no candidate of strategy {strategy!r} (gated: {gated})")
-        return int(rows[_first_best(self.candidates["dice"].to_numpy()[rows])])
+        return self._choose(rows)
 
     def block(self, row: int) -> dict[str, Any]:
         """The ``{name, params}`` block of a candidate."""
@@ -583,37 +712,49 @@ def _rows(variant: _Variant, points: Iterable[tuple[float, float, float, float]]
 
 @dataclass
 class _Exact:
-    """The exact grids' results: per variant its group sums, and every valid point as candidate rows and sums."""
+    """The exact grids' results: per variant its group sums and marked images, and every valid point as candidate
+    rows, sums (candidates x G) and marked images (candidates x G x 2)."""
 
     variants: Sequence[_Variant]
     sums: list[np.ndarray]
     rows: list[dict[str, Any]]
     group_sums: np.ndarray
+    marked: list[np.ndarray]
+    group_marked: np.ndarray
+    classes: np.ndarray
+    objective: Objective
 
     @classmethod
     def of(cls, counts: ThresholdCounts, groups: np.ndarray, n_groups: int, variants: Sequence[_Variant],
-           passes: np.ndarray) -> "_Exact":
+           passes: np.ndarray, objective: Objective = Objective()) -> _Exact:
         sums = [exact_sums(counts, groups, n_groups, v.grid, passes[:, v.gate]) for v in variants]
-        rows, columns = [], []
-        for variant, variant_sums in zip(variants, sums):
+        marked = [exact_detections(counts, groups, n_groups, v.grid, passes[:, v.gate]) for v in variants]
+        rows, columns, marked_columns = [], [], []
+        for variant, variant_sums, variant_marked in zip(variants, sums, marked):
             grid = variant.grid
             t, a, b = np.nonzero(~np.isnan(variant_sums[0]))
             rows += _rows(variant, zip(grid.tops[t], grid.min_areas[a], grid.bottoms[b], np.zeros(len(t))),
                           "histogram")
             columns.append(variant_sums[:, t, a, b].T)
-        return cls(variants, sums, rows, np.concatenate(columns))
+            marked_columns.append(variant_marked[:, :, t, a, b].transpose(2, 0, 1))
+        classes = np.array([[rows.sum() for rows in pair] for pair in _class_rows(counts, groups, n_groups)])
+        return cls(variants, sums, rows, np.concatenate(columns), marked, np.concatenate(marked_columns), classes,
+                   objective)
 
     def refine_points(self, train: np.ndarray, steps: int) -> list[list[tuple[float, float, float]]]:
         """Per variant, the points whose components are searched when choosing on the groups ``train``: those
-        around the variant's best exact point on them (none for a grid without component areas)."""
+        around the variant's best exact point on them under the objective (none for a grid without component
+        areas)."""
         points = []
-        for variant, variant_sums in zip(self.variants, self.sums):
+        for variant, variant_sums, variant_marked in zip(self.variants, self.sums, self.marked):
             grid = variant.grid
             if not grid.component_areas.size:
                 points.append([])
                 continue
             surface = variant_sums[train].sum(0)
-            best = np.unravel_index(np.nanargmax(surface), surface.shape)
+            marked = np.moveaxis(variant_marked[train].sum(0), 0, -1)                     # T x A x B x 2
+            feasible = self.objective.feasible(marked, self.classes[train].sum(0), ~np.isnan(surface))
+            best = np.unravel_index(np.nanargmax(np.where(feasible, surface, np.nan)), surface.shape)
             points.append([(grid.tops[i], grid.min_areas[j], grid.bottoms[k])
                            for i, j, k in grid.neighbours(*map(int, best), steps)])
         return points
@@ -621,10 +762,12 @@ class _Exact:
 
 @dataclass
 class _Refined:
-    """The component pass of one component rule: ``sums`` (gates x G x points x areas, :func:`component_sums`)
-    and the column of each point in it."""
+    """The component pass of one component rule: ``sums`` (gates x G x points x areas, :func:`component_sums`),
+    ``marked`` (gates x G x 2 x points x areas: the positive and the empty images each candidate marks) and the
+    column of each point in them."""
 
     sums: np.ndarray
+    marked: np.ndarray
     point_index: dict[tuple, int]
 
     @classmethod
@@ -643,37 +786,45 @@ class _Refined:
                     for point in variant_points:
                         point_gates[point_index[point]].add(variant.gate)
         if not unique:
-            return cls(np.zeros((passes.shape[1], n_groups, 0, len(areas))), point_index)
-        return cls(component_sums(source, counts, groups, n_groups, unique, areas, passes, point_gates, n_jobs,
-                                  block_size, rule), point_index)
+            return cls(np.zeros((passes.shape[1], n_groups, 0, len(areas))),
+                       np.zeros((passes.shape[1], n_groups, 2, 0, len(areas))), point_index)
+        sums, marked = component_sums(source, counts, groups, n_groups, unique, areas, passes, point_gates, n_jobs,
+                                      block_size, rule, detections=True)
+        return cls(sums, marked, point_index)
 
 
 def _choice(exact: _Exact, points: list[list[tuple]], refined: dict[str, _Refined],
-            areas: np.ndarray) -> tuple[list[dict[str, Any]], np.ndarray]:
-    """Candidate rows and group sums of one choice: every exact point, then each variant's refined ``points``
-    (from the pass of the variant's component rule in ``refined``)."""
-    rows, sums = list(exact.rows), [exact.group_sums]
+            areas: np.ndarray) -> tuple[list[dict[str, Any]], np.ndarray, np.ndarray]:
+    """Candidate rows, group sums and marked images of one choice: every exact point, then each variant's refined
+    ``points`` (from the pass of the variant's component rule in ``refined``)."""
+    rows, sums, marked = list(exact.rows), [exact.group_sums], [exact.group_marked]
     for variant, variant_points in zip(exact.variants, points):
         a_index = np.searchsorted(areas, variant.grid.component_areas)
         rule = refined[variant.grid.component_rule]
         for point in variant_points:
             rows += _rows(variant, ((*point, area) for area in variant.grid.component_areas), "components")
             sums.append(rule.sums[variant.gate][:, rule.point_index[point]][:, a_index].T)
-    return rows, np.concatenate(sums)
+            marked.append(rule.marked[variant.gate][:, :, rule.point_index[point]][:, :, a_index].transpose(2, 0, 1))
+    return rows, np.concatenate(sums), np.concatenate(marked)
 
 
-def _nested(choices: Sequence[tuple[list[dict[str, Any]], np.ndarray]], trains: Sequence[np.ndarray],
-            group_sizes: np.ndarray, gated: bool | None = None) -> Nested:
-    """Per held-out group ``g``: the best of ``choices[g]``'s candidates on ``trains[g]`` (only the gated or the
-    ungated ones, unless ``gated`` is None), scored on ``g``."""
-    chosen, held_out = [], np.empty(len(trains))
-    for g, (train, (rows, sums)) in enumerate(zip(trains, choices)):
+def _nested(choices: Sequence[tuple[list[dict[str, Any]], np.ndarray, np.ndarray]], trains: Sequence[np.ndarray],
+            group_sizes: np.ndarray, exact: _Exact, gated: bool | None = None) -> Nested:
+    """Per held-out group ``g``: the best of ``choices[g]``'s candidates on ``trains[g]`` under the objective (only
+    the gated or the ungated ones, unless ``gated`` is None), scored on ``g``; with a constraint, also whether the
+    choice met it on ``g``."""
+    objective, classes = exact.objective, exact.classes
+    chosen, held_out, met = [], np.empty(len(trains)), np.zeros(len(trains), bool)
+    for g, (train, (rows, sums, marked)) in enumerate(zip(trains, choices)):
         is_gated = ~np.isnan(np.fromiter((row["gate"] for row in rows), float, len(rows)))
         candidates = np.flatnonzero(is_gated == gated if gated is not None else np.ones(len(rows), bool))
-        best = candidates[_first_best(sums[candidates][:, train].sum(1) / group_sizes[train].sum())]
+        best = candidates[objective.choose(sums[candidates][:, train].sum(1) / group_sizes[train].sum(),
+                                           marked[candidates][:, train].sum(1), classes[train].sum(0))]
         chosen.append(_block(rows[best]))
         held_out[g] = sums[best, g]
-    return Nested(chosen, held_out / group_sizes, float(held_out.sum() / group_sizes.sum()))
+        met[g] = objective.rate is None or objective.rates(marked[best, g], classes[g]) >= objective.minimum - TIE
+    return Nested(chosen, held_out / group_sizes, float(held_out.sum() / group_sizes.sum()),
+                  None if objective.rate is None else met)
 
 
 def _gate_passes(gates: np.ndarray | None, gate_thresholds: Sequence[float] | None,
@@ -696,7 +847,8 @@ def _gate_passes(gates: np.ndarray | None, gate_thresholds: Sequence[float] | No
 
 def run_search(source: ImageSource, groups: np.ndarray, grids: Sequence[Grid], refine_steps: int = 2,
                n_jobs: int = 1, block_size: int = BLOCK_SIZE, counts: ThresholdCounts | None = None,
-               gates: np.ndarray | None = None, gate_thresholds: Sequence[float] | None = None) -> SearchResult:
+               gates: np.ndarray | None = None, gate_thresholds: Sequence[float] | None = None,
+               objective: Objective = Objective()) -> SearchResult:
     """Search every grid exactly, then the component areas around each grid's best exact point, each grid also
     behind every gate threshold; and the same whole choice on the other groups for each group, for the nested
     estimate.
@@ -711,6 +863,9 @@ def run_search(source: ImageSource, groups: np.ndarray, grids: Sequence[Grid], r
         gates: each image's gate probability, in the source's order (None: no gate head).
         gate_thresholds: the gate thresholds to search (``search.gate_thresholds``); None or empty: no gated
             candidates.
+        objective: what each choice maximises (``search.objective``, :func:`build_objective`): the components
+            are refined around each variant's best exact point under it, and it picks the answer and each nested
+            choice.
 
     Raises:
         ConfigError: gate thresholds without gate probabilities, or outside [0, 1].
@@ -724,7 +879,7 @@ def run_search(source: ImageSource, groups: np.ndarray, grids: Sequence[Grid], r
     thresholds, passes = _gate_passes(gates, gate_thresholds, len(groups))
     variants = [_Variant(grid) for grid in grids]
     variants += [_Variant(grid, k + 1, float(value)) for k, value in enumerate(thresholds) for grid in grids]
-    exact = _Exact.of(counts, groups, n_groups, variants, passes)
+    exact = _Exact.of(counts, groups, n_groups, variants, passes, objective)
     # Training groups of each choice: all of them (the answer), then all but one (the nested estimate).
     trains = [np.ones(n_groups, bool)] + ([np.arange(n_groups) != g for g in range(n_groups)] if n_groups > 1 else [])
     points = [exact.refine_points(train, refine_steps) for train in trains]
@@ -732,16 +887,19 @@ def run_search(source: ImageSource, groups: np.ndarray, grids: Sequence[Grid], r
     refined = {rule: _Refined.of(source, counts, groups, n_groups, variants, points, areas, passes, rule, n_jobs,
                                  block_size)
                for rule in dict.fromkeys(grid.component_rule for grid in grids)}
-    rows, group_sums = _choice(exact, points[0], refined, areas)
+    rows, group_sums, group_marked = _choice(exact, points[0], refined, areas)
     candidates = pd.DataFrame(rows)
     candidates["dice"] = group_sums.sum(1) / len(groups)
+    for rate in ("sensitivity", "specificity"):
+        candidates[rate] = Objective(rate).rates(group_marked.sum(1), exact.classes.sum(0))
     surfaces = {v.grid.strategy: (v.grid, v_sums.sum(0) / len(groups))
                 for v, v_sums in zip(exact.variants, exact.sums) if v.gate == 0}
-    result = SearchResult(candidates, group_sums, group_sizes, surfaces)
+    result = SearchResult(candidates, group_sums, group_sizes, surfaces, group_marked=group_marked,
+                          group_classes=exact.classes, objective=objective)
     if n_groups > 1:
         choices = [_choice(exact, choice_points, refined, areas) for choice_points in points[1:]]
-        result.nested = _nested(choices, trains[1:], group_sizes)
+        result.nested = _nested(choices, trains[1:], group_sizes, exact)
         if thresholds.size:
-            result.nested_by_gate = {name: _nested(choices, trains[1:], group_sizes, gated)
+            result.nested_by_gate = {name: _nested(choices, trains[1:], group_sizes, exact, gated)
                                      for name, gated in (("ungated", False), ("gated", True))}
     return result

@@ -17,6 +17,11 @@ A strategy is a small frozen dataclass behind one interface (:class:`PostProcess
 Every strategy is called as ``strategy(probs, gate)``: ``gate`` is the image's gate probability, or None for a
 model without the head; only ``gated`` reads it (:attr:`PostProcessor.needs_gate`).
 
+Every strategy also names the image-level probability it decides an image on (:meth:`PostProcessor.score`), the
+score of the detector reports (ROC, calibration): the largest pixel probability for ``threshold``, the
+``min_area``-th largest for ``triplet`` (an image passes its ``top`` test exactly when that score is > ``top``),
+the gate probability for ``gated``. An ensemble's is its blend's, since its strategy sees the blended map.
+
 Areas are always given in pixels of the original 1024 x 1024 image and scaled to the resolution a strategy is
 applied at (:func:`scale_area`), so one set of parameters serves 256 px OOF maps and 1024 px submissions alike.
 
@@ -119,6 +124,29 @@ def remove_small_outlines(mask: np.ndarray, min_area: float) -> np.ndarray:
         return mask
     found, areas = outlines(mask)
     return draw_outlines(mask.shape[-2:], [outline for outline, area in zip(found, areas) if area > min_area])
+# Cuts tried, highest first, for the pixels holding the k largest probabilities of a map.
+_CUTS = (0.5, 0.2, 0.05, 0.01)
+
+
+def kth_largest(probs: np.ndarray, k: int) -> float:
+    """The ``k``-th largest pixel probability of a map (float probabilities or uint8 levels), as a probability;
+    0.0 when the map has fewer than ``k`` pixels."""
+    flat = probs.ravel()
+    if k > flat.size:
+        return 0.0
+    if k == 1:
+        value = flat.max()
+    else:
+        # Partitioning only the pixels above the highest cut that leaves k of them costs a few compares instead of
+        # a partition of the whole map: most pixels of a map are near 0.
+        values = flat
+        for cut in _CUTS:
+            high = flat > (level_cut(cut) if flat.dtype == np.uint8 else flat.dtype.type(cut))
+            if np.count_nonzero(high) >= k:
+                values = flat[high]
+                break
+        value = np.partition(values, values.size - k)[values.size - k]
+    return float(_LEVEL_PROBS[value]) if flat.dtype == np.uint8 else float(value)
 
 
 def remove_small_components(mask: np.ndarray, min_pixels: float) -> np.ndarray:
@@ -140,6 +168,11 @@ class PostProcessor(ABC):
     def __call__(self, probs: np.ndarray, gate: float | None = None) -> np.ndarray:
         """The boolean H x W mask of ``probs``; ``gate``: the image's gate probability (None without a gate head),
         read only by strategies with :attr:`needs_gate`."""
+
+    def score(self, probs: np.ndarray, gate: float | None = None) -> float:
+        """The image-level probability this strategy decides the image on (see the module docstring); here the
+        map's largest pixel probability. ``probs`` and ``gate`` as for :meth:`__call__`."""
+        return kth_largest(probs, 1)
 
     def emptied_by_gate(self, probs: np.ndarray, gate: float | None) -> bool:
         """True when the gate alone emptied this image: the mask strategy would have marked pixels, the gate
@@ -243,6 +276,11 @@ class Triplet(PostProcessor):
             del block["params"]["component_rule"]
         return block
 
+    def score(self, probs: np.ndarray, gate: float | None = None) -> float:
+        """The ``min_area``-th largest pixel probability (the largest with ``min_area`` 0): the image passes the
+        ``top`` test exactly when this is > ``top``."""
+        return kth_largest(probs, max(1, int(np.ceil(scale_area(self.min_area, probs.shape)))))
+
 
 @POSTPROCESSORS.register("gated")
 @dataclass(frozen=True)
@@ -273,6 +311,13 @@ class Gated(PostProcessor):
         if float(gate) < self.gate:
             return np.zeros(probs.shape, dtype=bool)
         return self.inner(probs)
+
+    def score(self, probs: np.ndarray, gate: float | None = None) -> float:
+        """The gate probability: the image is kept exactly when it is >= ``gate``."""
+        if gate is None:
+            raise ValueError("the gated strategy scores an image by its gate probability; this model has no gate "
+                             "head (model.params.aux_params)")
+        return float(gate)
 
     def emptied_by_gate(self, probs: np.ndarray, gate: float | None) -> bool:
         return gate is not None and float(gate) < self.gate and bool(self.inner(probs).any())

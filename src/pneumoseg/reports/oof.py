@@ -23,13 +23,14 @@ from pneumoseg.data.resize import resize
 from pneumoseg.io import write_json, write_text
 from pneumoseg.postprocess.strategies import ORIGINAL_SIZE, build_postprocessor
 from pneumoseg.postprocess.search import SearchResult
+from pneumoseg.reports import detection as detection_report
 from pneumoseg.reports.figures import draw_outline, save_figure
 
 log = logging.getLogger(__name__)
 
 PLOTS = "plots"
 PLOT_FILES = {"search": "search.png", "folds": "folds.png", "training": "training_curves.png",
-              "gallery": "gallery.png"}
+              "gallery": "gallery.png", "tradeoff": "tradeoff.png", **detection_report.PLOT_FILES}
 REPORT_JSON, REPORT_MD = "oof_report.json", "oof_report.md"
 FIGURE_DPI = 110
 TRUTH_COLOUR = (40, 220, 40)        # RGB: green outline
@@ -91,6 +92,8 @@ def report_numbers(result: SearchResult, per_image: pd.DataFrame, chosen: dict, 
         "gate": gate_numbers(result),
         "n_candidates": len(candidates),
         "search_seconds": round(seconds, 2),
+        "objective": result.objective.to_block(),
+        "nested_constraint_met": None if nested is None else nested.met_share,
     }
 
 
@@ -139,7 +142,8 @@ def write_report(folder: Path, numbers: dict, result: SearchResult, per_image: p
         folder: the stage's folder.
         numbers: from :func:`report_numbers`.
         result: the search result (for the search surface).
-        per_image: as for :func:`report_numbers`, with ``ImageId``.
+        per_image: as for :func:`report_numbers`, with ``ImageId`` and ``score`` (and the metadata columns of
+            :func:`pneumoseg.reports.detection.with_metadata`) for the detector's curves.
         logs: each fold's ``log.csv`` (a missing one is left out of the curves, with a warning).
         gallery: the gallery's images and their size.
     """
@@ -147,10 +151,13 @@ def write_report(folder: Path, numbers: dict, result: SearchResult, per_image: p
     plots = {
         "search": plot_search(result, numbers, paths["search"]),
         "folds": plot_folds(numbers, paths["folds"]),
+        "tradeoff": plot_tradeoff(result, paths["tradeoff"]),
         "training": plot_training_curves(logs, paths["training"]),
         "gallery": plot_gallery(gallery_cases(per_image, gallery.n_cases), gallery.case, gallery.thumbnail_size,
                                 paths["gallery"]),
     }
+    if numbers.get("detection") is not None:
+        plots.update(detection_report.write_plots(folder / PLOTS, per_image, numbers["detection"]))
     write_text(folder / REPORT_MD, render_markdown(numbers, plots))
 
 
@@ -203,6 +210,38 @@ def plot_search(result: SearchResult, numbers: dict, path: Path) -> Path:
         axes[0].set(xlabel="min_area (pixels of the 1024 px image)", ylabel="top",
                     title=f"triplet: OOF dice at bottom={grid.bottoms[bottom]:g} (best {np.nanmax(scores):.4f})")
         fig.colorbar(image, ax=axes[0], label="OOF dice")
+    return save_figure(fig, path, FIGURE_DPI)
+
+
+def best_dice_by_sensitivity(candidates: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """The trade-off: at each image-level sensitivity reached by some candidate, the best OOF Dice among the
+    candidates whose sensitivity is at least that (ascending sensitivities)."""
+    sensitivity = candidates["sensitivity"].to_numpy()
+    dice = candidates["dice"].to_numpy()
+    levels = np.unique(sensitivity)
+    order = np.argsort(sensitivity)
+    # The best Dice at sensitivity >= s is a running maximum from the most sensitive candidate down.
+    running = np.maximum.accumulate(dice[order][::-1])[::-1]
+    return levels, running[np.searchsorted(sensitivity[order], levels, side="left")]
+
+
+def plot_tradeoff(result: SearchResult, path: Path) -> Path | None:
+    """The best OOF Dice reachable at each image-level sensitivity, with every candidate and the chosen one."""
+    candidates = result.candidates
+    if "sensitivity" not in candidates or candidates["sensitivity"].isna().all():
+        return None
+    levels, best = best_dice_by_sensitivity(candidates)
+    fig = Figure(figsize=(6, 4.4), layout="constrained")
+    ax = fig.subplots()
+    ax.scatter(candidates["sensitivity"], candidates["dice"], s=4, color="lightgrey", label="candidates")
+    ax.step(levels, best, where="post", color="C0", label="best dice at sensitivity >= x")
+    chosen = candidates.iloc[result.best]
+    ax.plot(chosen["sensitivity"], chosen["dice"], marker="*", ms=14, color="red", ls="", label="chosen")
+    objective = result.objective
+    if objective.rate == "sensitivity":
+        ax.axvline(objective.minimum, color="red", ls=":", lw=0.8, label="constraint")
+    ax.set(xlabel="image-level sensitivity (OOF)", ylabel="OOF dice", title="Dice against sensitivity")
+    ax.legend(fontsize=8)
     return save_figure(fig, path, FIGURE_DPI)
 
 
@@ -345,6 +384,7 @@ def render_markdown(numbers: dict, plots: Mapping[str, Path | None]) -> str:
         f"| false-positive rate on empty images | {_fmt(numbers['false_positive_rate'])} |",
         f"| false-negative rate on positive images (predicted empty) | {_fmt(numbers['false_negative_rate'])} |",
         "",
+        *detection_report.markdown_lines(numbers.get("detection"), plots, PLOTS),
         *ensemble_lines(numbers.get("ensemble")),
         "## Best candidate of each strategy",
         "",
@@ -366,7 +406,10 @@ def render_markdown(numbers: dict, plots: Mapping[str, Path | None]) -> str:
         "",
         "## Search",
         "",
+        *_objective_lines(numbers),
         _image("search surface", plots["search"]),
+        "",
+        _image("best dice at each sensitivity", plots.get("tradeoff")),
         "",
         "## Training curves",
         "",
@@ -378,6 +421,18 @@ def render_markdown(numbers: dict, plots: Mapping[str, Path | None]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _objective_lines(numbers: dict) -> list[str]:
+    """What the search maximised; with a constraint, how often the nested choice met it on the held-out fold."""
+    objective = numbers.get("objective") or {"name": "dice", "params": {}}
+    if objective["name"] == "dice":
+        return ["Objective: the best mean Dice.", ""]
+    (key, value), = objective["params"].items()
+    met = numbers.get("nested_constraint_met")
+    held_out = "n/a (one fold)" if met is None else f"{met:.0%} of the held-out folds"
+    return [f"Objective: the best mean Dice with an image-level {key.removeprefix('min_')} of at least {value:g} "
+            f"(`{objective['name']}`); the nested choice met it on {held_out}.", ""]
 
 
 def _gate_lines(gate: dict | None) -> list[str]:
@@ -448,6 +503,15 @@ def summary_table(numbers: dict) -> str:
         ("false-positive rate", _fmt(numbers["false_positive_rate"])),
         ("false-negative rate", _fmt(numbers["false_negative_rate"])),
     ]
+    if numbers.get("nested_constraint_met") is not None:
+        (key, value), = numbers["objective"]["params"].items()
+        rows.append((f"nested: {key} {value:g} met on", f"{numbers['nested_constraint_met']:.0%} of held-out folds"))
+    detection = numbers.get("detection")
+    if detection is not None:
+        rows += [(f"image-level {name}", detection_report.interval_text(figure))
+                 for name, figure in (("AUC", detection["overall"]["auc"]),
+                                      ("sensitivity", detection["operating_point"]["sensitivity"]),
+                                      ("specificity", detection["operating_point"]["specificity"]))]
     gate = numbers.get("gate")
     if gate is not None:
         rows += [(f"best {name} OOF / nested", f"{_fmt(gate[name]['oof_score'])} / {_fmt(gate[name]['nested_score'])}")

@@ -13,7 +13,8 @@ About ``demo.follow_up_rate`` of the patients have two or three images (follow-u
 and age give or take a year, and their own study and series UIDs), so patient-grouped folds have work to do.
 
 Either way the test set's labels go to ``test_labels.csv`` in the train labels' format; the pipeline reads it
-only to score the final submission.
+only to score the final submission. ``demo_annotations.csv`` (ImageId, drain) says which images show a chest drain
+(:mod:`pneumoseg.demo.phantom`), for the detector report's subgroups (``report.extra_metadata``).
 
 The result depends on the ``demo`` config section alone and every image on ``(seed, split, index)`` alone, so
 parallel runs give the same bytes. ``demo_manifest.json`` lists every file the demo wrote: a changed config
@@ -49,6 +50,7 @@ log = logging.getLogger(__name__)
 
 STAGE_NAME = stage_table.stage("00").name
 MANIFEST = "demo_manifest.json"
+ANNOTATIONS = "demo_annotations.csv"
 MIN_IMAGE_SIZE = 64
 MAX_AGE = 95
 
@@ -157,15 +159,19 @@ def run(cfg: DictConfig, force: bool = False) -> dict:
     layout = LAYOUTS.get(str(demo.layout))()
     images = demo_images(demo, layout)
     targets = [image.path for image in images]
-    files = [*targets, *layout.table_names()]
+    files = [*targets, *layout.table_names(), ANNOTATIONS]
     same = _claim_folder(folder, record.key, files, force)
     record.start()
     write_json(folder / MANIFEST, {"fingerprint": record.key, "files": files})
 
     streams = {name: phantom.split_stream(int(demo.seed), split) for split, name in enumerate(SPLITS)}
     reuse = [same and (folder / path).is_file() for path in targets]
-    rles = _make_images(demo, images, streams, [None if reused else folder / path
-                                                for path, reused in zip(targets, reuse)])
+    plans = {name: phantom.plan_cases(int(demo[f"n_{name}"]), float(demo.positive_rate), streams[name])
+             for name in SPLITS}
+    rles = _make_images(demo, images, plans, [None if reused else folder / path
+                                              for path, reused in zip(targets, reuse)])
+    write_text(folder / ANNOTATIONS, "ImageId,drain\n" + "".join(
+        f"{image.image_id},{int(plans[image.split][image.index].drain)}\n" for image in images))
     summary: dict = {"layout": str(demo.layout), "written": len(images) - sum(reuse), "reused": sum(reuse)}
     summary.update(_write_tables(folder, layout, images, rles, streams))
     record.finish(summary)
@@ -200,7 +206,7 @@ def _claim_folder(folder: Path, key: str, files: Sequence[str], force: bool) -> 
     return same
 
 
-def _make_images(demo: DictConfig, images: Sequence[DemoImage], streams: dict[str, np.random.Generator],
+def _make_images(demo: DictConfig, images: Sequence[DemoImage], plans: dict[str, list[phantom.CasePlan]],
                  paths: Sequence[Path | None]) -> list[list[str]]:
     """Draw every image of ``images`` (writing its DICOM to its entry of ``paths``; None: keep the file there)
     in ``demo.n_jobs`` processes; return each image's instance run-length strings, in order.
@@ -208,13 +214,10 @@ def _make_images(demo: DictConfig, images: Sequence[DemoImage], streams: dict[st
     Args:
         demo: the config's ``demo`` section.
         images: from :func:`demo_images`.
-        streams: each split's random stream (:func:`pneumoseg.demo.phantom.split_stream`); the case plans are
-            drawn from it.
+        plans: each split's case plans (:func:`pneumoseg.demo.phantom.plan_cases`, drawn from the split's stream).
         paths: where each image's DICOM goes, None for one already written.
     """
     seed, size = int(demo.seed), int(demo.image_size)
-    plans = {name: phantom.plan_cases(int(demo[f"n_{name}"]), float(demo.positive_rate), streams[name])
-             for name in SPLITS}
     jobs = (delayed(_make_image)(image, plans[image.split][image.index], seed, size, path)
             for image, path in zip(images, paths))
     results = Parallel(n_jobs=int(demo.n_jobs), return_as="generator")(jobs)

@@ -9,8 +9,13 @@ Outputs in ``${paths.experiment_dir}/05_predict/``:
 
 * ``submission.csv``: ``ImageId,EncodedPixels``, one row per test image (``-1`` when empty), in ``predict.fmt``,
   validated before it is written (see :mod:`pneumoseg.evaluation.submission`);
+* ``image_scores.csv``: ``ImageId, score, positive``: each test image's image-level score (the probability the
+  post-processing decides it on, :meth:`pneumoseg.postprocess.strategies.PostProcessor.score`) and whether its
+  mask is non-empty;
 * ``test_score.json``, only when ``paths.input_dir`` holds the demo's held-out ``test_labels.csv``: the
-  submission's challenge score beside the out-of-fold score of ``04_search/oof_report.json``;
+  submission's challenge score beside the out-of-fold score of ``04_search/oof_report.json``, and the image-level
+  AUC, sensitivity and specificity; with it ``test_report.md`` (and ``.json``, figures in ``plots/``): the test
+  set judged as a detector, as the OOF report's section (:mod:`pneumoseg.reports.detection`);
 * ``config.yaml`` and ``done.json``.
 
 On an ensemble config the models are those of the members stage 04 chose (``04_search/ensemble.json``), each member
@@ -31,6 +36,7 @@ import time
 from pathlib import Path
 from typing import Any, Mapping
 
+import pandas as pd
 from omegaconf import DictConfig
 from tqdm import tqdm
 
@@ -41,13 +47,15 @@ from pneumoseg.data import rle
 from pneumoseg.modeling.checkpoints import best_files
 from pneumoseg.data.dataset import ImageFiles, make_loader
 from pneumoseg.errors import ConfigError, DataError
-from pneumoseg.io import content_hash, write_json
+from pneumoseg.io import content_hash, write_csv, write_json, write_text
 from pneumoseg.inference.predictor import EnsemblePredictor, Predictor, configured_postprocessor
-from pneumoseg.evaluation.submission import score_submission, write_submission
+from pneumoseg.evaluation.submission import DEFAULT_SIZE, dice_by_image, score_submission, write_submission
 from pneumoseg.data.testset import image_sizes, test_set
 from pneumoseg.demo.layouts import TEST_LABELS
+from pneumoseg.reports import detection as detection_report
 from pneumoseg.reports import oof as oof_report
 from pneumoseg.stages import ensemble
+from pneumoseg.stages.search import detector_numbers, extra_metadata
 from pneumoseg.stages.record import StageRecord, require_finished
 from pneumoseg.stage_table import DONE_FILE, command
 
@@ -55,7 +63,9 @@ log = logging.getLogger(__name__)
 
 STAGE_NAME = stage_table.stage("05").name
 TEST_SCORE_FILE = "test_score.json"
-SECTIONS = ("data", "prepare", "model", "train", "tta", "postprocess", "predict")
+IMAGE_SCORES_FILE = "image_scores.csv"
+TEST_REPORT_JSON, TEST_REPORT_MD = "test_report.json", "test_report.md"
+SECTIONS = ("data", "prepare", "model", "train", "tta", "postprocess", "predict", "report")
 
 
 def test_labels_path(cfg: DictConfig) -> Path:
@@ -134,9 +144,11 @@ def run(cfg: DictConfig, force: bool = False) -> dict[str, Any]:
              len(predictor.models), predictor.n_views, predictor.device)
     started = time.time()
     folders = {size: layout.images_dir(cfg, size) for size in predictor.image_sizes}
-    encoded, counts = predict_rles(predictor, folders, ids, sizes, cfg.predict)
+    encoded, counts, scores = predict_rles(predictor, folders, ids, sizes, cfg.predict)
     seconds = time.time() - started
     write_submission(layout.submission_path(cfg), ids, encoded, expected, sizes, cfg.predict.fmt)
+    write_csv(folder / IMAGE_SCORES_FILE, pd.DataFrame({lb.ID_COLUMN: ids, "score": scores,
+                                                        "positive": [code != rle.EMPTY for code in encoded]}))
     summary = {
         "submission": str(layout.submission_path(cfg)),
         "images": len(ids),
@@ -155,10 +167,11 @@ def run(cfg: DictConfig, force: bool = False) -> dict[str, Any]:
 
 
 def predict_rles(predictor: Predictor | EnsemblePredictor, images_dirs: Mapping[int, Path], ids: list[str],
-                 sizes: dict[str, tuple[int, int]], settings: DictConfig) -> tuple[list[str], dict[str, int]]:
-    """The run-length string of each image of ``ids`` (in order), and counts: ``positive`` (non-empty masks) and,
+                 sizes: dict[str, tuple[int, int]], settings: DictConfig,
+                 ) -> tuple[list[str], dict[str, int], list[float]]:
+    """The run-length string of each image of ``ids`` (in order), counts: ``positive`` (non-empty masks) and,
     with a gated post-processing, ``gate_emptied`` (images the gate emptied that the mask strategy alone would have
-    marked).
+    marked), and each image's image-level score (:meth:`pneumoseg.postprocess.strategies.PostProcessor.score`).
 
     Args:
         predictor: the fold ensemble, or an ensemble of experiments.
@@ -180,6 +193,7 @@ def predict_rles(predictor: Predictor | EnsemblePredictor, images_dirs: Mapping[
         loaders[size] = make_loader(ImageFiles(paths), int(settings.batch_size), int(settings.num_workers),
                                     predictor.device)
     encoded: list[str] = []
+    scores: list[float] = []
     positive, gate_emptied = 0, 0
     with tqdm(total=len(ids), desc="test images", unit="img") as progress:
         for batches in zip(*loaders.values()):
@@ -188,13 +202,14 @@ def predict_rles(predictor: Predictor | EnsemblePredictor, images_dirs: Mapping[
             batch_ids = ids[len(encoded):len(encoded) + len(batches[0])]
             for prediction in predictor.predict_prepared(batch, [sizes[i] for i in batch_ids]):
                 encoded.append(prediction.rle(settings.fmt))
+                scores.append(predictor.postprocessor.score(prediction.probs, prediction.gate))
                 positive += prediction.has_pneumothorax
                 gate_emptied += prediction.emptied_by_gate
             progress.update(len(batch_ids))
     counts = {"positive": positive}
     if predictor.postprocessor.needs_gate:
         counts["gate_emptied"] = gate_emptied
-    return encoded, counts
+    return encoded, counts, scores
 
 
 def score_test_set(cfg: DictConfig, test_labels: Path, sizes: dict[str, tuple[int, int]]) -> dict[str, Any]:
@@ -204,13 +219,44 @@ def score_test_set(cfg: DictConfig, test_labels: Path, sizes: dict[str, tuple[in
     oof_score = json.loads(report.read_text())["oof_score"] if report.is_file() else None
     scores = {"test_score": round(test_score, 4), "oof_score": None if oof_score is None else round(oof_score, 4),
               "test_labels": str(test_labels), "labels_sha256": content_hash(test_labels)}
+    detector = test_report(cfg, test_labels, sizes)
+    scores.update(detector_headline(detector))
     write_json(layout.predict_dir(cfg) / TEST_SCORE_FILE, scores)
     oof_report.add_test_score(layout.search_dir(cfg), test_score, len(sizes))
     if oof_score is None:
         log.info("test score %.4f (no OOF report at %s to compare with)", test_score, report)
     else:
         log.info("test score %.4f, OOF score %.4f (difference %+.4f)", test_score, oof_score, test_score - oof_score)
-    return {"test_score": scores["test_score"], "oof_score": scores["oof_score"]}
+    return {"test_score": scores["test_score"], "oof_score": scores["oof_score"], **detector_headline(detector)}
+
+
+def detector_headline(numbers: dict[str, Any]) -> dict[str, float | None]:
+    """The image-level AUC, sensitivity and specificity of a detector report, for summaries and the leaderboard."""
+    return {"test_auc": numbers["auc"],
+            **{f"test_{key}": numbers["operating_point"][key]["value"] for key in ("sensitivity", "specificity")}}
+
+
+def test_report(cfg: DictConfig, test_labels: Path, sizes: dict[str, tuple[int, int]]) -> dict[str, Any]:
+    """Judge the submission as a detector on the held-out labels: write ``test_report.md``, ``.json`` and the
+    figures into stage 05's folder; returns the numbers."""
+    folder = layout.predict_dir(cfg)
+    dice = dice_by_image(layout.submission_path(cfg), test_labels, sizes, cfg.predict.fmt)
+    labels = lb.read_labels(test_labels)
+    scores = pd.read_csv(folder / IMAGE_SCORES_FILE, dtype={lb.ID_COLUMN: str}).set_index(lb.ID_COLUMN)
+    ids = list(dice.index)
+    frame = pd.DataFrame({lb.ID_COLUMN: ids, "dice": dice.to_numpy(),
+                          "true_area": [int(labels[i].mask(*sizes.get(i, DEFAULT_SIZE)).sum()) for i in ids],
+                          "pred_area": scores.loc[ids, "positive"].astype(int).to_numpy(),
+                          "score": scores.loc[ids, "score"].to_numpy()})
+    frame = detection_report.with_metadata(frame, layout.metadata_path(cfg), extra_metadata(cfg))
+    numbers = detector_numbers(frame, cfg, cfg)
+    plots = detection_report.write_plots(folder / oof_report.PLOTS, frame, numbers)
+    write_json(folder / TEST_REPORT_JSON, numbers)
+    lines = ["# Test report", "", f"The submission scored on the held-out labels `{test_labels}`: challenge dice "
+             f"{frame['dice'].mean():.4f} over {len(frame)} images.", "",
+             *detection_report.markdown_lines(numbers, plots, oof_report.PLOTS)]
+    write_text(folder / TEST_REPORT_MD, "\n".join(lines))
+    return numbers
 
 
 def summary_text(summary: dict[str, Any]) -> str:
@@ -224,6 +270,9 @@ def summary_text(summary: dict[str, Any]) -> str:
     if "test_score" in summary:
         oof = "n/a" if summary["oof_score"] is None else f"{summary['oof_score']:.4f}"
         lines.append(f"  test score {summary['test_score']:.4f} (held-out labels), OOF score {oof}")
+        if summary.get("test_auc") is not None:
+            lines.append(f"  image-level AUC {summary['test_auc']:.3f}, sensitivity {summary['test_sensitivity']:.3f}, "
+                         f"specificity {summary['test_specificity']:.3f} (test_report.md)")
     return "\n".join(lines)
 
 

@@ -14,8 +14,12 @@ Outputs in ``${paths.experiment_dir}/04_search/``:
 * ``thresholds.json``: the chosen strategy as a ``{name, params}`` block, with its scores; what
   :func:`pneumoseg.postprocess.strategies.load_postprocessor` reads;
 * ``candidates.csv``: every candidate evaluated, its Dice overall and on each fold;
-* ``per_image.csv``: areas and Dice of the chosen strategy on every OOF image (and its gate probability);
-* ``oof_report.json``, ``oof_report.md`` and ``plots/`` (see :mod:`pneumoseg.reports.oof`).
+* ``per_image.csv``: areas and Dice of the chosen strategy on every OOF image, its image-level ``score`` (the
+  probability the strategy decides the image on, :meth:`pneumoseg.postprocess.strategies.PostProcessor.score`)
+  and its gate probability;
+* ``oof_report.json``, ``oof_report.md`` and ``plots/`` (see :mod:`pneumoseg.reports.oof`), with the detector
+  section (:mod:`pneumoseg.reports.detection`): per_image.csv joined with stage 01's ``metadata.csv`` and
+  ``report.extra_metadata``, judged image by image.
 
 The search itself is :func:`pneumoseg.postprocess.search.run_search`: every candidate is scored as the submission
 is, on each OOF map brought to its image's original size as stage 05 brings a test map back. The chosen strategy
@@ -46,6 +50,7 @@ from pneumoseg import layout, stage_table
 from pneumoseg.config import is_ensemble, to_dict
 from pneumoseg.errors import ConfigError, DataError
 from pneumoseg.io import read_png, write_csv, write_json
+from pneumoseg.evaluation import detection
 from pneumoseg.evaluation.metrics import dice_from_counts
 from pneumoseg.postprocess.strategies import PostProcessor, build_postprocessor
 from pneumoseg.data.blend import blend_gates
@@ -54,7 +59,8 @@ from pneumoseg.data.inputs import locate_train_labels
 from pneumoseg.data.folds import read_trained_folds
 from pneumoseg.data.labels import read_labels
 from pneumoseg.postprocess.images import BlendedImages, OofImages
-from pneumoseg.postprocess.search import GRIDS, SearchResult, evaluate, run_search, to_original
+from pneumoseg.postprocess.search import GRIDS, SearchResult, build_objective, evaluate, run_search, to_original
+from pneumoseg.reports import detection as detection_report
 from pneumoseg.reports import oof as oof_report
 from pneumoseg.stages import ensemble
 from pneumoseg.stages.record import StageRecord
@@ -63,7 +69,7 @@ from pneumoseg.stage_table import command, run_first
 log = logging.getLogger(__name__)
 
 STAGE_NAME = stage_table.stage("04").name
-SECTIONS = ("data", "search", "postprocess")
+SECTIONS = ("data", "search", "postprocess", "report")
 ENSEMBLE_SECTIONS = (*SECTIONS, "ensemble")
 # The chosen strategy, re-applied image by image, must reproduce the search's score to this precision.
 AGREEMENT = 1e-9
@@ -252,6 +258,7 @@ def run(cfg: DictConfig, force: bool = False) -> dict:
     if record.skip_if_complete(force):
         return record.stored_summary()
     build_grids(cfg)
+    build_objective(cfg.search.get("objective"))
     record.start()
     oof = OofSet(folds, train_label_file(cfg), layout.labels_path(cfg))
     result, seconds = _search(cfg, oof, len(folds))
@@ -299,7 +306,8 @@ def _search(cfg: DictConfig, oof: OofSet, n_folds: int, label: str | None = None
     started = time.time()
     result = run_search(oof.images, oof.groups, build_grids(cfg), int(cfg.search.refine_steps),
                         int(cfg.search.n_jobs), int(cfg.search.chunk_size),
-                        gates=oof.gates, gate_thresholds=_gate_thresholds(cfg, oof))
+                        gates=oof.gates, gate_thresholds=_gate_thresholds(cfg, oof),
+                        objective=build_objective(cfg.search.get("objective")))
     return result, time.time() - started
 
 
@@ -324,6 +332,8 @@ def _write_outputs(cfg: DictConfig, oof: OofSet, result: SearchResult, seconds: 
     write_csv(folder / "candidates.csv", _candidates_table(result, folds))
     write_csv(folder / "per_image.csv", per_image)
     numbers = oof_report.report_numbers(result, per_image, chosen.to_block(), default.to_block(), oof.size, seconds)
+    per_image = detection_report.with_metadata(per_image, layout.metadata_path(source), extra_metadata(cfg))
+    numbers["detection"] = detector_numbers(per_image, cfg, source)
     if ensemble is not None:
         numbers["ensemble"] = ensemble
     write_json(layout.thresholds_path(cfg), {**chosen.to_block(), "oof_score": numbers["oof_score"],
@@ -342,6 +352,20 @@ def _write_outputs(cfg: DictConfig, oof: OofSet, result: SearchResult, seconds: 
     return numbers
 
 
+def extra_metadata(cfg: DictConfig) -> Path | None:
+    """``report.extra_metadata``: a CSV of more per-image columns for the detector's subgroups (None: none)."""
+    path = cfg.get("report", {}).get("extra_metadata")
+    return None if path is None else Path(str(path))
+
+
+def detector_numbers(frame: pd.DataFrame, cfg: DictConfig, source: DictConfig) -> dict:
+    """The detector figures of one per-image table (:func:`pneumoseg.evaluation.detection.detector_numbers`)
+    with the ``report`` section's settings and ``source``'s area bins (``folds.area_bins``)."""
+    report = cfg.get("report", {})
+    return detection.detector_numbers(frame, list(source.folds.area_bins), list(report.get("subgroups", [])),
+                                      int(report.get("bootstrap", 1000)), int(report.get("seed", 0)))
+
+
 def _gate_thresholds(cfg: DictConfig, oof: OofSet) -> list[float] | None:
     """``search.gate_thresholds``, or None (with a note) when the OOF maps have gate probabilities it does not
     search."""
@@ -356,7 +380,8 @@ def _score_images(oof: OofSet, result: SearchResult, chosen: PostProcessor, defa
                   n_jobs: int, block_size: int) -> pd.DataFrame:
     """Apply the chosen and the default strategy to every image at its original size; check the chosen one
     against the search."""
-    pred, inter, true = evaluate(oof.images, [chosen, default], n_jobs, block_size, gates=oof.gates)
+    pred, inter, true, scores = evaluate(oof.images, [chosen, default], n_jobs, block_size, gates=oof.gates,
+                                         with_scores=True)
     dice = dice_from_counts(inter, pred, true[:, None])
     searched = float(result.candidates["dice"].iloc[result.best])
     if abs(dice[:, 0].mean() - searched) > AGREEMENT:
@@ -364,7 +389,8 @@ def _score_images(oof: OofSet, result: SearchResult, chosen: PostProcessor, defa
                            f"{dice[:, 0].mean():.12f}; pneumoseg.postprocess.search and "
                            f"pneumoseg.postprocess.strategies disagree")
     return pd.DataFrame({"ImageId": oof.ids, "fold": oof.fold_of, "true_area": true, "pred_area": pred[:, 0],
-                         "intersection": inter[:, 0], "dice": dice[:, 0], "default_pred_area": pred[:, 1],
+                         "intersection": inter[:, 0], "dice": dice[:, 0], "score": scores[:, 0],
+                         "default_pred_area": pred[:, 1],
                          "default_dice": dice[:, 1],
                          "gate": np.full(len(oof), np.nan) if oof.gates is None else oof.gates})
 
