@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 from omegaconf import OmegaConf
 
@@ -131,3 +133,35 @@ def test_shipped_blocks_renamed_on_the_command_line_build(overrides):
     optimizer = build_optimizer(cfg.optimizer, [torch.nn.Parameter(torch.zeros(1))])
     build_scheduler(cfg.scheduler, optimizer, updates_per_epoch=2, epochs=2)
     build_loss(cfg.loss)
+
+
+def test_a_typo_in_an_experiment_file_names_the_file_the_key_and_the_nearest_key(chain, tmp_path):
+    typo = write(tmp_path / "typo.yaml", "base: mid.yaml\ntrain:\n  epoch: 3\n")
+    with pytest.raises(ConfigError, match=r"typo.yaml: unknown key train.epoch \(did you mean train.epochs"):
+        load_config(typo)
+    section = write(tmp_path / "section.yaml", "base: mid.yaml\ntrian: {epochs: 3}\n")
+    with pytest.raises(ConfigError, match="unknown key trian .did you mean train"):
+        load_config(section)
+
+
+def test_plus_adds_a_key_in_a_file_and_free_form_subtrees_are_not_checked(tmp_path):
+    write(tmp_path / "base.yaml", "train: {epochs: 1, ema: null, steps: [1, 2]}\n"
+                                  "scheduler: {name: plateau, params: {patience: 3}}\n")
+    top = write(tmp_path / "top.yaml", "base: base.yaml\n+demo: {n_train: 5}\ntrain:\n  +extra: 2\n"
+                                       "  ema: {decay: 0.9}\n  steps: [{any: 1}]\nscheduler: {params: {min_lr: 0.1}}\n")
+    cfg = load_config(top)
+    assert cfg.demo.n_train == 5 and cfg.train.extra == 2 and cfg.train.ema.decay == 0.9
+    assert cfg.scheduler.params.min_lr == 0.1 and "+demo" not in cfg
+
+
+def test_an_override_typo_suggests_the_nearest_key(chain):
+    with pytest.raises(ConfigError, match=r"no config key 'train.epoch' \(did you mean train.epochs"):
+        load_config(chain, ["train.epoch=3"])
+
+
+@pytest.mark.parametrize("name", sorted(str(path.relative_to(Path(__file__).resolve().parents[1] / "configs"))
+                                        for path in (Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml")))
+def test_every_shipped_config_loads(name):
+    from conftest import ROOT
+
+    load_config(ROOT / "configs" / name)
