@@ -59,6 +59,7 @@ from starlette.routing import Route
 
 from pneumoseg.cli import setup_logging
 from pneumoseg.errors import PneumosegError
+from pneumoseg.modeling.device import set_cpu_threads
 from pneumoseg.serve.handler import (JSON, ImageInput, RequestError, Result, answer, check_content_type,
                                      error_body, predict_fn)
 from pneumoseg.serve.package import ServingModel, load_package, open_package
@@ -350,6 +351,9 @@ def parser() -> argparse.ArgumentParser:
                         help="threads decoding, predicting and encoding requests (default %(default)s)")
     result.add_argument("--predictions", type=int, default=defaults.predictions,
                         help="requests predicting at once (default %(default)s)")
+    result.add_argument("--torch-threads", default="auto",
+                        help="torch threads of each prediction: auto = the cores this process may use shared among "
+                             "--predictions (at least 1), or a number (default %(default)s)")
     result.add_argument("--max-queue", type=int, default=limits.max_queue,
                         help="requests waiting for a worker at most; more get 503 (default %(default)s)")
     result.add_argument("--max-body-mb", type=float, default=limits.max_body_bytes / 2 ** 20,
@@ -411,6 +415,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.max_queue < 0:
         arguments.error("--max-queue must be at least 0")
     setup_logging()
+    try:
+        threads = set_cpu_threads(args.torch_threads, "--torch-threads", sharers=args.predictions)
+    except PneumosegError as exc:
+        arguments.error(str(exc))
+    log.info("%d torch threads for each of %d predictions at once", threads, args.predictions)
     settings = settings_from(args)
     service = InferenceService(settings.predictions, settings.workers, settings.limits.max_queue)
     server = uvicorn_server(build_app(service, settings), settings)

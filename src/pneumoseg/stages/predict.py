@@ -38,6 +38,7 @@ from pneumoseg import layout
 from pneumoseg.config import fingerprint, is_ensemble
 from pneumoseg.data import rle
 from pneumoseg.modeling.checkpoints import best_files
+from pneumoseg.modeling.device import set_cpu_threads
 from pneumoseg.data.dataset import ImageFiles, make_loader
 from pneumoseg.errors import ConfigError, DataError
 from pneumoseg.io import content_hash, write_json
@@ -123,13 +124,14 @@ def run(cfg: DictConfig, force: bool = False) -> dict[str, Any]:
     record = StageRecord(STAGE_NAME, folder, cfg, SECTIONS, inputs=_input_facts(cfg, test_labels))
     if record.skip_if_complete(force):
         return record.stored_summary()
+    threads = set_cpu_threads(cfg.predict.get("torch_threads"), "predict.torch_threads", int(cfg.predict.num_workers))
     predictor = build_predictor(cfg)
     record.start()
 
     ids = test[lb.ID_COLUMN].tolist()
     sizes = image_sizes(test)
-    log.info("%s: %d test images, %d models, %d forward passes per image on %s", STAGE_NAME, len(ids),
-             len(predictor.models), predictor.n_views, predictor.device)
+    log.info("%s: %d test images, %d models, %d forward passes per image on %s (%d torch threads)", STAGE_NAME,
+             len(ids), len(predictor.models), predictor.n_views, predictor.device, threads)
     started = time.time()
     folders = {size: layout.images_dir(cfg, size) for size in predictor.image_sizes}
     encoded, counts = predict_rles(predictor, folders, ids, sizes, cfg.predict)

@@ -51,12 +51,12 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-import torch
 from omegaconf import DictConfig
 
 from pneumoseg import layout
 from pneumoseg.cli import StageParser, stage_parser
 from pneumoseg.data.dataset import PreparedData
+from pneumoseg.modeling.device import set_cpu_threads
 from pneumoseg.training.distributed import DistContext, distributed
 from pneumoseg.errors import ConfigError
 from pneumoseg.io import content_hash, write_csv
@@ -95,7 +95,8 @@ def run(cfg: DictConfig, force: bool = False, folds: Sequence[int] | str | None 
         resume = False
     if int(cfg.train.epochs) < 1:
         raise ConfigError(f"train.epochs must be at least 1, got {cfg.train.epochs}")
-    _limit_torch_threads(cfg.train.get("torch_threads"))
+    threads = set_cpu_threads(cfg.train.get("torch_threads"), "train.torch_threads", int(cfg.train.num_workers))
+    log.info("%s: %d torch threads (train.torch_threads=%s)", STAGE_NAME, threads, cfg.train.get("torch_threads"))
     folder = layout.train_dir(cfg)
     data = PreparedData.load(cfg.paths.prepared_dir, int(cfg.train.image_size))
     folds_csv = layout.folds_path(cfg)
@@ -120,22 +121,6 @@ def run(cfg: DictConfig, force: bool = False, folds: Sequence[int] | str | None 
             export_outputs(folder, job_environ)
         ctx.barrier()
     return {"folds": summaries, "complete": complete}
-
-
-def _limit_torch_threads(threads: int | None) -> None:
-    """Set torch's intra-op threads of this process (``train.torch_threads``, a key only ``configs/scale.yaml``
-    sets; None keeps torch's default of one per core).
-
-    Args:
-        threads: the thread count, at least 1, or None.
-    """
-    if threads is None:
-        return
-    if int(threads) < 1:
-        raise ConfigError(f"train.torch_threads must be at least 1 or null, got {threads}")
-    # On a CPU that DataLoader workers (or other jobs) share, one thread per core oversubscribes it, and torch's
-    # threads then wait for each other's time slices at every operation.
-    torch.set_num_threads(int(threads))
 
 
 def _train_folds(record: StageRecord, data: PreparedData, folds: Sequence[int], ctx: DistContext, force: bool,
