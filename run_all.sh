@@ -55,7 +55,11 @@ for entry in "${STAGES[@]}"; do
   if [ ! -f "$script" ]; then todo+=("$num"); continue; fi
   echo "=== stage $num: $script"
   stage_start=$SECONDS
-  if ! "$PY" "$script" --config "$CONFIG" "${FORCE[@]}" "${OVERRIDES[@]}"; then
+  status=0
+  "$PY" "$script" --config "$CONFIG" "${FORCE[@]}" "${OVERRIDES[@]}" || status=$?
+  # 130: interrupted (Ctrl-C); the stage has said where it stopped and that rerunning continues.
+  if [ "$status" = 130 ]; then exit 130; fi
+  if [ "$status" != 0 ]; then
     echo "=== stage $num ($script) failed; fix the error above and rerun the same command to continue." >&2
     exit 1
   fi

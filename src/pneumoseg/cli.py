@@ -10,6 +10,7 @@ from typing import Callable, Sequence
 
 from omegaconf import DictConfig
 
+from pneumoseg import interrupts
 from pneumoseg.config import DEFAULT_CONFIG, load_config
 from pneumoseg.errors import ConfigError, PneumosegError
 from pneumoseg.sagemaker.job import report_failure
@@ -95,6 +96,7 @@ def run_stage_script(description: str, stage: Callable[..., object],
     parser = parser or stage_parser(description)
     args = parser.parse_args(argv)
     setup_logging()
+    interrupts.clear()
     try:
         cfg: DictConfig = load_config(args.config, args.overrides)
         stage(cfg, args)
@@ -103,7 +105,8 @@ def run_stage_script(description: str, stage: Callable[..., object],
         report_failure(exc)
         return 1
     except KeyboardInterrupt:
-        log.error("interrupted; rerun the same command to continue where it stopped")
+        log.error("%s", interrupts.interrupted_message())
+        interrupts.clear()
         return 130
     return 0
 

@@ -53,7 +53,7 @@ from typing import Any, Sequence
 
 from omegaconf import DictConfig
 
-from pneumoseg import layout
+from pneumoseg import interrupts, layout
 from pneumoseg.cli import StageParser, stage_parser
 from pneumoseg.data.dataset import PreparedData
 from pneumoseg.modeling.device import set_cpu_threads
@@ -150,8 +150,9 @@ def _train_folds(record: StageRecord, data: PreparedData, folds: Sequence[int], 
             fold_record.done_path.unlink(missing_ok=True)
             fold_record.folder.mkdir(parents=True, exist_ok=True)
         ctx.barrier()
-        summaries[fold] = fit_fold(cfg, data, fold, fold_record.folder, ctx, resume=resume,
-                                   fingerprint=fold_record.key)
+        with interrupts.place(f"fold {fold}"):
+            summaries[fold] = fit_fold(cfg, data, fold, fold_record.folder, ctx, resume=resume,
+                                       fingerprint=fold_record.key)
         if ctx.is_main:
             fold_record.finish(summaries[fold])
         ctx.barrier()

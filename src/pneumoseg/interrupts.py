@@ -1,0 +1,43 @@
+"""Where a long run is, so that an interrupt (Ctrl-C) can say where it stopped.
+
+A loop marks each step with :func:`place` (stage 03: ``fold 0``, then ``epoch 3 of 30`` inside it); the entry
+point that catches ``KeyboardInterrupt`` asks :func:`where` and prints one line, e.g. "interrupted in fold 0,
+epoch 3 of 30; rerun the same command to continue".
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+_places: list[str] = []
+
+
+@contextmanager
+def place(text: str) -> Iterator[None]:
+    """Mark the code inside the ``with`` block as running at ``text``; nested places join (``fold 0, epoch 3``).
+
+    An exception leaves the mark in place, so that the handler which catches it can still name where it happened;
+    :func:`clear` forgets every mark.
+
+    Args:
+        text: the step, as the user would name it (``"fold 0"``, ``"epoch 3 of 30"``).
+    """
+    _places.append(text)
+    yield
+    _places.pop()
+
+
+def where() -> str:
+    """The marks in force, outermost first (``"fold 0, epoch 3 of 30"``), or ``""``."""
+    return ", ".join(_places)
+
+
+def clear() -> None:
+    """Forget every mark (at the start of a command, and after its interrupt was reported)."""
+    _places.clear()
+
+
+def interrupted_message() -> str:
+    """The one line an interrupted command prints: where it stopped, and that rerunning it continues."""
+    at = where()
+    return f"interrupted{' in ' + at if at else ''}; rerun the same command to continue"
