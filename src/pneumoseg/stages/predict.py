@@ -122,6 +122,7 @@ def run(cfg: DictConfig, force: bool = False) -> dict[str, Any]:
     test, expected = test_set(cfg)
     test_labels = test_labels_path(cfg)
     record = StageRecord(STAGE_NAME, folder, cfg, SECTIONS, inputs=_input_facts(cfg, test_labels))
+    force = record.redo(force)
     if record.skip_if_complete(force):
         return record.stored_summary()
     threads = set_cpu_threads(cfg.predict.get("torch_threads"), "predict.torch_threads", int(cfg.predict.num_workers))

@@ -243,6 +243,7 @@ def run(cfg: DictConfig, force: bool = False) -> dict:
     folder = layout.search_dir(cfg)
     folds = open_folds(cfg)
     record = StageRecord(STAGE_NAME, folder, cfg, SECTIONS, inputs=_input_facts(cfg, folds))
+    force = record.redo(force)
     if record.skip_if_complete(force):
         return record.stored_summary()
     build_grids(cfg)
@@ -262,6 +263,7 @@ def run_ensemble(cfg: DictConfig, force: bool = False) -> dict:
     member_folds = [open_folds(m.cfg) for m in members]
     inputs = {m.name: _input_facts(m.cfg, folds) for m, folds in zip(members, member_folds)}
     record = StageRecord(STAGE_NAME, folder, cfg, ENSEMBLE_SECTIONS, inputs=inputs)
+    force = record.redo(force)
     if record.skip_if_complete(force):
         return record.stored_summary()
     build_grids(cfg)

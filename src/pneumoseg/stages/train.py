@@ -63,7 +63,8 @@ from pneumoseg.io import content_hash, write_csv
 from pneumoseg.sagemaker.job import in_job, job_overrides
 from pneumoseg.sagemaker.outputs import export_outputs
 from pneumoseg.training.trainer import fit_fold
-from pneumoseg.stages.record import StageRecord, stored_summary
+from pneumoseg.modeling.checkpoints import LAST_FILE
+from pneumoseg.stages.record import DONE_FILE, StageRecord, stored_summary
 
 log = logging.getLogger(__name__)
 
@@ -91,8 +92,6 @@ def run(cfg: DictConfig, force: bool = False, folds: Sequence[int] | str | None 
     """
     if force and resume is True:
         raise ConfigError("--force retrains from scratch and --resume continues: give one of them")
-    if force:
-        resume = False
     if int(cfg.train.epochs) < 1:
         raise ConfigError(f"train.epochs must be at least 1, got {cfg.train.epochs}")
     threads = set_cpu_threads(cfg.train.get("torch_threads"), "train.torch_threads", int(cfg.train.num_workers))
@@ -106,11 +105,14 @@ def run(cfg: DictConfig, force: bool = False, folds: Sequence[int] | str | None 
     inputs = record.inputs
 
     with distributed(str(cfg.train.device)) as ctx:
+        force = ctx.broadcast(record.redo(force, scope=f"folds {requested}") if ctx.is_main else force)
         if ctx.broadcast(record.skip_if_complete(force) and set(requested) <= set(planned)):
             summaries, complete = _stored_summaries(folder, requested), True
         else:
-            summaries = _train_folds(record, data, requested, ctx, force, resume)
+            summaries = _train_folds(record, data, requested, ctx, force, False if force else resume)
             complete = all(_fold_record(cfg, inputs, fold).is_complete() for fold in planned)
+            if ctx.is_main and not complete:  # the requested folds are done: so is a forced run of them
+                record.finish_forced_run()
             if ctx.is_main and complete:
                 record.finish({"folds": planned, "fold_summaries": _stored_summaries(folder, planned)})
             elif ctx.is_main:
@@ -136,6 +138,12 @@ def _train_folds(record: StageRecord, data: PreparedData, folds: Sequence[int], 
         resume: as for :func:`run`.
     """
     cfg, inputs = record.cfg, record.inputs
+    if ctx.is_main and force:
+        # A forced run that is stopped is continued by a plain resume: no fold may look finished or resumable
+        # from before it.
+        for fold in folds:
+            for name in (DONE_FILE, LAST_FILE):
+                (layout.fold_dir(cfg, fold) / name).unlink(missing_ok=True)
     if ctx.is_main:
         record.start()
         write_csv(layout.train_folds_path(cfg), data.folds)
