@@ -1,6 +1,7 @@
 """Show where the pipeline of a config stands: each stage done or not, its headline figures and its reports."""
-from pneumoseg.cli import main
+import sys
+
 from pneumoseg.stages import status
 
 if __name__ == "__main__":
-    main(__doc__.splitlines()[0], status.cli)
+    sys.exit(status.main())

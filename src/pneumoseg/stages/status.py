@@ -9,8 +9,11 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from pneumoseg import layout
+from pneumoseg.cli import run_stage_script
 from pneumoseg.config import ensemble_members, is_ensemble
 from pneumoseg.stages.record import DONE_FILE
+
+DESCRIPTION = "Show where the pipeline of a config stands: each stage done or not, its headline figures and reports."
 
 # The headline of each stage's done.json summary, where it has one worth a line.
 _HEADLINES = {
@@ -67,3 +70,8 @@ def _fmt(value) -> str:
 
 def cli(cfg: DictConfig, args) -> None:
     print(report(cfg))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``pneumoseg status --config CONFIG [key=value ...]`` (and ``scripts/status.py``): print :func:`report`."""
+    return run_stage_script(DESCRIPTION, cli, argv=argv)
