@@ -8,6 +8,8 @@ and, once they exist, an ensemble of experiments are listed alike. For each run 
   post-processing, the nested (held-out-fold) estimate, and each fold's nested score, whose spread (standard
   deviation, minimum and maximum over the folds) says how far the nested estimate can be trusted;
 * stage 05's ``done.json``: the test score, where held-out test labels exist (the demo);
+* the all-empty baseline (every image predicted empty; stage 04's, over the OOF images): a run whose nested estimate
+  (or OOF score, without one) or test score is below it has learned less than predicting nothing, and is marked;
 * stage 03's ``done.json``: training time, the sum of the folds' times (folds may run in parallel);
 * the checkpoints the run predicts with (``predict.checkpoints`` and ``predict.top_k`` of the config stage 04 ran
   with): the parameters of one network and the bytes of all of them.
@@ -62,6 +64,7 @@ class Run:
         train_seconds: the sum of the folds' training times.
         parameters: parameters of one network; checkpoint_bytes: bytes of all the checkpoints it predicts with.
         members: an ensemble's chosen members (empty for a single experiment).
+        empty_baseline: the score of predicting every OOF image empty (stage 04's).
     """
 
     name: str
@@ -76,6 +79,15 @@ class Run:
     parameters: int | None = None
     checkpoint_bytes: int | None = None
     members: list[str] = field(default_factory=list)
+    empty_baseline: float | None = None
+
+    @property
+    def below_baseline(self) -> bool:
+        """Whether the nested estimate (the OOF score without one) or the test score is below the all-empty one."""
+        if self.empty_baseline is None:
+            return False
+        estimate = self.nested_score if self.nested_score is not None else self.oof_score
+        return any(score is not None and score < self.empty_baseline for score in (estimate, self.test_score))
 
     @property
     def spread(self) -> float | None:
@@ -110,7 +122,7 @@ def read_run(folder: str | os.PathLike) -> Run:
     fold_scores = [f["nested_score"] if f.get("nested_score") is not None else f["score"] for f in per_fold]
     run = Run(name=folder.name, folder=folder, nested_score=search.get("nested_score"),
               oof_score=float(search["oof_score"]), fold_scores=[float(s) for s in fold_scores],
-              postprocess=_block_text(search.get("chosen")))
+              postprocess=_block_text(search.get("chosen")), empty_baseline=search.get("empty_baseline"))
     predict = _summary(folder, _PREDICT) or {}
     run.test_score = predict.get("test_score")
     if layout.ensemble_path_in(folder).is_file():
@@ -212,29 +224,32 @@ def markdown(runs: Sequence[Run], plot_name: str | None = None) -> str:
              "held-out fold): the score to expect on new images. Fold spread: standard deviation [min, max] of "
              "the folds' nested scores. Test: the submission's score where held-out labels exist. Training: the "
              "sum of the folds' times. An ensemble lists the members it chose; its training time, parameters (one "
-             "network per member) and checkpoints are its members' summed.", ""]
+             "network per member) and checkpoints are its members' summed. All empty: the score of predicting every "
+             "image empty; a run marked **below all-empty** scores under it (nested or test) and has learned less "
+             "than predicting nothing.", ""]
     if plot_name:
         lines += [f"![nested score per run]({plot_name})", ""]
-    lines += ["| # | run | nested | OOF | fold spread | test | post-processing | checkpoints | training | "
+    lines += ["| # | run | nested | OOF | fold spread | test | all empty | post-processing | checkpoints | training | "
               "parameters | checkpoint MB |",
-              "| ---: | --- | ---: | ---: | --- | ---: | --- | --- | ---: | ---: | ---: |"]
+              "| ---: | --- | ---: | ---: | --- | ---: | ---: | --- | --- | ---: | ---: | ---: |"]
     for rank, run in enumerate(runs, 1):
         spread = "n/a" if run.spread is None else \
             f"{run.spread:.4f} [{min(run.fold_scores):.4f}, {max(run.fold_scores):.4f}]"
         parameters = "n/a" if run.parameters is None else f"{run.parameters / 1e6:.2f} M"
         size = "n/a" if run.checkpoint_bytes is None else f"{run.checkpoint_bytes / 1e6:.1f}"
         name = f"{run.name} (ensemble: {' + '.join(run.members)})" if run.members else run.name
+        name += " **below all-empty**" if run.below_baseline else ""
         lines.append(f"| {rank} | {name} | {_fmt(run.nested_score)} | {_fmt(run.oof_score)} | {spread} | "
-                     f"{_fmt(run.test_score)} | {run.postprocess} | {run.checkpoints or 'n/a'} | "
+                     f"{_fmt(run.test_score)} | {_fmt(run.empty_baseline)} | {run.postprocess} | {run.checkpoints or 'n/a'} | "
                      f"{_duration(run.train_seconds)} | {parameters} | {size} |")
     if not runs:
-        lines.append("| | no run with a finished stage 04 | | | | | | | | | |")
+        lines.append("| | no run with a finished stage 04 | | | | | | | | | | |")
     return "\n".join(lines) + "\n"
 
 
 def plot(runs: Sequence[Run], path: Path) -> Path:
     """Per run, best at the top: the nested score (bar), each fold's nested score (dots), the OOF score and the
-    test score (markers)."""
+    test score (markers), the all-empty baseline (a grey line across the run's row); a run below it is named so."""
     fig = Figure(figsize=(8, 1.2 + 0.55 * max(len(runs), 1)), layout="constrained")
     ax = fig.subplots()
     rows = np.arange(len(runs))[::-1]
@@ -251,10 +266,15 @@ def plot(runs: Sequence[Run], path: Path) -> Path:
     if tested:
         ax.scatter([t for _, t in tested], [row for row, _ in tested], marker="D", color="#d95f0e", s=30, zorder=5,
                    label="test")
-    values = [v for r in runs for v in (*r.fold_scores, r.oof_score, r.nested_score, r.test_score) if v is not None]
+    baselines = [(row, r.empty_baseline) for row, r in zip(rows, runs) if r.empty_baseline is not None]
+    if baselines:
+        ax.vlines([b for _, b in baselines], [row - 0.45 for row, _ in baselines], [row + 0.45 for row, _ in baselines],
+                  colors="grey", linestyles="--", zorder=6, label="all empty")
+    values = [v for r in runs for v in (*r.fold_scores, r.oof_score, r.nested_score, r.test_score, r.empty_baseline)
+              if v is not None]
     low = min(values, default=0.0)
     ax.set_xlim(max(0.0, low - 0.05), 1.0)
-    ax.set_yticks(rows, [r.name for r in runs])
+    ax.set_yticks(rows, [f"{r.name} (below all-empty)" if r.below_baseline else r.name for r in runs])
     ax.set_xlabel("mean Dice (the challenge metric)")
     ax.set_title("Leaderboard: nested estimate per run, best at the top")
     ax.grid(axis="x", alpha=0.3)

@@ -43,6 +43,7 @@ from pneumoseg.data.dataset import ImageFiles, make_loader
 from pneumoseg.errors import ConfigError, DataError
 from pneumoseg.io import content_hash, write_json
 from pneumoseg.inference.predictor import EnsemblePredictor, Predictor, configured_postprocessor
+from pneumoseg.evaluation import sanity
 from pneumoseg.evaluation.submission import score_submission, write_submission
 from pneumoseg.data.testset import image_sizes, test_set
 from pneumoseg.demo.layouts import TEST_LABELS
@@ -151,6 +152,7 @@ def run(cfg: DictConfig, force: bool = False) -> dict[str, Any]:
     }
     if test_labels.is_file():
         summary.update(score_test_set(cfg, test_labels, sizes))
+    summary[sanity.WARNINGS_KEY] = sanity.log_warnings(STAGE_NAME, sanity.prediction_warnings(summary))
     record.finish(summary)
     return summary
 
@@ -210,7 +212,8 @@ def score_test_set(cfg: DictConfig, test_labels: Path, sizes: dict[str, tuple[in
         log.info("test score %.4f (no OOF report at %s to compare with)", test_score, report)
     else:
         log.info("test score %.4f, OOF score %.4f (difference %+.4f)", test_score, oof_score, test_score - oof_score)
-    return {"test_score": scores["test_score"], "oof_score": scores["oof_score"]}
+    return {"test_score": scores["test_score"], "oof_score": scores["oof_score"],
+            "test_empty_baseline": round(sanity.empty_baseline(test_labels), 4)}
 
 
 def summary_text(summary: dict[str, Any]) -> str:
@@ -224,6 +227,7 @@ def summary_text(summary: dict[str, Any]) -> str:
     if "test_score" in summary:
         oof = "n/a" if summary["oof_score"] is None else f"{summary['oof_score']:.4f}"
         lines.append(f"  test score {summary['test_score']:.4f} (held-out labels), OOF score {oof}")
+    lines += [f"  WARNING: {warning}" for warning in summary.get(sanity.WARNINGS_KEY, [])]
     return "\n".join(lines)
 
 

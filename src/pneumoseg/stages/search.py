@@ -46,6 +46,7 @@ from pneumoseg.config import is_ensemble, to_dict
 from pneumoseg.errors import ConfigError, DataError
 from pneumoseg.io import read_png, write_csv, write_json
 from pneumoseg.evaluation.metrics import dice_from_counts
+from pneumoseg.evaluation import sanity
 from pneumoseg.postprocess.strategies import PostProcessor, build_postprocessor
 from pneumoseg.data.blend import blend_gates
 from pneumoseg.data.probstore import GATE_FILE, IDS_FILE, PROBS_FILE, ProbabilityStore
@@ -322,6 +323,7 @@ def _write_outputs(cfg: DictConfig, oof: OofSet, result: SearchResult, seconds: 
     numbers = oof_report.report_numbers(result, per_image, chosen.to_block(), default.to_block(), oof.size, seconds)
     if ensemble is not None:
         numbers["ensemble"] = ensemble
+    numbers[sanity.WARNINGS_KEY] = sanity.log_warnings(STAGE_NAME, sanity.search_warnings(numbers))
     write_json(layout.thresholds_path(cfg), {**chosen.to_block(), "oof_score": numbers["oof_score"],
                                              "nested_score": numbers["nested_score"], "oof_size": oof.size,
                                              "n_images": len(oof)})

@@ -60,6 +60,7 @@ def report(cfg: DictConfig) -> str:
         summary = done.get("summary", {})
         facts = ", ".join(f"{key} {_fmt(summary[key])}" for key in _HEADLINES.get(number, ()) if key in summary)
         lines.append(f"  {number} {name:<17} done {done.get('finished_at', '')}  {facts}".rstrip())
+        lines.extend(f"       WARNING: {warning}" for warning in summary.get("warnings", []))
         lines.extend(f"       -> {path}" for path in files if path.exists())
     return "\n".join(lines)
 
