@@ -165,3 +165,12 @@ def test_every_shipped_config_loads(name):
     from conftest import ROOT
 
     load_config(ROOT / "configs" / name)
+
+
+def test_an_unresolvable_interpolation_is_one_plain_line(tmp_path):
+    bad = write(tmp_path / "bad.yaml", "train: {epochs: 1}\nname: ${nowhere.key}\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(bad)
+    message = str(caught.value)
+    assert message.startswith(f"config {bad}: ") and "nowhere.key" in message
+    assert "\n" not in message and "object_type" not in message and "full_key" not in message

@@ -29,7 +29,7 @@ from typing import Iterable, Sequence
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from pneumoseg.errors import ConfigError
+from pneumoseg.errors import ConfigError, plain_reason
 from pneumoseg.io import write_text
 
 BASE_KEY = "base"
@@ -55,7 +55,7 @@ def load_config(path: str | os.PathLike = DEFAULT_CONFIG, overrides: Sequence[st
     try:
         OmegaConf.resolve(cfg)
     except OmegaConfBaseException as exc:
-        raise ConfigError(f"config {path}: {exc}") from None
+        raise ConfigError(f"config {path}: {plain_reason(exc)}") from None
     OmegaConf.set_readonly(cfg, True)
     if is_ensemble(cfg):
         ensemble_members(cfg, origin=str(path))  # a bad member fails now, naming this file
@@ -84,7 +84,7 @@ def _load_chain(path: Path, chain: tuple[Path, ...]) -> DictConfig:
     try:
         return OmegaConf.merge(parent, cfg)
     except OmegaConfBaseException as exc:
-        raise ConfigError(f"config {path} does not fit its base {base}: {exc}") from None
+        raise ConfigError(f"config {path} does not fit its base {base}: {plain_reason(exc)}") from None
 
 
 FREE_FORM_KEYS = ("params", "ensemble")
