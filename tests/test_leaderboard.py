@@ -67,7 +67,8 @@ def test_runs_are_sorted_by_nested_score_and_unreadable_ones_are_left_out(tmp_pa
     assert "broken" in caplog.text and "not valid JSON" in caplog.text
     assert runs[0].spread == pytest.approx(torch.tensor([0.5, 0.7]).std().item())
     assert runs[0].test_score is None and runs[0].parameters is None          # no stage 05, no checkpoints
-    assert "| 1 | b | 0.8500 | 0.8600 | 0.1414 [0.5000, 0.7000] | n/a | n/a | threshold (min_area 400, threshold 0.5) |" \
+    assert "| 1 | b | 0.8500 | 0.8600 | 0.1414 [0.5000, 0.7000] | n/a | n/a | threshold (min_area 400, threshold " \
+        "0.5) |" \
         in leaderboard.markdown(runs)
 
 

@@ -24,7 +24,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Sequence, cast
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -102,7 +102,7 @@ def _checked_keys(parent: DictConfig, child: DictConfig, path: Path) -> DictConf
         ConfigError: a key ``parent`` does not define, outside the free-form subtrees (module docstring); the
             message names the file and the nearest keys.
     """
-    base_tree = OmegaConf.to_container(parent, resolve=False)
+    base_tree = _tree(parent)
 
     def walk(base: dict | None, new: dict, prefix: str) -> dict:
         out = {}
@@ -119,7 +119,12 @@ def _checked_keys(parent: DictConfig, child: DictConfig, path: Path) -> DictConf
             out[name] = value
         return out
 
-    return OmegaConf.create(walk(base_tree, OmegaConf.to_container(child, resolve=False), ""))
+    return cast(DictConfig, OmegaConf.create(walk(base_tree, _tree(child), "")))
+
+
+def _tree(cfg: DictConfig) -> dict:
+    """A config mapping as a plain dict of its unresolved values."""
+    return cast(dict, OmegaConf.to_container(cfg, resolve=False))
 
 
 def _suggestion(key: str, tree: dict) -> str:
@@ -190,7 +195,7 @@ def apply_overrides(cfg: DictConfig, overrides: Iterable[str]) -> DictConfig:
     for item, key, value, adding in parsed:
         new_params = any(key == f"{block}.params" or key.startswith(f"{block}.params.") for block in renamed)
         if not (adding or new_params) and OmegaConf.select(cfg, key, default=_MISSING) is _MISSING:
-            near = _suggestion(key, OmegaConf.to_container(cfg, resolve=False))
+            near = _suggestion(key, _tree(cfg))
             raise ConfigError(
                 f"override {item!r}: no config key {key!r}{near}. Check the spelling against the resolved config, "
                 f"or write +{key}={value} to add a new key on purpose."

@@ -240,7 +240,8 @@ def markdown(runs: Sequence[Run], plot_name: str | None = None) -> str:
         name = f"{run.name} (ensemble: {' + '.join(run.members)})" if run.members else run.name
         name += " **below all-empty**" if run.below_baseline else ""
         lines.append(f"| {rank} | {name} | {_fmt(run.nested_score)} | {_fmt(run.oof_score)} | {spread} | "
-                     f"{_fmt(run.test_score)} | {_fmt(run.empty_baseline)} | {run.postprocess} | {run.checkpoints or 'n/a'} | "
+                     f"{_fmt(run.test_score)} | {_fmt(run.empty_baseline)} | {run.postprocess} | "
+                     f"{run.checkpoints or 'n/a'} | "
                      f"{_duration(run.train_seconds)} | {parameters} | {size} |")
     if not runs:
         lines.append("| | no run with a finished stage 04 | | | | | | | | | | |")

@@ -366,7 +366,7 @@ def answer(model: ServingModel, body: bytes, content_type: str | None, accept: s
         payload, response_type = output_fn(predict(input_fn(body, content_type), model), accept)
     except RequestError as exc:
         return int(exc.status), error_body(exc.status, str(exc)), JSON
-    except Exception as exc:  # a failure of the model must not take the server down: answer 500, log it
+    except Exception:  # a failure of the model must not take the server down: answer 500, log it
         log.exception("prediction failed")
         return (HTTPStatus.INTERNAL_SERVER_ERROR, error_body(HTTPStatus.INTERNAL_SERVER_ERROR, "the model failed "
                 "on this request; the server's log has the details"), JSON)

@@ -145,7 +145,8 @@ class StageRecord:
         return True
 
     def finish_forced_run(self) -> None:
-        """After :meth:`finish` (or a part of the stage, :meth:`redo`'s ``scope``): a standalone forced run is over (its mark goes); one of ``run_all.sh`` is marked
+        """After :meth:`finish` (or a part of the stage, :meth:`redo`'s ``scope``): a standalone forced run is over
+        (its mark goes); one of ``run_all.sh`` is marked
         finished, so that a rerun of that command skips this stage."""
         marker = self.folder / FORCED_FILE
         try:
