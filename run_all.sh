@@ -5,9 +5,8 @@
 #
 # CONFIG defaults to configs/demo.yaml. On an ensemble config, stage "03" runs stages 00-03 of every member not
 # trained yet (scripts/train_members.py), then 04-06 run on the ensemble. A stage whose outputs are complete for the
-# same resolved config is skipped (--force redoes it, once: the same --force command rerun after a kill continues
-# it); a stage that fails stops the run; rerunning continues where
-# it stopped.
+# same resolved config is skipped (--force redoes it once: rerun after a kill, it continues); a stage that fails
+# stops the run; rerunning continues where it stopped.
 set -euo pipefail
 cd "$(dirname "$0")"
 
