@@ -11,7 +11,7 @@ from pneumoseg.stages import train as train_stage
 from pneumoseg.stages.record import FORCE_RUN_ENV, FORCED_FILE
 from pneumoseg.training.trainer import Trainer
 
-from crash import run_killed_at_update
+from crash import run_killed_at_update, run_killed_in
 from synthetic import write_prepared
 
 SMALL = ("demo.n_train=12", "demo.n_test=4", "demo.image_size=128", "demo.n_jobs=1")
@@ -25,10 +25,8 @@ def _demo(cfg, force):
 def test_stage_00_forced_and_killed_continues_on_the_same_forced_command(tiny_cfg, monkeypatch, caplog):
     cfg = tiny_cfg(*SMALL)
     _demo(cfg, force=False)
-    with monkeypatch.context() as patch:                   # killed after the images, before the label tables
-        patch.setattr(demo_data, "write_text", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
-        with pytest.raises(KeyboardInterrupt):
-            _demo(cfg, force=True)
+    # killed after the images, before the label tables
+    run_killed_in(monkeypatch, demo_data, "write_text", lambda: _demo(cfg, force=True))
     with caplog.at_level(logging.INFO):
         summary = _demo(cfg, force=True)                   # the same command again
     assert summary["written"] == 0 and summary["reused"] == 16
@@ -51,6 +49,7 @@ def test_a_forced_run_all_command_skips_the_stages_it_already_redid(tiny_cfg, mo
     assert _demo(tiny_cfg(*SMALL), force=True)["written"] == 16
 
 
+@pytest.mark.slow
 def test_stage_03_forced_and_killed_continues_where_it_stopped(tiny_cfg, tmp_path, monkeypatch, caplog):
     cfg = tiny_cfg(f"data.image_size={SIZE}", "train.epochs=2", "train.oof_size=16")
     write_prepared(cfg.paths.prepared_dir, n_images=16, sizes=(SIZE,), n_folds=2)
