@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pneumoseg import interrupts, layout
+from pneumoseg import layout, logs
 from pneumoseg.cli import run_stage_script
 from pneumoseg.stages import train as train_stage
 from pneumoseg.training.trainer import Trainer
@@ -20,16 +20,16 @@ SIZE = 32
 
 
 def test_places_nest_and_stay_after_an_exception():
-    interrupts.clear()
+    logs.clear()
     with pytest.raises(KeyboardInterrupt):
-        with interrupts.place("fold 1"):
-            with interrupts.place("epoch 2 of 3"):
+        with logs.place("fold 1"):
+            with logs.place("epoch 2 of 3"):
                 pass
-            with interrupts.place("epoch 3 of 3"):
+            with logs.place("epoch 3 of 3"):
                 raise KeyboardInterrupt
-    assert interrupts.interrupted_message() == "interrupted in fold 1, epoch 3 of 3; rerun the same command to continue"
-    interrupts.clear()
-    assert interrupts.interrupted_message() == "interrupted; rerun the same command to continue"
+    assert logs.interrupted_message() == "interrupted in fold 1, epoch 3 of 3; rerun the same command to continue"
+    logs.clear()
+    assert logs.interrupted_message() == "interrupted; rerun the same command to continue"
 
 
 @pytest.mark.slow
@@ -49,7 +49,7 @@ def test_an_interrupted_stage_says_where_it_stopped_once_and_exits_130(tiny_cfg,
     argv = ["--config", str(ROOT / "configs" / "tiny.yaml"), f"paths.input_dir={tmp_path / 'input'}",
             f"paths.output_root={tmp_path / 'output'}", f"data.image_size={SIZE}", "train.epochs=3"]
     with caplog.at_level(logging.ERROR):
-        code = run_stage_script(train_stage.DESCRIPTION, train_stage.stage, train_stage.parser(), argv)
+        code = run_stage_script(train_stage.DESCRIPTION, train_stage.stage, train_stage.parser, argv, number="03")
     assert code == 130
     errors = [record.getMessage() for record in caplog.records if record.levelno >= logging.ERROR]
     assert errors == ["interrupted in fold 0, epoch 2 of 3; rerun the same command to continue"]

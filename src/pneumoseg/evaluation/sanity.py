@@ -16,7 +16,7 @@ log = logging.getLogger(__name__)
 
 WARNINGS_KEY = "warnings"
 _TRY = ("train longer (train.epochs), check the learning rate (optimizer.params.lr) and the training curves "
-        "(04_search/oof_report.md), or make sure the training images have masks (02_labels/data_report.md)")
+        "(stage 04's oof_report.md), or make sure the training images have masks (stage 02's data_report.md)")
 
 
 def below_baseline(name: str, score: float | None, baseline: float | None) -> str | None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from pneumoseg.cli import setup_logging
+from pneumoseg.logs import setup_logging
 from pneumoseg.config import load_config
 from pneumoseg.data.rle import FORMATS
 from pneumoseg.errors import PneumosegError

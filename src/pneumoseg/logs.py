@@ -1,13 +1,29 @@
-"""Where a long run is, so that an interrupt (Ctrl-C) can say where it stopped.
+"""Logging set-up for every entry point (the stage scripts, the leaderboard, the server, the tools): one format,
+INFO by default. A low module that imports nothing of the package, so that any layer may call it.
 
-A loop marks each step with :func:`place` (stage 03: ``fold 0``, then ``epoch 3 of 30`` inside it); the entry
-point that catches ``KeyboardInterrupt`` asks :func:`where` and prints one line, e.g. "interrupted in fold 0,
-epoch 3 of 30; rerun the same command to continue".
+It also keeps where a long run is, so that an interrupt (Ctrl-C) can say where it stopped: a loop marks each step
+with :func:`place` (stage 03: ``fold 0``, then ``epoch 3 of 30`` inside it); the entry point that catches
+``KeyboardInterrupt`` prints :func:`interrupted_message`, e.g. "interrupted in fold 0, epoch 3 of 30; rerun the
+same command to continue".
 """
 from __future__ import annotations
 
+import logging
 from contextlib import contextmanager
 from typing import Iterator
+
+FORMAT = "%(asctime)s %(levelname)s %(message)s"
+DATE_FORMAT = "%H:%M:%S"
+
+
+def setup_logging(verbose: bool = False) -> None:
+    """Send log records to stderr as ``HH:MM:SS LEVEL message``.
+
+    Args:
+        verbose: log DEBUG records too (default INFO and above).
+    """
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format=FORMAT, datefmt=DATE_FORMAT)
+
 
 _places: list[str] = []
 
