@@ -119,7 +119,7 @@ def _checked_keys(parent: DictConfig, child: DictConfig, path: Path) -> DictConf
             out[name] = value
         return out
 
-    return cast(DictConfig, OmegaConf.create(walk(base_tree, _tree(child), "")))
+    return OmegaConf.create(walk(base_tree, _tree(child), ""))
 
 
 def _tree(cfg: DictConfig) -> dict:
