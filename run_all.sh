@@ -5,8 +5,8 @@
 #
 # CONFIG defaults to configs/demo.yaml. On an ensemble config, stage "03" runs stages 00-03 of every member not
 # trained yet (scripts/train_members.py), then 04-06 run on the ensemble. A stage whose outputs are complete for the
-# same resolved config is skipped (--force redoes it); a stage that fails stops the run; rerunning continues where
-# it stopped.
+# same resolved config is skipped (--force redoes it once: rerun after a kill, it continues); a stage that fails
+# stops the run; rerunning continues where it stopped.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -36,6 +36,19 @@ source scripts/setup_env.sh
 STAGE_LIST=$("$PY" -m pneumoseg.stage_table "$CONFIG")
 mapfile -t STAGES <<< "$STAGE_LIST"
 
+# --force redoes each stage once: rerunning this same command after a kill or a failure continues that forced run
+# (the stages it finished are skipped, the one it stopped in continues), through an id kept until every stage is done.
+FORCE_RUN_FILE=""
+if [ ${#FORCE[@]} -gt 0 ]; then
+  FORCE_RUN_FILE="output/.forced_run_$(printf '%s\n' "$CONFIG" "$FROM" "$TO" "${OVERRIDES[@]}" | sha256sum | cut -c1-16)"
+  if [ -f "$FORCE_RUN_FILE" ]; then
+    echo "=== continuing the forced run of this command that stopped before it finished"
+  else
+    mkdir -p output && date +%s%N > "$FORCE_RUN_FILE"
+  fi
+  export PNEUMOSEG_FORCE_RUN="$(cat "$FORCE_RUN_FILE")"
+fi
+
 started=$SECONDS
 todo=()
 for entry in "${STAGES[@]}"; do
@@ -44,13 +57,18 @@ for entry in "${STAGES[@]}"; do
   if [ ! -f "$script" ]; then todo+=("$num"); continue; fi
   echo "=== stage $num: $script"
   stage_start=$SECONDS
-  if ! "$PY" "$script" --config "$CONFIG" "${FORCE[@]}" "${OVERRIDES[@]}"; then
+  status=0
+  "$PY" "$script" --config "$CONFIG" "${FORCE[@]}" "${OVERRIDES[@]}" || status=$?
+  # 130: interrupted (Ctrl-C); the stage has said where it stopped and that rerunning continues.
+  if [ "$status" = 130 ]; then exit 130; fi
+  if [ "$status" != 0 ]; then
     echo "=== stage $num ($script) failed; fix the error above and rerun the same command to continue." >&2
     exit 1
   fi
   echo "=== stage $num finished in $((SECONDS - stage_start)) s"
 done
 
+[ -z "$FORCE_RUN_FILE" ] || rm -f "$FORCE_RUN_FILE"
 echo "=== all stages done in $((SECONDS - started)) s (config: $CONFIG)"
 if [ ${#todo[@]} -gt 0 ]; then
   echo "=== not yet implemented in this version: stage(s) ${todo[*]}"

@@ -1,7 +1,8 @@
 # Sourced by run_all.sh and run_tests.sh: chooses the Python to run with and sets it up if needed.
-# Sets PY. Uses the current python3 when it already has every pinned package of requirements.txt and
-# requirements-test.txt (the check tools); otherwise creates .venv (once; again only when one of them or
-# pyproject.toml changes).
+# Sets PY. Uses the current python3 when it already has every pinned package of requirements.txt (the runtime) and
+# requirements-test.txt (pytest, hypothesis and the check tools); otherwise creates .venv (once; again only when one
+# of them or pyproject.toml changes), installs both there, then pneumoseg itself (pip install -e: the `pneumoseg`
+# command).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

@@ -24,3 +24,15 @@ def run_killed_at_update(monkeypatch, run: Callable[[], object], update: int = 3
     with pytest.raises(KeyboardInterrupt):
         run()
     monkeypatch.setattr(Trainer, "_update", original)
+
+
+def run_killed_in(monkeypatch, owner: object, name: str, run: Callable[[], object]) -> None:
+    """Call ``run()`` with ``owner.name`` (a function it calls) raising KeyboardInterrupt, as a kill at that point
+    would stop it, then give ``owner`` back its function."""
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt("killed")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(owner, name, killed)
+        with pytest.raises(KeyboardInterrupt):
+            run()

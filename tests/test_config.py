@@ -1,4 +1,5 @@
 import time
+from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
@@ -159,3 +160,44 @@ def test_an_experiment_name_must_be_a_plain_name(chain, name):
 
 def test_plain_experiment_names_pass(chain):
     assert load_config(chain, ["experiment=siim_unet-r34.v2"]).experiment == "siim_unet-r34.v2"
+
+
+def test_a_typo_in_an_experiment_file_names_the_file_the_key_and_the_nearest_key(chain, tmp_path):
+    typo = write(tmp_path / "typo.yaml", "base: mid.yaml\ntrain:\n  epoch: 3\n")
+    with pytest.raises(ConfigError, match=r"typo.yaml: unknown key train.epoch \(did you mean train.epochs"):
+        load_config(typo)
+    section = write(tmp_path / "section.yaml", "base: mid.yaml\ntrian: {epochs: 3}\n")
+    with pytest.raises(ConfigError, match="unknown key trian .did you mean train"):
+        load_config(section)
+
+
+def test_plus_adds_a_key_in_a_file_and_free_form_subtrees_are_not_checked(tmp_path):
+    write(tmp_path / "base.yaml", "train: {epochs: 1, ema: null, steps: [1, 2]}\n"
+                                  "scheduler: {name: plateau, params: {patience: 3}}\n")
+    top = write(tmp_path / "top.yaml", "base: base.yaml\n+demo: {n_train: 5}\ntrain:\n  +extra: 2\n"
+                                       "  ema: {decay: 0.9}\n  steps: [{any: 1}]\nscheduler: {params: {min_lr: 0.1}}\n")
+    cfg = load_config(top)
+    assert cfg.demo.n_train == 5 and cfg.train.extra == 2 and cfg.train.ema.decay == 0.9
+    assert cfg.scheduler.params.min_lr == 0.1 and "+demo" not in cfg
+
+
+def test_an_override_typo_suggests_the_nearest_key(chain):
+    with pytest.raises(ConfigError, match=r"no config key 'train.epoch' \(did you mean train.epochs"):
+        load_config(chain, ["train.epoch=3"])
+
+
+@pytest.mark.parametrize("name", sorted(str(path.relative_to(Path(__file__).resolve().parents[1] / "configs"))
+                                        for path in (Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml")))
+def test_every_shipped_config_loads(name):
+    from conftest import ROOT
+
+    load_config(ROOT / "configs" / name)
+
+
+def test_an_unresolvable_interpolation_is_one_plain_line(tmp_path):
+    bad = write(tmp_path / "bad.yaml", "train: {epochs: 1}\nname: ${nowhere.key}\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(bad)
+    message = str(caught.value)
+    assert message.startswith(f"config {bad}: ") and "nowhere.key" in message
+    assert "\n" not in message and "object_type" not in message and "full_key" not in message

@@ -47,11 +47,12 @@ def test_the_leaderboard_reads_two_real_experiments(tiny_cfg, tmp_path):
     assert (tmp_path / "output" / "leaderboard.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def _fake_run(root, name, nested, oof, per_fold=(0.5, 0.7)):
+def _fake_run(root, name, nested, oof, per_fold=(0.5, 0.7), empty=None):
     folds = [{"fold": k, "score": s, "nested_score": None if nested is None else s} for k, s in enumerate(per_fold)]
-    write_json(root / name / "04_search" / "done.json",
-               {"summary": {"oof_score": oof, "nested_score": nested, "per_fold": folds,
-                            "chosen": {"name": "threshold", "params": {"threshold": 0.5, "min_area": 400}}}})
+    summary = {"oof_score": oof, "nested_score": nested, "per_fold": folds,
+               "chosen": {"name": "threshold", "params": {"threshold": 0.5, "min_area": 400}}}
+    write_json(root / name / "04_search" / "done.json", {"summary": summary | ({} if empty is None else
+                                                                                  {"empty_baseline": empty})})
 
 
 def test_runs_are_sorted_by_nested_score_and_unreadable_ones_are_left_out(tmp_path, caplog):
@@ -66,7 +67,8 @@ def test_runs_are_sorted_by_nested_score_and_unreadable_ones_are_left_out(tmp_pa
     assert "broken" in caplog.text and "not valid JSON" in caplog.text
     assert runs[0].spread == pytest.approx(torch.tensor([0.5, 0.7]).std().item())
     assert runs[0].test_score is None and runs[0].parameters is None          # no stage 05, no checkpoints
-    assert "| 1 | b | 0.8500 | 0.8600 | 0.1414 [0.5000, 0.7000] | n/a | threshold (min_area 400, threshold 0.5) |" \
+    assert "| 1 | b | 0.8500 | 0.8600 | 0.1414 [0.5000, 0.7000] | n/a | n/a | threshold (min_area 400, threshold " \
+        "0.5) |" \
         in leaderboard.markdown(runs)
 
 
@@ -83,3 +85,28 @@ def test_a_run_with_an_unreadable_config_is_left_out(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         runs = leaderboard.collect(tmp_path)
     assert [r.name for r in runs] == ["good"] and "bad_config" in caplog.text
+
+
+def test_the_all_empty_baseline_is_a_column_a_line_and_marks_the_runs_below_it(tmp_path, monkeypatch):
+    _fake_run(tmp_path, "learned", nested=0.85, oof=0.86, empty=0.78)
+    _fake_run(tmp_path, "nothing", nested=0.7581, oof=0.7988, empty=0.7792)
+    runs = leaderboard.collect(tmp_path)
+    assert [(r.name, r.below_baseline) for r in runs] == [("learned", False), ("nothing", True)]
+    table = leaderboard.markdown(runs)
+    assert "| 1 | learned | 0.8500 | 0.8600 | 0.1414 [0.5000, 0.7000] | n/a | 0.7800 |" in table
+    assert "| 2 | nothing **below all-empty** | 0.7581 | 0.7988 |" in table and "| 0.7792 |" in table
+    figures = []
+
+    class Kept(leaderboard.Figure):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            figures.append(self)
+
+    monkeypatch.setattr(leaderboard, "Figure", Kept)
+    leaderboard.plot(runs, tmp_path / "plot.png")
+    ax = figures[0].axes[0]
+    line = next(c for c in ax.collections if c.get_label() == "all empty")
+    # one segment across each run's row (learned at the top, row 1; nothing at row 0), at its baseline
+    assert [segment[:, 0].tolist() for segment in line.get_segments()] == [[0.78, 0.78], [0.7792, 0.7792]]
+    assert [segment[:, 1].mean() for segment in line.get_segments()] == pytest.approx([1, 0])
+    assert sorted(t.get_text() for t in ax.get_yticklabels()) == ["learned", "nothing (below all-empty)"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import io
 import json
+import re
 from pathlib import Path
 
 import cv2
@@ -148,6 +149,8 @@ BAD_BODIES = {
     "truncated png": ("image/png", lambda _: png_bytes(IMAGE)[:-200], "image/png"),
     "truncated jpeg": ("image/jpeg", lambda tmp: _jpeg(tmp)[:-1000], "image/jpeg"),
     "jpeg sent as png": ("image/png", _jpeg, "image/png"),
+    "not an image": ("image/png", lambda _: b"this is text, not a picture", "not a readable image/png: cannot identify "
+                     "image file$"),
     "16-bit png": ("image/png", lambda _: png_bytes(IMAGE.astype(np.uint16) * 200), "mode"),
     "not an npy": ("application/x-npy", lambda _: png_bytes(IMAGE), "application/x-npy"),
     "truncated npy": ("application/x-npy", lambda _: npy_bytes(IMAGE)[:-7], "truncated"),
@@ -167,6 +170,8 @@ def test_unreadable_bodies_are_bad_requests(case, tmp_path):
     with pytest.raises(serving.BadRequest, match=reason) as caught:
         serving.input_fn(make(tmp_path), content_type)
     assert caught.value.status == 400 and caught.value.status_code == 400
+    # what a user reads: no Python object repr, no exception class name
+    assert not re.search(r" at 0x|<\w+|\b[A-Z]\w+Error\b", str(caught.value)), str(caught.value)
 
 
 @pytest.mark.parametrize("content_type", [None, "", "text/plain", "image/gif", "application/octet-stream"])

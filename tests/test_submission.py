@@ -199,7 +199,34 @@ def test_validate_submission_script_exit_codes(tmp_path):
     good = subprocess.run([*script, str(sample), "--sample", str(sample)], capture_output=True, text=True, timeout=120)
     assert good.returncode == 0 and "valid" in good.stdout, good.stderr
     wrong = subprocess.run([*script, str(bad), "--sample", str(sample)], capture_output=True, text=True, timeout=120)
-    assert wrong.returncode == 1 and "2 problem(s)" in wrong.stdout, wrong.stderr
+    assert wrong.returncode == 1 and "1 problem(s)" in wrong.stdout and "2 test images of 3 have no row" in wrong.stdout
     missing = subprocess.run([*script, str(bad), "--sample", str(tmp_path / "none.csv")], capture_output=True,
                              text=True, timeout=120)
     assert missing.returncode == 1 and "none.csv not found" in missing.stderr
+
+
+def test_repeated_problems_are_grouped_with_the_first_five(tmp_path):
+    ids = [f"1.2.{k}" for k in range(120)]
+    path = _write(tmp_path / "submission.csv", HEADER + "".join(f"{i},-1\n" for i in ids[:10])
+                  + "".join(f"{i},3\n" for i in ids[10:17]) + "x,-1,1\ny,-1,2\n")
+    problems = validate_submission(path, ids)
+    assert problems == [
+        "2 lines do not have the two fields ImageId,EncodedPixels; the first 2: line 19, line 20",
+        "103 test images of 120 have no row (write one per test image, -1 when empty); the first 5: "
+        "1.2.17, 1.2.18, 1.2.19, 1.2.20, 1.2.21, ... and 98 more",
+        "7 rows have EncodedPixels that are not valid relative run-length strings (or -1); the first 5: line 12, "
+        "line 13, line 14, line 15, line 16, ... and 2 more",
+    ]
+
+
+@pytest.mark.parametrize("delimiter, name", [(";", "semicolons"), ("\t", "tabs")])
+def test_a_wrong_delimiter_is_named_once(tmp_path, delimiter, name):
+    path = _write(tmp_path / "submission.csv", f"ImageId{delimiter}EncodedPixels\n"
+                  + "".join(f"{i}{delimiter}-1\n" for i in IDS * 70))
+    problems = validate_submission(path, IDS, SIZES)
+    assert len(problems) == 1 and f"separated by {name}" in problems[0] and "not commas" in problems[0]
+
+
+def test_no_python_repr_in_a_line_with_extra_fields(tmp_path):
+    path = _write(tmp_path / "submission.csv", HEADER + "1.2.3.a,-1\n1.2.3.b,-1,3\n1.2.3.c,-1\n")
+    assert validate_submission(path, IDS, SIZES)[0] == "line 3: 3 fields (1.2.3.b,-1,3); expected ImageId,EncodedPixels"

@@ -23,7 +23,7 @@ from typing import Callable, Sequence
 
 from omegaconf import DictConfig
 
-from pneumoseg import stage_table
+from pneumoseg import logs, stage_table
 from pneumoseg.config import DEFAULT_CONFIG, load_config
 from pneumoseg.errors import ConfigError, PneumosegError
 from pneumoseg.logs import setup_logging
@@ -141,6 +141,7 @@ def run_stage_script(description: str, stage: Callable[..., object], make_parser
     parser = make_parser(description.strip().splitlines()[0])
     args = parser.parse_args(argv)
     setup_logging()
+    logs.clear()
     try:
         cfg: DictConfig = load_config(args.config, args.overrides)
         tracked: contextlib.AbstractContextManager = contextlib.nullcontext()
@@ -155,7 +156,8 @@ def run_stage_script(description: str, stage: Callable[..., object], make_parser
             parser.report_failure(exc)
         return 1
     except KeyboardInterrupt:
-        log.error("interrupted; rerun the same command to continue where it stopped")
+        log.error("%s", logs.interrupted_message())
+        logs.clear()
         return 130
     return 0
 

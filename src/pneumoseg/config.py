@@ -5,11 +5,19 @@ bases chain. Overrides use dotted keys (``train.epochs=3``, ``model.params.encod
 values (``null``, ``[1, 2]``). Overriding a key that no config defines is an error, which catches typos;
 prefix it with ``+`` to add a new key on purpose (``+model.params.decoder_attention_type=scse``).
 
+Experiment files are checked the same way: a key that the file's base does not define is an error naming the file,
+the key and the nearest keys the base has, unless the file writes it as ``+key`` (``+demo:`` in configs/demo.yaml).
+Three kinds of subtree are free-form in files, because something else checks them or the file replaces them whole:
+the ``params`` of a ``{name, params}`` block (the registry checks them against the component when it is built),
+the ``ensemble`` section (checked member by member), and anything below a key whose base value is not a mapping
+(``null``, a list such as ``augment.transforms``, a scalar): the file's value replaces it.
+
 Every stage saves the resolved config (bases merged, overrides applied, interpolations resolved) beside
 its outputs, so a result can always be traced to the exact settings that made it.
 """
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import math
@@ -23,7 +31,7 @@ from typing import Any, Iterable, Sequence, cast
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from pneumoseg.errors import ConfigError
+from pneumoseg.errors import ConfigError, plain_reason
 from pneumoseg.io import write_text
 
 BASE_KEY = "base"
@@ -53,7 +61,7 @@ def load_config(path: str | os.PathLike = DEFAULT_CONFIG, overrides: Sequence[st
     try:
         OmegaConf.resolve(cfg)
     except OmegaConfBaseException as exc:
-        raise ConfigError(f"config {path}: {exc}") from None
+        raise ConfigError(f"config {path}: {plain_reason(exc)}") from None
     OmegaConf.set_readonly(cfg, True)
     _check_experiment_name(cfg, path)
     if is_ensemble(cfg):
@@ -102,11 +110,64 @@ def _load_chain(path: Path, chain: tuple[Path, ...]) -> DictConfig:
     if base is None:
         return cfg
     parent = _load_chain(path.parent / str(base), (*chain, resolved))
+    cfg = _checked_keys(parent, cfg, path)
     _drop_params_of_renamed_blocks(parent, cfg)
     try:
         return cast(DictConfig, OmegaConf.merge(parent, cfg))
     except OmegaConfBaseException as exc:
-        raise ConfigError(f"config {path} does not fit its base {base}: {exc}") from None
+        raise ConfigError(f"config {path} does not fit its base {base}: {plain_reason(exc)}") from None
+
+
+FREE_FORM_KEYS = ("params", "ensemble")
+
+
+def _checked_keys(parent: DictConfig, child: DictConfig, path: Path) -> DictConfig:
+    """``child`` with its ``+key`` names made plain, after checking that ``parent`` defines each of its other keys.
+
+    Args:
+        parent: the merged chain of bases ``child`` extends.
+        child: the experiment file's own keys (its ``base`` removed).
+        path: the experiment file, for the message.
+
+    Raises:
+        ConfigError: a key ``parent`` does not define, outside the free-form subtrees (module docstring); the
+            message names the file and the nearest keys.
+    """
+    base_tree = _tree(parent)
+
+    def walk(base: dict | None, new: dict, prefix: str) -> dict:
+        out = {}
+        for key, value in new.items():
+            adding = isinstance(key, str) and key.startswith("+")
+            name = key[1:] if adding else key
+            dotted = f"{prefix}{name}"
+            if base is not None and name not in base and not adding:
+                raise ConfigError(f"config {path}: unknown key {dotted}{_suggestion(dotted, base_tree)}. Fix the "
+                                  f"spelling, or write +{name}: in the file to add a new key on purpose.")
+            below = base.get(name) if base is not None and name not in FREE_FORM_KEYS else None
+            if isinstance(value, dict):
+                value = walk(below if isinstance(below, dict) else None, value, f"{dotted}.")
+            out[name] = value
+        return out
+
+    return OmegaConf.create(walk(base_tree, _tree(child), ""))
+
+
+def _tree(cfg: DictConfig) -> dict:
+    """A config mapping as a plain dict of its unresolved values."""
+    return cast(dict, OmegaConf.to_container(cfg, resolve=False))
+
+
+def _suggestion(key: str, tree: dict) -> str:
+    """`` (did you mean train.epochs?)``: the keys of ``tree`` nearest to the dotted ``key``, or ``""``."""
+    def dotted(node: dict, prefix: str):
+        for name, value in node.items():
+            yield f"{prefix}{name}"
+            if isinstance(value, dict):
+                yield from dotted(value, f"{prefix}{name}.")
+
+    near = difflib.get_close_matches(key, list(dotted(tree, "")), n=3, cutoff=0.6)
+    return f" (did you mean {' or '.join(near)}?)" if near else ""
 
 
 def _drop_params_of_renamed_blocks(parent: DictConfig, child: DictConfig) -> list[str]:
@@ -166,8 +227,9 @@ def apply_overrides(cfg: DictConfig, overrides: Iterable[str]) -> DictConfig:
     for item, key, value, adding in parsed:
         new_params = any(key == f"{block}.params" or key.startswith(f"{block}.params.") for block in renamed)
         if not (adding or new_params) and OmegaConf.select(cfg, key, default=_MISSING) is _MISSING:
+            near = _suggestion(key, _tree(cfg))
             raise ConfigError(
-                f"override {item!r}: no config key {key!r}. Check the spelling against the resolved config, "
+                f"override {item!r}: no config key {key!r}{near}. Check the spelling against the resolved config, "
                 f"or write +{key}={value} to add a new key on purpose."
             )
         update = OmegaConf.from_dotlist([f"{key}={value}"])

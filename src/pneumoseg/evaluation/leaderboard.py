@@ -11,6 +11,8 @@ and, once they exist, an ensemble of experiments are listed alike. For each run 
   there;
 * the detector figures of stage 04's summary: image-level AUC, and sensitivity and specificity at the chosen
   operating point, on the OOF images (:mod:`pneumoseg.evaluation.detection`);
+* the all-empty baseline (every image predicted empty; stage 04's, over the OOF images): a run whose nested estimate
+  (or OOF score, without one) or test score is below it has learned less than predicting nothing, and is marked;
 * stage 03's ``done.json``: training time, the sum of the folds' times (folds may run in parallel);
 * the checkpoints the run predicts with (``predict.checkpoints`` and ``predict.top_k`` of the config stage 04 ran
   with): the parameters of one network and the bytes of all of them.
@@ -67,6 +69,7 @@ class Run:
         phases: the names of its training phases, in order (``train.phases``; empty without phases).
         auc, sensitivity, specificity: the OOF images' image-level AUC and the rates at the operating point.
         test_auc: the image-level AUC on held-out test labels.
+        empty_baseline: the score of predicting every OOF image empty (stage 04's).
     """
 
     name: str
@@ -86,6 +89,15 @@ class Run:
     sensitivity: float | None = None
     specificity: float | None = None
     test_auc: float | None = None
+    empty_baseline: float | None = None
+
+    @property
+    def below_baseline(self) -> bool:
+        """Whether the nested estimate (the OOF score without one) or the test score is below the all-empty one."""
+        if self.empty_baseline is None:
+            return False
+        estimate = self.nested_score if self.nested_score is not None else self.oof_score
+        return any(score is not None and score < self.empty_baseline for score in (estimate, self.test_score))
 
     @property
     def spread(self) -> float | None:
@@ -121,7 +133,7 @@ def read_run(folder: str | os.PathLike) -> Run:
     fold_scores = [f["nested_score"] if f.get("nested_score") is not None else f["score"] for f in per_fold]
     run = Run(name=folder.name, folder=folder, nested_score=search.get("nested_score"),
               oof_score=float(search["oof_score"]), fold_scores=[float(s) for s in fold_scores],
-              postprocess=_block_text(search.get("chosen")))
+              postprocess=_block_text(search.get("chosen")), empty_baseline=search.get("empty_baseline"))
     predict = _summary(folder, "05") or {}
     run.test_score = predict.get("test_score")
     run.test_auc = predict.get("test_auc")
@@ -237,13 +249,14 @@ def markdown(runs: Sequence[Run], plot_name: str | None = None) -> str:
              "the folds' nested scores. Test: the submission's score where held-out labels exist. Training: the "
              "sum of the folds' times. AUC, sens., spec.: the OOF images judged as a detector (image-level AUC, "
              "sensitivity and specificity at the chosen operating point); test AUC: on held-out labels. An ensemble "
-             "lists the members it chose; its training time, parameters (one "
-             "network per member) and checkpoints are its members' summed.", ""]
+             "lists the members it chose; its training time, parameters (one network per member) and checkpoints "
+             "are its members' summed. All empty: the score of predicting every image empty; a run marked **below "
+             "all-empty** scores under it (nested or test) and has learned less than predicting nothing.", ""]
     if plot_name:
         lines += [f"![nested score per run]({plot_name})", ""]
-    lines += ["| # | run | nested | OOF | fold spread | test | post-processing | checkpoints | training | "
+    lines += ["| # | run | nested | OOF | fold spread | test | all empty | post-processing | checkpoints | training | "
               "parameters | checkpoint MB | AUC | sens. | spec. | test AUC |",
-              "| ---: | --- | ---: | ---: | --- | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+              "| ---: | --- | ---: | ---: | --- | ---: | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for rank, run in enumerate(runs, 1):
         spread = "n/a" if run.spread is None else \
             f"{run.spread:.4f} [{min(run.fold_scores):.4f}, {max(run.fold_scores):.4f}]"
@@ -251,18 +264,20 @@ def markdown(runs: Sequence[Run], plot_name: str | None = None) -> str:
         size = "n/a" if run.checkpoint_bytes is None else f"{run.checkpoint_bytes / 1e6:.1f}"
         name = f"{run.name} (ensemble: {' + '.join(run.members)})" if run.members else run.name
         name += f" (phases: {' -> '.join(run.phases)})" if run.phases else ""
+        name += " **below all-empty**" if run.below_baseline else ""
         lines.append(f"| {rank} | {name} | {_fmt(run.nested_score)} | {_fmt(run.oof_score)} | {spread} | "
-                     f"{_fmt(run.test_score)} | {run.postprocess} | {run.checkpoints or 'n/a'} | "
-                     f"{_duration(run.train_seconds)} | {parameters} | {size} | {_fmt(run.auc, 3)} | "
-                     f"{_fmt(run.sensitivity, 3)} | {_fmt(run.specificity, 3)} | {_fmt(run.test_auc, 3)} |")
+                     f"{_fmt(run.test_score)} | {_fmt(run.empty_baseline)} | {run.postprocess} | "
+                     f"{run.checkpoints or 'n/a'} | {_duration(run.train_seconds)} | {parameters} | {size} | "
+                     f"{_fmt(run.auc, 3)} | {_fmt(run.sensitivity, 3)} | {_fmt(run.specificity, 3)} | "
+                     f"{_fmt(run.test_auc, 3)} |")
     if not runs:
-        lines.append("| | no run with a finished stage 04 | | | | | | | | | | | | | |")
+        lines.append("| | no run with a finished stage 04 | | | | | | | | | | | | | | |")
     return "\n".join(lines) + "\n"
 
 
 def plot(runs: Sequence[Run], path: Path) -> Path:
     """Per run, best at the top: the nested score (bar), each fold's nested score (dots), the OOF score and the
-    test score (markers)."""
+    test score (markers), the all-empty baseline (a grey line across the run's row); a run below it is named so."""
     fig = Figure(figsize=(8, 1.2 + 0.55 * max(len(runs), 1)), layout="constrained")
     ax = fig.subplots()
     rows = np.arange(len(runs))[::-1]
@@ -279,10 +294,15 @@ def plot(runs: Sequence[Run], path: Path) -> Path:
     if tested:
         ax.scatter([t for _, t in tested], [row for row, _ in tested], marker="D", color="#d95f0e", s=30, zorder=5,
                    label="test")
-    values = [v for r in runs for v in (*r.fold_scores, r.oof_score, r.nested_score, r.test_score) if v is not None]
+    baselines = [(row, r.empty_baseline) for row, r in zip(rows, runs) if r.empty_baseline is not None]
+    if baselines:
+        ax.vlines([b for _, b in baselines], [row - 0.45 for row, _ in baselines], [row + 0.45 for row, _ in baselines],
+                  colors="grey", linestyles="--", zorder=6, label="all empty")
+    values = [v for r in runs for v in (*r.fold_scores, r.oof_score, r.nested_score, r.test_score, r.empty_baseline)
+              if v is not None]
     low = min(values, default=0.0)
     ax.set_xlim(max(0.0, low - 0.05), 1.0)
-    ax.set_yticks(rows, [r.name for r in runs])
+    ax.set_yticks(rows, [f"{r.name} (below all-empty)" if r.below_baseline else r.name for r in runs])
     ax.set_xlabel("mean Dice (the challenge metric)")
     ax.set_title("Leaderboard: nested estimate per run, best at the top")
     ax.grid(axis="x", alpha=0.3)

@@ -90,17 +90,43 @@ def read_submission(path: str | os.PathLike) -> tuple[list[Row], list[str]]:
             header = next(reader, None)
             if header is None:
                 return [], [f"{path}: the file is empty; expected the header {','.join(HEADER)}"]
+            delimiter = _other_delimiter(header)
+            if delimiter:  # every row would be one field: say so once, not once a row
+                return [], [f"{path}: the fields are separated by {delimiter}, not commas; save the file as a "
+                            f"comma-separated CSV with the header {','.join(HEADER)}"]
             if tuple(header) != HEADER:
                 problems.append(f"line 1: the header is {','.join(header)!r}; it must be exactly {','.join(HEADER)}")
+            bad_lines = []
             for fields in reader:
                 if len(fields) != 2:
-                    problems.append(f"line {reader.line_num}: {len(fields)} fields {fields!r}; expected ImageId,"
-                                    f"EncodedPixels")
+                    bad_lines.append((reader.line_num, fields))
                     continue
                 rows.append(Row(reader.line_num, fields[0].strip(), fields[1].strip()))
     except (UnicodeDecodeError, csv.Error) as exc:
-        problems.append(f"{path}: not a readable UTF-8 CSV file ({exc})")
+        return rows, [*problems, f"{path}: not a readable UTF-8 CSV file ({exc})"]
+    problems += _grouped([f"line {line}: {len(fields)} fields ({','.join(fields)}); expected ImageId,EncodedPixels"
+                          for line, fields in bad_lines], [f"line {line}" for line, _ in bad_lines],
+                         "lines do not have the two fields ImageId,EncodedPixels")
     return rows, problems
+
+
+_DELIMITERS = {";": "semicolons (;)", "\t": "tabs", "|": "vertical bars (|)"}
+
+
+def _other_delimiter(header: list[str]) -> str | None:
+    """The name of the delimiter a one-field header is split by (semicolons, tabs, bars), or None."""
+    if len(header) != 1:
+        return None
+    return next((name for mark, name in _DELIMITERS.items() if mark in header[0]), None)
+
+
+def _grouped(messages: list[str], items: list[str], summary: str, limit: int = 5) -> list[str]:
+    """A problem that repeats, as one line: ``messages`` (one a case) when there is at most one case, else the count,
+    ``summary`` and the first ``limit`` of ``items`` (each case in short)."""
+    if len(messages) <= 1:
+        return messages
+    more = f", ... and {len(items) - limit} more" if len(items) > limit else ""
+    return [f"{len(messages)} {summary}; the first {min(limit, len(items))}: {', '.join(items[:limit])}{more}"]
 
 
 def validate_submission(path: str | os.PathLike, expected: str | os.PathLike | Sequence[str],
@@ -130,27 +156,40 @@ def validate_submission(path: str | os.PathLike, expected: str | os.PathLike | S
         return problems  # no file, or nothing readable in it: listing every ImageId as missing would bury that
     problems += _id_problems(rows, expected_ids)
     sizes = sizes or {}
-    for row in rows:
-        problems += _rle_problems(row, sizes.get(row.image_id, DEFAULT_SIZE), fmt)
+    bad = [(row, found) for row in rows for found in _rle_problems(row, sizes.get(row.image_id, DEFAULT_SIZE), fmt)]
+    problems += _grouped([found for _, found in bad], [found.split(", ImageId")[0] for _, found in bad],
+                         f"rows have EncodedPixels that are not valid {fmt} run-length strings (or -1)")
     return problems
 
 
 def _id_problems(rows: Sequence[Row], expected_ids: Sequence[str]) -> list[str]:
-    problems = []
+    """The ImageId problems of ``rows``: no ImageId, one twice, one not expected, an expected one without a row (each
+    kind grouped when it repeats), else the first row out of the expected order."""
     wanted = set(expected_ids)
     first_line: dict[str, int] = {}
+    blank, twice, unexpected = [], [], []
     for row in rows:
         if not row.image_id:
-            problems.append(f"line {row.line}: no ImageId")
+            blank.append(row)
         elif row.image_id in first_line:
-            problems.append(f"line {row.line}: ImageId {row.image_id} again (first on line "
-                            f"{first_line[row.image_id]}); give one merged mask per image")
+            twice.append((row, first_line[row.image_id]))
         else:
             first_line[row.image_id] = row.line
             if row.image_id not in wanted:
-                problems.append(f"line {row.line}: ImageId {row.image_id} is not a test image")
-    problems += [f"ImageId {image_id} (test image {k + 1} of {len(expected_ids)}) has no row"
-                 for k, image_id in enumerate(expected_ids) if image_id not in first_line]
+                unexpected.append(row)
+    missing = [(k, image_id) for k, image_id in enumerate(expected_ids) if image_id not in first_line]
+    problems = [
+        *_grouped([f"line {row.line}: no ImageId" for row in blank], [f"line {row.line}" for row in blank],
+                  "lines have no ImageId"),
+        *_grouped([f"line {row.line}: ImageId {row.image_id} again (first on line {first}); give one merged mask per "
+                   f"image" for row, first in twice], [f"line {row.line} ({row.image_id})" for row, _ in twice],
+                  "rows repeat an ImageId of an earlier row (give one merged mask per image)"),
+        *_grouped([f"line {row.line}: ImageId {row.image_id} is not a test image" for row in unexpected],
+                  [f"line {row.line} ({row.image_id})" for row in unexpected], "rows are not of test images"),
+        *_grouped([f"ImageId {image_id} (test image {k + 1} of {len(expected_ids)}) has no row"
+                   for k, image_id in missing], [image_id for _, image_id in missing],
+                  f"test images of {len(expected_ids)} have no row (write one per test image, -1 when empty)"),
+    ]
     if not problems:
         order = [row.image_id for row in rows]
         if order != list(expected_ids):

@@ -207,8 +207,11 @@ def plot_search(result: SearchResult, numbers: dict, path: Path) -> Path:
         axes[0].set_xticks(range(len(grid.min_areas)), [f"{a:g}" for a in grid.min_areas], rotation=90, fontsize=7)
         axes[0].set_yticks(range(len(grid.tops)), [f"{t:g}" for t in grid.tops], fontsize=7)
         axes[0].plot(area, top, marker="*", color="red", ms=12)
+        chosen = numbers["chosen"]
         axes[0].set(xlabel="min_area (pixels of the 1024 px image)", ylabel="top",
-                    title=f"triplet: OOF dice at bottom={grid.bottoms[bottom]:g} (best {np.nanmax(scores):.4f})")
+                    title=f"triplet: OOF dice at bottom={grid.bottoms[bottom]:g} (star: its best, "
+                          f"{np.nanmax(scores):.4f}; white: top < bottom, not a candidate)\n"
+                          f"chosen: {chosen['name']}, OOF dice {numbers['oof_score']:.4f} (the report's score)")
         fig.colorbar(image, ax=axes[0], label="OOF dice")
     return save_figure(fig, path, FIGURE_DPI)
 
@@ -274,7 +277,9 @@ def plot_training_curves(logs: Mapping[int, Path], path: Path) -> Path | None:
             log.warning("fold %s has no training log at %s; its curves are left out of the report", fold, log_path)
     if not frames:
         return None
-    metrics = sorted({c for f in frames.values() for c in f.columns if c.startswith("val_") and c != "val_loss"})
+    # Numeric columns only: val_postprocess names the strategy that gave val_dice (text, not a curve).
+    metrics = sorted({c for f in frames.values() for c in f.columns
+                      if c.startswith("val_") and c != "val_loss" and pd.api.types.is_numeric_dtype(f[c])})
     columns = min(2, 1 + len(metrics))
     rows = -(-(1 + len(metrics)) // columns)
     fig = Figure(figsize=(6 * columns, 4 * rows), layout="constrained")

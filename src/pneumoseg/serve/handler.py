@@ -48,7 +48,7 @@ from PIL import Image
 
 from pneumoseg.data.dicom import read_dicom_bytes
 from pneumoseg.data.pictures import check_size, decode_picture
-from pneumoseg.errors import DataError
+from pneumoseg.errors import DataError, plain_reason
 from pneumoseg.inference.predictor import Prediction
 from pneumoseg.registry import Registry
 from pneumoseg.serve.package import ServingModel, load_package
@@ -241,7 +241,8 @@ def input_fn(request_body: bytes | bytearray | memoryview, request_content_type:
     except DataError as exc:  # a DICOM that cannot become an image says why
         raise BadRequest(str(exc)) from None
     except Exception as exc:  # every library fails on bad bytes in its own way; all mean an unreadable body
-        raise BadRequest(f"the body is not a readable {media} ({type(exc).__name__}: {exc})") from None
+        log.info("unreadable %s body: %s: %s", media, type(exc).__name__, exc)
+        raise BadRequest(f"the body is not a readable {media}: {plain_reason(exc)}") from None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -364,10 +365,10 @@ def respond(model: ServingModel, data: ImageInput, accept: str | None,
         payload, response_type = output_fn(predict(data, model), accept)
     except RequestError as exc:
         return int(exc.status), error_body(exc.status, str(exc)), JSON
-    except Exception as exc:  # a failure of the model must not take the server down: answer 500, log it
+    except Exception:  # a failure of the model must not take the server down: answer 500, log it
         log.exception("prediction failed")
-        return (HTTPStatus.INTERNAL_SERVER_ERROR, error_body(HTTPStatus.INTERNAL_SERVER_ERROR, f"the model failed "
-                f"on this request ({type(exc).__name__}); see the server's log"), JSON)
+        return (HTTPStatus.INTERNAL_SERVER_ERROR, error_body(HTTPStatus.INTERNAL_SERVER_ERROR, "the model failed "
+                "on this request; the server's log has the details"), JSON)
     return HTTPStatus.OK, payload, response_type
 
 

@@ -77,6 +77,7 @@ from starlette.routing import Route
 
 from pneumoseg.logs import setup_logging
 from pneumoseg.errors import PneumosegError
+from pneumoseg.modeling.device import set_cpu_threads
 from pneumoseg.serve.handler import (JSON, ImageInput, RequestError, Result, check_content_type, error_body,
                                      input_fn, negotiate, predict_fn, respond)
 from pneumoseg.serve.package import ServingModel, load_package, open_package
@@ -522,6 +523,9 @@ def parser() -> argparse.ArgumentParser:
                         help="longest a request's decode may take; 400 after (default %(default)g)")
     result.add_argument("--predictions", type=int, default=defaults.predictions,
                         help="requests predicting at once (default %(default)s)")
+    result.add_argument("--torch-threads", default="auto",
+                        help="torch threads of each prediction: auto = the cores this process may use shared among "
+                             "--predictions (at least 1), or a number (default %(default)s)")
     result.add_argument("--max-queue", type=int, default=limits.max_queue,
                         help="requests waiting for a worker at most; more get 503 (default %(default)s)")
     result.add_argument("--max-body-mb", type=float, default=limits.max_body_bytes / 2 ** 20,
@@ -608,6 +612,11 @@ def main(argv: list[str] | None = None) -> int:
         arguments.error(f"--max-body-mb must be above 0 and at most {ASYNC_MAX_BODY_MB} (asynchronous inference's "
                         "1 GB)")
     setup_logging()
+    try:
+        threads = set_cpu_threads(args.torch_threads, "--torch-threads", sharers=args.predictions)
+    except PneumosegError as exc:
+        arguments.error(str(exc))
+    log.info("%d torch threads for each of %d predictions at once", threads, args.predictions)
     try:
         job = transform_job(default_payload_mb=max(1, int(args.max_body_mb)), default_concurrent=args.workers)
     except PneumosegError as exc:

@@ -120,6 +120,7 @@ def run(cfg: DictConfig, force: bool = False) -> dict:
     dicoms = _list_dicoms(input_dir)
     folder = layout.convert_dir(cfg)
     record = StageRecord(STAGE_NAME, folder, cfg, ("prepare",), inputs=_listing_facts(input_dir, dicoms))
+    force = record.redo(force)
     if record.skip_if_complete(force):
         return record.stored_summary()
     record.start()

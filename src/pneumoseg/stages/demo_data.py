@@ -153,6 +153,7 @@ def run(cfg: DictConfig, force: bool = False) -> dict:
     _check(demo)
     folder = Path(cfg.paths.input_dir)
     record = StageRecord(STAGE_NAME, folder, cfg, ("demo",))
+    force = record.redo(force)
     if record.skip_if_complete(force):
         return record.stored_summary()
 
@@ -201,7 +202,8 @@ def _claim_folder(folder: Path, key: str, files: Sequence[str], force: bool) -> 
                         f"did not write; it never overwrites them. Point paths.input_dir at another folder.")
     same = manifest["fingerprint"] == key and not force
     if owned and not same:
-        log.info("%s: the demo config changed; deleting the %d files of the previous demo", STAGE_NAME, len(owned))
+        why = "--force: writing the demo again" if manifest["fingerprint"] == key else "the demo config changed"
+        log.info("%s: %s; deleting the %d files of the previous demo", STAGE_NAME, why, len(owned))
         _remove(folder, sorted(owned))
     return same
 

@@ -80,6 +80,7 @@ def run(cfg: DictConfig, force: bool = False) -> dict[str, Any]:
     code = content_hash(*sources.values())
     record = StageRecord(STAGE_NAME, layout.package_dir(cfg), cfg, sections,
                          inputs={"version": manifest["version"], "code": code})
+    force = record.redo(force)
     if record.skip_if_complete(force):
         return record.stored_summary()
     record.start()

@@ -45,10 +45,12 @@ from pneumoseg import layout, stage_table
 from pneumoseg.config import fingerprint, is_ensemble
 from pneumoseg.data import rle
 from pneumoseg.modeling.checkpoints import best_files
+from pneumoseg.modeling.device import set_cpu_threads
 from pneumoseg.data.dataset import ImageFiles, make_loader
 from pneumoseg.errors import ConfigError, DataError
 from pneumoseg.io import content_hash, write_csv, write_json, write_text
 from pneumoseg.inference.predictor import EnsemblePredictor, Predictor, configured_postprocessor
+from pneumoseg.evaluation import sanity
 from pneumoseg.evaluation.submission import DEFAULT_SIZE, dice_by_image, score_submission, write_submission
 from pneumoseg.data.testset import image_sizes, test_set
 from pneumoseg.demo.layouts import TEST_LABELS
@@ -133,15 +135,17 @@ def run(cfg: DictConfig, force: bool = False) -> dict[str, Any]:
     test, expected = test_set(cfg)
     test_labels = test_labels_path(cfg)
     record = StageRecord(STAGE_NAME, folder, cfg, SECTIONS, inputs=_input_facts(cfg, test_labels))
+    force = record.redo(force)
     if record.skip_if_complete(force):
         return record.stored_summary()
+    threads = set_cpu_threads(cfg.predict.get("torch_threads"), "predict.torch_threads", int(cfg.predict.num_workers))
     predictor = build_predictor(cfg)
     record.start()
 
     ids = test[lb.ID_COLUMN].tolist()
     sizes = image_sizes(test)
-    log.info("%s: %d test images, %d models, %d forward passes per image on %s", STAGE_NAME, len(ids),
-             len(predictor.models), predictor.n_views, predictor.device)
+    log.info("%s: %d test images, %d models, %d forward passes per image on %s (%d torch threads)", STAGE_NAME,
+             len(ids), len(predictor.models), predictor.n_views, predictor.device, threads)
     started = time.time()
     folders = {size: layout.images_dir(cfg, size) for size in predictor.image_sizes}
     encoded, counts, scores = predict_rles(predictor, folders, ids, sizes, cfg.predict)
@@ -162,6 +166,7 @@ def run(cfg: DictConfig, force: bool = False) -> dict[str, Any]:
     }
     if test_labels.is_file():
         summary.update(score_test_set(cfg, test_labels, sizes))
+    summary[sanity.WARNINGS_KEY] = sanity.log_warnings(STAGE_NAME, sanity.prediction_warnings(summary))
     record.finish(summary)
     return summary
 
@@ -227,7 +232,8 @@ def score_test_set(cfg: DictConfig, test_labels: Path, sizes: dict[str, tuple[in
         log.info("test score %.4f (no OOF report at %s to compare with)", test_score, report)
     else:
         log.info("test score %.4f, OOF score %.4f (difference %+.4f)", test_score, oof_score, test_score - oof_score)
-    return {"test_score": scores["test_score"], "oof_score": scores["oof_score"], **detector_headline(detector)}
+    return {"test_score": scores["test_score"], "oof_score": scores["oof_score"],
+            "test_empty_baseline": round(sanity.empty_baseline(test_labels), 4), **detector_headline(detector)}
 
 
 def detector_headline(numbers: dict[str, Any]) -> dict[str, float | None]:
@@ -273,6 +279,7 @@ def summary_text(summary: dict[str, Any]) -> str:
         if summary.get("test_auc") is not None:
             lines.append(f"  image-level AUC {summary['test_auc']:.3f}, sensitivity {summary['test_sensitivity']:.3f}, "
                          f"specificity {summary['test_specificity']:.3f} (test_report.md)")
+    lines += [f"  WARNING: {warning}" for warning in summary.get(sanity.WARNINGS_KEY, [])]
     return "\n".join(lines)
 
 

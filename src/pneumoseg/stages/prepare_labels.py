@@ -97,6 +97,7 @@ def run(cfg: DictConfig, force: bool = False) -> dict:
     digests = {"labels": content_hash(labels_path), "metadata": content_hash(metadata_path),
                "sample_submission": content_hash(submission_path) if submission_path else None}
     record = StageRecord(STAGE_NAME, folder, cfg, sections=("data", "folds"), inputs={"sizes": sizes, **digests})
+    force = record.redo(force)
     if record.skip_if_complete(force):
         return record.stored_summary()
     record.start()

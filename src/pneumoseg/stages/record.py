@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,8 @@ from pneumoseg.stage_table import DONE_FILE, command
 
 log = logging.getLogger(__name__)
 
+FORCED_FILE = "forced.json"   # a forced run of this stage: its fingerprint, run and whether it finished
+FORCE_RUN_ENV = "PNEUMOSEG_FORCE_RUN"   # run_all.sh's id of one forced command, kept across its reruns
 
 def require_finished(folder: str | Path, number: str, stage_name: str | None = None, script: str | None = None) -> Path:
     """Refuse to go on when an earlier stage has not finished in ``folder``.
@@ -134,6 +137,7 @@ class StageRecord:
                 "summary": summary or {},
             },
         )
+        self.finish_forced_run()
         log.info("%s: done in %.1f s -> %s", self.name, time.time() - self._started, self.folder)
 
     def _stored_inputs(self) -> Any:
@@ -145,6 +149,48 @@ class StageRecord:
     def stored_summary(self) -> dict[str, Any]:
         """The summary of the completed run (see :func:`stored_summary`); what a skipped stage returns."""
         return stored_summary(self.folder)
+
+    def redo(self, force: bool, scope: str = "") -> bool:
+        """``--force`` means "redo once": whether this run must start the stage afresh.
+
+        A forced run leaves ``forced.json`` (this fingerprint; the forced command's run, :data:`FORCE_RUN_ENV`, which
+        ``run_all.sh`` keeps across reruns of one command). Rerunning the same forced command after a kill or a
+        failure finds it and continues that run where it stopped (False) instead of starting it again; a stage the
+        forced command has already redone is then skipped. Call before :meth:`skip_if_complete`, with what it
+        returns as ``force``.
+
+        Args:
+            force: the command's ``--force``.
+            scope: what part of the stage the command redoes, when it can redo a part (stage 03's ``--fold``).
+        """
+        if not force:
+            return False
+        run = os.environ.get(FORCE_RUN_ENV, "")
+        marker = self.folder / FORCED_FILE
+        try:
+            stored = json.loads(marker.read_text())
+        except (OSError, ValueError):
+            stored = {}
+        if stored.get("fingerprint") == self.key and stored.get("run", "") == run and stored.get("scope", "") == scope:
+            log.info("%s: %s", self.name, "already redone by this forced command" if stored.get("finished")
+                     else "continuing the forced run of this config that stopped before it finished")
+            return False
+        write_json(marker, {"fingerprint": self.key, "run": run, "scope": scope, "finished": False})
+        return True
+
+    def finish_forced_run(self) -> None:
+        """After :meth:`finish` (or a part of the stage, :meth:`redo`'s ``scope``): a standalone forced run is over
+        (its mark goes); one of ``run_all.sh`` is marked
+        finished, so that a rerun of that command skips this stage."""
+        marker = self.folder / FORCED_FILE
+        try:
+            stored = json.loads(marker.read_text())
+        except (OSError, ValueError):
+            return
+        if stored.get("run"):
+            write_json(marker, {**stored, "finished": True})
+        else:
+            marker.unlink(missing_ok=True)
 
     def skip_if_complete(self, force: bool) -> bool:
         """True (and a log line) when the stage can be skipped; ``force`` always reruns."""

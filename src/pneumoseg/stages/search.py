@@ -52,6 +52,7 @@ from pneumoseg.errors import ConfigError, DataError
 from pneumoseg.io import read_png, write_csv, write_json
 from pneumoseg.evaluation import detection
 from pneumoseg.evaluation.metrics import dice_from_counts
+from pneumoseg.evaluation import sanity
 from pneumoseg.postprocess.strategies import PostProcessor, build_postprocessor
 from pneumoseg.data.blend import blend_gates
 from pneumoseg.data.probstore import GATE_FILE, IDS_FILE, PROBS_FILE, ProbabilityStore
@@ -255,6 +256,7 @@ def run(cfg: DictConfig, force: bool = False) -> dict:
     folder = layout.search_dir(cfg)
     folds = open_folds(cfg)
     record = StageRecord(STAGE_NAME, folder, cfg, SECTIONS, inputs=_input_facts(cfg, folds))
+    force = record.redo(force)
     if record.skip_if_complete(force):
         return record.stored_summary()
     build_grids(cfg)
@@ -275,6 +277,7 @@ def run_ensemble(cfg: DictConfig, force: bool = False) -> dict:
     member_folds = [open_folds(m.cfg) for m in members]
     inputs = {m.name: _input_facts(m.cfg, folds) for m, folds in zip(members, member_folds)}
     record = StageRecord(STAGE_NAME, folder, cfg, ENSEMBLE_SECTIONS, inputs=inputs)
+    force = record.redo(force)
     if record.skip_if_complete(force):
         return record.stored_summary()
     build_grids(cfg)
@@ -336,6 +339,7 @@ def _write_outputs(cfg: DictConfig, oof: OofSet, result: SearchResult, seconds: 
     numbers["detection"] = detector_numbers(per_image, cfg, source)
     if ensemble is not None:
         numbers["ensemble"] = ensemble
+    numbers[sanity.WARNINGS_KEY] = sanity.log_warnings(STAGE_NAME, sanity.search_warnings(numbers))
     write_json(layout.thresholds_path(cfg), {**chosen.to_block(), "oof_score": numbers["oof_score"],
                                              "nested_score": numbers["nested_score"], "oof_size": oof.size,
                                              "n_images": len(oof)})

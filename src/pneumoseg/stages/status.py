@@ -24,6 +24,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from pneumoseg import layout, stage_table
+from pneumoseg.cli import run_stage_script
 from pneumoseg.config import ensemble_members, is_ensemble
 from pneumoseg.stage_table import DONE_FILE, Stage
 from pneumoseg.stages.record import read_done, recorded_for
@@ -183,6 +184,8 @@ def report(cfg: DictConfig) -> str:
         parts.append(f"({state.detail})" if state.detail else "")
         lines.append("  ".join(part for part in parts if part))
         lines.extend(phase_line)
+        if state.state in ("done", "stale") and state.done is not None:
+            lines.extend(f"       WARNING: {warning}" for warning in state.done.get("summary", {}).get("warnings", []))
         if state.state in ("done", "stale"):
             lines.extend(f"       -> {path}" for path in state.files)
     return "\n".join(lines)
@@ -209,3 +212,8 @@ def _fmt(value: Any) -> str:
 def stage(cfg: DictConfig, args: argparse.Namespace) -> None:
     """The script's entry: print :func:`report`."""
     print(report(cfg))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``pneumoseg status --config CONFIG [key=value ...]``: print :func:`report`; the exit code."""
+    return run_stage_script(__doc__ or "", stage, argv=argv)

@@ -50,20 +50,23 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
-import torch
 from omegaconf import DictConfig
 
 from pneumoseg import layout, stage_table
 from pneumoseg.cli import read_flag, stage_parser
 from pneumoseg.data.dataset import PreparedData
+from pneumoseg.modeling.device import set_cpu_threads
 from pneumoseg.training.distributed import DistContext, distributed
 from pneumoseg.errors import ConfigError
 from pneumoseg.io import content_hash, write_csv
+from pneumoseg.logs import place
 from pneumoseg.sagemaker.arguments import JobParser
 from pneumoseg.sagemaker.job import in_job
 from pneumoseg.sagemaker.outputs import export_outputs
 from pneumoseg.sagemaker.tuning import oof_line
 from pneumoseg.training.phases import fit_phases, plan_phases
+from pneumoseg.modeling.checkpoints import LAST_FILE
+from pneumoseg.stage_table import DONE_FILE
 from pneumoseg.stages.record import StageRecord, stored_summary
 
 log = logging.getLogger(__name__)
@@ -92,12 +95,11 @@ def run(cfg: DictConfig, force: bool = False, folds: Sequence[int] | str | None 
     """
     if force and resume is True:
         raise ConfigError("--force retrains from scratch and --resume continues: give one of them")
-    if force:
-        resume = False
     if int(cfg.train.epochs) < 1:
         raise ConfigError(f"train.epochs must be at least 1, got {cfg.train.epochs}")
     plan_phases(cfg)   # a bad phase fails now, before any training
-    _limit_torch_threads(cfg.train.get("torch_threads"))
+    threads = set_cpu_threads(cfg.train.get("torch_threads"), "train.torch_threads", int(cfg.train.num_workers))
+    log.info("%s: %d torch threads (train.torch_threads=%s)", STAGE_NAME, threads, cfg.train.get("torch_threads"))
     folder = layout.train_dir(cfg)
     data = PreparedData.load(cfg.paths.prepared_dir, int(cfg.train.image_size))
     folds_csv = layout.folds_path(cfg)
@@ -107,11 +109,14 @@ def run(cfg: DictConfig, force: bool = False, folds: Sequence[int] | str | None 
     inputs = record.inputs
 
     with distributed(str(cfg.train.device)) as ctx:
+        force = ctx.broadcast(record.redo(force, scope=f"folds {requested}") if ctx.is_main else force)
         if ctx.broadcast(record.skip_if_complete(force) and set(requested) <= set(planned)):
             summaries, complete = _stored_summaries(folder, requested), True
         else:
-            summaries = _train_folds(record, data, requested, ctx, force, resume)
+            summaries = _train_folds(record, data, requested, ctx, force, False if force else resume)
             complete = all(_fold_record(cfg, inputs, fold).is_complete() for fold in planned)
+            if ctx.is_main and not complete:  # the requested folds are done: so is a forced run of them
+                record.finish_forced_run()
             if ctx.is_main and complete:
                 fold_summaries = _stored_summaries(folder, planned)
                 record.finish({"folds": planned, "fold_summaries": fold_summaries})
@@ -133,22 +138,6 @@ def _oof_dice(fold_summaries: dict[int, dict]) -> float:
     return sum(s["best"]["val_dice"] * s["n_val"] for s in fold_summaries.values()) / max(total, 1)
 
 
-def _limit_torch_threads(threads: int | None) -> None:
-    """Set torch's intra-op threads of this process (``train.torch_threads``, a key only ``configs/scale.yaml``
-    sets; None keeps torch's default of one per core).
-
-    Args:
-        threads: the thread count, at least 1, or None.
-    """
-    if threads is None:
-        return
-    if int(threads) < 1:
-        raise ConfigError(f"train.torch_threads must be at least 1 or null, got {threads}")
-    # On a CPU that DataLoader workers (or other jobs) share, one thread per core oversubscribes it, and torch's
-    # threads then wait for each other's time slices at every operation.
-    torch.set_num_threads(int(threads))
-
-
 def _train_folds(record: StageRecord, data: PreparedData, folds: Sequence[int], ctx: DistContext, force: bool,
                  resume: bool | str) -> dict[int, dict]:
     """Train each fold of ``folds`` that is not complete (or all with ``force``) -> the fold summaries.
@@ -162,6 +151,12 @@ def _train_folds(record: StageRecord, data: PreparedData, folds: Sequence[int], 
         resume: as for :func:`run`.
     """
     cfg, inputs = record.cfg, record.inputs
+    if ctx.is_main and force:
+        # A forced run that is stopped is continued by a plain resume: no fold may look finished or resumable
+        # from before it.
+        for fold in folds:
+            for name in (DONE_FILE, LAST_FILE):
+                (layout.fold_dir(cfg, fold) / name).unlink(missing_ok=True)
     if ctx.is_main:
         record.start()
         write_csv(layout.train_folds_path(cfg), data.folds)
@@ -176,8 +171,9 @@ def _train_folds(record: StageRecord, data: PreparedData, folds: Sequence[int], 
             fold_record.done_path.unlink(missing_ok=True)
             fold_record.folder.mkdir(parents=True, exist_ok=True)
         ctx.barrier()
-        summaries[fold] = fit_phases(cfg, data, fold, fold_record.folder, ctx, resume, fold_record.key,
-                                     lambda size: PreparedData.load(cfg.paths.prepared_dir, size))
+        with place(f"fold {fold}"):
+            summaries[fold] = fit_phases(cfg, data, fold, fold_record.folder, ctx, resume, fold_record.key,
+                                         lambda size: PreparedData.load(cfg.paths.prepared_dir, size))
         if ctx.is_main:
             fold_record.finish(summaries[fold])
         ctx.barrier()

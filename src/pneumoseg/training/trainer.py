@@ -58,6 +58,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from pneumoseg import layout
+from pneumoseg.logs import place
 from pneumoseg.data.augment import build_augment
 from pneumoseg.modeling.checkpoints import CHECKPOINTS_FILE, LAST_FILE, best_files, load_checkpoint, save_checkpoint
 from pneumoseg.training.averaging import average_checkpoints, build_ema, check_average_top_k, ema_decay
@@ -412,11 +413,13 @@ def fit_fold(cfg: DictConfig, data: PreparedData, fold: int, folder: str | Path,
         if patience is not None and epochs_since_best(run.history, monitor) >= int(patience):
             log.info("fold %d: no %s improvement for %d epochs; stopping early", fold, monitor, int(patience))
             break
-        _run_epoch(run, epoch, epochs, fold, folder, ctx, monitor, fingerprint)
+        with place(f"epoch {epoch + 1} of {epochs}"):
+            _run_epoch(run, epoch, epochs, fold, folder, ctx, monitor, fingerprint)
     if ctx.is_main and predict_oof:
-        write_oof(cfg, data, val_rows, folder, ctx)
-        if run.ema_best is not None:
-            write_oof(cfg, data, val_rows, run.ema_best.folder, ctx)
+        with place("predicting its validation images (out-of-fold maps)"):
+            write_oof(cfg, data, val_rows, folder, ctx)
+            if run.ema_best is not None:
+                write_oof(cfg, data, val_rows, run.ema_best.folder, ctx)
     ctx.barrier()
     averaging = _averaging_summary(run, monitor)
     if cfg.train.average_top_k is not None:
