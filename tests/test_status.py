@@ -118,3 +118,12 @@ def test_a_stage_with_no_record_is_not_started_with_the_folds_done(tiny_cfg):
     assert " not started " in _line(cfg, "03")
     StageRecord("03_train fold 0", layout.fold_dir(cfg, 0), cfg, ("train",)).finish()
     assert "folds [0] done" in _line(cfg, "03")
+
+
+def test_run_all_reads_the_stages_of_the_config_from_the_table(capsys):
+    stage_table.main([os.path.join(ROOT, "configs", "tiny.yaml")])
+    assert capsys.readouterr().out.split() == [part for row in stage_table.STAGES for part in (row.number, row.script)]
+    stage_table.main([os.path.join(ROOT, "configs", "demo_ensemble.yaml")])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == ["03 scripts/train_members.py", "04 scripts/04_search_thresholds.py", "05 scripts/05_predict.py",
+                     "06 scripts/06_package_model.py"]
