@@ -22,7 +22,7 @@ import warnings
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterator
+from typing import BinaryIO, Callable, Iterator, cast
 
 import numpy as np
 import pydicom
@@ -76,7 +76,7 @@ def write_jpeg_dicom(path: str | os.PathLike, pixels: np.ndarray, tags: DicomTag
 
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = tags.sop_instance_uid
+    meta.MediaStorageSOPInstanceUID = UID(tags.sop_instance_uid)
     meta.TransferSyntaxUID = JPEGBaseline8Bit
 
     ds = Dataset()
@@ -398,10 +398,11 @@ def _inflated(source: BinaryIO, path: Path) -> tuple[BinaryIO, int, bool]:
     # then parses as plain; the dataset's pixels are native either way.
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     write_file_meta_info(out, meta, enforce_standard=False)
-    _inflate_into(out, source.read(), path)  # the caller bounds the file's size
-    size = out.tell()
-    out.seek(0)
-    return out, size, True
+    inflated = cast(BinaryIO, out)      # pydicom's in-memory file: a binary file to its readers
+    _inflate_into(inflated, source.read(), path)  # the caller bounds the file's size
+    size = inflated.tell()
+    inflated.seek(0)
+    return inflated, size, True
 
 
 def _inflate_into(out: BinaryIO, compressed: bytes, path: Path) -> None:
@@ -416,7 +417,7 @@ def _inflate_into(out: BinaryIO, compressed: bytes, path: Path) -> None:
     bound, probed = MAX_FILE_BYTES, False
     try:
         for start in range(0, len(view), _INFLATE_INPUT_BLOCK):
-            pending = view[start:start + _INFLATE_INPUT_BLOCK]
+            pending: bytes | memoryview = view[start:start + _INFLATE_INPUT_BLOCK]
             # With its output bounded, the inflater may hold output back after taking all of ``pending``:
             # it is drained (decompress of no input) before the next block is read.
             while not inflater.eof:
