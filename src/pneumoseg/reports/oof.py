@@ -57,9 +57,10 @@ def report_numbers(result: SearchResult, per_image: pd.DataFrame, chosen: dict, 
     per_fold = []
     fold: Any      # a group key: pandas types it as any scalar
     for k, (fold, rows) in enumerate(per_image.groupby("fold", sort=True)):
-        entry: dict[str, Any] = {"fold": int(fold), "n_images": len(rows), "n_positive": int((rows["true_area"] > 0).sum()),
-                 "score": float(rows["dice"].mean()), "default_score": float(rows["default_dice"].mean()),
-                 "empty_baseline": float((rows["true_area"] == 0).mean())}
+        entry: dict[str, Any] = {
+            "fold": int(fold), "n_images": len(rows), "n_positive": int((rows["true_area"] > 0).sum()),
+            "score": float(rows["dice"].mean()), "default_score": float(rows["default_dice"].mean()),
+            "empty_baseline": float((rows["true_area"] == 0).mean())}
         if nested is not None:
             entry.update(nested_score=float(nested.scores[k]), nested_choice=nested.choices[k])
         per_fold.append(entry)
