@@ -10,8 +10,8 @@ predict the same ``--images`` random images at the config's size, ``predict.batc
   beforehand: 10 forward passes and nothing else;
 * ensemble: :func:`pneumoseg.inference.tta.predict_probs` with ``TTA(hflip=True)``, from uint8 images to averaged
   float32 maps on the host (normalising, flipping back, sigmoids, averaging and copying included);
-* predictor (for information): :meth:`pneumoseg.inference.predictor.Predictor.predict_prepared` plus run-length encoding, i.e.
-  the ensemble, then each map brought back to ``--original`` px and post-processed there, as stage 05 does.
+* predictor (for information): :meth:`pneumoseg.inference.predictor.Predictor.predict_prepared` plus run-length
+  encoding, i.e. the ensemble, then each map brought back to ``--original`` px and post-processed there, as stage 05 does.
 
 Each figure is the best of ``--repeats`` interleaved runs after a warm-up. Target: ensemble time per image at most
 1.1 x the reference's (the ensemble machinery adds at most 10%). Prints every figure and PASS/FAIL; exits 1 when

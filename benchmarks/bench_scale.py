@@ -1,6 +1,7 @@
 """Benchmark of the whole pipeline at the real data's size: stages 00 to 06 on 12,047 + 3,205 synthetic DICOMs.
 
-    python benchmarks/bench_scale.py [--fraction F] [--workdir DIR] [--against RESULTS.json] [--stages NN ...] [key=value ...]
+    python benchmarks/bench_scale.py [--fraction F] [--workdir DIR] [--against RESULTS.json] [--stages NN ...]
+        [key=value ...]
 
 Stage 00 writes a synthetic dataset with the challenge's stage-2 counts scaled by ``F`` (1024 px JPEG DICOMs),
 then stages 01 to 06 run on it with ``configs/scale.yaml``: 512 px PNGs and masks (the real recipe's size) plus

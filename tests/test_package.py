@@ -118,7 +118,8 @@ def test_package_needs_finished_training(tiny_cfg):
 @pytest.mark.slow
 def test_entry_point_runs_on_the_bundled_code_alone(packaged, tmp_path):
     """As SageMaker's container runs it: code/ first on the path, ``inference`` imported, its ``model_fn`` and
-    ``transform_fn`` called; the bundled pneumoseg is the one used, and every library it imports is in code/requirements.txt."""
+    ``transform_fn`` called; the bundled pneumoseg is the one used, and every library it imports is in
+    code/requirements.txt."""
     with tarfile.open(packaged[1]) as archive:
         archive.extractall(tmp_path, filter="data")
     (tmp_path / "image.npy").write_bytes(_npy(IMAGE))

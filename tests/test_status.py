@@ -134,3 +134,12 @@ def test_status_and_the_leaderboard_show_the_training_phases(tiny_cfg):
     write_json(layout.search_dir(cfg) / "done.json", {"summary": {"oof_score": 0.8, "nested_score": 0.7}})
     [run] = leaderboard.collect(layout.train_dir(cfg).parent.parent)
     assert run.phases == ["small", "full"] and "| tiny (phases: small -> full) |" in leaderboard.markdown([run])
+
+
+def test_run_all_reads_the_stages_of_the_config_from_the_table(capsys):
+    stage_table.main([os.path.join(ROOT, "configs", "tiny.yaml")])
+    assert capsys.readouterr().out.split() == [part for row in stage_table.STAGES for part in (row.number, row.script)]
+    stage_table.main([os.path.join(ROOT, "configs", "demo_ensemble.yaml")])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == ["03 scripts/train_members.py", "04 scripts/04_search_thresholds.py", "05 scripts/05_predict.py",
+                     "06 scripts/06_package_model.py"]

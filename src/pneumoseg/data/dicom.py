@@ -22,7 +22,7 @@ import warnings
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterator
+from typing import BinaryIO, Callable, Iterator, cast
 
 import numpy as np
 import pydicom
@@ -425,10 +425,11 @@ def _inflated(source: BinaryIO, path: Path) -> tuple[BinaryIO | DicomBytesIO, in
     # then parses as plain; the dataset's pixels are native either way.
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     write_file_meta_info(out, meta, enforce_standard=False)
-    _inflate_into(out, source.read(), path)  # the caller bounds the file's size
-    size = out.tell()
-    out.seek(0)
-    return out, size, True
+    inflated = cast(BinaryIO, out)      # pydicom's in-memory file: a binary file to its readers
+    _inflate_into(inflated, source.read(), path)  # the caller bounds the file's size
+    size = inflated.tell()
+    inflated.seek(0)
+    return inflated, size, True
 
 
 def _inflate_into(out: DicomBytesIO, compressed: bytes, path: Path) -> None:

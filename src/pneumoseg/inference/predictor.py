@@ -38,7 +38,7 @@ from pneumoseg import layout
 
 from pneumoseg.data import rle
 from pneumoseg.data.blend import blend_gates, blend_maps, normalized_weights
-from pneumoseg.data.folds import FOLD_COLUMN, read_trained_folds
+from pneumoseg.data.fold_table import FOLD_COLUMN, read_trained_folds
 from pneumoseg.modeling.device import resolve_device
 from pneumoseg.errors import ConfigError, DataError
 from pneumoseg.data.resize import resize_probabilities, resize_square

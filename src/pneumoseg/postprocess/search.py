@@ -37,7 +37,7 @@ from __future__ import annotations
 import json
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Iterable, Iterator, Protocol, Sequence
+from typing import Any, ClassVar, Collection, Iterable, Iterator, Protocol, Sequence
 
 import numpy as np
 import pandas as pd
@@ -111,7 +111,7 @@ class ThresholdCounts:
     def __len__(self) -> int:
         return len(self.above)
 
-    def counts(self, thresholds: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+    def counts(self, thresholds: Sequence[float] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Per image and threshold (N x len(thresholds)): pixels with p > t, and how many of them are true.
 
         Raises:
@@ -124,7 +124,7 @@ class ThresholdCounts:
         columns = np.searchsorted(self.thresholds, wanted)
         return self.above[:, columns], self.above_true[:, columns]
 
-    def area_limits(self, min_areas: Sequence[float]) -> np.ndarray:
+    def area_limits(self, min_areas: Sequence[float] | np.ndarray) -> np.ndarray:
         """N x len(min_areas): each area (pixels of the 1024 px image) in pixels of each image, as
         :func:`pneumoseg.postprocess.strategies.scale_area` computes it."""
         return np.asarray(min_areas, dtype=np.float64)[None, :] * self.area_scale[:, None]
@@ -175,6 +175,7 @@ def count_thresholds(source: ImageSource, thresholds: np.ndarray, n_jobs: int = 
 
 def _values(key: str, spec: Sequence[float], low: float, high: float) -> np.ndarray:
     """The sorted, distinct grid values of a config list, checked to lie in [low, high]."""
+    values: np.ndarray
     try:
         values = np.unique(np.round(np.asarray(list(spec), dtype=np.float64), 6))
     except (TypeError, ValueError):
@@ -317,7 +318,7 @@ def exact_sums(counts: ThresholdCounts, groups: np.ndarray, n_groups: int, grid:
     empty = (counts.true_area == 0).astype(np.float64)
     gain = dice_from_counts(inter, pred, counts.true_area[:, None]) - empty[:, None]      # N x Tb
     n_points = len(grid.tops) * len(grid.min_areas)
-    sums = np.empty((n_groups, n_points, len(grid.bottoms)))
+    sums: np.ndarray = np.empty((n_groups, n_points, len(grid.bottoms)))
     for g in range(n_groups):
         rows = groups == g
         sums[g] = empty[rows].sum() + kept[rows].reshape(-1, n_points).T.astype(np.float64) @ gain[rows]
@@ -415,13 +416,13 @@ def _component_block(part: ImageSource, start: int, thresholds: np.ndarray, need
         if cuts.size:
             full = to_original(levels, truth.shape)
             pred[i, cuts], inter[i, cuts] = _component_counts(full, truth, thresholds[cuts],
-                                                              scale_area(component_areas, truth.shape), rule)
+                                                              np.asarray(scale_area(component_areas, truth.shape)), rule)
     return pred, inter
 
 
 def component_sums(source: ImageSource, counts: ThresholdCounts, groups: np.ndarray, n_groups: int,
                    points: Sequence[tuple[float, float, float]], component_areas: np.ndarray,
-                   passes: np.ndarray | None = None, point_gates: Sequence[Sequence[int]] | None = None,
+                   passes: np.ndarray | None = None, point_gates: Sequence[Collection[int]] | None = None,
                    n_jobs: int = 1, block_size: int = BLOCK_SIZE, rule: str = PIXELS,
                    detections: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Summed Dice per gate, group, ``(top, min_area, bottom)`` point and component area.
@@ -745,7 +746,7 @@ class _Exact:
         """Per variant, the points whose components are searched when choosing on the groups ``train``: those
         around the variant's best exact point on them under the objective (none for a grid without component
         areas)."""
-        points = []
+        points: list[list[tuple[float, float, float]]] = []
         for variant, variant_sums, variant_marked in zip(self.variants, self.sums, self.marked):
             grid = variant.grid
             if not grid.component_areas.size:
@@ -754,9 +755,10 @@ class _Exact:
             surface = variant_sums[train].sum(0)
             marked = np.moveaxis(variant_marked[train].sum(0), 0, -1)                     # T x A x B x 2
             feasible = self.objective.feasible(marked, self.classes[train].sum(0), ~np.isnan(surface))
-            best = np.unravel_index(np.nanargmax(np.where(feasible, surface, np.nan)), surface.shape)
+            best = np.nanargmax(np.where(feasible, surface, np.nan))
+            top, min_area, bottom = (int(i) for i in np.unravel_index(best, surface.shape))
             points.append([(grid.tops[i], grid.min_areas[j], grid.bottoms[k])
-                           for i, j, k in grid.neighbours(*map(int, best), steps)])
+                           for i, j, k in grid.neighbours(top, min_area, bottom, steps)])
         return points
 
 

@@ -56,10 +56,12 @@ def report_numbers(result: SearchResult, per_image: pd.DataFrame, chosen: dict, 
     predicted = per_image["pred_area"] > 0
     nested = result.nested
     per_fold = []
+    fold: Any      # a group key: pandas types it as any scalar
     for k, (fold, rows) in enumerate(per_image.groupby("fold", sort=True)):
-        entry = {"fold": int(fold), "n_images": len(rows), "n_positive": int((rows["true_area"] > 0).sum()),
-                 "score": float(rows["dice"].mean()), "default_score": float(rows["default_dice"].mean()),
-                 "empty_baseline": float((rows["true_area"] == 0).mean())}
+        entry: dict[str, Any] = {
+            "fold": int(fold), "n_images": len(rows), "n_positive": int((rows["true_area"] > 0).sum()),
+            "score": float(rows["dice"].mean()), "default_score": float(rows["default_dice"].mean()),
+            "empty_baseline": float((rows["true_area"] == 0).mean())}
         if nested is not None:
             entry.update(nested_score=float(nested.scores[k]), nested_choice=nested.choices[k])
         per_fold.append(entry)
@@ -67,12 +69,12 @@ def report_numbers(result: SearchResult, per_image: pd.DataFrame, chosen: dict, 
     best_per_strategy = {}
     for gated in (False, True):
         for strategy in candidates["strategy"].unique():
-            rows = result.rows_of(strategy, gated)
-            if rows.size:
+            found = result.rows_of(strategy, gated)
+            if found.size:
                 row = result.best_of(strategy, gated)
                 best_per_strategy[f"gated {strategy}" if gated else strategy] = {
                     "score": float(candidates["dice"].iloc[row]), "block": result.block(row),
-                    "n_candidates": int(rows.size)}
+                    "n_candidates": int(found.size)}
     return {
         "n_images": len(per_image),
         "n_positive": int(positive.sum()),
@@ -338,6 +340,7 @@ def plot_gallery(cases: Mapping[str, pd.DataFrame], case: CaseLoader, size: int,
     columns = max(len(frame) for frame in cases.values())
     fig = Figure(figsize=(2.4 * columns, 2.7 * len(cases)), layout="constrained")
     axes = fig.subplots(len(cases), columns, squeeze=False)
+    item: Any      # a row of the frame: pandas types its fields as any scalar
     for row, (title, frame) in zip(axes, cases.items()):
         for ax in row:
             ax.axis("off")

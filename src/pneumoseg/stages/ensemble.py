@@ -22,7 +22,7 @@ from omegaconf import DictConfig
 
 from pneumoseg import layout, stage_table
 from pneumoseg.config import EnsembleMember, ensemble_members, is_ensemble
-from pneumoseg.data.folds import FOLD_COLUMN, read_trained_folds
+from pneumoseg.data.fold_table import FOLD_COLUMN, read_trained_folds
 from pneumoseg.data.labels import ID_COLUMN
 from pneumoseg.errors import ConfigError, DataError
 from pneumoseg.io import read_json, write_json
@@ -99,7 +99,7 @@ def trained_members(cfg: DictConfig) -> list[EnsembleMember]:
 
 
 def _fold_table(cfg: DictConfig) -> pd.DataFrame:
-    """A member's ``folds.csv`` (:func:`pneumoseg.data.folds.read_trained_folds`) as ``(ImageId, fold)`` rows in
+    """A member's ``folds.csv`` (:func:`pneumoseg.data.fold_table.read_trained_folds`) as ``(ImageId, fold)`` rows in
     ImageId order, for comparing two of them."""
     table = read_trained_folds(cfg)
     return table[[ID_COLUMN, FOLD_COLUMN]].sort_values(ID_COLUMN, kind="stable").reset_index(drop=True)

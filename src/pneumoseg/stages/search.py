@@ -57,7 +57,7 @@ from pneumoseg.postprocess.strategies import PostProcessor, build_postprocessor
 from pneumoseg.data.blend import blend_gates
 from pneumoseg.data.probstore import GATE_FILE, IDS_FILE, PROBS_FILE, ProbabilityStore
 from pneumoseg.data.inputs import locate_train_labels
-from pneumoseg.data.folds import read_trained_folds
+from pneumoseg.data.fold_table import read_trained_folds
 from pneumoseg.data.labels import read_labels
 from pneumoseg.postprocess.images import BlendedImages, OofImages
 from pneumoseg.postprocess.search import GRIDS, SearchResult, build_objective, evaluate, run_search, to_original

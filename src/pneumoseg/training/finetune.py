@@ -25,7 +25,7 @@ from torch import nn
 
 from pneumoseg import layout
 from pneumoseg.config import to_dict
-from pneumoseg.data.folds import read_trained_folds
+from pneumoseg.data.fold_table import read_trained_folds
 from pneumoseg.errors import ConfigError, DataError
 from pneumoseg.modeling.checkpoints import best_files, load_checkpoint
 
