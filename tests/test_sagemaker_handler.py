@@ -65,15 +65,17 @@ def test_transform_fn_errors_set_the_status_and_answer_json(model, body, content
     assert answer_type == "application/json" and json.loads(answer)["status"] == status
 
 
-def test_a_failing_model_is_a_500_with_a_message_and_no_traceback(model, monkeypatch):
+def test_a_failing_model_is_a_500_with_a_plain_message_and_the_details_in_the_log(model, monkeypatch, caplog):
     def broken(*_):
         raise RuntimeError("CUDA error: out of memory")
 
     monkeypatch.setattr(model.predictor, "predict", broken)
     context = FakeContext()
-    answer, _ = handler.transform_fn(model, png(np.zeros((8, 8), np.uint8)), "image/png", None, context)
+    with caplog.at_level("ERROR"):
+        answer, _ = handler.transform_fn(model, png(np.zeros((8, 8), np.uint8)), "image/png", None, context)
     assert context.statuses == [(500, "Internal Server Error")]
-    assert "RuntimeError" in json.loads(answer)["error"] and "Traceback" not in answer.decode()
+    assert json.loads(answer)["error"] == "the model failed on this request; the server's log has the details"
+    assert "RuntimeError" in caplog.text and "CUDA error: out of memory" in caplog.text
 
 
 def test_the_entry_point_gives_the_toolkit_model_fn_and_transform_fn_only():

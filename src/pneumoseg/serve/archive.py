@@ -172,7 +172,8 @@ def _checked_members(archive: tarfile.TarFile, what: str, max_members: int, max_
 def _check_free_space(members: list[tarfile.TarInfo], folder: Path, what: str) -> None:
     """Refuse an archive whose files need more than the disk under ``folder`` has free."""
     needed = sum(member.size for member in members if member.isreg())
-    free = shutil.disk_usage(folder).free
+    existing = next(parent for parent in (folder, *folder.parents) if parent.exists())   # the folder may be new
+    free = shutil.disk_usage(existing).free
     if needed > free:
         raise DataError(f"{what}: its files need {needed} bytes, but {folder} has {free} free; free some space")
 
