@@ -425,11 +425,10 @@ def _inflated(source: BinaryIO, path: Path) -> tuple[BinaryIO | DicomBytesIO, in
     # then parses as plain; the dataset's pixels are native either way.
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     write_file_meta_info(out, meta, enforce_standard=False)
-    inflated = cast(BinaryIO, out)      # pydicom's in-memory file: a binary file to its readers
-    _inflate_into(inflated, source.read(), path)  # the caller bounds the file's size
-    size = inflated.tell()
-    inflated.seek(0)
-    return inflated, size, True
+    _inflate_into(out, source.read(), path)  # the caller bounds the file's size
+    size = out.tell()
+    out.seek(0)
+    return out, size, True
 
 
 def _inflate_into(out: DicomBytesIO, compressed: bytes, path: Path) -> None:
