@@ -9,7 +9,8 @@ import torch
 
 from pneumoseg.errors import ConfigError, DataError
 from pneumoseg.inference import runtime as rt
-from pneumoseg.inference.predictor import Predictor
+from pneumoseg.inference.predictor import Prediction, Predictor
+from pneumoseg.inference.runtime import Agreement
 from pneumoseg.inference.tta import TTA, FoldModel, predict_with_gate
 from pneumoseg.modeling.models import build_model
 from pneumoseg.modeling.normalize import normalize_from_model
@@ -123,3 +124,19 @@ def test_a_corrupt_or_mismatched_onnx_file_is_a_data_error_naming_it(tmp_path):
                    64, 1, path)
     with pytest.raises(DataError, match=f"{path} has the gate output"):
         rt.with_runtime([model], rt.ONNXRUNTIME, [(path, None)], threads=1)
+
+
+def test_agreement_refuses_a_difference_beyond_the_tolerances():
+    rows, cols = np.mgrid[0:16, 0:16]
+    probs = (rows / 16).astype(np.float32)
+    reference = Prediction(probs=probs, mask=probs > 0.5)
+    close = Agreement()
+    close.add([reference], [Prediction(probs=probs + 1e-5, mask=probs > 0.5)])
+    close.check("close")
+    assert close.summary() == {"images": 1, "max_probability_difference": pytest.approx(1e-5, rel=1e-2),
+                               "mask_share_differing": 0.0, "dice_between_runtimes": 1.0}
+    transposed = Agreement()
+    transposed.add([reference], [Prediction(probs=probs.T.copy(), mask=probs.T > 0.5)])
+    assert transposed.summary()["dice_between_runtimes"] < 0.6
+    with pytest.raises(DataError, match="ONNX Runtime disagrees with torch on 1 images.*tolerance"):
+        transposed.check("the ONNX export")

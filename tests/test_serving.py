@@ -227,7 +227,7 @@ def test_json_answer_describes_the_prediction(model, packaged):
     assert answer["gate_probability"] is None              # the tiny model has no gate head
     assert (answer["height"], answer["width"]) == (50, 70)
     assert answer["postprocess"] == {"name": "threshold", "params": {"threshold": 0.5, "min_area": 0.0}}
-    assert answer["model"] == {"name": "tiny", "version": manifest["version"]}
+    assert answer["model"] == {"name": "tiny", "version": manifest["version"], "runtime": model.runtime}
 
 
 def test_png_answer_is_the_mask_at_the_input_size(model):

@@ -25,16 +25,22 @@ import io
 import logging
 import os
 import warnings
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from pneumoseg.errors import ConfigError, DataError
+from pneumoseg.evaluation.metrics import dice_per_image
 from pneumoseg.inference.tta import FoldModel
 from pneumoseg.io import atomic_path
 from pneumoseg.modeling.models import has_gate
+
+if TYPE_CHECKING:  # the predictor imports this module
+    from pneumoseg.inference.predictor import Prediction
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +53,13 @@ INPUT_NAME = "image"
 MASKS_OUTPUT = "masks"
 GATE_OUTPUT = "gate"
 ONNX_SUFFIX = ".onnx"
+# How far ONNX Runtime's predictions may stray from torch's before a package is refused. Reordered fp32 arithmetic
+# moves a probability by about 1e-6 on the demo model and up to about 1e-4 on UNet-ResNet34 (logits within 6e-4, and
+# the sigmoid's slope is at most 1/4); an export bug (a missing sigmoid, a transposed or shifted map, another fold's
+# weights) moves them by 0.1 or more. A mask pixel flips only where its probability lies within that difference of a
+# threshold: a few pixels in a million, where 1e-3 of the masks' pixels is a visible change of outline.
+MAX_PROBABILITY_DIFFERENCE = 1e-3
+MAX_MASK_SHARE_DIFFERING = 1e-3
 
 
 def onnx_available() -> bool:
@@ -170,7 +183,7 @@ def open_session(source: bytes | Path, name: str, sha256: str | None = None, thr
     options.log_severity_level = 3  # errors only: its notes on graph optimisations are not the user's business
     try:
         return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # onnxruntime raises its own classes (Fail, InvalidGraph, InvalidProtobuf, ...)
+    except Exception as exc:  # noqa: BLE001 -- onnxruntime raises its own classes (Fail, InvalidGraph, ...)
         raise DataError(f"ONNX Runtime cannot load {name} ({type(exc).__name__}: {str(exc).splitlines()[0][:300]}); "
                         f"rebuild the package (scripts/06_package_model.py --force)") from None
 
@@ -265,3 +278,52 @@ def check_net(net: OnnxNet, model: FoldModel) -> None:
     if worst > 1e-3:
         raise DataError(f"{net.name} is not the ONNX export of the checkpoint {model.path} it is packaged with (logits "
                         f"differ by up to {worst:.3g}); rebuild the package (scripts/06_package_model.py --force)")
+
+
+@dataclasses.dataclass
+class Agreement:
+    """How two runtimes' predictions of the same images agree, accumulated batch by batch (:meth:`add`)."""
+
+    images: int = 0
+    max_probability_difference: float = 0.0
+    differing_pixels: int = 0
+    mask_pixels: int = 0
+    dice_sum: float = 0.0
+
+    def add(self, expected: Sequence[Prediction], found: Sequence[Prediction]) -> None:
+        """Count one batch: the same images predicted by the reference runtime and by the other."""
+        for a, b in zip(expected, found, strict=True):
+            self.images += 1
+            self.max_probability_difference = max(self.max_probability_difference,
+                                                  float(np.abs(a.probs - b.probs).max()))
+            self.differing_pixels += int(np.count_nonzero(a.mask != b.mask))
+            self.mask_pixels += int(np.count_nonzero(a.mask | b.mask))
+            self.dice_sum += float(dice_per_image(a.mask, b.mask)[0])
+
+    def summary(self) -> dict[str, Any]:
+        """``images``; ``max_probability_difference`` (anywhere, at the images' own sizes);
+        ``mask_share_differing``: pixels where the masks differ over pixels in either mask (0 when both are empty
+        everywhere); ``dice_between_runtimes``: the mean Dice of the two submissions, image by image (1 when both
+        are empty)."""
+        return {"images": self.images, "max_probability_difference": self.max_probability_difference,
+                "mask_share_differing": self.differing_pixels / self.mask_pixels if self.mask_pixels else 0.0,
+                "dice_between_runtimes": self.dice_sum / self.images if self.images else 1.0}
+
+    def check(self, what: str) -> None:
+        """Refuse a disagreement beyond :data:`MAX_PROBABILITY_DIFFERENCE` or :data:`MAX_MASK_SHARE_DIFFERING`.
+
+        Args:
+            what: the ONNX models checked, for the message.
+
+        Raises:
+            DataError: names the figures, the tolerances and what to do.
+        """
+        numbers = self.summary()
+        if (numbers["max_probability_difference"] > MAX_PROBABILITY_DIFFERENCE
+                or numbers["mask_share_differing"] > MAX_MASK_SHARE_DIFFERING):
+            raise DataError(
+                f"{what}: ONNX Runtime disagrees with torch on {numbers['images']} images: probabilities differ by up "
+                f"to {numbers['max_probability_difference']:.3g} (tolerance {MAX_PROBABILITY_DIFFERENCE:g}) and "
+                f"{numbers['mask_share_differing']:.3g} of the mask pixels differ (tolerance "
+                f"{MAX_MASK_SHARE_DIFFERING:g}); the ONNX export does not reproduce this model: report it with the "
+                f"model block of the config")

@@ -222,7 +222,7 @@ def summary_text(summary: dict[str, Any]) -> str:
              f"  {summary['models']} models x {summary['views_per_model']:g} views, post-processing "
              f"{summary['postprocess']['name']} {summary['postprocess']['params']}, "
              f"{summary['seconds_per_image']:.3f} s per image on {summary['device']} "
-             f"({summary.get('runtime', 'torch')})"]
+             f"with {summary.get('runtime', 'torch')}"]
     if "test_score" in summary:
         oof = "n/a" if summary["oof_score"] is None else f"{summary['oof_score']:.4f}"
         lines.append(f"  test score {summary['test_score']:.4f} (held-out labels), OOF score {oof}")
