@@ -243,7 +243,9 @@ def test_handler_predicts_as_the_experiments_predictor(model, packaged):
     from pneumoseg.inference.predictor import Predictor
 
     image = RNG.integers(0, 256, (130, 100), dtype=np.uint8)
-    [expected] = Predictor.from_experiment(packaged[0], device="cpu").predict([image])
+    # The package's models run on ONNX Runtime (auto on the CPU); the experiment's, exported in memory, too.
+    assert model.runtime == "onnxruntime"
+    [expected] = Predictor.from_experiment(packaged[0], device="cpu", runtime="onnxruntime").predict([image])
     found = serving.predict_fn(serving.ImageInput(image, None, "application/x-npy"), model).prediction
     np.testing.assert_array_equal(found.probs, expected.probs)
     np.testing.assert_array_equal(found.mask, expected.mask)
