@@ -58,6 +58,7 @@ from pneumoseg.inference.runtime import ONNXRUNTIME, TORCH, Agreement, export_on
 from pneumoseg.io import read_png
 from pneumoseg.serve.package import (MANIFEST_FILE, add_onnx_models, build_manifest, load_package, open_package,
                                      source_files, write_package)
+from pneumoseg.reports import oof as oof_report
 from pneumoseg.stages import ensemble
 from pneumoseg.stages.predict import build_predictor, test_labels_path
 from pneumoseg.stages.record import StageRecord, require_finished
@@ -108,6 +109,7 @@ def run(cfg: DictConfig, force: bool = False) -> dict[str, Any]:
                           {m.name: m.cfg for m in members})
             verify_package(tmp, predictor, onnx_predictor)
     write_json(layout.package_dir(cfg) / MANIFEST_FILE, manifest)
+    oof_report.add_runtime_check(layout.search_dir(cfg), manifest["onnx_check"])
     summary = {"package": str(path), "bytes": path.stat().st_size, "name": manifest["name"],
                "version": manifest["version"], "models": [m["file"] for m in manifest["models"]],
                "postprocess": manifest["postprocess"], "onnx_check": manifest["onnx_check"]}
