@@ -129,8 +129,9 @@ def export_bytes(net: nn.Module, image_size: int, channels: int) -> bytes:
         # The exporter's deprecation notice for the TorchScript path and its tracer's notes on smp's shape checks
         # (true for every size the dynamic axes allow that smp accepts) say nothing about this model.
         warnings.simplefilter("ignore")
-        torch.onnx.export(net, (example,), buffer, dynamo=False, opset_version=OPSET, input_names=[INPUT_NAME],
-                          output_names=outputs,
+        # torch writes to a binary file object too, though its annotation names only paths.
+        torch.onnx.export(net, (example,), buffer, dynamo=False,  # type: ignore[arg-type]
+                          opset_version=OPSET, input_names=[INPUT_NAME], output_names=outputs,
                           dynamic_axes={INPUT_NAME: axes, MASKS_OUTPUT: axes, GATE_OUTPUT: {0: "batch"}})
     return buffer.getvalue()
 
@@ -188,8 +189,9 @@ def open_session(source: bytes | Path, name: str, sha256: str | None = None, thr
                         f"rebuild the package (scripts/06_package_model.py --force)") from None
 
 
-class OnnxNet:
-    """An ONNX Runtime session called like the torch network it was exported from.
+class OnnxNet(nn.Module):
+    """An ONNX Runtime session called like the torch network it was exported from (a module without parameters of
+    its own, so that it stands where a :class:`~pneumoseg.inference.tta.FoldModel` holds a network).
 
     Args:
         session: the session (see :func:`open_session`).
@@ -206,21 +208,22 @@ class OnnxNet:
             raise DataError(f"{name} is not a pneumoseg ONNX model (inputs {inputs}, outputs {outputs}; expected one "
                             f"4-D {INPUT_NAME!r} and {MASKS_OUTPUT!r}[, {GATE_OUTPUT!r}]); rebuild the package "
                             f"(scripts/06_package_model.py --force)")
+        super().__init__()
         self.session = session
         self.name = name
         # What has_gate() looks for on a torch network: whether the model gives the gate's logit.
         self.classification_head = GATE_OUTPUT if GATE_OUTPUT in outputs else None
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """The logits of a float32 N x C x H x W batch: N x 1 x H x W, with the gate's N x 1 as smp returns them."""
         outputs = self.session.run(None, {INPUT_NAME: x.detach().float().contiguous().numpy()})
         masks = torch.from_numpy(outputs[0])
         return masks if len(outputs) == 1 else (masks, torch.from_numpy(outputs[1]))
 
-    def parameters(self) -> Iterator[torch.Tensor]:
+    def parameters(self, recurse: bool = True) -> Iterator[nn.Parameter]:
         """One CPU tensor: code that asks a torch network for its device (``next(net.parameters()).device``) finds
         the CPU, where ONNX Runtime runs."""
-        yield torch.empty(0)
+        yield nn.Parameter(torch.empty(0), requires_grad=False)
 
 
 def runtime_of(models: Sequence[FoldModel]) -> str:

@@ -188,7 +188,7 @@ def check_onnx(cfg: DictConfig, predictor: Predictor | EnsemblePredictor,
         batch_ids = ids[start:start + batch_size]
         batches = {size: np.stack([read_png(folder / f"{i}.png") for i in batch_ids])
                    for size, folder in folders.items()}
-        batch = batches[predictor.image_size] if isinstance(predictor, Predictor) else batches
+        batch: Any = batches[predictor.image_size] if isinstance(predictor, Predictor) else batches
         shapes = [sizes[i] for i in batch_ids]
         expected = make_predictions(*predictor.probabilities_prepared(batch, shapes), predictor.postprocessor)
         found = make_predictions(*onnx_predictor.probabilities_prepared(batch, shapes), predictor.postprocessor)
