@@ -124,6 +124,28 @@ def test_package_is_reproducible_skipped_when_complete_and_rebuilt_when_weights_
     assert summary["version"] != json.loads(done)["summary"]["version"]
 
 
+def test_a_corrupt_onnx_file_in_a_package_is_a_data_error_naming_it(packaged, tmp_path):
+    with tarfile.open(packaged[1]) as archive:
+        archive.extractall(tmp_path, filter="data")
+    onnx = tmp_path / "fold1" / "best_1.onnx"
+    onnx.write_bytes(onnx.read_bytes()[:-100])
+    with pytest.raises(DataError, match=f"{onnx} does not match its sha256"):
+        package_format.load_package(tmp_path, device="cpu")
+    assert package_format.load_package(tmp_path, device="cpu", runtime="torch").runtime == "torch"
+
+
+def test_a_package_without_onnx_files_predicts_with_torch_and_says_so(packaged, tmp_path, caplog):
+    with tarfile.open(packaged[1]) as archive:
+        archive.extractall(tmp_path, filter="data")
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    for entry in manifest["models"]:  # as stage 06 wrote packages before it exported ONNX models
+        (tmp_path / entry.pop("onnx")["file"]).unlink()
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    with caplog.at_level("INFO", logger=runtime.__name__):
+        assert package_format.load_package(tmp_path, device="cpu").runtime == "torch"
+    assert [r.getMessage() for r in caplog.records if "torch predicts" in r.getMessage()] != []
+
+
 def test_a_package_whose_onnx_export_disagrees_with_torch_is_refused(tmp_path, monkeypatch):
     def export_with_sigmoid(net, image_size, channels, path):  # probabilities where logits belong
         runtime.export_onnx(torch.nn.Sequential(net, torch.nn.Sigmoid()), image_size, channels, path)
