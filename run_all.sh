@@ -30,22 +30,11 @@ done
 
 source scripts/setup_env.sh
 
-# The pipeline's stages in order; a stage whose script does not exist yet is reported as still to come.
-STAGES=(
-  "00 scripts/00_make_demo_data.py"
-  "01 scripts/01_convert_dicoms.py"
-  "02 scripts/02_prepare_labels.py"
-  "03 scripts/03_train.py"
-  "04 scripts/04_search_thresholds.py"
-  "05 scripts/05_predict.py"
-  "06 scripts/06_package_model.py"
-)
-# An ensemble config (an `ensemble` section) has no stages 00-03 of its own: its members' run instead (as "03").
-IS_ENSEMBLE=$("$PY" -c 'import sys; from pneumoseg.config import is_ensemble, load_config
-print(int(is_ensemble(load_config(sys.argv[1]))))' "$CONFIG" 2>/dev/null || echo 0)
-if [ "$IS_ENSEMBLE" = 1 ]; then
-  STAGES=("03 scripts/train_members.py" "${STAGES[@]:4}")
-fi
+# The stages this config runs, in order, as "NN script" lines (the stage table, pneumoseg.stage_table; on an
+# ensemble config stage 03 is scripts/train_members.py). A stage whose script does not exist yet is reported as
+# still to come.
+STAGE_LIST=$("$PY" -m pneumoseg.stage_table "$CONFIG")
+mapfile -t STAGES <<< "$STAGE_LIST"
 
 started=$SECONDS
 todo=()

@@ -56,7 +56,8 @@ from pneumoseg.config import load_config, to_dict
 from pneumoseg.data.resize import resize_square
 from pneumoseg.modeling.normalize import normalize_from_model
 from pneumoseg.modeling.device import resolve_device
-from pneumoseg.inference.tta import TTA, FoldModel, predict_probs
+from pneumoseg.inference.fold_models import FoldModel
+from pneumoseg.inference.tta import TTA, predict_probs
 from pneumoseg.modeling.device import autocast
 from pneumoseg.modeling.models import build_model
 from pneumoseg.postprocess.strategies import Threshold

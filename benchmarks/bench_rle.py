@@ -126,8 +126,8 @@ def bench_encode(masks: dict[str, np.ndarray], repeats: int) -> bool:
     for name, mask in masks.items():
         if reference_encode(mask) != rle.encode(mask):
             raise SystemExit(f"BUG: rle.encode disagrees with the reference on {name}")
-        reference = per_call(lambda: reference_encode(mask), 1, repeats)
-        ours = per_call(lambda: rle.encode(mask), ENCODE_CALLS, repeats)
+        reference = per_call(lambda mask=mask: reference_encode(mask), 1, repeats)
+        ours = per_call(lambda mask=mask: rle.encode(mask), ENCODE_CALLS, repeats)
         ratios.append(reference / ours)
         print(f"  {name:28s} area {int(mask.sum()):8d}  reference {reference * 1e3:8.1f} ms  "
               f"rle.encode {ours * 1e3:7.3f} ms  speed-up {reference / ours:8.0f}x")

@@ -96,9 +96,9 @@ def dicom_bodies(folder: Path, count: int = 10) -> list[bytes]:
 
 def start_server(model: Path, log: Path) -> tuple[subprocess.Popen, int]:
     """``python -m pneumoseg.serve`` on a free loopback port; returns once ``/ping`` answers 200."""
-    out = open(log, "w")
-    process = subprocess.Popen([sys.executable, "-m", "pneumoseg.serve.server", "--model", str(model), "--port", "0",
-                                "--host", HOST], stdout=out, stderr=subprocess.STDOUT)
+    with open(log, "w") as out:     # the server keeps its own copy of the descriptor
+        process = subprocess.Popen([sys.executable, "-m", "pneumoseg.serve.server", "--model", str(model), "--port",
+                                    "0", "--host", HOST], stdout=out, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 300
     port = None
     while time.monotonic() < deadline and process.poll() is None:

@@ -6,10 +6,5 @@ The files have the real challenge's form, so the later stages run on them unchan
 from pneumoseg.cli import main
 from pneumoseg.stages import demo_data
 
-
-def stage(cfg, args):
-    return demo_data.run(cfg, force=args.force)
-
-
 if __name__ == "__main__":
-    main(__doc__.splitlines()[0], stage)
+    main(__doc__, demo_data.stage, number="00")

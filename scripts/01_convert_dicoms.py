@@ -5,10 +5,5 @@ Outputs go to ${paths.prepared_dir}/01_convert/ (see pneumoseg.stages.convert).
 from pneumoseg.cli import main
 from pneumoseg.stages import convert
 
-
-def stage(cfg, args):
-    return convert.run(cfg, force=args.force)
-
-
 if __name__ == "__main__":
-    main(__doc__.splitlines()[0], stage)
+    main(__doc__, convert.stage, number="01")

@@ -3,4 +3,4 @@ from pneumoseg.cli import main
 from pneumoseg.stages import train
 
 if __name__ == "__main__":
-    main(train.DESCRIPTION, train.stage, train.parser())
+    main(__doc__, train.stage, train.parser, number="03")

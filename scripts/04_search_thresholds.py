@@ -1,6 +1,6 @@
-"""Stage 04: choose the post-processing that maximises the out-of-fold dice; write thresholds.json and the OOF report."""
+"""Stage 04: choose the post-processing that maximises the out-of-fold dice; write thresholds.json, the OOF report."""
 from pneumoseg.cli import main
 from pneumoseg.stages import search
 
 if __name__ == "__main__":
-    main(__doc__.splitlines()[0], search.cli)
+    main(__doc__, search.stage, number="04")

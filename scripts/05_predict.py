@@ -3,4 +3,4 @@ from pneumoseg.cli import main
 from pneumoseg.stages import predict
 
 if __name__ == "__main__":
-    main(__doc__.splitlines()[0], predict.cli)
+    main(__doc__, predict.stage, number="05")

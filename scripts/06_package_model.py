@@ -7,4 +7,4 @@ from pneumoseg.cli import main
 from pneumoseg.stages import package
 
 if __name__ == "__main__":
-    main(__doc__.splitlines()[0], package.cli)
+    main(__doc__, package.stage, number="06")

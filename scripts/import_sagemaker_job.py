@@ -3,4 +3,4 @@ from pneumoseg.cli import main
 from pneumoseg.stages import import_job
 
 if __name__ == "__main__":
-    main(import_job.DESCRIPTION, import_job.stage, import_job.parser())
+    main(__doc__, import_job.stage, import_job.parser)

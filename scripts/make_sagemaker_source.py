@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 from pneumoseg.errors import PneumosegError
+from pneumoseg.logs import setup_logging
 from pneumoseg.sagemaker.bundle import write_bundle
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -16,7 +17,7 @@ if __name__ == "__main__":
     parser.add_argument("--out", default=str(ROOT / "output" / "sagemaker" / "source"),
                         help="the bundle folder, replaced if it holds an older bundle (default: %(default)s)")
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    setup_logging()
     try:
         write_bundle(args.root, args.out)
     except PneumosegError as exc:

@@ -1,6 +1,7 @@
 # Sourced by run_all.sh and run_tests.sh: chooses the Python to run with and sets it up if needed.
-# Sets PY. Uses the current python3 when it already has every pinned package of requirements.txt;
-# otherwise creates .venv (once; again only when requirements.txt or pyproject.toml change).
+# Sets PY. Uses the current python3 when it already has every pinned package of requirements.txt and
+# requirements-test.txt (the check tools); otherwise creates .venv (once; again only when one of them or
+# pyproject.toml changes).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -15,11 +16,11 @@ _base_python() {
   return 1
 }
 
-_has_requirements() {  # $1: a python; succeeds when every pin in requirements.txt is installed in it
-  "$1" - "$ROOT/requirements.txt" <<'PYCHECK' 2>/dev/null
+_has_requirements() {  # $1: a python; succeeds when every pin of the requirement files is installed in it
+  "$1" - "${REQUIREMENT_FILES[@]}" <<'PYCHECK' 2>/dev/null
 import re, sys
 from importlib.metadata import version, PackageNotFoundError
-for line in open(sys.argv[1]):
+for line in (line for name in sys.argv[1:] for line in open(name)):
     line = line.split("#")[0].strip()
     if not line:
         continue
@@ -32,7 +33,10 @@ for line in open(sys.argv[1]):
 PYCHECK
 }
 
-_stamp() { cat "$ROOT/requirements.txt" "$ROOT/pyproject.toml" | sha256sum | cut -c1-16; }
+REQUIREMENT_FILES=("$ROOT/requirements.txt")
+[ -f "$ROOT/requirements-test.txt" ] && REQUIREMENT_FILES+=("$ROOT/requirements-test.txt")
+
+_stamp() { cat "${REQUIREMENT_FILES[@]}" "$ROOT/pyproject.toml" | sha256sum | cut -c1-16; }
 
 if [ -x "$ROOT/.venv/bin/python" ] && [ "$(cat "$ROOT/.venv/.installed" 2>/dev/null)" = "$(_stamp)" ]; then
   PY="$ROOT/.venv/bin/python"
@@ -43,7 +47,7 @@ else
   BASE="$(_base_python)"
   [ -x "$ROOT/.venv/bin/python" ] || "$BASE" -m venv "$ROOT/.venv"
   "$ROOT/.venv/bin/python" -m pip install --quiet --upgrade pip >/dev/null 2>&1 || true
-  "$ROOT/.venv/bin/python" -m pip install --quiet -r "$ROOT/requirements.txt"
+  "$ROOT/.venv/bin/python" -m pip install --quiet "${REQUIREMENT_FILES[@]/#/-r}"
   "$ROOT/.venv/bin/python" -m pip install --quiet --no-deps -e "$ROOT" >/dev/null
   _stamp > "$ROOT/.venv/.installed"
   PY="$ROOT/.venv/bin/python"

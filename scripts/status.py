@@ -3,4 +3,4 @@ from pneumoseg.cli import main
 from pneumoseg.stages import status
 
 if __name__ == "__main__":
-    main(__doc__.splitlines()[0], status.cli)
+    main(__doc__, status.stage)

@@ -7,4 +7,4 @@ from pneumoseg.cli import main
 from pneumoseg.stages import ensemble
 
 if __name__ == "__main__":
-    main(__doc__.splitlines()[0], ensemble.train_cli)
+    main(__doc__, ensemble.train_stage)

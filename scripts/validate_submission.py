@@ -4,7 +4,7 @@ import argparse
 import logging
 import sys
 
-from pneumoseg.cli import setup_logging
+from pneumoseg.logs import setup_logging
 from pneumoseg.config import load_config
 from pneumoseg.data.rle import FORMATS
 from pneumoseg.errors import PneumosegError

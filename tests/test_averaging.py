@@ -13,7 +13,7 @@ from torch import nn
 
 from pneumoseg import layout
 from pneumoseg.errors import ConfigError
-from pneumoseg.inference.tta import load_fold_models
+from pneumoseg.inference.fold_models import load_fold_models
 from pneumoseg.modeling.checkpoints import best_files, load_checkpoint, save_checkpoint
 from pneumoseg.modeling.losses import build_loss
 from pneumoseg.modeling.optim import build_optimizer, build_scheduler

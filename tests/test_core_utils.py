@@ -93,8 +93,10 @@ def test_stage_record_skips_only_for_the_same_config(tiny_cfg, tmp_path):
 
 def test_require_finished_names_the_missing_done_file_and_the_script(tiny_cfg, tmp_path):
     folder = tmp_path / "stage"
-    with pytest.raises(DataError, match=r"stage 99 has not finished: .*stage[/\\]done.json is missing\. "
-                                        r"Run scripts/99_x.py first"):
-        require_finished(folder, "stage 99", "scripts/99_x.py")
+    with pytest.raises(DataError, match=r"stage 03 has not finished: .*stage[/\\]done.json is missing\. "
+                                        r"Run scripts/03_train\.py first"):
+        require_finished(folder, "03")
+    with pytest.raises(DataError, match=r"member a has not finished: .* Run the members first"):
+        require_finished(folder, "03", "member a", "the members")
     StageRecord("99_test", folder, tiny_cfg(), ["folds"]).finish()
-    assert require_finished(folder, "stage 99", "scripts/99_x.py") == folder / "done.json"
+    assert require_finished(folder, "03") == folder / "done.json"

@@ -79,7 +79,7 @@ def test_one_row_per_instance_with_multi_overlapping_and_scattered_rows(tiny_cfg
     rows_per_image = positive.groupby("ImageId").size()
     assert rows_per_image.max() == 3 and (rows_per_image == 2).any()
     overlapping = 0
-    for image_id, group in positive.groupby("ImageId"):
+    for _, group in positive.groupby("ImageId"):
         masks = [decode(rle, 128, 128) for rle in group.EncodedPixels]
         assert all(m.any() and encode(m) == rle for m, rle in zip(masks, group.EncodedPixels))
         overlapping += any((a & b).any() for k, a in enumerate(masks) for b in masks[k + 1:])

@@ -29,7 +29,7 @@ from pneumoseg.evaluation.metrics import dice_per_image
 from pneumoseg.inference.predictor import EnsemblePredictor, Predictor
 from pneumoseg.io import read_png, write_csv, write_json, write_text
 from pneumoseg.postprocess.images import BlendedImages, OofImages
-from pneumoseg.postprocess.strategies import build_postprocessor, load_postprocessor
+from pneumoseg.postprocess.strategies import build_postprocessor
 from pneumoseg.serve import package as package_format
 from pneumoseg.stages import ensemble, package as package_stage, predict as predict_stage, search as search_stage
 from pneumoseg.stages.record import StageRecord

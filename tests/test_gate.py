@@ -14,7 +14,8 @@ from pneumoseg.config import load_config
 from pneumoseg.data.probstore import GATE_FILE, ProbabilityStore, ProbabilityWriter
 from pneumoseg.errors import ConfigError, DataError
 from pneumoseg.inference.predictor import Predictor
-from pneumoseg.inference.tta import TTA, FoldModel, predict_with_gate
+from pneumoseg.inference.fold_models import FoldModel
+from pneumoseg.inference.tta import TTA, predict_with_gate
 from pneumoseg.modeling.losses import build_training_loss
 from pneumoseg.modeling.models import build_model, has_gate
 from pneumoseg.modeling.normalize import Normalize
@@ -191,10 +192,10 @@ def test_the_gate_file_is_written_with_the_maps_and_read_back(tmp_path):
     with ProbabilityWriter(tmp_path / "oof", list("abcde"), 8) as writer:
         writer.write(0, maps)
     assert ProbabilityStore(tmp_path / "oof").gates is None and not (tmp_path / "oof" / GATE_FILE).exists()
-    with pytest.raises(ValueError, match="every block"):
-        with ProbabilityWriter(tmp_path / "mixed", list("abcde"), 8) as writer:
-            writer.write(0, maps[:3], gates[:3])
-            writer.write(3, maps[3:])
+    with pytest.raises(ValueError, match="every block"), \
+            ProbabilityWriter(tmp_path / "mixed", list("abcde"), 8) as writer:
+        writer.write(0, maps[:3], gates[:3])
+        writer.write(3, maps[3:])
     assert not (tmp_path / "mixed" / GATE_FILE).exists()
 
 

@@ -48,7 +48,7 @@ def job_archives(tiny_cfg, tmp_path, monkeypatch):
         for name, value in {"SM_MODEL_DIR": job / "model", "SM_OUTPUT_DATA_DIR": job / "output" / "data",
                             "SM_OUTPUT_DIR": job / "output", "SM_CHANNEL_TRAIN": prepared}.items():
             env.setenv(name, str(value))
-        assert run_stage_script(train_stage.DESCRIPTION, train_stage.stage, train_stage.parser(), argv=[
+        assert run_stage_script(train_stage.DESCRIPTION, train_stage.stage, train_stage.parser, argv=[
             "--config", CONFIG, "--data.image_size", str(SIZE), "--fold", "all", "--force", "True"]) == 0
     downloads = tmp_path / "downloads"
     downloads.mkdir()
@@ -57,7 +57,7 @@ def job_archives(tiny_cfg, tmp_path, monkeypatch):
 
 
 def _import(cfg_args: list[str], model: Path, output: Path, *extra: str) -> int:
-    return run_stage_script(import_job.DESCRIPTION, import_job.stage, import_job.parser(), argv=[
+    return run_stage_script(import_job.DESCRIPTION, import_job.stage, import_job.parser, argv=[
         "--config", CONFIG, "--model", str(model), "--output", str(output), *cfg_args, *extra])
 
 

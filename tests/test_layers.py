@@ -1,7 +1,9 @@
 """The package's layers, read from the source with ``ast``: scripts, then stages, then the rest.
 
-Nothing outside ``stages/`` imports ``pneumoseg.stages``; inference and serving never import training; at most
-:data:`MAX_LOOSE_MODULES` modules sit loose directly under ``src/pneumoseg/``.
+Nothing outside ``stages/`` imports ``pneumoseg.stages``; inference and serving never import training; evaluation
+and serving never import the scripts' command line (``pneumoseg.cli``); at most :data:`MAX_LOOSE_MODULES` modules
+sit loose directly under ``src/pneumoseg/``; no code outside the stage table (:mod:`pneumoseg.stage_table`) names a
+stage's folder or script.
 """
 from __future__ import annotations
 
@@ -15,7 +17,8 @@ PACKAGE = SRC / "pneumoseg"
 MAX_LOOSE_MODULES = 8
 # Subpackage -> the pneumoseg subpackages it must not import.
 FORBIDDEN = {"inference": ("pneumoseg.training", "pneumoseg.stages"),
-             "serve": ("pneumoseg.training", "pneumoseg.stages")}
+             "serve": ("pneumoseg.training", "pneumoseg.stages", "pneumoseg.cli"),
+             "evaluation": ("pneumoseg.stages", "pneumoseg.cli")}
 
 
 def module_name(path: Path, root: Path = SRC) -> str:
@@ -94,6 +97,8 @@ def test_few_loose_modules():
      "pneumoseg.inference imports pneumoseg.training"),
     ("pneumoseg/serve/server.py", "from pneumoseg.modeling import models\n",
      "pneumoseg.serve.server imports pneumoseg.training.trainer"),
+    ("pneumoseg/evaluation/leaderboard.py", "from pneumoseg.cli import setup_logging\n",
+     "pneumoseg.evaluation.leaderboard imports pneumoseg.cli"),
 ])
 def test_a_bad_import_is_found(tmp_path, where, source, expected):
     """The checker itself: a planted bad import in a copy of the layout is reported, also one step removed."""
@@ -113,3 +118,59 @@ def test_loose_modules_are_counted(tmp_path):
     for name in ["__init__", *(f"m{k}" for k in range(MAX_LOOSE_MODULES + 1))]:
         (tmp_path / "pneumoseg" / f"{name}.py").write_text("")
     assert len(loose_modules(tmp_path)) == MAX_LOOSE_MODULES + 1
+
+
+def _stage_names() -> list[str]:
+    """Every stage folder's name and every stage script, as the stage table lists them."""
+    from pneumoseg import stage_table
+
+    rows = [*stage_table.STAGES, stage_table.ENSEMBLE_TRAINING]
+    return sorted({row.folder_name for row in rows if row.folder_name} | {row.script for row in rows})
+
+
+def _code_strings(path: Path) -> list[tuple[int, str]]:
+    """The string constants of a Python file that are no docstring (f-strings' literal parts included), by line."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    docstrings = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body:
+            first = node.body[0]
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant):
+                docstrings.add(id(first.value))
+    return [(node.lineno, node.value) for node in ast.walk(tree)
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings]
+
+
+def stage_name_uses(root: Path = SRC.parent) -> list[str]:
+    """Each place outside the stage table whose code names a stage's folder or script, as ``file:line: name``: the
+    string constants of ``src/`` and ``scripts/`` (docstrings and comments may name them) and the commands of
+    ``run_all.sh``."""
+    names = _stage_names()
+    found = []
+    python = [*sorted((root / "src").rglob("*.py")), *sorted((root / "scripts").glob("*.py"))]
+    for path in python:
+        if path.name == "stage_table.py":
+            continue
+        for line, text in _code_strings(path):
+            found += [f"{path.relative_to(root)}:{line}: {name}" for name in names if name in text]
+    shell = root / "run_all.sh"
+    if shell.is_file():
+        for number, line in enumerate(shell.read_text().splitlines(), 1):
+            code = line.split("#")[0]
+            found += [f"run_all.sh:{number}: {name}" for name in names if name in code]
+    return found
+
+
+def test_only_the_stage_table_names_stage_folders_and_scripts():
+    assert stage_name_uses() == []
+
+
+def test_a_stage_folder_named_outside_the_table_is_found(tmp_path):
+    (tmp_path / "src" / "pneumoseg").mkdir(parents=True)
+    source = ('"""Reads 03_train/folds.csv."""\n# 04_search too\n'
+              'FOLDER = "05_predict"\nHINT = f"run scripts/03_train.py {1}"\n')
+    (tmp_path / "src" / "pneumoseg" / "x.py").write_text(source)
+    (tmp_path / "run_all.sh").write_text('# scripts/06_package_model.py\nSTAGES=("00 scripts/00_make_demo_data.py")\n')
+    assert stage_name_uses(tmp_path) == ["src/pneumoseg/x.py:3: 05_predict", "src/pneumoseg/x.py:4: 03_train",
+                                         "src/pneumoseg/x.py:4: scripts/03_train.py",
+                                         "run_all.sh:2: scripts/00_make_demo_data.py"]

@@ -5,7 +5,8 @@ import torch
 import torchvision
 
 from pneumoseg.errors import ConfigError, DataError
-from pneumoseg.inference.tta import TTA, FoldModel, load_fold_models, load_model, predict_probs
+from pneumoseg.inference.fold_models import FoldModel, load_fold_models, load_model
+from pneumoseg.inference.tta import TTA, predict_probs
 from pneumoseg.modeling.normalize import Normalize
 from pneumoseg.modeling.models import MODELS, build_model
 

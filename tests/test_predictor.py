@@ -12,7 +12,8 @@ from pneumoseg.modeling.normalize import Normalize, normalize_from_model
 from pneumoseg.data.dicom import DicomTags, read_dicom, write_jpeg_dicom
 from pneumoseg.errors import ConfigError, DataError
 from pneumoseg.data.resize import resize_square
-from pneumoseg.inference.tta import TTA, FoldModel
+from pneumoseg.inference.fold_models import FoldModel
+from pneumoseg.inference.tta import TTA
 from pneumoseg.io import read_png
 from pneumoseg.modeling.models import build_model
 from pneumoseg.postprocess.strategies import Threshold, Triplet

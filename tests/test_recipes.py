@@ -6,7 +6,7 @@ import pytest
 
 from pneumoseg import layout
 from pneumoseg.config import load_config
-from pneumoseg.inference.tta import load_fold_models
+from pneumoseg.inference.fold_models import load_fold_models
 from pneumoseg.modeling.checkpoints import best_files
 from pneumoseg.stages import train as train_stage
 

@@ -13,7 +13,8 @@ from packaging.requirements import Requirement
 from pneumoseg.cli import run_stage_script, stage_parser, switch_arguments
 from pneumoseg.errors import ConfigError, DataError
 from pneumoseg.sagemaker import job
-from pneumoseg.sagemaker.archive import extract
+from pneumoseg.serve.archive import extract_archive
+from pneumoseg.stages.import_job import JOB_ARCHIVE
 from pneumoseg.sagemaker.bundle import MANIFEST_FILE, bundle_files, requirements_text, write_bundle
 from pneumoseg.stages import train as train_stage
 
@@ -79,7 +80,7 @@ def test_a_failing_stage_script_in_a_job_writes_the_failure_file(tmp_path, monke
     def failing(cfg, args):
         raise DataError("the train channel is empty; upload a prepared folder")
 
-    assert run_stage_script("x", failing, argv=[]) == 1
+    assert run_stage_script("x", failing, train_stage.parser, argv=[]) == 1
     assert (tmp_path / "output" / "failure").read_text().startswith("DataError: the train channel is empty")
 
 
@@ -145,7 +146,7 @@ def _file(name: str, data: bytes = b"x") -> tuple[tarfile.TarInfo, bytes]:
 def test_extract_unpacks_regular_files_and_strips_a_prefix(tmp_path):
     archive = _tar(tmp_path / "a.tar.gz", [_file("03_train/fold0/log.csv", b"epoch\n"), _file("./03_train/done.json"),
                                            _file("other.txt")])
-    written = extract(archive, tmp_path / "out", prefix="03_train")
+    written = extract_archive(archive, tmp_path / "out", kind=JOB_ARCHIVE, prefix="03_train")
     assert sorted(p.relative_to(tmp_path / "out").as_posix() for p in written) == ["done.json", "fold0/log.csv"]
     assert (tmp_path / "out" / "fold0" / "log.csv").read_bytes() == b"epoch\n"
 
@@ -159,13 +160,13 @@ def test_extract_refuses_what_could_write_outside_the_folder(tmp_path, member):
     else:
         members = [_file(member)]
     with pytest.raises(DataError, match="download the job's archive again"):
-        extract(_tar(tmp_path / "a.tar.gz", members), tmp_path / "out")
+        extract_archive(_tar(tmp_path / "a.tar.gz", members), tmp_path / "out", kind=JOB_ARCHIVE)
     assert not (tmp_path / "evil").exists() and not (tmp_path / "out" / "fold0" / "best_1.pt").exists()
 
 
 def test_extract_names_a_missing_or_broken_archive(tmp_path):
-    with pytest.raises(DataError, match="not found"):
-        extract(tmp_path / "model.tar.gz", tmp_path / "out")
+    with pytest.raises(DataError, match="SageMaker archive .*model.tar.gz not found; download the job's archive"):
+        extract_archive(tmp_path / "model.tar.gz", tmp_path / "out", kind=JOB_ARCHIVE)
     (tmp_path / "model.tar.gz").write_bytes(b"not a tar")
-    with pytest.raises(DataError, match="not a readable tar archive"):
-        extract(tmp_path / "model.tar.gz", tmp_path / "out")
+    with pytest.raises(DataError, match="cannot extract SageMaker archive .*download the job's archive again"):
+        extract_archive(tmp_path / "model.tar.gz", tmp_path / "out", kind=JOB_ARCHIVE)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 import sagemaker_toolkit as toolkit
-from pneumoseg.inference.tta import load_fold_models
+from pneumoseg.inference.fold_models import load_fold_models
 from pneumoseg.sagemaker.bundle import write_bundle
 from synthetic import write_prepared
 

@@ -280,13 +280,18 @@ def _no_folds_file(data):
     (data.train_dir / "folds.csv").unlink()
 
 
+def _folds_file_without_folds(data):
+    (data.train_dir / "folds.csv").write_text("ImageId,split\n1.2.3,0\n")
+
+
 @pytest.mark.parametrize("breaks, message", [
     (_drop_fold, r"fold 1 of .*folds.csv has no OOF predictions: .*fold1.oof lacks probs.npy"),
     (_rename_an_image, r"disagree on ImageIds: 1 missing from the store \(e.g. \['1.2.3.not.predicted'\]\), "
                        r"1 not in the fold"),
     (_empty_store, r"the OOF store .*fold0.oof of fold 0 holds no images"),
     (_unlabelled_image, r"1 ImageIds of the OOF store .* are not in .*labels.csv"),
-    (_no_folds_file, r"folds.csv not found; run scripts/03_train.py first"),
+    (_no_folds_file, r"folds.csv not found: no trained models in .*; run scripts/03_train.py first"),
+    (_folds_file_without_folds, r"folds.csv lacks the column\(s\) \['fold'\]; retrain \(scripts/03_train.py --force\)"),
 ])
 def test_bad_inputs_name_what_is_missing(experiment, breaks, message):
     cfg, data = experiment

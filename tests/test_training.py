@@ -17,11 +17,12 @@ from pneumoseg.modeling.checkpoints import best_files, load_checkpoint
 from pneumoseg.training.checkpoints import BestCheckpoints
 from pneumoseg.cli import run_stage_script
 from pneumoseg.errors import ConfigError
-from pneumoseg.inference.tta import load_fold_models
+from pneumoseg.inference.fold_models import load_fold_models
 from pneumoseg.modeling.losses import build_loss
 from pneumoseg.evaluation.metrics import competition_dice, dice_per_image
 from pneumoseg.modeling.optim import build_optimizer, build_scheduler
 from pneumoseg.postprocess.strategies import Threshold, Triplet
+from pneumoseg.sagemaker.arguments import sagemaker_arguments
 from pneumoseg.data.probstore import ProbabilityStore
 from pneumoseg.stages import train as train_stage
 from pneumoseg.training.trainer import StepSettings, Trainer, epochs_since_best
@@ -172,7 +173,7 @@ def test_epochs_since_best(scores, monitor, expected):
     (["--fold", "1"], {"SM_CHANNEL_TRAIN": "/in"}, ["--fold", "1"]),          # not inside a SageMaker job
 ])
 def test_sagemaker_hyperparameters_become_overrides(argv, env, expected):
-    assert train_stage.sagemaker_arguments(argv, {"--config", "--fold", "--resume", "--force"}, env) == expected
+    assert sagemaker_arguments(argv, {"--config", "--fold", "--resume", "--force"}, env) == expected
 
 
 def test_resume_flag_takes_an_optional_boolean():
@@ -296,7 +297,7 @@ def test_sagemaker_job_reads_its_channel_and_leaves_the_models_in_the_model_dir(
     monkeypatch.setenv("SM_CHANNEL_TRAIN", str(prepared))
     monkeypatch.setenv("SM_NUM_GPUS", "0")
     config = ROOT / "configs" / "tiny.yaml"
-    code = run_stage_script(train_stage.DESCRIPTION, train_stage.stage, train_stage.parser(), argv=[
+    code = run_stage_script(train_stage.DESCRIPTION, train_stage.stage, train_stage.parser, argv=[
         "--config", str(config), "--fold", "all", "--data.image_size", str(SIZE), "--train.epochs", "1",
         "--paths.output_root", str(tmp_path / "elsewhere")])
     assert code == 0

@@ -1,24 +1,56 @@
-"""What every numbered script shares: ``--config``, ``key=value`` overrides, ``--force``, logging, and
-turning user-fixable errors into one clear line and a non-zero exit code (inside a SageMaker training job, also
-the job's failure reason: :func:`pneumoseg.sagemaker.job.report_failure`)."""
+"""What every numbered script shares: ``--config``, ``key=value`` overrides, ``--force`` (and the true/false words
+on/off options take), logging, the stage's running and failed markers (:mod:`pneumoseg.stage_table`), and turning
+user-fixable errors into one clear line and a non-zero exit code.
+
+Every numbered script has one shape (a stage with options of its own adds its parser: ``main(__doc__, train.stage,
+train.parser, number="03")``)::
+
+    from pneumoseg.cli import main
+    from pneumoseg.stages import convert
+
+    if __name__ == "__main__":
+        main(__doc__, convert.stage, number="01")
+
+A parser can also report a failure elsewhere (:meth:`StageParser.report_failure`): stage 03's parser writes it as a
+SageMaker job's failure reason (:class:`pneumoseg.sagemaker.arguments.JobParser`)."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 from typing import Callable, Sequence
 
 from omegaconf import DictConfig
 
+from pneumoseg import stage_table
 from pneumoseg.config import DEFAULT_CONFIG, load_config
 from pneumoseg.errors import ConfigError, PneumosegError
-from pneumoseg.sagemaker.job import report_failure
+from pneumoseg.logs import setup_logging
 
 log = logging.getLogger("pneumoseg")
 
 
+# The words an on/off option or hyperparameter takes, in any case: the one vocabulary of the command lines.
 TRUE_WORDS = ("true", "1", "yes", "y")
 FALSE_WORDS = ("false", "0", "no", "n")
+
+
+def read_flag(value: str, name: str) -> bool:
+    """True or False for one of :data:`TRUE_WORDS` or :data:`FALSE_WORDS` (any case).
+
+    Args:
+        value: the word given.
+        name: the option it was given to, for the message.
+
+    Raises:
+        ConfigError: any other word.
+    """
+    if value.lower() in TRUE_WORDS:
+        return True
+    if value.lower() in FALSE_WORDS:
+        return False
+    raise ConfigError(f"{name} takes true or false, not {value!r}")
 
 
 def switch_arguments(argv: Sequence[str], switches: set[str]) -> list[str]:
@@ -30,17 +62,17 @@ def switch_arguments(argv: Sequence[str], switches: set[str]) -> list[str]:
         argv: the command-line arguments.
         switches: the option strings of the parser's on/off switches (``store_true`` actions).
     """
-    result, tokens, i = [], list(argv), 0
+    result: list[str] = []
+    tokens, i = list(argv), 0
     while i < len(tokens):
-        name, has_value, value = tokens[i].partition("=")
+        name, equals, value = tokens[i].partition("=")
+        has_value = bool(equals)
         if name in switches and not has_value and i + 1 < len(tokens) \
                 and tokens[i + 1].lower() in TRUE_WORDS + FALSE_WORDS:
             has_value, value = True, tokens[i + 1]
             i += 1
         if name in switches and has_value:
-            if value.lower() not in TRUE_WORDS + FALSE_WORDS:
-                raise ConfigError(f"{name} takes true or false, not {value!r}")
-            result += [name] if value.lower() in TRUE_WORDS else []
+            result += [name] if read_flag(value, name) else []
         else:
             result.append(tokens[i])
         i += 1
@@ -49,7 +81,7 @@ def switch_arguments(argv: Sequence[str], switches: set[str]) -> list[str]:
 
 class StageParser(argparse.ArgumentParser):
     """An argument parser whose on/off switches also take ``true``/``false`` (see :func:`switch_arguments`), and
-    whose usage errors become a SageMaker job's failure reason too."""
+    which reports every failure of its script, usage errors included, through :meth:`report_failure`."""
 
     def parse_known_args(self, args=None, namespace=None):
         argv = sys.argv[1:] if args is None else list(args)
@@ -63,8 +95,15 @@ class StageParser(argparse.ArgumentParser):
         return super().parse_known_args(argv, namespace)
 
     def error(self, message):
-        report_failure(ConfigError(f"{self.prog}: {message} (see --help)"))
+        self.report_failure(ConfigError(f"{self.prog}: {message} (see --help)"))
         super().error(message)
+
+    def report_failure(self, exc: BaseException) -> None:
+        """Report a failure beyond the log line (nothing here; a subclass may write it where a runner reads it).
+
+        Args:
+            exc: the error, a usage error as a ConfigError.
+        """
 
 
 def stage_parser(description: str) -> argparse.ArgumentParser:
@@ -78,29 +117,42 @@ def stage_parser(description: str) -> argparse.ArgumentParser:
     return parser
 
 
-def setup_logging(verbose: bool = False) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+ParserFactory = Callable[[str], argparse.ArgumentParser]
 
 
-def run_stage_script(description: str, stage: Callable[..., object],
-                     parser: argparse.ArgumentParser | None = None,
-                     argv: list[str] | None = None) -> int:
+def run_stage_script(description: str, stage: Callable[..., object], make_parser: ParserFactory = stage_parser,
+                     argv: list[str] | None = None, number: str | None = None) -> int:
     """Parse arguments, load the config, call ``stage(cfg, args)`` and return the process exit code.
 
+    Args:
+        description: the script's docstring (its first line is the ``--help`` description).
+        stage: ``stage(cfg, args)``, the stage module's entry.
+        make_parser: builds the script's parser from the description (default :func:`stage_parser`; a stage with
+            options of its own has a ``parser`` function).
+        argv: the arguments (default the command line).
+        number: the stage the script runs (a row of :mod:`pneumoseg.stage_table`): while it runs, its folder
+            holds a running marker, and when it raises, ``failed.json`` with the error's line, for
+            ``scripts/status.py``. None for scripts that are no stage of their own.
+
     Returns 0 on success, 1 when the stage raises a PneumosegError (printed as one line: what is wrong
-    and how to fix it; inside a SageMaker job also written as the job's failure reason), 130 on Ctrl-C. Any
+    and how to fix it, and given to the parser's :meth:`StageParser.report_failure`), 130 on Ctrl-C. Any
     other exception is a bug and keeps its traceback (which SageMaker's toolkit reports itself).
     """
-    parser = parser or stage_parser(description)
+    parser = make_parser(description.strip().splitlines()[0])
     args = parser.parse_args(argv)
     setup_logging()
     try:
         cfg: DictConfig = load_config(args.config, args.overrides)
-        stage(cfg, args)
+        tracked: contextlib.AbstractContextManager = contextlib.nullcontext()
+        if number is not None:
+            row = stage_table.stage(number)
+            tracked = stage_table.tracking(row.folder(cfg), make=bool(row.folder_name))
+        with tracked:
+            stage(cfg, args)
     except PneumosegError as exc:
         log.error("%s", exc)
-        report_failure(exc)
+        if isinstance(parser, StageParser):
+            parser.report_failure(exc)
         return 1
     except KeyboardInterrupt:
         log.error("interrupted; rerun the same command to continue where it stopped")
@@ -108,5 +160,7 @@ def run_stage_script(description: str, stage: Callable[..., object],
     return 0
 
 
-def main(description: str, stage: Callable[..., object], parser: argparse.ArgumentParser | None = None) -> None:
-    sys.exit(run_stage_script(description, stage, parser))
+def main(description: str, stage: Callable[..., object], make_parser: ParserFactory = stage_parser,
+         number: str | None = None) -> None:
+    """Run a numbered script (see :func:`run_stage_script`, same arguments) and exit with its code."""
+    sys.exit(run_stage_script(description, stage, make_parser, number=number))

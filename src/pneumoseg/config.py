@@ -16,7 +16,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence, cast
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -73,7 +73,7 @@ def _load_chain(path: Path, chain: tuple[Path, ...]) -> DictConfig:
     parent = _load_chain(path.parent / str(base), (*chain, resolved))
     _drop_params_of_renamed_blocks(parent, cfg)
     try:
-        return OmegaConf.merge(parent, cfg)
+        return cast(DictConfig, OmegaConf.merge(parent, cfg))
     except OmegaConfBaseException as exc:
         raise ConfigError(f"config {path} does not fit its base {base}: {exc}") from None
 
@@ -103,7 +103,8 @@ def _drop_params_of_renamed_blocks(parent: DictConfig, child: DictConfig) -> lis
             found += renamed(old, value, (*path, key))
         return found
 
-    paths = renamed(OmegaConf.to_container(parent, resolve=False), OmegaConf.to_container(child, resolve=False), ())
+    paths = renamed(cast(dict, OmegaConf.to_container(parent, resolve=False)),
+                    cast(dict, OmegaConf.to_container(child, resolve=False)), ())
     for path in paths:
         node = parent
         for key in path:
@@ -140,7 +141,7 @@ def apply_overrides(cfg: DictConfig, overrides: Iterable[str]) -> DictConfig:
             )
         update = OmegaConf.from_dotlist([f"{key}={value}"])
         renamed += _drop_params_of_renamed_blocks(cfg, update)
-        cfg = OmegaConf.merge(cfg, update)
+        cfg = cast(DictConfig, OmegaConf.merge(cfg, update))
     return cfg
 
 
@@ -172,15 +173,17 @@ def fingerprint(cfg: DictConfig, sections: Iterable[str], extra: dict | None = N
     A stage is complete for a config when its stored fingerprint equals this one, so only the sections a
     stage actually reads should be named: changing the learning rate must not redo the DICOM conversion.
     """
-    content = {name: OmegaConf.to_container(cfg, resolve=True).get(name) for name in sorted(sections)}
+    resolved = cast(dict, OmegaConf.to_container(cfg, resolve=True))
+    content = {name: resolved.get(name) for name in sorted(sections)}
     if extra:
         content["_extra"] = extra
     blob = json.dumps(content, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def to_dict(node) -> dict:
-    """A plain, resolved dict copy of a config node (for ``**params`` calls)."""
+def to_dict(node: Any) -> Any:
+    """A plain, resolved copy of a config node: a dict for a section (for ``**params`` calls), a list for a list;
+    ``{}`` for None."""
     if node is None:
         return {}
     return OmegaConf.to_container(node, resolve=True)

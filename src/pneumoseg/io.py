@@ -85,7 +85,7 @@ def sweep_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
     """
     removed = []
     now = time.time()
-    with os.scandir(folder) as entries:
+    with os.scandir(os.fspath(folder)) as entries:
         for entry in entries:
             match = _TEMP_RE.match(entry.name) if entry.name.startswith(".") else None
             if match is None or not entry.is_file(follow_symlinks=False):

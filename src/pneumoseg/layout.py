@@ -40,26 +40,30 @@ SageMaker's model folder); those inside one fold take the fold's folder::
             manifest.json
 
 Every stage folder (and every ``fold<k>/``) also holds ``config.yaml`` and ``done.json``
-(:mod:`pneumoseg.stages.record`). A file that only its own stage reads is named in that stage's module.
+(:mod:`pneumoseg.stages.record`), and while it runs or after it failed the runner's markers
+(:mod:`pneumoseg.stage_table`). The folder names are the stage table's. A file that only its own stage reads is named
+in that stage's module.
 """
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Iterable, Union
+from typing import Any, Iterable
 
 from omegaconf import DictConfig
 
 from pneumoseg.errors import ConfigError
+from pneumoseg.stage_table import stage
 
-Where = Union[DictConfig, str, os.PathLike]
+Where = DictConfig | str | os.PathLike
 
-_CONVERT = "01_convert"
-_LABELS = "02_labels"
-_TRAIN = "03_train"
-_SEARCH = "04_search"
-_PREDICT = "05_predict"
-_PACKAGE = "06_package"
+# The stage folders' names are the stage table's.
+_CONVERT = stage("01").folder_name
+_LABELS = stage("02").folder_name
+_TRAIN = stage("03").folder_name
+_SEARCH = stage("04").folder_name
+_PREDICT = stage("05").folder_name
+_PACKAGE = stage("06").folder_name
 _FOLDS = "folds.csv"
 _FOLD = "fold"
 _MASKS = "masks_"

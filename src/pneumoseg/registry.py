@@ -1,12 +1,13 @@
 """A small name -> factory registry, so that config blocks of the form ``{name, params}`` build objects.
 
-Every configurable component (architecture, loss, optimiser, scheduler, sampler, post-processing
-strategy, TTA) is chosen by name from a registry instead of an if/else chain, and one builder turns any
-config block into an object.
+Every configurable component chosen by name (architecture, loss, optimiser, scheduler, sampler, augmentation,
+post-processing strategy, search grid, demo layout, a request's content type) comes from a registry instead of an
+if/else chain, and one builder turns any config block into an object. (TTA is no registry: its config section is a
+plain ``{hflip, vflip, scales}``, see :class:`pneumoseg.inference.tta.TTA`.)
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Generic, Mapping, TypeVar
+from typing import Any, Callable, Generic, Mapping, TypeVar, cast
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -56,7 +57,7 @@ class Registry(Generic[T]):
         """Build from a ``{name, params}`` block; ``extra`` keyword arguments (a model's parameters, say)
         are passed alongside ``params``."""
         if isinstance(block, DictConfig):
-            block = OmegaConf.to_container(block, resolve=True)
+            block = cast(dict, OmegaConf.to_container(block, resolve=True))
         if block is None or "name" not in block:
             raise ConfigError(f"a {self.kind} block needs a 'name' (one of: {', '.join(self.names())})")
         params = dict(block.get("params") or {})

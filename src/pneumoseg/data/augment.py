@@ -30,7 +30,7 @@ only on the run's seed, the epoch and its position in the epoch, not on DataLoad
 from __future__ import annotations
 
 import random
-from typing import Any, Mapping
+from typing import Any, Mapping, cast
 
 import albumentations as A
 import cv2
@@ -74,7 +74,7 @@ WITH_MEMBERS = (*COMPOSITIONS, "FusedGeometric")   # blocks whose params.transfo
 def build_transform(block: Mapping[str, Any]) -> A.BasicTransform | BaseCompose:
     """One transform from a ``{name, params}`` block; a composition's ``params.transforms`` is built recursively."""
     if isinstance(block, DictConfig):
-        block = OmegaConf.to_container(block, resolve=True)
+        block = cast(dict, OmegaConf.to_container(block, resolve=True))
     params = dict(block.get("params") or {})
     if block.get("name") in WITH_MEMBERS:
         params["transforms"] = [build_transform(child) for child in params.get("transforms") or []]
@@ -90,7 +90,7 @@ def build_transform(block: Mapping[str, Any]) -> A.BasicTransform | BaseCompose:
 def build_augment(section: Mapping[str, Any] | DictConfig | None) -> A.Compose | None:
     """The training pipeline of the ``augment`` section (``{transforms: [blocks]}``); None when it lists none."""
     if isinstance(section, DictConfig):
-        section = OmegaConf.to_container(section, resolve=True)
+        section = cast(dict, OmegaConf.to_container(section, resolve=True))
     blocks = (section or {}).get("transforms") or []
     if not blocks:
         return None

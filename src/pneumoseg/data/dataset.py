@@ -37,6 +37,7 @@ from pneumoseg.errors import ConfigError, DataError
 from pneumoseg.io import read_png
 from pneumoseg.modeling.normalize import Normalize
 from pneumoseg.registry import Registry
+from pneumoseg.stage_table import command
 
 FOLD_COLUMNS = ("ImageId", "fold", "has_mask")
 
@@ -64,7 +65,7 @@ class PreparedData:
         """
         folds_path = layout.folds_path(prepared_dir)
         if not folds_path.is_file():
-            raise DataError(f"{folds_path} not found: run stage 02 (scripts/02_prepare_labels.py) with this config "
+            raise DataError(f"{folds_path} not found: run stage 02 ({command('02')}) with this config "
                             f"first")
         folds = pd.read_csv(folds_path, dtype={"ImageId": str})
         missing_columns = [c for c in FOLD_COLUMNS if c not in folds.columns]
@@ -72,8 +73,8 @@ class PreparedData:
             raise DataError(f"{folds_path} lacks columns {missing_columns}; rerun stage 02 with --force")
         folds["has_mask"] = folds["has_mask"].astype(bool)
         data = cls(folds, layout.images_dir(prepared_dir, size), layout.masks_dir(prepared_dir, size))
-        for folder, stage in ((data.image_dir, "01 (scripts/01_convert_dicoms.py)"),
-                              (data.mask_dir, "02 (scripts/02_prepare_labels.py)")):
+        for folder, stage in ((data.image_dir, f"01 ({command('01')})"),
+                              (data.mask_dir, f"02 ({command('02')})")):
             missing = [i for i in folds["ImageId"] if not (folder / f"{i}.png").is_file()]
             if missing:
                 raise DataError(
@@ -156,7 +157,7 @@ class SamplerContext:
         num_replicas, rank: the distributed world (1, 0 without one).
     """
 
-    has_mask: Sequence[bool]
+    has_mask: Sequence[bool] | np.ndarray
     seed: int
     total_epochs: int | None = None
     num_replicas: int = 1
@@ -266,7 +267,7 @@ def _cycle(pool: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray
     return np.concatenate([rng.permutation(pool) for _ in range(passes)])[:count]
 
 
-def build_sampler(block, has_mask: Sequence[bool], seed: int, total_epochs: int,
+def build_sampler(block, has_mask: Sequence[bool] | np.ndarray, seed: int, total_epochs: int,
                   num_replicas: int = 1, rank: int = 0) -> EpochSampler:
     """The sampler of a ``sampler`` config block for the training images' ``has_mask`` flags.
 

@@ -214,7 +214,7 @@ class FusedGeometric(A.DualTransform):
         if matrix is not None:
             return cv2.warpAffine(array, matrix[:2], array.shape[1::-1], flags=interpolation,
                                   borderMode=self.border_mode, borderValue=fill)
-        if map_x is None:
+        if map_x is None or map_y is None:
             return array
         return cv2.remap(array, map_x, map_y, interpolation, borderMode=self.border_mode, borderValue=fill)
 

@@ -5,8 +5,8 @@ stream them in chunks through a memory map, so no stage needs them all in RAM.
 
 A store is a folder holding ``probs.npy`` (uint8, N x S x S, value = round(255 * p)) and ``ids.csv`` (ImageId in
 the same order), and, for models with the image-level gate head, ``gate.npy`` (float32, N: each image's gate
-probability, as predicted; small, so not quantised). :class:`ProbabilityWriter` fills temporary files and renames them into place only on
-:meth:`~ProbabilityWriter.commit`, so a crash never leaves a store that looks complete.
+probability, as predicted; small, so not quantised). :class:`ProbabilityWriter` fills temporary files and renames
+them into place only on :meth:`~ProbabilityWriter.commit`, so a crash never leaves a store that looks complete.
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ import pandas as pd
 
 from pneumoseg.errors import DataError
 from pneumoseg.io import atomic_path, write_csv
+from pneumoseg.stage_table import command
 
 PROBS_FILE = "probs.npy"
 IDS_FILE = "ids.csv"
@@ -92,7 +93,7 @@ class ProbabilityWriter:
         os.replace(self._tmp, self.folder / PROBS_FILE)
 
     def discard(self) -> None:
-        self._maps = None
+        self._maps = None  # type: ignore[assignment]  # drops the memmap: this writer is done
         self._tmp.unlink(missing_ok=True)
 
     def __enter__(self) -> "ProbabilityWriter":
@@ -133,7 +134,7 @@ class ProbabilityStore:
         """The store's gate probabilities (float32, one per image), or None when it has none."""
         if not path.is_file():
             return None
-        fix = "rerun the stage that writes it (scripts/03_train.py --force for OOF predictions)"
+        fix = f"rerun the stage that writes it ({command('03')} --force for OOF predictions)"
         try:
             gates = np.load(path, allow_pickle=False)
         except (OSError, ValueError) as exc:

@@ -11,6 +11,7 @@ from pneumoseg import layout
 from pneumoseg.data import inputs
 from pneumoseg.data import labels as lb
 from pneumoseg.errors import DataError
+from pneumoseg.stage_table import command, run_first
 
 
 def read_test_images(cfg: DictConfig, sample: Path | None) -> pd.DataFrame:
@@ -26,11 +27,11 @@ def read_test_images(cfg: DictConfig, sample: Path | None) -> pd.DataFrame:
     """
     path = layout.test_images_path(cfg)
     if not path.is_file():
-        raise DataError(f"{path} not found: run scripts/02_prepare_labels.py first")
+        raise DataError(f"{path} not found: {run_first('02')}")
     test = pd.read_csv(path, dtype={lb.ID_COLUMN: str})
     missing = [c for c in (lb.ID_COLUMN, "rows", "cols") if c not in test.columns]
     if missing:
-        raise DataError(f"{path} lacks the column(s) {missing}: rerun scripts/02_prepare_labels.py --force")
+        raise DataError(f"{path} lacks the column(s) {missing}: rerun {command('02')} --force")
     if test.empty:
         raise DataError(f"{path} lists no test image: give the test DICOMs (dicom-images-test/, or the images of a "
                         f"sample submission) in {cfg.paths.input_dir} and rerun stages 01-02")

@@ -60,8 +60,9 @@ def _uids(seed: int, split: int, index: int) -> tuple[str, str, str]:
     counter = _UID_COUNTER_START + 2 * index + split
     stamp = _UID_TIMESTAMP + counter // 180
     random_part = 100002 + _digest(seed, split, index) % 899_990
-    return tuple(f"{UID_ROOT}.{kind}.8323329.{counter}.{stamp}.{random_part - k}"
-                 for k, kind in enumerate((_SOP, _STUDY, _SERIES)))
+    sop, study, series = (f"{UID_ROOT}.{kind}.8323329.{counter}.{stamp}.{random_part - k}"
+                          for k, kind in enumerate((_SOP, _STUDY, _SERIES)))
+    return sop, study, series
 
 
 class Layout:

@@ -460,10 +460,10 @@ def _markings(rng: np.random.Generator, anatomy: Anatomy, size: int) -> np.ndarr
     for hilum, headings in (((0.41, 0.45), np.pi - fan), ((0.59, 0.45), fan)):
         roots = np.asarray(hilum) + rng.normal(0, 0.015, (len(fan), 2))
         _vessel_trees(rng, canvas, anatomy.pose, roots, headings)
-    canvas = cv2.GaussianBlur(canvas, (0, 0), max(0.6, size / 700))
+    blurred = cv2.GaussianBlur(canvas, (0, 0), max(0.6, size / 700))
     # Unclipped, so the mottle has no blank patches that would pass for missing markings.
     mottle = 0.5 + 0.5 * _smooth_noise(rng, size, size / 48)
-    return 0.6 * canvas + 0.4 * mottle
+    return 0.6 * blurred + 0.4 * mottle
 
 
 def _pleural_line(phantom: Phantom) -> np.ndarray:
@@ -474,7 +474,7 @@ def _pleural_line(phantom: Phantom) -> np.ndarray:
     width = max(1, int(round(5 * size / REFERENCE_SIZE)))
     disc = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * width + 1, 2 * width + 1))
     # Eroding the lung leaves out the lesion's edge along the chest wall.
-    ring = cv2.dilate(lesion, disc) & (1 - lesion) & cv2.erode(lung, disc)
+    ring = np.asarray(cv2.dilate(lesion, disc), np.uint8) & (1 - lesion) & np.asarray(cv2.erode(lung, disc), np.uint8)
     return cv2.GaussianBlur(ring.astype(np.float32), (0, 0), max(0.7, size / REFERENCE_SIZE))
 
 

@@ -28,23 +28,22 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Sequence, cast
 
 import numpy as np
 import yaml
 from matplotlib.figure import Figure
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from pneumoseg import layout
-from pneumoseg.cli import setup_logging
+from pneumoseg.logs import setup_logging
 from pneumoseg.errors import DataError
 from pneumoseg.io import atomic_path, read_json, write_text
 from pneumoseg.modeling.checkpoints import best_files, load_checkpoint
+from pneumoseg.stage_table import DONE_FILE, command, stage
 
 log = logging.getLogger(__name__)
 
-DONE = "done.json"
-_SEARCH, _TRAIN, _PREDICT = "04_search", "03_train", "05_predict"
 
 
 @dataclass
@@ -85,15 +84,16 @@ class Run:
 
 def find_runs(output_root: str | os.PathLike) -> list[Path]:
     """Every folder under ``output_root`` with a finished stage 04, sorted by path."""
-    return sorted(path.parent.parent for path in Path(output_root).rglob(f"{_SEARCH}/{DONE}"))
+    return sorted(path.parent.parent for path in Path(output_root).rglob(f"{stage('04').folder_name}/{DONE_FILE}"))
 
 
-def _summary(folder: Path, stage: str) -> dict[str, Any] | None:
-    """The ``summary`` of ``folder/stage/done.json``; None when the stage has not finished."""
-    path = folder / stage / DONE
+def _summary(folder: Path, number: str) -> dict[str, Any] | None:
+    """The ``summary`` of stage ``number``'s ``done.json`` in the run folder ``folder``; None when the stage has not
+    finished."""
+    path = stage(number).folder(folder) / DONE_FILE
     if not path.is_file():
         return None
-    return read_json(path, f"{path} is missing", f"rerun stage {stage[:2]}").get("summary", {})
+    return read_json(path, f"{path} is missing", f"rerun {command(number)}").get("summary", {})
 
 
 def read_run(folder: str | os.PathLike) -> Run:
@@ -103,15 +103,15 @@ def read_run(folder: str | os.PathLike) -> Run:
         DataError: stage 04's record is missing, unreadable or lacks its scores.
     """
     folder = Path(folder)
-    search = _summary(folder, _SEARCH)
+    search = _summary(folder, "04")
     if search is None or "oof_score" not in search:
-        raise DataError(f"{folder / _SEARCH / DONE} holds no OOF score; rerun scripts/04_search_thresholds.py")
+        raise DataError(f"{stage('04').folder(folder) / DONE_FILE} holds no OOF score; rerun {command('04')}")
     per_fold = search.get("per_fold", [])
     fold_scores = [f["nested_score"] if f.get("nested_score") is not None else f["score"] for f in per_fold]
     run = Run(name=folder.name, folder=folder, nested_score=search.get("nested_score"),
               oof_score=float(search["oof_score"]), fold_scores=[float(s) for s in fold_scores],
               postprocess=_block_text(search.get("chosen")))
-    predict = _summary(folder, _PREDICT) or {}
+    predict = _summary(folder, "05") or {}
     run.test_score = predict.get("test_score")
     if layout.ensemble_path_in(folder).is_file():
         _read_ensemble(run, folder)
@@ -123,7 +123,7 @@ def read_run(folder: str | os.PathLike) -> Run:
 
 def _train_seconds(folder: Path) -> float | None:
     """The sum of the folds' training times of a run folder (None when not every fold recorded one)."""
-    train = _summary(folder, _TRAIN) or {}
+    train = _summary(folder, "03") or {}
     seconds = [f.get("seconds") for f in train.get("fold_summaries", {}).values()]
     return float(sum(seconds)) if seconds and None not in seconds else None
 
@@ -132,7 +132,7 @@ def _read_ensemble(run: Run, folder: Path) -> None:
     """Fill in an ensemble's chosen members and, from their own folders, the sums of their training times,
     parameters and checkpoint bytes (None when a member's is unknown)."""
     choice = layout.ensemble_path_in(folder)
-    content = read_json(choice, f"{choice} is missing", "rerun scripts/04_search_thresholds.py")
+    content = read_json(choice, f"{choice} is missing", f"rerun {command('04')}")
     folders = {m["name"]: Path(m["experiment_dir"]) for m in content["members"]}
     run.members = list(content["chosen"]["members"])
     parts = []
@@ -142,7 +142,7 @@ def _read_ensemble(run: Run, folder: Path) -> None:
         member = Run(name=name, folder=member_folder, nested_score=None, oof_score=0.0,
                      train_seconds=_train_seconds(member_folder))
         # A member needs no stage 04 of its own: its stage 03 config says what it predicts with.
-        _read_models(member, member_folder, _TRAIN)
+        _read_models(member, member_folder, "03")
         parts.append(member)
     run.checkpoints = " + ".join(f"{m.name}: {m.checkpoints or 'n/a'}" for m in parts)
     for key in ("train_seconds", "parameters", "checkpoint_bytes"):
@@ -158,20 +158,21 @@ def _block_text(block: dict | None) -> str:
     return f"{block.get('name')} ({params})"
 
 
-def _read_models(run: Run, folder: Path, stage: str = _SEARCH) -> None:
-    """Fill in the checkpoints the run predicts with (as the ``predict`` section of ``stage``'s config says), their
-    bytes and one network's parameters."""
-    config = folder / stage / "config.yaml"
-    if not config.is_file() or not (folder / _TRAIN).is_dir():
+def _read_models(run: Run, folder: Path, number: str = "04") -> None:
+    """Fill in the checkpoints the run predicts with (as the ``predict`` section of the config of stage ``number``
+    says), their bytes and one network's parameters."""
+    config = stage(number).folder(folder) / "config.yaml"
+    train = stage("03").folder(folder)
+    if not config.is_file() or not train.is_dir():
         return
-    predict = OmegaConf.load(config).get("predict", {})
+    predict = cast(DictConfig, OmegaConf.load(config)).get("predict", {})
     which, top_k = str(predict.get("checkpoints", "best")), int(predict.get("top_k", 1))
-    files = [path for fold_folder in layout.fold_dirs(folder / _TRAIN).values()
+    files = [path for fold_folder in layout.fold_dirs(train).values()
              for path in best_files(layout.checkpoints_dir(fold_folder, which))[:top_k]]
     if not files:
         return
-    per_fold = len(files) / max(len(layout.fold_dirs(folder / _TRAIN)), 1)
-    run.checkpoints = f"{which}, {per_fold:g} per fold, {len(layout.fold_dirs(folder / _TRAIN))} folds"
+    per_fold = len(files) / max(len(layout.fold_dirs(train)), 1)
+    run.checkpoints = f"{which}, {per_fold:g} per fold, {len(layout.fold_dirs(train))} folds"
     run.checkpoint_bytes = sum(path.stat().st_size for path in files)
     state = load_checkpoint(files[0])["state_dict"]
     # Parameters only: BatchNorm statistics and counters are buffers, not learnt weights.

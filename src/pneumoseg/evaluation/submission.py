@@ -201,13 +201,14 @@ def check_submission(path: str | os.PathLike, sample: str | os.PathLike | None =
         DataError: the sample submission or the test list cannot be read.
         ValueError: neither or both of ``sample`` and ``cfg``.
     """
-    if (sample is None) == (cfg is None):
-        raise ValueError("give exactly one of sample and cfg")
-    if cfg is not None:
+    expected: str | os.PathLike | Sequence[str]
+    if cfg is not None and sample is None:
         test, expected = test_set(cfg)
         sizes, fmt = image_sizes(test), fmt or cfg.predict.fmt
-    else:
+    elif sample is not None and cfg is None:
         expected, sizes, fmt = sample, None, fmt or "relative"
+    else:
+        raise ValueError("give exactly one of sample and cfg")
     problems = validate_submission(path, expected, sizes, fmt)
     if problems:
         return False, f"{path}: {len(problems)} problem(s):\n{format_problems(problems, limit=None)}"

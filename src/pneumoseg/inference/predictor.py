@@ -31,7 +31,6 @@ from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 import numpy as np
-import pandas as pd
 import torch
 from omegaconf import DictConfig
 
@@ -39,13 +38,15 @@ from pneumoseg import layout
 
 from pneumoseg.data import rle
 from pneumoseg.data.blend import blend_gates, blend_maps, normalized_weights
+from pneumoseg.data.folds import FOLD_COLUMN, read_trained_folds
 from pneumoseg.modeling.device import resolve_device
 from pneumoseg.errors import ConfigError, DataError
 from pneumoseg.data.resize import resize_probabilities, resize_square
+from pneumoseg.inference.fold_models import FoldModel, load_fold_models
 from pneumoseg.inference.runtime import ONNXRUNTIME, choose_runtime, runtime_of, with_runtime
-from pneumoseg.inference.tta import TTA, FoldModel, load_fold_models, predict_with_gate
+from pneumoseg.inference.tta import TTA, predict_with_gate
 from pneumoseg.modeling.models import has_gate
-from pneumoseg.postprocess.strategies import PostProcessor, build_postprocessor, load_postprocessor
+from pneumoseg.postprocess.strategies import Gated, PostProcessor, build_postprocessor, load_postprocessor
 
 
 @dataclass
@@ -216,7 +217,8 @@ class Predictor:
             images = _batch_of_size(images, self.image_size)
         if tuple(images.shape[1:]) != (self.image_size, self.image_size):
             raise DataError(f"prepared images must be N x {self.image_size} x {self.image_size} (the models' size), "
-                            f"got {tuple(images.shape)}; use the PNGs of 01_convert/images_{self.image_size}/")
+                            f"got {tuple(images.shape)}; use stage 01's PNGs of {self.image_size} px "
+                            f"({layout.images_dir('.', self.image_size)} of the prepared folder)")
         return images
 
     @classmethod
@@ -252,11 +254,8 @@ class Predictor:
         if not isinstance(device, torch.device):
             device = resolve_device(str(device or predict.device))
         folder = layout.train_dir(cfg)
-        folds_csv = layout.train_folds_path(cfg)
-        if not folds_csv.is_file():
-            raise DataError(f"{folds_csv} not found: no trained models in {folder}; run scripts/03_train.py first")
-        folds = layout.select_folds(cfg.train.folds, pd.read_csv(folds_csv)["fold"].unique(), "train.folds",
-                                    folds_csv)
+        folds = layout.select_folds(cfg.train.folds, read_trained_folds(cfg)[FOLD_COLUMN].unique(), "train.folds",
+                                    layout.train_folds_path(cfg))
         models = load_fold_models(folder, folds, top=top_k, device=device, checkpoints=str(predict.checkpoints))
         requested = str(runtime or predict.get("runtime", "auto"))
         models = with_runtime(models, choose_runtime(requested, device, has_onnx=requested == ONNXRUNTIME), None)
@@ -306,7 +305,8 @@ def _batch_of_size(batches: Mapping[int, np.ndarray | torch.Tensor], size: int) 
         return batches[size]
     except KeyError:
         raise DataError(f"no prepared images of {size} px among the batches given (sizes {sorted(batches)}); "
-                        f"give the PNGs of 01_convert/images_{size}/ too") from None
+                        f"give stage 01's PNGs of {size} px too "
+                        f"({layout.images_dir('.', size)} of the prepared folder)") from None
 
 
 class EnsemblePredictor:
@@ -420,7 +420,7 @@ class EnsemblePredictor:
             device = resolve_device(str(device or members[0][0].predict.device))
         # The members' own post-processors are never applied; a gated one would be refused for a member without
         # the head although the blend has the other members' gate, so members get its mask strategy.
-        member_postprocessor = postprocessor.inner if postprocessor.needs_gate else postprocessor
+        member_postprocessor = postprocessor.inner if isinstance(postprocessor, Gated) else postprocessor
         predictors = [Predictor.from_experiment(cfg, device, member_postprocessor, runtime) for cfg, _ in members]
         return cls(predictors, [weight for _, weight in members], postprocessor,
                    [str(cfg.experiment) for cfg, _ in members])

@@ -35,9 +35,10 @@ from torch import nn
 
 from pneumoseg.errors import ConfigError, DataError
 from pneumoseg.evaluation.metrics import dice_per_image
-from pneumoseg.inference.tta import FoldModel
+from pneumoseg.inference.fold_models import FoldModel
 from pneumoseg.io import atomic_path
 from pneumoseg.modeling.models import has_gate
+from pneumoseg.stage_table import command
 
 if TYPE_CHECKING:  # the predictor imports this module
     from pneumoseg.inference.predictor import Prediction
@@ -60,6 +61,7 @@ ONNX_SUFFIX = ".onnx"
 # threshold: a few pixels in a million, where 1e-3 of the masks' pixels is a visible change of outline.
 MAX_PROBABILITY_DIFFERENCE = 1e-3
 MAX_MASK_SHARE_DIFFERING = 1e-3
+REBUILD = f"rebuild the package ({command('06')} --force)"
 
 
 def onnx_available() -> bool:
@@ -176,7 +178,7 @@ def open_session(source: bytes | Path, name: str, sha256: str | None = None, thr
         raise DataError(f"cannot read the ONNX model {name}: {exc.strerror}") from None
     if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
         raise DataError(f"{name} does not match its sha256 in the package's manifest: the ONNX model is damaged or "
-                        f"was changed; copy the package again, or rebuild it (scripts/06_package_model.py --force)")
+                        f"was changed; copy the package again, or {REBUILD}")
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads or intra_op_threads()
     options.inter_op_num_threads = 1
@@ -186,7 +188,7 @@ def open_session(source: bytes | Path, name: str, sha256: str | None = None, thr
         return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # noqa: BLE001 -- onnxruntime raises its own classes (Fail, InvalidGraph, ...)
         raise DataError(f"ONNX Runtime cannot load {name} ({type(exc).__name__}: {str(exc).splitlines()[0][:300]}); "
-                        f"rebuild the package (scripts/06_package_model.py --force)") from None
+                        f"{REBUILD}") from None
 
 
 class OnnxNet(nn.Module):
@@ -206,8 +208,7 @@ class OnnxNet(nn.Module):
         outputs = [node.name for node in session.get_outputs()]
         if inputs != [(INPUT_NAME, 4)] or outputs not in ([MASKS_OUTPUT], [MASKS_OUTPUT, GATE_OUTPUT]):
             raise DataError(f"{name} is not a pneumoseg ONNX model (inputs {inputs}, outputs {outputs}; expected one "
-                            f"4-D {INPUT_NAME!r} and {MASKS_OUTPUT!r}[, {GATE_OUTPUT!r}]); rebuild the package "
-                            f"(scripts/06_package_model.py --force)")
+                            f"4-D {INPUT_NAME!r} and {MASKS_OUTPUT!r}[, {GATE_OUTPUT!r}]); {REBUILD}")
         super().__init__()
         self.session = session
         self.name = name
@@ -275,12 +276,12 @@ def check_net(net: OnnxNet, model: FoldModel) -> None:
     expected, found = [out if isinstance(out, tuple) else (out,) for out in (expected, found)]
     if len(expected) != len(found):
         raise DataError(f"{net.name} {'has' if len(found) > 1 else 'lacks'} the gate output, unlike the checkpoint "
-                        f"{model.path} it is packaged with; rebuild the package (scripts/06_package_model.py --force)")
+                        f"{model.path} it is packaged with; {REBUILD}")
     worst = max(float((a.float() - b.float()).abs().max()) if a.shape == b.shape else float("inf")
                 for a, b in zip(expected, found))
     if worst > 1e-3:
         raise DataError(f"{net.name} is not the ONNX export of the checkpoint {model.path} it is packaged with (logits "
-                        f"differ by up to {worst:.3g}); rebuild the package (scripts/06_package_model.py --force)")
+                        f"differ by up to {worst:.3g}); {REBUILD}")
 
 
 @dataclasses.dataclass

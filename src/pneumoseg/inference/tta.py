@@ -1,10 +1,10 @@
-"""Prediction with trained fold models: loading checkpoints and test-time augmented probabilities.
+"""Test-time augmented probabilities of trained fold models (loaded by :mod:`pneumoseg.inference.fold_models`).
 
 Used by training (out-of-fold predictions), stage 05 (the test set) and the server, so test-time augmentation
 (TTA) is implemented here once. A view of an image is a flip (none, horizontal, vertical) at a scale; the
 probabilities of every view of every model are averaged::
 
-    models = load_fold_models("output/demo/03_train", device="cpu")
+    models = load_fold_models(train_dir, device="cpu")          # pneumoseg.inference.fold_models
     probs = predict_probs(models, images, TTA(hflip=True))      # images: N x S x S uint8 -> N x S x S float32
 
 The ``tta`` config section (``{hflip, vflip, scales}``) builds a :class:`TTA` with :meth:`TTA.from_config`.
@@ -15,10 +15,8 @@ models as the maps.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import Mapping, Sequence, cast
 
 import numpy as np
 import torch
@@ -26,100 +24,12 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from pneumoseg import layout
-from pneumoseg.modeling.checkpoints import best_files, load_checkpoint, retrain_hint
-from pneumoseg.modeling.normalize import Normalize, normalize_from_model
-from pneumoseg.errors import DataError
+from pneumoseg.inference.fold_models import FoldModel
 from pneumoseg.modeling.device import autocast
-from pneumoseg.modeling.models import build_model, split_output
+from pneumoseg.modeling.models import split_output
 
 # smp encoders downsample by up to 2**5; a rescaled view must keep its sides divisible by that.
 SIZE_MULTIPLE = 32
-
-
-@dataclass
-class FoldModel:
-    """A trained network with what is needed to feed it.
-
-    Attributes:
-        net: the network, in eval mode on its device.
-        normalize: 8-bit image -> input tensor.
-        image_size: the square size it was trained at; predict at this size.
-        fold, epoch, score: where the checkpoint came from (None when unknown).
-        path: the checkpoint file.
-    """
-
-    net: nn.Module
-    normalize: Normalize
-    image_size: int
-    fold: int | None = None
-    epoch: int | None = None
-    score: float | None = None
-    path: Path | None = None
-
-
-def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", fix: str | None = None) -> FoldModel:
-    """Rebuild the network of a ``best_<rank>.pt`` checkpoint and load its weights (no download).
-
-    Args:
-        path: the checkpoint.
-        device: where to put the network.
-        fix: how to remake a damaged checkpoint, for the error message (default: retrain its fold).
-
-    Raises:
-        DataError: the file is missing, damaged, or is not a pneumoseg model checkpoint.
-    """
-    path = Path(path)
-    fix = fix or retrain_hint(path)
-    checkpoint = load_checkpoint(path, fix)
-    if "state_dict" not in checkpoint or "model" not in checkpoint:
-        raise DataError(f"{path} is not a pneumoseg model checkpoint (no 'state_dict' and 'model' entries); {fix}")
-    net = build_model(checkpoint["model"], pretrained=False)
-    try:
-        net.load_state_dict(checkpoint["state_dict"])
-        image_size = int(checkpoint["image_size"])
-    except (RuntimeError, KeyError, TypeError, ValueError) as exc:  # weights of another network, or missing
-        raise DataError(f"{path} does not hold the weights of the network it describes ({type(exc).__name__}: "
-                        f"{str(exc).splitlines()[0][:200]}); {fix}") from None
-    device = torch.device(device)
-    net.to(device).eval()
-    if device.type == "cuda":
-        net.to(memory_format=torch.channels_last)
-    return FoldModel(net=net, normalize=normalize_from_model(checkpoint["model"]), image_size=image_size,
-                     fold=checkpoint.get("fold"), epoch=checkpoint.get("epoch"), score=checkpoint.get("score"),
-                     path=path)
-
-
-def load_fold_models(train_dir: str | os.PathLike, folds: Iterable[int] | None = None, top: int = 1,
-                     device: str | torch.device = "cpu", checkpoints: str = "best") -> list[FoldModel]:
-    """The ``top`` best checkpoints of each fold of a training folder (``03_train`` or a SageMaker model dir).
-
-    Args:
-        train_dir: holds ``fold<k>/best_<rank>.pt``.
-        folds: the folds to load; default every fold found.
-        top: checkpoints per fold (best first).
-        device: where to put the networks.
-        checkpoints: which set of each fold (``predict.checkpoints``): ``best`` (the trained weights), ``ema`` or
-            ``averaged`` (see :func:`pneumoseg.layout.checkpoints_dir`).
-
-    Raises:
-        DataError: no fold folder, or a requested fold without checkpoints.
-        ConfigError: an unknown ``checkpoints``.
-    """
-    found = layout.fold_dirs(train_dir)
-    wanted = list(found) if folds is None else list(folds)
-    if not wanted:
-        raise DataError(f"no fold folders (fold<k>/) in {train_dir}; run scripts/03_train.py first")
-    models = []
-    for fold in wanted:
-        files = best_files(layout.checkpoints_dir(found[fold], checkpoints))[:top] if fold in found else []
-        if not files:
-            hint = "" if checkpoints == "best" else (f" (predict.checkpoints={checkpoints} needs train.ema or "
-                                                     f"train.average_top_k set when the fold was trained)")
-            raise DataError(f"fold {fold} has no {checkpoints} best_<rank>.pt checkpoint in {train_dir}; train it "
-                            f"first (scripts/03_train.py --fold {fold}){hint}")
-        models.extend(load_model(path, device) for path in files)
-    return models
 
 
 @dataclass(frozen=True)
@@ -136,7 +46,7 @@ class TTA:
         if block is None:
             return cls(hflip=False)
         if isinstance(block, DictConfig):
-            block = OmegaConf.to_container(block, resolve=True)
+            block = cast(dict, OmegaConf.to_container(block, resolve=True))
         return cls(hflip=bool(block.get("hflip", True)), vflip=bool(block.get("vflip", False)),
                    scales=tuple(float(s) for s in block.get("scales") or (1.0,)))
 
@@ -221,7 +131,7 @@ def predict_with_gate(models: Sequence[FoldModel], images: np.ndarray | torch.Te
             out[start:start + len(batch)] = (total / (len(models) * len(views))).cpu().numpy()
             if gated_models:
                 gates[start:start + len(batch)] = (gate_total / (gated_models * len(views))).cpu().numpy()
-    gates = gates if gated_models else None
+    found = gates if gated_models else None
     if single:
-        return out[0], None if gates is None else gates[0]
-    return out, gates
+        return out[0], None if found is None else found[0]
+    return out, found

@@ -2,12 +2,13 @@
 
 * ``best_<rank>.pt`` (rank 1 = best): ``{"state_dict", "model", "image_size", "fold", "epoch", "score",
   "monitor", "fingerprint"}``; ``model`` is the config block that rebuilds the network (see
-  :func:`pneumoseg.inference.tta.load_model`). Weights only: no optimiser state.
+  :func:`pneumoseg.inference.fold_models.load_model`). Weights only: no optimiser state.
 * ``checkpoints.csv``: ``rank, file, epoch, score, monitor``, which epoch and score each best file holds.
 * ``last.pt``: the full training state for ``--resume`` (see :mod:`pneumoseg.training.trainer`).
 
 Every file is written atomically. The best files themselves are the truth: each holds its epoch and score, so
-:meth:`pneumoseg.training.checkpoints.BestCheckpoints.rescan` rebuilds a consistent ranking from them after a crash in the middle of re-ranking.
+:meth:`pneumoseg.training.checkpoints.BestCheckpoints.rescan` rebuilds a consistent ranking from them after a crash
+in the middle of re-ranking.
 All files load with ``torch.load(weights_only=True)``: they hold tensors, numbers, strings, lists and dicts only.
 """
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch
 
 from pneumoseg.errors import DataError
 from pneumoseg.io import atomic_path
+from pneumoseg.stage_table import command
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +48,7 @@ def retrain_hint(path: str | os.PathLike) -> str:
     """How to remake a checkpoint of stage 03: retrain the fold its folder names."""
     match = _FOLD_RE.match(Path(path).parent.name)
     fold = match.group(1) if match else "K"
-    return f"retrain its fold from scratch (scripts/03_train.py --fold {fold} --force)"
+    return f"retrain its fold from scratch ({command('03')} --fold {fold} --force)"
 
 
 def load_checkpoint(path: str | os.PathLike, fix: str | None = None) -> dict[str, Any]:

@@ -19,6 +19,7 @@ as the 4th-place solution trained its "empty" branch (3 BCE + 1 Dice + 0.1 BCE(e
 from __future__ import annotations
 
 import inspect
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -77,7 +78,7 @@ def mixed_loss(logits: torch.Tensor, target: torch.Tensor, alpha: float = 10.0, 
 class _FunctionalLoss(nn.Module):
     """A module around one of the functions above with its keyword parameters fixed."""
 
-    function = staticmethod(bce_loss)
+    function: Callable[..., torch.Tensor] = staticmethod(bce_loss)
 
     def __init__(self, **params) -> None:
         super().__init__()

@@ -25,7 +25,7 @@ a grey image repeated three times would see.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Sequence, cast
 
 import segmentation_models_pytorch as smp
 import torch
@@ -61,7 +61,7 @@ def _download_errors() -> tuple[type[BaseException], ...]:
 
 def _as_dict(block: Mapping[str, Any] | DictConfig | None) -> dict:
     if isinstance(block, DictConfig):
-        return OmegaConf.to_container(block, resolve=True)
+        return cast(dict, OmegaConf.to_container(block, resolve=True))
     return dict(block or {})
 
 
@@ -114,7 +114,7 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     # Training checkpoints often wrap the weights; accept the usual wrappers.
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
+            state = cast(dict, state[key])
     return state
 
 
@@ -127,8 +127,9 @@ def build_model(block: Mapping[str, Any] | DictConfig, pretrained: bool = True) 
             checkpoint right after.
 
     Raises:
-        ConfigError: unknown architecture or encoder, bad parameters (a gate head of more than one logit), a missing or mismatched weights file, or
-            ``imagenet`` weights that cannot be downloaded (with how to give a local file instead).
+        ConfigError: unknown architecture or encoder, bad parameters (a gate head of more than one logit), a missing
+            or mismatched weights file, or ``imagenet`` weights that cannot be downloaded (with how to give a local
+            file instead).
     """
     block = _as_dict(block)
     params = dict(block.get("params") or {})
@@ -174,13 +175,14 @@ def _build_with_local_encoder(block: dict, params: dict, path: Path) -> nn.Modul
     in_channels = int(params.get("in_channels", 3))
     model = _build(block, {**params, "encoder_weights": None, "in_channels": 3}, str(path))
     state = _read_state_dict(path)
+    encoder: Any = model.encoder      # an smp encoder: an nn.Module with set_in_channels
     try:
         # smp's encoders drop the classifier keys (fc.*) of a torchvision state dict themselves.
-        model.encoder.load_state_dict(state)
+        encoder.load_state_dict(state)
     except RuntimeError as exc:
         raise ConfigError(
             f"model.params.encoder_weights: {path} does not fit encoder {params.get('encoder_name')!r}: "
             f"{str(exc)[:300]}. Give the torchvision/timm state dict of exactly this encoder."
         ) from None
-    model.encoder.set_in_channels(in_channels, pretrained=True)
+    encoder.set_in_channels(in_channels, pretrained=True)
     return model

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Iterable, Literal
 
 import torch
 from torch.optim import Optimizer
@@ -30,7 +30,7 @@ OPTIMIZERS.add("adamw", torch.optim.AdamW)
 OPTIMIZERS.add("sgd", torch.optim.SGD)
 
 
-def metric_mode(name: str) -> str:
+def metric_mode(name: str) -> Literal["min", "max"]:
     """``min`` for a loss, ``max`` for a score: which way a monitored metric improves."""
     return "min" if "loss" in name else "max"
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 import os
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass
-from typing import Any, ClassVar, Mapping
+from typing import Any, ClassVar, Mapping, cast
 
 import cv2
 import numpy as np
@@ -36,6 +36,7 @@ from pneumoseg.errors import ConfigError
 from pneumoseg.io import read_json
 from pneumoseg.data.probstore import LEVELS
 from pneumoseg.registry import Registry
+from pneumoseg.stage_table import command
 
 ORIGINAL_SIZE = 1024
 # 8-connectivity: a lesion outline touching only diagonally is still one lesion.
@@ -109,11 +110,11 @@ class PostProcessor(ABC):
     def label(self) -> str:
         """A short name for logs and table columns: the strategy and its parameter values, e.g.
         ``triplet:0.75:2000:0.4:0`` (in the order of the class's fields)."""
-        return ":".join([self.name, *(f"{value:g}" for value in asdict(self).values())])
+        return ":".join([self.name, *(f"{value:g}" for value in asdict(cast(Any, self)).values())])
 
     def to_block(self) -> dict[str, Any]:
         """The ``{name, params}`` block that :func:`build_postprocessor` turns back into this strategy."""
-        return {"name": self.name, "params": asdict(self)}
+        return {"name": self.name, "params": asdict(cast(Any, self))}      # every strategy is a dataclass
 
 
 POSTPROCESSORS: Registry[PostProcessor] = Registry("post-processing strategy")
@@ -145,7 +146,7 @@ class Threshold(PostProcessor):
         _check_area(self.name, min_area=self.min_area)
 
     def __call__(self, probs: np.ndarray, gate: float | None = None) -> np.ndarray:
-        return remove_small_components(above(probs, self.threshold), scale_area(self.min_area, probs.shape))
+        return remove_small_components(above(probs, self.threshold), float(scale_area(self.min_area, probs.shape)))
 
 
 @POSTPROCESSORS.register("triplet")
@@ -176,7 +177,7 @@ class Triplet(PostProcessor):
         if above(probs, self.top).sum() < scale_area(self.min_area, probs.shape):
             return np.zeros(probs.shape, dtype=bool)
         mask = above(probs, self.bottom)
-        return remove_small_components(mask, scale_area(self.min_component_area, probs.shape))
+        return remove_small_components(mask, float(scale_area(self.min_component_area, probs.shape)))
 
 
 @POSTPROCESSORS.register("gated")
@@ -226,9 +227,9 @@ def build_postprocessor(block: Mapping[str, Any]) -> PostProcessor:
 
 def load_postprocessor(path: str | os.PathLike) -> PostProcessor:
     """The strategy stored in a JSON file holding a ``{name, params}`` block (stage 04's ``thresholds.json``)."""
-    block = read_json(path, missing=f"post-processing file {path} not found; run scripts/04_search_thresholds.py "
+    block = read_json(path, missing=f"post-processing file {path} not found; run {command('04')} "
                                     f"first, or configure the strategy in the config",
-                      invalid_fix="rerun scripts/04_search_thresholds.py --force")
+                      invalid_fix=f"rerun {command('04')} --force")
     return build_postprocessor(block)
 
 

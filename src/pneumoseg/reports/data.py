@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import cast
 
 import cv2
 import numpy as np
@@ -22,6 +23,7 @@ from pneumoseg.data import labels as lb
 from pneumoseg import layout
 from pneumoseg.io import read_png, write_png, write_text
 from pneumoseg.reports.figures import draw_outline, save_figure
+from pneumoseg.stage_table import command
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +64,7 @@ def write_report(prepared: layout.Where, sizes: list[int], area_edges, seed: int
     edges = fold_split.check_area_edges(area_edges)
     rng = np.random.default_rng(seed)
     sections = [
-        "# Data report\n\nWritten by stage 02 (`scripts/02_prepare_labels.py`) from the files in this folder.",
+        f"# Data report\n\nWritten by stage 02 (`{command('02')}`) from the files in this folder.",
         _overview(table, len(pd.read_csv(layout.test_images_path(prepared))),
                   pd.read_csv(layout.unmatched_path(prepared))),
         _positives_and_instances(table, figures),
@@ -119,7 +121,7 @@ def _area_histogram(table: pd.DataFrame, edges: list[int], figures: Path) -> str
     fig = Figure(figsize=(9, 3.2), layout="constrained")
     ax = fig.subplots()
     bins = np.logspace(np.log10(areas.min()) - 0.05, np.log10(areas.max()) + 0.05, 40)
-    ax.hist(areas, bins=bins, color=POSITIVE_COLOUR, alpha=0.8)
+    ax.hist(areas, bins=bins.tolist(), color=POSITIVE_COLOUR, alpha=0.8)
     ax.set_xscale("log")
     for edge in edges[1:]:
         ax.axvline(edge, color="black", linestyle="--", linewidth=1)
@@ -156,10 +158,9 @@ def _mean_mask(table: pd.DataFrame, prepared: layout.Where, size: int, rng: np.r
 
 
 def _mean(image_dir: Path, image_ids) -> np.ndarray:
-    total = None
+    total = np.zeros((), np.float64)
     for image_id in image_ids:
-        image = read_png(image_dir / f"{image_id}.png").astype(np.float64)
-        total = image if total is None else total + image
+        total = total + read_png(image_dir / f"{image_id}.png").astype(np.float64)
     return total / len(image_ids)
 
 
@@ -239,11 +240,11 @@ def _demographics(table: pd.DataFrame, metadata: pd.DataFrame, figures: Path) ->
     if not columns and not has_age:
         return "## Patients\n\nstage 01 found no sex, age or view tags."
     fig = Figure(figsize=(3.2 * (len(columns) + has_age), 3.2), layout="constrained")
-    axes = list(np.atleast_1d(fig.subplots(1, len(columns) + has_age)))
+    axes = list(np.atleast_1d(fig.subplots(1, int(len(columns) + has_age))))
     tables = []
     for ax, column in zip(axes, columns):
         values = _text(frame[column]).replace("", "unknown")
-        rates = frame.groupby(values)["has_mask"].agg(images="size", positive="sum")
+        rates = cast(pd.DataFrame, frame.groupby(values)["has_mask"].agg(images="size", positive="sum"))
         rates["positive_rate"] = (rates["positive"] / rates["images"]).round(3)
         ax.bar(rates.index, rates["positive_rate"], color=POSITIVE_COLOUR)
         for x, (rate, count) in enumerate(zip(rates["positive_rate"], rates["images"])):

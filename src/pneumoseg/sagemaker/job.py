@@ -8,7 +8,7 @@ The training toolkit (``sagemaker-training``) sets ``SM_MODEL_DIR`` (packed into
 or a second copy of the checkpoints; at the end :func:`export_outputs` copies the models to the model folder and
 the logs, OOF maps and tables to the output data folder (:mod:`pneumoseg.sagemaker.outputs`).
 
-This module imports neither torch nor pandas: every stage script reads it (:mod:`pneumoseg.cli`).
+This module imports neither torch nor pandas: stage 03's parser reads it (:mod:`pneumoseg.sagemaker.arguments`).
 """
 from __future__ import annotations
 

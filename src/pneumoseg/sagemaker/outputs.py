@@ -1,6 +1,6 @@
 """What a SageMaker training job of stage 03 leaves: the fold models in ``SM_MODEL_DIR`` (``model.tar.gz``), laid
-out like ``03_train/`` so that :func:`pneumoseg.inference.tta.load_fold_models` reads either, and the rest of the
-training folder (logs, OOF maps, tables, configs, completion records) in ``SM_OUTPUT_DATA_DIR/03_train/``
+out like ``03_train/`` so that :func:`pneumoseg.inference.fold_models.load_fold_models` reads either, and the rest of
+the training folder (logs, OOF maps, tables, configs, completion records) in ``SM_OUTPUT_DATA_DIR/03_train/``
 (``output.tar.gz``). Each checkpoint travels once; ``last.pt`` (weights plus optimizer state) stays behind.
 """
 from __future__ import annotations

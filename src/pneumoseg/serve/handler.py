@@ -18,8 +18,8 @@ A model package (written by stage 06, :mod:`pneumoseg.stages.package`) is a fold
 * ``config.yaml``: the experiment's resolved config, for the record;
 * ``fold<k>/best_<rank>.pt``: the weights, in stage 03's checkpoint format (tensors and plain data only, loaded
   with ``weights_only=True``: no pickled code, no download);
-* ``code/inference.py`` (imports ``model_fn`` and ``transform_fn`` from here), ``code/requirements.txt`` and ``code/pneumoseg/``
-  (this package's source), which SageMaker's container puts on its Python path.
+* ``code/inference.py`` (imports ``model_fn`` and ``transform_fn`` from here), ``code/requirements.txt`` and
+  ``code/pneumoseg/`` (this package's source), which SageMaker's container puts on its Python path.
 
 Request bodies, by content type: ``application/dicom`` (a DICOM file, read like stage 01 reads one),
 ``image/png`` and ``image/jpeg`` (8-bit grey, or colour made grey with the ITU-R 601 luma weights),
@@ -125,9 +125,9 @@ class Result:
 
     def to_json(self) -> dict[str, Any]:
         """The JSON response: ImageId (None when unknown), the mask in the submission's run-length form
-        (``EncodedPixels``, ``"-1"`` when empty; the package's ``fmt``), the image's size, the mask's area in pixels, the highest
-        probability, the image-level gate probability (``gate_probability``; None for a model without the gate
-        head), whether the gate emptied a mask the strategy alone would have drawn (``emptied_by_gate``), the
+        (``EncodedPixels``, ``"-1"`` when empty; the package's ``fmt``), the image's size, the mask's area in pixels,
+        the highest probability, the image-level gate probability (``gate_probability``; None for a model without the
+        gate head), whether the gate emptied a mask the strategy alone would have drawn (``emptied_by_gate``), the
         post-processing and the model (its name, version and the runtime that answered: ``torch`` or
         ``onnxruntime``)."""
         prediction = self.prediction
@@ -151,7 +151,7 @@ class Result:
 # Request bodies
 
 Decoder = Callable[[bytes], ImageInput]
-DECODERS: Registry[Decoder] = Registry("request content type")
+DECODERS: Registry[ImageInput] = Registry("request content type")  # each factory is a Decoder
 
 
 def media_type(header: str | None) -> str:

@@ -41,12 +41,14 @@ from omegaconf import DictConfig, OmegaConf
 from pneumoseg import __version__
 from pneumoseg.errors import DataError
 from pneumoseg.inference.predictor import EnsemblePredictor, Predictor
+from pneumoseg.inference.fold_models import load_model
 from pneumoseg.inference.runtime import ONNXRUNTIME, choose_runtime, with_runtime
-from pneumoseg.inference.tta import TTA, load_model
+from pneumoseg.inference.tta import TTA
 from pneumoseg.io import content_hash, read_json
 from pneumoseg.postprocess.strategies import load_postprocessor
 from pneumoseg.modeling.device import resolve_device
 from pneumoseg.serve.archive import check_relative_name, extract_archive, file_inside
+from pneumoseg.stage_table import command
 
 
 MANIFEST_FILE = "manifest.json"
@@ -87,7 +89,7 @@ class ServingModel:
         return self.predictor.runtime
 
 
-REBUILD_HINT = "copy the package again, or rebuild it (scripts/06_package_model.py --force)"
+REBUILD_HINT = f"copy the package again, or rebuild it ({command('06')} --force)"
 _MANIFEST_KEYS = ("name", "version", "fmt", "models")
 # How a predictor predicts: at the top of a single experiment's manifest, in each member of an ensemble's.
 _PREDICTOR_KEYS = ("tta", "interpolation", "batch_size", "amp")
@@ -105,13 +107,13 @@ def read_manifest(model_dir: str | os.PathLike) -> dict:
     """
     path = Path(model_dir) / MANIFEST_FILE
     manifest = read_json(path, missing=f"{model_dir} is not a pneumoseg model package: it has no {MANIFEST_FILE}. "
-                                       f"Build one with scripts/06_package_model.py and give its model.tar.gz or the "
+                                       f"Build one with {command('06')} and give its model.tar.gz or the "
                                        f"folder it extracts to",
-                         invalid_fix="rebuild the package (scripts/06_package_model.py --force)")
+                         invalid_fix=f"rebuild the package ({command('06')} --force)")
     if not isinstance(manifest, dict) or manifest.get("format") != PACKAGE_FORMAT:
         found = manifest.get("format") if isinstance(manifest, dict) else None
         raise DataError(f"{path}: package format {found!r}, but this pneumoseg reads format "
-                        f"{PACKAGE_FORMAT}; rebuild the package with this version (scripts/06_package_model.py)")
+                        f"{PACKAGE_FORMAT}; rebuild the package with this version ({command('06')})")
     required = _MANIFEST_KEYS if "members" in manifest else (*_MANIFEST_KEYS, *_PREDICTOR_KEYS)
     missing = [key for key in required if key not in manifest]
     models = manifest.get("models")
@@ -202,8 +204,8 @@ def load_package(model_dir: str | os.PathLike, device: str = "auto", runtime: st
     if "members" in manifest:
         specs = manifest["members"]
         members = [_predictor(spec, [models[name] for name in spec["models"]], postprocessor) for spec in specs]
-        predictor = EnsemblePredictor(members, [float(spec["weight"]) for spec in specs], postprocessor,
-                                      [str(spec["name"]) for spec in specs])
+        predictor: Predictor | EnsemblePredictor = EnsemblePredictor(
+            members, [float(spec["weight"]) for spec in specs], postprocessor, [str(spec["name"]) for spec in specs])
     else:
         predictor = _predictor(manifest, list(models.values()), postprocessor)
     # One blank prediction first: lazy initialisation (kernels, allocator) would otherwise slow the first request.
@@ -235,7 +237,7 @@ def open_package(path: str | os.PathLike) -> Iterator[Path]:
         yield path
         return
     if not path.is_file():
-        raise DataError(f"model package {path} not found; build it with scripts/06_package_model.py")
+        raise DataError(f"model package {path} not found; build it with {command('06')}")
     with tempfile.TemporaryDirectory(prefix="pneumoseg-model-") as folder:
         extract_archive(path, Path(folder))
         yield Path(folder)
@@ -346,7 +348,7 @@ def write_package(path: Path, cfg: DictConfig, manifest: dict[str, Any], files: 
         **{f"{name}/{CONFIG_FILE}": OmegaConf.to_yaml(member, resolve=True)
            for name, member in (member_configs or {}).items()},
     }
-    entries = {**{name: text.encode() for name, text in texts.items()}, **files}
+    entries: dict[str, bytes | Path] = {**{name: text.encode() for name, text in texts.items()}, **files}
     # gzip would record the (temporary, random) file name and the time in its header: neither is kept.
     with open(path, "wb") as raw, gzip.GzipFile(filename="", fileobj=raw, mode="wb", mtime=0) as zipped, \
             tarfile.open(fileobj=zipped, mode="w", format=tarfile.PAX_FORMAT) as archive:

@@ -48,6 +48,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from http import HTTPStatus
+from typing import Any
 
 import numpy as np
 import uvicorn
@@ -57,13 +58,14 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from pneumoseg.cli import setup_logging
+from pneumoseg.logs import setup_logging
 from pneumoseg.errors import PneumosegError
 from pneumoseg.serve.handler import (JSON, ImageInput, RequestError, Result, answer, check_content_type,
                                      error_body, predict_fn)
 from pneumoseg.inference.runtime import AUTO, RUNTIMES
 from pneumoseg.serve.package import ServingModel, load_package, open_package
 from pneumoseg.serve.protocol import GuardedH11Protocol
+from pneumoseg.stage_table import command
 
 log = logging.getLogger(__name__)
 
@@ -320,16 +322,19 @@ def build_app(service: InferenceService, settings: ServerSettings) -> AccessLog:
         response.headers.update(exc.headers or {})
         return response
 
+    handlers: dict[Any, Any] = {HTTPException: http_error}     # starlette types a handler as taking any Exception
     app = Starlette(routes=[Route(PING, ping, methods=["GET"]), Route(INVOCATIONS, invocations, methods=["POST"])],
-                    exception_handlers={HTTPException: http_error})
+                    exception_handlers=handlers)
     return AccessLog(app)
 
 
 def uvicorn_server(app, settings: ServerSettings) -> uvicorn.Server:
     """The uvicorn server of ``app`` with ``settings``' limits and timeouts; it logs through this package's log."""
-    config = uvicorn.Config(app, http=functools.partial(GuardedH11Protocol, header_timeout=settings.timeouts.header),
-                            lifespan="off", log_config=None, access_log=False, server_header=False,
-                            timeout_keep_alive=settings.timeouts.keep_alive,
+    # uvicorn takes a protocol factory and a float keep-alive, though its annotations ask for a class and an int.
+    protocol: Any = functools.partial(GuardedH11Protocol, header_timeout=settings.timeouts.header)
+    keep_alive: Any = settings.timeouts.keep_alive
+    config = uvicorn.Config(app, http=protocol, lifespan="off", log_config=None, access_log=False, server_header=False,
+                            timeout_keep_alive=keep_alive,
                             limit_concurrency=settings.limits.max_connections,
                             timeout_graceful_shutdown=DRAIN_SECONDS)
     return uvicorn.Server(config)
@@ -339,7 +344,7 @@ def parser() -> argparse.ArgumentParser:
     defaults, limits, timeouts = ServerSettings(), Limits(), Timeouts()
     result = argparse.ArgumentParser(prog="python -m pneumoseg.serve", description="Serve a pneumoseg model package "
                                      "over HTTP: GET /ping, POST /invocations (SageMaker's container contract).")
-    result.add_argument("--model", required=True, help="model.tar.gz of scripts/06_package_model.py, or the folder "
+    result.add_argument("--model", required=True, help=f"model.tar.gz of {command('06')}, or the folder "
                                                        "it extracts to")
     result.add_argument("--host", default=defaults.host, help="address to listen on (default %(default)s; 0.0.0.0 in "
                                                               "a container)")

@@ -19,6 +19,7 @@ when the ``prepare`` section changes or the DICOM listing does (file count or to
 """
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import math
@@ -32,16 +33,17 @@ from joblib import Parallel, delayed, effective_n_jobs
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from pneumoseg import layout
+from pneumoseg import layout, stage_table
 from pneumoseg.data.dicom import METADATA_KEYS, DicomError, find_dicoms, read_dicom, read_dicom_header
 from pneumoseg.errors import ConfigError, DataError
 from pneumoseg.data.resize import INTERPOLATIONS, resize_square
 from pneumoseg.io import write_csv, write_json, write_png
 from pneumoseg.stages.record import StageRecord
+from pneumoseg.stage_table import run_first
 
 log = logging.getLogger(__name__)
 
-STAGE_NAME = "01_convert_dicoms"
+STAGE_NAME = stage_table.stage("01").name
 ERRORS_FILE = "errors.csv"
 RESIZE_FILE = "resize.json"
 # Bump when read_dicom or the resizing changes the pixels they produce, so old PNGs are not reused.
@@ -53,7 +55,7 @@ MAX_BATCH = 32
 TASKS_PER_WORKER = 16
 
 INPUT_HINT = ("Put the challenge's DICOM folders there (dicom-images-train/ and dicom-images-test/, or "
-              "stage_2_images/), or for the demo data run scripts/00_make_demo_data.py first.")
+              f"stage_2_images/), or for the demo data {run_first('00')}.")
 
 
 @dataclass(frozen=True)
@@ -233,3 +235,7 @@ def _convert_batch(items: list[tuple[str, Path]], outputs: list[tuple[int, Path]
         results.append(("converted", metadata))
     return results
 
+
+def stage(cfg: DictConfig, args: argparse.Namespace) -> dict:
+    """The script's entry: :func:`run` with the command line's ``--force``."""
+    return run(cfg, force=args.force)

@@ -24,6 +24,7 @@ atomically, the label tables last.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 from dataclasses import replace
@@ -35,6 +36,7 @@ from joblib import Parallel, delayed
 from omegaconf import DictConfig
 from tqdm import tqdm
 
+from pneumoseg import stage_table
 from pneumoseg.demo import phantom
 from pneumoseg.demo.layouts import LAYOUTS, SPLITS, DemoImage, Layout, demo_images, patient_id
 from pneumoseg.data.dicom import DicomTags, write_jpeg_dicom
@@ -45,7 +47,7 @@ from pneumoseg.stages.record import StageRecord
 
 log = logging.getLogger(__name__)
 
-STAGE = "00_demo_data"
+STAGE_NAME = stage_table.stage("00").name
 MANIFEST = "demo_manifest.json"
 MIN_IMAGE_SIZE = 64
 MAX_AGE = 95
@@ -115,7 +117,7 @@ def _read_manifest(folder: Path) -> dict:
 
 def _remove(folder: Path, relative: Sequence[str]) -> None:
     """Delete the listed files and then every folder of theirs that became empty (never ``folder`` itself)."""
-    parents = set()
+    parents: set[Path] = set()
     for name in relative:
         path = folder / name
         path.unlink(missing_ok=True)
@@ -144,11 +146,11 @@ def run(cfg: DictConfig, force: bool = False) -> dict:
     """
     demo = cfg.get("demo")
     if demo is None:
-        log.info("%s: the config has no 'demo' section (real data); nothing to do", STAGE)
+        log.info("%s: the config has no 'demo' section (real data); nothing to do", STAGE_NAME)
         return {"skipped": "no demo section"}
     _check(demo)
     folder = Path(cfg.paths.input_dir)
-    record = StageRecord(STAGE, folder, cfg, ("demo",))
+    record = StageRecord(STAGE_NAME, folder, cfg, ("demo",))
     if record.skip_if_complete(force):
         return record.stored_summary()
 
@@ -193,7 +195,7 @@ def _claim_folder(folder: Path, key: str, files: Sequence[str], force: bool) -> 
                         f"did not write; it never overwrites them. Point paths.input_dir at another folder.")
     same = manifest["fingerprint"] == key and not force
     if owned and not same:
-        log.info("%s: the demo config changed; deleting the %d files of the previous demo", STAGE, len(owned))
+        log.info("%s: the demo config changed; deleting the %d files of the previous demo", STAGE_NAME, len(owned))
         _remove(folder, sorted(owned))
     return same
 
@@ -242,3 +244,8 @@ def _write_tables(folder: Path, layout: Layout, images: Sequence[DemoImage], rle
     for table, text in layout.tables(rows["train"], rows["test"], ids["test"]).items():
         write_text(folder / table, text)
     return summary
+
+
+def stage(cfg: DictConfig, args: argparse.Namespace) -> dict:
+    """The script's entry: :func:`run` with the command line's ``--force``."""
+    return run(cfg, force=args.force)

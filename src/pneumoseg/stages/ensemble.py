@@ -12,6 +12,7 @@
 """
 from __future__ import annotations
 
+import argparse
 import itertools
 import logging
 from typing import Any, Sequence
@@ -19,12 +20,15 @@ from typing import Any, Sequence
 import pandas as pd
 from omegaconf import DictConfig
 
-from pneumoseg import layout
+from pneumoseg import layout, stage_table
 from pneumoseg.config import EnsembleMember, ensemble_members, is_ensemble
+from pneumoseg.data.folds import FOLD_COLUMN, read_trained_folds
+from pneumoseg.data.labels import ID_COLUMN
 from pneumoseg.errors import ConfigError, DataError
 from pneumoseg.io import read_json, write_json
 from pneumoseg.stages import convert, demo_data, prepare_labels, train
 from pneumoseg.stages.record import require_finished
+from pneumoseg.stage_table import command
 
 log = logging.getLogger(__name__)
 
@@ -45,12 +49,13 @@ def train_members(cfg: DictConfig, force: bool = False) -> list[dict[str, Any]]:
                  layout.train_dir(member.cfg))
         for stage in (demo_data, convert, prepare_labels):
             stage.run(member.cfg, force=force)
-        summary = train.run(member.cfg, force=force)
+        with stage_table.tracking(layout.train_dir(member.cfg)):     # scripts/status.py reads it
+            summary = train.run(member.cfg, force=force)
         done.append({"member": member.name, "complete": bool(summary["complete"])})
     return done
 
 
-def train_cli(cfg: DictConfig, args) -> None:
+def train_stage(cfg: DictConfig, args: argparse.Namespace) -> None:
     """``scripts/train_members.py``: train the members and print which are complete.
 
     Raises:
@@ -58,7 +63,7 @@ def train_cli(cfg: DictConfig, args) -> None:
     """
     if not is_ensemble(cfg):
         raise ConfigError(f"{args.config} has no ensemble section (ensemble.members); train a single experiment with "
-                          f"scripts/03_train.py --config {args.config}")
+                          f"{command('03')} --config {args.config}")
     for entry in train_members(cfg, force=args.force):
         print(f"member {entry['member']}: stage 03 {'complete' if entry['complete'] else 'NOT complete'}")
 
@@ -73,15 +78,15 @@ def trained_members(cfg: DictConfig) -> list[EnsembleMember]:
     members = ensemble_members(cfg)
     reference = None
     for member in members:
-        require_finished(layout.train_dir(member.cfg), f"stage 03 of ensemble member {member.name!r}",
-                         f"scripts/train_members.py --config <the ensemble config> (or scripts/03_train.py on "
+        require_finished(layout.train_dir(member.cfg), "03", f"stage 03 of ensemble member {member.name!r}",
+                         f"{command('03', ensemble=True)} --config <the ensemble config> (or {command('03')} on "
                          f"the member's config)")
         if str(member.cfg.paths.prepared_dir) != str(cfg.paths.prepared_dir):
             raise DataError(f"ensemble member {member.name!r} was prepared in {member.cfg.paths.prepared_dir}, the "
                             f"ensemble {cfg.experiment!r} reads {cfg.paths.prepared_dir}: members must share the "
                             f"ensemble's data (the same data.name and paths); fix the member's or the ensemble's "
                             f"data section")
-        folds = _fold_table(layout.train_folds_path(member.cfg))
+        folds = _fold_table(member.cfg)
         if reference is None:
             reference = (member, folds)
         elif not folds.equals(reference[1]):
@@ -89,18 +94,15 @@ def trained_members(cfg: DictConfig) -> list[EnsembleMember]:
                             f"folds: {layout.train_folds_path(reference[0].cfg)} and "
                             f"{layout.train_folds_path(member.cfg)} differ, and out-of-fold maps blend only on the "
                             f"same folds. Retrain one of them on the other's prepared data "
-                            f"(scripts/03_train.py --config <its config> --force)")
+                            f"({command('03')} --config <its config> --force)")
     return members
 
 
-def _fold_table(path) -> pd.DataFrame:
-    """A ``folds.csv`` as ``(ImageId, fold)`` rows in ImageId order, for comparing two of them."""
-    if not path.is_file():
-        raise DataError(f"{path} not found; run scripts/03_train.py on that member first")
-    table = pd.read_csv(path, dtype={"ImageId": str})
-    if not {"ImageId", "fold"} <= set(table.columns):
-        raise DataError(f"{path} lacks the ImageId and fold columns; retrain that member (scripts/03_train.py --force)")
-    return table[["ImageId", "fold"]].sort_values("ImageId", kind="stable").reset_index(drop=True)
+def _fold_table(cfg: DictConfig) -> pd.DataFrame:
+    """A member's ``folds.csv`` (:func:`pneumoseg.data.folds.read_trained_folds`) as ``(ImageId, fold)`` rows in
+    ImageId order, for comparing two of them."""
+    table = read_trained_folds(cfg)
+    return table[[ID_COLUMN, FOLD_COLUMN]].sort_values(ID_COLUMN, kind="stable").reset_index(drop=True)
 
 
 def combinations(n_members: int) -> list[tuple[int, ...]]:
@@ -153,12 +155,12 @@ def chosen_members(cfg: DictConfig) -> list[EnsembleMember]:
     """
     path = layout.ensemble_path(cfg)
     choice = read_json(path, missing=f"{path} not found: stage 04 has not chosen the ensemble's members; run "
-                                     f"scripts/04_search_thresholds.py on the ensemble config first",
-                       invalid_fix="rerun scripts/04_search_thresholds.py --force on the ensemble config")
+                                     f"{command('04')} on the ensemble config first",
+                       invalid_fix=f"rerun {command('04')} --force on the ensemble config")
     by_name = {m.name: m for m in trained_members(cfg)}
     names = choice.get("chosen", {}).get("members", []) if isinstance(choice, dict) else []
     unknown = [name for name in names if name not in by_name]
     if not names or unknown:
         raise DataError(f"{path} chose the members {names}, but the ensemble config has {sorted(by_name)}; rerun "
-                        f"scripts/04_search_thresholds.py --force on the ensemble config")
+                        f"{command('04')} --force on the ensemble config")
     return [by_name[name] for name in names]

@@ -15,7 +15,6 @@ does. ``--force`` replaces a ``03_train/`` that is already there.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import shutil
 import tempfile
@@ -28,26 +27,28 @@ from pneumoseg import layout
 from pneumoseg.cli import stage_parser
 from pneumoseg.errors import DataError
 from pneumoseg.modeling.checkpoints import best_files
-from pneumoseg.sagemaker.archive import extract
-from pneumoseg.stages.record import DONE_FILE
+from pneumoseg.serve.archive import ArchiveKind, extract_archive
+from pneumoseg.stage_table import DONE_FILE
+from pneumoseg.stages.record import read_done
 from pneumoseg.stages.train import STAGE_NAME, stage_record
 
 log = logging.getLogger(__name__)
 
 DESCRIPTION = "Unpack a SageMaker training job's model.tar.gz and output.tar.gz as this experiment's stage 03."
+# The job's archives, as the safe extractor names and reads them (SageMaker packs them with ``./`` names).
+JOB_ARCHIVE = ArchiveKind("SageMaker archive", "download the job's archive again (from the job's S3 output path)",
+                          dot_prefix=True)
 
 
 def _check(folder: Path, cfg: DictConfig, model: Path, output: Path) -> list[int]:
     """Check that the unpacked ``folder`` is a complete stage 03 for ``cfg`` -> its folds."""
-    done = folder / DONE_FILE
-    if not done.is_file():
+    if read_done(folder) is None:
         raise DataError(f"{output} holds no {layout.train_dir(cfg).name}/{DONE_FILE}: the job did not finish stage 03, "
                         f"or this is not its output.tar.gz")
     if not layout.folds_path(cfg).is_file():
         raise DataError(f"{layout.folds_path(cfg)} not found: stages 04-06 need the prepared data the job trained on; "
                         f"set paths.prepared_dir to a copy of its train channel (or run stages 01-02 here)")
-    expected = stage_record(cfg).key
-    if json.loads(done.read_text()).get("fingerprint") != expected:
+    if not stage_record(cfg).is_complete(folder):
         raise DataError(f"the job trained with another config or other prepared folds than --config and "
                         f"{layout.folds_path(cfg)}: give the job's config and hyperparameters (as key=value), and "
                         f"its train channel's data as paths.prepared_dir (compare {folder / 'config.yaml'})")
@@ -81,7 +82,8 @@ def run(cfg: DictConfig, model: str | Path, output: str | Path, force: bool = Fa
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.import.", dir=folder.parent))
     try:
-        files = extract(output, staging, prefix=folder.name) + extract(model, staging)
+        files = (extract_archive(output, staging, kind=JOB_ARCHIVE, prefix=folder.name)
+                 + extract_archive(model, staging, kind=JOB_ARCHIVE))
         folds = _check(staging, cfg, model, output)
         if folder.exists():
             shutil.rmtree(folder)
@@ -92,9 +94,13 @@ def run(cfg: DictConfig, model: str | Path, output: str | Path, force: bool = Fa
     return {"folder": str(folder), "folds": folds, "files": len(files)}
 
 
-def parser() -> argparse.ArgumentParser:
-    """``--config``, ``--force``, overrides, plus ``--model`` and ``--output`` (the job's archives)."""
-    result = stage_parser(DESCRIPTION)
+def parser(description: str = DESCRIPTION) -> argparse.ArgumentParser:
+    """``--config``, ``--force``, overrides, plus ``--model`` and ``--output`` (the job's archives).
+
+    Args:
+        description: the ``--help`` description.
+    """
+    result = stage_parser(description)
     result.add_argument("--model", required=True, help="the job's model.tar.gz (the fold models)")
     result.add_argument("--output", required=True, help="the job's output.tar.gz (logs, OOF maps)")
     return result

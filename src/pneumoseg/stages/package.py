@@ -29,13 +29,14 @@ are recorded in the manifest (``onnx_check``) and ``done.json``. A disagreement 
 :data:`~pneumoseg.inference.runtime.MAX_PROBABILITY_DIFFERENCE` or
 :data:`~pneumoseg.inference.runtime.MAX_MASK_SHARE_DIFFERING` refuses the package.
 
-Deploying it: serve it with :mod:`pneumoseg.serve.server` (locally, or in a bring-your-own SageMaker container), or deploy
-it in SageMaker's PyTorch inference container, which installs ``code/requirements.txt`` and imports
+Deploying it: serve it with :mod:`pneumoseg.serve.server` (locally, or in a bring-your-own SageMaker container), or
+deploy it in SageMaker's PyTorch inference container, which installs ``code/requirements.txt`` and imports
 ``code/inference.py`` (the SDK's ``PyTorchModel(model_data=..., entry_point="inference.py", source_dir=<the
 package's code/ folder>)``, or ``SAGEMAKER_PROGRAM=inference.py`` in the model's environment).
 """
 from __future__ import annotations
 
+import argparse
 import logging
 import tempfile
 from pathlib import Path
@@ -46,13 +47,14 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 
-from pneumoseg import layout
+from pneumoseg import layout, stage_table
 from pneumoseg.config import is_ensemble
 from pneumoseg.errors import DataError
 from pneumoseg.io import atomic_path, content_hash, write_json
 from pneumoseg.data import labels as lb
 from pneumoseg.data.testset import image_sizes, test_set
 from pneumoseg.evaluation.submission import score_submission, write_submission
+from pneumoseg.inference.fold_models import FoldModel
 from pneumoseg.inference.predictor import EnsemblePredictor, Predictor, make_predictions
 from pneumoseg.inference.runtime import ONNXRUNTIME, TORCH, Agreement, export_onnx, onnx_name, with_runtime
 from pneumoseg.io import read_png
@@ -65,7 +67,7 @@ from pneumoseg.stages.record import StageRecord, require_finished
 
 log = logging.getLogger(__name__)
 
-STAGE_NAME = "06_package_model"
+STAGE_NAME = stage_table.stage("06").name
 
 
 def run(cfg: DictConfig, force: bool = False) -> dict[str, Any]:
@@ -80,18 +82,18 @@ def run(cfg: DictConfig, force: bool = False) -> dict[str, Any]:
     """
     members = ensemble.chosen_members(cfg) if is_ensemble(cfg) else []
     if not members:
-        require_finished(layout.train_dir(cfg), "stage 03", "scripts/03_train.py")
+        require_finished(layout.train_dir(cfg), "03")
     predictor = build_predictor(cfg, device="cpu", runtime=TORCH)
-    if members:
-        files = {f"{m.name}/{_package_name(model.path, layout.train_dir(m.cfg))}": model.path
+    if isinstance(predictor, EnsemblePredictor):
+        files = {f"{m.name}/{_package_name(_path(model), layout.train_dir(m.cfg))}": _path(model)
                  for m, member in zip(members, predictor.members) for model in member.models}
     else:
-        files = {_package_name(model.path, layout.train_dir(cfg)): model.path for model in predictor.models}
+        files = {_package_name(_path(model), layout.train_dir(cfg)): _path(model) for model in predictor.models}
     manifest = build_manifest(cfg, predictor, files)
     sources = source_files()
     # The package holds the whole resolved config and pneumoseg's code: a change to either (but to local paths)
     # rebuilds it, as a change to the weights or the post-processing does (they make the version).
-    sections = [key for key in cfg if key != "paths"]
+    sections = [str(key) for key in cfg if key != "paths"]
     code = content_hash(*sources.values())
     record = StageRecord(STAGE_NAME, layout.package_dir(cfg), cfg, sections,
                          inputs={"version": manifest["version"], "code": code})
@@ -124,6 +126,13 @@ def _package_name(path: Path | None, train_dir: Path) -> str:
     if path is None:
         raise DataError("a model of the ensemble has no checkpoint file to package")
     return path.relative_to(train_dir).as_posix()
+
+
+def _path(model: FoldModel) -> Path:
+    """The checkpoint a loaded model came from (:func:`pneumoseg.inference.fold_models.load_model` sets it)."""
+    if model.path is None:
+        raise ValueError("a model without its checkpoint file cannot be packaged")
+    return model.path
 
 
 def export_models(files: dict[str, Path], predictor: Predictor | EnsemblePredictor,
@@ -258,7 +267,7 @@ def verify_package(path: Path, predictor: Predictor | EnsemblePredictor,
                                    f"{np.abs(expected.probs - found.probs).max():.3g})")
 
 
-def cli(cfg: DictConfig, args) -> None:
+def stage(cfg: DictConfig, args: argparse.Namespace) -> None:
     """The script's entry: run the stage and print where the package is and how to serve it."""
     summary = run(cfg, force=args.force)
     print(f"model package: {summary['package']} ({summary['bytes'] / 1e6:.1f} MB), version {summary['version']}\n"

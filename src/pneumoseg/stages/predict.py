@@ -24,6 +24,7 @@ change, or when a checkpoint, ``thresholds.json``, stage 01's record, the test l
 """
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import time
@@ -34,7 +35,7 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 from pneumoseg.data import labels as lb
-from pneumoseg import layout
+from pneumoseg import layout, stage_table
 from pneumoseg.config import fingerprint, is_ensemble
 from pneumoseg.data import rle
 from pneumoseg.modeling.checkpoints import best_files
@@ -47,11 +48,12 @@ from pneumoseg.data.testset import image_sizes, test_set
 from pneumoseg.demo.layouts import TEST_LABELS
 from pneumoseg.reports import oof as oof_report
 from pneumoseg.stages import ensemble
-from pneumoseg.stages.record import DONE_FILE, StageRecord, require_finished
+from pneumoseg.stages.record import StageRecord, require_finished
+from pneumoseg.stage_table import DONE_FILE, command
 
 log = logging.getLogger(__name__)
 
-STAGE_NAME = "05_predict"
+STAGE_NAME = stage_table.stage("05").name
 TEST_SCORE_FILE = "test_score.json"
 SECTIONS = ("data", "prepare", "model", "train", "tta", "postprocess", "predict")
 
@@ -73,7 +75,7 @@ def _checkpoint_files(cfg: DictConfig) -> list[Path]:
         DataError: stage 03 has not finished (its ``done.json`` is missing).
     """
     train_dir = layout.train_dir(cfg)
-    require_finished(train_dir, "stage 03", "scripts/03_train.py")
+    require_finished(train_dir, "03")
     return [path for folder in layout.fold_dirs(train_dir).values()
             for path in best_files(layout.checkpoints_dir(folder, str(cfg.predict.checkpoints)))]
 
@@ -178,10 +180,11 @@ def predict_rles(predictor: Predictor | EnsemblePredictor, images_dirs: Mapping[
         absent = [p for p in paths if not p.is_file()]
         if absent:
             raise DataError(f"{len(absent)} test images have no PNG in {folder}, e.g. {absent[0]}; rerun "
-                            f"scripts/01_convert_dicoms.py (with {size} among prepare.sizes)")
+                            f"{command('01')} (with {size} among prepare.sizes)")
         loaders[size] = make_loader(ImageFiles(paths), int(settings.batch_size), int(settings.num_workers),
                                     predictor.device)
-    encoded, positive, gate_emptied = [], 0, 0
+    encoded: list[str] = []
+    positive, gate_emptied = 0, 0
     with tqdm(total=len(ids), desc="test images", unit="img") as progress:
         for batches in zip(*loaders.values()):
             # A single experiment takes its one batch as it is; an ensemble takes the batch of each member size.
@@ -229,6 +232,6 @@ def summary_text(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def cli(cfg: DictConfig, args) -> None:
+def stage(cfg: DictConfig, args: argparse.Namespace) -> None:
     """The script's entry: run the stage and print its summary."""
     print(summary_text(run(cfg, force=args.force)))

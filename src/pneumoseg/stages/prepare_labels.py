@@ -20,6 +20,7 @@ Masks already written are kept when the stage is rerun after an interruption; th
 """
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import shutil
@@ -36,15 +37,16 @@ from pneumoseg.data.resize import resize_mask
 from pneumoseg.data import labels as lb
 from pneumoseg.data import folds as fold_split
 from pneumoseg.data import inputs
-from pneumoseg import layout
+from pneumoseg import layout, stage_table
 from pneumoseg.errors import ConfigError, DataError
 from pneumoseg.io import content_hash, write_csv, write_png, write_text
 from pneumoseg.reports import data as data_report
 from pneumoseg.stages.record import StageRecord
+from pneumoseg.stage_table import command
 
 log = logging.getLogger(__name__)
 
-STAGE = "02_prepare_labels"
+STAGE_NAME = stage_table.stage("02").name
 MASKS_KEY_FILE = "masks.key"
 CHUNK = 256  # images per parallel task: enough work to outweigh the cost of sending it to a worker
 
@@ -94,13 +96,13 @@ def run(cfg: DictConfig, force: bool = False) -> dict:
     metadata = read_metadata(metadata_path)
     digests = {"labels": content_hash(labels_path), "metadata": content_hash(metadata_path),
                "sample_submission": content_hash(submission_path) if submission_path else None}
-    record = StageRecord(STAGE, folder, cfg, sections=("data", "folds"), inputs={"sizes": sizes, **digests})
+    record = StageRecord(STAGE_NAME, folder, cfg, sections=("data", "folds"), inputs={"sizes": sizes, **digests})
     if record.skip_if_complete(force):
         return record.stored_summary()
     record.start()
 
     labels = lb.read_labels(labels_path)
-    log.info("%s: %d label rows of %d images from %s", STAGE, sum(x.n_rows for x in labels.values()),
+    log.info("%s: %d label rows of %d images from %s", STAGE_NAME, sum(x.n_rows for x in labels.values()),
              len(labels), labels_path)
     submission = lb.read_image_ids(submission_path) if submission_path else None
     split = split_images(metadata, labels, submission, input_dir)
@@ -147,7 +149,7 @@ def read_metadata(path: Path) -> pd.DataFrame:
         DataError: the file is missing, lacks a column this stage needs, or repeats an ImageId.
     """
     if not path.is_file():
-        raise DataError(f"{path} not found: run stage 01 first (scripts/01_convert_dicoms.py)")
+        raise DataError(f"{path} not found: run stage 01 first ({command('01')})")
     # Identifiers stay text: a numeric PatientID read as a number would lose leading zeros.
     metadata = pd.read_csv(path, dtype={key: str for key in (lb.ID_COLUMN, "source_path", *DICOM_IDS)})
     missing = [c for c in (lb.ID_COLUMN, "source_path", "rows", "cols") if c not in metadata.columns]
@@ -196,13 +198,13 @@ def split_images(metadata: pd.DataFrame, labels: dict[str, lb.ImageLabels], subm
         absent = [image_id for image_id in submission if image_id not in known]
         unmatched.append(pd.DataFrame({lb.ID_COLUMN: absent, "reason": SUBMISSION_NO_IMAGE,
                                        "detail": "the sample submission"}))
-    unmatched = pd.concat(unmatched, ignore_index=True)
-    for reason, count in unmatched["reason"].value_counts().items():
+    unmatched_table = pd.concat(unmatched, ignore_index=True)
+    for reason, count in unmatched_table["reason"].value_counts().items():
         log.warning("%d unmatched: %s (listed in unmatched.csv)", count, reason)
     log.info("%d training images, %d test images", len(train), len(test))
     return Split(train=train.reset_index(drop=True),
                  test=test[[lb.ID_COLUMN, "rows", "cols"]].reset_index(drop=True),
-                 unmatched=unmatched)
+                 unmatched=unmatched_table)
 
 
 def _in_test_folder(source_path: str, roots: tuple[Path, ...]) -> bool:
@@ -315,3 +317,9 @@ def make_folds(cfg: DictConfig, table: pd.DataFrame, metadata: pd.DataFrame) -> 
     return fold_split.assign_folds(table[lb.ID_COLUMN], table["mask_area"], int(cfg.folds.n_splits),
                            int(cfg.folds.seed), cfg.folds.area_bins, groups)
 
+
+def stage(cfg: DictConfig, args: argparse.Namespace) -> dict:
+    """The script's entry: :func:`run` with the command line's ``--force``, then the class balance of the folds."""
+    summary = run(cfg, force=args.force)
+    print(format_balance(summary))
+    return summary

@@ -1,9 +1,11 @@
 """Stage bookkeeping: skip a stage whose outputs are complete for the same config, record it when done.
 
-Each stage owns a folder. When it finishes it writes ``config.yaml`` (the resolved config) and, last of
-all, ``done.json`` holding a fingerprint of the config sections it read. A later run with the same
-fingerprint skips the stage; a run killed before ``done.json`` was written starts the stage again, and
-the stage's own per-item resume (finished files are kept) makes that restart cheap.
+Each stage owns a folder (:mod:`pneumoseg.stage_table`). When it finishes it writes ``config.yaml`` (the resolved
+config) and, last of all, ``done.json`` holding a fingerprint of the config sections it read and of the facts about
+its inputs, and both (``sections``, ``inputs``), so that :func:`recorded_for` can tell for any config whether the
+record is this config's. A later run with the same fingerprint skips the stage; a run killed before ``done.json``
+was written starts the stage again, and the stage's own per-item resume (finished files are kept) makes that
+restart cheap.
 """
 from __future__ import annotations
 
@@ -19,19 +21,19 @@ from omegaconf import DictConfig
 from pneumoseg.config import fingerprint, save_config
 from pneumoseg.errors import DataError
 from pneumoseg.io import write_json
+from pneumoseg.stage_table import DONE_FILE, command
 
 log = logging.getLogger(__name__)
 
-DONE_FILE = "done.json"
 
-
-def require_finished(folder: str | Path, stage_name: str, script: str) -> Path:
+def require_finished(folder: str | Path, number: str, stage_name: str | None = None, script: str | None = None) -> Path:
     """Refuse to go on when an earlier stage has not finished in ``folder``.
 
     Args:
         folder: the earlier stage's folder, where its ``done.json`` must be.
-        stage_name: the earlier stage as the user knows it, e.g. ``"stage 03"``.
-        script: the script that finishes it, e.g. ``"scripts/03_train.py"``.
+        number: the earlier stage, e.g. ``"03"``.
+        stage_name: the earlier stage as the user knows it (default ``"stage <number>"``).
+        script: what finishes it (default its script, :func:`pneumoseg.stage_table.command`).
 
     Returns:
         The path of that ``done.json``.
@@ -41,8 +43,31 @@ def require_finished(folder: str | Path, stage_name: str, script: str) -> Path:
     """
     done = Path(folder) / DONE_FILE
     if not done.is_file():
-        raise DataError(f"{stage_name} has not finished: {done} is missing. Run {script} first.")
+        raise DataError(f"{stage_name or f'stage {number}'} has not finished: {done} is missing. "
+                        f"Run {script or command(number)} first.")
     return done
+
+
+def read_done(folder: str | Path) -> dict[str, Any] | None:
+    """The content of ``folder/done.json``; None when it is missing or unreadable (a stage that has not finished)."""
+    try:
+        content = json.loads((Path(folder) / DONE_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return content if isinstance(content, dict) else None
+
+
+def recorded_for(done: dict[str, Any], cfg: DictConfig) -> bool | None:
+    """Whether a ``done.json`` (:func:`read_done`) was written for ``cfg``: its fingerprint recomputed from ``cfg``
+    and the record's own sections and input facts. Input files that changed since are not seen here; the stage
+    that wrote them finished later (see ``scripts/status.py``).
+
+    Returns:
+        True or False; None for a record that does not hold its input facts (written by an older version).
+    """
+    if done.get("inputs") is None or "sections" not in done:
+        return None
+    return fingerprint(cfg, done["sections"], done["inputs"]) == done.get("fingerprint")
 
 
 def stored_summary(folder: str | Path) -> dict[str, Any]:
@@ -78,13 +103,15 @@ class StageRecord:
     def done_path(self) -> Path:
         return self.folder / DONE_FILE
 
-    def is_complete(self) -> bool:
-        """True when ``done.json`` exists and was written for this same fingerprint."""
-        try:
-            stored = json.loads(self.done_path.read_text())
-        except (OSError, ValueError):
-            return False
-        return stored.get("fingerprint") == self.key
+    def is_complete(self, folder: str | Path | None = None) -> bool:
+        """True when ``done.json`` exists and was written for this same fingerprint.
+
+        Args:
+            folder: where to look for it (default the record's folder; the SageMaker import checks a staging
+                folder before it becomes the stage's).
+        """
+        stored = read_done(self.folder if folder is None else folder)
+        return stored is not None and stored.get("fingerprint") == self.key
 
     def start(self) -> None:
         """Clear an old completion mark and save the resolved config; call before writing outputs."""
@@ -101,12 +128,19 @@ class StageRecord:
                 "stage": self.name,
                 "fingerprint": self.key,
                 "sections": list(self.sections),
+                "inputs": self._stored_inputs(),
                 "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
                 "seconds": round(time.time() - self._started, 1),
                 "summary": summary or {},
             },
         )
         log.info("%s: done in %.1f s -> %s", self.name, time.time() - self._started, self.folder)
+
+    def _stored_inputs(self) -> Any:
+        """The input facts as ``done.json`` holds them: their JSON form, or None when that form does not give the
+        same fingerprint back (then :func:`recorded_for` cannot judge the record)."""
+        stored = json.loads(json.dumps(self.inputs, default=str))
+        return stored if fingerprint(self.cfg, self.sections, stored) == self.key else None
 
     def stored_summary(self) -> dict[str, Any]:
         """The summary of the completed run (see :func:`stored_summary`); what a skipped stage returns."""

@@ -31,17 +31,18 @@ table of every candidate in the report.
 """
 from __future__ import annotations
 
+import argparse
 import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Sequence, cast
 
 import numpy as np
 import pandas as pd
 from omegaconf import DictConfig
 
-from pneumoseg import layout
+from pneumoseg import layout, stage_table
 from pneumoseg.config import is_ensemble, to_dict
 from pneumoseg.errors import ConfigError, DataError
 from pneumoseg.io import read_png, write_csv, write_json
@@ -50,16 +51,18 @@ from pneumoseg.postprocess.strategies import PostProcessor, build_postprocessor
 from pneumoseg.data.blend import blend_gates
 from pneumoseg.data.probstore import GATE_FILE, IDS_FILE, PROBS_FILE, ProbabilityStore
 from pneumoseg.data.inputs import locate_train_labels
+from pneumoseg.data.folds import read_trained_folds
 from pneumoseg.data.labels import read_labels
 from pneumoseg.postprocess.images import BlendedImages, OofImages
 from pneumoseg.postprocess.search import GRIDS, SearchResult, evaluate, run_search, to_original
 from pneumoseg.reports import oof as oof_report
 from pneumoseg.stages import ensemble
 from pneumoseg.stages.record import StageRecord
+from pneumoseg.stage_table import command, run_first
 
 log = logging.getLogger(__name__)
 
-STAGE_NAME = "04_search_thresholds"
+STAGE_NAME = stage_table.stage("04").name
 SECTIONS = ("data", "search", "postprocess")
 ENSEMBLE_SECTIONS = (*SECTIONS, "ensemble")
 # The chosen strategy, re-applied image by image, must reproduce the search's score to this precision.
@@ -83,20 +86,21 @@ def open_folds(cfg: DictConfig) -> list[OofFold]:
             the stores' map sizes differ.
     """
     folds_csv = layout.train_folds_path(cfg)
-    folds = _read_csv(folds_csv, ("ImageId", "fold"), "run scripts/03_train.py first")
+    folds = read_trained_folds(cfg)
     labels_csv = layout.labels_path(cfg)
-    labelled = set(_read_csv(labels_csv, ("ImageId",), "run scripts/02_prepare_labels.py first")["ImageId"])
+    labelled = set(_read_csv(labels_csv, ("ImageId",), run_first('02'))["ImageId"])
     trained = layout.select_folds(cfg.train.folds, folds["fold"].unique(), "train.folds", folds_csv)
     opened = []
-    for fold, rows in folds[folds["fold"].isin(trained)].groupby("fold", sort=True):
+    for fold in trained:
+        rows = folds[folds["fold"] == fold]
         folder = layout.oof_dir(layout.checkpoints_dir(layout.fold_dir(cfg, fold), str(cfg.predict.checkpoints)))
         if not (folder / PROBS_FILE).is_file() or not (folder / IDS_FILE).is_file():
             raise DataError(f"fold {fold} of {folds_csv} has no OOF predictions: {folder} lacks {PROBS_FILE} or "
-                            f"{IDS_FILE}. Finish training fold {fold} (scripts/03_train.py), or drop it from folds.csv.")
+                            f"{IDS_FILE}. Finish training fold {fold} ({command('03')}), or drop it from folds.csv.")
         store = ProbabilityStore(folder)
         if len(store) == 0:
             raise DataError(f"the OOF store {folder} of fold {fold} holds no images; rerun fold {fold} of "
-                            f"scripts/03_train.py --force")
+                            f"{command('03')} --force")
         _check_same_ids(store.ids, rows["ImageId"], f"the OOF store {folder}", f"fold {fold} of {folds_csv}")
         unlabelled = [image_id for image_id in store.ids if image_id not in labelled]
         if unlabelled:
@@ -106,7 +110,7 @@ def open_folds(cfg: DictConfig) -> list[OofFold]:
     sizes = {f.store.size for f in opened}
     if len(sizes) != 1:
         raise DataError(f"the OOF stores under {layout.train_dir(cfg)} have different map sizes {sorted(sizes)}; "
-                        f"rerun scripts/03_train.py --force so that every fold predicts at one size")
+                        f"rerun {command('03')} --force so that every fold predicts at one size")
     return opened
 
 
@@ -128,7 +132,7 @@ def _check_same_ids(found, expected, found_name: str, expected_name: str) -> Non
         raise DataError(
             f"{found_name} and {expected_name} disagree on ImageIds: {len(missing)} missing from the store "
             f"(e.g. {missing[:3]}), {len(extra)} not in the fold (e.g. {extra[:3]}), {len(found) - len(set(found))} "
-            f"repeated. Rerun that fold of scripts/03_train.py --force."
+            f"repeated. Rerun that fold of {command('03')} --force."
         )
 
 
@@ -156,10 +160,11 @@ class OofSet:
         if unlabelled:
             raise DataError(f"{len(unlabelled)} OOF images have no rows in the label file {label_file}, e.g. "
                             f"{unlabelled[:3]}; stage 02 read another label file. Rerun stages 02-03.")
-        sizes = _read_csv(labels_csv, ("ImageId", "rows", "cols"), "rerun scripts/02_prepare_labels.py")
+        sizes = _read_csv(labels_csv, ("ImageId", "rows", "cols"), f"rerun {command('02')}")
         shape_of = dict(zip(sizes["ImageId"], zip(sizes["rows"].astype(int), sizes["cols"].astype(int))))
         ranges = [(f.store.folder, 0, len(f.store)) for f in folds]
-        self.images = OofImages(ranges, [labels[i] for i in self.ids], [shape_of[i] for i in self.ids])
+        self.images: OofImages | BlendedImages = OofImages(ranges, [labels[i] for i in self.ids],
+                                                           [shape_of[i] for i in self.ids])
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -183,7 +188,7 @@ def _gates(folds: list[OofFold]) -> np.ndarray | None:
         return None
     if missing:
         raise DataError(f"{missing[0]} has no {GATE_FILE} while other folds' OOF stores have one: the folds were "
-                        f"trained with and without the gate head; rerun those folds of scripts/03_train.py --force")
+                        f"trained with and without the gate head; rerun those folds of {command('03')} --force")
     return np.concatenate([f.store.gates for f in folds])
 
 
@@ -206,10 +211,11 @@ class BlendedOofSet(OofSet):
             if other.ids != first.ids or not np.array_equal(other.fold_of, first.fold_of):
                 raise DataError(f"the OOF stores of ensemble members {names[0]!r} and {name!r} do not list the same "
                                 f"images in the same folds and order; retrain {name!r} on the same prepared data "
-                                f"(scripts/03_train.py --config <its config> --force)")
+                                f"({command('03')} --config <its config> --force)")
         self.ids, self.fold_of, self.groups, self._row = first.ids, first.fold_of, first.groups, first._row
         self.size = max(s.size for s in sets)
-        self.images = BlendedImages([s.images for s in sets], list(weights))
+        # A blend's members are single experiments: their images are OofImages.
+        self.images = BlendedImages([cast(OofImages, s.images) for s in sets], list(weights))
         self.gates = blend_gates([s.gates for s in sets], weights)
 
 
@@ -370,6 +376,6 @@ def _candidates_table(result: SearchResult, folds: list[int]) -> pd.DataFrame:
     return table.sort_values("dice", ascending=False, kind="stable")
 
 
-def cli(cfg: DictConfig, args) -> None:
+def stage(cfg: DictConfig, args: argparse.Namespace) -> None:
     """The script's entry: run the stage and print the summary table."""
     print(oof_report.summary_table(run(cfg, force=args.force)))

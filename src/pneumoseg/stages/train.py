@@ -47,27 +47,27 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import sys
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 from omegaconf import DictConfig
 
-from pneumoseg import layout
-from pneumoseg.cli import StageParser, stage_parser
+from pneumoseg import layout, stage_table
+from pneumoseg.cli import read_flag, stage_parser
 from pneumoseg.data.dataset import PreparedData
 from pneumoseg.training.distributed import DistContext, distributed
 from pneumoseg.errors import ConfigError
 from pneumoseg.io import content_hash, write_csv
-from pneumoseg.sagemaker.job import in_job, job_overrides
+from pneumoseg.sagemaker.arguments import JobParser
+from pneumoseg.sagemaker.job import in_job
 from pneumoseg.sagemaker.outputs import export_outputs
 from pneumoseg.training.trainer import fit_fold
 from pneumoseg.stages.record import StageRecord, stored_summary
 
 log = logging.getLogger(__name__)
 
-STAGE_NAME = "03_train"
+STAGE_NAME = stage_table.stage("03").name
 SECTIONS = ("seed", "model", "loss", "optimizer", "scheduler", "sampler", "augment", "train", "tta")
 DESCRIPTION = "Stage 03: train a model per cross-validation fold and predict each fold's held-out images."
 
@@ -189,67 +189,29 @@ def _stored_summaries(folder: Path, folds: Sequence[int]) -> dict[int, dict]:
     return {fold: stored_summary(layout.fold_dir(folder, fold)) for fold in folds}
 
 
-def sagemaker_arguments(argv: Sequence[str], known_options: set[str],
-                        environ: dict[str, str] | None = None) -> list[str]:
-    """Rewrite SageMaker-style ``--key value`` (or ``--key=value``) hyperparameters whose key is not an option of
-    the script into ``key=value`` overrides, and add the overrides of SageMaker's path variables.
-
-    Args:
-        argv: the command-line arguments.
-        known_options: the option strings the parser defines (``--config``, ``--fold``, ...).
-        environ: the environment (default ``os.environ``); inside a SageMaker job (``SM_MODEL_DIR`` set), its
-            paths (:func:`pneumoseg.sagemaker.job.job_overrides`).
-
-    Returns:
-        ``argv`` with the hyperparameters moved to the end as overrides, then the path overrides.
-    """
-    kept, overrides = [], []
-    tokens = list(argv)
-    i = 0
-    while i < len(tokens):
-        token = tokens[i]
-        name, has_value, value = token.partition("=")
-        if token.startswith("--") and name not in known_options:
-            if not has_value:
-                if i + 1 >= len(tokens):
-                    raise ConfigError(f"hyperparameter {token} has no value")
-                value = tokens[i + 1]
-                i += 1
-            overrides.append(f"{name[2:]}={value}")
-        else:
-            kept.append(token)
-        i += 1
-    return kept + overrides + job_overrides(environ)
-
-
-class _TrainParser(StageParser):
-    """The stage's parser: also accepts SageMaker's ``--key value`` hyperparameters (see
-    :func:`sagemaker_arguments`), ``--force true|false``, and overrides before and after options
-    (``a=1 --fold 0 b=2``)."""
-
-    def parse_args(self, args=None, namespace=None):
-        argv = sys.argv[1:] if args is None else list(args)
-        return self.parse_intermixed_args(sagemaker_arguments(argv, set(self._option_string_actions)), namespace)
-
-
-def _flag(value: str) -> bool | str:
+def _resume_flag(value: str) -> bool | str:
+    """``--resume``'s value: ``auto``, or a word of the true/false vocabulary (:func:`pneumoseg.cli.read_flag`)."""
     if value.lower() == "auto":
         return "auto"
-    if value.lower() in ("1", "true", "yes", "y"):
-        return True
-    if value.lower() in ("0", "false", "no", "n", ""):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true, false or auto, not {value!r}")
+    try:
+        return read_flag(value, "--resume")
+    except ConfigError:
+        raise argparse.ArgumentTypeError(f"expected true, false or auto, not {value!r}") from None
 
 
-def parser() -> argparse.ArgumentParser:
-    """``--config``, ``--force``, overrides, plus ``--fold K|all`` and ``--resume`` (``--resume true`` too)."""
-    result = _TrainParser(description=DESCRIPTION, parents=[stage_parser(DESCRIPTION)], add_help=False,
+def parser(description: str = DESCRIPTION) -> argparse.ArgumentParser:
+    """``--config``, ``--force``, overrides, plus ``--fold K|all`` and ``--resume`` (``--resume true`` too), and
+    SageMaker's hyperparameters (:class:`pneumoseg.sagemaker.arguments.JobParser`).
+
+    Args:
+        description: the ``--help`` description.
+    """
+    result = JobParser(description=description, parents=[stage_parser(description)], add_help=False,
                           epilog="Any other --key value (SageMaker's hyperparameters) is read as the override "
                                  "key=value; under torchrun every process trains its share of each fold.")
     result.add_argument("--fold", default=None,
                         help="fold(s) to train in this process: K, K,L or all (default: train.folds)")
-    result.add_argument("--resume", nargs="?", const=True, default="auto", type=_flag,
+    result.add_argument("--resume", nargs="?", const=True, default="auto", type=_resume_flag,
                         help="insist on continuing interrupted folds from their last.pt (by default they continue "
                              "when last.pt was written for the same config, and start afresh otherwise)")
     return result

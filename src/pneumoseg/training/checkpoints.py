@@ -54,7 +54,8 @@ class BestCheckpoints:
             meta = load_checkpoint(path)
             found.append(({"epoch": int(meta["epoch"]), "score": float(meta["score"])}, path))
         found.sort(key=lambda item: self._sort_key(item[0]))
-        kept, seen = [], set()
+        kept: list[tuple[dict[str, float], Path]] = []
+        seen: set[float] = set()
         for entry, path in found:
             if entry["epoch"] in seen or len(kept) == self.keep:
                 path.unlink()
@@ -68,7 +69,7 @@ class BestCheckpoints:
             tmp = self.folder / f"{_RESCAN_PREFIX}{entry['epoch']}.pt"
             os.replace(path, tmp)
             staged.append((entry, tmp))
-        for i, (entry, tmp) in enumerate(staged):
+        for i, (_, tmp) in enumerate(staged):
             os.replace(tmp, self.folder / best_name(i + 1))
         self.entries = [entry for entry, _ in staged]
         self._write_table()

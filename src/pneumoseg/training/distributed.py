@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -42,7 +42,7 @@ class DistContext:
         if self.is_distributed:
             dist.barrier()
 
-    def sum(self, values: np.ndarray) -> np.ndarray:
+    def sum(self, values: Sequence[float] | np.ndarray) -> np.ndarray:
         """Element-wise sum of ``values`` over all ranks (float64)."""
         values = np.asarray(values, dtype=np.float64)
         if not self.is_distributed:

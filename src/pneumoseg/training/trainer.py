@@ -45,7 +45,7 @@ import math
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Sequence, Sized, cast
 
 import numpy as np
 import pandas as pd
@@ -68,7 +68,8 @@ from pneumoseg.modeling.normalize import normalize_from_model
 from pneumoseg.training.distributed import DistContext
 from pneumoseg.errors import ConfigError
 from pneumoseg.data.resize import resize_probabilities
-from pneumoseg.inference.tta import TTA, load_model, predict_with_gate
+from pneumoseg.inference.fold_models import load_model
+from pneumoseg.inference.tta import TTA, predict_with_gate
 from pneumoseg.modeling.device import autocast
 from pneumoseg.io import write_csv
 from pneumoseg.modeling.losses import build_training_loss
@@ -169,7 +170,7 @@ class Trainer:
         The mean is over images and, in a distributed run, over every rank.
         """
         self.model.train()
-        total = len(batches)
+        total = len(cast(Sized, batches))
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         count = 0
         self.optimizer.zero_grad(set_to_none=True)
@@ -177,7 +178,9 @@ class Trainer:
             group_start = index - index % self.accumulation_steps
             group_size = min(self.accumulation_steps, total - group_start)
             update = index == group_start + group_size - 1
-            sync = contextlib.nullcontext() if update or not self.ctx.is_distributed else self.model.no_sync()
+            # Between updates a DistributedDataParallel model skips its gradient all-reduce.
+            ddp: Any = self.model
+            sync = contextlib.nullcontext() if update or not self.ctx.is_distributed else ddp.no_sync()
             with sync:
                 with autocast(self.device, self.amp):
                     loss = self.loss_fn(self.model(self._inputs(images)), masks.to(self.device, non_blocking=True))
@@ -415,13 +418,14 @@ def _best_row(history: Sequence[dict], monitor: str) -> dict:
 def _averaging_summary(run: _FoldRun, monitor: str) -> dict[str, Any]:
     """``{"ema": {best_epoch, best, weights_sha256}}`` (from the log's ``ema_*`` columns; the digest of the final
     EMA) when the fold has an EMA, else {}."""
-    if run.ema_best is None:
+    ema = run.trainer.ema
+    if run.ema_best is None or ema is None:
         return {}
     ema_rows = [{k[len(_EMA):]: v for k, v in row.items() if k.startswith(_EMA)} | {"epoch": row["epoch"]}
                 for row in run.history]
     best = _best_row(ema_rows, monitor)
     return {"ema": {"best_epoch": int(best["epoch"]), "best": {k: v for k, v in best.items() if k.startswith("val_")},
-                    "weights_sha256": weights_digest(run.trainer.ema.module)}}
+                    "weights_sha256": weights_digest(ema.module)}}
 
 
 def _average_top_k(run: _FoldRun, top_k: int, folder: Path, ctx: DistContext, monitor: str) -> dict[str, Any]:
@@ -484,7 +488,7 @@ def _run_epoch(run: _FoldRun, epoch: int, epochs: int, fold: int, folder: Path, 
     ``last.pt``."""
     trainer = run.trainer
     epoch_start, lr = time.time(), trainer.lr
-    run.loader.sampler.set_epoch(epoch)
+    cast(Any, run.loader.sampler).set_epoch(epoch)      # the sampler of :func:`_train_loader`
     progress = tqdm(run.loader, desc=f"fold {fold} epoch {epoch + 1}/{epochs}", leave=False,
                     disable=not ctx.is_main)
     train_loss = trainer.train_epoch(progress)
@@ -497,7 +501,7 @@ def _run_epoch(run: _FoldRun, epoch: int, epochs: int, fold: int, folder: Path, 
     run.history.append(row)
     if ctx.is_main:
         rank = _offer(run.best, run, trainer.net, epoch + 1, metrics[monitor])
-        if run.ema_best is not None:
+        if run.ema_best is not None and trainer.ema is not None:
             _offer(run.ema_best, run, trainer.ema.module, epoch + 1, ema_metrics[monitor])
         write_csv(layout.fold_log_path(folder), pd.DataFrame(run.history))
         save_checkpoint(folder / LAST_FILE, {
