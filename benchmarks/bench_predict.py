@@ -74,8 +74,8 @@ RUNTIME_TARGET = 0.65
 WHOLE_TARGET = 1.2
 # (label, config, overrides, whether the targets apply): the demo's figures are printed beside the seed's.
 RUNTIME_MODELS = (("demo", ROOT / "configs" / "demo.yaml", [], False),
-                  ("UNet-ResNet34 512", ROOT / "configs" / "siim_unet_r34_512.yaml", ["model.params.encoder_weights=null"],
-                   True))
+                  ("UNet-ResNet34 512", ROOT / "configs" / "siim_unet_r34_512.yaml",
+                   ["model.params.encoder_weights=null"], True))
 
 
 def fold_models(cfg, device: torch.device, count: int = FOLDS) -> list[FoldModel]:

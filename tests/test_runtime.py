@@ -9,9 +9,9 @@ import torch
 
 from pneumoseg.errors import ConfigError, DataError
 from pneumoseg.inference import runtime as rt
+from pneumoseg.inference.fold_models import FoldModel
 from pneumoseg.inference.predictor import Prediction, Predictor
 from pneumoseg.inference.runtime import Agreement
-from pneumoseg.inference.fold_models import FoldModel
 from pneumoseg.inference.tta import TTA, predict_with_gate
 from pneumoseg.modeling.models import build_model
 from pneumoseg.modeling.normalize import normalize_from_model

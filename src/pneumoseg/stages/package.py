@@ -40,7 +40,8 @@ import argparse
 import logging
 import tempfile
 from pathlib import Path
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from omegaconf import DictConfig
