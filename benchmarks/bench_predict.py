@@ -73,9 +73,9 @@ DEFAULT_CONFIGS = {"cpu": ROOT / "configs" / "demo.yaml", "cuda": ROOT / "config
 RUNTIME_TARGET = 0.65
 WHOLE_TARGET = 1.2
 # (label, config, overrides, whether the targets apply): the demo's figures are printed beside the seed's.
-RUNTIME_MODELS = (("demo", ROOT / "configs" / "demo.yaml", [], False),
-                  ("UNet-ResNet34 512", ROOT / "configs" / "siim_unet_r34_512.yaml",
-                   ["model.params.encoder_weights=null"], True))
+RUNTIME_MODELS = {"demo": ("demo", ROOT / "configs" / "demo.yaml", [], False),
+                  "r34": ("UNet-ResNet34 512", ROOT / "configs" / "siim_unet_r34_512.yaml",
+                          ["model.params.encoder_weights=null"], True)}
 
 
 def fold_models(cfg, device: torch.device, count: int = FOLDS) -> list[FoldModel]:
@@ -134,6 +134,8 @@ def main() -> int:
                         help="member configs: measure an ensemble of experiments (3 folds each) instead")
     parser.add_argument("--runtimes", action="store_true",
                         help="compare torch with ONNX Runtime on the CPU (demo model and UNet-ResNet34 at 512 px)")
+    parser.add_argument("--runtime-models", nargs="+", choices=sorted(RUNTIME_MODELS), default=list(RUNTIME_MODELS),
+                        help="with --runtimes: which models to measure (default both)")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args()
     if args.runtimes:
@@ -304,14 +306,14 @@ def runtime_benchmark(args) -> int:
     print(f"torch {torch.__version__} with {torch.get_num_threads()} threads; ONNX Runtime with {intra_op_threads()} "
           f"intra-op threads; {count} images, best of {args.repeats}")
     print(f"| {'what':92s} | reference ms/img | measured ms/img | ratio | target |")
-    for label, config, overrides, targeted in RUNTIME_MODELS:
+    for label, config, overrides, targeted in (RUNTIME_MODELS[name] for name in args.runtime_models):
         cfg = load_config(config, [*overrides, *args.overrides])
         for what, reference, measured in runtime_rows(label, cfg, args, count):
             target = WHOLE_TARGET if "whole" in what else RUNTIME_TARGET
             ratio = measured / reference
             passed &= ratio <= target or not targeted
             print(f"| {what:92s} | {1000 * reference:16.1f} | {1000 * measured:15.1f} | {ratio:5.2f} | "
-                  f"{f'<= {target}' if targeted else '(beside)':>6s} |")
+                  f"{f'<= {target}' if targeted else '(beside)':>6s} |", flush=True)
     print("PASS" if passed else "FAIL")
     return 0 if passed else 1
 
