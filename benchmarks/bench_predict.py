@@ -25,11 +25,27 @@ probabilities brought back to ``--original`` px and blended there with the weigh
 post-processing. Same target::
 
     python benchmarks/bench_predict.py --members configs/demo.yaml configs/demo_b.yaml
+
+``--runtimes`` compares torch with ONNX Runtime (issue 26) on the CPU, in one run and on the same batches: one model
+of the demo config and one smp UNet-ResNet34 at 512 px (``configs/siim_unet_r34_512.yaml``, random weights), each
+exported as stage 06 exports it (:mod:`pneumoseg.inference.runtime`, ONNX Runtime's threads as the predictor sets
+them):
+
+* forwards: the network on ``--images`` normalised random images, at batch 1 and at ``predict.batch_size``, torch
+  against ONNX Runtime; target for UNet-ResNet34: ONNX Runtime at most 0.65 x torch's time at both batch sizes (the
+  demo model's figure is printed beside);
+* whole prediction: each image as a ``--original`` px JPEG DICOM's bytes, decoded, then the predictor on ONNX
+  Runtime (resize, hflip TTA, resize back, post-processing) and its run-length string, one image at a time as the
+  server sees them, against the same images' bare ONNX Runtime forwards (the image and its flip at batch 1); target
+  at most 1.2 x for UNet-ResNet34::
+
+    python benchmarks/bench_predict.py --runtimes [--images 16] [--repeats 3]
 """
 from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -46,12 +62,20 @@ from pneumoseg.modeling.device import autocast
 from pneumoseg.modeling.models import build_model
 from pneumoseg.postprocess.strategies import Threshold
 from pneumoseg.inference.predictor import EnsemblePredictor, Predictor
+from pneumoseg.inference.runtime import ONNXRUNTIME, intra_op_threads, with_runtime
+from pneumoseg.data.dicom import DicomTags, read_dicom_bytes, write_jpeg_dicom
 
 ROOT = Path(__file__).resolve().parents[1]
 RATIO_TARGET = 1.1
 FOLDS = 5
 MEMBER_FOLDS = 3
 DEFAULT_CONFIGS = {"cpu": ROOT / "configs" / "demo.yaml", "cuda": ROOT / "configs" / "siim_unet_r34_512.yaml"}
+RUNTIME_TARGET = 0.65
+WHOLE_TARGET = 1.2
+# (label, config, overrides, whether the targets apply): the demo's figures are printed beside the seed's.
+RUNTIME_MODELS = {"demo": ("demo", ROOT / "configs" / "demo.yaml", [], False),
+                  "r34": ("UNet-ResNet34 512", ROOT / "configs" / "siim_unet_r34_512.yaml",
+                          ["model.params.encoder_weights=null"], True)}
 
 
 def fold_models(cfg, device: torch.device, count: int = FOLDS) -> list[FoldModel]:
@@ -108,8 +132,14 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of each; the best counts")
     parser.add_argument("--members", nargs="+", default=None, metavar="CONFIG",
                         help="member configs: measure an ensemble of experiments (3 folds each) instead")
+    parser.add_argument("--runtimes", action="store_true",
+                        help="compare torch with ONNX Runtime on the CPU (demo model and UNet-ResNet34 at 512 px)")
+    parser.add_argument("--runtime-models", nargs="+", choices=sorted(RUNTIME_MODELS), default=list(RUNTIME_MODELS),
+                        help="with --runtimes: which models to measure (default both)")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args()
+    if args.runtimes:
+        return runtime_benchmark(args)
     config = args.config or DEFAULT_CONFIGS[args.device]
     count = args.images or (256 if args.device == "cuda" else 32)
     cfg = load_config(config, args.overrides)
@@ -204,6 +234,88 @@ def ensemble_benchmark(configs: list[str], args, count: int, device: torch.devic
     passed = ratio <= RATIO_TARGET
     print("PASS" if passed else "FAIL")
     return 0 if passed or device.type == "cuda" else 1
+
+
+def best_of(repeats: int, *runs) -> list[float]:
+    """The best wall time of each of ``runs`` (callables) over ``repeats`` interleaved rounds, after a warm-up."""
+    for run in runs:
+        run()
+    times = [[] for _ in runs]
+    for _ in range(repeats):
+        for run, found in zip(runs, times):
+            found.append(timed(run))
+    return [min(found) for found in times]
+
+
+def forwards(net, batches: list[torch.Tensor]):
+    """A callable: ``net`` on every batch."""
+    def run():
+        with torch.inference_mode():
+            for x in batches:
+                net(x)
+    return run
+
+
+def dicom_bodies(count: int, side: int) -> list[bytes]:
+    """``count`` JPEG DICOM files of ``side`` px, as request bodies: a smooth chest-like gradient with noise."""
+    rng = np.random.default_rng(0)
+    rows, cols = np.mgrid[0:side, 0:side]
+    bodies = []
+    with tempfile.TemporaryDirectory() as folder:
+        for k in range(count):
+            pixels = np.clip((rows + cols) * (200 / (2 * side)) + rng.normal(0, 12, (side, side)), 0, 255)
+            path = Path(folder) / f"{k}.dcm"
+            write_jpeg_dicom(path, pixels.astype(np.uint8), DicomTags(f"1.2.{k}", "1.2.3", "1.2.3.4", f"p{k}"))
+            bodies.append(path.read_bytes())
+    return bodies
+
+
+def runtime_rows(label: str, cfg, args, count: int) -> list[tuple[str, float, float]]:
+    """``(what, reference seconds, measured seconds)`` per image of one model: torch against ONNX Runtime at batch 1
+    and at ``predict.batch_size``, and the whole prediction against its ONNX Runtime forwards."""
+    size, batch = int(cfg.data.image_size), int(cfg.predict.batch_size)
+    [model] = fold_models(cfg, torch.device("cpu"), 1)
+    [onnx] = with_runtime([model], ONNXRUNTIME, None)
+    images = np.random.default_rng(0).integers(0, 256, (count, size, size), dtype=np.uint8)
+    x = model.normalize(torch.from_numpy(images)).contiguous()
+    rows = []
+    for batch_size in (1, batch):
+        batches = [x[start:start + batch_size] for start in range(0, count, batch_size)]
+        torch_s, onnx_s = best_of(args.repeats, forwards(model.net, batches), forwards(onnx.net, batches))
+        rows.append((f"{label}: forward, batch {batch_size} (torch -> onnxruntime)", torch_s / count, onnx_s / count))
+    bodies = dicom_bodies(count, args.original)
+    predictor = Predictor([onnx], TTA(hflip=True), Threshold(0.5, 0), batch_size=1)
+    views = [view for image in x for view in (image[None], torch.flip(image[None], (-1,)))]
+
+    def whole():
+        for body in bodies:
+            pixels, _ = read_dicom_bytes(body)
+            [prediction] = predictor.predict([pixels])
+            prediction.rle()
+
+    reference_s, whole_s = best_of(args.repeats, forwards(onnx.net, views), whole)
+    rows.append((f"{label}: whole prediction from a {args.original} px DICOM (onnxruntime forwards -> whole)",
+                 reference_s / count, whole_s / count))
+    return rows
+
+
+def runtime_benchmark(args) -> int:
+    """The ``--runtimes`` benchmark (see the module docstring); returns the exit code."""
+    count = args.images or 16
+    passed = True
+    print(f"torch {torch.__version__} with {torch.get_num_threads()} threads; ONNX Runtime with {intra_op_threads()} "
+          f"intra-op threads; {count} images, best of {args.repeats}")
+    print(f"| {'what':92s} | reference ms/img | measured ms/img | ratio | target |")
+    for label, config, overrides, targeted in (RUNTIME_MODELS[name] for name in args.runtime_models):
+        cfg = load_config(config, [*overrides, *args.overrides])
+        for what, reference, measured in runtime_rows(label, cfg, args, count):
+            target = WHOLE_TARGET if "whole" in what else RUNTIME_TARGET
+            ratio = measured / reference
+            passed &= ratio <= target or not targeted
+            print(f"| {what:92s} | {1000 * reference:16.1f} | {1000 * measured:15.1f} | {ratio:5.2f} | "
+                  f"{f'<= {target}' if targeted else '(beside)':>6s} |", flush=True)
+    print("PASS" if passed else "FAIL")
+    return 0 if passed else 1
 
 
 if __name__ == "__main__":

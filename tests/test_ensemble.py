@@ -322,10 +322,15 @@ def test_package_and_server_round_trip_on_the_ensemble(trained_ensemble, tmp_pat
     [expected] = predict_stage.build_predictor(cfg, device="cpu").predict([image])
     with package_format.open_package(layout.package_path(cfg)) as folder:
         assert (folder / "tiny_b" / "config.yaml").is_file()
-        loaded = package_format.load_package(folder, device="cpu")
+        loaded = package_format.load_package(folder, device="cpu", runtime="torch")
+        served = package_format.load_package(folder, device="cpu")  # auto: every member's ONNX models
     assert isinstance(loaded.predictor, EnsemblePredictor)
     [found] = loaded.predictor.predict([image])
     np.testing.assert_array_equal(found.probs, expected.probs)
+    assert served.runtime == "onnxruntime" and all(entry["onnx"]["file"].endswith(".onnx")
+                                                   for entry in manifest["models"])
+    [found] = served.predictor.predict([image])
+    np.testing.assert_allclose(found.probs, expected.probs, atol=1e-5)
 
     buffer = cv2.imencode(".png", image)[1].tobytes()
     with running_server(layout.package_path(cfg), tmp_path / "server.log") as server:

@@ -25,6 +25,7 @@ from pneumoseg.serve import handler as serving
 from pneumoseg.serve import package as package_format
 from pneumoseg.config import to_dict
 from pneumoseg.errors import DataError
+from pneumoseg.inference import runtime
 from pneumoseg.inference.predictor import Predictor
 from pneumoseg.stages import package
 
@@ -65,6 +66,14 @@ def test_package_layout(packaged):
     assert "from pneumoseg.serve.handler import model_fn, transform_fn" in entry_point
     assert requirements == package_format.requirements_text()
     assert json.loads((path.parent / "manifest.json").read_text()) == manifest
+    with tarfile.open(path) as archive:  # each checkpoint's ONNX export beside it, with its sha256
+        for entry in manifest["models"]:
+            onnx = entry["onnx"]
+            assert onnx["file"] == entry["file"].replace(".pt", ".onnx")
+            assert hashlib.sha256(archive.extractfile(onnx["file"]).read()).hexdigest() == onnx["sha256"]
+    check = manifest["onnx_check"]
+    assert check["images"] >= 1 and check["max_probability_difference"] < 1e-4
+    assert check["mask_share_differing"] == 0 and check["dice_between_runtimes"] == 1
 
 
 def test_weights_are_plain_state_dicts(packaged, tmp_path):
@@ -87,11 +96,16 @@ def test_package_loads_and_predicts_with_nothing_beside_it(packaged, tmp_path):
     experiment.rename(hidden)  # no training outputs anywhere while the copy loads
     try:
         with package_format.open_package(copy) as model_dir:
-            model = package_format.load_package(model_dir, device="cpu")
+            model = package_format.load_package(model_dir, device="cpu", runtime="torch")
+            onnx_model = package_format.load_package(model_dir, device="cpu")  # auto: ONNX Runtime on the CPU
     finally:
         hidden.rename(experiment)
     [found] = model.predictor.predict([IMAGE])
     np.testing.assert_array_equal(found.probs, expected.probs)
+    np.testing.assert_array_equal(found.mask, expected.mask)
+    assert (model.runtime, onnx_model.runtime) == ("torch", "onnxruntime")
+    [found] = onnx_model.predictor.predict([IMAGE])
+    np.testing.assert_allclose(found.probs, expected.probs, atol=1e-5)
     np.testing.assert_array_equal(found.mask, expected.mask)
 
 
@@ -108,6 +122,38 @@ def test_package_is_reproducible_skipped_when_complete_and_rebuilt_when_weights_
     summary = package.run(cfg)
     assert sha256(path) != first
     assert summary["version"] != json.loads(done)["summary"]["version"]
+
+
+def test_a_corrupt_onnx_file_in_a_package_is_a_data_error_naming_it(packaged, tmp_path):
+    with tarfile.open(packaged[1]) as archive:
+        archive.extractall(tmp_path, filter="data")
+    onnx = tmp_path / "fold1" / "best_1.onnx"
+    onnx.write_bytes(onnx.read_bytes()[:-100])
+    with pytest.raises(DataError, match=f"{onnx} does not match its sha256"):
+        package_format.load_package(tmp_path, device="cpu")
+    assert package_format.load_package(tmp_path, device="cpu", runtime="torch").runtime == "torch"
+
+
+def test_a_package_without_onnx_files_predicts_with_torch_and_says_so(packaged, tmp_path, caplog):
+    with tarfile.open(packaged[1]) as archive:
+        archive.extractall(tmp_path, filter="data")
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    for entry in manifest["models"]:  # as stage 06 wrote packages before it exported ONNX models
+        (tmp_path / entry.pop("onnx")["file"]).unlink()
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    with caplog.at_level("INFO", logger=runtime.__name__):
+        assert package_format.load_package(tmp_path, device="cpu").runtime == "torch"
+    assert [r.getMessage() for r in caplog.records if "torch predicts" in r.getMessage()] != []
+
+
+def test_a_package_whose_onnx_export_disagrees_with_torch_is_refused(tmp_path, monkeypatch):
+    def export_with_sigmoid(net, image_size, channels, path):  # probabilities where logits belong
+        runtime.export_onnx(torch.nn.Sequential(net, torch.nn.Sigmoid()), image_size, channels, path)
+
+    monkeypatch.setattr(package, "export_onnx", export_with_sigmoid)
+    with pytest.raises(DataError, match="is not the ONNX export of the checkpoint"):
+        make_package(tmp_path)
+    assert not list((tmp_path / "output").rglob("model.tar.gz"))
 
 
 def test_package_needs_finished_training(tiny_cfg):

@@ -318,6 +318,15 @@ def test_report_shows_the_test_score_beside_the_oof_figures_once_stage_05_adds_i
                "| held-out test set (200 images, scored by stage 05) | 0.8123 |"]
     assert all(figure in report for figure in figures) and "plots/search.png" in report
     assert json.loads((folder / "oof_report.json").read_text())["test"] == {"score": 0.8123, "n_images": 200}
+    assert "maps of 32 px made by torch" in report and "Served runtime" not in report
+    check = {"images": 200, "images_from": "the test set", "max_probability_difference": 2e-6,
+             "mask_share_differing": 1e-5, "dice_between_runtimes": 0.99995, "test_score_torch": 0.8123,
+             "test_score_onnxruntime": 0.8124}
+    oof_report.add_runtime_check(folder, check)  # stage 06: the served runtime against the OOF maps' torch
+    report = (folder / "oof_report.md").read_text()
+    assert "| Dice between the torch and onnxruntime submissions | 0.999950 |" in report
+    assert "| test score through onnxruntime | 0.8124 |" in report and "0.8123 |" in report
+    assert json.loads((folder / "oof_report.json").read_text())["served_runtime"]["runtime"] == "onnxruntime"
 
 
 def test_outline_rule_candidates_score_as_the_straightforward_method():

@@ -232,7 +232,7 @@ def test_json_answer_describes_the_prediction(model, packaged):
     assert answer["gate_probability"] is None              # the tiny model has no gate head
     assert (answer["height"], answer["width"]) == (50, 70)
     assert answer["postprocess"] == {"name": "threshold", "params": {"threshold": 0.5, "min_area": 0.0}}
-    assert answer["model"] == {"name": "tiny", "version": manifest["version"]}
+    assert answer["model"] == {"name": "tiny", "version": manifest["version"], "runtime": model.runtime}
 
 
 def test_png_answer_is_the_mask_at_the_input_size(model):
@@ -248,7 +248,9 @@ def test_handler_predicts_as_the_experiments_predictor(model, packaged):
     from pneumoseg.inference.predictor import Predictor
 
     image = RNG.integers(0, 256, (130, 100), dtype=np.uint8)
-    [expected] = Predictor.from_experiment(packaged[0], device="cpu").predict([image])
+    # The package's models run on ONNX Runtime (auto on the CPU); the experiment's, exported in memory, too.
+    assert model.runtime == "onnxruntime"
+    [expected] = Predictor.from_experiment(packaged[0], device="cpu", runtime="onnxruntime").predict([image])
     found = serving.predict_fn(serving.ImageInput(image, None, "application/x-npy"), model).prediction
     np.testing.assert_array_equal(found.probs, expected.probs)
     np.testing.assert_array_equal(found.mask, expected.mask)

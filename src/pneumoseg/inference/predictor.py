@@ -43,6 +43,7 @@ from pneumoseg.modeling.device import resolve_device
 from pneumoseg.errors import ConfigError, DataError
 from pneumoseg.data.resize import resize_probabilities, resize_square
 from pneumoseg.inference.fold_models import FoldModel, load_fold_models
+from pneumoseg.inference.runtime import ONNXRUNTIME, choose_runtime, runtime_of, with_runtime
 from pneumoseg.inference.tta import TTA, predict_with_gate
 from pneumoseg.modeling.models import has_gate
 from pneumoseg.postprocess.strategies import Gated, PostProcessor, build_postprocessor, load_postprocessor
@@ -128,6 +129,11 @@ class Predictor:
     @property
     def device(self) -> torch.device:
         return next(self.models[0].net.parameters()).device
+
+    @property
+    def runtime(self) -> str:
+        """What computes the models' outputs: ``torch`` or ``onnxruntime`` (see :mod:`pneumoseg.inference.runtime`)."""
+        return runtime_of(self.models)
 
     @property
     def image_sizes(self) -> tuple[int, ...]:
@@ -217,7 +223,7 @@ class Predictor:
 
     @classmethod
     def from_experiment(cls, cfg: DictConfig, device: str | torch.device | None = None,
-                        postprocessor: PostProcessor | None = None) -> "Predictor":
+                        postprocessor: PostProcessor | None = None, runtime: str | None = None) -> "Predictor":
         """The predictor of an experiment's outputs.
 
         Models: the ``predict.top_k`` best checkpoints of the ``predict.checkpoints`` set (``best``, ``ema``,
@@ -225,12 +231,15 @@ class Predictor:
         ``${paths.experiment_dir}/03_train``; TTA: the ``tta`` section;
         post-processing: ``postprocess.source`` (stage 04's ``thresholds.json`` or the config's block, see
         :func:`configured_postprocessor`); resizing: ``prepare.interpolation``; batch size
-        and AMP: ``predict.batch_size`` and ``predict.amp``.
+        and AMP: ``predict.batch_size`` and ``predict.amp``; runtime: ``predict.runtime`` (an experiment has no ONNX
+        files, so ``auto`` is torch, and ``onnxruntime`` exports each model in memory first; see
+        :mod:`pneumoseg.inference.runtime`).
 
         Args:
             cfg: the resolved config.
             device: ``auto``, ``cpu``, ``cuda`` or a torch device; default ``predict.device``.
             postprocessor: instead of the configured one (an ensemble member's is the ensemble's).
+            runtime: instead of ``predict.runtime`` (stage 06 exports torch models).
 
         Raises:
             ConfigError: ``predict.top_k`` below 1 or above ``train.keep_best``, a device that is not there, or a
@@ -248,6 +257,8 @@ class Predictor:
         folds = layout.select_folds(cfg.train.folds, read_trained_folds(cfg)[FOLD_COLUMN].unique(), "train.folds",
                                     layout.train_folds_path(cfg))
         models = load_fold_models(folder, folds, top=top_k, device=device, checkpoints=str(predict.checkpoints))
+        requested = str(runtime or predict.get("runtime", "auto"))
+        models = with_runtime(models, choose_runtime(requested, device, has_onnx=requested == ONNXRUNTIME), None)
         return cls(models, TTA.from_config(cfg.get("tta")), postprocessor or configured_postprocessor(cfg),
                    interpolation=str(cfg.prepare.interpolation),
                    batch_size=int(predict.batch_size), amp=predict.amp)
@@ -349,6 +360,11 @@ class EnsemblePredictor:
     def device(self) -> torch.device:
         return self.members[0].device
 
+    @property
+    def runtime(self) -> str:
+        """What computes the members' outputs: ``torch`` or ``onnxruntime``."""
+        return self.members[0].runtime
+
     def predict(self, images: Sequence[np.ndarray]) -> list[Prediction]:
         """Predict images of any size, as :meth:`Predictor.predict` does, with every member."""
         check_images(images)
@@ -389,7 +405,8 @@ class EnsemblePredictor:
 
     @classmethod
     def from_experiments(cls, members: Sequence[tuple[DictConfig, float]], postprocessor: PostProcessor,
-                         device: str | torch.device | None = None) -> "EnsemblePredictor":
+                         device: str | torch.device | None = None,
+                         runtime: str | None = None) -> "EnsemblePredictor":
         """The ensemble of experiments' outputs, each loaded by :meth:`Predictor.from_experiment` (its folds, TTA,
         resizing and batch size).
 
@@ -397,13 +414,14 @@ class EnsemblePredictor:
             members: each member's resolved config and weight.
             postprocessor: the blend's post-processing.
             device: as for :meth:`Predictor.from_experiment`; default the first member's ``predict.device``.
+            runtime: as for :meth:`Predictor.from_experiment`; default each member's ``predict.runtime``.
         """
         if not isinstance(device, torch.device):
             device = resolve_device(str(device or members[0][0].predict.device))
         # The members' own post-processors are never applied; a gated one would be refused for a member without
         # the head although the blend has the other members' gate, so members get its mask strategy.
         member_postprocessor = postprocessor.inner if isinstance(postprocessor, Gated) else postprocessor
-        predictors = [Predictor.from_experiment(cfg, device, member_postprocessor) for cfg, _ in members]
+        predictors = [Predictor.from_experiment(cfg, device, member_postprocessor, runtime) for cfg, _ in members]
         return cls(predictors, [weight for _, weight in members], postprocessor,
                    [str(cfg.experiment) for cfg, _ in members])
 

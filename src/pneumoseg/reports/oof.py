@@ -174,12 +174,25 @@ def add_test_score(folder: Path, test_score: float, n_images: int) -> None:
         test_score: the submission's mean Dice on the held-out labels.
         n_images: how many held-out images it was scored on.
     """
+    _add_to_report(folder, "test", {"score": float(test_score), "n_images": int(n_images)})
+
+
+def add_runtime_check(folder: Path, check: dict) -> None:
+    """Put stage 06's measure of the served runtime against torch (which made the OOF maps) in the report: the
+    figures of :func:`pneumoseg.stages.package.check_onnx` (Dice between the two submissions, the test score
+    through each, the largest probability difference), as ``served_runtime`` in ``oof_report.json`` and a section of
+    ``.md``. Nothing is done when ``folder`` lacks the report."""
+    _add_to_report(folder, "served_runtime", {"runtime": "onnxruntime", **check})
+
+
+def _add_to_report(folder: Path, key: str, value: dict) -> None:
+    """Set ``key`` of ``oof_report.json`` to ``value`` and write ``oof_report.md`` again (nothing without them)."""
     path = folder / REPORT_JSON
     if not path.is_file() or not (folder / REPORT_MD).is_file():
-        log.info("no OOF report in %s to add the test score to", folder)
+        log.info("no OOF report in %s to add %s to", folder, key)
         return
     numbers = json.loads(path.read_text())
-    numbers["test"] = {"score": float(test_score), "n_images": int(n_images)}
+    numbers[key] = value
     write_json(path, numbers)
     plots = {key: folder / PLOTS / name if (folder / PLOTS / name).is_file() else None
              for key, name in PLOT_FILES.items()}
@@ -373,7 +386,8 @@ def render_markdown(numbers: dict, plots: Mapping[str, Path | None]) -> str:
         "# Out-of-fold report",
         "",
         f"{numbers['n_images']} OOF images ({numbers['n_positive']} with pneumothorax) from {numbers['n_folds']} "
-        f"folds, maps of {numbers['oof_size']} px; {numbers['n_candidates']} post-processing candidates searched "
+        f"folds, maps of {numbers['oof_size']} px made by torch; {numbers['n_candidates']} post-processing candidates "
+        f"searched "
         f"in {numbers['search_seconds']} s.",
         "",
         f"Chosen: {_block_text(numbers['chosen'])}. Areas are pixels of the 1024 px image. Every candidate is scored "
@@ -402,6 +416,7 @@ def render_markdown(numbers: dict, plots: Mapping[str, Path | None]) -> str:
           for name, best in numbers["best_per_strategy"].items()),
         "",
         *_gate_lines(numbers.get("gate")),
+        *_runtime_lines(numbers.get("served_runtime")),
         "## Folds",
         "",
         "| fold | images | positive | chosen | nested | chosen on the other folds | default | all empty |",
@@ -487,6 +502,23 @@ def ensemble_lines(ensemble: dict | None) -> list[str]:
           f"{_block_text(c['postprocess'])} |" for c in ensemble["candidates"]),
         "",
     ]
+
+
+def _runtime_lines(check: dict | None) -> list[str]:
+    """The section on the served runtime, when stage 06 measured it against torch's (the OOF maps')."""
+    if check is None:
+        return []
+    lines = ["## Served runtime", "",
+             f"The OOF maps were made by torch; the package (stage 06) serves with {check['runtime']} on the CPU. "
+             f"Both predicted {check['images']} images ({check['images_from']}):", "",
+             "| measure | value |", "| --- | ---: |",
+             f"| Dice between the torch and {check['runtime']} submissions | {check['dice_between_runtimes']:.6f} |",
+             f"| share of mask pixels that differ | {check['mask_share_differing']:.3g} |",
+             f"| largest probability difference | {check['max_probability_difference']:.3g} |"]
+    if "test_score_torch" in check:
+        lines += [f"| test score through torch | {check['test_score_torch']:.4f} |",
+                  f"| test score through {check['runtime']} | {check['test_score_onnxruntime']:.4f} |"]
+    return [*lines, ""]
 
 
 def _test_row(test: dict | None) -> str:

@@ -126,7 +126,8 @@ class Result:
         (``EncodedPixels``, ``"-1"`` when empty; the package's ``fmt``), the image's size, the mask's area in pixels,
         the highest probability, the image-level gate probability (``gate_probability``; None for a model without the
         gate head), whether the gate emptied a mask the strategy alone would have drawn (``emptied_by_gate``), the
-        post-processing and the model."""
+        post-processing and the model (its name, version and the runtime that answered: ``torch`` or
+        ``onnxruntime``)."""
         prediction = self.prediction
         height, width = prediction.mask.shape
         return {
@@ -140,7 +141,7 @@ class Result:
             "height": int(height),
             "width": int(width),
             "postprocess": self.model.postprocess,
-            "model": {"name": self.model.name, "version": self.model.version},
+            "model": {"name": self.model.name, "version": self.model.version, "runtime": self.model.runtime},
         }
 
 

@@ -8,6 +8,9 @@ A package is a folder, or its ``model.tar.gz``:
 * ``config.yaml``: the experiment's resolved config, for the record;
 * ``fold<k>/best_<rank>.pt``: the weights, in stage 03's checkpoint format (tensors and plain data only, loaded
   with ``weights_only=True``: no pickled code, no download);
+* ``fold<k>/best_<rank>.onnx`` beside each: the same network exported to ONNX (dynamic batch, the gate head's
+  output included where the model has one), listed in its model entry's ``onnx`` (file and sha256); ONNX Runtime
+  predicts with it on the CPU (see :mod:`pneumoseg.inference.runtime`); a package without them predicts with torch;
 * an ensemble of experiments instead has ``<member>/fold<k>/best_<rank>.pt`` and ``<member>/config.yaml`` for each
   member, and its manifest a ``members`` list: each member's name, weight, model files and how it predicts (TTA,
   image size, resizing, batch size, AMP); the package predicts with
@@ -44,6 +47,7 @@ from pneumoseg.data.rle import FORMATS
 from pneumoseg.errors import ConfigError, DataError
 from pneumoseg.inference.predictor import EnsemblePredictor, Predictor
 from pneumoseg.inference.fold_models import load_model
+from pneumoseg.inference.runtime import ONNXRUNTIME, choose_runtime, with_runtime
 from pneumoseg.inference.tta import SIZE_MULTIPLE, TTA
 from pneumoseg.io import content_hash, process_alive, read_json
 from pneumoseg.postprocess.strategies import load_postprocessor
@@ -84,6 +88,11 @@ class ServingModel:
     def postprocess(self) -> dict[str, Any]:
         """The post-processing as a ``{name, params}`` block."""
         return self.predictor.postprocessor.to_block()
+
+    @property
+    def runtime(self) -> str:
+        """What computes the forward passes: ``torch`` or ``onnxruntime``."""
+        return self.predictor.runtime
 
 
 REBUILD_HINT = f"copy the package again, or rebuild it ({command('06')} --force)"
@@ -224,10 +233,11 @@ def read_manifest(model_dir: str | os.PathLike) -> dict:
     if missing or not isinstance(models, list) or not models:
         raise DataError(f"{path} lacks {', '.join(missing) or 'a non-empty list of models'}; {REBUILD_HINT}")
     for entry in models:
-        if not (isinstance(entry, dict) and isinstance(entry.get("file"), str)
-                and _SHA256_RE.match(str(entry.get("sha256")))):
-            raise DataError(f"{path}: the model entry {entry!r} lacks a file name or a sha256; {REBUILD_HINT}")
-        check_relative_name(entry["file"], str(path))
+        for file_entry in [entry] + ([entry["onnx"]] if isinstance(entry, dict) and "onnx" in entry else []):
+            if not (isinstance(file_entry, dict) and isinstance(file_entry.get("file"), str)
+                    and _SHA256_RE.match(str(file_entry.get("sha256")))):
+                raise DataError(f"{path}: the model entry {entry!r} lacks a file name or a sha256; {REBUILD_HINT}")
+            check_relative_name(file_entry["file"], str(path))
     _check_schema(manifest, _MANIFEST_SCHEMA, "", path)
     _check_predictor_settings(manifest, "", path)
     if "postprocess" in manifest:
@@ -285,17 +295,20 @@ def model_files(model_dir: Path, manifest: dict) -> list[Path]:
     return files
 
 
-def load_package(model_dir: str | os.PathLike, device: str = "auto") -> ServingModel:
+def load_package(model_dir: str | os.PathLike, device: str = "auto", runtime: str = "auto") -> ServingModel:
     """Load an extracted model package: its fold models, TTA, resizing and post-processing, then predict a blank
     image once to warm it up. Needs no network and reads nothing outside ``model_dir``.
 
     Args:
         model_dir: the package folder (``model.tar.gz`` extracted; see :func:`open_package`).
         device: ``auto`` (a GPU when there is one), ``cpu`` or ``cuda``.
+        runtime: ``auto`` (ONNX Runtime on the CPU when the package holds ONNX models and onnxruntime imports, else
+            torch), ``torch`` or ``onnxruntime``; see :func:`pneumoseg.inference.runtime.choose_runtime`.
 
     Raises:
-        DataError: not a package, or a file of it missing, outside it, damaged, or not matching its sha256.
-        ConfigError: a device that is not there.
+        DataError: not a package, or a file of it missing, outside it, damaged, or not matching its sha256; an ONNX
+            model that ONNX Runtime cannot load or that is not its checkpoint's export.
+        ConfigError: a device that is not there, or an unknown runtime.
     """
     model_dir = Path(model_dir)
     manifest = read_manifest(model_dir)
@@ -303,6 +316,12 @@ def load_package(model_dir: str | os.PathLike, device: str = "auto") -> ServingM
     torch_device = resolve_device(device)
     models = {name: load_model(path, torch_device, fix=f"the package is damaged; {REBUILD_HINT}")
               for name, path in files.items()}
+    onnx_entries = [entry.get("onnx") for entry in manifest["models"]]
+    if choose_runtime(runtime, torch_device, all(onnx_entries)) == ONNXRUNTIME:
+        # Each ONNX file's sha256 is checked as it is read (before ONNX Runtime parses it), so not here.
+        sources = [(file_inside(model_dir, entry["file"], str(model_dir / MANIFEST_FILE)), entry["sha256"])
+                   for entry in onnx_entries]
+        models = dict(zip(models, with_runtime(list(models.values()), ONNXRUNTIME, sources)))
     postprocessor = _postprocessor(model_dir / THRESHOLDS_FILE)
     if "members" in manifest:
         specs = manifest["members"]
@@ -396,9 +415,10 @@ def open_package(path: str | os.PathLike) -> Iterator[Path]:
 # huggingface-hub and safetensors, come with them), and pydicom's decoders of clinical DICOMs (JPEG 2000, lossless
 # JPEG, JPEG-LS, fast RLE), which pydicom imports when it lists its plugins. The container's own torch,
 # torchvision, numpy, pandas, pillow and opencv-python are never listed: pip would replace them at every start (or
-# add a second cv2 beside its own).
+# add a second cv2 beside its own). onnxruntime runs the package's ONNX models on a CPU instance (the container has
+# none; without it, torch predicts).
 SERVING_REQUIREMENTS = ("segmentation-models-pytorch", "timm", "pydicom", "omegaconf", "pylibjpeg",
-                        "pylibjpeg-openjpeg", "pylibjpeg-libjpeg", "pylibjpeg-rle", "pyjpegls")
+                        "pylibjpeg-openjpeg", "pylibjpeg-libjpeg", "pylibjpeg-rle", "pyjpegls", "onnxruntime")
 
 ENTRY_POINT = '''"""SageMaker's entry point: the handler of pneumoseg.serve.handler (the package is in code/pneumoseg/).
 
@@ -437,6 +457,19 @@ def build_manifest(cfg: DictConfig, predictor: Predictor | EnsemblePredictor,
     return {"format": PACKAGE_FORMAT, "name": name,
             "version": f"{name}-{hashlib.sha256(content.encode()).hexdigest()[:12]}",
             "pneumoseg_version": __version__, "models": models, **settings}
+
+
+def add_onnx_models(manifest: dict[str, Any], onnx_files: dict[str, tuple[str, Path]]) -> None:
+    """List each checkpoint's ONNX export in its model entry as ``onnx: {file, sha256}``.
+
+    Args:
+        manifest: from :func:`build_manifest`; changed in place (the version, a hash of the weights and settings,
+            stays: the ONNX models are exports of the same weights).
+        onnx_files: checkpoint's name in the package -> the ONNX file's name in the package and its path here.
+    """
+    for entry in manifest["models"]:
+        name, path = onnx_files[entry["file"]]
+        entry["onnx"] = {"file": name, "sha256": content_hash(path, length=None)}
 
 
 def _settings(predictor: Predictor) -> dict[str, Any]:

@@ -80,6 +80,7 @@ from pneumoseg.errors import PneumosegError
 from pneumoseg.modeling.device import set_cpu_threads
 from pneumoseg.serve.handler import (JSON, ImageInput, RequestError, Result, check_content_type, error_body,
                                      input_fn, negotiate, predict_fn, respond)
+from pneumoseg.inference.runtime import AUTO, RUNTIMES
 from pneumoseg.serve.package import ServingModel, load_package, open_package
 from pneumoseg.serve.protocol import ConnectionBudget, GuardedH11Protocol, RateLimitedCount
 from pneumoseg.serve.transform import ASYNC_MAX_BODY_MB, EXECUTION_PARAMETERS, TransformJob, execution_parameters, \
@@ -217,7 +218,7 @@ class InferenceService:
         if model is None:
             return error_reply(HTTPStatus.SERVICE_UNAVAILABLE, "the model is still loading")
         return Reply(HTTPStatus.OK, json.dumps({"status": "ready", "model": model.name,
-                                                "version": model.version}).encode())
+                                                "version": model.version, "runtime": model.runtime}).encode())
 
     async def submit(self, body: bytes, content_type: str | None, accept: str | None) -> Reply:
         """Decode ``body`` in a decoder thread (:meth:`decode`), then predict and encode it in a worker thread; 503
@@ -514,6 +515,9 @@ def parser() -> argparse.ArgumentParser:
                                                                         "%(default)s)")
     result.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                         help="where the models run (default: a GPU when there is one)")
+    result.add_argument("--runtime", default=AUTO, choices=RUNTIMES,
+                        help="what computes the forward passes (default: ONNX Runtime on the CPU when the package "
+                             "holds ONNX models, else torch)")
     result.add_argument("--workers", type=int, default=defaults.workers,
                         help="threads predicting and encoding requests (default %(default)s)")
     result.add_argument("--decoders", type=int, default=defaults.decoders,
@@ -570,7 +574,8 @@ def within_transform(settings: ServerSettings, job: TransformJob | None) -> Serv
     return replace(settings, limits=limits)
 
 
-def load_in_background(service: InferenceService, server: uvicorn.Server, model: str, device: str) -> threading.Event:
+def load_in_background(service: InferenceService, server: uvicorn.Server, model: str, device: str,
+                       runtime: str = AUTO) -> threading.Event:
     """Load ``model`` into ``service`` in a thread (``/ping`` answers 503 meanwhile); on failure, log why and stop
     ``server``. Returns the event set on failure."""
     failed = threading.Event()
@@ -578,7 +583,7 @@ def load_in_background(service: InferenceService, server: uvicorn.Server, model:
     def load() -> None:
         try:
             with open_package(model) as model_dir:
-                loaded = load_package(model_dir, device)
+                loaded = load_package(model_dir, device, runtime)
             service.warm_up(loaded)
         except Exception as exc:  # any failure to load ends the server: it has nothing to serve
             # A PneumosegError says what to fix; anything else is a bug and keeps its traceback.
@@ -588,9 +593,9 @@ def load_in_background(service: InferenceService, server: uvicorn.Server, model:
             return
         service.model = loaded
         predictor = loaded.predictor
-        log.info("model %s version %s ready: %d models, %d forward passes per image at %s px on %s, "
+        log.info("model %s version %s ready: %d models, %d forward passes per image at %s px on %s (%s), "
                  "post-processing %s", loaded.name, loaded.version, len(predictor.models), predictor.n_views,
-                 "/".join(map(str, predictor.image_sizes)), predictor.device, loaded.postprocess)
+                 "/".join(map(str, predictor.image_sizes)), predictor.device, loaded.runtime, loaded.postprocess)
 
     threading.Thread(target=load, name="pneumoseg-load", daemon=True).start()
     return failed
@@ -637,7 +642,7 @@ def main(argv: list[str] | None = None) -> int:
     host, port = listener.getsockname()[:2]
     log.info("listening on http://%s:%d (GET %s, POST %s; at most %d connections); loading %s", host, port, PING,
              INVOCATIONS, budget.limit, args.model)
-    failed = load_in_background(service, server, args.model, args.device)
+    failed = load_in_background(service, server, args.model, args.device, args.runtime)
     # uvicorn re-raises the signal that stopped it once it is done: this handler makes that a no-op.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: setattr(server, "should_exit", True))

@@ -109,13 +109,16 @@ def _input_facts(cfg: DictConfig, test_labels: Path) -> dict[str, Any]:
             **_file_facts(checkpoints + files + [layout.ensemble_path(cfg)])}
 
 
-def build_predictor(cfg: DictConfig, device: str | None = None) -> Predictor | EnsemblePredictor:
+def build_predictor(cfg: DictConfig, device: str | None = None,
+                    runtime: str | None = None) -> Predictor | EnsemblePredictor:
     """The predictor of stages 05 and 06: the experiment's (:meth:`Predictor.from_experiment`), or an ensemble's
-    chosen members blended with the ensemble's post-processing (:meth:`EnsemblePredictor.from_experiments`)."""
+    chosen members blended with the ensemble's post-processing (:meth:`EnsemblePredictor.from_experiments`);
+    ``runtime`` instead of ``predict.runtime``."""
     if not is_ensemble(cfg):
-        return Predictor.from_experiment(cfg, device)
+        return Predictor.from_experiment(cfg, device, runtime=runtime)
     members = [(m.cfg, m.weight) for m in ensemble.chosen_members(cfg)]
-    return EnsemblePredictor.from_experiments(members, configured_postprocessor(cfg), device or cfg.predict.device)
+    return EnsemblePredictor.from_experiments(members, configured_postprocessor(cfg), device or cfg.predict.device,
+                                              runtime or str(cfg.predict.get("runtime", "auto")))
 
 
 def run(cfg: DictConfig, force: bool = False) -> dict[str, Any]:
@@ -144,8 +147,8 @@ def run(cfg: DictConfig, force: bool = False) -> dict[str, Any]:
 
     ids = test[lb.ID_COLUMN].tolist()
     sizes = image_sizes(test)
-    log.info("%s: %d test images, %d models, %d forward passes per image on %s (%d torch threads)", STAGE_NAME,
-             len(ids), len(predictor.models), predictor.n_views, predictor.device, threads)
+    log.info("%s: %d test images, %d models, %d forward passes per image on %s (%s, %d torch threads)", STAGE_NAME,
+             len(ids), len(predictor.models), predictor.n_views, predictor.device, predictor.runtime, threads)
     started = time.time()
     folders = {size: layout.images_dir(cfg, size) for size in predictor.image_sizes}
     encoded, counts, scores = predict_rles(predictor, folders, ids, sizes, cfg.predict)
@@ -162,6 +165,7 @@ def run(cfg: DictConfig, force: bool = False) -> dict[str, Any]:
         "postprocess": predictor.postprocessor.to_block(),
         "fmt": cfg.predict.fmt,
         "device": str(predictor.device),
+        "runtime": predictor.runtime,
         "seconds_per_image": round(seconds / len(ids), 4),
     }
     if test_labels.is_file():
@@ -272,7 +276,8 @@ def summary_text(summary: dict[str, Any]) -> str:
              + (f" ({summary['gate_emptied']} more emptied by the gate)" if "gate_emptied" in summary else ""),
              f"  {summary['models']} models x {summary['views_per_model']:g} views, post-processing "
              f"{summary['postprocess']['name']} {summary['postprocess']['params']}, "
-             f"{summary['seconds_per_image']:.3f} s per image on {summary['device']}"]
+             f"{summary['seconds_per_image']:.3f} s per image on {summary['device']} "
+             f"with {summary.get('runtime', 'torch')}"]
     if "test_score" in summary:
         oof = "n/a" if summary["oof_score"] is None else f"{summary['oof_score']:.4f}"
         lines.append(f"  test score {summary['test_score']:.4f} (held-out labels), OOF score {oof}")
