@@ -42,7 +42,7 @@ def test_the_leaderboard_reads_two_real_experiments(tiny_cfg, tmp_path):
         assert run.checkpoint_bytes == sum(p.stat().st_size for p in files)
     assert runs[0].parameters != runs[1].parameters
     table = (tmp_path / "output" / "leaderboard.md").read_text()
-    assert table.index(f"| 1 | {runs[0].name} |") < table.index(f"| 2 | {runs[1].name} |")
+    assert table.index(f"| 1 | {runs[0].name}") < table.index(f"| 2 | {runs[1].name}")
     assert "![nested score per run](leaderboard.png)" in table
     assert (tmp_path / "output" / "leaderboard.png").read_bytes()[:4] == b"\x89PNG"
 
