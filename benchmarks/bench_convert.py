@@ -17,6 +17,7 @@ Targets (from the issue):
 
 Prints every figure and PASS/FAIL per target; exits 1 when a target fails.
 """
+
 from __future__ import annotations
 
 import os
@@ -72,9 +73,16 @@ def floor_seconds(samples: list[Path], count: int, size: int) -> float:
 
 def stage_seconds(input_dir: Path, output_root: Path, size: int, n_jobs: int) -> float:
     """Seconds for one whole stage run into the empty folder ``output_root`` (removed afterwards)."""
-    cfg = load_config(ROOT / "configs" / "base.yaml", [
-        f"paths.input_dir={input_dir}", f"paths.output_root={output_root}", f"prepare.sizes=[{size}]",
-        "prepare.interpolation=area", f"prepare.n_jobs={n_jobs}"])
+    cfg = load_config(
+        ROOT / "configs" / "base.yaml",
+        [
+            f"paths.input_dir={input_dir}",
+            f"paths.output_root={output_root}",
+            f"prepare.sizes=[{size}]",
+            "prepare.interpolation=area",
+            f"prepare.n_jobs={n_jobs}",
+        ],
+    )
     start = time.perf_counter()
     summary = convert.run(cfg)
     elapsed = time.perf_counter() - start
@@ -85,8 +93,12 @@ def stage_seconds(input_dir: Path, output_root: Path, size: int, n_jobs: int) ->
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--siim-dir", type=Path, default=ROOT.parent / "shared" / "siim",
-                        help="folder holding sample_images/*.dcm (default: %(default)s)")
+    parser.add_argument(
+        "--siim-dir",
+        type=Path,
+        default=ROOT.parent / "shared" / "siim",
+        help="folder holding sample_images/*.dcm (default: %(default)s)",
+    )
     parser.add_argument("--images", type=int, default=300, help="DICOM copies to convert (default: %(default)s)")
     parser.add_argument("--size", type=int, default=512, help="PNG size (default: %(default)s)")
     parser.add_argument("--repeats", type=int, default=2, help="timed runs per setting; the best counts")
@@ -117,19 +129,28 @@ def main() -> int:
 
     n = args.images
     overhead = serial / floor
-    print(f"{n} copies of {len(samples)} real 1024x1024 JPEG DICOMs -> {args.size} px PNG; {cores} cores; "
-          f"best of {args.repeats}; load average before: {load:.1f}")
+    print(
+        f"{n} copies of {len(samples)} real 1024x1024 JPEG DICOMs -> {args.size} px PNG; {cores} cores; "
+        f"best of {args.repeats}; load average before: {load:.1f}"
+    )
     print(f"floor (Pillow decode + OpenCV resize + PNG encode, in memory): {1000 * floor / n:.2f} ms/image")
     print(f"stage, 1 worker : {1000 * serial / n:.2f} ms/image, {n / serial:.1f} images/s")
-    results = [("overhead, stage / floor", f"{overhead:.2f}x", f"<= {OVERHEAD_TARGET:.2f}x",
-                overhead <= OVERHEAD_TARGET)]
+    results = [
+        ("overhead, stage / floor", f"{overhead:.2f}x", f"<= {OVERHEAD_TARGET:.2f}x", overhead <= OVERHEAD_TARGET)
+    ]
     if parallel is None:
         print("stage, 2 workers: skipped, this machine has one core")
     else:
         efficiency = serial / (2 * parallel)
         print(f"stage, 2 workers: {1000 * parallel / n:.2f} ms/image, {n / parallel:.1f} images/s")
-        results.append(("parallel efficiency, 2 workers", f"{100 * efficiency:.0f}%",
-                        f">= {100 * EFFICIENCY_TARGET:.0f}%", efficiency >= EFFICIENCY_TARGET))
+        results.append(
+            (
+                "parallel efficiency, 2 workers",
+                f"{100 * efficiency:.0f}%",
+                f">= {100 * EFFICIENCY_TARGET:.0f}%",
+                efficiency >= EFFICIENCY_TARGET,
+            )
+        )
     for name, value, target, passed in results:
         print(f"{name:32s} {value:>7s}  target {target:8s} {'PASS' if passed else 'FAIL'}")
     return 0 if all(passed for *_, passed in results) else 1

@@ -18,6 +18,7 @@ Then the refusals: the issue's 2,000-scan progressive bomb and a 48 x 40 DICOM w
 Prints each time and its ratio to the reference. Time per file grows with pixels x passes and with its bytes; the
 cap holds the passes, the reader's size bounds the pixels and bytes.
 """
+
 from __future__ import annotations
 
 import os
@@ -30,8 +31,8 @@ import io  # noqa: E402
 import re  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
+from collections.abc import Callable  # noqa: E402
 from pathlib import Path  # noqa: E402
-from typing import Callable  # noqa: E402
 
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
@@ -65,6 +66,7 @@ def refusal_seconds(data: bytes, repeats: int) -> tuple[float, str]:
             read_dicom_bytes(data)
         except DicomError as exc:
             reason = exc.reason
+
     return cpu_seconds(read, repeats), reason
 
 
@@ -77,7 +79,7 @@ def jpeg_with_repeated_scan(image: np.ndarray, scan: int) -> bytes:
     end = jpeg.rindex(b"\xff\xd9")
     bounds = [match.start() for match in re.finditer(b"\xff\xda", jpeg)] + [end]  # no 0xFF 0xDA in scan data
     scan %= len(bounds) - 1
-    chosen = jpeg[bounds[scan]:bounds[scan + 1]]
+    chosen = jpeg[bounds[scan] : bounds[scan + 1]]
     frame = jpeg[:end] + chosen * (MAX_JPEG_SCANS - jpeg_header(jpeg).scans) + jpeg[end:]
     assert jpeg_header(frame).scans == MAX_JPEG_SCANS
     return hostile.to_bytes(hostile.dataset(image, JPEGBaseline8Bit, encapsulate([frame])))
@@ -100,13 +102,17 @@ def main(argv: list[str] | None = None) -> int:
         "RLE lossless, 16-bit": clinical_dicom(image16, RLELossless),
     }
     base = cpu_seconds(lambda: read_dicom_bytes(reference), args.repeats)
-    print(f"{args.side} x {args.side}, CPU seconds (best of {args.repeats}); reference: JPEG Baseline "
-          f"{len(reference) / 1e6:.2f} MB, {base:.3f} s")
+    print(
+        f"{args.side} x {args.side}, CPU seconds (best of {args.repeats}); reference: JPEG Baseline "
+        f"{len(reference) / 1e6:.2f} MB, {base:.3f} s"
+    )
     for name, data in files.items():
         seconds = cpu_seconds(lambda data=data: read_dicom_bytes(data), args.repeats)
         print(f"  {name:45s} {len(data) / 1e6:7.2f} MB {seconds:7.3f} s  {seconds / base:6.1f}x the reference")
-    bombs = {"2,000-scan progressive bomb": progressive_jpeg_dicom(hostile.small_image(), extra_scans=2000),
-             "JPEG 2000 claiming 13000 x 13000": codestream_claiming(JPEG2000Lossless, 13000, 13000)}
+    bombs = {
+        "2,000-scan progressive bomb": progressive_jpeg_dicom(hostile.small_image(), extra_scans=2000),
+        "JPEG 2000 claiming 13000 x 13000": codestream_claiming(JPEG2000Lossless, 13000, 13000),
+    }
     for name, data in bombs.items():
         seconds, reason = refusal_seconds(data, args.repeats)
         print(f"  refused: {name:36s} {len(data) / 1e3:7.1f} KB {seconds * 1e3:7.2f} ms ({reason[:60]}...)")

@@ -14,6 +14,7 @@ percentile onto 0..255), which undoes the demo's exposure jitter.
 Target (from the issue): the best rule scores at most 0.02 above the all-empty baseline. Prints the baseline,
 each variant's best rule, score and margin, and PASS/FAIL; exits 1 on FAIL.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,8 +25,8 @@ import cv2
 import numpy as np
 from joblib import Parallel, delayed
 
-from pneumoseg.demo import phantom
 from pneumoseg.config import load_config
+from pneumoseg.demo import phantom
 
 TARGET_MARGIN = 0.02
 
@@ -58,24 +59,33 @@ def main(argv: list[str] | None = None) -> int:
 
     plans = phantom.plan_cases(int(demo.n_train), float(demo.positive_rate), phantom.split_stream(seed, 0))[:n]
     start = time.perf_counter()
-    pairs = Parallel(n_jobs=int(demo.n_jobs))(delayed(_train_image)(seed, i, plan, size, resolution)
-                                              for i, plan in enumerate(plans))
+    pairs = Parallel(n_jobs=int(demo.n_jobs))(
+        delayed(_train_image)(seed, i, plan, size, resolution) for i, plan in enumerate(plans)
+    )
     made = time.perf_counter() - start
     images = np.stack([image for image, _ in pairs])
     masks = np.stack([mask for _, mask in pairs])
     positives = int(masks.reshape(n, -1).any(1).sum())
-    print(f"{n} training images of {args.config} ({positives} positive), {size} px made in {made:.1f} s, "
-          f"scored at {resolution} px")
+    print(
+        f"{n} training images of {args.config} ({positives} positive), {size} px made in {made:.1f} s, "
+        f"scored at {resolution} px"
+    )
 
     worst = -1.0
     for name, variant in (("as written", images), ("contrast-stretched", np.stack([_stretch(i) for i in images]))):
         start = time.perf_counter()
         result = phantom.intensity_rule_search(variant, masks)
         worst = max(worst, result.margin)
-        rule = (f"sigma {result.sigma:g}, pixel {'<' if result.polarity == 'dark' else '>'} {result.threshold:g}, "
-                f"min_area {result.min_area}" if np.isfinite(result.threshold) else "predict nothing")
-        print(f"  {name:>18}: baseline {result.baseline:.4f}  best rule {result.score:.4f}  "
-              f"margin {result.margin:+.4f}  ({rule}; searched in {time.perf_counter() - start:.1f} s)")
+        rule = (
+            f"sigma {result.sigma:g}, pixel {'<' if result.polarity == 'dark' else '>'} {result.threshold:g}, "
+            f"min_area {result.min_area}"
+            if np.isfinite(result.threshold)
+            else "predict nothing"
+        )
+        print(
+            f"  {name:>18}: baseline {result.baseline:.4f}  best rule {result.score:.4f}  "
+            f"margin {result.margin:+.4f}  ({rule}; searched in {time.perf_counter() - start:.1f} s)"
+        )
     passed = worst <= TARGET_MARGIN
     print(f"largest margin {worst:+.4f} (target <= {TARGET_MARGIN}): {'PASS' if passed else 'FAIL'}")
     return 0 if passed else 1

@@ -13,6 +13,7 @@ every second image shares one with the next). Both choose the same strategy (che
 the order old, new, new, old; printed: each path's total time and their ratio; the target is at most 1.10. Exit
 status 1 when the choices differ.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,23 +26,24 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from bench_search import ROOT, _has_data, generate, grid_blocks, open_images
 
+from bench_search import ROOT, _has_data, generate, grid_blocks, open_images
 from pneumoseg.config import load_config
 from pneumoseg.evaluation.detection import detector_numbers
 from pneumoseg.evaluation.metrics import dice_from_counts
 from pneumoseg.postprocess.search import GRIDS, evaluate, run_search
 from pneumoseg.postprocess.strategies import build_postprocessor
 
-BASELINE = "082228b"        # the last commit before the detector report
+BASELINE = "082228b"  # the last commit before the detector report
 TARGET_RATIO = 1.10
 SEARCH_MODULE = "src/pneumoseg/postprocess/search.py"
 
 
 def load_baseline(revision: str, folder: Path):
     """Stage 04's search module as it was at ``revision``, imported under another name."""
-    source = subprocess.run(["git", "show", f"{revision}:{SEARCH_MODULE}"], cwd=ROOT, check=True,
-                            capture_output=True, text=True).stdout
+    source = subprocess.run(
+        ["git", "show", f"{revision}:{SEARCH_MODULE}"], cwd=ROOT, check=True, capture_output=True, text=True
+    ).stdout
     (folder / "baseline_search.py").write_text(source)
     # An importable module (on sys.path, which the worker processes inherit), so its functions pickle by name.
     sys.path.insert(0, str(folder))
@@ -52,8 +54,9 @@ def old_path(module, images, groups, grids, args, cfg) -> tuple[float, dict]:
     """Seconds of the old stage 04 work, and its choice."""
     default = build_postprocessor(cfg.postprocess)
     started = time.perf_counter()
-    result = module.run_search(images, groups, grids, int(cfg.search.refine_steps), args.jobs,
-                               int(cfg.search.chunk_size))
+    result = module.run_search(
+        images, groups, grids, int(cfg.search.refine_steps), args.jobs, int(cfg.search.chunk_size)
+    )
     chosen = result.block(result.best)
     module.evaluate(images, [build_postprocessor(chosen), default], args.jobs, int(cfg.search.chunk_size))
     return time.perf_counter() - started, chosen
@@ -65,11 +68,18 @@ def new_path(images, groups, grids, args, cfg) -> tuple[float, dict, dict]:
     started = time.perf_counter()
     result = run_search(images, groups, grids, int(cfg.search.refine_steps), args.jobs, int(cfg.search.chunk_size))
     chosen = result.block(result.best)
-    pred, inter, true, scores = evaluate(images, [build_postprocessor(chosen), default], args.jobs,
-                                         int(cfg.search.chunk_size), with_scores=True)
-    frame = pd.DataFrame({"true_area": true, "pred_area": pred[:, 0], "score": scores[:, 0],
-                          "dice": dice_from_counts(inter, pred, true[:, None])[:, 0],
-                          "PatientID": [f"p{k // 2}" for k in range(len(true))]})
+    pred, inter, true, scores = evaluate(
+        images, [build_postprocessor(chosen), default], args.jobs, int(cfg.search.chunk_size), with_scores=True
+    )
+    frame = pd.DataFrame(
+        {
+            "true_area": true,
+            "pred_area": pred[:, 0],
+            "score": scores[:, 0],
+            "dice": dice_from_counts(inter, pred, true[:, None])[:, 0],
+            "PatientID": [f"p{k // 2}" for k in range(len(true))],
+        }
+    )
     numbers = detector_numbers(frame, list(cfg.folds.area_bins), [], int(cfg.report.bootstrap), 0)
     return time.perf_counter() - started, chosen, numbers
 
@@ -102,13 +112,17 @@ def main() -> int:
         old_second, _ = old_path(baseline, images, groups, grids, args, cfg)
         old_seconds, new_seconds = old_first + old_second, new_first + new_second
     ratio = new_seconds / old_seconds
-    print(f"stage 04 on {len(images)} OOF maps of {args.size} px, {args.jobs} workers, nested over {args.folds} "
-          f"folds, each path twice: old path ({args.baseline}) {old_seconds:.1f} s; with the detector figures "
-          f"({cfg.report.bootstrap} patient resamples) {new_seconds:.1f} s: ratio {ratio:.3f} "
-          f"(target <= {TARGET_RATIO:.2f}: {'yes' if ratio <= TARGET_RATIO else 'NO'})")
-    print(f"  image-level AUC {numbers['auc']:.4f}, sensitivity "
-          f"{numbers['operating_point']['sensitivity']['value']:.4f}, specificity "
-          f"{numbers['operating_point']['specificity']['value']:.4f}; same choice: {old_choice == new_choice}")
+    print(
+        f"stage 04 on {len(images)} OOF maps of {args.size} px, {args.jobs} workers, nested over {args.folds} "
+        f"folds, each path twice: old path ({args.baseline}) {old_seconds:.1f} s; with the detector figures "
+        f"({cfg.report.bootstrap} patient resamples) {new_seconds:.1f} s: ratio {ratio:.3f} "
+        f"(target <= {TARGET_RATIO:.2f}: {'yes' if ratio <= TARGET_RATIO else 'NO'})"
+    )
+    print(
+        f"  image-level AUC {numbers['auc']:.4f}, sensitivity "
+        f"{numbers['operating_point']['sensitivity']['value']:.4f}, specificity "
+        f"{numbers['operating_point']['specificity']['value']:.4f}; same choice: {old_choice == new_choice}"
+    )
     return 0 if old_choice == new_choice else 1
 
 

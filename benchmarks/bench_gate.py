@@ -10,6 +10,7 @@
 
 Prints both times and their ratios (gated / plain). Timings on a busy machine are noisy: read the ratios.
 """
+
 from __future__ import annotations
 
 import os
@@ -43,10 +44,10 @@ def train_seconds(n_images: int, repeats: int) -> dict[str, float]:
     generator = torch.Generator().manual_seed(0)
     images = torch.randn(n_images, 1, size, size, generator=generator)
     masks = (torch.rand(n_images, 1, size, size, generator=generator) > 0.9).float()
-    batches = [(images[i:i + batch], masks[i:i + batch]) for i in range(0, n_images, batch)]
+    batches = [(images[i : i + batch], masks[i : i + batch]) for i in range(0, n_images, batch)]
     trainers = {name: Trainer.from_config(cfg, DistContext(), len(batches), seed=0) for name, cfg in cfgs.items()}
     for trainer in trainers.values():
-        trainer.train_epoch(batches)                                   # warm-up
+        trainer.train_epoch(batches)  # warm-up
     best = {name: np.inf for name in trainers}
     for _ in range(repeats):
         for name, trainer in trainers.items():
@@ -62,7 +63,7 @@ def search_seconds(n: int, jobs: int, folder: Path) -> tuple[dict[str, float], d
     size = int(cfg.train.oof_size)
     generate(folder, n, size, seed=0)
     images = open_images(folder)
-    truth = pd.read_csv(folder / "train-rle.csv", dtype=str)                     # in the store's order
+    truth = pd.read_csv(folder / "train-rle.csv", dtype=str)  # in the store's order
     rng = np.random.default_rng(1)
     positive = (truth["EncodedPixels"].str.strip() != rle.EMPTY).to_numpy()
     gates = np.clip(rng.normal(0.3 + 0.4 * positive, 0.2), 0, 1).astype(np.float32)
@@ -71,8 +72,16 @@ def search_seconds(n: int, jobs: int, folder: Path) -> tuple[dict[str, float], d
     seconds, candidates = {}, {}
     for name, thresholds in (("plain", None), ("gated", list(cfg.search.gate_thresholds))):
         started = time.perf_counter()
-        result = run_search(images, groups, grids, int(cfg.search.refine_steps), jobs, int(cfg.search.chunk_size),
-                            gates=gates, gate_thresholds=thresholds)
+        result = run_search(
+            images,
+            groups,
+            grids,
+            int(cfg.search.refine_steps),
+            jobs,
+            int(cfg.search.chunk_size),
+            gates=gates,
+            gate_thresholds=thresholds,
+        )
         seconds[name], candidates[name] = time.perf_counter() - started, len(result.candidates)
     return seconds, candidates
 
@@ -86,12 +95,16 @@ def main() -> int:
     args = parser.parse_args()
     torch.set_num_threads(max(1, os.cpu_count() // 2))
     train = train_seconds(args.images, args.repeats)
-    print(f"training epoch of {args.images} images at 128 px: plain {train['plain']:.2f} s, gated "
-          f"{train['gated']:.2f} s: ratio {train['gated'] / train['plain']:.3f}")
+    print(
+        f"training epoch of {args.images} images at 128 px: plain {train['plain']:.2f} s, gated "
+        f"{train['gated']:.2f} s: ratio {train['gated'] / train['plain']:.3f}"
+    )
     with tempfile.TemporaryDirectory() as folder:
         search, candidates = search_seconds(args.n, args.jobs, Path(folder))
-    print(f"search of {args.n} OOF maps: plain {search['plain']:.1f} s ({candidates['plain']} candidates), gated "
-          f"{search['gated']:.1f} s ({candidates['gated']} candidates): ratio {search['gated'] / search['plain']:.2f}")
+    print(
+        f"search of {args.n} OOF maps: plain {search['plain']:.1f} s ({candidates['plain']} candidates), gated "
+        f"{search['gated']:.1f} s ({candidates['gated']} candidates): ratio {search['gated'] / search['plain']:.2f}"
+    )
     return 0
 
 

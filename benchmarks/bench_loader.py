@@ -16,6 +16,7 @@ PNGs of stage 01 and masks of stage 02 at ``train.image_size``). All in one run:
 Target: the augmented reads within 1.4x of the floor's time per image (one core). Prints every figure, then one
 line with the ratio and PASS/FAIL; exits 1 when the target fails.
 """
+
 from __future__ import annotations
 
 import os
@@ -42,7 +43,7 @@ from pneumoseg.modeling.normalize import normalize_from_model  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 RATIO_TARGET = 1.4
 SIZE = 512
-ORIGINALS = {"CoarseElasticTransform": "ElasticTransform"}   # our cheaper transforms -> the library's originals
+ORIGINALS = {"CoarseElasticTransform": "ElasticTransform"}  # our cheaper transforms -> the library's originals
 
 
 def ms_per_image(dataset, repeats: int) -> float:
@@ -97,11 +98,13 @@ def single_blocks(blocks: list[dict]) -> list[tuple[str, dict, float]]:
     """Rows ``(label, block, probability)`` of the cost table: every transform of the section alone at
     probability 1 with the probability it has in the section; each member of a ``FusedGeometric`` alone inside
     one, beside the same member unfused; and our cheaper transforms' library originals beside them."""
+
     def with_original(label: str, block: dict, p: float) -> list[tuple[str, dict, float]]:
         row = [(label, always(block), p)]
         if block["name"] in ORIGINALS:  # our cheaper version: its library original beside it, for the saving
-            row.append((f"  ({ORIGINALS[block['name']]}, original)",
-                        {**always(block), "name": ORIGINALS[block["name"]]}, p))
+            row.append(
+                (f"  ({ORIGINALS[block['name']]}, original)", {**always(block), "name": ORIGINALS[block["name"]]}, p)
+            )
         return row
 
     rows = []
@@ -149,16 +152,19 @@ def main() -> int:
         floor_ms = ms_per_image(plain, args.repeats)
         transform_costs(data, rows, normalize, copy.deepcopy(blocks), floor_ms, args.repeats)
         augmented_ms = ms_per_image(augmented, args.repeats)
-        rates = {(name, w): loader_rate(ds, w) for name, ds in (("floor", plain), ("augmented", augmented))
-                 for w in (1, 2)}
+        rates = {
+            (name, w): loader_rate(ds, w) for name, ds in (("floor", plain), ("augmented", augmented)) for w in (1, 2)
+        }
     ratio = augmented_ms / floor_ms
     print(f"{len(rows)} images at {SIZE} px, {args.config}; one core in process (CPU time):")
     print(f"  floor (read, no augmentation): {floor_ms:6.2f} ms/image  {1000 / floor_ms:6.1f} images/s")
     print(f"  augmented (the whole section): {augmented_ms:6.2f} ms/image  {1000 / augmented_ms:6.1f} images/s")
     for (name, workers), rate in rates.items():
         print(f"  DataLoader, {name:9s}, {workers} worker(s): {rate:6.1f} images/s per worker")
-    print(f"SUMMARY augmented / floor {ratio:.2f}x (target <= {RATIO_TARGET}); {1000 / augmented_ms:.0f} augmented "
-          f"images/s per core: {'PASS' if ratio <= RATIO_TARGET else 'FAIL'}")
+    print(
+        f"SUMMARY augmented / floor {ratio:.2f}x (target <= {RATIO_TARGET}); {1000 / augmented_ms:.0f} augmented "
+        f"images/s per core: {'PASS' if ratio <= RATIO_TARGET else 'FAIL'}"
+    )
     return 0 if ratio <= RATIO_TARGET else 1
 
 

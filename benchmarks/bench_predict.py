@@ -11,7 +11,8 @@ predict the same ``--images`` random images at the config's size, ``predict.batc
 * ensemble: :func:`pneumoseg.inference.tta.predict_probs` with ``TTA(hflip=True)``, from uint8 images to averaged
   float32 maps on the host (normalising, flipping back, sigmoids, averaging and copying included);
 * predictor (for information): :meth:`pneumoseg.inference.predictor.Predictor.predict_prepared` plus run-length
-  encoding, i.e. the ensemble, then each map brought back to ``--original`` px and post-processed there, as stage 05 does.
+  encoding, i.e. the ensemble, then each map brought back to ``--original`` px and post-processed there, as stage
+  05 does.
 
 Each figure is the best of ``--repeats`` interleaved runs after a warm-up. Target: ensemble time per image at most
 1.1 x the reference's (the ensemble machinery adds at most 10%). Prints every figure and PASS/FAIL; exits 1 when
@@ -41,6 +42,7 @@ them):
 
     python benchmarks/bench_predict.py --runtimes [--images 16] [--repeats 3]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,17 +55,16 @@ import numpy as np
 import torch
 
 from pneumoseg.config import load_config, to_dict
+from pneumoseg.data.dicom import DicomTags, read_dicom_bytes, write_jpeg_dicom
 from pneumoseg.data.resize import resize_square
-from pneumoseg.modeling.normalize import normalize_from_model
-from pneumoseg.modeling.device import resolve_device
 from pneumoseg.inference.fold_models import FoldModel
-from pneumoseg.inference.tta import TTA, predict_probs
-from pneumoseg.modeling.device import autocast
-from pneumoseg.modeling.models import build_model
-from pneumoseg.postprocess.strategies import Threshold
 from pneumoseg.inference.predictor import EnsemblePredictor, Predictor
 from pneumoseg.inference.runtime import ONNXRUNTIME, intra_op_threads, with_runtime
-from pneumoseg.data.dicom import DicomTags, read_dicom_bytes, write_jpeg_dicom
+from pneumoseg.inference.tta import TTA, predict_probs
+from pneumoseg.modeling.device import autocast, resolve_device
+from pneumoseg.modeling.models import build_model
+from pneumoseg.modeling.normalize import normalize_from_model
+from pneumoseg.postprocess.strategies import Threshold
 
 ROOT = Path(__file__).resolve().parents[1]
 RATIO_TARGET = 1.1
@@ -73,9 +74,15 @@ DEFAULT_CONFIGS = {"cpu": ROOT / "configs" / "demo.yaml", "cuda": ROOT / "config
 RUNTIME_TARGET = 0.65
 WHOLE_TARGET = 1.2
 # (label, config, overrides, whether the targets apply): the demo's figures are printed beside the seed's.
-RUNTIME_MODELS = {"demo": ("demo", ROOT / "configs" / "demo.yaml", [], False),
-                  "r34": ("UNet-ResNet34 512", ROOT / "configs" / "siim_unet_r34_512.yaml",
-                          ["model.params.encoder_weights=null"], True)}
+RUNTIME_MODELS = {
+    "demo": ("demo", ROOT / "configs" / "demo.yaml", [], False),
+    "r34": (
+        "UNet-ResNet34 512",
+        ROOT / "configs" / "siim_unet_r34_512.yaml",
+        ["model.params.encoder_weights=null"],
+        True,
+    ),
+}
 
 
 def fold_models(cfg, device: torch.device, count: int = FOLDS) -> list[FoldModel]:
@@ -105,15 +112,17 @@ def reference_seconds(models: list[FoldModel], inputs: list[tuple[torch.Tensor, 
     return time.perf_counter() - start
 
 
-def prepared_inputs(models: list[FoldModel], images: np.ndarray, batch: int,
-                    device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def prepared_inputs(
+    models: list[FoldModel], images: np.ndarray, batch: int, device: torch.device
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The normalised batches of ``images`` and their horizontal flips, on ``device``: the reference's inputs."""
     memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     inputs = []
     for start in range(0, len(images), batch):
-        x = models[0].normalize(torch.from_numpy(images[start:start + batch])).to(device)
-        inputs.append((x.contiguous(memory_format=memory_format),
-                       torch.flip(x, (-1,)).contiguous(memory_format=memory_format)))
+        x = models[0].normalize(torch.from_numpy(images[start : start + batch])).to(device)
+        inputs.append(
+            (x.contiguous(memory_format=memory_format), torch.flip(x, (-1,)).contiguous(memory_format=memory_format))
+        )
     return inputs
 
 
@@ -130,12 +139,25 @@ def main() -> int:
     parser.add_argument("--images", type=int, default=None, help="images predicted per run (default 32 cpu, 256 cuda)")
     parser.add_argument("--original", type=int, default=1024, help="original image size for the predictor figure")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of each; the best counts")
-    parser.add_argument("--members", nargs="+", default=None, metavar="CONFIG",
-                        help="member configs: measure an ensemble of experiments (3 folds each) instead")
-    parser.add_argument("--runtimes", action="store_true",
-                        help="compare torch with ONNX Runtime on the CPU (demo model and UNet-ResNet34 at 512 px)")
-    parser.add_argument("--runtime-models", nargs="+", choices=sorted(RUNTIME_MODELS), default=list(RUNTIME_MODELS),
-                        help="with --runtimes: which models to measure (default both)")
+    parser.add_argument(
+        "--members",
+        nargs="+",
+        default=None,
+        metavar="CONFIG",
+        help="member configs: measure an ensemble of experiments (3 folds each) instead",
+    )
+    parser.add_argument(
+        "--runtimes",
+        action="store_true",
+        help="compare torch with ONNX Runtime on the CPU (demo model and UNet-ResNet34 at 512 px)",
+    )
+    parser.add_argument(
+        "--runtime-models",
+        nargs="+",
+        choices=sorted(RUNTIME_MODELS),
+        default=list(RUNTIME_MODELS),
+        help="with --runtimes: which models to measure (default both)",
+    )
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args()
     if args.runtimes:
@@ -161,7 +183,7 @@ def main() -> int:
 
     def predict_and_encode():
         for start in range(0, count, batch):
-            for prediction in predictor.predict_prepared(images[start:start + batch], shapes[start:start + batch]):
+            for prediction in predictor.predict_prepared(images[start : start + batch], shapes[start : start + batch]):
                 prediction.rle()
 
     reference_seconds(models, inputs, amp)  # warm-up: allocator, kernel choice
@@ -173,13 +195,17 @@ def main() -> int:
         ensemble_s.append(timed(ensemble))
         predictor_s.append(timed(predict_and_encode))
 
-    per_image = {"reference (10 forward passes)": min(reference_s) / count,
-                 f"ensemble ({FOLDS} folds x hflip)": min(ensemble_s) / count,
-                 f"predictor + RLE at {args.original} px": min(predictor_s) / count}
+    per_image = {
+        "reference (10 forward passes)": min(reference_s) / count,
+        f"ensemble ({FOLDS} folds x hflip)": min(ensemble_s) / count,
+        f"predictor + RLE at {args.original} px": min(predictor_s) / count,
+    }
     ratio = min(ensemble_s) / min(reference_s)
-    print(f"config {config}: {cfg.model.name}-{cfg.model.params.encoder_name} at {size} px, {FOLDS} models x "
-          f"{len(tta.views())} views, batch {batch}, {count} images, device {device}"
-          + (f", amp {amp}" if device.type == "cuda" else f", {torch.get_num_threads()} torch threads"))
+    print(
+        f"config {config}: {cfg.model.name}-{cfg.model.params.encoder_name} at {size} px, {FOLDS} models x "
+        f"{len(tta.views())} views, batch {batch}, {count} images, device {device}"
+        + (f", amp {amp}" if device.type == "cuda" else f", {torch.get_num_threads()} torch threads")
+    )
     for name, seconds in per_image.items():
         print(f"  {name:32s}: {1000 * seconds:8.2f} ms/image  {1 / seconds:8.1f} images/s")
     print(f"  ratio ensemble / reference: {ratio:.3f} (target <= {RATIO_TARGET})")
@@ -208,13 +234,15 @@ def ensemble_benchmark(configs: list[str], args, count: int, device: torch.devic
     batch = int(cfgs[0].predict.batch_size)
 
     def reference() -> float:
-        return sum(reference_seconds(models, inputs, cfg.predict.amp)
-                   for (models, inputs), cfg in zip(references, cfgs))
+        return sum(
+            reference_seconds(models, inputs, cfg.predict.amp) for (models, inputs), cfg in zip(references, cfgs)
+        )
 
     def blended():
         for start in range(0, count, batch):
-            ensemble.probabilities_prepared({size: part[start:start + batch] for size, part in images.items()},
-                                            shapes[start:start + batch])
+            ensemble.probabilities_prepared(
+                {size: part[start : start + batch] for size, part in images.items()}, shapes[start : start + batch]
+            )
 
     reference()  # warm-up
     blended()
@@ -223,12 +251,16 @@ def ensemble_benchmark(configs: list[str], args, count: int, device: torch.devic
         reference_s.append(reference())
         ensemble_s.append(timed(blended))
     ratio = min(ensemble_s) / min(reference_s)
-    print(f"ensemble of {len(cfgs)} experiments ({', '.join(configs)}): "
-          + ", ".join(f"{c.model.params.encoder_name} at {c.data.image_size} px" for c in cfgs)
-          + f"; {MEMBER_FOLDS} folds x {len(tta.views())} views each, {count} images blended at {args.original} px, "
-          f"device {device}, {torch.get_num_threads()} torch threads")
-    print(f"  reference ({len(cfgs) * MEMBER_FOLDS * len(tta.views())} bare forward passes): "
-          f"{1000 * min(reference_s) / count:8.2f} ms/image")
+    print(
+        f"ensemble of {len(cfgs)} experiments ({', '.join(configs)}): "
+        + ", ".join(f"{c.model.params.encoder_name} at {c.data.image_size} px" for c in cfgs)
+        + f"; {MEMBER_FOLDS} folds x {len(tta.views())} views each, {count} images blended at {args.original} px, "
+        f"device {device}, {torch.get_num_threads()} torch threads"
+    )
+    print(
+        f"  reference ({len(cfgs) * MEMBER_FOLDS * len(tta.views())} bare forward passes): "
+        f"{1000 * min(reference_s) / count:8.2f} ms/image"
+    )
     print(f"  ensemble (TTA, back to {args.original} px, blend)     : {1000 * min(ensemble_s) / count:8.2f} ms/image")
     print(f"  ratio ensemble / reference: {ratio:.3f} (target <= {RATIO_TARGET})")
     passed = ratio <= RATIO_TARGET
@@ -249,10 +281,12 @@ def best_of(repeats: int, *runs) -> list[float]:
 
 def forwards(net, batches: list[torch.Tensor]):
     """A callable: ``net`` on every batch."""
+
     def run():
         with torch.inference_mode():
             for x in batches:
                 net(x)
+
     return run
 
 
@@ -280,7 +314,7 @@ def runtime_rows(label: str, cfg, args, count: int) -> list[tuple[str, float, fl
     x = model.normalize(torch.from_numpy(images)).contiguous()
     rows = []
     for batch_size in (1, batch):
-        batches = [x[start:start + batch_size] for start in range(0, count, batch_size)]
+        batches = [x[start : start + batch_size] for start in range(0, count, batch_size)]
         torch_s, onnx_s = best_of(args.repeats, forwards(model.net, batches), forwards(onnx.net, batches))
         rows.append((f"{label}: forward, batch {batch_size} (torch -> onnxruntime)", torch_s / count, onnx_s / count))
     bodies = dicom_bodies(count, args.original)
@@ -294,8 +328,13 @@ def runtime_rows(label: str, cfg, args, count: int) -> list[tuple[str, float, fl
             prediction.rle()
 
     reference_s, whole_s = best_of(args.repeats, forwards(onnx.net, views), whole)
-    rows.append((f"{label}: whole prediction from a {args.original} px DICOM (onnxruntime forwards -> whole)",
-                 reference_s / count, whole_s / count))
+    rows.append(
+        (
+            f"{label}: whole prediction from a {args.original} px DICOM (onnxruntime forwards -> whole)",
+            reference_s / count,
+            whole_s / count,
+        )
+    )
     return rows
 
 
@@ -303,8 +342,10 @@ def runtime_benchmark(args) -> int:
     """The ``--runtimes`` benchmark (see the module docstring); returns the exit code."""
     count = args.images or 16
     passed = True
-    print(f"torch {torch.__version__} with {torch.get_num_threads()} threads; ONNX Runtime with {intra_op_threads()} "
-          f"intra-op threads; {count} images, best of {args.repeats}")
+    print(
+        f"torch {torch.__version__} with {torch.get_num_threads()} threads; ONNX Runtime with {intra_op_threads()} "
+        f"intra-op threads; {count} images, best of {args.repeats}"
+    )
     print(f"| {'what':92s} | reference ms/img | measured ms/img | ratio | target |")
     for label, config, overrides, targeted in (RUNTIME_MODELS[name] for name in args.runtime_models):
         cfg = load_config(config, [*overrides, *args.overrides])
@@ -312,8 +353,11 @@ def runtime_benchmark(args) -> int:
             target = WHOLE_TARGET if "whole" in what else RUNTIME_TARGET
             ratio = measured / reference
             passed &= ratio <= target or not targeted
-            print(f"| {what:92s} | {1000 * reference:16.1f} | {1000 * measured:15.1f} | {ratio:5.2f} | "
-                  f"{f'<= {target}' if targeted else '(beside)':>6s} |", flush=True)
+            print(
+                f"| {what:92s} | {1000 * reference:16.1f} | {1000 * measured:15.1f} | {ratio:5.2f} | "
+                f"{f'<= {target}' if targeted else '(beside)':>6s} |",
+                flush=True,
+            )
     print("PASS" if passed else "FAIL")
     return 0 if passed else 1
 

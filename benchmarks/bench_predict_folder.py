@@ -17,6 +17,7 @@ passes on the same images, and the command's peak memory at two folder sizes.
   peak resident memory (its own process; each decoding worker holds a file or two); flat means nothing is held
   per image.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,7 +54,6 @@ def build_package(config: Path, overrides: list[str], work: Path) -> Path:
     """A stage-06 package of the config's architecture with random weights, built under ``work``."""
     sys.path.insert(0, str(ROOT / "tests"))
     from fake_experiment import write_fake_training
-
     from pneumoseg import layout
     from pneumoseg.stages import package
 
@@ -77,7 +77,7 @@ def time_forwards(model: folder.Model, images: Path, args: argparse.Namespace) -
     """Seconds per image of the models' forward passes (with TTA) on the same images, decoded and resized first."""
     pixels = [read_dicom(path)[0] for path in sorted(images.glob("*.dcm"))]
     predictor = model.predictor
-    prepared = [predictor.prepare(pixels[k:k + args.batch_size]) for k in range(0, len(pixels), args.batch_size)]
+    prepared = [predictor.prepare(pixels[k : k + args.batch_size]) for k in range(0, len(pixels), args.batch_size)]
     best = float("inf")
     for _ in range(args.repeats):
         started = time.perf_counter()
@@ -90,16 +90,42 @@ def time_forwards(model: folder.Model, images: Path, args: argparse.Namespace) -
 def child(args: argparse.Namespace) -> None:
     """Run the command once (``--child PACKAGE IMAGES OUTPUT``) and print its peak memory as JSON."""
     package, images, output = args.child
-    code = folder.main(["--model", package, "--input", images, "--output", output, "--workers", str(args.workers),
-                        "--batch-size", str(args.batch_size)])
+    code = folder.main(
+        [
+            "--model",
+            package,
+            "--input",
+            images,
+            "--output",
+            output,
+            "--workers",
+            str(args.workers),
+            "--batch-size",
+            str(args.batch_size),
+        ]
+    )
     print(json.dumps({"code": code, "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 
 
 def peak_memory(package: Path, images: Path, output: Path, args: argparse.Namespace) -> dict:
     """The command's peak memory on ``images``, in a fresh process."""
-    done = subprocess.run([sys.executable, __file__, "--child", str(package), str(images), str(output),
-                           "--workers", str(args.workers), "--batch-size", str(args.batch_size)],
-                          capture_output=True, text=True, check=True)
+    done = subprocess.run(
+        [
+            sys.executable,
+            __file__,
+            "--child",
+            str(package),
+            str(images),
+            str(output),
+            "--workers",
+            str(args.workers),
+            "--batch-size",
+            str(args.batch_size),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -128,16 +154,23 @@ def main() -> int:
             forwards = time_forwards(model, images, args)
             command = time_command(model, images, work, args)
             views = model.predictor.n_views // len(model.predictor.models)
-            print(f"model {model.name}: {len(model.predictor.models)} models x {views} views, "
-                  f"{args.images} DICOMs of {args.side} px, batch {args.batch_size}, {args.workers} decoding workers")
+            print(
+                f"model {model.name}: {len(model.predictor.models)} models x {views} views, "
+                f"{args.images} DICOMs of {args.side} px, batch {args.batch_size}, {args.workers} decoding workers"
+            )
         ratio = command / forwards
-        print(f"forward passes: {forwards * 1000:.1f} ms/image; whole command: {command * 1000:.1f} ms/image; "
-              f"ratio {ratio:.2f}x (target <= {TARGET}x): {'PASS' if ratio <= TARGET else 'FAIL'}")
+        print(
+            f"forward passes: {forwards * 1000:.1f} ms/image; whole command: {command * 1000:.1f} ms/image; "
+            f"ratio {ratio:.2f}x (target <= {TARGET}x): {'PASS' if ratio <= TARGET else 'FAIL'}"
+        )
         for count in args.counts:
-            memory = peak_memory(package, write_dicoms(work / f"n{count}", count, args.count_side),
-                                 work / f"out_n{count}", args)
-            print(f"{count} DICOMs of {args.count_side} px: peak memory of the command's process "
-                  f"{memory['peak_mb']:.0f} MB")
+            memory = peak_memory(
+                package, write_dicoms(work / f"n{count}", count, args.count_side), work / f"out_n{count}", args
+            )
+            print(
+                f"{count} DICOMs of {args.count_side} px: peak memory of the command's process "
+                f"{memory['peak_mb']:.0f} MB"
+            )
     return 0 if ratio <= TARGET else 1
 
 

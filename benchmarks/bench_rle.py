@@ -12,6 +12,7 @@ Targets (from the issue):
 
 Prints every figure and PASS/FAIL per target; exits 1 when a target fails.
 """
+
 from __future__ import annotations
 
 import os
@@ -33,7 +34,7 @@ from pneumoseg.data import rle  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 1024
 ENCODE_TARGET = 200.0
-ENCODE_CALLS = 200      # rle.encode calls per timing round: about as long as one reference call
+ENCODE_CALLS = 200  # rle.encode calls per timing round: about as long as one reference call
 DECODE_TARGET_S = 3.0
 
 
@@ -68,7 +69,7 @@ def reference_decode(text: str, height: int, width: int) -> np.ndarray:
         position = 0
         for gap, length in zip(values[0::2], values[1::2]):
             position += gap
-            mask[position:position + length] = 255
+            mask[position : position + length] = 255
             position += length
     return mask.reshape(width, height).T
 
@@ -93,7 +94,7 @@ def synthetic_masks() -> dict[str, np.ndarray]:
     crescent = ((rows - 500) / 420) ** 2 + ((cols - 300) / 180) ** 2
     islands = np.zeros((SIZE, SIZE), dtype=bool)
     for row, col in rng.integers(100, SIZE - 100, size=(40, 2)):
-        islands[row - 8:row + 8, col - 5:col + 5] = True
+        islands[row - 8 : row + 8, col - 5 : col + 5] = True
     return {
         "synthetic crescent": (crescent < 1) & (crescent > 0.8),
         "synthetic large blob": ((rows - 520) / 300) ** 2 + ((cols - 700) / 200) ** 2 < 1,
@@ -120,8 +121,10 @@ def real_masks(rows: list[str]) -> dict[str, np.ndarray]:
 
 
 def bench_encode(masks: dict[str, np.ndarray], repeats: int) -> bool:
-    print(f"encode, {SIZE}x{SIZE} masks (best of {repeats} rounds: 1 reference call, {ENCODE_CALLS} rle.encode "
-          f"calls a round):")
+    print(
+        f"encode, {SIZE}x{SIZE} masks (best of {repeats} rounds: 1 reference call, {ENCODE_CALLS} rle.encode "
+        f"calls a round):"
+    )
     ratios = []
     for name, mask in masks.items():
         if reference_encode(mask) != rle.encode(mask):
@@ -129,8 +132,10 @@ def bench_encode(masks: dict[str, np.ndarray], repeats: int) -> bool:
         reference = per_call(lambda mask=mask: reference_encode(mask), 1, repeats)
         ours = per_call(lambda mask=mask: rle.encode(mask), ENCODE_CALLS, repeats)
         ratios.append(reference / ours)
-        print(f"  {name:28s} area {int(mask.sum()):8d}  reference {reference * 1e3:8.1f} ms  "
-              f"rle.encode {ours * 1e3:7.3f} ms  speed-up {reference / ours:8.0f}x")
+        print(
+            f"  {name:28s} area {int(mask.sum()):8d}  reference {reference * 1e3:8.1f} ms  "
+            f"rle.encode {ours * 1e3:7.3f} ms  speed-up {reference / ours:8.0f}x"
+        )
     worst = min(ratios)
     ok = worst >= ENCODE_TARGET
     print(f"  worst speed-up {worst:.0f}x (target >= {ENCODE_TARGET:.0f}x): {'PASS' if ok else 'FAIL'}")
@@ -148,17 +153,25 @@ def bench_decode(rows: list[str], repeats: int) -> bool:
     ours_all = per_call(decode_all, 1, max(1, repeats // 2))
     ok = ours_all < DECODE_TARGET_S
     print(f"decode ({SIZE}x{SIZE}):")
-    print(f"  {len(sample)} sampled rows: reference {reference:.3f} s, rle.decode {ours_sample:.3f} s, "
-          f"speed-up {reference / ours_sample:.1f}x")
-    print(f"  all {len(rows)} rows: {ours_all:.2f} s ({ours_all / len(rows) * 1e6:.0f} us a row; "
-          f"target < {DECODE_TARGET_S:.0f} s): {'PASS' if ok else 'FAIL'}")
+    print(
+        f"  {len(sample)} sampled rows: reference {reference:.3f} s, rle.decode {ours_sample:.3f} s, "
+        f"speed-up {reference / ours_sample:.1f}x"
+    )
+    print(
+        f"  all {len(rows)} rows: {ours_all:.2f} s ({ours_all / len(rows) * 1e6:.0f} us a row; "
+        f"target < {DECODE_TARGET_S:.0f} s): {'PASS' if ok else 'FAIL'}"
+    )
     return ok
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--siim-dir", type=Path, default=ROOT.parent / "shared" / "siim",
-                        help="folder with the challenge's stage_2_train.csv (default: %(default)s)")
+    parser.add_argument(
+        "--siim-dir",
+        type=Path,
+        default=ROOT.parent / "shared" / "siim",
+        help="folder with the challenge's stage_2_train.csv (default: %(default)s)",
+    )
     parser.add_argument("--repeats", type=int, default=3, help="timing rounds; the fastest is kept")
     args = parser.parse_args()
     if hasattr(os, "sched_setaffinity"):
@@ -166,8 +179,10 @@ def main() -> int:
 
     rows = real_rows(args.siim_dir)
     if rows is None:
-        print(f"{args.siim_dir / 'stage_2_train.csv'} not found: encode uses synthetic masks only; "
-              f"decode benchmark skipped")
+        print(
+            f"{args.siim_dir / 'stage_2_train.csv'} not found: encode uses synthetic masks only; "
+            f"decode benchmark skipped"
+        )
     masks = synthetic_masks() if rows is None else {**real_masks(rows), **synthetic_masks()}
     results = [bench_encode(masks, args.repeats)]
     if rows is not None:

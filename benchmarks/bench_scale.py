@@ -21,6 +21,7 @@ results file of another fraction prints each stage's wall and CPU ms/image ratio
 with the number of images shows as a ratio above 1). The last line is a one-line summary. Targets: peak RSS under 4 GB
 in every stage; stage 05's non-forward CPU work under 20 ms per image. Exits 1 when a target fails.
 """
+
 from __future__ import annotations
 
 import os
@@ -45,8 +46,8 @@ import torch  # noqa: E402
 
 from pneumoseg import layout  # noqa: E402
 from pneumoseg.config import load_config  # noqa: E402
-from pneumoseg.data.rle import encode  # noqa: E402
 from pneumoseg.data.resize import resize_probabilities  # noqa: E402
+from pneumoseg.data.rle import encode  # noqa: E402
 from pneumoseg.inference.predictor import Predictor  # noqa: E402
 from pneumoseg.inference.tta import predict_probs  # noqa: E402
 from pneumoseg.postprocess.strategies import build_postprocessor  # noqa: E402
@@ -56,8 +57,15 @@ CONFIG = ROOT / "configs" / "scale.yaml"
 REAL_TRAIN, REAL_TEST = 12_047, 3_205
 RSS_TARGET_GB = 4.0
 CPU_TARGET_MS = 20.0
-STAGES = ("00_make_demo_data", "01_convert_dicoms", "02_prepare_labels", "03_train", "04_search_thresholds",
-          "05_predict", "06_package_model")
+STAGES = (
+    "00_make_demo_data",
+    "01_convert_dicoms",
+    "02_prepare_labels",
+    "03_train",
+    "04_search_thresholds",
+    "05_predict",
+    "06_package_model",
+)
 
 
 def _children() -> dict[int, list[int]]:
@@ -96,7 +104,7 @@ def folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) if folder.exists() else 0
 
 
-PR_SET_CHILD_SUBREAPER = 36   # linux/prctl.h
+PR_SET_CHILD_SUBREAPER = 36  # linux/prctl.h
 
 
 def adopt_orphans() -> None:
@@ -114,7 +122,7 @@ def reap_orphans(timeout_s: float = 120.0) -> int:
     while time.monotonic() < deadline:
         try:
             pid, _ = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:   # no children left
+        except ChildProcessError:  # no children left
             return 0
         if not pid:
             time.sleep(0.05)
@@ -135,8 +143,12 @@ def run_stage(script: str, arguments: list[str], log_path: Path) -> dict:
     peak, done = [0, 0], threading.Event()
     with open(log_path, "w") as log:
         start, cpu_start = time.perf_counter(), children_cpu_s()
-        process = subprocess.Popen([sys.executable, str(ROOT / "scripts" / f"{script}.py"), *arguments],
-                                   stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+        process = subprocess.Popen(
+            [sys.executable, str(ROOT / "scripts" / f"{script}.py"), *arguments],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+        )
 
         def sample() -> None:
             while not done.wait(0.2):
@@ -150,16 +162,31 @@ def run_stage(script: str, arguments: list[str], log_path: Path) -> dict:
         sampler.join()
     if left:
         print(f"warning: {left} process(es) of {script} still running; its CPU time misses theirs", flush=True)
-    return {"wall_s": time.perf_counter() - start, "cpu_s": children_cpu_s() - cpu_start,
-            "peak_rss_gb": peak[0] / 2**30, "peak_pss_gb": peak[1] / 2**30,
-            "rc": code}
+    return {
+        "wall_s": time.perf_counter() - start,
+        "cpu_s": children_cpu_s() - cpu_start,
+        "peak_rss_gb": peak[0] / 2**30,
+        "peak_pss_gb": peak[1] / 2**30,
+        "rc": code,
+    }
 
 
 def stage_folders(cfg) -> dict[str, Path]:
     """Each stage's output folder, whose size is the stage's disk written."""
-    return dict(zip(STAGES, (Path(cfg.paths.input_dir), layout.convert_dir(cfg), layout.labels_dir(cfg),
-                             layout.train_dir(cfg), layout.search_dir(cfg), layout.predict_dir(cfg),
-                             layout.package_dir(cfg))))
+    return dict(
+        zip(
+            STAGES,
+            (
+                Path(cfg.paths.input_dir),
+                layout.convert_dir(cfg),
+                layout.labels_dir(cfg),
+                layout.train_dir(cfg),
+                layout.search_dir(cfg),
+                layout.predict_dir(cfg),
+                layout.package_dir(cfg),
+            ),
+        )
+    )
 
 
 def dicoms_written(folder: Path, started: float) -> int:
@@ -178,8 +205,9 @@ def stage_images(n_train: int, n_test: int) -> dict[str, int]:
     return dict(zip(STAGES, (total, total, total, n_train, n_train, n_test, n_test)))
 
 
-def _time_parts(read, probs_of, postprocessor, ids: list[str], sizes: list[tuple[int, int]],
-                batch: int) -> dict[str, float]:
+def _time_parts(
+    read, probs_of, postprocessor, ids: list[str], sizes: list[tuple[int, int]], batch: int
+) -> dict[str, float]:
     """CPU milliseconds per image of each part of stage 05's work over ``ids``, each part timed alone, on one
     thread (as in stage 05, whose DataLoader workers are the parallelism). CPU time, not wall time: on a shared
     machine other jobs' load inflates wall time, not this figure.
@@ -193,13 +221,13 @@ def _time_parts(read, probs_of, postprocessor, ids: list[str], sizes: list[tuple
     times = dict.fromkeys(("decode", "forward", "resize_back", "postprocess", "rle"), 0.0)
     for start in range(0, len(ids), batch):
         clock = [time.process_time()]
-        images = np.stack([read(i) for i in ids[start:start + batch]])
+        images = np.stack([read(i) for i in ids[start : start + batch]])
         clock.append(time.process_time())
         probs = probs_of(images)
         clock.append(time.process_time())
         times["decode"] += clock[1] - clock[0]
         times["forward"] += clock[2] - clock[1]
-        for small, (rows, cols) in zip(probs, sizes[start:start + batch]):
+        for small, (rows, cols) in zip(probs, sizes[start : start + batch]):
             clock = [time.process_time()]
             full = resize_probabilities(small, rows, cols)
             clock.append(time.process_time())
@@ -243,16 +271,22 @@ def stage05_cpu_cost(cfg, limit: int = 256) -> dict[str, dict[str, float]]:
         return lambda image_id: cv2.imread(str(folder / f"{image_id}.png"), cv2.IMREAD_GRAYSCALE)
 
     def forward(images: np.ndarray) -> np.ndarray:
-        return predict_probs(predictor.models, images, predictor.tta, batch_size=predictor.batch_size,
-                             amp=predictor.amp)
+        return predict_probs(
+            predictor.models, images, predictor.tta, batch_size=predictor.batch_size, amp=predictor.amp
+        )
 
-    recipe_post = build_postprocessor({"name": "triplet", "params": {"top": 0.4, "min_area": 250, "bottom": 0.2,
-                                                                     "min_component_area": 100}})
-    return {"experiment": _time_parts(reader(predictor.image_size), forward, predictor.postprocessor, ids, sizes,
-                                      predictor.batch_size),
-            "recipe": _time_parts(reader(int(cfg.data.image_size)), stand_in_probs, recipe_post, ids, sizes,
-                                  predictor.batch_size),
-            "images": len(ids)}
+    recipe_post = build_postprocessor(
+        {"name": "triplet", "params": {"top": 0.4, "min_area": 250, "bottom": 0.2, "min_component_area": 100}}
+    )
+    return {
+        "experiment": _time_parts(
+            reader(predictor.image_size), forward, predictor.postprocessor, ids, sizes, predictor.batch_size
+        ),
+        "recipe": _time_parts(
+            reader(int(cfg.data.image_size)), stand_in_probs, recipe_post, ids, sizes, predictor.batch_size
+        ),
+        "images": len(ids),
+    }
 
 
 def ratio_to(row: dict, other: dict | None, key: str) -> str:
@@ -263,27 +297,33 @@ def ratio_to(row: dict, other: dict | None, key: str) -> str:
 
 def print_table(rows: dict[str, dict], against: dict | None) -> None:
     """The per-stage table; with ``against``, each stage's wall and CPU ms/image ratios to the other run's."""
-    print(f"{'stage':22s} {'images':>7s} {'wall s':>8s} {'CPU s':>8s} {'RSS GB':>7s} {'PSS GB':>7s} "
-          f"{'disk MB':>9s} {'ms/image':>9s} {'CPU ms/im':>9s}" + ("  vs other run: wall, CPU" if against else ""))
+    print(
+        f"{'stage':22s} {'images':>7s} {'wall s':>8s} {'CPU s':>8s} {'RSS GB':>7s} {'PSS GB':>7s} "
+        f"{'disk MB':>9s} {'ms/image':>9s} {'CPU ms/im':>9s}" + ("  vs other run: wall, CPU" if against else "")
+    )
     for stage, row in rows.items():
         ratios = ""
         if against and not row["reused"]:
             other = against["stages"].get(stage)
             ratios = f"  {ratio_to(row, other, 'ms_per_image')}, {ratio_to(row, other, 'cpu_ms_per_image')}"
-        print(f"{stage:22s} {row['images']:7d} {row['wall_s']:8.1f} {row['cpu_s']:8.1f} {row['peak_rss_gb']:7.2f} "
-              f"{row['peak_pss_gb']:7.2f} {row['disk_mb']:9.1f} {row['ms_per_image']:9.2f} "
-              f"{row['cpu_ms_per_image']:9.2f}{ratios}"
-              + ("  (reused: complete before this run)" if row["reused"] else ""))
+        print(
+            f"{stage:22s} {row['images']:7d} {row['wall_s']:8.1f} {row['cpu_s']:8.1f} {row['peak_rss_gb']:7.2f} "
+            f"{row['peak_pss_gb']:7.2f} {row['disk_mb']:9.1f} {row['ms_per_image']:9.2f} "
+            f"{row['cpu_ms_per_image']:9.2f}{ratios}"
+            + ("  (reused: complete before this run)" if row["reused"] else "")
+        )
 
 
 def print_cpu_cost(cost: dict) -> None:
     """Stage 05's non-forward CPU work per image, part by part."""
     for name, parts in cost.items():
         if name != "images":
-            print(f"stage 05 CPU ms per test image ({name}): " + ", ".join(
-                f"{part} {parts[part]:.2f}" for part in ("decode", "resize_back", "postprocess", "rle"))
+            print(
+                f"stage 05 CPU ms per test image ({name}): "
+                + ", ".join(f"{part} {parts[part]:.2f}" for part in ("decode", "resize_back", "postprocess", "rle"))
                 + f"; non-forward {parts['non_forward']:.2f} (target < {CPU_TARGET_MS}); forward "
-                + f"{parts['forward']:.2f}; {cost['images']} images")
+                + f"{parts['forward']:.2f}; {cost['images']} images"
+            )
 
 
 def main() -> int:
@@ -291,22 +331,35 @@ def main() -> int:
     parser.add_argument("--fraction", type=float, default=1.0, help="scales both image counts (default 1)")
     parser.add_argument("--workdir", default=None, help="where data and outputs go (default /tmp/pneumoseg_scale/F)")
     parser.add_argument("--against", default=None, help="results.json of another fraction to compare with")
-    parser.add_argument("--stages", nargs="+", default=None, metavar="NN",
-                        help="run only these stages (by number, e.g. 05 06) on the workdir's earlier outputs")
+    parser.add_argument(
+        "--stages",
+        nargs="+",
+        default=None,
+        metavar="NN",
+        help="run only these stages (by number, e.g. 05 06) on the workdir's earlier outputs",
+    )
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every stage")
     args = parser.parse_args()
     if not 0 < args.fraction <= 1:
         parser.error("--fraction must lie in (0, 1]")
     n_train, n_test = max(10, round(REAL_TRAIN * args.fraction)), max(2, round(REAL_TEST * args.fraction))
     work = Path(args.workdir or f"/tmp/pneumoseg_scale/{args.fraction:g}").resolve()
-    overrides = [f"paths.input_dir={work / 'input'}", f"paths.output_root={work / 'output'}",
-                 f"demo.n_train={n_train}", f"demo.n_test={n_test}", *args.overrides]
+    overrides = [
+        f"paths.input_dir={work / 'input'}",
+        f"paths.output_root={work / 'output'}",
+        f"demo.n_train={n_train}",
+        f"demo.n_test={n_test}",
+        *args.overrides,
+    ]
     cfg = load_config(CONFIG, overrides)
     folders, images = stage_folders(cfg), stage_images(n_train, n_test)
     (work / "logs").mkdir(parents=True, exist_ok=True)
     adopt_orphans()
-    print(f"scale run: {n_train} train + {n_test} test images (fraction {args.fraction:g}) in {work}, "
-          f"{os.cpu_count()} CPUs", flush=True)
+    print(
+        f"scale run: {n_train} train + {n_test} test images (fraction {args.fraction:g}) in {work}, "
+        f"{os.cpu_count()} CPUs",
+        flush=True,
+    )
     rows: dict[str, dict] = {}
     selected = [s for s in STAGES if args.stages is None or s[:2] in args.stages]
     for stage in selected:
@@ -315,14 +368,21 @@ def main() -> int:
         row = run_stage(stage, ["--config", str(CONFIG), *force, *overrides], work / "logs" / f"{stage}.log")
         written = None if force else dicoms_written(folders[stage], started)
         count, reused = written or images[stage], written == 0
-        row.update(images=count, disk_mb=folder_bytes(folders[stage]) / 2**20, reused=reused,
-                   ms_per_image=1000 * row["wall_s"] / count, cpu_ms_per_image=1000 * row["cpu_s"] / count)
+        row.update(
+            images=count,
+            disk_mb=folder_bytes(folders[stage]) / 2**20,
+            reused=reused,
+            ms_per_image=1000 * row["wall_s"] / count,
+            cpu_ms_per_image=1000 * row["cpu_s"] / count,
+        )
         rows[stage] = row
-        print(f"{stage}: {row['wall_s']:.1f} s ({row['cpu_s']:.1f} CPU s), peak RSS {row['peak_rss_gb']:.2f} GB "
-              f"(PSS {row['peak_pss_gb']:.2f}), "
-              f"{row['disk_mb']:.1f} MB, {row['ms_per_image']:.2f} ms/image ({row['cpu_ms_per_image']:.2f} CPU)"
-              + (" (reused)" if reused else ""),
-              flush=True)
+        print(
+            f"{stage}: {row['wall_s']:.1f} s ({row['cpu_s']:.1f} CPU s), peak RSS {row['peak_rss_gb']:.2f} GB "
+            f"(PSS {row['peak_pss_gb']:.2f}), "
+            f"{row['disk_mb']:.1f} MB, {row['ms_per_image']:.2f} ms/image ({row['cpu_ms_per_image']:.2f} CPU)"
+            + (" (reused)" if reused else ""),
+            flush=True,
+        )
         if row["rc"]:
             print(f"FAIL: {stage} exited {row['rc']}; see {work / 'logs' / (stage + '.log')}")
             return 1
@@ -335,10 +395,12 @@ def main() -> int:
     cpu = max(cost["experiment"]["non_forward"], cost["recipe"]["non_forward"])
     passed = max(r["peak_rss_gb"] for r in rows.values()) < RSS_TARGET_GB and cpu < CPU_TARGET_MS
     wall, cpu_s = (sum(r[key] for r in rows.values()) for key in ("wall_s", "cpu_s"))
-    print(f"SUMMARY fraction {args.fraction:g} ({n_train}+{n_test} images): {wall:.0f} s in all ({cpu_s:.0f} CPU s); "
-          f"peak memory {rows[worst]['peak_pss_gb']:.2f} GB PSS "
-          f"({worst}), max tree RSS {max(r['peak_rss_gb'] for r in rows.values()):.2f} GB (target < {RSS_TARGET_GB}); "
-          f"stage 05 non-forward CPU {cpu:.1f} ms/image (target < {CPU_TARGET_MS}): {'PASS' if passed else 'FAIL'}")
+    print(
+        f"SUMMARY fraction {args.fraction:g} ({n_train}+{n_test} images): {wall:.0f} s in all ({cpu_s:.0f} CPU s); "
+        f"peak memory {rows[worst]['peak_pss_gb']:.2f} GB PSS "
+        f"({worst}), max tree RSS {max(r['peak_rss_gb'] for r in rows.values()):.2f} GB (target < {RSS_TARGET_GB}); "
+        f"stage 05 non-forward CPU {cpu:.1f} ms/image (target < {CPU_TARGET_MS}): {'PASS' if passed else 'FAIL'}"
+    )
     return 0 if passed else 1
 
 

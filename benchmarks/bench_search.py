@@ -20,6 +20,7 @@ written once, in a separate process: a probability store of --size px maps and a
 
 Exit status 1 when the two methods disagree. Timings on a busy machine are noisy: read the ratios.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -66,8 +67,9 @@ def synthetic_case(rng: np.random.Generator, size: int, positive: bool) -> tuple
             cv2.ellipse(truth, centre, axes, rng.uniform(0, 180), 0, 360, 1, -1)
     small = resize_mask(truth, size).astype(np.float32) / 255
     # A smooth background field: coarse noise upsampled, so false positives come in blobs, not speckle.
-    logits = -6.0 + 1.5 * cv2.resize(rng.standard_normal((8, 8)).astype(np.float32), (size, size),
-                                     interpolation=cv2.INTER_CUBIC)
+    logits = -6.0 + 1.5 * cv2.resize(
+        rng.standard_normal((8, 8)).astype(np.float32), (size, size), interpolation=cv2.INTER_CUBIC
+    )
     if positive and rng.random() > 0.15:
         sigma = rng.uniform(1, 4) * size / 256
         logits += rng.uniform(4, 10) * cv2.GaussianBlur(small, (0, 0), sigma)
@@ -103,8 +105,11 @@ def open_images(folder: Path, limit: int | None = None) -> OofImages:
 
 def grid_blocks(cfg, stride: int = 1) -> list[dict]:
     """The config's search grids as ``{name, params}`` blocks, keeping every ``stride``-th value of each list."""
-    return [{"name": name, "params": {key: values[::stride] for key, values in params.items()}}
-            for name, params in to_dict(cfg.search.grids).items() if params is not None]
+    return [
+        {"name": name, "params": {key: values[::stride] for key, values in params.items()}}
+        for name, params in to_dict(cfg.search.grids).items()
+        if params is not None
+    ]
 
 
 class PeakMemory:
@@ -115,7 +120,7 @@ class PeakMemory:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def __enter__(self) -> "PeakMemory":
+    def __enter__(self) -> PeakMemory:
         self._thread.start()
         return self
 
@@ -125,7 +130,7 @@ class PeakMemory:
 
     @property
     def gb(self) -> float:
-        return self.peak / 2 ** 30
+        return self.peak / 2**30
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
@@ -158,13 +163,21 @@ def _rss(pid: int) -> int:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=12000, help="OOF images (default %(default)s)")
-    parser.add_argument("--size", type=int, default=256,
-                        help="side of the OOF maps (default %(default)s: train.oof_size of siim_unet_r34_512.yaml)")
+    parser.add_argument(
+        "--size",
+        type=int,
+        default=256,
+        help="side of the OOF maps (default %(default)s: train.oof_size of siim_unet_r34_512.yaml)",
+    )
     parser.add_argument("--folds", type=int, default=5, help="folds, for the nested estimate (default %(default)s)")
     parser.add_argument("--jobs", type=int, default=2, help="worker processes (default %(default)s)")
     parser.add_argument("--ref-n", type=int, default=30, help="images scored by the reference (default %(default)s)")
-    parser.add_argument("--ref-stride", type=int, default=3,
-                        help="the reference's grid keeps every k-th value of each list (default %(default)s)")
+    parser.add_argument(
+        "--ref-stride",
+        type=int,
+        default=3,
+        help="the reference's grid keeps every k-th value of each list (default %(default)s)",
+    )
     parser.add_argument("--config", default=str(ROOT / "configs" / "base.yaml"), help="config with search.grids")
     parser.add_argument("--data", help="folder for the synthetic data, kept and reused (default: a temporary one)")
     parser.add_argument("--seed", type=int, default=0)
@@ -177,13 +190,16 @@ def main() -> int:
             started = time.perf_counter()
             # A separate process, so that generating does not count in this process's memory.
             worker = multiprocessing.get_context("spawn").Process(
-                target=generate, args=(folder, args.n, args.size, args.seed))
+                target=generate, args=(folder, args.n, args.size, args.seed)
+            )
             worker.start()
             worker.join()
             if worker.exitcode:
                 raise SystemExit(f"generating the synthetic data failed (exit code {worker.exitcode})")
-            print(f"generated {args.n} synthetic OOF images of {args.size} px in "
-                  f"{time.perf_counter() - started:.1f} s -> {folder}")
+            print(
+                f"generated {args.n} synthetic OOF images of {args.size} px in "
+                f"{time.perf_counter() - started:.1f} s -> {folder}"
+            )
         return run_benchmark(folder, args, cfg)
 
 
@@ -208,7 +224,7 @@ def run_benchmark(folder: Path, args, cfg) -> int:
     small = open_images(folder, args.ref_n)
     small_grids = [GRIDS.build(block_) for block_ in grid_blocks(cfg, args.ref_stride)]
     started = time.perf_counter()
-    fast_small = run_search(small, groups[:len(small)], small_grids, refine_steps)
+    fast_small = run_search(small, groups[: len(small)], small_grids, refine_steps)
     fast_small_seconds = time.perf_counter() - started
     blocks = [fast_small.block(row) for row in range(len(fast_small.candidates))]
     started = time.perf_counter()
@@ -222,22 +238,32 @@ def run_benchmark(folder: Path, args, cfg) -> int:
     extrapolated = per_pair * len(images) * n_candidates
 
     best = result.candidates.iloc[result.best]
-    print(f"\nsearch: {len(images)} OOF maps of {args.size} px scored at {ORIGINAL} px, {n_candidates} candidates "
-          f"({', '.join(f'{k}: {v}' for k, v in result.candidates['strategy'].value_counts(sort=False).items())})"
-          f", nested over {args.folds} folds, {args.jobs} workers")
+    print(
+        f"\nsearch: {len(images)} OOF maps of {args.size} px scored at {ORIGINAL} px, {n_candidates} candidates "
+        f"({', '.join(f'{k}: {v}' for k, v in result.candidates['strategy'].value_counts(sort=False).items())})"
+        f", nested over {args.folds} folds, {args.jobs} workers"
+    )
     print(f"  time {fast_seconds:.1f} s, peak resident memory (this process and its workers) {memory.gb:.2f} GB")
-    print(f"  best: {best['strategy']} {best['params']} dice {best['dice']:.6f}; nested estimate "
-          f"{result.nested.score:.6f}")
-    print(f"reference (straightforward, 1 process) on {len(small)} images x {len(blocks)} candidates (grid values "
-          f"1 in {args.ref_stride}): {reference_seconds:.1f} s, {per_pair * 1e3:.2f} ms per image and candidate; "
-          f"the search (1 process) on the same: {fast_small_seconds:.2f} s "
-          f"({reference_seconds / fast_small_seconds:.0f}x faster)")
+    print(
+        f"  best: {best['strategy']} {best['params']} dice {best['dice']:.6f}; nested estimate "
+        f"{result.nested.score:.6f}"
+    )
+    print(
+        f"reference (straightforward, 1 process) on {len(small)} images x {len(blocks)} candidates (grid values "
+        f"1 in {args.ref_stride}): {reference_seconds:.1f} s, {per_pair * 1e3:.2f} ms per image and candidate; "
+        f"the search (1 process) on the same: {fast_small_seconds:.2f} s "
+        f"({reference_seconds / fast_small_seconds:.0f}x faster)"
+    )
     print(f"  max |score difference| over the candidates {difference:.2e}")
-    print(f"full run, reference extrapolated to 1 process: {extrapolated:.0f} s = {extrapolated / fast_seconds:.0f}x "
-          f"the search's {fast_seconds:.1f} s")
-    print(f"targets: same scores to {TOLERANCE:g}: {'yes' if difference <= TOLERANCE else 'NO'}; "
-          f"under {TARGET_SECONDS} s: {'yes' if fast_seconds < TARGET_SECONDS else 'NO'} ({fast_seconds:.1f} s); "
-          f"under {TARGET_GB:g} GB: {'yes' if memory.gb < TARGET_GB else 'NO'} ({memory.gb:.2f} GB)")
+    print(
+        f"full run, reference extrapolated to 1 process: {extrapolated:.0f} s = {extrapolated / fast_seconds:.0f}x "
+        f"the search's {fast_seconds:.1f} s"
+    )
+    print(
+        f"targets: same scores to {TOLERANCE:g}: {'yes' if difference <= TOLERANCE else 'NO'}; "
+        f"under {TARGET_SECONDS} s: {'yes' if fast_seconds < TARGET_SECONDS else 'NO'} ({fast_seconds:.1f} s); "
+        f"under {TARGET_GB:g} GB: {'yes' if memory.gb < TARGET_GB else 'NO'} ({memory.gb:.2f} GB)"
+    )
     return 0 if difference <= TOLERANCE else 1
 
 

@@ -28,6 +28,7 @@ both alike. Every request loop is bounded (``--requests`` per measurement, 120 s
 and only talks to 127.0.0.1. Targets: the server's p50 latency at most 1.10 x the handler's; ``/ping`` p99 under
 100 ms under attack. Prints every figure and PASS/FAIL; exits 1 when a target fails.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -56,10 +57,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
 from pneumoseg import layout  # noqa: E402
-from pneumoseg.serve import handler as serving  # noqa: E402
-from pneumoseg.serve import package as package_format  # noqa: E402
 from pneumoseg.config import load_config  # noqa: E402
 from pneumoseg.data.dicom import DicomTags, write_jpeg_dicom  # noqa: E402
+from pneumoseg.serve import handler as serving  # noqa: E402
+from pneumoseg.serve import package as package_format  # noqa: E402
 from pneumoseg.stages import package  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -110,10 +111,13 @@ def start_server(model: Path, log: Path, max_files: int | None = None) -> tuple[
         if max_files:
             resource.setrlimit(resource.RLIMIT_NOFILE, (max_files, max_files))
 
-    with open(log, "w") as out:     # the server keeps its own copy of the descriptor
-        process = subprocess.Popen([sys.executable, "-m", "pneumoseg.serve.server", "--model", str(model), "--port",
-                                    "0", "--host", HOST], stdout=out, stderr=subprocess.STDOUT,
-                                   preexec_fn=limit_files)
+    with open(log, "w") as out:  # the server keeps its own copy of the descriptor
+        process = subprocess.Popen(
+            [sys.executable, "-m", "pneumoseg.serve.server", "--model", str(model), "--port", "0", "--host", HOST],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            preexec_fn=limit_files,
+        )
     deadline = time.monotonic() + 300
     port = None
     while time.monotonic() < deadline and process.poll() is None:
@@ -151,7 +155,9 @@ def client_latencies(conn: http.client.HTTPConnection, bodies: list[bytes], star
     latencies = []
     for i in range(start, start + count):
         began = time.perf_counter()
-        conn.request("POST", "/invocations", body=bodies[i % len(bodies)], headers={"Content-Type": "application/dicom"})
+        conn.request(
+            "POST", "/invocations", body=bodies[i % len(bodies)], headers={"Content-Type": "application/dicom"}
+        )
         response = conn.getresponse()
         payload = response.read()
         latencies.append(time.perf_counter() - began)
@@ -175,8 +181,9 @@ def _post_until(port: int, bodies: list[bytes], stop: threading.Event, statuses:
     try:
         i = 0
         while not stop.is_set():
-            conn.request("POST", "/invocations", body=bodies[i % len(bodies)],
-                         headers={"Content-Type": "application/dicom"})
+            conn.request(
+                "POST", "/invocations", body=bodies[i % len(bodies)], headers={"Content-Type": "application/dicom"}
+            )
             response = conn.getresponse()
             response.read()
             statuses.append(response.status)
@@ -197,13 +204,15 @@ def idle_connections(port: int, count: int) -> list:
     return sockets
 
 
-def ping_under_attack(port: int, bodies: list[bytes], seconds: float, idle: int,
-                      slow: int) -> tuple[list[float], list[int]]:
+def ping_under_attack(
+    port: int, bodies: list[bytes], seconds: float, idle: int, slow: int
+) -> tuple[list[float], list[int]]:
     """``/ping`` latencies (s) while :data:`POSTING_CLIENTS` post, ``idle`` connections sit idle and ``slow``
     clients dribble heads and bodies, and the statuses the posting clients got."""
     stop, statuses = threading.Event(), []
-    posters = [threading.Thread(target=_post_until, args=(port, bodies, stop, statuses)) for _ in
-               range(POSTING_CLIENTS)]
+    posters = [
+        threading.Thread(target=_post_until, args=(port, bodies, stop, statuses)) for _ in range(POSTING_CLIENTS)
+    ]
     for thread in posters:
         thread.start()
     held = idle_connections(port, idle)
@@ -230,10 +239,17 @@ def ping_under_attack(port: int, bodies: list[bytes], seconds: float, idle: int,
 
 def summary(name: str, latencies: list[float], seconds: float) -> dict:
     ms = np.array(latencies) * 1000
-    figures = {"name": name, "requests": len(ms), "p50_ms": float(np.percentile(ms, 50)),
-               "p99_ms": float(np.percentile(ms, 99)), "per_second": len(ms) / seconds}
-    print(f"{name:<22} {figures['requests']:>4} requests  p50 {figures['p50_ms']:7.1f} ms  "
-          f"p99 {figures['p99_ms']:7.1f} ms  {figures['per_second']:6.2f} requests/s")
+    figures = {
+        "name": name,
+        "requests": len(ms),
+        "p50_ms": float(np.percentile(ms, 50)),
+        "p99_ms": float(np.percentile(ms, 99)),
+        "per_second": len(ms) / seconds,
+    }
+    print(
+        f"{name:<22} {figures['requests']:>4} requests  p50 {figures['p50_ms']:7.1f} ms  "
+        f"p99 {figures['p99_ms']:7.1f} ms  {figures['per_second']:6.2f} requests/s"
+    )
     return figures
 
 
@@ -241,10 +257,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="model.tar.gz or folder (default: a demo-like untrained package)")
     parser.add_argument("--requests", type=int, default=60, help="requests per measurement (default %(default)s)")
-    parser.add_argument("--clients", type=int, default=4, help="concurrent clients for throughput (default "
-                                                               "%(default)s)")
-    parser.add_argument("--ping-seconds", type=float, default=20, help="length of the ping-under-attack "
-                                                                       "measurement (default %(default)s)")
+    parser.add_argument(
+        "--clients", type=int, default=4, help="concurrent clients for throughput (default %(default)s)"
+    )
+    parser.add_argument(
+        "--ping-seconds",
+        type=float,
+        default=20,
+        help="length of the ping-under-attack measurement (default %(default)s)",
+    )
     parser.add_argument("--idle", type=int, default=4000, help="idle connections during it (default %(default)s)")
     parser.add_argument("--max-files", type=int, help="the server's file descriptor limit (default: the system's)")
     args = parser.parse_args(argv)
@@ -254,9 +275,11 @@ def main(argv: list[str] | None = None) -> int:
         bodies = dicom_bodies(scratch)
         with package_format.open_package(model_path) as model_dir:
             model = package_format.load_package(model_dir, device="cpu")
-        print(f"model {model.name} {model.version}: {len(model.predictor.models)} models x "
-              f"{len(model.predictor.tta.views())} views at {model.predictor.image_size} px; "
-              f"{len(bodies)} DICOMs of {np.mean([len(b) for b in bodies]) / 1e3:.0f} kB")
+        print(
+            f"model {model.name} {model.version}: {len(model.predictor.models)} models x "
+            f"{len(model.predictor.tta.views())} views at {model.predictor.image_size} px; "
+            f"{len(bodies)} DICOMs of {np.mean([len(b) for b in bodies]) / 1e3:.0f} kB"
+        )
         process, port = start_server(model_path, scratch / "server.log", args.max_files)
         try:
             worker = ThreadPoolExecutor(1, thread_name_prefix="handler")
@@ -283,21 +306,27 @@ def main(argv: list[str] | None = None) -> int:
             reference = summary("/ping, posting only", reference, args.ping_seconds)
             pings, statuses = ping_under_attack(port, bodies, args.ping_seconds, args.idle, SLOW_CLIENTS)
             ping = summary("/ping under attack", pings, args.ping_seconds)
-            print(f"  while {POSTING_CLIENTS} clients posted ({len(statuses)} answers: {sorted(set(statuses))}), "
-                  f"{args.idle} connections sat idle and {SLOW_CLIENTS} slow clients dribbled heads and bodies "
-                  f"(server's descriptor limit: {args.max_files or 'the system' + chr(39) + 's'})")
+            print(
+                f"  while {POSTING_CLIENTS} clients posted ({len(statuses)} answers: {sorted(set(statuses))}), "
+                f"{args.idle} connections sat idle and {SLOW_CLIENTS} slow clients dribbled heads and bodies "
+                f"(server's descriptor limit: {args.max_files or 'the system' + chr(39) + 's'})"
+            )
         finally:
             process.terminate()
             process.wait(60)
     ratio = server["p50_ms"] / handler["p50_ms"]
     fast_enough = ratio <= OVERHEAD_TARGET
-    print(f"server p50 / handler p50 = {ratio:.3f} (server overhead {100 * (ratio - 1):+.1f}%); target <= "
-          f"{OVERHEAD_TARGET:.2f}: {'PASS' if fast_enough else 'FAIL'}")
+    print(
+        f"server p50 / handler p50 = {ratio:.3f} (server overhead {100 * (ratio - 1):+.1f}%); target <= "
+        f"{OVERHEAD_TARGET:.2f}: {'PASS' if fast_enough else 'FAIL'}"
+    )
     ping_fast = ping["p99_ms"] < PING_P99_TARGET_MS
-    print(f"/ping p99 under attack {ping['p99_ms']:.1f} ms = {ping['p99_ms'] / PING_P99_TARGET_MS:.2f} x the "
-          f"{PING_P99_TARGET_MS:.0f} ms target: {'PASS' if ping_fast else 'FAIL'} "
-          f"({ping['p99_ms'] / reference['p99_ms']:.2f} x the p99 with the posting clients alone, "
-          f"{reference['p99_ms']:.1f} ms)")
+    print(
+        f"/ping p99 under attack {ping['p99_ms']:.1f} ms = {ping['p99_ms'] / PING_P99_TARGET_MS:.2f} x the "
+        f"{PING_P99_TARGET_MS:.0f} ms target: {'PASS' if ping_fast else 'FAIL'} "
+        f"({ping['p99_ms'] / reference['p99_ms']:.2f} x the p99 with the posting clients alone, "
+        f"{reference['p99_ms']:.1f} ms)"
+    )
     return 0 if fast_enough and ping_fast else 1
 
 

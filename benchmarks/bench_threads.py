@@ -12,6 +12,7 @@ figure is the median epoch time of each run (``log.csv``'s ``seconds``) and thei
 means ``auto`` is faster. On a machine shared with other work the figures move with the load: read the ratio, which
 both runs of one invocation share, and say how loaded the machine was.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,22 +54,42 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="bench_threads_") as temporary:
         workdir = (args.workdir or Path(temporary)).resolve()
-        shared = [f"paths.input_dir={workdir / 'input'}", f"paths.output_root={workdir / 'output'}",
-                  f"demo.n_train={args.images}", "demo.n_test=10", *args.overrides]
+        shared = [
+            f"paths.input_dir={workdir / 'input'}",
+            f"paths.output_root={workdir / 'output'}",
+            f"demo.n_train={args.images}",
+            "demo.n_test=10",
+            *args.overrides,
+        ]
         for script in ("00_make_demo_data.py", "01_convert_dicoms.py", "02_prepare_labels.py"):
             run_script(script, args.config, shared)
         medians = {}
         for name, setting in SETTINGS.items():
             experiment = f"bench_threads_{name}"
-            run_script("03_train.py", args.config, [*shared, f"experiment={experiment}", "train.folds=[0]",
-                                                    f"train.epochs={args.epochs}", f"train.torch_threads={setting}"])
+            run_script(
+                "03_train.py",
+                args.config,
+                [
+                    *shared,
+                    f"experiment={experiment}",
+                    "train.folds=[0]",
+                    f"train.epochs={args.epochs}",
+                    f"train.torch_threads={setting}",
+                ],
+            )
             seconds = epoch_seconds(workdir / "output", experiment)
             medians[name] = statistics.median(seconds)
-            print(f"train.torch_threads={setting}: epochs of {', '.join(f'{s:.1f}' for s in seconds)} s "
-                  f"(median {medians[name]:.1f} s)", flush=True)
+            print(
+                f"train.torch_threads={setting}: epochs of {', '.join(f'{s:.1f}' for s in seconds)} s "
+                f"(median {medians[name]:.1f} s)",
+                flush=True,
+            )
     cores = len(os.sched_getaffinity(0))
-    print(f"{cores} usable cores, load average {os.getloadavg()[0]:.1f}: default / auto = "
-          f"{medians['default'] / medians['auto']:.2f}x", flush=True)
+    print(
+        f"{cores} usable cores, load average {os.getloadavg()[0]:.1f}: default / auto = "
+        f"{medians['default'] / medians['auto']:.2f}x",
+        flush=True,
+    )
     return 0
 
 

@@ -19,6 +19,7 @@ ImageNet weights are not needed for timing, so none are downloaded) and reports 
 GPU memory as well.
 Prints every figure and PASS/FAIL; exits 1 when the CPU target fails.
 """
+
 from __future__ import annotations
 
 import os
@@ -39,9 +40,9 @@ import torch  # noqa: E402
 from pneumoseg import layout  # noqa: E402
 from pneumoseg.config import load_config  # noqa: E402
 from pneumoseg.data.dataset import PreparedData  # noqa: E402
+from pneumoseg.io import write_csv, write_png  # noqa: E402
 from pneumoseg.modeling.device import resolve_device  # noqa: E402
 from pneumoseg.training.distributed import DistContext  # noqa: E402
-from pneumoseg.io import write_csv, write_png  # noqa: E402
 from pneumoseg.training.trainer import Trainer, train_loader  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,15 +55,18 @@ def write_images(folder: Path, count: int, size: int, seed: int = 0) -> None:
     rng = np.random.default_rng(seed)
     ids = [f"bench.{i}" for i in range(count)]
     for i, image_id in enumerate(ids):
-        noise = cv2.resize(rng.integers(0, 255, (size // 16, size // 16), dtype=np.uint8), (size, size),
-                           interpolation=cv2.INTER_CUBIC)
+        noise = cv2.resize(
+            rng.integers(0, 255, (size // 16, size // 16), dtype=np.uint8), (size, size), interpolation=cv2.INTER_CUBIC
+        )
         mask = np.zeros((size, size), np.uint8)
         if i % 3 == 0:
             cv2.circle(mask, tuple(int(c) for c in rng.integers(size // 4, 3 * size // 4, 2)), size // 8, 255, -1)
         write_png(layout.images_dir(folder, size) / f"{image_id}.png", noise)
         write_png(layout.masks_dir(folder, size) / f"{image_id}.png", mask)
-    write_csv(layout.folds_path(folder),
-              pd.DataFrame({"ImageId": ids, "fold": 0, "has_mask": [i % 3 == 0 for i in range(count)]}))
+    write_csv(
+        layout.folds_path(folder),
+        pd.DataFrame({"ImageId": ids, "fold": 0, "has_mask": [i % 3 == 0 for i in range(count)]}),
+    )
 
 
 def epoch_seconds(trainer: Trainer, batches) -> float:
@@ -82,8 +86,7 @@ def main() -> int:
     args = parser.parse_args()
     config = args.config or DEFAULT_CONFIGS[args.device]
     images = args.images or (512 if args.device == "cuda" else 160)
-    cfg = load_config(config, ["model.params.encoder_weights=null", f"train.device={args.device}",
-                               *args.overrides])
+    cfg = load_config(config, ["model.params.encoder_weights=null", f"train.device={args.device}", *args.overrides])
     size, batch = int(cfg.train.image_size), int(cfg.train.batch_size)
     ctx = DistContext(device=resolve_device(args.device))
     torch.backends.cudnn.benchmark = True  # as training does unless train.deterministic
@@ -95,7 +98,7 @@ def main() -> int:
         memory = list(loader)  # one epoch of real, augmented batches, kept in host memory
         updates = -(-len(loader) // int(cfg.train.accumulation_steps))
         trainer = Trainer.from_config(cfg, ctx, updates_per_epoch=updates, seed=0)
-        trainer.train_epoch(loader)                                  # warm-up: workers, allocator, kernels
+        trainer.train_epoch(loader)  # warm-up: workers, allocator, kernels
         trainer.train_epoch(memory)
         # Interleave the two sources so that drifting machine load hits both alike.
         loader_s, memory_s = [], []
@@ -107,10 +110,15 @@ def main() -> int:
     per_image = {"loader": min(loader_s) / images, "memory": min(memory_s) / images}
     ratio = per_image["loader"] / per_image["memory"]
     name = f"{cfg.model.name}-{cfg.model.params.encoder_name}"
-    print(f"config {config}: {name} at {size} px, batch {batch}, accumulation {cfg.train.accumulation_steps}, "
-          f"{cfg.train.num_workers} workers, {images} images/epoch, device {ctx.device}"
-          + (f", amp {cfg.train.amp}, channels_last {cfg.train.channels_last}" if args.device == "cuda" else
-             f", {torch.get_num_threads()} torch threads"))
+    print(
+        f"config {config}: {name} at {size} px, batch {batch}, accumulation {cfg.train.accumulation_steps}, "
+        f"{cfg.train.num_workers} workers, {images} images/epoch, device {ctx.device}"
+        + (
+            f", amp {cfg.train.amp}, channels_last {cfg.train.channels_last}"
+            if args.device == "cuda"
+            else f", {torch.get_num_threads()} torch threads"
+        )
+    )
     for source, seconds in per_image.items():
         print(f"  {source:6s}: {1000 * seconds:8.2f} ms/image  {1 / seconds:8.1f} images/s")
     print(f"  ratio loader / memory: {ratio:.3f} (target <= {RATIO_TARGET})")

@@ -16,6 +16,7 @@ Nothing here comes from :mod:`pneumoseg.postprocess` or the RLE codec: the run-l
 metric are written out again, so that an error shared by the search, stage 05 and the server would show.
 Exit status 1 when a check fails, 2 when an input is missing.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,7 +35,7 @@ from pneumoseg.data.inputs import locate_train_labels
 
 SEARCH_TOLERANCE = 0.002
 NESTED_TOLERANCE = 0.03
-REFERENCE_SIDE = 1024          # areas in thresholds.json are pixels of a 1024 x 1024 image
+REFERENCE_SIDE = 1024  # areas in thresholds.json are pixels of a 1024 x 1024 image
 TEST_LABELS = "test_labels.csv"
 SCORE_FILE = "test_score.json"
 
@@ -56,7 +57,7 @@ def rle_masks(csv_path: Path, shapes: dict[str, tuple[int, int]]) -> dict[str, n
         position = 0
         for start, length in zip(numbers[0::2], numbers[1::2]):
             position += start
-            flat[position:position + length] = True
+            flat[position : position + length] = True
             position += length
     return {image_id: flat.reshape(shapes[image_id][::-1]).T for image_id, flat in masks.items()}
 
@@ -73,7 +74,7 @@ def drop_small(mask: np.ndarray, min_pixels: float) -> np.ndarray:
 
 def apply_rule(probs: np.ndarray, block: dict) -> np.ndarray:
     """The ``threshold`` or ``triplet`` rule of a ``thresholds.json`` block on a float32 map at original size."""
-    scale = probs.shape[0] * probs.shape[1] / REFERENCE_SIDE ** 2
+    scale = probs.shape[0] * probs.shape[1] / REFERENCE_SIDE**2
     params = block["params"]
     if block["name"] == "threshold":
         return drop_small(probs > np.float32(params["threshold"]), params["min_area"] * scale)
@@ -132,8 +133,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="key=value overrides, as given to the stages")
     args = parser.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
-    needed = [layout.thresholds_path(cfg), layout.oof_report_path(cfg), layout.submission_path(cfg),
-              Path(cfg.paths.input_dir) / TEST_LABELS]
+    needed = [
+        layout.thresholds_path(cfg),
+        layout.oof_report_path(cfg),
+        layout.submission_path(cfg),
+        Path(cfg.paths.input_dir) / TEST_LABELS,
+    ]
     missing = [str(p) for p in needed if not p.is_file()]
     if missing:
         print(f"missing {missing}: run stages 00-05 first (bash run_all.sh {args.config})", file=sys.stderr)
@@ -144,9 +149,11 @@ def main(argv: list[str] | None = None) -> int:
     oof = recompute_oof(cfg, block)
     recomputed, reported = float(oof["dice"].mean()), float(block["oof_score"])
     search_ok = abs(recomputed - reported) <= SEARCH_TOLERANCE
-    print(f"(a) chosen {block['name']} {block['params']}: reported OOF {reported:.4f}, recomputed at the original "
-          f"size {recomputed:.4f} (difference {recomputed - reported:+.4f}, tolerance {SEARCH_TOLERANCE}) "
-          f"{'ok' if search_ok else 'FAIL'}")
+    print(
+        f"(a) chosen {block['name']} {block['params']}: reported OOF {reported:.4f}, recomputed at the original "
+        f"size {recomputed:.4f} (difference {recomputed - reported:+.4f}, tolerance {SEARCH_TOLERANCE}) "
+        f"{'ok' if search_ok else 'FAIL'}"
+    )
 
     test, empty_test = recompute_test(cfg)
     stage05 = json.loads((layout.predict_dir(cfg) / SCORE_FILE).read_text())["test_score"]
@@ -156,13 +163,17 @@ def main(argv: list[str] | None = None) -> int:
     oof_se = float(oof["dice"].std(ddof=1) / math.sqrt(len(oof)))
     gap = nested - float(test.mean())
     nested_ok = abs(gap) <= NESTED_TOLERANCE
-    print(f"(b) nested estimate {nested:.4f} (folds {', '.join(f'{s:.4f}' for s in fold_nested)}; std "
-          f"{fold_nested.std(ddof=1):.4f}), held-out test {test.mean():.4f} on {len(test)} images (stage 05: "
-          f"{stage05:.4f}; standard error {test_se:.4f}); gap {gap:+.4f} = {gap / test_se:+.2f} test standard "
-          f"errors, tolerance {NESTED_TOLERANCE} {'ok' if nested_ok else 'FAIL'}")
-    print(f"    OOF {recomputed:.4f} +- {oof_se:.4f} over {len(oof)} images; OOF - test "
-          f"{recomputed - test.mean():+.4f} = {(recomputed - test.mean()) / math.hypot(oof_se, test_se):+.2f} "
-          f"combined standard errors; all-empty: OOF {report['empty_baseline']:.4f}, test {empty_test:.4f}")
+    print(
+        f"(b) nested estimate {nested:.4f} (folds {', '.join(f'{s:.4f}' for s in fold_nested)}; std "
+        f"{fold_nested.std(ddof=1):.4f}), held-out test {test.mean():.4f} on {len(test)} images (stage 05: "
+        f"{stage05:.4f}; standard error {test_se:.4f}); gap {gap:+.4f} = {gap / test_se:+.2f} test standard "
+        f"errors, tolerance {NESTED_TOLERANCE} {'ok' if nested_ok else 'FAIL'}"
+    )
+    print(
+        f"    OOF {recomputed:.4f} +- {oof_se:.4f} over {len(oof)} images; OOF - test "
+        f"{recomputed - test.mean():+.4f} = {(recomputed - test.mean()) / math.hypot(oof_se, test_se):+.2f} "
+        f"combined standard errors; all-empty: OOF {report['empty_baseline']:.4f}, test {empty_test:.4f}"
+    )
     return 0 if search_ok and nested_ok else 1
 
 

@@ -3,6 +3,7 @@
 The files have the real challenge's form, so the later stages run on them unchanged; a config without a
 `demo` section (real data) makes this stage do nothing (see pneumoseg.stages.demo_data).
 """
+
 from pneumoseg.cli import main
 from pneumoseg.stages import demo_data
 

@@ -2,6 +2,7 @@
 
 Outputs go to ${paths.prepared_dir}/01_convert/ (see pneumoseg.stages.convert).
 """
+
 from pneumoseg.cli import main
 from pneumoseg.stages import convert
 

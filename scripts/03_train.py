@@ -1,4 +1,5 @@
 """Stage 03: train a model per cross-validation fold (--fold K|all, --resume) and predict its held-out images."""
+
 from pneumoseg.cli import main
 from pneumoseg.stages import train
 

@@ -1,4 +1,5 @@
 """Stage 04: choose the post-processing that maximises the out-of-fold dice; write thresholds.json, the OOF report."""
+
 from pneumoseg.cli import main
 from pneumoseg.stages import search
 

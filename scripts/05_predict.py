@@ -1,4 +1,5 @@
 """Stage 05: predict every test image with the fold ensemble (TTA, chosen post-processing) and write submission.csv."""
+
 from pneumoseg.cli import main
 from pneumoseg.stages import predict
 

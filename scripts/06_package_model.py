@@ -3,6 +3,7 @@
 Output: ${paths.experiment_dir}/06_package/model.tar.gz (see pneumoseg.stages.package); serve it with
 python -m pneumoseg.serve --model <that file>.
 """
+
 from pneumoseg.cli import main
 from pneumoseg.stages import package
 

@@ -1,4 +1,5 @@
 """Continue locally after a SageMaker training job: unpack its model.tar.gz and output.tar.gz as stage 03."""
+
 from pneumoseg.cli import main
 from pneumoseg.stages import import_job
 

@@ -1,5 +1,6 @@
 """The code-only source bundle of a SageMaker training job (the SDK's source_dir): the package, scripts/, configs/
 and a requirements.txt for the PyTorch training container. See pneumoseg.sagemaker.bundle."""
+
 import argparse
 import logging
 import sys
@@ -14,8 +15,11 @@ ROOT = Path(__file__).resolve().parents[1]
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--root", default=str(ROOT), help="the pneumoseg checkout (default: %(default)s)")
-    parser.add_argument("--out", default=str(ROOT / "output" / "sagemaker" / "source"),
-                        help="the bundle folder, replaced if it holds an older bundle (default: %(default)s)")
+    parser.add_argument(
+        "--out",
+        default=str(ROOT / "output" / "sagemaker" / "source"),
+        help="the bundle folder, replaced if it holds an older bundle (default: %(default)s)",
+    )
     args = parser.parse_args()
     setup_logging()
     try:

@@ -3,6 +3,7 @@
 run_all.sh runs this instead of stages 00-03 on an ensemble config; key=value overrides apply to the ensemble's own
 config, a member's to its `ensemble.members[*].overrides`.
 """
+
 from pneumoseg.cli import main
 from pneumoseg.stages import ensemble
 

@@ -1,5 +1,6 @@
 """DICOMs as clinical systems store them, as bytes: each lossless codec the reader accepts, at 8 to 16 bits, with
 windows and VOI LUTs; and codestreams altered to declare another size or to hold a progressive-JPEG scan bomb."""
+
 from __future__ import annotations
 
 import io
@@ -9,8 +10,15 @@ import numpy as np
 from PIL import Image
 from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate, generate_frames
-from pydicom.uid import (ExplicitVRLittleEndian, JPEG2000Lossless, JPEGBaseline8Bit, JPEGLossless, JPEGLosslessSV1,
-                         JPEGLSLossless, RLELossless)
+from pydicom.uid import (
+    ExplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    RLELossless,
+)
 
 import hostile
 
@@ -22,16 +30,22 @@ Process 14 syntax) is encoded by libjpeg-turbo through imagecodecs, as pydicom h
 
 def clinical_image(height: int = 48, width: int = 40, bits: int = 12, seed: int = 0) -> np.ndarray:
     """A smooth image with noise spanning most of ``bits`` bits (uint8 at 8 bits, else uint16)."""
-    top = 2 ** bits - 1
+    top = 2**bits - 1
     rng = np.random.default_rng(seed)
     rows, cols = np.mgrid[0:height, 0:width]
-    image = top * (0.1 + 0.6 * rows / height + 0.25 * np.sin(cols / 5 + seed) ** 2) + rng.normal(0, top / 60,
-                                                                                                  (height, width))
+    image = top * (0.1 + 0.6 * rows / height + 0.25 * np.sin(cols / 5 + seed) ** 2) + rng.normal(
+        0, top / 60, (height, width)
+    )
     return np.clip(image, 0, top).astype(np.uint8 if bits == 8 else np.uint16)
 
 
-def clinical_dataset(pixels: np.ndarray, syntax: str = ExplicitVRLittleEndian, bits_stored: int | None = None,
-                     photometric: str = "MONOCHROME2", **elements) -> Dataset:
+def clinical_dataset(
+    pixels: np.ndarray,
+    syntax: str = ExplicitVRLittleEndian,
+    bits_stored: int | None = None,
+    photometric: str = "MONOCHROME2",
+    **elements,
+) -> Dataset:
     """A grey DICOM of ``pixels`` compressed with ``syntax``, with ``bits_stored`` and any other elements
     (``WindowCenter=...``) set first."""
     ds = hostile.dataset(pixels, ExplicitVRLittleEndian)
@@ -74,10 +88,10 @@ def codestream_claiming(syntax: str, rows: int, cols: int) -> bytes:
     frame = frame_of(ds)
     if syntax == JPEG2000Lossless:
         siz = frame.index(b"\xff\x51")  # marker, Lsiz, Rsiz, then Xsiz and Ysiz (4 bytes each; origin 0)
-        frame = frame[:siz + 6] + cols.to_bytes(4, "big") + rows.to_bytes(4, "big") + frame[siz + 14:]
+        frame = frame[: siz + 6] + cols.to_bytes(4, "big") + rows.to_bytes(4, "big") + frame[siz + 14 :]
     else:
         sof = frame.index(b"\xff\xf7" if syntax == JPEGLSLossless else b"\xff\xc3")  # marker, length, precision
-        frame = frame[:sof + 5] + rows.to_bytes(2, "big") + cols.to_bytes(2, "big") + frame[sof + 9:]
+        frame = frame[: sof + 5] + rows.to_bytes(2, "big") + cols.to_bytes(2, "big") + frame[sof + 9 :]
     return with_frame(ds, frame)
 
 
@@ -95,5 +109,6 @@ def progressive_jpeg(pixels: np.ndarray, extra_scans: int = 0) -> bytes:
 
 def progressive_jpeg_dicom(pixels: np.ndarray, extra_scans: int = 0) -> bytes:
     """A DICOM under the JPEG Baseline transfer syntax (as the challenge's) holding a progressive frame."""
-    return hostile.to_bytes(hostile.dataset(pixels, JPEGBaseline8Bit,
-                                            encapsulate([progressive_jpeg(pixels, extra_scans)])))
+    return hostile.to_bytes(
+        hostile.dataset(pixels, JPEGBaseline8Bit, encapsulate([progressive_jpeg(pixels, extra_scans)]))
+    )

@@ -1,4 +1,5 @@
 """Shared test fixtures: the real challenge files (when present) and small configs in temporary folders."""
+
 from __future__ import annotations
 
 import os

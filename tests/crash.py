@@ -1,7 +1,8 @@
 """A training run killed part-way, as a crash would kill it: for the tests that resume one."""
+
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import pytest
 
@@ -29,6 +30,7 @@ def run_killed_at_update(monkeypatch, run: Callable[[], object], update: int = 3
 def run_killed_in(monkeypatch, owner: object, name: str, run: Callable[[], object]) -> None:
     """Call ``run()`` with ``owner.name`` (a function it calls) raising KeyboardInterrupt, as a kill at that point
     would stop it, then give ``owner`` back its function."""
+
     def killed(*args, **kwargs):
         raise KeyboardInterrupt("killed")
 

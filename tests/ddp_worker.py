@@ -2,6 +2,7 @@
 
 Usage: torchrun --nproc_per_node=N tests/ddp_worker.py CONFIG RESULT_DIR [key=value ...]
 """
+
 import json
 import os
 import sys

@@ -5,6 +5,7 @@ The images are :func:`synthetic.make_case`'s: smooth noise, and on a positive im
 its mask. Unlike the demo's phantoms (built so that they need real learning) a disc is large and high-contrast, so
 a test can ask the trained pipeline to beat the all-empty baseline by a wide margin.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -19,8 +20,9 @@ from pneumoseg.io import write_text
 from synthetic import make_case
 
 
-def write_easy_dataset(folder: str | Path, n_train: int, n_test: int, size: int, positive_rate: float,
-                       seed: int) -> None:
+def write_easy_dataset(
+    folder: str | Path, n_train: int, n_test: int, size: int, positive_rate: float, seed: int
+) -> None:
     """Write ``dicom-images-{train,test}/``, ``train-rle.csv`` and the held-out ``test_labels.csv`` into
     ``folder`` in the stage-1 layout, every image its own patient.
 
@@ -41,8 +43,12 @@ def write_easy_dataset(folder: str | Path, n_train: int, n_test: int, size: int,
         # Positives spread evenly over the split, so every fold and the test set get their share.
         positive = int((image.index + 1) * positive_rate) > int(image.index * positive_rate)
         pixels, mask = make_case(rng, size, positive)
-        tags = DicomTags(sop_instance_uid=image.sop_uid, study_instance_uid=image.study_uid,
-                         series_instance_uid=image.series_uid, patient_id=patient_id(seed, image))
+        tags = DicomTags(
+            sop_instance_uid=image.sop_uid,
+            study_instance_uid=image.study_uid,
+            series_instance_uid=image.series_uid,
+            patient_id=patient_id(seed, image),
+        )
         write_jpeg_dicom(folder / image.path, pixels, tags)
         rows[image.split].append((image.image_id, encode(mask > 0) if positive else EMPTY))
     test_ids = [image_id for image_id, _ in rows["test"]]

@@ -1,5 +1,6 @@
 """Hostile DICOMs, as bytes, for the tests of the reader, stage 01 and the server: decompression bombs, a JPEG
 larger than its DICOM, a corrupted VR, a valid deflated file, and seeded random mutations of a valid file."""
+
 from __future__ import annotations
 
 import io
@@ -13,8 +14,13 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_file_meta_info
-from pydicom.uid import (DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, JPEGBaseline8Bit, RLELossless,
-                         SecondaryCaptureImageStorage)
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    JPEGBaseline8Bit,
+    RLELossless,
+    SecondaryCaptureImageStorage,
+)
 
 
 def small_image(height: int = 40, width: int = 36, seed: int = 0) -> np.ndarray:
@@ -76,7 +82,7 @@ def jpeg_frame_bomb(side: int = 20000, declared: int = 64) -> bytes:
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(frame, format="JPEG")
     jpeg = frame.getvalue()
     sof = jpeg.index(b"\xff\xc0")  # marker, length (2), precision (1), height (2), width (2)
-    jpeg = jpeg[:sof + 5] + side.to_bytes(2, "big") * 2 + jpeg[sof + 9:]
+    jpeg = jpeg[: sof + 5] + side.to_bytes(2, "big") * 2 + jpeg[sof + 9 :]
     return to_bytes(dataset(np.zeros((declared, declared), np.uint8), JPEGBaseline8Bit, encapsulate([jpeg])))
 
 
@@ -106,7 +112,7 @@ def deflate_bomb(inflated: int = 1 << 30) -> bytes:
 def corrupt_vr(data: bytes, tag: bytes = b"\x10\x00\x40\x00", vr: bytes = b"ZX") -> bytes:
     """``data`` with the VR of the explicit-VR element ``tag`` (default PatientSex) replaced by ``vr``."""
     at = data.index(tag) + 4
-    return data[:at] + vr + data[at + 2:]
+    return data[:at] + vr + data[at + 2 :]
 
 
 def mutants(data: bytes, count: int, seed: int) -> list[tuple[str, bytes]]:
@@ -130,37 +136,48 @@ def _flip_bits(data: bytearray, rng: random.Random) -> tuple[str, bytearray]:
 
 
 def _truncate(data: bytearray, rng: random.Random) -> tuple[str, bytearray]:
-    return "cut", data[:rng.randrange(0, len(data))]
+    return "cut", data[: rng.randrange(0, len(data))]
 
 
 def _explicit_vr_positions(data: bytearray) -> list[int]:
     """Offsets of two upper-case letters that follow a 4-byte tag: likely VRs of explicit-VR elements."""
-    return [i for i in range(132, len(data) - 2) if 65 <= data[i] <= 90 and 65 <= data[i + 1] <= 90
-            and data[i - 3] == 0 and data[i - 1] == 0]
+    return [
+        i
+        for i in range(132, len(data) - 2)
+        if 65 <= data[i] <= 90 and 65 <= data[i + 1] <= 90 and data[i - 3] == 0 and data[i - 1] == 0
+    ]
 
 
 def _scramble_vr(data: bytearray, rng: random.Random) -> tuple[str, bytearray]:
     positions = _explicit_vr_positions(data)
     at = rng.choice(positions)
-    data[at:at + 2] = rng.choice([b"ZX", b"\x00\x01", b"SQ", b"UN", b"OB", b"FD", b"UT"])
+    data[at : at + 2] = rng.choice([b"ZX", b"\x00\x01", b"SQ", b"UN", b"OB", b"FD", b"UT"])
     return "vr", data
 
 
 def _huge_length(data: bytearray, rng: random.Random) -> tuple[str, bytearray]:
     at = rng.choice(_explicit_vr_positions(data)) + 2
-    width = 4 if bytes(data[at - 2:at]) in (b"OB", b"OW", b"SQ", b"UN", b"UT") else 2
+    width = 4 if bytes(data[at - 2 : at]) in (b"OB", b"OW", b"SQ", b"UN", b"UT") else 2
     if width == 4:
         at += 2  # two reserved bytes come first
-    data[at:at + width] = rng.choice([b"\xff" * width, b"\xfe" * width, (rng.getrandbits(8 * width)).to_bytes(
-        width, "little")])
+    data[at : at + width] = rng.choice(
+        [b"\xff" * width, b"\xfe" * width, (rng.getrandbits(8 * width)).to_bytes(width, "little")]
+    )
     return "length", data
 
 
 def _wrong_syntax(data: bytearray, rng: random.Random) -> tuple[str, bytearray]:
     uid = b"1.2.840.10008.1.2.4.50"  # JPEG Baseline: the valid file's syntax
-    replacement = rng.choice([b"1.2.840.10008.1.2.1.99", b"1.2.840.10008.1.2\x00\x00\x00\x00\x00",
-                              b"1.2.840.10008.1.2.5\x00\x00\x00", b"1.2.840.10008.1.2.4.90",
-                              b"1.2.840.10008.1.2.2\x00\x00\x00", b"9.9.9.9.9.9.9.9.9.9.99"])
+    replacement = rng.choice(
+        [
+            b"1.2.840.10008.1.2.1.99",
+            b"1.2.840.10008.1.2\x00\x00\x00\x00\x00",
+            b"1.2.840.10008.1.2.5\x00\x00\x00",
+            b"1.2.840.10008.1.2.4.90",
+            b"1.2.840.10008.1.2.2\x00\x00\x00",
+            b"9.9.9.9.9.9.9.9.9.9.99",
+        ]
+    )
     at = data.find(uid)
-    data[at:at + len(uid)] = replacement
+    data[at : at + len(uid)] = replacement
     return "syntax", data

@@ -1,4 +1,5 @@
 """What SageMaker's PyTorch inference container brings, and which distributions a requirements list pulls in."""
+
 from __future__ import annotations
 
 import re
@@ -17,8 +18,11 @@ def normalise(name: str) -> str:
 
 def required_names(requirements: str) -> set[str]:
     """The distributions a requirements.txt names."""
-    return {normalise(re.split(r"[ <>=!~;\[]", line.strip(), maxsplit=1)[0]) for line in requirements.splitlines()
-            if line.strip() and not line.lstrip().startswith("#")}
+    return {
+        normalise(re.split(r"[ <>=!~;\[]", line.strip(), maxsplit=1)[0])
+        for line in requirements.splitlines()
+        if line.strip() and not line.lstrip().startswith("#")
+    }
 
 
 def with_dependencies(names: set[str]) -> set[str]:
@@ -33,6 +37,7 @@ def with_dependencies(names: set[str]) -> set[str]:
             requirements = requires(name) or []
         except PackageNotFoundError:
             continue
-        todo += [normalise(re.split(r"[ ;<>=!~\[(]", line, maxsplit=1)[0]) for line in requirements
-                 if "extra ==" not in line]
+        todo += [
+            normalise(re.split(r"[ ;<>=!~\[(]", line, maxsplit=1)[0]) for line in requirements if "extra ==" not in line
+        ]
     return seen

@@ -5,6 +5,7 @@ start-up command ``train`` with ``SAGEMAKER_TRAINING_MODULE=sagemaker_pytorch_co
 ``/opt/ml`` laid out as SageMaker writes it, mounted in a private mount namespace (``unshare -m``) together with an
 ``/etc/hosts`` that resolves ``algo-1``, so nothing reaches the real ``/opt/ml`` and jobs can run side by side.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -39,14 +40,19 @@ def toolkit_venv() -> Path:
     if stamp.is_file() and stamp.read_text() == _stamp():
         return VENV
     shutil.rmtree(VENV, ignore_errors=True)
-    commands = [[getattr(sys, "_base_executable", sys.executable), "-m", "venv", str(VENV)],
-                [str(VENV / "bin" / "python"), "-m", "pip", "install", "--quiet", "-r", str(REQUIREMENTS)]]
+    commands = [
+        [getattr(sys, "_base_executable", sys.executable), "-m", "venv", str(VENV)],
+        [str(VENV / "bin" / "python"), "-m", "pip", "install", "--quiet", "-r", str(REQUIREMENTS)],
+    ]
     for command in commands:
         result = subprocess.run(command, capture_output=True, text=True, timeout=600)
         if result.returncode != 0:
             raise Unavailable(f"cannot install the SageMaker toolkits ({' '.join(command)}): {result.stderr[-800:]}")
-    target = Path(subprocess.check_output([str(VENV / "bin" / "python"), "-c",
-                                           "import sysconfig; print(sysconfig.get_paths()['purelib'])"], text=True).strip())
+    target = Path(
+        subprocess.check_output(
+            [str(VENV / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], text=True
+        ).strip()
+    )
     # Every site folder this environment sees, also those a layered environment adds (a .pth naming another venv).
     folders = dict.fromkeys([*site.getsitepackages(), *(p for p in sys.path if p.endswith("site-packages"))])
     (target / "pneumoseg-env.pth").write_text("\n".join(folders) + "\n")
@@ -74,11 +80,18 @@ def layout_opt_ml(opt_ml: Path, hyperparameters: dict, channels: dict[str, Path]
     groups = [{"instance_group_name": "homogeneousCluster", "instance_type": INSTANCE_TYPE, "hosts": [HOST]}]
     files = {
         "hyperparameters.json": {key: json.dumps(value) for key, value in hyperparameters.items()},
-        "resourceconfig.json": {"current_host": HOST, "hosts": [HOST], "current_instance_type": INSTANCE_TYPE,
-                                "network_interface_name": "lo", "current_group_name": "homogeneousCluster",
-                                "instance_groups": groups},
-        "inputdataconfig.json": {name: {"TrainingInputMode": "File", "S3DistributionType": "FullyReplicated",
-                                        "RecordWrapperType": "None"} for name in channels},
+        "resourceconfig.json": {
+            "current_host": HOST,
+            "hosts": [HOST],
+            "current_instance_type": INSTANCE_TYPE,
+            "network_interface_name": "lo",
+            "current_group_name": "homogeneousCluster",
+            "instance_groups": groups,
+        },
+        "inputdataconfig.json": {
+            name: {"TrainingInputMode": "File", "S3DistributionType": "FullyReplicated", "RecordWrapperType": "None"}
+            for name in channels
+        },
     }
     for name, content in files.items():
         (config / name).write_text(json.dumps(content))
@@ -119,11 +132,16 @@ def _in_namespace(scratch: Path, command: list[str], env: dict[str, str], timeou
 
 def _job_command(scratch: Path, venv: Path) -> tuple[list[str], dict[str, str]]:
     """The container's ``train`` on ``scratch/opt_ml`` (made by :func:`layout_opt_ml`) as ``/opt/ml``."""
-    env = {**os.environ, "PATH": f"{venv / 'bin'}:{os.environ['PATH']}",
-           "SAGEMAKER_TRAINING_MODULE": "sagemaker_pytorch_container.training:main",
-           "PYTHONPATH": "/opt/ml/code/src",                 # the SDK's environment={"PYTHONPATH": ...}
-           "PIP_NO_INDEX": "1",                              # requirements.txt must need no download
-           "NO_ALBUMENTATIONS_UPDATE": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    env = {
+        **os.environ,
+        "PATH": f"{venv / 'bin'}:{os.environ['PATH']}",
+        "SAGEMAKER_TRAINING_MODULE": "sagemaker_pytorch_container.training:main",
+        "PYTHONPATH": "/opt/ml/code/src",  # the SDK's environment={"PYTHONPATH": ...}
+        "PIP_NO_INDEX": "1",  # requirements.txt must need no download
+        "NO_ALBUMENTATIONS_UPDATE": "1",
+        "HF_HUB_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+    }
     for name in ("VIRTUAL_ENV", "PYTHONHOME", "RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(name, None)
     return _namespace_command(scratch, [str(venv / "bin" / "train")], env)
@@ -138,8 +156,7 @@ def run_job(scratch: Path, venv: Path, timeout: int = 600) -> subprocess.Complet
 def start_job(scratch: Path, venv: Path) -> subprocess.Popen:
     """Start the same job in its own process group (``os.killpg`` stops all of it, as a spot interruption does)."""
     argv, env = _job_command(scratch, venv)
-    return subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    return subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
 
 
 def check_namespace(scratch: Path) -> None:

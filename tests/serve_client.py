@@ -1,4 +1,5 @@
 """Starting ``python -m pneumoseg.serve`` on a free loopback port and talking to it, for the server's tests."""
+
 from __future__ import annotations
 
 import contextlib
@@ -11,9 +12,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 HOST = "127.0.0.1"
 STARTUP_SECONDS = 180  # importing torch and loading the models, on a busy 2-core machine
@@ -72,8 +73,9 @@ def _wait_until_ready(process: subprocess.Popen, port: int, log: Path) -> None:
     raise AssertionError(f"the model did not load within {STARTUP_SECONDS} s:\n{log.read_text()}")
 
 
-def call(port: int, method: str, path: str, body: bytes | None = None, headers: dict | None = None,
-         timeout: float = 60) -> tuple[int, http.client.HTTPMessage, bytes]:
+def call(
+    port: int, method: str, path: str, body: bytes | None = None, headers: dict | None = None, timeout: float = 60
+) -> tuple[int, http.client.HTTPMessage, bytes]:
     """One request on a new connection: ``(status, headers, body)``; the headers are case-insensitive."""
     conn = http.client.HTTPConnection(HOST, port, timeout=timeout)
     try:
@@ -113,8 +115,10 @@ class SlowFlood(threading.Thread):
     half a body, one byte per ``interval`` seconds each; runs until :attr:`stop` is set."""
 
     HEAD = b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Type: application/dicom\r\nX-Padding: " + b"y" * 500
-    BODY = b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: 4000\r\n\r\n" + \
-        b"z" * 4000
+    BODY = (
+        b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: 4000\r\n\r\n"
+        + b"z" * 4000
+    )
 
     def __init__(self, port: int, count: int, interval: float = 0.2) -> None:
         super().__init__(daemon=True)
@@ -142,7 +146,7 @@ class SlowFlood(threading.Thread):
                         raise ConnectionError
                 except BlockingIOError:
                     try:
-                        sock.send(script[sent:sent + 1])
+                        sock.send(script[sent : sent + 1])
                         client[2] = sent + 1 if sent + 1 < len(script) else sent
                         continue
                     except OSError:

@@ -3,10 +3,11 @@
 Each image is smooth noise; a positive image has a bright disc, which is also its mask. That is easy enough for a
 tiny network to start learning within an epoch, and needs none of the other stages.
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import cv2
 import numpy as np
@@ -29,8 +30,15 @@ def make_case(rng: np.random.Generator, size: int, positive: bool) -> tuple[np.n
     return np.clip(image, 0, 255).astype(np.uint8), mask
 
 
-def write_prepared(prepared_dir: str | Path, n_images: int = 24, sizes: Sequence[int] = (64,), n_folds: int = 2,
-                   positive_rate: float = 0.5, n_test: int = 4, seed: int = 0) -> pd.DataFrame:
+def write_prepared(
+    prepared_dir: str | Path,
+    n_images: int = 24,
+    sizes: Sequence[int] = (64,),
+    n_folds: int = 2,
+    positive_rate: float = 0.5,
+    n_test: int = 4,
+    seed: int = 0,
+) -> pd.DataFrame:
     """Write ``01_convert/`` and ``02_labels/`` under ``prepared_dir``; return the folds table.
 
     Folds alternate over the images so that each fold gets a share of positives.
@@ -53,15 +61,39 @@ def write_prepared(prepared_dir: str | Path, n_images: int = 24, sizes: Sequence
                 small_mask = cv2.resize(mask, (size, size), interpolation=cv2.INTER_NEAREST)
                 write_png(layout.masks_dir(prepared_dir, size) / f"{image_id}.png", small_mask)
     side = max(sizes)
-    write_csv(layout.metadata_path(prepared_dir), pd.DataFrame({
-        "ImageId": train_ids + test_ids, "source_path": [f"{i}.dcm" for i in train_ids + test_ids],
-        "rows": side, "cols": side, "sex": "M", "age": 50, "view": "PA"}))
-    labels = pd.DataFrame({"ImageId": train_ids, "has_mask": has_mask, "n_instances": has_mask.astype(int),
-                           "mask_area": areas[:n_images], "rows": side, "cols": side})
+    write_csv(
+        layout.metadata_path(prepared_dir),
+        pd.DataFrame(
+            {
+                "ImageId": train_ids + test_ids,
+                "source_path": [f"{i}.dcm" for i in train_ids + test_ids],
+                "rows": side,
+                "cols": side,
+                "sex": "M",
+                "age": 50,
+                "view": "PA",
+            }
+        ),
+    )
+    labels = pd.DataFrame(
+        {
+            "ImageId": train_ids,
+            "has_mask": has_mask,
+            "n_instances": has_mask.astype(int),
+            "mask_area": areas[:n_images],
+            "rows": side,
+            "cols": side,
+        }
+    )
     write_csv(layout.labels_path(prepared_dir), labels)
-    folds = pd.DataFrame({"ImageId": train_ids, "fold": np.arange(n_images) % n_folds, "has_mask": has_mask,
-                          "area_bin": has_mask.astype(int)})
+    folds = pd.DataFrame(
+        {
+            "ImageId": train_ids,
+            "fold": np.arange(n_images) % n_folds,
+            "has_mask": has_mask,
+            "area_bin": has_mask.astype(int),
+        }
+    )
     write_csv(layout.folds_path(prepared_dir), folds)
-    write_csv(layout.test_images_path(prepared_dir),
-              pd.DataFrame({"ImageId": test_ids, "rows": side, "cols": side}))
+    write_csv(layout.test_images_path(prepared_dir), pd.DataFrame({"ImageId": test_ids, "rows": side, "cols": side}))
     return folds

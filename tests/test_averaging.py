@@ -1,5 +1,6 @@
 """Weight averaging: the EMA during training and the average of a fold's top-k checkpoints, against averages
 computed by hand, and each switched on in a tiny fold trained end to end."""
+
 import json
 import os
 import subprocess
@@ -11,23 +12,22 @@ import pytest
 import torch
 from torch import nn
 
+from crash import run_killed_at_update
+from fake_experiment import CONFIGS, write_fake_training
 from pneumoseg import layout
+from pneumoseg.config import load_config
+from pneumoseg.data.probstore import ProbabilityStore
 from pneumoseg.errors import ConfigError
 from pneumoseg.inference.fold_models import load_fold_models
 from pneumoseg.modeling.checkpoints import best_files, load_checkpoint, save_checkpoint
 from pneumoseg.modeling.losses import build_loss
 from pneumoseg.modeling.optim import build_optimizer, build_scheduler
-from pneumoseg.data.probstore import ProbabilityStore
-from pneumoseg.config import load_config
 from pneumoseg.stages import package as package_stage
 from pneumoseg.stages import search as search_stage
 from pneumoseg.stages import train as train_stage
 from pneumoseg.training.averaging import average_checkpoints, check_average_top_k, ema_decay
 from pneumoseg.training.trainer import StepSettings, Trainer
-
-from fake_experiment import CONFIGS, write_fake_training
 from synthetic import write_prepared
-from crash import run_killed_at_update
 
 SIZE = 32
 ROOT = CONFIGS.parent
@@ -44,8 +44,7 @@ def _state(net):
 
 def _batch(seed):
     generator = torch.Generator().manual_seed(seed)
-    return (torch.randn(4, 1, 8, 8, generator=generator),
-            (torch.rand(4, 1, 8, 8, generator=generator) > 0.6).float())
+    return (torch.randn(4, 1, 8, 8, generator=generator), (torch.rand(4, 1, 8, 8, generator=generator) > 0.6).float())
 
 
 def test_ema_is_the_hand_computed_moving_average_of_the_weights_after_every_step():
@@ -65,7 +64,7 @@ def test_ema_is_the_hand_computed_moving_average_of_the_weights_after_every_step
     for weights in after_steps[1:]:
         expected = {k: decay * expected[k] + (1 - decay) * weights[k] for k in expected}
     found = _state(trainer.ema.module)
-    assert not torch.equal(found["0.weight"], after_steps[-1]["0.weight"])    # it is not the last weights
+    assert not torch.equal(found["0.weight"], after_steps[-1]["0.weight"])  # it is not the last weights
     for name, value in expected.items():
         torch.testing.assert_close(found[name], value, rtol=1e-6, atol=1e-7, msg=name)
 
@@ -94,14 +93,23 @@ def test_average_top_k_beyond_the_kept_checkpoints_is_refused():
 
 # --- a tiny fold trained end to end -------------------------------------------------------------------------------
 
+
 @pytest.fixture
 def fold_cfg(tiny_cfg, tmp_path):
     """The tiny config at 32 px, 2 epochs, fold 0 only, over a synthetic prepared dataset of 16 images."""
+
     def make(*overrides):
-        cfg = tiny_cfg(f"data.image_size={SIZE}", "train.epochs=2", "train.keep_best=2", "train.folds=[0]",
-                       "train.oof_size=16", *overrides)
+        cfg = tiny_cfg(
+            f"data.image_size={SIZE}",
+            "train.epochs=2",
+            "train.keep_best=2",
+            "train.folds=[0]",
+            "train.oof_size=16",
+            *overrides,
+        )
         write_prepared(cfg.paths.prepared_dir, n_images=16, sizes=(SIZE,), n_folds=2)
         return cfg
+
     return make
 
 
@@ -123,16 +131,16 @@ def test_a_fold_with_ema_validates_and_keeps_the_ema_with_its_own_oof_maps(fold_
     best = load_checkpoint(ema_dir / "best_1.pt")
     assert best["score"] == pytest.approx(log["ema_val_dice"].max())
     assert summary["ema"]["best"]["val_dice"] == pytest.approx(log["ema_val_dice"].max())
-    ema_state = load_checkpoint(fold_dir / "last.pt")["trainer"]["ema"]                # resumable
+    ema_state = load_checkpoint(fold_dir / "last.pt")["trainer"]["ema"]  # resumable
     [epoch2] = [load_checkpoint(p) for p in best_files(ema_dir) if load_checkpoint(p)["epoch"] == 2]
     for name, value in epoch2["state_dict"].items():
-        assert torch.equal(value, ema_state[f"module.{name}"]), name                     # the EMA's, not the net's
+        assert torch.equal(value, ema_state[f"module.{name}"]), name  # the EMA's, not the net's
     ema_oof = ProbabilityStore(layout.oof_dir(ema_dir))
     assert ema_oof.ids == _fold_ids(cfg) and ema_oof.size == 16
     assert not np.array_equal(ema_oof.maps, ProbabilityStore(layout.oof_dir(fold_dir)).maps)
     models = load_fold_models(layout.train_dir(cfg), [0], top=2, checkpoints="ema")
     assert [m.path for m in models] == [ema_dir / "best_1.pt", ema_dir / "best_2.pt"]
-    assert search_stage.open_folds(cfg)[0].store.folder == layout.oof_dir(ema_dir)   # stage 04 searches its maps
+    assert search_stage.open_folds(cfg)[0].store.folder == layout.oof_dir(ema_dir)  # stage 04 searches its maps
 
 
 @pytest.mark.slow
@@ -143,15 +151,18 @@ def test_a_fold_with_top_k_averaging_saves_validates_and_predicts_the_averaged_w
     averaged_dir = layout.checkpoints_dir(fold_dir, "averaged")
     sources = [load_checkpoint(path)["state_dict"] for path in best_files(fold_dir)]
     averaged = load_checkpoint(averaged_dir / "best_1.pt")
-    assert averaged["averaged_epochs"] == summary["averaged"]["epochs"] and sorted(summary["averaged"]["epochs"]) \
-        == [1, 2]
+    assert averaged["averaged_epochs"] == summary["averaged"]["epochs"] and sorted(summary["averaged"]["epochs"]) == [
+        1,
+        2,
+    ]
     assert averaged["score"] == pytest.approx(summary["averaged"]["val_dice"])
     weights = averaged["state_dict"]
     for name in ("encoder.model.conv1.0.weight", "segmentation_head.0.weight"):
         torch.testing.assert_close(weights[name], (sources[0][name] + sources[1][name]) / 2, msg=name)
     statistics = [name for name in weights if name.endswith("running_mean")]
-    assert statistics and all(not torch.equal(weights[name], source[name]) for name in statistics[:3]
-                              for source in sources)                       # recomputed, not copied
+    assert statistics and all(
+        not torch.equal(weights[name], source[name]) for name in statistics[:3] for source in sources
+    )  # recomputed, not copied
     oof = ProbabilityStore(layout.oof_dir(averaged_dir))
     assert oof.ids == _fold_ids(cfg) and oof.size == 16
     [model] = load_fold_models(layout.train_dir(cfg), [0], top=1, checkpoints="averaged")
@@ -167,12 +178,15 @@ def test_a_crashed_fold_with_averaging_resumes_to_the_same_averaged_weights(fold
     resumed = train_stage.run(again, resume=True)["folds"][0]
     assert resumed["ema"] == reference["ema"] and resumed["averaged"] == reference["averaged"]
     first = fold_cfg(*overrides)
-    logs = [pd.read_csv(layout.fold_log_path(layout.fold_dir(cfg, 0))).drop(columns="seconds")
-            for cfg in (first, again)]
-    pd.testing.assert_frame_equal(*logs)                                  # the EMA's metrics of every epoch too
+    logs = [
+        pd.read_csv(layout.fold_log_path(layout.fold_dir(cfg, 0))).drop(columns="seconds") for cfg in (first, again)
+    ]
+    pd.testing.assert_frame_equal(*logs)  # the EMA's metrics of every epoch too
     for which in ("ema", "averaged"):
-        found, expected = ([load_checkpoint(path) for path in best_files(layout.checkpoints_dir(
-            layout.fold_dir(cfg, 0), which))] for cfg in (again, first))
+        found, expected = (
+            [load_checkpoint(path) for path in best_files(layout.checkpoints_dir(layout.fold_dir(cfg, 0), which))]
+            for cfg in (again, first)
+        )
         assert len(found) == len(expected) == (2 if which == "ema" else 1)
         for one, other in zip(found, expected):
             for name, value in other["state_dict"].items():
@@ -180,14 +194,21 @@ def test_a_crashed_fold_with_averaging_resumes_to_the_same_averaged_weights(fold
 
 
 def test_the_package_of_averaged_checkpoints_names_each_fold_apart(tmp_path):
-    cfg = load_config(CONFIGS / "tiny.yaml", [f"paths.input_dir={tmp_path / 'input'}", "predict.checkpoints=averaged",
-                                              f"paths.output_root={tmp_path / 'output'}"])
+    cfg = load_config(
+        CONFIGS / "tiny.yaml",
+        [
+            f"paths.input_dir={tmp_path / 'input'}",
+            "predict.checkpoints=averaged",
+            f"paths.output_root={tmp_path / 'output'}",
+        ],
+    )
     for fold, path in enumerate(write_fake_training(cfg)):
         averaged = load_checkpoint(path)
-        averaged["state_dict"] = {k: v + 0.01 * (fold + 1) if v.is_floating_point() else v
-                                  for k, v in averaged["state_dict"].items()}
+        averaged["state_dict"] = {
+            k: v + 0.01 * (fold + 1) if v.is_floating_point() else v for k, v in averaged["state_dict"].items()
+        }
         save_checkpoint(layout.checkpoints_dir(path.parent, "averaged") / "best_1.pt", averaged)
-    summary = package_stage.run(cfg)                  # it also checks that the package predicts as the experiment
+    summary = package_stage.run(cfg)  # it also checks that the package predicts as the experiment
     assert summary["models"] == ["fold0/averaged/best_1.pt", "fold1/averaged/best_1.pt"]
 
 
@@ -198,10 +219,23 @@ def test_two_cpu_processes_average_identically(tmp_path):
     results = tmp_path / "ranks"
     results.mkdir()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "NO_ALBUMENTATIONS_UPDATE": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               str(ROOT / "tests" / "ddp_worker.py"), str(CONFIGS / "tiny.yaml"), str(results),
-               f"paths.output_root={output}", f"data.image_size={SIZE}", "train.epochs=2", "train.device=cpu",
-               "train.folds=[0]", "train.ema={decay: 0.5}", "train.average_top_k=2"]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(ROOT / "tests" / "ddp_worker.py"),
+        str(CONFIGS / "tiny.yaml"),
+        str(results),
+        f"paths.output_root={output}",
+        f"data.image_size={SIZE}",
+        "train.epochs=2",
+        "train.device=cpu",
+        "train.folds=[0]",
+        "train.ema={decay: 0.5}",
+        "train.average_top_k=2",
+    ]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     ranks = [json.loads((results / f"rank{r}.json").read_text())["folds"]["0"] for r in (0, 1)]

@@ -1,5 +1,6 @@
 """Clinical DICOMs through the one reader: every lossless codec, deeper data shown through its window or VOI LUT,
 MONOCHROME1. The files are made here (see clinical.py)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -35,8 +36,15 @@ def test_12_bit_file_is_shown_through_its_window(syntax, intercept):
     """The window is in the units after the modality rescale; pixels beyond it are black or white."""
     image = clinical_image(bits=12)
     center, width = 1800 + intercept, 1500
-    data = clinical_dicom(image, syntax, bits_stored=12, WindowCenter=center, WindowWidth=width,
-                          RescaleIntercept=intercept, RescaleSlope=1)
+    data = clinical_dicom(
+        image,
+        syntax,
+        bits_stored=12,
+        WindowCenter=center,
+        WindowWidth=width,
+        RescaleIntercept=intercept,
+        RescaleSlope=1,
+    )
     pixels, _ = read_dicom_bytes(data)
     expected = linear_window(image.astype(float) + intercept, center, width)
     np.testing.assert_array_equal(pixels, expected)
@@ -53,14 +61,14 @@ def voi_lut(first_mapped: int, entries: int) -> tuple[Dataset, np.ndarray]:
     return item, table
 
 
-@pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, RLELossless, JPEGLosslessSV1],
-                         ids=lambda uid: uid.keyword)
+@pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, RLELossless, JPEGLosslessSV1], ids=lambda uid: uid.keyword)
 def test_16_bit_monochrome1_file_is_shown_through_its_voi_lut_then_inverted(syntax):
     """The VOI LUT is preferred to the file's window; values outside the LUT take its first or last entry."""
     image = clinical_image(bits=16)
     lut, table = voi_lut(first_mapped=20000, entries=30000)
-    data = clinical_dicom(image, syntax, photometric="MONOCHROME1", VOILUTSequence=[lut], WindowCenter=100,
-                          WindowWidth=10)
+    data = clinical_dicom(
+        image, syntax, photometric="MONOCHROME1", VOILUTSequence=[lut], WindowCenter=100, WindowWidth=10
+    )
     pixels, metadata = read_dicom_bytes(data)
     shown = table.astype(float)[np.clip(image.astype(int) - 20000, 0, len(table) - 1)]
     expected = 255 - np.rint(shown * 255 / 65535).astype(np.uint8)
@@ -70,9 +78,10 @@ def test_16_bit_monochrome1_file_is_shown_through_its_voi_lut_then_inverted(synt
 
 
 def test_signed_12_bit_file_is_shown_through_its_window():
-    image = (clinical_image(bits=12).astype(np.int16) - 2048)
-    pixels, _ = read_dicom_bytes(clinical_dicom(image, JPEG2000Lossless, bits_stored=12, WindowCenter=0,
-                                                WindowWidth=2000))
+    image = clinical_image(bits=12).astype(np.int16) - 2048
+    pixels, _ = read_dicom_bytes(
+        clinical_dicom(image, JPEG2000Lossless, bits_stored=12, WindowCenter=0, WindowWidth=2000)
+    )
     np.testing.assert_array_equal(pixels, linear_window(image.astype(float), 0, 2000))
 
 

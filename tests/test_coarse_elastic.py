@@ -1,4 +1,5 @@
 """CoarseElasticTransform: ElasticTransform's distortion from a displacement field drawn at low resolution."""
+
 import random
 
 import albumentations as A
@@ -8,7 +9,7 @@ import pytest
 from pneumoseg.data.augment import augment, build_augment, build_transform
 
 SIZE = 128
-PARAMS = {"alpha": 120, "sigma": 6.0, "p": 1.0}   # the base config's, at which the saving matters
+PARAMS = {"alpha": 120, "sigma": 6.0, "p": 1.0}  # the base config's, at which the saving matters
 
 
 def displacement(name: str, seed: int, params=PARAMS) -> tuple[np.ndarray, np.ndarray]:
@@ -34,7 +35,7 @@ def field_statistics(name: str) -> tuple[float, float]:
 def test_the_coarse_field_is_as_large_and_as_smooth_as_the_full_resolution_one():
     coarse_spread, coarse_roughness = field_statistics("CoarseElasticTransform")
     full_spread, full_roughness = field_statistics("ElasticTransform")
-    assert coarse_spread > 0.3                      # it distorts at all
+    assert coarse_spread > 0.3  # it distorts at all
     assert coarse_spread == pytest.approx(full_spread, rel=0.3)
     assert coarse_roughness == pytest.approx(full_roughness, rel=0.3)
 
@@ -47,14 +48,14 @@ def test_the_coarse_field_moves_x_and_y_independently():
 
 
 def test_the_mask_stays_aligned_with_the_image():
-    cells = (np.indices((SIZE, SIZE)) // 16).sum(axis=0) % 2     # a checkerboard of 16 px cells
+    cells = (np.indices((SIZE, SIZE)) // 16).sum(axis=0) % 2  # a checkerboard of 16 px cells
     image = (cells * 200 + 30).astype(np.uint8)
     mask = (cells * 255).astype(np.uint8)
     pipeline = build_augment({"transforms": [{"name": "CoarseElasticTransform", "params": PARAMS}]})
     for seed in range(4):
         moved_image, moved_mask = augment(pipeline, image, mask, seed)
         assert not np.array_equal(moved_mask, mask)
-        inside = moved_image > 130                   # the image's bright cells, wherever they went
+        inside = moved_image > 130  # the image's bright cells, wherever they went
         # only pixels on a cell's edge, where the image is interpolated and the mask is not, may differ
         assert np.mean(inside == (moved_mask > 127)) > 0.97
         assert set(np.unique(moved_mask)) <= {0, 255}

@@ -1,4 +1,5 @@
 """The ``pneumoseg`` command (``pneumoseg.commands``) and the package's declared dependencies."""
+
 import tomllib
 from pathlib import Path
 

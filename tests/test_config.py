@@ -27,21 +27,27 @@ def test_bases_chain_and_interpolations_resolve(chain):
     assert "base" not in cfg
 
 
-@pytest.mark.parametrize("override, key, value", [
-    ("train.lr=0.5", "train.lr", 0.5),
-    ("train.epochs=null", "train.epochs", None),
-    ("+train.extra=[1, 2]", "train.extra", [1, 2]),
-    ("experiment=other", "name", "other-run"),
-])
+@pytest.mark.parametrize(
+    "override, key, value",
+    [
+        ("train.lr=0.5", "train.lr", 0.5),
+        ("train.epochs=null", "train.epochs", None),
+        ("+train.extra=[1, 2]", "train.extra", [1, 2]),
+        ("experiment=other", "name", "other-run"),
+    ],
+)
 def test_overrides(chain, override, key, value):
     cfg = load_config(chain, [override])
     assert OmegaConf.select(cfg, key) == value
 
 
-@pytest.mark.parametrize("override, message", [
-    ("train.lrr=0.5", "no config key 'train.lrr'"),
-    ("train.lr", "not of the form key=value"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.lrr=0.5", "no config key 'train.lrr'"),
+        ("train.lr", "not of the form key=value"),
+    ],
+)
 def test_bad_overrides_are_clear(chain, override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(chain, [override])
@@ -82,8 +88,11 @@ def test_shipped_configs_load(name):
 @pytest.fixture
 def blocks(tmp_path):
     """A base with a ``{name, params}`` block, and an experiment that renames it (with params of its own)."""
-    write(tmp_path / "base.yaml", "scheduler:\n  name: plateau\n  params: {patience: 3, factor: 0.5}\n"
-                                  "loss:\n  name: mixed\n  params: {alpha: 10.0}\n")
+    write(
+        tmp_path / "base.yaml",
+        "scheduler:\n  name: plateau\n  params: {patience: 3, factor: 0.5}\n"
+        "loss:\n  name: mixed\n  params: {alpha: 10.0}\n",
+    )
     write(tmp_path / "cosine.yaml", "base: base.yaml\nscheduler:\n  name: cosine\n  params: {warmup_epochs: 2}\n")
     return tmp_path
 
@@ -100,16 +109,19 @@ def test_block_renamed_on_the_command_line_drops_the_old_params(blocks):
     cfg = load_config(blocks / "base.yaml", ["scheduler.name=cosine", "loss.name=combo"])
     assert OmegaConf.to_container(cfg.scheduler) == {"name": "cosine"}
     assert OmegaConf.to_container(cfg.loss) == {"name": "combo"}
-    same = load_config(blocks / "base.yaml", ["scheduler.name=plateau"])     # not a rename: params stay
+    same = load_config(blocks / "base.yaml", ["scheduler.name=plateau"])  # not a rename: params stay
     assert same.scheduler.params.patience == 3
 
 
-@pytest.mark.parametrize("overrides", [
-    ["scheduler.name=cosine", "scheduler.params.warmup_epochs=1.5"],
-    ["scheduler.params.warmup_epochs=1.5", "scheduler.name=cosine"],
-    ["scheduler={name: cosine, params: {warmup_epochs: 1.5}}"],
-    ["scheduler.name=cosine", "scheduler.params={warmup_epochs: 1.5}"],
-])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["scheduler.name=cosine", "scheduler.params.warmup_epochs=1.5"],
+        ["scheduler.params.warmup_epochs=1.5", "scheduler.name=cosine"],
+        ["scheduler={name: cosine, params: {warmup_epochs: 1.5}}"],
+        ["scheduler.name=cosine", "scheduler.params={warmup_epochs: 1.5}"],
+    ],
+)
 def test_block_renamed_on_the_command_line_with_params(blocks, overrides):
     cfg = load_config(blocks / "base.yaml", overrides)
     assert OmegaConf.to_container(cfg.scheduler) == {"name": "cosine", "params": {"warmup_epochs": 1.5}}
@@ -120,8 +132,10 @@ def test_params_of_a_block_not_renamed_are_still_checked(blocks):
         load_config(blocks / "base.yaml", ["scheduler.params.warmup_epochs=1"])
 
 
-@pytest.mark.parametrize("overrides", [["scheduler.name=plateau"], ["loss.name=combo"],
-                                       ["scheduler.name=plateau", "scheduler.params.patience=1"]])
+@pytest.mark.parametrize(
+    "overrides",
+    [["scheduler.name=plateau"], ["loss.name=combo"], ["scheduler.name=plateau", "scheduler.params.patience=1"]],
+)
 def test_shipped_blocks_renamed_on_the_command_line_build(overrides):
     """The issue's case: the tiny config's cosine params once reached the plateau scheduler."""
     import torch
@@ -142,8 +156,11 @@ def test_a_cycle_of_ensembles_is_refused_at_once_naming_it(tmp_path, members):
     others = {"self": "self", "a": "b", "b": "a"}
     for name, path in files.items():
         member = files[others[name]]
-        write(path, f"experiment: {name}\npaths:\n  experiment_dir: out/{name}\nensemble:\n  members:\n"
-                    f"    - config: {member}\n    - config: {member}\n")
+        write(
+            path,
+            f"experiment: {name}\npaths:\n  experiment_dir: out/{name}\nensemble:\n  members:\n"
+            f"    - config: {member}\n    - config: {member}\n",
+        )
     started = time.monotonic()
     with pytest.raises(ConfigError, match="ensemble configs form a cycle") as caught:
         load_config(files[members[0]])
@@ -172,10 +189,15 @@ def test_a_typo_in_an_experiment_file_names_the_file_the_key_and_the_nearest_key
 
 
 def test_plus_adds_a_key_in_a_file_and_free_form_subtrees_are_not_checked(tmp_path):
-    write(tmp_path / "base.yaml", "train: {epochs: 1, ema: null, steps: [1, 2]}\n"
-                                  "scheduler: {name: plateau, params: {patience: 3}}\n")
-    top = write(tmp_path / "top.yaml", "base: base.yaml\n+demo: {n_train: 5}\ntrain:\n  +extra: 2\n"
-                                       "  ema: {decay: 0.9}\n  steps: [{any: 1}]\nscheduler: {params: {min_lr: 0.1}}\n")
+    write(
+        tmp_path / "base.yaml",
+        "train: {epochs: 1, ema: null, steps: [1, 2]}\nscheduler: {name: plateau, params: {patience: 3}}\n",
+    )
+    top = write(
+        tmp_path / "top.yaml",
+        "base: base.yaml\n+demo: {n_train: 5}\ntrain:\n  +extra: 2\n"
+        "  ema: {decay: 0.9}\n  steps: [{any: 1}]\nscheduler: {params: {min_lr: 0.1}}\n",
+    )
     cfg = load_config(top)
     assert cfg.demo.n_train == 5 and cfg.train.extra == 2 and cfg.train.ema.decay == 0.9
     assert cfg.scheduler.params.min_lr == 0.1 and "+demo" not in cfg
@@ -186,8 +208,13 @@ def test_an_override_typo_suggests_the_nearest_key(chain):
         load_config(chain, ["train.epoch=3"])
 
 
-@pytest.mark.parametrize("name", sorted(str(path.relative_to(Path(__file__).resolve().parents[1] / "configs"))
-                                        for path in (Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml")))
+@pytest.mark.parametrize(
+    "name",
+    sorted(
+        str(path.relative_to(Path(__file__).resolve().parents[1] / "configs"))
+        for path in (Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml")
+    ),
+)
 def test_every_shipped_config_loads(name):
     from conftest import ROOT
 

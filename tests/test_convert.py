@@ -1,4 +1,5 @@
 """Stage 01 (DICOM to PNG): outputs, bad files, skip, resume, reruns on new inputs or settings, the script."""
+
 from __future__ import annotations
 
 import errno
@@ -35,8 +36,18 @@ def write_inputs(input_dir: Path, count: int = 5, input_layout: str = "stage1", 
         path = input_dir / LAYOUTS[input_layout](i)
         rows, cols = np.mgrid[0:40, 0:36]
         pixels = (60 + 120 * rows / 40 + 60 * np.sin(cols / 3 + i)).astype(np.uint8)
-        write_jpeg_dicom(path, pixels, DicomTags(f"1.2.276.{i}", f"1.2.{i}.1", f"1.2.{i}.2", f"patient-{i}",
-                                                 sex="MF"[i % 2], view_position=("PA", "AP")[i % 2]))
+        write_jpeg_dicom(
+            path,
+            pixels,
+            DicomTags(
+                f"1.2.276.{i}",
+                f"1.2.{i}.1",
+                f"1.2.{i}.2",
+                f"patient-{i}",
+                sex="MF"[i % 2],
+                view_position=("PA", "AP")[i % 2],
+            ),
+        )
         written[path.stem] = path
     return written
 
@@ -179,10 +190,13 @@ def test_parallel_run_gives_the_same_outputs(make_cfg):
     assert convert.run(parallel)["converted"] == 6
     for size in SIZES:
         for image_id in pngs(serial, size):
-            assert (read_png(layout.images_dir(serial, size) / f"{image_id}.png")
-                    == read_png(layout.images_dir(parallel, size) / f"{image_id}.png")).all()
-    assert ((layout.convert_dir(serial) / "metadata.csv").read_text()
-            == (layout.convert_dir(parallel) / "metadata.csv").read_text())
+            assert (
+                read_png(layout.images_dir(serial, size) / f"{image_id}.png")
+                == read_png(layout.images_dir(parallel, size) / f"{image_id}.png")
+            ).all()
+    assert (layout.convert_dir(serial) / "metadata.csv").read_text() == (
+        layout.convert_dir(parallel) / "metadata.csv"
+    ).read_text()
 
 
 def test_missing_input_folder_says_where_to_put_the_files(make_cfg):
@@ -217,13 +231,16 @@ def test_strict_fails_on_one_bad_file(make_cfg):
     assert not (layout.convert_dir(cfg) / "done.json").exists()
 
 
-@pytest.mark.parametrize("override, message", [
-    ("prepare.sizes=[]", "prepare.sizes"),
-    ("prepare.sizes=[0]", "prepare.sizes"),
-    ("prepare.sizes=64", "prepare.sizes"),
-    ("prepare.interpolation=bicubic", "area, linear, cubic"),
-    ("prepare.n_jobs=0", "prepare.n_jobs"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("prepare.sizes=[]", "prepare.sizes"),
+        ("prepare.sizes=[0]", "prepare.sizes"),
+        ("prepare.sizes=64", "prepare.sizes"),
+        ("prepare.interpolation=bicubic", "area, linear, cubic"),
+        ("prepare.n_jobs=0", "prepare.n_jobs"),
+    ],
+)
 def test_bad_prepare_settings(make_cfg, override, message):
     cfg = make_cfg(override)
     write_inputs(Path(cfg.paths.input_dir), count=1)
@@ -233,15 +250,26 @@ def test_bad_prepare_settings(make_cfg, override, message):
 
 def test_script_reports_a_missing_input_folder_and_exits_1(tmp_path):
     result = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "01_convert_dicoms.py"), "--config", str(ROOT / "configs/tiny.yaml"),
-         f"paths.input_dir={tmp_path / 'nowhere'}", f"paths.output_root={tmp_path / 'output'}"],
-        capture_output=True, text=True, cwd=tmp_path, timeout=120)
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "01_convert_dicoms.py"),
+            "--config",
+            str(ROOT / "configs/tiny.yaml"),
+            f"paths.input_dir={tmp_path / 'nowhere'}",
+            f"paths.output_root={tmp_path / 'output'}",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+    )
     assert result.returncode == 1
     assert "does not exist" in result.stderr and "Traceback" not in result.stderr
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Hostile file systems (issue 25): links, names in any bytes, short writes, a full disk, untrustworthy PNGs
+
 
 def test_broken_and_looping_links_are_errors_rows(make_cfg):
     cfg = make_cfg()
@@ -282,8 +310,11 @@ def test_a_write_that_stores_fewer_bytes_fails_before_the_rename(make_cfg, monke
     real_fsync = os.fsync
     # A file system that drops the file's end without an error, as OpenCV's imwrite met on a full disk.
     monkeypatch.setattr(os, "fsync", lambda fd: (os.ftruncate(fd, 8), real_fsync(fd)))
-    with pytest.raises(DataError, match=f"stopped: the disk holding {layout.convert_dir(cfg)} is full \\(could not "
-                                        f"write .*png: 8 of its \\d+ bytes were stored"):
+    with pytest.raises(
+        DataError,
+        match=f"stopped: the disk holding {layout.convert_dir(cfg)} is full \\(could not "
+        f"write .*png: 8 of its \\d+ bytes were stored",
+    ):
         convert.run(cfg)
     assert not [path for size in SIZES for path in layout.images_dir(cfg, size).iterdir() if path.suffix == ".png"]
 
@@ -306,7 +337,7 @@ class FullDiskFile:
 
     def write(self, data):
         if len(data) > self.disk.room:
-            self.handle.write(data[:self.disk.room])
+            self.handle.write(data[: self.disk.room])
             self.disk.room = 0
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         self.disk.room -= len(data)
@@ -325,8 +356,11 @@ class FullDiskFile:
 def output_files(cfg) -> dict[str, bytes]:
     """Every file stage 01 wrote but its record (times, the config), with its bytes."""
     folder = layout.convert_dir(cfg)
-    return {str(path.relative_to(folder)): path.read_bytes() for path in sorted(folder.rglob("*"))
-            if path.is_file() and path.name not in ("done.json", "config.yaml")}
+    return {
+        str(path.relative_to(folder)): path.read_bytes()
+        for path in sorted(folder.rglob("*"))
+        if path.is_file() and path.name not in ("done.json", "config.yaml")
+    }
 
 
 def test_a_full_disk_ends_the_stage_and_a_rerun_gives_a_clean_runs_outputs(make_cfg, monkeypatch):
@@ -340,8 +374,10 @@ def test_a_full_disk_ends_the_stage_and_a_rerun_gives_a_clean_runs_outputs(make_
     with pytest.raises(DataError) as caught:
         convert.run(full)
 
-    assert str(caught.value).startswith(f"{convert.STAGE_NAME} stopped: the disk holding {layout.convert_dir(full)} "
-                                        f"is full ([Errno {errno.ENOSPC}] No space left on device)")
+    assert str(caught.value).startswith(
+        f"{convert.STAGE_NAME} stopped: the disk holding {layout.convert_dir(full)} "
+        f"is full ([Errno {errno.ENOSPC}] No space left on device)"
+    )
     written = output_files(full)
     pngs_written = [name for name in written if name.endswith(".png")]
     assert 0 < len(pngs_written) < 12

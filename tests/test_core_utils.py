@@ -1,10 +1,10 @@
 import numpy as np
 import pytest
 
-from pneumoseg.errors import ConfigError, DataError
-from pneumoseg.io import atomic_open, read_png, write_png
-from pneumoseg.evaluation.metrics import competition_dice, dice_per_image
 from pneumoseg.data.probstore import ProbabilityStore, ProbabilityWriter, dequantize, quantize
+from pneumoseg.errors import ConfigError, DataError
+from pneumoseg.evaluation.metrics import competition_dice, dice_per_image
+from pneumoseg.io import atomic_open, read_png, write_png
 from pneumoseg.registry import Registry
 from pneumoseg.stages.record import StageRecord, require_finished
 
@@ -12,10 +12,9 @@ from pneumoseg.stages.record import StageRecord, require_finished
 def test_atomic_open_keeps_old_file_when_the_writer_fails(tmp_path):
     target = tmp_path / "a.txt"
     target.write_text("old")
-    with pytest.raises(RuntimeError):
-        with atomic_open(target) as handle:
-            handle.write("half")
-            raise RuntimeError("crash")
+    with pytest.raises(RuntimeError), atomic_open(target) as handle:
+        handle.write("half")
+        raise RuntimeError("crash")
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["a.txt"]
 
@@ -32,15 +31,18 @@ def _masks(*rows):
     return np.array([[list(r)] for r in rows], dtype=bool)
 
 
-@pytest.mark.parametrize("pred, true, expected", [
-    (_masks([1, 1, 0, 0]), _masks([1, 1, 0, 0]), 1.0),      # perfect
-    (_masks([0, 0, 0, 0]), _masks([0, 0, 0, 0]), 1.0),      # both empty counts as 1
-    (_masks([1, 1, 0, 0]), _masks([0, 0, 1, 1]), 0.0),      # disjoint
-    (_masks([1, 1, 0, 0]), _masks([0, 1, 1, 0]), 0.5),      # half overlap
-    (_masks([1, 0, 0, 0]), _masks([0, 0, 0, 0]), 0.0),      # false positive on an empty image
-    (_masks([0, 0, 0, 0]), _masks([1, 0, 0, 0]), 0.0),      # missed lesion
-    (_masks([1, 1, 0, 0], [0, 0, 0, 0]), _masks([0, 1, 1, 0], [0, 0, 0, 0]), 0.75),  # mean over images
-])
+@pytest.mark.parametrize(
+    "pred, true, expected",
+    [
+        (_masks([1, 1, 0, 0]), _masks([1, 1, 0, 0]), 1.0),  # perfect
+        (_masks([0, 0, 0, 0]), _masks([0, 0, 0, 0]), 1.0),  # both empty counts as 1
+        (_masks([1, 1, 0, 0]), _masks([0, 0, 1, 1]), 0.0),  # disjoint
+        (_masks([1, 1, 0, 0]), _masks([0, 1, 1, 0]), 0.5),  # half overlap
+        (_masks([1, 0, 0, 0]), _masks([0, 0, 0, 0]), 0.0),  # false positive on an empty image
+        (_masks([0, 0, 0, 0]), _masks([1, 0, 0, 0]), 0.0),  # missed lesion
+        (_masks([1, 1, 0, 0], [0, 0, 0, 0]), _masks([0, 1, 1, 0], [0, 0, 0, 0]), 0.75),  # mean over images
+    ],
+)
 def test_competition_dice(pred, true, expected):
     assert competition_dice(pred, true) == pytest.approx(expected)
 
@@ -71,9 +73,8 @@ def test_probability_store_round_trip_and_crash(tmp_path):
     assert np.abs(dequantize(restored) - probs).max() <= 0.5 / 255 + 1e-6
     assert (quantize(np.array([0.0, 1.0])) == [0, 255]).all()
 
-    with pytest.raises(RuntimeError):
-        with ProbabilityWriter(tmp_path / "crash", ["a"], 8) as writer:
-            raise RuntimeError("killed")
+    with pytest.raises(RuntimeError), ProbabilityWriter(tmp_path / "crash", ["a"], 8) as writer:
+        raise RuntimeError("killed")
     with pytest.raises(DataError, match="no complete probability store"):
         ProbabilityStore(tmp_path / "crash")
 
@@ -93,8 +94,11 @@ def test_stage_record_skips_only_for_the_same_config(tiny_cfg, tmp_path):
 
 def test_require_finished_names_the_missing_done_file_and_the_script(tiny_cfg, tmp_path):
     folder = tmp_path / "stage"
-    with pytest.raises(DataError, match=r"stage 03 has not finished: .*stage[/\\]done.json is missing\. "
-                                        r"Run scripts/03_train\.py first"):
+    with pytest.raises(
+        DataError,
+        match=r"stage 03 has not finished: .*stage[/\\]done.json is missing\. "
+        r"Run scripts/03_train\.py first",
+    ):
         require_finished(folder, "03")
     with pytest.raises(DataError, match=r"member a has not finished: .* Run the members first"):
         require_finished(folder, "03", "member a", "the members")

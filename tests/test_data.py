@@ -7,11 +7,16 @@ import torch
 
 from pneumoseg import layout
 from pneumoseg.data.augment import build_augment
-from pneumoseg.modeling.normalize import Normalize
-from pneumoseg.data.dataset import (ImageFiles, NaturalSampler, PositiveShareSampler, PreparedData,
-                                    SamplerContext, build_sampler)
+from pneumoseg.data.dataset import (
+    ImageFiles,
+    NaturalSampler,
+    PositiveShareSampler,
+    PreparedData,
+    SamplerContext,
+    build_sampler,
+)
 from pneumoseg.errors import ConfigError, DataError
-
+from pneumoseg.modeling.normalize import Normalize
 from synthetic import write_prepared
 
 HAS_MASK = np.array([True] * 6 + [False] * 14)
@@ -32,8 +37,9 @@ def test_natural_sampler_draws_every_image_once_in_a_new_order_each_epoch():
 
 @pytest.mark.parametrize("epoch, expected_share", [(0, 0.8), (2, 0.6), (4, 0.4), (9, 0.4)])
 def test_positive_share_moves_linearly_from_start_to_end(epoch, expected_share):
-    sampler = PositiveShareSampler(SamplerContext(HAS_MASK, seed=0, total_epochs=5), start=0.8, end=0.4,
-                                   samples_per_epoch=100)
+    sampler = PositiveShareSampler(
+        SamplerContext(HAS_MASK, seed=0, total_epochs=5), start=0.8, end=0.4, samples_per_epoch=100
+    )
     sampler.set_epoch(epoch)
     indices = np.array([i for i, _ in sampler])
     assert len(indices) == 100
@@ -44,12 +50,13 @@ def test_positive_share_uses_every_image_before_repeating_one():
     sampler = PositiveShareSampler(SamplerContext(HAS_MASK, seed=0), start=0.5, end=0.5, samples_per_epoch=12)
     indices = [i for i, _ in sampler]
     positives = [i for i in indices if HAS_MASK[i]]
-    assert sorted(positives) == list(range(6))       # 6 positive draws: each positive exactly once
-    assert len(set(indices) - set(positives)) == 6   # 6 distinct negatives
+    assert sorted(positives) == list(range(6))  # 6 positive draws: each positive exactly once
+    assert len(set(indices) - set(positives)) == 6  # 6 distinct negatives
 
 
-@pytest.mark.parametrize("sampler_block", [{"name": "natural"},
-                                           {"name": "positive_share", "params": {"start": 0.7, "end": 0.3}}])
+@pytest.mark.parametrize(
+    "sampler_block", [{"name": "natural"}, {"name": "positive_share", "params": {"start": 0.7, "end": 0.3}}]
+)
 def test_ranks_get_disjoint_equal_shards_of_the_same_epoch(sampler_block):
     n = len(HAS_MASK) + 1  # odd, so that padding is needed
     has_mask = np.append(HAS_MASK, True)
@@ -63,7 +70,7 @@ def test_ranks_get_disjoint_equal_shards_of_the_same_epoch(sampler_block):
     single.set_epoch(2)
     draws = list(single)
     interleaved = [shards[i % 3][i // 3] for i in range(n)]
-    assert interleaved == draws        # the shards are slices of the one epoch, with their seeds
+    assert interleaved == draws  # the shards are slices of the one epoch, with their seeds
 
 
 def test_invalid_share_is_a_config_error():
@@ -87,14 +94,15 @@ def test_prepared_data_dataset_items(tmp_path):
     data = PreparedData.load(tmp_path, 32)
     train_rows, val_rows = data.split(0)
     assert set(train_rows["fold"]) == {1} and set(val_rows["fold"]) == {0}
-    dataset = data.dataset(val_rows, Normalize(), build_augment({"transforms": [
-        {"name": "HorizontalFlip", "params": {"p": 0.5}}]}))
+    dataset = data.dataset(
+        val_rows, Normalize(), build_augment({"transforms": [{"name": "HorizontalFlip", "params": {"p": 0.5}}]})
+    )
     image, mask = dataset[0]
     assert image.shape == (1, 32, 32) and mask.shape == (1, 32, 32)
     assert set(mask.unique().tolist()) <= {0.0, 1.0}
     assert bool(mask.sum() > 0) == bool(val_rows["has_mask"].iloc[0])
     flips = {bool(torch.equal(dataset[(0, seed)][0], image)) for seed in range(8)}
-    assert flips == {True, False}      # the seed decides the augmentation
+    assert flips == {True, False}  # the seed decides the augmentation
     files = ImageFiles([layout.images_dir(tmp_path, 32) / f"{i}.png" for i in val_rows["ImageId"]])
     assert files[0].dtype == torch.uint8 and files[0].shape == (32, 32)
 
@@ -123,6 +131,7 @@ def test_loader_workers_survive_a_parent_that_used_opencv_threads(tmp_path):
         "loader = make_loader(Resized(), 4, 2, torch.device('cpu'))\n"
         "for _ in range(2):\n"
         "    assert sum(len(b) for b in loader) == 8\n"
-        "print('ok')\n")
+        "print('ok')\n"
+    )
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr

@@ -1,5 +1,6 @@
 """Decode bounds (issue 25): a codestream is refused from its own header, before a pixel is decoded, when it
 declares another size than its DICOM, a size beyond the bound, or a progressive JPEG of too many scans."""
+
 from __future__ import annotations
 
 import io
@@ -10,8 +11,15 @@ from PIL import Image
 from pydicom.uid import JPEG2000Lossless, JPEGBaseline8Bit, JPEGLosslessSV1, JPEGLSLossless
 
 import hostile
-from clinical import (clinical_dataset, clinical_dicom, clinical_image, codestream_claiming, frame_of,
-                      progressive_jpeg, progressive_jpeg_dicom)
+from clinical import (
+    clinical_dataset,
+    clinical_dicom,
+    clinical_image,
+    codestream_claiming,
+    frame_of,
+    progressive_jpeg,
+    progressive_jpeg_dicom,
+)
 from pneumoseg.data import dicom
 from pneumoseg.data.codestream import MAX_JPEG_SCANS, CodestreamError, j2k_header, jpeg_header
 from pneumoseg.data.dicom import CorruptPixelDataError, TooLargeDicomError, read_dicom_bytes
@@ -23,8 +31,10 @@ CODESTREAMS = [JPEG2000Lossless, JPEGLSLossless, JPEGLosslessSV1]
 @pytest.fixture
 def no_decoding(monkeypatch):
     """Every decoder of the reader fails the test: a refusal must come before decoding."""
+
     def decoded(*_):
         pytest.fail("the pixels were decoded")
+
     monkeypatch.setattr(dicom, "_decode_with_pydicom", decoded)
     monkeypatch.setitem(dicom._DECODERS, JPEGBaseline8Bit, decoded)
 
@@ -95,19 +105,30 @@ def test_j2k_header_reads_a_bare_codestream_and_a_jp2_file():
     frame = frame_of(clinical_dataset(clinical_image(bits=12), JPEG2000Lossless, bits_stored=12))
     header = j2k_header(frame)
     assert (header.rows, header.cols, header.components, header.bits, header.scans) == (48, 40, 1, 12, 1)
-    jp2 = b"\x00\x00\x00\x0cjP  \r\n\x87\n" + b"\x00\x00\x00\x10ftypjp2 \x00\x00\x00\x00" + \
-        (len(frame) + 8).to_bytes(4, "big") + b"jp2c" + frame
+    jp2 = (
+        b"\x00\x00\x00\x0cjP  \r\n\x87\n"
+        + b"\x00\x00\x00\x10ftypjp2 \x00\x00\x00\x00"
+        + (len(frame) + 8).to_bytes(4, "big")
+        + b"jp2c"
+        + frame
+    )
     assert j2k_header(jp2) == header
 
 
-@pytest.mark.parametrize("data, message", [
-    (b"\x00\x01", "SOI"),
-    (b"\xff\xd8\xff\xda\x00\x08\x01\x01\x00\x00\x3f\x00", "scan before its frame"),
-    (b"\xff\xd8\xff\xc0\x00\x0b\x08\x00\x00\x00\x10\x01\x01\x11\x00", "DNL"),
-    (b"\xff\xd8\xff\xc0\x00\x40\x08", "beyond the data"),
-    (b"\xff\xd8\xff\xc3\x00\x0b\x08\x00\x10\x00\x10\x01\x01\x11\x00\xff\xc0\x00\x0b\x08\x00\x10\x00\x10\x01"
-     b"\x01\x11\x00", "two frames"),
-])
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        (b"\x00\x01", "SOI"),
+        (b"\xff\xd8\xff\xda\x00\x08\x01\x01\x00\x00\x3f\x00", "scan before its frame"),
+        (b"\xff\xd8\xff\xc0\x00\x0b\x08\x00\x00\x00\x10\x01\x01\x11\x00", "DNL"),
+        (b"\xff\xd8\xff\xc0\x00\x40\x08", "beyond the data"),
+        (
+            b"\xff\xd8\xff\xc3\x00\x0b\x08\x00\x10\x00\x10\x01\x01\x11\x00\xff\xc0\x00\x0b\x08\x00\x10\x00\x10\x01"
+            b"\x01\x11\x00",
+            "two frames",
+        ),
+    ],
+)
 def test_malformed_jpeg_headers(data, message):
     with pytest.raises(CodestreamError, match=message):
         jpeg_header(data)
@@ -120,7 +141,7 @@ def test_malformed_j2k_headers():
     with pytest.raises(CodestreamError, match="cut short"):
         j2k_header(frame[:30])
     siz = frame.index(b"\xff\x51")
-    zero_tiles = frame[:siz + 22] + bytes(8) + frame[siz + 30:]  # XTsiz = YTsiz = 0
+    zero_tiles = frame[: siz + 22] + bytes(8) + frame[siz + 30 :]  # XTsiz = YTsiz = 0
     with pytest.raises(CodestreamError, match="inconsistent"):
         j2k_header(zero_tiles)
     with pytest.raises(CodestreamError, match="jp2c"):

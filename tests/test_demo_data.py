@@ -1,5 +1,6 @@
 """Stage 00: the demo dataset's files have the real challenge's exact form, are deterministic, and the stage
 skips, regenerates and resumes as a stage should."""
+
 from __future__ import annotations
 
 import json
@@ -14,9 +15,9 @@ from omegaconf import OmegaConf
 
 from pneumoseg import cli
 from pneumoseg.data.dicom import UID_ROOT, read_dicom
-from pneumoseg.errors import ConfigError, DataError
 from pneumoseg.data.rle import decode, encode
 from pneumoseg.demo.layouts import patient_visits
+from pneumoseg.errors import ConfigError, DataError
 from pneumoseg.stages import demo_data
 
 # Small and fast: 16 images of 128 px, of which 7 are positive (3 with several instances).
@@ -32,8 +33,11 @@ def _run(tiny_cfg, *overrides: str, force: bool = False) -> tuple[dict, Path]:
 def _files(folder: Path) -> dict[str, bytes]:
     """Every data file of the demo by relative path (the stage records, which hold paths and times, left out)."""
     skip = {"config.yaml", "done.json"}
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
-            if p.is_file() and p.name not in skip}
+    return {
+        str(p.relative_to(folder)): p.read_bytes()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name not in skip
+    }
 
 
 def _labels(path: Path) -> pd.DataFrame:
@@ -82,7 +86,7 @@ def test_one_row_per_instance_with_multi_overlapping_and_scattered_rows(tiny_cfg
     for _, group in positive.groupby("ImageId"):
         masks = [decode(rle, 128, 128) for rle in group.EncodedPixels]
         assert all(m.any() and encode(m) == rle for m, rle in zip(masks, group.EncodedPixels))
-        overlapping += any((a & b).any() for k, a in enumerate(masks) for b in masks[k + 1:])
+        overlapping += any((a & b).any() for k, a in enumerate(masks) for b in masks[k + 1 :])
     assert overlapping >= 1
 
     positions = labels.groupby("ImageId").indices
@@ -116,7 +120,7 @@ def test_patient_visits_give_some_patients_two_or_three_images():
     per_patient = pd.Series([patient for patient, _ in visits]).value_counts()
     assert per_patient.max() == 3 and set(per_patient.unique()) == {1, 2, 3}
     assert 0.10 < (per_patient > 1).mean() < 0.20
-    for index, (patient, visit) in enumerate(visits):     # named by its first image, visits counted in order
+    for index, (patient, visit) in enumerate(visits):  # named by its first image, visits counted in order
         assert patient <= index and (visit == 0) == (patient == index)
     assert patient_visits(3, 0, 50, 0.0) == [(k, 0) for k in range(50)]
 
@@ -124,9 +128,15 @@ def test_patient_visits_give_some_patients_two_or_three_images():
 def test_follow_ups_share_the_patient_but_not_the_study(tiny_cfg, monkeypatch):
     monkeypatch.setattr(pydicom.config.settings, "reading_validation_mode", pydicom.config.IGNORE)
     summary, folder = _run(tiny_cfg, "demo.follow_up_rate=0.6")
-    headers = pd.DataFrame([{key: str(getattr(ds, key)) for key in
-                             ("PatientID", "PatientSex", "PatientAge", "StudyInstanceUID", "SeriesInstanceUID")}
-                            for ds in map(pydicom.dcmread, sorted(folder.glob("dicom-images-train/*/*/*.dcm")))])
+    headers = pd.DataFrame(
+        [
+            {
+                key: str(getattr(ds, key))
+                for key in ("PatientID", "PatientSex", "PatientAge", "StudyInstanceUID", "SeriesInstanceUID")
+            }
+            for ds in map(pydicom.dcmread, sorted(folder.glob("dicom-images-train/*/*/*.dcm")))
+        ]
+    )
     per_patient = headers.groupby("PatientID")
     assert summary["train"]["patients"] == len(per_patient) < 12
     assert per_patient["PatientSex"].nunique().max() == 1
@@ -231,11 +241,16 @@ def test_refuses_to_overwrite_files_it_did_not_write(tiny_cfg):
     assert (folder / "train-rle.csv").read_text() == "real labels"
 
 
-@pytest.mark.parametrize("override, message", [("demo.layout=stage3", "unknown demo layout"),
-                                               ("demo.positive_rate=1.5", "positive_rate"),
-                                               ("demo.follow_up_rate=-0.1", "follow_up_rate"),
-                                               ("demo.image_size=32", "image_size"),
-                                               ("demo.n_train=0", "n_train")])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("demo.layout=stage3", "unknown demo layout"),
+        ("demo.positive_rate=1.5", "positive_rate"),
+        ("demo.follow_up_rate=-0.1", "follow_up_rate"),
+        ("demo.image_size=32", "image_size"),
+        ("demo.n_train=0", "n_train"),
+    ],
+)
 def test_bad_demo_config_is_a_config_error(tiny_cfg, override, message):
     with pytest.raises(ConfigError, match=message):
         demo_data.run(tiny_cfg(override))

@@ -1,5 +1,6 @@
 """The demo's chest drains: most on positive images, a few on negative ones, drawn on the lesion's side and
 recorded per image."""
+
 import numpy as np
 import pandas as pd
 
@@ -27,11 +28,12 @@ def test_a_drain_is_drawn_on_the_lesion_side_and_changes_nothing_else():
         assert (tip[0] < 0.5) == lesion_left
         image = phantom.render(with_drain, phantom.case_streams(3, 0, index)[1])
         plain = phantom.render(without, phantom.case_streams(3, 0, index)[1])
-        assert (image.astype(int) - plain).max() > 20       # a bright tube
+        assert (image.astype(int) - plain).max() > 20  # a bright tube
 
 
 def test_stage_00_records_the_drains(tiny_cfg):
     from pneumoseg.stages import demo_data
+
     cfg = tiny_cfg("demo.n_train=20", "demo.n_test=4", "demo.image_size=64", "demo.positive_rate=0.5")
     demo_data.run(cfg)
     table = pd.read_csv(f"{cfg.paths.input_dir}/{demo_data.ANNOTATIONS}", dtype={"ImageId": str})

@@ -1,5 +1,6 @@
 """The detector figures: AUC equal to scikit-learn's, patient-bootstrap intervals that cover, calibration, sizes
 and subgroups."""
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -39,7 +40,7 @@ def test_patient_weights_draw_whole_patients():
     for weights in patient_weights(patient, 50, seed=3, chunk=16):
         assert weights.shape[1] == 6
         assert (weights[:, 0] == weights[:, 1]).all() and (weights[:, 3] == weights[:, 5]).all()
-        assert (weights[:, [0, 2, 3]].sum(1) == 3).all()     # three patients drawn per replicate
+        assert (weights[:, [0, 2, 3]].sum(1) == 3).all()  # three patients drawn per replicate
 
 
 def _sensitivity_coverage(n_draws: int, n_boot: int) -> float:
@@ -51,8 +52,13 @@ def _sensitivity_coverage(n_draws: int, n_boot: int) -> float:
     patient = np.repeat(np.arange(n_patients), 2)
     for draw in range(n_draws):
         detected = np.repeat(rng.random(n_patients) < truth, 2)
-        cases = Cases(positive=np.ones(2 * n_patients, bool), detected=detected, score=detected * 1.0,
-                      dice=detected * 1.0, patient=patient)
+        cases = Cases(
+            positive=np.ones(2 * n_patients, bool),
+            detected=detected,
+            score=detected * 1.0,
+            dice=detected * 1.0,
+            patient=patient,
+        )
         found = estimates(cases, {}, n_boot, seed=draw)["overall"]["sensitivity"]
         covered += found["low"] <= truth <= found["high"]
     return covered / n_draws
@@ -85,27 +91,47 @@ def test_subgroup_below_the_overall_figure_is_marked():
     positive = rng.random(n) < 0.5
     # Pneumothoraces without a drain are mostly missed; with one, mostly found.
     detected = np.where(positive, rng.random(n) < np.where(drain, 0.95, 0.3), rng.random(n) < 0.05)
-    frame = pd.DataFrame({"true_area": positive * 500, "pred_area": detected * 1, "score": rng.random(n),
-                          "dice": detected * positive * 0.8, "PatientID": [f"p{i // 2}" for i in range(n)],
-                          "drain": drain.astype(int), "sex": "M"})
+    frame = pd.DataFrame(
+        {
+            "true_area": positive * 500,
+            "pred_area": detected * 1,
+            "score": rng.random(n),
+            "dice": detected * positive * 0.8,
+            "PatientID": [f"p{i // 2}" for i in range(n)],
+            "drain": drain.astype(int),
+            "sex": "M",
+        }
+    )
     numbers = detector_numbers(frame, [0, 2000], ["drain"], 200, seed=0)
     rows = {row["group"]: row for row in numbers["subgroups"]}
-    assert set(rows) == {"drain=0", "drain=1"}          # sex has one value: no split
+    assert set(rows) == {"drain=0", "drain=1"}  # sex has one value: no split
     assert "sensitivity" in rows["drain=0"]["below"] and "sensitivity" not in rows["drain=1"]["below"]
     assert numbers["n_patients"] == n // 2
 
 
 def test_rates_at_the_operating_point_match_the_confusion_matrix():
     from sklearn.metrics import confusion_matrix
+
     rng = np.random.default_rng(7)
     n = 200
-    frame = pd.DataFrame({"true_area": (rng.random(n) < 0.3) * 900, "pred_area": (rng.random(n) < 0.4) * 50,
-                          "score": rng.random(n), "dice": rng.random(n)})
+    frame = pd.DataFrame(
+        {
+            "true_area": (rng.random(n) < 0.3) * 900,
+            "pred_area": (rng.random(n) < 0.4) * 50,
+            "score": rng.random(n),
+            "dice": rng.random(n),
+        }
+    )
     overall = estimates(Cases.from_frame(frame), {}, 0, seed=0)["overall"]
     tn, fp, fn, tp = confusion_matrix(frame["true_area"] > 0, frame["pred_area"] > 0).ravel()
-    expected = {"sensitivity": tp / (tp + fn), "specificity": tn / (tn + fp), "ppv": tp / (tp + fp),
-                "npv": tn / (tn + fn), "dice": frame["dice"].mean(),
-                "positive_dice": frame.loc[frame["true_area"] > 0, "dice"].mean()}
+    expected = {
+        "sensitivity": tp / (tp + fn),
+        "specificity": tn / (tn + fp),
+        "ppv": tp / (tp + fp),
+        "npv": tn / (tn + fn),
+        "dice": frame["dice"].mean(),
+        "positive_dice": frame.loc[frame["true_area"] > 0, "dice"].mean(),
+    }
     assert {key: overall[key]["value"] for key in expected} == pytest.approx(expected)
     assert overall["auc"]["value"] == pytest.approx(roc_auc_score(frame["true_area"] > 0, frame["score"]))
 
@@ -114,6 +140,7 @@ def test_leaderboard_shows_the_detector_figures(tmp_path):
     import json
 
     from pneumoseg.evaluation import leaderboard
+
     run = tmp_path / "exp"
     (run / "04_search").mkdir(parents=True)
     (run / "05_predict").mkdir()

@@ -1,4 +1,5 @@
 """pneumoseg.data.dicom reading: the real challenge files, generated files of every kind, bad files, listings."""
+
 from __future__ import annotations
 
 import hashlib
@@ -13,20 +14,46 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
-from pydicom.uid import (DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, JPEGBaseline8Bit, JPEGLSLossless,
-                         SecondaryCaptureImageStorage, generate_uid)
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    JPEGBaseline8Bit,
+    JPEGLSLossless,
+    SecondaryCaptureImageStorage,
+    generate_uid,
+)
 
 import hostile
-from pneumoseg.data.dicom import (MAX_FILE_BYTES, MAX_SIDE, METADATA_KEYS, CorruptPixelDataError, DicomError,
-                                  DicomTags, NoPixelDataError, NotDicomError, TooLargeDicomError, TruncatedDicomError,
-                                  UnreadableDicomError, UnsupportedDicomError, find_dicoms, read_dicom,
-                                  read_dicom_bytes, read_dicom_header, write_jpeg_dicom)
+from pneumoseg.data.dicom import (
+    MAX_FILE_BYTES,
+    MAX_SIDE,
+    METADATA_KEYS,
+    CorruptPixelDataError,
+    DicomError,
+    DicomTags,
+    NoPixelDataError,
+    NotDicomError,
+    TooLargeDicomError,
+    TruncatedDicomError,
+    UnreadableDicomError,
+    UnsupportedDicomError,
+    find_dicoms,
+    read_dicom,
+    read_dicom_bytes,
+    read_dicom_header,
+    write_jpeg_dicom,
+)
 from pneumoseg.errors import DataError
 
 
 def tags(image_id: str, **kwargs) -> DicomTags:
-    return DicomTags(sop_instance_uid=image_id, study_instance_uid=f"{image_id}.1",
-                     series_instance_uid=f"{image_id}.2", patient_id=f"patient-{image_id}", **kwargs)
+    return DicomTags(
+        sop_instance_uid=image_id,
+        study_instance_uid=f"{image_id}.1",
+        series_instance_uid=f"{image_id}.2",
+        patient_id=f"patient-{image_id}",
+        **kwargs,
+    )
 
 
 def gradient(height: int = 48, width: int = 40, seed: int = 0) -> np.ndarray:
@@ -37,9 +64,15 @@ def gradient(height: int = 48, width: int = 40, seed: int = 0) -> np.ndarray:
     return np.clip(image, 0, 255).astype(np.uint8)
 
 
-def write_native_dicom(path: Path, pixels: np.ndarray, photometric: str = "MONOCHROME2",
-                       bits_stored: int | None = None, syntax: str = ExplicitVRLittleEndian,
-                       pixel_data: bytes | None = None, **elements) -> Path:
+def write_native_dicom(
+    path: Path,
+    pixels: np.ndarray,
+    photometric: str = "MONOCHROME2",
+    bits_stored: int | None = None,
+    syntax: str = ExplicitVRLittleEndian,
+    pixel_data: bytes | None = None,
+    **elements,
+) -> Path:
     """An uncompressed DICOM (or one with ``pixel_data`` given as is, under ``syntax``), written by pydicom."""
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
@@ -72,6 +105,7 @@ def write_native_dicom(path: Path, pixels: np.ndarray, photometric: str = "MONOC
 
 # ---------------------------------------------------------------------------------------------------------
 # The real challenge files
+
 
 @pytest.mark.real_data
 def test_real_samples_decode_like_pydicom_with_the_right_metadata(siim_dir):
@@ -121,6 +155,7 @@ def test_reading_the_real_files_is_silent(siim_dir, caplog):
 # ---------------------------------------------------------------------------------------------------------
 # Generated files
 
+
 def test_jpeg_dicom_round_trip_matches_pydicom(tmp_path):
     image = gradient()
     path = tmp_path / "ID_0a1b2c3d4.dcm"
@@ -130,9 +165,18 @@ def test_jpeg_dicom_round_trip_matches_pydicom(tmp_path):
     assert (pixels == pydicom.pixels.pixel_array(path, decoding_plugin="pillow")).all()
     assert np.abs(pixels.astype(int) - image).mean() < 3  # JPEG at quality 95
     assert metadata == {
-        "ImageId": "ID_0a1b2c3d4", "source_path": str(path), "rows": 48, "cols": 40, "sex": "F", "age": 50,
-        "view": "AP", "pixel_spacing": 0.143, "photometric": "MONOCHROME2",
-        "transfer_syntax": JPEGBaseline8Bit, "PatientID": "patient-1.2.3", "StudyInstanceUID": "1.2.3.1",
+        "ImageId": "ID_0a1b2c3d4",
+        "source_path": str(path),
+        "rows": 48,
+        "cols": 40,
+        "sex": "F",
+        "age": 50,
+        "view": "AP",
+        "pixel_spacing": 0.143,
+        "photometric": "MONOCHROME2",
+        "transfer_syntax": JPEGBaseline8Bit,
+        "PatientID": "patient-1.2.3",
+        "StudyInstanceUID": "1.2.3.1",
         "SeriesInstanceUID": "1.2.3.2",
     }
 
@@ -147,16 +191,20 @@ def test_8_bit_native_pixels_are_kept_and_monochrome1_inverted(tmp_path, photome
     assert metadata["transfer_syntax"] == ExplicitVRLittleEndian
 
 
-@pytest.mark.parametrize("values, bits_stored, dtype, photometric, expected", [
-    ([0, 1000, 4095], 12, np.uint16, "MONOCHROME2", [0, 62, 255]),          # full 12-bit range
-    ([100, 1100, 2100], 16, np.uint16, "MONOCHROME2", [0, 128, 255]),       # 16 declared, less used
-    ([100, 1100, 2100], 16, np.uint16, "MONOCHROME1", [255, 127, 0]),       # ... and inverted
-    ([-1000, 0, 1000], 12, np.int16, "MONOCHROME2", [0, 128, 255]),         # signed
-    ([-100, 0, 27], 8, np.int8, "MONOCHROME2", [0, 201, 255]),              # signed 8-bit is stretched too
-    ([700, 700, 700], 12, np.uint16, "MONOCHROME2", [0, 0, 0]),             # constant
-])
-def test_deeper_or_signed_data_is_stretched_from_its_own_range(tmp_path, values, bits_stored, dtype, photometric,
-                                                                expected):
+@pytest.mark.parametrize(
+    "values, bits_stored, dtype, photometric, expected",
+    [
+        ([0, 1000, 4095], 12, np.uint16, "MONOCHROME2", [0, 62, 255]),  # full 12-bit range
+        ([100, 1100, 2100], 16, np.uint16, "MONOCHROME2", [0, 128, 255]),  # 16 declared, less used
+        ([100, 1100, 2100], 16, np.uint16, "MONOCHROME1", [255, 127, 0]),  # ... and inverted
+        ([-1000, 0, 1000], 12, np.int16, "MONOCHROME2", [0, 128, 255]),  # signed
+        ([-100, 0, 27], 8, np.int8, "MONOCHROME2", [0, 201, 255]),  # signed 8-bit is stretched too
+        ([700, 700, 700], 12, np.uint16, "MONOCHROME2", [0, 0, 0]),  # constant
+    ],
+)
+def test_deeper_or_signed_data_is_stretched_from_its_own_range(
+    tmp_path, values, bits_stored, dtype, photometric, expected
+):
     image = np.array([values, values[::-1]], dtype=dtype)
     path = write_native_dicom(tmp_path / "a.dcm", image, photometric, bits_stored=bits_stored)
     pixels, _ = read_dicom(path)
@@ -164,8 +212,10 @@ def test_deeper_or_signed_data_is_stretched_from_its_own_range(tmp_path, values,
     assert pixels.tolist() == [expected, expected[::-1]]
 
 
-@pytest.mark.parametrize("age, years", [("50", 50), ("038Y", 38), ("018M", 1), ("011M", 0), ("104W", 2),
-                                        ("400D", 1), ("", None), ("unknown", None)])
+@pytest.mark.parametrize(
+    "age, years",
+    [("50", 50), ("038Y", 38), ("018M", 1), ("011M", 0), ("104W", 2), ("400D", 1), ("", None), ("unknown", None)],
+)
 def test_age_in_whole_years(tmp_path, age, years):
     path = write_native_dicom(tmp_path / "a.dcm", gradient(4, 4), PatientAge=age)
     assert read_dicom(path)[1]["age"] == years
@@ -195,6 +245,7 @@ def test_reading_a_file_that_makes_pydicom_warn_is_silent(tmp_path, caplog):
 # ---------------------------------------------------------------------------------------------------------
 # Bad files: every one raises its own DicomError, with the path and the reason
 
+
 def _jpeg_file(tmp_path: Path) -> Path:
     path = tmp_path / "good.dcm"
     write_jpeg_dicom(path, gradient(), tags("1.2.3"))
@@ -210,11 +261,13 @@ def _header_end(path: Path) -> int:
 
 def _cut(keep):
     """A JPEG DICOM cut after its first ``keep(complete_file)`` bytes."""
+
     def make(tmp_path: Path) -> Path:
         good = _jpeg_file(tmp_path)
         path = tmp_path / "cut.dcm"
-        path.write_bytes(good.read_bytes()[:keep(good)])
+        path.write_bytes(good.read_bytes()[: keep(good)])
         return path
+
     return make
 
 
@@ -254,27 +307,57 @@ BAD_FILES = {
     "cut_in_pixel_data": (_cut(lambda good: int(good.stat().st_size * 0.8)), TruncatedDicomError, "ends early"),
     "cut_before_delimiter": (_cut(lambda good: good.stat().st_size - 12), TruncatedDicomError, "ends early"),
     "cut_native_pixels": (_native_cut, TruncatedDicomError, "cut off"),
-    "no_pixel_data": (lambda tmp_path: write_native_dicom(tmp_path / "a.dcm", np.zeros((0, 0), np.uint8)),
-                      NoPixelDataError, "no Pixel Data"),
-    "jpeg_ls_garbage": (lambda tmp_path: write_native_dicom(tmp_path / "a.dcm", gradient(), syntax=JPEGLSLossless,
-                                                            pixel_data=encapsulate([b"\xff\xd8 not really"])),
-                        CorruptPixelDataError, "no frame header (SOF marker)"),
-    "unknown_syntax": (lambda tmp_path: write_native_dicom(tmp_path / "a.dcm", gradient(), syntax="1.2.3.4.5"),
-                       UnsupportedDicomError, "1.2.3.4.5"),
-    "colour": (lambda tmp_path: write_native_dicom(tmp_path / "a.dcm", np.zeros((4, 4, 3), np.uint8), "RGB",
-                                                   PlanarConfiguration=0),
-               UnsupportedDicomError, "RGB"),
-    "multi_frame": (lambda tmp_path: write_native_dicom(tmp_path / "a.dcm", np.zeros((4, 4), np.uint8),
-                                                        pixel_data=bytes(32), NumberOfFrames=2),
-                    UnsupportedDicomError, "2 frames"),
-    "jpeg_garbage": (lambda tmp_path: write_native_dicom(tmp_path / "a.dcm", gradient(), syntax=JPEGBaseline8Bit,
-                                                         pixel_data=encapsulate([b"\xff\xd8\xff\xe0 garbage!"])),
-                     CorruptPixelDataError, "beyond the data"),
-    "jpeg_wrong_size": (lambda tmp_path: _resized_header(_jpeg_file(tmp_path)), CorruptPixelDataError,
-                        "declares 24x40"),
-    "native_too_short": (lambda tmp_path: write_native_dicom(tmp_path / "a.dcm", gradient(),
-                                                             pixel_data=bytes(100)),
-                         CorruptPixelDataError, "does not decode"),
+    "no_pixel_data": (
+        lambda tmp_path: write_native_dicom(tmp_path / "a.dcm", np.zeros((0, 0), np.uint8)),
+        NoPixelDataError,
+        "no Pixel Data",
+    ),
+    "jpeg_ls_garbage": (
+        lambda tmp_path: write_native_dicom(
+            tmp_path / "a.dcm", gradient(), syntax=JPEGLSLossless, pixel_data=encapsulate([b"\xff\xd8 not really"])
+        ),
+        CorruptPixelDataError,
+        "no frame header (SOF marker)",
+    ),
+    "unknown_syntax": (
+        lambda tmp_path: write_native_dicom(tmp_path / "a.dcm", gradient(), syntax="1.2.3.4.5"),
+        UnsupportedDicomError,
+        "1.2.3.4.5",
+    ),
+    "colour": (
+        lambda tmp_path: write_native_dicom(
+            tmp_path / "a.dcm", np.zeros((4, 4, 3), np.uint8), "RGB", PlanarConfiguration=0
+        ),
+        UnsupportedDicomError,
+        "RGB",
+    ),
+    "multi_frame": (
+        lambda tmp_path: write_native_dicom(
+            tmp_path / "a.dcm", np.zeros((4, 4), np.uint8), pixel_data=bytes(32), NumberOfFrames=2
+        ),
+        UnsupportedDicomError,
+        "2 frames",
+    ),
+    "jpeg_garbage": (
+        lambda tmp_path: write_native_dicom(
+            tmp_path / "a.dcm",
+            gradient(),
+            syntax=JPEGBaseline8Bit,
+            pixel_data=encapsulate([b"\xff\xd8\xff\xe0 garbage!"]),
+        ),
+        CorruptPixelDataError,
+        "beyond the data",
+    ),
+    "jpeg_wrong_size": (
+        lambda tmp_path: _resized_header(_jpeg_file(tmp_path)),
+        CorruptPixelDataError,
+        "declares 24x40",
+    ),
+    "native_too_short": (
+        lambda tmp_path: write_native_dicom(tmp_path / "a.dcm", gradient(), pixel_data=bytes(100)),
+        CorruptPixelDataError,
+        "does not decode",
+    ),
 }
 
 
@@ -316,6 +399,7 @@ def test_dicom_error_survives_pickling():
 
 # ---------------------------------------------------------------------------------------------------------
 # Hostile files: refused before they cost memory, and never an exception other than a DicomError
+
 
 def _peak_bytes(read, data: bytes) -> tuple[int, DicomError | None]:
     """The peak of Python's allocations while ``read(data)`` runs, and the DicomError it raised (or None)."""
@@ -378,8 +462,9 @@ def test_valid_deflated_file_reads_like_its_plain_twin(tmp_path, pixels):
     np.testing.assert_array_equal(found, expected)
     assert metadata["transfer_syntax"] == DeflatedExplicitVRLittleEndian
     assert read_dicom_header(deflated) == metadata
-    assert {k: v for k, v in metadata.items() if k not in ("ImageId", "source_path", "transfer_syntax")} == \
-        {k: v for k, v in expected_meta.items() if k not in ("ImageId", "source_path", "transfer_syntax")}
+    assert {k: v for k, v in metadata.items() if k not in ("ImageId", "source_path", "transfer_syntax")} == {
+        k: v for k, v in expected_meta.items() if k not in ("ImageId", "source_path", "transfer_syntax")
+    }
 
 
 def test_cut_deflated_file_is_truncated():
@@ -388,12 +473,16 @@ def test_cut_deflated_file_is_truncated():
         read_dicom_bytes(data[:-40])
 
 
-@pytest.mark.parametrize("data, error, reason", [
-    (hostile.jpeg_frame_bomb(20000, declared=64), TooLargeDicomError, "its codestream declares 20000x20000"),
-    (hostile.jpeg_frame_bomb(4000, declared=64), CorruptPixelDataError, "declares 64x64"),
-    (hostile.jpeg_frame_bomb(20000, declared=20000), TooLargeDicomError, "20000x20000"),
-    (hostile.corrupt_vr(hostile.jpeg_dicom()), NotDicomError, "NotImplementedError"),
-], ids=["jpeg_bomb", "jpeg_larger_than_header", "huge_header", "corrupt_vr"])
+@pytest.mark.parametrize(
+    "data, error, reason",
+    [
+        (hostile.jpeg_frame_bomb(20000, declared=64), TooLargeDicomError, "its codestream declares 20000x20000"),
+        (hostile.jpeg_frame_bomb(4000, declared=64), CorruptPixelDataError, "declares 64x64"),
+        (hostile.jpeg_frame_bomb(20000, declared=20000), TooLargeDicomError, "20000x20000"),
+        (hostile.corrupt_vr(hostile.jpeg_dicom()), NotDicomError, "NotImplementedError"),
+    ],
+    ids=["jpeg_bomb", "jpeg_larger_than_header", "huge_header", "corrupt_vr"],
+)
 def test_decoder_failures_of_any_type_become_dicom_errors(data, error, reason):
     peak, caught = _peak_bytes(read_dicom_bytes, data)
     assert isinstance(caught, error) and reason in caught.reason
@@ -422,9 +511,11 @@ def test_fifo_named_dcm_is_refused_without_blocking(tmp_path):
 # ---------------------------------------------------------------------------------------------------------
 # Listing
 
-STAGE1 = ["dicom-images-train/1.2.1/1.2.2/1.2.276.0.7230010.3.1.4.1.dcm",
-          "dicom-images-train/1.2.3/1.2.4/1.2.276.0.7230010.3.1.4.2.dcm",
-          "dicom-images-test/1.2.5/1.2.6/1.2.276.0.7230010.3.1.4.3.dcm"]
+STAGE1 = [
+    "dicom-images-train/1.2.1/1.2.2/1.2.276.0.7230010.3.1.4.1.dcm",
+    "dicom-images-train/1.2.3/1.2.4/1.2.276.0.7230010.3.1.4.2.dcm",
+    "dicom-images-test/1.2.5/1.2.6/1.2.276.0.7230010.3.1.4.3.dcm",
+]
 STAGE2 = ["stage_2_images/ID_0a1b2c3d4.dcm", "stage_2_images/ID_ff00ee11d.DCM"]
 
 
@@ -461,6 +552,7 @@ def test_find_dicoms_warns_of_a_folder_it_cannot_list(tmp_path, monkeypatch, cap
         if Path(folder).name == "closed":
             raise PermissionError(13, "Permission denied", str(folder))
         return real_scandir(folder)
+
     monkeypatch.setattr(os, "scandir", scandir)
     with caplog.at_level(logging.WARNING, logger="pneumoseg.data.dicom"):
         assert list(find_dicoms(tmp_path)) == ["a"]

@@ -1,5 +1,6 @@
 """Ensembles across experiments: the config, the blend, stage 04 on blended OOF maps, stage 05, the package and the
 server, on two tiny member experiments of different sizes and weights."""
+
 from __future__ import annotations
 
 import json
@@ -13,16 +14,13 @@ import pytest
 from omegaconf import OmegaConf
 
 from fake_experiment import write_fake_training
-from serve_client import call, running_server
-from synthetic import write_prepared
-from synthetic_oof import write_oof_experiment
 from pneumoseg import layout
 from pneumoseg.config import ensemble_members, load_config
 from pneumoseg.data import rle
 from pneumoseg.data.blend import blend_gates, blend_maps, weighted_mean
-from pneumoseg.data.resize import resize_probabilities
 from pneumoseg.data.labels import ImageLabels
 from pneumoseg.data.probstore import ProbabilityWriter
+from pneumoseg.data.resize import resize_probabilities
 from pneumoseg.errors import ConfigError, DataError
 from pneumoseg.evaluation import leaderboard
 from pneumoseg.evaluation.metrics import dice_per_image
@@ -31,8 +29,14 @@ from pneumoseg.io import read_png, write_csv, write_json, write_text
 from pneumoseg.postprocess.images import BlendedImages, OofImages
 from pneumoseg.postprocess.strategies import build_postprocessor
 from pneumoseg.serve import package as package_format
-from pneumoseg.stages import ensemble, package as package_stage, predict as predict_stage, search as search_stage
+from pneumoseg.stages import ensemble
+from pneumoseg.stages import package as package_stage
+from pneumoseg.stages import predict as predict_stage
+from pneumoseg.stages import search as search_stage
 from pneumoseg.stages.record import StageRecord
+from serve_client import call, running_server
+from synthetic import write_prepared
+from synthetic_oof import write_oof_experiment
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -43,19 +47,32 @@ def write_ensemble(tmp_path: Path, weights=(1, 3), member_b=("train.image_size=3
     """An ensemble config of two tiny members under ``tmp_path`` (``tiny_a`` at 64 px, ``tiny_b`` as ``member_b``
     says), both on the same prepared data; returns its file."""
     paths = [f"paths.input_dir={tmp_path / 'input'}", f"paths.output_root={tmp_path / 'output'}"]
-    members = members if members is not None else [
-        {"config": str(TINY), "weight": weights[0], "overrides": [*paths, "experiment=tiny_a"]},
-        {"config": str(TINY), "weight": weights[1], "overrides": [*paths, "experiment=tiny_b", *member_b]},
-    ]
+    members = (
+        members
+        if members is not None
+        else [
+            {"config": str(TINY), "weight": weights[0], "overrides": [*paths, "experiment=tiny_a"]},
+            {"config": str(TINY), "weight": weights[1], "overrides": [*paths, "experiment=tiny_b", *member_b]},
+        ]
+    )
     path = tmp_path / "ensemble.yaml"
-    OmegaConf.save(OmegaConf.create({
-        "base": str(TINY), "experiment": "tiny_ensemble", "prepare": {"sizes": [64, 32]},
-        "paths": {"input_dir": str(tmp_path / "input"), "output_root": str(tmp_path / "output")},
-        "ensemble": {"members": members}}), path)
+    OmegaConf.save(
+        OmegaConf.create(
+            {
+                "base": str(TINY),
+                "experiment": "tiny_ensemble",
+                "prepare": {"sizes": [64, 32]},
+                "paths": {"input_dir": str(tmp_path / "input"), "output_root": str(tmp_path / "output")},
+                "ensemble": {"members": members},
+            }
+        ),
+        path,
+    )
     return path
 
 
 # --- the config --------------------------------------------------------------------------------------------------
+
 
 def test_members_load_with_their_overrides_and_weights(tmp_path):
     cfg = load_config(write_ensemble(tmp_path))
@@ -65,18 +82,26 @@ def test_members_load_with_their_overrides_and_weights(tmp_path):
     assert str(a.cfg.paths.experiment_dir) == str(tmp_path / "output" / "tiny_a")
 
 
-@pytest.mark.parametrize("change, message", [
-    (lambda m: m[1].update(config="configs/no_such_member.yaml"), r"members\[1\]: member config "
-                                                                  r"configs/no_such_member.yaml not found"),
-    (lambda m: m[0].update(weight=0), r"members\[0\]: weight must be a positive number, got 0"),
-    (lambda m: m[0].update(weight=-2), "weight must be a positive number"),
-    (lambda m: m[0].update(weight="heavy"), "weight must be a positive number"),
-    (lambda m: m.pop(), "at least two member experiments"),
-    (lambda m: m[1].update(overrides=[o.replace("tiny_b", "tiny_a") for o in m[1]["overrides"]]),
-     "as member 'tiny_a' does"),
-    (lambda m: m[0].update(colour="red"), "must be a mapping with a config file"),
-    (lambda m: m[0]["overrides"].append("train.no_such_key=1"), r"members\[0\]: override"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (
+            lambda m: m[1].update(config="configs/no_such_member.yaml"),
+            r"members\[1\]: member config "
+            r"configs/no_such_member.yaml not found",
+        ),
+        (lambda m: m[0].update(weight=0), r"members\[0\]: weight must be a positive number, got 0"),
+        (lambda m: m[0].update(weight=-2), "weight must be a positive number"),
+        (lambda m: m[0].update(weight="heavy"), "weight must be a positive number"),
+        (lambda m: m.pop(), "at least two member experiments"),
+        (
+            lambda m: m[1].update(overrides=[o.replace("tiny_b", "tiny_a") for o in m[1]["overrides"]]),
+            "as member 'tiny_a' does",
+        ),
+        (lambda m: m[0].update(colour="red"), "must be a mapping with a config file"),
+        (lambda m: m[0]["overrides"].append("train.no_such_key=1"), r"members\[0\]: override"),
+    ],
+)
 def test_bad_members_are_config_errors_naming_the_ensemble_file(tmp_path, change, message):
     path = write_ensemble(tmp_path)
     raw = OmegaConf.to_container(OmegaConf.load(path))
@@ -90,13 +115,22 @@ def test_bad_members_are_config_errors_naming_the_ensemble_file(tmp_path, change
 def test_a_member_that_is_an_ensemble_is_refused(tmp_path):
     inner = write_ensemble(tmp_path)
     outer = tmp_path / "outer.yaml"
-    OmegaConf.save(OmegaConf.create({"base": str(inner), "experiment": "outer", "ensemble": {"members": [
-        {"config": str(inner)}, {"config": str(TINY), "overrides": ["experiment=x"]}]}}), outer)
+    OmegaConf.save(
+        OmegaConf.create(
+            {
+                "base": str(inner),
+                "experiment": "outer",
+                "ensemble": {"members": [{"config": str(inner)}, {"config": str(TINY), "overrides": ["experiment=x"]}]},
+            }
+        ),
+        outer,
+    )
     with pytest.raises(ConfigError, match="is an ensemble itself"):
         load_config(outer)
 
 
 # --- the blend ---------------------------------------------------------------------------------------------------
+
 
 def test_blend_equals_a_hand_computed_weighted_average_of_maps_of_different_sizes():
     rng = np.random.default_rng(0)
@@ -108,13 +142,14 @@ def test_blend_equals_a_hand_computed_weighted_average_of_maps_of_different_size
     assert blended.dtype == np.float32 and blended.shape == (96, 80)
     np.testing.assert_allclose(blended, (a + 3 * b) / 4, rtol=0, atol=1e-6)
     # One member with any weight is that member's map, bit for bit.
-    np.testing.assert_array_equal(blend_maps([large], [7], 96, 80),
-                                  cv2.resize(large, (80, 96), interpolation=cv2.INTER_LINEAR))
+    np.testing.assert_array_equal(
+        blend_maps([large], [7], 96, 80), cv2.resize(large, (80, 96), interpolation=cv2.INTER_LINEAR)
+    )
     # Per-image values (a gate's probability) blend with the same weights.
     assert float(weighted_mean([0.2, 0.6], [1, 3])) == pytest.approx(0.5)
 
 
-@pytest.mark.parametrize("shape", [(96, 80), (8, 8)])   # enlarged (bilinear) and shrunk (area averaging)
+@pytest.mark.parametrize("shape", [(96, 80), (8, 8)])  # enlarged (bilinear) and shrunk (area averaging)
 def test_maps_of_one_size_blended_before_the_resize_equal_each_resized_then_blended(shape):
     rng = np.random.default_rng(2)
     maps = [rng.random((16, 16), np.float32) for _ in range(3)] + [rng.random((24, 24), np.float32)]
@@ -123,7 +158,7 @@ def test_maps_of_one_size_blended_before_the_resize_equal_each_resized_then_blen
     one_by_one = sum(w * resize_probabilities(m, *shape) for w, m in zip(weights, maps)) / sum(weights)
     np.testing.assert_allclose(blend_maps(maps, weights, *shape), one_by_one, rtol=0, atol=1e-6)
     for given, original in zip(maps, originals):
-        np.testing.assert_array_equal(given, original)          # the members' maps are left as they were
+        np.testing.assert_array_equal(given, original)  # the members' maps are left as they were
 
 
 @pytest.mark.parametrize("weights", [[1, 0], [1, -1], [1, float("nan")], []])
@@ -135,14 +170,18 @@ def test_weights_must_be_positive(weights):
 def test_blended_oof_images_equal_the_hand_blend_with_the_first_members_truth(tmp_path):
     rng = np.random.default_rng(1)
     ids = [f"img{k}" for k in range(5)]
-    levels = {16: rng.integers(0, 256, (5, 16, 16), dtype=np.uint8), 40: rng.integers(0, 256, (5, 40, 40),
-                                                                                       dtype=np.uint8)}
+    levels = {
+        16: rng.integers(0, 256, (5, 16, 16), dtype=np.uint8),
+        40: rng.integers(0, 256, (5, 40, 40), dtype=np.uint8),
+    }
     for size, maps in levels.items():
         with ProbabilityWriter(tmp_path / str(size), ids, size) as writer:
             writer.write(0, maps)
     diagonal = rle.encode(np.eye(64, dtype=bool))
-    labels = [ImageLabels(image_id, Path("train-rle.csv"), (diagonal,) if k % 2 else (), (k,) if k % 2 else (), 1, k)
-              for k, image_id in enumerate(ids)]
+    labels = [
+        ImageLabels(image_id, Path("train-rle.csv"), (diagonal,) if k % 2 else (), (k,) if k % 2 else (), 1, k)
+        for k, image_id in enumerate(ids)
+    ]
     members = [OofImages([(tmp_path / str(size), 0, 5)], labels, [(64, 64)] * 5) for size in levels]
     source = BlendedImages(members, [2.0, 1.0])
     found = list(source.part(1, 4))
@@ -157,13 +196,18 @@ def test_blended_oof_images_equal_the_hand_blend_with_the_first_members_truth(tm
 def test_candidates_are_members_pairs_and_all_and_the_best_nested_score_wins():
     assert ensemble.combinations(2) == [(0,), (1,), (0, 1)]
     assert ensemble.combinations(3) == [(0,), (1,), (2,), (0, 1), (0, 2), (1, 2), (0, 1, 2)]
-    candidates = [{"oof_score": 0.90, "nested_score": 0.80}, {"oof_score": 0.85, "nested_score": 0.84},
-                  {"oof_score": 0.95, "nested_score": 0.84}, {"oof_score": 0.99, "nested_score": None}]
-    assert ensemble.best_candidate(candidates[:3]) == 1       # by nested, not OOF; the first of equals
+    candidates = [
+        {"oof_score": 0.90, "nested_score": 0.80},
+        {"oof_score": 0.85, "nested_score": 0.84},
+        {"oof_score": 0.95, "nested_score": 0.84},
+        {"oof_score": 0.99, "nested_score": None},
+    ]
+    assert ensemble.best_candidate(candidates[:3]) == 1  # by nested, not OOF; the first of equals
     assert ensemble.best_candidate([{"oof_score": 0.7, "nested_score": None}, candidates[3]]) == 1
 
 
 # --- stage 04 ----------------------------------------------------------------------------------------------------
+
 
 def _oof_members(tmp_path, weights=(1, 3)):
     """The ensemble config and two members with synthetic OOF stores of 32 and 48 px over the same images."""
@@ -185,8 +229,7 @@ def _hand_dice(members, weights, strategy) -> float:
         ids = pd.read_csv(stores[0] / "ids.csv", dtype=str)["ImageId"]
         maps = [np.load(store / "probs.npy") for store in stores]
         for k, image_id in enumerate(ids):
-            full = [cv2.resize(m[k].astype(np.float32) / 255, (128, 128), interpolation=cv2.INTER_LINEAR)
-                    for m in maps]
+            full = [cv2.resize(m[k].astype(np.float32) / 255, (128, 128), interpolation=cv2.INTER_LINEAR) for m in maps]
             blend = sum(w * f for w, f in zip(weights, full)) / sum(weights)
             truth = rle.decode(truth_rle.loc[image_id, "EncodedPixels"], 128, 128)
             dice.append(dice_per_image(strategy(blend.astype(np.float32)), truth)[0])
@@ -218,7 +261,7 @@ def test_stage_04_scores_members_and_pair_and_picks_by_nested_score(tmp_path):
     assert "## Ensemble" in report and "tiny_a + tiny_b" in report
     assert f"{candidates[2]['nested_score']:.4f}" in report and "(chosen)" in report
     assert json.loads(layout.oof_report_path(cfg).read_text())["ensemble"]["chosen"] == candidates[best]
-    assert search_stage.run(cfg)["members"] == candidates[best]["members"]      # complete: skipped
+    assert search_stage.run(cfg)["members"] == candidates[best]["members"]  # complete: skipped
 
 
 def test_stage_04_refuses_members_trained_on_other_folds(tmp_path):
@@ -250,6 +293,7 @@ def test_stage_04_refuses_a_member_on_other_data(tmp_path):
 
 # --- stages 05 and 06, the server ---------------------------------------------------------------------------------
 
+
 @pytest.fixture
 def trained_ensemble(tmp_path):
     """Two untrained tiny members (64 and 32 px, weights 1 and 3) on one prepared data set with 64 and 32 px PNGs,
@@ -261,16 +305,25 @@ def trained_ensemble(tmp_path):
         write_fake_training(member.cfg, seed=10 * seed)
         write_csv(layout.train_folds_path(member.cfg), folds)
     write_json(layout.thresholds_path(cfg), THRESHOLD)
-    candidate = {"members": ["tiny_a", "tiny_b"], "weights": [1.0, 3.0], "oof_score": 0.5, "nested_score": 0.5,
-                 "postprocess": THRESHOLD}
+    candidate = {
+        "members": ["tiny_a", "tiny_b"],
+        "weights": [1.0, 3.0],
+        "oof_score": 0.5,
+        "nested_score": 0.5,
+        "postprocess": THRESHOLD,
+    }
     ensemble.write_choice(cfg, members, [candidate], 0)
     return cfg, members
 
 
 def _hand_predictions(members, weights, images_by_size, shapes):
     """Each member's own predictor on its own PNGs, the maps blended by hand and thresholded at 0.5."""
-    maps = [Predictor.from_experiment(m.cfg, device="cpu").probabilities_prepared(
-        images_by_size[int(m.cfg.train.image_size)], shapes)[0] for m in members]
+    maps = [
+        Predictor.from_experiment(m.cfg, device="cpu").probabilities_prepared(
+            images_by_size[int(m.cfg.train.image_size)], shapes
+        )[0]
+        for m in members
+    ]
     return [sum(w * m[k] for w, m in zip(weights, maps)) / sum(weights) > 0.5 for k in range(len(shapes))]
 
 
@@ -279,15 +332,17 @@ def test_stage_05_predicts_with_every_member_at_its_own_size_and_blends(trained_
     summary = predict_stage.run(cfg)
     assert summary["models"] == 4 and summary["images"] == 5
     test = pd.read_csv(layout.test_images_path(cfg), dtype={"ImageId": str})
-    images = {size: np.stack([read_png(layout.images_dir(cfg, size) / f"{i}.png") for i in test["ImageId"]])
-              for size in (64, 32)}
+    images = {
+        size: np.stack([read_png(layout.images_dir(cfg, size) / f"{i}.png") for i in test["ImageId"]])
+        for size in (64, 32)
+    }
     shapes = list(zip(test["rows"], test["cols"]))
     expected = _hand_predictions(members, [1, 3], images, shapes)
     submission = pd.read_csv(layout.submission_path(cfg), dtype=str)
     assert submission["ImageId"].tolist() == test["ImageId"].tolist()
     for row, mask, (rows, cols) in zip(submission["EncodedPixels"], expected, shapes):
         found = rle.decode(row, int(rows), int(cols)) if row.strip() != "-1" else np.zeros((rows, cols), bool)
-        assert (found != mask).mean() < 1e-3                 # float32 sums taken in another order
+        assert (found != mask).mean() < 1e-3  # float32 sums taken in another order
     assert any(row.strip() != "-1" for row in submission["EncodedPixels"])
 
 
@@ -300,8 +355,13 @@ def test_stage_05_refuses_an_ensemble_without_stage_04(trained_ensemble):
 
 def test_stage_05_uses_only_the_chosen_members(trained_ensemble):
     cfg, members = trained_ensemble
-    candidate = {"members": ["tiny_b"], "weights": [3.0], "oof_score": 0.5, "nested_score": 0.5,
-                 "postprocess": THRESHOLD}
+    candidate = {
+        "members": ["tiny_b"],
+        "weights": [3.0],
+        "oof_score": 0.5,
+        "nested_score": 0.5,
+        "postprocess": THRESHOLD,
+    }
     ensemble.write_choice(cfg, members, [candidate], 0)
     predictor = predict_stage.build_predictor(cfg, device="cpu")
     assert predictor.names == ["tiny_b"] and predictor.image_sizes == (32,)
@@ -315,8 +375,12 @@ def test_package_and_server_round_trip_on_the_ensemble(trained_ensemble, tmp_pat
     assert [m["name"] for m in manifest["members"]] == ["tiny_a", "tiny_b"]
     assert [m["weight"] for m in manifest["members"]] == [1.0, 3.0]
     assert [m["image_size"] for m in manifest["members"]] == [64, 32]
-    assert summary["models"] == ["tiny_a/fold0/best_1.pt", "tiny_a/fold1/best_1.pt", "tiny_b/fold0/best_1.pt",
-                                 "tiny_b/fold1/best_1.pt"]
+    assert summary["models"] == [
+        "tiny_a/fold0/best_1.pt",
+        "tiny_a/fold1/best_1.pt",
+        "tiny_b/fold0/best_1.pt",
+        "tiny_b/fold1/best_1.pt",
+    ]
     assert all(len(m["sha256"]) == 64 for m in manifest["models"])
     image = np.random.default_rng(5).integers(0, 256, (70, 90), dtype=np.uint8)
     [expected] = predict_stage.build_predictor(cfg, device="cpu").predict([image])
@@ -327,8 +391,9 @@ def test_package_and_server_round_trip_on_the_ensemble(trained_ensemble, tmp_pat
     assert isinstance(loaded.predictor, EnsemblePredictor)
     [found] = loaded.predictor.predict([image])
     np.testing.assert_array_equal(found.probs, expected.probs)
-    assert served.runtime == "onnxruntime" and all(entry["onnx"]["file"].endswith(".onnx")
-                                                   for entry in manifest["models"])
+    assert served.runtime == "onnxruntime" and all(
+        entry["onnx"]["file"].endswith(".onnx") for entry in manifest["models"]
+    )
     [found] = served.predictor.predict([image])
     np.testing.assert_allclose(found.probs, expected.probs, atol=1e-5)
 
@@ -373,9 +438,9 @@ def test_the_leaderboard_lists_the_ensemble_with_its_members_sums(trained_ensemb
     assert whole.members == ["tiny_a", "tiny_b"] and not a.members
     assert whole.train_seconds == 180.0 == a.train_seconds + 60.0
     b_files = sorted(layout.train_dir(members[1].cfg).rglob("best_*.pt"))
-    assert whole.parameters == 2 * a.parameters > 0                 # the members share an architecture
+    assert whole.parameters == 2 * a.parameters > 0  # the members share an architecture
     assert whole.checkpoint_bytes == a.checkpoint_bytes + sum(f.stat().st_size for f in b_files)
-    assert "tiny_a: best, 1 per fold, 2 folds + tiny_b: best, 1 per fold, 2 folds" == whole.checkpoints
+    assert whole.checkpoints == "tiny_a: best, 1 per fold, 2 folds + tiny_b: best, 1 per fold, 2 folds"
     table = leaderboard.markdown(leaderboard.sort_runs(runs.values()))
     assert table.index("tiny_ensemble (ensemble: tiny_a + tiny_b)") < table.index("| tiny_a |")
 
@@ -389,8 +454,10 @@ def _finish(folder: Path, cfg, summary: dict) -> None:
 
 def test_the_shipped_ensembles_load_with_their_members():
     demo = ensemble_members(load_config(ROOT / "configs" / "demo_ensemble.yaml"))
-    assert [(m.name, m.cfg.model.params.encoder_name) for m in demo] == [("demo", "tu-resnet10t"),
-                                                                         ("demo_b", "mobilenet_v2")]
+    assert [(m.name, m.cfg.model.params.encoder_name) for m in demo] == [
+        ("demo", "tu-resnet10t"),
+        ("demo_b", "mobilenet_v2"),
+    ]
     sneddy = ensemble_members(load_config(ROOT / "configs" / "siim_sneddy_1st_ensemble.yaml"))
     assert [m.weight for m in sneddy] == [0.4, 0.2, 0.2, 0.2]
     assert len({str(m.cfg.paths.prepared_dir) for m in sneddy}) == 1

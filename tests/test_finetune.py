@@ -1,4 +1,5 @@
 """Fine-tuning: a fold starting from trained weights (train.init_from), a frozen encoder, frozen BatchNorm."""
+
 import pandas as pd
 import pytest
 import torch
@@ -7,10 +8,9 @@ from pneumoseg import layout
 from pneumoseg.errors import ConfigError, DataError
 from pneumoseg.modeling.checkpoints import best_files, load_checkpoint, save_checkpoint
 from pneumoseg.stages import train as train_stage
+from pneumoseg.training.distributed import DistContext
 from pneumoseg.training.finetune import initial_weights_path, load_initial_weights
 from pneumoseg.training.trainer import Trainer, weights_digest
-from pneumoseg.training.distributed import DistContext
-
 from synthetic import write_prepared
 
 
@@ -40,9 +40,9 @@ def test_a_frozen_encoder_keeps_its_weights_and_statistics_then_trains(tiny_cfg)
     trainer.start_epoch(0)
     trainer.train_epoch(_batches())
     after = trainer.net.encoder.state_dict()
-    assert all(torch.equal(after[k], v) for k, v in encoder.items())        # weights and BN statistics alike
+    assert all(torch.equal(after[k], v) for k, v in encoder.items())  # weights and BN statistics alike
     assert any(not torch.equal(trainer.net.decoder.state_dict()[k], v) for k, v in decoder.items())
-    trainer.start_epoch(1)                                                   # released
+    trainer.start_epoch(1)  # released
     trainer.train_epoch(_batches(seed=1))
     after = trainer.net.encoder.state_dict()
     assert any(not torch.equal(after[k], v) for k, v in encoder.items() if "running_" not in k)
@@ -57,8 +57,11 @@ def test_freeze_bn_keeps_the_encoders_statistics_and_trains_its_weights(tiny_cfg
         trainer.start_epoch(epoch)
         trainer.train_epoch(_batches(seed=epoch))
     assert all(torch.equal(trainer.net.encoder.state_dict()[k], v) for k, v in statistics.items())
-    assert any(not torch.equal(trainer.net.encoder.state_dict()[k], v) for k, v in encoder.items()
-               if "running_" not in k and "num_batches" not in k)
+    assert any(
+        not torch.equal(trainer.net.encoder.state_dict()[k], v)
+        for k, v in encoder.items()
+        if "running_" not in k and "num_batches" not in k
+    )
     assert any(not torch.equal(trainer.net.decoder.state_dict()[k], v) for k, v in decoder_statistics.items())
 
 
@@ -77,19 +80,26 @@ def test_a_new_head_loads_only_with_partial_and_the_load_is_reported(tiny_cfg, t
     path = tmp_path / "source.pt"
     state = source.net.state_dict()
     state["extra.weight"] = torch.zeros(2)
-    state["segmentation_head.0.weight"] = torch.zeros(3, 4, 3, 3)   # another head's shape
+    state["segmentation_head.0.weight"] = torch.zeros(3, 4, 3, 3)  # another head's shape
     del state["segmentation_head.0.bias"]
     save_checkpoint(path, {"state_dict": state})
     net = _trainer(tiny_cfg).net
-    with pytest.raises(ConfigError, match=r"1 missing \(segmentation_head.0.bias\), 1 unexpected \(extra.weight\), "
-                                          r"1 mismatched "
-                                          r"\(segmentation_head.0.weight\).*partial=true"):
+    with pytest.raises(
+        ConfigError,
+        match=r"1 missing \(segmentation_head.0.bias\), 1 unexpected \(extra.weight\), "
+        r"1 mismatched "
+        r"\(segmentation_head.0.weight\).*partial=true",
+    ):
         load_initial_weights(net, path, partial=False)
     report = load_initial_weights(net, path, partial=True)
-    assert report == {"missing": ["segmentation_head.0.bias"], "unexpected": ["extra.weight"],
-                      "mismatched": ["segmentation_head.0.weight"]}
-    assert torch.equal(net.encoder.state_dict()["model.conv1.0.weight"],
-                       source.net.encoder.state_dict()["model.conv1.0.weight"])
+    assert report == {
+        "missing": ["segmentation_head.0.bias"],
+        "unexpected": ["extra.weight"],
+        "mismatched": ["segmentation_head.0.weight"],
+    }
+    assert torch.equal(
+        net.encoder.state_dict()["model.conv1.0.weight"], source.net.encoder.state_dict()["model.conv1.0.weight"]
+    )
 
 
 @pytest.mark.slow
@@ -115,12 +125,15 @@ def _digest_of(path, net):
     return weights_digest(net)
 
 
-@pytest.mark.parametrize("block, message", [
-    ("{checkpoint: nowhere.pt}", "nowhere.pt not found"),
-    ("{experiment: nowhere}", "nowhere/03_train/folds.csv not found"),
-    ("{checkpoint: a.pt, experiment: b}", "must be"),
-    ("{checkpont: a.pt}", "must be"),
-])
+@pytest.mark.parametrize(
+    "block, message",
+    [
+        ("{checkpoint: nowhere.pt}", "nowhere.pt not found"),
+        ("{experiment: nowhere}", "nowhere/03_train/folds.csv not found"),
+        ("{checkpoint: a.pt, experiment: b}", "must be"),
+        ("{checkpont: a.pt}", "must be"),
+    ],
+)
 def test_bad_init_from_blocks_are_config_errors(tiny_cfg, block, message):
     cfg = tiny_cfg(f"train.init_from={block}")
     with pytest.raises(ConfigError, match=message):

@@ -1,4 +1,5 @@
 """FusedGeometric: Affine and the distortions of the base config composed into one resampling."""
+
 import random
 
 import cv2
@@ -9,8 +10,10 @@ from pneumoseg.data.augment import augment, build_augment
 from pneumoseg.errors import ConfigError
 
 SIZE = 128
-AFFINE = {"name": "Affine", "params": {"scale": [0.9, 1.1], "translate_percent": [-0.0625, 0.0625],
-                                       "rotate": [-10, 10], "p": 1.0}}
+AFFINE = {
+    "name": "Affine",
+    "params": {"scale": [0.9, 1.1], "translate_percent": [-0.0625, 0.0625], "rotate": [-10, 10], "p": 1.0},
+}
 MEMBERS = {
     "elastic": {"name": "CoarseElasticTransform", "params": {"alpha": 120, "sigma": 6.0, "p": 1.0}},
     "grid": {"name": "GridDistortion", "params": {"distort_limit": 0.3, "p": 1.0}},
@@ -30,7 +33,7 @@ def smooth_image(seed: int = 0) -> np.ndarray:
 
 
 def test_a_mask_drawn_from_the_image_stays_aligned():
-    cells = (np.indices((SIZE, SIZE)) // 16).sum(axis=0) % 2     # a checkerboard of 16 px cells
+    cells = (np.indices((SIZE, SIZE)) // 16).sum(axis=0) % 2  # a checkerboard of 16 px cells
     image = (cells * 200 + 30).astype(np.uint8)
     mask = (cells * 255).astype(np.uint8)
     for member in [*MEMBERS.values(), "all"]:
@@ -54,19 +57,21 @@ def test_each_member_alone_moves_pixels_as_the_library_transform_does(name):
     inside = (slice(4, -4), slice(4, -4))
     for seed in range(3):
         expected = augment(library, image, mask, seed)[0].astype(float)
-        assert np.abs(expected - image)[inside].mean() > 3            # the member does move pixels
+        assert np.abs(expected - image)[inside].mean() > 3  # the member does move pixels
         assert np.abs(augment(one, image, mask, seed)[0] - expected)[inside].mean() < 1.5
 
 
 def test_members_apply_in_order():
     """Optical distortion then Affine, as the pipeline of the two would: and not the other way round."""
     optical = {"name": "OpticalDistortion", "params": {"distort_limit": [0.5, 0.5], "p": 1.0}}
-    affine = {"name": "Affine", "params": {"scale": [1.1, 1.1], "translate_percent": [0.06, 0.06],
-                                           "rotate": [10, 10], "p": 1.0}}
+    affine = {
+        "name": "Affine",
+        "params": {"scale": [1.1, 1.1], "translate_percent": [0.06, 0.06], "rotate": [10, 10], "p": 1.0},
+    }
     image, mask = smooth_image(1), np.zeros((SIZE, SIZE), np.uint8)
     expected = augment(build_augment({"transforms": [optical, affine]}), image, mask, 0)[0].astype(float)
     reversed_order = augment(build_augment({"transforms": [affine, optical]}), image, mask, 0)[0]
-    assert np.abs(expected - reversed_order).mean() > 5              # the order matters here
+    assert np.abs(expected - reversed_order).mean() > 5  # the order matters here
     assert np.abs(augment(fused(optical, affine), image, mask, 0)[0] - expected).mean() < 2.0
 
 
@@ -77,24 +82,28 @@ def fitted_affine(transform, seed: int) -> tuple[float, float, np.ndarray]:
     params = transform.get_params_dependent_on_data({"shape": (SIZE, SIZE)}, {})
     y, x = np.mgrid[:SIZE, :SIZE].astype(np.float64)
     points = np.stack([x.ravel(), y.ravel(), np.ones(x.size)], axis=1)
-    if params["matrix"] is not None:   # Affine alone: one warpAffine with the input-to-output matrix
+    if params["matrix"] is not None:  # Affine alone: one warpAffine with the input-to-output matrix
         forward = params["matrix"][:2]
     else:
-        backward = np.linalg.lstsq(points, np.stack([params["map_x"].ravel(), params["map_y"].ravel()], 1),
-                                   rcond=None)[0].T
+        backward = np.linalg.lstsq(points, np.stack([params["map_x"].ravel(), params["map_y"].ravel()], 1), rcond=None)[
+            0
+        ].T
         forward = cv2.invertAffineTransform(backward)
     linear = forward[:, :2]
     # translation of the image centre, as albumentations centres its affine maps
     centre = np.array([(SIZE - 1) / 2, (SIZE - 1) / 2])
-    return (np.degrees(np.arctan2(linear[1, 0], linear[0, 0])), np.sqrt(abs(np.linalg.det(linear))),
-            linear @ centre + forward[:, 2] - centre)
+    return (
+        np.degrees(np.arctan2(linear[1, 0], linear[0, 0])),
+        np.sqrt(abs(np.linalg.det(linear))),
+        linear @ centre + forward[:, 2] - centre,
+    )
 
 
 @pytest.mark.parametrize("with_map", [False, True], ids=["affine alone", "affine after a remap member"])
 def test_the_affine_ranges_are_respected(with_map):
     """Over many draws, the fused map's rotation, scale and shift stay in the configured ranges and fill
     them."""
-    still = {"name": "OpticalDistortion", "params": {"distort_limit": [0.0, 0.0], "p": 1.0}}   # no distortion
+    still = {"name": "OpticalDistortion", "params": {"distort_limit": [0.0, 0.0], "p": 1.0}}  # no distortion
     transform = fused(*([still] if with_map else []), AFFINE).transforms[0]
     draws = [fitted_affine(transform, seed) for seed in range(40)]
     angles, scales, shifts = (np.array([draw[i] for draw in draws]) for i in range(3))
@@ -116,8 +125,10 @@ def test_same_seed_same_augmentation():
     assert not np.array_equal(firsts[0][0], firsts[1][0])
 
 
-@pytest.mark.parametrize("member", [{"name": "HorizontalFlip", "params": {}},
-                                    {"name": "Affine", "params": {"rotate": [-10, 10], "fit_output": True}}])
+@pytest.mark.parametrize(
+    "member",
+    [{"name": "HorizontalFlip", "params": {}}, {"name": "Affine", "params": {"rotate": [-10, 10], "fit_output": True}}],
+)
 def test_members_it_cannot_fuse_are_refused(member):
     with pytest.raises(ConfigError, match="FusedGeometric cannot fuse"):
         fused(member)

@@ -1,6 +1,7 @@
 """Fuzzed DICOMs (seeded mutations of valid files: bit flips, truncations, corrupted VRs, huge lengths, wrong
 transfer syntaxes) through the one reader, the handler's ``input_fn`` and stage 01: every outcome is an image
 or the project's own error, never another exception, and stage 01 lists the bad files and finishes the rest."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -19,8 +20,10 @@ from pneumoseg.stages import convert
 from test_convert import write_inputs
 
 SEED = 20261201
-VALID = {"jpeg": hostile.jpeg_dicom(),
-         "deflated_12bit": hostile.deflated_dicom(hostile.small_image().astype(np.uint16) * 16)}
+VALID = {
+    "jpeg": hostile.jpeg_dicom(),
+    "deflated_12bit": hostile.deflated_dicom(hostile.small_image().astype(np.uint16) * 16),
+}
 
 
 @pytest.mark.parametrize("kind", sorted(VALID))
@@ -48,12 +51,16 @@ def test_fuzzed_dicoms_through_the_handler_are_images_or_400s():
             assert decoded.pixels.dtype == np.uint8
 
 
-@pytest.mark.parametrize("data, reason", [
-    (hostile.rle_bomb(), "larger than any radiograph"),
-    (hostile.deflate_bomb(), "inflates to more than"),
-    (hostile.jpeg_frame_bomb(), "its codestream declares 20000x20000"),
-    (hostile.corrupt_vr(hostile.jpeg_dicom()), "Unknown Value Representation"),
-], ids=["rle_bomb", "deflate_bomb", "jpeg_bomb", "corrupt_vr"])
+@pytest.mark.parametrize(
+    "data, reason",
+    [
+        (hostile.rle_bomb(), "larger than any radiograph"),
+        (hostile.deflate_bomb(), "inflates to more than"),
+        (hostile.jpeg_frame_bomb(), "its codestream declares 20000x20000"),
+        (hostile.corrupt_vr(hostile.jpeg_dicom()), "Unknown Value Representation"),
+    ],
+    ids=["rle_bomb", "deflate_bomb", "jpeg_bomb", "corrupt_vr"],
+)
 def test_bombs_through_the_handler_are_400s(data, reason):
     with pytest.raises(handler.BadRequest, match=reason) as caught:
         handler.input_fn(data, "application/dicom")
@@ -65,10 +72,14 @@ def test_stage_01_lists_fuzzed_and_hostile_files_and_finishes_the_rest(tiny_cfg,
     cfg = tiny_cfg("prepare.n_jobs=1", "prepare.sizes=[32]", f"prepare.strict={str(strict).lower()}")
     input_dir = Path(cfg.paths.input_dir)
     good = write_inputs(input_dir, count=3)
-    hostile_files = {"rle_bomb": hostile.rle_bomb(), "jpeg_bomb": hostile.jpeg_frame_bomb(),
-                     "corrupt_vr": hostile.corrupt_vr(hostile.jpeg_dicom()), "deflate_bomb": hostile.deflate_bomb(),
-                     "scan_bomb": progressive_jpeg_dicom(hostile.small_image(), extra_scans=100),
-                     "j2k_bomb": codestream_claiming(JPEG2000Lossless, 13000, 13000)}
+    hostile_files = {
+        "rle_bomb": hostile.rle_bomb(),
+        "jpeg_bomb": hostile.jpeg_frame_bomb(),
+        "corrupt_vr": hostile.corrupt_vr(hostile.jpeg_dicom()),
+        "deflate_bomb": hostile.deflate_bomb(),
+        "scan_bomb": progressive_jpeg_dicom(hostile.small_image(), extra_scans=100),
+        "j2k_bomb": codestream_claiming(JPEG2000Lossless, 13000, 13000),
+    }
     hostile_files.update((f"fuzz{name}", data) for name, data in hostile.mutants(VALID["jpeg"], 12, SEED + 2))
     readable = set()
     for name, data in hostile_files.items():

@@ -1,5 +1,6 @@
 """The image-level gate head: its loss, its probability averaged over views and stored with the OOF maps, the
 predictor applying it and the server reporting it."""
+
 import json
 import math
 
@@ -13,8 +14,8 @@ from pneumoseg import layout
 from pneumoseg.config import load_config
 from pneumoseg.data.probstore import GATE_FILE, ProbabilityStore, ProbabilityWriter
 from pneumoseg.errors import ConfigError, DataError
-from pneumoseg.inference.predictor import Predictor
 from pneumoseg.inference.fold_models import FoldModel
+from pneumoseg.inference.predictor import Predictor
 from pneumoseg.inference.tta import TTA, predict_with_gate
 from pneumoseg.modeling.losses import build_training_loss
 from pneumoseg.modeling.models import build_model, has_gate
@@ -48,11 +49,14 @@ def test_the_gated_loss_by_hand():
     assert plain(output[0], masks).item() == pytest.approx(math.log(2), rel=1e-6)
 
 
-@pytest.mark.parametrize("block, gated, message", [
-    ({"name": "bce", "gate_weight": None}, True, "gate head"),
-    ({"name": "bce", "gate_weight": 0.0}, True, "gate head"),
-    ({"name": "bce", "gate_weight": 0.1}, False, "needs a gate head"),
-])
+@pytest.mark.parametrize(
+    "block, gated, message",
+    [
+        ({"name": "bce", "gate_weight": None}, True, "gate head"),
+        ({"name": "bce", "gate_weight": 0.0}, True, "gate head"),
+        ({"name": "bce", "gate_weight": 0.1}, False, "needs a gate head"),
+    ],
+)
 def test_gate_weight_and_head_go_together(block, gated, message):
     with pytest.raises(ConfigError, match=message):
         build_training_loss(block, gated)
@@ -61,15 +65,29 @@ def test_gate_weight_and_head_go_together(block, gated, message):
 @pytest.mark.parametrize("aux", [{"classes": 2}, {"classes": 1, "activation": "sigmoid"}])
 def test_a_gate_head_of_more_than_one_logit_is_refused(aux):
     with pytest.raises(ConfigError, match="one logit"):
-        build_model({"name": "Unet", "params": {"encoder_name": "resnet18", "encoder_weights": None,
-                                                "in_channels": 1, "aux_params": aux}})
+        build_model(
+            {
+                "name": "Unet",
+                "params": {"encoder_name": "resnet18", "encoder_weights": None, "in_channels": 1, "aux_params": aux},
+            }
+        )
 
 
 def _gated_trainer(gate_weight: float) -> Trainer:
     torch.manual_seed(0)
-    net = build_model({"name": "Unet", "params": {"encoder_name": "resnet18", "encoder_weights": None,
-                                                  "in_channels": 1, "encoder_depth": 3,
-                                                  "decoder_channels": [16, 8, 4], "aux_params": GATE_BLOCK}})
+    net = build_model(
+        {
+            "name": "Unet",
+            "params": {
+                "encoder_name": "resnet18",
+                "encoder_weights": None,
+                "in_channels": 1,
+                "encoder_depth": 3,
+                "decoder_channels": [16, 8, 4],
+                "aux_params": GATE_BLOCK,
+            },
+        }
+    )
     optimizer = build_optimizer({"name": "adam", "params": {"lr": 1e-2}}, net.parameters())
     schedule = build_scheduler({"name": "constant"}, optimizer, updates_per_epoch=10, epochs=1)
     loss = build_training_loss({"name": "bce", "gate_weight": gate_weight}, has_gate(net))
@@ -106,8 +124,16 @@ def test_training_with_the_head_uses_the_gate_weight_and_learns_the_gate():
     def gate_bce():
         trainer.net.eval()
         with torch.no_grad():
-            return float(np.mean([nn.functional.binary_cross_entropy_with_logits(
-                trainer.net(x)[1][:, 0], m.flatten(1).amax(1)).item() for x, m in batches]))
+            return float(
+                np.mean(
+                    [
+                        nn.functional.binary_cross_entropy_with_logits(
+                            trainer.net(x)[1][:, 0], m.flatten(1).amax(1)
+                        ).item()
+                        for x, m in batches
+                    ]
+                )
+            )
 
     before = gate_bce()
     for _ in range(5):
@@ -135,12 +161,22 @@ def test_validation_reports_the_gate_accuracy():
     net = _MeanGate()
     optimizer = build_optimizer({"name": "adam", "params": {"lr": 1e-2}}, net.parameters())
     schedule = build_scheduler({"name": "constant"}, optimizer, updates_per_epoch=1, epochs=1)
-    trainer = Trainer(net, build_training_loss({"name": "bce", "gate_weight": 0.1}, gated=True), optimizer,
-                      schedule, steps=StepSettings())
+    trainer = Trainer(
+        net,
+        build_training_loss({"name": "bce", "gate_weight": 0.1}, gated=True),
+        optimizer,
+        schedule,
+        steps=StepSettings(),
+    )
     batches = [(images[:3], masks[:3]), (images[3:], masks[3:])]
     assert trainer.validate(batches, [Threshold(0.5)])["val_gate_accuracy"] == pytest.approx(3 / 4)
-    plain = Trainer(nn.Conv2d(1, 1, 1), build_training_loss({"name": "bce", "gate_weight": None}, gated=False),
-                    optimizer, schedule, steps=StepSettings())
+    plain = Trainer(
+        nn.Conv2d(1, 1, 1),
+        build_training_loss({"name": "bce", "gate_weight": None}, gated=False),
+        optimizer,
+        schedule,
+        steps=StepSettings(),
+    )
     assert "val_gate_accuracy" not in plain.validate(batches, [Threshold(0.5)])
 
 
@@ -169,11 +205,11 @@ def _sigmoid(x):
 
 def test_gate_probability_is_the_mean_over_views_and_models():
     images = np.zeros((2, 32, 32), np.uint8)
-    images[0, :, :16] = 255                          # left half bright
+    images[0, :, :16] = 255  # left half bright
     images[1, :, :8] = 200
-    plain = _model(nn.Conv2d(1, 1, 1))               # no gate head: left out of the gate's average
+    plain = _model(nn.Conv2d(1, 1, 1))  # no gate head: left out of the gate's average
     _, gates = predict_with_gate([_model(_GatedBrightness()), plain], images, TTA(hflip=True))
-    halves = [(255 / 255, 0.0), (100 / 255, 0.0)]    # left and right half means of the normalised images
+    halves = [(255 / 255, 0.0), (100 / 255, 0.0)]  # left and right half means of the normalised images
     expected = [(_sigmoid(8 * (left - right)) + _sigmoid(8 * (right - left))) / 2 for left, right in halves]
     np.testing.assert_allclose(gates, expected, rtol=1e-5)
     _, unflipped = predict_with_gate([_model(_GatedBrightness())], images, TTA(hflip=False))
@@ -192,8 +228,10 @@ def test_the_gate_file_is_written_with_the_maps_and_read_back(tmp_path):
     with ProbabilityWriter(tmp_path / "oof", list("abcde"), 8) as writer:
         writer.write(0, maps)
     assert ProbabilityStore(tmp_path / "oof").gates is None and not (tmp_path / "oof" / GATE_FILE).exists()
-    with pytest.raises(ValueError, match="every block"), \
-            ProbabilityWriter(tmp_path / "mixed", list("abcde"), 8) as writer:
+    with (
+        pytest.raises(ValueError, match="every block"),
+        ProbabilityWriter(tmp_path / "mixed", list("abcde"), 8) as writer,
+    ):
         writer.write(0, maps[:3], gates[:3])
         writer.write(3, maps[3:])
     assert not (tmp_path / "mixed" / GATE_FILE).exists()
@@ -209,8 +247,8 @@ def test_a_damaged_gate_file_is_a_data_error(tmp_path):
 
 def test_the_predictor_applies_the_gate():
     bright, dim = np.zeros((40, 40), np.uint8), np.zeros((40, 40), np.uint8)
-    bright[:, :16] = 255                             # at 32 px: gate sigmoid(6.4) ~ 0.998
-    dim[:, :4] = 255                                 # at 32 px: gate sigmoid(1.6) ~ 0.83
+    bright[:, :16] = 255  # at 32 px: gate sigmoid(6.4) ~ 0.998
+    dim[:, :4] = 255  # at 32 px: gate sigmoid(1.6) ~ 0.83
     predictor = Predictor([_model(_GatedBrightness())], TTA(hflip=False), Gated(0.9, Threshold(0.5)))
     found_bright, found_dim = predictor.predict([bright, dim])
     assert found_bright.gate == pytest.approx(_sigmoid(6.4), abs=1e-4)
@@ -230,9 +268,15 @@ def test_the_predictor_applies_the_gate():
 @pytest.fixture(scope="module")
 def gated_package(tmp_path_factory):
     root = tmp_path_factory.mktemp("gated")
-    cfg = load_config(ROOT / "configs" / "tiny.yaml", [
-        f"paths.input_dir={root / 'input'}", f"paths.output_root={root / 'output'}",
-        "model.params.aux_params={classes: 1, dropout: 0.2}", "loss.gate_weight=0.1"])
+    cfg = load_config(
+        ROOT / "configs" / "tiny.yaml",
+        [
+            f"paths.input_dir={root / 'input'}",
+            f"paths.output_root={root / 'output'}",
+            "model.params.aux_params={classes: 1, dropout: 0.2}",
+            "loss.gate_weight=0.1",
+        ],
+    )
     write_fake_training(cfg, postprocess=GATED)
     package.run(cfg)
     return cfg, layout.package_path(cfg)

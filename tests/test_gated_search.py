@@ -1,4 +1,5 @@
 """The classifier gate in post-processing: the ``gated`` strategy and its exact search."""
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -30,9 +31,10 @@ def _gates(source, seed, informative=True):
 def test_gated_empties_images_below_the_gate_only():
     probs = np.zeros((8, 8), np.float32)
     probs[2:5, 2:5] = 0.9
-    gated = build_postprocessor({"name": "gated", "params": {
-        "gate": 0.5, "inner": {"name": "threshold", "params": {"threshold": 0.5}}}})
-    assert gated(probs, np.float32(0.5)).sum() == 9          # at the threshold: kept
+    gated = build_postprocessor(
+        {"name": "gated", "params": {"gate": 0.5, "inner": {"name": "threshold", "params": {"threshold": 0.5}}}}
+    )
+    assert gated(probs, np.float32(0.5)).sum() == 9  # at the threshold: kept
     assert gated(probs, 0.4999).sum() == 0
     with pytest.raises(ValueError, match="gate probability"):
         gated(probs)
@@ -40,11 +42,16 @@ def test_gated_empties_images_below_the_gate_only():
     assert gated.label() == "gated:0.5:threshold:0.5:0"
 
 
-@pytest.mark.parametrize("block, message", [
-    ({"gate": 1.5, "inner": {"name": "threshold", "params": {}}}, "probability"),
-    ({"gate": 0.5, "inner": {"name": "gated", "params": {"gate": 0.2, "inner": {"name": "threshold"}}}},
-     "must not be gated"),
-])
+@pytest.mark.parametrize(
+    "block, message",
+    [
+        ({"gate": 1.5, "inner": {"name": "threshold", "params": {}}}, "probability"),
+        (
+            {"gate": 0.5, "inner": {"name": "gated", "params": {"gate": 0.2, "inner": {"name": "threshold"}}}},
+            "must not be gated",
+        ),
+    ],
+)
 def test_bad_gated_blocks_are_config_errors(block, message):
     with pytest.raises(ConfigError, match=message):
         Gated(**block)
@@ -56,8 +63,14 @@ def test_every_gated_candidate_scores_as_the_straightforward_method(seed, all_em
     if all_empty:
         source = ArraySource(source.levels, np.zeros_like(source.truth))
     gates = _gates(source, seed)
-    result = run_search(source, groups, [GRIDS.build(b) for b in GRID_BLOCKS], refine_steps=1, gates=gates,
-                        gate_thresholds=GATE_THRESHOLDS)
+    result = run_search(
+        source,
+        groups,
+        [GRIDS.build(b) for b in GRID_BLOCKS],
+        refine_steps=1,
+        gates=gates,
+        gate_thresholds=GATE_THRESHOLDS,
+    )
     gated = result.rows_of(gated=True)
     assert set(result.candidates["gate"].iloc[gated]) == set(GATE_THRESHOLDS)
     assert set(result.candidates["method"].iloc[gated]) == {"histogram", "components"}
@@ -74,18 +87,26 @@ def test_gated_nested_estimate_reruns_the_choice_gate_included():
     gates = _gates(source, 5)
     grids = [GRIDS.build(b) for b in GRID_BLOCKS]
     result = run_search(source, groups, grids, refine_steps=1, gates=gates, gate_thresholds=GATE_THRESHOLDS)
-    assert result.block(result.best)["name"] == "gated"       # an informative gate helps on these images
+    assert result.block(result.best)["name"] == "gated"  # an informative gate helps on these images
     for g in range(3):
         train, held = groups != g, groups == g
-        alone = run_search(ArraySource(source.levels[train], source.truth[train]), groups[train] // 3, grids,
-                           refine_steps=1, gates=gates[train], gate_thresholds=GATE_THRESHOLDS)
+        alone = run_search(
+            ArraySource(source.levels[train], source.truth[train]),
+            groups[train] // 3,
+            grids,
+            refine_steps=1,
+            gates=gates[train],
+            gate_thresholds=GATE_THRESHOLDS,
+        )
         assert result.nested.choices[g] == alone.block(alone.best)
         assert result.nested_by_gate["gated"].choices[g] == alone.block(alone.best_of(gated=True))
         assert result.nested_by_gate["ungated"].choices[g] == alone.block(alone.best_of(gated=False))
-        pred, inter, true = evaluate(ArraySource(source.levels[held], source.truth[held]),
-                                     [build_postprocessor(result.nested.choices[g])], gates=gates[held])
-        assert result.nested.scores[g] == pytest.approx(dice_from_counts(inter, pred, true[:, None]).mean(),
-                                                        abs=1e-9)
+        pred, inter, true = evaluate(
+            ArraySource(source.levels[held], source.truth[held]),
+            [build_postprocessor(result.nested.choices[g])],
+            gates=gates[held],
+        )
+        assert result.nested.scores[g] == pytest.approx(dice_from_counts(inter, pred, true[:, None]).mean(), abs=1e-9)
     ungated = run_search(source, groups, grids, refine_steps=1)
     assert result.nested_by_gate["ungated"].score == pytest.approx(ungated.nested.score, abs=1e-12)
     assert result.block(result.best_of(gated=False)) == ungated.block(ungated.best)
@@ -98,6 +119,7 @@ def test_gate_thresholds_without_gate_probabilities_are_a_config_error():
 
 
 # --- stage 04 on OOF stores with gate probabilities ------------------------------------------------------------------
+
 
 def test_stage_searches_the_gate_and_reports_the_score_with_and_without_it(tiny_cfg):
     cfg = tiny_cfg("search.gate_thresholds=[0.2, 0.4, 0.6]")

@@ -1,6 +1,7 @@
 """Crafted files from outside, second round: a SageMaker job's completion record and checkpoint tables, archives
 that inflate far past their size, package manifests with settings of the wrong type or range, and the extraction
 folders of killed servers."""
+
 from __future__ import annotations
 
 import gzip
@@ -21,9 +22,9 @@ import pytest
 from fake_experiment import make_package
 from pneumoseg import layout
 from pneumoseg.errors import DataError
+from pneumoseg.modeling.checkpoints import MAX_TABLE_BYTES, best_files
 from pneumoseg.serve import package as package_format
 from pneumoseg.serve.archive import extract_archive
-from pneumoseg.modeling.checkpoints import MAX_TABLE_BYTES, best_files
 from pneumoseg.stages import import_job
 
 # ---------------------------------------------------------------------------------------------------------
@@ -39,17 +40,21 @@ def _tar_gz(path: Path, files: dict[str, bytes]) -> Path:
     return path
 
 
-@pytest.mark.parametrize("content, message", [
-    (b"{not json", "not UTF-8 JSON"),
-    (b"\xff\xfe{}", "not UTF-8 JSON"),
-    (b"[1, 2]", "not stage 03's completion record"),
-    (b'"fingerprint"', "not stage 03's completion record"),
-    (b'{"fingerprint": 5}', "fingerprint is not of the type"),
-    (b'{"fingerprint": "x", "sections": "train"}', "sections is not of the type"),
-    (b'{"fingerprint": "x", "sections": [1]}', "sections is not of the type"),
-    (b'{"fingerprint": "x", "summary": [], "inputs": 3}', "inputs, summary are not of the type"),
-    (b" " * (2 << 20) + b"{}", "more than the"),
-], ids=["json", "utf8", "list", "string", "fingerprint", "sections", "section names", "summary", "size"])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"{not json", "not UTF-8 JSON"),
+        (b"\xff\xfe{}", "not UTF-8 JSON"),
+        (b"[1, 2]", "not stage 03's completion record"),
+        (b'"fingerprint"', "not stage 03's completion record"),
+        (b'{"fingerprint": 5}', "fingerprint is not of the type"),
+        (b'{"fingerprint": "x", "sections": "train"}', "sections is not of the type"),
+        (b'{"fingerprint": "x", "sections": [1]}', "sections is not of the type"),
+        (b'{"fingerprint": "x", "summary": [], "inputs": 3}', "inputs, summary are not of the type"),
+        (b" " * (2 << 20) + b"{}", "more than the"),
+    ],
+    ids=["json", "utf8", "list", "string", "fingerprint", "sections", "section names", "summary", "size"],
+)
 def test_a_crafted_done_json_is_a_data_error_naming_it(tiny_cfg, tmp_path, content, message):
     cfg = tiny_cfg()
     layout.folds_path(cfg).parent.mkdir(parents=True)
@@ -61,15 +66,19 @@ def test_a_crafted_done_json_is_a_data_error_naming_it(tiny_cfg, tmp_path, conte
     assert "done.json" in str(caught.value) and str(output) in str(caught.value)
 
 
-@pytest.mark.parametrize("content, message", [
-    (b"", "not a checkpoint table"),
-    (b"\xff\xfe\x00r", "not a checkpoint table"),
-    (b"file\nbest_1.pt\n", "not a checkpoint table"),
-    (b"rank,file\nfirst,best_1.pt\n", "not a checkpoint table"),
-    (b"rank,file\n1,../../etc/passwd\n", "not best_<rank>.pt files"),
-    (b"rank,file\n1,\n", "not best_<rank>.pt files"),
-    (b"rank,file\n" + b"1,best_1.pt\n" * (MAX_TABLE_BYTES // 12 + 1), "more than the"),
-], ids=["empty", "utf16", "no rank", "rank words", "path", "no file", "size"])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"", "not a checkpoint table"),
+        (b"\xff\xfe\x00r", "not a checkpoint table"),
+        (b"file\nbest_1.pt\n", "not a checkpoint table"),
+        (b"rank,file\nfirst,best_1.pt\n", "not a checkpoint table"),
+        (b"rank,file\n1,../../etc/passwd\n", "not best_<rank>.pt files"),
+        (b"rank,file\n1,\n", "not best_<rank>.pt files"),
+        (b"rank,file\n" + b"1,best_1.pt\n" * (MAX_TABLE_BYTES // 12 + 1), "more than the"),
+    ],
+    ids=["empty", "utf16", "no rank", "rank words", "path", "no file", "size"],
+)
 def test_a_crafted_checkpoints_csv_is_a_data_error_naming_it(tmp_path, content, message):
     fold = tmp_path / "fold0"
     fold.mkdir()
@@ -117,30 +126,36 @@ def _set(key: str, value):
         for parent in parents:
             content = content[parent]
         content[last] = value
+
     return change
 
 
-@pytest.mark.parametrize("key, value, expected", [
-    ("batch_size", "abc", "an integer in 1..256"),
-    ("batch_size", 0, "an integer in 1..256"),
-    ("batch_size", True, "an integer in 1..256"),
-    ("batch_size", 10 ** 9, "an integer in 1..256"),
-    ("tta", "x", "not null or an object"),
-    ("tta", {"hflip": True, "rotate": 90}, "not null or an object"),
-    ("tta.scales", [1000], "a list of numbers in 0.25..4"),
-    ("tta.scales", [], "a list of 1 to 8 scales"),
-    ("tta.scales", [1.0] * 9, "a list of 1 to 8 scales"),
-    ("tta.scales", ["1"], "a list of numbers in 0.25..4"),
-    ("tta.hflip", "yes", "one of True, False"),
-    ("interpolation", "bicubic-ish", "one of 'area'"),
-    ("amp", "fp8", "one of None, 'auto'"),
-    ("image_size", 10 ** 6, "an integer in 32..4096"),
-    ("fmt", "rle", "one of 'relative', 'absolute'"),
-    ("name", ["x"], "a string"),
-    ("postprocess.params.threshold", "abc", "not a finite number"),
-], ids=lambda value: str(value)[:20])
-def test_a_manifest_setting_of_the_wrong_type_or_range_is_a_data_error_naming_it(package_folder, tmp_path, key,
-                                                                                  value, expected):
+@pytest.mark.parametrize(
+    "key, value, expected",
+    [
+        ("batch_size", "abc", "an integer in 1..256"),
+        ("batch_size", 0, "an integer in 1..256"),
+        ("batch_size", True, "an integer in 1..256"),
+        ("batch_size", 10**9, "an integer in 1..256"),
+        ("tta", "x", "not null or an object"),
+        ("tta", {"hflip": True, "rotate": 90}, "not null or an object"),
+        ("tta.scales", [1000], "a list of numbers in 0.25..4"),
+        ("tta.scales", [], "a list of 1 to 8 scales"),
+        ("tta.scales", [1.0] * 9, "a list of 1 to 8 scales"),
+        ("tta.scales", ["1"], "a list of numbers in 0.25..4"),
+        ("tta.hflip", "yes", "one of True, False"),
+        ("interpolation", "bicubic-ish", "one of 'area'"),
+        ("amp", "fp8", "one of None, 'auto'"),
+        ("image_size", 10**6, "an integer in 32..4096"),
+        ("fmt", "rle", "one of 'relative', 'absolute'"),
+        ("name", ["x"], "a string"),
+        ("postprocess.params.threshold", "abc", "not a finite number"),
+    ],
+    ids=lambda value: str(value)[:20],
+)
+def test_a_manifest_setting_of_the_wrong_type_or_range_is_a_data_error_naming_it(
+    package_folder, tmp_path, key, value, expected
+):
     folder = _damaged(package_folder, tmp_path, _set(key, value))
     with pytest.raises(DataError, match=re.escape(expected)) as caught:
         package_format.read_manifest(folder)
@@ -160,11 +175,14 @@ def test_the_manifest_is_refused_before_anything_is_built(package_folder, tmp_pa
         package_format.load_package(folder, device="cpu")
 
 
-@pytest.mark.parametrize("change, expected", [
-    (_set("params.threshold", "abc"), "params.threshold is \"abc\", not a finite number"),
-    (_set("params.threshold", 7.0), "threshold must be a probability"),
-    (lambda block: block.pop("name"), "not a {name, params} block"),
-])
+@pytest.mark.parametrize(
+    "change, expected",
+    [
+        (_set("params.threshold", "abc"), 'params.threshold is "abc", not a finite number'),
+        (_set("params.threshold", 7.0), "threshold must be a probability"),
+        (lambda block: block.pop("name"), "not a {name, params} block"),
+    ],
+)
 def test_a_crafted_thresholds_json_is_a_data_error_naming_it(package_folder, tmp_path, change, expected):
     folder = _damaged(package_folder, tmp_path, change, file="thresholds.json")
     with pytest.raises(DataError, match=re.escape(expected)) as caught:
@@ -189,8 +207,12 @@ def _dead_pid() -> int:
 def test_extraction_folders_of_gone_processes_are_swept_on_the_next_open(package_folder, tmp_path, monkeypatch):
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     dead = tmp_path / f"pneumoseg-model-{_dead_pid()}-abc"
-    live = [tmp_path / f"pneumoseg-model-{os.getpid()}-def", tmp_path / f"pneumoseg-model-{os.getppid()}-ghi",
-            tmp_path / "pneumoseg-model-nopid", tmp_path / "other-folder"]
+    live = [
+        tmp_path / f"pneumoseg-model-{os.getpid()}-def",
+        tmp_path / f"pneumoseg-model-{os.getppid()}-ghi",
+        tmp_path / "pneumoseg-model-nopid",
+        tmp_path / "other-folder",
+    ]
     for folder in (dead, *live):
         (folder / "fold0").mkdir(parents=True)
         (folder / "fold0" / "best_1.pt").write_bytes(b"weights")

@@ -1,5 +1,6 @@
 """Untrusted inputs other than DICOMs: temporary files of interrupted writes, corrupt checkpoints, and model
 packages built to escape their folder or to smuggle in other weights."""
+
 from __future__ import annotations
 
 import hashlib
@@ -17,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fake_experiment import make_package, write_fake_training
+from fake_experiment import make_package, write_experiment, write_fake_training
 from pneumoseg import io as pio
 from pneumoseg import layout
 from pneumoseg.errors import DataError
@@ -26,11 +27,10 @@ from pneumoseg.serve import package as package_format
 from pneumoseg.serve.archive import extract_archive
 from pneumoseg.stages import package as package_stage
 from pneumoseg.stages import predict as predict_stage
-from fake_experiment import write_experiment
-
 
 # ---------------------------------------------------------------------------------------------------------
 # Temporary files
+
 
 @pytest.fixture
 def fresh_process(monkeypatch):
@@ -55,12 +55,11 @@ def _temp_file(folder: Path, name: str, host: str, pid: int, age_s: float = 0) -
 def test_temporary_name_is_recognisable_and_removed_on_failure(tmp_path):
     target = tmp_path / "out" / "image.png"
     pio.write_text(target, "old")
-    with pytest.raises(RuntimeError, match="crash"):
-        with pio.atomic_path(target) as tmp:
-            assert tmp.parent == target.parent
-            assert tmp.name.startswith(f".image.png.tmp-{pio._HOST}-{os.getpid()}-") and tmp.suffix == ".png"
-            tmp.write_text("half")
-            raise RuntimeError("crash")
+    with pytest.raises(RuntimeError, match="crash"), pio.atomic_path(target) as tmp:
+        assert tmp.parent == target.parent
+        assert tmp.name.startswith(f".image.png.tmp-{pio._HOST}-{os.getpid()}-") and tmp.suffix == ".png"
+        tmp.write_text("half")
+        raise RuntimeError("crash")
     assert target.read_text() == "old"
     assert sorted(p.name for p in target.parent.iterdir()) == ["image.png"]
 
@@ -91,6 +90,7 @@ def test_a_folder_is_swept_once_per_process(tmp_path, fresh_process):
 # ---------------------------------------------------------------------------------------------------------
 # Model packages
 
+
 def cve_2025_4517_archive(path: Path, payload: bytes = b"overwritten\n") -> Path:
     """The published symlink-chain exploit of CVE-2025-4517: nested symbolic links make the final link's path
     exceed PATH_MAX, so ``os.path.realpath`` stops expanding it and tarfile's ``data`` filter accepts ``escape``,
@@ -98,6 +98,7 @@ def cve_2025_4517_archive(path: Path, payload: bytes = b"overwritten\n") -> Path
     ``../victim.txt``, and ``escape/created.txt`` creates a file there."""
     component, steps, prefix = "d" * 247, "abcdefghijklmnop", ""
     with tarfile.open(path, mode="w") as tar:
+
         def add(name: str, kind: bytes, linkname: str = "", data: bytes | None = None) -> None:
             info = tarfile.TarInfo(name)
             info.type, info.linkname = kind, linkname
@@ -124,9 +125,8 @@ def test_cve_2025_4517_archive_is_refused_and_writes_nothing_outside(tmp_path, m
     victim = scratch / "victim.txt"
     victim.write_text("original\n")
     archive = cve_2025_4517_archive(tmp_path / "model.tar.gz")
-    with pytest.raises(DataError, match="symbolic link") as caught:
-        with package_format.open_package(archive):
-            pass
+    with pytest.raises(DataError, match="symbolic link") as caught, package_format.open_package(archive):
+        pass
     assert str(archive) in str(caught.value)
     assert victim.read_text() == "original\n"
     assert sorted(p.name for p in scratch.iterdir()) == ["victim.txt"]  # nothing created, extraction folder gone
@@ -243,11 +243,14 @@ def test_model_file_not_matching_its_sha256_is_refused(package_copy):
     assert str(weights) in str(caught.value) and "rebuild it" in str(caught.value)
 
 
-@pytest.mark.parametrize("change, message", [
-    (lambda m: m["models"][0].pop("sha256"), "lacks a file name or a sha256"),
-    (lambda m: m.pop("tta"), "lacks tta"),
-    (lambda m: m.update(models=[]), "non-empty list of models"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda m: m["models"][0].pop("sha256"), "lacks a file name or a sha256"),
+        (lambda m: m.pop("tta"), "lacks tta"),
+        (lambda m: m.update(models=[]), "non-empty list of models"),
+    ],
+)
 def test_incomplete_manifest_is_a_data_error(package_copy, change, message):
     folder, manifest = package_copy
     change(manifest)
@@ -258,6 +261,7 @@ def test_incomplete_manifest_is_a_data_error(package_copy, change, message):
 
 # ---------------------------------------------------------------------------------------------------------
 # Damaged checkpoints
+
 
 def _truncate(path: Path) -> None:
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])

@@ -1,4 +1,5 @@
 """The image-level score of every strategy: the probability it decides an image on."""
+
 import numpy as np
 import pytest
 
@@ -36,4 +37,4 @@ def test_threshold_and_gated_scores():
     assert gated.score(probs, 0.25) == 0.25
     with pytest.raises(ValueError, match="gate head"):
         gated.score(probs, None)
-    assert scale_area(1024 ** 2, probs.shape) == 32 * 32
+    assert scale_area(1024**2, probs.shape) == 32 * 32

@@ -1,15 +1,13 @@
 import numpy as np
 import pytest
 
+from pneumoseg.data import folds, inputs, rle
 from pneumoseg.data import labels as lb
-from pneumoseg.data import folds
-from pneumoseg.data import inputs
-from pneumoseg.data import rle
 from pneumoseg.errors import ConfigError, DataError
 
 # The README's 4x4 example, split into two instances that share pixel (2, 1).
-FIRST = "5 2"          # (1, 1), (2, 1)
-SECOND = "6 1 1 1"     # (2, 1), (0, 2)
+FIRST = "5 2"  # (1, 1), (2, 1)
+SECOND = "6 1 1 1"  # (2, 1), (0, 2)
 
 
 def write(path, text: str, encoding="utf-8"):
@@ -41,7 +39,7 @@ def test_sample_images_file_with_bom_crlf_and_no_header(siim_dir):
     labels = lb.read_labels(path)
     assert len(labels) == 10 and sum(image.has_mask for image in labels.values()) == 5
     stems = {p.stem for p in (siim_dir / "sample_images").glob("*.dcm")}
-    assert set(labels) == stems                      # no BOM left on the first ImageId
+    assert set(labels) == stems  # no BOM left on the first ImageId
     first = next(iter(labels.values()))
     assert first.first_line == 1 and not first.has_mask
     for image in labels.values():
@@ -51,8 +49,7 @@ def test_sample_images_file_with_bom_crlf_and_no_header(siim_dir):
 
 
 def test_stage1_form_with_spaces_and_non_adjacent_rows(tmp_path):
-    path = write(tmp_path / "train-rle.csv",
-                 f"ImageId, EncodedPixels\nA, {FIRST}\nB, -1\nA, {SECOND}\n\nC, -1\n")
+    path = write(tmp_path / "train-rle.csv", f"ImageId, EncodedPixels\nA, {FIRST}\nB, -1\nA, {SECOND}\n\nC, -1\n")
     rows = lb.read_rle_csv(path)
     assert rows.values.tolist() == [["A", FIRST, 2], ["B", "-1", 3], ["A", SECOND, 4], ["C", "-1", 6]]
     labels = lb.read_labels(path)
@@ -66,25 +63,31 @@ def test_stage1_form_with_spaces_and_non_adjacent_rows(tmp_path):
     assert not labels["B"].has_mask and not labels["B"].mask(4, 4).any()
 
 
-@pytest.mark.parametrize("text", [
-    "ImageId,EncodedPixels\r\nA,5 2\r\n",            # stage 2 with CRLF
-    "\ufeffA,5 2\r\n",                                # BOM, CRLF, no header
-    "EncodedPixels,ImageId\n5 2,A\n",                 # columns in the other order
-    "imageid , encodedpixels \n A , 5 2 \n",          # any case and spacing in the header
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "ImageId,EncodedPixels\r\nA,5 2\r\n",  # stage 2 with CRLF
+        "\ufeffA,5 2\r\n",  # BOM, CRLF, no header
+        "EncodedPixels,ImageId\n5 2,A\n",  # columns in the other order
+        "imageid , encodedpixels \n A , 5 2 \n",  # any case and spacing in the header
+    ],
+)
 def test_every_form_of_the_file_reads(tmp_path, text):
     path = write(tmp_path / "labels.csv", text)
     assert lb.read_rle_csv(path)[["ImageId", "EncodedPixels"]].values.tolist() == [["A", "5 2"]]
 
 
-@pytest.mark.parametrize("text, message", [
-    ("ImageId,EncodedPixels\nA\n", "line 2: expected 2 fields"),
-    ("A,5 2,extra\n", "line 1: expected 2 fields"),
-    ("ImageId,EncodedPixels\nA,-1\n,5 2\n", "line 3: expected 2 fields with an ImageId"),
-    ("ImageId,Mask\nA,-1\n", "lacks EncodedPixels"),
-    ("\n\n", "has no rows"),
-    ("ImageId,EncodedPixels\n", "has no rows"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("ImageId,EncodedPixels\nA\n", "line 2: expected 2 fields"),
+        ("A,5 2,extra\n", "line 1: expected 2 fields"),
+        ("ImageId,EncodedPixels\nA,-1\n,5 2\n", "line 3: expected 2 fields with an ImageId"),
+        ("ImageId,Mask\nA,-1\n", "lacks EncodedPixels"),
+        ("\n\n", "has no rows"),
+        ("ImageId,EncodedPixels\n", "has no rows"),
+    ],
+)
 def test_malformed_files_are_data_errors(tmp_path, text, message):
     with pytest.raises(DataError, match=message):
         lb.read_rle_csv(write(tmp_path / "labels.csv", text))
@@ -95,12 +98,15 @@ def test_missing_file_is_a_data_error(tmp_path):
         lb.read_rle_csv(tmp_path / "nope.csv")
 
 
-@pytest.mark.parametrize("bad, message", [
-    ("5 2 1", "odd number"),
-    ("5 two", "not an integer"),
-    ("-1 2", "gap -1 is negative"),
-    ("15 2", "beyond the 4x4 image"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ("5 2 1", "odd number"),
+        ("5 two", "not an integer"),
+        ("-1 2", "gap -1 is negative"),
+        ("15 2", "beyond the 4x4 image"),
+    ],
+)
 def test_malformed_row_names_file_line_and_image(tmp_path, bad, message):
     path = write(tmp_path / "train-rle.csv", f"ImageId, EncodedPixels\nA, {FIRST}\nB, -1\nA,  {bad}\n")
     image = lb.read_labels(path)["A"]
@@ -164,8 +170,9 @@ def test_sample_submission_is_optional(input_dir):
 EDGES = [0, 2000, 6500, 20000]
 
 
-@pytest.mark.parametrize("area, expected", [(0, 0), (1, 1), (2000, 1), (2001, 2), (6500, 2), (20000, 3),
-                                            (20001, 4), (10**6, 4)])
+@pytest.mark.parametrize(
+    "area, expected", [(0, 0), (1, 1), (2000, 1), (2001, 2), (6500, 2), (20000, 3), (20001, 4), (10**6, 4)]
+)
 def test_area_bins(area, expected):
     assert folds.area_bins([area], EDGES).tolist() == [expected]
 
@@ -180,13 +187,16 @@ def test_bad_area_edges(edges):
         folds.check_area_edges(edges)
 
 
-@pytest.mark.parametrize("bins, min_count, expected", [
-    ([0, 0, 1, 1, 2, 2], 2, [0, 0, 1, 1, 2, 2]),          # every bin large enough
-    ([0, 0, 1, 1, 2, 3], 2, [0, 0, 1, 1, 2, 2]),          # the largest joins the next smaller
-    ([0, 1, 1, 2, 3, 4], 3, [0, 2, 2, 2, 2, 2]),          # cascades down, then the smallest joins it
-    ([0, 1, 3, 3, 4, 4], 2, [0, 3, 3, 3, 4, 4]),          # the smallest joins the next larger
-    ([0, 0, 0, 2], 2, [0, 0, 0, 2]),                      # a lone positive bin stays itself
-])
+@pytest.mark.parametrize(
+    "bins, min_count, expected",
+    [
+        ([0, 0, 1, 1, 2, 2], 2, [0, 0, 1, 1, 2, 2]),  # every bin large enough
+        ([0, 0, 1, 1, 2, 3], 2, [0, 0, 1, 1, 2, 2]),  # the largest joins the next smaller
+        ([0, 1, 1, 2, 3, 4], 3, [0, 2, 2, 2, 2, 2]),  # cascades down, then the smallest joins it
+        ([0, 1, 3, 3, 4, 4], 2, [0, 3, 3, 3, 4, 4]),  # the smallest joins the next larger
+        ([0, 0, 0, 2], 2, [0, 0, 0, 2]),  # a lone positive bin stays itself
+    ],
+)
 def test_pool_rare_bins(bins, min_count, expected):
     assert folds._pool_rare_bins(np.array(bins), min_count).tolist() == expected
 
@@ -200,7 +210,7 @@ def test_assign_folds_balances_and_keeps_groups():
     assert table.groupby("fold").size().tolist() == [30, 30, 30]
     positives = table.groupby("fold")["has_mask"].sum()
     assert positives.max() - positives.min() <= 1
-    groups = [f"P{i // 3}" if i % 10 else None for i in range(90)]    # every tenth image has no group
+    groups = [f"P{i // 3}" if i % 10 else None for i in range(90)]  # every tenth image has no group
     grouped = folds.assign_folds(ids, areas, 3, seed=1, edges=EDGES, groups=groups)
     assert (grouped.groupby("group")["fold"].nunique() == 1).all()
     assert grouped.loc[0, "group"] == "I0"
@@ -215,5 +225,5 @@ def test_assign_folds_rejects_too_many_splits():
         folds.assign_folds(["a", "b", "c"], [0, 5, 0], 3, seed=0, edges=EDGES, groups=["x", "x", "y"])
     with pytest.raises(ConfigError, match="too few images to stratify"):
         folds.assign_folds(["a", "b"], [0, 5], 2, seed=0, edges=EDGES)
-    with pytest.warns(UserWarning, match="least populated class"):     # one positive cannot reach both folds
+    with pytest.warns(UserWarning, match="least populated class"):  # one positive cannot reach both folds
         assert folds.assign_folds(["a", "b", "c"], [0, 0, 5], 2, seed=0, edges=EDGES)["fold"].nunique() == 2

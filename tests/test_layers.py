@@ -5,6 +5,7 @@ and serving never import the scripts' command line (``pneumoseg.cli``); at most 
 sit loose directly under ``src/pneumoseg/``; no code outside the stage table (:mod:`pneumoseg.stage_table`) names a
 stage's folder or script.
 """
+
 from __future__ import annotations
 
 import ast
@@ -14,11 +15,13 @@ import pytest
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 PACKAGE = SRC / "pneumoseg"
-MAX_LOOSE_MODULES = 9   # 9 with commands.py, the `pneumoseg` command's entry point ([project.scripts])
+MAX_LOOSE_MODULES = 9  # 9 with commands.py, the `pneumoseg` command's entry point ([project.scripts])
 # Subpackage -> the pneumoseg subpackages it must not import.
-FORBIDDEN = {"inference": ("pneumoseg.training", "pneumoseg.stages"),
-             "serve": ("pneumoseg.training", "pneumoseg.stages", "pneumoseg.cli"),
-             "evaluation": ("pneumoseg.stages", "pneumoseg.cli")}
+FORBIDDEN = {
+    "inference": ("pneumoseg.training", "pneumoseg.stages"),
+    "serve": ("pneumoseg.training", "pneumoseg.stages", "pneumoseg.cli"),
+    "evaluation": ("pneumoseg.stages", "pneumoseg.cli"),
+}
 
 
 def module_name(path: Path, root: Path = SRC) -> str:
@@ -41,7 +44,7 @@ def imported_modules(path: Path, root: Path = SRC) -> set[str]:
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                base = ".".join([*package[:len(package) - node.level + 1], *([base] if base else [])])
+                base = ".".join([*package[: len(package) - node.level + 1], *([base] if base else [])])
             found.add(base)
             found.update(f"{base}.{alias.name}" for alias in node.names)
     return found
@@ -86,20 +89,41 @@ def test_few_loose_modules():
     assert len(loose) <= MAX_LOOSE_MODULES, f"{len(loose)} loose modules: {loose}; move some into a subpackage"
 
 
-@pytest.mark.parametrize("where, source, expected", [
-    ("pneumoseg/reports/oof.py", "from pneumoseg.stages import search\n",
-     "pneumoseg.reports.oof imports pneumoseg.stages"),
-    ("pneumoseg/serve/handler.py", "from ..training.trainer import fit_fold\n",
-     "pneumoseg.serve.handler imports pneumoseg.training"),
-    ("pneumoseg/inference/tta.py", "import pneumoseg.training.checkpoints as c\n",
-     "pneumoseg.inference.tta imports pneumoseg.training.checkpoints"),
-    ("pneumoseg/inference/__init__.py", "from pneumoseg import training\n",
-     "pneumoseg.inference imports pneumoseg.training"),
-    ("pneumoseg/serve/server.py", "from pneumoseg.modeling import models\n",
-     "pneumoseg.serve.server imports pneumoseg.training.trainer"),
-    ("pneumoseg/evaluation/leaderboard.py", "from pneumoseg.cli import setup_logging\n",
-     "pneumoseg.evaluation.leaderboard imports pneumoseg.cli"),
-])
+@pytest.mark.parametrize(
+    "where, source, expected",
+    [
+        (
+            "pneumoseg/reports/oof.py",
+            "from pneumoseg.stages import search\n",
+            "pneumoseg.reports.oof imports pneumoseg.stages",
+        ),
+        (
+            "pneumoseg/serve/handler.py",
+            "from ..training.trainer import fit_fold\n",
+            "pneumoseg.serve.handler imports pneumoseg.training",
+        ),
+        (
+            "pneumoseg/inference/tta.py",
+            "import pneumoseg.training.checkpoints as c\n",
+            "pneumoseg.inference.tta imports pneumoseg.training.checkpoints",
+        ),
+        (
+            "pneumoseg/inference/__init__.py",
+            "from pneumoseg import training\n",
+            "pneumoseg.inference imports pneumoseg.training",
+        ),
+        (
+            "pneumoseg/serve/server.py",
+            "from pneumoseg.modeling import models\n",
+            "pneumoseg.serve.server imports pneumoseg.training.trainer",
+        ),
+        (
+            "pneumoseg/evaluation/leaderboard.py",
+            "from pneumoseg.cli import setup_logging\n",
+            "pneumoseg.evaluation.leaderboard imports pneumoseg.cli",
+        ),
+    ],
+)
 def test_a_bad_import_is_found(tmp_path, where, source, expected):
     """The checker itself: a planted bad import in a copy of the layout is reported, also one step removed."""
     path = tmp_path / where
@@ -137,8 +161,11 @@ def _code_strings(path: Path) -> list[tuple[int, str]]:
             first = node.body[0]
             if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant):
                 docstrings.add(id(first.value))
-    return [(node.lineno, node.value) for node in ast.walk(tree)
-            if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings]
+    return [
+        (node.lineno, node.value)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings
+    ]
 
 
 def stage_name_uses(root: Path = SRC.parent) -> list[str]:
@@ -167,10 +194,15 @@ def test_only_the_stage_table_names_stage_folders_and_scripts():
 
 def test_a_stage_folder_named_outside_the_table_is_found(tmp_path):
     (tmp_path / "src" / "pneumoseg").mkdir(parents=True)
-    source = ('"""Reads 03_train/folds.csv."""\n# 04_search too\n'
-              'FOLDER = "05_predict"\nHINT = f"run scripts/03_train.py {1}"\n')
+    source = (
+        '"""Reads 03_train/folds.csv."""\n# 04_search too\n'
+        'FOLDER = "05_predict"\nHINT = f"run scripts/03_train.py {1}"\n'
+    )
     (tmp_path / "src" / "pneumoseg" / "x.py").write_text(source)
     (tmp_path / "run_all.sh").write_text('# scripts/06_package_model.py\nSTAGES=("00 scripts/00_make_demo_data.py")\n')
-    assert stage_name_uses(tmp_path) == ["src/pneumoseg/x.py:3: 05_predict", "src/pneumoseg/x.py:4: 03_train",
-                                         "src/pneumoseg/x.py:4: scripts/03_train.py",
-                                         "run_all.sh:2: scripts/00_make_demo_data.py"]
+    assert stage_name_uses(tmp_path) == [
+        "src/pneumoseg/x.py:3: 05_predict",
+        "src/pneumoseg/x.py:4: 03_train",
+        "src/pneumoseg/x.py:4: scripts/03_train.py",
+        "run_all.sh:2: scripts/00_make_demo_data.py",
+    ]

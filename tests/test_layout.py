@@ -1,4 +1,5 @@
 """The output layout: every path where the stages have always put it, and the choice of folds."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -42,7 +43,7 @@ def test_paths_of_the_config(tiny_cfg):
 def test_folders_instead_of_the_config(tmp_path):
     assert layout.images_dir(tmp_path, 32) == tmp_path / "01_convert/images_32"
     assert layout.folds_path(str(tmp_path)) == tmp_path / "02_labels/folds.csv"
-    assert layout.fold_dir(tmp_path, 1) == tmp_path / "fold1"          # a training folder (SageMaker's model dir)
+    assert layout.fold_dir(tmp_path, 1) == tmp_path / "fold1"  # a training folder (SageMaker's model dir)
     assert layout.train_folds_path(tmp_path) == tmp_path / "folds.csv"
 
 
@@ -56,20 +57,32 @@ def test_numbered_folders_are_found_in_number_order(tmp_path):
     assert list(layout.mask_dirs(tmp_path)) == [64, 256]
 
 
-@pytest.mark.parametrize("setting, chosen", [
-    ("all", [0, 1, 2, 3]), (None, [0, 1, 2, 3]), (2, [2]), ("2", [2]), ("3,1", [1, 3]), ("1,", [1]),
-    ([3, 0, 3], [0, 3]), (["1", "2"], [1, 2]),
-])
+@pytest.mark.parametrize(
+    "setting, chosen",
+    [
+        ("all", [0, 1, 2, 3]),
+        (None, [0, 1, 2, 3]),
+        (2, [2]),
+        ("2", [2]),
+        ("3,1", [1, 3]),
+        ("1,", [1]),
+        ([3, 0, 3], [0, 3]),
+        (["1", "2"], [1, 2]),
+    ],
+)
 def test_select_folds(setting, chosen):
     assert layout.select_folds(setting, [3, 1, 0, 2], "train.folds", "folds.csv") == chosen
 
 
-@pytest.mark.parametrize("setting, message", [
-    ([4], r"--fold names fold\(s\) \[4\], which 03_train/folds.csv does not have \(it has \[0, 1\]\)"),
-    ("1,5", r"--fold names fold\(s\) \[5\]"),
-    ("x", "--fold must be 'all' or fold numbers, not 'x'"),
-    ([0.5, "y"], "--fold must be 'all' or fold numbers"),
-])
+@pytest.mark.parametrize(
+    "setting, message",
+    [
+        ([4], r"--fold names fold\(s\) \[4\], which 03_train/folds.csv does not have \(it has \[0, 1\]\)"),
+        ("1,5", r"--fold names fold\(s\) \[5\]"),
+        ("x", "--fold must be 'all' or fold numbers, not 'x'"),
+        ([0.5, "y"], "--fold must be 'all' or fold numbers"),
+    ],
+)
 def test_select_folds_rejects(setting, message):
     with pytest.raises(ConfigError, match=message):
         layout.select_folds(setting, [0, 1], "--fold", Path("03_train/folds.csv"))

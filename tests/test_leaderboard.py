@@ -1,4 +1,5 @@
 """The leaderboard: on real run folders of the tiny pipeline (two experiments), and its order and refusals."""
+
 import json
 import logging
 
@@ -38,7 +39,7 @@ def test_the_leaderboard_reads_two_real_experiments(tiny_cfg, tmp_path):
         assert run.train_seconds == pytest.approx(sum(f["seconds"] for f in folds.values()))
         net = build_model(cfg.model, pretrained=False)
         assert run.parameters == sum(p.numel() for p in net.parameters())
-        files = [path for k in (0, 1) for path in best_files(layout.fold_dir(cfg, k))[:2]]   # predict.top_k: 2
+        files = [path for k in (0, 1) for path in best_files(layout.fold_dir(cfg, k))[:2]]  # predict.top_k: 2
         assert run.checkpoint_bytes == sum(p.stat().st_size for p in files)
     assert runs[0].parameters != runs[1].parameters
     table = (tmp_path / "output" / "leaderboard.md").read_text()
@@ -49,10 +50,16 @@ def test_the_leaderboard_reads_two_real_experiments(tiny_cfg, tmp_path):
 
 def _fake_run(root, name, nested, oof, per_fold=(0.5, 0.7), empty=None):
     folds = [{"fold": k, "score": s, "nested_score": None if nested is None else s} for k, s in enumerate(per_fold)]
-    summary = {"oof_score": oof, "nested_score": nested, "per_fold": folds,
-               "chosen": {"name": "threshold", "params": {"threshold": 0.5, "min_area": 400}}}
-    write_json(root / name / "04_search" / "done.json", {"summary": summary | ({} if empty is None else
-                                                                                  {"empty_baseline": empty})})
+    summary = {
+        "oof_score": oof,
+        "nested_score": nested,
+        "per_fold": folds,
+        "chosen": {"name": "threshold", "params": {"threshold": 0.5, "min_area": 400}},
+    }
+    write_json(
+        root / name / "04_search" / "done.json",
+        {"summary": summary | ({} if empty is None else {"empty_baseline": empty})},
+    )
 
 
 def test_runs_are_sorted_by_nested_score_and_unreadable_ones_are_left_out(tmp_path, caplog):
@@ -66,10 +73,11 @@ def test_runs_are_sorted_by_nested_score_and_unreadable_ones_are_left_out(tmp_pa
     assert [r.name for r in runs] == ["b", "a", "single_fold"]
     assert "broken" in caplog.text and "not valid JSON" in caplog.text
     assert runs[0].spread == pytest.approx(torch.tensor([0.5, 0.7]).std().item())
-    assert runs[0].test_score is None and runs[0].parameters is None          # no stage 05, no checkpoints
-    assert "| 1 | b | 0.8500 | 0.8600 | 0.1414 [0.5000, 0.7000] | n/a | n/a | threshold (min_area 400, threshold " \
-        "0.5) |" \
-        in leaderboard.markdown(runs)
+    assert runs[0].test_score is None and runs[0].parameters is None  # no stage 05, no checkpoints
+    assert (
+        "| 1 | b | 0.8500 | 0.8600 | 0.1414 [0.5000, 0.7000] | n/a | n/a | threshold (min_area 400, threshold "
+        "0.5) |" in leaderboard.markdown(runs)
+    )
 
 
 def test_a_missing_output_folder_is_refused(tmp_path):

@@ -36,7 +36,7 @@ def test_soft_dice_by_hand():
 
 
 def test_per_image_dice_averages_images():
-    logits = torch.full((2, 1, 1, 2), 50.0)           # p ~ 1 everywhere
+    logits = torch.full((2, 1, 1, 2), 50.0)  # p ~ 1 everywhere
     target = torch.tensor([[[[1.0, 1.0]]], [[[0.0, 0.0]]]])
     # image 1: (2*2 + 1) / (2 + 2 + 1) = 1; image 2: 1 / (2 + 0 + 1) = 1/3; batch: (4 + 1) / (4 + 2 + 1) = 5/7
     assert soft_dice_score(logits, target, per_image=True).item() == pytest.approx((1 + 1 / 3) / 2, rel=1e-4)
@@ -47,7 +47,8 @@ def test_per_image_dice_averages_images():
 def test_focal_with_gamma_zero_is_bce(seed):
     logits, target = _pair(seed)
     assert focal_loss(logits, target, gamma=0.0).item() == pytest.approx(
-        F.binary_cross_entropy_with_logits(logits, target).item(), rel=1e-6)
+        F.binary_cross_entropy_with_logits(logits, target).item(), rel=1e-6
+    )
 
 
 @pytest.mark.parametrize("logit, target, gamma", [(2.0, 1.0, 2.0), (2.0, 0.0, 2.0), (-1.0, 0.0, 1.0), (0.0, 1.0, 3.0)])
@@ -81,19 +82,24 @@ def test_mixed_loss_by_hand():
     # 10 * 11/16 ln 2 - ln(8/13) = 6.875 ln 2 + ln(13/8) = 5.2509...
     expected = 6.875 * LN2 + math.log(13 / 8)
     assert mixed_loss(TWO_LOGITS, TWO_TARGETS, alpha=10.0, gamma=2.0).item() == pytest.approx(expected, rel=1e-6)
-    assert build_loss({"name": "mixed", "params": {"alpha": 10, "gamma": 2}})(TWO_LOGITS, TWO_TARGETS).item() == \
-        pytest.approx(expected, rel=1e-6)
+    assert build_loss({"name": "mixed", "params": {"alpha": 10, "gamma": 2}})(
+        TWO_LOGITS, TWO_TARGETS
+    ).item() == pytest.approx(expected, rel=1e-6)
     # alpha 1, gamma 0: 1.5 ln 2 + ln(13/8)
-    assert mixed_loss(TWO_LOGITS, TWO_TARGETS, alpha=1.0, gamma=0.0).item() == \
-        pytest.approx(1.5 * LN2 + math.log(13 / 8), rel=1e-6)
+    assert mixed_loss(TWO_LOGITS, TWO_TARGETS, alpha=1.0, gamma=0.0).item() == pytest.approx(
+        1.5 * LN2 + math.log(13 / 8), rel=1e-6
+    )
 
 
-@pytest.mark.parametrize("params, expected", [
-    ({"bce": 1, "dice": 0, "focal": 0}, 1.5 * LN2),
-    ({"bce": 0, "dice": 2, "focal": 0}, 2 * (1 - 8 / 13)),                       # 10/13
-    ({"bce": 0.5, "dice": 1, "focal": 3}, 0.75 * LN2 + 5 / 13 + 3 * 11 / 16 * LN2),
-    ({"bce": 1, "dice": 0, "focal": 0, "pos_weight": 2.0}, 2 * LN2),
-])
+@pytest.mark.parametrize(
+    "params, expected",
+    [
+        ({"bce": 1, "dice": 0, "focal": 0}, 1.5 * LN2),
+        ({"bce": 0, "dice": 2, "focal": 0}, 2 * (1 - 8 / 13)),  # 10/13
+        ({"bce": 0.5, "dice": 1, "focal": 3}, 0.75 * LN2 + 5 / 13 + 3 * 11 / 16 * LN2),
+        ({"bce": 1, "dice": 0, "focal": 0, "pos_weight": 2.0}, 2 * LN2),
+    ],
+)
 def test_combo_loss_by_hand(params, expected):
     value = build_loss({"name": "combo", "params": params})(TWO_LOGITS, TWO_TARGETS)
     assert value.item() == pytest.approx(expected, rel=1e-6)
@@ -103,8 +109,7 @@ def test_single_terms_by_hand():
     assert build_loss({"name": "bce"})(TWO_LOGITS, TWO_TARGETS).item() == pytest.approx(1.5 * LN2, rel=1e-6)
     assert build_loss({"name": "focal"})(TWO_LOGITS, TWO_TARGETS).item() == pytest.approx(11 / 16 * LN2, rel=1e-6)
     assert build_loss({"name": "dice"})(TWO_LOGITS, TWO_TARGETS).item() == pytest.approx(5 / 13, rel=1e-6)
-    assert build_loss({"name": "log_dice"})(TWO_LOGITS, TWO_TARGETS).item() == \
-        pytest.approx(math.log(13 / 8), rel=1e-6)
+    assert build_loss({"name": "log_dice"})(TWO_LOGITS, TWO_TARGETS).item() == pytest.approx(math.log(13 / 8), rel=1e-6)
 
 
 def test_perfect_prediction_has_a_small_loss():
@@ -128,12 +133,15 @@ LOVASZ_LOGITS = torch.tensor([2.0, -1.0, 0.5, -3.0]).reshape(1, 1, 2, 2)
 LOVASZ_TARGETS = torch.tensor([1.0, 0.0, 0.0, 1.0]).reshape(1, 1, 2, 2)
 
 
-@pytest.mark.parametrize("block, expected", [
-    ({"name": "lovasz"}, 2.25),
-    ({"name": "symmetric_lovasz"}, 49 / 24),
-    ({"name": "combo", "params": {"bce": 0, "dice": 0, "lovasz": 2.0}}, 4.5),
-    ({"name": "combo", "params": {"bce": 0, "dice": 0, "lovasz": 1.0, "symmetric_lovasz": 1.0}}, 2.25 + 49 / 24),
-])
+@pytest.mark.parametrize(
+    "block, expected",
+    [
+        ({"name": "lovasz"}, 2.25),
+        ({"name": "symmetric_lovasz"}, 49 / 24),
+        ({"name": "combo", "params": {"bce": 0, "dice": 0, "lovasz": 2.0}}, 4.5),
+        ({"name": "combo", "params": {"bce": 0, "dice": 0, "lovasz": 1.0, "symmetric_lovasz": 1.0}}, 2.25 + 49 / 24),
+    ],
+)
 def test_lovasz_by_hand(block, expected):
     assert build_loss(block)(LOVASZ_LOGITS, LOVASZ_TARGETS).item() == pytest.approx(expected, rel=1e-6)
 
@@ -152,7 +160,7 @@ def test_lovasz_per_image_averages_images_and_the_batch_form_pools_them():
 def test_lovasz_on_an_empty_image_is_the_largest_hinge_error():
     logits = torch.tensor([0.5, -2.0, 1.5, -0.25]).reshape(1, 1, 2, 2)
     empty = torch.zeros_like(logits)
-    assert build_loss({"name": "lovasz"})(logits, empty).item() == pytest.approx(2.5, rel=1e-6)   # 1 + 1.5
+    assert build_loss({"name": "lovasz"})(logits, empty).item() == pytest.approx(2.5, rel=1e-6)  # 1 + 1.5
     # flipped: every pixel positive, errors 1 + logit, weights 1/4 each
-    flipped = (1.5 + 0.0 + 2.5 + 0.75) / 4   # 1 - 2 < 0: that pixel adds nothing
+    flipped = (1.5 + 0.0 + 2.5 + 0.75) / 4  # 1 - 2 < 0: that pixel adds nothing
     assert build_loss({"name": "symmetric_lovasz"})(logits, empty).item() == pytest.approx((2.5 + flipped) / 2)

@@ -7,8 +7,8 @@ import torchvision
 from pneumoseg.errors import ConfigError, DataError
 from pneumoseg.inference.fold_models import FoldModel, load_fold_models, load_model
 from pneumoseg.inference.tta import TTA, predict_probs
-from pneumoseg.modeling.normalize import Normalize
 from pneumoseg.modeling.models import MODELS, build_model
+from pneumoseg.modeling.normalize import Normalize
 
 TINY = {"encoder_name": "tu-resnet10t", "encoder_depth": 3, "decoder_channels": [16, 8, 4], "in_channels": 1}
 
@@ -42,9 +42,18 @@ def test_local_torchvision_state_dict_for_an_smp_encoder(tmp_path, in_channels):
     state = torchvision.models.resnet18().state_dict()
     path = tmp_path / "resnet18-local.pth"
     torch.save(state, path)
-    net = build_model({"name": "Unet", "params": {"encoder_name": "resnet18", "encoder_depth": 3,
-                                                  "decoder_channels": [16, 8, 4], "encoder_weights": str(path),
-                                                  "in_channels": in_channels}})
+    net = build_model(
+        {
+            "name": "Unet",
+            "params": {
+                "encoder_name": "resnet18",
+                "encoder_depth": 3,
+                "decoder_channels": [16, 8, 4],
+                "encoder_weights": str(path),
+                "in_channels": in_channels,
+            },
+        }
+    )
     conv = net.encoder.conv1.weight
     expected = state["conv1.weight"].sum(1, keepdim=True) if in_channels == 1 else state["conv1.weight"]
     assert torch.equal(conv, expected)
@@ -79,6 +88,7 @@ def test_unknown_architecture_or_encoder_is_a_config_error():
 
 # --- inference ---------------------------------------------------------------------------------------------------
 
+
 class _Ramp(torch.nn.Module):
     """A 'network' whose logit is the column index minus the mean: not flip-invariant, so TTA is visible."""
 
@@ -88,7 +98,7 @@ class _Ramp(torch.nn.Module):
 
     def forward(self, x):
         cols = torch.arange(x.shape[-1], dtype=torch.float32) - (x.shape[-1] - 1) / 2
-        return (cols.expand_as(x[:, :1]) + x[:, :1] * 0 + self.anchor)
+        return cols.expand_as(x[:, :1]) + x[:, :1] * 0 + self.anchor
 
 
 def _fold_model(net):
@@ -168,11 +178,11 @@ def test_scaled_views_are_resized_back_onto_the_same_pixels():
     plain = predict_probs([_fold_model(net)], images, TTA(hflip=False))
     net.sizes.clear()
     scaled = predict_probs([_fold_model(net)], images, TTA(hflip=True, scales=(0.5, 1.5)))
-    assert sorted(set(net.sizes)) == [(32, 32), (96, 96)]     # the views did run at other sizes
+    assert sorted(set(net.sizes)) == [(32, 32), (96, 96)]  # the views did run at other sizes
     flipped_plain = predict_probs([_fold_model(net)], images, TTA(hflip=True))
-    inner = (slice(None), slice(2, -2), slice(2, -2))         # the border is clamped, not extrapolated
+    inner = (slice(None), slice(2, -2), slice(2, -2))  # the border is clamped, not extrapolated
     np.testing.assert_allclose(scaled[inner], flipped_plain[inner], atol=1e-5)
-    assert not np.allclose(plain, flipped_plain, atol=1e-2)   # the flip matters, so scale and flip are both seen
+    assert not np.allclose(plain, flipped_plain, atol=1e-2)  # the flip matters, so scale and flip are both seen
 
 
 def test_predict_probs_matches_the_network_and_scales_keep_the_shape():
@@ -185,28 +195,33 @@ def test_predict_probs_matches_the_network_and_scales_keep_the_shape():
         expected = torch.sigmoid(net(model.normalize(images)))[:, 0].numpy()
     np.testing.assert_allclose(probs, expected, atol=1e-5)
     scaled = predict_probs([model, model], images[0], TTA(hflip=True, vflip=True, scales=(1.0, 1.5)))
-    assert scaled.shape == (32, 32) and 0 <= scaled.min() and scaled.max() <= 1
+    assert scaled.shape == (32, 32) and scaled.min() >= 0 and scaled.max() <= 1
 
 
 def test_tta_views():
     assert TTA(hflip=False).views() == [((), 1.0)]
     assert TTA(hflip=True, vflip=True, scales=(1.0, 0.75)).views() == [
-        ((), 1.0), ((-1,), 1.0), ((-2,), 1.0), ((), 0.75), ((-1,), 0.75), ((-2,), 0.75)]
+        ((), 1.0),
+        ((-1,), 1.0),
+        ((-2,), 1.0),
+        ((), 0.75),
+        ((-1,), 0.75),
+        ((-2,), 0.75),
+    ]
     assert TTA.from_config({"hflip": True, "vflip": False, "scales": [1.0]}) == TTA()
-
-
-
 
 
 def test_load_model_round_trip_and_missing_checkpoints(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     torch.manual_seed(0)
     net = build_model(_block()).eval()
-    block = _block(encoder_weights="imagenet")   # as trained: loading must not try to download anything
+    block = _block(encoder_weights="imagenet")  # as trained: loading must not try to download anything
     fold_dir = tmp_path / "fold0"
     fold_dir.mkdir()
-    torch.save({"state_dict": net.state_dict(), "model": block, "image_size": 32, "fold": 0, "epoch": 3,
-                "score": 0.8}, fold_dir / "best_1.pt")
+    torch.save(
+        {"state_dict": net.state_dict(), "model": block, "image_size": 32, "fold": 0, "epoch": 3, "score": 0.8},
+        fold_dir / "best_1.pt",
+    )
     loaded = load_fold_models(tmp_path)
     assert len(loaded) == 1 and loaded[0].epoch == 3 and loaded[0].fold == 0
     x = torch.randn(1, 1, 32, 32)

@@ -1,5 +1,6 @@
 """The OOF predictions of stage 03 are made with the test recipe of stage 05: the same checkpoints per fold
 (predict.top_k), the same TTA views and the same precision."""
+
 import numpy as np
 import pytest
 
@@ -18,8 +19,15 @@ SIZE = 32
 @pytest.mark.slow
 def test_oof_maps_are_what_stage_05_predicts_for_those_images(tiny_cfg):
     # Two kept checkpoints, both averaged, and a TTA with a vertical flip: a recipe unlike training's defaults.
-    cfg = tiny_cfg(f"data.image_size={SIZE}", "train.epochs=2", "train.keep_best=2", "predict.top_k=2",
-                   "tta.vflip=true", "postprocess.source=config", "train.folds=[0]")
+    cfg = tiny_cfg(
+        f"data.image_size={SIZE}",
+        "train.epochs=2",
+        "train.keep_best=2",
+        "predict.top_k=2",
+        "tta.vflip=true",
+        "postprocess.source=config",
+        "train.folds=[0]",
+    )
     write_prepared(cfg.paths.prepared_dir, n_images=12, sizes=(SIZE,), n_folds=2)
     train_stage.run(cfg, folds=[0])
     store = ProbabilityStore(layout.oof_dir(layout.fold_dir(cfg, 0)))

@@ -1,5 +1,6 @@
 """Stage 06: the model package's layout and contents, its reproducibility and staleness, and that it loads and
 predicts with nothing beside it, with its own bundled code."""
+
 from __future__ import annotations
 
 import ast
@@ -19,15 +20,15 @@ import pytest
 import torch
 import yaml
 
-from sagemaker_container import CONTAINER, normalise, required_names, with_dependencies
 from fake_experiment import THRESHOLDS, make_package, write_fake_training
-from pneumoseg.serve import handler as serving
-from pneumoseg.serve import package as package_format
 from pneumoseg.config import to_dict
 from pneumoseg.errors import DataError
 from pneumoseg.inference import runtime
 from pneumoseg.inference.predictor import Predictor
+from pneumoseg.serve import handler as serving
+from pneumoseg.serve import package as package_format
 from pneumoseg.stages import package
+from sagemaker_container import CONTAINER, normalise, required_names, with_dependencies
 
 IMAGE = np.random.default_rng(3).integers(0, 256, (80, 60), dtype=np.uint8)
 
@@ -45,16 +46,32 @@ def test_package_layout(packaged):
     cfg, path = packaged
     with tarfile.open(path) as archive:
         names = archive.getnames()
-        files = {name: archive.extractfile(name).read() for name in ("manifest.json", "thresholds.json", "config.yaml",
-                                                                     "code/inference.py", "code/requirements.txt")}
+        files = {
+            name: archive.extractfile(name).read()
+            for name in (
+                "manifest.json",
+                "thresholds.json",
+                "config.yaml",
+                "code/inference.py",
+                "code/requirements.txt",
+            )
+        }
         assert all(member.isfile() and member.mode == 0o644 and member.mtime == 0 for member in archive)
     manifest, thresholds = json.loads(files["manifest.json"]), json.loads(files["thresholds.json"])
     config = yaml.safe_load(files["config.yaml"])
     entry_point, requirements = files["code/inference.py"].decode(), files["code/requirements.txt"].decode()
     assert names == sorted(names)
-    assert {"manifest.json", "thresholds.json", "config.yaml", "fold0/best_1.pt", "fold1/best_1.pt",
-            "code/inference.py", "code/requirements.txt", "code/pneumoseg/__init__.py",
-            "code/pneumoseg/serve/handler.py"} <= set(names)
+    assert {
+        "manifest.json",
+        "thresholds.json",
+        "config.yaml",
+        "fold0/best_1.pt",
+        "fold1/best_1.pt",
+        "code/inference.py",
+        "code/requirements.txt",
+        "code/pneumoseg/__init__.py",
+        "code/pneumoseg/serve/handler.py",
+    } <= set(names)
     assert not [n for n in names if "__pycache__" in n or n.endswith(".pyc")]
     assert manifest["format"] == package_format.PACKAGE_FORMAT and manifest["name"] == "tiny"
     assert manifest["version"].startswith("tiny-") and len(manifest["version"]) == len("tiny-") + 12
@@ -82,8 +99,9 @@ def test_weights_are_plain_state_dicts(packaged, tmp_path):
     for name in ("fold0/best_1.pt", "fold1/best_1.pt"):
         checkpoint = torch.load(tmp_path / name, map_location="cpu", weights_only=True)  # refuses pickled code
         assert all(isinstance(v, torch.Tensor) for v in checkpoint["state_dict"].values())
-        assert sha256(tmp_path / name) == next(m["sha256"] for m in json.loads(
-            (tmp_path / "manifest.json").read_text())["models"] if m["file"] == name)
+        assert sha256(tmp_path / name) == next(
+            m["sha256"] for m in json.loads((tmp_path / "manifest.json").read_text())["models"] if m["file"] == name
+        )
 
 
 def test_package_loads_and_predicts_with_nothing_beside_it(packaged, tmp_path):
@@ -180,8 +198,14 @@ files = [m.__file__ for name, m in sys.modules.items() if name.split(".")[0] == 
 print(json.dumps({"answer": json.loads(answer), "files": files}))
 """
     env = {**os.environ, "PYTHONPATH": ""}
-    out = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, env=env,
-                         cwd=tmp_path, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     report = json.loads(out.stdout.strip().splitlines()[-1])
     assert all(Path(f).is_relative_to(tmp_path / "code" / "pneumoseg") for f in report["files"])
@@ -193,8 +217,12 @@ print(json.dumps({"answer": json.loads(answer), "files": files}))
 
     required = required_names((tmp_path / "code" / "requirements.txt").read_text())
     distributions = packages_distributions()
-    imported = {normalise(dist) for path in report["files"] for module in _absolute_imports(Path(path))
-                for dist in distributions.get(module, [])}
+    imported = {
+        normalise(dist)
+        for path in report["files"]
+        for module in _absolute_imports(Path(path))
+        for dist in distributions.get(module, [])
+    }
     assert imported - {"pneumoseg"} - with_dependencies(CONTAINER | required) == set()
 
 

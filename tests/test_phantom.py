@@ -1,4 +1,5 @@
 """The phantom: plans, determinism, lesion geometry and size distribution, and that it needs learning."""
+
 from __future__ import annotations
 
 import cv2
@@ -63,19 +64,20 @@ def test_render_gives_a_full_size_8_bit_image_with_dark_air_and_bright_mediastin
     _, image = _case(2, 0, size, CasePlan(0))
     assert image.shape == (size, size) and image.dtype == np.uint8
     top_corner = image[: size // 20, : size // 20].mean()
-    centre = image[int(size * 0.3): int(size * 0.5), int(size * 0.47): int(size * 0.53)].mean()
+    centre = image[int(size * 0.3) : int(size * 0.5), int(size * 0.47) : int(size * 0.53)].mean()
     assert top_corner < 60 < centre
 
 
-@pytest.mark.parametrize("plan", [CasePlan(1), CasePlan(2, False), CasePlan(3, False), CasePlan(2, True),
-                                  CasePlan(3, True)])
+@pytest.mark.parametrize(
+    "plan", [CasePlan(1), CasePlan(2, False), CasePlan(3, False), CasePlan(2, True), CasePlan(3, True)]
+)
 def test_instances_lie_in_the_lungs_and_overlap_only_when_planned(plan):
     for index in range(3):
         case, _ = _case(11, index, 256, plan)
         assert len(case.instances) == plan.n_instances
         assert all(instance.any() for instance in case.instances)
         assert not (case.mask & ~_lung_mask(case)).any()
-        pair_overlaps = [(a & b).any() for k, a in enumerate(case.instances) for b in case.instances[k + 1:]]
+        pair_overlaps = [(a & b).any() for k, a in enumerate(case.instances) for b in case.instances[k + 1 :]]
         assert any(pair_overlaps) == plan.overlapping
 
 
@@ -137,8 +139,10 @@ def test_intensity_rule_search_finds_a_rule_when_one_exists():
     result = phantom.intensity_rule_search(images, masks, sigmas=(0, 1))
     assert result.baseline == pytest.approx(8 / 12)
     assert result.score > 0.95 and result.polarity == "dark"
-    assert np.array_equal(phantom.apply_intensity_rule(images[0], result.sigma, result.polarity, result.threshold,
-                                                       result.min_area), masks[0])
+    assert np.array_equal(
+        phantom.apply_intensity_rule(images[0], result.sigma, result.polarity, result.threshold, result.min_area),
+        masks[0],
+    )
 
 
 def test_no_intensity_rule_beats_predicting_nothing():

@@ -1,5 +1,6 @@
 """Training phases (train.phases): each phase from the last one's best weights, at its own size and settings;
 resumable; the last phase is the fold's model."""
+
 import json
 
 import pytest
@@ -10,17 +11,24 @@ from pneumoseg.errors import ConfigError
 from pneumoseg.modeling.checkpoints import best_files, load_checkpoint
 from pneumoseg.stages import train as train_stage
 from pneumoseg.training.phases import PHASE_DONE, phase_config, plan_phases
-
 from synthetic import write_prepared
 
-PHASES = ("train.phases=[{name: small, train: {image_size: 32, epochs: 1}},"
-          " {name: full, train: {epochs: 2, freeze_encoder_epochs: 1}, optimizer: {params: {lr: 1.0e-4}},"
-          " scheduler: {name: cosine_restarts, params: {T_0: 1}}, sampler: {params: {start: 0.5, end: 0.5}}}]")
+PHASES = (
+    "train.phases=[{name: small, train: {image_size: 32, epochs: 1}},"
+    " {name: full, train: {epochs: 2, freeze_encoder_epochs: 1}, optimizer: {params: {lr: 1.0e-4}},"
+    " scheduler: {name: cosine_restarts, params: {T_0: 1}}, sampler: {params: {start: 0.5, end: 0.5}}}]"
+)
 
 
 def _cfg(tiny_cfg, *overrides):
-    return tiny_cfg("data.image_size=48", "prepare.sizes=[32, 48]", "train.folds=[0]", "train.oof_size=16",
-                    "predict.top_k=1", *overrides)
+    return tiny_cfg(
+        "data.image_size=48",
+        "prepare.sizes=[32, 48]",
+        "train.folds=[0]",
+        "train.oof_size=16",
+        "predict.top_k=1",
+        *overrides,
+    )
 
 
 def test_a_phase_is_the_config_with_its_changes(tiny_cfg):
@@ -31,20 +39,23 @@ def test_a_phase_is_the_config_with_its_changes(tiny_cfg):
     assert first.optimizer == cfg.optimizer and first.train.init_from is None
     last = phase_config(cfg, full, "phases/0_small/best_1.pt")
     assert (last.train.image_size, last.train.freeze_encoder_epochs, last.optimizer.params.lr) == (48, 1, 1.0e-4)
-    assert last.scheduler == {"name": "cosine_restarts", "params": {"T_0": 1}}    # renamed: the phase's params only
+    assert last.scheduler == {"name": "cosine_restarts", "params": {"T_0": 1}}  # renamed: the phase's params only
     assert last.sampler.params == {**cfg.sampler.params, "start": 0.5, "end": 0.5}
     assert last.train.init_from == {"checkpoint": "phases/0_small/best_1.pt", "partial": False}
 
 
-@pytest.mark.parametrize("phases, message", [
-    ("[{train: {epochs: 1}}]", "needs a name"),
-    ("[{name: a}, {name: a}]", "unique"),
-    ("[{name: a, tta: {hflip: false}}]", "a phase changes only"),
-    ("[{name: a, data: {image_size: 32}}]", "a phase changes only"),
-    ("[{name: a, train: {epohcs: 3}}]", r"train.phases\[0\].train.epohcs: no such key"),
-    ("[{name: a, train: {epochs: 0}}]", "at least 1"),
-    ("[{name: a}, {name: b, train: {image_size: 32}}]", "the last phase trains at 32 px"),
-])
+@pytest.mark.parametrize(
+    "phases, message",
+    [
+        ("[{train: {epochs: 1}}]", "needs a name"),
+        ("[{name: a}, {name: a}]", "unique"),
+        ("[{name: a, tta: {hflip: false}}]", "a phase changes only"),
+        ("[{name: a, data: {image_size: 32}}]", "a phase changes only"),
+        ("[{name: a, train: {epohcs: 3}}]", r"train.phases\[0\].train.epohcs: no such key"),
+        ("[{name: a, train: {epochs: 0}}]", "at least 1"),
+        ("[{name: a}, {name: b, train: {image_size: 32}}]", "the last phase trains at 32 px"),
+    ],
+)
 def test_bad_phases_are_config_errors(tiny_cfg, phases, message):
     with pytest.raises(ConfigError, match=message):
         plan_phases(_cfg(tiny_cfg, f"train.phases={phases}"))
@@ -56,6 +67,7 @@ def test_phases_run_in_order_each_from_the_last_and_resume(tiny_cfg, monkeypatch
     write_prepared(cfg.paths.prepared_dir, n_images=12, sizes=(32, 48), n_folds=2)
     starts = []
     from pneumoseg.training import trainer as trainer_module
+
     original = trainer_module.Trainer.from_config.__func__
 
     def recording(cls, cfg, ctx, updates_per_epoch, seed, initial=None):

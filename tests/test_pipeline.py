@@ -1,6 +1,7 @@
 """End to end: ``bash run_all.sh`` on the tiny config, stages 00 to 06, then again to see every stage skipped, then
 ``--from 05 --to 05 --force`` to see stage 05 alone redone. The tiny phantoms are not learnt in one epoch, so
 scores are only checked for form here; tests/test_learning.py checks that the pipeline learns."""
+
 import json
 import re
 import subprocess
@@ -11,8 +12,8 @@ import pytest
 from pneumoseg import layout
 from pneumoseg.config import load_config
 from pneumoseg.data import testset
-from pneumoseg.stages import predict
 from pneumoseg.evaluation.submission import validate_submission
+from pneumoseg.stages import predict
 
 pytestmark = pytest.mark.slow
 
@@ -21,8 +22,14 @@ STAGES = ["00", "01", "02", "03", "04", "05", "06"]
 
 
 def _run_all(tmp_path: Path, *args: str) -> str:
-    command = ["bash", str(ROOT / "run_all.sh"), "configs/tiny.yaml", f"paths.input_dir={tmp_path / 'input'}",
-               f"paths.output_root={tmp_path / 'output'}", *args]
+    command = [
+        "bash",
+        str(ROOT / "run_all.sh"),
+        "configs/tiny.yaml",
+        f"paths.input_dir={tmp_path / 'input'}",
+        f"paths.output_root={tmp_path / 'output'}",
+        *args,
+    ]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-4000:]
@@ -41,8 +48,10 @@ def _done_files(tmp_path: Path) -> dict[str, str]:
 def test_run_all_on_the_tiny_config(tmp_path):
     output = _run_all(tmp_path)
     assert _stages_run(output) == STAGES
-    cfg = load_config(ROOT / "configs" / "tiny.yaml", [f"paths.input_dir={tmp_path / 'input'}",
-                                                       f"paths.output_root={tmp_path / 'output'}"])
+    cfg = load_config(
+        ROOT / "configs" / "tiny.yaml",
+        [f"paths.input_dir={tmp_path / 'input'}", f"paths.output_root={tmp_path / 'output'}"],
+    )
     test, expected = testset.test_set(cfg)
     submission = layout.submission_path(cfg)
     assert validate_submission(submission, expected, testset.image_sizes(test)) == []

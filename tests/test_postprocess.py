@@ -6,22 +6,32 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pneumoseg.errors import ConfigError, DataError
-from pneumoseg.postprocess.strategies import (POSTPROCESSORS, Threshold, Triplet, above, build_postprocessor, level_cut,
-                                   load_postprocessor, remove_small_components, remove_small_outlines, scale_area)
 from pneumoseg.data.probstore import dequantize
+from pneumoseg.errors import ConfigError, DataError
+from pneumoseg.postprocess.strategies import (
+    POSTPROCESSORS,
+    Threshold,
+    Triplet,
+    above,
+    build_postprocessor,
+    level_cut,
+    load_postprocessor,
+    remove_small_components,
+    remove_small_outlines,
+    scale_area,
+)
 
 LEVELS = np.arange(256, dtype=np.uint8)
 
 
 @pytest.mark.parametrize("threshold", [0.0, 1.0, 0.5, 0.4, 0.7, 0.05, 102 / 255, 0.1 + 0.2, 1e-9, 1 - 1e-9])
 def test_level_cut_agrees_with_float64_comparison(threshold):
-    assert ((LEVELS > level_cut(threshold)) == (LEVELS / 255.0 > threshold)).all()
+    assert ((level_cut(threshold) < LEVELS) == (threshold < LEVELS / 255.0)).all()
 
 
 def test_level_cut_at_the_ends():
-    assert level_cut(0.0) == 0          # p > 0: every level but 0
-    assert level_cut(1.0) == 255        # p > 1: nothing
+    assert level_cut(0.0) == 0  # p > 0: every level but 0
+    assert level_cut(1.0) == 255  # p > 1: nothing
     assert level_cut(0.999) == 254
 
 
@@ -32,13 +42,16 @@ def test_above_treats_levels_and_probabilities_alike():
         assert (above(levels, threshold) == (levels / 255.0 > threshold)).all()
 
 
-@pytest.mark.parametrize("area, shape, expected", [
-    (1024, (1024, 1024), 1024.0),
-    (1024, (256, 256), 64.0),
-    (1000, (512, 512), 250.0),
-    (100, (64, 64), 100 / 256),
-    (0, (256, 256), 0.0),
-])
+@pytest.mark.parametrize(
+    "area, shape, expected",
+    [
+        (1024, (1024, 1024), 1024.0),
+        (1024, (256, 256), 64.0),
+        (1000, (512, 512), 250.0),
+        (100, (64, 64), 100 / 256),
+        (0, (256, 256), 0.0),
+    ],
+)
 def test_scale_area(area, shape, expected):
     assert scale_area(area, shape) == pytest.approx(expected)
 
@@ -47,12 +60,13 @@ def _squares(size: int, *boxes: tuple[int, int, int]) -> np.ndarray:
     """A boolean mask with filled squares (row, col, side)."""
     mask = np.zeros((size, size), bool)
     for row, col, side in boxes:
-        mask[row:row + side, col:col + side] = True
+        mask[row : row + side, col : col + side] = True
     return mask
 
 
-@pytest.mark.parametrize("min_pixels, kept_sides", [(0, [2, 4, 6]), (4, [2, 4, 6]), (5, [4, 6]), (16, [4, 6]),
-                                                    (17, [6]), (37, [])])
+@pytest.mark.parametrize(
+    "min_pixels, kept_sides", [(0, [2, 4, 6]), (4, [2, 4, 6]), (5, [4, 6]), (16, [4, 6]), (17, [6]), (37, [])]
+)
 def test_remove_small_components(min_pixels, kept_sides):
     boxes = {2: (0, 0, 2), 4: (10, 10, 4), 6: (20, 2, 6)}
     result = remove_small_components(_squares(32, *boxes.values()), min_pixels)
@@ -60,7 +74,7 @@ def test_remove_small_components(min_pixels, kept_sides):
 
 
 def test_diagonal_neighbours_form_one_component():
-    mask = np.eye(5, dtype=bool)           # 5 pixels touching only at corners
+    mask = np.eye(5, dtype=bool)  # 5 pixels touching only at corners
     assert remove_small_components(mask, 5).sum() == 5
 
 
@@ -73,16 +87,19 @@ def test_threshold_min_area_is_in_pixels_of_the_original_image(size):
     assert kept.sum() == (16 * scale) ** 2 and kept[0, 0] and not kept[100 * scale, 100 * scale]
 
 
-@pytest.mark.parametrize("peak, pixels_here, expected_pixels", [
-    (0.9, 16, 64),         # exactly min_area pixels above top: kept, and drawn at bottom
-    (0.9, 17, 0),          # one pixel short: declared empty
-    (0.6, 0, 64),          # nothing above top, but min_area 0 keeps every image
-    (0.6, 1, 0),           # nothing above top: empty
-])
+@pytest.mark.parametrize(
+    "peak, pixels_here, expected_pixels",
+    [
+        (0.9, 16, 64),  # exactly min_area pixels above top: kept, and drawn at bottom
+        (0.9, 17, 0),  # one pixel short: declared empty
+        (0.6, 0, 64),  # nothing above top, but min_area 0 keeps every image
+        (0.6, 1, 0),  # nothing above top: empty
+    ],
+)
 def test_triplet_gate_then_bottom(peak, pixels_here, expected_pixels):
     probs = np.zeros((256, 256), np.float32)
-    probs[10:18, 10:18] = 0.5                 # 64 pixels above bottom
-    probs[12:16, 12:16] = peak                # 16 of them above top when peak is 0.9
+    probs[10:18, 10:18] = 0.5  # 64 pixels above bottom
+    probs[12:16, 12:16] = peak  # 16 of them above top when peak is 0.9
     # min_area is in pixels of the 1024 px image: 16 of them per pixel at 256 px.
     mask = Triplet(top=0.8, min_area=pixels_here * 16, bottom=0.4)(probs)
     assert mask.sum() == expected_pixels
@@ -95,7 +112,7 @@ def test_triplet_drops_small_components_after_the_gate():
 
 
 @settings(max_examples=30, deadline=None)
-@given(seed=st.integers(0, 2 ** 16), threshold=st.sampled_from([0.2, 0.5, 0.63]), area=st.sampled_from([0, 300, 5000]))
+@given(seed=st.integers(0, 2**16), threshold=st.sampled_from([0.2, 0.5, 0.63]), area=st.sampled_from([0, 300, 5000]))
 def test_triplet_with_top_equal_bottom_is_the_threshold_strategy(seed, threshold, area):
     levels = np.random.default_rng(seed).integers(0, 256, (32, 32), dtype=np.uint8)
     triplet = Triplet(top=threshold, min_area=0, bottom=threshold, min_component_area=area)
@@ -108,10 +125,13 @@ def test_levels_and_their_probabilities_give_the_same_mask():
     assert (strategy(levels) == strategy(dequantize(levels).astype(np.float64))).all()
 
 
-@pytest.mark.parametrize("block", [
-    {"name": "threshold", "params": {"threshold": 0.35, "min_area": 500}},
-    {"name": "triplet", "params": {"top": 0.75, "min_area": 1000, "bottom": 0.4, "min_component_area": 0}},
-])
+@pytest.mark.parametrize(
+    "block",
+    [
+        {"name": "threshold", "params": {"threshold": 0.35, "min_area": 500}},
+        {"name": "triplet", "params": {"top": 0.75, "min_area": 1000, "bottom": 0.4, "min_component_area": 0}},
+    ],
+)
 def test_block_round_trip(block, tmp_path):
     strategy = build_postprocessor(block)
     assert strategy.to_block()["name"] == block["name"]
@@ -121,13 +141,16 @@ def test_block_round_trip(block, tmp_path):
     assert load_postprocessor(path) == strategy
 
 
-@pytest.mark.parametrize("block, message", [
-    ({"name": "nope"}, "unknown post-processing strategy 'nope'"),
-    ({"name": "threshold", "params": {"threshold": 1.5}}, "threshold must be a probability"),
-    ({"name": "threshold", "params": {"min_area": -1}}, "min_area must be >= 0"),
-    ({"name": "triplet", "params": {"top": 0.4, "min_area": 0, "bottom": 0.6}}, "bottom .* must not exceed top"),
-    ({"name": "triplet", "params": {"top": 0.4}}, "bad params"),
-])
+@pytest.mark.parametrize(
+    "block, message",
+    [
+        ({"name": "nope"}, "unknown post-processing strategy 'nope'"),
+        ({"name": "threshold", "params": {"threshold": 1.5}}, "threshold must be a probability"),
+        ({"name": "threshold", "params": {"min_area": -1}}, "min_area must be >= 0"),
+        ({"name": "triplet", "params": {"top": 0.4, "min_area": 0, "bottom": 0.6}}, "bottom .* must not exceed top"),
+        ({"name": "triplet", "params": {"top": 0.4}}, "bad params"),
+    ],
+)
 def test_bad_blocks_are_config_errors(block, message):
     with pytest.raises(ConfigError, match=message):
         build_postprocessor(block)
@@ -162,21 +185,21 @@ def _sneddy_remove_smallest(mask, min_contour_area):
 
 
 def _outline_triplet(min_component_area, top=0.5, bottom=0.5):
-    return Triplet(top=top, min_area=0, bottom=bottom, min_component_area=min_component_area,
-                   component_rule="outline")
+    return Triplet(top=top, min_area=0, bottom=bottom, min_component_area=min_component_area, component_rule="outline")
 
 
-@pytest.mark.parametrize("side, limit, kept", [(10, 100, False), (11, 100, False), (12, 100, True), (10, 80, True),
-                                               (10, 81, False)])
+@pytest.mark.parametrize(
+    "side, limit, kept", [(10, 100, False), (11, 100, False), (12, 100, True), (10, 80, True), (10, 81, False)]
+)
 def test_outline_rule_measures_the_polygon_area_strictly_above_the_limit(side, limit, kept):
     # a side x side square's outline runs through its border pixels' centres: (side - 1)^2 (81 for 10, 121 for 12)
     probs = np.zeros((64, 64), np.float32)
-    probs[5:5 + side, 5:5 + side] = 1.0
+    probs[5 : 5 + side, 5 : 5 + side] = 1.0
     mask = remove_small_outlines(probs > 0.5, limit)
     assert mask.sum() == (side * side if kept else 0)
     # at 1024 px the strategy's area is the limit itself
     big = np.zeros((1024, 1024), np.float32)
-    big[5:5 + side, 5:5 + side] = 1.0
+    big[5 : 5 + side, 5 : 5 + side] = 1.0
     assert _outline_triplet(limit)(big).sum() == (side * side if kept else 0)
 
 
@@ -184,7 +207,7 @@ def test_outline_rule_measures_the_polygon_area_strictly_above_the_limit(side, l
 def test_outline_rule_fills_a_small_hole_and_keeps_a_large_one(hole, filled):
     mask = np.zeros((64, 64), bool)
     mask[5:45, 5:45] = True
-    mask[20:20 + hole, 20:20 + hole] = False
+    mask[20 : 20 + hole, 20 : 20 + hole] = False
     kept = remove_small_outlines(mask, 100)
     assert kept.sum() == (40 * 40 if filled else mask.sum())
     assert (kept >= mask).all()

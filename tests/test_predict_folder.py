@@ -1,5 +1,6 @@
 """The ``predict`` command (pneumoseg.inference.folder): a folder of DICOM, PNG and JPEG files in, predictions.csv,
 masks, overlays, DICOM SEG, errors.csv and the review page out; scope, resume, and stage 05's masks."""
+
 import csv
 import shutil
 import subprocess
@@ -9,9 +10,9 @@ import cv2
 import numpy as np
 import pydicom
 import pytest
-from fake_experiment import make_package, write_fake_training
 from PIL import Image
 
+from fake_experiment import make_package, write_fake_training
 from pneumoseg import layout
 from pneumoseg.data.dicom import DicomTags, write_jpeg_dicom
 from pneumoseg.data.rle import decode
@@ -29,8 +30,16 @@ def _dicom(path: Path, seed: int, **changes) -> Path:
     """A challenge-like DICOM of random texture at ``path``; ``changes`` set header attributes afterwards."""
     rng = np.random.default_rng(seed)
     pixels = cv2.GaussianBlur(rng.integers(0, 256, (SIZE, SIZE + 8), dtype=np.uint8), (0, 0), 3)
-    write_jpeg_dicom(path, pixels, DicomTags(sop_instance_uid=f"1.2.3.{seed}", study_instance_uid=f"1.2.4.{seed}",
-                                             series_instance_uid=f"1.2.5.{seed}", patient_id=f"p{seed}"))
+    write_jpeg_dicom(
+        path,
+        pixels,
+        DicomTags(
+            sop_instance_uid=f"1.2.3.{seed}",
+            study_instance_uid=f"1.2.4.{seed}",
+            series_instance_uid=f"1.2.5.{seed}",
+            patient_id=f"p{seed}",
+        ),
+    )
     if changes:
         ds = pydicom.dcmread(path)
         for keyword, value in changes.items():
@@ -69,8 +78,21 @@ def _rows(output: Path, name: str = folder.PREDICTIONS_FILE) -> dict[str, dict[s
 
 
 def _predict(package, xrays, output, *extra) -> int:
-    return folder.main(["--model", str(package), "--input", str(xrays), "--output", str(output), "--workers", "0",
-                        "--batch-size", "2", *extra])
+    return folder.main(
+        [
+            "--model",
+            str(package),
+            "--input",
+            str(xrays),
+            "--output",
+            str(output),
+            "--workers",
+            "0",
+            "--batch-size",
+            "2",
+            *extra,
+        ]
+    )
 
 
 def test_a_folder_gives_rows_masks_overlays_segs_and_a_review_page(package, xrays, tmp_path):
@@ -94,7 +116,7 @@ def test_a_folder_gives_rows_masks_overlays_segs_and_a_review_page(package, xray
         assert overlay.shape[1] == shape[1] and overlay.shape[0] > shape[0]  # the caption bar on top
     dicom = rows["a1.dcm"]
     assert dicom["SOPInstanceUID"] == "1.2.3.1" and dicom["StudyInstanceUID"] == "1.2.4.1"
-    assert float(dicom["area_mm2"]) == pytest.approx(int(dicom["area_pixels"]) * 0.168 ** 2, abs=0.06)
+    assert float(dicom["area_mm2"]) == pytest.approx(int(dicom["area_pixels"]) * 0.168**2, abs=0.06)
     assert rows["sub/b.png"]["SOPInstanceUID"] == "" and rows["sub/b.png"]["area_mm2"] == ""
     assert not (output / "seg" / "sub").exists() and not (output / "probabilities").exists()
 
@@ -125,8 +147,11 @@ def test_out_of_scope_dicoms_are_flagged_and_predicted_only_when_asked(package, 
     _dicom(xrays / "mr.dcm", 6, Modality="MR")
     assert _predict(package, xrays, tmp_path / "out") == 0
     rows = _rows(tmp_path / "out")
-    for source, reason in [("lateral.dcm", "lateral view (LL)"), ("knee.dcm", "body part KNEE"),
-                           ("mr.dcm", "modality MR")]:
+    for source, reason in [
+        ("lateral.dcm", "lateral view (LL)"),
+        ("knee.dcm", "body part KNEE"),
+        ("mr.dcm", "modality MR"),
+    ]:
         assert rows[source]["in_scope"] == "false" and reason in rows[source]["note"]
         assert rows[source]["EncodedPixels"] == "" and not (tmp_path / "out" / "masks" / f"{source}.png").exists()
     assert "out of scope, not predicted" in (tmp_path / "out" / "index.html").read_text()
@@ -137,10 +162,16 @@ def test_out_of_scope_dicoms_are_flagged_and_predicted_only_when_asked(package, 
     assert (tmp_path / "all" / "masks" / "knee.dcm.png").is_file()
 
 
-@pytest.mark.parametrize("changes, note", [
-    ({}, ""), ({"Modality": "DX", "BodyPartExamined": "THORAX", "ViewPosition": "AP"}, ""),
-    ({"BodyPartExamined": ""}, ""), ({"Modality": "CT"}, "modality CT"), ({"ViewPosition": "LATERAL"}, "lateral"),
-])
+@pytest.mark.parametrize(
+    "changes, note",
+    [
+        ({}, ""),
+        ({"Modality": "DX", "BodyPartExamined": "THORAX", "ViewPosition": "AP"}, ""),
+        ({"BodyPartExamined": ""}, ""),
+        ({"Modality": "CT"}, "modality CT"),
+        ({"ViewPosition": "LATERAL"}, "lateral"),
+    ],
+)
 def test_scope_rules(changes, note):
     header = pydicom.Dataset()
     header.Modality, header.BodyPartExamined, header.ViewPosition = "CR", "CHEST", "PA"
@@ -178,15 +209,17 @@ def test_a_killed_run_resumes_and_gives_what_a_clean_run_gives(package, xrays, t
     with open(output / folder.PREDICTIONS_FILE, "a") as handle:  # a kill in the middle of an append
         handle.write("sub/b.png,,,tr")
     resumed = []
-    monkeypatch.setattr(folder, "write_outputs", lambda image, *args: resumed.append(image.source) or
-                        original(image, *args))
+    monkeypatch.setattr(
+        folder, "write_outputs", lambda image, *args: resumed.append(image.source) or original(image, *args)
+    )
     assert _predict(package, xrays, output) == 0
     assert resumed == ["sub/b.png", "sub/c.JPG"]  # lateral.dcm is out of scope: read, not predicted
     assert _rows(output) == _rows(clean)
     assert (output / folder.PREDICTIONS_FILE).read_text().count("\n") == len(_rows(clean)) + 1
     for name in ("masks", "overlays", "seg"):
-        assert sorted(p.relative_to(output) for p in (output / name).rglob("*")) == \
-            sorted(p.relative_to(clean) for p in (clean / name).rglob("*"))
+        assert sorted(p.relative_to(output) for p in (output / name).rglob("*")) == sorted(
+            p.relative_to(clean) for p in (clean / name).rglob("*")
+        )
 
 
 def test_probability_maps_on_request(package, xrays, tmp_path):
@@ -200,8 +233,23 @@ def test_probability_maps_on_request(package, xrays, tmp_path):
 @pytest.mark.slow  # the worker processes import torch: about 15 s
 def test_worker_processes_give_the_same_rows(package, xrays, tmp_path):
     assert _predict(package, xrays, tmp_path / "inline") == 0
-    assert folder.main(["--model", str(package), "--input", str(xrays), "--output", str(tmp_path / "workers"),
-                        "--workers", "2", "--batch-size", "3"]) == 0
+    assert (
+        folder.main(
+            [
+                "--model",
+                str(package),
+                "--input",
+                str(xrays),
+                "--output",
+                str(tmp_path / "workers"),
+                "--workers",
+                "2",
+                "--batch-size",
+                "3",
+            ]
+        )
+        == 0
+    )
     assert _rows(tmp_path / "workers") == _rows(tmp_path / "inline")
 
 
@@ -227,9 +275,24 @@ def test_the_demos_test_dicoms_get_exactly_the_masks_of_stage_05(tiny_cfg, tmp_p
     submission = {row.image_id: row.encoded for row in read_submission(layout.submission_path(cfg))[0]}
 
     config = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
-    assert folder.main(["--model", str(config), "--input", str(Path(cfg.paths.input_dir) / "dicom-images-test"),
-                        "--output", str(tmp_path / "out"), "--workers", "0", f"paths.input_dir={cfg.paths.input_dir}",
-                        f"paths.output_root={cfg.paths.output_root}", "postprocess.source=search"]) == 0
+    assert (
+        folder.main(
+            [
+                "--model",
+                str(config),
+                "--input",
+                str(Path(cfg.paths.input_dir) / "dicom-images-test"),
+                "--output",
+                str(tmp_path / "out"),
+                "--workers",
+                "0",
+                f"paths.input_dir={cfg.paths.input_dir}",
+                f"paths.output_root={cfg.paths.output_root}",
+                "postprocess.source=search",
+            ]
+        )
+        == 0
+    )
     rows = _rows(tmp_path / "out").values()
     assert {row["SOPInstanceUID"]: row["EncodedPixels"] for row in rows} == submission
     assert sum(encoded != "-1" for encoded in submission.values()) >= 2  # masks, not only empty images
@@ -240,10 +303,25 @@ CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 
 def _chromium(page: Path, profile: Path, *args: str) -> subprocess.CompletedProcess:
     """Debian's chromium, headless and offline, on a local page."""
-    return subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                           "--disable-component-update", "--no-first-run", f"--user-data-dir={profile}",
-                           "--virtual-time-budget=5000", *args, page.as_uri()],
-                          capture_output=True, text=True, timeout=120, check=True)
+    return subprocess.run(
+        [
+            CHROMIUM,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--no-first-run",
+            f"--user-data-dir={profile}",
+            "--virtual-time-budget=5000",
+            *args,
+            page.as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
 
 
 @pytest.mark.slow  # a browser start: a few seconds

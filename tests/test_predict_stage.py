@@ -5,15 +5,15 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pneumoseg import layout
-from pneumoseg.errors import ConfigError, DataError
-from pneumoseg.io import read_png
-from pneumoseg.data.labels import read_labels
-from pneumoseg.inference.predictor import Predictor
-from pneumoseg.data.rle import decode
-from pneumoseg.stages import predict as stage
-from pneumoseg.evaluation.submission import read_submission, validate_submission
 from fake_experiment import write_experiment
+from pneumoseg import layout
+from pneumoseg.data.labels import read_labels
+from pneumoseg.data.rle import decode
+from pneumoseg.errors import ConfigError, DataError
+from pneumoseg.evaluation.submission import read_submission, validate_submission
+from pneumoseg.inference.predictor import Predictor
+from pneumoseg.io import read_png
+from pneumoseg.stages import predict as stage
 
 ORIGINAL = 96
 
@@ -25,6 +25,7 @@ def _done(cfg):
 @pytest.fixture
 def experiment(tiny_cfg):
     """A synthetic experiment for stage 05 and a factory of its configs (post-processing from the config)."""
+
     def make(*overrides):
         return tiny_cfg("postprocess.source=config", *overrides)
 
@@ -37,7 +38,7 @@ def _expected_dice(cfg, test, predicted_all: bool) -> float:
     dice = []
     for image_id in test["ImageId"]:
         area = labels[image_id].mask(ORIGINAL, ORIGINAL).sum()
-        dice.append(2 * area / (area + ORIGINAL ** 2) if predicted_all else float(area == 0))
+        dice.append(2 * area / (area + ORIGINAL**2) if predicted_all else float(area == 0))
     return float(np.mean(dice))
 
 
@@ -113,7 +114,7 @@ def test_skipped_when_complete_and_rerun_when_an_input_changes(experiment):
     assert (_done(cfg)["finished_at"], layout.submission_path(cfg).stat().st_mtime_ns) == first
 
     checkpoint = next(layout.fold_dir(cfg, 0).glob("best_1.pt"))
-    os.utime(checkpoint, ns=(checkpoint.stat().st_atime_ns, checkpoint.stat().st_mtime_ns + 10 ** 9))
+    os.utime(checkpoint, ns=(checkpoint.stat().st_atime_ns, checkpoint.stat().st_mtime_ns + 10**9))
     stage.run(cfg)
     assert layout.submission_path(cfg).stat().st_mtime_ns != first[1]
     changed_tta = make("tta.hflip=false")

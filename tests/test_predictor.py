@@ -6,21 +6,21 @@ import numpy as np
 import pytest
 import torch
 
+from fake_experiment import write_experiment
 from pneumoseg import layout
 from pneumoseg.config import to_dict
-from pneumoseg.modeling.normalize import Normalize, normalize_from_model
 from pneumoseg.data.dicom import DicomTags, read_dicom, write_jpeg_dicom
-from pneumoseg.errors import ConfigError, DataError
 from pneumoseg.data.resize import resize_square
+from pneumoseg.data.rle import decode
+from pneumoseg.errors import ConfigError, DataError
 from pneumoseg.inference.fold_models import FoldModel
+from pneumoseg.inference.predictor import Prediction, Predictor
 from pneumoseg.inference.tta import TTA
 from pneumoseg.io import read_png
 from pneumoseg.modeling.models import build_model
+from pneumoseg.modeling.normalize import Normalize, normalize_from_model
 from pneumoseg.postprocess.strategies import Threshold, Triplet
-from pneumoseg.inference.predictor import Prediction, Predictor
-from pneumoseg.data.rle import decode
 from pneumoseg.stages import convert
-from fake_experiment import write_experiment
 
 SIZE = 32
 
@@ -105,15 +105,18 @@ def test_post_processing_runs_at_the_original_size_with_areas_in_1024_px_pixels(
     image = np.zeros((SIZE, SIZE), np.uint8)
     image[8:16, 8:16] = 255
     kept = Predictor([_model()], TTA(hflip=False), Threshold(0.5, min_area=60_000)).predict_prepared(
-        image[None], [(1024, 1024)])[0]
+        image[None], [(1024, 1024)]
+    )[0]
     dropped = Predictor([_model()], TTA(hflip=False), Threshold(0.5, min_area=70_000)).predict_prepared(
-        image[None], [(1024, 1024)])[0]
+        image[None], [(1024, 1024)]
+    )[0]
     assert kept.mask.shape == (1024, 1024)
     assert kept.area == pytest.approx(256 * 256, rel=0.03)
     assert not dropped.has_pneumothorax
     # The same rule at a 512 px original: areas scale with the image, so the decision does not change.
     half = Predictor([_model()], TTA(hflip=False), Threshold(0.5, min_area=70_000)).predict_prepared(
-        image[None], [(512, 512)])[0]
+        image[None], [(512, 512)]
+    )[0]
     assert not half.has_pneumothorax
 
 
@@ -152,7 +155,7 @@ def test_from_experiment(tiny_cfg):
     assert len(predictor.models) == 2 * int(cfg.folds.n_splits)
     assert [m.path.name for m in predictor.models[:2]] == ["best_1.pt", "best_2.pt"]
     assert predictor.tta == TTA(hflip=True, vflip=True) and predictor.n_views == 12
-    assert predictor.postprocessor == Threshold(0.5, 0)          # 04_search/thresholds.json
+    assert predictor.postprocessor == Threshold(0.5, 0)  # 04_search/thresholds.json
     assert predictor.interpolation == cfg.prepare.interpolation and predictor.image_size == cfg.data.image_size
 
     top1 = Predictor.from_experiment(tiny_cfg("predict.top_k=1", "train.folds=[1]"), device="cpu")
@@ -182,8 +185,11 @@ def _check_both_paths_agree(cfg):
     convert.run(cfg)
     torch.manual_seed(0)
     block = to_dict(cfg.model)
-    model = FoldModel(net=build_model(block, pretrained=False).eval(), normalize=normalize_from_model(block),
-                      image_size=int(cfg.data.image_size))
+    model = FoldModel(
+        net=build_model(block, pretrained=False).eval(),
+        normalize=normalize_from_model(block),
+        image_size=int(cfg.data.image_size),
+    )
     predictor = Predictor([model], TTA(hflip=True), Threshold(0.5), interpolation=cfg.prepare.interpolation)
     dicoms = sorted(Path(cfg.paths.input_dir).rglob("*.dcm"))
     assert dicoms
@@ -201,8 +207,11 @@ def _check_both_paths_agree(cfg):
 def test_a_dicom_predicts_the_same_through_its_stage_01_png_and_directly(tiny_cfg, interpolation):
     cfg = tiny_cfg("prepare.n_jobs=1", f"prepare.interpolation={interpolation}")
     for k, pixels in enumerate(_phantom_xrays()):
-        write_jpeg_dicom(Path(cfg.paths.input_dir) / "dicom-images-test" / f"1.2.276.0.9.{k}.dcm", pixels,
-                         DicomTags(f"1.2.276.0.9.{k}", f"1.2.9.{k}.1", f"1.2.9.{k}.2", f"patient-{k}"))
+        write_jpeg_dicom(
+            Path(cfg.paths.input_dir) / "dicom-images-test" / f"1.2.276.0.9.{k}.dcm",
+            pixels,
+            DicomTags(f"1.2.276.0.9.{k}", f"1.2.9.{k}.1", f"1.2.9.{k}.2", f"patient-{k}"),
+        )
     _check_both_paths_agree(cfg)
 
 

@@ -1,4 +1,5 @@
 """Stage 02 on a tiny fake stage-01 folder: a few PNGs and a metadata.csv written by the tests themselves."""
+
 from __future__ import annotations
 
 import json
@@ -10,12 +11,12 @@ import pandas as pd
 import pytest
 
 from pneumoseg.data import rle
+from pneumoseg.data.resize import resize_mask
 from pneumoseg.errors import ConfigError, DataError
 from pneumoseg.io import read_png, write_png
-from pneumoseg.data.resize import resize_mask
 from pneumoseg.stages import prepare_labels
 
-ORIGINAL = 128   # the fake DICOMs' size
+ORIGINAL = 128  # the fake DICOMs' size
 SIZES = (64, 32)
 
 
@@ -24,7 +25,7 @@ class FakeData:
     """What a test wrote, so that it can check the stage's outputs against it."""
 
     input_dir: Path
-    masks: dict[str, np.ndarray] = field(default_factory=dict)    # every labelled image with an image
+    masks: dict[str, np.ndarray] = field(default_factory=dict)  # every labelled image with an image
     instances: dict[str, int] = field(default_factory=dict)
     test_ids: list[str] = field(default_factory=list)
     unlabelled: list[str] = field(default_factory=list)
@@ -35,8 +36,18 @@ def image_id(kind: str, index: int) -> str:
     return f"1.2.276.0.7230010.3.1.4.{kind}.{index}"
 
 
-def make_data(cfg, n_train=16, n_test=4, positive_every=2, n_unlabelled=1, n_orphans=1, sample_submission=True,
-              seed=0, tags=True, images_per_patient=1) -> FakeData:
+def make_data(
+    cfg,
+    n_train=16,
+    n_test=4,
+    positive_every=2,
+    n_unlabelled=1,
+    n_orphans=1,
+    sample_submission=True,
+    seed=0,
+    tags=True,
+    images_per_patient=1,
+) -> FakeData:
     """Write the input label files and stage 01's folder for ``cfg``.
 
     Every ``positive_every``-th training image (none for 0) has a mask: one rectangle, or two overlapping ones on every
@@ -51,14 +62,27 @@ def make_data(cfg, n_train=16, n_test=4, positive_every=2, n_unlabelled=1, n_orp
     meta = []
 
     def add_image(ident: str, folder: str, sex: str) -> None:
-        meta.append({"ImageId": ident, "source_path": str(data.input_dir / folder / "1.2" / f"{ident}.dcm"),
-                     "rows": ORIGINAL, "cols": ORIGINAL, "sex": sex, "age": int(rng.integers(20, 80)),
-                     "view": "PA" if len(meta) % 3 else "AP", "pixel_spacing": 0.168, "photometric": "MONOCHROME2",
-                     "transfer_syntax": "1.2.840.10008.1.2.4.50", "PatientID": f"P{len(meta) // images_per_patient}",
-                     "StudyInstanceUID": f"{ident}.2", "SeriesInstanceUID": f"{ident}.3"})
+        meta.append(
+            {
+                "ImageId": ident,
+                "source_path": str(data.input_dir / folder / "1.2" / f"{ident}.dcm"),
+                "rows": ORIGINAL,
+                "cols": ORIGINAL,
+                "sex": sex,
+                "age": int(rng.integers(20, 80)),
+                "view": "PA" if len(meta) % 3 else "AP",
+                "pixel_spacing": 0.168,
+                "photometric": "MONOCHROME2",
+                "transfer_syntax": "1.2.840.10008.1.2.4.50",
+                "PatientID": f"P{len(meta) // images_per_patient}",
+                "StudyInstanceUID": f"{ident}.2",
+                "SeriesInstanceUID": f"{ident}.3",
+            }
+        )
         for size in SIZES:
-            write_png(convert_dir / f"images_{size}" / f"{ident}.png",
-                      rng.integers(0, 255, (size, size), dtype=np.uint8))
+            write_png(
+                convert_dir / f"images_{size}" / f"{ident}.png", rng.integers(0, 255, (size, size), dtype=np.uint8)
+            )
 
     for index in range(n_train):
         ident = image_id("1", index)
@@ -69,10 +93,10 @@ def make_data(cfg, n_train=16, n_test=4, positive_every=2, n_unlabelled=1, n_orp
             height, width = rng.integers(8, 60, size=2)
             boxes = [(top, left, height, width)]
             if index % (2 * positive_every) == 0:
-                boxes.append((top + height // 2, left + width // 2, height, width))   # overlaps the first
+                boxes.append((top + height // 2, left + width // 2, height, width))  # overlaps the first
             for y, x, h, w in boxes:
                 instance = np.zeros_like(mask)
-                instance[y:y + h, x:x + w] = True
+                instance[y : y + h, x : x + w] = True
                 mask |= instance
                 rows.append(rle.encode(instance))
         else:
@@ -97,7 +121,8 @@ def make_data(cfg, n_train=16, n_test=4, positive_every=2, n_unlabelled=1, n_orp
     if sample_submission:
         data.test_ids = list(rng.permutation(data.test_ids))
         (data.input_dir / "sample_submission.csv").write_text(
-            "ImageId,EncodedPixels\n" + "".join(f"{i},-1\n" for i in data.test_ids))
+            "ImageId,EncodedPixels\n" + "".join(f"{i},-1\n" for i in data.test_ids)
+        )
     meta = pd.DataFrame(meta)
     if not tags:
         meta[["sex", "age", "view"]] = None
@@ -141,16 +166,17 @@ def test_stage_writes_masks_tables_and_report(cfg_for):
         assert labels.loc[ident, "n_instances"] == data.instances[ident]
         for size in SIZES:
             stored = read_png(folder / f"masks_{size}" / f"{ident}.png")
-            assert (stored == resize_mask(mask, size)).all()    # the union, in the right orientation
+            assert (stored == resize_mask(mask, size)).all()  # the union, in the right orientation
 
     test = read(cfg, "test_images.csv")
     assert list(test.columns) == ["ImageId", "rows", "cols"]
-    assert test["ImageId"].tolist() == data.test_ids          # the sample submission's order
+    assert test["ImageId"].tolist() == data.test_ids  # the sample submission's order
     unmatched = read(cfg, "unmatched.csv")
     assert sorted(zip(unmatched["ImageId"], unmatched["reason"])) == sorted(
-        [(i, prepare_labels.NO_LABEL) for i in data.unlabelled] + [(i, prepare_labels.NO_IMAGE) for i in data.orphans])
+        [(i, prepare_labels.NO_LABEL) for i in data.unlabelled] + [(i, prepare_labels.NO_IMAGE) for i in data.orphans]
+    )
     folds = read(cfg, "folds.csv")
-    assert list(folds.columns) == ["ImageId", "fold", "has_mask", "area_bin", "group"]    # PatientID by default
+    assert list(folds.columns) == ["ImageId", "fold", "has_mask", "area_bin", "group"]  # PatientID by default
     assert sorted(folds["ImageId"]) == sorted(data.masks) and set(folds["fold"]) == {0, 1}
 
     assert summary["train_images"] == len(data.masks) and summary["test_images"] == len(data.test_ids)
@@ -223,8 +249,10 @@ def test_grouped_folds_keep_a_patient_together(cfg_for):
     assert (folds.groupby("group")["fold"].nunique() == 1).all()
     assert folds["group"].nunique() == 20 and folds["fold"].nunique() == 3
     report = (outputs(cfg) / "data_report.md").read_text()
-    assert ("40 training images of 20 patients; 20 patients have several images (40 images, at most 2 of one "
-            "patient). No patient has images in two folds.") in report
+    assert (
+        "40 training images of 20 patients; 20 patients have several images (40 images, at most 2 of one "
+        "patient). No patient has images in two folds."
+    ) in report
 
 
 def test_report_says_when_patients_straddle_folds(cfg_for):
@@ -234,7 +262,7 @@ def test_report_says_when_patients_straddle_folds(cfg_for):
     folds = read(cfg, "folds.csv")
     patient = folds["ImageId"].map(lambda i: int(i.rsplit(".", 1)[1]) // 4)
     straddling = int((folds.groupby(patient)["fold"].nunique() > 1).sum())
-    assert straddling > 0     # 10 patients of 4 images in 3 ungrouped folds: some are split
+    assert straddling > 0  # 10 patients of 4 images in 3 ungrouped folds: some are split
     report = (outputs(cfg) / "data_report.md").read_text()
     assert "40 training images of 10 patients; 10 patients have several images (40 images, at most 4" in report
     assert f"**{straddling} patients have images in more than one fold**" in report
@@ -256,11 +284,14 @@ def test_metadata_of_an_older_stage_01_says_rerun_it(cfg_for):
         prepare_labels.run(cfg)
 
 
-@pytest.mark.parametrize("override, message", [
-    ("folds.n_splits=1", "n_splits=1 must be at least 2"),
-    ("folds.n_splits=50", "at most the 16 groups"),
-    ("folds.area_bins=[100,200]", "must start with 0 and increase"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("folds.n_splits=1", "n_splits=1 must be at least 2"),
+        ("folds.n_splits=50", "at most the 16 groups"),
+        ("folds.area_bins=[100,200]", "must start with 0 and increase"),
+    ],
+)
 def test_bad_fold_settings_are_config_errors(cfg_for, override, message):
     cfg = cfg_for(override)
     make_data(cfg)
@@ -268,12 +299,15 @@ def test_bad_fold_settings_are_config_errors(cfg_for, override, message):
         prepare_labels.run(cfg)
 
 
-@pytest.mark.parametrize("bad, message", [
-    ("5 2 1", "odd number"),
-    ("5 x", "not an integer"),
-    ("-3 2", "negative"),
-    (f"{ORIGINAL * ORIGINAL - 1} 5", "beyond the 128x128 image"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ("5 2 1", "odd number"),
+        ("5 x", "not an integer"),
+        ("-3 2", "negative"),
+        (f"{ORIGINAL * ORIGINAL - 1} 5", "beyond the 128x128 image"),
+    ],
+)
 def test_malformed_row_names_the_file_image_and_line(cfg_for, bad, message):
     cfg = cfg_for()
     data = make_data(cfg)
@@ -284,7 +318,7 @@ def test_malformed_row_names_the_file_image_and_line(cfg_for, bad, message):
     line = len(path.read_text().splitlines())
     with pytest.raises(DataError, match=rf"train-rle.csv, line {line}, ImageId {victim}: .*{message}"):
         prepare_labels.run(cfg)
-    assert not (outputs(cfg) / "masks_64").exists()    # nothing written before every row is checked
+    assert not (outputs(cfg) / "masks_64").exists()  # nothing written before every row is checked
 
 
 def test_missing_inputs_say_what_to_do(cfg_for):
@@ -304,11 +338,11 @@ def test_resume_keeps_finished_masks_and_rewrites_when_labels_change(cfg_for):
     assert first["masks_written"] == len(data.masks) and first["masks_kept"] == 0
     folder = outputs(cfg)
     marker = folder / "masks_64" / f"{image_id('1', 1)}.png"
-    write_png(marker, np.full((64, 64), 255, np.uint8))            # recognisable if it is kept
-    (folder / "masks_32" / f"{image_id('1', 2)}.png").unlink()      # as if interrupted before this one
+    write_png(marker, np.full((64, 64), 255, np.uint8))  # recognisable if it is kept
+    (folder / "masks_32" / f"{image_id('1', 2)}.png").unlink()  # as if interrupted before this one
 
-    assert prepare_labels.run(cfg) == first                        # complete: skipped, summary from done.json
-    (folder / "done.json").unlink()                                # as if the run had been interrupted
+    assert prepare_labels.run(cfg) == first  # complete: skipped, summary from done.json
+    (folder / "done.json").unlink()  # as if the run had been interrupted
     resumed = prepare_labels.run(cfg)
     assert resumed["masks_written"] == 1 and resumed["masks_kept"] == len(data.masks) - 1
     assert read_png(marker).min() == 255
@@ -317,7 +351,7 @@ def test_resume_keeps_finished_masks_and_rewrites_when_labels_change(cfg_for):
     assert forced["masks_written"] == len(data.masks) and read_png(marker).max() == 0
 
     write_png(marker, np.full((64, 64), 255, np.uint8))
-    with open(data.input_dir / "train-rle.csv", "a") as handle:   # new labels make every mask stale
+    with open(data.input_dir / "train-rle.csv", "a") as handle:  # new labels make every mask stale
         handle.write(f"{data.orphans[0]}, -1\n")
     changed = prepare_labels.run(cfg)
     assert changed["masks_written"] == len(data.masks) and read_png(marker).max() == 0
@@ -325,7 +359,7 @@ def test_resume_keeps_finished_masks_and_rewrites_when_labels_change(cfg_for):
 
 @pytest.mark.slow
 def test_parallel_writing_matches_serial(cfg_for, monkeypatch):
-    monkeypatch.setattr(prepare_labels, "CHUNK", 4)              # 16 images: 4 tasks for the workers
+    monkeypatch.setattr(prepare_labels, "CHUNK", 4)  # 16 images: 4 tasks for the workers
     serial = cfg_for()
     make_data(serial)
     prepare_labels.run(serial)
@@ -333,8 +367,9 @@ def test_parallel_writing_matches_serial(cfg_for, monkeypatch):
     assert len(masks) == 16 * len(SIZES)
     summary = prepare_labels.run(cfg_for("prepare.n_jobs=2"), force=True)
     assert summary["masks_written"] == 16
-    assert {path.relative_to(outputs(serial)): path.read_bytes()
-            for path in outputs(serial).glob("masks_*/*.png")} == masks
+    assert {
+        path.relative_to(outputs(serial)): path.read_bytes() for path in outputs(serial).glob("masks_*/*.png")
+    } == masks
 
 
 def test_script_prints_the_fold_table(cfg_for, capsys, monkeypatch):
@@ -344,8 +379,12 @@ def test_script_prints_the_fold_table(cfg_for, capsys, monkeypatch):
     cfg = cfg_for(report=True)
     make_data(cfg)
     root = Path(__file__).resolve().parents[1]
-    args = [f"paths.input_dir={cfg.paths.input_dir}", f"paths.output_root={cfg.paths.output_root}",
-            f"prepare.sizes=[{SIZES[0]},{SIZES[1]}]", "prepare.n_jobs=1"]
+    args = [
+        f"paths.input_dir={cfg.paths.input_dir}",
+        f"paths.output_root={cfg.paths.output_root}",
+        f"prepare.sizes=[{SIZES[0]},{SIZES[1]}]",
+        "prepare.n_jobs=1",
+    ]
     monkeypatch.setattr(sys, "argv", ["02_prepare_labels.py", "--config", str(root / "configs/tiny.yaml"), *args])
     with pytest.raises(SystemExit) as exit_info:
         runpy.run_path(str(root / "scripts" / "02_prepare_labels.py"), run_name="__main__")

@@ -1,5 +1,6 @@
 """The winners' recipes (configs/siim_sneddy_1st*, configs/siim_amirassov_4th.yaml) load, keep their published
 structure, and train one fold of the tiny synthetic data with that structure at tiny sizes."""
+
 import json
 from pathlib import Path
 
@@ -13,7 +14,6 @@ from pneumoseg.modeling.checkpoints import best_files
 from pneumoseg.postprocess.strategies import build_postprocessor
 from pneumoseg.stages import train as train_stage
 from pneumoseg.training.phases import phase_config, plan_phases
-
 from synthetic import write_prepared
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -37,11 +37,24 @@ def _tiny(recipe: str, root: Path):
         if "image_size" in phase.get("train", {}):
             phase["train"]["image_size"] = SIZE // 2
     crop = ["data.train_crop=16"] if load_config(CONFIGS / recipe).data.train_crop else []
-    return load_config(CONFIGS / recipe, [
-        f"paths.input_dir={root / 'input'}", f"paths.output_root={root / 'output'}", f"data.image_size={SIZE}",
-        f"prepare.sizes=[{SIZE // 2}, {SIZE}]", "model.params.encoder_weights=null", "train.epochs=1",
-        "train.folds=[0]", "train.num_workers=0", "train.val_batch_size=8", "train.oof_size=16",
-        "predict.num_workers=0", f"train.phases={json.dumps(phases) if phases else 'null'}", *crop])
+    return load_config(
+        CONFIGS / recipe,
+        [
+            f"paths.input_dir={root / 'input'}",
+            f"paths.output_root={root / 'output'}",
+            f"data.image_size={SIZE}",
+            f"prepare.sizes=[{SIZE // 2}, {SIZE}]",
+            "model.params.encoder_weights=null",
+            "train.epochs=1",
+            "train.folds=[0]",
+            "train.num_workers=0",
+            "train.val_batch_size=8",
+            "train.oof_size=16",
+            "predict.num_workers=0",
+            f"train.phases={json.dumps(phases) if phases else 'null'}",
+            *crop,
+        ],
+    )
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
@@ -84,26 +97,46 @@ def test_the_sneddy_members_share_the_1st_place_base():
 
 
 def _phase_settings(cfg):
-    return [(phase.name, int(c.train.image_size), c.train.freeze_encoder_epochs, c.optimizer.params.lr,
-             c.scheduler.name, c.sampler.params.start, c.sampler.params.end)
-            for phase in plan_phases(cfg) for c in [phase_config(cfg, phase, None)]]
+    return [
+        (
+            phase.name,
+            int(c.train.image_size),
+            c.train.freeze_encoder_epochs,
+            c.optimizer.params.lr,
+            c.scheduler.name,
+            c.sampler.params.start,
+            c.sampler.params.end,
+        )
+        for phase in plan_phases(cfg)
+        for c in [phase_config(cfg, phase, None)]
+    ]
 
 
 def test_the_sneddy_recipe_trains_part0_part1_part2_after_512_px():
     # part0 (1e-4, plateau, share 0.8) -> part1 (1e-5, cosine T_max 8, 0.6) -> part2 (0.4); uptrained from 512 px
     # with a frozen encoder first, except resnet50
-    parts = [("part1", 1024, 0, 1e-5, "cosine_annealing", 0.6, 0.6), ("part2", 1024, 0, 1e-5, "cosine_annealing",
-                                                                        0.4, 0.4)]
+    parts = [
+        ("part1", 1024, 0, 1e-5, "cosine_annealing", 0.6, 0.6),
+        ("part2", 1024, 0, 1e-5, "cosine_annealing", 0.4, 0.4),
+    ]
     part0 = ("part0", 1024, 0, 1e-4, "plateau", 0.8, 0.8)
     for member in ("albunet_public", "albunet_valid", "seunet"):
         cfg = load_config(CONFIGS / f"siim_sneddy_1st/{member}.yaml")
-        assert _phase_settings(cfg) == [("part0_512", 512, 0, 1e-4, "plateau", 0.8, 0.8),
-                                        part0[:2] + (2,) + part0[3:], *parts]
+        assert _phase_settings(cfg) == [
+            ("part0_512", 512, 0, 1e-4, "plateau", 0.8, 0.8),
+            part0[:2] + (2,) + part0[3:],
+            *parts,
+        ]
         assert 512 in cfg.prepare.sizes
     assert _phase_settings(load_config(CONFIGS / "siim_sneddy_1st/resnet50.yaml")) == [part0, *parts]
     blend = load_config(CONFIGS / "siim_sneddy_1st_ensemble.yaml")
-    assert blend.postprocess.params == {"top": 0.7, "min_area": 800, "bottom": 0.3, "min_component_area": 100,
-                                        "component_rule": "outline"}
+    assert blend.postprocess.params == {
+        "top": 0.7,
+        "min_area": 800,
+        "bottom": 0.3,
+        "min_component_area": 100,
+        "component_rule": "outline",
+    }
     assert blend.search.grids.triplet.component_rule == "outline"
 
 
@@ -136,7 +169,7 @@ def test_a_recipe_trains_a_fold_at_tiny_sizes(recipe, tmp_path):
     assert len(best_files(fold_dir)) == 1
     [model] = load_fold_models(layout.train_dir(cfg), [0])
     assert model.image_size == SIZE
-    assert sum(p.numel() for p in model.net.parameters()) > 1e6             # the full encoder, not a tiny one
+    assert sum(p.numel() for p in model.net.parameters()) > 1e6  # the full encoder, not a tiny one
 
 
 def test_the_demo_finetune_runs_a_small_phase_then_the_demos_size_with_a_frozen_encoder():

@@ -1,4 +1,5 @@
 """The one resize module (pneumoseg.data.resize): images, masks and probability maps each follow one rule."""
+
 import numpy as np
 import pytest
 
@@ -16,14 +17,19 @@ def test_resize_probabilities_of_one_map(rows, cols):
         assert restored.mean() == pytest.approx(probs.mean(), abs=0.01)
 
 
-@pytest.mark.parametrize("mask, size, expected", [
-    pytest.param([[1, 0], [0, 1]], 2, [[255, 0], [0, 255]], id="same-size"),
-    pytest.param([[0, 0], [0, 0]], 1, [[0]], id="empty"),
-    pytest.param([[1, 0], [0, 0]], 1, [[0]], id="quarter-vanishes"),
-    pytest.param([[1, 0], [1, 0]], 1, [[255]], id="half-kept"),
-    pytest.param([[1, 1], [1, 0]], 1, [[255]], id="three-quarters"),
-    pytest.param([[1, 0], [0, 0]], 4, [[255, 255, 0, 0], [255, 255, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]], id="upscale"),
-])
+@pytest.mark.parametrize(
+    "mask, size, expected",
+    [
+        pytest.param([[1, 0], [0, 1]], 2, [[255, 0], [0, 255]], id="same-size"),
+        pytest.param([[0, 0], [0, 0]], 1, [[0]], id="empty"),
+        pytest.param([[1, 0], [0, 0]], 1, [[0]], id="quarter-vanishes"),
+        pytest.param([[1, 0], [1, 0]], 1, [[255]], id="half-kept"),
+        pytest.param([[1, 1], [1, 0]], 1, [[255]], id="three-quarters"),
+        pytest.param(
+            [[1, 0], [0, 0]], 4, [[255, 255, 0, 0], [255, 255, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]], id="upscale"
+        ),
+    ],
+)
 def test_resize_mask(mask, size, expected):
     out = resize_mask(np.array(mask, dtype=bool), size)
     assert out.dtype == np.uint8 and out.tolist() == expected

@@ -69,27 +69,30 @@ def test_any_nonzero_dtype_is_foreground_and_spaces_are_ignored():
     assert not rle.decode("", 4, 4).any()
 
 
-@pytest.mark.parametrize("text, fmt, message", [
-    ("1 2 3", "relative", "odd number"),
-    ("a b", "relative", "not an integer"),
-    ("1.5 2", "relative", "not an integer"),
-    ("5,2", "relative", "not an integer"),
-    ("99999999999999999999 1", "relative", "not an integer"),
-    ("-2 3", "relative", "gap -2 is negative"),
-    ("0 1 -1 2", "relative", "gap -1 is negative"),
-    ("3 0", "relative", "run length 0 is not positive"),
-    ("3 -1", "relative", "run length -1 is not positive"),
-    ("8 2", "relative", "runs reach pixel 10, beyond the 3x3 image"),
-    ("5 1 3 1", "relative", "runs reach pixel 10"),
-    ("12 1", "relative", "value 12 is beyond the 3x3 image"),
-    # Large enough that the sums would wrap around in int64 and land inside the image.
-    ("9223372036854775807 1", "relative", "beyond the 3x3 image"),
-    ("4611686018427387904 1 4611686018427387904 1", "relative", "beyond the 3x3 image"),
-    ("0 1", "absolute", "absolute start 0 is below 1"),
-    ("5 2 6 1", "absolute", "out of order or overlap"),
-    ("5 1 2 1", "absolute", "out of order or overlap"),
-    ("9 2", "absolute", "runs reach pixel 10"),
-])
+@pytest.mark.parametrize(
+    "text, fmt, message",
+    [
+        ("1 2 3", "relative", "odd number"),
+        ("a b", "relative", "not an integer"),
+        ("1.5 2", "relative", "not an integer"),
+        ("5,2", "relative", "not an integer"),
+        ("99999999999999999999 1", "relative", "not an integer"),
+        ("-2 3", "relative", "gap -2 is negative"),
+        ("0 1 -1 2", "relative", "gap -1 is negative"),
+        ("3 0", "relative", "run length 0 is not positive"),
+        ("3 -1", "relative", "run length -1 is not positive"),
+        ("8 2", "relative", "runs reach pixel 10, beyond the 3x3 image"),
+        ("5 1 3 1", "relative", "runs reach pixel 10"),
+        ("12 1", "relative", "value 12 is beyond the 3x3 image"),
+        # Large enough that the sums would wrap around in int64 and land inside the image.
+        ("9223372036854775807 1", "relative", "beyond the 3x3 image"),
+        ("4611686018427387904 1 4611686018427387904 1", "relative", "beyond the 3x3 image"),
+        ("0 1", "absolute", "absolute start 0 is below 1"),
+        ("5 2 6 1", "absolute", "out of order or overlap"),
+        ("5 1 2 1", "absolute", "out of order or overlap"),
+        ("9 2", "absolute", "runs reach pixel 10"),
+    ],
+)
 def test_malformed_strings_are_rle_errors(text, fmt, message):
     with pytest.raises(rle.RLEError, match=message) as info:
         rle.decode(text, 3, 3, fmt)

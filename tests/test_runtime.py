@@ -1,5 +1,6 @@
 """The ONNX Runtime path (pneumoseg.inference.runtime): the export agrees with torch, auto picks as documented, and a
 corrupt or mismatched .onnx file is a DataError naming it."""
+
 import hashlib
 import logging
 
@@ -18,11 +19,26 @@ from pneumoseg.modeling.normalize import normalize_from_model
 from pneumoseg.postprocess.strategies import Threshold
 
 CPU = torch.device("cpu")
-TINY = {"name": "Unet", "params": {"encoder_name": "tu-resnet10t", "encoder_weights": None, "encoder_depth": 3,
-                                    "decoder_channels": [16, 8, 4], "in_channels": 1}}
+TINY = {
+    "name": "Unet",
+    "params": {
+        "encoder_name": "tu-resnet10t",
+        "encoder_weights": None,
+        "encoder_depth": 3,
+        "decoder_channels": [16, 8, 4],
+        "in_channels": 1,
+    },
+}
 # The demo's network (configs/demo.yaml) with the gate head, at the demo's 128 px.
-DEMO = {"name": "Unet", "params": {"encoder_name": "tu-resnet10t", "encoder_weights": None,
-                                    "decoder_channels": [128, 64, 32, 16, 8], "aux_params": {"classes": 1}}}
+DEMO = {
+    "name": "Unet",
+    "params": {
+        "encoder_name": "tu-resnet10t",
+        "encoder_weights": None,
+        "decoder_channels": [128, 64, 32, 16, 8],
+        "aux_params": {"classes": 1},
+    },
+}
 
 
 def _fold_model(block, size, seed=0):
@@ -74,18 +90,22 @@ def test_a_predictor_on_onnxruntime_says_so_and_predicts_the_same_masks():
     assert np.abs(expected.probs - found.probs).max() < 1e-4
 
 
-@pytest.mark.parametrize("requested, device, has_onnx, importable, chosen", [
-    ("auto", "cpu", True, True, "onnxruntime"),
-    ("auto", "cpu", False, True, "torch"),
-    ("auto", "cpu", True, False, "torch"),
-    ("auto", "cuda", True, True, "torch"),
-    ("torch", "cpu", True, True, "torch"),
-    ("onnxruntime", "cpu", True, True, "onnxruntime"),
-    ("onnxruntime", "cpu", False, True, "torch"),
-    ("onnxruntime", "cpu", True, False, "torch"),
-])
-def test_auto_picks_onnxruntime_on_the_cpu_with_onnx_models_else_torch(monkeypatch, caplog, requested, device,
-                                                                       has_onnx, importable, chosen):
+@pytest.mark.parametrize(
+    "requested, device, has_onnx, importable, chosen",
+    [
+        ("auto", "cpu", True, True, "onnxruntime"),
+        ("auto", "cpu", False, True, "torch"),
+        ("auto", "cpu", True, False, "torch"),
+        ("auto", "cuda", True, True, "torch"),
+        ("torch", "cpu", True, True, "torch"),
+        ("onnxruntime", "cpu", True, True, "onnxruntime"),
+        ("onnxruntime", "cpu", False, True, "torch"),
+        ("onnxruntime", "cpu", True, False, "torch"),
+    ],
+)
+def test_auto_picks_onnxruntime_on_the_cpu_with_onnx_models_else_torch(
+    monkeypatch, caplog, requested, device, has_onnx, importable, chosen
+):
     monkeypatch.setattr(rt, "onnx_available", lambda: importable)
     with caplog.at_level(logging.INFO, logger=rt.__name__):
         assert rt.choose_runtime(requested, torch.device(device), has_onnx) == chosen
@@ -109,7 +129,7 @@ def test_a_corrupt_or_mismatched_onnx_file_is_a_data_error_naming_it(tmp_path):
     assert isinstance(loaded.net, rt.OnnxNet)
 
     data = bytearray(path.read_bytes())
-    data[len(data) // 2:len(data) // 2 + 64] = bytes(64)
+    data[len(data) // 2 : len(data) // 2 + 64] = bytes(64)
     path.write_bytes(bytes(data))
     with pytest.raises(DataError, match=f"{path}.*does not match its sha256"):
         rt.with_runtime([model], rt.ONNXRUNTIME, [(path, good)], threads=1)
@@ -121,8 +141,9 @@ def test_a_corrupt_or_mismatched_onnx_file_is_a_data_error_naming_it(tmp_path):
     with pytest.raises(DataError, match=f"{path} is not the ONNX export of the checkpoint"):
         rt.with_runtime([model], rt.ONNXRUNTIME, [(path, hashlib.sha256(path.read_bytes()).hexdigest())], threads=1)
     # A model with the gate head packaged beside a checkpoint without it.
-    rt.export_onnx(_fold_model({**TINY, "params": {**TINY["params"], "aux_params": {"classes": 1}}}, 64).net,
-                   64, 1, path)
+    rt.export_onnx(
+        _fold_model({**TINY, "params": {**TINY["params"], "aux_params": {"classes": 1}}}, 64).net, 64, 1, path
+    )
     with pytest.raises(DataError, match=f"{path} has the gate output"):
         rt.with_runtime([model], rt.ONNXRUNTIME, [(path, None)], threads=1)
 
@@ -134,8 +155,12 @@ def test_agreement_refuses_a_difference_beyond_the_tolerances():
     close = Agreement()
     close.add([reference], [Prediction(probs=probs + 1e-5, mask=probs > 0.5)])
     close.check("close")
-    assert close.summary() == {"images": 1, "max_probability_difference": pytest.approx(1e-5, rel=1e-2),
-                               "mask_share_differing": 0.0, "dice_between_runtimes": 1.0}
+    assert close.summary() == {
+        "images": 1,
+        "max_probability_difference": pytest.approx(1e-5, rel=1e-2),
+        "mask_share_differing": 0.0,
+        "dice_between_runtimes": 1.0,
+    }
     transposed = Agreement()
     transposed.add([reference], [Prediction(probs=probs.T.copy(), mask=probs.T > 0.5)])
     assert transposed.summary()["dice_between_runtimes"] < 0.6

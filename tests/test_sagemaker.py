@@ -1,5 +1,6 @@
 """The SageMaker training-job glue without the toolkit: boolean hyperparameters, the failure file, the source
 bundle and its requirements, safe unpacking of a job's archives."""
+
 from __future__ import annotations
 
 import io
@@ -13,23 +14,26 @@ from packaging.requirements import Requirement
 from pneumoseg.cli import run_stage_script, stage_parser, switch_arguments
 from pneumoseg.errors import ConfigError, DataError
 from pneumoseg.sagemaker import job
-from pneumoseg.serve.archive import extract_archive
-from pneumoseg.stages.import_job import JOB_ARCHIVE
 from pneumoseg.sagemaker.bundle import MANIFEST_FILE, bundle_files, requirements_text, write_bundle
+from pneumoseg.serve.archive import extract_archive
 from pneumoseg.stages import train as train_stage
+from pneumoseg.stages.import_job import JOB_ARCHIVE
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("argv, expected", [
-    (["--force", "True", "a=1"], ["--force", "a=1"]),
-    (["--force", "true"], ["--force"]),
-    (["--force", "False", "a=1"], ["a=1"]),
-    (["--force=false"], []),
-    (["--force=YES"], ["--force"]),
-    (["--force", "a=1"], ["--force", "a=1"]),          # an override after a plain switch stays an override
-    (["--resume", "True"], ["--resume", "True"]),      # not a store_true switch: its own parser reads the value
-])
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["--force", "True", "a=1"], ["--force", "a=1"]),
+        (["--force", "true"], ["--force"]),
+        (["--force", "False", "a=1"], ["a=1"]),
+        (["--force=false"], []),
+        (["--force=YES"], ["--force"]),
+        (["--force", "a=1"], ["--force", "a=1"]),  # an override after a plain switch stays an override
+        (["--resume", "True"], ["--resume", "True"]),  # not a store_true switch: its own parser reads the value
+    ],
+)
 def test_switches_take_sagemakers_boolean_values(argv, expected):
     assert switch_arguments(argv, {"--force"}) == expected
 
@@ -39,10 +43,17 @@ def test_a_switch_with_a_value_that_is_not_boolean_is_an_error():
         switch_arguments(["--force=maybe"], {"--force"})
 
 
-@pytest.mark.parametrize("argv, force, resume", [
-    (["--force", "True"], True, "auto"), (["--force", "true"], True, "auto"), (["--force", "False"], False, "auto"),
-    (["--force"], True, "auto"), (["--resume", "True"], False, True), (["--resume", "false"], False, False),
-])
+@pytest.mark.parametrize(
+    "argv, force, resume",
+    [
+        (["--force", "True"], True, "auto"),
+        (["--force", "true"], True, "auto"),
+        (["--force", "False"], False, "auto"),
+        (["--force"], True, "auto"),
+        (["--resume", "True"], False, True),
+        (["--resume", "false"], False, False),
+    ],
+)
 def test_train_parser_reads_boolean_hyperparameters(argv, force, resume):
     # As the toolkit passes them: sorted --key value pairs, config keys among them.
     args = train_stage.parser().parse_args(["--config", "c.yaml", "--fold", "all", *argv, "--train.epochs", "1"])
@@ -94,10 +105,15 @@ def test_a_usage_error_in_a_job_writes_the_failure_file(tmp_path, monkeypatch):
 
 
 def test_job_paths_are_the_train_channel_and_a_work_folder_beside_the_model_folder():
-    environ = {"SM_MODEL_DIR": "/opt/ml/model", "SM_CHANNEL_TRAIN": "/opt/ml/input/data/train",
-               "SM_OUTPUT_DATA_DIR": "/opt/ml/output/data"}
-    assert job.job_overrides(environ) == ["paths.prepared_dir=/opt/ml/input/data/train",
-                                          "paths.experiment_dir=/opt/ml/checkpoints"]
+    environ = {
+        "SM_MODEL_DIR": "/opt/ml/model",
+        "SM_CHANNEL_TRAIN": "/opt/ml/input/data/train",
+        "SM_OUTPUT_DATA_DIR": "/opt/ml/output/data",
+    }
+    assert job.job_overrides(environ) == [
+        "paths.prepared_dir=/opt/ml/input/data/train",
+        "paths.experiment_dir=/opt/ml/checkpoints",
+    ]
     assert job.job_overrides({"SM_CHANNEL_TRAIN": "/in"}) == []
 
 
@@ -105,12 +121,17 @@ def test_bundle_carries_only_the_package_scripts_configs_and_requirements(tmp_pa
     manifest = write_bundle(ROOT, tmp_path / "source")
     tops = {name.split("/")[0] for name in manifest["files"]}
     assert tops == {"src", "scripts", "configs", "requirements.txt"}
-    assert {p.name for p in (tmp_path / "source").iterdir()} == {"src", "scripts", "configs", "requirements.txt",
-                                                                 MANIFEST_FILE}
+    assert {p.name for p in (tmp_path / "source").iterdir()} == {
+        "src",
+        "scripts",
+        "configs",
+        "requirements.txt",
+        MANIFEST_FILE,
+    }
     assert "scripts/03_train.py" in manifest["files"] and "src/pneumoseg/stages/train.py" in manifest["files"]
     assert not [n for n in manifest["files"] if "__pycache__" in n or n.endswith(".pyc")]
     assert set(manifest["files"]) - {"requirements.txt"} == set(bundle_files(ROOT))
-    write_bundle(ROOT, tmp_path / "source")                       # an older bundle is replaced
+    write_bundle(ROOT, tmp_path / "source")  # an older bundle is replaced
     with pytest.raises(ConfigError, match="holds the project itself"):
         write_bundle(ROOT, ROOT)
     (tmp_path / "other").mkdir()
@@ -144,8 +165,10 @@ def _file(name: str, data: bytes = b"x") -> tuple[tarfile.TarInfo, bytes]:
 
 
 def test_extract_unpacks_regular_files_and_strips_a_prefix(tmp_path):
-    archive = _tar(tmp_path / "a.tar.gz", [_file("03_train/fold0/log.csv", b"epoch\n"), _file("./03_train/done.json"),
-                                           _file("other.txt")])
+    archive = _tar(
+        tmp_path / "a.tar.gz",
+        [_file("03_train/fold0/log.csv", b"epoch\n"), _file("./03_train/done.json"), _file("other.txt")],
+    )
     written = extract_archive(archive, tmp_path / "out", kind=JOB_ARCHIVE, prefix="03_train")
     assert sorted(p.relative_to(tmp_path / "out").as_posix() for p in written) == ["done.json", "fold0/log.csv"]
     assert (tmp_path / "out" / "fold0" / "log.csv").read_bytes() == b"epoch\n"

@@ -3,6 +3,7 @@ the code-only source bundle as source_dir, a single-process job, a 2-process tor
 failing job whose failure file names the error, and a managed-spot job killed mid-fold that a second job, given the
 same checkpoint folder, continues to the weights of an uninterrupted job. Skipped where unshare or the toolkits
 cannot run."""
+
 from __future__ import annotations
 
 import json
@@ -48,11 +49,20 @@ def _job(job_inputs, scratch: Path, **hyperparameters):
     venv, tarball, prepared = job_inputs
     scratch.mkdir()
     opt_ml = scratch / "opt_ml"
-    toolkit.layout_opt_ml(opt_ml, {"config": "configs/tiny.yaml", "fold": "all", "data.image_size": SIZE,
-                                   "train.epochs": 1, "force": True,          # arrives as --force True
-                                   "sagemaker_program": "scripts/03_train.py",
-                                   "sagemaker_submit_directory": str(tarball), **hyperparameters},
-                          {"train": prepared})
+    toolkit.layout_opt_ml(
+        opt_ml,
+        {
+            "config": "configs/tiny.yaml",
+            "fold": "all",
+            "data.image_size": SIZE,
+            "train.epochs": 1,
+            "force": True,  # arrives as --force True
+            "sagemaker_program": "scripts/03_train.py",
+            "sagemaker_submit_directory": str(tarball),
+            **hyperparameters,
+        },
+        {"train": prepared},
+    )
     started = time.time()
     result = toolkit.run_job(scratch, venv)
     return result, opt_ml, time.time() - started
@@ -66,7 +76,9 @@ def _assert_trained(result, opt_ml: Path):
     assert sorted(p.name for p in model_dir.iterdir()) == ["config.yaml", "fold0", "fold1", "folds.csv"]
     assert [m.fold for m in load_fold_models(model_dir)] == [0, 1]
     data = opt_ml / "output" / "data" / "03_train"
-    assert (data / "done.json").is_file() and (data / "fold0" / "oof").is_dir() and (data / "fold1" / "log.csv").is_file()
+    assert (
+        (data / "done.json").is_file() and (data / "fold0" / "oof").is_dir() and (data / "fold1" / "log.csv").is_file()
+    )
     assert not [p for p in data.rglob("*") if p.suffix == ".pt" or p.name == "checkpoints.csv"]
     # requirements.txt was installed from nothing but what is there (PIP_NO_INDEX): no torch download.
     assert "Requirement already satisfied: segmentation-models-pytorch" in log
@@ -80,8 +92,12 @@ def test_single_process_job_leaves_the_models_once(job_inputs, tmp_path):
 
 
 def test_torch_distributed_job_on_two_cpu_processes(job_inputs, tmp_path):
-    result, opt_ml, seconds = _job(job_inputs, tmp_path / "ddp", sagemaker_torch_distributed_enabled=True,
-                                   sagemaker_mpi_num_of_processes_per_host=2)
+    result, opt_ml, seconds = _job(
+        job_inputs,
+        tmp_path / "ddp",
+        sagemaker_torch_distributed_enabled=True,
+        sagemaker_mpi_num_of_processes_per_host=2,
+    )
     log = _assert_trained(result, opt_ml)
     assert "torchrun --nnodes 1 --nproc_per_node 2" in log
     print(f"2-process torch_distributed job: {seconds:.1f} s")
@@ -100,9 +116,18 @@ def _spot_job(job_inputs, scratch: Path, checkpoints: Path | None = None) -> Pat
     ``checkpoints``: a checkpoint folder to restore first, as SageMaker copies ``checkpoint_s3_uri`` back."""
     _, tarball, prepared = job_inputs
     opt_ml = scratch / "opt_ml"
-    toolkit.layout_opt_ml(opt_ml, {"config": "configs/tiny.yaml", "fold": "all", "data.image_size": SIZE,
-                                   "train.epochs": 3, "sagemaker_program": "scripts/03_train.py",
-                                   "sagemaker_submit_directory": str(tarball)}, {"train": prepared})
+    toolkit.layout_opt_ml(
+        opt_ml,
+        {
+            "config": "configs/tiny.yaml",
+            "fold": "all",
+            "data.image_size": SIZE,
+            "train.epochs": 3,
+            "sagemaker_program": "scripts/03_train.py",
+            "sagemaker_submit_directory": str(tarball),
+        },
+        {"train": prepared},
+    )
     if checkpoints is not None:
         shutil.copytree(checkpoints, opt_ml / "checkpoints")
     return opt_ml
@@ -125,7 +150,7 @@ def test_a_spot_job_restarted_with_its_checkpoint_folder_ends_as_one_uninterrupt
     while not (fold0 / "log.csv").is_file() or len((fold0 / "log.csv").read_text().splitlines()) < 3:
         assert job.poll() is None and time.monotonic() < deadline, "the job ended before it could be interrupted"
         time.sleep(0.05)
-    os.killpg(job.pid, signal.SIGKILL)                     # the spot instance is reclaimed mid-fold (epoch 2 of 3)
+    os.killpg(job.pid, signal.SIGKILL)  # the spot instance is reclaimed mid-fold (epoch 2 of 3)
     job.wait()
     assert not (fold0 / "done.json").exists() and not (interrupted / "output" / "success").exists()
 

@@ -1,4 +1,5 @@
 """Sanity warnings: scores below the all-empty baseline, no positive prediction; status shows them."""
+
 import pytest
 
 from pneumoseg import layout
@@ -12,17 +13,21 @@ def test_the_issue_case_warns_in_stage_04_and_05():
     search = sanity.search_warnings({"oof_score": 0.7988, "nested_score": 0.7581, "empty_baseline": 0.7792})
     assert len(search) == 1 and "nested estimate 0.7581 is below the all-empty baseline 0.7792" in search[0]
     assert "train.epochs" in search[0]
-    predicted = sanity.prediction_warnings({"images": 210, "positive": 0, "test_score": 0.7810,
-                                            "test_empty_baseline": 0.7810})
+    predicted = sanity.prediction_warnings(
+        {"images": 210, "positive": 0, "test_score": 0.7810, "test_empty_baseline": 0.7810}
+    )
     assert len(predicted) == 1 and "no test image of 210 was predicted with pneumothorax" in predicted[0]
 
 
-@pytest.mark.parametrize("summary, count", [
-    ({"images": 10, "positive": 3, "test_score": 0.80, "test_empty_baseline": 0.78}, 0),
-    ({"images": 10, "positive": 3, "test_score": 0.70, "test_empty_baseline": 0.78}, 1),
-    ({"images": 10, "positive": 0, "test_score": 0.70, "test_empty_baseline": 0.78}, 2),
-    ({"images": 10, "positive": 3}, 0),                                 # no test labels: nothing to compare
-])
+@pytest.mark.parametrize(
+    "summary, count",
+    [
+        ({"images": 10, "positive": 3, "test_score": 0.80, "test_empty_baseline": 0.78}, 0),
+        ({"images": 10, "positive": 3, "test_score": 0.70, "test_empty_baseline": 0.78}, 1),
+        ({"images": 10, "positive": 0, "test_score": 0.70, "test_empty_baseline": 0.78}, 2),
+        ({"images": 10, "positive": 3}, 0),  # no test labels: nothing to compare
+    ],
+)
 def test_prediction_warnings(summary, count):
     assert len(sanity.prediction_warnings(summary)) == count
 
@@ -40,7 +45,16 @@ def test_the_empty_baseline_of_a_label_file(tmp_path):
 
 def test_status_shows_a_stages_warnings(tiny_cfg):
     cfg = tiny_cfg()
-    write_json(layout.search_dir(cfg) / "done.json", {"finished_at": "t", "summary": {
-        "oof_score": 0.7988, "empty_baseline": 0.7792, "nested_score": 0.7581,
-        "warnings": ["the nested estimate 0.7581 is below the all-empty baseline 0.7792"]}})
+    write_json(
+        layout.search_dir(cfg) / "done.json",
+        {
+            "finished_at": "t",
+            "summary": {
+                "oof_score": 0.7988,
+                "empty_baseline": 0.7792,
+                "nested_score": 0.7581,
+                "warnings": ["the nested estimate 0.7581 is below the all-empty baseline 0.7792"],
+            },
+        },
+    )
     assert "WARNING: the nested estimate 0.7581 is below the all-empty baseline 0.7792" in status.report(cfg)

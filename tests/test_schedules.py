@@ -1,5 +1,6 @@
 """The epoch-stepped cosine schedules: torch's CosineAnnealingWarmRestarts and CosineAnnealingLR, by their
 closed forms."""
+
 import math
 
 import pytest
@@ -47,9 +48,14 @@ def test_cosine_annealing_climbs_back_past_T_max():
     assert lrs[8] == pytest.approx(0.01) and lrs[16] == pytest.approx(1.0)
 
 
-@pytest.mark.parametrize("block", [{"name": "cosine_restarts", "params": {"T_0": 0}},
-                                   {"name": "cosine_restarts", "params": {"T_0": 4, "T_mult": 1.5}},
-                                   {"name": "cosine_annealing", "params": {"T_max": -1}}])
+@pytest.mark.parametrize(
+    "block",
+    [
+        {"name": "cosine_restarts", "params": {"T_0": 0}},
+        {"name": "cosine_restarts", "params": {"T_0": 4, "T_mult": 1.5}},
+        {"name": "cosine_annealing", "params": {"T_max": -1}},
+    ],
+)
 def test_bad_cycle_lengths_are_config_errors(block):
     with pytest.raises(ConfigError, match="whole number of epochs"):
         _lrs(block, 1)

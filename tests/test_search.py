@@ -8,13 +8,13 @@ import pytest
 
 from pneumoseg import layout
 from pneumoseg.data import rle
+from pneumoseg.data.probstore import ProbabilityWriter
+from pneumoseg.data.resize import resize_probabilities
 from pneumoseg.errors import ConfigError, DataError
 from pneumoseg.evaluation.metrics import dice_from_counts, dice_per_image
 from pneumoseg.inference.predictor import configured_postprocessor
-from pneumoseg.postprocess.strategies import build_postprocessor, load_postprocessor
-from pneumoseg.data.probstore import ProbabilityWriter
-from pneumoseg.data.resize import resize_probabilities
 from pneumoseg.postprocess.search import GRIDS, count_thresholds, evaluate, run_search
+from pneumoseg.postprocess.strategies import build_postprocessor, load_postprocessor
 from pneumoseg.reports import oof as oof_report
 from pneumoseg.stages import search as stage
 from synthetic_oof import ArraySource, write_oof_experiment
@@ -34,15 +34,22 @@ def _oof(n=48, size=32, original=128, seed=0, specks=0):
         small = cv2.resize(truth[i].astype(np.float32), (size, size), interpolation=cv2.INTER_AREA)
         signal = small * rng.uniform(0.2, 1) + rng.random((size, size)) * 0.6
         for row, col in rng.integers(2, size - 4, (rng.integers(0, specks + 1), 2)):
-            signal[row:row + 2, col:col + 2] = rng.uniform(0.6, 1.2)
+            signal[row : row + 2, col : col + 2] = rng.uniform(0.6, 1.2)
         levels[i] = np.clip(cv2.GaussianBlur(signal.astype(np.float32), (5, 5), 0) * 255, 0, 255).astype(np.uint8)
     return ArraySource(levels, truth.astype(bool)), np.arange(n) % 3
 
 
 GRID_BLOCKS = [
     {"name": "threshold", "params": {"threshold": [0.1, 0.3, 0.4, 0.5, 0.6, 0.8], "min_area": [0, 2000, 8000]}},
-    {"name": "triplet", "params": {"top": [0.3, 0.5, 0.7], "min_area": [0, 1000, 5000, 20000],
-                                   "bottom": [0.2, 0.3, 0.4, 0.6], "min_component_area": [3000, 10000]}},
+    {
+        "name": "triplet",
+        "params": {
+            "top": [0.3, 0.5, 0.7],
+            "min_area": [0, 1000, 5000, 20000],
+            "bottom": [0.2, 0.3, 0.4, 0.6],
+            "min_component_area": [3000, 10000],
+        },
+    },
 ]
 
 
@@ -71,12 +78,15 @@ def test_every_candidate_scores_as_the_straightforward_method(seed):
     assert result.candidates["dice"].iloc[result.best] == pytest.approx(dice.mean(0).max(), abs=1e-12)
 
 
-@pytest.mark.parametrize("component_area, expected", [
-    (9, (1 + 32 / 41) / 2),     # both squares kept
-    (10, (32 / 41 + 1) / 2),    # the 9-pixel square dropped
-    (16, (32 / 41 + 1) / 2),
-    (17, 0.0),                  # both dropped
-])
+@pytest.mark.parametrize(
+    "component_area, expected",
+    [
+        (9, (1 + 32 / 41) / 2),  # both squares kept
+        (10, (32 / 41 + 1) / 2),  # the 9-pixel square dropped
+        (16, (32 / 41 + 1) / 2),
+        (17, 0.0),  # both dropped
+    ],
+)
 def test_component_areas_at_the_boundary(component_area, expected):
     # Squares of 4x4 = 16 and 3x3 = 9 pixels at 32 px (one pixel here is 1024 pixels of the 1024 px image);
     # image 0's truth is both squares, image 1's the big one only.
@@ -110,7 +120,7 @@ def test_components_are_searched_within_refine_steps_of_the_best_bottom():
     best = exact["bottom"].iloc[int(exact["dice"].to_numpy().argmax())]
     index = list(grid.bottoms).index(best)
     refined = result.candidates[result.candidates["method"] == "components"]
-    assert set(refined["bottom"]) == set(grid.bottoms[max(index - 1, 0):index + 2])
+    assert set(refined["bottom"]) == set(grid.bottoms[max(index - 1, 0) : index + 2])
     assert set(refined["min_component_area"]) == {2000, 8000}
 
 
@@ -124,11 +134,13 @@ def test_nested_estimate_reruns_the_whole_choice_on_the_other_folds(seed):
     nested = run_search(source, groups, grids, refine_steps=1).nested
     for g in range(3):
         train, held = groups != g, groups == g
-        alone = run_search(ArraySource(source.levels[train], source.truth[train]), groups[train] // 3, grids,
-                           refine_steps=1)
+        alone = run_search(
+            ArraySource(source.levels[train], source.truth[train]), groups[train] // 3, grids, refine_steps=1
+        )
         assert nested.choices[g] == alone.block(alone.best)
-        pred, inter, true = evaluate(ArraySource(source.levels[held], source.truth[held]),
-                                     [build_postprocessor(nested.choices[g])])
+        pred, inter, true = evaluate(
+            ArraySource(source.levels[held], source.truth[held]), [build_postprocessor(nested.choices[g])]
+        )
         assert nested.scores[g] == pytest.approx(dice_from_counts(inter, pred, true[:, None]).mean(), abs=1e-9)
     assert run_search(source, np.zeros(len(groups), int), grids).nested is None
 
@@ -142,20 +154,24 @@ def test_equal_scores_prefer_the_first_candidate():
     assert result.candidates["dice"].nunique() == 1 and result.best == 0
 
 
-@pytest.mark.parametrize("block, message", [
-    ({"name": "threshold", "params": {"threshold": []}}, "needs a list of values"),
-    ({"name": "threshold", "params": {"threshold": [0.5, 1.2]}}, r"in \[0.0, 1.0\]"),
-    ({"name": "threshold", "params": {"threshold": ["a"]}}, "needs a list of values"),
-    ({"name": "triplet", "params": {"top": [0.5], "min_area": [-5], "bottom": [0.3]}}, "triplet.min_area"),
-    ({"name": "triplet", "params": {"top": [0.3], "min_area": [0], "bottom": [0.5]}}, "no candidate is left"),
-    ({"name": "fancy", "params": {}}, "unknown search grid 'fancy'"),
-])
+@pytest.mark.parametrize(
+    "block, message",
+    [
+        ({"name": "threshold", "params": {"threshold": []}}, "needs a list of values"),
+        ({"name": "threshold", "params": {"threshold": [0.5, 1.2]}}, r"in \[0.0, 1.0\]"),
+        ({"name": "threshold", "params": {"threshold": ["a"]}}, "needs a list of values"),
+        ({"name": "triplet", "params": {"top": [0.5], "min_area": [-5], "bottom": [0.3]}}, "triplet.min_area"),
+        ({"name": "triplet", "params": {"top": [0.3], "min_area": [0], "bottom": [0.5]}}, "no candidate is left"),
+        ({"name": "fancy", "params": {}}, "unknown search grid 'fancy'"),
+    ],
+)
 def test_bad_grids_are_config_errors(block, message):
     with pytest.raises(ConfigError, match=message):
         GRIDS.build(block)
 
 
 # --- the stage ---------------------------------------------------------------------------------------------------
+
 
 @pytest.fixture
 def experiment(tiny_cfg):
@@ -177,8 +193,9 @@ def _independent_dice(cfg, data, strategy) -> pd.DataFrame:
             height, width = sizes.loc[image_id, ["rows", "cols"]]
             truth = rle.decode(truth_rle.loc[image_id, "EncodedPixels"], height, width)
             mask = strategy(resize_probabilities(levels.astype(np.float32) / 255, height, width))
-            rows.append({"fold": fold, "positive": truth.any(), "predicted": mask.any(),
-                         "dice": dice_per_image(mask, truth)[0]})
+            rows.append(
+                {"fold": fold, "positive": truth.any(), "predicted": mask.any(), "dice": dice_per_image(mask, truth)[0]}
+            )
     return pd.DataFrame(rows)
 
 
@@ -217,7 +234,7 @@ def test_stage_skips_when_complete_and_reruns_when_inputs_change(experiment):
     report = layout.search_dir(cfg) / "oof_report.json"
     written = report.stat().st_mtime_ns
     assert stage.run(cfg) == first and report.stat().st_mtime_ns == written
-    write_oof_experiment(cfg, n_images=40, oof_size=32, seed=1)    # retrained: new OOF stores
+    write_oof_experiment(cfg, n_images=40, oof_size=32, seed=1)  # retrained: new OOF stores
     assert stage.run(cfg)["oof_score"] != first["oof_score"]
 
 
@@ -229,10 +246,13 @@ def test_stage_searches_the_folds_of_train_folds_only(tiny_cfg):
     assert numbers["nested_score"] is None and "nested_score" not in numbers["per_fold"][0]
 
 
-@pytest.mark.parametrize("setting, message", [
-    ("[4]", r"train.folds names fold\(s\) \[4\], which .*folds.csv does not have"),
-    ("[x]", "train.folds must be 'all' or fold numbers"),
-])
+@pytest.mark.parametrize(
+    "setting, message",
+    [
+        ("[4]", r"train.folds names fold\(s\) \[4\], which .*folds.csv does not have"),
+        ("[x]", "train.folds must be 'all' or fold numbers"),
+    ],
+)
 def test_bad_train_folds(tiny_cfg, setting, message):
     cfg = tiny_cfg(f"train.folds={setting}")
     write_oof_experiment(cfg, n_images=8, oof_size=16)
@@ -247,8 +267,10 @@ def test_configured_postprocessor_follows_postprocess_source(experiment, tiny_cf
     stage.run(cfg)
     assert configured_postprocessor(cfg) == load_postprocessor(layout.thresholds_path(cfg))
     own = tiny_cfg("postprocess.source=config", "postprocess.params.threshold=0.3")
-    assert configured_postprocessor(own).to_block() == {"name": "threshold",
-                                                        "params": {"threshold": 0.3, "min_area": 0}}
+    assert configured_postprocessor(own).to_block() == {
+        "name": "threshold",
+        "params": {"threshold": 0.3, "min_area": 0},
+    }
     with pytest.raises(ConfigError, match="postprocess.source must be one of"):
         configured_postprocessor(tiny_cfg("postprocess.source=nowhere"))
 
@@ -284,15 +306,24 @@ def _folds_file_without_folds(data):
     (data.train_dir / "folds.csv").write_text("ImageId,split\n1.2.3,0\n")
 
 
-@pytest.mark.parametrize("breaks, message", [
-    (_drop_fold, r"fold 1 of .*folds.csv has no OOF predictions: .*fold1.oof lacks probs.npy"),
-    (_rename_an_image, r"disagree on ImageIds: 1 missing from the store \(e.g. \['1.2.3.not.predicted'\]\), "
-                       r"1 not in the fold"),
-    (_empty_store, r"the OOF store .*fold0.oof of fold 0 holds no images"),
-    (_unlabelled_image, r"1 ImageIds of the OOF store .* are not in .*labels.csv"),
-    (_no_folds_file, r"folds.csv not found: no trained models in .*; run scripts/03_train.py first"),
-    (_folds_file_without_folds, r"folds.csv lacks the column\(s\) \['fold'\]; retrain \(scripts/03_train.py --force\)"),
-])
+@pytest.mark.parametrize(
+    "breaks, message",
+    [
+        (_drop_fold, r"fold 1 of .*folds.csv has no OOF predictions: .*fold1.oof lacks probs.npy"),
+        (
+            _rename_an_image,
+            r"disagree on ImageIds: 1 missing from the store \(e.g. \['1.2.3.not.predicted'\]\), "
+            r"1 not in the fold",
+        ),
+        (_empty_store, r"the OOF store .*fold0.oof of fold 0 holds no images"),
+        (_unlabelled_image, r"1 ImageIds of the OOF store .* are not in .*labels.csv"),
+        (_no_folds_file, r"folds.csv not found: no trained models in .*; run scripts/03_train.py first"),
+        (
+            _folds_file_without_folds,
+            r"folds.csv lacks the column\(s\) \['fold'\]; retrain \(scripts/03_train.py --force\)",
+        ),
+    ],
+)
 def test_bad_inputs_name_what_is_missing(experiment, breaks, message):
     cfg, data = experiment
     breaks(data)
@@ -314,14 +345,24 @@ def test_report_shows_the_test_score_beside_the_oof_figures_once_stage_05_adds_i
     assert "n/a: no held-out labels scored" in (folder / "oof_report.md").read_text()
     oof_report.add_test_score(folder, 0.8123, 200)
     report = (folder / "oof_report.md").read_text()
-    figures = [f"{numbers['oof_score']:.4f}", f"{numbers['nested_score']:.4f}", f"{numbers['empty_baseline']:.4f}",
-               "| held-out test set (200 images, scored by stage 05) | 0.8123 |"]
+    figures = [
+        f"{numbers['oof_score']:.4f}",
+        f"{numbers['nested_score']:.4f}",
+        f"{numbers['empty_baseline']:.4f}",
+        "| held-out test set (200 images, scored by stage 05) | 0.8123 |",
+    ]
     assert all(figure in report for figure in figures) and "plots/search.png" in report
     assert json.loads((folder / "oof_report.json").read_text())["test"] == {"score": 0.8123, "n_images": 200}
     assert "maps of 32 px made by torch" in report and "Served runtime" not in report
-    check = {"images": 200, "images_from": "the test set", "max_probability_difference": 2e-6,
-             "mask_share_differing": 1e-5, "dice_between_runtimes": 0.99995, "test_score_torch": 0.8123,
-             "test_score_onnxruntime": 0.8124}
+    check = {
+        "images": 200,
+        "images_from": "the test set",
+        "max_probability_difference": 2e-6,
+        "mask_share_differing": 1e-5,
+        "dice_between_runtimes": 0.99995,
+        "test_score_torch": 0.8123,
+        "test_score_onnxruntime": 0.8124,
+    }
     oof_report.add_runtime_check(folder, check)  # stage 06: the served runtime against the OOF maps' torch
     report = (folder / "oof_report.md").read_text()
     assert "| Dice between the torch and onnxruntime submissions | 0.999950 |" in report
@@ -332,8 +373,10 @@ def test_report_shows_the_test_score_beside_the_oof_figures_once_stage_05_adds_i
 def test_outline_rule_candidates_score_as_the_straightforward_method():
     # both rules in one search: each grid's components are refined under its own rule
     source, groups = _oof(seed=2, specks=3)
-    outline = {"name": "triplet", "params": {**GRID_BLOCKS[1]["params"], "component_rule": "outline",
-                                             "min_component_area": [500, 3000, 10000]}}
+    outline = {
+        "name": "triplet",
+        "params": {**GRID_BLOCKS[1]["params"], "component_rule": "outline", "min_component_area": [500, 3000, 10000]},
+    }
     result = run_search(source, groups, [GRIDS.build(GRID_BLOCKS[1]), GRIDS.build(outline)], refine_steps=1)
     blocks = [result.block(row) for row in range(len(result.candidates))]
     assert sum(b["params"].get("component_rule") == "outline" for b in blocks) > len(blocks) / 2

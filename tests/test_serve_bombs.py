@@ -2,6 +2,7 @@
 RLE pixels, and a ~1 MB deflated DICOM that inflates to 1 GiB. Each must get a 400 with a reason, quickly, while
 the server process grows by less than :data:`MEMORY_BOUND`; a watchdog kills the server the moment it grows past
 that, so a missing bound fails the test instead of exhausting the machine."""
+
 from __future__ import annotations
 
 import struct
@@ -20,8 +21,7 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian, RLELossless, SecondaryCa
 from fake_experiment import make_package
 from serve_client import call, running_server
 
-
-MEMORY_BOUND = 64 * 2 ** 20
+MEMORY_BOUND = 64 * 2**20
 """Most the server's resident memory may grow while refusing a bomb (a 1024 px radiograph needs a few MB)."""
 ANSWER_SECONDS = 5
 
@@ -65,11 +65,11 @@ def rle_bomb() -> bytes:
     return _file_meta(RLELossless) + _explicit_le(ds)
 
 
-def deflate_bomb(inflated: int = 2 ** 30) -> bytes:
+def deflate_bomb(inflated: int = 2**30) -> bytes:
     """A plausible 1024 x 1024 8-bit header, then pixel data of ``inflated`` zero bytes, deflated."""
     body = _explicit_le(_image_header(1024, 1024, 8)) + b"\xe0\x7f\x10\x00OB\x00\x00" + struct.pack("<I", inflated)
     packer = zlib.compressobj(9, zlib.DEFLATED, -15)
-    parts, zeros = [packer.compress(body)], bytes(2 ** 24)
+    parts, zeros = [packer.compress(body)], bytes(2**24)
     for _ in range(inflated // len(zeros)):
         parts.append(packer.compress(zeros))
     parts.append(packer.flush())
@@ -117,19 +117,20 @@ def server(tmp_path):
 @pytest.mark.parametrize("make", [rle_bomb, deflate_bomb], ids=["rle 65535 x 65535", "deflate to 1 GiB"])
 def test_a_bomb_is_refused_before_it_costs_memory(server, make):
     body = make()
-    assert len(body) < 2 * 2 ** 20
+    assert len(body) < 2 * 2**20
     watchdog = Watchdog(server.process, MEMORY_BOUND)
     watchdog.start()
     began = time.monotonic()
     try:
-        status, _, answer = call(server.port, "POST", "/invocations", body, {"Content-Type": "application/dicom"},
-                                 timeout=60)
+        status, _, answer = call(
+            server.port, "POST", "/invocations", body, {"Content-Type": "application/dicom"}, timeout=60
+        )
     except OSError:
         status, answer = 0, b""
     seconds = time.monotonic() - began
     watchdog.stop.set()
     watchdog.join()
-    assert watchdog.growth < MEMORY_BOUND, f"the server grew by {watchdog.growth / 2 ** 20:.0f} MiB (killed)"
+    assert watchdog.growth < MEMORY_BOUND, f"the server grew by {watchdog.growth / 2**20:.0f} MiB (killed)"
     assert status == 400 and b"error" in answer, answer
     assert seconds < ANSWER_SECONDS
     assert call(server.port, "GET", "/ping")[0] == 200

@@ -1,6 +1,7 @@
 """The health check under floods: idle connections past the file descriptor limit, hundreds of slow clients that
 keep re-opening (slow heads and slow bodies), accepts failing for want of descriptors, and clients that leave
 before their 408. Every client talks to 127.0.0.1 only, in bounded numbers and for bounded seconds."""
+
 from __future__ import annotations
 
 import asyncio
@@ -18,13 +19,13 @@ import pytest
 from PIL import Image
 
 from fake_experiment import make_package
-from serve_client import HOST, SlowFlood, call, running_server
 from pneumoseg.serve import handler as serving
 from pneumoseg.serve import package as package_format
 from pneumoseg.serve import protocol
 from pneumoseg.serve import server as serving_server
 from pneumoseg.serve.protocol import ConnectionBudget, RateLimitedCount
 from pneumoseg.serve.server import InferenceService, accept_failure_handler
+from serve_client import HOST, SlowFlood, call, running_server
 
 MAX_FILES = 512  # the server's file descriptor limit in these tests: far fewer than the connections opened
 # Seconds for 9 pings in 10: loose, for a busy 2-core test machine; the target (p99 under 100 ms) is measured by
@@ -36,8 +37,19 @@ PING_BOUND = 0.5
 def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("flood")
     _, package = make_package(root)
-    with running_server(package, root / "server.log", "--header-timeout", "2", "--request-timeout", "3",
-                        "--workers", "2", "--max-inference", "32", max_files=MAX_FILES) as started:
+    with running_server(
+        package,
+        root / "server.log",
+        "--header-timeout",
+        "2",
+        "--request-timeout",
+        "3",
+        "--workers",
+        "2",
+        "--max-inference",
+        "32",
+        max_files=MAX_FILES,
+    ) as started:
         yield started
 
 
@@ -107,8 +119,9 @@ def test_the_inference_cap_still_applies(server):
     try:
         for _ in range(32):
             sock = socket.create_connection((HOST, server.port), timeout=10)
-            sock.sendall(b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
-                         b"Content-Length: 100\r\n\r\nxx")
+            sock.sendall(
+                b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: 100\r\n\r\nxx"
+            )
             held.append(sock)
         time.sleep(0.5)
         status, _, body = call(server.port, "POST", "/invocations", b"x" * 10, {"Content-Type": "image/png"})
@@ -165,8 +178,14 @@ def test_slow_decodes_hold_neither_the_workers_nor_every_decoder(model, monkeypa
         busy_seconds = time.perf_counter() - began
         release.set()
         await asyncio.sleep(0.2)
-        return {"valid": valid, "seconds": seconds, "refused": refused, "busy": busy, "busy_seconds": busy_seconds,
-                "after": await service.submit(png, "image/png", None)}
+        return {
+            "valid": valid,
+            "seconds": seconds,
+            "refused": refused,
+            "busy": busy,
+            "busy_seconds": busy_seconds,
+            "after": await service.submit(png, "image/png", None),
+        }
 
     try:
         outcome = asyncio.run(scenario())
@@ -229,8 +248,7 @@ def test_rate_limited_count_logs_the_events_held_back(caplog, monkeypatch):
     with caplog.at_level(logging.WARNING, logger="pneumoseg.serve.server"):
         for _ in range(25):
             count.add()
-    assert [record.getMessage().split(" (")[0] for record in caplog.records] == ["1 things", "10 things",
-                                                                                  "10 things"]
+    assert [record.getMessage().split(" (")[0] for record in caplog.records] == ["1 things", "10 things", "10 things"]
     assert count.total == 25
 
 
@@ -242,8 +260,9 @@ def test_lingering_close_of_a_client_that_left_raises_nothing():
     def write_eof() -> None:
         raise OSError(errno.ENOTCONN, "Transport endpoint is not connected")
 
-    transport = SimpleNamespace(is_closing=lambda: False, can_write_eof=lambda: True, write_eof=write_eof,
-                                close=lambda: closed.append(True))
+    transport = SimpleNamespace(
+        is_closing=lambda: False, can_write_eof=lambda: True, write_eof=write_eof, close=lambda: closed.append(True)
+    )
     connection = SimpleNamespace(conn=SimpleNamespace(their_state=h11.SEND_BODY), discard_input=False)
     protocol._LingeringClose(transport, connection).close()  # type: ignore[arg-type]
     assert closed == [True] and connection.discard_input is False

@@ -1,6 +1,7 @@
 """The HTTP server (``python -m pneumoseg.serve``) started for real on a loopback port and called over HTTP: ping,
 predictions, every bad input, the protocol's corners (keep-alive, Expect: 100-continue, chunked bodies, slow and
 idle clients), a bounded load test, the log, and a clean stop."""
+
 from __future__ import annotations
 
 import http.client
@@ -23,13 +24,12 @@ import pytest
 from PIL import Image
 
 from fake_experiment import make_package
-from serve_client import (HOST, STARTUP_SECONDS, call, raw_exchange, read_head, read_until_closed,
-                          running_server)
 from pneumoseg.data import rle
+from pneumoseg.data.dicom import DicomTags, write_jpeg_dicom
 from pneumoseg.serve import handler as serving
 from pneumoseg.serve import package as package_format
-from pneumoseg.data.dicom import DicomTags, write_jpeg_dicom
 from pneumoseg.serve.server import InferenceService
+from serve_client import HOST, STARTUP_SECONDS, call, raw_exchange, read_head, read_until_closed, running_server
 
 REQUEST_TIMEOUT = 2  # the server's --request-timeout in these tests
 HEADER_TIMEOUT = 2  # its --header-timeout
@@ -51,8 +51,11 @@ def _npy(image: np.ndarray) -> bytes:
 def _dicom(folder: Path, size: int = 256) -> bytes:
     uid = "1.2.276.0.7230010.3.1.4.7.7"
     path = folder / f"{uid}.dcm"
-    write_jpeg_dicom(path, RNG.integers(0, 256, (size, size), dtype=np.uint8),
-                     DicomTags(uid, "1.2.276.0.7230010.3.1.2.7", "1.2.276.0.7230010.3.1.3.7", "p7"))
+    write_jpeg_dicom(
+        path,
+        RNG.integers(0, 256, (size, size), dtype=np.uint8),
+        DicomTags(uid, "1.2.276.0.7230010.3.1.2.7", "1.2.276.0.7230010.3.1.3.7", "p7"),
+    )
     return path.read_bytes()
 
 
@@ -64,9 +67,20 @@ def server(tmp_path_factory):
     """The real server on a free loopback port, serving a tiny packaged model; stopped after the module."""
     root = tmp_path_factory.mktemp("serve")
     _, package = make_package(root)
-    with running_server(package, root / "server.log", "--max-body-mb", "1", "--request-timeout",
-                        str(REQUEST_TIMEOUT), "--header-timeout", str(HEADER_TIMEOUT), "--keep-alive", "30",
-                        "--workers", "4") as started:
+    with running_server(
+        package,
+        root / "server.log",
+        "--max-body-mb",
+        "1",
+        "--request-timeout",
+        str(REQUEST_TIMEOUT),
+        "--header-timeout",
+        str(HEADER_TIMEOUT),
+        "--keep-alive",
+        "30",
+        "--workers",
+        "4",
+    ) as started:
         yield started
 
 
@@ -112,8 +126,9 @@ def test_real_sample_dicom(server, model, siim_dir):
     assert status == 200
     assert answer == expected_answer(model, body, "application/dicom")
     assert answer["ImageId"] == path.stem and (answer["height"], answer["width"]) == (1024, 1024)
-    status, headers, png = call(server.port, "POST", "/invocations", body,
-                                {"Content-Type": "application/dicom", "Accept": "image/png"})
+    status, headers, png = call(
+        server.port, "POST", "/invocations", body, {"Content-Type": "application/dicom", "Accept": "image/png"}
+    )
     mask = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_UNCHANGED)
     assert status == 200 and headers["Content-Type"] == "image/png"
     np.testing.assert_array_equal(mask == 255, rle.decode(answer["EncodedPixels"], 1024, 1024))
@@ -125,21 +140,50 @@ def _truncated_dicom(folder: Path) -> bytes:
 
 # name -> (method, path, headers, body maker taking a scratch folder, status, what the error says)
 BAD_REQUESTS = {
-    "corrupt dicom": ("POST", "/invocations", {"Content-Type": "application/dicom"},
-                      lambda _: RNG.integers(0, 256, 5000, dtype=np.uint8).tobytes(), 400, "DICM"),
-    "truncated dicom": ("POST", "/invocations", {"Content-Type": "application/dicom"}, _truncated_dicom, 400,
-                        "cannot read DICOM"),
+    "corrupt dicom": (
+        "POST",
+        "/invocations",
+        {"Content-Type": "application/dicom"},
+        lambda _: RNG.integers(0, 256, 5000, dtype=np.uint8).tobytes(),
+        400,
+        "DICM",
+    ),
+    "truncated dicom": (
+        "POST",
+        "/invocations",
+        {"Content-Type": "application/dicom"},
+        _truncated_dicom,
+        400,
+        "cannot read DICOM",
+    ),
     "truncated png": ("POST", "/invocations", {"Content-Type": "image/png"}, lambda _: PNG[:-100], 400, "image/png"),
     "empty body": ("POST", "/invocations", {"Content-Type": "application/dicom"}, lambda _: b"", 400, "empty"),
-    "truncated npy": ("POST", "/invocations", {"Content-Type": "application/x-npy"},
-                      lambda _: _npy(np.zeros((9, 9), np.uint8))[:-5], 400, "truncated"),
-    "unsupported content type": ("POST", "/invocations", {"Content-Type": "text/plain"}, lambda _: b"hello", 415,
-                                 "not read"),
+    "truncated npy": (
+        "POST",
+        "/invocations",
+        {"Content-Type": "application/x-npy"},
+        lambda _: _npy(np.zeros((9, 9), np.uint8))[:-5],
+        400,
+        "truncated",
+    ),
+    "unsupported content type": (
+        "POST",
+        "/invocations",
+        {"Content-Type": "text/plain"},
+        lambda _: b"hello",
+        415,
+        "not read",
+    ),
     "no content type": ("POST", "/invocations", {}, lambda _: PNG, 415, "not read"),
-    "too large": ("POST", "/invocations", {"Content-Type": "image/png"}, lambda _: b"\0" * (2 << 20), 413,
-                  "more than"),
-    "unacceptable accept": ("POST", "/invocations", {"Content-Type": "image/png", "Accept": "text/html"},
-                            lambda _: PNG, 406, "Accept"),
+    "too large": ("POST", "/invocations", {"Content-Type": "image/png"}, lambda _: b"\0" * (2 << 20), 413, "more than"),
+    "unacceptable accept": (
+        "POST",
+        "/invocations",
+        {"Content-Type": "image/png", "Accept": "text/html"},
+        lambda _: PNG,
+        406,
+        "Accept",
+    ),
     "unknown endpoint": ("POST", "/predict", {"Content-Type": "image/png"}, lambda _: PNG, 404, "/invocations"),
     "unknown page": ("GET", "/", {}, lambda _: None, 404, "/ping"),
     "unsupported method": ("PUT", "/invocations", {"Content-Type": "image/png"}, lambda _: PNG, 405, "PUT"),
@@ -157,11 +201,14 @@ def test_bad_requests_get_a_json_reason_and_the_server_goes_on(server, case, tmp
     assert call(server.port, "GET", "/ping")[0] == 200
 
 
-@pytest.mark.parametrize("request_bytes", [
-    b"NOT AN HTTP REQUEST\r\n\r\n",
-    b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: lots\r\n\r\n",
-    b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
-])
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        b"NOT AN HTTP REQUEST\r\n\r\n",
+        b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: lots\r\n\r\n",
+        b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+    ],
+)
 def test_malformed_requests_get_400_and_are_closed(server, request_bytes):
     answer = raw_exchange(server.port, request_bytes)
     head, _, body = answer.partition(b"\r\n\r\n")
@@ -170,16 +217,21 @@ def test_malformed_requests_get_400_and_are_closed(server, request_bytes):
 
 
 def test_the_unread_body_of_a_get_is_not_taken_for_the_next_request(server):
-    answer = raw_exchange(server.port, b"GET /ping HTTP/1.1\r\nHost: x\r\nContent-Length: 31\r\n\r\n"
-                                       b"GET /nothing HTTP/1.1\r\nX: y\r\n\r\n"
-                                       b"GET /ping HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    answer = raw_exchange(
+        server.port,
+        b"GET /ping HTTP/1.1\r\nHost: x\r\nContent-Length: 31\r\n\r\n"
+        b"GET /nothing HTTP/1.1\r\nX: y\r\n\r\n"
+        b"GET /ping HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
     assert [int(status) for status in re.findall(rb"HTTP/1.1 (\d{3})", answer)] == [200, 200]
 
 
 def test_expect_100_continue_is_answered_before_the_body(server):
     with socket.create_connection((HOST, server.port), timeout=10) as sock:
-        sock.sendall(b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
-                     b"Expect: 100-continue\r\nContent-Length: %d\r\n\r\n" % len(PNG))
+        sock.sendall(
+            b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+            b"Expect: 100-continue\r\nContent-Length: %d\r\n\r\n" % len(PNG)
+        )
         assert read_head(sock).startswith(b"HTTP/1.1 100 Continue")  # a timeout here is the stall
         sock.sendall(PNG)
         head = read_head(sock)
@@ -191,10 +243,13 @@ def test_expect_100_continue_is_answered_before_the_body(server):
         assert json.loads(body)["height"] == 64
 
 
-@pytest.mark.parametrize("headers, status", [
-    (b"Content-Type: image/png\r\nContent-Length: 5000000", b"413"),
-    (b"Content-Type: text/csv\r\nContent-Length: 10", b"415"),
-])
+@pytest.mark.parametrize(
+    "headers, status",
+    [
+        (b"Content-Type: image/png\r\nContent-Length: 5000000", b"413"),
+        (b"Content-Type: text/csv\r\nContent-Length: 10", b"415"),
+    ],
+)
 def test_expect_100_continue_gets_the_final_answer_at_once_when_headers_decide(server, headers, status):
     with socket.create_connection((HOST, server.port), timeout=10) as sock:
         sock.sendall(b"POST /invocations HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n" + headers + b"\r\n\r\n")
@@ -228,9 +283,10 @@ def test_keep_alive_serves_many_requests_on_one_connection(server):
 def test_chunked_body(server, model):
     conn = http.client.HTTPConnection(HOST, server.port, timeout=60)
     try:
-        chunks = [PNG[i:i + 1000] for i in range(0, len(PNG), 1000)]
-        conn.request("POST", "/invocations", body=iter(chunks), headers={"Content-Type": "image/png"},
-                     encode_chunked=True)
+        chunks = [PNG[i : i + 1000] for i in range(0, len(PNG), 1000)]
+        conn.request(
+            "POST", "/invocations", body=iter(chunks), headers={"Content-Type": "image/png"}, encode_chunked=True
+        )
         response = conn.getresponse()
         assert response.status == 200
         assert json.loads(response.read()) == expected_answer(model, PNG, "image/png")
@@ -241,8 +297,10 @@ def test_chunked_body(server, model):
 def test_a_stalled_body_gets_408_within_the_request_timeout(server):
     with socket.create_connection((HOST, server.port), timeout=30) as sock:
         started = time.monotonic()
-        sock.sendall(b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: 1000"
-                     b"\r\n\r\n" + PNG[:10])
+        sock.sendall(
+            b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: 1000"
+            b"\r\n\r\n" + PNG[:10]
+        )
         answer = read_until_closed(sock)
         waited = time.monotonic() - started
     assert b" 408 " in answer.split(b"\r\n")[0]
@@ -264,8 +322,11 @@ def test_idle_connections_hold_no_worker(server):
 def test_load_8_clients_200_requests(server, tmp_path):
     """8 concurrent keep-alive clients, 200 requests in all, of every input type: no error, and the server still
     answers afterwards."""
-    bodies = [(PNG, "image/png"), (_npy(RNG.integers(0, 256, (50, 40), dtype=np.uint8)), "application/x-npy"),
-              (_dicom(tmp_path, size=128), "application/dicom")]
+    bodies = [
+        (PNG, "image/png"),
+        (_npy(RNG.integers(0, 256, (50, 40), dtype=np.uint8)), "application/x-npy"),
+        (_dicom(tmp_path, size=128), "application/dicom"),
+    ]
 
     def client(index: int) -> list[int]:
         conn = http.client.HTTPConnection(HOST, server.port, timeout=120)
@@ -301,9 +362,12 @@ SMUGGLED = b"GET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n"
 
 def test_a_request_with_content_length_and_chunked_is_refused_and_nothing_rides_on_it(server):
     body = b"0\r\n\r\n" + SMUGGLED
-    answer = raw_exchange(server.port, b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
-                                       b"Content-Length: %d\r\nTransfer-Encoding: chunked\r\n\r\n" % len(body) + body,
-                          timeout=10)
+    answer = raw_exchange(
+        server.port,
+        b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+        b"Content-Length: %d\r\nTransfer-Encoding: chunked\r\n\r\n" % len(body) + body,
+        timeout=10,
+    )
     assert _statuses(answer) == [400], answer  # one answer, then closed: the smuggled GET is never served
     assert b"Content-Length and Transfer-Encoding" in answer
     time.sleep(0.3)
@@ -315,8 +379,11 @@ FRAMING_ATTACKS = {
     "conflicting content-length": b"Content-Type: image/png\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!",
     "non-ascii digit content-length": b"Content-Type: image/png\r\nContent-Length: \xb2\r\n\r\nab",
     "signed content-length": b"Content-Type: image/png\r\nContent-Length: +5\r\n\r\nhello",
-    **{f"chunk size {size!r}": b"Content-Type: image/png\r\nTransfer-Encoding: chunked\r\n\r\n%s\r\n%s\r\n0\r\n\r\n"
-       % (size, b"x" * 16) for size in (b"0x10", b"+10", b"1_0", b" 10", b"\t10", b"-10")},
+    **{
+        f"chunk size {size!r}": b"Content-Type: image/png\r\nTransfer-Encoding: chunked\r\n\r\n%s\r\n%s\r\n0\r\n\r\n"
+        % (size, b"x" * 16)
+        for size in (b"0x10", b"+10", b"1_0", b" 10", b"\t10", b"-10")
+    },
     "unknown transfer-encoding": b"Content-Type: image/png\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n",
 }
 
@@ -324,8 +391,9 @@ FRAMING_ATTACKS = {
 @pytest.mark.parametrize("case", FRAMING_ATTACKS)
 def test_framing_attacks_get_400_and_are_closed(server, case):
     began = time.monotonic()
-    answer = raw_exchange(server.port, b"POST /invocations HTTP/1.1\r\nHost: x\r\n" + FRAMING_ATTACKS[case] +
-                          SMUGGLED, timeout=10)
+    answer = raw_exchange(
+        server.port, b"POST /invocations HTTP/1.1\r\nHost: x\r\n" + FRAMING_ATTACKS[case] + SMUGGLED, timeout=10
+    )
     assert time.monotonic() - began < 5
     assert _statuses(answer) == [400], answer
     assert json.loads(answer.partition(b"\r\n\r\n")[2])["status"] == 400
@@ -398,11 +466,11 @@ def _mutate(original: bytes, rng: np.random.Generator) -> bytes:
     mutated = bytearray(original)
     kind, where = int(rng.integers(0, 3)), int(rng.integers(128, 900))
     if kind == 0:
-        mutated[where:where + 4] = rng.integers(0, 256, 4, dtype=np.uint8).tobytes()
+        mutated[where : where + 4] = rng.integers(0, 256, 4, dtype=np.uint8).tobytes()
     elif kind == 1:
-        del mutated[int(rng.integers(132, len(mutated))):]
+        del mutated[int(rng.integers(132, len(mutated))) :]
     else:
-        del mutated[where:where + int(rng.integers(1, 64))]
+        del mutated[where : where + int(rng.integers(1, 64))]
     return bytes(mutated)
 
 
@@ -413,8 +481,9 @@ def test_fuzzed_dicoms_get_200_or_400_never_500(server, tmp_path, seed):
     original = _dicom(tmp_path, size=128)
     statuses = []
     for _ in range(10):
-        status, _, answer = call(server.port, "POST", "/invocations", _mutate(original, rng),
-                                 {"Content-Type": "application/dicom"})
+        status, _, answer = call(
+            server.port, "POST", "/invocations", _mutate(original, rng), {"Content-Type": "application/dicom"}
+        )
         assert status in (200, 400), answer
         assert status == 200 or json.loads(answer)["error"]
         statuses.append(status)
@@ -443,8 +512,10 @@ def test_sigterm_lets_the_request_in_flight_finish_then_exits(server):
     """Last of the module: a request half sent when SIGTERM arrives is still answered; then the server logs
     "stopped" and exits 0."""
     with socket.create_connection((HOST, server.port), timeout=30) as sock:
-        sock.sendall(b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: %d\r\n"
-                     b"\r\n" % len(PNG) + PNG[:100])
+        sock.sendall(
+            b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: %d\r\n"
+            b"\r\n" % len(PNG) + PNG[:100]
+        )
         time.sleep(0.5)
         server.process.send_signal(signal.SIGTERM)
         time.sleep(0.5)
@@ -457,8 +528,12 @@ def test_sigterm_lets_the_request_in_flight_finish_then_exits(server):
 
 @pytest.mark.slow
 def test_a_missing_model_exits_with_an_error(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "pneumoseg.serve", "--model", str(tmp_path / "none.tar.gz"),
-                          "--port", "0"], capture_output=True, text=True, timeout=STARTUP_SECONDS,
-                         env={**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "HF_HUB_OFFLINE": "1"})
+    out = subprocess.run(
+        [sys.executable, "-m", "pneumoseg.serve", "--model", str(tmp_path / "none.tar.gz"), "--port", "0"],
+        capture_output=True,
+        text=True,
+        timeout=STARTUP_SECONDS,
+        env={**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "HF_HUB_OFFLINE": "1"},
+    )
     assert out.returncode == 1
     assert "model package" in out.stderr and "not found" in out.stderr

@@ -1,5 +1,6 @@
 """The inference handler (pneumoseg.serve.handler) called in-process: decoding every content type, refusing bad bodies,
 response negotiation, the JSON and PNG answers, and agreement with stage 05's submission."""
+
 from __future__ import annotations
 
 import inspect
@@ -17,15 +18,11 @@ from PIL import Image
 from fake_experiment import make_package, write_fake_training
 from pneumoseg import layout
 from pneumoseg.data import rle
-from pneumoseg.serve import handler as serving
-from pneumoseg.serve import package as package_format
 from pneumoseg.data.dicom import DicomTags, find_dicoms, read_dicom, write_jpeg_dicom
 from pneumoseg.errors import DataError
-from pneumoseg.stages import convert
-from pneumoseg.stages import demo_data
-from pneumoseg.stages import package
-from pneumoseg.stages import predict
-from pneumoseg.stages import prepare_labels
+from pneumoseg.serve import handler as serving
+from pneumoseg.serve import package as package_format
+from pneumoseg.stages import convert, demo_data, package, predict, prepare_labels
 
 RNG = np.random.default_rng(7)
 IMAGE = RNG.integers(0, 256, (40, 30), dtype=np.uint8)
@@ -149,8 +146,11 @@ BAD_BODIES = {
     "truncated png": ("image/png", lambda _: png_bytes(IMAGE)[:-200], "image/png"),
     "truncated jpeg": ("image/jpeg", lambda tmp: _jpeg(tmp)[:-1000], "image/jpeg"),
     "jpeg sent as png": ("image/png", _jpeg, "image/png"),
-    "not an image": ("image/png", lambda _: b"this is text, not a picture", "not a readable image/png: cannot identify "
-                     "image file$"),
+    "not an image": (
+        "image/png",
+        lambda _: b"this is text, not a picture",
+        "not a readable image/png: cannot identify image file$",
+    ),
     "16-bit png": ("image/png", lambda _: png_bytes(IMAGE.astype(np.uint16) * 200), "mode"),
     "not an npy": ("application/x-npy", lambda _: png_bytes(IMAGE), "application/x-npy"),
     "truncated npy": ("application/x-npy", lambda _: npy_bytes(IMAGE)[:-7], "truncated"),
@@ -189,23 +189,28 @@ def test_request_errors_carry_what_sagemakers_toolkit_reads():
 
 def test_handler_functions_have_the_arity_sagemaker_calls_them_with():
     # SageMaker's toolkit passes one more argument (its context) to a function that takes one more parameter.
-    arity = {name: len(inspect.signature(getattr(serving, name)).parameters)
-             for name in ("model_fn", "input_fn", "predict_fn", "output_fn")}
+    arity = {
+        name: len(inspect.signature(getattr(serving, name)).parameters)
+        for name in ("model_fn", "input_fn", "predict_fn", "output_fn")
+    }
     assert arity == {"model_fn": 1, "input_fn": 2, "predict_fn": 2, "output_fn": 2}
 
 
-@pytest.mark.parametrize("accept, expected", [
-    (None, "application/json"),
-    ("", "application/json"),
-    ("*/*", "application/json"),
-    ("application/json", "application/json"),
-    ("image/png", "image/png"),
-    ("image/*", "image/png"),
-    ("text/html, */*;q=0.1", "application/json"),
-    ("application/json;q=0.5, image/png", "image/png"),
-    ("image/png;q=0.2, application/json;q=0.9", "application/json"),
-    ("IMAGE/PNG", "image/png"),
-])
+@pytest.mark.parametrize(
+    "accept, expected",
+    [
+        (None, "application/json"),
+        ("", "application/json"),
+        ("*/*", "application/json"),
+        ("application/json", "application/json"),
+        ("image/png", "image/png"),
+        ("image/*", "image/png"),
+        ("text/html, */*;q=0.1", "application/json"),
+        ("application/json;q=0.5, image/png", "image/png"),
+        ("image/png;q=0.2, application/json;q=0.9", "application/json"),
+        ("IMAGE/PNG", "image/png"),
+    ],
+)
 def test_negotiate(accept, expected):
     assert serving.negotiate(accept) == expected
 
@@ -229,7 +234,7 @@ def test_json_answer_describes_the_prediction(model, packaged):
     assert answer["ImageId"] is None
     assert answer["area"] == int(mask.sum()) and answer["has_pneumothorax"] is True
     assert answer["max_probability"] == pytest.approx(float(result.prediction.probs.max()))
-    assert answer["gate_probability"] is None              # the tiny model has no gate head
+    assert answer["gate_probability"] is None  # the tiny model has no gate head
     assert (answer["height"], answer["width"]) == (50, 70)
     assert answer["postprocess"] == {"name": "threshold", "params": {"threshold": 0.5, "min_area": 0.0}}
     assert answer["model"] == {"name": "tiny", "version": manifest["version"], "runtime": model.runtime}
@@ -264,9 +269,8 @@ def test_load_package_refuses_a_folder_without_manifest(tmp_path):
 def test_open_package_refuses_a_corrupt_archive(tmp_path):
     broken = tmp_path / "model.tar.gz"
     broken.write_bytes(b"\x1f\x8b not really gzip")
-    with pytest.raises(DataError, match="cannot extract"):
-        with package_format.open_package(broken):
-            pass
+    with pytest.raises(DataError, match="cannot extract"), package_format.open_package(broken):
+        pass
 
 
 @pytest.mark.slow

@@ -7,14 +7,19 @@ import pandas as pd
 import pytest
 
 from pneumoseg import layout
-from pneumoseg.errors import DataError
-from pneumoseg.io import write_csv
 from pneumoseg.data.labels import read_labels
-from pneumoseg.evaluation.metrics import competition_dice
 from pneumoseg.data.rle import encode
-from pneumoseg.evaluation.submission import check_submission, dice_by_image, read_submission, score_submission, \
-    validate_submission, write_submission
-
+from pneumoseg.errors import DataError
+from pneumoseg.evaluation.metrics import competition_dice
+from pneumoseg.evaluation.submission import (
+    check_submission,
+    dice_by_image,
+    read_submission,
+    score_submission,
+    validate_submission,
+    write_submission,
+)
+from pneumoseg.io import write_csv
 from synthetic import write_prepared
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,7 +39,7 @@ def test_write_submission_round_trip(tmp_path):
     assert path.read_text() == HEADER + "1.2.3.a,5 2 1 1 6 1\n1.2.3.b,-1\n1.2.3.c,0 30\n"
     assert validate_submission(path, IDS, SIZES) == []
     assert [row.line for row in read_submission(path)[0]] == [2, 3, 4]
-    assert list(tmp_path.joinpath("out").iterdir()) == [path]   # no temporary file left behind
+    assert list(tmp_path.joinpath("out").iterdir()) == [path]  # no temporary file left behind
 
 
 def test_write_submission_absolute_form(tmp_path):
@@ -48,16 +53,19 @@ def test_write_submission_absolute_form(tmp_path):
     assert validate_submission(path, ["x"], {"x": (4, 4)}) != []
 
 
-@pytest.mark.parametrize("ids, encoded, expected, problem", [
-    (IDS, ["5 2", "-1", "2 29"], None, "line 4, ImageId 1.2.3.c: runs reach pixel 31, beyond the 6x5 image"),
-    (IDS, ["5 2", "-1 ", "3"], None, "line 4, ImageId 1.2.3.c: run-length string has an odd number of values"),
-    (IDS, ["5 2", "", "-1"], None, "line 3, ImageId 1.2.3.b: EncodedPixels is empty; write -1"),
-    (IDS, ["5 2", "-1", "a 2"], None, "line 4, ImageId 1.2.3.c: run-length string has a token that is not"),
-    (IDS[:2] + ["1.2.3.a"], ["-1"] * 3, IDS, "line 4: ImageId 1.2.3.a again (first on line 2)"),
-    (IDS, ["-1"] * 3, IDS[:2], "line 4: ImageId 1.2.3.c is not a test image"),
-    (IDS[:2], ["-1"] * 2, IDS, "ImageId 1.2.3.c (test image 3 of 3) has no row"),
-    (IDS[::-1], ["-1"] * 3, IDS, "line 2: ImageId 1.2.3.c where the expected order has 1.2.3.a"),
-])
+@pytest.mark.parametrize(
+    "ids, encoded, expected, problem",
+    [
+        (IDS, ["5 2", "-1", "2 29"], None, "line 4, ImageId 1.2.3.c: runs reach pixel 31, beyond the 6x5 image"),
+        (IDS, ["5 2", "-1 ", "3"], None, "line 4, ImageId 1.2.3.c: run-length string has an odd number of values"),
+        (IDS, ["5 2", "", "-1"], None, "line 3, ImageId 1.2.3.b: EncodedPixels is empty; write -1"),
+        (IDS, ["5 2", "-1", "a 2"], None, "line 4, ImageId 1.2.3.c: run-length string has a token that is not"),
+        (IDS[:2] + ["1.2.3.a"], ["-1"] * 3, IDS, "line 4: ImageId 1.2.3.a again (first on line 2)"),
+        (IDS, ["-1"] * 3, IDS[:2], "line 4: ImageId 1.2.3.c is not a test image"),
+        (IDS[:2], ["-1"] * 2, IDS, "ImageId 1.2.3.c (test image 3 of 3) has no row"),
+        (IDS[::-1], ["-1"] * 3, IDS, "line 2: ImageId 1.2.3.c where the expected order has 1.2.3.a"),
+    ],
+)
 def test_write_submission_refuses_a_file_that_does_not_validate(tmp_path, ids, encoded, expected, problem):
     path = _write(tmp_path / "submission.csv", "an older file\n")
     with pytest.raises(DataError, match="does not validate") as info:
@@ -67,13 +75,19 @@ def test_write_submission_refuses_a_file_that_does_not_validate(tmp_path, ids, e
     assert list(tmp_path.iterdir()) == [path]
 
 
-@pytest.mark.parametrize("text, problem", [
-    ("ImageId, EncodedPixels\n1.2.3.a,-1\n1.2.3.b,-1\n1.2.3.c,-1\n", "line 1: the header is 'ImageId, EncodedPixels'"),
-    (HEADER + "1.2.3.a,-1\n1.2.3.b,-1,3\n1.2.3.c,-1\n", "line 3: 3 fields"),
-    (HEADER + "1.2.3.a,-1\n1.2.3.b,-1\n1.2.3.c,1 0\n", "line 4, ImageId 1.2.3.c: run length 0 is not positive"),
-    (HEADER + "1.2.3.a,-1\n1.2.3.b,-1\n,-1\n", "line 4: no ImageId"),
-    ("", "the file is empty"),
-])
+@pytest.mark.parametrize(
+    "text, problem",
+    [
+        (
+            "ImageId, EncodedPixels\n1.2.3.a,-1\n1.2.3.b,-1\n1.2.3.c,-1\n",
+            "line 1: the header is 'ImageId, EncodedPixels'",
+        ),
+        (HEADER + "1.2.3.a,-1\n1.2.3.b,-1,3\n1.2.3.c,-1\n", "line 3: 3 fields"),
+        (HEADER + "1.2.3.a,-1\n1.2.3.b,-1\n1.2.3.c,1 0\n", "line 4, ImageId 1.2.3.c: run length 0 is not positive"),
+        (HEADER + "1.2.3.a,-1\n1.2.3.b,-1\n,-1\n", "line 4: no ImageId"),
+        ("", "the file is empty"),
+    ],
+)
 def test_validate_reports_each_problem_with_its_line(tmp_path, text, problem):
     path = _write(tmp_path / "submission.csv", text)
     problems = validate_submission(path, IDS, SIZES)
@@ -106,7 +120,7 @@ def _masks(seed=0, n=6, shape=(20, 16)):
 
 def test_score_is_the_challenge_dice_with_multi_row_labels_unioned(tmp_path):
     truth, pred = _masks(0), _masks(1)
-    pred[3, :2] = True            # predicted on an empty image: Dice 0 (image 0: both empty, Dice 1)
+    pred[3, :2] = True  # predicted on an empty image: Dice 0 (image 0: both empty, Dice 1)
     ids = [f"img{k}" for k in range(len(truth))]
     sizes = {i: truth.shape[1:] for i in ids}
     # Labels: each positive image split into two overlapping instances, its rows not adjacent, stage-1 form.
@@ -179,13 +193,13 @@ def test_check_submission_against_an_experiments_test_set(tiny_cfg):
     cfg = tiny_cfg("predict.fmt=absolute")
     write_prepared(cfg.paths.prepared_dir, n_images=4, sizes=(32,), n_test=2)
     test = pd.read_csv(layout.test_images_path(cfg), dtype={"ImageId": str})
-    test[["rows", "cols"]] = (6, 5)                        # the original sizes decide what a run may reach
+    test[["rows", "cols"]] = (6, 5)  # the original sizes decide what a run may reach
     write_csv(layout.test_images_path(cfg), test)
     ids = test["ImageId"].tolist()
     submission = layout.submission_path(cfg)
     write_submission(submission, ids, ["1 30", "-1"], sizes=dict.fromkeys(ids, (6, 5)), fmt="absolute")
     assert check_submission(submission, cfg=cfg) == (True, f"{submission}: valid (absolute run-length form)")
-    valid, text = check_submission(submission, cfg=cfg, fmt="relative")     # --fmt wins over predict.fmt
+    valid, text = check_submission(submission, cfg=cfg, fmt="relative")  # --fmt wins over predict.fmt
     assert not valid and "read as the relative run-length form" in text
     test[["rows", "cols"]] = (4, 4)
     write_csv(layout.test_images_path(cfg), test)
@@ -200,15 +214,18 @@ def test_validate_submission_script_exit_codes(tmp_path):
     assert good.returncode == 0 and "valid" in good.stdout, good.stderr
     wrong = subprocess.run([*script, str(bad), "--sample", str(sample)], capture_output=True, text=True, timeout=120)
     assert wrong.returncode == 1 and "1 problem(s)" in wrong.stdout and "2 test images of 3 have no row" in wrong.stdout
-    missing = subprocess.run([*script, str(bad), "--sample", str(tmp_path / "none.csv")], capture_output=True,
-                             text=True, timeout=120)
+    missing = subprocess.run(
+        [*script, str(bad), "--sample", str(tmp_path / "none.csv")], capture_output=True, text=True, timeout=120
+    )
     assert missing.returncode == 1 and "none.csv not found" in missing.stderr
 
 
 def test_repeated_problems_are_grouped_with_the_first_five(tmp_path):
     ids = [f"1.2.{k}" for k in range(120)]
-    path = _write(tmp_path / "submission.csv", HEADER + "".join(f"{i},-1\n" for i in ids[:10])
-                  + "".join(f"{i},3\n" for i in ids[10:17]) + "x,-1,1\ny,-1,2\n")
+    path = _write(
+        tmp_path / "submission.csv",
+        HEADER + "".join(f"{i},-1\n" for i in ids[:10]) + "".join(f"{i},3\n" for i in ids[10:17]) + "x,-1,1\ny,-1,2\n",
+    )
     problems = validate_submission(path, ids)
     assert problems == [
         "2 lines do not have the two fields ImageId,EncodedPixels; the first 2: line 19, line 20",
@@ -221,8 +238,10 @@ def test_repeated_problems_are_grouped_with_the_first_five(tmp_path):
 
 @pytest.mark.parametrize("delimiter, name", [(";", "semicolons"), ("\t", "tabs")])
 def test_a_wrong_delimiter_is_named_once(tmp_path, delimiter, name):
-    path = _write(tmp_path / "submission.csv", f"ImageId{delimiter}EncodedPixels\n"
-                  + "".join(f"{i}{delimiter}-1\n" for i in IDS * 70))
+    path = _write(
+        tmp_path / "submission.csv",
+        f"ImageId{delimiter}EncodedPixels\n" + "".join(f"{i}{delimiter}-1\n" for i in IDS * 70),
+    )
     problems = validate_submission(path, IDS, SIZES)
     assert len(problems) == 1 and f"separated by {name}" in problems[0] and "not commas" in problems[0]
 

@@ -1,4 +1,5 @@
 """torch_threads: one rule for training (stage 03), prediction (stage 05) and the server's predictions."""
+
 import pytest
 import torch
 
@@ -14,11 +15,17 @@ def restore_threads():
     torch.set_num_threads(threads)
 
 
-@pytest.mark.parametrize("cores, reserved, sharers, expected", [
-    (2, 1, 1, 1), (8, 1, 1, 7), (2, 4, 1, 1), (8, 0, 3, 2), (1, 0, 4, 1),
-])
-def test_auto_is_the_usable_cores_less_the_loader_workers_at_least_one(monkeypatch, cores, reserved, sharers,
-                                                                       expected):
+@pytest.mark.parametrize(
+    "cores, reserved, sharers, expected",
+    [
+        (2, 1, 1, 1),
+        (8, 1, 1, 7),
+        (2, 4, 1, 1),
+        (8, 0, 3, 2),
+        (1, 0, 4, 1),
+    ],
+)
+def test_auto_is_the_usable_cores_less_the_loader_workers_at_least_one(monkeypatch, cores, reserved, sharers, expected):
     monkeypatch.setattr(device.os, "sched_getaffinity", lambda pid: set(range(cores)))
     assert device.cpu_threads("auto", "k", reserved, sharers) == expected
 

@@ -4,6 +4,7 @@ extracted, its code/ on PYTHONPATH, the toolkit's TorchServe properties). The st
 ``.venv-torchserve/`` from tests/requirements-torchserve.txt, beside the project's ``.venv`` whose torch it reuses;
 the test is skipped where Java is missing or the install fails. The toolkit's container entry point itself is not
 run: it writes /etc/sagemaker-ts.properties and binds every interface."""
+
 from __future__ import annotations
 
 import hashlib
@@ -34,7 +35,7 @@ REQUIREMENTS = ROOT / "tests" / "requirements-torchserve.txt"
 VENV = ROOT / ".venv-torchserve"
 HOST = "127.0.0.1"
 STARTUP_SECONDS = 240
-MAX_REQUEST_BYTES = 16 * 2 ** 20
+MAX_REQUEST_BYTES = 16 * 2**20
 
 
 def _free_port() -> int:
@@ -53,17 +54,27 @@ def stack_python() -> Path:
     if not python.exists() or not stamp.exists() or stamp.read_text() != wanted:
         base = Path(getattr(sys, "_base_executable", sys.executable))
         try:
-            subprocess.run([str(base), "-m", "venv", "--clear", str(VENV)], check=True, capture_output=True,
-                           timeout=120)
+            subprocess.run(
+                [str(base), "-m", "venv", "--clear", str(VENV)], check=True, capture_output=True, timeout=120
+            )
             # The project's environment behind this one: its torch (gigabytes) is reused, not downloaded again.
-            site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                                  check=True, capture_output=True, text=True).stdout.strip()
+            site = subprocess.run(
+                [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                check=True,
+                capture_output=True,
+                text=True,
+            ).stdout.strip()
             # Every site folder of this environment, also those a layered environment adds through a .pth.
-            folders = dict.fromkeys([sysconfig.get_paths()["purelib"],
-                                     *(p for p in sys.path if p.endswith("site-packages"))])
+            folders = dict.fromkeys(
+                [sysconfig.get_paths()["purelib"], *(p for p in sys.path if p.endswith("site-packages"))]
+            )
             Path(site, "pneumoseg_project_env.pth").write_text("\n".join(folders) + "\n")
-            subprocess.run([str(python), "-m", "pip", "install", "-q", "-r", str(REQUIREMENTS)], check=True,
-                           capture_output=True, timeout=600)
+            subprocess.run(
+                [str(python), "-m", "pip", "install", "-q", "-r", str(REQUIREMENTS)],
+                check=True,
+                capture_output=True,
+                timeout=600,
+            )
         except (subprocess.SubprocessError, OSError) as exc:
             pytest.skip(f"cannot install the TorchServe stack into {VENV}: {exc}")
         stamp.write_text(wanted)
@@ -78,33 +89,73 @@ def torchserve(stack_python, tmp_path_factory):
     model_dir = root / "model"
     with tarfile.open(package) as archive:
         archive.extractall(model_dir, filter="data")
-    ports = {name: _free_port() for name in ("inference", "management", "metrics", "grpc_inference",
-                                             "grpc_management")}
-    default = subprocess.run([str(stack_python), "-c", "import pkg_resources, sagemaker_pytorch_serving_container "
-                              "as s; print(open(pkg_resources.resource_filename(s.__name__, "
-                              "'/etc/default-ts.properties')).read())"], check=True, capture_output=True,
-                             text=True).stdout
+    ports = {name: _free_port() for name in ("inference", "management", "metrics", "grpc_inference", "grpc_management")}
+    default = subprocess.run(
+        [
+            str(stack_python),
+            "-c",
+            "import pkg_resources, sagemaker_pytorch_serving_container "
+            "as s; print(open(pkg_resources.resource_filename(s.__name__, "
+            "'/etc/default-ts.properties')).read())",
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
     config = root / "config.properties"
-    config.write_text(default + "\n" + "\n".join([
-        f"inference_address=http://{HOST}:{ports['inference']}",
-        f"management_address=http://{HOST}:{ports['management']}",
-        f"metrics_address=http://{HOST}:{ports['metrics']}",
-        f"grpc_inference_port={ports['grpc_inference']}", f"grpc_management_port={ports['grpc_management']}",
-        "default_workers_per_model=1", "default_response_timeout=120",
-        "default_service_handler=sagemaker_pytorch_serving_container.handler_service:handle"]) + "\n")
+    config.write_text(
+        default
+        + "\n"
+        + "\n".join(
+            [
+                f"inference_address=http://{HOST}:{ports['inference']}",
+                f"management_address=http://{HOST}:{ports['management']}",
+                f"metrics_address=http://{HOST}:{ports['metrics']}",
+                f"grpc_inference_port={ports['grpc_inference']}",
+                f"grpc_management_port={ports['grpc_management']}",
+                "default_workers_per_model=1",
+                "default_response_timeout=120",
+                "default_service_handler=sagemaker_pytorch_serving_container.handler_service:handle",
+            ]
+        )
+        + "\n"
+    )
     (root / "store").mkdir()
     (root / "tmp").mkdir()
-    env = {**os.environ, "PATH": f"{stack_python.parent}:{os.environ['PATH']}", "TMPDIR": str(root / "tmp"),
-           "PYTHONPATH": str(model_dir / "code"), "NO_ALBUMENTATIONS_UPDATE": "1", "HF_HUB_OFFLINE": "1",
-           "SAGEMAKER_BASE_DIR": str(root), "OMP_NUM_THREADS": "1",
-           # The README's Batch Transform recipe: TorchServe's own body limit (6,553,500 bytes) raised.
-           "TS_MAX_REQUEST_SIZE": str(MAX_REQUEST_BYTES), "TS_MAX_RESPONSE_SIZE": str(MAX_REQUEST_BYTES)}
+    env = {
+        **os.environ,
+        "PATH": f"{stack_python.parent}:{os.environ['PATH']}",
+        "TMPDIR": str(root / "tmp"),
+        "PYTHONPATH": str(model_dir / "code"),
+        "NO_ALBUMENTATIONS_UPDATE": "1",
+        "HF_HUB_OFFLINE": "1",
+        "SAGEMAKER_BASE_DIR": str(root),
+        "OMP_NUM_THREADS": "1",
+        # The README's Batch Transform recipe: TorchServe's own body limit (6,553,500 bytes) raised.
+        "TS_MAX_REQUEST_SIZE": str(MAX_REQUEST_BYTES),
+        "TS_MAX_RESPONSE_SIZE": str(MAX_REQUEST_BYTES),
+    }
     log = root / "torchserve.log"
     with open(log, "w") as out:
-        process = subprocess.Popen([str(stack_python.parent / "torchserve"), "--start", "--foreground",
-                                    "--model-store", str(root / "store"), "--ts-config", str(config), "--models",
-                                    f"model={model_dir}", "--disable-token-auth"], stdout=out,
-                                   stderr=subprocess.STDOUT, env=env, cwd=root, start_new_session=True)
+        process = subprocess.Popen(
+            [
+                str(stack_python.parent / "torchserve"),
+                "--start",
+                "--foreground",
+                "--model-store",
+                str(root / "store"),
+                "--ts-config",
+                str(config),
+                "--models",
+                f"model={model_dir}",
+                "--disable-token-auth",
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=root,
+            start_new_session=True,
+        )
     try:
         yield process, ports["inference"], log
     finally:
@@ -113,8 +164,9 @@ def torchserve(stack_python, tmp_path_factory):
             process.wait(30)
 
 
-def _call(port: int, method: str, path: str, body: bytes | None = None, headers: dict | None = None,
-          timeout: float = 120) -> tuple[int, bytes]:
+def _call(
+    port: int, method: str, path: str, body: bytes | None = None, headers: dict | None = None, timeout: float = 120
+) -> tuple[int, bytes]:
     conn = http.client.HTTPConnection(HOST, port, timeout=timeout)
     try:
         conn.request(method, path, body=body, headers=headers or {})
@@ -126,8 +178,9 @@ def _call(port: int, method: str, path: str, body: bytes | None = None, headers:
         conn.close()
 
 
-def _until_answered(process, port: int, log: Path, body: bytes,
-                    content_type: str = "application/dicom") -> tuple[int, bytes]:
+def _until_answered(
+    process, port: int, log: Path, body: bytes, content_type: str = "application/dicom"
+) -> tuple[int, bytes]:
     """The first real answer to ``body`` (TorchServe answers ping, and queues requests, while the model loads)."""
     deadline = time.monotonic() + STARTUP_SECONDS
     while time.monotonic() < deadline:
@@ -164,7 +217,7 @@ def test_a_transform_s_records_and_a_body_past_torchserve_s_default_limit(torchs
     _until_answered(process, port, log, records[0], "image/png")
     answers = [_call(port, "POST", "/invocations", body, {"Content-Type": "image/png"}) for body in records]
     assert [status for status, _ in answers] == [200] * 4, answers[-1][1][:500]
-    lines = b"\n".join(body for _, body in answers).decode().splitlines()           # AssembleWith: Line
+    lines = b"\n".join(body for _, body in answers).decode().splitlines()  # AssembleWith: Line
     assert [json.loads(line)["width"] for line in lines] == [300, 300, 300, 2700]
 
 

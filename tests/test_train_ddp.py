@@ -13,7 +13,6 @@ from pneumoseg.config import load_config
 from pneumoseg.data.probstore import ProbabilityStore
 from pneumoseg.modeling.checkpoints import load_checkpoint
 from pneumoseg.stages import train
-
 from synthetic import write_prepared
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,8 +22,9 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_two_cpu_processes_train_identical_weights_and_complete_outputs(tmp_path):
     output = tmp_path / "output"
     write_prepared(output / "prepared" / "tiny", n_images=16, sizes=(32,), n_folds=2)
-    results = _torchrun(tmp_path, f"paths.output_root={output}", "data.image_size=32", "train.epochs=2",
-                        "train.device=cpu")
+    results = _torchrun(
+        tmp_path, f"paths.output_root={output}", "data.image_size=32", "train.epochs=2", "train.device=cpu"
+    )
     ranks = [json.loads((results / f"rank{r}.json").read_text()) for r in (0, 1)]
     for fold in ("0", "1"):
         assert ranks[0]["folds"][fold]["weights_sha256"] == ranks[1]["folds"][fold]["weights_sha256"]
@@ -49,8 +49,17 @@ def _torchrun(tmp_path: Path, *overrides: str) -> Path:
     results = tmp_path / "ranks"
     results.mkdir()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "NO_ALBUMENTATIONS_UPDATE": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               str(ROOT / "tests" / "ddp_worker.py"), str(ROOT / "configs" / "tiny.yaml"), str(results), *overrides]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(ROOT / "tests" / "ddp_worker.py"),
+        str(ROOT / "configs" / "tiny.yaml"),
+        str(results),
+        *overrides,
+    ]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return results
@@ -60,9 +69,17 @@ def _torchrun(tmp_path: Path, *overrides: str) -> Path:
 # SyncBatchNorm does not exist): the comparison uses per-image GroupNorm and no decoder norm. BCE is a mean over
 # pixels, so the mean of two equal halves' losses is the whole batch's; the batch Dice of the mixed loss is not.
 # Plain SGD keeps the gradient's scale in the update (Adam would hide a gradient scaled by the world size).
-SAME_GLOBAL_BATCH = ("data.image_size=32", "train.epochs=2", "train.device=cpu", "train.folds=[0]",
-                     "loss.name=bce", "optimizer.name=sgd", "optimizer.params={lr: 0.5}",
-                     "+model.params.norm_layer=groupnorm1", "+model.params.decoder_use_norm=false")
+SAME_GLOBAL_BATCH = (
+    "data.image_size=32",
+    "train.epochs=2",
+    "train.device=cpu",
+    "train.folds=[0]",
+    "loss.name=bce",
+    "optimizer.name=sgd",
+    "optimizer.params={lr: 0.5}",
+    "+model.params.norm_layer=groupnorm1",
+    "+model.params.decoder_use_norm=false",
+)
 
 
 @pytest.mark.slow
@@ -70,8 +87,12 @@ def test_two_processes_of_batch_b_train_the_weights_of_one_process_of_batch_2b(t
     write_prepared(tmp_path / "ddp" / "prepared" / "tiny", n_images=24, sizes=(32,), n_folds=2)
     shutil.copytree(tmp_path / "ddp" / "prepared", tmp_path / "single" / "prepared")
     _torchrun(tmp_path, f"paths.output_root={tmp_path / 'ddp'}", "train.batch_size=2", *SAME_GLOBAL_BATCH)
-    train.run(load_config(ROOT / "configs" / "tiny.yaml", [f"paths.output_root={tmp_path / 'single'}",
-                                                           "train.batch_size=4", *SAME_GLOBAL_BATCH]))
+    train.run(
+        load_config(
+            ROOT / "configs" / "tiny.yaml",
+            [f"paths.output_root={tmp_path / 'single'}", "train.batch_size=4", *SAME_GLOBAL_BATCH],
+        )
+    )
 
     def weights(root: str) -> dict[str, torch.Tensor]:
         last = load_checkpoint(tmp_path / root / "tiny" / "03_train" / "fold0" / "last.pt")

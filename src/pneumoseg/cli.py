@@ -13,13 +13,14 @@ train.parser, number="03")``)::
 
 A parser can also report a failure elsewhere (:meth:`StageParser.report_failure`): stage 03's parser writes it as a
 SageMaker job's failure reason (:class:`pneumoseg.sagemaker.arguments.JobParser`)."""
+
 from __future__ import annotations
 
 import argparse
 import contextlib
 import logging
 import sys
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from omegaconf import DictConfig
 
@@ -67,8 +68,12 @@ def switch_arguments(argv: Sequence[str], switches: set[str]) -> list[str]:
     while i < len(tokens):
         name, equals, value = tokens[i].partition("=")
         has_value = bool(equals)
-        if name in switches and not has_value and i + 1 < len(tokens) \
-                and tokens[i + 1].lower() in TRUE_WORDS + FALSE_WORDS:
+        if (
+            name in switches
+            and not has_value
+            and i + 1 < len(tokens)
+            and tokens[i + 1].lower() in TRUE_WORDS + FALSE_WORDS
+        ):
             has_value, value = True, tokens[i + 1]
             i += 1
         if name in switches and has_value:
@@ -86,8 +91,12 @@ class StageParser(argparse.ArgumentParser):
     def parse_known_args(self, args=None, namespace=None):
         argv = sys.argv[1:] if args is None else list(args)
         # argparse has no public list of a parser's actions; _actions holds them, parents' included.
-        switches = {option for action in self._actions if isinstance(action, argparse._StoreTrueAction)
-                    for option in action.option_strings}
+        switches = {
+            option
+            for action in self._actions
+            if isinstance(action, argparse._StoreTrueAction)
+            for option in action.option_strings
+        }
         try:
             argv = switch_arguments(argv, switches)
         except ConfigError as exc:
@@ -110,18 +119,25 @@ def stage_parser(description: str) -> argparse.ArgumentParser:
     """An argument parser (:class:`StageParser`) with the options every stage script takes."""
     parser = StageParser(description=description)
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="experiment YAML (default: %(default)s)")
-    parser.add_argument("--force", action="store_true",
-                        help="redo the stage even if its outputs are complete (also --force true|false)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="config overrides with dotted keys, e.g. train.epochs=3")
+    parser.add_argument(
+        "--force", action="store_true", help="redo the stage even if its outputs are complete (also --force true|false)"
+    )
+    parser.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="config overrides with dotted keys, e.g. train.epochs=3"
+    )
     return parser
 
 
 ParserFactory = Callable[[str], argparse.ArgumentParser]
 
 
-def run_stage_script(description: str, stage: Callable[..., object], make_parser: ParserFactory = stage_parser,
-                     argv: list[str] | None = None, number: str | None = None) -> int:
+def run_stage_script(
+    description: str,
+    stage: Callable[..., object],
+    make_parser: ParserFactory = stage_parser,
+    argv: list[str] | None = None,
+    number: str | None = None,
+) -> int:
     """Parse arguments, load the config, call ``stage(cfg, args)`` and return the process exit code.
 
     Args:
@@ -162,7 +178,8 @@ def run_stage_script(description: str, stage: Callable[..., object], make_parser
     return 0
 
 
-def main(description: str, stage: Callable[..., object], make_parser: ParserFactory = stage_parser,
-         number: str | None = None) -> None:
+def main(
+    description: str, stage: Callable[..., object], make_parser: ParserFactory = stage_parser, number: str | None = None
+) -> None:
     """Run a numbered script (see :func:`run_stage_script`, same arguments) and exit with its code."""
     sys.exit(run_stage_script(description, stage, make_parser, number=number))

@@ -10,14 +10,15 @@ Each subcommand is a ``module:function`` of :data:`COMMANDS`, imported only when
 heavy imports never slow another, and so that this module imports no stage); the function takes the remaining
 arguments and returns the exit code. The numbered scripts and ``run_all.sh`` stay, and call the same functions.
 """
+
 from __future__ import annotations
 
 import importlib
 import os
 import subprocess
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 # name -> ("module:function", what it does)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -34,8 +35,7 @@ RUN_ALL = Path(__file__).resolve().parents[2] / "run_all.sh"
 def usage() -> str:
     """The command's help: its subcommands and what each does."""
     width = max(map(len, COMMANDS))
-    lines = ["usage: pneumoseg COMMAND [ARGS ...]   (pneumoseg COMMAND --help for its own arguments)", "",
-             "commands:"]
+    lines = ["usage: pneumoseg COMMAND [ARGS ...]   (pneumoseg COMMAND --help for its own arguments)", "", "commands:"]
     lines += [f"  {name:<{width}}  {about}" for name, (_, about) in COMMANDS.items()]
     return "\n".join(lines)
 
@@ -56,8 +56,11 @@ def load(name: str) -> Callable[[list[str]], int]:
     except ModuleNotFoundError as exc:
         if exc.name is None or not module_name.startswith(exc.name):
             raise  # a dependency of the module is missing: a broken installation, whose traceback helps
-        print(f"pneumoseg {name}: this installation has no {module_name} (the command's module); update pneumoseg "
-              f"or reinstall it (pip install -e .)", file=sys.stderr)
+        print(
+            f"pneumoseg {name}: this installation has no {module_name} (the command's module); update pneumoseg "
+            f"or reinstall it (pip install -e .)",
+            file=sys.stderr,
+        )
         sys.exit(2)
     return getattr(module, function)
 
@@ -72,12 +75,17 @@ def run_pipeline(argv: Sequence[str]) -> int:
         run_all.sh's exit code (130 when interrupted).
     """
     if not RUN_ALL.is_file():
-        print(f"pneumoseg run: {RUN_ALL} not found; this command runs the pipeline of a project checkout installed "
-              f"with pip install -e . (run the stage scripts of the checkout instead)", file=sys.stderr)
+        print(
+            f"pneumoseg run: {RUN_ALL} not found; this command runs the pipeline of a project checkout installed "
+            f"with pip install -e . (run the stage scripts of the checkout instead)",
+            file=sys.stderr,
+        )
         return 2
     # run_all.sh runs from the project root; a config given relative to the folder the command runs in stays valid.
-    arguments = [str(Path(item).resolve()) if item.endswith((".yaml", ".yml")) and Path(item).is_file() else item
-                 for item in argv]
+    arguments = [
+        str(Path(item).resolve()) if item.endswith((".yaml", ".yml")) and Path(item).is_file() else item
+        for item in argv
+    ]
     try:
         return subprocess.run(["bash", str(RUN_ALL), *arguments], env=os.environ.copy()).returncode
     except KeyboardInterrupt:  # the stage has said where it stopped; run_all.sh passes its 130 on
@@ -91,7 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(usage())
         return 0 if argv else 2
     command = load(argv[0])
-    sys.argv = [f"pneumoseg {argv[0]}", *argv[1:]]   # argparse's usage lines name the subcommand
+    sys.argv = [f"pneumoseg {argv[0]}", *argv[1:]]  # argparse's usage lines name the subcommand
     return int(command(argv[1:]) or 0)
 
 

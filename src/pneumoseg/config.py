@@ -15,6 +15,7 @@ the ``ensemble`` section (checked member by member), and anything below a key wh
 Every stage saves the resolved config (bases merged, overrides applied, interpolations resolved) beside
 its outputs, so a result can always be traced to the exact settings that made it.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -23,10 +24,11 @@ import json
 import math
 import os
 import re
+from collections.abc import Iterable, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence, cast
+from typing import Any, cast
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -73,9 +75,11 @@ def _check_experiment_name(cfg: DictConfig, path: str | os.PathLike) -> None:
     """Refuse an ``experiment`` that is not a plain name (it names the experiment's folder under ``output/``)."""
     name = cfg.get("experiment")
     if name is not None and (not _PLAIN_NAME.match(str(name)) or ".." in str(name)):
-        raise ConfigError(f"config {path}: experiment {name!r} is not a plain name; use letters, digits, '_', '-' "
-                          f"and '.' only (no '/', no '..'): it names the experiment's folder under "
-                          f"paths.output_root")
+        raise ConfigError(
+            f"config {path}: experiment {name!r} is not a plain name; use letters, digits, '_', '-' "
+            f"and '.' only (no '/', no '..'): it names the experiment's folder under "
+            f"paths.output_root"
+        )
 
 
 def _check_members_of(cfg: DictConfig, path: Path) -> None:
@@ -83,9 +87,8 @@ def _check_members_of(cfg: DictConfig, path: Path) -> None:
     member that leads back to an ensemble being loaded."""
     chain, here = _ENSEMBLES_LOADING.get(), path.resolve()
     if here in chain:
-        cycle = " -> ".join(str(step) for step in (*chain[chain.index(here):], here))
-        raise ConfigError(f"ensemble configs form a cycle: {cycle}; an ensemble's members must be single "
-                          f"experiments")
+        cycle = " -> ".join(str(step) for step in (*chain[chain.index(here) :], here))
+        raise ConfigError(f"ensemble configs form a cycle: {cycle}; an ensemble's members must be single experiments")
     token = _ENSEMBLES_LOADING.set((*chain, here))
     try:
         ensemble_members(cfg, origin=str(path))
@@ -142,8 +145,10 @@ def _checked_keys(parent: DictConfig, child: DictConfig, path: Path) -> DictConf
             name = key[1:] if adding else key
             dotted = f"{prefix}{name}"
             if base is not None and name not in base and not adding:
-                raise ConfigError(f"config {path}: unknown key {dotted}{_suggestion(dotted, base_tree)}. Fix the "
-                                  f"spelling, or write +{name}: in the file to add a new key on purpose.")
+                raise ConfigError(
+                    f"config {path}: unknown key {dotted}{_suggestion(dotted, base_tree)}. Fix the "
+                    f"spelling, or write +{name}: in the file to add a new key on purpose."
+                )
             below = base.get(name) if base is not None and name not in FREE_FORM_KEYS else None
             if isinstance(value, dict):
                 value = walk(below if isinstance(below, dict) else None, value, f"{dotted}.")
@@ -160,6 +165,7 @@ def _tree(cfg: DictConfig) -> dict:
 
 def _suggestion(key: str, tree: dict) -> str:
     """`` (did you mean train.epochs?)``: the keys of ``tree`` nearest to the dotted ``key``, or ``""``."""
+
     def dotted(node: dict, prefix: str):
         for name, value in node.items():
             yield f"{prefix}{name}"
@@ -184,6 +190,7 @@ def _drop_params_of_renamed_blocks(parent: DictConfig, child: DictConfig) -> lis
     Returns:
         The dotted paths of the renamed blocks (``"scheduler"``, ``"model"``).
     """
+
     def renamed(base: dict, new: dict, path: tuple) -> list[tuple]:
         found = []
         for key, value in new.items():
@@ -195,8 +202,11 @@ def _drop_params_of_renamed_blocks(parent: DictConfig, child: DictConfig) -> lis
             found += renamed(old, value, (*path, key))
         return found
 
-    paths = renamed(cast(dict, OmegaConf.to_container(parent, resolve=False)),
-                    cast(dict, OmegaConf.to_container(child, resolve=False)), ())
+    paths = renamed(
+        cast(dict, OmegaConf.to_container(parent, resolve=False)),
+        cast(dict, OmegaConf.to_container(child, resolve=False)),
+        (),
+    )
     for path in paths:
         node = parent
         for key in path:
@@ -324,16 +334,20 @@ def ensemble_members(cfg: DictConfig, origin: str | None = None) -> list[Ensembl
     where = origin or f"the ensemble config of experiment {cfg.get('experiment')!r}"
     entries = to_dict(cfg.ensemble.get("members"))
     if not isinstance(entries, list) or len(entries) < 2:
-        raise ConfigError(f"{where}: ensemble.members must list at least two member experiments, e.g. "
-                          f"[{{config: configs/demo.yaml, weight: 1}}, {{config: configs/demo_b.yaml, weight: 1}}]")
+        raise ConfigError(
+            f"{where}: ensemble.members must list at least two member experiments, e.g. "
+            f"[{{config: configs/demo.yaml, weight: 1}}, {{config: configs/demo_b.yaml, weight: 1}}]"
+        )
     members, folders = [], {str(cfg.paths.experiment_dir): f"the ensemble {cfg.experiment!r}"}
     for index, entry in enumerate(entries):
         key = f"{where}: ensemble.members[{index}]"
         member = _member(entry, key)
         folder = str(member.cfg.paths.experiment_dir)
         if folder in folders:
-            raise ConfigError(f"{key} ({member.name}) writes to {folder}, as {folders[folder]} does; give each "
-                              f"member its own experiment name")
+            raise ConfigError(
+                f"{key} ({member.name}) writes to {folder}, as {folders[folder]} does; give each "
+                f"member its own experiment name"
+            )
         folders[folder] = f"member {member.name!r}"
         members.append(member)
     return members
@@ -342,12 +356,16 @@ def ensemble_members(cfg: DictConfig, origin: str | None = None) -> list[Ensembl
 def _member(entry, key: str) -> EnsembleMember:
     """One ``{config, weight, overrides}`` entry of ``ensemble.members``, loaded; see :func:`ensemble_members`."""
     if not isinstance(entry, dict) or not isinstance(entry.get("config"), str) or set(entry) - set(_MEMBER_KEYS):
-        raise ConfigError(f"{key} must be a mapping with a config file and optionally weight and overrides "
-                          f"(keys {', '.join(_MEMBER_KEYS)}), got {entry!r}")
+        raise ConfigError(
+            f"{key} must be a mapping with a config file and optionally weight and overrides "
+            f"(keys {', '.join(_MEMBER_KEYS)}), got {entry!r}"
+        )
     path = Path(entry["config"])
     if not path.is_file():
-        raise ConfigError(f"{key}: member config {path} not found (member paths are relative to the project root, "
-                          f"like configs/demo.yaml); fix the path or create the member's experiment file")
+        raise ConfigError(
+            f"{key}: member config {path} not found (member paths are relative to the project root, "
+            f"like configs/demo.yaml); fix the path or create the member's experiment file"
+        )
     weight = entry.get("weight", 1)
     if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight <= 0:
         raise ConfigError(f"{key}: weight must be a positive number, got {weight!r}")

@@ -4,7 +4,6 @@ The command-line entry points print these without a traceback and exit non-zero;
 and keeps its traceback.
 """
 
-
 import re
 
 _OBJECT_REPR = re.compile(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>")

@@ -4,6 +4,7 @@ A reader therefore sees either the old complete file or the new complete file, n
 temporary file is removed when the write fails; one left by a killed process (``.<name>.tmp-<host>-<pid>-<random>``,
 hidden) is removed by the next process that writes into that folder (see :func:`sweep_stale_temporaries`).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -14,8 +15,9 @@ import re
 import socket
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any, Iterator
+from typing import IO, Any
 
 import cv2
 import numpy as np
@@ -62,8 +64,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     if str(target.parent) not in _swept:
         sweep_stale_temporaries(target.parent)
         _swept.add(str(target.parent))
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.tmp-{_HOST}-{os.getpid()}-", suffix=target.suffix,
-                                    dir=target.parent)
+    fd, tmp_name = tempfile.mkstemp(
+        prefix=f".{target.name}.tmp-{_HOST}-{os.getpid()}-", suffix=target.suffix, dir=target.parent
+    )
     os.close(fd)
     tmp = Path(tmp_name)
     os.chmod(tmp, _FILE_MODE)
@@ -172,8 +175,9 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> None:
             os.fsync(handle.fileno())
         stored = os.stat(tmp).st_size
         if stored != len(data):
-            raise ShortWriteError(f"could not write {path}: {stored} of its {len(data)} bytes were stored (is the "
-                                  f"disk full?)")
+            raise ShortWriteError(
+                f"could not write {path}: {stored} of its {len(data)} bytes were stored (is the disk full?)"
+            )
 
 
 def write_png(path: str | os.PathLike, image: np.ndarray) -> None:
@@ -220,8 +224,11 @@ def is_whole_png(path: str | os.PathLike, width: int, height: int) -> bool:
             tail = handle.read()
     except OSError:  # missing, unreadable, or shorter than an IEND chunk
         return False
-    return (head[:16] == _PNG_SIGNATURE + b"\x00\x00\x00\rIHDR" and tail == _PNG_IEND
-            and head[16:26] == width.to_bytes(4, "big") + height.to_bytes(4, "big") + b"\x08\x00")
+    return (
+        head[:16] == _PNG_SIGNATURE + b"\x00\x00\x00\rIHDR"
+        and tail == _PNG_IEND
+        and head[16:26] == width.to_bytes(4, "big") + height.to_bytes(4, "big") + b"\x08\x00"
+    )
 
 
 def content_hash(*paths: Path, length: int | None = 16) -> str:

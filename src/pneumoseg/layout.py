@@ -44,11 +44,13 @@ Every stage folder (and every ``fold<k>/``) also holds ``config.yaml`` and ``don
 (:mod:`pneumoseg.stage_table`). The folder names are the stage table's. A file that only its own stage reads is named
 in that stage's module.
 """
+
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from omegaconf import DictConfig
 
@@ -82,13 +84,14 @@ def _numbered(folder: Path, prefix: str) -> dict[int, Path]:
     """The sub-folders ``<prefix><n>`` of ``folder``, by ``n`` in ascending order."""
     found = {}
     for path in folder.glob(f"{prefix}*"):
-        suffix = path.name[len(prefix):]
+        suffix = path.name[len(prefix) :]
         if path.is_dir() and suffix.isdigit():
             found[int(suffix)] = path
     return dict(sorted(found.items()))
 
 
 # Stage 01: ${paths.prepared_dir}/01_convert
+
 
 def convert_dir(where: Where) -> Path:
     """Stage 01's folder."""
@@ -106,6 +109,7 @@ def metadata_path(where: Where) -> Path:
 
 
 # Stage 02: ${paths.prepared_dir}/02_labels
+
 
 def labels_dir(where: Where) -> Path:
     """Stage 02's folder."""
@@ -143,6 +147,7 @@ def folds_path(where: Where) -> Path:
 
 
 # Stage 03: ${paths.experiment_dir}/03_train
+
 
 def train_dir(cfg: DictConfig) -> Path:
     """Stage 03's folder."""
@@ -197,6 +202,7 @@ def oof_dir(fold_folder: str | os.PathLike) -> Path:
 
 # Stage 04: ${paths.experiment_dir}/04_search
 
+
 def search_dir(cfg: DictConfig) -> Path:
     """Stage 04's folder."""
     return Path(cfg.paths.experiment_dir) / _SEARCH
@@ -225,6 +231,7 @@ def oof_report_path(cfg: DictConfig) -> Path:
 
 # Stage 05: ${paths.experiment_dir}/05_predict
 
+
 def predict_dir(cfg: DictConfig) -> Path:
     """Stage 05's folder."""
     return Path(cfg.paths.experiment_dir) / _PREDICT
@@ -236,6 +243,7 @@ def submission_path(cfg: DictConfig) -> Path:
 
 
 # Stage 06: ${paths.experiment_dir}/06_package
+
 
 def package_dir(cfg: DictConfig) -> Path:
     """Stage 06's folder."""
@@ -269,6 +277,8 @@ def select_folds(setting: Any, available: Iterable[int], name: str, source: str 
         raise ConfigError(f"{name} must be 'all' or fold numbers, not {setting!r}") from None
     unknown = [f for f in chosen if f not in available]
     if unknown:
-        raise ConfigError(f"{name} names fold(s) {unknown}, which {source} does not have (it has {available}); "
-                          f"fix {name}, or rerun the stage that wrote {Path(source).name} if the folds changed")
+        raise ConfigError(
+            f"{name} names fold(s) {unknown}, which {source} does not have (it has {available}); "
+            f"fix {name}, or rerun the stage that wrote {Path(source).name} if the folds changed"
+        )
     return chosen

@@ -6,11 +6,12 @@ with :func:`place` (stage 03: ``fold 0``, then ``epoch 3 of 30`` inside it); the
 ``KeyboardInterrupt`` prints :func:`interrupted_message`, e.g. "interrupted in fold 0, epoch 3 of 30; rerun the
 same command to continue".
 """
+
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 FORMAT = "%(asctime)s %(levelname)s %(message)s"
 DATE_FORMAT = "%H:%M:%S"

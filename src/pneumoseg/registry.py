@@ -5,9 +5,11 @@ post-processing strategy, search grid, demo layout, a request's content type) co
 if/else chain, and one builder turns any config block into an object. (TTA is no registry: its config section is a
 plain ``{hflip, vflip, scales}``, see :class:`pneumoseg.inference.tta.TTA`.)
 """
+
 from __future__ import annotations
 
-from typing import Any, Callable, Generic, Mapping, TypeVar, cast
+from collections.abc import Callable, Mapping
+from typing import Any, Generic, TypeVar, cast
 
 from omegaconf import DictConfig, OmegaConf
 

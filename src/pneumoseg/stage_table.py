@@ -23,6 +23,7 @@ three):
 
 This module imports nothing heavier than the config: any layer may import it.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,9 +33,9 @@ import os
 import socket
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 from omegaconf import DictConfig
 
@@ -46,7 +47,7 @@ Where = DictConfig | str | os.PathLike
 
 DONE_FILE = "done.json"
 FAILED_FILE = "failed.json"
-_RUNNING_PREFIX = ".running."   # a dot-file: SageMaker's output data leaves it out
+_RUNNING_PREFIX = ".running."  # a dot-file: SageMaker's output data leaves it out
 # The config path each kind of stage folder lies under.
 _ROOTS = {"input": "input_dir", "prepared": "prepared_dir", "experiment": "experiment_dir"}
 
@@ -86,21 +87,37 @@ class Stage:
 
 STAGES: tuple[Stage, ...] = (
     Stage("00", "00_demo_data", "demo data", "scripts/00_make_demo_data.py", "input", ""),
-    Stage("01", "01_convert_dicoms", "DICOM to PNG", "scripts/01_convert_dicoms.py", "prepared", "01_convert",
-          ("00",)),
-    Stage("02", "02_prepare_labels", "labels and folds", "scripts/02_prepare_labels.py", "prepared", "02_labels",
-          ("01",)),
+    Stage("01", "01_convert_dicoms", "DICOM to PNG", "scripts/01_convert_dicoms.py", "prepared", "01_convert", ("00",)),
+    Stage(
+        "02", "02_prepare_labels", "labels and folds", "scripts/02_prepare_labels.py", "prepared", "02_labels", ("01",)
+    ),
     Stage("03", "03_train", "training", "scripts/03_train.py", "experiment", "03_train", ("01", "02")),
-    Stage("04", "04_search_thresholds", "threshold search", "scripts/04_search_thresholds.py", "experiment",
-          "04_search", ("02", "03")),
-    Stage("05", "05_predict", "prediction", "scripts/05_predict.py", "experiment", "05_predict",
-          ("01", "02", "03", "04")),
-    Stage("06", "06_package_model", "model package", "scripts/06_package_model.py", "experiment", "06_package",
-          ("03", "04")),
+    Stage(
+        "04",
+        "04_search_thresholds",
+        "threshold search",
+        "scripts/04_search_thresholds.py",
+        "experiment",
+        "04_search",
+        ("02", "03"),
+    ),
+    Stage(
+        "05", "05_predict", "prediction", "scripts/05_predict.py", "experiment", "05_predict", ("01", "02", "03", "04")
+    ),
+    Stage(
+        "06",
+        "06_package_model",
+        "model package",
+        "scripts/06_package_model.py",
+        "experiment",
+        "06_package",
+        ("03", "04"),
+    ),
 )
 # An ensemble config's stage 03: stages 00-03 of each member, in the members' folders.
-ENSEMBLE_TRAINING = Stage("03", "03_train_members", "training", "scripts/train_members.py", "experiment", "03_train",
-                          ("01", "02"))
+ENSEMBLE_TRAINING = Stage(
+    "03", "03_train_members", "training", "scripts/train_members.py", "experiment", "03_train", ("01", "02")
+)
 
 _BY_NUMBER = {row.number: row for row in STAGES}
 
@@ -134,6 +151,7 @@ def run_first(number: str) -> str:
 
 
 # The files of a stage's progress: running and failed markers.
+
 
 def _marker_name(host: str, pid: int) -> str:
     return f"{_RUNNING_PREFIX}{host}.{pid}.json"
@@ -176,7 +194,7 @@ def _alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:      # another user's process: it exists
+    except PermissionError:  # another user's process: it exists
         return True
     return True
 
@@ -221,8 +239,14 @@ def write_failure(folder: str | os.PathLike, exc: BaseException) -> Path | None:
     if not path.parent.is_dir():
         return None
     try:
-        write_json(path, {"error": f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": "),
-                          "at": time.strftime("%Y-%m-%dT%H:%M:%S"), "time": time.time()})
+        write_json(
+            path,
+            {
+                "error": f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": "),
+                "at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                "time": time.time(),
+            },
+        )
     except OSError:
         return None
     return path

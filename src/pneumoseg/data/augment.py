@@ -27,10 +27,12 @@ Besides albumentations' own, two transforms are registered (see ``benchmarks/ben
 Randomness: each sample is augmented with its own seed (see :func:`augment`), so a sample's augmentation depends
 only on the run's seed, the epoch and its position in the epoch, not on DataLoader workers or on a resume.
 """
+
 from __future__ import annotations
 
 import random
-from typing import Any, Mapping, cast
+from collections.abc import Mapping
+from typing import Any, cast
 
 import albumentations as A
 import cv2
@@ -61,14 +63,16 @@ class CoarseElasticTransform(A.ElasticTransform):
         height, width = params["shape"][:2]
         fields = coarse_elastic_fields(self, (height, width))
         dx, dy = (cv2.resize(field, (width, height), interpolation=cv2.INTER_LINEAR) for field in fields)
-        return {"map_x": dx + np.arange(width, dtype=np.float32),
-                "map_y": dy + np.arange(height, dtype=np.float32)[:, None]}
+        return {
+            "map_x": dx + np.arange(width, dtype=np.float32),
+            "map_y": dy + np.arange(height, dtype=np.float32)[:, None],
+        }
 
 
 TRANSFORMS.add("FusedGeometric", FusedGeometric)
 
 COMPOSITIONS = ("OneOf", "SomeOf", "Sequential", "SelectiveChannelTransform")
-WITH_MEMBERS = (*COMPOSITIONS, "FusedGeometric")   # blocks whose params.transforms are blocks
+WITH_MEMBERS = (*COMPOSITIONS, "FusedGeometric")  # blocks whose params.transforms are blocks
 
 
 def build_transform(block: Mapping[str, Any]) -> A.BasicTransform | BaseCompose:
@@ -79,8 +83,9 @@ def build_transform(block: Mapping[str, Any]) -> A.BasicTransform | BaseCompose:
     if block.get("name") in WITH_MEMBERS:
         params["transforms"] = [build_transform(child) for child in params.get("transforms") or []]
     elif "transforms" in params:
-        raise ConfigError(f"augmentation {block.get('name')!r} is not a composition; only {WITH_MEMBERS} take "
-                          f"'transforms'")
+        raise ConfigError(
+            f"augmentation {block.get('name')!r} is not a composition; only {WITH_MEMBERS} take 'transforms'"
+        )
     try:
         return TRANSFORMS.build({"name": block.get("name"), "params": params})
     except ValueError as exc:  # albumentations validates parameters with pydantic (ValidationError is a ValueError)
@@ -97,8 +102,9 @@ def build_augment(section: Mapping[str, Any] | DictConfig | None) -> A.Compose |
     return A.Compose([build_transform(block) for block in blocks])
 
 
-def augment(pipeline: A.Compose | None, image: np.ndarray, mask: np.ndarray,
-            seed: int) -> tuple[np.ndarray, np.ndarray]:
+def augment(
+    pipeline: A.Compose | None, image: np.ndarray, mask: np.ndarray, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Apply ``pipeline`` to an 8-bit image and its mask with the random state of ``seed``.
 
     A shared numpy Generator and Python Random are handed to every transform: far cheaper than reseeding each.

@@ -6,9 +6,10 @@ and the server their test maps (:class:`pneumoseg.inference.predictor.EnsemblePr
 searched on the blend is applied to the same blend. :func:`weighted_mean` blends any per-image values of the
 members the same way (a per-image probability as well as a map).
 """
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -74,7 +75,7 @@ def blend_maps(maps: Sequence[np.ndarray], weights: Sequence[float], rows: int, 
         raise ValueError(f"{len(maps)} members' maps for {len(scaled)} weights")
     by_size: dict[tuple[int, ...], np.ndarray] = {}
     for weight, probs in zip(scaled, maps):
-        term = weight * np.asarray(probs, dtype=np.float32)     # a new array: the inputs are never written
+        term = weight * np.asarray(probs, dtype=np.float32)  # a new array: the inputs are never written
         if term.shape in by_size:
             by_size[term.shape] += term
         else:

@@ -8,6 +8,7 @@ scan (or tile) count of a codestream from its markers alone, so that the caller 
 :func:`j2k_header` for JPEG 2000 (a bare codestream or one wrapped in JP2 boxes). :func:`check_scans` holds the
 scan cap, shared by the DICOM reader and the server's JPEG bodies.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -67,8 +68,10 @@ def check_scans(header: CodestreamHeader, name: str) -> None:
         CodestreamLimitError: naming the limit.
     """
     if header.scans > MAX_JPEG_SCANS:
-        raise CodestreamLimitError(f"{name} holds more than {MAX_JPEG_SCANS} scans (MAX_JPEG_SCANS), the most "
-                                   f"decoded: each scan is a pass over the whole image (a progressive-JPEG scan bomb)")
+        raise CodestreamLimitError(
+            f"{name} holds more than {MAX_JPEG_SCANS} scans (MAX_JPEG_SCANS), the most "
+            f"decoded: each scan is a pass over the whole image (a progressive-JPEG scan bomb)"
+        )
 
 
 def jpeg_header(data: bytes) -> CodestreamHeader:
@@ -123,18 +126,22 @@ def _segment(data: bytes, position: int) -> bytes:
     """The payload of the marker segment at ``position`` (after its 2-byte length)."""
     if position + 4 > len(data):
         raise CodestreamError(f"the JPEG codestream ends inside the marker at byte {position}")
-    length = int.from_bytes(data[position + 2:position + 4], "big")
+    length = int.from_bytes(data[position + 2 : position + 4], "big")
     if length < 2 or position + 2 + length > len(data):
         raise CodestreamError(f"the JPEG marker segment at byte {position} has length {length}, beyond the data")
-    return data[position + 4:position + 2 + length]
+    return data[position + 4 : position + 2 + length]
 
 
 def _frame(segment: bytes) -> tuple[int, int, int, int]:
     """``(bits, rows, cols, components)`` of an SOF segment."""
     if len(segment) < 6:
         raise CodestreamError("the JPEG frame header (SOF) is too short")
-    bits, rows, cols, components = segment[0], int.from_bytes(segment[1:3], "big"), \
-        int.from_bytes(segment[3:5], "big"), segment[5]
+    bits, rows, cols, components = (
+        segment[0],
+        int.from_bytes(segment[1:3], "big"),
+        int.from_bytes(segment[3:5], "big"),
+        segment[5],
+    )
     if rows == 0:
         raise CodestreamError("the JPEG frame leaves its height to a DNL marker, which is not read")
     return bits, rows, cols, components
@@ -175,14 +182,22 @@ def j2k_header(data: bytes) -> CodestreamHeader:
     if data[:4] != _J2K_SOC_SIZ:
         raise CodestreamError("the JPEG 2000 codestream does not start with SOC and SIZ markers")
     length = int.from_bytes(data[4:6], "big")
-    siz = data[6:4 + length]
+    siz = data[6 : 4 + length]
     if length < 41 or len(siz) != length - 2:
         raise CodestreamError("the JPEG 2000 SIZ marker segment is cut short")
-    fields = [int.from_bytes(siz[at:at + 4], "big") for at in range(2, 34, 4)]
+    fields = [int.from_bytes(siz[at : at + 4], "big") for at in range(2, 34, 4)]
     width, height, x_origin, y_origin, tile_width, tile_height, tile_x, tile_y = fields
     components = int.from_bytes(siz[34:36], "big")
-    if not (x_origin < width and y_origin < height and tile_width and tile_height and components
-            and tile_x <= x_origin and tile_y <= y_origin and len(siz) >= 36 + 3 * components):
+    if not (
+        x_origin < width
+        and y_origin < height
+        and tile_width
+        and tile_height
+        and components
+        and tile_x <= x_origin
+        and tile_y <= y_origin
+        and len(siz) >= 36 + 3 * components
+    ):
         raise CodestreamError("the JPEG 2000 SIZ marker declares an inconsistent image or tile grid")
     depth, x_step, y_step = siz[36], siz[37], siz[38]
     if not (x_step and y_step):
@@ -197,15 +212,15 @@ def _jp2_codestream(data: bytes) -> bytes:
     """The contents of a JP2 file's contiguous codestream box (``jp2c``)."""
     position = 0
     while position + 8 <= len(data):
-        size, kind = int.from_bytes(data[position:position + 4], "big"), data[position + 4:position + 8]
+        size, kind = int.from_bytes(data[position : position + 4], "big"), data[position + 4 : position + 8]
         header = 8
         if size == 1:  # the size follows as 8 bytes
-            size, header = int.from_bytes(data[position + 8:position + 16], "big"), 16
+            size, header = int.from_bytes(data[position + 8 : position + 16], "big"), 16
         elif size == 0:  # the last box runs to the end
             size = len(data) - position
         if size < header:
             break
         if kind == b"jp2c":
-            return data[position + header:position + size]
+            return data[position + header : position + size]
         position += size
     raise CodestreamError("the JP2 file has no codestream box (jp2c)")

@@ -21,13 +21,14 @@ full-size image and the same window of its mask; of an image with a lesion, a sh
 the windows is placed to hold a lesion pixel (one drawn uniformly from the mask), the others anywhere. Validation
 and prediction see the full-size images.
 """
+
 from __future__ import annotations
 
 import math
 import os
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import albumentations as A
 import cv2
@@ -62,7 +63,7 @@ class PreparedData:
     mask_dir: Path
 
     @classmethod
-    def load(cls, prepared_dir: str | os.PathLike, size: int) -> "PreparedData":
+    def load(cls, prepared_dir: str | os.PathLike, size: int) -> PreparedData:
         """Read ``folds.csv`` and check that every image and mask PNG of size ``size`` exists.
 
         Raises:
@@ -70,16 +71,14 @@ class PreparedData:
         """
         folds_path = layout.folds_path(prepared_dir)
         if not folds_path.is_file():
-            raise DataError(f"{folds_path} not found: run stage 02 ({command('02')}) with this config "
-                            f"first")
+            raise DataError(f"{folds_path} not found: run stage 02 ({command('02')}) with this config first")
         folds = pd.read_csv(folds_path, dtype={"ImageId": str})
         missing_columns = [c for c in FOLD_COLUMNS if c not in folds.columns]
         if missing_columns:
             raise DataError(f"{folds_path} lacks columns {missing_columns}; rerun stage 02 with --force")
         folds["has_mask"] = folds["has_mask"].astype(bool)
         data = cls(folds, layout.images_dir(prepared_dir, size), layout.masks_dir(prepared_dir, size))
-        for folder, stage in ((data.image_dir, f"01 ({command('01')})"),
-                              (data.mask_dir, f"02 ({command('02')})")):
+        for folder, stage in ((data.image_dir, f"01 ({command('01')})"), (data.mask_dir, f"02 ({command('02')})")):
             missing = [i for i in folds["ImageId"] if not (folder / f"{i}.png").is_file()]
             if missing:
                 raise DataError(
@@ -98,12 +97,22 @@ class PreparedData:
             raise DataError(f"fold {fold} has no images; the folds are {self.fold_numbers()}")
         return self.folds[~is_val].reset_index(drop=True), self.folds[is_val].reset_index(drop=True)
 
-    def dataset(self, rows: pd.DataFrame, normalize: Normalize, transform: A.Compose | None = None,
-                crop: RandomCrop | None = None) -> "SegmentationDataset":
+    def dataset(
+        self,
+        rows: pd.DataFrame,
+        normalize: Normalize,
+        transform: A.Compose | None = None,
+        crop: RandomCrop | None = None,
+    ) -> SegmentationDataset:
         """The :class:`SegmentationDataset` of ``rows`` (their images and masks), with these arguments."""
         ids = rows["ImageId"].tolist()
-        return SegmentationDataset([self.image_dir / f"{i}.png" for i in ids],
-                                   [self.mask_dir / f"{i}.png" for i in ids], normalize, transform, crop)
+        return SegmentationDataset(
+            [self.image_dir / f"{i}.png" for i in ids],
+            [self.mask_dir / f"{i}.png" for i in ids],
+            normalize,
+            transform,
+            crop,
+        )
 
 
 @dataclass(frozen=True)
@@ -129,24 +138,28 @@ class RandomCrop:
         """The window's top-left corner (row, column) in ``mask``'s frame."""
         height, width = mask.shape[:2]
         if self.size > min(height, width):
-            raise ConfigError(f"data.train_crop={self.size} exceeds the {height} x {width} px training images; "
-                              f"give a smaller crop or a larger train.image_size")
+            raise ConfigError(
+                f"data.train_crop={self.size} exceeds the {height} x {width} px training images; "
+                f"give a smaller crop or a larger train.image_size"
+            )
         lesion = np.flatnonzero(mask.reshape(-1) > 127)
         if lesion.size and rng.random() < self.lesion_share:
             row, col = divmod(int(lesion[rng.integers(lesion.size)]), width)
             # uniformly among the windows that hold (row, col)
-            return (int(rng.integers(max(row - self.size + 1, 0), min(row, height - self.size) + 1)),
-                    int(rng.integers(max(col - self.size + 1, 0), min(col, width - self.size) + 1)))
+            return (
+                int(rng.integers(max(row - self.size + 1, 0), min(row, height - self.size) + 1)),
+                int(rng.integers(max(col - self.size + 1, 0), min(col, width - self.size) + 1)),
+            )
         return int(rng.integers(height - self.size + 1)), int(rng.integers(width - self.size + 1))
 
     def __call__(self, image: np.ndarray, mask: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
         """The same window of ``image`` and ``mask`` (H x W arrays), placed by ``seed``."""
         top, left = self.origin(mask, np.random.default_rng([int(seed), _CROP_STREAM]))
-        window = np.s_[top:top + self.size, left:left + self.size]
+        window = np.s_[top : top + self.size, left : left + self.size]
         return np.ascontiguousarray(image[window]), np.ascontiguousarray(mask[window])
 
 
-_CROP_STREAM = 0xC409   # the crop's random stream of a sample seed, apart from the augmentation's
+_CROP_STREAM = 0xC409  # the crop's random stream of a sample seed, apart from the augmentation's
 
 
 def crop_from_config(data_section) -> RandomCrop | None:
@@ -172,8 +185,14 @@ class SegmentationDataset(Dataset):
     1 x H x W float32 in {0, 1})``.
     """
 
-    def __init__(self, image_paths: Sequence[Path], mask_paths: Sequence[Path], normalize: Normalize,
-                 transform: A.Compose | None = None, crop: RandomCrop | None = None) -> None:
+    def __init__(
+        self,
+        image_paths: Sequence[Path],
+        mask_paths: Sequence[Path],
+        normalize: Normalize,
+        transform: A.Compose | None = None,
+        crop: RandomCrop | None = None,
+    ) -> None:
         if len(image_paths) != len(mask_paths):
             raise ValueError(f"{len(image_paths)} images but {len(mask_paths)} masks")
         self.image_paths = list(image_paths)
@@ -255,7 +274,7 @@ class EpochSampler(Sampler):
         total = len(self) * self.num_replicas
         padding = np.arange(total - len(indices)) % max(len(indices), 1)
         indices, seeds = np.concatenate([indices, indices[padding]]), np.concatenate([seeds, seeds[padding]])
-        return indices[self.rank::self.num_replicas], seeds[self.rank::self.num_replicas]
+        return indices[self.rank :: self.num_replicas], seeds[self.rank :: self.num_replicas]
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         indices, seeds = self._epoch_draws()
@@ -290,8 +309,14 @@ class PositiveShareSampler(EpochSampler):
         context: as for :class:`EpochSampler`; its ``total_epochs`` is the default of ``epochs``.
     """
 
-    def __init__(self, context: SamplerContext, start: float = 0.8, end: float = 0.4, epochs: int | None = None,
-                 samples_per_epoch: int | None = None) -> None:
+    def __init__(
+        self,
+        context: SamplerContext,
+        start: float = 0.8,
+        end: float = 0.4,
+        epochs: int | None = None,
+        samples_per_epoch: int | None = None,
+    ) -> None:
         super().__init__(context)
         if not (0.0 <= start <= 1.0 and 0.0 <= end <= 1.0):
             raise ConfigError(f"sampler positive_share: shares must be in [0, 1], got start={start}, end={end}")
@@ -315,8 +340,7 @@ class PositiveShareSampler(EpochSampler):
             n_pos = 0
         elif not len(self.negatives):
             n_pos = self.samples
-        chosen = np.concatenate([_cycle(self.positives, n_pos, rng),
-                                 _cycle(self.negatives, self.samples - n_pos, rng)])
+        chosen = np.concatenate([_cycle(self.positives, n_pos, rng), _cycle(self.negatives, self.samples - n_pos, rng)])
         return rng.permutation(chosen)
 
 
@@ -328,8 +352,9 @@ def _cycle(pool: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray
     return np.concatenate([rng.permutation(pool) for _ in range(passes)])[:count]
 
 
-def build_sampler(block, has_mask: Sequence[bool] | np.ndarray, seed: int, total_epochs: int,
-                  num_replicas: int = 1, rank: int = 0) -> EpochSampler:
+def build_sampler(
+    block, has_mask: Sequence[bool] | np.ndarray, seed: int, total_epochs: int, num_replicas: int = 1, rank: int = 0
+) -> EpochSampler:
     """The sampler of a ``sampler`` config block for the training images' ``has_mask`` flags.
 
     Args:
@@ -354,5 +379,11 @@ def make_loader(dataset: Dataset, batch_size: int, num_workers: int, device: tor
         # or resizing) can deadlock in its first OpenCV call. With one thread here there is no pool to inherit; the
         # workers are the parallelism.
         cv2.setNumThreads(1)
-    return DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, pin_memory=device.type == "cuda",
-                      persistent_workers=num_workers > 0, **kwargs)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=num_workers > 0,
+        **kwargs,
+    )

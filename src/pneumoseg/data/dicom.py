@@ -10,6 +10,7 @@ Writing: :func:`write_jpeg_dicom` stores an 8-bit image the way the challenge's 
 (Secondary Capture, MONOCHROME2, JPEG Baseline encapsulated). pydicom cannot encode JPEG itself, so Pillow
 compresses and ``pydicom.encaps.encapsulate`` wraps the bytes.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -20,9 +21,10 @@ import re
 import stat
 import warnings
 import zlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterator, cast
+from typing import BinaryIO
 
 import numpy as np
 import pydicom
@@ -36,13 +38,33 @@ from pydicom.filereader import _read_file_meta_info, read_preamble
 from pydicom.filewriter import write_file_meta_info
 from pydicom.multival import MultiValue
 from pydicom.pixels import apply_modality_lut, apply_voi_lut, apply_windowing, get_decoder
-from pydicom.uid import (HTJ2K, UID, DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, HTJ2KLossless,
-                         HTJ2KLosslessRPCL, JPEG2000, JPEG2000Lossless, JPEGBaseline8Bit, JPEGExtended12Bit,
-                         JPEGLossless, JPEGLosslessSV1, JPEGLSLossless, JPEGLSNearLossless, RLELossless,
-                         SecondaryCaptureImageStorage)
+from pydicom.uid import (
+    HTJ2K,
+    JPEG2000,
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    HTJ2KLossless,
+    HTJ2KLosslessRPCL,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+    SecondaryCaptureImageStorage,
+)
 
-from pneumoseg.data.codestream import (CodestreamError, CodestreamHeader, CodestreamLimitError, check_scans,
-                                       j2k_header, jpeg_header)
+from pneumoseg.data.codestream import (
+    CodestreamError,
+    CodestreamHeader,
+    CodestreamLimitError,
+    check_scans,
+    j2k_header,
+    jpeg_header,
+)
 from pneumoseg.errors import DataError
 from pneumoseg.io import atomic_path
 
@@ -60,10 +82,10 @@ class DicomTags:
     study_instance_uid: str
     series_instance_uid: str
     patient_id: str
-    sex: str = "M"                  # "M" or "F"
-    age: str = "50"                 # a bare number string, as in the challenge's files
-    view_position: str = "PA"       # "PA" or "AP"
-    pixel_spacing: float = 0.168    # mm; the real files range from 0.139 to 0.194
+    sex: str = "M"  # "M" or "F"
+    age: str = "50"  # a bare number string, as in the challenge's files
+    view_position: str = "PA"  # "PA" or "AP"
+    pixel_spacing: float = 0.168  # mm; the real files range from 0.139 to 0.194
 
 
 def write_jpeg_dicom(path: str | os.PathLike, pixels: np.ndarray, tags: DicomTags, quality: int = 95) -> None:
@@ -134,8 +156,19 @@ def write_jpeg_dicom(path: str | os.PathLike, pixels: np.ndarray, tags: DicomTag
 # Reading
 
 DICOM_IDS = ("PatientID", "StudyInstanceUID", "SeriesInstanceUID")
-METADATA_KEYS = ("ImageId", "source_path", "rows", "cols", "sex", "age", "view", "pixel_spacing",
-                 "photometric", "transfer_syntax", *DICOM_IDS)
+METADATA_KEYS = (
+    "ImageId",
+    "source_path",
+    "rows",
+    "cols",
+    "sex",
+    "age",
+    "view",
+    "pixel_spacing",
+    "photometric",
+    "transfer_syntax",
+    *DICOM_IDS,
+)
 """The keys of the metadata dict of :func:`read_dicom`, in order (stage 01's metadata.csv columns)."""
 
 MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
@@ -220,8 +253,11 @@ def printable_name(name: str) -> str:
 
 def _warn_unlisted(error: OSError) -> None:
     """os.walk's report of a folder it cannot list (no permission, gone): said once, as its files are left out."""
-    log.warning("cannot list the folder %s (%s); the DICOMs in it are left out", printable_name(str(error.filename)),
-                error.strerror)
+    log.warning(
+        "cannot list the folder %s (%s); the DICOMs in it are left out",
+        printable_name(str(error.filename)),
+        error.strerror,
+    )
 
 
 def find_dicoms(root: str | os.PathLike) -> dict[str, Path]:
@@ -250,8 +286,10 @@ def find_dicoms(root: str | os.PathLike) -> dict[str, Path]:
             image_id = printable_name(path.stem)
             if image_id in found:
                 first, second = (printable_name(str(each)) for each in (found[image_id], path))
-                raise DataError(f"two DICOM files have the ImageId {image_id!r}: {first} and {second}. ImageIds must "
-                                f"be unique; remove the duplicate.")
+                raise DataError(
+                    f"two DICOM files have the ImageId {image_id!r}: {first} and {second}. ImageIds must "
+                    f"be unique; remove the duplicate."
+                )
             found[image_id] = path
     return dict(sorted(found.items()))
 
@@ -340,8 +378,9 @@ def _open_dicom(path: Path) -> Iterator[BinaryIO]:
         if not stat.S_ISREG(info.st_mode):
             raise UnreadableDicomError(path, "it is not a regular file (a device, FIFO or socket)")
         if info.st_size > MAX_FILE_BYTES:
-            raise TooLargeDicomError(path, f"the file has {info.st_size} bytes, more than the {MAX_FILE_BYTES} any "
-                                           f"radiograph needs")
+            raise TooLargeDicomError(
+                path, f"the file has {info.st_size} bytes, more than the {MAX_FILE_BYTES} any radiograph needs"
+            )
         yield handle
 
 
@@ -443,7 +482,7 @@ def _inflate_into(out: DicomBytesIO, compressed: bytes, path: Path) -> None:
     bound, probed = MAX_FILE_BYTES, False
     try:
         for start in range(0, len(view), _INFLATE_INPUT_BLOCK):
-            pending: memoryview | bytes = view[start:start + _INFLATE_INPUT_BLOCK]
+            pending: memoryview | bytes = view[start : start + _INFLATE_INPUT_BLOCK]
             # With its output bounded, the inflater may hold output back after taking all of ``pending``:
             # it is drained (decompress of no input) before the next block is read.
             while not inflater.eof:
@@ -455,8 +494,11 @@ def _inflate_into(out: DicomBytesIO, compressed: bytes, path: Path) -> None:
                 if not probed and out.tell() >= _INFLATE_HEADER_PROBE:
                     bound, probed = _declared_bound(out, path), True
                 if out.tell() > bound:
-                    raise TooLargeDicomError(path, f"the deflated data inflates to more than {bound} bytes, "
-                                                   f"more than its header's image (or any radiograph) needs")
+                    raise TooLargeDicomError(
+                        path,
+                        f"the deflated data inflates to more than {bound} bytes, "
+                        f"more than its header's image (or any radiograph) needs",
+                    )
             if inflater.eof:
                 return
     except zlib.error as exc:
@@ -512,8 +554,9 @@ def _parse(source: BinaryIO | DicomBytesIO, path: Path, **kwargs) -> Dataset:
             warnings.simplefilter("always")
             ds = pydicom.dcmread(source, **kwargs)
     except InvalidDicomError:
-        raise NotDicomError(path, "no DICOM header (the 'DICM' marker after the 128-byte preamble is missing)") \
-            from None
+        raise NotDicomError(
+            path, "no DICOM header (the 'DICM' marker after the 128-byte preamble is missing)"
+        ) from None
     except OSError as exc:
         raise UnreadableDicomError(path, exc.strerror or str(exc)) from None
     except Exception as exc:  # pydicom's parser raises many exception types on a malformed header
@@ -541,8 +584,9 @@ def _check_complete(ds: Dataset, size: int, path: Path, whole_file: bool) -> Non
     if isinstance(last, RawDataElement) and last.length != _UNDEFINED_LENGTH:
         end = last.value_tell + last.length
         if end > size or (whole_file and end != size):
-            raise TruncatedDicomError(path, f"the file is cut off: it has {size} bytes, but its data element "
-                                            f"{last.tag} ends at byte {end}")
+            raise TruncatedDicomError(
+                path, f"the file is cut off: it has {size} bytes, but its data element {last.tag} ends at byte {end}"
+            )
 
 
 def _metadata(ds: Dataset, path: Path) -> dict:
@@ -605,8 +649,9 @@ def _pixels(ds: Dataset, metadata: dict, path: Path) -> np.ndarray:
     pixels = decode(ds, path)
     declared = (metadata["rows"], metadata["cols"])
     if pixels.shape != declared:
-        raise CorruptPixelDataError(path, f"the pixel data decodes to shape {pixels.shape}, but the header "
-                                          f"declares {declared[0]}x{declared[1]}")
+        raise CorruptPixelDataError(
+            path, f"the pixel data decodes to shape {pixels.shape}, but the header declares {declared[0]}x{declared[1]}"
+        )
     if int(ds.get("BitsStored") or 8) > 8:
         pixels = _displayed_8_bits(pixels, ds)
     elif int(ds.get("PixelRepresentation") or 0) == 1:
@@ -620,17 +665,22 @@ def _pixels(ds: Dataset, metadata: dict, path: Path) -> np.ndarray:
 
 def _check_supported(ds: Dataset, metadata: dict, path: Path) -> None:
     if metadata["photometric"] not in MONOCHROME:
-        raise UnsupportedDicomError(path, f"photometric interpretation {metadata['photometric']!r}; only grey "
-                                          f"images ({' or '.join(MONOCHROME)}) are read")
+        raise UnsupportedDicomError(
+            path,
+            f"photometric interpretation {metadata['photometric']!r}; only grey "
+            f"images ({' or '.join(MONOCHROME)}) are read",
+        )
     samples = _int_or_none(ds.get("SamplesPerPixel")) or 1
     frames = _int_or_none(ds.get("NumberOfFrames")) or 1
     if samples != 1 or frames != 1:
-        raise UnsupportedDicomError(path, f"{samples} samples per pixel and {frames} frames; only single-frame "
-                                          f"grey images are read")
+        raise UnsupportedDicomError(
+            path, f"{samples} samples per pixel and {frames} frames; only single-frame grey images are read"
+        )
     if metadata["rows"] is None or metadata["cols"] is None:
         raise CorruptPixelDataError(path, "the header has no Rows or Columns, so the pixel data has no shape")
-    _check_size(metadata["rows"], metadata["cols"], frames, samples * (_int_or_none(ds.get("BitsAllocated")) or 8),
-                path)
+    _check_size(
+        metadata["rows"], metadata["cols"], frames, samples * (_int_or_none(ds.get("BitsAllocated")) or 8), path
+    )
     syntax = metadata["transfer_syntax"]
     try:
         available = get_decoder(syntax).is_available
@@ -646,23 +696,27 @@ def _image_bytes(rows: int, cols: int, frames: int, bits_per_pixel: int) -> int:
     return rows * cols * frames * -(-bits_per_pixel // 8)
 
 
-def _check_size(rows: int, cols: int, frames: int, bits_per_pixel: int, path: Path, source: str = "the header") \
-        -> None:
+def _check_size(rows: int, cols: int, frames: int, bits_per_pixel: int, path: Path, source: str = "the header") -> None:
     """Refuse, from a header alone (``source``: the DICOM's, or its codestream's), an image beyond :data:`MAX_SIDE`
     or :data:`MAX_IMAGE_BYTES`: decoders allocate what the header declares before they find the data missing
     (65535 x 65535 RLE from 788 bytes)."""
     size = _image_bytes(rows, cols, frames, bits_per_pixel)
     if max(rows, cols) > MAX_SIDE or size > MAX_IMAGE_BYTES:
-        raise TooLargeDicomError(path, f"{source} declares {rows}x{cols} pixels x {frames} frames at "
-                                       f"{bits_per_pixel} bits ({size} bytes), larger than any radiograph read "
-                                       f"(at most {MAX_SIDE}x{MAX_SIDE} at 16 bits)")
+        raise TooLargeDicomError(
+            path,
+            f"{source} declares {rows}x{cols} pixels x {frames} frames at "
+            f"{bits_per_pixel} bits ({size} bytes), larger than any radiograph read "
+            f"(at most {MAX_SIDE}x{MAX_SIDE} at 16 bits)",
+        )
 
 
 # Encapsulated transfer syntaxes read, with the reader of their codestream's own header; RLE Lossless has no
 # header of its own (its segments decode to the DICOM header's size, already bounded).
 _CODESTREAM_HEADERS: dict[str, Callable[[bytes], CodestreamHeader]] = {
-    **dict.fromkeys([JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLossless, JPEGLosslessSV1, JPEGLSLossless,
-                     JPEGLSNearLossless], jpeg_header),
+    **dict.fromkeys(
+        [JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLossless, JPEGLosslessSV1, JPEGLSLossless, JPEGLSNearLossless],
+        jpeg_header,
+    ),
     **dict.fromkeys([JPEG2000Lossless, JPEG2000, HTJ2KLossless, HTJ2KLosslessRPCL, HTJ2K], j2k_header),
 }
 
@@ -676,8 +730,9 @@ def _check_codestream(ds: Dataset, syntax: str, path: Path) -> None:
         return
     read_header = _CODESTREAM_HEADERS.get(syntax)
     if read_header is None:
-        raise UnsupportedDicomError(path, f"transfer syntax {syntax} ({UID(syntax).name}) is not read; see the "
-                                          f"README for the ones that are")
+        raise UnsupportedDicomError(
+            path, f"transfer syntax {syntax} ({UID(syntax).name}) is not read; see the README for the ones that are"
+        )
     frame = next(generate_frames(ds.PixelData, number_of_frames=1))
     try:
         header = read_header(frame)
@@ -690,9 +745,12 @@ def _check_codestream(ds: Dataset, syntax: str, path: Path) -> None:
     _check_size(header.rows, header.cols, 1, header.components * header.bits, path, source="its codestream")
     samples = _int_or_none(ds.get("SamplesPerPixel")) or 1
     if (header.rows, header.cols, header.components) != (ds.Rows, ds.Columns, samples):
-        raise CorruptPixelDataError(path, f"its codestream holds {header.rows}x{header.cols} pixels of "
-                                          f"{header.components} samples, but the header declares "
-                                          f"{ds.Rows}x{ds.Columns} of {samples}")
+        raise CorruptPixelDataError(
+            path,
+            f"its codestream holds {header.rows}x{header.cols} pixels of "
+            f"{header.components} samples, but the header declares "
+            f"{ds.Rows}x{ds.Columns} of {samples}",
+        )
 
 
 def _decode_jpeg_baseline(ds: Dataset, path: Path) -> np.ndarray:
@@ -701,8 +759,9 @@ def _decode_jpeg_baseline(ds: Dataset, path: Path) -> np.ndarray:
     frame = next(generate_frames(ds.PixelData, number_of_frames=1))
     with Image.open(io.BytesIO(frame), formats=["JPEG"]) as image:
         if image.mode != "L":
-            raise CorruptPixelDataError(path, f"the JPEG holds a {image.mode} image, but the header declares a "
-                                              f"grey one")
+            raise CorruptPixelDataError(
+                path, f"the JPEG holds a {image.mode} image, but the header declares a grey one"
+            )
         return np.asarray(image)
 
 

@@ -1,6 +1,7 @@
 """The fold table a training folder was trained on (``03_train/folds.csv``, stage 02's copied when training starts):
 its one reader, which checks its columns. Read by stage 04, the ensemble checks and the predictor (so the server
 too): this module needs pandas only, not scikit-learn as the fold split does (:mod:`pneumoseg.data.folds`)."""
+
 from __future__ import annotations
 
 import pandas as pd
@@ -32,8 +33,9 @@ def read_trained_folds(where: layout.Where) -> pd.DataFrame:
         if not missing:
             table[FOLD_COLUMN] = table[FOLD_COLUMN].astype(int)
     except (ValueError, TypeError, pd.errors.ParserError) as exc:
-        raise DataError(f"{path} is not a readable fold table ({type(exc).__name__}); retrain "
-                        f"({command('03')} --force)") from None
+        raise DataError(
+            f"{path} is not a readable fold table ({type(exc).__name__}); retrain ({command('03')} --force)"
+        ) from None
     if missing:
         raise DataError(f"{path} lacks the column(s) {missing}; retrain ({command('03')} --force)")
     return table

@@ -1,5 +1,6 @@
 """Cross-validation folds stratified on the pneumothorax area (scikit-learn's StratifiedKFold, or
 StratifiedGroupKFold to keep every patient's images in one fold), and the per-fold balance report."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -18,10 +19,8 @@ def check_area_edges(edges) -> list[int]:
     """
     edges = [int(edge) for edge in edges]
     if not edges or edges[0] != 0 or any(b <= a for a, b in zip(edges, edges[1:])):
-        raise ConfigError(f"folds.area_bins must start with 0 and increase, e.g. [0, 2000, 6500, 20000]; "
-                          f"got {edges}")
+        raise ConfigError(f"folds.area_bins must start with 0 and increase, e.g. [0, 2000, 6500, 20000]; got {edges}")
     return edges
-
 
 
 def area_bins(areas, edges) -> np.ndarray:
@@ -35,13 +34,11 @@ def area_bins(areas, edges) -> np.ndarray:
     return np.searchsorted(np.asarray(edges), np.asarray(areas), side="left")
 
 
-
 def bin_names(edges) -> list[str]:
     """Readable names of the bins of :func:`area_bins`: ``empty``, ``1-2000``, ..., ``>20000``."""
     names = ["empty"]
     names += [f"{low + 1}-{high}" for low, high in zip(edges, edges[1:])]
     return names + [f">{edges[-1]}"]
-
 
 
 def assign_folds(image_ids, areas, n_splits: int, seed: int, edges, groups=None) -> pd.DataFrame:
@@ -84,19 +81,19 @@ def assign_folds(image_ids, areas, n_splits: int, seed: int, edges, groups=None)
     strata = _pool_rare_bins(frame["area_bin"].to_numpy(), n_splits)
     largest = int(np.bincount(strata).max())
     if largest < n_splits:
-        raise ConfigError(f"folds.n_splits={n_splits}: too few images to stratify (the largest area bin has "
-                          f"{largest}); use fewer folds")
+        raise ConfigError(
+            f"folds.n_splits={n_splits}: too few images to stratify (the largest area bin has "
+            f"{largest}); use fewer folds"
+        )
     if groups is None:
         splits = StratifiedKFold(n_splits, shuffle=True, random_state=seed).split(frame, strata)
     else:
-        splits = StratifiedGroupKFold(n_splits, shuffle=True, random_state=seed).split(frame, strata,
-                                                                                     frame["group"])
+        splits = StratifiedGroupKFold(n_splits, shuffle=True, random_state=seed).split(frame, strata, frame["group"])
     fold = np.empty(len(frame), dtype=np.int64)
     for index, (_, held_out) in enumerate(splits):
         fold[held_out] = index
     frame.insert(1, "fold", fold)
     return frame.drop(columns="area")
-
 
 
 def _pool_rare_bins(bins: np.ndarray, min_count: int) -> np.ndarray:
@@ -113,7 +110,6 @@ def _pool_rare_bins(bins: np.ndarray, min_count: int) -> np.ndarray:
     return strata
 
 
-
 def fold_balance(folds: pd.DataFrame, areas, edges) -> pd.DataFrame:
     """Per fold (and over all): images, positives, positive rate, median positive area, images per area bin.
 
@@ -128,14 +124,16 @@ def fold_balance(folds: pd.DataFrame, areas, edges) -> pd.DataFrame:
     for fold, part in [*frame.groupby("fold", sort=True), ("all", frame)]:
         positive = part[part["has_mask"]]
         counts = part["area_bin"].value_counts()
-        rows.append({
-            "fold": fold,
-            "images": len(part),
-            "positive": len(positive),
-            "positive_rate": round(len(positive) / max(len(part), 1), 3),
-            "median_area": int(positive["area"].median()) if len(positive) else 0,
-            **{name: int(counts.get(index, 0)) for index, name in enumerate(names)},
-        })
+        rows.append(
+            {
+                "fold": fold,
+                "images": len(part),
+                "positive": len(positive),
+                "positive_rate": round(len(positive) / max(len(part), 1), 3),
+                "median_area": int(positive["area"].median()) if len(positive) else 0,
+                **{name: int(counts.get(index, 0)) for index, name in enumerate(names)},
+            }
+        )
     return pd.DataFrame(rows)
 
 

@@ -14,11 +14,13 @@ blurrier); the composed map interpolated between points ``step`` pixels apart, a
 computed on that grid (sub-pixel differences inside the image, up to a few pixels at its outer edge); the border
 handling, interpolation and fill of the fused transform instead of each member's.
 """
+
 from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import albumentations as A
 import cv2
@@ -28,7 +30,7 @@ from albumentations.core.composition import BaseCompose
 
 from pneumoseg.errors import ConfigError
 
-ELASTIC = (A.ElasticTransform,)          # CoarseElasticTransform subclasses it
+ELASTIC = (A.ElasticTransform,)  # CoarseElasticTransform subclasses it
 MAP_DISTORTIONS = (A.GridDistortion, A.OpticalDistortion)
 FUSABLE = (A.Affine, *ELASTIC, *MAP_DISTORTIONS)
 
@@ -50,9 +52,15 @@ def coarse_elastic_fields(transform: A.ElasticTransform, shape: tuple[int, int])
     height, width = shape
     step = max(1.0, transform.sigma / 2)
     coarse = (max(2, round(height / step)), max(2, round(width / step)))
-    return generate_displacement_fields(coarse, transform.alpha / step, transform.sigma / step,
-                                        transform.same_dxdy, (17, 17) if transform.approximate else (0, 0),
-                                        transform.random_generator, transform.noise_distribution)
+    return generate_displacement_fields(
+        coarse,
+        transform.alpha / step,
+        transform.sigma / step,
+        transform.same_dxdy,
+        (17, 17) if transform.approximate else (0, 0),
+        transform.random_generator,
+        transform.noise_distribution,
+    )
 
 
 def padded_centres(size: int, step: int) -> np.ndarray:
@@ -67,7 +75,8 @@ def upsample(field: np.ndarray, shape: tuple[int, int], step: int) -> np.ndarray
     ``shape``."""
     rows, cols = field.shape
     return cv2.resize(field, (cols * step, rows * step), interpolation=cv2.INTER_LINEAR)[
-        step:step + shape[0], step:step + shape[1]]
+        step : step + shape[0], step : step + shape[1]
+    ]
 
 
 def sample_field(field: np.ndarray, x: np.ndarray, y: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
@@ -86,8 +95,9 @@ def sample_field(field: np.ndarray, x: np.ndarray, y: np.ndarray, shape: tuple[i
     return cv2.remap(field, column, row, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
 
 
-def optical_fields(transform: A.OpticalDistortion, shape: tuple[int, int],
-                   step: float) -> tuple[np.ndarray, np.ndarray]:
+def optical_fields(
+    transform: A.OpticalDistortion, shape: tuple[int, int], step: float
+) -> tuple[np.ndarray, np.ndarray]:
     """An optical distortion's displacement, in full-resolution pixels, at the cell centres of a grid about
     ``step`` pixels apart.
 
@@ -104,16 +114,20 @@ def optical_fields(transform: A.OpticalDistortion, shape: tuple[int, int],
     grid = tuple(max(2, math.ceil(side / step)) for side in shape)
     maps = transform.get_params_dependent_on_data({"shape": grid}, {})
     scale_x, scale_y = shape[1] / grid[1], shape[0] / grid[0]
-    return (scale_x * (maps["map_x"] - np.arange(grid[1], dtype=np.float32) - 0.5) + 0.5,
-            scale_y * (maps["map_y"] - np.arange(grid[0], dtype=np.float32)[:, None] - 0.5) + 0.5)
+    return (
+        scale_x * (maps["map_x"] - np.arange(grid[1], dtype=np.float32) - 0.5) + 0.5,
+        scale_y * (maps["map_y"] - np.arange(grid[0], dtype=np.float32)[:, None] - 0.5) + 0.5,
+    )
 
 
 def affine_pull(matrix: np.ndarray):
     """The function taking output points ``(x, y)`` of the affine map ``matrix`` (3 x 3, input to output, as
     ``cv2.warpAffine`` takes it) to the input points they come from."""
     inverse = cv2.invertAffineTransform(matrix[:2]).astype(np.float32)
-    return lambda x, y: (inverse[0, 0] * x + inverse[0, 1] * y + inverse[0, 2],
-                         inverse[1, 0] * x + inverse[1, 1] * y + inverse[1, 2])
+    return lambda x, y: (
+        inverse[0, 0] * x + inverse[0, 1] * y + inverse[0, 2],
+        inverse[1, 0] * x + inverse[1, 1] * y + inverse[1, 2],
+    )
 
 
 class FusedGeometric(A.DualTransform):
@@ -135,15 +149,23 @@ class FusedGeometric(A.DualTransform):
             (it changes the output's size), or a step below 1.
     """
 
-    def __init__(self, transforms: Sequence[A.BasicTransform | BaseCompose], step: int = 8,
-                 border_mode: int = cv2.BORDER_CONSTANT, fill: float = 0, p: float = 1.0) -> None:
+    def __init__(
+        self,
+        transforms: Sequence[A.BasicTransform | BaseCompose],
+        step: int = 8,
+        border_mode: int = cv2.BORDER_CONSTANT,
+        fill: float = 0,
+        p: float = 1.0,
+    ) -> None:
         super().__init__(p=p)
         for member in transforms:
             for transform in member.transforms if isinstance(member, A.OneOf) else [member]:
                 if not isinstance(transform, FUSABLE):
-                    raise ConfigError(f"FusedGeometric cannot fuse {type(transform).__name__}: its members are "
-                                      f"Affine, ElasticTransform, CoarseElasticTransform, GridDistortion, "
-                                      f"OpticalDistortion, or a OneOf of them")
+                    raise ConfigError(
+                        f"FusedGeometric cannot fuse {type(transform).__name__}: its members are "
+                        f"Affine, ElasticTransform, CoarseElasticTransform, GridDistortion, "
+                        f"OpticalDistortion, or a OneOf of them"
+                    )
                 if isinstance(transform, A.Affine) and transform.fit_output:
                     raise ConfigError("FusedGeometric cannot fuse Affine(fit_output=True): it changes the size")
         if step < 1:
@@ -164,8 +186,11 @@ class FusedGeometric(A.DualTransform):
         for member in self.transforms:
             if isinstance(member, A.OneOf):
                 if member.transforms_ps and member.py_random.random() < member.p:
-                    drawn.append(member.transforms[member.random_generator.choice(len(member.transforms),
-                                                                                  p=member.transforms_ps)])
+                    drawn.append(
+                        member.transforms[
+                            member.random_generator.choice(len(member.transforms), p=member.transforms_ps)
+                        ]
+                    )
             elif member.should_apply():
                 drawn.append(member)
         return drawn
@@ -181,8 +206,10 @@ class FusedGeometric(A.DualTransform):
             maps = transform.get_params_dependent_on_data({"shape": shape}, {})
             columns, rows = np.arange(shape[1], dtype=np.float32), np.arange(shape[0], dtype=np.float32)
             shift_x, shift_y = maps["map_x"][0] - columns, maps["map_y"][:, 0] - rows
-            return lambda x, y: (x + np.interp(x, columns, shift_x).astype(np.float32),
-                                 y + np.interp(y, rows, shift_y).astype(np.float32))
+            return lambda x, y: (
+                x + np.interp(x, columns, shift_x).astype(np.float32),
+                y + np.interp(y, rows, shift_y).astype(np.float32),
+            )
         if isinstance(transform, ELASTIC):
             fields = coarse_elastic_fields(transform, shape)
         else:
@@ -209,21 +236,46 @@ class FusedGeometric(A.DualTransform):
         map_y = upsample(y - y0, shape, step) + np.arange(shape[0], dtype=np.float32)[:, None]
         return {"matrix": None, "map_x": map_x, "map_y": map_y}
 
-    def _resample(self, array: np.ndarray, interpolation: int, fill: float, matrix: np.ndarray | None,
-                  map_x: np.ndarray | None, map_y: np.ndarray | None) -> np.ndarray:
+    def _resample(
+        self,
+        array: np.ndarray,
+        interpolation: int,
+        fill: float,
+        matrix: np.ndarray | None,
+        map_x: np.ndarray | None,
+        map_y: np.ndarray | None,
+    ) -> np.ndarray:
         if matrix is not None:
-            return cv2.warpAffine(array, matrix[:2], array.shape[1::-1], flags=interpolation,
-                                  borderMode=self.border_mode, borderValue=fill)
+            return cv2.warpAffine(
+                array,
+                matrix[:2],
+                array.shape[1::-1],
+                flags=interpolation,
+                borderMode=self.border_mode,
+                borderValue=fill,
+            )
         if map_x is None or map_y is None:
             return array
         return cv2.remap(array, map_x, map_y, interpolation, borderMode=self.border_mode, borderValue=fill)
 
-    def apply(self, img: np.ndarray, matrix: np.ndarray | None, map_x: np.ndarray | None,
-              map_y: np.ndarray | None, **params: Any) -> np.ndarray:
+    def apply(
+        self,
+        img: np.ndarray,
+        matrix: np.ndarray | None,
+        map_x: np.ndarray | None,
+        map_y: np.ndarray | None,
+        **params: Any,
+    ) -> np.ndarray:
         return self._resample(img, cv2.INTER_LINEAR, self.fill, matrix, map_x, map_y)
 
-    def apply_to_mask(self, mask: np.ndarray, matrix: np.ndarray | None, map_x: np.ndarray | None,
-                      map_y: np.ndarray | None, **params: Any) -> np.ndarray:
+    def apply_to_mask(
+        self,
+        mask: np.ndarray,
+        matrix: np.ndarray | None,
+        map_x: np.ndarray | None,
+        map_y: np.ndarray | None,
+        **params: Any,
+    ) -> np.ndarray:
         return self._resample(mask, cv2.INTER_NEAREST, 0, matrix, map_x, map_y)
 
     def get_transform_init_args_names(self) -> tuple[str, ...]:

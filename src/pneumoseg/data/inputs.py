@@ -1,5 +1,6 @@
 """Finding the challenge's input files: a ``data.*`` setting is a path, or ``auto`` to look for each release's
 file name in the input folder."""
+
 from __future__ import annotations
 
 import os
@@ -14,8 +15,7 @@ SAMPLE_SUBMISSION_FILES = ("stage_2_sample_submission.csv", "sample_submission.c
 AUTO = "auto"
 
 
-def locate_input_file(setting: str | None, input_dir: str | os.PathLike,
-                      candidates: tuple[str, ...]) -> Path | None:
+def locate_input_file(setting: str | None, input_dir: str | os.PathLike, candidates: tuple[str, ...]) -> Path | None:
     """Resolve a ``data.*`` file setting.
 
     Args:
@@ -37,8 +37,10 @@ def locate_input_file(setting: str | None, input_dir: str | os.PathLike,
         for path in (input_dir / setting, Path(setting)):
             if path.is_file():
                 return path
-        raise DataError(f"file not found: {setting} (looked in {input_dir} and from {Path.cwd()}); "
-                        f"fix the path in the config, or set it to {AUTO}")
+        raise DataError(
+            f"file not found: {setting} (looked in {input_dir} and from {Path.cwd()}); "
+            f"fix the path in the config, or set it to {AUTO}"
+        )
     for name in candidates:
         if (input_dir / name).is_file():
             return input_dir / name
@@ -46,7 +48,6 @@ def locate_input_file(setting: str | None, input_dir: str | os.PathLike,
     if not found:
         return None
     return min(found, key=lambda path: (len(path.parts), candidates.index(path.name), str(path)))
-
 
 
 def locate_train_labels(setting: str, input_dir: str | os.PathLike) -> Path:
@@ -65,7 +66,6 @@ def locate_train_labels(setting: str, input_dir: str | os.PathLike) -> Path:
             f"stage_2_train.csv (stage 2) there, or set data.train_labels to the file's path"
         )
     return path
-
 
 
 def locate_sample_submission(setting: str | None, input_dir: str | os.PathLike) -> Path | None:

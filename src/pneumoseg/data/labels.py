@@ -12,6 +12,7 @@ pneumothorax instance (``-1`` for none); its rows need not be adjacent, and its 
 instances, which may overlap. Rows are numbered by their line in the file, so that an error message points
 at the line to fix.
 """
+
 from __future__ import annotations
 
 import csv
@@ -127,8 +128,10 @@ def _read_records(path: Path, reader) -> list[tuple[str, str, int]]:
             continue
         first_row = False
         if len(fields) != n_fields or not fields[id_index]:
-            raise DataError(f"{path}, line {reader.line_num}: expected {n_fields} fields with an ImageId "
-                            f"(ImageId,EncodedPixels), got {fields!r}")
+            raise DataError(
+                f"{path}, line {reader.line_num}: expected {n_fields} fields with an ImageId "
+                f"(ImageId,EncodedPixels), got {fields!r}"
+            )
         records.append((fields[id_index], fields[rle_index], reader.line_num))
     return records
 

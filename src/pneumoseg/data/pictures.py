@@ -1,5 +1,6 @@
 """PNG and JPEG X-rays as 8-bit grey images: the one decoder of the server's image bodies and of the ``predict``
 command's files (light: no torch, so that decoding worker processes start fast and small)."""
+
 from __future__ import annotations
 
 import io
@@ -27,8 +28,9 @@ def check_size(height: int, width: int) -> None:
     if height < 1 or width < 1:
         raise DataError(f"the image is empty ({height} x {width} pixels)")
     if height * width > MAX_PIXELS:
-        raise DataError(f"the image has {height} x {width} pixels, more than the {MAX_PIXELS} accepted; "
-                        f"downscale it first")
+        raise DataError(
+            f"the image has {height} x {width} pixels, more than the {MAX_PIXELS} accepted; downscale it first"
+        )
 
 
 def decode_picture(data: bytes, fmt: str) -> np.ndarray:
@@ -44,13 +46,12 @@ def decode_picture(data: bytes, fmt: str) -> np.ndarray:
             than 8-bit grey or colour.
         Exception: whatever Pillow raises on bytes that are not a readable image of ``fmt``.
     """
-    if fmt == "JPEG":   # a progressive JPEG of thousands of scans takes seconds per megabyte: count them first
+    if fmt == "JPEG":  # a progressive JPEG of thousands of scans takes seconds per megabyte: count them first
         check_scans(jpeg_header(data), "the JPEG")
     with Image.open(io.BytesIO(data), formats=[fmt]) as image:
         check_size(image.height, image.width)
         if image.mode not in PICTURE_MODES:
-            raise DataError(f"the {fmt} image has mode {image.mode!r}; send 8-bit grey or RGB (or DICOM for "
-                            f"more bits)")
+            raise DataError(f"the {fmt} image has mode {image.mode!r}; send 8-bit grey or RGB (or DICOM for more bits)")
         image.load()
         grey = image if image.mode == "L" else image.convert("L")
         return np.array(grey)

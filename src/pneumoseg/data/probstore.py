@@ -8,11 +8,12 @@ the same order), and, for models with the image-level gate head, ``gate.npy`` (f
 probability, as predicted; small, so not quantised). :class:`ProbabilityWriter` fills temporary files and renames
 them into place only on :meth:`~ProbabilityWriter.commit`, so a crash never leaves a store that looks complete.
 """
+
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import numpy as np
 import pandas as pd
@@ -72,9 +73,9 @@ class ProbabilityWriter:
         if gates is not None:
             if self._gates is None:
                 self._gates = np.full(len(self.image_ids), np.nan, dtype=np.float32)
-            self._gates[start:start + len(block)] = np.asarray(gates, dtype=np.float32).reshape(len(block))
-        self._maps[start:start + len(block)] = block
-        self._written[start:start + len(block)] = True
+            self._gates[start : start + len(block)] = np.asarray(gates, dtype=np.float32).reshape(len(block))
+        self._maps[start : start + len(block)] = block
+        self._written[start : start + len(block)] = True
 
     def commit(self) -> None:
         """Flush and move the files into place; every map must have been written."""
@@ -86,7 +87,7 @@ class ProbabilityWriter:
         write_csv(self.folder / IDS_FILE, pd.DataFrame({"ImageId": self.image_ids}))
         gate_path = self.folder / GATE_FILE
         if self._gates is None:
-            gate_path.unlink(missing_ok=True)   # a previous run's gate must not pass for this one's
+            gate_path.unlink(missing_ok=True)  # a previous run's gate must not pass for this one's
         else:
             with atomic_path(gate_path) as tmp:
                 np.save(tmp, self._gates)
@@ -96,7 +97,7 @@ class ProbabilityWriter:
         self._maps = None  # type: ignore[assignment]  # drops the memmap: this writer is done
         self._tmp.unlink(missing_ok=True)
 
-    def __enter__(self) -> "ProbabilityWriter":
+    def __enter__(self) -> ProbabilityWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -120,13 +121,17 @@ class ProbabilityStore:
         self.folder = Path(folder)
         probs_path, ids_path = self.folder / PROBS_FILE, self.folder / IDS_FILE
         if not probs_path.is_file() or not ids_path.is_file():
-            raise DataError(f"no complete probability store in {self.folder} (expected {PROBS_FILE} and "
-                            f"{IDS_FILE}); rerun the stage that writes it")
+            raise DataError(
+                f"no complete probability store in {self.folder} (expected {PROBS_FILE} and "
+                f"{IDS_FILE}); rerun the stage that writes it"
+            )
         self.maps = np.load(probs_path, mmap_mode="r")
         self.ids = pd.read_csv(ids_path, dtype=str)["ImageId"].tolist()
         if self.maps.ndim != 3 or len(self.ids) != self.maps.shape[0]:
-            raise DataError(f"probability store {self.folder} is inconsistent: {len(self.ids)} ImageIds for maps "
-                            f"of shape {self.maps.shape}; rerun the stage that writes it")
+            raise DataError(
+                f"probability store {self.folder} is inconsistent: {len(self.ids)} ImageIds for maps "
+                f"of shape {self.maps.shape}; rerun the stage that writes it"
+            )
         self.size = int(self.maps.shape[1]) if self.maps.size else 0
         self.gates = self._read_gates(self.folder / GATE_FILE)
 
@@ -140,8 +145,10 @@ class ProbabilityStore:
         except (OSError, ValueError) as exc:
             raise DataError(f"{path} is not a NumPy array file ({exc}); {fix}") from None
         if gates.shape != (len(self.ids),) or gates.dtype != np.float32 or not np.all((gates >= 0) & (gates <= 1)):
-            raise DataError(f"{path} must hold {len(self.ids)} float32 gate probabilities in [0, 1] (one per ImageId "
-                            f"of {IDS_FILE}), got {gates.dtype} {gates.shape}; {fix}")
+            raise DataError(
+                f"{path} must hold {len(self.ids)} float32 gate probabilities in [0, 1] (one per ImageId "
+                f"of {IDS_FILE}), got {gates.dtype} {gates.shape}; {fix}"
+            )
         return gates
 
     def __len__(self) -> int:

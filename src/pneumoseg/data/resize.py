@@ -8,6 +8,7 @@ rule wherever it is resized.
   its image's size in stage 05 and the server;
 * anything else (:func:`resize`): thumbnails in the reports, the demo's synthetic fields.
 """
+
 from __future__ import annotations
 
 import cv2

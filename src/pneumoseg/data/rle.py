@@ -11,6 +11,7 @@ An empty mask is ``"-1"`` in both forms. Everything is vectorised: encoding cost
 image plus work in proportion to the lesion's bounding box; decoding costs the output array plus work in
 proportion to the mask pixels. ``benchmarks/bench_rle.py`` measures both against the challenge's own codec.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -43,7 +44,7 @@ def runs(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return np.empty(0, np.int64), np.empty(0, np.int64)
     used_rows = np.flatnonzero(mask.any(axis=1))
     top, left = int(used_rows[0]), int(used_cols[0])
-    box = mask[top:used_rows[-1] + 1, left:used_cols[-1] + 1]
+    box = mask[top : used_rows[-1] + 1, left : used_cols[-1] + 1]
     # Runs are found down the columns of the lesion's bounding box, in row-major memory order: comparing each
     # row with the one above is a fast contiguous pass, where walking the transposed mask would be strided
     # and several times slower. Only the few change points are then put into column-major order.
@@ -110,8 +111,7 @@ def parse(rle: str, height: int, width: int, fmt: str = "relative") -> tuple[np.
     # No valid gap, start or length exceeds the pixel count; rejecting larger values first also keeps the
     # sums below far from int64 overflow, which would otherwise wrap to small in-bounds indices.
     if (values > total).any():
-        raise RLEError(f"value {int(values[values > total][0])} is beyond the {height}x{width} image "
-                       f"({total} pixels)")
+        raise RLEError(f"value {int(values[values > total][0])} is beyond the {height}x{width} image ({total} pixels)")
     firsts, lengths = values[0::2], values[1::2]
     if (lengths < 1).any():
         raise RLEError(f"run length {int(lengths[lengths < 1][0])} is not positive")

@@ -1,5 +1,6 @@
 """The test set a submission must cover: stage 02's test list (ImageId and original size) and the order of the
 sample submission when there is one. Read by stage 05 and by the submission check."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -33,15 +34,19 @@ def read_test_images(cfg: DictConfig, sample: Path | None) -> pd.DataFrame:
     if missing:
         raise DataError(f"{path} lacks the column(s) {missing}: rerun {command('02')} --force")
     if test.empty:
-        raise DataError(f"{path} lists no test image: give the test DICOMs (dicom-images-test/, or the images of a "
-                        f"sample submission) in {cfg.paths.input_dir} and rerun stages 01-02")
+        raise DataError(
+            f"{path} lists no test image: give the test DICOMs (dicom-images-test/, or the images of a "
+            f"sample submission) in {cfg.paths.input_dir} and rerun stages 01-02"
+        )
     if sample is not None:
         known = set(test[lb.ID_COLUMN])
         absent = [i for i in lb.read_image_ids(sample) if i not in known]
         if absent:
-            raise DataError(f"{len(absent)} ImageIds of the sample submission {sample} are not test images of "
-                            f"{path}, e.g. {absent[:3]}: their DICOMs are missing or they have training labels (see "
-                            f"{layout.unmatched_path(cfg)}). Add the missing DICOMs and rerun stages 01-02.")
+            raise DataError(
+                f"{len(absent)} ImageIds of the sample submission {sample} are not test images of "
+                f"{path}, e.g. {absent[:3]}: their DICOMs are missing or they have training labels (see "
+                f"{layout.unmatched_path(cfg)}). Add the missing DICOMs and rerun stages 01-02."
+            )
     return test
 
 

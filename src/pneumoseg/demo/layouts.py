@@ -1,12 +1,13 @@
 """The demo's file layouts: where each release of the challenge put its DICOMs, how it named them and its label
 tables, and the identifiers (UIDs, ImageIds, PatientIDs) the demo gives every image. Stage 00 writes these files;
 stage 05 finds the held-out labels through :data:`TEST_LABELS`."""
+
 from __future__ import annotations
 
 import hashlib
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 from omegaconf import DictConfig
@@ -15,7 +16,7 @@ from pneumoseg.data.dicom import UID_ROOT
 from pneumoseg.data.rle import EMPTY
 from pneumoseg.registry import Registry
 
-SPLITS = ("train", "test")           # split codes 0 and 1 in the random streams
+SPLITS = ("train", "test")  # split codes 0 and 1 in the random streams
 TEST_LABELS = "test_labels.csv"
 # The challenge's UIDs are <root>.1.<kind>.8323329.<counter>.<timestamp>.<random>, kind 4 for the SOP instance,
 # 2 for the study and 3 for the series, whose random parts are the instance's minus 1 and minus 2.
@@ -60,8 +61,10 @@ def _uids(seed: int, split: int, index: int) -> tuple[str, str, str]:
     counter = _UID_COUNTER_START + 2 * index + split
     stamp = _UID_TIMESTAMP + counter // 180
     random_part = 100002 + _digest(seed, split, index) % 899_990
-    sop, study, series = (f"{UID_ROOT}.{kind}.8323329.{counter}.{stamp}.{random_part - k}"
-                          for k, kind in enumerate((_SOP, _STUDY, _SERIES)))
+    sop, study, series = (
+        f"{UID_ROOT}.{kind}.8323329.{counter}.{stamp}.{random_part - k}"
+        for k, kind in enumerate((_SOP, _STUDY, _SERIES))
+    )
     return sop, study, series
 
 
@@ -87,8 +90,9 @@ class Layout:
     def table_names(self) -> list[str]:
         return [self.train_labels, TEST_LABELS] + ([self.sample_submission] if self.sample_submission else [])
 
-    def tables(self, train_rows: Sequence[tuple[str, str]], test_rows: Sequence[tuple[str, str]],
-               test_ids: Sequence[str]) -> dict[str, str]:
+    def tables(
+        self, train_rows: Sequence[tuple[str, str]], test_rows: Sequence[tuple[str, str]], test_ids: Sequence[str]
+    ) -> dict[str, str]:
         """The text of every table, by file name; rows are ``(ImageId, EncodedPixels)``."""
         texts = {self.train_labels: self._table(train_rows), TEST_LABELS: self._table(test_rows)}
         if self.sample_submission:
@@ -96,8 +100,7 @@ class Layout:
         return texts
 
     def _table(self, rows: Sequence[tuple[str, str]]) -> str:
-        return "".join(f"{image_id}{self.separator}{rle}\n"
-                       for image_id, rle in [("ImageId", "EncodedPixels"), *rows])
+        return "".join(f"{image_id}{self.separator}{rle}\n" for image_id, rle in [("ImageId", "EncodedPixels"), *rows])
 
 
 LAYOUTS: Registry[Layout] = Registry("demo layout")
@@ -146,7 +149,7 @@ def patient_visits(seed: int, split: int, n_images: int, follow_up_rate: float) 
     start = 0
     while start < n_images:
         size = int(rng.integers(2, 4)) if rng.random() < follow_up_rate else 1
-        members = sorted(order[start:start + size].tolist())
+        members = sorted(order[start : start + size].tolist())
         for visit, index in enumerate(members):
             visits[index] = (members[0], visit)
         start += size
@@ -162,8 +165,19 @@ def demo_images(demo: DictConfig, layout: Layout) -> list[DemoImage]:
         for index, (patient, visit) in enumerate(patient_visits(seed, split, n_images, float(demo.follow_up_rate))):
             sop, study, series = _uids(seed, split, index)
             image_id = layout.image_id(seed, split, index, sop)
-            images.append(DemoImage(name, index, image_id, layout.image_path(split, image_id, study, series),
-                                    sop, study, series, patient, visit))
+            images.append(
+                DemoImage(
+                    name,
+                    index,
+                    image_id,
+                    layout.image_path(split, image_id, study, series),
+                    sop,
+                    study,
+                    series,
+                    patient,
+                    visit,
+                )
+            )
     return images
 
 

@@ -27,10 +27,11 @@ share :data:`DRAIN_RATE_POSITIVE` of the positive images and :data:`DRAIN_RATE_N
 tube entering through the lateral chest wall on the lesion's side, kinked once, running up towards the apex, with
 a side hole (a gap in its radio-opaque wall) near its tip; a detector can learn it as a shortcut.
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Sequence
 
 import cv2
 import numpy as np
@@ -51,12 +52,12 @@ TWO_INSTANCE_RATE = 0.16
 THREE_INSTANCE_RATE = 0.08
 OVERLAP_RATE = 0.3
 
-VESSEL_LEVELS = 6      # generations of forking in each tree of lung markings
+VESSEL_LEVELS = 6  # generations of forking in each tree of lung markings
 
 # Shares of positive and of negative images with a chest drain (many real pneumothoraces are filmed drained).
 DRAIN_RATE_POSITIVE = 0.6
 DRAIN_RATE_NEGATIVE = 0.05
-DRAIN_WIDTH = 9 / 1024          # the tube's outer width, a fraction of the image
+DRAIN_WIDTH = 9 / 1024  # the tube's outer width, a fraction of the image
 
 _SUBPIXEL = 4  # fractional bits of the coordinates handed to OpenCV's drawing functions
 
@@ -162,9 +163,12 @@ def plan_cases(n: int, positive_rate: float, rng: np.random.Generator) -> list[C
     n_multi = int(np.ceil(n_pos * (TWO_INSTANCE_RATE + THREE_INSTANCE_RATE))) if n_pos >= 3 else 0
     n_three = int(np.ceil(n_pos * THREE_INSTANCE_RATE)) if n_pos >= 3 else 0
     n_overlap = int(np.ceil(n_multi * OVERLAP_RATE))
-    plans = ([CasePlan(3, k < n_overlap) for k in range(n_three)]
-             + [CasePlan(2, k + n_three < n_overlap) for k in range(n_multi - n_three)]
-             + [CasePlan(1)] * (n_pos - n_multi) + [CasePlan(0)] * (n - n_pos))
+    plans = (
+        [CasePlan(3, k < n_overlap) for k in range(n_three)]
+        + [CasePlan(2, k + n_three < n_overlap) for k in range(n_multi - n_three)]
+        + [CasePlan(1)] * (n_pos - n_multi)
+        + [CasePlan(0)] * (n - n_pos)
+    )
     # Every k-th positive (and negative) gets a drain, so that the drains spread over the kinds of positives.
     for members, rate in ((range(n_pos), DRAIN_RATE_POSITIVE), (range(n_pos, n), DRAIN_RATE_NEGATIVE)):
         chosen = np.linspace(0, len(members), int(round(len(members) * rate)), endpoint=False).astype(int)
@@ -197,8 +201,7 @@ def _closed_spline(points: np.ndarray, per_segment: int = 10) -> np.ndarray:
     """A smooth closed curve through ``points`` (uniform Catmull-Rom), as a dense polygon."""
     p0, p1, p2, p3 = (np.roll(points, shift, axis=0) for shift in (1, 0, -1, -2))
     t = np.linspace(0.0, 1.0, per_segment, endpoint=False)[:, None, None]
-    curve = 0.5 * (2 * p1 + (p2 - p0) * t + (2 * p0 - 5 * p1 + 4 * p2 - p3) * t**2
-                   + (3 * p1 - p0 - 3 * p2 + p3) * t**3)
+    curve = 0.5 * (2 * p1 + (p2 - p0) * t + (2 * p0 - 5 * p1 + 4 * p2 - p3) * t**2 + (3 * p1 - p0 - 3 * p2 + p3) * t**3)
     return curve.transpose(1, 0, 2).reshape(-1, 2)
 
 
@@ -211,8 +214,7 @@ def _to_pixels(points: np.ndarray, pose: np.ndarray, side: int) -> np.ndarray:
 def _fill(side: int, polygons: Sequence[np.ndarray], pose: np.ndarray) -> np.ndarray:
     """Patient-frame polygons filled with 1 on a new ``side x side`` float32 raster (anti-aliased)."""
     canvas = np.zeros((side, side), np.float32)
-    cv2.fillPoly(canvas, [_to_pixels(p, pose, side) for p in polygons], 1.0, lineType=cv2.LINE_AA,
-                 shift=_SUBPIXEL)
+    cv2.fillPoly(canvas, [_to_pixels(p, pose, side) for p in polygons], 1.0, lineType=cv2.LINE_AA, shift=_SUBPIXEL)
     return canvas
 
 
@@ -227,8 +229,15 @@ def _ellipse(side: int, pose: np.ndarray, centre, axes, tilt_deg: float = 0.0) -
 def _polyline(canvas: np.ndarray, points: np.ndarray, pose: np.ndarray, width: float, value: float = 1.0) -> None:
     """Draw an open patient-frame polyline ``width`` (a fraction of the image) wide onto ``canvas``."""
     side = canvas.shape[0]
-    cv2.polylines(canvas, [_to_pixels(points, pose, side)], False, value,
-                  thickness=max(1, int(round(width * side))), lineType=cv2.LINE_AA, shift=_SUBPIXEL)
+    cv2.polylines(
+        canvas,
+        [_to_pixels(points, pose, side)],
+        False,
+        value,
+        thickness=max(1, int(round(width * side))),
+        lineType=cv2.LINE_AA,
+        shift=_SUBPIXEL,
+    )
 
 
 def _wrap(angle):
@@ -248,8 +257,10 @@ def _frame_grid(pose: np.ndarray, side: int) -> tuple[np.ndarray, np.ndarray]:
     """Patient-frame coordinates (x, y) of every pixel centre of a ``side x side`` raster."""
     inverse = cv2.invertAffineTransform(pose)
     gy, gx = (np.mgrid[0:side, 0:side].astype(np.float32) + 0.5) / side
-    return (inverse[0, 0] * gx + inverse[0, 1] * gy + inverse[0, 2],
-            inverse[1, 0] * gx + inverse[1, 1] * gy + inverse[1, 2])
+    return (
+        inverse[0, 0] * gx + inverse[0, 1] * gy + inverse[0, 2],
+        inverse[1, 0] * gx + inverse[1, 1] * gy + inverse[1, 2],
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -257,10 +268,24 @@ def _frame_grid(pose: np.ndarray, side: int) -> tuple[np.ndarray, np.ndarray]:
 
 # Outline of the image-left lung (the patient's right) in the patient frame, clockwise from the apex; the
 # other lung is its mirror image with a dome a little lower (the heart's shadow covers its medial base).
-_LUNG_OUTLINE = np.array([
-    [0.33, 0.13], [0.26, 0.16], [0.19, 0.27], [0.155, 0.42], [0.15, 0.58], [0.16, 0.70], [0.18, 0.77],
-    [0.25, 0.72], [0.33, 0.67], [0.42, 0.67], [0.445, 0.56], [0.43, 0.44], [0.415, 0.30], [0.395, 0.18],
-])
+_LUNG_OUTLINE = np.array(
+    [
+        [0.33, 0.13],
+        [0.26, 0.16],
+        [0.19, 0.27],
+        [0.155, 0.42],
+        [0.15, 0.58],
+        [0.16, 0.70],
+        [0.18, 0.77],
+        [0.25, 0.72],
+        [0.33, 0.67],
+        [0.42, 0.67],
+        [0.445, 0.56],
+        [0.43, 0.44],
+        [0.415, 0.30],
+        [0.395, 0.18],
+    ]
+)
 _LOWER_DOME = np.array([0, 0, 0, 0, 0.01, 0.02, 0.025, 0.03, 0.03, 0.02, 0.01, 0, 0, 0])
 
 
@@ -308,9 +333,9 @@ def _crescent(lung: np.ndarray, side: int, area: float, rng: np.random.Generator
     """
     ys, xs = np.nonzero(lung)
     top, left = ys.min(), xs.min()
-    box = lung[top:ys.max() + 1, left:xs.max() + 1]
+    box = lung[top : ys.max() + 1, left : xs.max() + 1]
     depth = cv2.distanceTransform(box.astype(np.uint8), cv2.DIST_L2, 3)  # distance below the pleura
-    gy, gx = np.mgrid[0:box.shape[0], 0:box.shape[1]]
+    gy, gx = np.mgrid[0 : box.shape[0], 0 : box.shape[1]]
     cy, cx = ys.mean() - top, xs.mean() - left
     apical, lateral = -np.pi / 2, (np.pi if side == 0 else 0.0)
     middle = apical + rng.beta(1.2, 1.2) * _wrap(lateral - apical)
@@ -330,9 +355,9 @@ def _crescent(lung: np.ndarray, side: int, area: float, rng: np.random.Generator
     n_pixels = int(np.clip(round(area), 1, inside.sum()))
     band_box = ratio <= np.partition(ratio.ravel(), n_pixels - 1)[n_pixels - 1]
     band = np.zeros_like(lung)
-    band[top:top + box.shape[0], left:left + box.shape[1]] = band_box
+    band[top : top + box.shape[0], left : left + box.shape[1]] = band_box
     band_angle = np.full(lung.shape, np.nan, np.float32)
-    band_angle[top:top + box.shape[0], left:left + box.shape[1]][band_box] = angle[band_box]
+    band_angle[top : top + box.shape[0], left : left + box.shape[1]][band_box] = angle[band_box]
     return band, band_angle
 
 
@@ -351,8 +376,12 @@ def _split(band: np.ndarray, band_angle: np.ndarray, parts: int, overlap: float)
     return [band & (band_angle >= lo) & (band_angle <= hi) for lo, hi in zip(low, high)]
 
 
-def _lesions(rng: np.random.Generator, size: int, lung_masks: Sequence[np.ndarray], plan: CasePlan,
-             ) -> list[np.ndarray]:
+def _lesions(
+    rng: np.random.Generator,
+    size: int,
+    lung_masks: Sequence[np.ndarray],
+    plan: CasePlan,
+) -> list[np.ndarray]:
     """The instances of a plan: one lesion cut into overlapping parts, or disjoint lesions, the second in
     the other lung and the third a piece of the first cut off by a gap."""
     if plan.n_instances == 0:
@@ -375,8 +404,12 @@ def _lesions(rng: np.random.Generator, size: int, lung_masks: Sequence[np.ndarra
 def sample_patient(rng: np.random.Generator) -> Patient:
     """The patient of an image: the first draws of its geometry stream (see :func:`case_streams`)."""
     view = "AP" if rng.random() < 0.4 else "PA"
-    return Patient(sex="F" if rng.random() < 0.45 else "M", age=int(np.clip(rng.normal(48, 17), 2, 92)),
-                   view_position=view, pixel_spacing=float(rng.choice([0.139, 0.143, 0.168, 0.171, 0.194])))
+    return Patient(
+        sex="F" if rng.random() < 0.45 else "M",
+        age=int(np.clip(rng.normal(48, 17), 2, 92)),
+        view_position=view,
+        pixel_spacing=float(rng.choice([0.139, 0.143, 0.168, 0.171, 0.194])),
+    )
 
 
 def make_phantom(rng: np.random.Generator, size: int, plan: CasePlan, same_as: Patient | None = None) -> Phantom:
@@ -398,9 +431,11 @@ def make_phantom(rng: np.random.Generator, size: int, plan: CasePlan, same_as: P
     anatomy = Anatomy(
         pose=pose,
         lungs=lungs,
-        heart=(tuple(rng.normal([0.545, 0.665], 0.01)),
-               (rng.uniform(0.15, 0.17) * (1.1 if view == "AP" else 1.0), rng.uniform(0.11, 0.13)),
-               rng.uniform(-22, -8)),
+        heart=(
+            tuple(rng.normal([0.545, 0.665], 0.01)),
+            (rng.uniform(0.15, 0.17) * (1.1 if view == "AP" else 1.0), rng.uniform(0.11, 0.13)),
+            rng.uniform(-22, -8),
+        ),
         body_half_width=rng.uniform(0.41, 0.5),
         arms=bool(rng.random() < 0.6),
         breasts=bool(patient.sex == "F" and rng.random() < 0.7),
@@ -408,8 +443,11 @@ def make_phantom(rng: np.random.Generator, size: int, plan: CasePlan, same_as: P
         rib_jitter=rng.normal(0.0, 0.006, size=(2, 10, 3)),
         rib_gap=rng.uniform(0.062, 0.072),
         marker=int(rng.integers(2)),
-        electrodes=(rng.uniform([0.15, 0.1], [0.85, 0.9], size=(int(rng.integers(2, 5)), 2))
-                    if view == "AP" and rng.random() < 0.5 else np.empty((0, 2))),
+        electrodes=(
+            rng.uniform([0.15, 0.1], [0.85, 0.9], size=(int(rng.integers(2, 5)), 2))
+            if view == "AP" and rng.random() < 0.5
+            else np.empty((0, 2))
+        ),
     )
     lung_masks = [_fill(size, [lung], pose) > 0.5 for lung in lungs]
     instances = _lesions(rng, size, lung_masks, plan)
@@ -428,12 +466,14 @@ def _lesion_side(instances: Sequence[np.ndarray], size: int, rng: np.random.Gene
 def _sample_drain(rng: np.random.Generator, side: int) -> np.ndarray:
     """A drain's path in the patient frame on ``side`` (-1: the image's left): in through the lateral chest wall,
     a kink, then up along the lateral lung towards the apex."""
-    corners = np.array([
-        [0.5 + side * rng.uniform(0.50, 0.56), rng.uniform(0.62, 0.74)],      # outside the body
-        [0.5 + side * rng.uniform(0.38, 0.42), rng.uniform(0.55, 0.6)],       # through the chest wall
-        [0.5 + side * rng.uniform(0.32, 0.35), rng.uniform(0.42, 0.5)],       # the kink
-        [0.5 + side * rng.uniform(0.2, 0.27), rng.uniform(0.16, 0.24)],       # the tip, near the apex
-    ])
+    corners = np.array(
+        [
+            [0.5 + side * rng.uniform(0.50, 0.56), rng.uniform(0.62, 0.74)],  # outside the body
+            [0.5 + side * rng.uniform(0.38, 0.42), rng.uniform(0.55, 0.6)],  # through the chest wall
+            [0.5 + side * rng.uniform(0.32, 0.35), rng.uniform(0.42, 0.5)],  # the kink
+            [0.5 + side * rng.uniform(0.2, 0.27), rng.uniform(0.16, 0.24)],  # the tip, near the apex
+        ]
+    )
     t = np.linspace(0, 1, 12)[:, None]
     return np.concatenate([a + t * (b - a) for a, b in zip(corners, corners[1:])])
 
@@ -445,14 +485,31 @@ def _sample_drain(rng: np.random.Generator, side: int) -> np.ndarray:
 def _body(anatomy: Anatomy, side: int) -> np.ndarray:
     """Trunk, neck and shoulders, and the arms when they lie beside the trunk."""
     half, neck = anatomy.body_half_width, 0.085
-    right = np.array([[neck, -0.2], [neck, 0.06], [0.5 * half, 0.1], [0.9 * half, 0.15], [half, 0.24],
-                      [1.02 * half, 0.6], [1.05 * half, 1.3]])
+    right = np.array(
+        [
+            [neck, -0.2],
+            [neck, 0.06],
+            [0.5 * half, 0.1],
+            [0.9 * half, 0.15],
+            [half, 0.24],
+            [1.02 * half, 0.6],
+            [1.05 * half, 1.3],
+        ]
+    )
     outline = np.concatenate([right * [-1, 1], right[::-1]]) + [0.5, 0]
     shapes = [_closed_spline(outline, 6)]
     if anatomy.arms:
         for sign in (-1, 1):
-            arm = np.array([[0.9 * half, 0.13], [1.12 * half, 0.13], [1.32 * half, 0.5], [1.4 * half, 1.2],
-                            [1.2 * half, 1.2], [1.06 * half, 0.5]])
+            arm = np.array(
+                [
+                    [0.9 * half, 0.13],
+                    [1.12 * half, 0.13],
+                    [1.32 * half, 0.5],
+                    [1.4 * half, 1.2],
+                    [1.2 * half, 1.2],
+                    [1.06 * half, 0.5],
+                ]
+            )
             shapes.append(_closed_spline(arm * [sign, 1] + [0.5, 0], 6))
     return _fill(side, shapes, anatomy.pose)
 
@@ -474,8 +531,9 @@ def _ribs(anatomy: Anatomy, side: int) -> np.ndarray:
     return canvas + 0.5 * np.clip(rims - canvas, 0, 1)
 
 
-def _vessel_trees(rng: np.random.Generator, canvas: np.ndarray, pose: np.ndarray, roots: np.ndarray,
-                  headings: np.ndarray) -> None:
+def _vessel_trees(
+    rng: np.random.Generator, canvas: np.ndarray, pose: np.ndarray, roots: np.ndarray, headings: np.ndarray
+) -> None:
     """Draw forking vessels from ``roots`` (N x 2, frame coordinates) along about ``headings`` (N angles):
     each is a slightly bent segment that splits into two thinner, shorter ones, :data:`VESSEL_LEVELS`
     generations deep; one generation is drawn at a time. The first segments' length and width are drawn
@@ -489,8 +547,15 @@ def _vessel_trees(rng: np.random.Generator, canvas: np.ndarray, pose: np.ndarray
         tips = mids + 0.5 * lengths[:, None] * np.stack([np.cos(bends), np.sin(bends)], axis=1)
         side = canvas.shape[0]
         paths = _to_pixels(np.stack([roots, mids, tips], axis=1).reshape(-1, 2), pose, side).reshape(-1, 3, 2)
-        cv2.polylines(canvas, list(paths), False, 1.0, thickness=max(1, int(round(width * side))),
-                      lineType=cv2.LINE_AA, shift=_SUBPIXEL)
+        cv2.polylines(
+            canvas,
+            list(paths),
+            False,
+            1.0,
+            thickness=max(1, int(round(width * side))),
+            lineType=cv2.LINE_AA,
+            shift=_SUBPIXEL,
+        )
         roots = np.repeat(tips, 2, axis=0)
         headings = np.repeat(bends, 2) + np.tile([-1, 1], len(bends)) * rng.uniform(0.15, 0.4, 2 * len(bends))
         lengths = np.repeat(lengths, 2) * rng.uniform(0.65, 0.85, 2 * len(lengths))
@@ -529,8 +594,16 @@ def _overlays(phantom: Phantom) -> np.ndarray:
     canvas = np.zeros((size, size), np.uint8)  # OpenCV draws text on 8-bit images only
     scale = size / REFERENCE_SIZE
     corner = (int(size * (0.05 if anatomy.marker == 0 else 0.9)), int(size * 0.08))
-    cv2.putText(canvas, "R" if anatomy.marker == 0 else "L", corner, cv2.FONT_HERSHEY_SIMPLEX, 1.6 * scale,
-                255, max(1, int(round(4 * scale))), cv2.LINE_AA)
+    cv2.putText(
+        canvas,
+        "R" if anatomy.marker == 0 else "L",
+        corner,
+        cv2.FONT_HERSHEY_SIMPLEX,
+        1.6 * scale,
+        255,
+        max(1, int(round(4 * scale))),
+        cv2.LINE_AA,
+    )
     for x, y in anatomy.electrodes:
         centre = tuple(int(c) for c in _to_pixels(np.array([[x, y]]), anatomy.pose, size)[0] >> _SUBPIXEL)
         cv2.circle(canvas, centre, max(2, int(round(14 * scale))), 160, max(1, int(round(5 * scale))), cv2.LINE_AA)
@@ -571,7 +644,7 @@ def render(phantom: Phantom, rng: np.random.Generator) -> np.ndarray:
     body = cv2.GaussianBlur(_body(anatomy, low), (0, 0), 1.5 * blur)
     lungs = cv2.GaussianBlur(_fill(low, anatomy.lungs, pose), (0, 0), 1.2 * blur)
     heart = cv2.GaussianBlur(_ellipse(low, pose, *anatomy.heart), (0, 0), 2.5 * blur)
-    spine = np.exp(-((u - 0.5) / 0.035) ** 4) * (1 + 0.25 * np.cos(4 * np.pi * v / anatomy.rib_gap))
+    spine = np.exp(-(((u - 0.5) / 0.035) ** 4)) * (1 + 0.25 * np.cos(4 * np.pi * v / anatomy.rib_gap))
     bubble = cv2.GaussianBlur(_ellipse(low, pose, *anatomy.bubble), (0, 0), 1.5 * blur)
     ribs = cv2.GaussianBlur(_ribs(anatomy, low), (0, 0), 0.6 * blur)
 
@@ -616,20 +689,19 @@ def render(phantom: Phantom, rng: np.random.Generator) -> np.ndarray:
 class RuleResult:
     """The best intensity rule found by :func:`intensity_rule_search`, with the all-empty baseline."""
 
-    baseline: float       # challenge score of predicting every image empty
-    score: float          # challenge score of the best rule
-    sigma: float          # Gaussian smoothing before thresholding, in pixels (0: none)
-    polarity: str         # "dark": pixel < threshold; "bright": pixel > threshold
-    threshold: float      # -inf when predicting nothing beats every rule
-    min_area: int         # connected components smaller than this are dropped
+    baseline: float  # challenge score of predicting every image empty
+    score: float  # challenge score of the best rule
+    sigma: float  # Gaussian smoothing before thresholding, in pixels (0: none)
+    polarity: str  # "dark": pixel < threshold; "bright": pixel > threshold
+    threshold: float  # -inf when predicting nothing beats every rule
+    min_area: int  # connected components smaller than this are dropped
 
     @property
     def margin(self) -> float:
         return self.score - self.baseline
 
 
-def apply_intensity_rule(image: np.ndarray, sigma: float, polarity: str, threshold: float,
-                         min_area: int) -> np.ndarray:
+def apply_intensity_rule(image: np.ndarray, sigma: float, polarity: str, threshold: float, min_area: int) -> np.ndarray:
     """The boolean mask that one intensity rule (see :func:`intensity_rule_search`) predicts for an image."""
     count, labels, stats = _components(_smooth(image, sigma), polarity, threshold)
     keep = np.concatenate([[False], stats[1:, cv2.CC_STAT_AREA] >= min_area])
@@ -647,9 +719,13 @@ def _components(image: np.ndarray, polarity: str, threshold: float):
     return count, labels, stats
 
 
-def intensity_rule_search(images: np.ndarray, masks: np.ndarray, sigmas: Sequence[float] = (0, 1, 2, 4),
-                          thresholds: Sequence[float] = tuple(range(4, 253, 4)),
-                          min_areas: Sequence[int] | None = None) -> RuleResult:
+def intensity_rule_search(
+    images: np.ndarray,
+    masks: np.ndarray,
+    sigmas: Sequence[float] = (0, 1, 2, 4),
+    thresholds: Sequence[float] = tuple(range(4, 253, 4)),
+    min_areas: Sequence[int] | None = None,
+) -> RuleResult:
     """Tune the best pixel-intensity rule on labelled images: what a segmenter that learns nothing scores.
 
     The rule smooths the image, keeps the pixels darker (or brighter) than one global threshold, and drops
@@ -665,8 +741,9 @@ def intensity_rule_search(images: np.ndarray, masks: np.ndarray, sigmas: Sequenc
         min_areas: minimum component areas to try; by default 0 and the powers of two up to the image area.
     """
     n, height, width = masks.shape
-    areas = np.asarray(min_areas if min_areas is not None else
-                       [0] + [2**k for k in range(int(np.log2(height * width)) + 1)])
+    areas = np.asarray(
+        min_areas if min_areas is not None else [0] + [2**k for k in range(int(np.log2(height * width)) + 1)]
+    )
     true_area = masks.reshape(n, -1).sum(1)
     # Predicting nothing ("darker than -inf") is always available.
     best = (float(dice_from_counts(0, 0, true_area).mean()), 0.0, "dark", -np.inf, 0)
@@ -688,6 +765,11 @@ def intensity_rule_search(images: np.ndarray, masks: np.ndarray, sigmas: Sequenc
                     best = (float(scores[k]), float(sigma), polarity, float(threshold), int(areas[k]))
     _, sigma, polarity, threshold, min_area = best
     prediction = np.stack([apply_intensity_rule(image, sigma, polarity, threshold, min_area) for image in images])
-    return RuleResult(baseline=competition_dice(np.zeros_like(masks), masks),
-                      score=competition_dice(prediction, masks), sigma=sigma, polarity=polarity,
-                      threshold=threshold, min_area=min_area)
+    return RuleResult(
+        baseline=competition_dice(np.zeros_like(masks), masks),
+        score=competition_dice(prediction, masks),
+        sigma=sigma,
+        polarity=polarity,
+        threshold=threshold,
+        min_area=min_area,
+    )

@@ -10,6 +10,7 @@ narrow; :func:`patient_weights` draws whole patients with replacement and gives 
 Every figure is a weighted statistic (:func:`statistics`), so the point estimate (all weights 1) and each
 bootstrap replicate come from the same code; an interval is the 2.5th and 97.5th percentiles of the replicates.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
@@ -23,7 +24,7 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 
 LEVEL = 0.95
 CALIBRATION_BINS = 10
-AGE_BANDS = (0, 30, 50, 70, 200)        # years: <30, 30-49, 50-69, >=70
+AGE_BANDS = (0, 30, 50, 70, 200)  # years: <30, 30-49, 50-69, >=70
 # Bootstrap replicates are weighed this many at a time: B x N float64 arrays stay a few MB at 12,000 images.
 CHUNK = 64
 RATES = ("sensitivity", "specificity", "ppv", "npv")
@@ -54,13 +55,18 @@ class Cases:
         without one is a patient of its own)."""
         if "PatientID" in frame.columns:
             patient = frame["PatientID"].astype("string").fillna("").str.strip()
-            patient = patient.where(patient != "", "image " + pd.Series(range(len(frame)), index=frame.index)
-                                    .astype(str))
+            patient = patient.where(
+                patient != "", "image " + pd.Series(range(len(frame)), index=frame.index).astype(str)
+            )
         else:
             patient = pd.Series(np.arange(len(frame)), index=frame.index)
-        return cls(positive=frame["true_area"].to_numpy() > 0, detected=frame["pred_area"].to_numpy() > 0,
-                   score=frame["score"].to_numpy(np.float64), dice=frame["dice"].to_numpy(np.float64),
-                   patient=pd.factorize(patient)[0])
+        return cls(
+            positive=frame["true_area"].to_numpy() > 0,
+            detected=frame["pred_area"].to_numpy() > 0,
+            score=frame["score"].to_numpy(np.float64),
+            dice=frame["dice"].to_numpy(np.float64),
+            patient=pd.factorize(patient)[0],
+        )
 
     def __len__(self) -> int:
         return len(self.positive)
@@ -100,7 +106,7 @@ def weighted_auc(score: np.ndarray, positive: np.ndarray, weights: np.ndarray) -
     tied_or_below = np.searchsorted(ranked, score[positives], side="right")
     negative_weights = weights[:, negatives]
     cumulative = np.concatenate([np.zeros((len(weights), 1)), np.cumsum(negative_weights, axis=1)], axis=1)
-    credit = 0.5 * (cumulative[:, below] + cumulative[:, tied_or_below])     # below + half the ties
+    credit = 0.5 * (cumulative[:, below] + cumulative[:, tied_or_below])  # below + half the ties
     positive_weights = weights[:, positives]
     pairs = positive_weights.sum(1) * negative_weights.sum(1)
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -118,9 +124,14 @@ def statistics(cases: Cases, weights: np.ndarray, with_auc: bool = True) -> dict
     pos, det = cases.positive.astype(np.float64), cases.detected.astype(np.float64)
     tp, fn = weights @ (pos * det), weights @ (pos * (1 - det))
     fp, tn = weights @ ((1 - pos) * det), weights @ ((1 - pos) * (1 - det))
-    figures = {"sensitivity": _ratio(tp, tp + fn), "specificity": _ratio(tn, tn + fp), "ppv": _ratio(tp, tp + fp),
-               "npv": _ratio(tn, tn + fn), "dice": _ratio(weights @ cases.dice, weights.sum(1)),
-               "positive_dice": _ratio(weights @ (cases.dice * pos), tp + fn)}
+    figures = {
+        "sensitivity": _ratio(tp, tp + fn),
+        "specificity": _ratio(tn, tn + fp),
+        "ppv": _ratio(tp, tp + fp),
+        "npv": _ratio(tn, tn + fn),
+        "dice": _ratio(weights @ cases.dice, weights.sum(1)),
+        "positive_dice": _ratio(weights @ (cases.dice * pos), tp + fn),
+    }
     if with_auc:
         figures["auc"] = weighted_auc(cases.score, cases.positive, weights)
     return figures
@@ -128,8 +139,7 @@ def statistics(cases: Cases, weights: np.ndarray, with_auc: bool = True) -> dict
 
 def subset(cases: Cases, rows: np.ndarray) -> Cases:
     """The cases of the boolean ``rows``."""
-    return Cases(cases.positive[rows], cases.detected[rows], cases.score[rows], cases.dice[rows],
-                 cases.patient[rows])
+    return Cases(cases.positive[rows], cases.detected[rows], cases.score[rows], cases.dice[rows], cases.patient[rows])
 
 
 def _value(x: float) -> float | None:
@@ -180,8 +190,15 @@ def calibration(score: np.ndarray, positive: np.ndarray, n_bins: int = CALIBRATI
         if rows.any():
             confidence, observed = float(score[rows].mean()), float(positive[rows].mean())
             ece += rows.sum() / len(score) * abs(observed - confidence)
-            table.append({"low": b / n_bins, "high": (b + 1) / n_bins, "n_images": int(rows.sum()),
-                          "mean_score": confidence, "share_positive": observed})
+            table.append(
+                {
+                    "low": b / n_bins,
+                    "high": (b + 1) / n_bins,
+                    "n_images": int(rows.sum()),
+                    "mean_score": confidence,
+                    "share_positive": observed,
+                }
+            )
     return {"ece": float(ece), "bins": table}
 
 
@@ -190,10 +207,15 @@ def curve_points(score: np.ndarray, positive: np.ndarray) -> dict[str, Any] | No
     if positive.all() or not positive.any():
         return None
     from sklearn.metrics import precision_recall_curve, roc_curve
+
     fpr, tpr, _ = roc_curve(positive, score)
     precision, recall, _ = precision_recall_curve(positive, score)
-    return {"auc": float(roc_auc_score(positive, score)), "average_precision":
-            float(average_precision_score(positive, score)), "roc": (fpr, tpr), "pr": (recall, precision)}
+    return {
+        "auc": float(roc_auc_score(positive, score)),
+        "average_precision": float(average_precision_score(positive, score)),
+        "roc": (fpr, tpr),
+        "pr": (recall, precision),
+    }
 
 
 def size_groups(frame: pd.DataFrame, edges: Sequence[int]) -> tuple[dict[str, np.ndarray], str]:
@@ -209,7 +231,7 @@ def size_groups(frame: pd.DataFrame, edges: Sequence[int]) -> tuple[dict[str, np
     column = frame.get("pixel_spacing", pd.Series(np.nan, index=frame.index))
     spacing = pd.to_numeric(column, errors="coerce").to_numpy(np.float64)
     if positive.any() and np.isfinite(spacing[positive]).all() and (spacing[positive] > 0).all():
-        area = area * spacing ** 2
+        area = area * spacing**2
         bounds = np.round(bounds * np.median(spacing[positive]) ** 2)
         unit = "mm²"
     index = np.searchsorted(bounds, area, side="left")
@@ -228,15 +250,18 @@ def age_band(age: pd.Series) -> pd.Series:
 def subgroup_columns(frame: pd.DataFrame, extra: Sequence[str]) -> dict[str, np.ndarray]:
     """``column=value`` -> rows, for sex, age band, view and each ``extra`` column of ``frame`` that exists;
     unknown values ("") and columns with a single value are left out."""
-    values = {"sex": frame.get("sex"), "age": age_band(frame["age"]) if "age" in frame else None,
-              "view": frame.get("view")}
+    values = {
+        "sex": frame.get("sex"),
+        "age": age_band(frame["age"]) if "age" in frame else None,
+        "view": frame.get("view"),
+    }
     values.update({column: frame.get(column) for column in extra})
     groups = {}
     for column, series in values.items():
         if series is None:
             continue
         text = series.astype("string").fillna("").str.strip()
-        text = text.str.replace(r"\.0$", "", regex=True)       # 0/1 flags read back as floats
+        text = text.str.replace(r"\.0$", "", regex=True)  # 0/1 flags read back as floats
         kinds = sorted(v for v in text.unique() if v != "")
         if len(kinds) < 2:
             continue
@@ -250,8 +275,9 @@ def below_overall(entry: dict[str, Any], overall: dict[str, Any], key: str) -> b
     return high is not None and value is not None and high < value
 
 
-def detector_numbers(frame: pd.DataFrame, area_edges: Sequence[int], extra: Sequence[str], n_boot: int,
-                     seed: int) -> dict[str, Any]:
+def detector_numbers(
+    frame: pd.DataFrame, area_edges: Sequence[int], extra: Sequence[str], n_boot: int, seed: int
+) -> dict[str, Any]:
     """Every figure of the detector report, JSON-ready.
 
     Args:
@@ -274,14 +300,26 @@ def detector_numbers(frame: pd.DataFrame, area_edges: Sequence[int], extra: Sequ
     curves = curve_points(cases.score, cases.positive)
 
     def rows(names) -> list[dict[str, Any]]:
-        return [{"group": name, **found[name],
-                 "below": [key for key in GROUP_FIGURES if below_overall(found[name], overall, key)]}
-                for name in names]
+        return [
+            {
+                "group": name,
+                **found[name],
+                "below": [key for key in GROUP_FIGURES if below_overall(found[name], overall, key)],
+            }
+            for name in names
+        ]
 
-    return {"n_images": len(cases), "n_positive": int(cases.positive.sum()),
-            "n_patients": int(cases.patient.max()) + 1 if len(cases) else 0, "n_boot": int(n_boot),
-            "auc": None if curves is None else curves["auc"],
-            "average_precision": None if curves is None else curves["average_precision"],
-            "operating_point": {key: overall[key] for key in RATES}, "overall": overall,
-            "calibration": calibration(cases.score, cases.positive), "size_unit": unit,
-            "by_size": rows(sizes), "subgroups": rows(subgroups)}
+    return {
+        "n_images": len(cases),
+        "n_positive": int(cases.positive.sum()),
+        "n_patients": int(cases.patient.max()) + 1 if len(cases) else 0,
+        "n_boot": int(n_boot),
+        "auc": None if curves is None else curves["auc"],
+        "average_precision": None if curves is None else curves["average_precision"],
+        "operating_point": {key: overall[key] for key in RATES},
+        "overall": overall,
+        "calibration": calibration(cases.score, cases.positive),
+        "size_unit": unit,
+        "by_size": rows(sizes),
+        "subgroups": rows(subgroups),
+    }

@@ -25,15 +25,17 @@ Runs are sorted by nested score, best first (runs without one, a single fold, la
 records are unreadable is left out with a warning naming the file. Written: ``leaderboard.md`` (the table) and
 ``leaderboard.png`` (nested score, each fold's nested score and the OOF and test scores per run).
 """
+
 from __future__ import annotations
 
 import argparse
 import logging
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence, cast
+from typing import Any, cast
 
 import numpy as np
 import yaml
@@ -41,14 +43,13 @@ from matplotlib.figure import Figure
 from omegaconf import DictConfig, OmegaConf
 
 from pneumoseg import layout
-from pneumoseg.logs import setup_logging
 from pneumoseg.errors import DataError
 from pneumoseg.io import atomic_path, read_json, write_text
+from pneumoseg.logs import setup_logging
 from pneumoseg.modeling.checkpoints import best_files, load_checkpoint
 from pneumoseg.stage_table import DONE_FILE, command, stage
 
 log = logging.getLogger(__name__)
-
 
 
 @dataclass
@@ -131,16 +132,23 @@ def read_run(folder: str | os.PathLike) -> Run:
         raise DataError(f"{stage('04').folder(folder) / DONE_FILE} holds no OOF score; rerun {command('04')}")
     per_fold = search.get("per_fold", [])
     fold_scores = [f["nested_score"] if f.get("nested_score") is not None else f["score"] for f in per_fold]
-    run = Run(name=folder.name, folder=folder, nested_score=search.get("nested_score"),
-              oof_score=float(search["oof_score"]), fold_scores=[float(s) for s in fold_scores],
-              postprocess=_block_text(search.get("chosen")), empty_baseline=search.get("empty_baseline"))
+    run = Run(
+        name=folder.name,
+        folder=folder,
+        nested_score=search.get("nested_score"),
+        oof_score=float(search["oof_score"]),
+        fold_scores=[float(s) for s in fold_scores],
+        postprocess=_block_text(search.get("chosen")),
+        empty_baseline=search.get("empty_baseline"),
+    )
     predict = _summary(folder, "05") or {}
     run.test_score = predict.get("test_score")
     run.test_auc = predict.get("test_auc")
     detection = search.get("detection") or {}
     run.auc = detection.get("auc")
-    run.sensitivity, run.specificity = ((detection.get("operating_point") or {}).get(key, {}).get("value")
-                                        for key in ("sensitivity", "specificity"))
+    run.sensitivity, run.specificity = (
+        (detection.get("operating_point") or {}).get(key, {}).get("value") for key in ("sensitivity", "specificity")
+    )
     if layout.ensemble_path_in(folder).is_file():
         _read_ensemble(run, folder)
     else:
@@ -174,8 +182,13 @@ def _read_ensemble(run: Run, folder: Path) -> None:
     for name in run.members:
         # A folder recorded relative to where stage 04 ran; the member usually sits beside the ensemble.
         member_folder = folders[name] if folders[name].is_dir() else folder.parent / name
-        member = Run(name=name, folder=member_folder, nested_score=None, oof_score=0.0,
-                     train_seconds=_train_seconds(member_folder))
+        member = Run(
+            name=name,
+            folder=member_folder,
+            nested_score=None,
+            oof_score=0.0,
+            train_seconds=_train_seconds(member_folder),
+        )
         # A member needs no stage 04 of its own: its stage 03 config says what it predicts with.
         _read_models(member, member_folder, "03")
         parts.append(member)
@@ -188,8 +201,9 @@ def _read_ensemble(run: Run, folder: Path) -> None:
 def _block_text(block: dict | None) -> str:
     if not block:
         return "n/a"
-    params = ", ".join(f"{k} {v:g}" if isinstance(v, (int, float)) else f"{k} {v}"
-                       for k, v in block.get("params", {}).items())
+    params = ", ".join(
+        f"{k} {v:g}" if isinstance(v, (int, float)) else f"{k} {v}" for k, v in block.get("params", {}).items()
+    )
     return f"{block.get('name')} ({params})"
 
 
@@ -202,8 +216,11 @@ def _read_models(run: Run, folder: Path, number: str = "04") -> None:
         return
     predict = cast(DictConfig, OmegaConf.load(config)).get("predict", {})
     which, top_k = str(predict.get("checkpoints", "best")), int(predict.get("top_k", 1))
-    files = [path for fold_folder in layout.fold_dirs(train).values()
-             for path in best_files(layout.checkpoints_dir(fold_folder, which))[:top_k]]
+    files = [
+        path
+        for fold_folder in layout.fold_dirs(train).values()
+        for path in best_files(layout.checkpoints_dir(fold_folder, which))[:top_k]
+    ]
     if not files:
         return
     per_fold = len(files) / max(len(layout.fold_dirs(train)), 1)
@@ -243,33 +260,44 @@ def _duration(seconds: float | None) -> str:
 
 def markdown(runs: Sequence[Run], plot_name: str | None = None) -> str:
     """The leaderboard as a Markdown document: one table row per run, best first."""
-    lines = ["# Leaderboard", "",
-             "Sorted by the nested estimate (the post-processing chosen on the other folds, scored on each "
-             "held-out fold): the score to expect on new images. Fold spread: standard deviation [min, max] of "
-             "the folds' nested scores. Test: the submission's score where held-out labels exist. Training: the "
-             "sum of the folds' times. AUC, sens., spec.: the OOF images judged as a detector (image-level AUC, "
-             "sensitivity and specificity at the chosen operating point); test AUC: on held-out labels. An ensemble "
-             "lists the members it chose; its training time, parameters (one network per member) and checkpoints "
-             "are its members' summed. All empty: the score of predicting every image empty; a run marked **below "
-             "all-empty** scores under it (nested or test) and has learned less than predicting nothing.", ""]
+    lines = [
+        "# Leaderboard",
+        "",
+        "Sorted by the nested estimate (the post-processing chosen on the other folds, scored on each "
+        "held-out fold): the score to expect on new images. Fold spread: standard deviation [min, max] of "
+        "the folds' nested scores. Test: the submission's score where held-out labels exist. Training: the "
+        "sum of the folds' times. AUC, sens., spec.: the OOF images judged as a detector (image-level AUC, "
+        "sensitivity and specificity at the chosen operating point); test AUC: on held-out labels. An ensemble "
+        "lists the members it chose; its training time, parameters (one network per member) and checkpoints "
+        "are its members' summed. All empty: the score of predicting every image empty; a run marked **below "
+        "all-empty** scores under it (nested or test) and has learned less than predicting nothing.",
+        "",
+    ]
     if plot_name:
         lines += [f"![nested score per run]({plot_name})", ""]
-    lines += ["| # | run | nested | OOF | fold spread | test | all empty | post-processing | checkpoints | training | "
-              "parameters | checkpoint MB | AUC | sens. | spec. | test AUC |",
-              "| ---: | --- | ---: | ---: | --- | ---: | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines += [
+        "| # | run | nested | OOF | fold spread | test | all empty | post-processing | checkpoints | training | "
+        "parameters | checkpoint MB | AUC | sens. | spec. | test AUC |",
+        "| ---: | --- | ---: | ---: | --- | ---: | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
     for rank, run in enumerate(runs, 1):
-        spread = "n/a" if run.spread is None else \
-            f"{run.spread:.4f} [{min(run.fold_scores):.4f}, {max(run.fold_scores):.4f}]"
+        spread = (
+            "n/a"
+            if run.spread is None
+            else f"{run.spread:.4f} [{min(run.fold_scores):.4f}, {max(run.fold_scores):.4f}]"
+        )
         parameters = "n/a" if run.parameters is None else f"{run.parameters / 1e6:.2f} M"
         size = "n/a" if run.checkpoint_bytes is None else f"{run.checkpoint_bytes / 1e6:.1f}"
         name = f"{run.name} (ensemble: {' + '.join(run.members)})" if run.members else run.name
         name += f" (phases: {' -> '.join(run.phases)})" if run.phases else ""
         name += " **below all-empty**" if run.below_baseline else ""
-        lines.append(f"| {rank} | {name} | {_fmt(run.nested_score)} | {_fmt(run.oof_score)} | {spread} | "
-                     f"{_fmt(run.test_score)} | {_fmt(run.empty_baseline)} | {run.postprocess} | "
-                     f"{run.checkpoints or 'n/a'} | {_duration(run.train_seconds)} | {parameters} | {size} | "
-                     f"{_fmt(run.auc, 3)} | {_fmt(run.sensitivity, 3)} | {_fmt(run.specificity, 3)} | "
-                     f"{_fmt(run.test_auc, 3)} |")
+        lines.append(
+            f"| {rank} | {name} | {_fmt(run.nested_score)} | {_fmt(run.oof_score)} | {spread} | "
+            f"{_fmt(run.test_score)} | {_fmt(run.empty_baseline)} | {run.postprocess} | "
+            f"{run.checkpoints or 'n/a'} | {_duration(run.train_seconds)} | {parameters} | {size} | "
+            f"{_fmt(run.auc, 3)} | {_fmt(run.sensitivity, 3)} | {_fmt(run.specificity, 3)} | "
+            f"{_fmt(run.test_auc, 3)} |"
+        )
     if not runs:
         lines.append("| | no run with a finished stage 04 | | | | | | | | | | | | | | |")
     return "\n".join(lines) + "\n"
@@ -287,19 +315,43 @@ def plot(runs: Sequence[Run], path: Path) -> Path:
         if not np.isnan(value):
             ax.annotate(f"{value:.4f}", (value, row), xytext=(3, 8), textcoords="offset points", fontsize=8)
     for row, run in zip(rows, runs):
-        ax.scatter(run.fold_scores, [row] * len(run.fold_scores), color="#08519c", s=14, zorder=3,
-                   label="folds (nested)" if row == rows[0] else None)
+        ax.scatter(
+            run.fold_scores,
+            [row] * len(run.fold_scores),
+            color="#08519c",
+            s=14,
+            zorder=3,
+            label="folds (nested)" if row == rows[0] else None,
+        )
     ax.scatter([r.oof_score for r in runs], rows, marker="|", s=300, color="black", zorder=4, label="OOF (in-sample)")
     tested = [(row, r.test_score) for row, r in zip(rows, runs) if r.test_score is not None]
     if tested:
-        ax.scatter([t for _, t in tested], [row for row, _ in tested], marker="D", color="#d95f0e", s=30, zorder=5,
-                   label="test")
+        ax.scatter(
+            [t for _, t in tested],
+            [row for row, _ in tested],
+            marker="D",
+            color="#d95f0e",
+            s=30,
+            zorder=5,
+            label="test",
+        )
     baselines = [(row, r.empty_baseline) for row, r in zip(rows, runs) if r.empty_baseline is not None]
     if baselines:
-        ax.vlines([b for _, b in baselines], [row - 0.45 for row, _ in baselines], [row + 0.45 for row, _ in baselines],
-                  colors="grey", linestyles="--", zorder=6, label="all empty")
-    values = [v for r in runs for v in (*r.fold_scores, r.oof_score, r.nested_score, r.test_score, r.empty_baseline)
-              if v is not None]
+        ax.vlines(
+            [b for _, b in baselines],
+            [row - 0.45 for row, _ in baselines],
+            [row + 0.45 for row, _ in baselines],
+            colors="grey",
+            linestyles="--",
+            zorder=6,
+            label="all empty",
+        )
+    values = [
+        v
+        for r in runs
+        for v in (*r.fold_scores, r.oof_score, r.nested_score, r.test_score, r.empty_baseline)
+        if v is not None
+    ]
     low = min(values, default=0.0)
     ax.set_xlim(max(0.0, low - 0.05), 1.0)
     ax.set_yticks(rows, [f"{r.name} (below all-empty)" if r.below_baseline else r.name for r in runs])
@@ -312,8 +364,9 @@ def plot(runs: Sequence[Run], path: Path) -> Path:
     return path
 
 
-def write_leaderboard(output_root: str | os.PathLike, markdown_path: Path | None = None,
-                      plot_path: Path | None = None) -> list[Run]:
+def write_leaderboard(
+    output_root: str | os.PathLike, markdown_path: Path | None = None, plot_path: Path | None = None
+) -> list[Run]:
     """Collect the runs under ``output_root`` and write the table and the plot.
 
     Args:
@@ -351,4 +404,3 @@ def cli(argv: Sequence[str] | None = None) -> int:
         return 1
     print(markdown(runs))
     return 0
-

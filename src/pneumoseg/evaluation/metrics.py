@@ -3,6 +3,7 @@
 Computed from per-image counts, so the same formula serves boolean masks here and the histogram-based threshold
 search, which knows the counts without ever building the masks.
 """
+
 from __future__ import annotations
 
 import numpy as np

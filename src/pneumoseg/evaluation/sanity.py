@@ -5,18 +5,22 @@ about 0.78 on the challenge's and the demo's data) and looks good next to it; st
 scores with it, log a WARNING with what to try, and store the warnings in their ``done.json`` summary (key
 :data:`WARNINGS_KEY`), which ``status`` and the leaderboard show.
 """
+
 from __future__ import annotations
 
 import logging
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from pneumoseg.data import labels as lb
 
 log = logging.getLogger(__name__)
 
 WARNINGS_KEY = "warnings"
-_TRY = ("train longer (train.epochs), check the learning rate (optimizer.params.lr) and the training curves "
-        "(stage 04's oof_report.md), or make sure the training images have masks (stage 02's data_report.md)")
+_TRY = (
+    "train longer (train.epochs), check the learning rate (optimizer.params.lr) and the training curves "
+    "(stage 04's oof_report.md), or make sure the training images have masks (stage 02's data_report.md)"
+)
 
 
 def below_baseline(name: str, score: float | None, baseline: float | None) -> str | None:
@@ -29,8 +33,10 @@ def below_baseline(name: str, score: float | None, baseline: float | None) -> st
     """
     if score is None or baseline is None or score >= baseline:
         return None
-    return (f"the {name} {score:.4f} is below the all-empty baseline {baseline:.4f} (every image predicted empty): "
-            f"the model has learned less than predicting nothing; {_TRY}")
+    return (
+        f"the {name} {score:.4f} is below the all-empty baseline {baseline:.4f} (every image predicted empty): "
+        f"the model has learned less than predicting nothing; {_TRY}"
+    )
 
 
 def search_warnings(numbers: Mapping[str, Any]) -> list[str]:
@@ -43,8 +49,10 @@ def prediction_warnings(summary: Mapping[str, Any]) -> list[str]:
     """Stage 05's warnings on its summary (``positive``, ``images``, ``test_score``, ``test_empty_baseline``)."""
     found = []
     if summary.get("images") and not summary.get("positive"):
-        found.append(f"no test image of {summary['images']} was predicted with pneumothorax: the submission is "
-                     f"the all-empty baseline; {_TRY}")
+        found.append(
+            f"no test image of {summary['images']} was predicted with pneumothorax: the submission is "
+            f"the all-empty baseline; {_TRY}"
+        )
     below = below_baseline("test score", summary.get("test_score"), summary.get("test_empty_baseline"))
     return found + ([below] if below else [])
 
@@ -65,4 +73,3 @@ def empty_baseline(labels_csv) -> float:
     rows = lb.read_rle_csv(labels_csv)
     has_mask = rows[lb.RLE_COLUMN].ne("-1").groupby(rows[lb.ID_COLUMN]).any()
     return float((~has_mask).mean()) if len(has_mask) else float("nan")
-

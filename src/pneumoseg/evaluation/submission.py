@@ -8,13 +8,14 @@ given, the rows follow its order and its ImageIds exactly.
 :func:`validate_submission` lists everything wrong with a file, one precise line per problem;
 :func:`write_submission` writes through it, so a file that would not validate is never written.
 """
+
 from __future__ import annotations
 
 import csv
 import os
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -24,8 +25,8 @@ from pneumoseg.data import labels as lb
 from pneumoseg.data import rle
 from pneumoseg.data.testset import image_sizes, test_set
 from pneumoseg.errors import DataError
-from pneumoseg.io import atomic_path
 from pneumoseg.evaluation.metrics import dice_from_counts
+from pneumoseg.io import atomic_path
 
 HEADER = (lb.ID_COLUMN, lb.RLE_COLUMN)
 # The challenge's images are all 1024 x 1024: the size assumed for an image whose size is not given.
@@ -43,9 +44,14 @@ class Row:
     encoded: str
 
 
-def write_submission(path: str | os.PathLike, image_ids: Sequence[str], encoded: Sequence[str],
-                     expected_ids: Sequence[str] | None = None, sizes: Sizes | None = None,
-                     fmt: str = "relative") -> None:
+def write_submission(
+    path: str | os.PathLike,
+    image_ids: Sequence[str],
+    encoded: Sequence[str],
+    expected_ids: Sequence[str] | None = None,
+    sizes: Sizes | None = None,
+    fmt: str = "relative",
+) -> None:
     """Write a submission atomically, after checking it with :func:`validate_submission`.
 
     Args:
@@ -69,8 +75,9 @@ def write_submission(path: str | os.PathLike, image_ids: Sequence[str], encoded:
         # The written bytes are what gets checked, so the file on disk is exactly what validated.
         problems = validate_submission(tmp, list(image_ids) if expected_ids is None else expected_ids, sizes, fmt)
         if problems:
-            raise DataError(f"the submission for {path} does not validate, so it was not written:\n"
-                            + format_problems(problems))
+            raise DataError(
+                f"the submission for {path} does not validate, so it was not written:\n" + format_problems(problems)
+            )
 
 
 def read_submission(path: str | os.PathLike) -> tuple[list[Row], list[str]]:
@@ -92,8 +99,10 @@ def read_submission(path: str | os.PathLike) -> tuple[list[Row], list[str]]:
                 return [], [f"{path}: the file is empty; expected the header {','.join(HEADER)}"]
             delimiter = _other_delimiter(header)
             if delimiter:  # every row would be one field: say so once, not once a row
-                return [], [f"{path}: the fields are separated by {delimiter}, not commas; save the file as a "
-                            f"comma-separated CSV with the header {','.join(HEADER)}"]
+                return [], [
+                    f"{path}: the fields are separated by {delimiter}, not commas; save the file as a "
+                    f"comma-separated CSV with the header {','.join(HEADER)}"
+                ]
             if tuple(header) != HEADER:
                 problems.append(f"line 1: the header is {','.join(header)!r}; it must be exactly {','.join(HEADER)}")
             bad_lines = []
@@ -104,9 +113,14 @@ def read_submission(path: str | os.PathLike) -> tuple[list[Row], list[str]]:
                 rows.append(Row(reader.line_num, fields[0].strip(), fields[1].strip()))
     except (UnicodeDecodeError, csv.Error) as exc:
         return rows, [*problems, f"{path}: not a readable UTF-8 CSV file ({exc})"]
-    problems += _grouped([f"line {line}: {len(fields)} fields ({','.join(fields)}); expected ImageId,EncodedPixels"
-                          for line, fields in bad_lines], [f"line {line}" for line, _ in bad_lines],
-                         "lines do not have the two fields ImageId,EncodedPixels")
+    problems += _grouped(
+        [
+            f"line {line}: {len(fields)} fields ({','.join(fields)}); expected ImageId,EncodedPixels"
+            for line, fields in bad_lines
+        ],
+        [f"line {line}" for line, _ in bad_lines],
+        "lines do not have the two fields ImageId,EncodedPixels",
+    )
     return rows, problems
 
 
@@ -129,8 +143,12 @@ def _grouped(messages: list[str], items: list[str], summary: str, limit: int = 5
     return [f"{len(messages)} {summary}; the first {min(limit, len(items))}: {', '.join(items[:limit])}{more}"]
 
 
-def validate_submission(path: str | os.PathLike, expected: str | os.PathLike | Sequence[str],
-                        sizes: Sizes | None = None, fmt: str = "relative") -> list[str]:
+def validate_submission(
+    path: str | os.PathLike,
+    expected: str | os.PathLike | Sequence[str],
+    sizes: Sizes | None = None,
+    fmt: str = "relative",
+) -> list[str]:
     """Everything wrong with a submission file, one line per problem; an empty list when it is valid.
 
     Checked: the header; two fields per row; every expected ImageId present, none twice, none unexpected; the rows
@@ -157,8 +175,11 @@ def validate_submission(path: str | os.PathLike, expected: str | os.PathLike | S
     problems += _id_problems(rows, expected_ids)
     sizes = sizes or {}
     bad = [(row, found) for row in rows for found in _rle_problems(row, sizes.get(row.image_id, DEFAULT_SIZE), fmt)]
-    problems += _grouped([found for _, found in bad], [found.split(", ImageId")[0] for _, found in bad],
-                         f"rows have EncodedPixels that are not valid {fmt} run-length strings (or -1)")
+    problems += _grouped(
+        [found for _, found in bad],
+        [found.split(", ImageId")[0] for _, found in bad],
+        f"rows have EncodedPixels that are not valid {fmt} run-length strings (or -1)",
+    )
     return problems
 
 
@@ -179,23 +200,38 @@ def _id_problems(rows: Sequence[Row], expected_ids: Sequence[str]) -> list[str]:
                 unexpected.append(row)
     missing = [(k, image_id) for k, image_id in enumerate(expected_ids) if image_id not in first_line]
     problems = [
-        *_grouped([f"line {row.line}: no ImageId" for row in blank], [f"line {row.line}" for row in blank],
-                  "lines have no ImageId"),
-        *_grouped([f"line {row.line}: ImageId {row.image_id} again (first on line {first}); give one merged mask per "
-                   f"image" for row, first in twice], [f"line {row.line} ({row.image_id})" for row, _ in twice],
-                  "rows repeat an ImageId of an earlier row (give one merged mask per image)"),
-        *_grouped([f"line {row.line}: ImageId {row.image_id} is not a test image" for row in unexpected],
-                  [f"line {row.line} ({row.image_id})" for row in unexpected], "rows are not of test images"),
-        *_grouped([f"ImageId {image_id} (test image {k + 1} of {len(expected_ids)}) has no row"
-                   for k, image_id in missing], [image_id for _, image_id in missing],
-                  f"test images of {len(expected_ids)} have no row (write one per test image, -1 when empty)"),
+        *_grouped(
+            [f"line {row.line}: no ImageId" for row in blank],
+            [f"line {row.line}" for row in blank],
+            "lines have no ImageId",
+        ),
+        *_grouped(
+            [
+                f"line {row.line}: ImageId {row.image_id} again (first on line {first}); give one merged mask per image"
+                for row, first in twice
+            ],
+            [f"line {row.line} ({row.image_id})" for row, _ in twice],
+            "rows repeat an ImageId of an earlier row (give one merged mask per image)",
+        ),
+        *_grouped(
+            [f"line {row.line}: ImageId {row.image_id} is not a test image" for row in unexpected],
+            [f"line {row.line} ({row.image_id})" for row in unexpected],
+            "rows are not of test images",
+        ),
+        *_grouped(
+            [f"ImageId {image_id} (test image {k + 1} of {len(expected_ids)}) has no row" for k, image_id in missing],
+            [image_id for _, image_id in missing],
+            f"test images of {len(expected_ids)} have no row (write one per test image, -1 when empty)",
+        ),
     ]
     if not problems:
         order = [row.image_id for row in rows]
         if order != list(expected_ids):
             k = next(i for i, (a, b) in enumerate(zip(order, expected_ids)) if a != b)
-            problems.append(f"line {rows[k].line}: ImageId {order[k]} where the expected order has "
-                            f"{expected_ids[k]}; write the rows in the sample submission's order")
+            problems.append(
+                f"line {rows[k].line}: ImageId {order[k]} where the expected order has "
+                f"{expected_ids[k]}; write the rows in the sample submission's order"
+            )
     return problems
 
 
@@ -220,8 +256,12 @@ def format_problems(problems: Iterable[str], limit: int | None = 20) -> str:
     return "\n".join(lines)
 
 
-def check_submission(path: str | os.PathLike, sample: str | os.PathLike | None = None,
-                     cfg: DictConfig | None = None, fmt: str | None = None) -> tuple[bool, str]:
+def check_submission(
+    path: str | os.PathLike,
+    sample: str | os.PathLike | None = None,
+    cfg: DictConfig | None = None,
+    fmt: str | None = None,
+) -> tuple[bool, str]:
     """Validate a submission file against a sample submission or an experiment's test set; what
     ``scripts/validate_submission.py`` prints.
 
@@ -254,8 +294,9 @@ def check_submission(path: str | os.PathLike, sample: str | os.PathLike | None =
     return True, f"{path}: valid ({fmt} run-length form)"
 
 
-def dice_by_image(path: str | os.PathLike, labels_csv: str | os.PathLike, sizes: Sizes | None = None,
-                  fmt: str = "relative") -> pd.Series:
+def dice_by_image(
+    path: str | os.PathLike, labels_csv: str | os.PathLike, sizes: Sizes | None = None, fmt: str = "relative"
+) -> pd.Series:
     """The challenge's Dice of each labelled image, from a submission file and a label file.
 
     Args:
@@ -278,8 +319,10 @@ def dice_by_image(path: str | os.PathLike, labels_csv: str | os.PathLike, sizes:
     truth = lb.read_labels(labels_csv)
     unscored = [image_id for image_id in truth if image_id not in predicted]
     if unscored:
-        raise DataError(f"{path} has no row for {len(unscored)} of the {len(truth)} images of {labels_csv}, e.g. "
-                        f"{unscored[:3]}; it was made for another test set")
+        raise DataError(
+            f"{path} has no row for {len(unscored)} of the {len(truth)} images of {labels_csv}, e.g. "
+            f"{unscored[:3]}; it was made for another test set"
+        )
     sizes = sizes or {}
     counts = np.zeros((len(truth), 3), np.int64)
     for k, (image_id, labels) in enumerate(truth.items()):
@@ -294,7 +337,8 @@ def dice_by_image(path: str | os.PathLike, labels_csv: str | os.PathLike, sizes:
     return pd.Series(dice_from_counts(counts[:, 0], counts[:, 1], counts[:, 2]), index=list(truth), name="dice")
 
 
-def score_submission(path: str | os.PathLike, labels_csv: str | os.PathLike, sizes: Sizes | None = None,
-                     fmt: str = "relative") -> float:
+def score_submission(
+    path: str | os.PathLike, labels_csv: str | os.PathLike, sizes: Sizes | None = None, fmt: str = "relative"
+) -> float:
     """The challenge score of a submission: the mean of :func:`dice_by_image` over the labelled images."""
     return float(dice_by_image(path, labels_csv, sizes, fmt).mean())

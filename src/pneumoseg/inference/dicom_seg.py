@@ -5,6 +5,7 @@ carries the patient and study of the source and references its series and SOP in
 the right image. Its UIDs are derived from the source's and the model's version, so a rerun (or a resumed run)
 writes the same UIDs, and every SEG of one source series falls into one SEG series.
 """
+
 from __future__ import annotations
 
 import copy
@@ -46,20 +47,32 @@ def make_segmentation(header: Dataset, mask: np.ndarray, model_name: str, model_
             delattr(source, keyword)
     algorithm = hd.AlgorithmIdentificationSequence(name=model_name, version=model_version, family=_AI)
     segment = hd.seg.SegmentDescription(
-        segment_number=1, segment_label=SEGMENT_LABEL, segmented_property_category=_MORPHOLOGY,
-        segmented_property_type=_PNEUMOTHORAX, algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
-        algorithm_identification=algorithm)
+        segment_number=1,
+        segment_label=SEGMENT_LABEL,
+        segmented_property_category=_MORPHOLOGY,
+        segmented_property_type=_PNEUMOTHORAX,
+        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+        algorithm_identification=algorithm,
+    )
     sop_uid = str(header.SOPInstanceUID)
     with warnings.catch_warnings():  # highdicom warns about the source's own name formats, which are not ours
         warnings.simplefilter("ignore", UserWarning)
         return hd.seg.Segmentation(
-            source_images=[source], pixel_array=mask.astype(bool), segment_descriptions=[segment],
+            source_images=[source],
+            pixel_array=mask.astype(bool),
+            segment_descriptions=[segment],
             segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
             series_instance_uid=generate_uid(entropy_srcs=[str(header.get("SeriesInstanceUID", "")), model_version]),
-            series_number=SERIES_NUMBER, sop_instance_uid=generate_uid(entropy_srcs=[sop_uid, model_version]),
-            instance_number=int(header.get("InstanceNumber") or 1), manufacturer="pneumoseg",
-            manufacturer_model_name=model_name, software_versions=__version__, device_serial_number="0",
-            series_description=f"{SEGMENT_LABEL} ({model_name})", omit_empty_frames=False)
+            series_number=SERIES_NUMBER,
+            sop_instance_uid=generate_uid(entropy_srcs=[sop_uid, model_version]),
+            instance_number=int(header.get("InstanceNumber") or 1),
+            manufacturer="pneumoseg",
+            manufacturer_model_name=model_name,
+            software_versions=__version__,
+            device_serial_number="0",
+            series_description=f"{SEGMENT_LABEL} ({model_name})",
+            omit_empty_frames=False,
+        )
 
 
 def write_segmentation(path: Path, header: Dataset, mask: np.ndarray, model_name: str, model_version: str) -> None:
@@ -71,8 +84,9 @@ def write_segmentation(path: Path, header: Dataset, mask: np.ndarray, model_name
     try:
         segmentation = make_segmentation(header, mask, model_name, model_version)
     except (AttributeError, ValueError, TypeError) as exc:
-        raise DataError(f"cannot make a DICOM SEG of {path.name}: its source's header is incomplete "
-                        f"({type(exc).__name__}: {exc})") from None
+        raise DataError(
+            f"cannot make a DICOM SEG of {path.name}: its source's header is incomplete ({type(exc).__name__}: {exc})"
+        ) from None
     with atomic_path(path) as tmp:
         segmentation.save_as(tmp)
 
@@ -84,4 +98,3 @@ def read_segmentation_mask(path: Path) -> tuple[np.ndarray, str]:
     [(_, _, sop_uid)] = segmentation.get_source_image_uids()
     pixels = segmentation.get_pixels_by_source_instance(source_sop_instance_uids=[sop_uid], segment_numbers=[1])
     return pixels[0, :, :, 0].astype(bool), str(sop_uid)
-

@@ -7,12 +7,13 @@ training folder (:func:`load_fold_models`)::
 Test-time augmented prediction with them is :mod:`pneumoseg.inference.tta`; the checkpoint files themselves are
 :mod:`pneumoseg.modeling.checkpoints`.
 """
+
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 import torch
 from torch import nn
@@ -67,19 +68,32 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", fix:
         net.load_state_dict(checkpoint["state_dict"])
         image_size = int(checkpoint["image_size"])
     except (RuntimeError, KeyError, TypeError, ValueError) as exc:  # weights of another network, or missing
-        raise DataError(f"{path} does not hold the weights of the network it describes ({type(exc).__name__}: "
-                        f"{str(exc).splitlines()[0][:200]}); {fix}") from None
+        raise DataError(
+            f"{path} does not hold the weights of the network it describes ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0][:200]}); {fix}"
+        ) from None
     device = torch.device(device)
     net.to(device).eval()
     if device.type == "cuda":
         net.to(memory_format=torch.channels_last)
-    return FoldModel(net=net, normalize=normalize_from_model(checkpoint["model"]), image_size=image_size,
-                     fold=checkpoint.get("fold"), epoch=checkpoint.get("epoch"), score=checkpoint.get("score"),
-                     path=path)
+    return FoldModel(
+        net=net,
+        normalize=normalize_from_model(checkpoint["model"]),
+        image_size=image_size,
+        fold=checkpoint.get("fold"),
+        epoch=checkpoint.get("epoch"),
+        score=checkpoint.get("score"),
+        path=path,
+    )
 
 
-def load_fold_models(train_dir: str | os.PathLike, folds: Iterable[int] | None = None, top: int = 1,
-                     device: str | torch.device = "cpu", checkpoints: str = "best") -> list[FoldModel]:
+def load_fold_models(
+    train_dir: str | os.PathLike,
+    folds: Iterable[int] | None = None,
+    top: int = 1,
+    device: str | torch.device = "cpu",
+    checkpoints: str = "best",
+) -> list[FoldModel]:
     """The ``top`` best checkpoints of each fold of a training folder (``03_train`` or a SageMaker model dir).
 
     Args:
@@ -102,9 +116,17 @@ def load_fold_models(train_dir: str | os.PathLike, folds: Iterable[int] | None =
     for fold in wanted:
         files = best_files(layout.checkpoints_dir(found[fold], checkpoints))[:top] if fold in found else []
         if not files:
-            hint = "" if checkpoints == "best" else (f" (predict.checkpoints={checkpoints} needs train.ema or "
-                                                     f"train.average_top_k set when the fold was trained)")
-            raise DataError(f"fold {fold} has no {checkpoints} best_<rank>.pt checkpoint in {train_dir}; train it "
-                            f"first ({command('03')} --fold {fold}){hint}")
+            hint = (
+                ""
+                if checkpoints == "best"
+                else (
+                    f" (predict.checkpoints={checkpoints} needs train.ema or "
+                    f"train.average_top_k set when the fold was trained)"
+                )
+            )
+            raise DataError(
+                f"fold {fold} has no {checkpoints} best_<rank>.pt checkpoint in {train_dir}; train it "
+                f"first ({command('03')} --fold {fold}){hint}"
+            )
         models.extend(load_model(path, device) for path in files)
     return models

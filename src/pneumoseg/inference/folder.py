@@ -32,6 +32,7 @@ Scale: files are decoded in ``--workers`` processes, a bounded number ahead of t
 ``predictions.csv`` or ``errors.csv`` are skipped (delete ``errors.csv`` to retry the unreadable ones), and every
 file is written atomically, its CSV row only after its outputs.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,20 +51,31 @@ from pathlib import Path
 from tqdm import tqdm
 
 from pneumoseg import stage_table
-from pneumoseg.logs import setup_logging
 from pneumoseg.config import fingerprint, is_ensemble, load_config
 from pneumoseg.errors import ConfigError, DataError, PneumosegError
 from pneumoseg.inference.ledger import Ledger
 from pneumoseg.inference.outputs import OVERLAYS, area_mm2, write_outputs
 from pneumoseg.inference.predictor import EnsemblePredictor, Prediction, Predictor
 from pneumoseg.inference.sources import ReadFailure, SourceImage, find_images, read_source
+from pneumoseg.logs import setup_logging
 from pneumoseg.reports.review import write_review_page
 from pneumoseg.serve.package import load_package, open_package
 
 log = logging.getLogger(__name__)
 
-COLUMNS = ("source", "SOPInstanceUID", "StudyInstanceUID", "has_pneumothorax", "probability", "gate_probability",
-           "area_pixels", "area_mm2", "EncodedPixels", "in_scope", "note")
+COLUMNS = (
+    "source",
+    "SOPInstanceUID",
+    "StudyInstanceUID",
+    "has_pneumothorax",
+    "probability",
+    "gate_probability",
+    "area_pixels",
+    "area_mm2",
+    "EncodedPixels",
+    "in_scope",
+    "note",
+)
 """The columns of ``predictions.csv``."""
 ERROR_COLUMNS = ("source", "error")
 PREDICTIONS_FILE, ERRORS_FILE, REVIEW_FILE = "predictions.csv", "errors.csv", "index.html"
@@ -98,22 +110,37 @@ def open_model(spec: str | os.PathLike, overrides: Sequence[str] = (), device: s
     if path.suffix.lower() in (".yaml", ".yml"):
         cfg = load_config(path, overrides)
         if is_ensemble(cfg):
-            raise ConfigError(f"{path} is an ensemble config: build its package (stage 06, "
-                              f"{stage_table.command('06')} --config {path}) and give --model its model.tar.gz")
+            raise ConfigError(
+                f"{path} is an ensemble config: build its package (stage 06, "
+                f"{stage_table.command('06')} --config {path}) and give --model its model.tar.gz"
+            )
         predictor = Predictor.from_experiment(cfg, device)
-        yield Model(predictor, str(cfg.experiment), f"{cfg.experiment}-{fingerprint(cfg, _MODEL_SECTIONS)[:12]}",
-                    str(cfg.predict.fmt))
+        yield Model(
+            predictor,
+            str(cfg.experiment),
+            f"{cfg.experiment}-{fingerprint(cfg, _MODEL_SECTIONS)[:12]}",
+            str(cfg.predict.fmt),
+        )
         return
     if overrides:
-        raise ConfigError(f"config overrides {list(overrides)} were given, but --model {spec} is a package, not a "
-                        f"config; a package predicts as it was built")
+        raise ConfigError(
+            f"config overrides {list(overrides)} were given, but --model {spec} is a package, not a "
+            f"config; a package predicts as it was built"
+        )
     with open_package(path) as folder:
         served = load_package(folder, device)
         yield Model(served.predictor, served.name, served.version, served.fmt)
 
 
-def run(model: Model, input_dir: Path, output_dir: Path, batch_size: int = 8, workers: int = 1,
-        probabilities: bool = False, include_out_of_scope: bool = False) -> dict[str, object]:
+def run(
+    model: Model,
+    input_dir: Path,
+    output_dir: Path,
+    batch_size: int = 8,
+    workers: int = 1,
+    probabilities: bool = False,
+    include_out_of_scope: bool = False,
+) -> dict[str, object]:
     """Predict every image under ``input_dir`` not yet done in ``output_dir``; see the module docstring.
 
     Args:
@@ -151,12 +178,21 @@ def run(model: Model, input_dir: Path, output_dir: Path, batch_size: int = 8, wo
             _record(*writing, predictions, errors, model.fmt)
     seconds = time.perf_counter() - started
     rows = predictions.rows()
-    write_review_page(output_dir / REVIEW_FILE, [{**row, "overlay": _overlay_link(row)} for row in rows],
-                      errors.rows(), f"pneumothorax predictions: {model.name} ({model.version})")
-    return {"output": str(output_dir), "found": len(found), "predicted_now": len(todo),
-            "positive": sum(row["has_pneumothorax"] == "true" for row in rows),
-            "out_of_scope": sum(row["in_scope"] != "true" for row in rows), "unreadable": len(errors.sources),
-            "seconds_per_image": round(seconds / len(todo), 4) if todo else None}
+    write_review_page(
+        output_dir / REVIEW_FILE,
+        [{**row, "overlay": _overlay_link(row)} for row in rows],
+        errors.rows(),
+        f"pneumothorax predictions: {model.name} ({model.version})",
+    )
+    return {
+        "output": str(output_dir),
+        "found": len(found),
+        "predicted_now": len(todo),
+        "positive": sum(row["has_pneumothorax"] == "true" for row in rows),
+        "out_of_scope": sum(row["in_scope"] != "true" for row in rows),
+        "unreadable": len(errors.sources),
+        "seconds_per_image": round(seconds / len(todo), 4) if todo else None,
+    }
 
 
 class _Inline:
@@ -183,8 +219,9 @@ def _pool(workers: int) -> Iterator[ProcessPoolExecutor | _Inline]:
         yield pool
 
 
-def read_images(pool: ProcessPoolExecutor | _Inline, root: Path, sources: Sequence[str], workers: int,
-                include_out_of_scope: bool) -> Iterator[SourceImage | ReadFailure]:
+def read_images(
+    pool: ProcessPoolExecutor | _Inline, root: Path, sources: Sequence[str], workers: int, include_out_of_scope: bool
+) -> Iterator[SourceImage | ReadFailure]:
     """The images read in ``pool``, in order, at most ``4 * workers`` files ahead of the consumer, so that memory
     does not grow with the folder."""
     queued: deque[Future] = deque()
@@ -207,20 +244,43 @@ def _batches(items: Iterable, size: int) -> Iterator[list]:
         yield batch
 
 
-def predict_batch(model: Model, batch: Sequence[SourceImage | ReadFailure], pool: ProcessPoolExecutor | _Inline,
-                  output_dir: Path, probabilities: bool) -> dict[str, tuple[Prediction, Future]]:
+def predict_batch(
+    model: Model,
+    batch: Sequence[SourceImage | ReadFailure],
+    pool: ProcessPoolExecutor | _Inline,
+    output_dir: Path,
+    probabilities: bool,
+) -> dict[str, tuple[Prediction, Future]]:
     """Predict the images of a batch that are to be predicted and start writing their files in ``pool``: each
     image's prediction and the job writing its files (whose result is a note), by source."""
     to_predict = [item for item in batch if isinstance(item, SourceImage) and item.pixels is not None]
     pixels = [image.pixels for image in to_predict if image.pixels is not None]
     predictions = model.predictor.predict(pixels) if pixels else []
-    return {image.source: (prediction, pool.submit(write_outputs, image, prediction.probs, prediction.mask,
-                                                   output_dir, probabilities, model.name, model.version))
-            for image, prediction in zip(to_predict, predictions)}
+    return {
+        image.source: (
+            prediction,
+            pool.submit(
+                write_outputs,
+                image,
+                prediction.probs,
+                prediction.mask,
+                output_dir,
+                probabilities,
+                model.name,
+                model.version,
+            ),
+        )
+        for image, prediction in zip(to_predict, predictions)
+    }
 
 
-def _record(batch: Sequence[SourceImage | ReadFailure], predicted: dict[str, tuple[Prediction, Future]],
-            predictions: Ledger, errors: Ledger, fmt: str) -> None:
+def _record(
+    batch: Sequence[SourceImage | ReadFailure],
+    predicted: dict[str, tuple[Prediction, Future]],
+    predictions: Ledger,
+    errors: Ledger,
+    fmt: str,
+) -> None:
     """Once a batch's files are written, append its rows to ``predictions.csv`` and its failures to ``errors.csv``."""
     rows = []
     for image in batch:
@@ -237,16 +297,24 @@ def _record(batch: Sequence[SourceImage | ReadFailure], predicted: dict[str, tup
 
 def prediction_row(image: SourceImage, prediction: Prediction | None, fmt: str, note: str) -> dict[str, object]:
     """The ``predictions.csv`` row of an image; the prediction's columns are empty when it was not predicted."""
-    row: dict[str, object] = {"source": image.source, "SOPInstanceUID": image.sop_instance_uid,
-                              "StudyInstanceUID": image.study_instance_uid, "in_scope": _flag(image.in_scope),
-                              "note": note}
+    row: dict[str, object] = {
+        "source": image.source,
+        "SOPInstanceUID": image.sop_instance_uid,
+        "StudyInstanceUID": image.study_instance_uid,
+        "in_scope": _flag(image.in_scope),
+        "note": note,
+    }
     if prediction is None:
         return {**row, **{column: "" for column in COLUMNS if column not in row}}
-    return {**row, "has_pneumothorax": _flag(prediction.has_pneumothorax),
-            "probability": f"{prediction.max_prob:.4f}",
-            "gate_probability": "" if prediction.gate is None else f"{prediction.gate:.4f}",
-            "area_pixels": prediction.area, "area_mm2": area_mm2(image, prediction.area),
-            "EncodedPixels": prediction.rle(fmt)}
+    return {
+        **row,
+        "has_pneumothorax": _flag(prediction.has_pneumothorax),
+        "probability": f"{prediction.max_prob:.4f}",
+        "gate_probability": "" if prediction.gate is None else f"{prediction.gate:.4f}",
+        "area_pixels": prediction.area,
+        "area_mm2": area_mm2(image, prediction.area),
+        "EncodedPixels": prediction.rle(fmt),
+    }
 
 
 def _flag(value: bool) -> str:
@@ -262,18 +330,29 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="pneumoseg predict",
         description="Predict a folder of chest X-rays (DICOM, PNG, JPEG, found recursively; no labels): "
-                    "predictions.csv, masks, overlays, DICOM SEG and a review page (index.html).")
-    parser.add_argument("--model", required=True,
-                        help="a stage-06 package (model.tar.gz or its folder), or an experiment or ensemble config "
-                             "whose stages 03-04 have finished")
+        "predictions.csv, masks, overlays, DICOM SEG and a review page (index.html).",
+    )
+    parser.add_argument(
+        "--model",
+        required=True,
+        help="a stage-06 package (model.tar.gz or its folder), or an experiment or ensemble config "
+        "whose stages 03-04 have finished",
+    )
     parser.add_argument("--input", required=True, type=Path, help="the folder of images")
     parser.add_argument("--output", required=True, type=Path, help="where the outputs go; a run there is resumed")
     parser.add_argument("--probabilities", action="store_true", help="also write the probability maps")
-    parser.add_argument("--include-out-of-scope", action="store_true",
-                        help="predict DICOMs that are not frontal chest radiographs too (flagged either way)")
+    parser.add_argument(
+        "--include-out-of-scope",
+        action="store_true",
+        help="predict DICOMs that are not frontal chest radiographs too (flagged either way)",
+    )
     parser.add_argument("--batch-size", type=int, default=8, help="images predicted together (default 8)")
-    parser.add_argument("--workers", type=int, default=max(1, min(4, (os.cpu_count() or 1) - 1)),
-                        help="decoding processes; 0 decodes in the main process (default: CPUs - 1, at most 4)")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=max(1, min(4, (os.cpu_count() or 1) - 1)),
+        help="decoding processes; 0 decodes in the main process (default: CPUs - 1, at most 4)",
+    )
     parser.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu or cuda")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (with a config)")
     return parser.parse_intermixed_args(argv)
@@ -287,14 +366,23 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     try:
         with open_model(args.model, args.overrides, args.device) as model:
-            summary = run(model, args.input, args.output, args.batch_size, args.workers, args.probabilities,
-                          args.include_out_of_scope)
+            summary = run(
+                model,
+                args.input,
+                args.output,
+                args.batch_size,
+                args.workers,
+                args.probabilities,
+                args.include_out_of_scope,
+            )
     except PneumosegError as exc:
         log.error("%s", exc)
         return 1
     except BrokenProcessPool:
-        log.error("a worker process died (out of memory, or a decoder that crashed on a file); rerun the same "
-                  "command to resume, with --workers 0 to see which file stops it")
+        log.error(
+            "a worker process died (out of memory, or a decoder that crashed on a file); rerun the same "
+            "command to resume, with --workers 0 to see which file stops it"
+        )
         return 1
     except KeyboardInterrupt:
         log.error("interrupted; rerun the same command to resume where it stopped")
@@ -306,7 +394,9 @@ def main(argv: list[str] | None = None) -> int:
 def summary_text(summary: dict[str, object]) -> str:
     """The lines the command prints when it is done."""
     speed = "" if summary["seconds_per_image"] is None else f", {summary['seconds_per_image']:.3f} s per image"
-    return (f"predictions: {summary['output']}/{PREDICTIONS_FILE} (review page {summary['output']}/{REVIEW_FILE})\n"
-            f"  {summary['found']} images found, {summary['predicted_now']} read this run{speed}; "
-            f"{summary['positive']} with pneumothorax predicted, {summary['out_of_scope']} out of scope, "
-            f"{summary['unreadable']} unreadable (errors.csv)")
+    return (
+        f"predictions: {summary['output']}/{PREDICTIONS_FILE} (review page {summary['output']}/{REVIEW_FILE})\n"
+        f"  {summary['found']} images found, {summary['predicted_now']} read this run{speed}; "
+        f"{summary['positive']} with pneumothorax predicted, {summary['out_of_scope']} out of scope, "
+        f"{summary['unreadable']} unreadable (errors.csv)"
+    )

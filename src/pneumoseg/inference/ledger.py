@@ -4,6 +4,7 @@ Each batch's rows are appended and synced to disk in one write, after the files 
 row means its outputs exist. A run killed mid-write leaves at most one cut-off last line; opening the ledger again
 drops that line and any repeated source (keeping its last row) and rewrites the file atomically.
 """
+
 from __future__ import annotations
 
 import csv
@@ -39,11 +40,13 @@ class Ledger:
     def _recover(self) -> None:
         """Read the existing rows: drop a cut-off last line and repeated sources, rewrite if either was found."""
         original = self.path.read_text(encoding=_ENCODING, errors=_ERRORS)
-        text = original if original.endswith("\n") else original[:original.rfind("\n") + 1]
+        text = original if original.endswith("\n") else original[: original.rfind("\n") + 1]
         reader = csv.DictReader(io.StringIO(text))
         if text and tuple(reader.fieldnames or ()) != self.columns:
-            raise DataError(f"{self.path} has the columns {reader.fieldnames}, not {list(self.columns)}: it was "
-                            f"written by another version or another command; give --output a new folder")
+            raise DataError(
+                f"{self.path} has the columns {reader.fieldnames}, not {list(self.columns)}: it was "
+                f"written by another version or another command; give --output a new folder"
+            )
         rows = {row[self.columns[0]]: row for row in reader}
         if text != original or len(rows) != text.count("\n") - 1:
             with atomic_open(self.path, "w", newline="", encoding=_ENCODING, errors=_ERRORS) as handle:

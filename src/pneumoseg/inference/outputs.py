@@ -2,6 +2,7 @@
 overlay, its DICOM SEG (for a DICOM) and its probability map, each written atomically. Nothing here imports torch:
 the command's worker processes run it beside the model.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -17,8 +18,15 @@ from pneumoseg.reports.review import overlay
 MASKS, OVERLAYS, SEGS, PROBABILITIES = "masks", "overlays", "seg", "probabilities"
 
 
-def write_outputs(image: SourceImage, probs: np.ndarray, mask: np.ndarray, output_dir: Path, probabilities: bool,
-                  model_name: str, model_version: str) -> str:
+def write_outputs(
+    image: SourceImage,
+    probs: np.ndarray,
+    mask: np.ndarray,
+    output_dir: Path,
+    probabilities: bool,
+    model_name: str,
+    model_version: str,
+) -> str:
     """Write one prediction's files; return a note on what could not be written ("" when all was).
 
     Args:
@@ -32,16 +40,18 @@ def write_outputs(image: SourceImage, probs: np.ndarray, mask: np.ndarray, outpu
     """
     assert image.pixels is not None  # only decoded images are predicted
     write_png(output_dir / MASKS / f"{image.source}.png", mask.astype(np.uint8) * 255)
-    write_png(output_dir / OVERLAYS / f"{image.source}.png",
-              overlay(image.pixels, probs, mask, caption(image, probs, mask), bool(mask.any())))
+    write_png(
+        output_dir / OVERLAYS / f"{image.source}.png",
+        overlay(image.pixels, probs, mask, caption(image, probs, mask), bool(mask.any())),
+    )
     if probabilities:
-        write_png(output_dir / PROBABILITIES / f"{image.source}.png",
-                  np.round(np.clip(probs, 0, 1) * 65535).astype(np.uint16))
+        write_png(
+            output_dir / PROBABILITIES / f"{image.source}.png", np.round(np.clip(probs, 0, 1) * 65535).astype(np.uint16)
+        )
     if image.header is None:
         return ""
     try:
-        write_segmentation(output_dir / SEGS / f"{image.source}.seg.dcm", image.header, mask, model_name,
-                           model_version)
+        write_segmentation(output_dir / SEGS / f"{image.source}.seg.dcm", image.header, mask, model_name, model_version)
     except DataError as exc:
         return f"no DICOM SEG: {exc}"
     return ""

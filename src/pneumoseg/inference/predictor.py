@@ -25,26 +25,26 @@ TTA and image size: the members' probabilities are blended at the image's size w
 Memory grows with the number of images passed in one call (a full-size probability map each): stream large sets
 through in batches.
 """
+
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Mapping, Sequence
 
 import numpy as np
 import torch
 from omegaconf import DictConfig
 
 from pneumoseg import layout
-
 from pneumoseg.data import rle
 from pneumoseg.data.blend import blend_gates, blend_maps, normalized_weights
 from pneumoseg.data.fold_table import FOLD_COLUMN, read_trained_folds
-from pneumoseg.modeling.device import resolve_device
-from pneumoseg.errors import ConfigError, DataError
 from pneumoseg.data.resize import resize_probabilities, resize_square
+from pneumoseg.errors import ConfigError, DataError
 from pneumoseg.inference.fold_models import FoldModel, load_fold_models
 from pneumoseg.inference.runtime import ONNXRUNTIME, choose_runtime, runtime_of, with_runtime
 from pneumoseg.inference.tta import TTA, predict_with_gate
+from pneumoseg.modeling.device import resolve_device
 from pneumoseg.modeling.models import has_gate
 from pneumoseg.postprocess.strategies import Gated, PostProcessor, build_postprocessor, load_postprocessor
 
@@ -102,15 +102,24 @@ class Predictor:
         ConfigError: a gated post-processing for models without the gate head.
     """
 
-    def __init__(self, models: list[FoldModel], tta: TTA, postprocessor: PostProcessor, interpolation: str = "area",
-                 batch_size: int = 16, amp: str | None = "auto") -> None:
+    def __init__(
+        self,
+        models: list[FoldModel],
+        tta: TTA,
+        postprocessor: PostProcessor,
+        interpolation: str = "area",
+        batch_size: int = 16,
+        amp: str | None = "auto",
+    ) -> None:
         if not models:
             raise ValueError("a Predictor needs at least one model")
         sizes = sorted({m.image_size for m in models})
         if len(sizes) > 1:
             found = ", ".join(f"{m.path} ({m.image_size} px)" for m in models)
-            raise DataError(f"the models were trained at different sizes {sizes}: {found}; an ensemble predicts "
-                            f"at one size, so retrain the folds at one train.image_size")
+            raise DataError(
+                f"the models were trained at different sizes {sizes}: {found}; an ensemble predicts "
+                f"at one size, so retrain the folds at one train.image_size"
+            )
         if batch_size < 1:
             raise ConfigError(f"the prediction batch size must be at least 1, got {batch_size}")
         check_gate(postprocessor, models)
@@ -159,8 +168,11 @@ class Predictor:
         """
         return make_predictions(*self.probabilities(images), self.postprocessor)
 
-    def predict_prepared(self, images: np.ndarray | torch.Tensor | Mapping[int, np.ndarray | torch.Tensor],
-                         original_shapes: Sequence[tuple[int, int]]) -> list[Prediction]:
+    def predict_prepared(
+        self,
+        images: np.ndarray | torch.Tensor | Mapping[int, np.ndarray | torch.Tensor],
+        original_shapes: Sequence[tuple[int, int]],
+    ) -> list[Prediction]:
         """Predict images already resized to :attr:`image_size` (stage 01's PNGs).
 
         Args:
@@ -187,43 +199,57 @@ class Predictor:
         models' size, resized as stage 01 resizes its PNGs."""
         return np.stack([resize_square(image, self.image_size, self.interpolation) for image in images])
 
-    def probabilities_prepared(self, images: np.ndarray | torch.Tensor | Mapping[int, np.ndarray | torch.Tensor],
-                               original_shapes: Sequence[tuple[int, int]]) -> tuple[list[np.ndarray], np.ndarray | None]:
+    def probabilities_prepared(
+        self,
+        images: np.ndarray | torch.Tensor | Mapping[int, np.ndarray | torch.Tensor],
+        original_shapes: Sequence[tuple[int, int]],
+    ) -> tuple[list[np.ndarray], np.ndarray | None]:
         """The probabilities of prepared images, each brought back to its original size, and their gate
         probabilities, as :meth:`probabilities` gives them; arguments and errors as for :meth:`predict_prepared`."""
         batch = self.prepared_batch(images)
         if len(original_shapes) != len(batch):
             raise DataError(f"{len(batch)} images but {len(original_shapes)} original shapes")
         probs, gates = self.model_probabilities(batch)
-        full_maps = [resize_probabilities(small, int(rows), int(cols))
-                     for small, (rows, cols) in zip(probs, original_shapes)]
+        full_maps = [
+            resize_probabilities(small, int(rows), int(cols)) for small, (rows, cols) in zip(probs, original_shapes)
+        ]
         return full_maps, gates
 
-    def model_probabilities(self, images: np.ndarray | torch.Tensor | Mapping[int, np.ndarray | torch.Tensor]
-                            ) -> tuple[np.ndarray, np.ndarray | None]:
+    def model_probabilities(
+        self, images: np.ndarray | torch.Tensor | Mapping[int, np.ndarray | torch.Tensor]
+    ) -> tuple[np.ndarray, np.ndarray | None]:
         """The averaged probabilities of prepared images at the models' size (float32 N x S x S), before they are
         brought back to any image's size, and their gate probabilities; ``images`` as for :meth:`predict_prepared`.
 
         Raises:
             DataError: images of another size.
         """
-        return predict_with_gate(self.models, self.prepared_batch(images), self.tta, batch_size=self.batch_size,
-                                 amp=self.amp)
+        return predict_with_gate(
+            self.models, self.prepared_batch(images), self.tta, batch_size=self.batch_size, amp=self.amp
+        )
 
-    def prepared_batch(self, images: np.ndarray | torch.Tensor | Mapping[int, np.ndarray | torch.Tensor]
-                       ) -> np.ndarray | torch.Tensor:
+    def prepared_batch(
+        self, images: np.ndarray | torch.Tensor | Mapping[int, np.ndarray | torch.Tensor]
+    ) -> np.ndarray | torch.Tensor:
         """The batch at :attr:`image_size` (picked from batches by size), checked to be N x S x S."""
         if isinstance(images, Mapping):
             images = _batch_of_size(images, self.image_size)
         if tuple(images.shape[1:]) != (self.image_size, self.image_size):
-            raise DataError(f"prepared images must be N x {self.image_size} x {self.image_size} (the models' size), "
-                            f"got {tuple(images.shape)}; use stage 01's PNGs of {self.image_size} px "
-                            f"({layout.images_dir('.', self.image_size)} of the prepared folder)")
+            raise DataError(
+                f"prepared images must be N x {self.image_size} x {self.image_size} (the models' size), "
+                f"got {tuple(images.shape)}; use stage 01's PNGs of {self.image_size} px "
+                f"({layout.images_dir('.', self.image_size)} of the prepared folder)"
+            )
         return images
 
     @classmethod
-    def from_experiment(cls, cfg: DictConfig, device: str | torch.device | None = None,
-                        postprocessor: PostProcessor | None = None, runtime: str | None = None) -> "Predictor":
+    def from_experiment(
+        cls,
+        cfg: DictConfig,
+        device: str | torch.device | None = None,
+        postprocessor: PostProcessor | None = None,
+        runtime: str | None = None,
+    ) -> Predictor:
         """The predictor of an experiment's outputs.
 
         Models: the ``predict.top_k`` best checkpoints of the ``predict.checkpoints`` set (``best``, ``ema``,
@@ -249,30 +275,45 @@ class Predictor:
         predict = cfg.predict
         top_k = int(predict.top_k)
         if not 1 <= top_k <= int(cfg.train.keep_best):
-            raise ConfigError(f"predict.top_k={top_k} must be between 1 and train.keep_best={cfg.train.keep_best} "
-                              f"(the checkpoints stage 03 keeps per fold)")
+            raise ConfigError(
+                f"predict.top_k={top_k} must be between 1 and train.keep_best={cfg.train.keep_best} "
+                f"(the checkpoints stage 03 keeps per fold)"
+            )
         if not isinstance(device, torch.device):
             device = resolve_device(str(device or predict.device))
         folder = layout.train_dir(cfg)
-        folds = layout.select_folds(cfg.train.folds, read_trained_folds(cfg)[FOLD_COLUMN].unique(), "train.folds",
-                                    layout.train_folds_path(cfg))
+        folds = layout.select_folds(
+            cfg.train.folds, read_trained_folds(cfg)[FOLD_COLUMN].unique(), "train.folds", layout.train_folds_path(cfg)
+        )
         models = load_fold_models(folder, folds, top=top_k, device=device, checkpoints=str(predict.checkpoints))
         requested = str(runtime or predict.get("runtime", "auto"))
         models = with_runtime(models, choose_runtime(requested, device, has_onnx=requested == ONNXRUNTIME), None)
-        return cls(models, TTA.from_config(cfg.get("tta")), postprocessor or configured_postprocessor(cfg),
-                   interpolation=str(cfg.prepare.interpolation),
-                   batch_size=int(predict.batch_size), amp=predict.amp)
+        return cls(
+            models,
+            TTA.from_config(cfg.get("tta")),
+            postprocessor or configured_postprocessor(cfg),
+            interpolation=str(cfg.prepare.interpolation),
+            batch_size=int(predict.batch_size),
+            amp=predict.amp,
+        )
 
 
-def make_predictions(full_maps: Sequence[np.ndarray], gates: np.ndarray | None,
-                     postprocessor: PostProcessor) -> list[Prediction]:
+def make_predictions(
+    full_maps: Sequence[np.ndarray], gates: np.ndarray | None, postprocessor: PostProcessor
+) -> list[Prediction]:
     """The predictions of images from their (ensemble) probabilities at their original sizes and their gate
     probabilities (None without a gate head): the one place both predictors post-process."""
     predictions = []
     for k, full in enumerate(full_maps):
         gate = None if gates is None else float(gates[k])
-        predictions.append(Prediction(probs=full, mask=postprocessor(full, gate), gate=gate,
-                                      emptied_by_gate=postprocessor.emptied_by_gate(full, gate)))
+        predictions.append(
+            Prediction(
+                probs=full,
+                mask=postprocessor(full, gate),
+                gate=gate,
+                emptied_by_gate=postprocessor.emptied_by_gate(full, gate),
+            )
+        )
     return predictions
 
 
@@ -283,9 +324,11 @@ def check_gate(postprocessor: PostProcessor, models: Sequence[FoldModel]) -> Non
         ConfigError: names the strategy and the fix.
     """
     if postprocessor.needs_gate and not any(has_gate(m.net) for m in models):
-        raise ConfigError(f"the post-processing {postprocessor.to_block()} needs a gate probability, but no model "
-                          f"has the gate head: retrain with model.params.aux_params and loss.gate_weight, or "
-                          f"search without search.gate_thresholds")
+        raise ConfigError(
+            f"the post-processing {postprocessor.to_block()} needs a gate probability, but no model "
+            f"has the gate head: retrain with model.params.aux_params and loss.gate_weight, or "
+            f"search without search.gate_thresholds"
+        )
 
 
 def check_images(images: Sequence[np.ndarray]) -> None:
@@ -304,9 +347,11 @@ def _batch_of_size(batches: Mapping[int, np.ndarray | torch.Tensor], size: int) 
     try:
         return batches[size]
     except KeyError:
-        raise DataError(f"no prepared images of {size} px among the batches given (sizes {sorted(batches)}); "
-                        f"give stage 01's PNGs of {size} px too "
-                        f"({layout.images_dir('.', size)} of the prepared folder)") from None
+        raise DataError(
+            f"no prepared images of {size} px among the batches given (sizes {sorted(batches)}); "
+            f"give stage 01's PNGs of {size} px too "
+            f"({layout.images_dir('.', size)} of the prepared folder)"
+        ) from None
 
 
 class EnsemblePredictor:
@@ -324,8 +369,13 @@ class EnsemblePredictor:
         ConfigError: a weight that is not positive.
     """
 
-    def __init__(self, members: Sequence[Predictor], weights: Sequence[float], postprocessor: PostProcessor,
-                 names: Sequence[str] | None = None) -> None:
+    def __init__(
+        self,
+        members: Sequence[Predictor],
+        weights: Sequence[float],
+        postprocessor: PostProcessor,
+        names: Sequence[str] | None = None,
+    ) -> None:
         if not members:
             raise ValueError("an EnsemblePredictor needs at least one member")
         names = list(names) if names is not None else [f"member{k}" for k in range(len(members))]
@@ -373,14 +423,16 @@ class EnsemblePredictor:
         per_member = [member.model_probabilities(member.prepare(images)) for member in self.members]
         return make_predictions(*self._blend(per_member, [image.shape for image in images]), self.postprocessor)
 
-    def predict_prepared(self, images: Mapping[int, np.ndarray | torch.Tensor],
-                         original_shapes: Sequence[tuple[int, int]]) -> list[Prediction]:
+    def predict_prepared(
+        self, images: Mapping[int, np.ndarray | torch.Tensor], original_shapes: Sequence[tuple[int, int]]
+    ) -> list[Prediction]:
         """Predict prepared images: ``images`` maps each of :attr:`image_sizes` to the batch of the same images at
         that size (stage 01's PNGs); otherwise as :meth:`Predictor.predict_prepared`."""
         return make_predictions(*self.probabilities_prepared(images, original_shapes), self.postprocessor)
 
-    def probabilities_prepared(self, images: Mapping[int, np.ndarray | torch.Tensor],
-                               original_shapes: Sequence[tuple[int, int]]) -> tuple[list[np.ndarray], np.ndarray | None]:
+    def probabilities_prepared(
+        self, images: Mapping[int, np.ndarray | torch.Tensor], original_shapes: Sequence[tuple[int, int]]
+    ) -> tuple[list[np.ndarray], np.ndarray | None]:
         """The blended probabilities of prepared images at their original sizes, before the post-processing, and
         their blended gate probabilities; arguments as for :meth:`predict_prepared`.
 
@@ -389,24 +441,32 @@ class EnsemblePredictor:
         """
         batches = [member.prepared_batch(images) for member in self.members]
         if any(len(batch) != len(original_shapes) for batch in batches):
-            raise DataError(f"{[len(batch) for batch in batches]} images (per member) but {len(original_shapes)} "
-                            f"original shapes")
+            raise DataError(
+                f"{[len(batch) for batch in batches]} images (per member) but {len(original_shapes)} original shapes"
+            )
         per_member = [member.model_probabilities(batch) for member, batch in zip(self.members, batches)]
         return self._blend(per_member, original_shapes)
 
-    def _blend(self, per_member: list[tuple[np.ndarray, np.ndarray | None]],
-               original_shapes: Sequence[tuple[int, int]]) -> tuple[list[np.ndarray], np.ndarray | None]:
+    def _blend(
+        self, per_member: list[tuple[np.ndarray, np.ndarray | None]], original_shapes: Sequence[tuple[int, int]]
+    ) -> tuple[list[np.ndarray], np.ndarray | None]:
         """Per image, the members' maps at their models' sizes blended at the image's original size
         (:func:`pneumoseg.data.blend.blend_maps`, as stage 04 blends the OOF maps); the gate probabilities of the
         members that have a gate head blended with their weights (None when no member has one)."""
-        maps = [blend_maps([probs[k] for probs, _ in per_member], self.weights, int(rows), int(cols))
-                for k, (rows, cols) in enumerate(original_shapes)]
+        maps = [
+            blend_maps([probs[k] for probs, _ in per_member], self.weights, int(rows), int(cols))
+            for k, (rows, cols) in enumerate(original_shapes)
+        ]
         return maps, blend_gates([gates for _, gates in per_member], self.weights)
 
     @classmethod
-    def from_experiments(cls, members: Sequence[tuple[DictConfig, float]], postprocessor: PostProcessor,
-                         device: str | torch.device | None = None,
-                         runtime: str | None = None) -> "EnsemblePredictor":
+    def from_experiments(
+        cls,
+        members: Sequence[tuple[DictConfig, float]],
+        postprocessor: PostProcessor,
+        device: str | torch.device | None = None,
+        runtime: str | None = None,
+    ) -> EnsemblePredictor:
         """The ensemble of experiments' outputs, each loaded by :meth:`Predictor.from_experiment` (its folds, TTA,
         resizing and batch size).
 
@@ -422,8 +482,9 @@ class EnsemblePredictor:
         # the head although the blend has the other members' gate, so members get its mask strategy.
         member_postprocessor = postprocessor.inner if isinstance(postprocessor, Gated) else postprocessor
         predictors = [Predictor.from_experiment(cfg, device, member_postprocessor, runtime) for cfg, _ in members]
-        return cls(predictors, [weight for _, weight in members], postprocessor,
-                   [str(cfg.experiment) for cfg, _ in members])
+        return cls(
+            predictors, [weight for _, weight in members], postprocessor, [str(cfg.experiment) for cfg, _ in members]
+        )
 
 
 _SOURCES = {
@@ -432,13 +493,13 @@ _SOURCES = {
 }
 
 
-
 def configured_postprocessor(cfg: DictConfig) -> PostProcessor:
     """The post-processing of inference: stage 04's choice (``postprocess.source: search``) or the config's own
     ``postprocess`` block (``source: config``)."""
     try:
         source = _SOURCES[cfg.postprocess.source]
     except KeyError:
-        raise ConfigError(f"postprocess.source must be one of {sorted(_SOURCES)}, "
-                          f"not {cfg.postprocess.source!r}") from None
+        raise ConfigError(
+            f"postprocess.source must be one of {sorted(_SOURCES)}, not {cfg.postprocess.source!r}"
+        ) from None
     return source(cfg)

@@ -17,6 +17,7 @@ The export uses torch's TorchScript-based exporter (``torch.onnx.export(..., dyn
 U-Net in about a second where the torch.export-based (dynamo) exporter takes 20 times longer for the same graph and
 the same outputs (measured on the demo model: 0.6 s against 12.8 s, logits within 2e-6 of torch's either way).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -95,15 +96,21 @@ def choose_runtime(requested: str, device: torch.device, has_onnx: bool) -> str:
     if requested == TORCH or (requested == AUTO and device.type != "cpu"):
         return TORCH
     if device.type != "cpu":
-        raise ConfigError(f"predict.runtime=onnxruntime runs on the CPU, but the device is {device}; set "
-                          f"predict.device: cpu, or predict.runtime: auto (torch on a GPU)")
+        raise ConfigError(
+            f"predict.runtime=onnxruntime runs on the CPU, but the device is {device}; set "
+            f"predict.device: cpu, or predict.runtime: auto (torch on a GPU)"
+        )
     if not has_onnx:
-        log.info("predict.runtime=%s: no ONNX models (a package from before ONNX export, or none built): torch "
-                 "predicts", requested)
+        log.info(
+            "predict.runtime=%s: no ONNX models (a package from before ONNX export, or none built): torch predicts",
+            requested,
+        )
         return TORCH
     if not onnx_available():
-        log.warning("predict.runtime=%s: onnxruntime is not installed (pip install -r requirements.txt): torch "
-                    "predicts", requested)
+        log.warning(
+            "predict.runtime=%s: onnxruntime is not installed (pip install -r requirements.txt): torch predicts",
+            requested,
+        )
         return TORCH
     return ONNXRUNTIME
 
@@ -132,9 +139,16 @@ def export_bytes(net: nn.Module, image_size: int, channels: int) -> bytes:
         # (true for every size the dynamic axes allow that smp accepts) say nothing about this model.
         warnings.simplefilter("ignore")
         # torch writes to a binary file object too, though its annotation names only paths.
-        torch.onnx.export(net, (example,), buffer, dynamo=False,  # type: ignore[arg-type]
-                          opset_version=OPSET, input_names=[INPUT_NAME], output_names=outputs,
-                          dynamic_axes={INPUT_NAME: axes, MASKS_OUTPUT: axes, GATE_OUTPUT: {0: "batch"}})
+        torch.onnx.export(
+            net,
+            (example,),
+            buffer,  # type: ignore[arg-type]
+            dynamo=False,
+            opset_version=OPSET,
+            input_names=[INPUT_NAME],
+            output_names=outputs,
+            dynamic_axes={INPUT_NAME: axes, MASKS_OUTPUT: axes, GATE_OUTPUT: {0: "batch"}},
+        )
     return buffer.getvalue()
 
 
@@ -177,8 +191,10 @@ def open_session(source: bytes | Path, name: str, sha256: str | None = None, thr
     except OSError as exc:
         raise DataError(f"cannot read the ONNX model {name}: {exc.strerror}") from None
     if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
-        raise DataError(f"{name} does not match its sha256 in the package's manifest: the ONNX model is damaged or "
-                        f"was changed; copy the package again, or {REBUILD}")
+        raise DataError(
+            f"{name} does not match its sha256 in the package's manifest: the ONNX model is damaged or "
+            f"was changed; copy the package again, or {REBUILD}"
+        )
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads or intra_op_threads()
     options.inter_op_num_threads = 1
@@ -187,8 +203,9 @@ def open_session(source: bytes | Path, name: str, sha256: str | None = None, thr
     try:
         return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # noqa: BLE001 -- onnxruntime raises its own classes (Fail, InvalidGraph, ...)
-        raise DataError(f"ONNX Runtime cannot load {name} ({type(exc).__name__}: {str(exc).splitlines()[0][:300]}); "
-                        f"{REBUILD}") from None
+        raise DataError(
+            f"ONNX Runtime cannot load {name} ({type(exc).__name__}: {str(exc).splitlines()[0][:300]}); {REBUILD}"
+        ) from None
 
 
 class OnnxNet(nn.Module):
@@ -207,8 +224,10 @@ class OnnxNet(nn.Module):
         inputs = [(node.name, len(node.shape)) for node in session.get_inputs()]
         outputs = [node.name for node in session.get_outputs()]
         if inputs != [(INPUT_NAME, 4)] or outputs not in ([MASKS_OUTPUT], [MASKS_OUTPUT, GATE_OUTPUT]):
-            raise DataError(f"{name} is not a pneumoseg ONNX model (inputs {inputs}, outputs {outputs}; expected one "
-                            f"4-D {INPUT_NAME!r} and {MASKS_OUTPUT!r}[, {GATE_OUTPUT!r}]); {REBUILD}")
+            raise DataError(
+                f"{name} is not a pneumoseg ONNX model (inputs {inputs}, outputs {outputs}; expected one "
+                f"4-D {INPUT_NAME!r} and {MASKS_OUTPUT!r}[, {GATE_OUTPUT!r}]); {REBUILD}"
+            )
         super().__init__()
         self.session = session
         self.name = name
@@ -232,8 +251,12 @@ def runtime_of(models: Sequence[FoldModel]) -> str:
     return ONNXRUNTIME if models and isinstance(models[0].net, OnnxNet) else TORCH
 
 
-def with_runtime(models: Sequence[FoldModel], runtime: str, sources: Sequence[tuple[bytes | Path, str | None]] | None,
-                 threads: int | None = None) -> list[FoldModel]:
+def with_runtime(
+    models: Sequence[FoldModel],
+    runtime: str,
+    sources: Sequence[tuple[bytes | Path, str | None]] | None,
+    threads: int | None = None,
+) -> list[FoldModel]:
     """The fold models with their networks on ``runtime``.
 
     Args:
@@ -275,13 +298,19 @@ def check_net(net: OnnxNet, model: FoldModel) -> None:
     found = net(x)
     expected, found = [out if isinstance(out, tuple) else (out,) for out in (expected, found)]
     if len(expected) != len(found):
-        raise DataError(f"{net.name} {'has' if len(found) > 1 else 'lacks'} the gate output, unlike the checkpoint "
-                        f"{model.path} it is packaged with; {REBUILD}")
-    worst = max(float((a.float() - b.float()).abs().max()) if a.shape == b.shape else float("inf")
-                for a, b in zip(expected, found))
+        raise DataError(
+            f"{net.name} {'has' if len(found) > 1 else 'lacks'} the gate output, unlike the checkpoint "
+            f"{model.path} it is packaged with; {REBUILD}"
+        )
+    worst = max(
+        float((a.float() - b.float()).abs().max()) if a.shape == b.shape else float("inf")
+        for a, b in zip(expected, found)
+    )
     if worst > 1e-3:
-        raise DataError(f"{net.name} is not the ONNX export of the checkpoint {model.path} it is packaged with (logits "
-                        f"differ by up to {worst:.3g}); {REBUILD}")
+        raise DataError(
+            f"{net.name} is not the ONNX export of the checkpoint {model.path} it is packaged with (logits "
+            f"differ by up to {worst:.3g}); {REBUILD}"
+        )
 
 
 @dataclasses.dataclass
@@ -298,8 +327,9 @@ class Agreement:
         """Count one batch: the same images predicted by the reference runtime and by the other."""
         for a, b in zip(expected, found, strict=True):
             self.images += 1
-            self.max_probability_difference = max(self.max_probability_difference,
-                                                  float(np.abs(a.probs - b.probs).max()))
+            self.max_probability_difference = max(
+                self.max_probability_difference, float(np.abs(a.probs - b.probs).max())
+            )
             self.differing_pixels += int(np.count_nonzero(a.mask != b.mask))
             self.mask_pixels += int(np.count_nonzero(a.mask | b.mask))
             self.dice_sum += float(dice_per_image(a.mask, b.mask)[0])
@@ -309,9 +339,12 @@ class Agreement:
         ``mask_share_differing``: pixels where the masks differ over pixels in either mask (0 when both are empty
         everywhere); ``dice_between_runtimes``: the mean Dice of the two submissions, image by image (1 when both
         are empty)."""
-        return {"images": self.images, "max_probability_difference": self.max_probability_difference,
-                "mask_share_differing": self.differing_pixels / self.mask_pixels if self.mask_pixels else 0.0,
-                "dice_between_runtimes": self.dice_sum / self.images if self.images else 1.0}
+        return {
+            "images": self.images,
+            "max_probability_difference": self.max_probability_difference,
+            "mask_share_differing": self.differing_pixels / self.mask_pixels if self.mask_pixels else 0.0,
+            "dice_between_runtimes": self.dice_sum / self.images if self.images else 1.0,
+        }
 
     def check(self, what: str) -> None:
         """Refuse a disagreement beyond :data:`MAX_PROBABILITY_DIFFERENCE` or :data:`MAX_MASK_SHARE_DIFFERING`.
@@ -323,11 +356,14 @@ class Agreement:
             DataError: names the figures, the tolerances and what to do.
         """
         numbers = self.summary()
-        if (numbers["max_probability_difference"] > MAX_PROBABILITY_DIFFERENCE
-                or numbers["mask_share_differing"] > MAX_MASK_SHARE_DIFFERING):
+        if (
+            numbers["max_probability_difference"] > MAX_PROBABILITY_DIFFERENCE
+            or numbers["mask_share_differing"] > MAX_MASK_SHARE_DIFFERING
+        ):
             raise DataError(
                 f"{what}: ONNX Runtime disagrees with torch on {numbers['images']} images: probabilities differ by up "
                 f"to {numbers['max_probability_difference']:.3g} (tolerance {MAX_PROBABILITY_DIFFERENCE:g}) and "
                 f"{numbers['mask_share_differing']:.3g} of the mask pixels differ (tolerance "
                 f"{MAX_MASK_SHARE_DIFFERING:g}); the ONNX export does not reproduce this model: report it with the "
-                f"model block of the config")
+                f"model block of the config"
+            )

@@ -7,6 +7,7 @@ server's decoder (:func:`pneumoseg.data.pictures.decode_picture`: 8-bit grey, or
 as frontal chest X-rays. Nothing here imports torch: the worker processes that run it start in a fraction of the
 time and memory. Whatever cannot be read becomes a :class:`ReadFailure` naming the file and the reason.
 """
+
 from __future__ import annotations
 
 import os
@@ -79,8 +80,9 @@ def find_images(root: Path) -> Iterator[str]:
         DataError: ``root`` is not a folder.
     """
     if not root.is_dir():
-        raise DataError(f"input folder {root} does not exist or is not a folder; give --input a folder of DICOM, "
-                        f"PNG or JPEG files")
+        raise DataError(
+            f"input folder {root} does not exist or is not a folder; give --input a folder of DICOM, PNG or JPEG files"
+        )
     for folder, subfolders, names in os.walk(root):
         subfolders[:] = sorted(name for name in subfolders if not name.startswith("."))
         for name in sorted(names):
@@ -117,10 +119,17 @@ def _read_dicom_source(path: Path, source: str, include_out_of_scope: bool) -> S
     pixels = None
     if not note or include_out_of_scope:
         pixels, metadata = read_dicom(path)
-    return SourceImage(source=source, pixels=pixels, shape=(int(metadata["rows"] or 0), int(metadata["cols"] or 0)),
-                       sop_instance_uid=str(header.get("SOPInstanceUID", "")).strip(),
-                       study_instance_uid=str(header.get("StudyInstanceUID", "")).strip(),
-                       pixel_area_mm2=pixel_area_mm2(header), in_scope=not note, note=note, header=header)
+    return SourceImage(
+        source=source,
+        pixels=pixels,
+        shape=(int(metadata["rows"] or 0), int(metadata["cols"] or 0)),
+        sop_instance_uid=str(header.get("SOPInstanceUID", "")).strip(),
+        study_instance_uid=str(header.get("StudyInstanceUID", "")).strip(),
+        pixel_area_mm2=pixel_area_mm2(header),
+        in_scope=not note,
+        note=note,
+        header=header,
+    )
 
 
 def _read_picture(path: Path, source: str) -> SourceImage:
@@ -129,8 +138,9 @@ def _read_picture(path: Path, source: str) -> SourceImage:
     if not stat.S_ISREG(info.st_mode):
         raise DataError(f"cannot read {path}: it is not a regular file (a device, FIFO or socket)")
     if info.st_size > MAX_FILE_BYTES:
-        raise DataError(f"cannot read {path}: it has {info.st_size} bytes, more than the {MAX_FILE_BYTES} any "
-                        f"radiograph needs")
+        raise DataError(
+            f"cannot read {path}: it has {info.st_size} bytes, more than the {MAX_FILE_BYTES} any radiograph needs"
+        )
     fmt = FORMATS[path.suffix.lower()]
     try:
         pixels = decode_picture(path.read_bytes(), fmt)

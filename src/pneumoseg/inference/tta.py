@@ -13,10 +13,12 @@ Models with the image-level gate head also give each image a gate probability (:
 or a rescale does not change whether an image has a pneumothorax, so it is averaged over the same views and
 models as the maps.
 """
+
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence, cast
+from typing import cast
 
 import numpy as np
 import torch
@@ -41,14 +43,17 @@ class TTA:
     scales: tuple[float, ...] = field(default=(1.0,))
 
     @classmethod
-    def from_config(cls, block: Mapping | DictConfig | None) -> "TTA":
+    def from_config(cls, block: Mapping | DictConfig | None) -> TTA:
         """From a ``tta`` section ``{hflip, vflip, scales}``; None means no augmentation."""
         if block is None:
             return cls(hflip=False)
         if isinstance(block, DictConfig):
             block = cast(dict, OmegaConf.to_container(block, resolve=True))
-        return cls(hflip=bool(block.get("hflip", True)), vflip=bool(block.get("vflip", False)),
-                   scales=tuple(float(s) for s in block.get("scales") or (1.0,)))
+        return cls(
+            hflip=bool(block.get("hflip", True)),
+            vflip=bool(block.get("vflip", False)),
+            scales=tuple(float(s) for s in block.get("scales") or (1.0,)),
+        )
 
     def views(self) -> list[tuple[tuple[int, ...], float]]:
         """``(flip dims, scale)`` of every view: each scale unflipped, plus each enabled flip."""
@@ -56,8 +61,9 @@ class TTA:
         return [(dims, scale) for scale in self.scales for dims in flips]
 
 
-def _view_probs(net: nn.Module, x: torch.Tensor, dims: tuple[int, ...],
-                scale: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _view_probs(
+    net: nn.Module, x: torch.Tensor, dims: tuple[int, ...], scale: float
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Sigmoid probabilities (B x H x W, float32) of one view of ``x``, mapped back onto the original pixels, and
     the gate's (B, float32; None without the head)."""
     height, width = x.shape[-2:]
@@ -74,8 +80,13 @@ def _view_probs(net: nn.Module, x: torch.Tensor, dims: tuple[int, ...],
     return torch.sigmoid(logits[:, 0]), None if gate is None else torch.sigmoid(gate.float())
 
 
-def predict_probs(models: Sequence[FoldModel], images: np.ndarray | torch.Tensor, tta: TTA | None = None,
-                  batch_size: int = 16, amp: str | None = "auto") -> np.ndarray:
+def predict_probs(
+    models: Sequence[FoldModel],
+    images: np.ndarray | torch.Tensor,
+    tta: TTA | None = None,
+    batch_size: int = 16,
+    amp: str | None = "auto",
+) -> np.ndarray:
     """Average probability maps of ``models`` over the views of ``tta``.
 
     Args:
@@ -91,8 +102,13 @@ def predict_probs(models: Sequence[FoldModel], images: np.ndarray | torch.Tensor
     return predict_with_gate(models, images, tta, batch_size, amp)[0]
 
 
-def predict_with_gate(models: Sequence[FoldModel], images: np.ndarray | torch.Tensor, tta: TTA | None = None,
-                      batch_size: int = 16, amp: str | None = "auto") -> tuple[np.ndarray, np.ndarray | None]:
+def predict_with_gate(
+    models: Sequence[FoldModel],
+    images: np.ndarray | torch.Tensor,
+    tta: TTA | None = None,
+    batch_size: int = 16,
+    amp: str | None = "auto",
+) -> tuple[np.ndarray, np.ndarray | None]:
     """:func:`predict_probs` (same arguments), and each image's gate probability averaged over the views of the
     models that have the gate head.
 
@@ -114,7 +130,7 @@ def predict_with_gate(models: Sequence[FoldModel], images: np.ndarray | torch.Te
     gated_models = 0
     with torch.inference_mode(), autocast(device, amp):
         for start in range(0, len(images), batch_size):
-            batch = images[start:start + batch_size].to(device, non_blocking=True)
+            batch = images[start : start + batch_size].to(device, non_blocking=True)
             total = torch.zeros(batch.shape, dtype=torch.float32, device=device)
             gate_total = torch.zeros(len(batch), dtype=torch.float32, device=device)
             gated_models = 0
@@ -128,9 +144,9 @@ def predict_with_gate(models: Sequence[FoldModel], images: np.ndarray | torch.Te
                     if gate is not None:
                         gate_total += gate
                 gated_models += gate is not None
-            out[start:start + len(batch)] = (total / (len(models) * len(views))).cpu().numpy()
+            out[start : start + len(batch)] = (total / (len(models) * len(views))).cpu().numpy()
             if gated_models:
-                gates[start:start + len(batch)] = (gate_total / (gated_models * len(views))).cpu().numpy()
+                gates[start : start + len(batch)] = (gate_total / (gated_models * len(views))).cpu().numpy()
     found = gates if gated_models else None
     if single:
         return out[0], None if found is None else found[0]

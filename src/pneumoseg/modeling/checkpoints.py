@@ -11,6 +11,7 @@ Every file is written atomically. The best files themselves are the truth: each 
 in the middle of re-ranking.
 All files load with ``torch.load(weights_only=True)``: they hold tensors, numbers, strings, lists and dicts only.
 """
+
 from __future__ import annotations
 
 import logging
@@ -69,8 +70,7 @@ def load_checkpoint(path: str | os.PathLike, fix: str | None = None) -> dict[str
         raise DataError(f"checkpoint {path} not found; {fix}") from None
     except Exception as exc:  # torch reports a damaged file as RuntimeError, EOFError, UnpicklingError, ...
         reason = (str(exc).strip().splitlines() or [""])[0][:200]
-        raise DataError(f"checkpoint {path} is truncated or corrupt ({type(exc).__name__}: {reason}); {fix}") \
-            from None
+        raise DataError(f"checkpoint {path} is truncated or corrupt ({type(exc).__name__}: {reason}); {fix}") from None
     if not isinstance(checkpoint, dict):
         raise DataError(f"checkpoint {path} holds a {type(checkpoint).__name__}, not a checkpoint's dict; {fix}")
     return checkpoint
@@ -101,18 +101,20 @@ def _ranked_names(table: Path) -> list[str]:
     """The ``file`` column of ``checkpoints.csv`` by ``rank``, each name checked (see :func:`best_files`)."""
     fix = f"{retrain_hint(table)}, or copy {table.parent} again"
     if table.stat().st_size > MAX_TABLE_BYTES:
-        raise DataError(f"{table} has {table.stat().st_size} bytes, more than the {MAX_TABLE_BYTES} a checkpoint "
-                        f"table can need; {fix}")
+        raise DataError(
+            f"{table} has {table.stat().st_size} bytes, more than the {MAX_TABLE_BYTES} a checkpoint "
+            f"table can need; {fix}"
+        )
     try:
         rows = pd.read_csv(table, encoding="utf-8", dtype={"file": str})
         ranks = pd.to_numeric(rows["rank"], errors="raise")
     except (ValueError, KeyError, TypeError, pd.errors.ParserError) as exc:  # pandas' EmptyDataError is a ValueError
-        raise DataError(f"{table} is not a checkpoint table with rank and file columns ({type(exc).__name__}: "
-                        f"{str(exc)[:200]}); {fix}") from None
+        raise DataError(
+            f"{table} is not a checkpoint table with rank and file columns ({type(exc).__name__}: "
+            f"{str(exc)[:200]}); {fix}"
+        ) from None
     names = list(rows.assign(rank=ranks).sort_values("rank")["file"])
     bad = [name for name in names if not (isinstance(name, str) and BEST_PATTERN.match(name))]
     if bad:
         raise DataError(f"{table} names {bad[:3]!r}, not best_<rank>.pt files of its folder; {fix}")
     return names
-
-

@@ -1,4 +1,5 @@
 """Where a model runs and in which precision: one rule for training, prediction and serving."""
+
 from __future__ import annotations
 
 import contextlib

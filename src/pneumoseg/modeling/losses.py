@@ -22,10 +22,11 @@ The gate: a network with the image-level head (``model.params.aux_params``) is t
 ``loss.gate_weight * BCE(gate logit, image has a mask)`` added to the block's mask loss (:func:`build_training_loss`),
 as the 4th-place solution trained its "empty" branch (3 BCE + 1 Dice + 0.1 BCE(empty)).
 """
+
 from __future__ import annotations
 
 import inspect
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -38,8 +39,9 @@ from pneumoseg.registry import Registry
 LOSSES: Registry[nn.Module] = Registry("loss")
 
 
-def soft_dice_score(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1.0,
-                    per_image: bool = False) -> torch.Tensor:
+def soft_dice_score(
+    logits: torch.Tensor, target: torch.Tensor, smooth: float = 1.0, per_image: bool = False
+) -> torch.Tensor:
     """Soft Dice ``(2 * sum(p * t) + smooth) / (sum(p) + sum(t) + smooth)`` with ``p = sigmoid(logits)``.
 
     Args:
@@ -75,8 +77,9 @@ def bce_loss(logits: torch.Tensor, target: torch.Tensor, pos_weight: float | Non
     return F.binary_cross_entropy_with_logits(logits.float(), target.float(), pos_weight=weight)
 
 
-def mixed_loss(logits: torch.Tensor, target: torch.Tensor, alpha: float = 10.0, gamma: float = 2.0,
-               smooth: float = 1.0) -> torch.Tensor:
+def mixed_loss(
+    logits: torch.Tensor, target: torch.Tensor, alpha: float = 10.0, gamma: float = 2.0, smooth: float = 1.0
+) -> torch.Tensor:
     """``alpha * focal - log(soft dice)``: the MixedLoss of the 2019 SIIM UNet-ResNet34 kernel."""
     return alpha * focal_loss(logits, target, gamma) - torch.log(soft_dice_score(logits, target, smooth))
 
@@ -157,9 +160,18 @@ class ComboLoss(nn.Module):
         lovasz_per_image: the Lovász terms per image (True) or over the whole batch (False, smp's default).
     """
 
-    def __init__(self, bce: float = 1.0, dice: float = 1.0, focal: float = 0.0, gamma: float = 2.0,
-                 smooth: float = 1.0, pos_weight: float | None = None, lovasz: float = 0.0,
-                 symmetric_lovasz: float = 0.0, lovasz_per_image: bool = False) -> None:
+    def __init__(
+        self,
+        bce: float = 1.0,
+        dice: float = 1.0,
+        focal: float = 0.0,
+        gamma: float = 2.0,
+        smooth: float = 1.0,
+        pos_weight: float | None = None,
+        lovasz: float = 0.0,
+        symmetric_lovasz: float = 0.0,
+        lovasz_per_image: bool = False,
+    ) -> None:
         super().__init__()
         self.bce, self.dice, self.focal = bce, dice, focal
         self.gamma, self.smooth, self.pos_weight = gamma, smooth, pos_weight
@@ -180,9 +192,11 @@ class ComboLoss(nn.Module):
         return total
 
     def extra_repr(self) -> str:
-        return (f"bce={self.bce}, dice={self.dice}, focal={self.focal}, gamma={self.gamma}, smooth={self.smooth}, "
-                f"pos_weight={self.pos_weight}, lovasz={self.lovasz}, symmetric_lovasz={self.symmetric_lovasz}, "
-                f"lovasz_per_image={self.lovasz_per_image}")
+        return (
+            f"bce={self.bce}, dice={self.dice}, focal={self.focal}, gamma={self.gamma}, smooth={self.smooth}, "
+            f"pos_weight={self.pos_weight}, lovasz={self.lovasz}, symmetric_lovasz={self.symmetric_lovasz}, "
+            f"lovasz_per_image={self.lovasz_per_image}"
+        )
 
 
 @LOSSES.register("bce")
@@ -269,9 +283,13 @@ def build_training_loss(block, gated: bool) -> GatedLoss:
     """
     weight = block.get("gate_weight")
     if gated and not (weight is not None and float(weight) > 0):
-        raise ConfigError(f"the model has a gate head (model.params.aux_params) but loss.gate_weight is {weight}; "
-                          f"give it a positive weight (e.g. loss.gate_weight=0.1), or drop the head")
+        raise ConfigError(
+            f"the model has a gate head (model.params.aux_params) but loss.gate_weight is {weight}; "
+            f"give it a positive weight (e.g. loss.gate_weight=0.1), or drop the head"
+        )
     if not gated and weight:
-        raise ConfigError(f"loss.gate_weight={weight} needs a gate head: set model.params.aux_params "
-                          f"(e.g. {{classes: 1, dropout: 0.2}}), or loss.gate_weight=null")
+        raise ConfigError(
+            f"loss.gate_weight={weight} needs a gate head: set model.params.aux_params "
+            f"(e.g. {{classes: 1, dropout: 0.2}}), or loss.gate_weight=null"
+        )
     return GatedLoss(build_loss(block), float(weight or 0.0))

@@ -22,10 +22,12 @@ as torchvision or timm publish it (``resnet34-b627a593.pth``, ``pytorch_model.bi
 With ``in_channels: 1`` the pretrained first convolution is summed over its three colour channels, which is what
 a grey image repeated three times would see.
 """
+
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence, cast
+from typing import Any, cast
 
 import segmentation_models_pytorch as smp
 import torch
@@ -48,11 +50,13 @@ def _download_errors() -> tuple[type[BaseException], ...]:
     errors: list[type[BaseException]] = [OSError]
     try:
         from huggingface_hub.errors import HfHubHTTPError
+
         errors.append(HfHubHTTPError)
     except ImportError:  # older huggingface_hub: its errors derive from OSError (requests) anyway
         pass
     try:
         import httpx
+
         errors.append(httpx.HTTPError)
     except ImportError:
         pass
@@ -85,8 +89,10 @@ def _check_gate(params: Mapping[str, Any]) -> None:
     if aux is None:
         return
     if not isinstance(aux, Mapping) or int(aux.get("classes", 1)) != 1 or aux.get("activation") is not None:
-        raise ConfigError(f"model.params.aux_params={aux!r}: the gate head must give one logit: "
-                          f"{{classes: 1, dropout: ...}}, without an activation")
+        raise ConfigError(
+            f"model.params.aux_params={aux!r}: the gate head must give one logit: "
+            f"{{classes: 1, dropout: ...}}, without an activation"
+        )
 
 
 def local_weights_path(weights: Any) -> Path | None:
@@ -108,6 +114,7 @@ def local_weights_path(weights: Any) -> Path | None:
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
+
         state = load_file(str(path), device="cpu")
     else:
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -175,7 +182,7 @@ def _build_with_local_encoder(block: dict, params: dict, path: Path) -> nn.Modul
     in_channels = int(params.get("in_channels", 3))
     model = _build(block, {**params, "encoder_weights": None, "in_channels": 3}, str(path))
     state = _read_state_dict(path)
-    encoder: Any = model.encoder      # an smp encoder: an nn.Module with set_in_channels
+    encoder: Any = model.encoder  # an smp encoder: an nn.Module with set_in_channels
     try:
         # smp's encoders drop the classifier keys (fc.*) of a torchvision state dict themselves.
         encoder.load_state_dict(state)

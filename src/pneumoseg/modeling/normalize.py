@@ -1,4 +1,5 @@
 """How 8-bit grey images become a model's input tensor: one definition for training, prediction and serving."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -21,13 +22,11 @@ class Normalize:
         channel_dim = images.ndim - 2
         scaled = (images.float() / 255.0 - self.mean) / self.std
         scaled = scaled.unsqueeze(channel_dim)
-        return scaled.expand(*scaled.shape[:channel_dim], self.channels, *scaled.shape[channel_dim + 1:])
-
+        return scaled.expand(*scaled.shape[:channel_dim], self.channels, *scaled.shape[channel_dim + 1 :])
 
 
 def normalize_from_model(block) -> Normalize:
     """The :class:`Normalize` of a ``model`` config block (its ``normalize`` and ``params.in_channels``)."""
     settings = dict(block.get("normalize") or {})
     channels = int((block.get("params") or {}).get("in_channels", 3))
-    return Normalize(mean=float(settings.get("mean", 0.449)), std=float(settings.get("std", 0.226)),
-                     channels=channels)
+    return Normalize(mean=float(settings.get("mean", 0.449)), std=float(settings.get("std", 0.226)), channels=channels)

@@ -16,11 +16,13 @@
   schedule, ``T_max`` 8 over 60 epochs).
 * ``constant``: the optimiser's lr throughout.
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable, Literal
+from typing import Any, Literal
 
 import torch
 from torch.optim import Optimizer
@@ -64,8 +66,9 @@ class LRSchedule:
         if self.monitor is None:
             self.scheduler.step()
         elif self.monitor not in metrics:
-            raise ConfigError(f"scheduler monitor {self.monitor!r} is not a validation metric; "
-                              f"known: {sorted(metrics)}")
+            raise ConfigError(
+                f"scheduler monitor {self.monitor!r} is not a validation metric; known: {sorted(metrics)}"
+            )
         else:
             self.scheduler.step(metrics[self.monitor])
 
@@ -88,8 +91,13 @@ SCHEDULERS: Registry[LRSchedule] = Registry("scheduler")
 
 
 @SCHEDULERS.register("cosine")
-def cosine(optimizer: Optimizer, budget: UpdateBudget, warmup_epochs: float = 0.0, warmup_start: float = 0.01,
-           min_lr_ratio: float = 0.0) -> LRSchedule:
+def cosine(
+    optimizer: Optimizer,
+    budget: UpdateBudget,
+    warmup_epochs: float = 0.0,
+    warmup_start: float = 0.01,
+    min_lr_ratio: float = 0.0,
+) -> LRSchedule:
     total = max(budget.updates_per_epoch * budget.epochs, 1)
     warmup = min(int(round(warmup_epochs * budget.updates_per_epoch)), total - 1)
 
@@ -103,10 +111,15 @@ def cosine(optimizer: Optimizer, budget: UpdateBudget, warmup_epochs: float = 0.
 
 
 @SCHEDULERS.register("plateau")
-def plateau(optimizer: Optimizer, budget: UpdateBudget, monitor: str = "val_loss", factor: float = 0.5,
-            patience: int = 3, min_lr: float = 0.0) -> LRSchedule:
-    scheduler = ReduceLROnPlateau(optimizer, mode=metric_mode(monitor), factor=factor, patience=patience,
-                                  min_lr=min_lr)
+def plateau(
+    optimizer: Optimizer,
+    budget: UpdateBudget,
+    monitor: str = "val_loss",
+    factor: float = 0.5,
+    patience: int = 3,
+    min_lr: float = 0.0,
+) -> LRSchedule:
+    scheduler = ReduceLROnPlateau(optimizer, mode=metric_mode(monitor), factor=factor, patience=patience, min_lr=min_lr)
     return LRSchedule(scheduler, per_update=False, monitor=monitor)
 
 
@@ -117,18 +130,17 @@ def _check_epochs(name: str, **values: int) -> None:
 
 
 @SCHEDULERS.register("cosine_restarts")
-def cosine_restarts(optimizer: Optimizer, budget: UpdateBudget, T_0: int = 10, T_mult: int = 1,
-                    eta_min: float = 0.0) -> LRSchedule:
+def cosine_restarts(
+    optimizer: Optimizer, budget: UpdateBudget, T_0: int = 10, T_mult: int = 1, eta_min: float = 0.0
+) -> LRSchedule:
     """torch's CosineAnnealingWarmRestarts, ``T_0`` (the first cycle) in epochs, each later cycle ``T_mult`` times
     the one before, down to ``eta_min``; stepped after each epoch's validation."""
     _check_epochs("cosine_restarts", T_0=T_0, T_mult=T_mult)
-    return LRSchedule(CosineAnnealingWarmRestarts(optimizer, T_0=T_0, T_mult=T_mult, eta_min=eta_min),
-                      per_update=False)
+    return LRSchedule(CosineAnnealingWarmRestarts(optimizer, T_0=T_0, T_mult=T_mult, eta_min=eta_min), per_update=False)
 
 
 @SCHEDULERS.register("cosine_annealing")
-def cosine_annealing(optimizer: Optimizer, budget: UpdateBudget, T_max: int = 10,
-                     eta_min: float = 0.0) -> LRSchedule:
+def cosine_annealing(optimizer: Optimizer, budget: UpdateBudget, T_max: int = 10, eta_min: float = 0.0) -> LRSchedule:
     """torch's CosineAnnealingLR, ``T_max`` in epochs, down to ``eta_min`` (and back up past ``T_max``); stepped
     after each epoch's validation."""
     _check_epochs("cosine_annealing", T_max=T_max)
@@ -148,4 +160,3 @@ def build_optimizer(block, parameters: Iterable[torch.nn.Parameter]) -> Optimize
 def build_scheduler(block, optimizer: Optimizer, updates_per_epoch: int, epochs: int) -> LRSchedule:
     """The schedule of a ``scheduler`` config block for a run of ``epochs`` x ``updates_per_epoch`` updates."""
     return SCHEDULERS.build(block, optimizer=optimizer, budget=UpdateBudget(updates_per_epoch, epochs))
-

@@ -2,11 +2,12 @@
 probability stores with their truth decoded from the label file at each image's original size (:class:`OofImages`),
 for stage 04 and its benchmark, and the blend of several experiments' OOF maps (:class:`BlendedImages`), for stage
 04 on an ensemble."""
+
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
@@ -49,7 +50,7 @@ class OofImages:
         rows, cols = self.shapes[row]
         return self.labels[row].mask(int(rows), int(cols))
 
-    def part(self, start: int, stop: int) -> "OofImages":
+    def part(self, start: int, stop: int) -> OofImages:
         """Images ``start .. stop - 1``."""
         ranges, offset = [], 0
         for folder, first, last in self.ranges:
@@ -92,6 +93,6 @@ class BlendedImages:
             truth = first.truth(row)
             yield blend_maps([dequantize(m) for m in levels], self.weights, *truth.shape), truth
 
-    def part(self, start: int, stop: int) -> "BlendedImages":
+    def part(self, start: int, stop: int) -> BlendedImages:
         """Images ``start .. stop - 1``."""
         return BlendedImages([m.part(start, stop) for m in self.members], list(self.weights))

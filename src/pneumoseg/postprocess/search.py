@@ -32,12 +32,14 @@ Both passes work image by image (one full-size map at a time per worker) and in 
 method (apply each strategy to each full-size map and count): the reference of the tests and the benchmark, and
 stage 04's independent check of its choice.
 """
+
 from __future__ import annotations
 
 import json
 from abc import ABC, abstractmethod
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Collection, Iterable, Iterator, Protocol, Sequence
+from typing import Any, ClassVar, Protocol
 
 import numpy as np
 import pandas as pd
@@ -47,12 +49,20 @@ from pneumoseg.data.probstore import dequantize
 from pneumoseg.data.resize import resize_probabilities
 from pneumoseg.errors import ConfigError
 from pneumoseg.evaluation.metrics import dice_from_counts
-from pneumoseg.postprocess.strategies import (OUTLINE, PIXELS, PostProcessor, check_component_rule, components,
-                                              draw_outlines, outlines, scale_area)
+from pneumoseg.postprocess.strategies import (
+    OUTLINE,
+    PIXELS,
+    PostProcessor,
+    check_component_rule,
+    components,
+    draw_outlines,
+    outlines,
+    scale_area,
+)
 from pneumoseg.registry import Registry
 
 PARAM_COLUMNS = ("top", "min_area", "bottom", "min_component_area")
-GATED = "gated"   # the strategy name of a gated candidate's block (pneumoseg.postprocess.strategies.Gated)
+GATED = "gated"  # the strategy name of a gated candidate's block (pneumoseg.postprocess.strategies.Gated)
 TIE = 1e-12
 BLOCK_SIZE = 256
 
@@ -68,7 +78,7 @@ class ImageSource(Protocol):
         """``(levels, truth)`` of every image, in order: the uint8 OOF map (S x S), or float32 probabilities (an
         ensemble's blend, :mod:`pneumoseg.data.blend`), and the boolean truth at the image's original size (H x W)."""
 
-    def part(self, start: int, stop: int) -> "ImageSource":
+    def part(self, start: int, stop: int) -> ImageSource:
         """Images ``start .. stop - 1`` as a source of their own."""
 
 
@@ -85,8 +95,10 @@ def _map_blocks(function, source: ImageSource, n_jobs: int, block_size: int, *ar
     first row), in order."""
     starts = range(0, len(source), block_size)
     with Parallel(n_jobs=n_jobs) as parallel:
-        return parallel(delayed(function)(source.part(start, min(start + block_size, len(source))), start, *args)
-                        for start in starts)
+        return parallel(
+            delayed(function)(source.part(start, min(start + block_size, len(source))), start, *args)
+            for start in starts
+        )
 
 
 @dataclass
@@ -130,7 +142,7 @@ class ThresholdCounts:
         return np.asarray(min_areas, dtype=np.float64)[None, :] * self.area_scale[:, None]
 
 
-def grid_thresholds(grids: Sequence["Grid"]) -> np.ndarray:
+def grid_thresholds(grids: Sequence[Grid]) -> np.ndarray:
     """The distinct thresholds (float32, ascending) that the candidates of ``grids`` compare with."""
     return np.unique(np.concatenate([np.concatenate([g.tops, g.bottoms]) for g in grids]).astype(np.float32))
 
@@ -149,7 +161,7 @@ def _count_block(part: ImageSource, start: int, thresholds: np.ndarray) -> tuple
         full = to_original(levels, truth.shape)
         # Most pixels of an OOF map lie below every threshold: only those above the lowest are binned.
         low = full > thresholds[0]
-        bins = np.searchsorted(thresholds, full[low], side="left")    # p > thresholds[j] exactly when j < bin
+        bins = np.searchsorted(thresholds, full[low], side="left")  # p > thresholds[j] exactly when j < bin
         above[i] = _above_counts(bins, n_thresholds)
         above_true[i] = _above_counts(bins[truth[low]], n_thresholds)
         true_area[i] = np.count_nonzero(truth)
@@ -157,8 +169,9 @@ def _count_block(part: ImageSource, start: int, thresholds: np.ndarray) -> tuple
     return above, above_true, true_area, area_scale
 
 
-def count_thresholds(source: ImageSource, thresholds: np.ndarray, n_jobs: int = 1,
-                     block_size: int = BLOCK_SIZE) -> ThresholdCounts:
+def count_thresholds(
+    source: ImageSource, thresholds: np.ndarray, n_jobs: int = 1, block_size: int = BLOCK_SIZE
+) -> ThresholdCounts:
     """One pass over ``source`` -> :class:`ThresholdCounts` for ``thresholds`` (float32, ascending, distinct).
 
     Args:
@@ -208,8 +221,14 @@ class Grid(ABC):
 
     strategy: ClassVar[str]
 
-    def __init__(self, tops: np.ndarray, min_areas: np.ndarray, bottoms: np.ndarray,
-                 component_areas: np.ndarray, component_rule: str = PIXELS) -> None:
+    def __init__(
+        self,
+        tops: np.ndarray,
+        min_areas: np.ndarray,
+        bottoms: np.ndarray,
+        component_areas: np.ndarray,
+        component_rule: str = PIXELS,
+    ) -> None:
         self.tops, self.min_areas, self.bottoms = tops, min_areas, bottoms
         self.component_areas = component_areas
         self.component_rule = component_rule
@@ -274,9 +293,13 @@ class TripletGrid(Grid):
 
     def __init__(self, top, min_area, bottom, min_component_area=(), component_rule=PIXELS) -> None:
         check_component_rule("search grid triplet", component_rule)
-        super().__init__(_probabilities("triplet.top", top), _areas("triplet.min_area", min_area),
-                         _probabilities("triplet.bottom", bottom),
-                         _component_areas("triplet.min_component_area", min_component_area), component_rule)
+        super().__init__(
+            _probabilities("triplet.top", top),
+            _areas("triplet.min_area", min_area),
+            _probabilities("triplet.bottom", bottom),
+            _component_areas("triplet.min_component_area", min_component_area),
+            component_rule,
+        )
         if not self.valid().any():
             raise ConfigError("search grid triplet: every bottom exceeds every top; no candidate is left")
 
@@ -298,8 +321,9 @@ def _group_sums(per_image: np.ndarray, groups: np.ndarray, n_groups: int) -> np.
     return out
 
 
-def exact_sums(counts: ThresholdCounts, groups: np.ndarray, n_groups: int, grid: Grid,
-               passed: np.ndarray | None = None) -> np.ndarray:
+def exact_sums(
+    counts: ThresholdCounts, groups: np.ndarray, n_groups: int, grid: Grid, passed: np.ndarray | None = None
+) -> np.ndarray:
     """Summed Dice of every exact grid point, per group: G x len(tops) x len(min_areas) x len(bottoms).
 
     Args:
@@ -316,7 +340,7 @@ def exact_sums(counts: ThresholdCounts, groups: np.ndarray, n_groups: int, grid:
     kept = _kept_images(counts, grid, passed)
     pred, inter = counts.counts(grid.bottoms)
     empty = (counts.true_area == 0).astype(np.float64)
-    gain = dice_from_counts(inter, pred, counts.true_area[:, None]) - empty[:, None]      # N x Tb
+    gain = dice_from_counts(inter, pred, counts.true_area[:, None]) - empty[:, None]  # N x Tb
     n_points = len(grid.tops) * len(grid.min_areas)
     sums: np.ndarray = np.empty((n_groups, n_points, len(grid.bottoms)))
     for g in range(n_groups):
@@ -358,8 +382,9 @@ def _class_rows(counts: ThresholdCounts, groups: np.ndarray, n_groups: int) -> l
     return [((groups == g) & positive, (groups == g) & ~positive) for g in range(n_groups)]
 
 
-def exact_detections(counts: ThresholdCounts, groups: np.ndarray, n_groups: int, grid: Grid,
-                     passed: np.ndarray | None = None) -> np.ndarray:
+def exact_detections(
+    counts: ThresholdCounts, groups: np.ndarray, n_groups: int, grid: Grid, passed: np.ndarray | None = None
+) -> np.ndarray:
     """How many positive and how many empty images of each group every exact grid point marks (non-empty mask):
     G x 2 x len(tops) x len(min_areas) x len(bottoms); arguments as for :func:`exact_sums`.
 
@@ -367,7 +392,7 @@ def exact_detections(counts: ThresholdCounts, groups: np.ndarray, n_groups: int,
     level sensitivity of a point is its positive count over the positive images, and so on.
     """
     kept = _kept_images(counts, grid, passed)
-    marks = (counts.counts(grid.bottoms)[0] > 0).astype(np.float64)                        # N x Tb
+    marks = (counts.counts(grid.bottoms)[0] > 0).astype(np.float64)  # N x Tb
     n_points = len(grid.tops) * len(grid.min_areas)
     out = np.empty((n_groups, 2, n_points, len(grid.bottoms)))
     for g, classes in enumerate(_class_rows(counts, groups, n_groups)):
@@ -376,8 +401,9 @@ def exact_detections(counts: ThresholdCounts, groups: np.ndarray, n_groups: int,
     return out.reshape(n_groups, 2, len(grid.tops), len(grid.min_areas), len(grid.bottoms))
 
 
-def _component_counts(full: np.ndarray, truth: np.ndarray, thresholds: np.ndarray,
-                      min_pixels: np.ndarray, rule: str = PIXELS) -> tuple[np.ndarray, np.ndarray]:
+def _component_counts(
+    full: np.ndarray, truth: np.ndarray, thresholds: np.ndarray, min_pixels: np.ndarray, rule: str = PIXELS
+) -> tuple[np.ndarray, np.ndarray]:
     """Predicted area and intersection (len(thresholds) x len(min_pixels)) of one full-size map, for each
     threshold (ascending) and each minimum component size (pixels of this image), components measured by
     ``rule`` (``pixels``: connected components of at least that many pixels are kept; ``outline``: outlines whose
@@ -389,7 +415,7 @@ def _component_counts(full: np.ndarray, truth: np.ndarray, thresholds: np.ndarra
     if rows.size == 0:
         return pred, inter
     # Every mask of a higher threshold lies inside the lowest one's bounding box; labelling that box is cheaper.
-    box = np.s_[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+    box = np.s_[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
     full, truth = full[box], truth[box]
     for k, threshold in enumerate(thresholds):
         if rule == OUTLINE:
@@ -399,13 +425,14 @@ def _component_counts(full: np.ndarray, truth: np.ndarray, thresholds: np.ndarra
         if areas.size == 0:
             break
         inside = np.bincount(labels[truth], minlength=areas.size + 1)[1:]
-        keep = areas[None, :] >= min_pixels[:, None]                                    # A x components
+        keep = areas[None, :] >= min_pixels[:, None]  # A x components
         pred[k], inter[k] = keep @ areas, keep @ inside
     return pred, inter
 
 
-def _component_block(part: ImageSource, start: int, thresholds: np.ndarray, needed: np.ndarray,
-                     component_areas: np.ndarray, rule: str) -> tuple[np.ndarray, np.ndarray]:
+def _component_block(
+    part: ImageSource, start: int, thresholds: np.ndarray, needed: np.ndarray, component_areas: np.ndarray, rule: str
+) -> tuple[np.ndarray, np.ndarray]:
     """Per image of the part, threshold and component area: predicted area and intersection; only the
     thresholds that ``needed`` (all N images x len(thresholds)) marks for an image are labelled. ``rule``: as in
     :func:`_component_counts`."""
@@ -415,16 +442,26 @@ def _component_block(part: ImageSource, start: int, thresholds: np.ndarray, need
         cuts = np.flatnonzero(needed[start + i])
         if cuts.size:
             full = to_original(levels, truth.shape)
-            pred[i, cuts], inter[i, cuts] = _component_counts(full, truth, thresholds[cuts],
-                                                              np.asarray(scale_area(component_areas, truth.shape)), rule)
+            pred[i, cuts], inter[i, cuts] = _component_counts(
+                full, truth, thresholds[cuts], np.asarray(scale_area(component_areas, truth.shape)), rule
+            )
     return pred, inter
 
 
-def component_sums(source: ImageSource, counts: ThresholdCounts, groups: np.ndarray, n_groups: int,
-                   points: Sequence[tuple[float, float, float]], component_areas: np.ndarray,
-                   passes: np.ndarray | None = None, point_gates: Sequence[Collection[int]] | None = None,
-                   n_jobs: int = 1, block_size: int = BLOCK_SIZE, rule: str = PIXELS,
-                   detections: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+def component_sums(
+    source: ImageSource,
+    counts: ThresholdCounts,
+    groups: np.ndarray,
+    n_groups: int,
+    points: Sequence[tuple[float, float, float]],
+    component_areas: np.ndarray,
+    passes: np.ndarray | None = None,
+    point_gates: Sequence[Collection[int]] | None = None,
+    n_jobs: int = 1,
+    block_size: int = BLOCK_SIZE,
+    rule: str = PIXELS,
+    detections: bool = False,
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Summed Dice per gate, group, ``(top, min_area, bottom)`` point and component area.
 
     Args:
@@ -448,7 +485,7 @@ def component_sums(source: ImageSource, counts: ThresholdCounts, groups: np.ndar
     """
     tops, min_areas, bottoms = (np.array(v, dtype=np.float64) for v in zip(*points))
     above_top, _ = counts.counts(tops)
-    kept = above_top >= counts.area_limits(min_areas)                                       # N x P
+    kept = above_top >= counts.area_limits(min_areas)  # N x P
     passes = np.ones((len(counts), 1), bool) if passes is None else np.asarray(passes, bool)
     point_gates = [range(passes.shape[1])] * len(points) if point_gates is None else point_gates
     wanted = np.zeros((passes.shape[1], len(points)), bool)
@@ -461,7 +498,7 @@ def component_sums(source: ImageSource, counts: ThresholdCounts, groups: np.ndar
     for p, cut in enumerate(point_cut):
         needed[:, cut] |= kept[:, p]
     parts = _map_blocks(_component_block, source, n_jobs, block_size, cuts, needed, component_areas, rule)
-    pred_cut, inter_cut = (np.concatenate(p) for p in zip(*parts))                           # N x C x A
+    pred_cut, inter_cut = (np.concatenate(p) for p in zip(*parts))  # N x C x A
     if len(pred_cut) != len(counts):
         raise ValueError(f"the pass gave {len(pred_cut)} images, the counts have {len(counts)}")
     empty = (counts.true_area == 0).astype(np.float64)
@@ -472,7 +509,7 @@ def component_sums(source: ImageSource, counts: ThresholdCounts, groups: np.ndar
     # Point by point (N x A at a time): all points at once would hold N x P x A arrays, hundreds of MB at scale.
     for p, cut in enumerate(point_cut):
         pred, inter = pred_cut[:, cut] * kept[:, p, None], inter_cut[:, cut] * kept[:, p, None]
-        gain = dice_from_counts(inter, pred, counts.true_area[:, None]) - empty[:, None]       # N x A
+        gain = dice_from_counts(inter, pred, counts.true_area[:, None]) - empty[:, None]  # N x A
         for g in range(n_groups):
             rows = groups == g
             sums[:, g, p] = empty_sums[g] + passes[rows].T.astype(np.float64) @ gain[rows]
@@ -483,8 +520,13 @@ def component_sums(source: ImageSource, counts: ThresholdCounts, groups: np.ndar
     return (sums, marked) if detections else sums
 
 
-def _evaluate_block(part: ImageSource, start: int, postprocessors: Sequence[PostProcessor],
-                    gates: np.ndarray | None, with_scores: bool = False) -> tuple[np.ndarray, ...]:
+def _evaluate_block(
+    part: ImageSource,
+    start: int,
+    postprocessors: Sequence[PostProcessor],
+    gates: np.ndarray | None,
+    with_scores: bool = False,
+) -> tuple[np.ndarray, ...]:
     pred, inter, true, scores = [], [], [], []
     for i, (levels, truth) in enumerate(part):
         full = to_original(levels, truth.shape)
@@ -496,14 +538,22 @@ def _evaluate_block(part: ImageSource, start: int, postprocessors: Sequence[Post
         if with_scores:
             scores.append([pp.score(full, gate) for pp in postprocessors])
     shape = (len(true), len(postprocessors))
-    counts = (np.array(pred, np.int64).reshape(shape), np.array(inter, np.int64).reshape(shape),
-              np.array(true, np.int64))
+    counts = (
+        np.array(pred, np.int64).reshape(shape),
+        np.array(inter, np.int64).reshape(shape),
+        np.array(true, np.int64),
+    )
     return (*counts, np.array(scores, np.float64).reshape(shape)) if with_scores else counts
 
 
-def evaluate(source: ImageSource, postprocessors: Sequence[PostProcessor], n_jobs: int = 1,
-             block_size: int = BLOCK_SIZE, gates: np.ndarray | None = None,
-             with_scores: bool = False) -> tuple[np.ndarray, ...]:
+def evaluate(
+    source: ImageSource,
+    postprocessors: Sequence[PostProcessor],
+    n_jobs: int = 1,
+    block_size: int = BLOCK_SIZE,
+    gates: np.ndarray | None = None,
+    with_scores: bool = False,
+) -> tuple[np.ndarray, ...]:
     """The straightforward method: bring each map to its original size, apply each strategy there, and count.
 
     Args:
@@ -703,12 +753,18 @@ class _Variant:
     threshold: float = np.nan
 
 
-def _rows(variant: _Variant, points: Iterable[tuple[float, float, float, float]],
-          method: str) -> list[dict[str, Any]]:
+def _rows(variant: _Variant, points: Iterable[tuple[float, float, float, float]], method: str) -> list[dict[str, Any]]:
     grid = variant.grid
-    return [{"strategy": grid.strategy, **dict(zip(PARAM_COLUMNS, map(float, point))),
-             "params": json.dumps(grid.params(*map(float, point))), "gate": variant.threshold, "method": method}
-            for point in points]
+    return [
+        {
+            "strategy": grid.strategy,
+            **dict(zip(PARAM_COLUMNS, map(float, point))),
+            "params": json.dumps(grid.params(*map(float, point))),
+            "gate": variant.threshold,
+            "method": method,
+        }
+        for point in points
+    ]
 
 
 @dataclass
@@ -726,21 +782,28 @@ class _Exact:
     objective: Objective
 
     @classmethod
-    def of(cls, counts: ThresholdCounts, groups: np.ndarray, n_groups: int, variants: Sequence[_Variant],
-           passes: np.ndarray, objective: Objective = Objective()) -> _Exact:
+    def of(
+        cls,
+        counts: ThresholdCounts,
+        groups: np.ndarray,
+        n_groups: int,
+        variants: Sequence[_Variant],
+        passes: np.ndarray,
+        objective: Objective = Objective(),
+    ) -> _Exact:
         sums = [exact_sums(counts, groups, n_groups, v.grid, passes[:, v.gate]) for v in variants]
         marked = [exact_detections(counts, groups, n_groups, v.grid, passes[:, v.gate]) for v in variants]
         rows, columns, marked_columns = [], [], []
         for variant, variant_sums, variant_marked in zip(variants, sums, marked):
             grid = variant.grid
             t, a, b = np.nonzero(~np.isnan(variant_sums[0]))
-            rows += _rows(variant, zip(grid.tops[t], grid.min_areas[a], grid.bottoms[b], np.zeros(len(t))),
-                          "histogram")
+            rows += _rows(variant, zip(grid.tops[t], grid.min_areas[a], grid.bottoms[b], np.zeros(len(t))), "histogram")
             columns.append(variant_sums[:, t, a, b].T)
             marked_columns.append(variant_marked[:, :, t, a, b].transpose(2, 0, 1))
         classes = np.array([[rows.sum() for rows in pair] for pair in _class_rows(counts, groups, n_groups)])
-        return cls(variants, sums, rows, np.concatenate(columns), marked, np.concatenate(marked_columns), classes,
-                   objective)
+        return cls(
+            variants, sums, rows, np.concatenate(columns), marked, np.concatenate(marked_columns), classes, objective
+        )
 
     def refine_points(self, train: np.ndarray, steps: int) -> list[list[tuple[float, float, float]]]:
         """Per variant, the points whose components are searched when choosing on the groups ``train``: those
@@ -753,12 +816,16 @@ class _Exact:
                 points.append([])
                 continue
             surface = variant_sums[train].sum(0)
-            marked = np.moveaxis(variant_marked[train].sum(0), 0, -1)                     # T x A x B x 2
+            marked = np.moveaxis(variant_marked[train].sum(0), 0, -1)  # T x A x B x 2
             feasible = self.objective.feasible(marked, self.classes[train].sum(0), ~np.isnan(surface))
             best = np.nanargmax(np.where(feasible, surface, np.nan))
             top, min_area, bottom = (int(i) for i in np.unravel_index(best, surface.shape))
-            points.append([(grid.tops[i], grid.min_areas[j], grid.bottoms[k])
-                           for i, j, k in grid.neighbours(top, min_area, bottom, steps)])
+            points.append(
+                [
+                    (grid.tops[i], grid.min_areas[j], grid.bottoms[k])
+                    for i, j, k in grid.neighbours(top, min_area, bottom, steps)
+                ]
+            )
         return points
 
 
@@ -773,13 +840,31 @@ class _Refined:
     point_index: dict[tuple, int]
 
     @classmethod
-    def of(cls, source: ImageSource, counts: ThresholdCounts, groups: np.ndarray, n_groups: int,
-           variants: Sequence[_Variant], points: Sequence[list[list[tuple]]], areas: np.ndarray,
-           passes: np.ndarray, rule: str, n_jobs: int, block_size: int) -> _Refined:
+    def of(
+        cls,
+        source: ImageSource,
+        counts: ThresholdCounts,
+        groups: np.ndarray,
+        n_groups: int,
+        variants: Sequence[_Variant],
+        points: Sequence[list[list[tuple]]],
+        areas: np.ndarray,
+        passes: np.ndarray,
+        rule: str,
+        n_jobs: int,
+        block_size: int,
+    ) -> _Refined:
         """Refine every point that a choice of ``points`` (per choice, per variant) wants for a variant whose grid
         measures components by ``rule``."""
-        unique = list(dict.fromkeys(p for choice in points for variant, variant_points in zip(variants, choice)
-                                    if variant.grid.component_rule == rule for p in variant_points))
+        unique = list(
+            dict.fromkeys(
+                p
+                for choice in points
+                for variant, variant_points in zip(variants, choice)
+                if variant.grid.component_rule == rule
+                for p in variant_points
+            )
+        )
         point_index = {p: k for k, p in enumerate(unique)}
         point_gates: list[set[int]] = [set() for _ in unique]
         for choice in points:
@@ -788,15 +873,31 @@ class _Refined:
                     for point in variant_points:
                         point_gates[point_index[point]].add(variant.gate)
         if not unique:
-            return cls(np.zeros((passes.shape[1], n_groups, 0, len(areas))),
-                       np.zeros((passes.shape[1], n_groups, 2, 0, len(areas))), point_index)
-        sums, marked = component_sums(source, counts, groups, n_groups, unique, areas, passes, point_gates, n_jobs,
-                                      block_size, rule, detections=True)
+            return cls(
+                np.zeros((passes.shape[1], n_groups, 0, len(areas))),
+                np.zeros((passes.shape[1], n_groups, 2, 0, len(areas))),
+                point_index,
+            )
+        sums, marked = component_sums(
+            source,
+            counts,
+            groups,
+            n_groups,
+            unique,
+            areas,
+            passes,
+            point_gates,
+            n_jobs,
+            block_size,
+            rule,
+            detections=True,
+        )
         return cls(sums, marked, point_index)
 
 
-def _choice(exact: _Exact, points: list[list[tuple]], refined: dict[str, _Refined],
-            areas: np.ndarray) -> tuple[list[dict[str, Any]], np.ndarray, np.ndarray]:
+def _choice(
+    exact: _Exact, points: list[list[tuple]], refined: dict[str, _Refined], areas: np.ndarray
+) -> tuple[list[dict[str, Any]], np.ndarray, np.ndarray]:
     """Candidate rows, group sums and marked images of one choice: every exact point, then each variant's refined
     ``points`` (from the pass of the variant's component rule in ``refined``)."""
     rows, sums, marked = list(exact.rows), [exact.group_sums], [exact.group_marked]
@@ -810,8 +911,13 @@ def _choice(exact: _Exact, points: list[list[tuple]], refined: dict[str, _Refine
     return rows, np.concatenate(sums), np.concatenate(marked)
 
 
-def _nested(choices: Sequence[tuple[list[dict[str, Any]], np.ndarray, np.ndarray]], trains: Sequence[np.ndarray],
-            group_sizes: np.ndarray, exact: _Exact, gated: bool | None = None) -> Nested:
+def _nested(
+    choices: Sequence[tuple[list[dict[str, Any]], np.ndarray, np.ndarray]],
+    trains: Sequence[np.ndarray],
+    group_sizes: np.ndarray,
+    exact: _Exact,
+    gated: bool | None = None,
+) -> Nested:
     """Per held-out group ``g``: the best of ``choices[g]``'s candidates on ``trains[g]`` under the objective (only
     the gated or the ungated ones, unless ``gated`` is None), scored on ``g``; with a constraint, also whether the
     choice met it on ``g``."""
@@ -820,26 +926,38 @@ def _nested(choices: Sequence[tuple[list[dict[str, Any]], np.ndarray, np.ndarray
     for g, (train, (rows, sums, marked)) in enumerate(zip(trains, choices)):
         is_gated = ~np.isnan(np.fromiter((row["gate"] for row in rows), float, len(rows)))
         candidates = np.flatnonzero(is_gated == gated if gated is not None else np.ones(len(rows), bool))
-        best = candidates[objective.choose(sums[candidates][:, train].sum(1) / group_sizes[train].sum(),
-                                           marked[candidates][:, train].sum(1), classes[train].sum(0))]
+        best = candidates[
+            objective.choose(
+                sums[candidates][:, train].sum(1) / group_sizes[train].sum(),
+                marked[candidates][:, train].sum(1),
+                classes[train].sum(0),
+            )
+        ]
         chosen.append(_block(rows[best]))
         held_out[g] = sums[best, g]
         met[g] = objective.rate is None or objective.rates(marked[best, g], classes[g]) >= objective.minimum - TIE
-    return Nested(chosen, held_out / group_sizes, float(held_out.sum() / group_sizes.sum()),
-                  None if objective.rate is None else met)
+    return Nested(
+        chosen,
+        held_out / group_sizes,
+        float(held_out.sum() / group_sizes.sum()),
+        None if objective.rate is None else met,
+    )
 
 
-def _gate_passes(gates: np.ndarray | None, gate_thresholds: Sequence[float] | None,
-                 n_images: int) -> tuple[np.ndarray, np.ndarray]:
+def _gate_passes(
+    gates: np.ndarray | None, gate_thresholds: Sequence[float] | None, n_images: int
+) -> tuple[np.ndarray, np.ndarray]:
     """The gate thresholds (sorted, distinct) and the N x (1 + thresholds) matrix of the images each keeps
     (column 0: no gate, every image), as :class:`pneumoseg.postprocess.strategies.Gated` decides (p >= gate)."""
     values = _probabilities("gate_thresholds", gate_thresholds) if gate_thresholds else np.zeros(0)
     passes = [np.ones(n_images, bool)]
     if values.size:
         if gates is None:
-            raise ConfigError("search.gate_thresholds is set, but the OOF predictions have no gate probabilities "
-                              "(no gate.npy beside the OOF maps): train with a gate head "
-                              "(model.params.aux_params and loss.gate_weight), or set search.gate_thresholds=null")
+            raise ConfigError(
+                "search.gate_thresholds is set, but the OOF predictions have no gate probabilities "
+                "(no gate.npy beside the OOF maps): train with a gate head "
+                "(model.params.aux_params and loss.gate_weight), or set search.gate_thresholds=null"
+            )
         gates = np.asarray(gates, dtype=np.float64)
         if gates.shape != (n_images,) or not np.all((gates >= 0) & (gates <= 1)):
             raise ValueError(f"need {n_images} gate probabilities in [0, 1], got shape {gates.shape}")
@@ -847,10 +965,18 @@ def _gate_passes(gates: np.ndarray | None, gate_thresholds: Sequence[float] | No
     return values, np.column_stack(passes)
 
 
-def run_search(source: ImageSource, groups: np.ndarray, grids: Sequence[Grid], refine_steps: int = 2,
-               n_jobs: int = 1, block_size: int = BLOCK_SIZE, counts: ThresholdCounts | None = None,
-               gates: np.ndarray | None = None, gate_thresholds: Sequence[float] | None = None,
-               objective: Objective = Objective()) -> SearchResult:
+def run_search(
+    source: ImageSource,
+    groups: np.ndarray,
+    grids: Sequence[Grid],
+    refine_steps: int = 2,
+    n_jobs: int = 1,
+    block_size: int = BLOCK_SIZE,
+    counts: ThresholdCounts | None = None,
+    gates: np.ndarray | None = None,
+    gate_thresholds: Sequence[float] | None = None,
+    objective: Objective = Objective(),
+) -> SearchResult:
     """Search every grid exactly, then the component areas around each grid's best exact point, each grid also
     behind every gate threshold; and the same whole choice on the other groups for each group, for the nested
     estimate.
@@ -886,22 +1012,35 @@ def run_search(source: ImageSource, groups: np.ndarray, grids: Sequence[Grid], r
     trains = [np.ones(n_groups, bool)] + ([np.arange(n_groups) != g for g in range(n_groups)] if n_groups > 1 else [])
     points = [exact.refine_points(train, refine_steps) for train in trains]
     areas = np.unique(np.concatenate([np.zeros(0)] + [g.component_areas for g in grids]))
-    refined = {rule: _Refined.of(source, counts, groups, n_groups, variants, points, areas, passes, rule, n_jobs,
-                                 block_size)
-               for rule in dict.fromkeys(grid.component_rule for grid in grids)}
+    refined = {
+        rule: _Refined.of(source, counts, groups, n_groups, variants, points, areas, passes, rule, n_jobs, block_size)
+        for rule in dict.fromkeys(grid.component_rule for grid in grids)
+    }
     rows, group_sums, group_marked = _choice(exact, points[0], refined, areas)
     candidates = pd.DataFrame(rows)
     candidates["dice"] = group_sums.sum(1) / len(groups)
     for rate in ("sensitivity", "specificity"):
         candidates[rate] = Objective(rate).rates(group_marked.sum(1), exact.classes.sum(0))
-    surfaces = {v.grid.strategy: (v.grid, v_sums.sum(0) / len(groups))
-                for v, v_sums in zip(exact.variants, exact.sums) if v.gate == 0}
-    result = SearchResult(candidates, group_sums, group_sizes, surfaces, group_marked=group_marked,
-                          group_classes=exact.classes, objective=objective)
+    surfaces = {
+        v.grid.strategy: (v.grid, v_sums.sum(0) / len(groups))
+        for v, v_sums in zip(exact.variants, exact.sums)
+        if v.gate == 0
+    }
+    result = SearchResult(
+        candidates,
+        group_sums,
+        group_sizes,
+        surfaces,
+        group_marked=group_marked,
+        group_classes=exact.classes,
+        objective=objective,
+    )
     if n_groups > 1:
         choices = [_choice(exact, choice_points, refined, areas) for choice_points in points[1:]]
         result.nested = _nested(choices, trains[1:], group_sizes, exact)
         if thresholds.size:
-            result.nested_by_gate = {name: _nested(choices, trains[1:], group_sizes, exact, gated)
-                                     for name, gated in (("ungated", False), ("gated", True))}
+            result.nested_by_gate = {
+                name: _nested(choices, trains[1:], group_sizes, exact, gated)
+                for name, gated in (("ungated", False), ("gated", True))
+            }
     return result

@@ -29,19 +29,21 @@ Maps may be float probabilities or the uint8 levels of :mod:`pneumoseg.data.prob
 p > t is decided by :func:`level_cut`, which gives exactly the answer of comparing ``level / 255`` with ``t`` in
 float64, so the histogram-based search, which only knows levels, agrees with these classes to the pixel.
 """
+
 from __future__ import annotations
 
 import os
 from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, ClassVar, Mapping, Sequence, cast
+from typing import Any, ClassVar, cast
 
 import cv2
 import numpy as np
 
+from pneumoseg.data.probstore import LEVELS
 from pneumoseg.errors import ConfigError
 from pneumoseg.io import read_json
-from pneumoseg.data.probstore import LEVELS
 from pneumoseg.registry import Registry
 from pneumoseg.stage_table import command
 
@@ -77,7 +79,7 @@ def above(probs: np.ndarray, threshold: float) -> np.ndarray:
 def scale_area(area: float | np.ndarray, shape: tuple[int, ...]) -> float | np.ndarray:
     """An area in pixels of the original 1024 x 1024 image, expressed in pixels of a map of ``shape`` (H, W)."""
     height, width = shape[-2:]
-    return np.asarray(area, dtype=np.float64) * (height * width / ORIGINAL_SIZE ** 2)
+    return np.asarray(area, dtype=np.float64) * (height * width / ORIGINAL_SIZE**2)
 
 
 def components(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -101,7 +103,9 @@ def outlines(mask: np.ndarray) -> tuple[Sequence[np.ndarray], np.ndarray]:
     measures 81, a one-pixel speck 0.
     """
     found, _ = cv2.findContours(np.ascontiguousarray(mask).view(np.uint8), cv2.RETR_TREE, cv2.CHAIN_APPROX_SIMPLE)
-    return cast(Sequence[np.ndarray], found), np.array([cv2.contourArea(outline) for outline in found], dtype=np.float64)
+    return cast(Sequence[np.ndarray], found), np.array(
+        [cv2.contourArea(outline) for outline in found], dtype=np.float64
+    )
 
 
 def draw_outlines(shape: tuple[int, ...], kept: Sequence[np.ndarray]) -> np.ndarray:
@@ -124,6 +128,8 @@ def remove_small_outlines(mask: np.ndarray, min_area: float) -> np.ndarray:
         return mask
     found, areas = outlines(mask)
     return draw_outlines(mask.shape[-2:], [outline for outline, area in zip(found, areas) if area > min_area])
+
+
 # Cuts tried, highest first, for the pixels holding the k largest probabilities of a map.
 _CUTS = (0.5, 0.2, 0.05, 0.01)
 
@@ -186,7 +192,7 @@ class PostProcessor(ABC):
 
     def to_block(self) -> dict[str, Any]:
         """The ``{name, params}`` block that :func:`build_postprocessor` turns back into this strategy."""
-        return {"name": self.name, "params": asdict(cast(Any, self))}      # every strategy is a dataclass
+        return {"name": self.name, "params": asdict(cast(Any, self))}  # every strategy is a dataclass
 
 
 POSTPROCESSORS: Registry[PostProcessor] = Registry("post-processing strategy")
@@ -272,7 +278,7 @@ class Triplet(PostProcessor):
 
     def to_block(self) -> dict[str, Any]:
         block = super().to_block()
-        if self.component_rule == PIXELS:   # the default: blocks written before the option stay as they were
+        if self.component_rule == PIXELS:  # the default: blocks written before the option stay as they were
             del block["params"]["component_rule"]
         return block
 
@@ -302,12 +308,14 @@ class Gated(PostProcessor):
         inner = self.inner if isinstance(self.inner, PostProcessor) else build_postprocessor(self.inner)
         if inner.needs_gate:
             raise ConfigError("gated: the inner strategy must not be gated itself; give one gate threshold")
-        object.__setattr__(self, "inner", inner)   # frozen: set once, here
+        object.__setattr__(self, "inner", inner)  # frozen: set once, here
 
     def __call__(self, probs: np.ndarray, gate: float | None = None) -> np.ndarray:
         if gate is None:
-            raise ValueError("the gated strategy needs each image's gate probability; this model has no gate head "
-                             "(model.params.aux_params)")
+            raise ValueError(
+                "the gated strategy needs each image's gate probability; this model has no gate head "
+                "(model.params.aux_params)"
+            )
         if float(gate) < self.gate:
             return np.zeros(probs.shape, dtype=bool)
         return self.inner(probs)
@@ -315,8 +323,10 @@ class Gated(PostProcessor):
     def score(self, probs: np.ndarray, gate: float | None = None) -> float:
         """The gate probability: the image is kept exactly when it is >= ``gate``."""
         if gate is None:
-            raise ValueError("the gated strategy scores an image by its gate probability; this model has no gate "
-                             "head (model.params.aux_params)")
+            raise ValueError(
+                "the gated strategy scores an image by its gate probability; this model has no gate "
+                "head (model.params.aux_params)"
+            )
         return float(gate)
 
     def emptied_by_gate(self, probs: np.ndarray, gate: float | None) -> bool:
@@ -336,9 +346,10 @@ def build_postprocessor(block: Mapping[str, Any]) -> PostProcessor:
 
 def load_postprocessor(path: str | os.PathLike) -> PostProcessor:
     """The strategy stored in a JSON file holding a ``{name, params}`` block (stage 04's ``thresholds.json``)."""
-    block = read_json(path, missing=f"post-processing file {path} not found; run {command('04')} "
-                                    f"first, or configure the strategy in the config",
-                      invalid_fix=f"rerun {command('04')} --force")
+    block = read_json(
+        path,
+        missing=f"post-processing file {path} not found; run {command('04')} "
+        f"first, or configure the strategy in the config",
+        invalid_fix=f"rerun {command('04')} --force",
+    )
     return build_postprocessor(block)
-
-

@@ -6,6 +6,7 @@ patients have several images and whether any patient straddles two folds, the po
 age when stage 01 found those tags, and a gallery of training images with their masks outlined. Everything is
 read back from the files stage 02 and stage 01 wrote, so the report shows exactly what later stages will see.
 """
+
 from __future__ import annotations
 
 import logging
@@ -18,9 +19,9 @@ import pandas as pd
 from matplotlib import colormaps
 from matplotlib.figure import Figure
 
+from pneumoseg import layout
 from pneumoseg.data import folds as fold_split
 from pneumoseg.data import labels as lb
-from pneumoseg import layout
 from pneumoseg.io import read_png, write_png, write_text
 from pneumoseg.reports.figures import draw_outline, save_figure
 from pneumoseg.stage_table import command
@@ -33,14 +34,14 @@ FIGURE_DPI = 100
 GALLERY_POSITIVE = 8
 GALLERY_NEGATIVE = 4
 GALLERY_COLUMNS = 4
-GALLERY_MIN_SIZE = 256          # the smallest prepared size at least this large shows the gallery
-MEAN_IMAGE_SAMPLE = 400         # images averaged for the mean X-ray behind the mean mask
+GALLERY_MIN_SIZE = 256  # the smallest prepared size at least this large shows the gallery
+MEAN_IMAGE_SAMPLE = 400  # images averaged for the mean X-ray behind the mean mask
 OUTLINE_RGB = (255, 40, 40)
 NUMBER_RGB = (255, 230, 0)
 POSITIVE_COLOUR, NEGATIVE_COLOUR = "#d62728", "#1f77b4"
 DEMOGRAPHICS = {"sex": "sex", "view": "view position"}
 PATIENT = "PatientID"
-AGE_RANGE = (0, 100)            # a few real files claim ages over 100 (typos); they are left out of the plot
+AGE_RANGE = (0, 100)  # a few real files claim ages over 100 (typos); they are left out of the plot
 
 
 def write_report(prepared: layout.Where, sizes: list[int], area_edges, seed: int) -> Path:
@@ -65,8 +66,9 @@ def write_report(prepared: layout.Where, sizes: list[int], area_edges, seed: int
     rng = np.random.default_rng(seed)
     sections = [
         f"# Data report\n\nWritten by stage 02 (`{command('02')}`) from the files in this folder.",
-        _overview(table, len(pd.read_csv(layout.test_images_path(prepared))),
-                  pd.read_csv(layout.unmatched_path(prepared))),
+        _overview(
+            table, len(pd.read_csv(layout.test_images_path(prepared))), pd.read_csv(layout.unmatched_path(prepared))
+        ),
         _positives_and_instances(table, figures),
         _area_histogram(table, edges, figures),
         _mean_mask(table, prepared, min(sizes), rng, figures),
@@ -83,10 +85,12 @@ def write_report(prepared: layout.Where, sizes: list[int], area_edges, seed: int
 
 def _overview(table: pd.DataFrame, n_test: int, unmatched: pd.DataFrame) -> str:
     n_positive = int(table["has_mask"].sum())
-    rows = [("training images", len(table)),
-            ("with pneumothorax", f"{n_positive} ({n_positive / max(len(table), 1):.1%})"),
-            ("pneumothorax instances", int(table["n_instances"].sum())),
-            ("test images", n_test)]
+    rows = [
+        ("training images", len(table)),
+        ("with pneumothorax", f"{n_positive} ({n_positive / max(len(table), 1):.1%})"),
+        ("pneumothorax instances", int(table["n_instances"].sum())),
+        ("test images", n_test),
+    ]
     rows += [(f"unmatched: {reason}", count) for reason, count in unmatched["reason"].value_counts().items()]
     return "## Overview\n\n" + _markdown_table(pd.DataFrame(rows, columns=["", "count"]))
 
@@ -110,8 +114,10 @@ def _positives_and_instances(table: pd.DataFrame, figures: Path) -> str:
     instances.set_title("instances per image")
     name = _link(save_figure(fig, figures / "positives.png", FIGURE_DPI))
     several = int((table["n_instances"] > 1).sum())
-    return (f"## Positive images and instances\n\n![positive share and instances per image]({name})\n\n"
-            f"{several} images have more than one instance; their mask is the union of the instances.")
+    return (
+        f"## Positive images and instances\n\n![positive share and instances per image]({name})\n\n"
+        f"{several} images have more than one instance; their mask is the union of the instances."
+    )
 
 
 def _area_histogram(table: pd.DataFrame, edges: list[int], figures: Path) -> str:
@@ -130,12 +136,13 @@ def _area_histogram(table: pd.DataFrame, edges: list[int], figures: Path) -> str
     ax.set_title("mask area")
     name = _link(save_figure(fig, figures / "mask_area.png", FIGURE_DPI))
     quartiles = np.percentile(areas, [0, 25, 50, 75, 100]).astype(int)
-    return (f"## Mask areas\n\n![mask area histogram]({name})\n\nArea of the union mask in original pixels: "
-            f"min {quartiles[0]}, quartiles {quartiles[1]} / {quartiles[2]} / {quartiles[3]}, max {quartiles[4]}.")
+    return (
+        f"## Mask areas\n\n![mask area histogram]({name})\n\nArea of the union mask in original pixels: "
+        f"min {quartiles[0]}, quartiles {quartiles[1]} / {quartiles[2]} / {quartiles[3]}, max {quartiles[4]}."
+    )
 
 
-def _mean_mask(table: pd.DataFrame, prepared: layout.Where, size: int, rng: np.random.Generator,
-               figures: Path) -> str:
+def _mean_mask(table: pd.DataFrame, prepared: layout.Where, size: int, rng: np.random.Generator, figures: Path) -> str:
     positive = table.loc[table["has_mask"], lb.ID_COLUMN].tolist()
     if not positive:
         return ""
@@ -152,9 +159,11 @@ def _mean_mask(table: pd.DataFrame, prepared: layout.Where, size: int, rng: np.r
     for ax in (image_ax, heat_ax):
         ax.set_axis_off()
     name = _link(save_figure(fig, figures / "mean_mask.png", FIGURE_DPI))
-    return (f"## Where masks lie\n\n![mean image and mean mask]({name})\n\nThe mean of the {size}x{size} "
-            f"masks of the positive images: the share of them covering each pixel (the image's left is the "
-            f"patient's right).")
+    return (
+        f"## Where masks lie\n\n![mean image and mean mask]({name})\n\nThe mean of the {size}x{size} "
+        f"masks of the positive images: the share of them covering each pixel (the image's left is the "
+        f"patient's right)."
+    )
 
 
 def _mean(image_dir: Path, image_ids) -> np.ndarray:
@@ -186,12 +195,20 @@ def _fold_balance(folds: pd.DataFrame, table: pd.DataFrame, edges: list[int], fi
     mix_ax.set_xlim(0, 1)
     mix_ax.set_xlabel("share of the fold's positive images")
     mix_ax.set_title("mask area (original pixels)")
-    mix_ax.legend(ncol=len(positive_bins), loc="upper center", bbox_to_anchor=(0.5, -0.25), frameon=False,
-                  fontsize=8, handlelength=1)
+    mix_ax.legend(
+        ncol=len(positive_bins),
+        loc="upper center",
+        bbox_to_anchor=(0.5, -0.25),
+        frameon=False,
+        fontsize=8,
+        handlelength=1,
+    )
     name = _link(save_figure(fig, figures / "fold_balance.png", FIGURE_DPI))
     grouped = " Groups (`group` in folds.csv) never span two folds." if "group" in folds.columns else ""
-    return (f"## Folds\n\n![fold balance]({name})\n\nImages per fold and per mask-area bin; median_area is "
-            f"over the fold's positive images.{grouped}\n\n" + _markdown_table(balance))
+    return (
+        f"## Folds\n\n![fold balance]({name})\n\nImages per fold and per mask-area bin; median_area is "
+        f"over the fold's positive images.{grouped}\n\n" + _markdown_table(balance)
+    )
 
 
 def patient_counts(folds: pd.DataFrame, metadata: pd.DataFrame) -> dict | None:
@@ -208,24 +225,33 @@ def patient_counts(folds: pd.DataFrame, metadata: pd.DataFrame) -> dict | None:
     patient = _text(patient).where(lambda p: p != "", "image " + folds[lb.ID_COLUMN])
     per_patient = folds.groupby(patient.to_numpy())["fold"].agg(["size", "nunique"])
     repeated = per_patient["size"] > 1
-    return {"patients": len(per_patient), "repeated": int(repeated.sum()),
-            "repeated_images": int(per_patient.loc[repeated, "size"].sum()),
-            "most_images": int(per_patient["size"].max()) if len(per_patient) else 0,
-            "straddling": int((per_patient["nunique"] > 1).sum())}
+    return {
+        "patients": len(per_patient),
+        "repeated": int(repeated.sum()),
+        "repeated_images": int(per_patient.loc[repeated, "size"].sum()),
+        "most_images": int(per_patient["size"].max()) if len(per_patient) else 0,
+        "straddling": int((per_patient["nunique"] > 1).sum()),
+    }
 
 
 def _patients(folds: pd.DataFrame, metadata: pd.DataFrame) -> str:
     counts = patient_counts(folds, metadata)
     if counts is None:
-        return ("## Patients and folds\n\nmetadata.csv has no PatientID (an older stage 01 wrote it): rerun "
-                "stage 01 with `--force` to see how images fall to patients.")
-    text = (f"## Patients and folds\n\n{len(folds)} training images of {counts['patients']} patients; "
-            f"{counts['repeated']} patients have several images ({counts['repeated_images']} images, at most "
-            f"{counts['most_images']} of one patient). ")
+        return (
+            "## Patients and folds\n\nmetadata.csv has no PatientID (an older stage 01 wrote it): rerun "
+            "stage 01 with `--force` to see how images fall to patients."
+        )
+    text = (
+        f"## Patients and folds\n\n{len(folds)} training images of {counts['patients']} patients; "
+        f"{counts['repeated']} patients have several images ({counts['repeated_images']} images, at most "
+        f"{counts['most_images']} of one patient). "
+    )
     if counts["straddling"] == 0:
         return text + "No patient has images in two folds."
-    return text + (f"**{counts['straddling']} patients have images in more than one fold**, so a fold is scored "
-                   f"on patients it also trained on and the OOF score flatters: set `folds.group_by: PatientID`.")
+    return text + (
+        f"**{counts['straddling']} patients have images in more than one fold**, so a fold is scored "
+        f"on patients it also trained on and the OOF score flatters: set `folds.group_by: PatientID`."
+    )
 
 
 def _reds(n: int) -> list[tuple[float, ...]]:
@@ -257,17 +283,28 @@ def _demographics(table: pd.DataFrame, metadata: pd.DataFrame, figures: Path) ->
         ages = pd.to_numeric(frame["age"], errors="coerce")
         shown = ages.between(*AGE_RANGE)
         bins = np.arange(AGE_RANGE[0], AGE_RANGE[1] + 5, 5)
-        for flag, colour, label in ((False, NEGATIVE_COLOUR, "no pneumothorax"), (True, POSITIVE_COLOUR,
-                                                                                  "pneumothorax")):
-            ax.hist(ages[shown & (frame["has_mask"] == flag)], bins=bins, color=colour, label=label, density=True,
-                    histtype="step", linewidth=2)
+        for flag, colour, label in (
+            (False, NEGATIVE_COLOUR, "no pneumothorax"),
+            (True, POSITIVE_COLOUR, "pneumothorax"),
+        ):
+            ax.hist(
+                ages[shown & (frame["has_mask"] == flag)],
+                bins=bins,
+                color=colour,
+                label=label,
+                density=True,
+                histtype="step",
+                linewidth=2,
+            )
         ax.set_xlabel("age (years)")
         ax.set_ylabel("density (per class)")
         ax.set_title("age")
         ax.legend(fontsize=8)
         outside = int((ages.notna() & ~shown).sum())
-        tables.append(f"Ages: median {ages[shown].median():.0f}; {int(ages.isna().sum())} unknown, {outside} "
-                      f"outside {AGE_RANGE[0]}-{AGE_RANGE[1]} left out of the histogram (normalised per class).")
+        tables.append(
+            f"Ages: median {ages[shown].median():.0f}; {int(ages.isna().sum())} unknown, {outside} "
+            f"outside {AGE_RANGE[0]}-{AGE_RANGE[1]} left out of the histogram (normalised per class)."
+        )
     name = _link(save_figure(fig, figures / "patients.png", FIGURE_DPI))
     return f"## Patients\n\n![positive rate by sex, view and age]({name})\n\n" + "\n\n".join(tables)
 
@@ -277,8 +314,7 @@ def _text(column: pd.Series) -> pd.Series:
     return column.astype("string").fillna("").str.strip()
 
 
-def _gallery(table: pd.DataFrame, prepared: layout.Where, size: int, rng: np.random.Generator,
-             figures: Path) -> str:
+def _gallery(table: pd.DataFrame, prepared: layout.Where, size: int, rng: np.random.Generator, figures: Path) -> str:
     positive = table[table["has_mask"]].sort_values("mask_area")
     negative = table[~table["has_mask"]]
     # Positives spread from the smallest to the largest mask, so the gallery shows the range of lesions.
@@ -287,18 +323,22 @@ def _gallery(table: pd.DataFrame, prepared: layout.Where, size: int, rng: np.ran
     chosen = pd.concat([positive.iloc[picks], negative.iloc[drawn]])
     if chosen.empty:
         return ""
-    tiles = [_outlined(row, number, prepared, size)
-             for number, row in enumerate(chosen.itertuples(index=False), 1)]
+    tiles = [_outlined(row, number, prepared, size) for number, row in enumerate(chosen.itertuples(index=False), 1)]
     tiles += [np.zeros_like(tiles[0])] * (-len(tiles) % GALLERY_COLUMNS)
-    rows = [np.hstack(tiles[start:start + GALLERY_COLUMNS]) for start in range(0, len(tiles), GALLERY_COLUMNS)]
+    rows = [np.hstack(tiles[start : start + GALLERY_COLUMNS]) for start in range(0, len(tiles), GALLERY_COLUMNS)]
     write_png(figures / "gallery.png", np.vstack(rows))
     name = _link(figures / "gallery.png")
-    captions = [f"{row.ImageId}: " + (f"area {row.mask_area}, {row.n_instances} instance(s)" if row.has_mask
-                                       else "no pneumothorax") for row in chosen.itertuples(index=False)]
-    return (f"## Gallery\n\n![training images with their masks outlined]({name})\n\n{len(chosen)} training "
-            f"images at {size}x{size} with the outline of their stored mask, numbered as below: positives from "
-            f"the smallest to the largest mask, then random images without pneumothorax.\n\n"
-            + "\n".join(f"{number}. {caption}" for number, caption in enumerate(captions, 1)))
+    captions = [
+        f"{row.ImageId}: "
+        + (f"area {row.mask_area}, {row.n_instances} instance(s)" if row.has_mask else "no pneumothorax")
+        for row in chosen.itertuples(index=False)
+    ]
+    return (
+        f"## Gallery\n\n![training images with their masks outlined]({name})\n\n{len(chosen)} training "
+        f"images at {size}x{size} with the outline of their stored mask, numbered as below: positives from "
+        f"the smallest to the largest mask, then random images without pneumothorax.\n\n"
+        + "\n".join(f"{number}. {caption}" for number, caption in enumerate(captions, 1))
+    )
 
 
 def _outlined(row, number: int, prepared: layout.Where, size: int) -> np.ndarray:
@@ -309,8 +349,16 @@ def _outlined(row, number: int, prepared: layout.Where, size: int) -> np.ndarray
     # A one-pixel black frame keeps neighbouring tiles apart.
     cv2.rectangle(image, (0, 0), (size - 1, size - 1), (0, 0, 0), 1)
     scale = max(0.35, size / 400)
-    cv2.putText(image, str(number), (4, int(4 + 22 * scale)), cv2.FONT_HERSHEY_SIMPLEX, scale, NUMBER_RGB,
-                max(1, round(scale * 1.5)), cv2.LINE_AA)
+    cv2.putText(
+        image,
+        str(number),
+        (4, int(4 + 22 * scale)),
+        cv2.FONT_HERSHEY_SIMPLEX,
+        scale,
+        NUMBER_RGB,
+        max(1, round(scale * 1.5)),
+        cv2.LINE_AA,
+    )
     return image
 
 

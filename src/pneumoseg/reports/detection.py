@@ -6,6 +6,7 @@ The per-image table of either stage is joined with stage 01's ``metadata.csv`` (
 sex, age, view and pixel spacing) and with ``report.extra_metadata`` (a CSV of ImageId and more columns, such as
 the demo's ``drain``), so any of those columns can split the subgroup table (``report.subgroups``).
 """
+
 from __future__ import annotations
 
 import logging
@@ -26,8 +27,15 @@ log = logging.getLogger(__name__)
 FIGURE_DPI = 110
 PLOT_FILES = {"curves": "detector_curves.png", "calibration": "reliability.png"}
 METADATA_COLUMNS = ("ImageId", "PatientID", "sex", "age", "view", "pixel_spacing")
-NAMES = {"auc": "AUC", "sensitivity": "sensitivity", "specificity": "specificity", "ppv": "PPV", "npv": "NPV",
-         "dice": "dice", "positive_dice": "dice on positives"}
+NAMES = {
+    "auc": "AUC",
+    "sensitivity": "sensitivity",
+    "specificity": "specificity",
+    "ppv": "PPV",
+    "npv": "NPV",
+    "dice": "dice",
+    "positive_dice": "dice on positives",
+}
 
 
 def with_metadata(per_image: pd.DataFrame, metadata_csv: Path | None, extra_csv: Path | None) -> pd.DataFrame:
@@ -42,11 +50,16 @@ def with_metadata(per_image: pd.DataFrame, metadata_csv: Path | None, extra_csv:
         kept = [c for c in METADATA_COLUMNS if c in metadata.columns]
         frame = frame.merge(metadata[kept].drop_duplicates("ImageId"), on="ImageId", how="left")
     else:
-        log.info("no metadata.csv at %s: the detector report resamples images, not patients, and has no "
-                 "subgroups", metadata_csv)
+        log.info(
+            "no metadata.csv at %s: the detector report resamples images, not patients, and has no subgroups",
+            metadata_csv,
+        )
     if extra_csv is not None and not extra_csv.is_file():
-        log.warning("report.extra_metadata names %s, which does not exist: the detector report goes without its "
-                    "columns (fix the path, or set report.extra_metadata=null)", extra_csv)
+        log.warning(
+            "report.extra_metadata names %s, which does not exist: the detector report goes without its "
+            "columns (fix the path, or set report.extra_metadata=null)",
+            extra_csv,
+        )
     elif extra_csv is not None:
         extra = pd.read_csv(extra_csv, dtype={"ImageId": str})
         if "ImageId" not in extra.columns:
@@ -75,10 +88,16 @@ def plot_curves(frame: pd.DataFrame, numbers: dict[str, Any], path: Path) -> Pat
         roc_ax.plot(1 - spec, sens, marker="*", ms=14, color="red", ls="", label="operating point")
     if sens is not None and ppv is not None:
         pr_ax.plot(sens, ppv, marker="*", ms=14, color="red", ls="", label="operating point")
-    roc_ax.set(xlabel="1 - specificity", ylabel="sensitivity", title="ROC of the image-level score",
-               xlim=(0, 1), ylim=(0, 1.02))
-    pr_ax.set(xlabel="recall (sensitivity)", ylabel="precision (PPV)", title="precision-recall", xlim=(0, 1),
-              ylim=(0, 1.02))
+    roc_ax.set(
+        xlabel="1 - specificity",
+        ylabel="sensitivity",
+        title="ROC of the image-level score",
+        xlim=(0, 1),
+        ylim=(0, 1.02),
+    )
+    pr_ax.set(
+        xlabel="recall (sensitivity)", ylabel="precision (PPV)", title="precision-recall", xlim=(0, 1), ylim=(0, 1.02)
+    )
     for ax in (roc_ax, pr_ax):
         ax.legend(fontsize=8, loc="lower right" if ax is roc_ax else "lower left")
     return save_figure(fig, path, FIGURE_DPI)
@@ -92,18 +111,30 @@ def plot_reliability(numbers: dict[str, Any], path: Path) -> Path:
     ax.plot([0, 1], [0, 1], color="grey", ls=":", lw=0.8, label="calibrated")
     ax.plot([b["mean_score"] for b in bins], [b["share_positive"] for b in bins], marker="o", label="image score")
     for b in bins:
-        ax.annotate(f"{b['n_images']}", (b["mean_score"], b["share_positive"]), fontsize=7,
-                    textcoords="offset points", xytext=(3, 3))
-    ax.set(xlabel="mean image-level score in the bin", ylabel="share of images with pneumothorax", xlim=(0, 1),
-           ylim=(0, 1.02), title=f"reliability (ECE {numbers['calibration']['ece']:.3f})")
+        ax.annotate(
+            f"{b['n_images']}",
+            (b["mean_score"], b["share_positive"]),
+            fontsize=7,
+            textcoords="offset points",
+            xytext=(3, 3),
+        )
+    ax.set(
+        xlabel="mean image-level score in the bin",
+        ylabel="share of images with pneumothorax",
+        xlim=(0, 1),
+        ylim=(0, 1.02),
+        title=f"reliability (ECE {numbers['calibration']['ece']:.3f})",
+    )
     ax.legend(fontsize=8)
     return save_figure(fig, path, FIGURE_DPI)
 
 
 def write_plots(folder: Path, frame: pd.DataFrame, numbers: dict[str, Any]) -> dict[str, Path | None]:
     """Both figures into ``folder``; returns their paths (None for one not drawn)."""
-    return {"curves": plot_curves(frame, numbers, folder / PLOT_FILES["curves"]),
-            "calibration": plot_reliability(numbers, folder / PLOT_FILES["calibration"])}
+    return {
+        "curves": plot_curves(frame, numbers, folder / PLOT_FILES["curves"]),
+        "calibration": plot_reliability(numbers, folder / PLOT_FILES["calibration"]),
+    }
 
 
 def interval_text(figure: dict[str, Any] | None) -> str:
@@ -153,13 +184,23 @@ def markdown_lines(numbers: dict[str, Any] | None, plots: Mapping[str, Path | No
         lines += [f"![ROC and precision-recall curves]({link}/{curves.name})", ""]
     if reliability is not None:
         lines += [f"![reliability diagram]({link}/{reliability.name})", ""]
-    lines += [f"### By lesion size ({numbers['size_unit']}, the data report's bins)", "",
-              *_group_table(numbers["by_size"], ("sensitivity", "positive_dice")), ""]
+    lines += [
+        f"### By lesion size ({numbers['size_unit']}, the data report's bins)",
+        "",
+        *_group_table(numbers["by_size"], ("sensitivity", "positive_dice")),
+        "",
+    ]
     if numbers["subgroups"]:
-        lines += ["### Subgroups", "",
-                  "**↓**: the group's interval lies wholly below the overall figure.", "",
-                  *_group_table([{"group": "overall", **numbers["overall"], "below": []}] + numbers["subgroups"],
-                                GROUP_FIGURES), ""]
+        lines += [
+            "### Subgroups",
+            "",
+            "**↓**: the group's interval lies wholly below the overall figure.",
+            "",
+            *_group_table(
+                [{"group": "overall", **numbers["overall"], "below": []}] + numbers["subgroups"], GROUP_FIGURES
+            ),
+            "",
+        ]
     else:
         lines += ["No subgroup: no metadata column with two or more known values.", ""]
     return lines

@@ -1,4 +1,5 @@
 """What both reports draw with: figures saved atomically, mask outlines on X-rays."""
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -5,13 +5,15 @@ Plots: the search surface (Dice against ``top`` and ``min_area`` at the best ``b
 the per-fold scores, every fold's training curves from its ``log.csv``, and a gallery of the worst false positives,
 the worst misses on positive images and a few good cases, each an X-ray with the truth and the prediction outlined.
 """
+
 from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import cv2
 import numpy as np
@@ -21,27 +23,34 @@ from matplotlib.ticker import MaxNLocator
 
 from pneumoseg.data.resize import resize
 from pneumoseg.io import write_json, write_text
-from pneumoseg.postprocess.strategies import ORIGINAL_SIZE, build_postprocessor
 from pneumoseg.postprocess.search import SearchResult
+from pneumoseg.postprocess.strategies import ORIGINAL_SIZE, build_postprocessor
 from pneumoseg.reports import detection as detection_report
 from pneumoseg.reports.figures import draw_outline, save_figure
 
 log = logging.getLogger(__name__)
 
 PLOTS = "plots"
-PLOT_FILES = {"search": "search.png", "folds": "folds.png", "training": "training_curves.png",
-              "gallery": "gallery.png", "tradeoff": "tradeoff.png", **detection_report.PLOT_FILES}
+PLOT_FILES = {
+    "search": "search.png",
+    "folds": "folds.png",
+    "training": "training_curves.png",
+    "gallery": "gallery.png",
+    "tradeoff": "tradeoff.png",
+    **detection_report.PLOT_FILES,
+}
 REPORT_JSON, REPORT_MD = "oof_report.json", "oof_report.md"
 FIGURE_DPI = 110
-TRUTH_COLOUR = (40, 220, 40)        # RGB: green outline
-PREDICTION_COLOUR = (255, 40, 40)   # RGB: red outline
+TRUTH_COLOUR = (40, 220, 40)  # RGB: green outline
+PREDICTION_COLOUR = (255, 40, 40)  # RGB: red outline
 
 CaseLoader = Callable[[str], tuple[np.ndarray, np.ndarray, np.ndarray]]
 """ImageId -> (X-ray uint8 H x W, truth mask, predicted mask); the masks at any one resolution."""
 
 
-def report_numbers(result: SearchResult, per_image: pd.DataFrame, chosen: dict, default: dict, oof_size: int,
-                   seconds: float) -> dict[str, Any]:
+def report_numbers(
+    result: SearchResult, per_image: pd.DataFrame, chosen: dict, default: dict, oof_size: int, seconds: float
+) -> dict[str, Any]:
     """The content of ``oof_report.json``.
 
     Args:
@@ -56,12 +65,16 @@ def report_numbers(result: SearchResult, per_image: pd.DataFrame, chosen: dict, 
     predicted = per_image["pred_area"] > 0
     nested = result.nested
     per_fold = []
-    fold: Any      # a group key: pandas types it as any scalar
+    fold: Any  # a group key: pandas types it as any scalar
     for k, (fold, rows) in enumerate(per_image.groupby("fold", sort=True)):
         entry: dict[str, Any] = {
-            "fold": int(fold), "n_images": len(rows), "n_positive": int((rows["true_area"] > 0).sum()),
-            "score": float(rows["dice"].mean()), "default_score": float(rows["default_dice"].mean()),
-            "empty_baseline": float((rows["true_area"] == 0).mean())}
+            "fold": int(fold),
+            "n_images": len(rows),
+            "n_positive": int((rows["true_area"] > 0).sum()),
+            "score": float(rows["dice"].mean()),
+            "default_score": float(rows["default_dice"].mean()),
+            "empty_baseline": float((rows["true_area"] == 0).mean()),
+        }
         if nested is not None:
             entry.update(nested_score=float(nested.scores[k]), nested_choice=nested.choices[k])
         per_fold.append(entry)
@@ -73,8 +86,10 @@ def report_numbers(result: SearchResult, per_image: pd.DataFrame, chosen: dict, 
             if found.size:
                 row = result.best_of(strategy, gated)
                 best_per_strategy[f"gated {strategy}" if gated else strategy] = {
-                    "score": float(candidates["dice"].iloc[row]), "block": result.block(row),
-                    "n_candidates": int(found.size)}
+                    "score": float(candidates["dice"].iloc[row]),
+                    "block": result.block(row),
+                    "n_candidates": int(found.size),
+                }
     return {
         "n_images": len(per_image),
         "n_positive": int(positive.sum()),
@@ -110,9 +125,12 @@ def gate_numbers(result: SearchResult) -> dict[str, Any] | None:
     for name, gated in (("ungated", False), ("gated", True)):
         row = result.best_of(gated=gated)
         nested = result.nested_by_gate.get(name)
-        numbers[name] = {"oof_score": float(result.candidates["dice"].iloc[row]), "block": result.block(row),
-                         "nested_score": None if nested is None else nested.score,
-                         "n_candidates": int(result.rows_of(gated=gated).size)}
+        numbers[name] = {
+            "oof_score": float(result.candidates["dice"].iloc[row]),
+            "block": result.block(row),
+            "nested_score": None if nested is None else nested.score,
+            "n_candidates": int(result.rows_of(gated=gated).size),
+        }
     return numbers
 
 
@@ -136,8 +154,14 @@ class Gallery:
     thumbnail_size: int
 
 
-def write_report(folder: Path, numbers: dict, result: SearchResult, per_image: pd.DataFrame,
-                 logs: Mapping[int, Path], gallery: Gallery) -> None:
+def write_report(
+    folder: Path,
+    numbers: dict,
+    result: SearchResult,
+    per_image: pd.DataFrame,
+    logs: Mapping[int, Path],
+    gallery: Gallery,
+) -> None:
     """Write the plots and ``oof_report.md`` into ``folder`` (the stage writes ``numbers`` to ``oof_report.json``).
 
     Args:
@@ -155,8 +179,9 @@ def write_report(folder: Path, numbers: dict, result: SearchResult, per_image: p
         "folds": plot_folds(numbers, paths["folds"]),
         "tradeoff": plot_tradeoff(result, paths["tradeoff"]),
         "training": plot_training_curves(logs, paths["training"]),
-        "gallery": plot_gallery(gallery_cases(per_image, gallery.n_cases), gallery.case, gallery.thumbnail_size,
-                                paths["gallery"]),
+        "gallery": plot_gallery(
+            gallery_cases(per_image, gallery.n_cases), gallery.case, gallery.thumbnail_size, paths["gallery"]
+        ),
     }
     if numbers.get("detection") is not None:
         plots.update(detection_report.write_plots(folder / PLOTS, per_image, numbers["detection"]))
@@ -194,8 +219,9 @@ def _add_to_report(folder: Path, key: str, value: dict) -> None:
     numbers = json.loads(path.read_text())
     numbers[key] = value
     write_json(path, numbers)
-    plots = {key: folder / PLOTS / name if (folder / PLOTS / name).is_file() else None
-             for key, name in PLOT_FILES.items()}
+    plots = {
+        key: folder / PLOTS / name if (folder / PLOTS / name).is_file() else None for key, name in PLOT_FILES.items()
+    }
     write_text(folder / REPORT_MD, render_markdown(numbers, plots))
 
 
@@ -212,8 +238,11 @@ def plot_search(result: SearchResult, numbers: dict, path: Path) -> Path:
         curve_ax.plot(grid.bottoms[valid], np.nanmax(profile[:, valid], axis=0), marker="o", ms=3, label=strategy)
     curve_ax.axhline(numbers["empty_baseline"], color="grey", ls=":", label="all empty")
     curve_ax.axhline(numbers["default_score"], color="black", ls="--", lw=0.8, label="default")
-    curve_ax.set(xlabel="mask threshold (threshold, or the triplet's bottom)", ylabel="OOF dice",
-                 title="Best dice at each mask threshold (no component filter)")
+    curve_ax.set(
+        xlabel="mask threshold (threshold, or the triplet's bottom)",
+        ylabel="OOF dice",
+        title="Best dice at each mask threshold (no component filter)",
+    )
     curve_ax.legend(fontsize=8)
     if heat:
         grid, scores = heat
@@ -223,10 +252,13 @@ def plot_search(result: SearchResult, numbers: dict, path: Path) -> Path:
         axes[0].set_yticks(range(len(grid.tops)), [f"{t:g}" for t in grid.tops], fontsize=7)
         axes[0].plot(area, top, marker="*", color="red", ms=12)
         chosen = numbers["chosen"]
-        axes[0].set(xlabel="min_area (pixels of the 1024 px image)", ylabel="top",
-                    title=f"triplet: OOF dice at bottom={grid.bottoms[bottom]:g} (star: its best, "
-                          f"{np.nanmax(scores):.4f}; white: top < bottom, not a candidate)\n"
-                          f"chosen: {chosen['name']}, OOF dice {numbers['oof_score']:.4f} (the report's score)")
+        axes[0].set(
+            xlabel="min_area (pixels of the 1024 px image)",
+            ylabel="top",
+            title=f"triplet: OOF dice at bottom={grid.bottoms[bottom]:g} (star: its best, "
+            f"{np.nanmax(scores):.4f}; white: top < bottom, not a candidate)\n"
+            f"chosen: {chosen['name']}, OOF dice {numbers['oof_score']:.4f} (the report's score)",
+        )
         fig.colorbar(image, ax=axes[0], label="OOF dice")
     return save_figure(fig, path, FIGURE_DPI)
 
@@ -266,8 +298,12 @@ def plot_tradeoff(result: SearchResult, path: Path) -> Path | None:
 def plot_folds(numbers: dict, path: Path) -> Path:
     """Bars per fold: the chosen strategy (in-sample), the nested estimate, the default and the all-empty score."""
     folds = numbers["per_fold"]
-    series = {"chosen (in-sample)": "score", "nested": "nested_score", "default": "default_score",
-              "all empty": "empty_baseline"}
+    series = {
+        "chosen (in-sample)": "score",
+        "nested": "nested_score",
+        "default": "default_score",
+        "all empty": "empty_baseline",
+    }
     series = {label: key for label, key in series.items() if key in folds[0]}
     fig = Figure(figsize=(max(5, 1.6 * len(folds) + 2), 4), layout="constrained")
     ax = fig.subplots()
@@ -293,28 +329,35 @@ def plot_training_curves(logs: Mapping[int, Path], path: Path) -> Path | None:
     if not frames:
         return None
     # Numeric columns only: val_postprocess names the strategy that gave val_dice (text, not a curve).
-    metrics = sorted({c for f in frames.values() for c in f.columns
-                      if c.startswith("val_") and c != "val_loss" and pd.api.types.is_numeric_dtype(f[c])})
+    metrics = sorted(
+        {
+            c
+            for f in frames.values()
+            for c in f.columns
+            if c.startswith("val_") and c != "val_loss" and pd.api.types.is_numeric_dtype(f[c])
+        }
+    )
     columns = min(2, 1 + len(metrics))
     rows = -(-(1 + len(metrics)) // columns)
     fig = Figure(figsize=(6 * columns, 4 * rows), layout="constrained")
     axes = fig.subplots(rows, columns, squeeze=False).ravel()
-    for ax in axes[1 + len(metrics):]:
+    for ax in axes[1 + len(metrics) :]:
         ax.axis("off")
     for k, (fold, frame) in enumerate(sorted(frames.items())):
         # Markers keep a one-epoch run visible.
         style = {"color": f"C{k % 10}", "marker": "o", "ms": 3}
         for column, line in (("train_loss", "-"), ("val_loss", "--")):
             if column in frame:
-                axes[0].plot(frame["epoch"], frame[column], ls=line, label=f"fold {fold} {column.split('_')[0]}",
-                             **style)
+                axes[0].plot(
+                    frame["epoch"], frame[column], ls=line, label=f"fold {fold} {column.split('_')[0]}", **style
+                )
         for ax, metric in zip(axes[1:], metrics):
             if metric in frame:
                 ax.plot(frame["epoch"], frame[metric], label=f"fold {fold}", **style)
     axes[0].set(ylabel="loss", title="loss (solid: train, dashed: validation)")
     for ax, metric in zip(axes[1:], metrics):
         ax.set(ylabel=metric, title=metric)
-    for ax in axes[:1 + len(metrics)]:
+    for ax in axes[: 1 + len(metrics)]:
         ax.set(xlabel="epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
         ax.legend(fontsize=7)
@@ -329,8 +372,7 @@ def gallery_cases(per_image: pd.DataFrame, n_cases: int) -> dict[str, pd.DataFra
     rows = {
         "worst false positives": false_positive.sort_values("pred_area", ascending=False, kind="stable"),
         "worst misses": positive.sort_values(["dice", "true_area"], ascending=[True, False], kind="stable"),
-        "good cases": positive[positive["dice"] > 0].sort_values(["dice", "true_area"], ascending=False,
-                                                                 kind="stable"),
+        "good cases": positive[positive["dice"] > 0].sort_values(["dice", "true_area"], ascending=False, kind="stable"),
     }
     return {title: frame.head(n_cases) for title, frame in rows.items()}
 
@@ -353,16 +395,19 @@ def plot_gallery(cases: Mapping[str, pd.DataFrame], case: CaseLoader, size: int,
     columns = max(len(frame) for frame in cases.values())
     fig = Figure(figsize=(2.4 * columns, 2.7 * len(cases)), layout="constrained")
     axes = fig.subplots(len(cases), columns, squeeze=False)
-    item: Any      # a row of the frame: pandas types its fields as any scalar
+    item: Any  # a row of the frame: pandas types its fields as any scalar
     for row, (title, frame) in zip(axes, cases.items()):
         for ax in row:
             ax.axis("off")
         for ax, item in zip(row, frame.itertuples()):
             xray, truth, prediction = case(item.ImageId)
-            scale = ORIGINAL_SIZE ** 2 / truth.size
+            scale = ORIGINAL_SIZE**2 / truth.size
             ax.imshow(outlined(xray, truth, prediction, size))
-            ax.set_title(f"{title}\n…{item.ImageId[-10:]} dice {item.dice:.2f}\n"
-                         f"true {item.true_area * scale:.0f} / pred {item.pred_area * scale:.0f} px", fontsize=7)
+            ax.set_title(
+                f"{title}\n…{item.ImageId[-10:]} dice {item.dice:.2f}\n"
+                f"true {item.true_area * scale:.0f} / pred {item.pred_area * scale:.0f} px",
+                fontsize=7,
+            )
     fig.suptitle("truth: green, prediction: red (areas in pixels of the 1024 px image)", fontsize=9)
     return save_figure(fig, path, FIGURE_DPI)
 
@@ -412,8 +457,10 @@ def render_markdown(numbers: dict, plots: Mapping[str, Path | None]) -> str:
         "",
         "| strategy | candidates | dice | parameters |",
         "| --- | ---: | ---: | --- |",
-        *(f"| {name} | {best['n_candidates']} | {best['score']:.4f} | {_block_text(best['block'])} |"
-          for name, best in numbers["best_per_strategy"].items()),
+        *(
+            f"| {name} | {best['n_candidates']} | {best['score']:.4f} | {_block_text(best['block'])} |"
+            for name, best in numbers["best_per_strategy"].items()
+        ),
         "",
         *_gate_lines(numbers.get("gate")),
         *_runtime_lines(numbers.get("served_runtime")),
@@ -421,9 +468,12 @@ def render_markdown(numbers: dict, plots: Mapping[str, Path | None]) -> str:
         "",
         "| fold | images | positive | chosen | nested | chosen on the other folds | default | all empty |",
         "| ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: |",
-        *(f"| {f['fold']} | {f['n_images']} | {f['n_positive']} | {f['score']:.4f} | "
-          f"{_fmt(f.get('nested_score'))} | {_block_text(f['nested_choice']) if 'nested_choice' in f else 'n/a'} | "
-          f"{f['default_score']:.4f} | {f['empty_baseline']:.4f} |" for f in numbers["per_fold"]),
+        *(
+            f"| {f['fold']} | {f['n_images']} | {f['n_positive']} | {f['score']:.4f} | "
+            f"{_fmt(f.get('nested_score'))} | {_block_text(f['nested_choice']) if 'nested_choice' in f else 'n/a'} | "
+            f"{f['default_score']:.4f} | {f['empty_baseline']:.4f} |"
+            for f in numbers["per_fold"]
+        ),
         "",
         _image("per-fold scores", plots["folds"]),
         "",
@@ -451,11 +501,14 @@ def _objective_lines(numbers: dict) -> list[str]:
     objective = numbers.get("objective") or {"name": "dice", "params": {}}
     if objective["name"] == "dice":
         return ["Objective: the best mean Dice.", ""]
-    (key, value), = objective["params"].items()
+    ((key, value),) = objective["params"].items()
     met = numbers.get("nested_constraint_met")
     held_out = "n/a (one fold)" if met is None else f"{met:.0%} of the held-out folds"
-    return [f"Objective: the best mean Dice with an image-level {key.removeprefix('min_')} of at least {value:g} "
-            f"(`{objective['name']}`); the nested choice met it on {held_out}.", ""]
+    return [
+        f"Objective: the best mean Dice with an image-level {key.removeprefix('min_')} of at least {value:g} "
+        f"(`{objective['name']}`); the nested choice met it on {held_out}.",
+        "",
+    ]
 
 
 def _gate_lines(gate: dict | None) -> list[str]:
@@ -472,8 +525,11 @@ def _gate_lines(gate: dict | None) -> list[str]:
         "",
         "| candidates | number | OOF dice (best) | nested | best parameters |",
         "| --- | ---: | ---: | ---: | --- |",
-        *(f"| {name} | {gate[name]['n_candidates']} | {gate[name]['oof_score']:.4f} | "
-          f"{_fmt(gate[name]['nested_score'])} | {_block_text(gate[name]['block'])} |" for name in ("ungated", "gated")),
+        *(
+            f"| {name} | {gate[name]['n_candidates']} | {gate[name]['oof_score']:.4f} | "
+            f"{_fmt(gate[name]['nested_score'])} | {_block_text(gate[name]['block'])} |"
+            for name in ("ungated", "gated")
+        ),
         "",
     ]
 
@@ -497,9 +553,12 @@ def ensemble_lines(ensemble: dict | None) -> list[str]:
         "",
         "| candidate | weights | OOF dice | nested estimate | post-processing |",
         "| --- | --- | ---: | ---: | --- |",
-        *(f"| {' + '.join(c['members'])}{' (chosen)' if c['members'] == chosen else ''} | "
-          f"{', '.join(f'{w:g}' for w in c['weights'])} | {c['oof_score']:.4f} | {_fmt(c['nested_score'])} | "
-          f"{_block_text(c['postprocess'])} |" for c in ensemble["candidates"]),
+        *(
+            f"| {' + '.join(c['members'])}{' (chosen)' if c['members'] == chosen else ''} | "
+            f"{', '.join(f'{w:g}' for w in c['weights'])} | {c['oof_score']:.4f} | {_fmt(c['nested_score'])} | "
+            f"{_block_text(c['postprocess'])} |"
+            for c in ensemble["candidates"]
+        ),
         "",
     ]
 
@@ -508,16 +567,23 @@ def _runtime_lines(check: dict | None) -> list[str]:
     """The section on the served runtime, when stage 06 measured it against torch's (the OOF maps')."""
     if check is None:
         return []
-    lines = ["## Served runtime", "",
-             f"The OOF maps were made by torch; the package (stage 06) serves with {check['runtime']} on the CPU. "
-             f"Both predicted {check['images']} images ({check['images_from']}):", "",
-             "| measure | value |", "| --- | ---: |",
-             f"| Dice between the torch and {check['runtime']} submissions | {check['dice_between_runtimes']:.6f} |",
-             f"| share of mask pixels that differ | {check['mask_share_differing']:.3g} |",
-             f"| largest probability difference | {check['max_probability_difference']:.3g} |"]
+    lines = [
+        "## Served runtime",
+        "",
+        f"The OOF maps were made by torch; the package (stage 06) serves with {check['runtime']} on the CPU. "
+        f"Both predicted {check['images']} images ({check['images_from']}):",
+        "",
+        "| measure | value |",
+        "| --- | ---: |",
+        f"| Dice between the torch and {check['runtime']} submissions | {check['dice_between_runtimes']:.6f} |",
+        f"| share of mask pixels that differ | {check['mask_share_differing']:.3g} |",
+        f"| largest probability difference | {check['max_probability_difference']:.3g} |",
+    ]
     if "test_score_torch" in check:
-        lines += [f"| test score through torch | {check['test_score_torch']:.4f} |",
-                  f"| test score through {check['runtime']} | {check['test_score_onnxruntime']:.4f} |"]
+        lines += [
+            f"| test score through torch | {check['test_score_torch']:.4f} |",
+            f"| test score through {check['runtime']} | {check['test_score_onnxruntime']:.4f} |",
+        ]
     return [*lines, ""]
 
 
@@ -544,23 +610,34 @@ def summary_table(numbers: dict) -> str:
         ("false-negative rate", _fmt(numbers["false_negative_rate"])),
     ]
     if numbers.get("nested_constraint_met") is not None:
-        (key, value), = numbers["objective"]["params"].items()
+        ((key, value),) = numbers["objective"]["params"].items()
         rows.append((f"nested: {key} {value:g} met on", f"{numbers['nested_constraint_met']:.0%} of held-out folds"))
     detection = numbers.get("detection")
     if detection is not None:
-        rows += [(f"image-level {name}", detection_report.interval_text(figure))
-                 for name, figure in (("AUC", detection["overall"]["auc"]),
-                                      ("sensitivity", detection["operating_point"]["sensitivity"]),
-                                      ("specificity", detection["operating_point"]["specificity"]))]
+        rows += [
+            (f"image-level {name}", detection_report.interval_text(figure))
+            for name, figure in (
+                ("AUC", detection["overall"]["auc"]),
+                ("sensitivity", detection["operating_point"]["sensitivity"]),
+                ("specificity", detection["operating_point"]["specificity"]),
+            )
+        ]
     gate = numbers.get("gate")
     if gate is not None:
-        rows += [(f"best {name} OOF / nested", f"{_fmt(gate[name]['oof_score'])} / {_fmt(gate[name]['nested_score'])}")
-                 for name in ("ungated", "gated")]
+        rows += [
+            (f"best {name} OOF / nested", f"{_fmt(gate[name]['oof_score'])} / {_fmt(gate[name]['nested_score'])}")
+            for name in ("ungated", "gated")
+        ]
     width = max(len(name) for name, _ in rows)
-    lines = [f"OOF search: {numbers['n_images']} images ({numbers['n_positive']} positive), "
-             f"{numbers['n_candidates']} candidates, {numbers['search_seconds']} s"]
+    lines = [
+        f"OOF search: {numbers['n_images']} images ({numbers['n_positive']} positive), "
+        f"{numbers['n_candidates']} candidates, {numbers['search_seconds']} s"
+    ]
     lines += [f"  {name:<{width}}  {value}" for name, value in rows]
     lines.append(f"  {'fold':>6} {'images':>7} {'chosen':>8} {'nested':>8} {'default':>8}")
-    lines += [f"  {f['fold']:>6} {f['n_images']:>7} {f['score']:>8.4f} {_fmt(f.get('nested_score')):>8} "
-              f"{f['default_score']:>8.4f}" for f in numbers["per_fold"]]
+    lines += [
+        f"  {f['fold']:>6} {f['n_images']:>7} {f['score']:>8.4f} {_fmt(f.get('nested_score')):>8} "
+        f"{f['default_score']:>8.4f}"
+        for f in numbers["per_fold"]
+    ]
     return "\n".join(lines)

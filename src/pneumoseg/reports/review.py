@@ -7,6 +7,7 @@
   by probability, out-of-scope images and unreadable files marked; plain HTML and CSS, no script, so that it opens
   from the disk in any browser.
 """
+
 from __future__ import annotations
 
 import html
@@ -46,8 +47,9 @@ def overlay(image: np.ndarray, probs: np.ndarray, mask: np.ndarray, caption: str
     alpha = (probs * HEAT_OPACITY)[..., None]
     rgb = np.repeat(grey[..., None], 3, axis=2).astype(np.float32)
     blended = (rgb * (1 - alpha) + heat.astype(np.float32) * alpha).round().astype(np.uint8)
-    contours, _ = cv2.findContours(np.ascontiguousarray(small_mask, dtype=np.uint8), cv2.RETR_EXTERNAL,
-                                   cv2.CHAIN_APPROX_SIMPLE)
+    contours, _ = cv2.findContours(
+        np.ascontiguousarray(small_mask, dtype=np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE
+    )
     cv2.drawContours(blended, contours, -1, OUTLINE_RGB, thickness=max(1, max(size) // 300), lineType=cv2.LINE_AA)
     return _with_caption(blended, caption, CAPTION_RGB[positive])
 
@@ -60,8 +62,16 @@ def _with_caption(rgb: np.ndarray, caption: str, colour: tuple[int, int, int]) -
         scale *= (rgb.shape[1] - 8) / width
         (width, height), baseline = cv2.getTextSize(caption, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)
     bar = np.zeros((height + baseline + 8, rgb.shape[1], 3), np.uint8)
-    cv2.putText(bar, caption, (4, height + 4), cv2.FONT_HERSHEY_SIMPLEX, scale, colour,
-                thickness=max(1, round(scale * 1.5)), lineType=cv2.LINE_AA)
+    cv2.putText(
+        bar,
+        caption,
+        (4, height + 4),
+        cv2.FONT_HERSHEY_SIMPLEX,
+        scale,
+        colour,
+        thickness=max(1, round(scale * 1.5)),
+        lineType=cv2.LINE_AA,
+    )
     return np.concatenate([bar, rgb])
 
 
@@ -82,15 +92,18 @@ td.source, td.note { max-width: 22em; word-break: break-all; font-size: 0.9em; }
 def review_order(rows: Iterable[Mapping[str, str]]) -> list[Mapping[str, str]]:
     """The page's order: predicted positives, then predicted negatives, each by image-level probability (highest
     first), then images not predicted (out of scope), by source path."""
+
     def key(row: Mapping[str, str]) -> tuple:
         predicted = row["EncodedPixels"] != ""
         probability = float(row["probability"]) if row["probability"] else 0.0
         return (not predicted, row["has_pneumothorax"] != "true", -probability, row["source"])
+
     return sorted(rows, key=key)
 
 
-def write_review_page(path: Path, rows: Iterable[Mapping[str, str]], errors: Iterable[Mapping[str, str]],
-                      title: str) -> None:
+def write_review_page(
+    path: Path, rows: Iterable[Mapping[str, str]], errors: Iterable[Mapping[str, str]], title: str
+) -> None:
     """Write ``index.html`` (atomically) for the predictions of a folder.
 
     Args:
@@ -104,16 +117,28 @@ def write_review_page(path: Path, rows: Iterable[Mapping[str, str]], errors: Ite
     errors = list(errors)
     positives = sum(row["has_pneumothorax"] == "true" for row in ordered)
     out_of_scope = sum(row["in_scope"] != "true" for row in ordered)
-    lines = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
-             f"<title>{html.escape(title)}</title><style>{_STYLE}</style></head><body>",
-             f"<h1>{html.escape(title)}</h1>",
-             (f"<p>{len(ordered)} images: {positives} with a pneumothorax predicted, {out_of_scope} out of scope, "
-              f"{len(errors)} unreadable. Positives first, then by probability.</p>"),
-             ("<table><thead><tr><th>overlay</th><th>image</th><th>verdict</th><th>probability</th>"
-              "<th>gate</th><th>area (mm&sup2;)</th><th>note</th></tr></thead><tbody>")]
+    lines = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>{html.escape(title)}</title><style>{_STYLE}</style></head><body>",
+        f"<h1>{html.escape(title)}</h1>",
+        (
+            f"<p>{len(ordered)} images: {positives} with a pneumothorax predicted, {out_of_scope} out of scope, "
+            f"{len(errors)} unreadable. Positives first, then by probability.</p>"
+        ),
+        (
+            "<table><thead><tr><th>overlay</th><th>image</th><th>verdict</th><th>probability</th>"
+            "<th>gate</th><th>area (mm&sup2;)</th><th>note</th></tr></thead><tbody>"
+        ),
+    ]
     lines += [_image_row(row) for row in ordered]
-    lines += [(f'<tr class="error"><td></td><td class="source">{html.escape(row["source"])}</td><td>unreadable</td>'
-               f'<td></td><td></td><td></td><td class="note">{html.escape(row["error"])}</td></tr>') for row in errors]
+    lines += [
+        (
+            f'<tr class="error"><td></td><td class="source">{html.escape(row["source"])}</td><td>unreadable</td>'
+            f'<td></td><td></td><td></td><td class="note">{html.escape(row["error"])}</td></tr>'
+        )
+        for row in errors
+    ]
     lines.append("</tbody></table></body></html>")
     write_text(path, "\n".join(lines) + "\n")
 
@@ -128,11 +153,25 @@ def _image_row(row: Mapping[str, str]) -> str:
         verdict = "pneumothorax" if positive else "none"
         css = ("positive" if positive else "negative") + ("" if row["in_scope"] == "true" else " out-of-scope")
     link = quote(row["overlay"])
-    thumb = (f'<a href="{link}"><img class="thumb" src="{link}" loading="lazy" alt="overlay of '
-             f'{html.escape(row["source"])}"></a>') if row["overlay"] else ""
-    area = row["area_mm2"] or (f'{row["area_pixels"]} px' if row["area_pixels"] else "")
-    cells = [thumb, html.escape(row["source"]), verdict, row["probability"], row["gate_probability"], area,
-             html.escape(row["note"])]
+    thumb = (
+        (
+            f'<a href="{link}"><img class="thumb" src="{link}" loading="lazy" alt="overlay of '
+            f'{html.escape(row["source"])}"></a>'
+        )
+        if row["overlay"]
+        else ""
+    )
+    area = row["area_mm2"] or (f"{row['area_pixels']} px" if row["area_pixels"] else "")
+    cells = [
+        thumb,
+        html.escape(row["source"]),
+        verdict,
+        row["probability"],
+        row["gate_probability"],
+        area,
+        html.escape(row["note"]),
+    ]
     classes = ["", "source", "verdict", "number", "number", "number", "note"]
-    return (f'<tr class="{css}">' + "".join(f'<td class="{cls}">{cell}</td>' for cls, cell in zip(classes, cells))
-            + "</tr>")
+    return (
+        f'<tr class="{css}">' + "".join(f'<td class="{cls}">{cell}</td>' for cls, cell in zip(classes, cells)) + "</tr>"
+    )

@@ -1,18 +1,20 @@
 """A SageMaker training job's command line: its hyperparameters (``--key value``) read as config overrides, its
 path variables added as overrides, and every failure written as the job's failure reason
 (:func:`pneumoseg.sagemaker.job.report_failure`). Stage 03's parser is a :class:`JobParser`."""
+
 from __future__ import annotations
 
 import sys
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 from pneumoseg.cli import StageParser
 from pneumoseg.errors import ConfigError
 from pneumoseg.sagemaker.job import job_overrides, report_failure
 
 
-def sagemaker_arguments(argv: Sequence[str], known_options: set[str],
-                        environ: Mapping[str, str] | None = None) -> list[str]:
+def sagemaker_arguments(
+    argv: Sequence[str], known_options: set[str], environ: Mapping[str, str] | None = None
+) -> list[str]:
     """Rewrite SageMaker-style ``--key value`` (or ``--key=value``) hyperparameters whose key is not an option of
     the script into ``key=value`` overrides, and add the overrides of SageMaker's path variables.
 

@@ -13,6 +13,7 @@ The toolkit pip-installs ``requirements.txt`` at job start; pinning torch there 
 CUDA build (gigabytes, or a failure offline), so it lists compatible ranges of the few packages stage 03 imports
 that the container does not ship, and never torch, torchvision, numpy, OpenCV or test tools.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -43,9 +44,11 @@ TRAINING_REQUIREMENTS = {
 
 def requirements_text() -> str:
     """The bundle's ``requirements.txt``."""
-    lines = ["# Installed by the SageMaker training toolkit at job start, on top of the PyTorch training container.",
-             "# Ranges only, and never torch, torchvision, numpy or OpenCV: the container's own builds stay.",
-             *(f"{name}{spec}" for name, spec in TRAINING_REQUIREMENTS.items())]
+    lines = [
+        "# Installed by the SageMaker training toolkit at job start, on top of the PyTorch training container.",
+        "# Ranges only, and never torch, torchvision, numpy or OpenCV: the container's own builds stay.",
+        *(f"{name}{spec}" for name, spec in TRAINING_REQUIREMENTS.items()),
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -70,8 +73,7 @@ def _manifest(folder: Path) -> dict:
     entries = {}
     for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST_FILE):
         data = path.read_bytes()
-        entries[path.relative_to(folder).as_posix()] = {"bytes": len(data),
-                                                        "sha256": hashlib.sha256(data).hexdigest()}
+        entries[path.relative_to(folder).as_posix()] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
     return {"files": entries, "total_bytes": sum(e["bytes"] for e in entries.values())}
 
 
@@ -80,8 +82,10 @@ def _check_target(root: Path, target: Path) -> None:
     if target.resolve() == root.resolve() or root.resolve().is_relative_to(target.resolve()):
         raise ConfigError(f"{target} holds the project itself; give a folder of its own, e.g. output/sagemaker/source")
     if target.exists() and any(target.iterdir()) and not (target / MANIFEST_FILE).is_file():
-        raise ConfigError(f"{target} exists and is not a source bundle (no {MANIFEST_FILE}); give an empty or new "
-                          f"folder, or remove it")
+        raise ConfigError(
+            f"{target} exists and is not a source bundle (no {MANIFEST_FILE}); give an empty or new "
+            f"folder, or remove it"
+        )
 
 
 def write_bundle(root: str | os.PathLike, target: str | os.PathLike) -> dict:
@@ -112,6 +116,5 @@ def write_bundle(root: str | os.PathLike, target: str | os.PathLike) -> dict:
         staging.rename(target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    log.info("source bundle: %d files, %.1f KiB -> %s", len(manifest["files"]), manifest["total_bytes"] / 1024,
-             target)
+    log.info("source bundle: %d files, %.1f KiB -> %s", len(manifest["files"]), manifest["total_bytes"] / 1024, target)
     return manifest

@@ -10,12 +10,13 @@ the logs, OOF maps and tables to the output data folder (:mod:`pneumoseg.sagemak
 
 This module imports neither torch nor pandas: stage 03's parser reads it (:mod:`pneumoseg.sagemaker.arguments`).
 """
+
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 from pneumoseg.io import atomic_path
 
@@ -75,7 +76,7 @@ def report_failure(exc: BaseException, environ: Mapping[str, str] | None = None)
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(path) as tmp:
             tmp.write_text(failure_reason(exc) + "\n")
-    except OSError as error:   # the reason is also in the log; a read-only output folder must not hide it
+    except OSError as error:  # the reason is also in the log; a read-only output folder must not hide it
         log.warning("could not write the failure reason to %s: %s", path, error)
         return None
     return path

@@ -3,13 +3,14 @@ out like ``03_train/`` so that :func:`pneumoseg.inference.fold_models.load_fold_
 the training folder (logs, OOF maps, tables, configs, completion records) in ``SM_OUTPUT_DATA_DIR/03_train/``
 (``output.tar.gz``). Each checkpoint travels once; ``last.pt`` (weights plus optimizer state) stays behind.
 """
+
 from __future__ import annotations
 
 import logging
 import os
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 from pneumoseg import layout
 from pneumoseg.io import atomic_path

@@ -7,6 +7,7 @@ A tuning job takes the last value a regex matched as the job's objective, so the
 
 This module imports neither torch nor pandas: the README's snippet and the tests read it.
 """
+
 from __future__ import annotations
 
 import re

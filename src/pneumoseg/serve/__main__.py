@@ -1,4 +1,5 @@
 """``python -m pneumoseg.serve --model PATH``: the HTTP model server (see :mod:`pneumoseg.serve.server`)."""
+
 import sys
 
 from pneumoseg.serve.server import main

@@ -8,6 +8,7 @@ and folders, so every other kind of member is refused, all of them before anythi
 are written by this module (``open(..., "xb")``: never through an existing path; a file a first archive left is
 unlinked before a second one writes it) rather than by tarfile.
 """
+
 from __future__ import annotations
 
 import posixpath
@@ -62,16 +63,29 @@ def check_relative_name(name: str, what: str, fix: str = MODEL_PACKAGE.fix) -> s
             that normalises to another name.
     """
     parts = name.split("/")
-    if (not name or name.startswith("/") or "\\" in name or "\0" in name
-            or any(part in ("", ".", "..") for part in parts) or posixpath.normpath(name) != name):
-        raise DataError(f"{what}: the name {name!r} is not a plain relative path inside the package (absolute, "
-                        f"'..', '.', empty parts or backslashes are refused); {fix}")
+    if (
+        not name
+        or name.startswith("/")
+        or "\\" in name
+        or "\0" in name
+        or any(part in ("", ".", "..") for part in parts)
+        or posixpath.normpath(name) != name
+    ):
+        raise DataError(
+            f"{what}: the name {name!r} is not a plain relative path inside the package (absolute, "
+            f"'..', '.', empty parts or backslashes are refused); {fix}"
+        )
     return name
 
 
-def extract_archive(archive_path: Path, folder: Path, max_members: int = MAX_MEMBERS,
-                    max_bytes: int = MAX_EXTRACTED_BYTES, kind: ArchiveKind = MODEL_PACKAGE,
-                    prefix: str = "") -> list[Path]:
+def extract_archive(
+    archive_path: Path,
+    folder: Path,
+    max_members: int = MAX_MEMBERS,
+    max_bytes: int = MAX_EXTRACTED_BYTES,
+    kind: ArchiveKind = MODEL_PACKAGE,
+    prefix: str = "",
+) -> list[Path]:
     """Extract the tar archive ``archive_path`` (any compression tarfile reads) into ``folder``.
 
     Args:
@@ -113,13 +127,13 @@ def extract_archive(archive_path: Path, folder: Path, max_members: int = MAX_MEM
                 target.parent.mkdir(parents=True, exist_ok=True)
                 target.unlink(missing_ok=True)
                 source = archive.extractfile(member)
-                if source is None:      # a regular file always has its content; a broken archive may not
+                if source is None:  # a regular file always has its content; a broken archive may not
                     raise tarfile.ReadError(f"{member.name} has no content")
                 with source, open(target, "xb") as out:
                     shutil.copyfileobj(source, out, 1 << 20)
                 written.append(target)
     except (tarfile.TarError, OSError, EOFError) as exc:
-        reason = (str(exc).splitlines() or [""])[0]       # tarfile's ReadError lists every codec it tried
+        reason = (str(exc).splitlines() or [""])[0]  # tarfile's ReadError lists every codec it tried
         raise DataError(f"cannot extract {what} ({type(exc).__name__}: {reason}); {kind.fix}") from None
     return written
 
@@ -133,8 +147,9 @@ def _under(name: str, prefix: str) -> str | None:
     return rest if head == prefix and rest else None
 
 
-def _checked_members(archive: tarfile.TarFile, what: str, max_members: int, max_bytes: int,
-                     kind: ArchiveKind) -> list[tarfile.TarInfo]:
+def _checked_members(
+    archive: tarfile.TarFile, what: str, max_members: int, max_bytes: int, kind: ArchiveKind
+) -> list[tarfile.TarInfo]:
     """Every member of ``archive``, each checked as it is read (so a huge archive is refused early); with
     ``kind.dot_prefix``, names read without their ``./`` and the ``.`` entry left out."""
     members: list[tarfile.TarInfo] = []
@@ -150,8 +165,10 @@ def _checked_members(archive: tarfile.TarFile, what: str, max_members: int, max_
             member.name = member.name.removeprefix("./")
         name = check_relative_name(member.name, what, kind.fix)
         if not (member.isreg() or member.isdir()):
-            raise DataError(f"{what}: {name!r} is {_kind(member)}; a {kind.noun} holds only regular files and "
-                            f"folders. Refusing to extract it: {kind.fix}")
+            raise DataError(
+                f"{what}: {name!r} is {_kind(member)}; a {kind.noun} holds only regular files and "
+                f"folders. Refusing to extract it: {kind.fix}"
+            )
         if name in names:
             raise DataError(f"{what}: {name!r} appears twice; {kind.fix}")
         parts = name.split("/")
@@ -159,9 +176,11 @@ def _checked_members(archive: tarfile.TarFile, what: str, max_members: int, max_
             raise DataError(f"{what}: {name!r} lies under a file of the same archive; {kind.fix}")
         total += member.size if member.isreg() else 0
         if total > max_bytes:
-            raise DataError(f"{what}: its files hold more than {max_bytes} bytes (the most for an archive of its "
-                            f"size: {MAX_INFLATION} times it, past {INFLATION_ALLOWANCE >> 20} MiB, up to "
-                            f"{MAX_EXTRACTED_BYTES >> 30} GiB): it is damaged or a decompression bomb; {kind.fix}")
+            raise DataError(
+                f"{what}: its files hold more than {max_bytes} bytes (the most for an archive of its "
+                f"size: {MAX_INFLATION} times it, past {INFLATION_ALLOWANCE >> 20} MiB, up to "
+                f"{MAX_EXTRACTED_BYTES >> 30} GiB): it is damaged or a decompression bomb; {kind.fix}"
+            )
         names.add(name)
         if member.isreg():
             files.add(name)
@@ -172,7 +191,7 @@ def _checked_members(archive: tarfile.TarFile, what: str, max_members: int, max_
 def _check_free_space(members: list[tarfile.TarInfo], folder: Path, what: str) -> None:
     """Refuse an archive whose files need more than the disk under ``folder`` has free."""
     needed = sum(member.size for member in members if member.isreg())
-    existing = next(parent for parent in (folder, *folder.parents) if parent.exists())   # the folder may be new
+    existing = next(parent for parent in (folder, *folder.parents) if parent.exists())  # the folder may be new
     free = shutil.disk_usage(existing).free
     if needed > free:
         raise DataError(f"{what}: its files need {needed} bytes, but {folder} has {free} free; free some space")
@@ -205,10 +224,14 @@ def file_inside(root: Path, name: str, what: str) -> Path:
     for depth in range(1, len(parts) + 1):
         step = root.joinpath(*parts[:depth])
         if step.is_symlink():
-            raise DataError(f"{what}: {step} is a symbolic link; a package's files must lie in it. Rebuild the "
-                            f"package with {command('06')}")
+            raise DataError(
+                f"{what}: {step} is a symbolic link; a package's files must lie in it. Rebuild the "
+                f"package with {command('06')}"
+            )
     path = root.joinpath(*parts)
     if not path.is_file():
-        raise DataError(f"{what}: {path} is missing or not a file; copy the package again or rebuild it with "
-                        f"{command('06')} --force")
+        raise DataError(
+            f"{what}: {path} is missing or not a file; copy the package again or rebuild it with "
+            f"{command('06')} --force"
+        )
     return path

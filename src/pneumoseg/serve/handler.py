@@ -33,14 +33,16 @@ A request the handler cannot serve raises a :class:`RequestError` that carries i
 (:class:`NotAcceptable`). Inside SageMaker's container they are also the inference toolkit's own error type, so
 even the four separate functions answer with that status (the toolkit then adds a traceback to the message).
 """
+
 from __future__ import annotations
 
 import io
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from http import HTTPStatus
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
 
 import cv2
 import numpy as np
@@ -61,6 +63,7 @@ PNG = "image/png"
 try:  # inside SageMaker's serving container
     from sagemaker_inference.errors import BaseInferenceToolkitError as _ToolkitError
 except ImportError:
+
     class _ToolkitError(Exception):  # type: ignore[no-redef]
         """Stands in for the SageMaker inference toolkit's error type where the toolkit is not installed."""
 
@@ -192,18 +195,25 @@ def _decode_npy(body: bytes) -> ImageInput:
     count = int(np.prod(shape))
     offset = stream.tell()
     if len(body) - offset != count * dtype.itemsize:
-        raise BadRequest(f"the array's data has {len(body) - offset} bytes, but its header declares {shape} "
-                         f"{dtype} ({count * dtype.itemsize} bytes): the body is truncated or padded")
-    array = np.frombuffer(body, dtype=dtype, count=count, offset=offset).reshape(shape, order="F" if fortran_order
-                                                                                 else "C")
+        raise BadRequest(
+            f"the array's data has {len(body) - offset} bytes, but its header declares {shape} "
+            f"{dtype} ({count * dtype.itemsize} bytes): the body is truncated or padded"
+        )
+    array = np.frombuffer(body, dtype=dtype, count=count, offset=offset).reshape(
+        shape, order="F" if fortran_order else "C"
+    )
     if dtype != np.uint8:
         if array.size and (array.min() < 0 or array.max() > 255):
-            raise BadRequest(f"the {dtype} array has values in {array.min()}..{array.max()}; send 8-bit values "
-                             f"(0..255)")
+            raise BadRequest(
+                f"the {dtype} array has values in {array.min()}..{array.max()}; send 8-bit values (0..255)"
+            )
         array = array.astype(np.uint8)
     if array.ndim == 3:
-        array = array[..., 0] if array.shape[2] == 1 else np.array(Image.fromarray(np.ascontiguousarray(array))
-                                                                   .convert("L"))
+        array = (
+            array[..., 0]
+            if array.shape[2] == 1
+            else np.array(Image.fromarray(np.ascontiguousarray(array)).convert("L"))
+        )
     return ImageInput(np.ascontiguousarray(array), None, "application/x-npy")
 
 
@@ -215,8 +225,9 @@ def check_content_type(content_type: str | None) -> str:
     """
     media = media_type(content_type)
     if media not in DECODERS.names():
-        raise UnsupportedMediaType(f"content type {content_type!r} is not read; send one of "
-                                   f"{', '.join(DECODERS.names())}")
+        raise UnsupportedMediaType(
+            f"content type {content_type!r} is not read; send one of {', '.join(DECODERS.names())}"
+        )
     return media
 
 
@@ -303,8 +314,9 @@ def negotiate(accept: str | None) -> str:
         if chosen is not None and quality > best_q:
             best, best_q = chosen, quality
     if best is None:
-        raise NotAcceptable(f"Accept {accept!r} names no response type this model writes; ask for one of "
-                            f"{', '.join(ENCODERS)}")
+        raise NotAcceptable(
+            f"Accept {accept!r} names no response type this model writes; ask for one of {', '.join(ENCODERS)}"
+        )
     return best
 
 
@@ -327,8 +339,13 @@ def error_body(status: int, message: str) -> bytes:
     return json.dumps({"error": message, "status": int(status)}).encode()
 
 
-def answer(model: ServingModel, body: bytes, content_type: str | None, accept: str | None,
-           predict: Callable[[ImageInput, ServingModel], Result] = predict_fn) -> tuple[int, bytes, str]:
+def answer(
+    model: ServingModel,
+    body: bytes,
+    content_type: str | None,
+    accept: str | None,
+    predict: Callable[[ImageInput, ServingModel], Result] = predict_fn,
+) -> tuple[int, bytes, str]:
     """Decode, predict and encode one request; never raises: an error is its status and a JSON body.
 
     Args:
@@ -349,8 +366,12 @@ def answer(model: ServingModel, body: bytes, content_type: str | None, accept: s
     return respond(model, data, accept, predict)
 
 
-def respond(model: ServingModel, data: ImageInput, accept: str | None,
-            predict: Callable[[ImageInput, ServingModel], Result] = predict_fn) -> tuple[int, bytes, str]:
+def respond(
+    model: ServingModel,
+    data: ImageInput,
+    accept: str | None,
+    predict: Callable[[ImageInput, ServingModel], Result] = predict_fn,
+) -> tuple[int, bytes, str]:
     """Predict a decoded request and encode the answer (the second half of :func:`answer`); never raises.
 
     Args:
@@ -368,13 +389,19 @@ def respond(model: ServingModel, data: ImageInput, accept: str | None,
         return int(exc.status), error_body(exc.status, str(exc)), JSON
     except Exception:  # a failure of the model must not take the server down: answer 500, log it
         log.exception("prediction failed")
-        return (HTTPStatus.INTERNAL_SERVER_ERROR, error_body(HTTPStatus.INTERNAL_SERVER_ERROR, "the model failed "
-                "on this request; the server's log has the details"), JSON)
+        return (
+            HTTPStatus.INTERNAL_SERVER_ERROR,
+            error_body(
+                HTTPStatus.INTERNAL_SERVER_ERROR, "the model failed on this request; the server's log has the details"
+            ),
+            JSON,
+        )
     return HTTPStatus.OK, payload, response_type
 
 
-def transform_fn(model: ServingModel, request_body: bytes, request_content_type: str | None, accept: str | None,
-                 context: Any = None) -> tuple[bytes, str]:
+def transform_fn(
+    model: ServingModel, request_body: bytes, request_content_type: str | None, accept: str | None, context: Any = None
+) -> tuple[bytes, str]:
     """SageMaker's one-function handler: :func:`answer`, with its status set on the toolkit's ``context``.
 
     Args:

@@ -19,6 +19,7 @@ A package is a folder, or its ``model.tar.gz``:
   ``code/requirements.txt`` and ``code/pneumoseg/`` (this package's source), which SageMaker's container puts on
   its Python path.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -33,10 +34,11 @@ import re
 import shutil
 import tarfile
 import tempfile
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from importlib.metadata import version as installed_version
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
@@ -45,13 +47,13 @@ from pneumoseg import __version__
 from pneumoseg.data.resize import INTERPOLATIONS
 from pneumoseg.data.rle import FORMATS
 from pneumoseg.errors import ConfigError, DataError
-from pneumoseg.inference.predictor import EnsemblePredictor, Predictor
 from pneumoseg.inference.fold_models import load_model
+from pneumoseg.inference.predictor import EnsemblePredictor, Predictor
 from pneumoseg.inference.runtime import ONNXRUNTIME, choose_runtime, with_runtime
 from pneumoseg.inference.tta import SIZE_MULTIPLE, TTA
 from pneumoseg.io import content_hash, process_alive, read_json
-from pneumoseg.postprocess.strategies import load_postprocessor
 from pneumoseg.modeling.device import resolve_device
+from pneumoseg.postprocess.strategies import load_postprocessor
 from pneumoseg.serve.archive import check_relative_name, extract_archive, file_inside
 from pneumoseg.stage_table import command
 
@@ -119,13 +121,19 @@ Check = Callable[[Any], "str | None"]
 
 
 def _integer(low: int, high: int) -> Check:
-    return lambda value: (None if isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
-                          else f"an integer in {low}..{high}")
+    return lambda value: (
+        None
+        if isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+        else f"an integer in {low}..{high}"
+    )
 
 
 def _one_of(choices) -> Check:
-    return lambda value: None if any(value == c and type(value) is type(c) for c in choices) else \
-        f"one of {', '.join(map(repr, choices))}"
+    return lambda value: (
+        None
+        if any(value == c and type(value) is type(c) for c in choices)
+        else f"one of {', '.join(map(repr, choices))}"
+    )
 
 
 def _text(value: Any) -> str | None:
@@ -141,8 +149,9 @@ def _scale(value: Any) -> str | None:
 def _scales(value: Any) -> str | None:
     if not isinstance(value, list) or not 1 <= len(value) <= MAX_SCALES:
         return f"a list of 1 to {MAX_SCALES} scales"
-    return next((f"a list of numbers in {SCALE_RANGE[0]:g}..{SCALE_RANGE[1]:g}" for scale in value if _scale(scale)),
-                None)
+    return next(
+        (f"a list of numbers in {SCALE_RANGE[0]:g}..{SCALE_RANGE[1]:g}" for scale in value if _scale(scale)), None
+    )
 
 
 _TTA_SCHEMA: dict[str, Check] = {"hflip": _one_of((True, False)), "vflip": _one_of((True, False)), "scales": _scales}
@@ -184,13 +193,16 @@ def _check_predictor_settings(settings: dict, prefix: str, path: Path) -> None:
     if tta is None:
         return
     if not isinstance(tta, dict) or set(tta) - set(_TTA_SCHEMA):
-        raise DataError(f"{path}: {prefix}tta is {_shown(tta)}, not null or an object of "
-                        f"{', '.join(_TTA_SCHEMA)}; {REBUILD_HINT}")
+        raise DataError(
+            f"{path}: {prefix}tta is {_shown(tta)}, not null or an object of {', '.join(_TTA_SCHEMA)}; {REBUILD_HINT}"
+        )
     _check_schema(tta, _TTA_SCHEMA, f"{prefix}tta.", path)
     size = settings.get("image_size")
     if size is not None and max(tta.get("scales") or [1.0]) * size > MAX_VIEW_SIDE:
-        raise DataError(f"{path}: {prefix}tta.scales {_shown(tta['scales'])} at image_size {size} make views over "
-                        f"{MAX_VIEW_SIDE} px a side; {REBUILD_HINT}")
+        raise DataError(
+            f"{path}: {prefix}tta.scales {_shown(tta['scales'])} at image_size {size} make views over "
+            f"{MAX_VIEW_SIDE} px a side; {REBUILD_HINT}"
+        )
 
 
 def _check_postprocess(block: Any, prefix: str, path: Path) -> None:
@@ -199,10 +211,13 @@ def _check_postprocess(block: Any, prefix: str, path: Path) -> None:
     Raises:
         DataError: naming the key.
     """
-    if not (isinstance(block, dict) and isinstance(block.get("name"), str)
-            and isinstance(block.get("params", {}), dict)):
-        raise DataError(f"{path}: {prefix or 'the post-processing'} is {_shown(block)}, not a {{name, params}} block; "
-                        f"{REBUILD_HINT}")
+    if not (
+        isinstance(block, dict) and isinstance(block.get("name"), str) and isinstance(block.get("params", {}), dict)
+    ):
+        raise DataError(
+            f"{path}: {prefix or 'the post-processing'} is {_shown(block)}, not a {{name, params}} block; "
+            f"{REBUILD_HINT}"
+        )
     for key, value in block.get("params", {}).items():
         if isinstance(value, dict):
             _check_postprocess(value, f"{prefix}params.{key}.", path)
@@ -219,14 +234,19 @@ def read_manifest(model_dir: str | os.PathLike) -> dict:
             relative file name or a sha256, or a layout version this code does not read.
     """
     path = Path(model_dir) / MANIFEST_FILE
-    manifest = read_json(path, missing=f"{model_dir} is not a pneumoseg model package: it has no {MANIFEST_FILE}. "
-                                       f"Build one with {command('06')} and give its model.tar.gz or the "
-                                       f"folder it extracts to",
-                         invalid_fix=f"rebuild the package ({command('06')} --force)")
+    manifest = read_json(
+        path,
+        missing=f"{model_dir} is not a pneumoseg model package: it has no {MANIFEST_FILE}. "
+        f"Build one with {command('06')} and give its model.tar.gz or the "
+        f"folder it extracts to",
+        invalid_fix=f"rebuild the package ({command('06')} --force)",
+    )
     if not isinstance(manifest, dict) or manifest.get("format") != PACKAGE_FORMAT:
         found = manifest.get("format") if isinstance(manifest, dict) else None
-        raise DataError(f"{path}: package format {found!r}, but this pneumoseg reads format "
-                        f"{PACKAGE_FORMAT}; rebuild the package with this version ({command('06')})")
+        raise DataError(
+            f"{path}: package format {found!r}, but this pneumoseg reads format "
+            f"{PACKAGE_FORMAT}; rebuild the package with this version ({command('06')})"
+        )
     required = _MANIFEST_KEYS if "members" in manifest else (*_MANIFEST_KEYS, *_PREDICTOR_KEYS)
     missing = [key for key in required if key not in manifest]
     models = manifest.get("models")
@@ -234,8 +254,11 @@ def read_manifest(model_dir: str | os.PathLike) -> dict:
         raise DataError(f"{path} lacks {', '.join(missing) or 'a non-empty list of models'}; {REBUILD_HINT}")
     for entry in models:
         for file_entry in [entry] + ([entry["onnx"]] if isinstance(entry, dict) and "onnx" in entry else []):
-            if not (isinstance(file_entry, dict) and isinstance(file_entry.get("file"), str)
-                    and _SHA256_RE.match(str(file_entry.get("sha256")))):
+            if not (
+                isinstance(file_entry, dict)
+                and isinstance(file_entry.get("file"), str)
+                and _SHA256_RE.match(str(file_entry.get("sha256")))
+            ):
                 raise DataError(f"{path}: the model entry {entry!r} lacks a file name or a sha256; {REBUILD_HINT}")
             check_relative_name(file_entry["file"], str(path))
     _check_schema(manifest, _MANIFEST_SCHEMA, "", path)
@@ -261,22 +284,27 @@ def _check_members(manifest: dict, path: Path) -> None:
     for index, member in enumerate(members):
         missing = [key for key in _MEMBER_KEYS if not isinstance(member, dict) or key not in member]
         if missing or not isinstance(member["models"], list) or not member["models"]:
-            raise DataError(f"{path}: the member entry {_shown(member)} lacks {', '.join(missing) or 'model files'}; "
-                            f"{REBUILD_HINT}")
+            raise DataError(
+                f"{path}: the member entry {_shown(member)} lacks {', '.join(missing) or 'model files'}; {REBUILD_HINT}"
+            )
         _check_schema(member, {"name": _text}, f"members[{index}].", path)
         _check_predictor_settings(member, f"members[{index}].", path)
         if not all(isinstance(name, str) for name in member["models"]):
-            raise DataError(f"{path}: members[{index}].models lists {_shown(member['models'])}, not file names; "
-                            f"{REBUILD_HINT}")
+            raise DataError(
+                f"{path}: members[{index}].models lists {_shown(member['models'])}, not file names; {REBUILD_HINT}"
+            )
         weight = member["weight"]
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight > 0:
-            raise DataError(f"{path}: member {member['name']!r} has the weight {weight!r}, not a positive number; "
-                            f"{REBUILD_HINT}")
+            raise DataError(
+                f"{path}: member {member['name']!r} has the weight {weight!r}, not a positive number; {REBUILD_HINT}"
+            )
         used += member["models"]
     listed = [entry["file"] for entry in manifest["models"]]
     if sorted(used) != sorted(listed):
-        raise DataError(f"{path}: the members' model files {sorted(used)} are not the listed models {sorted(listed)} "
-                        f"(each exactly once); {REBUILD_HINT}")
+        raise DataError(
+            f"{path}: the members' model files {sorted(used)} are not the listed models {sorted(listed)} "
+            f"(each exactly once); {REBUILD_HINT}"
+        )
 
 
 def model_files(model_dir: Path, manifest: dict) -> list[Path]:
@@ -289,8 +317,10 @@ def model_files(model_dir: Path, manifest: dict) -> list[Path]:
     for entry in manifest["models"]:
         path = file_inside(model_dir, entry["file"], f"{model_dir / MANIFEST_FILE}")
         if content_hash(path, length=None) != entry["sha256"]:
-            raise DataError(f"{path} does not match its sha256 in {model_dir / MANIFEST_FILE}: the package is "
-                            f"damaged or was changed; {REBUILD_HINT}")
+            raise DataError(
+                f"{path} does not match its sha256 in {model_dir / MANIFEST_FILE}: the package is "
+                f"damaged or was changed; {REBUILD_HINT}"
+            )
         files.append(path)
     return files
 
@@ -314,26 +344,36 @@ def load_package(model_dir: str | os.PathLike, device: str = "auto", runtime: st
     manifest = read_manifest(model_dir)
     files = dict(zip((entry["file"] for entry in manifest["models"]), model_files(model_dir, manifest)))
     torch_device = resolve_device(device)
-    models = {name: load_model(path, torch_device, fix=f"the package is damaged; {REBUILD_HINT}")
-              for name, path in files.items()}
+    models = {
+        name: load_model(path, torch_device, fix=f"the package is damaged; {REBUILD_HINT}")
+        for name, path in files.items()
+    }
     onnx_entries = [entry.get("onnx") for entry in manifest["models"]]
     if choose_runtime(runtime, torch_device, all(onnx_entries)) == ONNXRUNTIME:
         # Each ONNX file's sha256 is checked as it is read (before ONNX Runtime parses it), so not here.
-        sources = [(file_inside(model_dir, entry["file"], str(model_dir / MANIFEST_FILE)), entry["sha256"])
-                   for entry in onnx_entries]
+        sources = [
+            (file_inside(model_dir, entry["file"], str(model_dir / MANIFEST_FILE)), entry["sha256"])
+            for entry in onnx_entries
+        ]
         models = dict(zip(models, with_runtime(list(models.values()), ONNXRUNTIME, sources)))
     postprocessor = _postprocessor(model_dir / THRESHOLDS_FILE)
     if "members" in manifest:
         specs = manifest["members"]
         members = [_predictor(spec, [models[name] for name in spec["models"]], postprocessor) for spec in specs]
         predictor: Predictor | EnsemblePredictor = EnsemblePredictor(
-            members, [float(spec["weight"]) for spec in specs], postprocessor, [str(spec["name"]) for spec in specs])
+            members, [float(spec["weight"]) for spec in specs], postprocessor, [str(spec["name"]) for spec in specs]
+        )
     else:
         predictor = _predictor(manifest, list(models.values()), postprocessor)
     # One blank prediction first: lazy initialisation (kernels, allocator) would otherwise slow the first request.
     predictor.predict([np.zeros((predictor.image_size, predictor.image_size), np.uint8)])
-    return ServingModel(predictor=predictor, name=str(manifest["name"]), version=str(manifest["version"]),
-                        fmt=str(manifest["fmt"]), manifest=manifest)
+    return ServingModel(
+        predictor=predictor,
+        name=str(manifest["name"]),
+        version=str(manifest["version"]),
+        fmt=str(manifest["fmt"]),
+        manifest=manifest,
+    )
 
 
 def _postprocessor(path: Path):
@@ -342,8 +382,9 @@ def _postprocessor(path: Path):
     Raises:
         DataError: naming the file and what is wrong.
     """
-    block = read_json(path, missing=f"{path} not found: the package is incomplete; {REBUILD_HINT}",
-                      invalid_fix=REBUILD_HINT)
+    block = read_json(
+        path, missing=f"{path} not found: the package is incomplete; {REBUILD_HINT}", invalid_fix=REBUILD_HINT
+    )
     _check_postprocess(block, "", path)
     try:
         return load_postprocessor(path)
@@ -353,8 +394,14 @@ def _postprocessor(path: Path):
 
 def _predictor(settings: dict, models: list, postprocessor) -> Predictor:
     """The :class:`Predictor` of a manifest's (or an ensemble member's) prediction settings."""
-    return Predictor(models, TTA.from_config(settings["tta"]), postprocessor, interpolation=settings["interpolation"],
-                     batch_size=int(settings["batch_size"]), amp=settings["amp"])
+    return Predictor(
+        models,
+        TTA.from_config(settings["tta"]),
+        postprocessor,
+        interpolation=settings["interpolation"],
+        batch_size=int(settings["batch_size"]),
+        amp=settings["amp"],
+    )
 
 
 EXTRACTION_PREFIX = "pneumoseg-model-"
@@ -381,8 +428,11 @@ def sweep_stale_extractions(folder: str | os.PathLike | None = None) -> list[Pat
             shutil.rmtree(entry, ignore_errors=True)
             removed.append(entry)
     if removed:
-        log.info("removed %d extraction folder(s) of stopped servers: %s", len(removed),
-                 ", ".join(str(path) for path in removed))
+        log.info(
+            "removed %d extraction folder(s) of stopped servers: %s",
+            len(removed),
+            ", ".join(str(path) for path in removed),
+        )
     return removed
 
 
@@ -417,8 +467,18 @@ def open_package(path: str | os.PathLike) -> Iterator[Path]:
 # torchvision, numpy, pandas, pillow and opencv-python are never listed: pip would replace them at every start (or
 # add a second cv2 beside its own). onnxruntime runs the package's ONNX models on a CPU instance (the container has
 # none; without it, torch predicts).
-SERVING_REQUIREMENTS = ("segmentation-models-pytorch", "timm", "pydicom", "omegaconf", "pylibjpeg",
-                        "pylibjpeg-openjpeg", "pylibjpeg-libjpeg", "pylibjpeg-rle", "pyjpegls", "onnxruntime")
+SERVING_REQUIREMENTS = (
+    "segmentation-models-pytorch",
+    "timm",
+    "pydicom",
+    "omegaconf",
+    "pylibjpeg",
+    "pylibjpeg-openjpeg",
+    "pylibjpeg-libjpeg",
+    "pylibjpeg-rle",
+    "pyjpegls",
+    "onnxruntime",
+)
 
 ENTRY_POINT = '''"""SageMaker's entry point: the handler of pneumoseg.serve.handler (the package is in code/pneumoseg/).
 
@@ -430,8 +490,7 @@ __all__ = ["model_fn", "transform_fn"]
 '''
 
 
-def build_manifest(cfg: DictConfig, predictor: Predictor | EnsemblePredictor,
-                   files: dict[str, Path]) -> dict[str, Any]:
+def build_manifest(cfg: DictConfig, predictor: Predictor | EnsemblePredictor, files: dict[str, Path]) -> dict[str, Any]:
     """The package's ``manifest.json``: what it holds and how it predicts (see :func:`load_package`).
 
     Args:
@@ -440,23 +499,36 @@ def build_manifest(cfg: DictConfig, predictor: Predictor | EnsemblePredictor,
             ensemble's, whose members are recorded so.
         files: package name -> checkpoint file, for each of ``predictor.models`` in order.
     """
-    models = [{"file": name, "fold": model.fold, "epoch": model.epoch, "score": model.score,
-               "sha256": content_hash(path, length=None)}
-              for (name, path), model in zip(files.items(), predictor.models)]
+    models = [
+        {
+            "file": name,
+            "fold": model.fold,
+            "epoch": model.epoch,
+            "score": model.score,
+            "sha256": content_hash(path, length=None),
+        }
+        for (name, path), model in zip(files.items(), predictor.models)
+    ]
     if isinstance(predictor, EnsemblePredictor):
         names = iter(files)
-        members = [{"name": name, "weight": weight, **_settings(member),
-                    "models": [next(names) for _ in member.models]}
-                   for name, weight, member in zip(predictor.names, predictor.weights, predictor.members)]
+        members = [
+            {"name": name, "weight": weight, **_settings(member), "models": [next(names) for _ in member.models]}
+            for name, weight, member in zip(predictor.names, predictor.weights, predictor.members)
+        ]
         settings = {"image_size": predictor.image_size, "members": members}
     else:
         settings = _settings(predictor)
     settings.update(fmt=str(cfg.predict.fmt), postprocess=predictor.postprocessor.to_block())
     content = json.dumps({"models": [m["sha256"] for m in models], **settings}, sort_keys=True)
     name = str(cfg.experiment)
-    return {"format": PACKAGE_FORMAT, "name": name,
-            "version": f"{name}-{hashlib.sha256(content.encode()).hexdigest()[:12]}",
-            "pneumoseg_version": __version__, "models": models, **settings}
+    return {
+        "format": PACKAGE_FORMAT,
+        "name": name,
+        "version": f"{name}-{hashlib.sha256(content.encode()).hexdigest()[:12]}",
+        "pneumoseg_version": __version__,
+        "models": models,
+        **settings,
+    }
 
 
 def add_onnx_models(manifest: dict[str, Any], onnx_files: dict[str, tuple[str, Path]]) -> None:
@@ -474,8 +546,13 @@ def add_onnx_models(manifest: dict[str, Any], onnx_files: dict[str, tuple[str, P
 
 def _settings(predictor: Predictor) -> dict[str, Any]:
     """How a :class:`Predictor` predicts, as the manifest records it."""
-    return {"image_size": predictor.image_size, "tta": {**asdict(predictor.tta), "scales": list(predictor.tta.scales)},
-            "interpolation": predictor.interpolation, "batch_size": predictor.batch_size, "amp": predictor.amp}
+    return {
+        "image_size": predictor.image_size,
+        "tta": {**asdict(predictor.tta), "scales": list(predictor.tta.scales)},
+        "interpolation": predictor.interpolation,
+        "batch_size": predictor.batch_size,
+        "amp": predictor.amp,
+    }
 
 
 def compatible_range(version: str) -> str:
@@ -490,9 +567,11 @@ def compatible_range(version: str) -> str:
 def requirements_text() -> str:
     """``code/requirements.txt``: :data:`SERVING_REQUIREMENTS`, each from the version installed here (the one the
     package is tested with) to its next major release."""
-    lines = ["# What pneumoseg.serve.handler needs beyond SageMaker's PyTorch inference container (which has torch,",
-             "# torchvision, numpy, pandas, pillow and OpenCV). A network-isolated endpoint cannot pip-install: see",
-             "# the README's serving section (bundled wheels, or a custom image)."]
+    lines = [
+        "# What pneumoseg.serve.handler needs beyond SageMaker's PyTorch inference container (which has torch,",
+        "# torchvision, numpy, pandas, pillow and OpenCV). A network-isolated endpoint cannot pip-install: see",
+        "# the README's serving section (bundled wheels, or a custom image).",
+    ]
     lines += [f"{name}{compatible_range(installed_version(name))}" for name in SERVING_REQUIREMENTS]
     return "\n".join(lines) + "\n"
 
@@ -500,12 +579,20 @@ def requirements_text() -> str:
 def source_files() -> dict[str, Path]:
     """This package's Python source, by its name inside the model package (``code/pneumoseg/...``)."""
     root = Path(__file__).resolve().parents[1]
-    return {f"{CODE_DIR}/pneumoseg/{path.relative_to(root).as_posix()}": path
-            for path in sorted(root.rglob("*.py")) if "__pycache__" not in path.parts}
+    return {
+        f"{CODE_DIR}/pneumoseg/{path.relative_to(root).as_posix()}": path
+        for path in sorted(root.rglob("*.py"))
+        if "__pycache__" not in path.parts
+    }
 
 
-def write_package(path: Path, cfg: DictConfig, manifest: dict[str, Any], files: dict[str, Path],
-                  member_configs: dict[str, DictConfig] | None = None) -> None:
+def write_package(
+    path: Path,
+    cfg: DictConfig,
+    manifest: dict[str, Any],
+    files: dict[str, Path],
+    member_configs: dict[str, DictConfig] | None = None,
+) -> None:
     """Write the ``model.tar.gz`` of ``manifest`` to ``path``: its JSON and YAML files, ``code/inference.py`` and
     ``code/requirements.txt``, ``files`` (name in the package -> file: weights, source) and an ensemble's
     ``member_configs`` (member name -> its resolved config, written as ``<member>/config.yaml``). Entries are in
@@ -516,13 +603,18 @@ def write_package(path: Path, cfg: DictConfig, manifest: dict[str, Any], files: 
         CONFIG_FILE: OmegaConf.to_yaml(cfg, resolve=True),
         f"{CODE_DIR}/inference.py": ENTRY_POINT,
         f"{CODE_DIR}/requirements.txt": requirements_text(),
-        **{f"{name}/{CONFIG_FILE}": OmegaConf.to_yaml(member, resolve=True)
-           for name, member in (member_configs or {}).items()},
+        **{
+            f"{name}/{CONFIG_FILE}": OmegaConf.to_yaml(member, resolve=True)
+            for name, member in (member_configs or {}).items()
+        },
     }
     entries: dict[str, bytes | Path] = {**{name: text.encode() for name, text in texts.items()}, **files}
     # gzip would record the (temporary, random) file name and the time in its header: neither is kept.
-    with open(path, "wb") as raw, gzip.GzipFile(filename="", fileobj=raw, mode="wb", mtime=0) as zipped, \
-            tarfile.open(fileobj=zipped, mode="w", format=tarfile.PAX_FORMAT) as archive:
+    with (
+        open(path, "wb") as raw,
+        gzip.GzipFile(filename="", fileobj=raw, mode="wb", mtime=0) as zipped,
+        tarfile.open(fileobj=zipped, mode="w", format=tarfile.PAX_FORMAT) as archive,
+    ):
         for name in sorted(entries):
             content = entries[name]
             data = content if isinstance(content, bytes) else content.read_bytes()

@@ -14,6 +14,7 @@ process's file descriptors), the connection that has waited longest for a reques
 make room, so that idle or slow clients can never leave the health check without a descriptor; a connection
 whose request is being answered is never closed so.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -54,8 +55,14 @@ class RateLimitedCount:
         self._unlogged += count
         now = time.monotonic()
         if now - self._logged_at >= LOG_EVERY_SECONDS:
-            log.warning("%d %s (%d in all)%s; %s", self._unlogged, self.what, self.total,
-                        f": {detail}" if detail else "", self.hint)
+            log.warning(
+                "%d %s (%d in all)%s; %s",
+                self._unlogged,
+                self.what,
+                self.total,
+                f": {detail}" if detail else "",
+                self.hint,
+            )
             self._unlogged, self._logged_at = 0, now
 
 
@@ -70,9 +77,10 @@ class ConnectionBudget:
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self._open: dict[GuardedH11Protocol, None] = {}  # insertion order: least recently active first
-        self.shed = RateLimitedCount("idle or slow connections closed to keep descriptors free",
-                                     "raise the file descriptor limit (ulimit -n) or --max-connections if these are "
-                                     "real clients")
+        self.shed = RateLimitedCount(
+            "idle or slow connections closed to keep descriptors free",
+            "raise the file descriptor limit (ulimit -n) or --max-connections if these are real clients",
+        )
 
     def __len__(self) -> int:
         return len(self._open)
@@ -115,7 +123,7 @@ class _LingeringClose:
         protocol: the connection's protocol (its h11 state says whether a body is still arriving).
     """
 
-    def __init__(self, transport: asyncio.Transport, protocol: "GuardedH11Protocol") -> None:
+    def __init__(self, transport: asyncio.Transport, protocol: GuardedH11Protocol) -> None:
         self._transport = transport
         self._protocol = protocol
         self._closing = False
@@ -168,8 +176,11 @@ class GuardedH11Protocol(H11Protocol):
     def waiting(self) -> bool:
         """True while the connection waits for its client (a request head or body, nothing being answered): it may
         be closed to make room for another."""
-        return (self.conn.their_state in (h11.IDLE, h11.SEND_BODY) and self.conn.our_state in (h11.IDLE, h11.DONE)
-                and not self.transport.is_closing())
+        return (
+            self.conn.their_state in (h11.IDLE, h11.SEND_BODY)
+            and self.conn.our_state in (h11.IDLE, h11.DONE)
+            and not self.transport.is_closing()
+        )
 
     def data_received(self, data: bytes) -> None:
         if self.discard_input:
@@ -210,13 +221,17 @@ class GuardedH11Protocol(H11Protocol):
         if self.conn.our_state is not h11.IDLE:  # still answering the previous request: nothing can be sent
             self.transport.close()
             return
-        self._send_error(HTTPStatus.REQUEST_TIMEOUT, f"the request's head did not arrive within "
-                                                     f"{self.header_timeout:g} s")
+        self._send_error(
+            HTTPStatus.REQUEST_TIMEOUT, f"the request's head did not arrive within {self.header_timeout:g} s"
+        )
 
     def send_400_response(self, msg: str) -> None:
         """Called by uvicorn when h11 refuses a request (``msg`` is uvicorn's generic text)."""
-        self._send_error(HTTPStatus.BAD_REQUEST, "the request is not valid HTTP/1.1 (its request line, a header, "
-                                                 "its Content-Length or a chunk size); nothing of it was served")
+        self._send_error(
+            HTTPStatus.BAD_REQUEST,
+            "the request is not valid HTTP/1.1 (its request line, a header, "
+            "its Content-Length or a chunk size); nothing of it was served",
+        )
 
     def _send_error(self, status: HTTPStatus, message: str) -> None:
         """Answer ``status`` with a JSON body, log it like every request, and close the connection."""
@@ -225,10 +240,14 @@ class GuardedH11Protocol(H11Protocol):
         writer = h11.Connection(h11.SERVER)
         writer.receive_data(b"GET / HTTP/1.1\r\nHost: -\r\n\r\n")
         writer.next_event()
-        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                   (b"connection", b"close")]
-        self.transport.write(writer.send(h11.Response(status_code=int(status), headers=headers,
-                                                      reason=status.phrase.encode())))
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            (b"connection", b"close"),
+        ]
+        self.transport.write(
+            writer.send(h11.Response(status_code=int(status), headers=headers, reason=status.phrase.encode()))
+        )
         self.transport.write(writer.send(h11.Data(data=body)) + writer.send(h11.EndOfMessage()))
         self.transport.close()
         client = self.client[0] if self.client else "-"

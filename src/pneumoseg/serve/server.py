@@ -46,6 +46,7 @@ pool of threads:
   answers into a JSON Lines file.
 * SIGTERM (or Ctrl-C) stops accepting, lets the requests in flight finish (at most :data:`DRAIN_SECONDS`), exits 0.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -75,16 +76,31 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from pneumoseg.logs import setup_logging
 from pneumoseg.errors import PneumosegError
-from pneumoseg.modeling.device import set_cpu_threads
-from pneumoseg.serve.handler import (JSON, ImageInput, RequestError, Result, check_content_type, error_body,
-                                     input_fn, negotiate, predict_fn, respond)
 from pneumoseg.inference.runtime import AUTO, RUNTIMES
+from pneumoseg.logs import setup_logging
+from pneumoseg.modeling.device import set_cpu_threads
+from pneumoseg.serve.handler import (
+    JSON,
+    ImageInput,
+    RequestError,
+    Result,
+    check_content_type,
+    error_body,
+    input_fn,
+    negotiate,
+    predict_fn,
+    respond,
+)
 from pneumoseg.serve.package import ServingModel, load_package, open_package
 from pneumoseg.serve.protocol import ConnectionBudget, GuardedH11Protocol, RateLimitedCount
-from pneumoseg.serve.transform import ASYNC_MAX_BODY_MB, EXECUTION_PARAMETERS, TransformJob, execution_parameters, \
-    transform_job
+from pneumoseg.serve.transform import (
+    ASYNC_MAX_BODY_MB,
+    EXECUTION_PARAMETERS,
+    TransformJob,
+    execution_parameters,
+    transform_job,
+)
 from pneumoseg.stage_table import command
 
 log = logging.getLogger(__name__)
@@ -117,7 +133,7 @@ class Limits:
             :data:`FD_RESERVE`); beyond, the connection that has waited longest for its client is closed.
     """
 
-    max_body_bytes: int = 6 * 2 ** 20
+    max_body_bytes: int = 6 * 2**20
     max_queue: int = 32
     max_inference: int = 256
     max_connections: int | None = None
@@ -197,8 +213,14 @@ class InferenceService:
         model: the loaded package; None until it is loaded (both endpoints answer 503 meanwhile).
     """
 
-    def __init__(self, predictions: int = 1, workers: int = 1, max_queue: int = 0, decoders: int = 1,
-                 decode_seconds: float = 10.0) -> None:
+    def __init__(
+        self,
+        predictions: int = 1,
+        workers: int = 1,
+        max_queue: int = 0,
+        decoders: int = 1,
+        decode_seconds: float = 10.0,
+    ) -> None:
         self.model: ServingModel | None = None
         self._slots = threading.BoundedSemaphore(predictions)
         self._workers = workers
@@ -217,15 +239,21 @@ class InferenceService:
         model = self.model
         if model is None:
             return error_reply(HTTPStatus.SERVICE_UNAVAILABLE, "the model is still loading")
-        return Reply(HTTPStatus.OK, json.dumps({"status": "ready", "model": model.name,
-                                                "version": model.version, "runtime": model.runtime}).encode())
+        return Reply(
+            HTTPStatus.OK,
+            json.dumps(
+                {"status": "ready", "model": model.name, "version": model.version, "runtime": model.runtime}
+            ).encode(),
+        )
 
     async def submit(self, body: bytes, content_type: str | None, accept: str | None) -> Reply:
         """Decode ``body`` in a decoder thread (:meth:`decode`), then predict and encode it in a worker thread; 503
         at once when ``workers + max_queue`` requests are in."""
         if self._admitted >= self._capacity:
-            return error_reply(HTTPStatus.SERVICE_UNAVAILABLE, f"the server already has {self._capacity} requests "
-                                                               f"running or queued; retry shortly")
+            return error_reply(
+                HTTPStatus.SERVICE_UNAVAILABLE,
+                f"the server already has {self._capacity} requests running or queued; retry shortly",
+            )
         self._admitted += 1
         try:
             data = await self.decode(body, content_type, accept)
@@ -240,11 +268,14 @@ class InferenceService:
         longer than ``decode_seconds`` (its thread is left to finish, holding its decoder), 503 at once while every
         decoder is held so. A request waits for a free decoder otherwise."""
         if self.model is None:
-            return error_reply(HTTPStatus.SERVICE_UNAVAILABLE, "the model is still loading; retry when GET /ping "
-                                                               "answers 200")
+            return error_reply(
+                HTTPStatus.SERVICE_UNAVAILABLE, "the model is still loading; retry when GET /ping answers 200"
+            )
         if len(self._overdue) >= self._decoders:
-            return error_reply(HTTPStatus.SERVICE_UNAVAILABLE, f"all {self._decoders} decoders are busy with costly "
-                                                               f"images; retry shortly")
+            return error_reply(
+                HTTPStatus.SERVICE_UNAVAILABLE,
+                f"all {self._decoders} decoders are busy with costly images; retry shortly",
+            )
         if self._free_decoders is None:
             self._free_decoders = asyncio.Semaphore(self._decoders)
         await self._free_decoders.acquire()
@@ -254,9 +285,12 @@ class InferenceService:
             return await asyncio.wait_for(asyncio.shield(future), self.decode_seconds)
         except TimeoutError:
             self._overdue.add(future)
-            return error_reply(HTTPStatus.BAD_REQUEST, f"decoding the image took longer than the "
-                                                       f"{self.decode_seconds:g} s this server allows; send a "
-                                                       f"simpler encoding (baseline JPEG, PNG or uncompressed DICOM)")
+            return error_reply(
+                HTTPStatus.BAD_REQUEST,
+                f"decoding the image took longer than the "
+                f"{self.decode_seconds:g} s this server allows; send a "
+                f"simpler encoding (baseline JPEG, PNG or uncompressed DICOM)",
+            )
 
     def _decoded(self, future: asyncio.Future) -> None:
         self._overdue.discard(future)
@@ -274,8 +308,9 @@ class InferenceService:
         """Decode ``body``, predict and encode the answer as ``accept`` asks (the handler's :func:`answer`)."""
         model = self.model
         if model is None:
-            return error_reply(HTTPStatus.SERVICE_UNAVAILABLE, "the model is still loading; retry when GET /ping "
-                                                               "answers 200")
+            return error_reply(
+                HTTPStatus.SERVICE_UNAVAILABLE, "the model is still loading; retry when GET /ping answers 200"
+            )
         data = _decode(body, content_type, accept)
         return data if isinstance(data, Reply) else Reply(*respond(model, data, accept, predict=self._predict))
 
@@ -318,12 +353,18 @@ def head_rejection(request: Request, max_body_bytes: int) -> Reply | None:
     if "content-length" in headers and "transfer-encoding" in headers:
         # RFC 9112 6.1: a server may process such a request but must close the connection after it; refusing it
         # leaves nothing for a smuggled second request to ride on.
-        return error_reply(HTTPStatus.BAD_REQUEST, "the request has both Content-Length and Transfer-Encoding; "
-                                                   "send one of them", close=True)
+        return error_reply(
+            HTTPStatus.BAD_REQUEST,
+            "the request has both Content-Length and Transfer-Encoding; send one of them",
+            close=True,
+        )
     length = int(headers.get("content-length", "0"))  # h11 has checked that it is digits
     if length > max_body_bytes:
-        return error_reply(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"the body has {length} bytes, more than the "
-                                                                f"{max_body_bytes} this server accepts", close=True)
+        return error_reply(
+            HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+            f"the body has {length} bytes, more than the {max_body_bytes} this server accepts",
+            close=True,
+        )
     try:
         check_content_type(headers.get("content-type"))
     except RequestError as exc:
@@ -339,14 +380,18 @@ async def read_body(request: Request, limit: int, timeout: float) -> bytes | Rep
             async for part in request.stream():
                 size += len(part)
                 if size > limit:
-                    return error_reply(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"the body exceeds the {limit} bytes "
-                                                                            f"this server accepts", close=True)
+                    return error_reply(
+                        HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                        f"the body exceeds the {limit} bytes this server accepts",
+                        close=True,
+                    )
                 parts.append(part)
     except TimeoutError:
         return error_reply(HTTPStatus.REQUEST_TIMEOUT, f"the body did not arrive within {timeout:g} s", close=True)
     except ClientDisconnect:  # nobody is left to answer; the reply only makes the log line
-        return error_reply(HTTPStatus.BAD_REQUEST, f"the client closed the connection after {size} bytes of the "
-                                                   f"body", close=True)
+        return error_reply(
+            HTTPStatus.BAD_REQUEST, f"the client closed the connection after {size} bytes of the body", close=True
+        )
     return b"".join(parts)
 
 
@@ -385,9 +430,17 @@ class AccessLog:
             query = scope.get("query_string", b"")
             target = scope["raw_path"].decode("latin-1") + ("?" + query.decode("latin-1") if query else "")
             client = scope["client"][0] if scope.get("client") else "-"
-            log.info('%s "%s %s HTTP/%s" %d %d B in, %d B out, %.1f ms', client, scope["method"], target,
-                     scope["http_version"], seen["status"], seen["in"], seen["out"],
-                     (time.perf_counter() - began) * 1000)
+            log.info(
+                '%s "%s %s HTTP/%s" %d %d B in, %d B out, %.1f ms',
+                client,
+                scope["method"],
+                target,
+                scope["http_version"],
+                seen["status"],
+                seen["in"],
+                seen["out"],
+                (time.perf_counter() - began) * 1000,
+            )
 
 
 def build_app(service: InferenceService, settings: ServerSettings) -> AccessLog:
@@ -402,8 +455,11 @@ def build_app(service: InferenceService, settings: ServerSettings) -> AccessLog:
         nonlocal open_requests
         limits = settings.limits
         if open_requests >= limits.max_inference:
-            return error_reply(HTTPStatus.SERVICE_UNAVAILABLE, f"the server already has {limits.max_inference} "
-                                                               f"requests open; retry shortly", close=True).response()
+            return error_reply(
+                HTTPStatus.SERVICE_UNAVAILABLE,
+                f"the server already has {limits.max_inference} requests open; retry shortly",
+                close=True,
+            ).response()
         rejection = head_rejection(request, limits.max_body_bytes)
         if rejection is not None:
             return rejection.response()
@@ -426,17 +482,22 @@ def build_app(service: InferenceService, settings: ServerSettings) -> AccessLog:
             allowed = (exc.headers or {}).get("Allow", "")
             message = f"method {request.method} is not allowed on {request.url.path}; use {allowed}"
         else:
-            message = (f"no endpoint {request.method} {request.url.path}; use GET {PING} or POST {INVOCATIONS}")
+            message = f"no endpoint {request.method} {request.url.path}; use GET {PING} or POST {INVOCATIONS}"
         # An unread body of a refused request must not be taken for the next request: close.
         reply = error_reply(exc.status_code, message, close=True)
         response = reply.response()
         response.headers.update(exc.headers or {})
         return response
 
-    handlers: dict[Any, Any] = {HTTPException: http_error}     # starlette types a handler as taking any Exception
-    app = Starlette(routes=[Route(PING, ping, methods=["GET"]), Route(INVOCATIONS, invocations, methods=["POST"]),
-                            Route(EXECUTION_PARAMETERS, parameters, methods=["GET"])],
-                    exception_handlers=handlers)
+    handlers: dict[Any, Any] = {HTTPException: http_error}  # starlette types a handler as taking any Exception
+    app = Starlette(
+        routes=[
+            Route(PING, ping, methods=["GET"]),
+            Route(INVOCATIONS, invocations, methods=["POST"]),
+            Route(EXECUTION_PARAMETERS, parameters, methods=["GET"]),
+        ],
+        exception_handlers=handlers,
+    )
     return AccessLog(app)
 
 
@@ -447,9 +508,18 @@ def uvicorn_server(app, settings: ServerSettings, budget: ConnectionBudget) -> u
     # uvicorn takes a protocol factory and a float keep-alive, though its annotations ask for a class and an int.
     protocol: Any = functools.partial(GuardedH11Protocol, header_timeout=settings.timeouts.header, budget=budget)
     keep_alive: Any = settings.timeouts.keep_alive
-    config = uvicorn.Config(app, http=protocol, loop="asyncio", lifespan="off", log_config=None, access_log=False,
-                            server_header=False, timeout_keep_alive=keep_alive, backlog=ACCEPTS_PER_TURN,
-                            timeout_graceful_shutdown=DRAIN_SECONDS)
+    config = uvicorn.Config(
+        app,
+        http=protocol,
+        loop="asyncio",
+        lifespan="off",
+        log_config=None,
+        access_log=False,
+        server_header=False,
+        timeout_keep_alive=keep_alive,
+        backlog=ACCEPTS_PER_TURN,
+        timeout_graceful_shutdown=DRAIN_SECONDS,
+    )
     return uvicorn.Server(config)
 
 
@@ -468,8 +538,13 @@ def connection_limit(requested: int | None) -> int:
     in_use = len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else 64
     available = max(16, soft - in_use - FD_RESERVE)
     if requested is not None and requested > available:
-        log.warning("--max-connections %d exceeds the %d connections the file descriptor limit (%d) allows; "
-                    "using %d", requested, available, soft, available)
+        log.warning(
+            "--max-connections %d exceeds the %d connections the file descriptor limit (%d) allows; using %d",
+            requested,
+            available,
+            soft,
+            available,
+        )
     return available if requested is None else min(requested, available)
 
 
@@ -505,58 +580,124 @@ async def serve(server: uvicorn.Server, listener: socket.socket, budget: Connect
 
 def parser() -> argparse.ArgumentParser:
     defaults, limits, timeouts = ServerSettings(), Limits(), Timeouts()
-    result = argparse.ArgumentParser(prog="python -m pneumoseg.serve", description="Serve a pneumoseg model package "
-                                     "over HTTP: GET /ping, POST /invocations (SageMaker's container contract).")
-    result.add_argument("--model", required=True, help=f"model.tar.gz of {command('06')}, or the folder "
-                                                       "it extracts to")
-    result.add_argument("--host", default=defaults.host, help="address to listen on (default %(default)s; 0.0.0.0 in "
-                                                              "a container)")
-    result.add_argument("--port", type=int, default=defaults.port, help="TCP port, 0 for any free one (default "
-                                                                        "%(default)s)")
-    result.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
-                        help="where the models run (default: a GPU when there is one)")
-    result.add_argument("--runtime", default=AUTO, choices=RUNTIMES,
-                        help="what computes the forward passes (default: ONNX Runtime on the CPU when the package "
-                             "holds ONNX models, else torch)")
-    result.add_argument("--workers", type=int, default=defaults.workers,
-                        help="threads predicting and encoding requests (default %(default)s)")
-    result.add_argument("--decoders", type=int, default=defaults.decoders,
-                        help="threads decoding request bodies; while all are busy, requests get 503 (default "
-                             "%(default)s)")
-    result.add_argument("--decode-seconds", type=float, default=defaults.decode_seconds,
-                        help="longest a request's decode may take; 400 after (default %(default)g)")
-    result.add_argument("--predictions", type=int, default=defaults.predictions,
-                        help="requests predicting at once (default %(default)s)")
-    result.add_argument("--torch-threads", default="auto",
-                        help="torch threads of each prediction: auto = the cores this process may use shared among "
-                             "--predictions (at least 1), or a number (default %(default)s)")
-    result.add_argument("--max-queue", type=int, default=limits.max_queue,
-                        help="requests waiting for a worker at most; more get 503 (default %(default)s)")
-    result.add_argument("--max-body-mb", type=float, default=limits.max_body_bytes / 2 ** 20,
-                        help="largest request body in MiB; larger ones get 413 (default %(default)g)")
-    result.add_argument("--max-inference", type=int, default=limits.max_inference,
-                        help="/invocations requests open at once (sending, queued or running); more get 503 "
-                             "(default %(default)s)")
-    result.add_argument("--max-connections", type=int, default=limits.max_connections,
-                        help="open connections at most; beyond, the one waiting longest for its client is closed "
-                             "(default: as many as the file descriptor limit allows)")
-    result.add_argument("--header-timeout", type=float, default=timeouts.header,
-                        help="seconds a client has to send a request's head; 408 after (default %(default)g)")
-    result.add_argument("--request-timeout", type=float, default=timeouts.body,
-                        help="seconds a client has to send a request's body; 408 after (default %(default)g)")
-    result.add_argument("--keep-alive", type=float, default=timeouts.keep_alive,
-                        help="seconds an idle connection stays open (default %(default)g)")
+    result = argparse.ArgumentParser(
+        prog="python -m pneumoseg.serve",
+        description="Serve a pneumoseg model package "
+        "over HTTP: GET /ping, POST /invocations (SageMaker's container contract).",
+    )
+    result.add_argument("--model", required=True, help=f"model.tar.gz of {command('06')}, or the folder it extracts to")
+    result.add_argument(
+        "--host", default=defaults.host, help="address to listen on (default %(default)s; 0.0.0.0 in a container)"
+    )
+    result.add_argument(
+        "--port", type=int, default=defaults.port, help="TCP port, 0 for any free one (default %(default)s)"
+    )
+    result.add_argument(
+        "--device",
+        default="auto",
+        choices=("auto", "cpu", "cuda"),
+        help="where the models run (default: a GPU when there is one)",
+    )
+    result.add_argument(
+        "--runtime",
+        default=AUTO,
+        choices=RUNTIMES,
+        help="what computes the forward passes (default: ONNX Runtime on the CPU when the package "
+        "holds ONNX models, else torch)",
+    )
+    result.add_argument(
+        "--workers",
+        type=int,
+        default=defaults.workers,
+        help="threads predicting and encoding requests (default %(default)s)",
+    )
+    result.add_argument(
+        "--decoders",
+        type=int,
+        default=defaults.decoders,
+        help="threads decoding request bodies; while all are busy, requests get 503 (default %(default)s)",
+    )
+    result.add_argument(
+        "--decode-seconds",
+        type=float,
+        default=defaults.decode_seconds,
+        help="longest a request's decode may take; 400 after (default %(default)g)",
+    )
+    result.add_argument(
+        "--predictions",
+        type=int,
+        default=defaults.predictions,
+        help="requests predicting at once (default %(default)s)",
+    )
+    result.add_argument(
+        "--torch-threads",
+        default="auto",
+        help="torch threads of each prediction: auto = the cores this process may use shared among "
+        "--predictions (at least 1), or a number (default %(default)s)",
+    )
+    result.add_argument(
+        "--max-queue",
+        type=int,
+        default=limits.max_queue,
+        help="requests waiting for a worker at most; more get 503 (default %(default)s)",
+    )
+    result.add_argument(
+        "--max-body-mb",
+        type=float,
+        default=limits.max_body_bytes / 2**20,
+        help="largest request body in MiB; larger ones get 413 (default %(default)g)",
+    )
+    result.add_argument(
+        "--max-inference",
+        type=int,
+        default=limits.max_inference,
+        help="/invocations requests open at once (sending, queued or running); more get 503 (default %(default)s)",
+    )
+    result.add_argument(
+        "--max-connections",
+        type=int,
+        default=limits.max_connections,
+        help="open connections at most; beyond, the one waiting longest for its client is closed "
+        "(default: as many as the file descriptor limit allows)",
+    )
+    result.add_argument(
+        "--header-timeout",
+        type=float,
+        default=timeouts.header,
+        help="seconds a client has to send a request's head; 408 after (default %(default)g)",
+    )
+    result.add_argument(
+        "--request-timeout",
+        type=float,
+        default=timeouts.body,
+        help="seconds a client has to send a request's body; 408 after (default %(default)g)",
+    )
+    result.add_argument(
+        "--keep-alive",
+        type=float,
+        default=timeouts.keep_alive,
+        help="seconds an idle connection stays open (default %(default)g)",
+    )
     return result
 
 
 def settings_from(args: argparse.Namespace) -> ServerSettings:
     """The :class:`ServerSettings` of parsed command-line arguments."""
-    return ServerSettings(host=args.host, port=args.port, workers=args.workers, predictions=args.predictions,
-                          decoders=args.decoders, decode_seconds=args.decode_seconds,
-                          limits=Limits(max_body_bytes=int(args.max_body_mb * 2 ** 20), max_queue=args.max_queue,
-                                        max_inference=args.max_inference, max_connections=args.max_connections),
-                          timeouts=Timeouts(header=args.header_timeout, body=args.request_timeout,
-                                            keep_alive=args.keep_alive))
+    return ServerSettings(
+        host=args.host,
+        port=args.port,
+        workers=args.workers,
+        predictions=args.predictions,
+        decoders=args.decoders,
+        decode_seconds=args.decode_seconds,
+        limits=Limits(
+            max_body_bytes=int(args.max_body_mb * 2**20),
+            max_queue=args.max_queue,
+            max_inference=args.max_inference,
+            max_connections=args.max_connections,
+        ),
+        timeouts=Timeouts(header=args.header_timeout, body=args.request_timeout, keep_alive=args.keep_alive),
+    )
 
 
 def within_transform(settings: ServerSettings, job: TransformJob | None) -> ServerSettings:
@@ -569,13 +710,17 @@ def within_transform(settings: ServerSettings, job: TransformJob | None) -> Serv
     """
     if job is None:
         return settings
-    limits = replace(settings.limits, max_body_bytes=job.max_payload_mb * 2 ** 20,
-                     max_queue=max(settings.limits.max_queue, job.max_concurrent - settings.workers))
+    limits = replace(
+        settings.limits,
+        max_body_bytes=job.max_payload_mb * 2**20,
+        max_queue=max(settings.limits.max_queue, job.max_concurrent - settings.workers),
+    )
     return replace(settings, limits=limits)
 
 
-def load_in_background(service: InferenceService, server: uvicorn.Server, model: str, device: str,
-                       runtime: str = AUTO) -> threading.Event:
+def load_in_background(
+    service: InferenceService, server: uvicorn.Server, model: str, device: str, runtime: str = AUTO
+) -> threading.Event:
     """Load ``model`` into ``service`` in a thread (``/ping`` answers 503 meanwhile); on failure, log why and stop
     ``server``. Returns the event set on failure."""
     failed = threading.Event()
@@ -593,9 +738,17 @@ def load_in_background(service: InferenceService, server: uvicorn.Server, model:
             return
         service.model = loaded
         predictor = loaded.predictor
-        log.info("model %s version %s ready: %d models, %d forward passes per image at %s px on %s (%s), "
-                 "post-processing %s", loaded.name, loaded.version, len(predictor.models), predictor.n_views,
-                 "/".join(map(str, predictor.image_sizes)), predictor.device, loaded.runtime, loaded.postprocess)
+        log.info(
+            "model %s version %s ready: %d models, %d forward passes per image at %s px on %s (%s), post-processing %s",
+            loaded.name,
+            loaded.version,
+            len(predictor.models),
+            predictor.n_views,
+            "/".join(map(str, predictor.image_sizes)),
+            predictor.device,
+            loaded.runtime,
+            loaded.postprocess,
+        )
 
     threading.Thread(target=load, name="pneumoseg-load", daemon=True).start()
     return failed
@@ -614,8 +767,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.decode_seconds > 0:
         arguments.error("--decode-seconds must be more than 0")
     if not 0 < args.max_body_mb <= ASYNC_MAX_BODY_MB:
-        arguments.error(f"--max-body-mb must be above 0 and at most {ASYNC_MAX_BODY_MB} (asynchronous inference's "
-                        "1 GB)")
+        arguments.error(
+            f"--max-body-mb must be above 0 and at most {ASYNC_MAX_BODY_MB} (asynchronous inference's 1 GB)"
+        )
     setup_logging()
     try:
         threads = set_cpu_threads(args.torch_threads, "--torch-threads", sharers=args.predictions)
@@ -630,8 +784,9 @@ def main(argv: list[str] | None = None) -> int:
     settings = within_transform(settings_from(args), job)
     if job is not None:
         log.info("in a Batch Transform job: records up to %d MB, %d at once", job.max_payload_mb, job.max_concurrent)
-    service = InferenceService(settings.predictions, settings.workers, settings.limits.max_queue, settings.decoders,
-                               settings.decode_seconds)
+    service = InferenceService(
+        settings.predictions, settings.workers, settings.limits.max_queue, settings.decoders, settings.decode_seconds
+    )
     budget = ConnectionBudget(connection_limit(settings.limits.max_connections))
     server = uvicorn_server(build_app(service, settings), settings, budget)
     try:
@@ -640,8 +795,15 @@ def main(argv: list[str] | None = None) -> int:
         log.error("cannot listen on %s:%d: %s", settings.host, settings.port, exc)
         return 1
     host, port = listener.getsockname()[:2]
-    log.info("listening on http://%s:%d (GET %s, POST %s; at most %d connections); loading %s", host, port, PING,
-             INVOCATIONS, budget.limit, args.model)
+    log.info(
+        "listening on http://%s:%d (GET %s, POST %s; at most %d connections); loading %s",
+        host,
+        port,
+        PING,
+        INVOCATIONS,
+        budget.limit,
+        args.model,
+    )
     failed = load_in_background(service, server, args.model, args.device, args.runtime)
     # uvicorn re-raises the signal that stopped it once it is done: this handler makes that a no-op.
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -12,12 +12,13 @@ answered 503. Asynchronous endpoints read payloads of up to 1 GB from S3: ``--ma
 
 This module imports neither torch nor the server: :mod:`pneumoseg.serve.server` reads it.
 """
+
 from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 from pneumoseg.errors import ConfigError
 
@@ -59,8 +60,9 @@ def _positive_int(environ: Mapping[str, str], name: str, default: int, most: int
     return int(raw)
 
 
-def transform_job(environ: Mapping[str, str] | None = None, default_payload_mb: int = 6,
-                  default_concurrent: int = 1) -> TransformJob | None:
+def transform_job(
+    environ: Mapping[str, str] | None = None, default_payload_mb: int = 6, default_concurrent: int = 1
+) -> TransformJob | None:
     """The Batch Transform job the container runs in, from SageMaker's variables; None outside a transform.
 
     Args:
@@ -78,12 +80,14 @@ def transform_job(environ: Mapping[str, str] | None = None, default_payload_mb: 
     if strategy not in _STRATEGIES:
         raise ConfigError(f"SAGEMAKER_BATCH_STRATEGY={strategy!r} in the environment: expected one of {_STRATEGIES}")
     if strategy != SINGLE_RECORD:
-        log.info("SAGEMAKER_BATCH_STRATEGY is %s: X-ray files are not split, so each request is still one record",
-                 strategy)
+        log.info(
+            "SAGEMAKER_BATCH_STRATEGY is %s: X-ray files are not split, so each request is still one record", strategy
+        )
     return TransformJob(
         max_payload_mb=_positive_int(environ, "SAGEMAKER_MAX_PAYLOAD_IN_MB", default_payload_mb, BATCH_MAX_PAYLOAD_MB),
         max_concurrent=_positive_int(environ, "SAGEMAKER_MAX_CONCURRENT_TRANSFORMS", default_concurrent),
-        strategy=strategy)
+        strategy=strategy,
+    )
 
 
 def execution_parameters(workers: int, max_body_bytes: int) -> dict[str, int | str]:
@@ -94,5 +98,8 @@ def execution_parameters(workers: int, max_body_bytes: int) -> dict[str, int | s
         workers: the server's worker threads.
         max_body_bytes: the server's body limit.
     """
-    return {"MaxConcurrentTransforms": int(workers), "BatchStrategy": SINGLE_RECORD,
-            "MaxPayloadInMB": max(1, min(BATCH_MAX_PAYLOAD_MB, int(max_body_bytes // 2 ** 20)))}
+    return {
+        "MaxConcurrentTransforms": int(workers),
+        "BatchStrategy": SINGLE_RECORD,
+        "MaxPayloadInMB": max(1, min(BATCH_MAX_PAYLOAD_MB, int(max_body_bytes // 2**20))),
+    }

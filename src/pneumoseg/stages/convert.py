@@ -24,6 +24,7 @@ with one DataError naming the folder; the PNGs finished before it are whole, so 
 the outputs of a clean run. The stage reruns when the ``prepare`` section changes or the DICOM listing does (file
 count or total size).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,9 +35,9 @@ import logging
 import math
 import shutil
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import pandas as pd
 from joblib import Parallel, delayed, effective_n_jobs
@@ -45,11 +46,11 @@ from tqdm import tqdm
 
 from pneumoseg import layout, stage_table
 from pneumoseg.data.dicom import METADATA_KEYS, DicomError, find_dicoms, read_dicom, read_dicom_header
-from pneumoseg.errors import ConfigError, DataError
 from pneumoseg.data.resize import INTERPOLATIONS, resize_square
+from pneumoseg.errors import ConfigError, DataError
 from pneumoseg.io import ShortWriteError, is_whole_png, write_csv, write_json, write_png
-from pneumoseg.stages.record import StageRecord
 from pneumoseg.stage_table import run_first
+from pneumoseg.stages.record import StageRecord
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +65,10 @@ PNG_VERSION = 2  # 2: data of more than 8 bits shown through its VOI LUT or wind
 MAX_BATCH = 32
 TASKS_PER_WORKER = 16
 
-INPUT_HINT = ("Put the challenge's DICOM folders there (dicom-images-train/ and dicom-images-test/, or "
-              f"stage_2_images/), or for the demo data {run_first('00')}.")
+INPUT_HINT = (
+    "Put the challenge's DICOM folders there (dicom-images-train/ and dicom-images-test/, or "
+    f"stage_2_images/), or for the demo data {run_first('00')}."
+)
 
 
 @dataclass(frozen=True)
@@ -88,14 +91,17 @@ class ConvertSettings:
     def from_config(cls, prepare: DictConfig) -> ConvertSettings:
         sizes = tuple(prepare.sizes) if OmegaConf.is_list(prepare.sizes) else ()
         if not sizes or not all(isinstance(size, int) and size > 0 for size in sizes):
-            raise ConfigError(f"prepare.sizes must be a list of positive whole numbers of pixels, "
-                              f"got {prepare.sizes!r}")
+            raise ConfigError(
+                f"prepare.sizes must be a list of positive whole numbers of pixels, got {prepare.sizes!r}"
+            )
         if prepare.interpolation not in INTERPOLATIONS:
-            raise ConfigError(f"prepare.interpolation {prepare.interpolation!r} is unknown; "
-                              f"use one of {', '.join(INTERPOLATIONS)}")
+            raise ConfigError(
+                f"prepare.interpolation {prepare.interpolation!r} is unknown; use one of {', '.join(INTERPOLATIONS)}"
+            )
         if not isinstance(prepare.n_jobs, int) or prepare.n_jobs == 0:
-            raise ConfigError(f"prepare.n_jobs must be a non-zero whole number (-1: every core), "
-                              f"got {prepare.n_jobs!r}")
+            raise ConfigError(
+                f"prepare.n_jobs must be a non-zero whole number (-1: every core), got {prepare.n_jobs!r}"
+            )
         return cls(tuple(dict.fromkeys(sizes)), prepare.interpolation, prepare.n_jobs, bool(prepare.strict))
 
 
@@ -128,8 +134,9 @@ def run(cfg: DictConfig, force: bool = False) -> dict:
     outputs = [(size, layout.images_dir(cfg, size)) for size in settings.sizes]
     with _write_failures_named(folder):
         for size, images in outputs:
-            _claim_images_folder(images, {"size": size, "interpolation": settings.interpolation,
-                                          "png_version": PNG_VERSION})
+            _claim_images_folder(
+                images, {"size": size, "interpolation": settings.interpolation, "png_version": PNG_VERSION}
+            )
         outcomes = _convert_all(dicoms, outputs, settings, overwrite=force)
         summary, errors = _write_tables(cfg, outcomes, settings.sizes)
     _check_outcome(summary, errors, settings.strict, input_dir, folder / ERRORS_FILE)
@@ -147,8 +154,10 @@ def _write_failures_named(folder: Path) -> Iterator[None]:
     except (OSError, ShortWriteError) as exc:
         if isinstance(exc, OSError) and exc.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
-        raise DataError(f"{STAGE_NAME} stopped: the disk holding {folder} is full ({exc}). Free space and rerun; "
-                        f"the images converted so far are kept.") from None
+        raise DataError(
+            f"{STAGE_NAME} stopped: the disk holding {folder} is full ({exc}). Free space and rerun; "
+            f"the images converted so far are kept."
+        ) from None
 
 
 def _write_tables(cfg: DictConfig, outcomes: list[tuple[str, dict]], sizes: tuple[int, ...]) -> tuple[dict, list]:
@@ -160,10 +169,21 @@ def _write_tables(cfg: DictConfig, outcomes: list[tuple[str, dict]], sizes: tupl
     metadata = pd.DataFrame(rows, columns=list(METADATA_KEYS))
     write_csv(layout.metadata_path(cfg), metadata.astype({"rows": "Int64", "cols": "Int64", "age": "Int64"}))
     write_csv(layout.convert_dir(cfg) / ERRORS_FILE, pd.DataFrame(errors, columns=["path", "kind", "reason"]))
-    summary = {"images": len(rows), "converted": counts["converted"], "reused": counts["reused"],
-               "failed": len(errors), "sizes": list(sizes)}
-    log.info("%s: %d images ready (%d converted, %d already there), %d unreadable",
-             STAGE_NAME, len(rows), counts["converted"], counts["reused"], len(errors))
+    summary = {
+        "images": len(rows),
+        "converted": counts["converted"],
+        "reused": counts["reused"],
+        "failed": len(errors),
+        "sizes": list(sizes),
+    }
+    log.info(
+        "%s: %d images ready (%d converted, %d already there), %d unreadable",
+        STAGE_NAME,
+        len(rows),
+        counts["converted"],
+        counts["reused"],
+        len(errors),
+    )
     return summary, errors
 
 
@@ -171,17 +191,26 @@ def _check_outcome(summary: dict, errors: list[dict], strict: bool, input_dir: P
     """Fail when no image is usable, or when any is not and ``strict``; otherwise warn about the failures."""
     total = summary["images"] + summary["failed"]
     if not summary["images"]:
-        raise DataError(f"none of the {total} DICOM files under {input_dir} could be read; "
-                        f"the reasons are in {errors_path}")
+        raise DataError(
+            f"none of the {total} DICOM files under {input_dir} could be read; the reasons are in {errors_path}"
+        )
     if not errors:
         return
     first = errors[0]
     if strict:
-        raise DataError(f"{len(errors)} of {total} DICOM files could not be read and prepare.strict is true "
-                        f"(first: {first['path']}: {first['reason']}; all in {errors_path}). Fix or remove them, "
-                        f"or set prepare.strict=false to go on without them.")
-    log.warning("%s: %d DICOM files could not be read and are left out (first: %s: %s); all in %s",
-                STAGE_NAME, len(errors), first["path"], first["reason"], errors_path)
+        raise DataError(
+            f"{len(errors)} of {total} DICOM files could not be read and prepare.strict is true "
+            f"(first: {first['path']}: {first['reason']}; all in {errors_path}). Fix or remove them, "
+            f"or set prepare.strict=false to go on without them."
+        )
+    log.warning(
+        "%s: %d DICOM files could not be read and are left out (first: %s: %s); all in %s",
+        STAGE_NAME,
+        len(errors),
+        first["path"],
+        first["reason"],
+        errors_path,
+    )
 
 
 def _list_dicoms(input_dir: Path) -> dict[str, Path]:
@@ -230,14 +259,17 @@ def _claim_images_folder(images: Path, settings: dict) -> None:
     write_json(marker, settings)
 
 
-def _convert_all(dicoms: dict[str, Path], outputs: list[tuple[int, Path]], settings: ConvertSettings,
-                 overwrite: bool) -> list[tuple[str, dict]]:
+def _convert_all(
+    dicoms: dict[str, Path], outputs: list[tuple[int, Path]], settings: ConvertSettings, overwrite: bool
+) -> list[tuple[str, dict]]:
     """Convert every DICOM in batches over ``settings.n_jobs`` processes; one (status, row) per DICOM."""
     items = list(dicoms.items())
     workers = effective_n_jobs(settings.n_jobs)
     batch = max(1, min(MAX_BATCH, math.ceil(len(items) / (workers * TASKS_PER_WORKER))))
-    tasks = (delayed(_convert_batch)(items[start:start + batch], outputs, settings.interpolation, overwrite)
-             for start in range(0, len(items), batch))
+    tasks = (
+        delayed(_convert_batch)(items[start : start + batch], outputs, settings.interpolation, overwrite)
+        for start in range(0, len(items), batch)
+    )
     outcomes: list[tuple[str, dict]] = []
     with tqdm(total=len(items), desc=STAGE_NAME, unit="image") as progress:
         for results in Parallel(n_jobs=settings.n_jobs, return_as="generator_unordered")(tasks):
@@ -246,8 +278,9 @@ def _convert_all(dicoms: dict[str, Path], outputs: list[tuple[int, Path]], setti
     return outcomes
 
 
-def _convert_batch(items: list[tuple[str, Path]], outputs: list[tuple[int, Path]], interpolation: str,
-                   overwrite: bool) -> list[tuple[str, dict]]:
+def _convert_batch(
+    items: list[tuple[str, Path]], outputs: list[tuple[int, Path]], interpolation: str, overwrite: bool
+) -> list[tuple[str, dict]]:
     """Convert a batch of ``(ImageId, path)`` in one worker.
 
     Returns one ``(status, row)`` per image: ``("converted", metadata)``, ``("reused", metadata)`` when every

@@ -23,14 +23,15 @@ same folder, say). A run killed midway, rerun with the same config, keeps the DI
 recomputes only their labels, which come from the cheap geometry step of the phantom. Every file is written
 atomically, the label tables last.
 """
+
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 from joblib import Parallel, delayed
@@ -38,12 +39,12 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 from pneumoseg import stage_table
+from pneumoseg.data.dicom import DicomTags, write_jpeg_dicom
+from pneumoseg.data.rle import EMPTY, encode
 from pneumoseg.demo import phantom
 from pneumoseg.demo.layouts import LAYOUTS, SPLITS, DemoImage, Layout, demo_images, patient_id
-from pneumoseg.data.dicom import DicomTags, write_jpeg_dicom
 from pneumoseg.errors import ConfigError, DataError
 from pneumoseg.io import write_json, write_text
-from pneumoseg.data.rle import EMPTY, encode
 from pneumoseg.stages.record import StageRecord
 
 log = logging.getLogger(__name__)
@@ -81,20 +82,29 @@ def _make_image(image: DemoImage, plan: phantom.CasePlan, seed: int, size: int, 
     same_as = None
     if image.visit:
         first = phantom.sample_patient(phantom.case_streams(seed, split, image.patient)[0])
-        same_as = replace(first, age=min(first.age + image.visit, MAX_AGE))   # a follow-up a year or two on
+        same_as = replace(first, age=min(first.age + image.visit, MAX_AGE))  # a follow-up a year or two on
     case = phantom.make_phantom(geometry, size, plan, same_as)
     if target is not None:
         patient = case.patient
-        tags = DicomTags(sop_instance_uid=image.sop_uid, study_instance_uid=image.study_uid,
-                         series_instance_uid=image.series_uid, patient_id=patient_id(seed, image),
-                         sex=patient.sex, age=str(patient.age), view_position=patient.view_position,
-                         pixel_spacing=patient.pixel_spacing)
+        tags = DicomTags(
+            sop_instance_uid=image.sop_uid,
+            study_instance_uid=image.study_uid,
+            series_instance_uid=image.series_uid,
+            patient_id=patient_id(seed, image),
+            sex=patient.sex,
+            age=str(patient.age),
+            view_position=patient.view_position,
+            pixel_spacing=patient.pixel_spacing,
+        )
         write_jpeg_dicom(target, phantom.render(case, pixels), tags)
     return [encode(instance) for instance in case.instances] or [EMPTY]
 
 
-def _label_rows(image_ids: Sequence[str], rles: Sequence[list[str]], rng: np.random.Generator,
-                ) -> list[tuple[str, str]]:
+def _label_rows(
+    image_ids: Sequence[str],
+    rles: Sequence[list[str]],
+    rng: np.random.Generator,
+) -> list[tuple[str, str]]:
     """One row per instance, in image order, except that the later rows of every second multi-instance image
     move a few rows down, as in the real file where the rows of one image are not always adjacent."""
     rows, keys = [], []
@@ -167,12 +177,17 @@ def run(cfg: DictConfig, force: bool = False) -> dict:
 
     streams = {name: phantom.split_stream(int(demo.seed), split) for split, name in enumerate(SPLITS)}
     reuse = [same and (folder / path).is_file() for path in targets]
-    plans = {name: phantom.plan_cases(int(demo[f"n_{name}"]), float(demo.positive_rate), streams[name])
-             for name in SPLITS}
-    rles = _make_images(demo, images, plans, [None if reused else folder / path
-                                              for path, reused in zip(targets, reuse)])
-    write_text(folder / ANNOTATIONS, "ImageId,drain\n" + "".join(
-        f"{image.image_id},{int(plans[image.split][image.index].drain)}\n" for image in images))
+    plans = {
+        name: phantom.plan_cases(int(demo[f"n_{name}"]), float(demo.positive_rate), streams[name]) for name in SPLITS
+    }
+    rles = _make_images(
+        demo, images, plans, [None if reused else folder / path for path, reused in zip(targets, reuse)]
+    )
+    write_text(
+        folder / ANNOTATIONS,
+        "ImageId,drain\n"
+        + "".join(f"{image.image_id},{int(plans[image.split][image.index].drain)}\n" for image in images),
+    )
     summary: dict = {"layout": str(demo.layout), "written": len(images) - sum(reuse), "reused": sum(reuse)}
     summary.update(_write_tables(folder, layout, images, rles, streams))
     record.finish(summary)
@@ -198,8 +213,10 @@ def _claim_folder(folder: Path, key: str, files: Sequence[str], force: bool) -> 
     owned = set(manifest["files"])
     foreign = [name for name in files if name not in owned and (folder / name).exists()]
     if foreign:
-        raise DataError(f"{folder} already holds {foreign[0]} (and {len(foreign) - 1} more files) that the demo "
-                        f"did not write; it never overwrites them. Point paths.input_dir at another folder.")
+        raise DataError(
+            f"{folder} already holds {foreign[0]} (and {len(foreign) - 1} more files) that the demo "
+            f"did not write; it never overwrites them. Point paths.input_dir at another folder."
+        )
     same = manifest["fingerprint"] == key and not force
     if owned and not same:
         why = "--force: writing the demo again" if manifest["fingerprint"] == key else "the demo config changed"
@@ -208,8 +225,12 @@ def _claim_folder(folder: Path, key: str, files: Sequence[str], force: bool) -> 
     return same
 
 
-def _make_images(demo: DictConfig, images: Sequence[DemoImage], plans: dict[str, list[phantom.CasePlan]],
-                 paths: Sequence[Path | None]) -> list[list[str]]:
+def _make_images(
+    demo: DictConfig,
+    images: Sequence[DemoImage],
+    plans: dict[str, list[phantom.CasePlan]],
+    paths: Sequence[Path | None],
+) -> list[list[str]]:
     """Draw every image of ``images`` (writing its DICOM to its entry of ``paths``; None: keep the file there)
     in ``demo.n_jobs`` processes; return each image's instance run-length strings, in order.
 
@@ -220,14 +241,21 @@ def _make_images(demo: DictConfig, images: Sequence[DemoImage], plans: dict[str,
         paths: where each image's DICOM goes, None for one already written.
     """
     seed, size = int(demo.seed), int(demo.image_size)
-    jobs = (delayed(_make_image)(image, plans[image.split][image.index], seed, size, path)
-            for image, path in zip(images, paths))
+    jobs = (
+        delayed(_make_image)(image, plans[image.split][image.index], seed, size, path)
+        for image, path in zip(images, paths)
+    )
     results = Parallel(n_jobs=int(demo.n_jobs), return_as="generator")(jobs)
     return list(tqdm(results, total=len(images), desc="demo images", unit="img"))
 
 
-def _write_tables(folder: Path, layout: Layout, images: Sequence[DemoImage], rles: Sequence[list[str]],
-                  streams: dict[str, np.random.Generator]) -> dict:
+def _write_tables(
+    folder: Path,
+    layout: Layout,
+    images: Sequence[DemoImage],
+    rles: Sequence[list[str]],
+    streams: dict[str, np.random.Generator],
+) -> dict:
     """Write the layout's label tables into ``folder``; return each split's counts (images, positive, instances).
 
     Args:
@@ -243,9 +271,12 @@ def _write_tables(folder: Path, layout: Layout, images: Sequence[DemoImage], rle
         ids[name] = [images[k].image_id for k in chosen]
         split_rles = [rles[k] for k in chosen]
         rows[name] = _label_rows(ids[name], split_rles, streams[name])
-        summary[name] = {"images": len(chosen), "patients": len({images[k].patient for k in chosen}),
-                         "positive": sum(r != [EMPTY] for r in split_rles),
-                         "instances": sum(len(r) for r in split_rles if r != [EMPTY])}
+        summary[name] = {
+            "images": len(chosen),
+            "patients": len({images[k].patient for k in chosen}),
+            "positive": sum(r != [EMPTY] for r in split_rles),
+            "instances": sum(len(r) for r in split_rles if r != [EMPTY]),
+        }
     for table, text in layout.tables(rows["train"], rows["test"], ids["test"]).items():
         write_text(folder / table, text)
     return summary

@@ -12,6 +12,7 @@ CONFIG and the overrides must be the job's (its hyperparameters as ``key=value``
 ``train`` channel (``paths.prepared_dir``): the import checks that stage 03 is complete for them, as a later stage
 does. ``--force`` replaces a ``03_train/`` that is already there.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -54,44 +55,62 @@ def _check_record(path: Path, output: Path) -> None:
     if not path.is_file():
         return  # the completeness check says that it is missing
     if path.stat().st_size > MAX_RECORD_BYTES:
-        raise DataError(f"{where} has {path.stat().st_size} bytes, more than the {MAX_RECORD_BYTES} stage 03 "
-                        f"writes: this is not the job's output.tar.gz; download it again")
+        raise DataError(
+            f"{where} has {path.stat().st_size} bytes, more than the {MAX_RECORD_BYTES} stage 03 "
+            f"writes: this is not the job's output.tar.gz; download it again"
+        )
     try:
         record = json.loads(path.read_bytes().decode("utf-8"))
     except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError are both ValueErrors
-        raise DataError(f"{where} is not UTF-8 JSON ({type(exc).__name__}: {str(exc)[:200]}); download the job's "
-                        f"output.tar.gz again") from None
+        raise DataError(
+            f"{where} is not UTF-8 JSON ({type(exc).__name__}: {str(exc)[:200]}); download the job's "
+            f"output.tar.gz again"
+        ) from None
     if not isinstance(record, dict) or "fingerprint" not in record:
-        raise DataError(f"{where} is not stage 03's completion record (a JSON object with a fingerprint); download "
-                        f"the job's output.tar.gz again")
+        raise DataError(
+            f"{where} is not stage 03's completion record (a JSON object with a fingerprint); download "
+            f"the job's output.tar.gz again"
+        )
     wrong = [key for key, types in _RECORD_TYPES.items() if key in record and not isinstance(record[key], types)]
     if "sections" in record and isinstance(record["sections"], list):
         wrong += [] if all(isinstance(name, str) for name in record["sections"]) else ["sections"]
     if wrong:
-        raise DataError(f"{where}: {', '.join(wrong)} {'is' if len(wrong) == 1 else 'are'} not of the type stage 03 "
-                        f"writes; download the job's output.tar.gz again")
+        raise DataError(
+            f"{where}: {', '.join(wrong)} {'is' if len(wrong) == 1 else 'are'} not of the type stage 03 "
+            f"writes; download the job's output.tar.gz again"
+        )
+
+
 # The job's archives, as the safe extractor names and reads them (SageMaker packs them with ``./`` names).
-JOB_ARCHIVE = ArchiveKind("SageMaker archive", "download the job's archive again (from the job's S3 output path)",
-                          dot_prefix=True)
+JOB_ARCHIVE = ArchiveKind(
+    "SageMaker archive", "download the job's archive again (from the job's S3 output path)", dot_prefix=True
+)
 
 
 def _check(folder: Path, cfg: DictConfig, model: Path, output: Path) -> list[int]:
     """Check that the unpacked ``folder`` is a complete stage 03 for ``cfg`` -> its folds."""
     if read_done(folder) is None:
-        raise DataError(f"{output} holds no {layout.train_dir(cfg).name}/{DONE_FILE}: the job did not finish stage 03, "
-                        f"or this is not its output.tar.gz")
+        raise DataError(
+            f"{output} holds no {layout.train_dir(cfg).name}/{DONE_FILE}: the job did not finish stage 03, "
+            f"or this is not its output.tar.gz"
+        )
     if not layout.folds_path(cfg).is_file():
-        raise DataError(f"{layout.folds_path(cfg)} not found: stages 04-06 need the prepared data the job trained on; "
-                        f"set paths.prepared_dir to a copy of its train channel (or run stages 01-02 here)")
+        raise DataError(
+            f"{layout.folds_path(cfg)} not found: stages 04-06 need the prepared data the job trained on; "
+            f"set paths.prepared_dir to a copy of its train channel (or run stages 01-02 here)"
+        )
     if not stage_record(cfg).is_complete(folder):
-        raise DataError(f"the job trained with another config or other prepared folds than --config and "
-                        f"{layout.folds_path(cfg)}: give the job's config and hyperparameters (as key=value), and "
-                        f"its train channel's data as paths.prepared_dir (compare {folder / 'config.yaml'})")
+        raise DataError(
+            f"the job trained with another config or other prepared folds than --config and "
+            f"{layout.folds_path(cfg)}: give the job's config and hyperparameters (as key=value), and "
+            f"its train channel's data as paths.prepared_dir (compare {folder / 'config.yaml'})"
+        )
     folds = list(layout.fold_dirs(folder))
     missing = [fold for fold, fold_folder in layout.fold_dirs(folder).items() if not best_files(fold_folder)]
     if not folds or missing:
-        raise DataError(f"{model} lacks the checkpoints of fold(s) {missing or 'all'}: give the same job's "
-                        f"model.tar.gz")
+        raise DataError(
+            f"{model} lacks the checkpoints of fold(s) {missing or 'all'}: give the same job's model.tar.gz"
+        )
     return folds
 
 
@@ -117,8 +136,9 @@ def run(cfg: DictConfig, model: str | Path, output: str | Path, force: bool = Fa
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.import.", dir=folder.parent))
     try:
-        files = (extract_archive(output, staging, kind=JOB_ARCHIVE, prefix=folder.name)
-                 + extract_archive(model, staging, kind=JOB_ARCHIVE))
+        files = extract_archive(output, staging, kind=JOB_ARCHIVE, prefix=folder.name) + extract_archive(
+            model, staging, kind=JOB_ARCHIVE
+        )
         _check_record(staging / DONE_FILE, output)
         folds = _check(staging, cfg, model, output)
         if folder.exists():

@@ -34,34 +34,40 @@ deploy it in SageMaker's PyTorch inference container, which installs ``code/requ
 ``code/inference.py`` (the SDK's ``PyTorchModel(model_data=..., entry_point="inference.py", source_dir=<the
 package's code/ folder>)``, or ``SAGEMAKER_PROGRAM=inference.py`` in the model's environment).
 """
+
 from __future__ import annotations
 
 import argparse
 import logging
 import tempfile
-from pathlib import Path
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from omegaconf import DictConfig
 from tqdm import tqdm
 
-
 from pneumoseg import layout, stage_table
 from pneumoseg.config import is_ensemble
-from pneumoseg.errors import DataError
-from pneumoseg.io import atomic_path, content_hash, write_json
 from pneumoseg.data import labels as lb
 from pneumoseg.data.testset import image_sizes, test_set
+from pneumoseg.errors import DataError
 from pneumoseg.evaluation.submission import score_submission, write_submission
 from pneumoseg.inference.fold_models import FoldModel
 from pneumoseg.inference.predictor import EnsemblePredictor, Predictor, make_predictions
 from pneumoseg.inference.runtime import ONNXRUNTIME, TORCH, Agreement, export_onnx, onnx_name, with_runtime
-from pneumoseg.io import read_png
-from pneumoseg.serve.package import (MANIFEST_FILE, add_onnx_models, build_manifest, load_package, open_package,
-                                     source_files, write_package)
+from pneumoseg.io import atomic_path, content_hash, read_png, write_json
 from pneumoseg.reports import oof as oof_report
+from pneumoseg.serve.package import (
+    MANIFEST_FILE,
+    add_onnx_models,
+    build_manifest,
+    load_package,
+    open_package,
+    source_files,
+    write_package,
+)
 from pneumoseg.stages import ensemble
 from pneumoseg.stages.predict import build_predictor, test_labels_path
 from pneumoseg.stages.record import StageRecord, require_finished
@@ -86,8 +92,11 @@ def run(cfg: DictConfig, force: bool = False) -> dict[str, Any]:
         require_finished(layout.train_dir(cfg), "03")
     predictor = build_predictor(cfg, device="cpu", runtime=TORCH)
     if isinstance(predictor, EnsemblePredictor):
-        files = {f"{m.name}/{_package_name(_path(model), layout.train_dir(m.cfg))}": _path(model)
-                 for m, member in zip(members, predictor.members) for model in member.models}
+        files = {
+            f"{m.name}/{_package_name(_path(model), layout.train_dir(m.cfg))}": _path(model)
+            for m, member in zip(members, predictor.members)
+            for model in member.models
+        }
     else:
         files = {_package_name(_path(model), layout.train_dir(cfg)): _path(model) for model in predictor.models}
     manifest = build_manifest(cfg, predictor, files)
@@ -96,8 +105,9 @@ def run(cfg: DictConfig, force: bool = False) -> dict[str, Any]:
     # rebuilds it, as a change to the weights or the post-processing does (they make the version).
     sections = [str(key) for key in cfg if key != "paths"]
     code = content_hash(*sources.values())
-    record = StageRecord(STAGE_NAME, layout.package_dir(cfg), cfg, sections,
-                         inputs={"version": manifest["version"], "code": code})
+    record = StageRecord(
+        STAGE_NAME, layout.package_dir(cfg), cfg, sections, inputs={"version": manifest["version"], "code": code}
+    )
     force = record.redo(force)
     if record.skip_if_complete(force):
         return record.stored_summary()
@@ -109,14 +119,21 @@ def run(cfg: DictConfig, force: bool = False) -> dict[str, Any]:
         onnx_predictor = _on_onnxruntime(predictor, [file for _, file in onnx_files.values()])
         manifest["onnx_check"] = check_onnx(cfg, predictor, onnx_predictor)
         with atomic_path(path) as tmp:
-            write_package(tmp, cfg, manifest, {**files, **dict(onnx_files.values()), **sources},
-                          {m.name: m.cfg for m in members})
+            write_package(
+                tmp, cfg, manifest, {**files, **dict(onnx_files.values()), **sources}, {m.name: m.cfg for m in members}
+            )
             verify_package(tmp, predictor, onnx_predictor)
     write_json(layout.package_dir(cfg) / MANIFEST_FILE, manifest)
     oof_report.add_runtime_check(layout.search_dir(cfg), manifest["onnx_check"])
-    summary = {"package": str(path), "bytes": path.stat().st_size, "name": manifest["name"],
-               "version": manifest["version"], "models": [m["file"] for m in manifest["models"]],
-               "postprocess": manifest["postprocess"], "onnx_check": manifest["onnx_check"]}
+    summary = {
+        "package": str(path),
+        "bytes": path.stat().st_size,
+        "name": manifest["name"],
+        "version": manifest["version"],
+        "models": [m["file"] for m in manifest["models"]],
+        "postprocess": manifest["postprocess"],
+        "onnx_check": manifest["onnx_check"],
+    }
     record.finish(summary)
     log.info("%s: %s (%.1f MB), version %s", STAGE_NAME, path, summary["bytes"] / 1e6, manifest["version"])
     return summary
@@ -137,8 +154,9 @@ def _path(model: FoldModel) -> Path:
     return model.path
 
 
-def export_models(files: dict[str, Path], predictor: Predictor | EnsemblePredictor,
-                  folder: Path) -> dict[str, tuple[str, Path]]:
+def export_models(
+    files: dict[str, Path], predictor: Predictor | EnsemblePredictor, folder: Path
+) -> dict[str, tuple[str, Path]]:
     """Export each of the predictor's models to ONNX in ``folder``.
 
     Args:
@@ -157,8 +175,9 @@ def export_models(files: dict[str, Path], predictor: Predictor | EnsemblePredict
     return exported
 
 
-def _on_onnxruntime(predictor: Predictor | EnsemblePredictor,
-                    onnx_files: Sequence[Path]) -> Predictor | EnsemblePredictor:
+def _on_onnxruntime(
+    predictor: Predictor | EnsemblePredictor, onnx_files: Sequence[Path]
+) -> Predictor | EnsemblePredictor:
     """The same predictor (TTA, ensemble, post-processing) with its models' ONNX exports on ONNX Runtime."""
     files = iter(onnx_files)
 
@@ -168,12 +187,14 @@ def _on_onnxruntime(predictor: Predictor | EnsemblePredictor,
 
     if isinstance(predictor, Predictor):
         return swapped(predictor)
-    return EnsemblePredictor([swapped(member) for member in predictor.members], predictor.weights,
-                             predictor.postprocessor, predictor.names)
+    return EnsemblePredictor(
+        [swapped(member) for member in predictor.members], predictor.weights, predictor.postprocessor, predictor.names
+    )
 
 
-def check_onnx(cfg: DictConfig, predictor: Predictor | EnsemblePredictor,
-               onnx_predictor: Predictor | EnsemblePredictor) -> dict[str, Any]:
+def check_onnx(
+    cfg: DictConfig, predictor: Predictor | EnsemblePredictor, onnx_predictor: Predictor | EnsemblePredictor
+) -> dict[str, Any]:
     """Predict the test images (stage 01's PNGs of stage 02's test list; :func:`synthetic_image` when there are none)
     with torch and with ONNX Runtime and compare (:class:`~pneumoseg.inference.runtime.Agreement`); with the held-out
     labels, score both submissions.
@@ -196,9 +217,10 @@ def check_onnx(cfg: DictConfig, predictor: Predictor | EnsemblePredictor,
     encoded: dict[str, list[str]] = {TORCH: [], ONNXRUNTIME: []}
     batch_size = max(member.batch_size for member in getattr(predictor, "members", [predictor]))
     for start in tqdm(range(0, len(ids), batch_size), desc="ONNX check (torch, onnxruntime)", unit="batch"):
-        batch_ids = ids[start:start + batch_size]
-        batches = {size: np.stack([read_png(folder / f"{i}.png") for i in batch_ids])
-                   for size, folder in folders.items()}
+        batch_ids = ids[start : start + batch_size]
+        batches = {
+            size: np.stack([read_png(folder / f"{i}.png") for i in batch_ids]) for size, folder in folders.items()
+        }
         batch: Any = batches[predictor.image_size] if isinstance(predictor, Predictor) else batches
         shapes = [sizes[i] for i in batch_ids]
         expected = make_predictions(*predictor.probabilities_prepared(batch, shapes), predictor.postprocessor)
@@ -225,8 +247,9 @@ def _test_pngs(cfg: DictConfig, predictor: Predictor | EnsemblePredictor):
     return ids, image_sizes(test), folders
 
 
-def _test_scores(cfg: DictConfig, ids: list[str], sizes: dict[str, tuple[int, int]],
-                 encoded: dict[str, list[str]]) -> dict[str, float]:
+def _test_scores(
+    cfg: DictConfig, ids: list[str], sizes: dict[str, tuple[int, int]], encoded: dict[str, list[str]]
+) -> dict[str, float]:
     """The challenge score of each runtime's submission on the held-out labels (none without them)."""
     labels = test_labels_path(cfg)
     if not labels.is_file():
@@ -243,13 +266,14 @@ def _test_scores(cfg: DictConfig, ids: list[str], sizes: dict[str, tuple[int, in
 def synthetic_image(size: int) -> np.ndarray:
     """A ``2 size`` px square test image: a smooth gradient with a bright disc, something for every view and threshold
     to respond to."""
-    rows, cols = np.mgrid[0:size * 2, 0:size * 2]
-    image = ((rows + cols) * (127 / (4 * size)) + 120 * ((rows - size) ** 2 + (cols - size) ** 2 < (size / 2) ** 2))
+    rows, cols = np.mgrid[0 : size * 2, 0 : size * 2]
+    image = (rows + cols) * (127 / (4 * size)) + 120 * ((rows - size) ** 2 + (cols - size) ** 2 < (size / 2) ** 2)
     return image.astype(np.uint8)
 
 
-def verify_package(path: Path, predictor: Predictor | EnsemblePredictor,
-                   onnx_predictor: Predictor | EnsemblePredictor) -> None:
+def verify_package(
+    path: Path, predictor: Predictor | EnsemblePredictor, onnx_predictor: Predictor | EnsemblePredictor
+) -> None:
     """Extract the package, load it as the server does with each runtime, and check that it predicts a test image
     exactly as ``predictor`` (torch) and ``onnx_predictor`` (ONNX Runtime) do.
 
@@ -262,29 +286,39 @@ def verify_package(path: Path, predictor: Predictor | EnsemblePredictor,
             packaged = load_package(model_dir, device="cpu", runtime=runtime)
             [expected] = reference.predict([image])
             [found] = packaged.predictor.predict([image])
-            if packaged.runtime != runtime or not (np.array_equal(expected.probs, found.probs)
-                                                   and np.array_equal(expected.mask, found.mask)):
-                raise RuntimeError(f"the package {path} does not predict with {runtime} as the experiment's predictor "
-                                   f"does (runtime {packaged.runtime}, max difference "
-                                   f"{np.abs(expected.probs - found.probs).max():.3g})")
+            if packaged.runtime != runtime or not (
+                np.array_equal(expected.probs, found.probs) and np.array_equal(expected.mask, found.mask)
+            ):
+                raise RuntimeError(
+                    f"the package {path} does not predict with {runtime} as the experiment's predictor "
+                    f"does (runtime {packaged.runtime}, max difference "
+                    f"{np.abs(expected.probs - found.probs).max():.3g})"
+                )
 
 
 def stage(cfg: DictConfig, args: argparse.Namespace) -> None:
     """The script's entry: run the stage and print where the package is and how to serve it."""
     summary = run(cfg, force=args.force)
-    print(f"model package: {summary['package']} ({summary['bytes'] / 1e6:.1f} MB), version {summary['version']}\n"
-          f"  {len(summary['models'])} models, post-processing {summary['postprocess']['name']} "
-          f"{summary['postprocess']['params']}"
-          + _onnx_text(summary.get("onnx_check")) +
-          f"\n  serve it: python -m pneumoseg.serve --model {summary['package']} --port 8080")
+    print(
+        f"model package: {summary['package']} ({summary['bytes'] / 1e6:.1f} MB), version {summary['version']}\n"
+        f"  {len(summary['models'])} models, post-processing {summary['postprocess']['name']} "
+        f"{summary['postprocess']['params']}"
+        + _onnx_text(summary.get("onnx_check"))
+        + f"\n  serve it: python -m pneumoseg.serve --model {summary['package']} --port 8080"
+    )
 
 
 def _onnx_text(check: dict[str, Any] | None) -> str:
     """The ONNX check's line of the script's output."""
     if not check:
         return ""
-    scores = (f"; test score {check['test_score_torch']:.4f} (torch), {check['test_score_onnxruntime']:.4f} "
-              f"(onnxruntime)" if "test_score_torch" in check else "")
-    return (f"\n  ONNX Runtime against torch on {check['images']} images ({check['images_from']}): probabilities "
-            f"within {check['max_probability_difference']:.2g}, {check['mask_share_differing']:.2g} of mask pixels "
-            f"differ, Dice between the submissions {check['dice_between_runtimes']:.4f}{scores}")
+    scores = (
+        f"; test score {check['test_score_torch']:.4f} (torch), {check['test_score_onnxruntime']:.4f} (onnxruntime)"
+        if "test_score_torch" in check
+        else ""
+    )
+    return (
+        f"\n  ONNX Runtime against torch on {check['images']} images ({check['images_from']}): probabilities "
+        f"within {check['max_probability_difference']:.2g}, {check['mask_share_differing']:.2g} of mask pixels "
+        f"differ, Dice between the submissions {check['dice_between_runtimes']:.4f}{scores}"
+    )

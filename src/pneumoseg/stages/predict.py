@@ -27,39 +27,41 @@ Images stream through in batches of ``predict.batch_size``; only each image's ru
 memory does not grow with the test set. The stage reruns when the config sections the predictions depend on
 change, or when a checkpoint, ``thresholds.json``, stage 01's record, the test list or the test labels do.
 """
+
 from __future__ import annotations
 
 import argparse
 import json
 import logging
 import time
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import pandas as pd
 from omegaconf import DictConfig
 from tqdm import tqdm
 
-from pneumoseg.data import labels as lb
 from pneumoseg import layout, stage_table
 from pneumoseg.config import fingerprint, is_ensemble
+from pneumoseg.data import labels as lb
 from pneumoseg.data import rle
-from pneumoseg.modeling.checkpoints import best_files
-from pneumoseg.modeling.device import set_cpu_threads
 from pneumoseg.data.dataset import ImageFiles, make_loader
-from pneumoseg.errors import ConfigError, DataError
-from pneumoseg.io import content_hash, write_csv, write_json, write_text
-from pneumoseg.inference.predictor import EnsemblePredictor, Predictor, configured_postprocessor
-from pneumoseg.evaluation import sanity
-from pneumoseg.evaluation.submission import DEFAULT_SIZE, dice_by_image, score_submission, write_submission
 from pneumoseg.data.testset import image_sizes, test_set
 from pneumoseg.demo.layouts import TEST_LABELS
+from pneumoseg.errors import ConfigError, DataError
+from pneumoseg.evaluation import sanity
+from pneumoseg.evaluation.submission import DEFAULT_SIZE, dice_by_image, score_submission, write_submission
+from pneumoseg.inference.predictor import EnsemblePredictor, Predictor, configured_postprocessor
+from pneumoseg.io import content_hash, write_csv, write_json, write_text
+from pneumoseg.modeling.checkpoints import best_files
+from pneumoseg.modeling.device import set_cpu_threads
 from pneumoseg.reports import detection as detection_report
 from pneumoseg.reports import oof as oof_report
-from pneumoseg.stages import ensemble
-from pneumoseg.stages.search import detector_numbers, extra_metadata
-from pneumoseg.stages.record import StageRecord, require_finished
 from pneumoseg.stage_table import DONE_FILE, command
+from pneumoseg.stages import ensemble
+from pneumoseg.stages.record import StageRecord, require_finished
+from pneumoseg.stages.search import detector_numbers, extra_metadata
 
 log = logging.getLogger(__name__)
 
@@ -88,8 +90,11 @@ def _checkpoint_files(cfg: DictConfig) -> list[Path]:
     """
     train_dir = layout.train_dir(cfg)
     require_finished(train_dir, "03")
-    return [path for folder in layout.fold_dirs(train_dir).values()
-            for path in best_files(layout.checkpoints_dir(folder, str(cfg.predict.checkpoints)))]
+    return [
+        path
+        for folder in layout.fold_dirs(train_dir).values()
+        for path in best_files(layout.checkpoints_dir(folder, str(cfg.predict.checkpoints)))
+    ]
 
 
 def _input_facts(cfg: DictConfig, test_labels: Path) -> dict[str, Any]:
@@ -99,26 +104,37 @@ def _input_facts(cfg: DictConfig, test_labels: Path) -> dict[str, Any]:
     Raises:
         DataError: stage 03 (of a chosen member) has not finished, or stage 04 has not chosen an ensemble's members.
     """
-    files = [layout.thresholds_path(cfg), layout.convert_dir(cfg) / DONE_FILE, layout.test_images_path(cfg),
-             test_labels]
+    files = [
+        layout.thresholds_path(cfg),
+        layout.convert_dir(cfg) / DONE_FILE,
+        layout.test_images_path(cfg),
+        test_labels,
+    ]
     if not is_ensemble(cfg):
         return _file_facts(_checkpoint_files(cfg) + files)
     members = ensemble.chosen_members(cfg)
     checkpoints = [path for m in members for path in _checkpoint_files(m.cfg)]
-    return {"members": {m.name: fingerprint(m.cfg, SECTIONS) for m in members},
-            **_file_facts(checkpoints + files + [layout.ensemble_path(cfg)])}
+    return {
+        "members": {m.name: fingerprint(m.cfg, SECTIONS) for m in members},
+        **_file_facts(checkpoints + files + [layout.ensemble_path(cfg)]),
+    }
 
 
-def build_predictor(cfg: DictConfig, device: str | None = None,
-                    runtime: str | None = None) -> Predictor | EnsemblePredictor:
+def build_predictor(
+    cfg: DictConfig, device: str | None = None, runtime: str | None = None
+) -> Predictor | EnsemblePredictor:
     """The predictor of stages 05 and 06: the experiment's (:meth:`Predictor.from_experiment`), or an ensemble's
     chosen members blended with the ensemble's post-processing (:meth:`EnsemblePredictor.from_experiments`);
     ``runtime`` instead of ``predict.runtime``."""
     if not is_ensemble(cfg):
         return Predictor.from_experiment(cfg, device, runtime=runtime)
     members = [(m.cfg, m.weight) for m in ensemble.chosen_members(cfg)]
-    return EnsemblePredictor.from_experiments(members, configured_postprocessor(cfg), device or cfg.predict.device,
-                                              runtime or str(cfg.predict.get("runtime", "auto")))
+    return EnsemblePredictor.from_experiments(
+        members,
+        configured_postprocessor(cfg),
+        device or cfg.predict.device,
+        runtime or str(cfg.predict.get("runtime", "auto")),
+    )
 
 
 def run(cfg: DictConfig, force: bool = False) -> dict[str, Any]:
@@ -147,15 +163,25 @@ def run(cfg: DictConfig, force: bool = False) -> dict[str, Any]:
 
     ids = test[lb.ID_COLUMN].tolist()
     sizes = image_sizes(test)
-    log.info("%s: %d test images, %d models, %d forward passes per image on %s (%s, %d torch threads)", STAGE_NAME,
-             len(ids), len(predictor.models), predictor.n_views, predictor.device, predictor.runtime, threads)
+    log.info(
+        "%s: %d test images, %d models, %d forward passes per image on %s (%s, %d torch threads)",
+        STAGE_NAME,
+        len(ids),
+        len(predictor.models),
+        predictor.n_views,
+        predictor.device,
+        predictor.runtime,
+        threads,
+    )
     started = time.time()
     folders = {size: layout.images_dir(cfg, size) for size in predictor.image_sizes}
     encoded, counts, scores = predict_rles(predictor, folders, ids, sizes, cfg.predict)
     seconds = time.time() - started
     write_submission(layout.submission_path(cfg), ids, encoded, expected, sizes, cfg.predict.fmt)
-    write_csv(folder / IMAGE_SCORES_FILE, pd.DataFrame({lb.ID_COLUMN: ids, "score": scores,
-                                                        "positive": [code != rle.EMPTY for code in encoded]}))
+    write_csv(
+        folder / IMAGE_SCORES_FILE,
+        pd.DataFrame({lb.ID_COLUMN: ids, "score": scores, "positive": [code != rle.EMPTY for code in encoded]}),
+    )
     summary = {
         "submission": str(layout.submission_path(cfg)),
         "images": len(ids),
@@ -175,9 +201,13 @@ def run(cfg: DictConfig, force: bool = False) -> dict[str, Any]:
     return summary
 
 
-def predict_rles(predictor: Predictor | EnsemblePredictor, images_dirs: Mapping[int, Path], ids: list[str],
-                 sizes: dict[str, tuple[int, int]], settings: DictConfig,
-                 ) -> tuple[list[str], dict[str, int], list[float]]:
+def predict_rles(
+    predictor: Predictor | EnsemblePredictor,
+    images_dirs: Mapping[int, Path],
+    ids: list[str],
+    sizes: dict[str, tuple[int, int]],
+    settings: DictConfig,
+) -> tuple[list[str], dict[str, int], list[float]]:
     """The run-length string of each image of ``ids`` (in order), counts: ``positive`` (non-empty masks) and,
     with a gated post-processing, ``gate_emptied`` (images the gate emptied that the mask strategy alone would have
     marked), and each image's image-level score (:meth:`pneumoseg.postprocess.strategies.PostProcessor.score`).
@@ -197,10 +227,13 @@ def predict_rles(predictor: Predictor | EnsemblePredictor, images_dirs: Mapping[
         paths = [folder / f"{i}.png" for i in ids]
         absent = [p for p in paths if not p.is_file()]
         if absent:
-            raise DataError(f"{len(absent)} test images have no PNG in {folder}, e.g. {absent[0]}; rerun "
-                            f"{command('01')} (with {size} among prepare.sizes)")
-        loaders[size] = make_loader(ImageFiles(paths), int(settings.batch_size), int(settings.num_workers),
-                                    predictor.device)
+            raise DataError(
+                f"{len(absent)} test images have no PNG in {folder}, e.g. {absent[0]}; rerun "
+                f"{command('01')} (with {size} among prepare.sizes)"
+            )
+        loaders[size] = make_loader(
+            ImageFiles(paths), int(settings.batch_size), int(settings.num_workers), predictor.device
+        )
     encoded: list[str] = []
     scores: list[float] = []
     positive, gate_emptied = 0, 0
@@ -208,7 +241,7 @@ def predict_rles(predictor: Predictor | EnsemblePredictor, images_dirs: Mapping[
         for batches in zip(*loaders.values()):
             # A single experiment takes its one batch as it is; an ensemble takes the batch of each member size.
             batch = batches[0] if isinstance(predictor, Predictor) else dict(zip(loaders, batches))
-            batch_ids = ids[len(encoded):len(encoded) + len(batches[0])]
+            batch_ids = ids[len(encoded) : len(encoded) + len(batches[0])]
             for prediction in predictor.predict_prepared(batch, [sizes[i] for i in batch_ids]):
                 encoded.append(prediction.rle(settings.fmt))
                 scores.append(predictor.postprocessor.score(prediction.probs, prediction.gate))
@@ -226,8 +259,12 @@ def score_test_set(cfg: DictConfig, test_labels: Path, sizes: dict[str, tuple[in
     test_score = score_submission(layout.submission_path(cfg), test_labels, sizes, cfg.predict.fmt)
     report = layout.oof_report_path(cfg)
     oof_score = json.loads(report.read_text())["oof_score"] if report.is_file() else None
-    scores = {"test_score": round(test_score, 4), "oof_score": None if oof_score is None else round(oof_score, 4),
-              "test_labels": str(test_labels), "labels_sha256": content_hash(test_labels)}
+    scores = {
+        "test_score": round(test_score, 4),
+        "oof_score": None if oof_score is None else round(oof_score, 4),
+        "test_labels": str(test_labels),
+        "labels_sha256": content_hash(test_labels),
+    }
     detector = test_report(cfg, test_labels, sizes)
     scores.update(detector_headline(detector))
     write_json(layout.predict_dir(cfg) / TEST_SCORE_FILE, scores)
@@ -236,14 +273,20 @@ def score_test_set(cfg: DictConfig, test_labels: Path, sizes: dict[str, tuple[in
         log.info("test score %.4f (no OOF report at %s to compare with)", test_score, report)
     else:
         log.info("test score %.4f, OOF score %.4f (difference %+.4f)", test_score, oof_score, test_score - oof_score)
-    return {"test_score": scores["test_score"], "oof_score": scores["oof_score"],
-            "test_empty_baseline": round(sanity.empty_baseline(test_labels), 4), **detector_headline(detector)}
+    return {
+        "test_score": scores["test_score"],
+        "oof_score": scores["oof_score"],
+        "test_empty_baseline": round(sanity.empty_baseline(test_labels), 4),
+        **detector_headline(detector),
+    }
 
 
 def detector_headline(numbers: dict[str, Any]) -> dict[str, float | None]:
     """The image-level AUC, sensitivity and specificity of a detector report, for summaries and the leaderboard."""
-    return {"test_auc": numbers["auc"],
-            **{f"test_{key}": numbers["operating_point"][key]["value"] for key in ("sensitivity", "specificity")}}
+    return {
+        "test_auc": numbers["auc"],
+        **{f"test_{key}": numbers["operating_point"][key]["value"] for key in ("sensitivity", "specificity")},
+    }
 
 
 def test_report(cfg: DictConfig, test_labels: Path, sizes: dict[str, tuple[int, int]]) -> dict[str, Any]:
@@ -254,36 +297,50 @@ def test_report(cfg: DictConfig, test_labels: Path, sizes: dict[str, tuple[int, 
     labels = lb.read_labels(test_labels)
     scores = pd.read_csv(folder / IMAGE_SCORES_FILE, dtype={lb.ID_COLUMN: str}).set_index(lb.ID_COLUMN)
     ids = list(dice.index)
-    frame = pd.DataFrame({lb.ID_COLUMN: ids, "dice": dice.to_numpy(),
-                          "true_area": [int(labels[i].mask(*sizes.get(i, DEFAULT_SIZE)).sum()) for i in ids],
-                          "pred_area": scores.loc[ids, "positive"].astype(int).to_numpy(),
-                          "score": scores.loc[ids, "score"].to_numpy()})
+    frame = pd.DataFrame(
+        {
+            lb.ID_COLUMN: ids,
+            "dice": dice.to_numpy(),
+            "true_area": [int(labels[i].mask(*sizes.get(i, DEFAULT_SIZE)).sum()) for i in ids],
+            "pred_area": scores.loc[ids, "positive"].astype(int).to_numpy(),
+            "score": scores.loc[ids, "score"].to_numpy(),
+        }
+    )
     frame = detection_report.with_metadata(frame, layout.metadata_path(cfg), extra_metadata(cfg))
     numbers = detector_numbers(frame, cfg, cfg)
     plots = detection_report.write_plots(folder / oof_report.PLOTS, frame, numbers)
     write_json(folder / TEST_REPORT_JSON, numbers)
-    lines = ["# Test report", "", f"The submission scored on the held-out labels `{test_labels}`: challenge dice "
-             f"{frame['dice'].mean():.4f} over {len(frame)} images.", "",
-             *detection_report.markdown_lines(numbers, plots, oof_report.PLOTS)]
+    lines = [
+        "# Test report",
+        "",
+        f"The submission scored on the held-out labels `{test_labels}`: challenge dice "
+        f"{frame['dice'].mean():.4f} over {len(frame)} images.",
+        "",
+        *detection_report.markdown_lines(numbers, plots, oof_report.PLOTS),
+    ]
     write_text(folder / TEST_REPORT_MD, "\n".join(lines))
     return numbers
 
 
 def summary_text(summary: dict[str, Any]) -> str:
     """The few lines the script prints when it is done."""
-    lines = [f"submission: {summary['submission']}",
-             f"  {summary['images']} test images, {summary['positive']} with pneumothorax predicted"
-             + (f" ({summary['gate_emptied']} more emptied by the gate)" if "gate_emptied" in summary else ""),
-             f"  {summary['models']} models x {summary['views_per_model']:g} views, post-processing "
-             f"{summary['postprocess']['name']} {summary['postprocess']['params']}, "
-             f"{summary['seconds_per_image']:.3f} s per image on {summary['device']} "
-             f"with {summary.get('runtime', 'torch')}"]
+    lines = [
+        f"submission: {summary['submission']}",
+        f"  {summary['images']} test images, {summary['positive']} with pneumothorax predicted"
+        + (f" ({summary['gate_emptied']} more emptied by the gate)" if "gate_emptied" in summary else ""),
+        f"  {summary['models']} models x {summary['views_per_model']:g} views, post-processing "
+        f"{summary['postprocess']['name']} {summary['postprocess']['params']}, "
+        f"{summary['seconds_per_image']:.3f} s per image on {summary['device']} "
+        f"with {summary.get('runtime', 'torch')}",
+    ]
     if "test_score" in summary:
         oof = "n/a" if summary["oof_score"] is None else f"{summary['oof_score']:.4f}"
         lines.append(f"  test score {summary['test_score']:.4f} (held-out labels), OOF score {oof}")
         if summary.get("test_auc") is not None:
-            lines.append(f"  image-level AUC {summary['test_auc']:.3f}, sensitivity {summary['test_sensitivity']:.3f}, "
-                         f"specificity {summary['test_specificity']:.3f} (test_report.md)")
+            lines.append(
+                f"  image-level AUC {summary['test_auc']:.3f}, sensitivity {summary['test_sensitivity']:.3f}, "
+                f"specificity {summary['test_specificity']:.3f} (test_report.md)"
+            )
     lines += [f"  WARNING: {warning}" for warning in summary.get(sanity.WARNINGS_KEY, [])]
     return "\n".join(lines)
 

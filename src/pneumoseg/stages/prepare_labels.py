@@ -18,6 +18,7 @@ or, without a sample submission, when a folder on its path below ``paths.input_d
 Masks already written are kept when the stage is rerun after an interruption; they are all rewritten with
 ``--force`` or when the label file or metadata changed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,17 +33,17 @@ from joblib import Parallel, delayed
 from omegaconf import DictConfig
 from tqdm import tqdm
 
-from pneumoseg.data.dicom import DICOM_IDS, METADATA_KEYS
-from pneumoseg.data.resize import resize_mask
-from pneumoseg.data import labels as lb
+from pneumoseg import layout, stage_table
 from pneumoseg.data import folds as fold_split
 from pneumoseg.data import inputs
-from pneumoseg import layout, stage_table
+from pneumoseg.data import labels as lb
+from pneumoseg.data.dicom import DICOM_IDS, METADATA_KEYS
+from pneumoseg.data.resize import resize_mask
 from pneumoseg.errors import ConfigError, DataError
 from pneumoseg.io import content_hash, write_csv, write_png, write_text
 from pneumoseg.reports import data as data_report
-from pneumoseg.stages.record import StageRecord
 from pneumoseg.stage_table import command
+from pneumoseg.stages.record import StageRecord
 
 log = logging.getLogger(__name__)
 
@@ -94,8 +95,11 @@ def run(cfg: DictConfig, force: bool = False) -> dict:
     submission_path = inputs.locate_sample_submission(cfg.data.sample_submission, input_dir)
     sizes = prepared_sizes(cfg)
     metadata = read_metadata(metadata_path)
-    digests = {"labels": content_hash(labels_path), "metadata": content_hash(metadata_path),
-               "sample_submission": content_hash(submission_path) if submission_path else None}
+    digests = {
+        "labels": content_hash(labels_path),
+        "metadata": content_hash(metadata_path),
+        "sample_submission": content_hash(submission_path) if submission_path else None,
+    }
     record = StageRecord(STAGE_NAME, folder, cfg, sections=("data", "folds"), inputs={"sizes": sizes, **digests})
     force = record.redo(force)
     if record.skip_if_complete(force):
@@ -103,8 +107,13 @@ def run(cfg: DictConfig, force: bool = False) -> dict:
     record.start()
 
     labels = lb.read_labels(labels_path)
-    log.info("%s: %d label rows of %d images from %s", STAGE_NAME, sum(x.n_rows for x in labels.values()),
-             len(labels), labels_path)
+    log.info(
+        "%s: %d label rows of %d images from %s",
+        STAGE_NAME,
+        sum(x.n_rows for x in labels.values()),
+        len(labels),
+        labels_path,
+    )
     submission = lb.read_image_ids(submission_path) if submission_path else None
     split = split_images(metadata, labels, submission, input_dir)
     table = label_table(split.train, labels)
@@ -162,8 +171,9 @@ def read_metadata(path: Path) -> pd.DataFrame:
     return metadata
 
 
-def split_images(metadata: pd.DataFrame, labels: dict[str, lb.ImageLabels], submission: list[str] | None,
-                 input_dir: Path) -> Split:
+def split_images(
+    metadata: pd.DataFrame, labels: dict[str, lb.ImageLabels], submission: list[str] | None, input_dir: Path
+) -> Split:
     """Split stage 01's images into train, test and unmatched by the rule in the module docstring.
 
     Args:
@@ -185,27 +195,35 @@ def split_images(metadata: pd.DataFrame, labels: dict[str, lb.ImageLabels], subm
         test = metadata[is_test].sort_values(lb.ID_COLUMN, key=lambda s: s.map(order))
         n_labelled = int((labelled & ids.isin(order.keys())).sum())
         if n_labelled:
-            log.warning("%d images of the sample submission have label rows: they are used for training",
-                        n_labelled)
+            log.warning("%d images of the sample submission have label rows: they are used for training", n_labelled)
 
     known = set(ids)
     rest = metadata[~labelled & ~is_test]
-    unmatched = [pd.DataFrame({lb.ID_COLUMN: rest[lb.ID_COLUMN], "reason": NO_LABEL,
-                               "detail": rest["source_path"]})]
+    unmatched = [pd.DataFrame({lb.ID_COLUMN: rest[lb.ID_COLUMN], "reason": NO_LABEL, "detail": rest["source_path"]})]
     orphans = [x for x in labels.values() if x.image_id not in known]
-    unmatched.append(pd.DataFrame({lb.ID_COLUMN: [x.image_id for x in orphans], "reason": NO_IMAGE,
-                                   "detail": [f"{x.source.name} line {x.first_line}" for x in orphans]}))
+    unmatched.append(
+        pd.DataFrame(
+            {
+                lb.ID_COLUMN: [x.image_id for x in orphans],
+                "reason": NO_IMAGE,
+                "detail": [f"{x.source.name} line {x.first_line}" for x in orphans],
+            }
+        )
+    )
     if submission is not None:
         absent = [image_id for image_id in submission if image_id not in known]
-        unmatched.append(pd.DataFrame({lb.ID_COLUMN: absent, "reason": SUBMISSION_NO_IMAGE,
-                                       "detail": "the sample submission"}))
+        unmatched.append(
+            pd.DataFrame({lb.ID_COLUMN: absent, "reason": SUBMISSION_NO_IMAGE, "detail": "the sample submission"})
+        )
     unmatched_table = pd.concat(unmatched, ignore_index=True)
     for reason, count in unmatched_table["reason"].value_counts().items():
         log.warning("%d unmatched: %s (listed in unmatched.csv)", count, reason)
     log.info("%d training images, %d test images", len(train), len(test))
-    return Split(train=train.reset_index(drop=True),
-                 test=test[[lb.ID_COLUMN, "rows", "cols"]].reset_index(drop=True),
-                 unmatched=unmatched_table)
+    return Split(
+        train=train.reset_index(drop=True),
+        test=test[[lb.ID_COLUMN, "rows", "cols"]].reset_index(drop=True),
+        unmatched=unmatched_table,
+    )
 
 
 def _in_test_folder(source_path: str, roots: tuple[Path, ...]) -> bool:
@@ -233,16 +251,22 @@ def label_table(train: pd.DataFrame, labels: dict[str, lb.ImageLabels]) -> pd.Da
     Every label row is decoded here, so a malformed one stops the stage before any mask is written.
     """
     records = []
-    for image_id, rows, cols in tqdm(train[[lb.ID_COLUMN, "rows", "cols"]].itertuples(index=False),
-                                     total=len(train), desc="labels", unit="image", leave=False):
+    for image_id, rows, cols in tqdm(
+        train[[lb.ID_COLUMN, "rows", "cols"]].itertuples(index=False),
+        total=len(train),
+        desc="labels",
+        unit="image",
+        leave=False,
+    ):
         image = labels[image_id]
         area = int(image.mask(int(rows), int(cols)).sum()) if image.has_mask else 0
         records.append((image_id, area > 0, image.n_instances, area, int(rows), int(cols)))
     return pd.DataFrame(records, columns=[lb.ID_COLUMN, "has_mask", "n_instances", "mask_area", "rows", "cols"])
 
 
-def write_masks(cfg: DictConfig, table: pd.DataFrame, labels: dict[str, lb.ImageLabels], sizes: list[int],
-                force: bool, key: str) -> tuple[int, int]:
+def write_masks(
+    cfg: DictConfig, table: pd.DataFrame, labels: dict[str, lb.ImageLabels], sizes: list[int], force: bool, key: str
+) -> tuple[int, int]:
     """Write ``masks_<size>/<ImageId>.png`` for every image of ``table`` (see :func:`label_table`).
 
     Args:
@@ -264,10 +288,12 @@ def write_masks(cfg: DictConfig, table: pd.DataFrame, labels: dict[str, lb.Image
             shutil.rmtree(old)
     write_text(layout.labels_dir(cfg) / MASKS_KEY_FILE, key + "\n")
     finished = set.intersection(*(_png_stems(path) for path in folders.values()))
-    todo = [(labels[image_id], int(rows), int(cols))
-            for image_id, rows, cols in table[[lb.ID_COLUMN, "rows", "cols"]].itertuples(index=False)
-            if image_id not in finished]
-    chunks = [todo[start:start + CHUNK] for start in range(0, len(todo), CHUNK)]
+    todo = [
+        (labels[image_id], int(rows), int(cols))
+        for image_id, rows, cols in table[[lb.ID_COLUMN, "rows", "cols"]].itertuples(index=False)
+        if image_id not in finished
+    ]
+    chunks = [todo[start : start + CHUNK] for start in range(0, len(todo), CHUNK)]
     workers = int(cfg.prepare.n_jobs) if len(chunks) > 1 else 1
     with tqdm(total=len(todo), desc="masks", unit="image") as progress:
         tasks = (delayed(_write_image_masks)(chunk, folders) for chunk in chunks)
@@ -310,13 +336,24 @@ def make_folds(cfg: DictConfig, table: pd.DataFrame, metadata: pd.DataFrame) -> 
     group_by = cfg.folds.group_by
     if group_by is not None:
         if group_by not in metadata.columns:
-            stale = " (it was written by an older stage 01: rerun stage 01 with --force)" \
-                if group_by in METADATA_KEYS else ""
-            raise ConfigError(f"folds.group_by={group_by!r} is not a column of stage 01's metadata.csv{stale}; "
-                              f"choose one of {', '.join(metadata.columns)} or null")
+            stale = (
+                " (it was written by an older stage 01: rerun stage 01 with --force)"
+                if group_by in METADATA_KEYS
+                else ""
+            )
+            raise ConfigError(
+                f"folds.group_by={group_by!r} is not a column of stage 01's metadata.csv{stale}; "
+                f"choose one of {', '.join(metadata.columns)} or null"
+            )
         groups = table[lb.ID_COLUMN].map(metadata.set_index(lb.ID_COLUMN)[group_by])
-    return fold_split.assign_folds(table[lb.ID_COLUMN], table["mask_area"], int(cfg.folds.n_splits),
-                           int(cfg.folds.seed), cfg.folds.area_bins, groups)
+    return fold_split.assign_folds(
+        table[lb.ID_COLUMN],
+        table["mask_area"],
+        int(cfg.folds.n_splits),
+        int(cfg.folds.seed),
+        cfg.folds.area_bins,
+        groups,
+    )
 
 
 def stage(cfg: DictConfig, args: argparse.Namespace) -> dict:

@@ -7,15 +7,17 @@ record is this config's. A later run with the same fingerprint skips the stage; 
 was written starts the stage again, and the stage's own per-item resume (finished files are kept) makes that
 restart cheap.
 """
+
 from __future__ import annotations
 
 import json
 import logging
 import os
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from omegaconf import DictConfig
 
@@ -26,8 +28,9 @@ from pneumoseg.stage_table import DONE_FILE, command
 
 log = logging.getLogger(__name__)
 
-FORCED_FILE = "forced.json"   # a forced run of this stage: its fingerprint, run and whether it finished
-FORCE_RUN_ENV = "PNEUMOSEG_FORCE_RUN"   # run_all.sh's id of one forced command, kept across its reruns
+FORCED_FILE = "forced.json"  # a forced run of this stage: its fingerprint, run and whether it finished
+FORCE_RUN_ENV = "PNEUMOSEG_FORCE_RUN"  # run_all.sh's id of one forced command, kept across its reruns
+
 
 def require_finished(folder: str | Path, number: str, stage_name: str | None = None, script: str | None = None) -> Path:
     """Refuse to go on when an earlier stage has not finished in ``folder``.
@@ -46,8 +49,10 @@ def require_finished(folder: str | Path, number: str, stage_name: str | None = N
     """
     done = Path(folder) / DONE_FILE
     if not done.is_file():
-        raise DataError(f"{stage_name or f'stage {number}'} has not finished: {done} is missing. "
-                        f"Run {script or command(number)} first.")
+        raise DataError(
+            f"{stage_name or f'stage {number}'} has not finished: {done} is missing. "
+            f"Run {script or command(number)} first."
+        )
     return done
 
 
@@ -172,8 +177,13 @@ class StageRecord:
         except (OSError, ValueError):
             stored = {}
         if stored.get("fingerprint") == self.key and stored.get("run", "") == run and stored.get("scope", "") == scope:
-            log.info("%s: %s", self.name, "already redone by this forced command" if stored.get("finished")
-                     else "continuing the forced run of this config that stopped before it finished")
+            log.info(
+                "%s: %s",
+                self.name,
+                "already redone by this forced command"
+                if stored.get("finished")
+                else "continuing the forced run of this config that stopped before it finished",
+            )
             return False
         write_json(marker, {"fingerprint": self.key, "run": run, "scope": scope, "finished": False})
         return True
@@ -195,7 +205,8 @@ class StageRecord:
     def skip_if_complete(self, force: bool) -> bool:
         """True (and a log line) when the stage can be skipped; ``force`` always reruns."""
         if not force and self.is_complete():
-            log.info("%s: outputs in %s are complete for this config; skipping (use --force to redo)",
-                     self.name, self.folder)
+            log.info(
+                "%s: outputs in %s are complete for this config; skipping (use --force to redo)", self.name, self.folder
+            )
             return True
         return False

@@ -33,14 +33,16 @@ and all members are searched, each with its OOF and nested scores; the one with 
 and the outputs above are those of its blend, plus ``ensemble.json`` (:mod:`pneumoseg.stages.ensemble`) and the
 table of every candidate in the report.
 """
+
 from __future__ import annotations
 
 import argparse
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence, cast
+from typing import cast
 
 import numpy as np
 import pandas as pd
@@ -48,24 +50,23 @@ from omegaconf import DictConfig
 
 from pneumoseg import layout, stage_table
 from pneumoseg.config import is_ensemble, to_dict
-from pneumoseg.errors import ConfigError, DataError
-from pneumoseg.io import read_png, write_csv, write_json
-from pneumoseg.evaluation import detection
-from pneumoseg.evaluation.metrics import dice_from_counts
-from pneumoseg.evaluation import sanity
-from pneumoseg.postprocess.strategies import PostProcessor, build_postprocessor
 from pneumoseg.data.blend import blend_gates
-from pneumoseg.data.probstore import GATE_FILE, IDS_FILE, PROBS_FILE, ProbabilityStore
-from pneumoseg.data.inputs import locate_train_labels
 from pneumoseg.data.fold_table import read_trained_folds
+from pneumoseg.data.inputs import locate_train_labels
 from pneumoseg.data.labels import read_labels
+from pneumoseg.data.probstore import GATE_FILE, IDS_FILE, PROBS_FILE, ProbabilityStore
+from pneumoseg.errors import ConfigError, DataError
+from pneumoseg.evaluation import detection, sanity
+from pneumoseg.evaluation.metrics import dice_from_counts
+from pneumoseg.io import read_png, write_csv, write_json
 from pneumoseg.postprocess.images import BlendedImages, OofImages
 from pneumoseg.postprocess.search import GRIDS, SearchResult, build_objective, evaluate, run_search, to_original
+from pneumoseg.postprocess.strategies import PostProcessor, build_postprocessor
 from pneumoseg.reports import detection as detection_report
 from pneumoseg.reports import oof as oof_report
+from pneumoseg.stage_table import command, run_first
 from pneumoseg.stages import ensemble
 from pneumoseg.stages.record import StageRecord
-from pneumoseg.stage_table import command, run_first
 
 log = logging.getLogger(__name__)
 
@@ -95,29 +96,36 @@ def open_folds(cfg: DictConfig) -> list[OofFold]:
     folds_csv = layout.train_folds_path(cfg)
     folds = read_trained_folds(cfg)
     labels_csv = layout.labels_path(cfg)
-    labelled = set(_read_csv(labels_csv, ("ImageId",), run_first('02'))["ImageId"])
+    labelled = set(_read_csv(labels_csv, ("ImageId",), run_first("02"))["ImageId"])
     trained = layout.select_folds(cfg.train.folds, folds["fold"].unique(), "train.folds", folds_csv)
     opened = []
     for fold in trained:
         rows = folds[folds["fold"] == fold]
         folder = layout.oof_dir(layout.checkpoints_dir(layout.fold_dir(cfg, fold), str(cfg.predict.checkpoints)))
         if not (folder / PROBS_FILE).is_file() or not (folder / IDS_FILE).is_file():
-            raise DataError(f"fold {fold} of {folds_csv} has no OOF predictions: {folder} lacks {PROBS_FILE} or "
-                            f"{IDS_FILE}. Finish training fold {fold} ({command('03')}), or drop it from folds.csv.")
+            raise DataError(
+                f"fold {fold} of {folds_csv} has no OOF predictions: {folder} lacks {PROBS_FILE} or "
+                f"{IDS_FILE}. Finish training fold {fold} ({command('03')}), or drop it from folds.csv."
+            )
         store = ProbabilityStore(folder)
         if len(store) == 0:
-            raise DataError(f"the OOF store {folder} of fold {fold} holds no images; rerun fold {fold} of "
-                            f"{command('03')} --force")
+            raise DataError(
+                f"the OOF store {folder} of fold {fold} holds no images; rerun fold {fold} of {command('03')} --force"
+            )
         _check_same_ids(store.ids, rows["ImageId"], f"the OOF store {folder}", f"fold {fold} of {folds_csv}")
         unlabelled = [image_id for image_id in store.ids if image_id not in labelled]
         if unlabelled:
-            raise DataError(f"{len(unlabelled)} ImageIds of the OOF store {folder} are not in {labels_csv}, e.g. "
-                            f"{unlabelled[:3]}; training and labels come from different data. Rerun stages 02-03.")
+            raise DataError(
+                f"{len(unlabelled)} ImageIds of the OOF store {folder} are not in {labels_csv}, e.g. "
+                f"{unlabelled[:3]}; training and labels come from different data. Rerun stages 02-03."
+            )
         opened.append(OofFold(int(fold), store))
     sizes = {f.store.size for f in opened}
     if len(sizes) != 1:
-        raise DataError(f"the OOF stores under {layout.train_dir(cfg)} have different map sizes {sorted(sizes)}; "
-                        f"rerun {command('03')} --force so that every fold predicts at one size")
+        raise DataError(
+            f"the OOF stores under {layout.train_dir(cfg)} have different map sizes {sorted(sizes)}; "
+            f"rerun {command('03')} --force so that every fold predicts at one size"
+        )
     return opened
 
 
@@ -165,13 +173,16 @@ class OofSet:
         labels = read_labels(label_file)
         unlabelled = [i for i in self.ids if i not in labels]
         if unlabelled:
-            raise DataError(f"{len(unlabelled)} OOF images have no rows in the label file {label_file}, e.g. "
-                            f"{unlabelled[:3]}; stage 02 read another label file. Rerun stages 02-03.")
+            raise DataError(
+                f"{len(unlabelled)} OOF images have no rows in the label file {label_file}, e.g. "
+                f"{unlabelled[:3]}; stage 02 read another label file. Rerun stages 02-03."
+            )
         sizes = _read_csv(labels_csv, ("ImageId", "rows", "cols"), f"rerun {command('02')}")
         shape_of = dict(zip(sizes["ImageId"], zip(sizes["rows"].astype(int), sizes["cols"].astype(int))))
         ranges = [(f.store.folder, 0, len(f.store)) for f in folds]
-        self.images: OofImages | BlendedImages = OofImages(ranges, [labels[i] for i in self.ids],
-                                                           [shape_of[i] for i in self.ids])
+        self.images: OofImages | BlendedImages = OofImages(
+            ranges, [labels[i] for i in self.ids], [shape_of[i] for i in self.ids]
+        )
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -194,8 +205,10 @@ def _gates(folds: list[OofFold]) -> np.ndarray | None:
     if len(missing) == len(folds):
         return None
     if missing:
-        raise DataError(f"{missing[0]} has no {GATE_FILE} while other folds' OOF stores have one: the folds were "
-                        f"trained with and without the gate head; rerun those folds of {command('03')} --force")
+        raise DataError(
+            f"{missing[0]} has no {GATE_FILE} while other folds' OOF stores have one: the folds were "
+            f"trained with and without the gate head; rerun those folds of {command('03')} --force"
+        )
     return np.concatenate([f.store.gates for f in folds])
 
 
@@ -216,9 +229,11 @@ class BlendedOofSet(OofSet):
         first = sets[0]
         for other, name in zip(sets[1:], names[1:]):
             if other.ids != first.ids or not np.array_equal(other.fold_of, first.fold_of):
-                raise DataError(f"the OOF stores of ensemble members {names[0]!r} and {name!r} do not list the same "
-                                f"images in the same folds and order; retrain {name!r} on the same prepared data "
-                                f"({command('03')} --config <its config> --force)")
+                raise DataError(
+                    f"the OOF stores of ensemble members {names[0]!r} and {name!r} do not list the same "
+                    f"images in the same folds and order; retrain {name!r} on the same prepared data "
+                    f"({command('03')} --config <its config> --force)"
+                )
         self.ids, self.fold_of, self.groups, self._row = first.ids, first.fold_of, first.groups, first._row
         self.size = max(s.size for s in sets)
         # A blend's members are single experiments: their images are OofImages.
@@ -229,8 +244,12 @@ class BlendedOofSet(OofSet):
 def _input_facts(cfg: DictConfig, folds: list[OofFold]) -> dict:
     """What the outputs depend on besides the config: the OOF stores and label files, by size and time."""
     paths = [layout.train_folds_path(cfg), layout.labels_path(cfg), train_label_file(cfg)]
-    paths += [f.store.folder / name for f in folds for name in (PROBS_FILE, IDS_FILE, GATE_FILE)
-              if (f.store.folder / name).is_file()]
+    paths += [
+        f.store.folder / name
+        for f in folds
+        for name in (PROBS_FILE, IDS_FILE, GATE_FILE)
+        if (f.store.folder / name).is_file()
+    ]
     return {"folds": [f.fold for f in folds], **{str(p): [p.stat().st_size, p.stat().st_mtime_ns] for p in paths}}
 
 
@@ -241,8 +260,11 @@ def train_label_file(cfg: DictConfig) -> Path:
 
 def build_grids(cfg: DictConfig) -> list:
     """The search grids of ``search.grids`` (strategy name -> grid parameters; null entries skipped)."""
-    grids = [GRIDS.build({"name": name, "params": params})
-             for name, params in to_dict(cfg.search.grids).items() if params is not None]
+    grids = [
+        GRIDS.build({"name": name, "params": params})
+        for name, params in to_dict(cfg.search.grids).items()
+        if params is not None
+    ]
     if not grids:
         raise ConfigError(f"search.grids names no strategy to search; give at least one of {GRIDS.names()}")
     return grids
@@ -289,10 +311,15 @@ def run_ensemble(cfg: DictConfig, force: bool = False) -> dict:
         chosen = [members[i] for i in subset]
         oof = BlendedOofSet([sets[i] for i in subset], [m.weight for m in chosen], [m.name for m in chosen])
         result, seconds = _search(cfg, oof, len(member_folds[0]), label=" + ".join(m.name for m in chosen))
-        candidates.append({"members": [m.name for m in chosen], "weights": [m.weight for m in chosen],
-                           "oof_score": float(result.candidates["dice"].iloc[result.best]),
-                           "nested_score": None if result.nested is None else result.nested.score,
-                           "postprocess": result.block(result.best)})
+        candidates.append(
+            {
+                "members": [m.name for m in chosen],
+                "weights": [m.weight for m in chosen],
+                "oof_score": float(result.candidates["dice"].iloc[result.best]),
+                "nested_score": None if result.nested is None else result.nested.score,
+                "postprocess": result.block(result.best),
+            }
+        )
         searched.append((oof, result, seconds, chosen[0].cfg))
     best = ensemble.best_candidate(candidates)
     choice = ensemble.write_choice(cfg, members, candidates, best)
@@ -304,18 +331,31 @@ def run_ensemble(cfg: DictConfig, force: bool = False) -> dict:
 
 def _search(cfg: DictConfig, oof: OofSet, n_folds: int, label: str | None = None) -> tuple[SearchResult, float]:
     """Run the search of ``search`` on ``oof``; returns the result and the seconds it took."""
-    log.info("searching %d OOF maps of %d px from %d folds%s, scored at the images' original size", len(oof),
-             oof.size, n_folds, f" ({label})" if label else "")
+    log.info(
+        "searching %d OOF maps of %d px from %d folds%s, scored at the images' original size",
+        len(oof),
+        oof.size,
+        n_folds,
+        f" ({label})" if label else "",
+    )
     started = time.time()
-    result = run_search(oof.images, oof.groups, build_grids(cfg), int(cfg.search.refine_steps),
-                        int(cfg.search.n_jobs), int(cfg.search.chunk_size),
-                        gates=oof.gates, gate_thresholds=_gate_thresholds(cfg, oof),
-                        objective=build_objective(cfg.search.get("objective")))
+    result = run_search(
+        oof.images,
+        oof.groups,
+        build_grids(cfg),
+        int(cfg.search.refine_steps),
+        int(cfg.search.n_jobs),
+        int(cfg.search.chunk_size),
+        gates=oof.gates,
+        gate_thresholds=_gate_thresholds(cfg, oof),
+        objective=build_objective(cfg.search.get("objective")),
+    )
     return result, time.time() - started
 
 
-def _write_outputs(cfg: DictConfig, oof: OofSet, result: SearchResult, seconds: float, source: DictConfig,
-                   ensemble: dict | None = None) -> dict:
+def _write_outputs(
+    cfg: DictConfig, oof: OofSet, result: SearchResult, seconds: float, source: DictConfig, ensemble: dict | None = None
+) -> dict:
     """Check the search's choice image by image and write every output of the stage; returns the report's numbers.
 
     Args:
@@ -340,9 +380,16 @@ def _write_outputs(cfg: DictConfig, oof: OofSet, result: SearchResult, seconds: 
     if ensemble is not None:
         numbers["ensemble"] = ensemble
     numbers[sanity.WARNINGS_KEY] = sanity.log_warnings(STAGE_NAME, sanity.search_warnings(numbers))
-    write_json(layout.thresholds_path(cfg), {**chosen.to_block(), "oof_score": numbers["oof_score"],
-                                             "nested_score": numbers["nested_score"], "oof_size": oof.size,
-                                             "n_images": len(oof)})
+    write_json(
+        layout.thresholds_path(cfg),
+        {
+            **chosen.to_block(),
+            "oof_score": numbers["oof_score"],
+            "nested_score": numbers["nested_score"],
+            "oof_size": oof.size,
+            "n_images": len(oof),
+        },
+    )
     logs = {fold: layout.fold_log_path(layout.fold_dir(source, fold)) for fold in folds}
     xrays = layout.images_dir(source, source.train.image_size)
 
@@ -351,8 +398,14 @@ def _write_outputs(cfg: DictConfig, oof: OofSet, result: SearchResult, seconds: 
         return read_png(xrays / f"{image_id}.png"), truth, chosen(to_original(levels, truth.shape), gate)
 
     write_json(layout.oof_report_path(cfg), numbers)
-    oof_report.write_report(folder, numbers, result, per_image, logs,
-                            oof_report.Gallery(gallery_case, cfg.search.gallery_cases, cfg.search.thumbnail_size))
+    oof_report.write_report(
+        folder,
+        numbers,
+        result,
+        per_image,
+        logs,
+        oof_report.Gallery(gallery_case, cfg.search.gallery_cases, cfg.search.thumbnail_size),
+    )
     return numbers
 
 
@@ -366,8 +419,13 @@ def detector_numbers(frame: pd.DataFrame, cfg: DictConfig, source: DictConfig) -
     """The detector figures of one per-image table (:func:`pneumoseg.evaluation.detection.detector_numbers`)
     with the ``report`` section's settings and ``source``'s area bins (``folds.area_bins``)."""
     report = cfg.get("report", {})
-    return detection.detector_numbers(frame, list(source.folds.area_bins), list(report.get("subgroups", [])),
-                                      int(report.get("bootstrap", 1000)), int(report.get("seed", 0)))
+    return detection.detector_numbers(
+        frame,
+        list(source.folds.area_bins),
+        list(report.get("subgroups", [])),
+        int(report.get("bootstrap", 1000)),
+        int(report.get("seed", 0)),
+    )
 
 
 def _gate_thresholds(cfg: DictConfig, oof: OofSet) -> list[float] | None:
@@ -375,28 +433,43 @@ def _gate_thresholds(cfg: DictConfig, oof: OofSet) -> list[float] | None:
     search."""
     thresholds = cfg.search.get("gate_thresholds")
     if thresholds is None and oof.gates is not None:
-        log.info("the OOF predictions have gate probabilities, but search.gate_thresholds is null: only ungated "
-                 "candidates are searched")
+        log.info(
+            "the OOF predictions have gate probabilities, but search.gate_thresholds is null: only ungated "
+            "candidates are searched"
+        )
     return None if thresholds is None else list(thresholds)
 
 
-def _score_images(oof: OofSet, result: SearchResult, chosen: PostProcessor, default: PostProcessor,
-                  n_jobs: int, block_size: int) -> pd.DataFrame:
+def _score_images(
+    oof: OofSet, result: SearchResult, chosen: PostProcessor, default: PostProcessor, n_jobs: int, block_size: int
+) -> pd.DataFrame:
     """Apply the chosen and the default strategy to every image at its original size; check the chosen one
     against the search."""
-    pred, inter, true, scores = evaluate(oof.images, [chosen, default], n_jobs, block_size, gates=oof.gates,
-                                         with_scores=True)
+    pred, inter, true, scores = evaluate(
+        oof.images, [chosen, default], n_jobs, block_size, gates=oof.gates, with_scores=True
+    )
     dice = dice_from_counts(inter, pred, true[:, None])
     searched = float(result.candidates["dice"].iloc[result.best])
     if abs(dice[:, 0].mean() - searched) > AGREEMENT:
-        raise RuntimeError(f"the search scored {chosen.to_block()} {searched:.12f}, applying it gives "
-                           f"{dice[:, 0].mean():.12f}; pneumoseg.postprocess.search and "
-                           f"pneumoseg.postprocess.strategies disagree")
-    return pd.DataFrame({"ImageId": oof.ids, "fold": oof.fold_of, "true_area": true, "pred_area": pred[:, 0],
-                         "intersection": inter[:, 0], "dice": dice[:, 0], "score": scores[:, 0],
-                         "default_pred_area": pred[:, 1],
-                         "default_dice": dice[:, 1],
-                         "gate": np.full(len(oof), np.nan) if oof.gates is None else oof.gates})
+        raise RuntimeError(
+            f"the search scored {chosen.to_block()} {searched:.12f}, applying it gives "
+            f"{dice[:, 0].mean():.12f}; pneumoseg.postprocess.search and "
+            f"pneumoseg.postprocess.strategies disagree"
+        )
+    return pd.DataFrame(
+        {
+            "ImageId": oof.ids,
+            "fold": oof.fold_of,
+            "true_area": true,
+            "pred_area": pred[:, 0],
+            "intersection": inter[:, 0],
+            "dice": dice[:, 0],
+            "score": scores[:, 0],
+            "default_pred_area": pred[:, 1],
+            "default_dice": dice[:, 1],
+            "gate": np.full(len(oof), np.nan) if oof.gates is None else oof.gates,
+        }
+    )
 
 
 def _candidates_table(result: SearchResult, folds: list[int]) -> pd.DataFrame:

@@ -14,6 +14,7 @@ The states, each decided from a file the stage or its runner left in the stage's
 * ``done``: ``done.json`` for this config, with its headline figures;
 * ``not started``: none of these (stage 03 adds the folds already done).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -61,8 +62,11 @@ class StageState:
 
 def _rows(cfg: DictConfig) -> list[tuple[Stage, str, DictConfig]]:
     """(stage, title, config it runs on) of every stage of ``cfg``; an ensemble's stage 03 is each member's."""
-    rows = [(row, row.title, cfg) for row in stage_table.stages_for(cfg)
-            if row is not stage_table.ENSEMBLE_TRAINING and (row.number != "00" or "demo" in cfg)]
+    rows = [
+        (row, row.title, cfg)
+        for row in stage_table.stages_for(cfg)
+        if row is not stage_table.ENSEMBLE_TRAINING and (row.number != "00" or "demo" in cfg)
+    ]
     if is_ensemble(cfg):
         members = [(stage_table.stage("03"), f"training {m.name}", m.cfg) for m in ensemble_members(cfg)]
         return members + rows
@@ -104,8 +108,11 @@ def _read_times(cfg: DictConfig, row: Stage) -> dict[str, float]:
 def _training_progress(cfg: DictConfig, folder: Path) -> str:
     """``fold k, epoch e of n``: the fold of ``folder`` (a stage 03 folder) whose ``log.csv`` changed last among
     those not finished, and the epoch it is in (its log has a row per finished epoch)."""
-    paths = [(layout.fold_log_path(fold_folder), fold) for fold, fold_folder in layout.fold_dirs(folder).items()
-             if not (fold_folder / DONE_FILE).is_file()]
+    paths = [
+        (layout.fold_log_path(fold_folder), fold)
+        for fold, fold_folder in layout.fold_dirs(folder).items()
+        if not (fold_folder / DONE_FILE).is_file()
+    ]
     logs = [(path.stat().st_mtime, fold, path) for path, fold in paths if path.is_file()]
     epochs = int(cfg.train.epochs)
     if not logs:
@@ -146,12 +153,19 @@ def stage_state(cfg: DictConfig, row: Stage, title: str | None = None) -> StageS
         detail = (_folds_done(folder) if row.number == "03" else "") or str(folder)
         return StageState(row, title, "not started", detail, None, files)
     if recorded_for(done, cfg) is False:
-        return StageState(row, title, "stale", f"done for another config; rerun {stage_table.command(row.number)}",
-                          done, files)
+        return StageState(
+            row, title, "stale", f"done for another config; rerun {stage_table.command(row.number)}", done, files
+        )
     later = [number for number, when in _read_times(cfg, row).items() if when > finished]
     if later:
-        return StageState(row, title, "stale", f"stage {', '.join(later)} finished after it; rerun "
-                                               f"{stage_table.command(row.number)}", done, files)
+        return StageState(
+            row,
+            title,
+            "stale",
+            f"stage {', '.join(later)} finished after it; rerun {stage_table.command(row.number)}",
+            done,
+            files,
+        )
     return StageState(row, title, "done", "", done, files)
 
 
@@ -161,8 +175,9 @@ def states(cfg: DictConfig) -> list[StageState]:
     result: list[StageState] = []
     for row, title, run_cfg in _rows(cfg):
         state = stage_state(run_cfg, row, title)
-        behind = sorted({f"stage {s.row.number} is stale" for s in result
-                         if s.row.number in row.reads and s.state == "stale"})
+        behind = sorted(
+            {f"stage {s.row.number} is stale" for s in result if s.row.number in row.reads and s.state == "stale"}
+        )
         if state.state == "done" and behind:
             state.state, state.detail = "stale", f"{', '.join(behind)}; rerun {stage_table.command(row.number)}"
         result.append(state)
@@ -178,8 +193,11 @@ def report(cfg: DictConfig) -> str:
         if state.state in ("done", "stale") and state.done is not None:
             summary = state.done.get("summary", {})
             parts[0] += f" {state.done.get('finished_at', '')}".rstrip()
-            parts.append(", ".join(f"{key} {_fmt(summary[key])}" for key in _HEADLINES.get(state.row.number, ())
-                                   if key in summary))
+            parts.append(
+                ", ".join(
+                    f"{key} {_fmt(summary[key])}" for key in _HEADLINES.get(state.row.number, ()) if key in summary
+                )
+            )
             phase_line = _phase_lines(summary)
         parts.append(f"({state.detail})" if state.detail else "")
         lines.append("  ".join(part for part in parts if part))

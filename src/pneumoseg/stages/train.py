@@ -42,32 +42,34 @@ SageMaker: the same script is the entry point of a SageMaker PyTorch training jo
 * several GPUs: ``distribution={"torch_distributed": {"enabled": True}}`` runs the script under torchrun, one
   process per GPU (``SM_NUM_GPUS``); without it one GPU is used. The README has the SDK snippet.
 """
+
 from __future__ import annotations
 
 import argparse
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from omegaconf import DictConfig
 
 from pneumoseg import layout, stage_table
 from pneumoseg.cli import read_flag, stage_parser
 from pneumoseg.data.dataset import PreparedData
-from pneumoseg.modeling.device import set_cpu_threads
-from pneumoseg.training.distributed import DistContext, distributed
 from pneumoseg.errors import ConfigError
 from pneumoseg.io import content_hash, write_csv
 from pneumoseg.logs import place
+from pneumoseg.modeling.checkpoints import LAST_FILE
+from pneumoseg.modeling.device import set_cpu_threads
 from pneumoseg.sagemaker.arguments import JobParser
 from pneumoseg.sagemaker.job import in_job
 from pneumoseg.sagemaker.outputs import export_outputs
 from pneumoseg.sagemaker.tuning import oof_line
-from pneumoseg.training.phases import fit_phases, plan_phases
-from pneumoseg.modeling.checkpoints import LAST_FILE
 from pneumoseg.stage_table import DONE_FILE
 from pneumoseg.stages.record import StageRecord, stored_summary
+from pneumoseg.training.distributed import DistContext, distributed
+from pneumoseg.training.phases import fit_phases, plan_phases
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +78,13 @@ SECTIONS = ("seed", "model", "loss", "optimizer", "scheduler", "sampler", "augme
 DESCRIPTION = "Stage 03: train a model per cross-validation fold and predict each fold's held-out images."
 
 
-def run(cfg: DictConfig, force: bool = False, folds: Sequence[int] | str | None = None, resume: bool | str = "auto",
-        job_environ: dict[str, str] | None = None) -> dict[str, Any]:
+def run(
+    cfg: DictConfig,
+    force: bool = False,
+    folds: Sequence[int] | str | None = None,
+    resume: bool | str = "auto",
+    job_environ: dict[str, str] | None = None,
+) -> dict[str, Any]:
     """Train the requested folds; see the module docstring.
 
     Args:
@@ -97,7 +104,7 @@ def run(cfg: DictConfig, force: bool = False, folds: Sequence[int] | str | None 
         raise ConfigError("--force retrains from scratch and --resume continues: give one of them")
     if int(cfg.train.epochs) < 1:
         raise ConfigError(f"train.epochs must be at least 1, got {cfg.train.epochs}")
-    plan_phases(cfg)   # a bad phase fails now, before any training
+    plan_phases(cfg)  # a bad phase fails now, before any training
     threads = set_cpu_threads(cfg.train.get("torch_threads"), "train.torch_threads", int(cfg.train.num_workers))
     log.info("%s: %d torch threads (train.torch_threads=%s)", STAGE_NAME, threads, cfg.train.get("torch_threads"))
     folder = layout.train_dir(cfg)
@@ -120,12 +127,17 @@ def run(cfg: DictConfig, force: bool = False, folds: Sequence[int] | str | None 
             if ctx.is_main and complete:
                 fold_summaries = _stored_summaries(folder, planned)
                 record.finish({"folds": planned, "fold_summaries": fold_summaries})
-                log.info(oof_line(_oof_dice(fold_summaries), sum(s["n_val"] for s in fold_summaries.values()),
-                                  list(planned)))
+                log.info(
+                    oof_line(_oof_dice(fold_summaries), sum(s["n_val"] for s in fold_summaries.values()), list(planned))
+                )
             elif ctx.is_main:
                 done = [f for f in planned if _fold_record(cfg, inputs, f).is_complete()]
-                log.info("%s: folds %s are done; the stage completes when all of train.folds %s are",
-                         STAGE_NAME, done, planned)
+                log.info(
+                    "%s: folds %s are done; the stage completes when all of train.folds %s are",
+                    STAGE_NAME,
+                    done,
+                    planned,
+                )
         if ctx.is_main and job_environ is not None:
             export_outputs(folder, job_environ)
         ctx.barrier()
@@ -138,8 +150,9 @@ def _oof_dice(fold_summaries: dict[int, dict]) -> float:
     return sum(s["best"]["val_dice"] * s["n_val"] for s in fold_summaries.values()) / max(total, 1)
 
 
-def _train_folds(record: StageRecord, data: PreparedData, folds: Sequence[int], ctx: DistContext, force: bool,
-                 resume: bool | str) -> dict[int, dict]:
+def _train_folds(
+    record: StageRecord, data: PreparedData, folds: Sequence[int], ctx: DistContext, force: bool, resume: bool | str
+) -> dict[int, dict]:
     """Train each fold of ``folds`` that is not complete (or all with ``force``) -> the fold summaries.
 
     Args:
@@ -172,8 +185,16 @@ def _train_folds(record: StageRecord, data: PreparedData, folds: Sequence[int], 
             fold_record.folder.mkdir(parents=True, exist_ok=True)
         ctx.barrier()
         with place(f"fold {fold}"):
-            summaries[fold] = fit_phases(cfg, data, fold, fold_record.folder, ctx, resume, fold_record.key,
-                                         lambda size: PreparedData.load(cfg.paths.prepared_dir, size))
+            summaries[fold] = fit_phases(
+                cfg,
+                data,
+                fold,
+                fold_record.folder,
+                ctx,
+                resume,
+                fold_record.key,
+                lambda size: PreparedData.load(cfg.paths.prepared_dir, size),
+            )
         if ctx.is_main:
             fold_record.finish(summaries[fold])
         ctx.barrier()
@@ -185,14 +206,14 @@ def stage_record(cfg: DictConfig) -> StageRecord:
     # The crop keys live in the data section, which the stage does not fingerprint whole; only when set, so that
     # runs without crops keep their fingerprints.
     crop = {key: cfg.data[key] for key in ("train_crop", "crop_lesion_share") if cfg.data.get("train_crop")}
-    return StageRecord(STAGE_NAME, layout.train_dir(cfg), cfg, SECTIONS,
-                       {"folds_sha256": content_hash(layout.folds_path(cfg)), **crop})
+    return StageRecord(
+        STAGE_NAME, layout.train_dir(cfg), cfg, SECTIONS, {"folds_sha256": content_hash(layout.folds_path(cfg)), **crop}
+    )
 
 
 def _fold_record(cfg: DictConfig, inputs: dict, fold: int) -> StageRecord:
     """The completion record of one fold: the stage's sections and inputs, plus the fold number."""
-    return StageRecord(f"{STAGE_NAME} fold {fold}", layout.fold_dir(cfg, fold), cfg, SECTIONS,
-                       {**inputs, "fold": fold})
+    return StageRecord(f"{STAGE_NAME} fold {fold}", layout.fold_dir(cfg, fold), cfg, SECTIONS, {**inputs, "fold": fold})
 
 
 def _stored_summaries(folder: Path, folds: Sequence[int]) -> dict[int, dict]:
@@ -216,23 +237,39 @@ def parser(description: str = DESCRIPTION) -> argparse.ArgumentParser:
     Args:
         description: the ``--help`` description.
     """
-    result = JobParser(description=description, parents=[stage_parser(description)], add_help=False,
-                          epilog="Any other --key value (SageMaker's hyperparameters) is read as the override "
-                                 "key=value; under torchrun every process trains its share of each fold.")
-    result.add_argument("--fold", default=None,
-                        help="fold(s) to train in this process: K, K,L or all (default: train.folds)")
-    result.add_argument("--resume", nargs="?", const=True, default="auto", type=_resume_flag,
-                        help="insist on continuing interrupted folds from their last.pt (by default they continue "
-                             "when last.pt was written for the same config, and start afresh otherwise)")
+    result = JobParser(
+        description=description,
+        parents=[stage_parser(description)],
+        add_help=False,
+        epilog="Any other --key value (SageMaker's hyperparameters) is read as the override "
+        "key=value; under torchrun every process trains its share of each fold.",
+    )
+    result.add_argument(
+        "--fold", default=None, help="fold(s) to train in this process: K, K,L or all (default: train.folds)"
+    )
+    result.add_argument(
+        "--resume",
+        nargs="?",
+        const=True,
+        default="auto",
+        type=_resume_flag,
+        help="insist on continuing interrupted folds from their last.pt (by default they continue "
+        "when last.pt was written for the same config, and start afresh otherwise)",
+    )
     return result
 
 
 def stage(cfg: DictConfig, args: argparse.Namespace) -> dict[str, Any]:
     """The script's entry: :func:`run` with the command line's folds, resume and SageMaker's model folder."""
-    if os.environ.get("SM_MODEL_DIR") and int(os.environ.get("SM_NUM_GPUS", "0")) > 1 \
-            and int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        log.warning("SM_NUM_GPUS=%s but this is a single process: enable the torch_distributed launcher to use "
-                    "every GPU", os.environ["SM_NUM_GPUS"])
-    return run(cfg, force=args.force, folds=args.fold, resume=args.resume,
-               job_environ=dict(os.environ) if in_job() else None)
-
+    if (
+        os.environ.get("SM_MODEL_DIR")
+        and int(os.environ.get("SM_NUM_GPUS", "0")) > 1
+        and int(os.environ.get("WORLD_SIZE", "1")) == 1
+    ):
+        log.warning(
+            "SM_NUM_GPUS=%s but this is a single process: enable the torch_distributed launcher to use every GPU",
+            os.environ["SM_NUM_GPUS"],
+        )
+    return run(
+        cfg, force=args.force, folds=args.fold, resume=args.resume, job_environ=dict(os.environ) if in_job() else None
+    )

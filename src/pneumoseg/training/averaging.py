@@ -14,11 +14,13 @@ average of the fold's top-k checkpoints at its end. Both use ``torch.optim.swa_u
 ``checkpoints.csv``, ``oof/``; :func:`pneumoseg.layout.checkpoints_dir`), so ``predict.checkpoints: ema`` or
 ``averaged`` makes stage 04 search their OOF maps and stages 05-06 predict with them.
 """
+
 from __future__ import annotations
 
 import copy
 import os
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
@@ -52,8 +54,10 @@ def check_average_top_k(top_k: int | None, keep_best: int) -> int | None:
     if top_k is None:
         return None
     if not 1 <= int(top_k) <= int(keep_best):
-        raise ConfigError(f"train.average_top_k={top_k} must be between 1 and train.keep_best={keep_best} (the "
-                          f"best checkpoints a fold keeps); raise train.keep_best or lower train.average_top_k")
+        raise ConfigError(
+            f"train.average_top_k={top_k} must be between 1 and train.keep_best={keep_best} (the "
+            f"best checkpoints a fold keeps); raise train.keep_best or lower train.average_top_k"
+        )
     return int(top_k)
 
 
@@ -83,4 +87,3 @@ def average_checkpoints(net: nn.Module, paths: Sequence[str | os.PathLike]) -> n
         scratch.load_state_dict(load_checkpoint(path)["state_dict"])
         averaged.update_parameters(scratch)
     return averaged.module
-

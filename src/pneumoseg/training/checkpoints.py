@@ -3,18 +3,19 @@
 The best files themselves are the truth: each holds its epoch and score, so :meth:`BestCheckpoints.rescan`
 rebuilds a consistent ranking from them after a crash in the middle of re-ranking.
 """
+
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pandas as pd
 
 from pneumoseg.io import write_csv
-from pneumoseg.modeling.checkpoints import (BEST_PATTERN, CHECKPOINTS_FILE, best_name, load_checkpoint,
-                                            save_checkpoint)
+from pneumoseg.modeling.checkpoints import BEST_PATTERN, CHECKPOINTS_FILE, best_name, load_checkpoint, save_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -111,10 +112,13 @@ class BestCheckpoints:
         del self.entries[position]
 
     def _write_table(self) -> None:
-        rows = [{"rank": i + 1, "file": best_name(i + 1), "epoch": e["epoch"], "score": e["score"],
-                 "monitor": self.monitor} for i, e in enumerate(self.entries)]
-        write_csv(self.folder / CHECKPOINTS_FILE,
-                  pd.DataFrame(rows, columns=["rank", "file", "epoch", "score", "monitor"]))
+        rows = [
+            {"rank": i + 1, "file": best_name(i + 1), "epoch": e["epoch"], "score": e["score"], "monitor": self.monitor}
+            for i, e in enumerate(self.entries)
+        ]
+        write_csv(
+            self.folder / CHECKPOINTS_FILE, pd.DataFrame(rows, columns=["rank", "file", "epoch", "score", "monitor"])
+        )
 
     @property
     def best(self) -> dict[str, float] | None:

@@ -5,19 +5,20 @@ environment holds ``WORLD_SIZE``, ``RANK`` and ``LOCAL_RANK``; :func:`distribute
 (nccl on GPUs, gloo on the CPU) and leaves it afterwards. Started plainly, the process is a world of one and
 every collective is a no-op.
 """
+
 from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from pneumoseg.modeling.device import resolve_device
-
 
 
 @dataclass(frozen=True)

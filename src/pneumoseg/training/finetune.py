@@ -12,11 +12,13 @@ uptraining need.
   keeps the encoder's BatchNorm layers in eval mode for the whole run (their statistics fixed, their affine weights
   still trained).
 """
+
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import pandas as pd
 import torch
@@ -32,7 +34,7 @@ from pneumoseg.modeling.checkpoints import best_files, load_checkpoint
 log = logging.getLogger(__name__)
 
 INIT_KEYS = {"checkpoint", "experiment", "checkpoints", "partial"}
-SHOWN = 5   # key names shown per kind in a load report
+SHOWN = 5  # key names shown per kind in a load report
 
 
 def encoder_of(net: nn.Module) -> nn.Module:
@@ -43,8 +45,10 @@ def encoder_of(net: nn.Module) -> nn.Module:
     """
     encoder = getattr(net, "encoder", None)
     if not isinstance(encoder, nn.Module):
-        raise ConfigError(f"{type(net).__name__} has no encoder to freeze; train.freeze_encoder_epochs and "
-                          f"train.freeze_bn need an smp architecture")
+        raise ConfigError(
+            f"{type(net).__name__} has no encoder to freeze; train.freeze_encoder_epochs and "
+            f"train.freeze_bn need an smp architecture"
+        )
     return encoder
 
 
@@ -69,8 +73,10 @@ def check_freeze_settings(freeze_encoder_epochs: int, distributed: bool) -> None
     if freeze_encoder_epochs < 0:
         raise ConfigError(f"train.freeze_encoder_epochs must be >= 0, got {freeze_encoder_epochs}")
     if freeze_encoder_epochs and distributed:
-        raise ConfigError("train.freeze_encoder_epochs needs a single process per fold; run without torchrun, "
-                          "or set train.freeze_encoder_epochs=0")
+        raise ConfigError(
+            "train.freeze_encoder_epochs needs a single process per fold; run without torchrun, "
+            "or set train.freeze_encoder_epochs=0"
+        )
 
 
 def _init_block(cfg: DictConfig) -> dict[str, Any] | None:
@@ -80,8 +86,10 @@ def _init_block(cfg: DictConfig) -> dict[str, Any] | None:
     block = to_dict(block) if isinstance(block, DictConfig) else dict(block)
     unknown = set(block) - INIT_KEYS
     if unknown or ("checkpoint" in block) == ("experiment" in block):
-        raise ConfigError(f"train.init_from must be {{checkpoint: FILE}} or {{experiment: DIR, checkpoints: best}}, "
-                          f"with partial: true|false; got {block}")
+        raise ConfigError(
+            f"train.init_from must be {{checkpoint: FILE}} or {{experiment: DIR, checkpoints: best}}, "
+            f"with partial: true|false; got {block}"
+        )
     return block
 
 
@@ -110,8 +118,10 @@ def initial_weights_path(cfg: DictConfig, fold: int, folds: pd.DataFrame) -> Pat
     folder = layout.checkpoints_dir(layout.fold_dir(source, fold), str(block.get("checkpoints") or "best"))
     found = best_files(folder)
     if not found:
-        raise ConfigError(f"train.init_from.experiment: {folder} has no best_<rank>.pt; train that experiment's "
-                          f"fold {fold} first (bash run_all.sh CONFIG --to 03)")
+        raise ConfigError(
+            f"train.init_from.experiment: {folder} has no best_<rank>.pt; train that experiment's "
+            f"fold {fold} first (bash run_all.sh CONFIG --to 03)"
+        )
     return found[0]
 
 
@@ -125,14 +135,18 @@ def check_same_folds(source: Path, folds: pd.DataFrame) -> None:
     """
     path = layout.train_folds_path(source)
     if not path.is_file():
-        raise ConfigError(f"train.init_from.experiment: {path} not found; is {source.parent} an experiment's output "
-                          f"folder (its paths.experiment_dir) with stage 03 run?")
+        raise ConfigError(
+            f"train.init_from.experiment: {path} not found; is {source.parent} an experiment's output "
+            f"folder (its paths.experiment_dir) with stage 03 run?"
+        )
     theirs = read_trained_folds(source)
     mine = dict(zip(folds["ImageId"].astype(str), folds["fold"].astype(int)))
     if dict(zip(theirs["ImageId"], theirs["fold"])) != mine:
-        raise DataError(f"train.init_from.experiment: {path} assigns the images to other folds than this run's "
-                        f"folds.csv; a fold would start from weights trained on its own validation images. Train "
-                        f"both on the same prepared data and folds, or give one file with train.init_from.checkpoint")
+        raise DataError(
+            f"train.init_from.experiment: {path} assigns the images to other folds than this run's "
+            f"folds.csv; a fold would start from weights trained on its own validation images. Train "
+            f"both on the same prepared data and folds, or give one file with train.init_from.checkpoint"
+        )
 
 
 def _state_dict(payload: Mapping[str, Any], path: Path) -> Mapping[str, torch.Tensor]:
@@ -144,8 +158,10 @@ def _state_dict(payload: Mapping[str, Any], path: Path) -> Mapping[str, torch.Te
         return payload["trainer"]["model"]
     if payload and all(isinstance(value, torch.Tensor) for value in payload.values()):
         return payload
-    raise ConfigError(f"train.init_from: {path} holds no network weights (no state_dict); give a best_<rank>.pt, "
-                      f"last.pt or a saved state dict")
+    raise ConfigError(
+        f"train.init_from: {path} holds no network weights (no state_dict); give a best_<rank>.pt, "
+        f"last.pt or a saved state dict"
+    )
 
 
 def load_initial_weights(net: nn.Module, path: Path, partial: bool) -> dict[str, list[str]]:
@@ -160,15 +176,27 @@ def load_initial_weights(net: nn.Module, path: Path, partial: bool) -> dict[str,
     """
     source = _state_dict(load_checkpoint(path), path)
     target = net.state_dict()
-    report = {"missing": sorted(set(target) - set(source)), "unexpected": sorted(set(source) - set(target)),
-              "mismatched": sorted(k for k in set(source) & set(target) if source[k].shape != target[k].shape)}
-    text = ", ".join(f"{len(names)} {kind}" + (f" ({', '.join(names[:SHOWN])}{', ...' * (len(names) > SHOWN)})"
-                                               if names else "") for kind, names in report.items())
+    report = {
+        "missing": sorted(set(target) - set(source)),
+        "unexpected": sorted(set(source) - set(target)),
+        "mismatched": sorted(k for k in set(source) & set(target) if source[k].shape != target[k].shape),
+    }
+    text = ", ".join(
+        f"{len(names)} {kind}" + (f" ({', '.join(names[:SHOWN])}{', ...' * (len(names) > SHOWN)})" if names else "")
+        for kind, names in report.items()
+    )
     if any(report.values()) and not partial:
-        raise ConfigError(f"train.init_from: {path} does not fit the model: {text}. Set train.init_from.partial="
-                          f"true to load the matching weights only (e.g. for a new head)")
-    net.load_state_dict({k: v for k, v in source.items() if k in target and k not in report["mismatched"]},
-                        strict=False)
-    log.info("initial weights from %s: %d loaded; %s", path, len(target) - len(report["missing"]) -
-             len(report["mismatched"]), text)
+        raise ConfigError(
+            f"train.init_from: {path} does not fit the model: {text}. Set train.init_from.partial="
+            f"true to load the matching weights only (e.g. for a new head)"
+        )
+    net.load_state_dict(
+        {k: v for k, v in source.items() if k in target and k not in report["mismatched"]}, strict=False
+    )
+    log.info(
+        "initial weights from %s: %d loaded; %s",
+        path,
+        len(target) - len(report["missing"]) - len(report["mismatched"]),
+        text,
+    )
     return report

@@ -21,14 +21,16 @@ Folders: the last phase writes into the fold's folder itself (its checkpoints, `
 own ``log.csv``, checkpoints and ``last.pt``, no OOF maps), with a ``phase_done.json`` once finished. A killed run
 continues in the phase it was in, after that phase's last finished epoch; finished phases are not retrained.
 """
+
 from __future__ import annotations
 
 import json
 import logging
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, cast
+from typing import Any, cast
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -101,26 +103,32 @@ def plan_phases(cfg: DictConfig) -> list[Phase]:
         where = f"train.phases[{index}]"
         name = str(entry.pop("name", ""))
         if not _NAME.match(name) or name in names:
-            raise ConfigError(f"{where}: needs a name of letters, digits, '_', '.' or '-', unique among the phases; "
-                              f"got {name!r}")
+            raise ConfigError(
+                f"{where}: needs a name of letters, digits, '_', '.' or '-', unique among the phases; got {name!r}"
+            )
         names.add(name)
         outside = [key for key in entry if key not in PHASE_SECTIONS]
         crop_keys = [key for key in (entry.get("data") or {}) if key not in PHASE_DATA_KEYS]
         if outside or crop_keys or "phases" in (entry.get("train") or {}):
-            raise ConfigError(f"{where}: a phase changes only {', '.join(PHASE_SECTIONS)} (data: "
-                              f"{', '.join(PHASE_DATA_KEYS)}; not train.phases); got {outside + crop_keys or 'phases'}")
+            raise ConfigError(
+                f"{where}: a phase changes only {', '.join(PHASE_SECTIONS)} (data: "
+                f"{', '.join(PHASE_DATA_KEYS)}; not train.phases); got {outside + crop_keys or 'phases'}"
+            )
         _check_changes(base, entry, where)
         phases.append(Phase(index, name, entry, index == len(entries) - 1))
     for phase in phases:
         epochs = phase_config(cfg, phase, None).train.epochs
         if int(epochs) < 1:
-            raise ConfigError(f"train.phases[{phase.index}] ({phase.name}): train.epochs must be at least 1, "
-                              f"got {epochs}")
+            raise ConfigError(
+                f"train.phases[{phase.index}] ({phase.name}): train.epochs must be at least 1, got {epochs}"
+            )
     size = phase_config(cfg, phases[-1], None).train.image_size
     if int(size) != int(cfg.train.image_size):
-        raise ConfigError(f"train.phases: the last phase trains at {size} px but train.image_size is "
-                          f"{cfg.train.image_size}: the last phase is the fold's model, which stages 04-06 use at "
-                          f"train.image_size; train the other size in an earlier phase")
+        raise ConfigError(
+            f"train.phases: the last phase trains at {size} px but train.image_size is "
+            f"{cfg.train.image_size}: the last phase is the fold's model, which stages 04-06 use at "
+            f"train.image_size; train the other size in an earlier phase"
+        )
     return phases
 
 
@@ -133,7 +141,7 @@ def phase_config(cfg: DictConfig, phase: Phase, start: Path | None) -> DictConfi
     for section, block in phase.changes.items():
         old = base.get(section)
         if isinstance(block, dict) and isinstance(old, dict) and block.get("name", old.get("name")) != old.get("name"):
-            old.pop("params", None)    # a renamed block takes its params from the phase alone
+            old.pop("params", None)  # a renamed block takes its params from the phase alone
     merged = cast(DictConfig, OmegaConf.merge(OmegaConf.create(base), OmegaConf.create(phase.changes)))
     merged.train.phases = None
     if start is not None:
@@ -144,12 +152,25 @@ def phase_config(cfg: DictConfig, phase: Phase, start: Path | None) -> DictConfi
 
 def _phase_summary(phase: Phase, summary: dict[str, Any]) -> dict[str, Any]:
     best = summary.get("best", {})
-    return {"name": phase.name, "epochs": summary.get("epochs"), "best_epoch": summary.get("best_epoch"),
-            "val_dice": best.get("val_dice"), "seconds": summary.get("seconds")}
+    return {
+        "name": phase.name,
+        "epochs": summary.get("epochs"),
+        "best_epoch": summary.get("best_epoch"),
+        "val_dice": best.get("val_dice"),
+        "seconds": summary.get("seconds"),
+    }
 
 
-def fit_phases(cfg: DictConfig, data: PreparedData, fold: int, folder: Path, ctx: DistContext,
-               resume: bool | str, fingerprint: str, load_data: Callable[[int], PreparedData]) -> dict[str, Any]:
+def fit_phases(
+    cfg: DictConfig,
+    data: PreparedData,
+    fold: int,
+    folder: Path,
+    ctx: DistContext,
+    resume: bool | str,
+    fingerprint: str,
+    load_data: Callable[[int], PreparedData],
+) -> dict[str, Any]:
     """Train fold ``fold`` through its phases (see the module docstring) -> the last phase's fold summary
     (:func:`pneumoseg.training.trainer.fit_fold`); with phases, also ``phases`` (each phase's name, epochs, best
     epoch, val_dice and seconds) and ``seconds`` the sum over the phases.
@@ -171,19 +192,30 @@ def fit_phases(cfg: DictConfig, data: PreparedData, fold: int, folder: Path, ctx
         finished = None if phase.last or resume is False else _finished(where, key)
         if finished is None:
             log.info("fold %d: phase %d/%d %s", fold, phase.index + 1, len(phases), phase.name)
-        summary = finished if finished is not None else _train_phase(phase, phase_cfg, phase_data, fold, where, ctx,
-                                                                     resume, key)
+        summary = (
+            finished
+            if finished is not None
+            else _train_phase(phase, phase_cfg, phase_data, fold, where, ctx, resume, key)
+        )
         done.append(_phase_summary(phase, summary))
         start = best_files(where)[0]
     if not phases[0].name:
         return summary
     seconds = [phase["seconds"] for phase in done]
-    total = round(sum(seconds), 1) if None not in seconds else None   # the fold's training time, every phase's
+    total = round(sum(seconds), 1) if None not in seconds else None  # the fold's training time, every phase's
     return {**summary, "phases": done, "seconds": total}
 
 
-def _train_phase(phase: Phase, cfg: DictConfig, data: PreparedData, fold: int, folder: Path, ctx: DistContext,
-                 resume: bool | str, key: str) -> dict[str, Any]:
+def _train_phase(
+    phase: Phase,
+    cfg: DictConfig,
+    data: PreparedData,
+    fold: int,
+    folder: Path,
+    ctx: DistContext,
+    resume: bool | str,
+    key: str,
+) -> dict[str, Any]:
     """Train one phase into ``folder`` (:func:`pneumoseg.training.trainer.fit_fold`, the OOF maps only for the
     last) and mark an earlier phase finished -> its summary."""
     if ctx.is_main:

@@ -35,17 +35,19 @@ metrics are sums over every rank's share of the validation images, and after eac
 AMP (``train.amp``: fp16 with a GradScaler, or bf16) and channels_last apply on a GPU only; the CPU trains in
 fp32, and with the same config and seed gives the same numbers on every run.
 """
+
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
 import hashlib
 import logging
 import math
 import shutil
 import time
+from collections.abc import Iterable, Sequence, Sized
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence, Sized, cast
+from typing import Any, cast
 
 import numpy as np
 import pandas as pd
@@ -58,34 +60,39 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from pneumoseg import layout
-from pneumoseg.logs import place
-from pneumoseg.data.augment import build_augment
-from pneumoseg.modeling.checkpoints import CHECKPOINTS_FILE, LAST_FILE, best_files, load_checkpoint, save_checkpoint
-from pneumoseg.training.averaging import average_checkpoints, build_ema, check_average_top_k, ema_decay
-from pneumoseg.training.checkpoints import BestCheckpoints
-from pneumoseg.training.finetune import (check_freeze_settings, freeze_encoder_batchnorm, initial_weights_path,
-                                         load_initial_weights, set_encoder_trainable)
 from pneumoseg.config import to_dict
+from pneumoseg.data.augment import build_augment
 from pneumoseg.data.dataset import ImageFiles, PreparedData, build_sampler, crop_from_config, make_loader
-from pneumoseg.modeling.normalize import normalize_from_model
-from pneumoseg.training.distributed import DistContext
-from pneumoseg.errors import ConfigError
+from pneumoseg.data.probstore import ProbabilityWriter
 from pneumoseg.data.resize import resize_probabilities
+from pneumoseg.errors import ConfigError
+from pneumoseg.evaluation.metrics import dice_per_image
 from pneumoseg.inference.fold_models import load_model
 from pneumoseg.inference.tta import TTA, predict_with_gate
-from pneumoseg.modeling.device import autocast
 from pneumoseg.io import write_csv
+from pneumoseg.logs import place
+from pneumoseg.modeling.checkpoints import CHECKPOINTS_FILE, LAST_FILE, best_files, load_checkpoint, save_checkpoint
+from pneumoseg.modeling.device import autocast
 from pneumoseg.modeling.losses import build_training_loss
-from pneumoseg.evaluation.metrics import dice_per_image
 from pneumoseg.modeling.models import build_model, has_gate, split_output
+from pneumoseg.modeling.normalize import normalize_from_model
 from pneumoseg.modeling.optim import LRSchedule, build_optimizer, build_scheduler, metric_mode
 from pneumoseg.postprocess.strategies import PostProcessor, build_postprocessor
-from pneumoseg.data.probstore import ProbabilityWriter
+from pneumoseg.training.averaging import average_checkpoints, build_ema, check_average_top_k, ema_decay
+from pneumoseg.training.checkpoints import BestCheckpoints
+from pneumoseg.training.distributed import DistContext
+from pneumoseg.training.finetune import (
+    check_freeze_settings,
+    freeze_encoder_batchnorm,
+    initial_weights_path,
+    load_initial_weights,
+    set_encoder_trainable,
+)
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = 1
-_EMA = "ema_"   # prefix of the EMA's columns in log.csv
+_EMA = "ema_"  # prefix of the EMA's columns in log.csv
 
 
 @dataclass(frozen=True)
@@ -133,8 +140,15 @@ class Trainer:
         steps: accumulation, clipping, AMP and memory format.
     """
 
-    def __init__(self, net: nn.Module, loss_fn: nn.Module, optimizer: torch.optim.Optimizer, schedule: LRSchedule,
-                 ctx: DistContext = DistContext(), steps: StepSettings = StepSettings()) -> None:
+    def __init__(
+        self,
+        net: nn.Module,
+        loss_fn: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        schedule: LRSchedule,
+        ctx: DistContext = DistContext(),
+        steps: StepSettings = StepSettings(),
+    ) -> None:
         self.net = net
         self.ctx = ctx
         self.device = ctx.device
@@ -154,8 +168,9 @@ class Trainer:
         self.encoder_frozen = False
 
     @classmethod
-    def from_config(cls, cfg: DictConfig, ctx: DistContext, updates_per_epoch: int, seed: int,
-                    initial: Path | None = None) -> "Trainer":
+    def from_config(
+        cls, cfg: DictConfig, ctx: DistContext, updates_per_epoch: int, seed: int, initial: Path | None = None
+    ) -> Trainer:
         """Build every part from the ``model``, ``loss``, ``optimizer``, ``scheduler`` and ``train`` sections;
         ``seed`` fixes the network's initial weights, unless ``initial`` (a checkpoint, ``train.init_from``)
         gives them."""
@@ -172,9 +187,15 @@ class Trainer:
             net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
         optimizer = build_optimizer(cfg.optimizer, net.parameters())
         schedule = build_scheduler(cfg.scheduler, optimizer, updates_per_epoch, int(train.epochs))
-        steps = StepSettings(int(train.accumulation_steps), train.grad_clip, train.amp, channels_last,
-                             ema_decay(to_dict(train.ema) if train.ema is not None else None),
-                             int(train.get("freeze_encoder_epochs") or 0), bool(train.get("freeze_bn")))
+        steps = StepSettings(
+            int(train.accumulation_steps),
+            train.grad_clip,
+            train.amp,
+            channels_last,
+            ema_decay(to_dict(train.ema) if train.ema is not None else None),
+            int(train.get("freeze_encoder_epochs") or 0),
+            bool(train.get("freeze_bn")),
+        )
         return cls(net, build_training_loss(cfg.loss, has_gate(net)), optimizer, schedule, ctx, steps)
 
     def _inputs(self, images: torch.Tensor) -> torch.Tensor:
@@ -233,8 +254,12 @@ class Trainer:
         if self.ema is not None:
             self.ema.update_parameters(self.net)
 
-    def validate(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
-                 postprocessors: Sequence[PostProcessor], net: nn.Module | None = None) -> dict[str, float]:
+    def validate(
+        self,
+        batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+        postprocessors: Sequence[PostProcessor],
+        net: nn.Module | None = None,
+    ) -> dict[str, float]:
         """Validation loss and the challenge metric after each post-processing, over every rank's images, of
         ``net`` (default: the trained network; the EMA or averaged weights are validated the same way).
 
@@ -262,8 +287,7 @@ class Trainer:
                 sums[0] += float(self.loss_fn(output, masks)) * len(images)
                 logits, gate_logits = split_output(output)
                 probs = torch.sigmoid(logits[:, 0].float()).cpu().numpy()
-                gates = ([None] * len(probs) if gate_logits is None
-                         else torch.sigmoid(gate_logits.float()).cpu().numpy())
+                gates = [None] * len(probs) if gate_logits is None else torch.sigmoid(gate_logits.float()).cpu().numpy()
                 truth = masks[:, 0].cpu().numpy() > 0.5
                 positive = truth.any((1, 2))
                 for k, postprocess in enumerate(postprocessors):
@@ -277,13 +301,16 @@ class Trainer:
                     sums[3] += np.count_nonzero((np.asarray(gates) >= 0.5) == positive)
         sums = self.ctx.sum(sums)
         n_images, n_positive = max(sums[1], 1.0), sums[2]
-        dice_all = sums[4:4 + n] / n_images
-        dice_pos = sums[4 + n:] / n_positive if n_positive else np.full(n, np.nan)
+        dice_all = sums[4 : 4 + n] / n_images
+        dice_pos = sums[4 + n :] / n_positive if n_positive else np.full(n, np.nan)
         best = int(np.argmax(dice_all))
         metrics: dict[str, Any] = {"val_loss": float(sums[0] / n_images)}
         metrics.update({f"dice[{p.label()}]": float(d) for p, d in zip(postprocessors, dice_all)})
-        metrics.update(val_dice=float(dice_all[best]), val_postprocess=postprocessors[best].label(),
-                       val_dice_pos=float(dice_pos[best]))
+        metrics.update(
+            val_dice=float(dice_all[best]),
+            val_postprocess=postprocessors[best].label(),
+            val_dice_pos=float(dice_pos[best]),
+        )
         if gated:
             metrics["val_gate_accuracy"] = float(sums[3] / n_images)
         return metrics
@@ -293,8 +320,12 @@ class Trainer:
         return float(self.optimizer.param_groups[0]["lr"])
 
     def state_dict(self) -> dict[str, Any]:
-        state = {"model": self.net.state_dict(), "optimizer": self.optimizer.state_dict(),
-                 "scheduler": self.schedule.state_dict(), "scaler": self.scaler.state_dict()}
+        state = {
+            "model": self.net.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.schedule.state_dict(),
+            "scaler": self.scaler.state_dict(),
+        }
         if self.ema is not None:
             state["ema"] = self.ema.state_dict()
         return state
@@ -342,10 +373,10 @@ def train_loader(cfg: DictConfig, data: PreparedData, rows: pd.DataFrame, ctx: D
     by the configured sampler (this rank's share), ``train.batch_size`` images per batch. Call
     ``loader.sampler.set_epoch`` before each epoch."""
     train = cfg.train
-    sampler = build_sampler(cfg.sampler, rows["has_mask"].to_numpy(), seed, int(train.epochs), ctx.world_size,
-                            ctx.rank)
-    dataset = data.dataset(rows, normalize_from_model(to_dict(cfg.model)), build_augment(cfg.augment),
-                           crop_from_config(cfg.data))
+    sampler = build_sampler(cfg.sampler, rows["has_mask"].to_numpy(), seed, int(train.epochs), ctx.world_size, ctx.rank)
+    dataset = data.dataset(
+        rows, normalize_from_model(to_dict(cfg.model)), build_augment(cfg.augment), crop_from_config(cfg.data)
+    )
     return _loader(dataset, int(train.batch_size), int(train.num_workers), ctx, sampler=sampler)
 
 
@@ -353,8 +384,12 @@ def _clear_outputs(folder: Path, fresh: bool) -> None:
     """Remove the temporary files a killed run left behind and, for a ``fresh`` start, the fold's old outputs."""
     stale = [p for p in folder.rglob(".*") if p.is_file()]  # pneumoseg.io and ProbabilityWriter temporaries
     if fresh:
-        stale += [*folder.glob("best_*.pt"), folder / LAST_FILE, folder / CHECKPOINTS_FILE,
-                  layout.fold_log_path(folder)]
+        stale += [
+            *folder.glob("best_*.pt"),
+            folder / LAST_FILE,
+            folder / CHECKPOINTS_FILE,
+            layout.fold_log_path(folder),
+        ]
         shutil.rmtree(layout.oof_dir(folder), ignore_errors=True)
         for averaged in layout.CHECKPOINT_SETS[1:]:
             shutil.rmtree(layout.checkpoints_dir(folder, averaged), ignore_errors=True)
@@ -377,8 +412,16 @@ class _FoldRun:
     ema_best: BestCheckpoints | None = None
 
 
-def fit_fold(cfg: DictConfig, data: PreparedData, fold: int, folder: str | Path, ctx: DistContext = DistContext(),
-             resume: bool | str = False, fingerprint: str = "", predict_oof: bool = True) -> dict[str, Any]:
+def fit_fold(
+    cfg: DictConfig,
+    data: PreparedData,
+    fold: int,
+    folder: str | Path,
+    ctx: DistContext = DistContext(),
+    resume: bool | str = False,
+    fingerprint: str = "",
+    predict_oof: bool = True,
+) -> dict[str, Any]:
     """Train fold ``fold`` of ``data`` into ``folder`` and predict its validation images (see the module docstring).
 
     Args:
@@ -454,11 +497,18 @@ def _averaging_summary(run: _FoldRun, monitor: str) -> dict[str, Any]:
     ema = run.trainer.ema
     if run.ema_best is None or ema is None:
         return {}
-    ema_rows = [{k[len(_EMA):]: v for k, v in row.items() if k.startswith(_EMA)} | {"epoch": row["epoch"]}
-                for row in run.history]
+    ema_rows = [
+        {k[len(_EMA) :]: v for k, v in row.items() if k.startswith(_EMA)} | {"epoch": row["epoch"]}
+        for row in run.history
+    ]
     best = _best_row(ema_rows, monitor)
-    return {"ema": {"best_epoch": int(best["epoch"]), "best": {k: v for k, v in best.items() if k.startswith("val_")},
-                    "weights_sha256": weights_digest(ema.module)}}
+    return {
+        "ema": {
+            "best_epoch": int(best["epoch"]),
+            "best": {k: v for k, v in best.items() if k.startswith("val_")},
+            "weights_sha256": weights_digest(ema.module),
+        }
+    }
 
 
 def _average_top_k(run: _FoldRun, top_k: int, folder: Path, ctx: DistContext, monitor: str) -> dict[str, Any]:
@@ -476,86 +526,150 @@ def _average_top_k(run: _FoldRun, top_k: int, folder: Path, ctx: DistContext, mo
         shutil.rmtree(averaged_folder, ignore_errors=True)
         keeper = BestCheckpoints(averaged_folder, 1, metric_mode(monitor), monitor)
         # Its epoch is the last one averaged: the weights exist only once that epoch has run.
-        keeper.offer(max(epochs), metrics[monitor], lambda: {
-            **run.checkpoint_meta, "state_dict": net.state_dict(), "epoch": max(epochs),
-            "score": float(metrics[monitor]), "averaged_epochs": epochs})
+        keeper.offer(
+            max(epochs),
+            metrics[monitor],
+            lambda: {
+                **run.checkpoint_meta,
+                "state_dict": net.state_dict(),
+                "epoch": max(epochs),
+                "score": float(metrics[monitor]),
+                "averaged_epochs": epochs,
+            },
+        )
     ctx.barrier()
-    log.info("fold %s: average of epochs %s: val_dice %.4f (%s)", run.checkpoint_meta["fold"], epochs,
-             metrics["val_dice"], metrics["val_postprocess"])
-    return {"epochs": epochs, **{k: v for k, v in metrics.items() if k.startswith("val_")},
-            "weights_sha256": weights_digest(net)}
+    log.info(
+        "fold %s: average of epochs %s: val_dice %.4f (%s)",
+        run.checkpoint_meta["fold"],
+        epochs,
+        metrics["val_dice"],
+        metrics["val_postprocess"],
+    )
+    return {
+        "epochs": epochs,
+        **{k: v for k, v in metrics.items() if k.startswith("val_")},
+        "weights_sha256": weights_digest(net),
+    }
 
 
-def _start_fold(cfg: DictConfig, data: PreparedData, fold: int, folder: Path, ctx: DistContext,
-                resume: bool | str, fingerprint: str) -> _FoldRun:
+def _start_fold(
+    cfg: DictConfig, data: PreparedData, fold: int, folder: Path, ctx: DistContext, resume: bool | str, fingerprint: str
+) -> _FoldRun:
     """Build the fold's loaders and trainer, and restore its state from ``last.pt`` when resuming."""
     train = cfg.train
     train_rows, val_rows = data.split(fold)
     seed = fold_seed(cfg.seed, fold)
     loader = train_loader(cfg, data, train_rows, ctx, seed)
-    val_rows_here = val_rows.iloc[ctx.rank::ctx.world_size]   # metrics are summed over the ranks' shares
-    val_loader = _loader(data.dataset(val_rows_here, normalize_from_model(to_dict(cfg.model))),
-                         int(train.val_batch_size), int(train.num_workers), ctx)
+    val_rows_here = val_rows.iloc[ctx.rank :: ctx.world_size]  # metrics are summed over the ranks' shares
+    val_loader = _loader(
+        data.dataset(val_rows_here, normalize_from_model(to_dict(cfg.model))),
+        int(train.val_batch_size),
+        int(train.num_workers),
+        ctx,
+    )
     updates_per_epoch = math.ceil(len(loader) / int(train.accumulation_steps))
     torch.backends.cudnn.benchmark = not train.deterministic
     torch.use_deterministic_algorithms(bool(train.deterministic), warn_only=True)
     trainer = Trainer.from_config(cfg, ctx, updates_per_epoch, seed, initial_weights_path(cfg, fold, data.folds))
     monitor = str(train.monitor)
     check_average_top_k(train.average_top_k, int(train.keep_best))
-    keepers = [BestCheckpoints(where, int(train.keep_best), metric_mode(monitor), monitor)
-               for where in [folder] + [layout.checkpoints_dir(folder, "ema")] * (trainer.ema is not None)]
+    keepers = [
+        BestCheckpoints(where, int(train.keep_best), metric_mode(monitor), monitor)
+        for where in [folder] + [layout.checkpoints_dir(folder, "ema")] * (trainer.ema is not None)
+    ]
     history = _restore(trainer, keepers, folder, ctx, fingerprint, strict=resume is True) if resume else []
     if ctx.is_main:
         _clear_outputs(folder, fresh=not history)
     ctx.barrier()
-    meta = {"model": to_dict(cfg.model), "image_size": int(train.image_size), "fold": int(fold),
-            "monitor": monitor, "fingerprint": fingerprint}
-    return _FoldRun(loader, val_loader, trainer, keepers[0], history,
-                    [build_postprocessor(block) for block in train.val_postprocess], meta,
-                    keepers[1] if len(keepers) > 1 else None)
+    meta = {
+        "model": to_dict(cfg.model),
+        "image_size": int(train.image_size),
+        "fold": int(fold),
+        "monitor": monitor,
+        "fingerprint": fingerprint,
+    }
+    return _FoldRun(
+        loader,
+        val_loader,
+        trainer,
+        keepers[0],
+        history,
+        [build_postprocessor(block) for block in train.val_postprocess],
+        meta,
+        keepers[1] if len(keepers) > 1 else None,
+    )
 
 
-def _run_epoch(run: _FoldRun, epoch: int, epochs: int, fold: int, folder: Path, ctx: DistContext, monitor: str,
-               fingerprint: str) -> None:
+def _run_epoch(
+    run: _FoldRun, epoch: int, epochs: int, fold: int, folder: Path, ctx: DistContext, monitor: str, fingerprint: str
+) -> None:
     """Train and validate one epoch, then (main rank) offer its weights as a best checkpoint, log it and write
     ``last.pt``."""
     trainer = run.trainer
     epoch_start, lr = time.time(), trainer.lr
-    cast(Any, run.loader.sampler).set_epoch(epoch)      # the sampler of :func:`_train_loader`
+    cast(Any, run.loader.sampler).set_epoch(epoch)  # the sampler of :func:`_train_loader`
     trainer.start_epoch(epoch)
-    progress = tqdm(run.loader, desc=f"fold {fold} epoch {epoch + 1}/{epochs}", leave=False,
-                    disable=not ctx.is_main)
+    progress = tqdm(run.loader, desc=f"fold {fold} epoch {epoch + 1}/{epochs}", leave=False, disable=not ctx.is_main)
     train_loss = trainer.train_epoch(progress)
     metrics = trainer.validate(run.val_loader, run.postprocessors)
     trainer.schedule.after_validation(metrics)
-    ema_metrics = {} if trainer.ema is None else trainer.validate(run.val_loader, run.postprocessors,
-                                                                  net=trainer.ema.module)
-    row = {"epoch": epoch + 1, "lr": lr, "train_loss": train_loss, **metrics,
-           **{_EMA + k: v for k, v in ema_metrics.items()}, "seconds": round(time.time() - epoch_start, 2)}
+    ema_metrics = (
+        {} if trainer.ema is None else trainer.validate(run.val_loader, run.postprocessors, net=trainer.ema.module)
+    )
+    row = {
+        "epoch": epoch + 1,
+        "lr": lr,
+        "train_loss": train_loss,
+        **metrics,
+        **{_EMA + k: v for k, v in ema_metrics.items()},
+        "seconds": round(time.time() - epoch_start, 2),
+    }
     run.history.append(row)
     if ctx.is_main:
         rank = _offer(run.best, run, trainer.net, epoch + 1, metrics[monitor])
         if run.ema_best is not None and trainer.ema is not None:
             _offer(run.ema_best, run, trainer.ema.module, epoch + 1, ema_metrics[monitor])
         write_csv(layout.fold_log_path(folder), pd.DataFrame(run.history))
-        save_checkpoint(folder / LAST_FILE, {
-            "format": CHECKPOINT_FORMAT, "fingerprint": fingerprint, "epoch": epoch + 1,
-            "trainer": trainer.state_dict(), "history": run.history, "rng": torch.get_rng_state()})
-        log.info("fold %d epoch %d/%d: lr %.2e train_loss %.4f val_loss %.4f val_dice %.4f (%s) "
-                 "pos %.3f, %.1f s%s", fold, epoch + 1, epochs, lr, train_loss, metrics["val_loss"],
-                 metrics["val_dice"], metrics["val_postprocess"], metrics["val_dice_pos"], row["seconds"],
-                 f"  (best #{rank})" if rank else "")
+        save_checkpoint(
+            folder / LAST_FILE,
+            {
+                "format": CHECKPOINT_FORMAT,
+                "fingerprint": fingerprint,
+                "epoch": epoch + 1,
+                "trainer": trainer.state_dict(),
+                "history": run.history,
+                "rng": torch.get_rng_state(),
+            },
+        )
+        log.info(
+            "fold %d epoch %d/%d: lr %.2e train_loss %.4f val_loss %.4f val_dice %.4f (%s) pos %.3f, %.1f s%s",
+            fold,
+            epoch + 1,
+            epochs,
+            lr,
+            train_loss,
+            metrics["val_loss"],
+            metrics["val_dice"],
+            metrics["val_postprocess"],
+            metrics["val_dice_pos"],
+            row["seconds"],
+            f"  (best #{rank})" if rank else "",
+        )
     ctx.barrier()
 
 
 def _offer(keeper: BestCheckpoints, run: _FoldRun, net: nn.Module, epoch: int, score: float) -> int | None:
     """Offer ``net``'s weights after ``epoch`` to ``keeper`` -> the rank it got, or None."""
-    return keeper.offer(epoch, score, lambda: {**run.checkpoint_meta, "state_dict": net.state_dict(),
-                                               "epoch": epoch, "score": float(score)})
+    return keeper.offer(
+        epoch,
+        score,
+        lambda: {**run.checkpoint_meta, "state_dict": net.state_dict(), "epoch": epoch, "score": float(score)},
+    )
 
 
-def _restore(trainer: Trainer, keepers: Sequence[BestCheckpoints], folder: Path, ctx: DistContext,
-             fingerprint: str, strict: bool) -> list[dict]:
+def _restore(
+    trainer: Trainer, keepers: Sequence[BestCheckpoints], folder: Path, ctx: DistContext, fingerprint: str, strict: bool
+) -> list[dict]:
     """Load ``last.pt`` into ``trainer`` (and re-rank the best files of each keeper) -> the log so far; []
     without ``last.pt`` or, unless ``strict``, with a ``last.pt`` written for another config."""
     path = folder / LAST_FILE
@@ -567,8 +681,9 @@ def _restore(trainer: Trainer, keepers: Sequence[BestCheckpoints], folder: Path,
         if not strict:
             log.info("%s was written for another config; starting the fold afresh", path)
             return []
-        raise ConfigError(f"{path} was written for a different config (or folds); rerun without --resume to "
-                          f"train this fold afresh")
+        raise ConfigError(
+            f"{path} was written for a different config (or folds); rerun without --resume to train this fold afresh"
+        )
     trainer.load_state_dict(state["trainer"])
     torch.set_rng_state(state["rng"])
     if ctx.is_main:
@@ -587,15 +702,23 @@ def check_oof_recipe(cfg: DictConfig) -> None:
     """
     top_k, keep = int(cfg.predict.top_k), int(cfg.train.keep_best)
     if not 1 <= top_k <= keep:
-        raise ConfigError(f"predict.top_k={top_k} must be between 1 and train.keep_best={keep}: the OOF "
-                          f"predictions and stage 05 average that many of the checkpoints each fold keeps")
+        raise ConfigError(
+            f"predict.top_k={top_k} must be between 1 and train.keep_best={keep}: the OOF "
+            f"predictions and stage 05 average that many of the checkpoints each fold keeps"
+        )
     oof_size, image_size = int(cfg.train.oof_size), int(cfg.train.image_size)
     if oof_size < image_size:
-        log.warning("train.oof_size=%d is below train.image_size=%d: the OOF maps are area-averaged to %d px and "
-                    "then brought back to the original size, while stage 05 brings the %d px output back directly; "
-                    "thin lesions score lower, so the searched thresholds may be off for them. Set "
-                    "train.oof_size=%d if the disk allows.", oof_size, image_size, oof_size, image_size,
-                    image_size)
+        log.warning(
+            "train.oof_size=%d is below train.image_size=%d: the OOF maps are area-averaged to %d px and "
+            "then brought back to the original size, while stage 05 brings the %d px output back directly; "
+            "thin lesions score lower, so the searched thresholds may be off for them. Set "
+            "train.oof_size=%d if the disk allows.",
+            oof_size,
+            image_size,
+            oof_size,
+            image_size,
+            image_size,
+        )
 
 
 def write_oof(cfg: DictConfig, data: PreparedData, val_rows: pd.DataFrame, folder: Path, ctx: DistContext) -> None:
@@ -606,7 +729,7 @@ def write_oof(cfg: DictConfig, data: PreparedData, val_rows: pd.DataFrame, folde
     post-processing on the maps the submission is made of.
     """
     train = cfg.train
-    models = [load_model(path, ctx.device) for path in best_files(folder)[:int(cfg.predict.top_k)]]
+    models = [load_model(path, ctx.device) for path in best_files(folder)[: int(cfg.predict.top_k)]]
     ids = val_rows["ImageId"].tolist()
     images = ImageFiles([data.image_dir / f"{i}.png" for i in ids])
     loader = _loader(images, int(train.val_batch_size), int(train.num_workers), ctx)
