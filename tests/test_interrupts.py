@@ -74,6 +74,8 @@ def test_ctrl_c_in_run_all_passes_130_through_without_failed(tiny_cfg, tmp_path)
     fold_dir = layout.fold_dir(cfg, 0)
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     # A new session: the signal goes to the whole group, as a terminal's Ctrl-C does.
+    # Its output goes to a file, not a pipe: unread, a pipe's buffer would fill and stall the run under load.
+    log = (tmp_path / "run_all.log").open("w")
     process = subprocess.Popen(
         [
             "bash",
@@ -86,9 +88,8 @@ def test_ctrl_c_in_run_all_passes_130_through_without_failed(tiny_cfg, tmp_path)
             *overrides,
         ],
         env=env,
-        stdout=subprocess.PIPE,
+        stdout=log,
         stderr=subprocess.STDOUT,
-        text=True,
         start_new_session=True,
     )
     deadline = time.monotonic() + 300
@@ -96,7 +97,9 @@ def test_ctrl_c_in_run_all_passes_130_through_without_failed(tiny_cfg, tmp_path)
         assert process.poll() is None and time.monotonic() < deadline, "training ended before it could be stopped"
         time.sleep(0.05)
     os.killpg(process.pid, signal.SIGINT)
-    output, _ = process.communicate(timeout=120)
+    process.wait(timeout=300)
+    log.close()
+    output = (tmp_path / "run_all.log").read_text()
     assert process.returncode == 130, output
     assert "failed" not in output and "Traceback" not in output, output
     assert output.count("interrupted in fold 0, epoch ") == 1, output

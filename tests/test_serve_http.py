@@ -100,7 +100,12 @@ def test_ping(server):
     status, headers, body = call(server.port, "GET", "/ping")
     manifest = json.loads((server.package.parent / "manifest.json").read_text())
     assert status == 200 and headers["Content-Type"] == "application/json"
-    assert json.loads(body) == {"status": "ready", "model": "tiny", "version": manifest["version"]}
+    assert json.loads(body) == {
+        "status": "ready",
+        "model": "tiny",
+        "version": manifest["version"],
+        "runtime": "onnxruntime",
+    }
 
 
 def test_service_answers_503_until_the_model_is_loaded():
