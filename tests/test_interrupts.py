@@ -66,7 +66,8 @@ def test_ctrl_c_in_run_all_passes_130_through_without_failed(tiny_cfg, tmp_path)
         f"paths.input_dir={tmp_path / 'input'}",
         f"paths.output_root={tmp_path / 'output'}",
         f"data.image_size={SIZE}",
-        "train.epochs=50",
+        "train.epochs=5000",  # far more than the run lasts: a late Ctrl-C must still find it training
+        "train.early_stopping=null",
         "train.folds=[0]",
     ]
     cfg = tiny_cfg(*overrides[2:])
