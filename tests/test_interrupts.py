@@ -92,6 +92,9 @@ def test_ctrl_c_in_run_all_passes_130_through_without_failed(tiny_cfg, tmp_path)
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,
+        # As a terminal's shell starts a command: with SIGINT's default action, even where this test runs in the
+        # background of a non-interactive shell (which ignores SIGINT, and an ignored signal stays ignored in children).
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.monotonic() + 300
     while not (fold_dir / "last.pt").exists():  # the first epoch is done
