@@ -96,13 +96,18 @@ def test_ctrl_c_in_run_all_passes_130_through_without_failed(tiny_cfg, tmp_path)
         # background of a non-interactive shell (which ignores SIGINT, and an ignored signal stays ignored in children).
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
-    deadline = time.monotonic() + 300
-    while not (fold_dir / "last.pt").exists():  # the first epoch is done
-        assert process.poll() is None and time.monotonic() < deadline, "training ended before it could be stopped"
-        time.sleep(0.05)
-    os.killpg(process.pid, signal.SIGINT)
-    process.wait(timeout=300)
-    log.close()
+    try:
+        deadline = time.monotonic() + 300
+        while not (fold_dir / "last.pt").exists():  # the first epoch is done
+            assert process.poll() is None and time.monotonic() < deadline, "training ended before it could be stopped"
+            time.sleep(0.05)
+        os.killpg(process.pid, signal.SIGINT)
+        process.wait(timeout=300)
+    finally:  # a run the signal did not stop must not go on training after the test
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        log.close()
     output = (tmp_path / "run_all.log").read_text()
     assert process.returncode == 130, output
     assert "failed" not in output and "Traceback" not in output, output
