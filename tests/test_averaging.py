@@ -170,6 +170,21 @@ def test_a_fold_with_top_k_averaging_saves_validates_and_predicts_the_averaged_w
 
 
 @pytest.mark.slow
+def test_top_k_averaging_leaves_the_statistics_that_freeze_bn_froze(fold_cfg):
+    cfg = fold_cfg("train.average_top_k=2", "train.freeze_bn=true")
+    train_stage.run(cfg)
+    fold_dir = layout.fold_dir(cfg, 0)
+    sources = [load_checkpoint(path)["state_dict"] for path in best_files(fold_dir)]
+    weights = load_checkpoint(layout.checkpoints_dir(fold_dir, "averaged") / "best_1.pt")["state_dict"]
+    encoder = [name for name in weights if name.startswith("encoder.") and name.endswith("running_var")]
+    decoder = [name for name in weights if name.startswith("decoder.") and name.endswith("running_var")]
+    assert encoder and decoder
+    for name in encoder:  # frozen in training, so every checkpoint holds the same; the average keeps them
+        assert torch.equal(weights[name], sources[0][name]) and torch.equal(weights[name], sources[1][name]), name
+    assert all(not torch.equal(weights[name], sources[0][name]) for name in decoder)  # recomputed
+
+
+@pytest.mark.slow
 def test_a_crashed_fold_with_averaging_resumes_to_the_same_averaged_weights(fold_cfg, tmp_path, monkeypatch):
     overrides = ("train.ema={decay: 0.5}", "train.average_top_k=2")
     reference = train_stage.run(fold_cfg(*overrides))["folds"][0]

@@ -112,7 +112,7 @@ def test_a_folder_gives_rows_masks_overlays_segs_and_a_review_page(package, xray
         assert np.array_equal(decode(row["EncodedPixels"], *shape), mask)
         assert row["has_pneumothorax"] == "true" and row["in_scope"] == "true"
         assert int(row["area_pixels"]) == mask.sum() and 0 <= float(row["probability"]) <= 1
-        overlay = cv2.imread(str(output / "overlays" / f"{source}.png"))
+        overlay = cv2.imread(str(output / "overlays" / f"{source}.jpg"))
         assert overlay.shape[1] == shape[1] and overlay.shape[0] > shape[0]  # the caption bar on top
     dicom = rows["a1.dcm"]
     assert dicom["SOPInstanceUID"] == "1.2.3.1" and dicom["StudyInstanceUID"] == "1.2.4.1"

@@ -181,16 +181,29 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 
 def write_png(path: str | os.PathLike, image: np.ndarray) -> None:
-    """Write an 8-bit grey (HxW) or colour (HxWx3, RGB) image as PNG, atomically (see :func:`write_bytes`).
+    """Write an 8-bit grey (HxW) or colour (HxWx3, RGB) image, or a 16-bit grey one, as PNG, atomically (see
+    :func:`write_bytes`).
 
     OpenCV encodes in memory and Python writes the file: OpenCV's own file functions take no name that is not
     UTF-8 (a surrogate-escaped one crashes them) and report success on a full disk."""
+    write_bytes(path, _encode(path, image, ".png", []))
+
+
+def write_jpeg(path: str | os.PathLike, image: np.ndarray, quality: int = 90) -> None:
+    """Write an 8-bit grey or RGB image as JPEG at ``quality``, atomically, without chroma subsampling, so that thin
+    coloured lines keep their colour (for pictures people look at: a tenth of a PNG's bytes and time)."""
+    params = [cv2.IMWRITE_JPEG_QUALITY, quality, cv2.IMWRITE_JPEG_SAMPLING_FACTOR, cv2.IMWRITE_JPEG_SAMPLING_FACTOR_444]
+    write_bytes(path, _encode(path, image, ".jpg", params))
+
+
+def _encode(path: str | os.PathLike, image: np.ndarray, extension: str, params: list[int]) -> bytes:
+    """``image`` (RGB when it has three channels) encoded by OpenCV as ``extension``."""
     if image.ndim == 3:
         image = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
-    encoded, data = cv2.imencode(".png", image)
+    encoded, data = cv2.imencode(extension, image, params)
     if not encoded:
-        raise DataError(f"could not write PNG {path}: OpenCV refused an array of shape {image.shape}")
-    write_bytes(path, data.tobytes())
+        raise DataError(f"could not write {path}: OpenCV refused an array of shape {image.shape}")
+    return data.tobytes()
 
 
 def read_png(path: str | os.PathLike) -> np.ndarray:

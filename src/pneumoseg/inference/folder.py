@@ -17,7 +17,7 @@ Outputs in ``--output``, written as the run goes:
   ImagerPixelSpacing), EncodedPixels (the package's or config's run-length form, ``-1`` when empty), in_scope and a
   note (why an image is out of scope);
 * ``masks/<path>.png``: the mask, 0 or 255, at the image's size;
-* ``overlays/<path>.png``: the X-ray with the probability map and the mask's outline (:mod:`pneumoseg.reports.review`);
+* ``overlays/<path>.jpg``: the X-ray with the probability map and the mask's outline (:mod:`pneumoseg.reports.review`);
 * ``seg/<path>.seg.dcm`` for a DICOM: a binary DICOM SEG referencing it (:mod:`pneumoseg.inference.dicom_seg`);
 * ``probabilities/<path>.png`` with ``--probabilities``: the probability map as a 16-bit PNG (value / 65535);
 * ``errors.csv``: the files that could not be read, and why;
@@ -54,7 +54,7 @@ from pneumoseg import stage_table
 from pneumoseg.config import fingerprint, is_ensemble, load_config
 from pneumoseg.errors import ConfigError, DataError, PneumosegError
 from pneumoseg.inference.ledger import Ledger
-from pneumoseg.inference.outputs import OVERLAYS, area_mm2, write_outputs
+from pneumoseg.inference.outputs import area_mm2, overlay_name, write_outputs
 from pneumoseg.inference.predictor import EnsemblePredictor, Prediction, Predictor
 from pneumoseg.inference.sources import ReadFailure, SourceImage, find_images, read_source
 from pneumoseg.logs import setup_logging
@@ -323,7 +323,7 @@ def _flag(value: bool) -> str:
 
 def _overlay_link(row: dict[str, str]) -> str:
     """The overlay of a predicted row, relative to the review page ("" when not predicted)."""
-    return f"{OVERLAYS}/{row['source']}.png" if row["EncodedPixels"] else ""
+    return overlay_name(row["source"]) if row["EncodedPixels"] else ""
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

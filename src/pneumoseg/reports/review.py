@@ -43,10 +43,12 @@ def overlay(image: np.ndarray, probs: np.ndarray, mask: np.ndarray, caption: str
     grey = cv2.resize(image, size, interpolation=cv2.INTER_AREA) if scale < 1 else image
     probs = np.clip(cv2.resize(probs, size, interpolation=cv2.INTER_AREA) if scale < 1 else probs, 0, 1)
     small_mask = cv2.resize(mask.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST) if scale < 1 else mask
-    heat = cv2.cvtColor(cv2.applyColorMap((probs * 255).astype(np.uint8), cv2.COLORMAP_INFERNO), cv2.COLOR_BGR2RGB)
-    alpha = (probs * HEAT_OPACITY)[..., None]
-    rgb = np.repeat(grey[..., None], 3, axis=2).astype(np.float32)
-    blended = (rgb * (1 - alpha) + heat.astype(np.float32) * alpha).round().astype(np.uint8)
+    heat = cv2.applyColorMap(cv2.convertScaleAbs(probs, alpha=255), cv2.COLORMAP_INFERNO)
+    # OpenCV's per-pixel weighted sum: several times faster than the same blend in numpy's float arithmetic
+    opacity = (probs * HEAT_OPACITY).astype(np.float32)
+    blended = cv2.blendLinear(
+        cv2.cvtColor(heat, cv2.COLOR_BGR2RGB), cv2.cvtColor(grey, cv2.COLOR_GRAY2RGB), opacity, 1 - opacity
+    )
     contours, _ = cv2.findContours(
         np.ascontiguousarray(small_mask, dtype=np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE
     )

@@ -67,6 +67,19 @@ def freeze_encoder_batchnorm(net: nn.Module) -> None:
             module.eval()
 
 
+def encoder_batchnorm_statistics(net: nn.Module) -> dict[str, torch.Tensor]:
+    """Copies of the running statistics of the encoder's BatchNorm layers, by their names in ``net.state_dict()``
+    (to put back with ``net.load_state_dict(..., strict=False)`` after something recomputed every layer's)."""
+    encoder = encoder_of(net)
+    prefix = next(name for name, module in net.named_modules() if module is encoder)
+    return {
+        f"{prefix}.{layer}.{name}" if layer else f"{prefix}.{name}": buffer.clone()
+        for layer, module in encoder.named_modules()
+        if isinstance(module, nn.modules.batchnorm._BatchNorm)
+        for name, buffer in module.named_buffers(recurse=False)
+    }
+
+
 def check_freeze_settings(freeze_encoder_epochs: int, distributed: bool) -> None:
     """Refuse a negative epoch count, and a frozen encoder under torchrun (DistributedDataParallel expects every
     weight it was built with to get a gradient)."""

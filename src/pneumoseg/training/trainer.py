@@ -83,6 +83,7 @@ from pneumoseg.training.checkpoints import BestCheckpoints
 from pneumoseg.training.distributed import DistContext
 from pneumoseg.training.finetune import (
     check_freeze_settings,
+    encoder_batchnorm_statistics,
     freeze_encoder_batchnorm,
     initial_weights_path,
     load_initial_weights,
@@ -512,12 +513,15 @@ def _averaging_summary(run: _FoldRun, monitor: str) -> dict[str, Any]:
 
 
 def _average_top_k(run: _FoldRun, top_k: int, folder: Path, ctx: DistContext, monitor: str) -> dict[str, Any]:
-    """Average the fold's ``top_k`` best checkpoints, recompute BatchNorm statistics over the training loader,
-    validate, and (main rank) save the result as ``averaged/best_1.pt`` -> the epochs averaged, the metrics and
-    the weights' digest (identical on every rank)."""
+    """Average the fold's ``top_k`` best checkpoints, recompute BatchNorm statistics over the training loader
+    (except the encoder's under ``train.freeze_bn``, which stay as frozen), validate, and (main rank) save the
+    result as ``averaged/best_1.pt`` -> the epochs averaged, the metrics and the weights' digest (identical on every
+    rank)."""
     paths = best_files(folder)[:top_k]
     net = average_checkpoints(run.trainer.net, paths)
+    frozen = encoder_batchnorm_statistics(net) if run.trainer.freeze_bn else {}
     update_bn(run.loader, net, device=ctx.device)
+    net.load_state_dict(frozen, strict=False)
     ctx.broadcast_buffers(net)
     metrics = run.trainer.validate(run.val_loader, run.postprocessors, net=net)
     epochs = [int(load_checkpoint(path)["epoch"]) for path in paths]
