@@ -258,9 +258,6 @@ def test_bad_arguments_are_named(package, xrays, tmp_path, caplog):
     assert "input folder" in caplog.text and "Traceback" not in caplog.text
     with pytest.raises(ConfigError, match="is a package"), folder.open_model(package, ["tta.hflip=false"]):
         pass
-    ensemble = Path(__file__).resolve().parents[1] / "configs" / "demo_ensemble.yaml"
-    with pytest.raises(ConfigError, match="ensemble config: build its package"), folder.open_model(ensemble):
-        pass
 
 
 @pytest.mark.slow  # stages 00-02 and 05 on the tiny demo: about 20 s
