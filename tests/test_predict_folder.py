@@ -260,6 +260,18 @@ def test_bad_arguments_are_named(package, xrays, tmp_path, caplog):
         pass
 
 
+def test_an_experiment_whose_training_did_not_finish_is_named(tiny_cfg, tmp_path, caplog):
+    cfg = tiny_cfg()
+    write_fake_training(cfg)
+    done = layout.train_dir(cfg) / "done.json"
+    done.unlink()  # a training stopped before its last fold: checkpoints, but no done.json
+    config = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+    paths = [f"paths.input_dir={cfg.paths.input_dir}", f"paths.output_root={cfg.paths.output_root}"]
+    (tmp_path / "xrays").mkdir()
+    assert _predict(config, tmp_path / "xrays", tmp_path / "out", *paths) == 1
+    assert f"{done} is missing. Run scripts/03_train.py first" in caplog.text and "Traceback" not in caplog.text
+
+
 @pytest.mark.slow  # stages 00-02 and 05 on the tiny demo: about 20 s
 def test_the_demos_test_dicoms_get_exactly_the_masks_of_stage_05(tiny_cfg, tmp_path):
     from pneumoseg.stages import convert, demo_data, predict, prepare_labels
