@@ -21,7 +21,8 @@ Outputs in ``${paths.experiment_dir}/05_predict/``:
 On an ensemble config the models are those of the members stage 04 chose (``04_search/ensemble.json``), each member
 predicting its own PNGs (its ``train.image_size``) with its own folds and TTA; the maps are blended at each image's
 original size with the weights and post-processed with the ensemble's ``thresholds.json``
-(:class:`pneumoseg.inference.predictor.EnsemblePredictor`).
+(:class:`pneumoseg.inference.predictor.EnsemblePredictor`). Either predictor is built by
+:func:`pneumoseg.inference.experiments.build_predictor`, as stage 06 and ``pneumoseg predict --model CONFIG`` build it.
 
 Images stream through in batches of ``predict.batch_size``; only each image's run-length string is kept, so
 memory does not grow with the test set. The stage reruns when the config sections the predictions depend on
