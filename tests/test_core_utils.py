@@ -6,7 +6,8 @@ from pneumoseg.errors import ConfigError, DataError
 from pneumoseg.evaluation.metrics import competition_dice, dice_per_image
 from pneumoseg.io import atomic_open, read_png, write_png
 from pneumoseg.registry import Registry
-from pneumoseg.stages.record import StageRecord, require_finished
+from pneumoseg.stage_table import require_finished
+from pneumoseg.stages.record import StageRecord
 
 
 def test_atomic_open_keeps_old_file_when_the_writer_fails(tmp_path):

@@ -3,8 +3,10 @@ server, on two tiny member experiments of different sizes and weights."""
 
 from __future__ import annotations
 
+import csv
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import cv2
@@ -24,6 +26,9 @@ from pneumoseg.data.resize import resize_probabilities
 from pneumoseg.errors import ConfigError, DataError
 from pneumoseg.evaluation import leaderboard
 from pneumoseg.evaluation.metrics import dice_per_image
+from pneumoseg.evaluation.submission import read_submission
+from pneumoseg.inference import folder as predict_command
+from pneumoseg.inference.experiments import build_predictor
 from pneumoseg.inference.predictor import EnsemblePredictor, Predictor
 from pneumoseg.io import read_png, write_csv, write_json, write_text
 from pneumoseg.postprocess.images import BlendedImages, OofImages
@@ -363,9 +368,70 @@ def test_stage_05_uses_only_the_chosen_members(trained_ensemble):
         "postprocess": THRESHOLD,
     }
     ensemble.write_choice(cfg, members, [candidate], 0)
-    predictor = predict_stage.build_predictor(cfg, device="cpu")
+    predictor = build_predictor(cfg, device="cpu")
     assert predictor.names == ["tiny_b"] and predictor.image_sizes == (32,)
     assert predict_stage.run(cfg)["models"] == 2
+
+
+def _predict_folder(config: Path, images: Path, output: Path) -> int:
+    """``pneumoseg predict --model CONFIG`` on a folder of images, decoding in this process; its exit code."""
+    return predict_command.main(
+        ["--model", str(config), "--input", str(images), "--output", str(output), "--workers", "0"]
+    )
+
+
+@pytest.mark.slow  # stage 05, then the command, on 5 images: about 7 s
+def test_the_predict_command_on_the_ensemble_config_gives_exactly_stage_05s_masks(trained_ensemble, tmp_path):
+    cfg, _ = trained_ensemble
+    predict_stage.run(cfg)
+    submission = {row.image_id: row.encoded for row in read_submission(layout.submission_path(cfg))[0]}
+    images = tmp_path / "new_xrays"
+    images.mkdir()
+    for image_id in submission:  # the test images at their original size (64 px) as new X-rays
+        shutil.copy(layout.images_dir(cfg, 64) / f"{image_id}.png", images / f"{image_id}.png")
+    assert _predict_folder(tmp_path / "ensemble.yaml", images, tmp_path / "out") == 0
+    with open(tmp_path / "out" / predict_command.PREDICTIONS_FILE, newline="") as handle:
+        found = {Path(row["source"]).stem: row["EncodedPixels"] for row in csv.DictReader(handle)}
+    assert found == submission
+    assert any(encoded != "-1" for encoded in found.values())  # masks, not only empty images
+
+
+def test_the_ensemble_configs_model_is_versioned_by_its_chosen_members(trained_ensemble, tmp_path, monkeypatch):
+    cfg, members = trained_ensemble
+    with predict_command.open_model(tmp_path / "ensemble.yaml", device="cpu") as model:
+        assert isinstance(model.predictor, EnsemblePredictor) and model.predictor.names == ["tiny_a", "tiny_b"]
+        assert (model.name, model.fmt) == ("tiny_ensemble", str(cfg.predict.fmt))
+        assert model.version == f"tiny_ensemble-{predict_command.config_version(cfg)[:12]}"
+    both = predict_command.config_version(cfg)
+    retrained = [replace(members[0], cfg=OmegaConf.merge(members[0].cfg, {"train": {"epochs": 9}})), members[1]]
+    reweighted = [replace(members[0], weight=2.0), members[1]]
+    only_b = {"members": ["tiny_b"], "weights": [3.0], "oof_score": 0.5, "nested_score": 0.5, "postprocess": THRESHOLD}
+    ensemble.write_choice(cfg, members, [only_b], 0)
+    versions = [predict_command.config_version(cfg)]
+    for chosen in (retrained, reweighted):
+        with monkeypatch.context() as patch:
+            patch.setattr(predict_command, "chosen_members", lambda _, chosen=chosen: chosen)
+            versions.append(predict_command.config_version(cfg))
+    assert len({both, *versions}) == 4
+
+
+@pytest.mark.parametrize(
+    "undo, script",
+    [
+        (lambda cfg, members: layout.ensemble_path(cfg), "scripts/04_search_thresholds.py on the ensemble config"),
+        (lambda cfg, members: layout.train_dir(members[1].cfg) / "done.json", "scripts/train_members.py"),
+    ],
+    ids=["no stage 04", "a member without stage 03"],
+)
+def test_the_predict_command_names_an_ensembles_unfinished_stage(trained_ensemble, tmp_path, caplog, undo, script):
+    cfg, members = trained_ensemble
+    missing = undo(cfg, members)
+    missing.unlink()
+    (tmp_path / "new_xrays").mkdir()
+    assert _predict_folder(tmp_path / "ensemble.yaml", tmp_path / "new_xrays", tmp_path / "out") == 1
+    [error] = [record.getMessage() for record in caplog.records if record.levelname == "ERROR"]
+    assert str(missing) in error and script in error and "\n" not in error
+    assert "Traceback" not in caplog.text
 
 
 def test_package_and_server_round_trip_on_the_ensemble(trained_ensemble, tmp_path):
@@ -383,7 +449,7 @@ def test_package_and_server_round_trip_on_the_ensemble(trained_ensemble, tmp_pat
     ]
     assert all(len(m["sha256"]) == 64 for m in manifest["models"])
     image = np.random.default_rng(5).integers(0, 256, (70, 90), dtype=np.uint8)
-    [expected] = predict_stage.build_predictor(cfg, device="cpu").predict([image])
+    [expected] = build_predictor(cfg, device="cpu").predict([image])
     with package_format.open_package(layout.package_path(cfg)) as folder:
         assert (folder / "tiny_b" / "config.yaml").is_file()
         loaded = package_format.load_package(folder, device="cpu", runtime="torch")

@@ -258,9 +258,18 @@ def test_bad_arguments_are_named(package, xrays, tmp_path, caplog):
     assert "input folder" in caplog.text and "Traceback" not in caplog.text
     with pytest.raises(ConfigError, match="is a package"), folder.open_model(package, ["tta.hflip=false"]):
         pass
-    ensemble = Path(__file__).resolve().parents[1] / "configs" / "demo_ensemble.yaml"
-    with pytest.raises(ConfigError, match="ensemble config: build its package"), folder.open_model(ensemble):
-        pass
+
+
+def test_an_experiment_whose_training_did_not_finish_is_named(tiny_cfg, tmp_path, caplog):
+    cfg = tiny_cfg()
+    write_fake_training(cfg)
+    done = layout.train_dir(cfg) / "done.json"
+    done.unlink()  # a training stopped before its last fold: checkpoints, but no done.json
+    config = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+    paths = [f"paths.input_dir={cfg.paths.input_dir}", f"paths.output_root={cfg.paths.output_root}"]
+    (tmp_path / "xrays").mkdir()
+    assert _predict(config, tmp_path / "xrays", tmp_path / "out", *paths) == 1
+    assert f"{done} is missing. Run scripts/03_train.py first" in caplog.text and "Traceback" not in caplog.text
 
 
 @pytest.mark.slow  # stages 00-02 and 05 on the tiny demo: about 20 s

@@ -15,7 +15,7 @@ The files a stage leaves in its folder (:func:`tracking` writes the last two, ar
 three):
 
 * ``done.json`` (:data:`DONE_FILE`): the stage finished, for the config whose fingerprint it holds
-  (:mod:`pneumoseg.stages.record`);
+  (:mod:`pneumoseg.stages.record`); what reads an earlier stage's outputs checks it with :func:`require_finished`;
 * ``.running.<host>.<pid>.json`` (:func:`tracking`): a process is running the stage; removed when it exits, and
   ignored once that process is gone (a killed run's marker is stale, not a running stage);
 * ``failed.json`` (:data:`FAILED_FILE`): the last run of the stage raised; the error's line. Removed when the stage
@@ -40,7 +40,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from pneumoseg.config import is_ensemble, load_config
-from pneumoseg.errors import PneumosegError
+from pneumoseg.errors import DataError, PneumosegError
 from pneumoseg.io import write_json
 
 Where = DictConfig | str | os.PathLike
@@ -148,6 +148,30 @@ def command(number: str, ensemble: bool = False) -> str:
 def run_first(number: str) -> str:
     """The fix of most "stage NN has not finished" messages: ``run <its script> first``."""
     return f"run {command(number)} first"
+
+
+def require_finished(folder: str | Path, number: str, stage_name: str | None = None, script: str | None = None) -> Path:
+    """Refuse to go on when an earlier stage has not finished in ``folder``.
+
+    Args:
+        folder: the earlier stage's folder, where its ``done.json`` must be.
+        number: the earlier stage, e.g. ``"03"``.
+        stage_name: the earlier stage as the user knows it (default ``"stage <number>"``).
+        script: what finishes it (default its script, :func:`command`).
+
+    Returns:
+        The path of that ``done.json``.
+
+    Raises:
+        DataError: ``done.json`` is missing; the message names it and the script to run.
+    """
+    done = Path(folder) / DONE_FILE
+    if not done.is_file():
+        raise DataError(
+            f"{stage_name or f'stage {number}'} has not finished: {done} is missing. "
+            f"Run {script or command(number)} first."
+        )
+    return done
 
 
 # The files of a stage's progress: running and failed markers.

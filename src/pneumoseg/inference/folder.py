@@ -5,9 +5,10 @@ and a review page out::
     pneumoseg predict --model configs/demo.yaml --input xrays/ --output predictions/ [key=value ...]
 
 ``--model`` is a stage-06 package (``model.tar.gz`` or the folder it extracts to; an ensemble's too) or an
-experiment config whose stages 03-04 have finished (overrides as ``key=value``). Either way the predictor is the
-one of stage 05, the server and the SageMaker handler (:mod:`pneumoseg.inference.predictor`): the same TTA, fold
-ensemble, resizing and post-processing, so the masks are those the submission and the endpoint give.
+experiment or ensemble config whose stages 03-04 have finished (overrides as ``key=value``; an ensemble predicts
+with the members its stage 04 chose). Either way the predictor is the one of stage 05, the server and the SageMaker
+handler (:mod:`pneumoseg.inference.predictor`): the same TTA, fold ensemble, member blend, resizing and
+post-processing, so the masks are those the submission and the endpoint give.
 
 Outputs in ``--output``, written as the run goes:
 
@@ -48,11 +49,12 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 
+from omegaconf import DictConfig
 from tqdm import tqdm
 
-from pneumoseg import stage_table
 from pneumoseg.config import fingerprint, is_ensemble, load_config
 from pneumoseg.errors import ConfigError, DataError, PneumosegError
+from pneumoseg.inference.experiments import build_predictor, chosen_members
 from pneumoseg.inference.ledger import Ledger
 from pneumoseg.inference.outputs import area_mm2, overlay_name, write_outputs
 from pneumoseg.inference.predictor import EnsemblePredictor, Prediction, Predictor
@@ -96,30 +98,26 @@ class Model:
 
 @contextlib.contextmanager
 def open_model(spec: str | os.PathLike, overrides: Sequence[str] = (), device: str = "auto") -> Iterator[Model]:
-    """The model of ``--model``: an experiment config (``.yaml``/``.yml``, with ``overrides``) predicts with its
-    finished stages 03-04 (:meth:`Predictor.from_experiment`, as stage 05); anything else is a model package (an
-    ensemble's too), extracted for the block's duration when it is an archive
+    """The model of ``--model``: an experiment or ensemble config (``.yaml``/``.yml``, with ``overrides``) predicts
+    with its finished stages 03-04, as stage 05 does (:func:`pneumoseg.inference.experiments.build_predictor`);
+    anything else is a model package (an ensemble's too), extracted for the block's duration when it is an archive
     (:func:`pneumoseg.serve.package.load_package`).
 
+    Args:
+        spec: the config file or the package (``model.tar.gz`` or the folder it extracts to).
+        overrides: ``key=value`` overrides of a config.
+        device: ``auto``, ``cpu`` or ``cuda``.
+
     Raises:
-        ConfigError: a bad config, an ensemble config (its package is what predicts it outside the stages), or
-            overrides given with a package.
-        DataError: unfinished stages, or a missing or damaged package.
+        ConfigError: a bad config, or overrides given with a package.
+        DataError: unfinished stages (of an ensemble's members too), or a missing or damaged package.
     """
     path = Path(spec)
     if path.suffix.lower() in (".yaml", ".yml"):
         cfg = load_config(path, overrides)
-        if is_ensemble(cfg):
-            raise ConfigError(
-                f"{path} is an ensemble config: build its package (stage 06, "
-                f"{stage_table.command('06')} --config {path}) and give --model its model.tar.gz"
-            )
-        predictor = Predictor.from_experiment(cfg, device)
+        predictor = build_predictor(cfg, device)
         yield Model(
-            predictor,
-            str(cfg.experiment),
-            f"{cfg.experiment}-{fingerprint(cfg, _MODEL_SECTIONS)[:12]}",
-            str(cfg.predict.fmt),
+            predictor, str(cfg.experiment), f"{cfg.experiment}-{config_version(cfg)[:12]}", str(cfg.predict.fmt)
         )
         return
     if overrides:
@@ -130,6 +128,19 @@ def open_model(spec: str | os.PathLike, overrides: Sequence[str] = (), device: s
     with open_package(path) as folder:
         served = load_package(folder, device)
         yield Model(served.predictor, served.name, served.version, served.fmt)
+
+
+def config_version(cfg: DictConfig) -> str:
+    """A hash of what a config-built model predicts with: the config's prediction sections and, for an ensemble,
+    each chosen member's weight and prediction sections (a member retrained with other settings changes it).
+
+    Raises:
+        DataError: as :func:`pneumoseg.inference.experiments.chosen_members`.
+    """
+    if not is_ensemble(cfg):
+        return fingerprint(cfg, _MODEL_SECTIONS)
+    members = {m.name: [m.weight, fingerprint(m.cfg, _MODEL_SECTIONS)] for m in chosen_members(cfg)}
+    return fingerprint(cfg, _MODEL_SECTIONS, {"members": members})
 
 
 def run(

@@ -54,6 +54,7 @@ from pneumoseg.data import labels as lb
 from pneumoseg.data.testset import image_sizes, test_set
 from pneumoseg.errors import DataError
 from pneumoseg.evaluation.submission import score_submission, write_submission
+from pneumoseg.inference.experiments import build_predictor, chosen_members
 from pneumoseg.inference.fold_models import FoldModel
 from pneumoseg.inference.predictor import EnsemblePredictor, Predictor, make_predictions
 from pneumoseg.inference.runtime import ONNXRUNTIME, TORCH, Agreement, export_onnx, onnx_name, with_runtime
@@ -68,9 +69,8 @@ from pneumoseg.serve.package import (
     source_files,
     write_package,
 )
-from pneumoseg.stages import ensemble
-from pneumoseg.stages.predict import build_predictor, test_labels_path
-from pneumoseg.stages.record import StageRecord, require_finished
+from pneumoseg.stages.predict import test_labels_path
+from pneumoseg.stages.record import StageRecord
 
 log = logging.getLogger(__name__)
 
@@ -87,9 +87,7 @@ def run(cfg: DictConfig, force: bool = False) -> dict[str, Any]:
         DataError: stage 03 has not finished, or a checkpoint or ``thresholds.json`` is missing.
         ConfigError: a bad ``predict`` section.
     """
-    members = ensemble.chosen_members(cfg) if is_ensemble(cfg) else []
-    if not members:
-        require_finished(layout.train_dir(cfg), "03")
+    members = chosen_members(cfg) if is_ensemble(cfg) else []
     predictor = build_predictor(cfg, device="cpu", runtime=TORCH)
     if isinstance(predictor, EnsemblePredictor):
         files = {

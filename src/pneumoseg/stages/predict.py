@@ -21,7 +21,8 @@ Outputs in ``${paths.experiment_dir}/05_predict/``:
 On an ensemble config the models are those of the members stage 04 chose (``04_search/ensemble.json``), each member
 predicting its own PNGs (its ``train.image_size``) with its own folds and TTA; the maps are blended at each image's
 original size with the weights and post-processed with the ensemble's ``thresholds.json``
-(:class:`pneumoseg.inference.predictor.EnsemblePredictor`).
+(:class:`pneumoseg.inference.predictor.EnsemblePredictor`). Either predictor is built by
+:func:`pneumoseg.inference.experiments.build_predictor`, as stage 06 and ``pneumoseg predict --model CONFIG`` build it.
 
 Images stream through in batches of ``predict.batch_size``; only each image's run-length string is kept, so
 memory does not grow with the test set. The stage reruns when the config sections the predictions depend on
@@ -52,15 +53,15 @@ from pneumoseg.demo.layouts import TEST_LABELS
 from pneumoseg.errors import ConfigError, DataError
 from pneumoseg.evaluation import sanity
 from pneumoseg.evaluation.submission import DEFAULT_SIZE, dice_by_image, score_submission, write_submission
-from pneumoseg.inference.predictor import EnsemblePredictor, Predictor, configured_postprocessor
+from pneumoseg.inference.experiments import build_predictor, chosen_members
+from pneumoseg.inference.predictor import EnsemblePredictor, Predictor
 from pneumoseg.io import content_hash, write_csv, write_json, write_text
 from pneumoseg.modeling.checkpoints import best_files
 from pneumoseg.modeling.device import set_cpu_threads
 from pneumoseg.reports import detection as detection_report
 from pneumoseg.reports import oof as oof_report
-from pneumoseg.stage_table import DONE_FILE, command
-from pneumoseg.stages import ensemble
-from pneumoseg.stages.record import StageRecord, require_finished
+from pneumoseg.stage_table import DONE_FILE, command, require_finished
+from pneumoseg.stages.record import StageRecord
 from pneumoseg.stages.search import detector_numbers, extra_metadata
 
 log = logging.getLogger(__name__)
@@ -112,29 +113,12 @@ def _input_facts(cfg: DictConfig, test_labels: Path) -> dict[str, Any]:
     ]
     if not is_ensemble(cfg):
         return _file_facts(_checkpoint_files(cfg) + files)
-    members = ensemble.chosen_members(cfg)
+    members = chosen_members(cfg)
     checkpoints = [path for m in members for path in _checkpoint_files(m.cfg)]
     return {
         "members": {m.name: fingerprint(m.cfg, SECTIONS) for m in members},
         **_file_facts(checkpoints + files + [layout.ensemble_path(cfg)]),
     }
-
-
-def build_predictor(
-    cfg: DictConfig, device: str | None = None, runtime: str | None = None
-) -> Predictor | EnsemblePredictor:
-    """The predictor of stages 05 and 06: the experiment's (:meth:`Predictor.from_experiment`), or an ensemble's
-    chosen members blended with the ensemble's post-processing (:meth:`EnsemblePredictor.from_experiments`);
-    ``runtime`` instead of ``predict.runtime``."""
-    if not is_ensemble(cfg):
-        return Predictor.from_experiment(cfg, device, runtime=runtime)
-    members = [(m.cfg, m.weight) for m in ensemble.chosen_members(cfg)]
-    return EnsemblePredictor.from_experiments(
-        members,
-        configured_postprocessor(cfg),
-        device or cfg.predict.device,
-        runtime or str(cfg.predict.get("runtime", "auto")),
-    )
 
 
 def run(cfg: DictConfig, force: bool = False) -> dict[str, Any]:

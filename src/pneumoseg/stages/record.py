@@ -22,38 +22,13 @@ from typing import Any
 from omegaconf import DictConfig
 
 from pneumoseg.config import fingerprint, save_config
-from pneumoseg.errors import DataError
 from pneumoseg.io import write_json
-from pneumoseg.stage_table import DONE_FILE, command
+from pneumoseg.stage_table import DONE_FILE
 
 log = logging.getLogger(__name__)
 
 FORCED_FILE = "forced.json"  # a forced run of this stage: its fingerprint, run and whether it finished
 FORCE_RUN_ENV = "PNEUMOSEG_FORCE_RUN"  # run_all.sh's id of one forced command, kept across its reruns
-
-
-def require_finished(folder: str | Path, number: str, stage_name: str | None = None, script: str | None = None) -> Path:
-    """Refuse to go on when an earlier stage has not finished in ``folder``.
-
-    Args:
-        folder: the earlier stage's folder, where its ``done.json`` must be.
-        number: the earlier stage, e.g. ``"03"``.
-        stage_name: the earlier stage as the user knows it (default ``"stage <number>"``).
-        script: what finishes it (default its script, :func:`pneumoseg.stage_table.command`).
-
-    Returns:
-        The path of that ``done.json``.
-
-    Raises:
-        DataError: ``done.json`` is missing; the message names it and the script to run.
-    """
-    done = Path(folder) / DONE_FILE
-    if not done.is_file():
-        raise DataError(
-            f"{stage_name or f'stage {number}'} has not finished: {done} is missing. "
-            f"Run {script or command(number)} first."
-        )
-    return done
 
 
 def read_done(folder: str | Path) -> dict[str, Any] | None:

@@ -58,6 +58,7 @@ from pneumoseg.data.probstore import GATE_FILE, IDS_FILE, PROBS_FILE, Probabilit
 from pneumoseg.errors import ConfigError, DataError
 from pneumoseg.evaluation import detection, sanity
 from pneumoseg.evaluation.metrics import dice_from_counts
+from pneumoseg.inference.experiments import trained_members
 from pneumoseg.io import read_png, write_csv, write_json
 from pneumoseg.postprocess.images import BlendedImages, OofImages
 from pneumoseg.postprocess.search import GRIDS, SearchResult, build_objective, evaluate, run_search, to_original
@@ -295,7 +296,7 @@ def run_ensemble(cfg: DictConfig, force: bool = False) -> dict:
     """Stage 04 on an ensemble config: search every member, pair and all members on their blended OOF maps, choose
     by the nested score, and write the chosen blend's outputs with ``ensemble.json``; see the module docstring."""
     folder = layout.search_dir(cfg)
-    members = ensemble.trained_members(cfg)
+    members = trained_members(cfg)
     member_folds = [open_folds(m.cfg) for m in members]
     inputs = {m.name: _input_facts(m.cfg, folds) for m, folds in zip(members, member_folds)}
     record = StageRecord(STAGE_NAME, folder, cfg, ENSEMBLE_SECTIONS, inputs=inputs)
