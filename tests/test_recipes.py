@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from pneumoseg import layout
-from pneumoseg.config import load_config, to_dict
+from pneumoseg.config import fingerprint, load_config, to_dict
 from pneumoseg.inference.fold_models import load_fold_models
 from pneumoseg.modeling.checkpoints import best_files
 from pneumoseg.postprocess.strategies import build_postprocessor
@@ -181,3 +181,12 @@ def test_the_demo_finetune_runs_a_small_phase_then_the_demos_size_with_a_frozen_
     # within the demo's budget: 64 px epochs cost about a quarter of 128 px ones
     assert phase_config(cfg, small, None).train.epochs / 4 + last.train.epochs <= demo.train.epochs
     assert cfg.paths.prepared_dir == demo.paths.prepared_dir
+
+
+@pytest.mark.parametrize("name", ["demo_b", "demo_gate", "demo_finetune"])
+def test_the_demos_configs_agree_on_the_prepared_data_they_share(name):
+    """Running one of them must not leave another's stages stale: stages 01-02 record the same fingerprint."""
+    demo, cfg = load_config(CONFIGS / "demo.yaml"), load_config(CONFIGS / f"{name}.yaml")
+    assert cfg.paths.prepared_dir == demo.paths.prepared_dir
+    for sections in (("prepare",), ("data", "folds")):
+        assert fingerprint(cfg, sections) == fingerprint(demo, sections), sections
