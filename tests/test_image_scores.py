@@ -29,6 +29,15 @@ def test_kth_largest_matches_sorting():
     assert kth_largest(levels, 2) == pytest.approx(128 / 255)
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_kth_largest_of_levels_matches_sorting(seed):
+    rng = np.random.default_rng(seed)
+    levels = (rng.integers(0, 256, (64, 80)) // rng.integers(1, 30)).astype(np.uint8)  # many ties
+    ordered = np.sort(levels.ravel())[::-1]
+    for k in (2, 3, 50, 1000, levels.size - 1, levels.size):
+        assert kth_largest(levels, k) == pytest.approx(ordered[k - 1] / 255, abs=1e-6), k
+
+
 def test_threshold_and_gated_scores():
     probs = np.zeros((32, 32), np.float32)
     probs[3, 4] = 0.7

@@ -40,6 +40,7 @@ import argparse
 import contextlib
 import logging
 import multiprocessing
+import multiprocessing.forkserver
 import os
 import time
 from collections import deque
@@ -179,7 +180,10 @@ def run(
     started = time.perf_counter()
     with _pool(workers) as pool, tqdm(total=len(todo), desc="predict", unit="img") as progress:
         writing = None  # the previous batch, its files being written while this one is predicted
-        for batch in _batches(read_images(pool, input_dir, todo, workers, include_out_of_scope), batch_size):
+        # Reads run two batches ahead, so that a batch's files are queued in the pool before the previous batch's
+        # writes and are decoded while the model predicts.
+        reading = read_images(pool, input_dir, todo, 2 * batch_size + 4 * workers, include_out_of_scope)
+        for batch in _batches(reading, batch_size):
             predicted = predict_batch(model, batch, pool, output_dir, probabilities)
             if writing is not None:
                 _record(*writing, predictions, errors, model.fmt)
@@ -222,23 +226,33 @@ def _pool(workers: int) -> Iterator[ProcessPoolExecutor | _Inline]:
     if workers == 0:
         yield _Inline()
         return
-    # A fork server forks the workers from a clean process: not from this one, whose torch threads a fork would
-    # copy half-made; its preload imports the (torch-free) reader and writer once for all of them.
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["pneumoseg.inference.sources", "pneumoseg.inference.outputs"])
-    with ProcessPoolExecutor(workers, mp_context=context) as pool:
+    with ProcessPoolExecutor(workers, mp_context=_worker_context()) as pool:
         yield pool
 
 
+def _worker_context() -> multiprocessing.context.ForkServerContext:
+    """Where the workers come from: a fork server forks them from a clean process, not from this one, whose torch
+    threads a fork would copy half-made; its preload imports the (torch-free) reader and writer once for all."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["pneumoseg.inference.sources", "pneumoseg.inference.outputs"])
+    return context
+
+
+def start_worker_server() -> None:
+    """Start the fork server now: its imports take seconds, which then pass while the model loads."""
+    _worker_context()
+    multiprocessing.forkserver.ensure_running()
+
+
 def read_images(
-    pool: ProcessPoolExecutor | _Inline, root: Path, sources: Sequence[str], workers: int, include_out_of_scope: bool
+    pool: ProcessPoolExecutor | _Inline, root: Path, sources: Sequence[str], ahead: int, include_out_of_scope: bool
 ) -> Iterator[SourceImage | ReadFailure]:
-    """The images read in ``pool``, in order, at most ``4 * workers`` files ahead of the consumer, so that memory
-    does not grow with the folder."""
+    """The images read in ``pool``, in order, at most ``ahead`` files ahead of the consumer, so that memory does
+    not grow with the folder."""
     queued: deque[Future] = deque()
     for source in sources:
         queued.append(pool.submit(read_source, root, source, include_out_of_scope))
-        if len(queued) > 4 * workers:
+        if len(queued) > ahead:
             yield queued.popleft().result()
     while queued:
         yield queued.popleft().result()
@@ -375,6 +389,8 @@ def main(argv: list[str] | None = None) -> int:
     worker processes this way, a script calling it needs the ``if __name__ == "__main__":`` guard."""
     args = parse_args(argv)
     setup_logging()
+    if args.workers > 0:
+        start_worker_server()
     try:
         with open_model(args.model, args.overrides, args.device) as model:
             summary = run(

@@ -132,6 +132,7 @@ def remove_small_outlines(mask: np.ndarray, min_area: float) -> np.ndarray:
 
 # Cuts tried, highest first, for the pixels holding the k largest probabilities of a map.
 _CUTS = (0.5, 0.2, 0.05, 0.01)
+_EXACT_HISTOGRAM_PIXELS = 2**24  # OpenCV counts in float32, exact up to here
 
 
 def kth_largest(probs: np.ndarray, k: int) -> float:
@@ -142,6 +143,12 @@ def kth_largest(probs: np.ndarray, k: int) -> float:
         return 0.0
     if k == 1:
         value = flat.max()
+    elif flat.dtype == np.uint8 and flat.size < _EXACT_HISTOGRAM_PIXELS:
+        # The k-th largest level is where the histogram, summed from the top, reaches k: one pass of OpenCV's
+        # histogram, several times faster than selecting and partitioning the high pixels (stage 04 scores every
+        # OOF map this way, at its full size).
+        counts = cv2.calcHist([flat.reshape(1, -1)], [0], None, [256], [0, 256]).ravel()
+        value = 255 - int(np.searchsorted(np.cumsum(counts[::-1]), k))
     else:
         # Partitioning only the pixels above the highest cut that leaves k of them costs a few compares instead of
         # a partition of the whole map: most pixels of a map are near 0.
