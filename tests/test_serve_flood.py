@@ -122,8 +122,7 @@ def test_the_inference_cap_still_applies(server):
             for _ in range(32):
                 sock = socket.create_connection((HOST, server.port), timeout=10)
                 sock.sendall(
-                    b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: 100"
-                    b"\r\n\r\nxx"
+                    b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: 100\r\n\r\nxx"
                 )
                 held.append(sock)
             time.sleep(0.5)
