@@ -166,3 +166,13 @@ def test_agreement_refuses_a_difference_beyond_the_tolerances():
     assert transposed.summary()["dice_between_runtimes"] < 0.6
     with pytest.raises(DataError, match="ONNX Runtime disagrees with torch on 1 images.*tolerance"):
         transposed.check("the ONNX export")
+
+
+@pytest.mark.parametrize("setting, expected", [(None, "0"), ("1", "1"), ("0", "0")])
+def test_onnxruntime_threads_block_unless_told_to_spin(monkeypatch, setting, expected):
+    if setting is None:
+        monkeypatch.delenv(rt.SPIN_VARIABLE, raising=False)
+    else:
+        monkeypatch.setenv(rt.SPIN_VARIABLE, setting)
+    session = rt.open_session(rt.export_bytes(_fold_model(TINY, 64).net, 64, 1), "tiny.onnx")
+    assert session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == expected

@@ -158,6 +158,10 @@ def export_onnx(net: nn.Module, image_size: int, channels: int, path: str | os.P
         tmp.write_bytes(export_bytes(net, image_size, channels))
 
 
+SPIN_VARIABLE = "PNEUMOSEG_ORT_SPIN"
+"""Set to 1, ONNX Runtime's threads spin between parallel loops (its own default); otherwise they block."""
+
+
 def intra_op_threads() -> int:
     """The cores this process may use (its CPU affinity; the machine's count where there is no affinity call).
 
@@ -201,8 +205,9 @@ def open_session(source: bytes | Path, name: str, sha256: str | None = None, thr
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     # Threads that block rather than spin between parallel loops: the cores are shared with the prediction's other
     # work (decoding, resizing back, post-processing, the predict command's worker processes), which spinning
-    # threads would starve (benchmarks/bench_predict.py --runtimes, whole prediction: 1.16x -> 1.04x its forwards).
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    # threads would starve. PNEUMOSEG_ORT_SPIN=1 lets them spin (README "torch and ONNX Runtime" compares both).
+    spin = os.environ.get(SPIN_VARIABLE, "0") == "1"
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
     options.log_severity_level = 3  # errors only: its notes on graph optimisations are not the user's business
     try:
         return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
