@@ -18,7 +18,7 @@ passes on the same images, and the command's peak memory at two folder sizes.
   the best of ``--repeats`` runs. The command runs on all the images and on their first half: the difference per
   image is its cost per image once running, the rest its start-up (the worker processes, the first batch; a folder
   of thousands pays it once). Target: the cost per image at most 1.2x the forward passes; the whole time per image
-  is printed beside.
+  is printed beside. Then each step's time per image, one image at a time in this process (where the time goes).
 * Memory: the command runs as a child process on ``--counts`` folders of ``--count-side`` px DICOMs and reports its
   peak resident memory (its own process; each decoding worker holds a file or two); flat means nothing is held
   per image.
@@ -35,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import defaultdict
 from pathlib import Path
 
 import cv2
@@ -42,7 +43,14 @@ import numpy as np
 
 from pneumoseg.config import load_config
 from pneumoseg.data.dicom import DicomTags, read_dicom, write_jpeg_dicom
+from pneumoseg.data.resize import resize_probabilities
 from pneumoseg.inference import folder
+from pneumoseg.inference.dicom_seg import write_segmentation
+from pneumoseg.inference.outputs import caption
+from pneumoseg.inference.predictor import make_predictions
+from pneumoseg.inference.sources import read_source
+from pneumoseg.io import write_jpeg, write_png
+from pneumoseg.reports.review import overlay
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGET = 1.2
@@ -119,6 +127,34 @@ def time_forwards(model: folder.Model, images: Path, args: argparse.Namespace) -
     return best / len(pixels)
 
 
+def step_times(model: folder.Model, images: Path, work: Path) -> dict[str, float]:
+    """Milliseconds per image of each step of the command, one image at a time in this process (after one image of
+    warm-up, which pays for first-use imports and tables): where an image's time goes."""
+    times: dict[str, float] = defaultdict(float)
+
+    def timed(step: str, function, *arguments):
+        started = time.perf_counter()
+        result = function(*arguments)
+        times[step] += time.perf_counter() - started
+        return result
+
+    sources = sorted(path.name for path in images.glob("*.dcm"))
+    for source in sources[:1] + sources:
+        if source is sources[0] and times:
+            times.clear()  # the warm-up is over
+        image = timed("read the DICOM", read_source, images, source, False)
+        prepared = timed("resize to the model's size", model.predictor.prepare, [image.pixels])
+        probs, gates = timed("forward passes with TTA", model.predictor.model_probabilities, prepared)
+        full = timed("resize back", resize_probabilities, probs[0], *image.pixels.shape)
+        [made] = timed("post-process", make_predictions, [full], gates, model.predictor.postprocessor)
+        timed("RLE", made.rle, model.fmt)
+        timed("mask PNG", write_png, work / "mask.png", made.mask.astype(np.uint8) * 255)
+        picture = timed("overlay", overlay, image.pixels, made.probs, made.mask, caption(image, full, made.mask), True)
+        timed("overlay JPEG", write_jpeg, work / "overlay.jpg", picture)
+        timed("DICOM SEG", write_segmentation, work / "seg.dcm", image.header, made.mask, model.name, model.version)
+    return {step: 1000 * seconds / len(sources) for step, seconds in times.items()}
+
+
 def child(args: argparse.Namespace) -> None:
     """Run the command once (``--child PACKAGE IMAGES OUTPUT``) and print its peak memory as JSON."""
     package, images, output = args.child
@@ -191,6 +227,7 @@ def main() -> int:
             forwards = time_forwards(model, images, args)
             whole = time_command(model, images, work, args)
             half = time_command(model, first_half(images), work, args)
+            steps = step_times(model, images, work)
             views = model.predictor.n_views // len(model.predictor.models)
             print(
                 f"model {model.name}: {len(model.predictor.models)} models x {views} views, {args.images} DICOMs "
@@ -205,6 +242,11 @@ def main() -> int:
             f"{whole - steady * args.images:.2f} s (the worker processes, the first batch) and "
             f"{steady * 1000:.1f} ms per image (the time {args.images} images take over {args.images // 2}): "
             f"ratio {ratio:.2f}x (target <= {TARGET}x): {'PASS' if ratio <= TARGET else 'FAIL'}"
+        )
+        print(
+            "one image at a time on one process, ms per image: "
+            + ", ".join(f"{step} {ms:.1f}" for step, ms in steps.items())
+            + f"; all but the forwards {sum(ms for step, ms in steps.items() if not step.startswith('forward')):.1f}"
         )
         for count in args.counts:
             memory = peak_memory(
